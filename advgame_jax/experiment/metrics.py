@@ -1,0 +1,99 @@
+"""Metrics writers: one scalar record per step to JSONL, TensorBoard events, a one-line console
+summary, a progress bar with ETA, and optional Weights & Biases.
+
+Only scalars pass through here — never prompts or completions (those go to the 0600 audit log).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Mapping, Optional
+
+from absl import logging
+
+
+def _finite_scalars(record: Mapping[str, float]) -> dict:
+    out = {}
+    for k, v in record.items():
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            continue
+        out[k] = f if math.isfinite(f) else None
+    return out
+
+
+class MetricsWriter:
+    """Fan-out of per-step scalar records to the configured sinks (all in ``workdir``)."""
+
+    def __init__(self, workdir: str, *, total_steps: int, tensorboard: bool = True,
+                 wandb_project: str = "", progress_bar: bool = True, config_json: str = "",
+                 console_keys: tuple[str, ...] = ()):
+        os.makedirs(workdir, exist_ok=True)
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._jsonl = os.fdopen(fd, "a", encoding="utf-8")
+        self._tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._wandb = None
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError as e:
+                raise ImportError("config.logging.wandb_project is set but wandb is not installed "
+                                  "(pip install 'advgame_jax[wandb]')") from e
+            self._wandb = wandb.init(project=wandb_project, config=json.loads(config_json or "{}"))
+        self._total = total_steps
+        self._bar = None
+        if progress_bar and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True)
+        self._console_keys = console_keys
+        self._t0 = time.perf_counter()
+        self._first_step: Optional[int] = None
+
+    def write(self, step: int, record: Mapping[str, float]) -> None:
+        scalars = _finite_scalars(record)
+        self._jsonl.write(json.dumps({"step": step, **scalars}, sort_keys=True) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in scalars.items():
+                if v is not None:
+                    self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in scalars.items() if v is not None}, step=step)
+        if self._first_step is None:
+            self._first_step = step - 1
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.refresh()
+        logging.info("%s", self.summary_line(step, scalars))
+
+    def summary_line(self, step: int, scalars: Mapping[str, Optional[float]]) -> str:
+        done = step - (self._first_step or 0)
+        elapsed = time.perf_counter() - self._t0
+        eta = elapsed / max(done, 1) * max(self._total - step, 0)
+        parts = [f"step {step}/{self._total}"]
+        for k in self._console_keys:
+            v = scalars.get(k)
+            if v is not None:
+                parts.append(f"{k.split('/')[-1] if k.count('/') > 1 else k}={v:.3g}")
+        parts.append(f"eta {eta:.0f}s")
+        return " | ".join(parts)
+
+    def close(self) -> None:
+        self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._bar is not None:
+            self._bar.close()
+        if self._wandb is not None:
+            self._wandb.finish()

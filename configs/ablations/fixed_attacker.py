@@ -1,0 +1,8 @@
+"""Paper ablation 'fixed_attacker' of DPO-MD (GAME_SPEC §3). Family: qwen by default; pick Llama with
+`--config=configs/ablations/fixed_attacker.py:llama`."""
+
+from configs.paper import paper_config
+
+
+def get_config(family="qwen"):
+    return paper_config(family or "qwen", "dpo_md", "fixed_attacker")

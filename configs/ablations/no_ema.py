@@ -1,0 +1,8 @@
+"""Paper ablation 'no_ema' of DPO-MD (GAME_SPEC §3). Family: qwen by default; pick Llama with
+`--config=configs/ablations/no_ema.py:llama`."""
+
+from configs.paper import paper_config
+
+
+def get_config(family="qwen"):
+    return paper_config(family or "qwen", "dpo_md", "no_ema")

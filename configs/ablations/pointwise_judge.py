@@ -1,0 +1,8 @@
+"""Paper ablation 'pointwise_judge' of DPO-MD (GAME_SPEC §3). Family: qwen by default; pick Llama with
+`--config=configs/ablations/pointwise_judge.py:llama`."""
+
+from configs.paper import paper_config
+
+
+def get_config(family="qwen"):
+    return paper_config(family or "qwen", "dpo_md", "pointwise_judge")

@@ -1,0 +1,136 @@
+"""Shared defaults of every advgame_jax experiment (GAME_SPEC §2–3, the paper's common settings).
+
+Experiment files import ``base_config()`` and override what differs. Every field is checked by
+``advgame_jax.experiment.validate.validate_config`` before anything is built, after command-line
+overrides such as ``--config.train.num_steps=10`` are applied.
+"""
+
+import ml_collections
+
+
+def _player(role: str) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            # Local Hugging Face checkpoint directory (config.json + safetensors). Required
+            # for paper configs; the offline world builds its own tiny models.
+            hf_path="",
+            # Tokenizer directory; empty = the checkpoint directory.
+            tokenizer_path="",
+            trainable=True,
+            # 'jax' (JAX-native KV-cache sampler, runs everywhere) or 'vllm' (extra [vllm]).
+            sampler="jax",
+            param_dtype="float32",
+            compute_dtype="bfloat16",
+            sampler_dtype="bfloat16",
+            # vLLM engine options (ignored by the JAX sampler).
+            vllm_kv_cache_bytes=2 * 1024**3,
+            vllm_max_model_len=0,
+            role=role,
+        )
+    )
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.name = "advgame"
+    c.workdir = ""  # required: checkpoints, metrics, audit logs go here
+    c.seed = 0
+
+    # Device mesh: -1 on `data` = all remaining devices.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+    c.attacker = _player("attacker")
+    c.defender = _player("defender")
+
+    c.judge = ml_collections.ConfigDict(
+        dict(
+            backend="endpoint",  # 'endpoint' | 'rule' | 'sampler'
+            endpoints=(),  # OpenAI-compatible base URLs, e.g. ('http://host:8000/v1',)
+            model="",  # model name sent to the endpoint
+            api_key_env="",  # name of an env var holding the API key (never the key itself)
+            timeout_s=120.0,
+            max_retries=3,
+            concurrency=32,
+            temperature=0.0,
+            max_new_tokens=8192,
+            hf_path="",  # for backend='sampler': a local judge checkpoint
+            mode="pairwise",  # 'pairwise' | 'pointwise'
+            swap_positions=False,
+            condition_on="prompt",  # defender judge sees x ('prompt') or s ('seed')
+            attacker_judge=True,
+            defender_judge=True,
+            num_faith_samples=1,
+        )
+    )
+
+    c.game = ml_collections.ConfigDict(
+        dict(
+            num_attacks=2,  # A
+            num_responses=2,  # D
+            templates="advgame_v1",
+            attacker_format="think_prompt_strict",
+            defender_format="any",
+            optimistic_attacker=True,
+            faithfulness=True,
+        )
+    )
+
+    c.sampling = ml_collections.ConfigDict(
+        dict(temperature=0.6, top_p=0.9, top_k=0, max_new_tokens=2048)
+    )
+
+    c.loss = ml_collections.ConfigDict(
+        dict(
+            kind="dpo",  # 'dpo' | 'ipo' | 'grpo'
+            beta=0.1,
+            length_normalization=False,
+            nll_coef=0.0,
+            entropy_coef=0.0,
+            kl_coef=0.1,  # GRPO
+            tis_cap=2.0,  # GRPO truncated importance sampling cap; 0 disables
+            grpo_baseline="across_seeds",  # 'across_seeds' | 'per_seed'
+        )
+    )
+
+    c.optim = ml_collections.ConfigDict(
+        dict(lr=1e-6, b1=0.9, b2=0.95, weight_decay=0.1, clip_norm=1.0,
+             final_lr_fraction=0.2, warmup_steps=0)
+    )
+
+    c.train = ml_collections.ConfigDict(
+        dict(
+            num_steps=1000,
+            seeds_per_device=4,  # B per device per split
+            ema_decay=0.95,
+            sample_from="ema",  # 'ema' (MD variants) | 'trained' (on-policy)
+            reference="ema",  # 'ema' (MD) | 'initial'
+            sync_every_n_steps=1,
+            num_microbatches=1,
+            pair_buckets=(),  # empty = powers of two
+            length_buckets=(),  # empty = powers of two up to max length
+            logprob_chunk_size=1024,
+            remat=True,
+            validate_every=25,
+            checkpoint_every=50,
+            keep_checkpoints=3,
+            log_every=1,
+        )
+    )
+
+    c.data = ml_collections.ConfigDict(
+        dict(
+            train_harmful="",
+            train_benign="",
+            valid_harmful="",
+            valid_benign="",
+            adversarial_harmful="",
+            adversarial_benign="",
+        )
+    )
+
+    c.validation = ml_collections.ConfigDict(dict(num_seeds=64, num_responses=2))
+
+    c.logging = ml_collections.ConfigDict(
+        dict(audit_log=False, tensorboard=True, wandb_project="", progress_bar=True)
+    )
+    return c

@@ -1,0 +1,8 @@
+"""Paper run: qwen family, ipo_md (GAME_SPEC §3). Needs --config.{attacker,defender}.hf_path,
+--config.judge.endpoints and --config.workdir overrides."""
+
+from configs.paper import paper_config
+
+
+def get_config():
+    return paper_config("qwen", "ipo_md")
