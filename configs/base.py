@@ -35,6 +35,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.name = "advgame"
     c.workdir = ""  # required: checkpoints, metrics, audit logs go here
     c.seed = 0
+    # True: build the offline toy world (tiny tokenizer + warmed-up tiny models) in workdir/toy
+    # instead of loading hf_path checkpoints.
+    c.toy_world = False
+    c.toy_warmup_steps = 300
 
     # Device mesh: -1 on `data` = all remaining devices.
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

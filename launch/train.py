@@ -1,0 +1,32 @@
+"""Train the attacker and defender with the AdvGame recipe.
+
+    python launch/train.py --config=configs/tiny.py                      # offline default
+    python launch/train.py --config=configs/llama_ipo_md.py --config.workdir=... \
+        --config.attacker.hf_path=... --config.defender.hf_path=... \
+        --config.judge.endpoints=http://host:8000/v1
+
+All logic lives in ``advgame_jax.experiment``; this file only parses flags.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+
+
+def main(argv):
+    del argv
+    from advgame_jax.experiment.loop import run_from_config
+
+    logging.set_verbosity(logging.INFO)
+    run_from_config(_CONFIG.value)
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main)
