@@ -1,0 +1,155 @@
+"""The decoder forward pass (Llama-3 / Qwen2) as pure functions of the param pytree.
+
+embeddings → N × (RMSNorm → GQA attention with RoPE → residual → RMSNorm → SwiGLU → residual)
+→ final RMSNorm → logits. Layers are stacked on a leading axis and run with ``lax.scan`` so a
+32-layer model compiles one layer body; ``remat=True`` wraps that body in ``jax.checkpoint``.
+
+Dtype policy: params may be fp32 or bf16; activations and matmuls run in ``compute_dtype``
+(default: the embedding's dtype); RMSNorm statistics, RoPE rotation and softmax run in fp32;
+logits are always fp32 (``hidden.astype(f32) @ unembedding.astype(f32)``).
+
+Shapes: B batch, T query length, S key length, d hidden, H query heads, K kv heads,
+G = H // K, hd head dim, F MLP width, V vocab, L layers. The param tree is documented in
+``advgame_jax.models.params``.
+"""
+
+from __future__ import annotations
+
+
+import jax
+import jax.numpy as jnp
+
+from advgame_jax.models.config import ModelConfig
+
+_NEG = jnp.finfo(jnp.float32).min  # finite, so fully masked rows give a uniform row, not NaN
+
+
+def rms_norm(x, weight, eps: float):
+    """RMSNorm over the last axis; statistics in fp32, output in ``x.dtype``."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return xf.astype(x.dtype) * weight.astype(x.dtype)
+
+
+def rope_tables(config: ModelConfig, positions):
+    """cos, sin ``[B, T, hd]`` fp32 for integer ``positions [B, T]`` (rotate-half layout)."""
+    inv_freq = jnp.asarray(config.rope_inv_freq())
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate ``x [B, T, n, hd]`` by the tables ``[B, T, hd]``; fp32 math, result in x.dtype."""
+    xf = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    out = xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+def project_qkv(layer, config: ModelConfig, h, cos, sin):
+    """Normed hidden ``h [B, T, d]`` → rotated q ``[B,T,H,hd]``, rotated k and v ``[B,T,K,hd]``."""
+    dt = h.dtype
+    q = jnp.einsum("btd,dnh->btnh", h, layer["q_proj"].astype(dt))
+    k = jnp.einsum("btd,dnh->btnh", h, layer["k_proj"].astype(dt))
+    v = jnp.einsum("btd,dnh->btnh", h, layer["v_proj"].astype(dt))
+    if config.qkv_bias:
+        q = q + layer["q_bias"].astype(dt)
+        k = k + layer["k_bias"].astype(dt)
+        v = v + layer["v_bias"].astype(dt)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def attend(q, k, v, mask):
+    """Grouped-query attention.
+
+    q ``[B, T, H, hd]``, k/v ``[B, S, K, hd]``, mask ``[B, T, S]`` bool (True = may attend)
+    → ``[B, T, H, hd]`` in q.dtype. Scores and softmax in fp32.
+    """
+    b, t, n_q, hd = q.shape
+    n_kv = k.shape[2]
+    qg = q.reshape(b, t, n_kv, n_q // n_kv, hd)
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k.astype(q.dtype),
+                        preferred_element_type=jnp.float32)
+    scores = scores * (hd ** -0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(q.dtype))
+    return out.reshape(b, t, n_q, hd)
+
+
+def attn_out_and_mlp(layer, config: ModelConfig, x, attn):
+    """Residual stream after the attention output projection and the SwiGLU MLP."""
+    dt = x.dtype
+    x = x + jnp.einsum("btnh,nhd->btd", attn, layer["o_proj"].astype(dt))
+    h = rms_norm(x, layer["mlp_norm"], config.rms_norm_eps)
+    gate = jnp.einsum("btd,df->btf", h, layer["gate_proj"].astype(dt))
+    up = jnp.einsum("btd,df->btf", h, layer["up_proj"].astype(dt))
+    return x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, layer["down_proj"].astype(dt))
+
+
+def default_positions(attention_mask):
+    """``cumsum(mask) - 1`` clipped at 0: the first real token of each row is position 0."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def _resolve_dtype(params, compute_dtype):
+    return jnp.dtype(compute_dtype) if compute_dtype is not None else params["embed"].dtype
+
+
+def embed(params, tokens, dtype):
+    """Token ids ``[B, T]`` → embeddings ``[B, T, d]`` in ``dtype``."""
+    return jnp.take(params["embed"], tokens, axis=0).astype(dtype)
+
+
+def forward_hidden(params, config: ModelConfig, tokens, attention_mask=None, positions=None, *,
+                   compute_dtype=None, remat: bool = False):
+    """Final-normed hidden states ``[B, T, d]`` in the compute dtype.
+
+    tokens ``[B, T]`` int; attention_mask ``[B, T]`` (1/True = real token, default all ones);
+    positions ``[B, T]`` int (default ``cumsum(mask) - 1`` clipped at 0, so left padding works).
+    A query at index i attends to keys j ≤ i with ``attention_mask[b, j]``.
+    """
+    dtype = _resolve_dtype(params, compute_dtype)
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if attention_mask is None:
+        attention_mask = jnp.ones(tokens.shape, jnp.bool_)
+    attention_mask = jnp.asarray(attention_mask).astype(jnp.bool_)
+    if positions is None:
+        positions = default_positions(attention_mask)
+    t = tokens.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
+    mask = causal[None] & attention_mask[:, None, :]
+    cos, sin = rope_tables(config, positions)
+
+    def layer_fn(x, layer):
+        h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
+        q, k, v = project_qkv(layer, config, h, cos, sin)
+        return attn_out_and_mlp(layer, config, x, attend(q, k, v, mask)), None
+
+    if remat:
+        layer_fn = jax.checkpoint(layer_fn)
+    x, _ = jax.lax.scan(layer_fn, embed(params, tokens, dtype), params["layers"])
+    return rms_norm(x, params["final_norm"], config.rms_norm_eps)
+
+
+def unembedding(params, config: ModelConfig):
+    """The output projection ``[d, V]``: ``lm_head``, or the tied embedding transposed."""
+    if config.tie_word_embeddings:
+        return params["embed"].T
+    return params["lm_head"]
+
+
+def logits_from_hidden(params, config: ModelConfig, hidden):
+    """fp32 logits ``[..., V]`` from hidden states ``[..., d]``."""
+    return jnp.einsum("...d,dv->...v", hidden.astype(jnp.float32),
+                      unembedding(params, config).astype(jnp.float32))
+
+
+def forward(params, config: ModelConfig, tokens, attention_mask=None, positions=None, *,
+            compute_dtype=None, remat: bool = False):
+    """Logits ``[B, T, V]`` float32; arguments as for :func:`forward_hidden`."""
+    hidden = forward_hidden(params, config, tokens, attention_mask, positions,
+                            compute_dtype=compute_dtype, remat=remat)
+    return logits_from_hidden(params, config, hidden)
