@@ -1,0 +1,82 @@
+"""Logical-axis sharding for the params: the ONE place mapping logical names to mesh axes.
+
+Mesh axes: ``data`` (pure data parallel), ``fsdp`` (data parallel with params sharded) and
+``tensor`` (heads / MLP width / vocab split across devices). A dimension whose size is not
+divisible by its mesh axes' size is replicated instead (tiny models on big meshes), and a
+mesh axis is used at most once per array.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from typing import Mapping, Optional, Sequence, Union
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from advgame_jax.models.config import ModelConfig
+from advgame_jax.models.params import param_shapes_and_axes, _is_leaf
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+AxisRule = Union[None, str, tuple[str, ...]]
+DEFAULT_RULES: Mapping[str, AxisRule] = types.MappingProxyType({
+    "batch": ("data", "fsdp"),  # activations / token batches
+    "seq": None,
+    "cache_len": None,
+    "layers": None,
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "q_heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+})
+
+
+def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1,
+              devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+    """A ``(data, fsdp, tensor)`` mesh with Auto axis types over the first data*fsdp*tensor
+    devices (``jax.devices()`` by default)."""
+    n = data * fsdp * tensor
+    devices = list(jax.devices() if devices is None else devices)
+    if n > len(devices):
+        raise ValueError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} needs {n} devices, "
+                         f"only {len(devices)} available")
+    grid = np.asarray(devices[:n], dtype=object).reshape(data, fsdp, tensor)
+    axis_type = getattr(jax.sharding, "AxisType", None)
+    if axis_type is not None:
+        return Mesh(grid, MESH_AXES, axis_types=(axis_type.Auto,) * 3)
+    return Mesh(grid, MESH_AXES)
+
+
+def logical_to_spec(shape: Sequence[int], axes: Sequence[Optional[str]], mesh: Mesh,
+                    rules: Mapping[str, AxisRule] = DEFAULT_RULES) -> PartitionSpec:
+    """PartitionSpec for an array of ``shape`` whose dims carry logical ``axes``."""
+    used: set[str] = set()
+    spec = []
+    for size, name in zip(shape, axes):
+        target = rules.get(name) if name is not None else None
+        mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
+        mesh_axes = tuple(a for a in mesh_axes if a in mesh.shape and a not in used
+                          and mesh.shape[a] > 1)
+        n = math.prod(mesh.shape[a] for a in mesh_axes)
+        if not mesh_axes or size % n:
+            spec.append(None)
+            continue
+        used.update(mesh_axes)
+        spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+    return PartitionSpec(*spec)
+
+
+def logical_sharding(shape, axes, mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
+    """NamedSharding for one array with logical ``axes`` (e.g. ``("batch", "seq")``)."""
+    return NamedSharding(mesh, logical_to_spec(shape, axes, mesh, rules))
+
+
+def param_shardings(config: ModelConfig, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
+    """Pytree of ``NamedSharding`` matching the params of ``config``."""
+    return jax.tree.map(lambda sa: logical_sharding(sa[0], sa[1], mesh, rules),
+                        param_shapes_and_axes(config), is_leaf=_is_leaf)
