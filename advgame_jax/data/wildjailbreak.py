@@ -1,0 +1,144 @@
+"""WildJailbreak train TSV -> the seed JSONL splits the game trains and validates on.
+
+Input: the user-downloaded ``train.tsv`` of WildJailbreak (Jiang et al., 2024), tab-separated
+with a header holding at least ``vanilla``, ``adversarial``, ``completion``, ``data_type``;
+``data_type`` is one of ``vanilla_harmful``, ``vanilla_benign``, ``adversarial_harmful``,
+``adversarial_benign``.
+
+Output (files created with mode 0600 in ``out_dir``):
+- ``train_{harmful,benign}.jsonl`` / ``valid_{harmful,benign}.jsonl``: the ``vanilla`` prompts
+  of the vanilla rows, per category, permuted with ``numpy.random.default_rng(seed)`` (42 by
+  default); the first ``valid_size`` of the permutation are validation, the rest train.
+- ``adversarial_{harmful,benign}.jsonl``: the ``adversarial`` prompts of the adversarial rows,
+  in file order (evaluation splits).
+
+Prompts are never logged or put in error messages: a bad header or row is reported by file,
+line number and what was expected.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+from typing import Optional
+
+import numpy as np
+
+from advgame_jax.data.seeds import CATEGORIES, Seed, write_seeds_jsonl
+
+REQUIRED_COLUMNS = ("vanilla", "adversarial", "completion", "data_type")
+DATA_TYPES = ("vanilla_harmful", "vanilla_benign", "adversarial_harmful", "adversarial_benign")
+DEFAULT_SEED = 42
+DEFAULT_VALID_SIZE = 256
+
+
+class WildJailbreakFormatError(ValueError):
+    """The TSV is not a WildJailbreak train file as expected."""
+
+
+def read_wildjailbreak_tsv(path: str | os.PathLike) -> dict[str, list[Seed]]:
+    """Group the TSV's prompts by data_type: ``{data_type: [Seed, ...]}`` in file order.
+
+    Vanilla rows contribute their ``vanilla`` column, adversarial rows their ``adversarial``.
+    """
+    path = os.fspath(path)
+    out: dict[str, list[Seed]] = {t: [] for t in DATA_TYPES}
+    # Prompts can be long and hold quoted newlines; the csv module handles both.
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    try:
+        f = open(path, encoding="utf-8", newline="")
+    except OSError as err:
+        raise WildJailbreakFormatError(f"{path}: cannot open ({err.strerror}); expected the WildJailbreak train TSV") from err
+    with f:
+        reader = csv.reader(f, delimiter="\t")
+        try:
+            header = next(reader, None)
+        except (csv.Error, UnicodeDecodeError) as err:
+            raise WildJailbreakFormatError(f"{path}:1: unreadable header ({type(err).__name__})") from None
+        if header is None:
+            raise WildJailbreakFormatError(f"{path}: empty file; expected a header with columns {list(REQUIRED_COLUMNS)}")
+        header = [h.strip() for h in header]
+        missing = [c for c in REQUIRED_COLUMNS if c not in header]
+        if missing:
+            raise WildJailbreakFormatError(
+                f"{path}:1: header lacks column(s) {missing}; expected tab-separated columns "
+                f"including {list(REQUIRED_COLUMNS)}"
+            )
+        col = {c: header.index(c) for c in REQUIRED_COLUMNS}
+        while True:
+            start = reader.line_num + 1
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except (csv.Error, UnicodeDecodeError) as err:
+                raise WildJailbreakFormatError(
+                    f"{path}:{start}: unreadable row ({type(err).__name__}); expected UTF-8 TSV"
+                ) from None
+            line = start
+            if not row or all(not cell.strip() for cell in row):
+                continue
+            if len(row) != len(header):
+                raise WildJailbreakFormatError(
+                    f"{path}:{line}: row has {len(row)} fields; expected {len(header)} (as in the header)"
+                )
+            data_type = row[col["data_type"]].strip()
+            if data_type not in DATA_TYPES:
+                raise WildJailbreakFormatError(
+                    f"{path}:{line}: column 'data_type' is not one of {list(DATA_TYPES)}"
+                )
+            kind, category = data_type.split("_", 1)
+            text_col = "vanilla" if kind == "vanilla" else "adversarial"
+            prompt = row[col[text_col]]
+            if not prompt.strip():
+                raise WildJailbreakFormatError(
+                    f"{path}:{line}: column {text_col!r} is empty; expected the prompt of a {data_type} row"
+                )
+            out[data_type].append(Seed(prompt=prompt, category=category))
+    return out
+
+
+def split_train_valid(
+    seeds: list[Seed], *, valid_size: int, seed: int = DEFAULT_SEED
+) -> tuple[list[Seed], list[Seed]]:
+    """Seeded permutation; the first ``valid_size`` are validation, the rest train."""
+    if valid_size < 0:
+        raise ValueError(f"valid_size={valid_size}; expected >= 0")
+    perm = np.random.default_rng(seed).permutation(len(seeds))
+    shuffled = [seeds[int(i)] for i in perm]
+    return shuffled[valid_size:], shuffled[:valid_size]
+
+
+def prepare_wildjailbreak(
+    tsv_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    valid_size: int = DEFAULT_VALID_SIZE,
+    seed: int = DEFAULT_SEED,
+) -> dict[str, int]:
+    """Write the train/valid/adversarial JSONL splits; returns ``{file name: record count}``."""
+    grouped = read_wildjailbreak_tsv(tsv_path)
+    files: dict[str, list[Seed]] = {}
+    for category in CATEGORIES:
+        vanilla = grouped[f"vanilla_{category}"]
+        if len(vanilla) <= valid_size:
+            raise WildJailbreakFormatError(
+                f"{os.fspath(tsv_path)}: {len(vanilla)} vanilla_{category} rows; expected more than "
+                f"valid_size={valid_size} so that train is not empty"
+            )
+        train, valid = split_train_valid(vanilla, valid_size=valid_size, seed=seed)
+        files[f"train_{category}.jsonl"] = train
+        files[f"valid_{category}.jsonl"] = valid
+        files[f"adversarial_{category}.jsonl"] = grouped[f"adversarial_{category}"]
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, mode=0o700, exist_ok=True)
+    for name, seeds in files.items():
+        write_seeds_jsonl(os.path.join(out_dir, name), seeds, mode=0o600)
+    return {name: len(seeds) for name, seeds in files.items()}
+
+
+def summary(counts: dict[str, int], out_dir: Optional[str] = None) -> str:
+    """Counts only (never prompts), one file a line."""
+    head = [f"wrote to {out_dir}:"] if out_dir else []
+    return "\n".join(head + [f"  {name}: {n}" for name, n in sorted(counts.items())])

@@ -1,0 +1,33 @@
+"""Turn a downloaded WildJailbreak train TSV into the game's seed JSONL splits.
+
+    python launch/prepare_data.py --tsv=/path/to/wildjailbreak/train.tsv --out_dir=/path/to/seeds
+
+Writes train/valid_{harmful,benign}.jsonl (vanilla prompts, seeded split) and
+adversarial_{harmful,benign}.jsonl (mode 0600) and prints only the record counts. All logic
+lives in ``advgame_jax.data.wildjailbreak``; this file only parses flags.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+_TSV = flags.DEFINE_string("tsv", None, "WildJailbreak train TSV (vanilla, adversarial, completion, data_type).")
+_OUT_DIR = flags.DEFINE_string("out_dir", None, "Directory for the JSONL splits (created with mode 0700).")
+_VALID_SIZE = flags.DEFINE_integer("valid_size", 256, "Validation seeds per category.")
+_SEED = flags.DEFINE_integer("seed", 42, "Shuffle seed of the train/valid split.")
+
+
+def main(argv):
+    del argv
+    from advgame_jax.data.wildjailbreak import prepare_wildjailbreak, summary
+
+    counts = prepare_wildjailbreak(_TSV.value, _OUT_DIR.value, valid_size=_VALID_SIZE.value, seed=_SEED.value)
+    print(summary(counts, _OUT_DIR.value))
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["tsv", "out_dir"])
+    app.run(main)
