@@ -6,7 +6,7 @@ import jinja2
 import pytest
 import tokenizers
 import transformers
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from advgame_jax import tokenization as tk
 
@@ -58,6 +58,12 @@ def llama_dir(tmp_path_factory):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tok.train_from_iterator(["hello world, how are you today?", "the assistant says hello"] * 10, trainer)
+    # Like Llama-3, plain encoding prepends BOS; the chat template already holds it, so the
+    # rendered turn must not get a second one.
+    bos_id = tok.token_to_id("<|begin_of_text|>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos_id)]
+    )
     hf = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
         additional_special_tokens=["<|start_header_id|>", "<|end_header_id|>", "<|end_of_text|>"],
@@ -144,6 +150,9 @@ def test_llama_like_render_and_stop_ids(llama_dir):
     assert ct.render_user_turn_text(text) == expected
     raw = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
     assert ct.render_user_turn(text) == raw.encode(expected, add_special_tokens=False).ids
+    assert ct.render_user_turn(text).count(ids["<|begin_of_text|>"]) == 1
+    assert ct.encode("hello", add_special_tokens=True)[0] == ids["<|begin_of_text|>"]
+    assert ids["<|begin_of_text|>"] not in ct.encode("hello")
     # Tokenizer eos first, then generation_config extras; no pad token -> the eos.
     assert ct.stop_token_ids == (ids["<|eot_id|>"], ids["<|end_of_text|>"])
     assert ct.pad_id == ids["<|eot_id|>"]
