@@ -29,7 +29,14 @@ import functools
 import jax
 import jax.numpy as jnp
 
+# Vocabulary columns per tile. Large enough that each tile's matmuls stay efficient, small
+# enough that a [d, VOCAB_CHUNK_SIZE] fp32 accumulator and the tiles are far below a [d, V]
+# one for real vocabularies (see benchmarks/README.md for the measurements behind it).
+VOCAB_CHUNK_SIZE = 16384
+
 __all__ = [
+    "VOCAB_CHUNK_SIZE",
+    "tiled_token_logprobs_and_entropy",
     "token_logprobs",
     "token_logprobs_and_entropy",
     "naive_token_logprobs",
@@ -61,30 +68,19 @@ def naive_token_logprobs_and_entropy(hidden, unembed, targets):
     return lp, ent
 
 
-# ----------------------------------------------------------------------------- chunked core
+# ----------------------------------------------------------------------------- tiled core
+#
+# The work is cut into [C, Vb] logit tiles: C = chunk_size rows, Vb = vocab_chunk_size
+# columns. Both passes loop over vocabulary blocks OUTSIDE and row chunks INSIDE, so that
+#  - the forward pass keeps only O(N) running statistics (online log-sum-exp) between blocks
+#    and slices each [d, Vb] block of the unembedding once;
+#  - the backward pass finishes d_unembed one [d, Vb] block at a time (an fp32 [d, Vb]
+#    accumulator, written into the output once) and accumulates d_hidden in an fp32 [N, d]
+#    buffer, instead of carrying an fp32 [d, V] accumulator across row chunks (2.2 GB for a
+#    152k vocabulary at d = 3584, more than the tiles themselves).
+# A block size >= V gives plain row chunking over the full vocabulary.
 
-
-def _chunk_stats(h_c, unembed, t_c, with_entropy):
-    """One row chunk: (target log-prob, logsumexp, entropy) ``[C]`` each, fp32.
-
-    The target logit is picked with an iota comparison rather than a gather so that any
-    target id (in range or not) stays finite.
-    """
-    z = jnp.dot(h_c, unembed, preferred_element_type=jnp.float32)  # [C, V]
-    m = jnp.max(z, axis=-1, keepdims=True)
-    zc = z - m
-    e = jnp.exp(zc)
-    s = jnp.sum(e, axis=-1)
-    lse = m[:, 0] + jnp.log(s)
-    hit = jax.lax.broadcasted_iota(jnp.int32, z.shape, 1) == t_c[:, None]
-    z_t = jnp.sum(jnp.where(hit, z, 0.0), axis=-1)
-    if with_entropy:
-        # H = log s - E_p[z - m]: same exponentials, and shifting by m avoids the
-        # cancellation of lse - E_p[z] when logits are large.
-        ent = jnp.log(s) - jnp.sum(e * zc, axis=-1) / s
-    else:
-        ent = jnp.zeros_like(lse)
-    return z_t - lse, lse, ent
+_NEG = -1e30  # finite "minus infinity": keeps exp(m_old - m_new) and (m_old - m_new) * 0 finite
 
 
 def _pad_rows(x, n_pad):
@@ -93,78 +89,139 @@ def _pad_rows(x, n_pad):
     return jnp.pad(x, [(0, n_pad)] + [(0, 0)] * (x.ndim - 1))
 
 
-def _split_chunks(hidden, targets, chunk_size):
-    """Pad rows to a multiple of the chunk and reshape to ``[K, C, ...]``."""
-    n = hidden.shape[0]
+def _split_rows(x, chunk, n_pad):
+    """``[N, ...]`` -> ``[K, C, ...]`` with zero padding rows at the end."""
+    x = _pad_rows(x, n_pad)
+    return x.reshape((x.shape[0] // chunk, chunk) + x.shape[1:])
+
+
+def _row_layout(n, chunk_size):
     c = max(1, min(int(chunk_size), n))
     k = -(-n // c)
-    n_pad = k * c - n
-    h = _pad_rows(hidden, n_pad).reshape(k, c, hidden.shape[1])
-    t = _pad_rows(targets.astype(jnp.int32), n_pad).reshape(k, c)
-    return h, t, n_pad
+    return c, k * c - n
 
 
-def _forward(hidden, unembed, targets, chunk_size, with_entropy):
+def _over_vocab(unembed, block, body, carry):
+    """``carry = body(carry, w_block [d, Vb], col0)`` over the vocabulary blocks: a scan over
+    the full blocks plus one static tail block (no padded copy of the unembedding)."""
+    v = unembed.shape[1]
+    block = min(block, v)
+    full, tail = divmod(v, block)
+    if full == 1 and tail == 0:
+        return body(carry, unembed, 0)
+
+    def step(carry, j):
+        col0 = j * block
+        w_blk = jax.lax.dynamic_slice_in_dim(unembed, col0, block, axis=1)
+        return body(carry, w_blk, col0), None
+
+    carry, _ = jax.lax.scan(step, carry, jnp.arange(full, dtype=jnp.int32))
+    if tail:
+        carry = body(carry, unembed[:, full * block :], full * block)
+    return carry
+
+
+def _hits(shape, col0, t_c):
+    # Iota comparison instead of a gather: any target id (in range or not) stays finite.
+    return jax.lax.broadcasted_iota(jnp.int32, shape, 1) + col0 == t_c[:, None]
+
+
+def _forward(hidden, unembed, targets, chunk_size, vocab_chunk_size, with_entropy):
+    """(log-probs, logsumexp, entropies) ``[N]`` fp32 via online softmax statistics."""
     n = hidden.shape[0]
-    h, t, _ = _split_chunks(hidden, targets, chunk_size)
-    lp, lse, ent = jax.lax.map(
-        lambda xs: _chunk_stats(xs[0], unembed, xs[1], with_entropy), (h, t)
-    )
-    return lp.reshape(-1)[:n], lse.reshape(-1)[:n], ent.reshape(-1)[:n]
+    c, n_pad = _row_layout(n, chunk_size)
+    h = _split_rows(hidden, c, n_pad)
+    t = _split_rows(targets.astype(jnp.int32), c, n_pad)
+    k = t.shape[0]
+    zeros = jnp.zeros((k, c), jnp.float32)
+    # Running per-row max m, sum s = sum exp(z - m), target logit, and sum exp(z - m)(z - m).
+    stats0 = (jnp.full((k, c), _NEG, jnp.float32), zeros, zeros, zeros)
+
+    def block(stats, w_blk, col0):
+        def tile(xs):
+            h_c, t_c, m, s, z_t, ez = xs
+            z = jnp.dot(h_c, w_blk, preferred_element_type=jnp.float32)  # [C, Vb]
+            m_new = jnp.maximum(m, jnp.max(z, axis=-1))
+            shift = m - m_new
+            scale = jnp.exp(shift)
+            zc = z - m_new[:, None]
+            e = jnp.exp(zc)
+            s_new = scale * s + jnp.sum(e, axis=-1)
+            z_t = z_t + jnp.sum(jnp.where(_hits(z.shape, col0, t_c), z, 0.0), axis=-1)
+            if with_entropy:
+                # Entropy as log s - E_p[z - m]: shifting by m avoids cancelling large terms.
+                ez = scale * (ez + shift * s) + jnp.sum(e * zc, axis=-1)
+            return m_new, s_new, z_t, ez
+
+        return jax.lax.map(tile, (h, t) + tuple(stats))
+
+    m, s, z_t, ez = _over_vocab(unembed, vocab_chunk_size, block, stats0)
+    log_s = jnp.log(s)
+    lse = m + log_s
+    ent = log_s - ez / s if with_entropy else zeros
+    unpad = lambda x: x.reshape(-1)[:n]  # noqa: E731
+    return unpad(z_t - lse), unpad(lse), unpad(ent)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _chunked(hidden, unembed, targets, chunk_size, with_entropy):
-    lp, _, ent = _forward(hidden, unembed, targets, chunk_size, with_entropy)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _tiled(hidden, unembed, targets, chunk_size, vocab_chunk_size, with_entropy):
+    lp, _, ent = _forward(hidden, unembed, targets, chunk_size, vocab_chunk_size, with_entropy)
     return lp, ent
 
 
-def _chunked_fwd(hidden, unembed, targets, chunk_size, with_entropy):
-    lp, lse, ent = _forward(hidden, unembed, targets, chunk_size, with_entropy)
+def _tiled_fwd(hidden, unembed, targets, chunk_size, vocab_chunk_size, with_entropy):
+    lp, lse, ent = _forward(hidden, unembed, targets, chunk_size, vocab_chunk_size, with_entropy)
     return (lp, ent), (hidden, unembed, targets, lse, ent)
 
 
-def _chunked_bwd(chunk_size, with_entropy, res, cts):
+def _tiled_bwd(chunk_size, vocab_chunk_size, with_entropy, res, cts):
     hidden, unembed, targets, lse, ent = res
     g_lp, g_ent = cts
     n, d = hidden.shape
-    v = unembed.shape[1]
     cdt = jnp.result_type(hidden.dtype, unembed.dtype)
-    h, t, n_pad = _split_chunks(hidden, targets, chunk_size)
-    k, c = t.shape
+    c, n_pad = _row_layout(n, chunk_size)
     # Padding rows get zero cotangents, so they add nothing to d_unembed.
-    g_lp = _pad_rows(g_lp.astype(jnp.float32), n_pad).reshape(k, c)
-    lse_c = _pad_rows(lse, n_pad).reshape(k, c)
+    rows = lambda x: _split_rows(x.astype(jnp.float32), c, n_pad)  # noqa: E731
+    h = _split_rows(hidden.astype(cdt), c, n_pad)
+    t = _split_rows(targets.astype(jnp.int32), c, n_pad)
+    k = t.shape[0]
+    xs_rows = (jnp.arange(k, dtype=jnp.int32), h, t, rows(g_lp), rows(lse))
     if with_entropy:
-        g_ent = _pad_rows(g_ent.astype(jnp.float32), n_pad).reshape(k, c)
-        ent_c = _pad_rows(ent, n_pad).reshape(k, c)
-    else:
-        g_ent = ent_c = jnp.zeros((k, c), jnp.float32)
-    w = unembed.astype(cdt)
+        xs_rows += (rows(g_ent), rows(ent))
 
-    def step(d_w, xs):
-        h_c, t_c, g_c, lse_cc, ge_c, ent_cc = xs
-        h_c = h_c.astype(cdt)
-        z = jnp.dot(h_c, w, preferred_element_type=jnp.float32)  # recomputed [C, V]
-        logp = z - lse_cc[:, None]
-        p = jnp.exp(logp)
-        hit = jax.lax.broadcasted_iota(jnp.int32, z.shape, 1) == t_c[:, None]
-        # d lp / dz = onehot - p;  d H / dz = -p (log p + H).
-        dz = jnp.where(hit, g_c[:, None], 0.0) - g_c[:, None] * p
-        if with_entropy:
-            dz = dz - ge_c[:, None] * p * (logp + ent_cc[:, None])
-        dz = dz.astype(cdt)
-        dh_c = jnp.dot(dz, w.T, preferred_element_type=jnp.float32)
-        d_w = d_w + jnp.dot(h_c.T, dz, preferred_element_type=jnp.float32)
-        return d_w, dh_c
+    def block(carry, w_blk, col0):
+        d_h, d_w = carry
+        w_blk = w_blk.astype(cdt)
 
-    d_w0 = jnp.zeros((d, v), jnp.float32)
-    d_w, dh = jax.lax.scan(step, d_w0, (h, t, g_lp, lse_c, g_ent, ent_c))
-    dh = dh.reshape(k * c, d)[:n]
-    return dh.astype(hidden.dtype), d_w.astype(unembed.dtype), None
+        def tile(inner, xs):
+            d_h, d_w_blk = inner
+            i, h_c, t_c, g_c, lse_c = xs[:5]
+            z = jnp.dot(h_c, w_blk, preferred_element_type=jnp.float32)  # recomputed
+            logp = z - lse_c[:, None]
+            p = jnp.exp(logp)
+            # d lp / dz = onehot - p;  d H / dz = -p (log p + H).
+            d_z = jnp.where(_hits(z.shape, col0, t_c), g_c[:, None], 0.0) - g_c[:, None] * p
+            if with_entropy:
+                ge_c, ent_c = xs[5:]
+                d_z = d_z - ge_c[:, None] * p * (logp + ent_c[:, None])
+            # Feed the tensor cores in the inputs' dtype; accumulate in fp32.
+            d_z = d_z.astype(cdt)
+            d_h = d_h.at[i].add(jnp.dot(d_z, w_blk.T, preferred_element_type=jnp.float32))
+            d_w_blk = d_w_blk + jnp.dot(h_c.T, d_z, preferred_element_type=jnp.float32)
+            return (d_h, d_w_blk), None
+
+        d_w_blk0 = jnp.zeros((d, w_blk.shape[1]), jnp.float32)
+        (d_h, d_w_blk), _ = jax.lax.scan(tile, (d_h, d_w_blk0), xs_rows)
+        d_w = jax.lax.dynamic_update_slice_in_dim(d_w, d_w_blk.astype(d_w.dtype), col0, axis=1)
+        return d_h, d_w
+
+    carry0 = (jnp.zeros((k, c, d), jnp.float32), jnp.zeros(unembed.shape, unembed.dtype))
+    d_h, d_w = _over_vocab(unembed, vocab_chunk_size, block, carry0)
+    d_h = d_h.reshape(k * c, d)[:n]
+    return d_h.astype(hidden.dtype), d_w, None
 
 
-_chunked.defvjp(_chunked_fwd, _chunked_bwd)
+_tiled.defvjp(_tiled_fwd, _tiled_bwd)
 
 
 def _check(hidden, unembed, targets):
@@ -182,21 +239,51 @@ def _check(hidden, unembed, targets):
         raise ValueError(f"targets must be integer token ids, got dtype {targets.dtype}")
 
 
-def token_logprobs(hidden, unembed, targets, *, chunk_size=1024):
-    """Per-token target log-probs, chunked over rows, never holding ``[N, V]`` logits.
+def _check_sizes(chunk_size, vocab_chunk_size):
+    for name, value in (("chunk_size", chunk_size), ("vocab_chunk_size", vocab_chunk_size)):
+        if int(value) < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value}")
 
-    hidden ``[N, d]`` (fp32 or bf16), unembed ``[d, V]``, targets ``[N]`` int -> ``[N]`` fp32.
-    Differentiable in ``hidden`` and ``unembed`` (custom VJP; residuals: inputs + ``[N]``
-    logsumexp). Peak extra memory is a few ``[chunk_size, V]`` fp32 blocks plus, in the
-    backward pass, an fp32 ``[d, V]`` accumulator.
+
+def tiled_token_logprobs_and_entropy(
+    hidden,
+    unembed,
+    targets,
+    *,
+    chunk_size=1024,
+    vocab_chunk_size=VOCAB_CHUNK_SIZE,
+    with_entropy=True,
+):
+    """The tiled kernel with both tile sizes exposed (for tuning and benchmarks).
+
+    hidden ``[N, d]``, unembed ``[d, V]``, targets ``[N]`` int -> (``[N]`` log-probs fp32,
+    ``[N]`` entropies fp32, zeros when ``with_entropy`` is False). Tiles are
+    ``[chunk_size, vocab_chunk_size]``; a ``vocab_chunk_size >= V`` means row chunks only.
     """
     _check(hidden, unembed, targets)
-    return _chunked(hidden, unembed, targets, int(chunk_size), False)[0]
+    _check_sizes(chunk_size, vocab_chunk_size)
+    return _tiled(
+        hidden, unembed, targets, int(chunk_size), int(vocab_chunk_size), bool(with_entropy)
+    )
+
+
+def token_logprobs(hidden, unembed, targets, *, chunk_size=1024):
+    """Per-token target log-probs without materialising the ``[N, V]`` logits.
+
+    hidden ``[N, d]`` (fp32 or bf16), unembed ``[d, V]``, targets ``[N]`` int -> ``[N]`` fp32.
+    Differentiable in ``hidden`` and ``unembed`` (custom VJP; residuals: the inputs and the
+    ``[N]`` log-sum-exp). Extra memory: a few ``[chunk_size, VOCAB_CHUNK_SIZE]`` fp32 tiles,
+    plus fp32 ``[N, d]`` and ``[d, VOCAB_CHUNK_SIZE]`` accumulators in the backward pass.
+    """
+    return tiled_token_logprobs_and_entropy(
+        hidden, unembed, targets, chunk_size=chunk_size, with_entropy=False
+    )[0]
 
 
 def token_logprobs_and_entropy(hidden, unembed, targets, *, chunk_size=1024):
-    """(``[N]`` target log-probs, ``[N]`` softmax entropies), fp32, chunked like
-    :func:`token_logprobs`; both outputs are differentiable (residuals add the ``[N]``
+    """(``[N]`` target log-probs, ``[N]`` softmax entropies), fp32, tiled like
+    :func:`token_logprobs`; both outputs are differentiable (the residuals add the ``[N]``
     entropies)."""
-    _check(hidden, unembed, targets)
-    return _chunked(hidden, unembed, targets, int(chunk_size), True)
+    return tiled_token_logprobs_and_entropy(
+        hidden, unembed, targets, chunk_size=chunk_size, with_entropy=True
+    )
