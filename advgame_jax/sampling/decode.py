@@ -1,0 +1,164 @@
+"""The jitted core of the JAX sampler: prefill + KV-cache decode loop + token selection.
+
+Pure functions of (params, arrays) with the model config and the bucket sizes as static
+arguments, so one compiled program serves every call whose shapes fall in the same bucket and
+new weights never trigger a recompilation. Batching, bucketing, sharding and the translation
+to ``Completion`` records live in ``jax_sampler.py``.
+
+Per-row controls are arrays, not static values, so a batch may mix requests with different
+temperatures, top-p / top-k, token budgets, stop ids and seeds:
+
+    tokens       [B, P] int32   left-padded prompts (the last column is every row's last token)
+    prompt_mask  [B, P] bool    True on real prompt tokens
+    temperature  [B] f32        0 = greedy (argmax of the logits)
+    top_p        [B] f32        nucleus mass in (0, 1]; 1 keeps everything
+    top_k        [B] int32      0 keeps everything
+    max_new      [B] int32      per-row budget, 1 <= max_new <= N (the static bucket)
+    stop_ids     [B, K] int32   per-row stop ids, -1 padded
+    seeds        [B, 4] uint32  (seed low word, seed high word, prompt index, sample index)
+
+Randomness: row r at decode step t draws with ``fold_in(row_key_r, t)`` where
+``row_key_r = fold_in^4(key(0), seeds[r])``; a row's draws therefore depend only on its own
+seed words and logits, never on which other rows share the batch or on the batch bucket.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from advgame_jax.models import forward_with_cache, init_cache
+
+
+class DecodeOut(NamedTuple):
+    """Result of one ``generate_tokens`` call (all on device).
+
+    tokens [B, N] int32 (entries at or after ``num_tokens`` are filler), logprobs [B, N] f32
+    (model log-softmax of each emitted token, before temperature / top-p / top-k),
+    num_tokens [B] int32, stopped [B] bool (a stop id ended the row).
+    """
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    num_tokens: jax.Array
+    stopped: jax.Array
+
+
+def row_keys(seeds: jax.Array) -> jax.Array:
+    """One typed PRNG key per row from its four uint32 seed words. seeds [B, 4] -> keys [B]."""
+
+    def one(words):
+        key = jax.random.key(0)
+        for i in range(4):
+            key = jax.random.fold_in(key, words[i])
+        return key
+
+    return jax.vmap(one)(seeds)
+
+
+def select_tokens(logits, temperature, top_p, top_k, keys, *, use_filter: bool):
+    """Pick one token per row and return it with its log-prob under the raw model.
+
+    logits [B, V] f32 -> (tokens [B] int32, logprobs [B] f32). Rows with temperature 0 take
+    the argmax; others sample from softmax(logits / T), restricted (when ``use_filter``) to
+    the top-k tokens and to the smallest prefix of the sorted distribution whose mass reaches
+    ``top_p`` (the token that crosses ``top_p`` is kept). Tokens tied with the last kept
+    value are kept too, because the cut is a threshold on the scaled logits.
+    """
+    logits = logits.astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    do_sample = temperature > 0
+    scaled = logits / jnp.where(do_sample, temperature, 1.0)[:, None]
+    if use_filter:
+        vocab = scaled.shape[-1]
+        desc = -jnp.sort(-scaled, axis=-1)
+        probs = jax.nn.softmax(desc, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        keep = mass_before < top_p[:, None]
+        rank = jnp.arange(vocab, dtype=jnp.int32)[None, :]
+        keep &= (top_k[:, None] <= 0) | (rank < top_k[:, None])
+        # keep is a prefix of the sorted order and always holds rank 0.
+        n_keep = jnp.maximum(jnp.sum(keep, axis=-1), 1)
+        cutoff = jnp.take_along_axis(desc, (n_keep - 1)[:, None], axis=-1)
+        scaled = jnp.where(scaled >= cutoff, scaled, -jnp.inf)
+    sampled = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+    tokens = jnp.where(do_sample, sampled, greedy)
+    return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+
+
+def _batch_constraint(x, batch_spec):
+    if batch_spec is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, batch_spec(x.ndim))
+
+
+def generate_tokens(params, tokens, prompt_mask, temperature, top_p, top_k, max_new,
+                    stop_ids, seeds, *, config, max_new_bucket: int, compute_dtype,
+                    cache_dtype, use_filter: bool, batch_spec=None) -> DecodeOut:
+    """Prefill the left-padded prompts, then decode until every row is done.
+
+    Shapes as in the module docstring; N = ``max_new_bucket``. The cache holds P + N slots:
+    prompt slot p is slot p, generated token t is written at slot P + t. The decode loop is a
+    ``lax.while_loop`` that exits as soon as all rows have stopped or spent their budget.
+    ``batch_spec(ndim)``, when given, returns the sharding that splits axis 0 over ``data``.
+    """
+    batch, prompt_len = tokens.shape
+    n_max = max_new_bucket
+    cache_len = prompt_len + n_max
+    keys = row_keys(seeds)
+    positions = jnp.maximum(jnp.cumsum(prompt_mask.astype(jnp.int32), axis=-1) - 1, 0)
+    next_pos = positions[:, -1] + 1
+    kv_mask = jnp.concatenate(
+        [prompt_mask.astype(bool), jnp.zeros((batch, n_max), bool)], axis=-1)
+    cache = init_cache(config, batch, cache_len, dtype=cache_dtype)
+    logits, cache = forward_with_cache(
+        params, config, tokens, positions.astype(jnp.int32), cache, jnp.int32(0), kv_mask,
+        compute_dtype=compute_dtype, last_only=True)
+
+    def is_stop(tok):
+        return jnp.any(stop_ids == tok[:, None], axis=-1)
+
+    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, 0)
+    tok0, lp0 = select_tokens(logits, temperature, top_p, top_k, step_keys, use_filter=use_filter)
+    out_tok = _batch_constraint(jnp.zeros((batch, n_max), jnp.int32), batch_spec)
+    out_lp = _batch_constraint(jnp.zeros((batch, n_max), jnp.float32), batch_spec)
+    out_tok = out_tok.at[:, 0].set(tok0)
+    out_lp = out_lp.at[:, 0].set(lp0)
+    stopped = is_stop(tok0)
+    done = stopped | (max_new <= 1)
+    num = jnp.ones((batch,), jnp.int32)
+
+    def cond(state):
+        t, _, _, _, _, done, _, _ = state
+        return (t < n_max) & ~jnp.all(done)
+
+    def body(state):
+        t, cache, kv_mask, out_tok, out_lp, done, stopped, num = state
+        slot = prompt_len + t - 1
+        kv_mask = jax.lax.dynamic_update_slice(
+            kv_mask, jnp.ones((batch, 1), bool), (jnp.int32(0), slot))
+        prev = jax.lax.dynamic_slice(out_tok, (jnp.int32(0), t - 1), (batch, 1))
+        pos = (next_pos + t - 1)[:, None].astype(jnp.int32)
+        logits, cache = forward_with_cache(
+            params, config, prev, pos, cache, slot.astype(jnp.int32), kv_mask,
+            compute_dtype=compute_dtype, last_only=True)
+        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, t)
+        tok, lp = select_tokens(logits, temperature, top_p, top_k, step_keys,
+                                use_filter=use_filter)
+        active = ~done
+        tok = jnp.where(active, tok, 0)
+        lp = jnp.where(active, lp, 0.0)
+        out_tok = jax.lax.dynamic_update_slice(out_tok, tok[:, None], (jnp.int32(0), t))
+        out_lp = jax.lax.dynamic_update_slice(out_lp, lp[:, None], (jnp.int32(0), t))
+        hit = active & is_stop(tok)
+        stopped = stopped | hit
+        num = num + active.astype(jnp.int32)
+        done = done | hit | (t + 1 >= max_new)
+        return t + 1, cache, kv_mask, out_tok, out_lp, done, stopped, num
+
+    state = (jnp.int32(1), cache, kv_mask, out_tok, out_lp, done, stopped, num)
+    _, _, _, out_tok, out_lp, _, stopped, num = jax.lax.while_loop(cond, body, state)
+    return DecodeOut(out_tok, out_lp, num, stopped)

@@ -1,0 +1,269 @@
+"""JaxSampler: the JAX-native KV-cache ``Sampler`` (prefill + decode on the model core).
+
+Owns batching, shape bucketing, sharding and weight swaps around the jitted program in
+``decode.py``; turns its arrays into ``Completion`` records.
+
+Bucket scheme (bounds the number of compiled programs): the batch is cut into chunks of at
+most ``max_batch_size`` rows and each chunk is padded to the next power of two (at least the
+mesh's data-parallel size); the prompt length is padded (on the left) to the next power of
+two >= ``min_prompt_bucket``; the cache reserves the next power of two >= ``min_new_bucket``
+of new tokens; stop-id lists are padded to the next power of two >= 4. Temperature, top-p,
+top-k, per-row budgets, stop ids and seeds are runtime arrays, so only the shapes and one
+boolean (any row needs top-k / top-p filtering) select a program. With the defaults a
+sampler that sees batches up to 256 rows, prompts up to 2048 tokens and up to 1024 new
+tokens compiles at most 9 * 8 * 7 * 2 programs over its life, usually a handful.
+
+Weights are jit arguments, never closed over: ``update_weights`` casts the new pytree to
+the dtype and shardings of the current one, so the next call hits the compiled program.
+
+Seeds: row (prompt i, sample j) of a call with ``SamplingParams.seed`` s draws from a key
+derived from (s, i, j) only, so a call reproduces itself exactly and a request's samples do
+not depend on which other requests share its batch (the HTTP server relies on this).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from advgame_jax.models import ModelConfig, load_hf, param_shardings
+from advgame_jax.sampling.base import Completion, SamplingParams
+from advgame_jax.sampling.checkpoints import restore_params
+from advgame_jax.sampling.decode import generate_tokens
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def next_pow2(x: int, minimum: int = 1) -> int:
+    """Smallest power of two >= max(x, minimum)."""
+    x = max(int(x), int(minimum), 1)
+    return 1 << (x - 1).bit_length()
+
+
+def default_compute_dtype():
+    """bf16 on accelerators, fp32 on CPU (tests compare fp32 against torch)."""
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+@dataclasses.dataclass(frozen=True)
+class _Row:
+    prompt: tuple[int, ...]
+    params: SamplingParams
+    prompt_index: int
+    sample_index: int
+
+
+class JaxSampler:
+    """KV-cache sampler over a model-core param pytree.
+
+    Args:
+      config: the model's ``ModelConfig``.
+      params: param pytree (as from ``load_hf`` / ``init_params``).
+      tokenizer: any object with ``.decode(ids, skip_special_tokens=True)``; None leaves
+        ``Completion.text`` empty.
+      mesh: optional ``(data, fsdp, tensor)`` mesh; params are placed with
+        ``param_shardings`` and the batch is split over ``data``.
+      compute_dtype: matmul dtype (default: bf16 on accelerators, fp32 on CPU); the KV cache
+        is kept in the same dtype.
+      max_batch_size: rows per compiled call (larger requests are split; results are the same).
+      max_prompt_len, min_prompt_bucket, min_new_bucket: bucket limits (module docstring).
+    """
+
+    def __init__(self, config: ModelConfig, params, *, tokenizer=None, mesh: Optional[Mesh] = None,
+                 compute_dtype=None, max_batch_size: int = 256, max_prompt_len: int = 4096,
+                 min_prompt_bucket: int = 16, min_new_bucket: int = 16):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.mesh = mesh
+        self.compute_dtype = jnp.dtype(compute_dtype or default_compute_dtype())
+        self.max_prompt_len = int(max_prompt_len)
+        self.min_prompt_bucket = int(min_prompt_bucket)
+        self.min_new_bucket = int(min_new_bucket)
+        # The batch splits over every data-parallel mesh axis (the "batch" logical rule).
+        self._batch_axes = tuple(a for a in BATCH_AXES if mesh is not None
+                                 and mesh.shape.get(a, 1) > 1)
+        self._data_size = math.prod(mesh.shape[a] for a in self._batch_axes) if mesh else 1
+        self.max_batch_size = max(int(max_batch_size), self._data_size)
+        self._param_shardings = param_shardings(config, mesh) if mesh is not None else None
+        self.num_traces = 0  # how many times the decode program was traced (== compiled)
+        self._jitted = jax.jit(
+            self._traced_generate,
+            static_argnames=("max_new_bucket", "use_filter"))
+        self.params = self._place(params, like=None)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_hf_dir(cls, path, *, dtype=jnp.float32, tokenizer="auto", mesh=None, **kw):
+        """Load an HF checkpoint dir (``save_hf`` output); the tokenizer is read from the same
+        directory when ``tokenizer == "auto"`` and it holds one."""
+        shardings = None
+        if mesh is not None:
+            cfg_file = os.path.join(path, "config.json")
+            with open(cfg_file) as f:
+                shardings = param_shardings(
+                    ModelConfig.from_hf_dict(json.load(f), source=cfg_file), mesh)
+        config, params = load_hf(path, dtype, shardings=shardings)
+        if tokenizer == "auto":
+            tokenizer = _maybe_tokenizer(path)
+        return cls(config, params, tokenizer=tokenizer, mesh=mesh, **kw)
+
+    def _place(self, params, like):
+        """Put ``params`` on device with the dtypes and shardings of ``like`` (or as given)."""
+        if like is not None:
+            got, want = jax.tree.structure(params), jax.tree.structure(like)
+            if got != want:
+                raise ValueError(f"update_weights: param tree structure {got} does not match "
+                                 f"the sampler's {want}")
+
+            def cast(new, old):
+                if tuple(new.shape) != tuple(old.shape):
+                    raise ValueError(f"update_weights: param shape {tuple(new.shape)} does not "
+                                     f"match the sampler's {tuple(old.shape)}")
+                return jnp.asarray(new, dtype=old.dtype)
+
+            params = jax.tree.map(cast, params, like)
+        if self._param_shardings is not None:
+            return jax.device_put(params, self._param_shardings)
+        return jax.device_put(params, jax.devices()[0])
+
+    def update_weights(self, params: Any = None, *, checkpoint_path: Optional[str] = None,
+                       key_path: Sequence[str] = ()) -> None:
+        """Swap in new weights without recompiling.
+
+        Give either ``params`` (a pytree like the current one) or ``checkpoint_path``: an
+        Orbax checkpoint (see ``advgame_jax.sampling.checkpoints.restore_params`` for the
+        layouts accepted) whose sub-tree at ``key_path`` (e.g. ``("defender", "ema_params")``)
+        holds the params.
+        """
+        if (params is None) == (checkpoint_path is None):
+            raise ValueError("update_weights: pass exactly one of params or checkpoint_path")
+        if checkpoint_path is not None:
+            params = restore_params(checkpoint_path, key_path=key_path, like=self.params)
+        self.params = self._place(params, like=self.params)
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]],
+                 params: SamplingParams) -> list[Completion]:
+        """``params.n`` completions per prompt, grouped by prompt (see ``Sampler``)."""
+        return self.generate_many([(prompt_token_ids, params)])[0]
+
+    def generate_many(self, requests):
+        """Serve several ``(prompt_token_ids, SamplingParams)`` requests in shared batches.
+
+        Returns one list of completions per request, each exactly what ``generate`` would
+        return for that request alone (same seeds → same tokens).
+        """
+        rows: list[_Row] = []
+        for prompts, sp in requests:
+            for i, prompt in enumerate(prompts):
+                prompt = tuple(int(t) for t in prompt)
+                if not prompt:
+                    raise ValueError(f"generate: prompt {i} is empty; expected >= 1 token id")
+                if len(prompt) > self.max_prompt_len:
+                    raise ValueError(f"generate: prompt {i} has {len(prompt)} tokens; this "
+                                     f"sampler accepts at most max_prompt_len={self.max_prompt_len}")
+                bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
+                if bad:
+                    raise ValueError(f"generate: prompt {i} holds token id {bad[0]} outside "
+                                     f"[0, {self.config.vocab_size})")
+                rows.extend(_Row(prompt, sp, i, j) for j in range(sp.n))
+        # Rows that share a program (same new-token bucket, same filter flag) run together;
+        # sorting by prompt length keeps the padding small inside each chunk.
+        order = sorted(range(len(rows)), key=lambda r: (self._program_key(rows[r]),
+                                                        len(rows[r].prompt)))
+        results: list[Optional[Completion]] = [None] * len(rows)
+        start = 0
+        while start < len(order):
+            key = self._program_key(rows[order[start]])
+            stop = start
+            while (stop < len(order) and stop - start < self.max_batch_size
+                   and self._program_key(rows[order[stop]]) == key):
+                stop += 1
+            chunk = order[start:stop]
+            for idx, comp in zip(chunk, self._run_chunk([rows[r] for r in chunk], *key)):
+                results[idx] = comp
+            start = stop
+        out, pos = [], 0
+        for prompts, sp in requests:
+            k = len(prompts) * sp.n
+            out.append(results[pos:pos + k])
+            pos += k
+        return out
+
+    def _program_key(self, row: _Row):
+        sp = row.params
+        use_filter = sp.temperature > 0 and (sp.top_k > 0 or sp.top_p < 1.0)
+        return next_pow2(sp.max_new_tokens, self.min_new_bucket), bool(use_filter)
+
+    def _run_chunk(self, rows: list[_Row], max_new_bucket: int, use_filter: bool):
+        b = next_pow2(len(rows), self._data_size)
+        b = int(math.ceil(b / self._data_size) * self._data_size)
+        p = next_pow2(max(len(r.prompt) for r in rows), self.min_prompt_bucket)
+        k = next_pow2(max(len(r.params.stop_token_ids) for r in rows), 4)
+        tokens = np.zeros((b, p), np.int32)
+        mask = np.zeros((b, p), bool)
+        temperature = np.zeros((b,), np.float32)
+        top_p = np.ones((b,), np.float32)
+        top_k = np.zeros((b,), np.int32)
+        max_new = np.ones((b,), np.int32)
+        stop_ids = np.full((b, k), -1, np.int32)
+        seeds = np.zeros((b, 4), np.uint32)
+        # Filler rows repeat row 0's prompt so they never see an all-masked attention row.
+        for r in range(b):
+            row = rows[r] if r < len(rows) else rows[0]
+            sp = row.params
+            n = len(row.prompt)
+            tokens[r, p - n:] = row.prompt
+            mask[r, p - n:] = True
+            temperature[r] = sp.temperature
+            top_p[r] = sp.top_p
+            top_k[r] = sp.top_k
+            max_new[r] = sp.max_new_tokens if r < len(rows) else 1
+            stop_ids[r, :len(sp.stop_token_ids)] = sp.stop_token_ids
+            seed = int(sp.seed) % (1 << 64)
+            seeds[r] = (seed & 0xFFFFFFFF, seed >> 32, row.prompt_index, row.sample_index)
+        arrays = (tokens, mask, temperature, top_p, top_k, max_new, stop_ids, seeds)
+        if self.mesh is not None:
+            arrays = tuple(jax.device_put(a, self._batch_sharding(a.ndim)) for a in arrays)
+        out = self._jitted(self.params, *arrays, max_new_bucket=max_new_bucket,
+                           use_filter=use_filter)
+        toks, lps, num, stopped = jax.device_get(tuple(out))
+        comps = []
+        for r, row in enumerate(rows):
+            ids = tuple(int(t) for t in toks[r, :num[r]])
+            text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer else ""
+            comps.append(Completion(token_ids=ids, text=text,
+                                    logprobs=tuple(float(x) for x in lps[r, :num[r]]),
+                                    finish_reason="stop" if stopped[r] else "length"))
+        return comps
+
+    def _batch_sharding(self, ndim: int) -> NamedSharding:
+        axes = self._batch_axes or None
+        return NamedSharding(self.mesh, PartitionSpec(axes, *([None] * (ndim - 1))))
+
+    def _traced_generate(self, params, tokens, mask, temperature, top_p, top_k, max_new,
+                         stop_ids, seeds, *, max_new_bucket, use_filter):
+        self.num_traces += 1  # runs only while tracing: counts compiled programs
+        batch_spec = self._batch_sharding if self.mesh is not None else None
+        return generate_tokens(
+            params, tokens, mask, temperature, top_p, top_k, max_new, stop_ids, seeds,
+            config=self.config, max_new_bucket=max_new_bucket,
+            compute_dtype=self.compute_dtype, cache_dtype=self.compute_dtype,
+            use_filter=use_filter, batch_spec=batch_spec)
+
+
+def _maybe_tokenizer(path):
+    if not (os.path.isfile(os.path.join(path, "tokenizer.json"))
+            or os.path.isfile(os.path.join(path, "tokenizer_config.json"))):
+        return None
+    from advgame_jax.tokenization import ChatTokenizer
+    return ChatTokenizer.from_dir(path)
+
