@@ -135,7 +135,8 @@ class ModelConfig:
         num_heads = int(d["num_attention_heads"])
         hidden = int(d["hidden_size"])
         head_dim = d.get("head_dim") or hidden // num_heads
-        max_pos = int(d.get("max_position_embeddings", 8192))
+        # Absent fields take the transformers class defaults.
+        max_pos = int(d.get("max_position_embeddings", 2048 if model_type == "llama" else 32768))
         kw: dict[str, Any] = {}
         if rope_type == "llama3":
             try:
@@ -165,7 +166,7 @@ class ModelConfig:
                 rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
                 rope_theta=rope_theta,
                 max_position_embeddings=max_pos,
-                tie_word_embeddings=bool(d.get("tie_word_embeddings", model_type == "qwen2")),
+                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
                 qkv_bias=model_type == "qwen2",
                 bos_token_id=d.get("bos_token_id"),
                 eos_token_id=eos,
