@@ -24,6 +24,7 @@ not depend on which other requests share its batch (the HTTP server relies on th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -93,10 +94,6 @@ class JaxSampler:
         self._data_size = math.prod(mesh.shape[a] for a in self._batch_axes) if mesh else 1
         self.max_batch_size = max(int(max_batch_size), self._data_size)
         self._param_shardings = param_shardings(config, mesh) if mesh is not None else None
-        self.num_traces = 0  # how many times the decode program was traced (== compiled)
-        self._jitted = jax.jit(
-            self._traced_generate,
-            static_argnames=("max_new_bucket", "use_filter"))
         self.params = self._place(params, like=None)
 
     # ------------------------------------------------------------------ construction
@@ -233,8 +230,10 @@ class JaxSampler:
         arrays = (tokens, mask, temperature, top_p, top_k, max_new, stop_ids, seeds)
         if self.mesh is not None:
             arrays = tuple(jax.device_put(a, self._batch_sharding(a.ndim)) for a in arrays)
-        out = self._jitted(self.params, *arrays, max_new_bucket=max_new_bucket,
-                           use_filter=use_filter)
+        batch_sharding = self._batch_sharding(2) if self.mesh is not None else None
+        out = _generate_jit(self.params, *arrays, config=self.config,
+                            max_new_bucket=max_new_bucket, compute_dtype=self.compute_dtype.name,
+                            use_filter=use_filter, batch_sharding=batch_sharding)
         toks, lps, num, stopped = jax.device_get(tuple(out))
         comps = []
         for r, row in enumerate(rows):
@@ -249,15 +248,26 @@ class JaxSampler:
         axes = self._batch_axes or None
         return NamedSharding(self.mesh, PartitionSpec(axes, *([None] * (ndim - 1))))
 
-    def _traced_generate(self, params, tokens, mask, temperature, top_p, top_k, max_new,
-                         stop_ids, seeds, *, max_new_bucket, use_filter):
-        self.num_traces += 1  # runs only while tracing: counts compiled programs
-        batch_spec = self._batch_sharding if self.mesh is not None else None
-        return generate_tokens(
-            params, tokens, mask, temperature, top_p, top_k, max_new, stop_ids, seeds,
-            config=self.config, max_new_bucket=max_new_bucket,
-            compute_dtype=self.compute_dtype, cache_dtype=self.compute_dtype,
-            use_filter=use_filter, batch_spec=batch_spec)
+
+@functools.partial(jax.jit, static_argnames=(
+    "config", "max_new_bucket", "compute_dtype", "use_filter", "batch_sharding"))
+def _generate_jit(params, tokens, mask, temperature, top_p, top_k, max_new, stop_ids, seeds, *,
+                  config, max_new_bucket, compute_dtype, use_filter, batch_sharding):
+    # Module-level so samplers of the same model config share compiled programs; the batch
+    # sharding (a hashable NamedSharding over [B, N]) keeps the outputs split over the
+    # data-parallel axes. Params stay an argument: new weights never retrace.
+    batch_spec = None
+    if batch_sharding is not None:
+        mesh, axes = batch_sharding.mesh, batch_sharding.spec[0]
+
+        def batch_spec(ndim):
+            return NamedSharding(mesh, PartitionSpec(axes, *([None] * (ndim - 1))))
+
+    dtype = jnp.dtype(compute_dtype)
+    return generate_tokens(
+        params, tokens, mask, temperature, top_p, top_k, max_new, stop_ids, seeds,
+        config=config, max_new_bucket=max_new_bucket, compute_dtype=dtype, cache_dtype=dtype,
+        use_filter=use_filter, batch_spec=batch_spec)
 
 
 def _maybe_tokenizer(path):
