@@ -1,0 +1,71 @@
+"""The attacker–defender game (GAME_SPEC §2): templates, format parsing, the rollout tree
+(B×A×D) and its errors, judges, reward patching, preference pairs and GRPO advantages,
+metrics and the audit log. Game logic never imports training code.
+
+The game loop calls, per seed split::
+
+    scored = build_tree(seeds, game_config, judge=judge, attacker=..., attacker_tokenizer=...,
+                        defender=..., defender_tokenizer=..., sample_index=2 * step + split)
+    attacker_pairs(scored), defender_pairs(scored)          # DPO / IPO
+    grpo_samples(scored, "attacker" | "defender", baseline)  # GRPO
+    tree_metrics(scored); audit_log.write(scored, step=step, split=split)
+"""
+
+from advgame_jax.game.audit import AuditLog, AuditLogError, read_audit_log, record_to_scored_tree, replay
+from advgame_jax.game.config import GameConfig, GameConfigError, game_config_from_experiment
+from advgame_jax.game.endpoint import EndpointBackend, JudgeEndpointError
+from advgame_jax.game.factory import make_judge
+from advgame_jax.game.judge import (
+    FaithRequest,
+    Judge,
+    LLMJudge,
+    PairRequest,
+    PointRequest,
+    SamplerBackend,
+    TextBackend,
+)
+from advgame_jax.game.metrics import tree_metrics
+from advgame_jax.game.parsing import (
+    faith_majority,
+    parse_attack,
+    parse_faith_verdict,
+    parse_pair_scores,
+    parse_score,
+)
+from advgame_jax.game.rewards import (
+    attacker_advantages,
+    attacker_pair_indices,
+    attacker_pairs,
+    defender_advantages,
+    defender_pair_indices,
+    defender_pairs,
+    grpo_advantages,
+    grpo_samples,
+    patch_x_reward,
+    patch_y_reward,
+    select_response,
+)
+from advgame_jax.game.rollout import build_tree, sample_tree, score_tree
+from advgame_jax.game.rule_judge import COMPLY_WORDS, DEFLECT_WORDS, REFUSE_WORDS, RuleJudge
+from advgame_jax.game.templates import (
+    TemplateError,
+    TemplateSet,
+    available_template_sets,
+    get_template_set,
+    register_template_set,
+)
+from advgame_jax.game.tree import JudgeStats, RolloutTree, ScoredTree, XError, YError
+
+__all__ = [
+    "AuditLog", "AuditLogError", "COMPLY_WORDS", "DEFLECT_WORDS", "EndpointBackend", "FaithRequest",
+    "GameConfig", "GameConfigError", "Judge", "JudgeEndpointError", "JudgeStats", "LLMJudge",
+    "PairRequest", "PointRequest", "REFUSE_WORDS", "RolloutTree", "RuleJudge", "SamplerBackend",
+    "ScoredTree", "TemplateError", "TemplateSet", "TextBackend", "XError", "YError",
+    "attacker_advantages", "attacker_pair_indices", "attacker_pairs", "available_template_sets",
+    "build_tree", "defender_advantages", "defender_pair_indices", "defender_pairs",
+    "faith_majority", "game_config_from_experiment", "get_template_set", "grpo_advantages",
+    "grpo_samples", "make_judge", "parse_attack", "parse_faith_verdict", "parse_pair_scores",
+    "parse_score", "patch_x_reward", "patch_y_reward", "read_audit_log", "record_to_scored_tree",
+    "register_template_set", "replay", "sample_tree", "score_tree", "select_response",
+    "tree_metrics",
+]

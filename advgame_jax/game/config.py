@@ -1,0 +1,108 @@
+"""``GameConfig``: every knob of one game rollout (GAME_SPEC §2.2–2.10), validated on
+construction, and its translation from an experiment ``ConfigDict`` (``configs/base.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from advgame_jax.game.parsing import FORMATS
+from advgame_jax.game.templates import TemplateError, get_template_set
+from advgame_jax.sampling.base import SamplingParams
+
+_DEFAULT_SAMPLING = SamplingParams(temperature=0.6, top_p=0.9, max_new_tokens=2048)
+
+
+class GameConfigError(ValueError):
+    """A ``GameConfig`` field is invalid."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GameConfig:
+    """Game settings.
+
+    num_attacks (A) / num_responses (D): samples per seed / per valid attack.
+    templates: template set name (``game.templates.available_template_sets()``).
+    attacker_format / defender_format: one of ``think_prompt_strict``, ``prompt_strict``, ``any``.
+    condition_on: the defender judge sees the attack x (``"prompt"``) or the seed s (``"seed"``).
+    optimistic_attacker: the attacker is judged on the defender's best response (else the first
+      error-free one).
+    attacker_judge_enabled / defender_judge_enabled: when off, error-free slots get reward 0.0.
+    judge_mode: ``"pairwise"`` or ``"pointwise"``.
+    swap_positions: pairwise only; every pair is judged in both orders and the scores averaged.
+    faithfulness / num_faith_samples: the faithfulness check and the judge samples per attack.
+    attacker_sampling / defender_sampling: decoding params; ``n`` is overridden by A and D, and
+      ``stop_token_ids`` defaults to the tokenizer's when empty.
+    """
+
+    num_attacks: int = 2
+    num_responses: int = 2
+    templates: str = "advgame_v1"
+    attacker_format: str = "think_prompt_strict"
+    defender_format: str = "any"
+    condition_on: str = "prompt"
+    optimistic_attacker: bool = True
+    attacker_judge_enabled: bool = True
+    defender_judge_enabled: bool = True
+    judge_mode: str = "pairwise"
+    swap_positions: bool = False
+    faithfulness: bool = True
+    num_faith_samples: int = 1
+    attacker_sampling: SamplingParams = _DEFAULT_SAMPLING
+    defender_sampling: SamplingParams = _DEFAULT_SAMPLING
+
+    def __post_init__(self):
+        for name in ("num_attacks", "num_responses", "num_faith_samples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise GameConfigError(f"GameConfig.{name}: expected an integer >= 1, got {value!r}")
+        for name, allowed in (("attacker_format", FORMATS), ("defender_format", FORMATS),
+                              ("condition_on", ("prompt", "seed")),
+                              ("judge_mode", ("pairwise", "pointwise"))):
+            if getattr(self, name) not in allowed:
+                raise GameConfigError(f"GameConfig.{name}: expected one of {allowed}, "
+                                      f"got {getattr(self, name)!r}")
+        for name in ("optimistic_attacker", "attacker_judge_enabled", "defender_judge_enabled",
+                     "swap_positions", "faithfulness"):
+            if not isinstance(getattr(self, name), bool):
+                raise GameConfigError(f"GameConfig.{name}: expected True or False, "
+                                      f"got {getattr(self, name)!r}")
+        for name in ("attacker_sampling", "defender_sampling"):
+            if not isinstance(getattr(self, name), SamplingParams):
+                raise GameConfigError(f"GameConfig.{name}: expected a SamplingParams, "
+                                      f"got {type(getattr(self, name)).__name__}")
+        try:
+            get_template_set(self.templates)
+        except TemplateError as err:
+            raise GameConfigError(f"GameConfig.templates: {err}") from None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GameConfig":
+        d = dict(d)
+        for name in ("attacker_sampling", "defender_sampling"):
+            p = dict(d[name])
+            p["stop_token_ids"] = tuple(p.get("stop_token_ids", ()))
+            d[name] = SamplingParams(**p)
+        return cls(**d)
+
+
+def game_config_from_experiment(config: Any) -> GameConfig:
+    """A ``GameConfig`` from an experiment ConfigDict (fields of ``configs/base.py``:
+    ``game.*``, ``judge.mode/swap_positions/condition_on/attacker_judge/defender_judge/
+    num_faith_samples`` and ``sampling.*``)."""
+    s = config.sampling
+    params = SamplingParams(temperature=float(s.temperature), top_p=float(s.top_p),
+                            top_k=int(s.top_k), max_new_tokens=int(s.max_new_tokens),
+                            seed=int(config.get("seed", 0)))
+    g, j = config.game, config.judge
+    return GameConfig(
+        num_attacks=g.num_attacks, num_responses=g.num_responses, templates=g.templates,
+        attacker_format=g.attacker_format, defender_format=g.defender_format,
+        condition_on=j.condition_on, optimistic_attacker=g.optimistic_attacker,
+        attacker_judge_enabled=j.attacker_judge, defender_judge_enabled=j.defender_judge,
+        judge_mode=j.mode, swap_positions=j.swap_positions, faithfulness=g.faithfulness,
+        num_faith_samples=j.num_faith_samples, attacker_sampling=params, defender_sampling=params)

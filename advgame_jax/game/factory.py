@@ -1,0 +1,48 @@
+"""``make_judge``: the judge named by an experiment's ``config.judge`` section
+(``configs/base.py``): ``rule`` (offline lexicon judge), ``endpoint`` (OpenAI-compatible
+servers) or ``sampler`` (an in-process ``Sampler`` the caller built from ``judge.hf_path``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+from advgame_jax.game.endpoint import EndpointBackend, JudgeEndpointError
+from advgame_jax.game.judge import Judge, LLMJudge, SamplerBackend
+from advgame_jax.game.rule_judge import RuleJudge
+from advgame_jax.game.templates import get_template_set
+from advgame_jax.sampling.base import Sampler, SamplingParams
+
+
+def make_judge(judge_config: Any, *, templates: str = "advgame_v1", sampler: Optional[Sampler] = None,
+               tokenizer: Any = None, seed: int = 0, check_endpoints: bool = True) -> Judge:
+    """Build the judge of ``judge_config`` (fields: backend, endpoints, model, api_key_env,
+    timeout_s, max_retries, concurrency, temperature, max_new_tokens).
+
+    The endpoint backend reads its API key from the environment variable named by
+    ``api_key_env`` and, with ``check_endpoints``, fails fast naming any unreachable URL.
+    """
+    backend = judge_config.backend
+    if backend == "rule":
+        return RuleJudge()
+    template_set = get_template_set(templates)
+    if backend == "endpoint":
+        env = judge_config.api_key_env
+        if env and env not in os.environ:
+            raise JudgeEndpointError(f"config.judge.api_key_env: environment variable {env!r} is not set")
+        client = EndpointBackend(
+            judge_config.endpoints, judge_config.model, api_key=os.environ.get(env) if env else None,
+            timeout_s=judge_config.timeout_s, max_retries=judge_config.max_retries,
+            concurrency=judge_config.concurrency, temperature=judge_config.temperature,
+            max_tokens=judge_config.max_new_tokens, seed=seed)
+        if check_endpoints:
+            client.check_endpoints()
+        return LLMJudge(client, template_set)
+    if backend == "sampler":
+        if sampler is None or tokenizer is None:
+            raise ValueError("config.judge.backend='sampler': pass the judge sampler and its tokenizer")
+        params = SamplingParams(temperature=float(judge_config.temperature),
+                                max_new_tokens=int(judge_config.max_new_tokens), seed=seed)
+        return LLMJudge(SamplerBackend(sampler, tokenizer, params), template_set)
+    raise ValueError(f"config.judge.backend: expected 'rule', 'endpoint' or 'sampler', got {backend!r}")

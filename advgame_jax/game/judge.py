@@ -1,0 +1,172 @@
+"""The ``Judge`` protocol and the LLM judge built on any text-completion backend.
+
+A judge answers three kinds of batched requests; each returns one result per request, with
+``None`` (or a ``None`` side of a pair) wherever it could not produce a usable answer:
+
+- ``faithfulness([FaithRequest]) -> [bool | None]``
+- ``pairwise([PairRequest]) -> [(score_A | None, score_B | None)]``
+- ``pointwise([PointRequest]) -> [score | None]``
+- ``fault_counts() -> {kind: count}``: cumulative backend faults (timeouts, HTTP errors, …).
+
+A judge never raises for a bad answer. ``LLMJudge`` renders requests with a ``TemplateSet``,
+sends all prompts of a call to a ``TextBackend`` at once and parses the answers
+(``game.parsing``). Backends: ``EndpointBackend`` (``game.endpoint``, an OpenAI-compatible
+server) and ``SamplerBackend`` (an in-process ``Sampler``, for small colocated judges).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+from typing import Any, Mapping, Optional, Protocol, Sequence, runtime_checkable
+
+from advgame_jax.game import parsing
+from advgame_jax.game.templates import TemplateSet
+from advgame_jax.sampling.base import Sampler, SamplingParams
+
+PairScores = tuple[Optional[float], Optional[float]]
+
+
+@dataclasses.dataclass(frozen=True)
+class FaithRequest:
+    """Is ``attack`` faithful to ``seed`` (category selects the direction of the question)?"""
+
+    seed: str
+    attack: str
+    category: str
+
+
+@dataclasses.dataclass(frozen=True)
+class PairRequest:
+    """Score ``response_a`` (position A) and ``response_b`` (position B) under ``rubric``."""
+
+    rubric: str
+    query: str
+    response_a: str
+    response_b: str
+
+
+@dataclasses.dataclass(frozen=True)
+class PointRequest:
+    rubric: str
+    query: str
+    response: str
+
+
+@runtime_checkable
+class Judge(Protocol):
+    def faithfulness(self, requests: Sequence[FaithRequest]) -> list[Optional[bool]]: ...
+
+    def pairwise(self, requests: Sequence[PairRequest]) -> list[PairScores]: ...
+
+    def pointwise(self, requests: Sequence[PointRequest]) -> list[Optional[float]]: ...
+
+    def fault_counts(self) -> Mapping[str, int]: ...
+
+
+class FaultCounter:
+    """Thread-safe cumulative counts of fault kinds."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._counts: collections.Counter = collections.Counter()
+
+    def add(self, kind: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[kind] += n
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
+@runtime_checkable
+class TextBackend(Protocol):
+    """Answers user-turn prompts with text (None where no answer came back)."""
+
+    def complete(self, prompts: Sequence[str]) -> list[Optional[str]]: ...
+
+    def fault_counts(self) -> Mapping[str, int]: ...
+
+
+class LLMJudge:
+    """A ``Judge`` that asks a language model through a ``TextBackend``.
+
+    Answers that come back but do not parse are counted as ``unparsable`` faults.
+    """
+
+    def __init__(self, backend: TextBackend, templates: TemplateSet):
+        self.backend = backend
+        self.templates = templates
+        self._faults = FaultCounter()
+
+    def _complete(self, prompts: list[str]) -> list[Optional[str]]:
+        if not prompts:
+            return []
+        return list(self.backend.complete(prompts))
+
+    def _count_unparsable(self, texts, parsed_ok) -> None:
+        bad = sum(1 for t, ok in zip(texts, parsed_ok) if t is not None and not ok)
+        if bad:
+            self._faults.add("unparsable", bad)
+
+    def faithfulness(self, requests: Sequence[FaithRequest]) -> list[Optional[bool]]:
+        prompts = [self.templates.faithfulness_prompt(r.seed, r.attack, r.category) for r in requests]
+        texts = self._complete(prompts)
+        verdicts = [parsing.parse_faith_verdict(t) for t in texts]
+        self._count_unparsable(texts, [v is not None for v in verdicts])
+        return verdicts
+
+    def pairwise(self, requests: Sequence[PairRequest]) -> list[PairScores]:
+        prompts = [self.templates.pairwise_prompt(r.rubric, r.query, r.response_a, r.response_b)
+                   for r in requests]
+        texts = self._complete(prompts)
+        scores = [parsing.parse_pair_scores(t) for t in texts]
+        self._count_unparsable(texts, [a is not None and b is not None for a, b in scores])
+        return scores
+
+    def pointwise(self, requests: Sequence[PointRequest]) -> list[Optional[float]]:
+        prompts = [self.templates.pointwise_prompt(r.rubric, r.query, r.response) for r in requests]
+        texts = self._complete(prompts)
+        scores = [parsing.parse_score(t, "score") for t in texts]
+        self._count_unparsable(texts, [s is not None for s in scores])
+        return scores
+
+    def fault_counts(self) -> dict[str, int]:
+        counts = collections.Counter(self._faults.snapshot())
+        counts.update(self.backend.fault_counts())
+        return dict(counts)
+
+
+class SamplerBackend:
+    """A ``TextBackend`` over an in-process ``Sampler``: one ``generate`` call per batch.
+
+    ``tokenizer`` needs ``render_user_turn(text) -> ids``. A sampler exception turns the whole
+    batch into None (fault ``sampler_error``); a length-stopped answer is still parsed (the
+    score may already be there) and counted as fault ``length``.
+    """
+
+    def __init__(self, sampler: Sampler, tokenizer: Any, params: SamplingParams):
+        self.sampler = sampler
+        self.tokenizer = tokenizer
+        stop = params.stop_token_ids or tuple(getattr(tokenizer, "stop_token_ids", ()))
+        self.params = dataclasses.replace(params, n=1, stop_token_ids=tuple(stop))
+        self._faults = FaultCounter()
+
+    def complete(self, prompts: Sequence[str]) -> list[Optional[str]]:
+        try:
+            ids = [self.tokenizer.render_user_turn(p) for p in prompts]
+            completions = self.sampler.generate(ids, self.params)
+            if len(completions) != len(prompts):
+                raise ValueError(f"sampler returned {len(completions)} completions for {len(prompts)} prompts")
+        except Exception:  # a judge fault inside a step must not end the step
+            self._faults.add("sampler_error", len(prompts))
+            return [None] * len(prompts)
+        lengths = sum(1 for c in completions if c.finish_reason == "length")
+        if lengths:
+            self._faults.add("length", lengths)
+        return [c.text for c in completions]
+
+    def fault_counts(self) -> dict[str, int]:
+        return self._faults.snapshot()

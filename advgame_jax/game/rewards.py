@@ -1,0 +1,221 @@
+"""From judged slots to training signal: reward patching (GAME_SPEC §2.9), selection of the
+response the attacker is judged on (§2.7), preference pairs (§2.10) and GRPO advantages
+(§2.11). Pure functions of plain values; the ``ScoredTree`` wrappers at the end emit
+``advgame_jax.types`` records for training.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from advgame_jax.game.tree import ScoredTree, XError, YError
+from advgame_jax.types import TokenPair, TokenSample, as_ids
+
+PENALTY = -1.0
+BASELINES = ("across_seeds", "per_seed")
+_X_PENALISED = (XError.MAX_LENGTH, XError.PARSING, XError.NOT_FAITHFUL)
+_Y_PENALISED = (YError.MAX_LENGTH, YError.PARSING)
+
+
+def patch_x_reward(error: Optional[XError], raw: Optional[float], judge_enabled: bool) -> Optional[float]:
+    """Attacker reward of one slot: judge score (0.0 with the judge off) when error-free, −1
+    for MAX_LENGTH / PARSING / NOT_FAITHFUL, None (excluded) for the judge-side errors."""
+    if error is None:
+        if not judge_enabled:
+            return 0.0
+        if raw is None:
+            raise ValueError("an error-free attack judged by an enabled judge must have a raw reward")
+        return float(raw)
+    if error in _X_PENALISED:
+        return PENALTY
+    return None
+
+
+def patch_y_reward(error: Optional[YError], raw: Optional[float], judge_enabled: bool) -> Optional[float]:
+    """Defender reward of one slot: judge score (0.0 with the judge off) when error-free, −1
+    for MAX_LENGTH / PARSING, None for PROMPT_NOT_VALID / BAD_DEF_JUDGE."""
+    if error is None:
+        if not judge_enabled:
+            return 0.0
+        if raw is None:
+            raise ValueError("an error-free response judged by an enabled judge must have a raw reward")
+        return float(raw)
+    if error in _Y_PENALISED:
+        return PENALTY
+    return None
+
+
+def _argbest(values: Sequence[Optional[float]], better) -> Optional[int]:
+    best = None
+    for i, v in enumerate(values):
+        if v is not None and (best is None or better(v, values[best])):
+            best = i
+    return best
+
+
+def argmax_first(values: Sequence[Optional[float]]) -> Optional[int]:
+    """Index of the largest non-None value; the first one wins ties; None if all are None."""
+    return _argbest(values, lambda a, b: a > b)
+
+
+def argmin_first(values: Sequence[Optional[float]]) -> Optional[int]:
+    return _argbest(values, lambda a, b: a < b)
+
+
+def select_response(sampled_ok: Sequence[bool], judged_reward: Sequence[Optional[float]],
+                    optimistic: bool) -> Optional[int]:
+    """The response (index over D) the attacker is judged on, for one valid attack.
+
+    ``sampled_ok[d]``: response d has no sampling error; ``judged_reward[d]``: its patched
+    defender reward when it is error-free after judging, else None. Optimistic: argmax of the
+    judged rewards (first wins ties); otherwise the first judged response. When no response
+    survived judging (all BAD_DEF_JUDGE), the first response without a sampling error is
+    used, so the attacker is still judged on what the defender said. None if nothing was
+    sampled successfully.
+    """
+    judged = [r if ok else None for ok, r in zip(sampled_ok, judged_reward)]
+    if optimistic:
+        pick = argmax_first(judged)
+    else:
+        pick = next((d for d, r in enumerate(judged) if r is not None), None)
+    if pick is None:
+        pick = next((d for d, ok in enumerate(sampled_ok) if ok), None)
+    return pick
+
+
+def preference(values: Sequence[Optional[float]]) -> Optional[tuple[int, int]]:
+    """(chosen, rejected) = (argmax, argmin) of the non-None values, or None when they tie."""
+    c, r = argmax_first(values), argmin_first(values)
+    if c is None or values[c] == values[r]:
+        return None
+    return c, r
+
+
+def attacker_pair_indices(x_reward_BA) -> list[tuple[int, int, int]]:
+    """(b, a_chosen, a_rejected) per seed that has a pair."""
+    out = []
+    for b, row in enumerate(x_reward_BA):
+        p = preference(row)
+        if p is not None:
+            out.append((b, *p))
+    return out
+
+
+def defender_pair_indices(y_reward_BAD) -> list[tuple[int, int, int, int]]:
+    """(b, a, d_chosen, d_rejected) per attack that has a pair."""
+    out = []
+    for b, rows in enumerate(y_reward_BAD):
+        for a, row in enumerate(rows):
+            p = preference(row)
+            if p is not None:
+                out.append((b, a, *p))
+    return out
+
+
+def _pair(prompt, chosen, rejected, rejected_hit_length: bool) -> tuple[TokenPair, bool]:
+    truncated = rejected_hit_length and len(rejected) > len(chosen)
+    if truncated:
+        rejected = rejected[: len(chosen)]
+    return TokenPair(as_ids(prompt), as_ids(chosen), as_ids(rejected)), truncated
+
+
+def attacker_pairs_detailed(scored: ScoredTree) -> list[tuple[TokenPair, bool]]:
+    """Attacker pairs with a flag saying whether the rejected sample was truncated."""
+    t = scored.tree
+    if t.skip_attacker:
+        return []
+    return [_pair(t.att_prompt_ids_B[b], t.att_ids_BA[b][c], t.att_ids_BA[b][r],
+                  scored.x_error_BA[b][r] == XError.MAX_LENGTH)
+            for b, c, r in attacker_pair_indices(scored.x_reward_BA)]
+
+
+def defender_pairs_detailed(scored: ScoredTree) -> list[tuple[TokenPair, bool]]:
+    t = scored.tree
+    return [_pair(t.def_prompt_ids_BA[b][a], t.y_ids_BAD[b][a][c], t.y_ids_BAD[b][a][r],
+                  scored.y_error_BAD[b][a][r] == YError.MAX_LENGTH)
+            for b, a, c, r in defender_pair_indices(scored.y_reward_BAD)]
+
+
+def attacker_pairs(scored: ScoredTree) -> list[TokenPair]:
+    """DPO/IPO pairs of the attacker: prompt = templated seed prompt, completions = raw
+    attacker outputs (think included), one pair per seed whose patched rewards differ."""
+    return [p for p, _ in attacker_pairs_detailed(scored)]
+
+
+def defender_pairs(scored: ScoredTree) -> list[TokenPair]:
+    """DPO/IPO pairs of the defender: prompt = templated x, completions = raw responses."""
+    return [p for p, _ in defender_pairs_detailed(scored)]
+
+
+def grpo_advantages(rewards_by_seed: Sequence[Sequence[Optional[float]]], baseline: str
+                    ) -> list[list[Optional[float]]]:
+    """Advantage = patched reward − mean of the non-None patched rewards, no std scaling.
+
+    ``rewards_by_seed[b]`` lists every sample of seed b (the attacker's A, or the defender's
+    A·D flattened). ``across_seeds``: one mean over the batch; ``per_seed``: a mean per seed.
+    None rewards give None advantages.
+    """
+    if baseline not in BASELINES:
+        raise ValueError(f"GRPO baseline must be one of {BASELINES}, got {baseline!r}")
+
+    def mean(vals):
+        vals = [v for v in vals if v is not None]
+        return sum(vals) / len(vals) if vals else 0.0
+
+    overall = mean([v for row in rewards_by_seed for v in row])
+    out = []
+    for row in rewards_by_seed:
+        m = overall if baseline == "across_seeds" else mean(row)
+        out.append([None if v is None else v - m for v in row])
+    return out
+
+
+def attacker_advantages(scored: ScoredTree, baseline: str):
+    """(advantage_BA, policy_BA): per-sample advantages (None where the reward is None) and
+    whether the sample is error-free, i.e. gets the policy-gradient term (GAME_SPEC §2.11)."""
+    adv = grpo_advantages(scored.x_reward_BA, baseline)
+    policy = [[e is None for e in row] for row in scored.x_error_BA]
+    return adv, policy
+
+
+def defender_advantages(scored: ScoredTree, baseline: str):
+    """(advantage_BAD, policy_BAD); the baseline groups all A·D responses of a seed."""
+    flat = [[v for row in rows for v in row] for rows in scored.y_reward_BAD]
+    adv_flat = grpo_advantages(flat, baseline)
+    _, a_num, d_num = scored.shape
+    adv = [[adv_flat[b][a * d_num:(a + 1) * d_num] for a in range(a_num)] for b in range(len(flat))]
+    policy = [[[e is None for e in row] for row in rows] for rows in scored.y_error_BAD]
+    return adv, policy
+
+
+def grpo_samples(scored: ScoredTree, player: str, baseline: str, *,
+                 include_penalised: bool = False) -> list[TokenSample]:
+    """GRPO samples of ``player`` ("attacker" | "defender") with the sampler's log-probs.
+
+    By default only error-free samples are emitted (GAME_SPEC §2.11: the policy term is on
+    error-free samples; penalised ones still shift the baseline). ``include_penalised=True``
+    also emits samples patched to −1.
+    """
+    t = scored.tree
+    out = []
+    if player == "attacker":
+        if t.skip_attacker:
+            return []
+        adv, policy = attacker_advantages(scored, baseline)
+        for b, row in enumerate(adv):
+            for a, v in enumerate(row):
+                if v is not None and (policy[b][a] or include_penalised):
+                    out.append(TokenSample(as_ids(t.att_prompt_ids_B[b]), as_ids(t.att_ids_BA[b][a]),
+                                           float(v), tuple(float(x) for x in t.att_logprobs_BA[b][a])))
+    elif player == "defender":
+        adv, policy = defender_advantages(scored, baseline)
+        for b, rows in enumerate(adv):
+            for a, row in enumerate(rows):
+                for d, v in enumerate(row):
+                    if v is not None and (policy[b][a][d] or include_penalised):
+                        out.append(TokenSample(as_ids(t.def_prompt_ids_BA[b][a]),
+                                               as_ids(t.y_ids_BAD[b][a][d]), float(v),
+                                               tuple(float(x) for x in t.y_logprobs_BAD[b][a][d])))
+    else:
+        raise ValueError(f"player must be 'attacker' or 'defender', got {player!r}")
+    return out

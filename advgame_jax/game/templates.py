@@ -1,0 +1,169 @@
+"""Versioned prompt templates of the game: attacker task and format instructions, the raw
+defender template, and the judge rubrics (GAME_SPEC §1–2).
+
+A ``TemplateSet`` is selected by name (``config.game.templates``, e.g. ``"advgame_v1"``). The
+shipped sets live in ``game/assets/<name>.txt``, one template per ``=== key ===`` section;
+more can be added at run time with ``register_template_set``. Rubric names:
+
+- ``compliance``: did the response do what was asked (defender on benign seeds, attacker on
+  harmful seeds);
+- ``deflection``: engage, give no operational harmful detail, redirect to safe help; a flat
+  refusal scores low (defender on harmful seeds);
+- ``refusal``: a short flat refusal scores high (attacker on benign seeds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import re
+from typing import Mapping
+
+RUBRICS = ("compliance", "deflection", "refusal")
+ATTACKER_FORMATS = ("think_prompt_strict", "prompt_strict", "any")
+CATEGORIES = ("harmful", "benign")
+
+# Every section a template set must define, with the placeholders it must contain.
+REQUIRED_SECTIONS: Mapping[str, tuple[str, ...]] = {
+    "attacker_task_harmful": ("seed",),
+    "attacker_task_benign": ("seed",),
+    **{f"attacker_format_{f}": () for f in ATTACKER_FORMATS},
+    "defender": ("prompt",),
+    "faithfulness_harmful": ("seed", "attack"),
+    "faithfulness_benign": ("seed", "attack"),
+    **{f"pairwise_{r}": ("query", "response_a", "response_b") for r in RUBRICS},
+    **{f"pointwise_{r}": ("query", "response") for r in RUBRICS},
+}
+PLACEHOLDERS = ("seed", "attack", "prompt", "query", "response_a", "response_b", "response")
+_PLACEHOLDER_RE = re.compile(r"\{(" + "|".join(PLACEHOLDERS) + r")\}")
+_SECTION_RE = re.compile(r"^=== ([a-z_]+) ===[ \t]*$", re.MULTILINE)
+
+
+class TemplateError(ValueError):
+    """A template set is unknown, or a template file is malformed."""
+
+
+def fill(template: str, **values: str) -> str:
+    """Substitute ``{name}`` placeholders in one pass (values are never re-scanned)."""
+
+    def sub(m: re.Match) -> str:
+        key = m.group(1)
+        if key not in values:
+            raise TemplateError(f"template placeholder {{{key}}} has no value")
+        return values[key]
+
+    return _PLACEHOLDER_RE.sub(sub, template)
+
+
+def defender_rubric(category: str) -> str:
+    """Defender judge rubric for a seed category: compliance (benign), deflection (harmful)."""
+    return {"benign": "compliance", "harmful": "deflection"}[_check_category(category)]
+
+
+def attacker_rubric(category: str) -> str:
+    """Attacker judge rubric for a seed category: compliance (harmful), refusal (benign)."""
+    return {"harmful": "compliance", "benign": "refusal"}[_check_category(category)]
+
+
+def _check_category(category: str) -> str:
+    if category not in CATEGORIES:
+        raise ValueError(f"seed category must be one of {CATEGORIES}, got {category!r}")
+    return category
+
+
+@dataclasses.dataclass(frozen=True)
+class TemplateSet:
+    """One named, complete set of templates (``sections`` keys = ``REQUIRED_SECTIONS``)."""
+
+    name: str
+    sections: Mapping[str, str]
+
+    def __post_init__(self):
+        where = f"template set {self.name!r}"
+        missing = sorted(set(REQUIRED_SECTIONS) - set(self.sections))
+        extra = sorted(set(self.sections) - set(REQUIRED_SECTIONS))
+        if missing or extra:
+            raise TemplateError(f"{where}: missing sections {missing}, unknown sections {extra}")
+        for key, needed in REQUIRED_SECTIONS.items():
+            found = set(_PLACEHOLDER_RE.findall(self.sections[key]))
+            if found != set(needed):
+                raise TemplateError(f"{where}: section {key!r} must use exactly the placeholders "
+                                    f"{sorted(needed)}, found {sorted(found)}")
+
+    def attacker_prompt(self, seed: str, category: str, attacker_format: str) -> str:
+        """Attacker user turn: task instruction (seed inside <query>) + format instruction."""
+        if attacker_format not in ATTACKER_FORMATS:
+            raise ValueError(f"attacker_format must be one of {ATTACKER_FORMATS}, got {attacker_format!r}")
+        task = fill(self.sections[f"attacker_task_{_check_category(category)}"], seed=seed)
+        return task + "\n\n" + self.sections[f"attacker_format_{attacker_format}"]
+
+    def defender_prompt(self, x: str) -> str:
+        """Defender user turn: the attack alone."""
+        return fill(self.sections["defender"], prompt=x)
+
+    def faithfulness_prompt(self, seed: str, attack: str, category: str) -> str:
+        return fill(self.sections[f"faithfulness_{_check_category(category)}"], seed=seed, attack=attack)
+
+    def pairwise_prompt(self, rubric: str, query: str, response_a: str, response_b: str) -> str:
+        return fill(self.sections[f"pairwise_{_check_rubric(rubric)}"], query=query,
+                    response_a=response_a, response_b=response_b)
+
+    def pointwise_prompt(self, rubric: str, query: str, response: str) -> str:
+        return fill(self.sections[f"pointwise_{_check_rubric(rubric)}"], query=query, response=response)
+
+
+def _check_rubric(rubric: str) -> str:
+    if rubric not in RUBRICS:
+        raise ValueError(f"rubric must be one of {RUBRICS}, got {rubric!r}")
+    return rubric
+
+
+def parse_template_text(name: str, text: str) -> TemplateSet:
+    """Parse the ``=== key ===`` section format of ``game/assets/*.txt``."""
+    matches = list(_SECTION_RE.finditer(text))
+    if not matches:
+        raise TemplateError(f"template set {name!r}: no '=== key ===' sections found")
+    head = text[: matches[0].start()]
+    if any(line.strip() and not line.lstrip().startswith("#") for line in head.splitlines()):
+        raise TemplateError(f"template set {name!r}: text before the first section must be comments")
+    sections: dict[str, str] = {}
+    for i, m in enumerate(matches):
+        end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
+        key = m.group(1)
+        if key in sections:
+            raise TemplateError(f"template set {name!r}: section {key!r} appears twice")
+        sections[key] = text[m.end(): end].strip("\n").rstrip()
+    return TemplateSet(name=name, sections=sections)
+
+
+_REGISTRY: dict[str, TemplateSet] = {}
+
+
+def _shipped_names() -> list[str]:
+    assets = importlib.resources.files("advgame_jax.game") / "assets"
+    return sorted(p.name[: -len(".txt")] for p in assets.iterdir() if p.name.endswith(".txt"))
+
+
+def available_template_sets() -> tuple[str, ...]:
+    """Names accepted by ``get_template_set`` (shipped + registered)."""
+    return tuple(sorted(set(_shipped_names()) | set(_REGISTRY)))
+
+
+def register_template_set(template_set: TemplateSet, *, overwrite: bool = False) -> None:
+    """Make a template set selectable by its name."""
+    if not overwrite and template_set.name in available_template_sets():
+        raise TemplateError(f"template set {template_set.name!r} already exists")
+    _REGISTRY[template_set.name] = template_set
+
+
+def get_template_set(name: str) -> TemplateSet:
+    """The template set called ``name``; unknown names raise, listing the known ones."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if name not in _shipped_names():
+        raise TemplateError(f"unknown template set {name!r}; known template sets: "
+                            f"{list(available_template_sets())}")
+    path = importlib.resources.files("advgame_jax.game") / "assets" / f"{name}.txt"
+    template_set = parse_template_text(name, path.read_text(encoding="utf-8"))
+    _REGISTRY[name] = template_set
+    return template_set

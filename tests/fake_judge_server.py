@@ -1,0 +1,129 @@
+"""A scripted OpenAI-compatible judge server for tests, on 127.0.0.1 with an ephemeral port.
+
+``FakeJudgeServer(script)`` serves ``GET /v1/models`` and ``POST /v1/chat/completions`` from
+a thread pool (one thread per connection). ``script(prompt, hit) -> action`` decides every
+POST, where ``hit`` counts earlier POSTs with the same prompt:
+
+- ``("ok", content)``: a normal chat completion whose message content is ``content``;
+- ``("status", code)``: an empty HTTP error response;
+- ``("sleep", seconds, content)``: answer ``content`` after a delay (client timeouts);
+- ``("raw", body_bytes)``: a 200 response with this exact body (malformed JSON).
+
+``marker_script`` is a ready-made script for the advgame_v1 templates: it reads the
+responses (or the attack) out of the judge prompt and answers from markers in them:
+``SCORE=n`` gives that score, ``FAITH=True|False`` that verdict, and ``FAULT_TIMEOUT``,
+``FAULT_500``, ``FAULT_JSON``, ``FAULT_GARBAGE`` produce that fault on every hit,
+``FAULT_ONCE`` an HTTP 500 on the first hit only.
+"""
+
+from __future__ import annotations
+
+import collections
+import http.server
+import json
+import re
+import threading
+import time
+from typing import Callable
+
+_TAGS = ("response_A", "response_B", "response", "rewritten_prompt")
+
+
+def _between(prompt: str, tag: str):
+    m = re.search(rf"<{tag}>\n(.*?)\n</{tag}>", prompt, re.DOTALL)
+    return m.group(1) if m else None
+
+
+def marker_script(timeout_sleep: float = 1.0) -> Callable:
+    def script(prompt: str, hit: int):
+        parts = {t: _between(prompt, t) for t in _TAGS}
+        text = " ".join(v for v in parts.values() if v)
+        if "FAULT_TIMEOUT" in text:
+            return ("sleep", timeout_sleep, "<score>5</score>")
+        if "FAULT_500" in text or ("FAULT_ONCE" in text and hit == 0):
+            return ("status", 500)
+        if "FAULT_JSON" in text:
+            return ("raw", b'{"choices": [ {"message": ')
+        if "FAULT_GARBAGE" in text:
+            return ("ok", "Both responses have merits; hard to say.")
+
+        def score(t):
+            m = re.search(r"SCORE=(\d+)", t or "")
+            return m.group(1) if m else "0"
+
+        if parts["rewritten_prompt"] is not None:
+            m = re.search(r"FAITH=(True|False)", parts["rewritten_prompt"])
+            return ("ok", f"Reasoning. <answer>{m.group(1) if m else 'True'}</answer>")
+        if parts["response_A"] is not None:
+            return ("ok", f"Compare. <score_A>{score(parts['response_A'])}</score_A> "
+                          f"<score_B>{score(parts['response_B'])}</score_B>")
+        return ("ok", f"Rate. <score>{score(parts['response'])}</score>")
+
+    return script
+
+
+class FakeJudgeServer:
+    def __init__(self, script: Callable):
+        self.script = script
+        self.lock = threading.Lock()
+        self.hits = 0
+        self.hits_by_prompt: collections.Counter = collections.Counter()
+        self.requests: list[dict] = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def _send(self, code: int, body: bytes):
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                if self.path.rstrip("/") == "/v1/models":
+                    self._send(200, json.dumps({"object": "list", "data": [{"id": "judge"}]}).encode())
+                else:
+                    self._send(404, b"{}")
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                prompt = body["messages"][-1]["content"]
+                with server.lock:
+                    server.hits += 1
+                    hit = server.hits_by_prompt[prompt]
+                    server.hits_by_prompt[prompt] += 1
+                    server.requests.append({"body": body, "auth": self.headers.get("Authorization")})
+                action = server.script(prompt, hit)
+                try:
+                    if action[0] == "status":
+                        self._send(action[1], b"")
+                        return
+                    if action[0] == "raw":
+                        self._send(200, action[1])
+                        return
+                    if action[0] == "sleep":
+                        time.sleep(action[1])
+                    content = action[-1]
+                    resp = {"id": "x", "object": "chat.completion", "model": body["model"],
+                            "choices": [{"index": 0, "finish_reason": "stop",
+                                         "message": {"role": "assistant", "content": content}}]}
+                    self._send(200, json.dumps(resp).encode())
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> "FakeJudgeServer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self._thread.join(timeout=5)
