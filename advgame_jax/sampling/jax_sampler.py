@@ -75,17 +75,20 @@ class JaxSampler:
       compute_dtype: matmul dtype (default: bf16 on accelerators, fp32 on CPU); the KV cache
         is kept in the same dtype.
       max_batch_size: rows per compiled call (larger requests are split; results are the same).
-      max_prompt_len, min_prompt_bucket, min_new_bucket: bucket limits (module docstring).
+      max_prompt_len, min_batch_bucket, min_prompt_bucket, min_new_bucket: bucket limits
+        (module docstring); a server raises the minima to compile fewer programs.
     """
 
     def __init__(self, config: ModelConfig, params, *, tokenizer=None, mesh: Optional[Mesh] = None,
                  compute_dtype=None, max_batch_size: int = 256, max_prompt_len: int = 4096,
-                 min_prompt_bucket: int = 16, min_new_bucket: int = 16):
+                 min_batch_bucket: int = 1, min_prompt_bucket: int = 16,
+                 min_new_bucket: int = 16):
         self.config = config
         self.tokenizer = tokenizer
         self.mesh = mesh
         self.compute_dtype = jnp.dtype(compute_dtype or default_compute_dtype())
         self.max_prompt_len = int(max_prompt_len)
+        self.min_batch_bucket = int(min_batch_bucket)
         self.min_prompt_bucket = int(min_prompt_bucket)
         self.min_new_bucket = int(min_new_bucket)
         # The batch splits over every data-parallel mesh axis (the "batch" logical rule).
@@ -201,7 +204,8 @@ class JaxSampler:
         return next_pow2(sp.max_new_tokens, self.min_new_bucket), bool(use_filter)
 
     def _run_chunk(self, rows: list[_Row], max_new_bucket: int, use_filter: bool):
-        b = next_pow2(len(rows), self._data_size)
+        b = min(next_pow2(len(rows), max(self._data_size, self.min_batch_bucket)),
+                next_pow2(self.max_batch_size))
         b = int(math.ceil(b / self._data_size) * self._data_size)
         p = next_pow2(max(len(r.prompt) for r in rows), self.min_prompt_bucket)
         k = next_pow2(max(len(r.params.stop_token_ids) for r in rows), 4)
