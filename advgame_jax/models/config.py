@@ -122,7 +122,8 @@ class ModelConfig:
             if d.get(field, 1.0) != 1.0:
                 raise bad(field, d[field], "1.0")
 
-        # RoPE: transformers 5 writes ``rope_parameters``; older files ``rope_theta``+``rope_scaling``.
+        # RoPE: transformers 5 writes ``rope_parameters``; older files write ``rope_theta`` and
+        # ``rope_scaling``.
         rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
         rope_field = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
         rope_theta = float(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
@@ -149,7 +150,8 @@ class ModelConfig:
                         rope.get("original_max_position_embeddings", max_pos)),
                 )
             except KeyError as e:
-                raise ValueError(f"{source}: {rope_field} of type llama3 lacks {e.args[0]!r}") from None
+                raise ValueError(
+                    f"{source}: {rope_field} of type llama3 lacks {e.args[0]!r}") from None
         eos = d.get("eos_token_id")
         if isinstance(eos, list):
             eos = tuple(int(e) for e in eos)
