@@ -1,0 +1,180 @@
+"""The LLM judge over OpenAI-compatible endpoints, against scripted HTTP servers on 127.0.0.1
+(tests/fake_judge_server.py): round-robin, retries, timeouts, HTTP 500, malformed JSON,
+garbage answers, and the start-up reachability check."""
+
+import socket
+
+import ml_collections
+import pytest
+
+from advgame_jax.data import Seed
+from advgame_jax.game import (
+    EndpointBackend,
+    GameConfig,
+    JudgeEndpointError,
+    LLMJudge,
+    build_tree,
+    get_template_set,
+    make_judge,
+    tree_metrics,
+)
+from advgame_jax.game.tree import XError, YError
+from tests.fake_judge_server import FakeJudgeServer, marker_script
+from tests.game_stubs import ByteTokenizer, ScriptedSampler
+
+TOK = ByteTokenizer()
+TEMPLATES = get_template_set("advgame_v1")
+
+
+def _judge(urls, sleeps=None, **kw):
+    opts = dict(timeout_s=0.3, max_retries=1, concurrency=8, backoff_s=0.01, seed=0,
+                sleep=(sleeps.append if sleeps is not None else (lambda s: None)))
+    opts.update(kw)
+    return LLMJudge(EndpointBackend(urls, "judge-model", **opts), TEMPLATES)
+
+
+def _play(judge, seeds, attacks, responses, cfg):
+    return build_tree(seeds, cfg, judge=judge,
+                      attacker=ScriptedSampler(lambda p, i: attacks[p][i]), attacker_tokenizer=TOK,
+                      defender=ScriptedSampler(lambda p, i: responses[p][i]), defender_tokenizer=TOK)
+
+
+class _SeedKeyed(dict):
+    """Attacker script keyed by the seed found in the attacker prompt."""
+
+    def __getitem__(self, prompt):
+        return next(v for k, v in self.items() if f"<query>\n{k}\n</query>" in prompt)
+
+
+def test_pairwise_tree_round_robin_over_two_endpoints():
+    seeds = [Seed("s harmful", "harmful")]
+    attacks = _SeedKeyed({"s harmful": ["x0 FAITH=True", "x1 FAITH=True"]})
+    responses = {"x0 FAITH=True": ["y0 SCORE=7", "y1 SCORE=3", "y2 SCORE=5"],
+                 "x1 FAITH=True": ["y3 SCORE=2", "y4 SCORE=8", "y5 SCORE=8"]}
+    cfg = GameConfig(num_attacks=2, num_responses=3, attacker_format="any")
+    with FakeJudgeServer(marker_script()) as s1, FakeJudgeServer(marker_script()) as s2:
+        judge = _judge([s1.url, s2.url], api_key="k-secret")
+        judge.backend.check_endpoints()
+        scored = _play(judge, seeds, attacks, responses, cfg)
+        hits = (s1.hits, s2.hits)
+        auth = {r["auth"] for r in s1.requests + s2.requests}
+        models = {r["body"]["model"] for r in s1.requests + s2.requests}
+    assert scored.y_raw_reward_BAD == (((7.0, 3.0, 5.0), (2.0, 8.0, 8.0)),)
+    assert scored.selected_d_BA == ((0, 1),)
+    assert scored.x_raw_reward_BA == ((7.0, 8.0),)
+    # 2 faithfulness + 3 + 3 defender pairs + 1 attacker pair = 9 requests, alternating.
+    assert hits == (5, 4)
+    assert auth == {"Bearer k-secret"} and models == {"judge-model"}
+    assert "k-secret" not in repr(judge.backend)
+    assert tree_metrics(scored)["judge/defender/requests"] == 6.0
+
+
+def test_faulty_endpoint_gives_bad_judge_errors_and_counts():
+    seeds = [Seed("s harmful", "harmful"), Seed("s benign", "benign")]
+    attacks = _SeedKeyed({"s harmful": ["x0 FAITH=True", "x1 FAULT_JSON"],
+                          "s benign": ["x2 FAITH=True", "x3 FAITH=False"]})
+    responses = {"x0 FAITH=True": ["y0 SCORE=7", "y1 FAULT_500", "y2 FAULT_TIMEOUT"],
+                 "x2 FAITH=True": ["y3 FAULT_GARBAGE", "y4 SCORE=4 FAULT_ONCE", "y5 SCORE=9"]}
+    cfg = GameConfig(num_attacks=2, num_responses=3, attacker_format="any", judge_mode="pointwise")
+    sleeps = []
+    with FakeJudgeServer(marker_script(timeout_sleep=1.0)) as server:
+        scored = _play(_judge([server.url], sleeps), seeds, attacks, responses, cfg)
+        hits = dict(server.hits_by_prompt)
+    bd, pnv = YError.BAD_DEF_JUDGE, YError.PROMPT_NOT_VALID
+    assert scored.x_error_BA == ((None, XError.BAD_FAITH_JUDGE), (None, XError.NOT_FAITHFUL))
+    assert scored.x_reward_BA == ((7.0, None), (9.0, -1.0))
+    assert scored.y_error_BAD == (((None, bd, bd), (pnv,) * 3), ((bd, None, None), (pnv,) * 3))
+    assert scored.y_reward_BAD == (((7.0, None, None), (None,) * 3), ((None, 4.0, 9.0), (None,) * 3))
+    m = tree_metrics(scored)
+    assert {k: v for k, v in m.items() if k.startswith("judge/faults/")} == {
+        "judge/faults/failed_requests": 3.0,   # x1 faithfulness, y1, y2
+        "judge/faults/http_5xx": 3.0,          # y1 twice, y4 once
+        "judge/faults/malformed_json": 2.0,    # x1 twice
+        "judge/faults/retries": 4.0,           # x1, y1, y2, y4
+        "judge/faults/timeout": 2.0,           # y2 twice
+        "judge/faults/unparsable": 1.0,        # y3 (garbage is not retried)
+    }
+    assert m["judge/defender/failures"] == 3.0 and m["judge/faith/failures"] == 1.0
+    # Retries really went to the server: first try + one retry for failing prompts.
+    by_marker = {mk: n for p, n in hits.items() for mk in ("FAULT_500", "FAULT_ONCE", "FAULT_GARBAGE", "FAULT_JSON")
+                 if mk in p}
+    assert by_marker == {"FAULT_500": 2, "FAULT_ONCE": 2, "FAULT_GARBAGE": 1, "FAULT_JSON": 2}
+    # Exponential backoff with jitter in [1, 2): attempt 0 -> [0.01, 0.02).
+    assert len(sleeps) == 4 and all(0.01 <= s < 0.02 for s in sleeps)
+
+
+def test_backoff_grows_and_is_seeded():
+    def run(seed):
+        sleeps = []
+        with FakeJudgeServer(lambda prompt, hit: ("status", 503)) as server:
+            backend = EndpointBackend([server.url], "m", timeout_s=1.0, max_retries=3, backoff_s=0.1,
+                                      seed=seed, sleep=sleeps.append)
+            assert backend.complete(["p"]) == [None]
+            assert server.hits == 4
+        return sleeps, backend.fault_counts()
+
+    sleeps, faults = run(7)
+    assert faults == {"http_5xx": 4, "retries": 3, "failed_requests": 1}
+    for k, s in enumerate(sleeps):
+        assert 0.1 * 2 ** k <= s < 0.2 * 2 ** k
+    assert run(7)[0] == sleeps and run(8)[0] != sleeps
+
+
+def test_client_errors_are_not_retried():
+    with FakeJudgeServer(lambda prompt, hit: ("status", 400)) as server:
+        backend = EndpointBackend([server.url], "m", timeout_s=1.0, max_retries=3, sleep=lambda s: None)
+        assert backend.complete(["a", "b"]) == [None, None]
+        assert server.hits == 2
+    assert backend.fault_counts() == {"http_4xx": 2, "failed_requests": 2}
+
+
+def _closed_port_url():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def test_unreachable_endpoint_fails_fast_with_its_url():
+    dead = _closed_port_url()
+    with FakeJudgeServer(marker_script()) as live:
+        backend = EndpointBackend([live.url, dead], "m", timeout_s=1.0)
+        with pytest.raises(JudgeEndpointError) as info:
+            backend.check_endpoints()
+    msg = str(info.value)
+    assert f"{dead}/models" in msg and live.url not in msg
+    # Inside a step the same dead endpoint only yields None and counts.
+    backend = EndpointBackend([dead], "m", timeout_s=1.0, max_retries=1, sleep=lambda s: None)
+    assert backend.complete(["p"]) == [None]
+    assert backend.fault_counts() == {"connection": 2, "retries": 1, "failed_requests": 1}
+
+
+def test_endpoint_config_errors():
+    with pytest.raises(JudgeEndpointError, match="http"):
+        EndpointBackend(["host:8000/v1"], "m")
+    with pytest.raises(JudgeEndpointError, match="at least one"):
+        EndpointBackend([], "m")
+    with pytest.raises(JudgeEndpointError, match="model"):
+        EndpointBackend(["http://127.0.0.1:1/v1"], "")
+
+
+def test_make_judge_from_config(monkeypatch):
+    cfg = ml_collections.ConfigDict(dict(
+        backend="endpoint", endpoints=(), model="judge-model", api_key_env="ADVGAME_TEST_JUDGE_KEY",
+        timeout_s=2.0, max_retries=0, concurrency=4, temperature=0.0, max_new_tokens=64))
+    with pytest.raises(JudgeEndpointError, match="ADVGAME_TEST_JUDGE_KEY"):
+        make_judge(cfg)
+    monkeypatch.setenv("ADVGAME_TEST_JUDGE_KEY", "k2")
+    cfg.endpoints = (_closed_port_url(),)
+    with pytest.raises(JudgeEndpointError, match="unreachable"):
+        make_judge(cfg)
+    with FakeJudgeServer(marker_script()) as server:
+        cfg.endpoints = (server.url,)
+        judge = make_judge(cfg)
+        from advgame_jax.game.judge import PointRequest
+        assert judge.pointwise([PointRequest("compliance", "q", "SCORE=6")]) == [6.0]
+        assert server.requests[-1]["auth"] == "Bearer k2"
+        assert server.requests[-1]["body"]["max_tokens"] == 64
+    cfg.backend = "rule"
+    assert type(make_judge(cfg)).__name__ == "RuleJudge"
