@@ -107,6 +107,7 @@ class VllmSampler:
         self.weight_transfer = weight_transfer if weight_transfer != "auto" else (
             "path" if multiprocessing else "iterator")
         self._weights_dir = weights_dir
+        self._own_weights_dir = weights_dir is None
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocessing else "0"
 
         has_tokenizer = any(os.path.isfile(os.path.join(hf_dir, f))
@@ -190,6 +191,23 @@ class VllmSampler:
                                     kwargs={"weights_path": self._weights_dir})
         # Cached prefixes were computed with the old weights.
         self.llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        """Shut the engine down and remove the temporary weights dir (if this made one)."""
+        llm = self.__dict__.pop("llm", None)
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        if self._own_weights_dir and self._weights_dir is not None:
+            import shutil
+            shutil.rmtree(self._weights_dir, ignore_errors=True)
+            self._weights_dir = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def _torch_tensors(self, params):
         import torch
