@@ -18,6 +18,7 @@ P = "prompt_strict"
     ("<think>plan</think><prompt>do it</prompt>", "do it"),
     ("  \n<think>plan</think>\n\n<prompt>\n  do it  \n</prompt>\n  ", "do it"),
     ("<think></think><prompt>multi\nline</prompt>", "multi\nline"),
+    ("<think>a</think><prompt>   </prompt>", ""),    # an empty body parses (faithfulness rejects it)
 ])
 def test_think_prompt_strict_accepts(text, expected):
     assert parse_attack(text, TP) == expected
@@ -34,7 +35,6 @@ def test_think_prompt_strict_accepts(text, expected):
     "<think>a</think><prompt>x</prompt><prompt>y</prompt>",        # repeated prompt
     "<think>a</think><think>b</think><prompt>do it</prompt>",      # repeated think
     "<prompt>do it</prompt><think>a</think>",                      # wrong order
-    "<think>a</think><prompt>   </prompt>",                        # empty body
     "<think>a</think><prompt>do it",                               # unclosed
     "<THINK>a</THINK><PROMPT>do it</PROMPT>",                      # tags are case-sensitive
 ])
@@ -53,7 +53,7 @@ def test_prompt_strict():
 
 def test_any_format():
     assert parse_attack("  whole output <prompt>kept</prompt> ", "any") == "whole output <prompt>kept</prompt>"
-    assert parse_attack(" \n ", "any") is None
+    assert parse_attack(" \n ", "any") == ""  # 'any' never fails
     with pytest.raises(ValueError, match="unknown format"):
         parse_attack("x", "json")
 

@@ -9,8 +9,9 @@ Attack formats:
 - ``prompt_strict``: ``<prompt>…</prompt>`` alone, same rules, and no think tag anywhere.
 - ``any``: the whole output.
 
-In every format ``x`` is the stripped body; an empty body is a parsing failure (an empty
-attack asks for nothing, so it cannot be faithful to any seed).
+In every format ``x`` is the stripped body. An empty body is accepted (the spec's patterns
+match it, and ``any`` must never fail: the defender's only error under it is MAX_LENGTH); an
+empty attack is then judged unfaithful by the faithfulness judge rather than PARSING.
 
 Judge scores: the LAST ``<score_A>…</score_A>`` (or ``<score_B>``, ``<score>``) element is
 read; its stripped content must be a number with at most one decimal (optionally signed),
@@ -55,10 +56,7 @@ def parse_attack(text: str, fmt: str) -> Optional[str]:
         body = m.group(1) if m else None
     else:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
-    if body is None:
-        return None
-    body = body.strip()
-    return body or None
+    return None if body is None else body.strip()
 
 
 def parse_number(content: str) -> Optional[float]:
