@@ -1,7 +1,5 @@
 """Audit log: file mode 0600, JSONL round trip, replay equal to the live result."""
 
-import dataclasses
-import json
 import os
 import stat
 
@@ -21,7 +19,7 @@ from advgame_jax.game import (
     replay,
     tree_metrics,
 )
-from tests.game_stubs import ByteTokenizer, PseudoRandomAttacker, PseudoRandomDefender, ScriptedJudge
+from tests.game_stubs import ByteTokenizer, PseudoRandomAttacker, PseudoRandomDefender
 from tests.test_game_golden import CFG, play
 
 SEEDS = [Seed(f"how to bake cake number {i} at home", "harmful" if i % 2 else "benign") for i in range(24)]
