@@ -25,6 +25,7 @@ def get_config():
         p.sampler_dtype = "float32"
 
     c.judge.backend = "rule"
+    c.game.templates = "toy_v1"  # advgame_v1 with short attacker instructions
     c.game.attacker_format = "any"  # the tiny attacker writes x directly
 
     c.sampling.temperature = 1.0
