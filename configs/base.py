@@ -39,6 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
     # instead of loading hf_path checkpoints.
     c.toy_world = False
     c.toy_warmup_steps = 300
+    c.toy_dir = ""  # where the toy world is built/cached; empty = <workdir>/toy
 
     # Device mesh: -1 on `data` = all remaining devices.
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

@@ -41,6 +41,9 @@ def get_config():
     c.train.validate_every = 10
     c.train.checkpoint_every = 20
     c.train.logprob_chunk_size = 256
+    # One shape per update: ≤ 16 pairs per split, ≤ 128 tokens per sequence.
+    c.train.pair_buckets = (16,)
+    c.train.length_buckets = (128,)
     c.train.remat = False
     c.validation.num_seeds = 32
     c.validation.num_responses = 2

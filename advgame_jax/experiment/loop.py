@@ -43,13 +43,15 @@ from advgame_jax.training.batching import collate_pairs, collate_samples
 from advgame_jax.training.checkpoint import GameCheckpointer
 from advgame_jax.training.ema import ema_step
 from advgame_jax.training.state import abstract_player_state
-from advgame_jax.training.sharding import state_shardings
+from advgame_jax.training.sharding import batch_parallel_size, state_shardings
 
 SPLITS = ("harmful", "benign")
 ROLES = ("attacker", "defender")
-CONSOLE_KEYS = ("valid/harmful/reward", "valid/benign/reward", "harmful/x/reward/mean",
-                "benign/x/reward/mean", "harmful/y/reward/mean", "benign/y/reward/mean",
-                "time/step")
+# Console summary: label -> metric key.
+CONSOLE_KEYS = {"val_def_harmful": "valid/harmful/reward", "val_def_benign": "valid/benign/reward",
+                "att_harmful": "harmful/x/reward/mean", "att_benign": "benign/x/reward/mean",
+                "def_harmful": "harmful/y/reward/mean", "def_benign": "benign/y/reward/mean",
+                "s/step": "time/step"}
 
 
 def _load_split(config, field: str, seeds_by_category: Optional[dict], category: str):
@@ -92,13 +94,26 @@ class GameRunner:
         self.train_seeds, self.valid_seeds = load_seed_splits(config)
 
         self.game_config = game.game_config_from_experiment(config)  # checks template names
+        # Cheap checks first: the judge (endpoints are probed) before loading any model.
+        self.timer = StageTimer()
+        if judge is None:
+            judge_sampler = judge_tok = None
+            if config.judge.backend == "sampler":
+                from advgame_jax.sampling.jax_sampler import JaxSampler
+                from advgame_jax.tokenization import ChatTokenizer
+
+                judge_sampler = JaxSampler.from_hf_dir(config.judge.hf_path, mesh=self.mesh)
+                judge_tok = ChatTokenizer.from_dir(config.judge.hf_path)
+            judge = game.make_judge(config.judge, templates=config.game.templates,
+                                    sampler=judge_sampler, tokenizer=judge_tok, seed=config.seed)
+        self.judge = TimedJudge(judge, self.timer)
         hf_paths = {r: config[r].hf_path for r in ROLES}
         if config.toy_world:
             from advgame_jax.experiment.toy_world import build_toy_world
 
             templates = game.get_template_set(config.game.templates)
             paths = build_toy_world(
-                self.workdir, seed=config.seed,
+                config.toy_dir or os.path.join(self.workdir, "toy"), seed=config.seed,
                 train_seeds=self.train_seeds["harmful"] + self.train_seeds["benign"],
                 attacker_prompt_text=lambda s: templates.attacker_prompt(
                     s.prompt, s.category, config.game.attacker_format),
@@ -113,24 +128,13 @@ class GameRunner:
             self.players[role], params0[role] = build_player(
                 config, role, hf_paths[role], self.mesh, total_updates=total_updates)
 
-        self.timer = StageTimer()
-        if judge is None:
-            judge_sampler = judge_tok = None
-            if config.judge.backend == "sampler":
-                from advgame_jax.sampling.jax_sampler import JaxSampler
-                from advgame_jax.tokenization import ChatTokenizer
-
-                judge_sampler = JaxSampler.from_hf_dir(config.judge.hf_path, mesh=self.mesh)
-                judge_tok = ChatTokenizer.from_dir(config.judge.hf_path)
-            judge = game.make_judge(config.judge, templates=config.game.templates,
-                                    sampler=judge_sampler, tokenizer=judge_tok, seed=config.seed)
-        self.judge = TimedJudge(judge, self.timer)
         self.samplers = {
             "attacker": TimedSampler(self.players["attacker"].sampler, self.timer, "attacker_generation"),
             "defender": TimedSampler(self.players["defender"].sampler, self.timer, "defender_generation"),
         }
 
-        b = config.train.seeds_per_device * jax.local_device_count()
+        # B per split = seeds per data-parallel device × data-parallel devices (single host).
+        b = config.train.seeds_per_device * batch_parallel_size(self.mesh)
         self.iterators = {
             c: SeedIterator(self.train_seeds[c], b, seed=config.seed + i,
                             shard_index=jax.process_index(), shard_count=jax.process_count())
@@ -196,14 +200,16 @@ class GameRunner:
                                     sample_buckets=tuple(self.config.train.pair_buckets),
                                     length_buckets=tuple(self.config.train.length_buckets),
                                     num_microbatches=self.config.train.num_microbatches,
-                                    data_parallel_size=upd.data_parallel_size)
+                                    data_parallel_size=upd.data_parallel_size,
+                                    overflow="truncate_prompt")
         else:
             pairs = game.attacker_pairs(scored) if role == "attacker" else game.defender_pairs(scored)
             batch = collate_pairs(pairs, pad_id=tok.pad_id,
                                   pair_buckets=tuple(self.config.train.pair_buckets),
                                   length_buckets=tuple(self.config.train.length_buckets),
                                   num_microbatches=self.config.train.num_microbatches,
-                                  data_parallel_size=upd.data_parallel_size)
+                                  data_parallel_size=upd.data_parallel_size,
+                                  overflow="truncate_prompt")
         with self.timer.stage("update"):
             self.state[role], m = upd(self.state[role], batch)
             m = jax.device_get(m)

@@ -32,7 +32,7 @@ class MetricsWriter:
 
     def __init__(self, workdir: str, *, total_steps: int, tensorboard: bool = True,
                  wandb_project: str = "", progress_bar: bool = True, config_json: str = "",
-                 console_keys: tuple[str, ...] = ()):
+                 console_keys: Optional[Mapping[str, str]] = None):
         os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, "metrics.jsonl")
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -56,7 +56,7 @@ class MetricsWriter:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True)
-        self._console_keys = console_keys
+        self._console_keys = dict(console_keys or {})
         self._t0 = time.perf_counter()
         self._first_step: Optional[int] = None
 
@@ -82,10 +82,10 @@ class MetricsWriter:
         elapsed = time.perf_counter() - self._t0
         eta = elapsed / max(done, 1) * max(self._total - step, 0)
         parts = [f"step {step}/{self._total}"]
-        for k in self._console_keys:
-            v = scalars.get(k)
+        for label, key in self._console_keys.items():
+            v = scalars.get(key)
             if v is not None:
-                parts.append(f"{k.split('/')[-1] if k.count('/') > 1 else k}={v:.3g}")
+                parts.append(f"{label}={v:.3g}")
         parts.append(f"eta {eta:.0f}s")
         return " | ".join(parts)
 

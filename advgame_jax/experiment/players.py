@@ -90,19 +90,35 @@ def build_player(config, role: str, hf_dir: str, mesh, *, total_updates: int) ->
     optimizer = make_optimizer(o.lr, num_steps=total_updates, b1=o.b1, b2=o.b2,
                                weight_decay=o.weight_decay, clip_norm=o.clip_norm,
                                final_lr_fraction=o.final_lr_fraction, warmup_steps=o.warmup_steps)
-    L = config.loss
-    update = make_update_step(
-        model_config, optimizer=optimizer, loss=L.kind, beta=L.beta,
-        length_normalization=L.length_normalization, nll_coef=L.nll_coef,
-        entropy_coef=L.entropy_coef, kl_coef=L.kl_coef, tis_cap=L.tis_cap or None,
-        num_microbatches=config.train.num_microbatches,
-        compute_dtype=DTYPES[pc.compute_dtype], chunk_size=config.train.logprob_chunk_size,
-        remat=config.train.remat, mesh=mesh)
+    update = _shared_update_step(config, model_config, optimizer, pc.compute_dtype, mesh,
+                                 total_updates)
     player = Player(role=role, model_config=model_config, tokenizer=tokenizer, hf_dir=hf_dir,
                     sampler=sampler, update=update, trainable=bool(pc.trainable),
                     sampler_kind=pc.sampler)
     player._optimizer = optimizer  # noqa: SLF001 - needed once, to build the state
     return player, params
+
+
+_UPDATE_STEPS: dict = {}
+
+
+def _shared_update_step(config, model_config, optimizer, compute_dtype: str, mesh,
+                        total_updates: int) -> UpdateStep:
+    """One compiled update step per distinct (model, loss, dtype, mesh): when attacker and
+    defender share an architecture they share the compiled program (compile once, not twice).
+    The optimizer is the same transformation for both players (same hyperparameters)."""
+    L, T = config.loss, config.train
+    key = (model_config, L.kind, L.beta, L.length_normalization, L.nll_coef, L.entropy_coef,
+           L.kl_coef, L.tis_cap, T.num_microbatches, compute_dtype, T.logprob_chunk_size,
+           T.remat, mesh, config.optim.to_json(), total_updates)
+    if key not in _UPDATE_STEPS:
+        _UPDATE_STEPS[key] = make_update_step(
+            model_config, optimizer=optimizer, loss=L.kind, beta=L.beta,
+            length_normalization=L.length_normalization, nll_coef=L.nll_coef,
+            entropy_coef=L.entropy_coef, kl_coef=L.kl_coef, tis_cap=L.tis_cap or None,
+            num_microbatches=T.num_microbatches, compute_dtype=DTYPES[compute_dtype],
+            chunk_size=T.logprob_chunk_size, remat=T.remat, mesh=mesh)
+    return _UPDATE_STEPS[key]
 
 
 def initial_state(player: Player, params, config) -> PlayerState:

@@ -16,7 +16,8 @@ with benign ones whatever the phrasing; the attacker gains by adding politeness 
 seeds (compliance) and dropping it from benign ones (refusal). Nothing in the loop is
 special-cased for the toy world: only the initial models are.
 
-Everything is deterministic in ``seed`` and cached in ``<workdir>/toy`` (rebuilt if absent).
+Everything is deterministic in ``seed`` and cached in a directory (``config.toy_dir``, default
+``<workdir>/toy``), rebuilt when absent or built with other settings.
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ def supervised_warmup(config: ModelConfig, params, examples, *, pad_id: int, see
     return params, float(value)
 
 
-def build_toy_world(workdir: str, *, seed: int, train_seeds: Sequence,
+def build_toy_world(root: str, *, seed: int, train_seeds: Sequence,
                     attacker_prompt_text: Callable[[object], str],
                     warmup_steps: int = 300) -> ToyPaths:
     """Build (or reuse) the tiny tokenizer and the warmed-up attacker and defender checkpoints.
@@ -159,7 +160,6 @@ def build_toy_world(workdir: str, *, seed: int, train_seeds: Sequence,
     """
     from advgame_jax.tokenization import ChatTokenizer, build_tiny_tokenizer
 
-    root = os.path.join(workdir, "toy")
     paths = ToyPaths(os.path.join(root, "tokenizer"), os.path.join(root, "attacker"),
                      os.path.join(root, "defender"))
     stamp = os.path.join(root, "BUILT.json")
