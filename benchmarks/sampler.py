@@ -1,0 +1,186 @@
+"""Sampler throughput: JaxSampler vs vLLM (when installed) vs transformers' ``generate``.
+
+    python benchmarks/sampler.py                          # defaults below, CPU
+    python benchmarks/sampler.py --batch=32 --new_tokens=128 --hidden=512 --layers=8
+
+All engines get the same random Llama checkpoint (written once with transformers), the same
+left-padded prompts, greedy decoding and exactly ``--new_tokens`` new tokens per row (no stop
+token). Each engine runs in its own subprocess (engines set process-wide thread pools and
+CPU bindings that would skew each other), is warmed up once (compilation / graph capture
+excluded), then timed ``--repeats`` times; the median gives tokens/s = batch * new_tokens /
+seconds, reported with its ratio to transformers. The script also reports whether each engine's greedy tokens equal
+transformers' (fp32 ties aside, they should). Results are printed as a table and one JSON line.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--prompt_len", type=int, default=32, help="longest prompt; others shorter")
+    p.add_argument("--new_tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv_heads", type=int, default=2)
+    p.add_argument("--engines", default="jax,transformers,vllm",
+                   help="comma-separated subset of jax,transformers,vllm")
+    p.add_argument("--compute_dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--torch_threads", type=int, default=1,
+                   help="torch intra-op threads for transformers (vLLM's CPU backend uses 1)")
+    p.add_argument("--run_engine", default=None, help=argparse.SUPPRESS)  # child mode
+    p.add_argument("--model_dir", default=None, help=argparse.SUPPRESS)
+    return p.parse_args()
+
+
+def _make_model(path, a):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=4 * a.hidden,
+        num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
+        head_dim=a.hidden // a.heads, max_position_embeddings=4096, bos_token_id=1,
+        eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # wider than the default init so greedy paths are not degenerate
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.1)
+    model.save_pretrained(path)
+    return model.eval()
+
+
+def _prompts(a):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    lens = np.linspace(max(1, a.prompt_len // 4), a.prompt_len, a.batch).astype(int)
+    return [[int(t) for t in rng.integers(3, a.vocab, n)] for n in lens]
+
+
+def _time(fn, repeats):
+    out = fn()  # warm-up: compilation, graph capture, allocator
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return out, statistics.median(times), times
+
+
+def _transformers(path, prompts, a):
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.set_grad_enabled(False)
+    torch.set_num_threads(a.torch_threads)
+    model = LlamaForCausalLM.from_pretrained(path, dtype=getattr(torch, a.compute_dtype)).eval()
+    width = max(map(len, prompts))
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p):] = torch.tensor(p)
+        mask[b, width - len(p):] = 1
+
+    def run():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=a.new_tokens,
+                             do_sample=False, eos_token_id=None, pad_token_id=0)
+        return [tuple(int(t) for t in row[width:]) for row in out]
+
+    return run
+
+
+def _jax(path, prompts, a):
+    import jax.numpy as jnp
+
+    from advgame_jax.sampling import SamplingParams
+    from advgame_jax.sampling.jax_sampler import JaxSampler
+
+    sampler = JaxSampler.from_hf_dir(path, tokenizer=None,
+                                     compute_dtype=jnp.dtype(a.compute_dtype))
+    sp = SamplingParams(temperature=0.0, max_new_tokens=a.new_tokens)
+    return lambda: [c.token_ids for c in sampler.generate(prompts, sp)]
+
+
+def _vllm(path, prompts, a):
+    from advgame_jax.sampling import SamplingParams
+    from advgame_jax.sampling.vllm_sampler import VllmSampler
+
+    sampler = VllmSampler(path, dtype=a.compute_dtype, kv_cache_memory_bytes=256 << 20,
+                          max_model_len=max(512, a.prompt_len + a.new_tokens))
+    sp = SamplingParams(temperature=0.0, max_new_tokens=a.new_tokens)
+    return lambda: [c.token_ids for c in sampler.generate(prompts, sp)]
+
+
+def _child(a):
+    """Run one engine on ``a.model_dir`` and print its JSON result (last stdout line)."""
+    runner = {"transformers": _transformers, "jax": _jax, "vllm": _vllm}[a.run_engine]
+    out, median, times = _time(runner(a.model_dir, _prompts(a), a), a.repeats)
+    print(json.dumps({"median_s": median, "times_s": times, "tokens": out}))
+
+
+def main():
+    a = _args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if a.run_engine:
+        return _child(a)
+    engines = [e.strip() for e in a.engines.split(",") if e.strip()]
+    import importlib.util
+
+    if "vllm" in engines and importlib.util.find_spec("vllm") is None:
+        print("vllm not installed: skipping it", file=sys.stderr)
+        engines.remove("vllm")
+    results = {}
+    with tempfile.TemporaryDirectory() as path:
+        _make_model(path, a)
+        for name in ["transformers"] + [e for e in engines if e != "transformers"]:
+            shared = [f"--{k}={v}" for k, v in vars(a).items()
+                      if k not in ("engines", "run_engine", "model_dir")]
+            argv = [sys.executable, os.path.abspath(__file__), f"--run_engine={name}",
+                    f"--model_dir={path}"] + shared
+            proc = subprocess.run(argv, capture_output=True, text=True)
+            if proc.returncode:
+                sys.stderr.write(proc.stderr[-4000:])
+                raise SystemExit(f"engine {name} failed (exit {proc.returncode})")
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            r["tokens"] = [tuple(t) for t in r["tokens"]]
+            r["tok_per_s"] = a.batch * a.new_tokens / r["median_s"]
+            results[name] = r
+    ref = results["transformers"]
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus; "
+          f"batch={a.batch} prompt<={a.prompt_len} new={a.new_tokens} "
+          f"model: vocab={a.vocab} d={a.hidden} L={a.layers} H={a.heads}/{a.kv_heads} "
+          f"dtype={a.compute_dtype}")
+    print(f"{'engine':<14}{'median s':>10}{'min s':>8}{'tok/s':>10}{'x transformers':>16}"
+          f"{'same tokens':>13}")
+    summary = {}
+    for name, r in results.items():
+        ratio = r["tok_per_s"] / ref["tok_per_s"]
+        same = r["tokens"] == ref["tokens"]
+        print(f"{name:<14}{r['median_s']:>10.3f}{min(r['times_s']):>8.3f}"
+              f"{r['tok_per_s']:>10.0f}{ratio:>16.2f}{str(same):>13}")
+        summary[name] = {"median_s": round(r["median_s"], 4),
+                         "min_s": round(min(r["times_s"]), 4),
+                         "tok_per_s": round(r["tok_per_s"], 1),
+                         "ratio_to_transformers": round(ratio, 3), "same_tokens": same}
+    args = {k: v for k, v in vars(a).items() if k not in ("run_engine", "model_dir")}
+    print(json.dumps({"args": args, "results": summary}))
+
+
+if __name__ == "__main__":
+    main()
