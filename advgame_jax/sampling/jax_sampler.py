@@ -3,15 +3,19 @@
 Owns batching, shape bucketing, sharding and weight swaps around the jitted program in
 ``decode.py``; turns its arrays into ``Completion`` records.
 
-Bucket scheme (bounds the number of compiled programs): the batch is cut into chunks of at
-most ``max_batch_size`` rows and each chunk is padded to the next power of two (at least the
-mesh's data-parallel size); the prompt length is padded (on the left) to the next power of
-two >= ``min_prompt_bucket``; the cache reserves the next power of two >= ``min_new_bucket``
-of new tokens; stop-id lists are padded to the next power of two >= 4. Temperature, top-p,
-top-k, per-row budgets, stop ids and seeds are runtime arrays, so only the shapes and one
-boolean (any row needs top-k / top-p filtering) select a program. With the defaults a
-sampler that sees batches up to 256 rows, prompts up to 2048 tokens and up to 1024 new
-tokens compiles at most 9 * 8 * 7 * 2 programs over its life, usually a handful.
+Bucket scheme (bounds the number of compiled programs): rows are grouped by program (new-token
+bucket, filter flag), sorted by prompt length and cut into chunks of at most
+``max_batch_size`` rows; each chunk is padded to the next power of two >=
+``min_batch_bucket`` (and a multiple of the mesh's data-parallel size, ``data`` x ``fsdp``);
+the prompt length is padded (on the left) to the next power of two >= ``min_prompt_bucket``;
+the cache reserves the next power of two >= ``min_new_bucket`` new tokens (each row stops at
+its own ``max_new_tokens``); stop-id lists are padded to the next power of two >= 4.
+Temperature, top-p, top-k, budgets, stop ids and seeds are runtime arrays, so only those
+shapes and one boolean (some row needs top-k / top-p filtering) select a program. A sampler
+that sees batches up to 256 rows, prompts up to 2048 tokens and up to 1024 new tokens thus
+compiles at most 9 (batch) x 8 (prompt) x 7 (new tokens) x 2 (filter) programs with <= 4
+stop ids, in practice a handful. Programs are shared by every sampler of the same model
+config in the process.
 
 Weights are jit arguments, never closed over: ``update_weights`` casts the new pytree to
 the dtype and shardings of the current one, so the next call hits the compiled program.
@@ -71,7 +75,7 @@ class JaxSampler:
       tokenizer: any object with ``.decode(ids, skip_special_tokens=True)``; None leaves
         ``Completion.text`` empty.
       mesh: optional ``(data, fsdp, tensor)`` mesh; params are placed with
-        ``param_shardings`` and the batch is split over ``data``.
+        ``param_shardings`` and the batch is split over ``data`` x ``fsdp``.
       compute_dtype: matmul dtype (default: bf16 on accelerators, fp32 on CPU); the KV cache
         is kept in the same dtype.
       max_batch_size: rows per compiled call (larger requests are split; results are the same).
