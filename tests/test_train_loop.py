@@ -1,0 +1,167 @@
+"""The game loop end to end (issue: launch/train.py, configs, resume, the offline default).
+
+The offline toy world is built once per session (``toy_dir`` fixture) and shared. Learning
+margins are justified in ``tests/README.md``-style comments next to each assertion, from
+several seeds' runs of the same configuration.
+"""
+
+import importlib
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from advgame_jax import game
+from advgame_jax.experiment.loop import GameRunner
+from advgame_jax.experiment.toy_world import build_toy_world
+from advgame_jax.experiment.validate import ConfigError
+
+tiny = importlib.import_module("configs.tiny")
+
+
+def read_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def toy_dir(tmp_path_factory):
+    """The toy world of ``configs/tiny.py`` (seed 0), built once."""
+    from advgame_jax.data import packaged_seed_path, read_seeds_jsonl
+
+    c = tiny.get_config()
+    path = str(tmp_path_factory.mktemp("toy"))
+    templates = game.get_template_set(c.game.templates)
+    build_toy_world(path, seed=0, train_seeds=read_seeds_jsonl(packaged_seed_path("toy_seeds.jsonl")),
+                    attacker_prompt_text=lambda s: templates.attacker_prompt(
+                        s.prompt, s.category, c.game.attacker_format),
+                    warmup_steps=c.toy_warmup_steps)
+    return path
+
+
+def tiny_config(workdir, toy_dir, **overrides):
+    c = tiny.get_config()
+    c.workdir = str(workdir)
+    c.toy_dir = toy_dir
+    c.logging.progress_bar = False
+    for dotted, value in overrides.items():
+        node = c
+        *parents, leaf = dotted.split("__")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def _mean(records, key, steps):
+    vals = [r[key] for r in records if r["step"] in steps and r.get(key) is not None]
+    assert vals, f"no {key} in steps {steps}"
+    return float(np.mean(vals))
+
+
+@pytest.mark.slow
+def test_tiny_game_learns_and_stops_compiling(tmp_path, toy_dir):
+    """Defender validation reward rises on both splits; no compilation after warm-up."""
+    c = tiny_config(tmp_path / "run", toy_dir, train__num_steps=30, train__validate_every=10,
+                    train__checkpoint_every=0)
+    GameRunner(c).run()
+    rec = read_metrics(c.workdir)
+    by_step = {r["step"]: r for r in rec}
+    for split, margin in (("harmful", 1.0), ("benign", 0.5)):
+        start = by_step[0][f"valid/{split}/reward"]
+        end = by_step[30][f"valid/{split}/reward"]
+        # Margins: see the learning-curve table in README.md (several seeds' runs).
+        assert end - start > margin, (split, start, end)
+    # Warm-up covers every shape bucket; steps 20 → 30 (with a validation) compile nothing.
+    assert by_step[30]["sys/compilations"] == by_step[20]["sys/compilations"]
+    assert all(by_step[s]["time/step"] > 0 for s in range(1, 31))
+
+
+@pytest.mark.slow
+def test_frozen_defender_attacker_reward_rises(tmp_path, toy_dir):
+    c = tiny_config(tmp_path / "run", toy_dir, train__num_steps=30, train__validate_every=0,
+                    train__checkpoint_every=0, defender__trainable=False)
+    GameRunner(c).run()
+    rec = read_metrics(c.workdir)
+    keys = ("harmful/x/reward/mean", "benign/x/reward/mean")
+    first = np.mean([_mean(rec, k, range(1, 11)) for k in keys])
+    last = np.mean([_mean(rec, k, range(21, 31)) for k in keys])
+    assert last - first > 0.5, (first, last)
+    assert not any(k.startswith(("harmful/defender/", "benign/defender/")) for k in rec[-1])
+
+
+class SigtermDuringStep:
+    """A rule judge that sends this process a real SIGTERM while step ``at`` is running."""
+
+    def __init__(self, at):
+        self.judge, self.at, self.runner, self.sent = game.RuleJudge(), at, None, False
+
+    def faithfulness(self, requests):
+        return self.judge.faithfulness(requests)
+
+    def pairwise(self, requests):
+        if self.runner is not None and self.runner.step == self.at and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+        return self.judge.pairwise(requests)
+
+    def pointwise(self, requests):
+        return self.judge.pointwise(requests)
+
+    def fault_counts(self):
+        return self.judge.fault_counts()
+
+
+def _comparable(records):
+    return [{k: v for k, v in r.items() if not k.startswith(("time/", "sys/"))} for r in records]
+
+
+def test_resume_after_sigterm_is_bit_exact(tmp_path, toy_dir):
+    kw = dict(train__num_steps=6, train__checkpoint_every=3, train__validate_every=3)
+    ref = GameRunner(tiny_config(tmp_path / "ref", toy_dir, **kw))
+    ref.run()
+
+    c = tiny_config(tmp_path / "cut", toy_dir, **kw)
+    judge = SigtermDuringStep(at=4)
+    first = GameRunner(c, judge=judge)
+    judge.runner = first
+    first.run()
+    assert judge.sent and first.step == 4  # finished the step, checkpointed, stopped
+    assert sorted(int(d) for d in os.listdir(tmp_path / "cut" / "checkpoints") if d.isdigit())[-1] == 4
+    second = GameRunner(c)  # a fresh process would do exactly this
+    assert second.step == 4
+    second.run()
+    assert second.step == 6
+
+    for role in ("attacker", "defender"):
+        for field in ("params", "ema_params"):
+            a = jax.tree.leaves(getattr(ref.state[role], field))
+            b = jax.tree.leaves(getattr(second.state[role], field))
+            assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b)), (role, field)
+    assert _comparable(read_metrics(c.workdir)) == _comparable(read_metrics(ref.workdir))
+
+
+# ---------------------------------------------------------------- bad inputs stop early
+def test_bad_inputs_stop_before_training(tmp_path, toy_dir):
+    with pytest.raises(ConfigError, match=r"config\.game\.num_attacks"):
+        GameRunner(tiny_config(tmp_path / "a", toy_dir, game__num_attacks=0))
+    with pytest.raises(game.GameConfigError, match="unknown template set 'nope'"):
+        GameRunner(tiny_config(tmp_path / "b", toy_dir, game__templates="nope"))
+    with pytest.raises(ConfigError, match=r"config\.data\.train_harmful: seed file .* does not exist"):
+        GameRunner(tiny_config(tmp_path / "c", toy_dir, data__train_harmful=str(tmp_path / "missing.jsonl")))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok", "category": "harmful"}\n{"prompt": "x", "category": "evil"}\n')
+    from advgame_jax.data import SeedFileError
+
+    with pytest.raises(SeedFileError, match=r"bad\.jsonl:2"):
+        GameRunner(tiny_config(tmp_path / "d", toy_dir, data__train_harmful=str(bad)))
+    c = tiny_config(tmp_path / "e", toy_dir, judge__backend="endpoint",
+                    judge__endpoints=("http://127.0.0.1:9/v1",), judge__model="judge",
+                    judge__timeout_s=1.0)
+    with pytest.raises(game.JudgeEndpointError, match=r"127\.0\.0\.1:9"):
+        GameRunner(c)
+    for sub in "abcde":  # nothing was trained or checkpointed
+        assert not os.path.exists(tmp_path / sub / "checkpoints")
