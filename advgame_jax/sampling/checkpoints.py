@@ -18,7 +18,7 @@ when given, so a sampler refresh never loads the optimizer state or the other pl
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import jax
 

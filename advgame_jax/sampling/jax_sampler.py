@@ -98,7 +98,8 @@ class JaxSampler:
         # The batch splits over every data-parallel mesh axis (the "batch" logical rule).
         self._batch_axes = tuple(a for a in BATCH_AXES if mesh is not None
                                  and mesh.shape.get(a, 1) > 1)
-        self._data_size = math.prod(mesh.shape[a] for a in self._batch_axes) if mesh else 1
+        self._data_size = (math.prod(mesh.shape[a] for a in self._batch_axes)
+                           if mesh is not None else 1)
         self.max_batch_size = max(int(max_batch_size), self._data_size)
         self._param_shardings = param_shardings(config, mesh) if mesh is not None else None
         self.params = self._place(params, like=None)
@@ -264,18 +265,15 @@ def _generate_jit(params, tokens, mask, temperature, top_p, top_k, max_new, stop
     # Module-level so samplers of the same model config share compiled programs; the batch
     # sharding (a hashable NamedSharding over [B, N]) keeps the outputs split over the
     # data-parallel axes. Params stay an argument: new weights never retrace.
-    batch_spec = None
-    if batch_sharding is not None:
-        mesh, axes = batch_sharding.mesh, batch_sharding.spec[0]
-
-        def batch_spec(ndim):
-            return NamedSharding(mesh, PartitionSpec(axes, *([None] * (ndim - 1))))
+    def batch_spec(ndim):
+        return NamedSharding(batch_sharding.mesh,
+                             PartitionSpec(batch_sharding.spec[0], *([None] * (ndim - 1))))
 
     dtype = jnp.dtype(compute_dtype)
     return generate_tokens(
         params, tokens, mask, temperature, top_p, top_k, max_new, stop_ids, seeds,
         config=config, max_new_bucket=max_new_bucket, compute_dtype=dtype, cache_dtype=dtype,
-        use_filter=use_filter, batch_spec=batch_spec)
+        use_filter=use_filter, batch_spec=batch_spec if batch_sharding is not None else None)
 
 
 def _maybe_tokenizer(path):
