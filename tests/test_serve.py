@@ -251,7 +251,7 @@ def test_attacker_checkpoint_needs_explicit_flag(model_dir, tmp_path, how):
     with pytest.raises(AttackerCheckpointError, match="allow_attacker"):
         serve_model_dir(attacker, config=CONFIG)
     allowed = serve_model_dir(attacker, config=CONFIG, allow_attacker=True)
-    allowed._httpd.server_close()
+    allowed.shutdown()  # never started: just closes the socket
 
 
 def test_launch_script_refuses_attacker_without_flag(model_dir, tmp_path):

@@ -125,9 +125,20 @@ class OpenAIServer:
         if self._closing.is_set():
             return
         self._closing.set()
-        self._queue.put(_STOP)  # FIFO: every job queued before it is served first
-        self._threads[0].join(timeout)
-        self._httpd.shutdown()
+        if self._threads:
+            self._queue.put(_STOP)  # FIFO: every job queued before it is served first
+            self._threads[0].join(timeout)
+            # A job that slipped in behind the stop marker is answered, not left waiting.
+            while True:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(job, _Job):
+                    job.error = RequestError(503, "the server is shutting down",
+                                             type="server_error", code="shutting_down")
+                    job.done.set()
+            self._httpd.shutdown()
         self._httpd.server_close()
 
     def __enter__(self):
@@ -255,6 +266,8 @@ class _Handler(BaseHTTPRequestHandler):
             if not job.done.wait(self.app.config.request_timeout_s):
                 raise RequestError(503, "generation timed out", type="server_error",
                                    code="timeout")
+            if isinstance(job.error, RequestError):
+                raise job.error
             if job.error is not None:
                 raise RequestError(500, f"generation failed: {job.error}", type="server_error")
             self._send(200, build_response(request, job.result, self.app.tokenizer,
