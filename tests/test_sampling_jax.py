@@ -250,6 +250,8 @@ def test_weight_updates_do_not_recompile(tmp_path, llama):
     try:
         before = sampler.generate(prompts, sp)  # compiled here (or by an earlier test)
         sampler.update_weights(new_params)
+        # The sampler holds its own copy: the caller may donate / delete its arrays.
+        jax.tree.map(lambda x: x.delete(), new_params)
         with _CompileCounter() as counter:
             after = sampler.generate(prompts, sp)
         assert counter.count == 0
@@ -257,6 +259,7 @@ def test_weight_updates_do_not_recompile(tmp_path, llama):
         assert [c.token_ids for c in after] != [c.token_ids for c in before]
 
         # From an Orbax checkpoint: a game-style tree, restoring one sub-tree.
+        _, new_params = load_hf(tmp_path / "b")
         save_params(str(tmp_path / "ck"), {"defender": {"ema_params": old_params,
                                                         "params": new_params}})
         sampler.update_weights(checkpoint_path=str(tmp_path / "ck"),

@@ -81,12 +81,14 @@ class JaxSampler:
       max_batch_size: rows per compiled call (larger requests are split; results are the same).
       max_prompt_len, min_batch_bucket, min_prompt_bucket, min_new_bucket: bucket limits
         (module docstring); a server raises the minima to compile fewer programs.
+      copy_params: keep a private copy of ``params`` (default), so the caller may donate them
+        to a training step; False adopts the given buffers.
     """
 
     def __init__(self, config: ModelConfig, params, *, tokenizer=None, mesh: Optional[Mesh] = None,
                  compute_dtype=None, max_batch_size: int = 256, max_prompt_len: int = 4096,
                  min_batch_bucket: int = 1, min_prompt_bucket: int = 16,
-                 min_new_bucket: int = 16):
+                 min_new_bucket: int = 16, copy_params: bool = True):
         self.config = config
         self.tokenizer = tokenizer
         self.mesh = mesh
@@ -102,7 +104,7 @@ class JaxSampler:
                            if mesh is not None else 1)
         self.max_batch_size = max(int(max_batch_size), self._data_size)
         self._param_shardings = param_shardings(config, mesh) if mesh is not None else None
-        self.params = self._place(params, like=None)
+        self.params = self._place(params, like=None, copy=copy_params)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -118,41 +120,52 @@ class JaxSampler:
         config, params = load_hf(path, dtype, shardings=shardings)
         if tokenizer == "auto":
             tokenizer = _maybe_tokenizer(path)
-        return cls(config, params, tokenizer=tokenizer, mesh=mesh, **kw)
+        return cls(config, params, tokenizer=tokenizer, mesh=mesh, copy_params=False, **kw)
 
-    def _place(self, params, like):
-        """Put ``params`` on device with the dtypes and shardings of ``like`` (or as given)."""
-        if like is not None:
+    def _place(self, params, like, copy: bool = True):
+        """Put ``params`` on device with the dtypes and shardings of ``like`` (or as given).
+
+        With ``copy`` the sampler never aliases the caller's buffers, so a trainer may donate
+        or delete its arrays after handing them over.
+        """
+        if like is None:
+            like = params
+        else:
             got, want = jax.tree.structure(params), jax.tree.structure(like)
             if got != want:
                 raise ValueError(f"update_weights: param tree structure {got} does not match "
                                  f"the sampler's {want}")
+        shardings = self._param_shardings
+        if shardings is None:
+            device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            shardings = jax.tree.map(lambda _: device, like)
 
-            def cast(new, old):
-                if tuple(new.shape) != tuple(old.shape):
-                    raise ValueError(f"update_weights: param shape {tuple(new.shape)} does not "
-                                     f"match the sampler's {tuple(old.shape)}")
-                return jnp.asarray(new, dtype=old.dtype)
+        def put(new, old, sharding):
+            if tuple(new.shape) != tuple(old.shape):
+                raise ValueError(f"update_weights: param shape {tuple(new.shape)} does not "
+                                 f"match the sampler's {tuple(old.shape)}")
+            cast = new.astype(old.dtype) if new.dtype != old.dtype else new
+            alias = None if (cast is not new or not copy) else False
+            return jax.device_put(cast, sharding, may_alias=alias)
 
-            params = jax.tree.map(cast, params, like)
-        if self._param_shardings is not None:
-            return jax.device_put(params, self._param_shardings)
-        return jax.device_put(params, jax.devices()[0])
+        return jax.tree.map(put, params, like, shardings)
 
     def update_weights(self, params: Any = None, *, checkpoint_path: Optional[str] = None,
-                       key_path: Sequence[str] = ()) -> None:
+                       key_path: Sequence[str] = (), copy: bool = True) -> None:
         """Swap in new weights without recompiling.
 
         Give either ``params`` (a pytree like the current one) or ``checkpoint_path``: an
         Orbax checkpoint (see ``advgame_jax.sampling.checkpoints.restore_params`` for the
         layouts accepted) whose sub-tree at ``key_path`` (e.g. ``("defender", "ema_params")``)
-        holds the params.
+        holds the params. The sampler keeps its own copy of ``params`` (the caller may donate
+        or delete them afterwards); ``copy=False`` hands the buffers over instead.
         """
         if (params is None) == (checkpoint_path is None):
             raise ValueError("update_weights: pass exactly one of params or checkpoint_path")
         if checkpoint_path is not None:
             params = restore_params(checkpoint_path, key_path=key_path, like=self.params)
-        self.params = self._place(params, like=self.params)
+            copy = False  # freshly restored: nobody else holds these buffers
+        self.params = self._place(params, like=self.params, copy=copy)
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompt_token_ids: Sequence[Sequence[int]],
