@@ -133,11 +133,9 @@ def sync_sampler(player: Player, state: PlayerState, sample_from: str, workdir: 
     """Give ``player``'s sampler the params it should sample from (GAME_SPEC §2.1)."""
     params = sampling_params(state, sample_from)
     if player.sampler_kind == "jax":
-        # A fresh buffer in the sampler's dtype: the trainer donates its state to the next
-        # update / EMA step, which must not free the sampler's weights.
-        dtype = jax.tree.leaves(player.sampler.params)[0].dtype
-        player.sampler.update_weights(
-            params=jax.tree.map(lambda x: jnp.array(x, dtype=dtype, copy=True), params))
+        # The sampler keeps a private copy (cast to its dtype): the trainer donates its state
+        # to the next update / EMA step, which must not free the sampler's weights.
+        player.sampler.update_weights(params=params)
         return
     from advgame_jax.sampling.checkpoints import save_params
 
