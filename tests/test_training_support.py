@@ -28,7 +28,12 @@ def init(seed: int = 0):
 
 
 def host(tree):
-    return jax.tree.map(lambda x: np.array(x, copy=True), tree)
+    """A numpy copy of a pytree (typed PRNG keys become their key data)."""
+    def one(x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x = jax.random.key_data(x)
+        return np.array(x, copy=True)
+    return jax.tree.map(one, tree)
 
 
 def optimizer(lr: float = LR, weight_decay: float = 0.1):
@@ -59,11 +64,13 @@ def fixed_samples(seed: int = 1) -> list[TokenSample]:
 
 @functools.lru_cache(maxsize=None)
 def update_step(loss: str = "dpo", num_microbatches: int = 1, mesh_shape=None, lr: float = LR,
-                weight_decay: float = 0.1):
+                weight_decay: float = 0.1, compute_dtype=jnp.float32, remat: bool = False,
+                nll_coef: float = 0.0, entropy_coef: float = 0.0):
     mesh = make_mesh(*mesh_shape) if mesh_shape else None
     return make_update_step(CFG, optimizer=optimizer(lr, weight_decay), loss=loss, beta=0.1,
-                            num_microbatches=num_microbatches, compute_dtype=jnp.float32,
-                            chunk_size=64, remat=False, mesh=mesh)
+                            num_microbatches=num_microbatches, compute_dtype=compute_dtype,
+                            chunk_size=64, remat=remat, mesh=mesh, nll_coef=nll_coef,
+                            entropy_coef=entropy_coef)
 
 
 @functools.lru_cache(maxsize=None)
@@ -71,8 +78,8 @@ def _jit_forward():
     return jax.jit(lambda p, t: forward(p, CFG, t, compute_dtype=jnp.float32))
 
 
-def seq_logprob(params, prompt, completion) -> float:
-    """log π(completion | prompt) from full logits (no chunking, no masks, no losses module)."""
+def _completion_logp(params, prompt, completion):
+    """[len(completion), V] float64 log-softmax rows predicting each completion token."""
     seq = list(prompt) + list(completion)
     # Right-padded to one length (one compilation); causal attention keeps it exact.
     tokens = np.array([seq + [PAD] * (16 - len(seq))], np.int32)
@@ -80,7 +87,19 @@ def seq_logprob(params, prompt, completion) -> float:
     logp = logits - np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1,
                                   keepdims=True)) - logits.max(-1, keepdims=True)
     n_p = len(prompt)
-    return float(sum(logp[n_p + i - 1, completion[i]] for i in range(len(completion))))
+    return logp[n_p - 1:n_p - 1 + len(completion)]
+
+
+def seq_logprob(params, prompt, completion) -> float:
+    """log π(completion | prompt) from full logits (no chunking, no masks, no losses module)."""
+    rows = _completion_logp(params, prompt, completion)
+    return float(sum(rows[i, tok] for i, tok in enumerate(completion)))
+
+
+def seq_entropy(params, prompt, completion) -> float:
+    """Sum over completion positions of the next-token entropy (full logits, numpy)."""
+    rows = _completion_logp(params, prompt, completion)
+    return float(-np.sum(np.exp(rows) * rows))
 
 
 def numpy_adamw(params, grads, *, lr, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,

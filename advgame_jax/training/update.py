@@ -33,7 +33,7 @@ from advgame_jax.models import DEFAULT_RULES, ModelConfig, forward_hidden, unemb
 from advgame_jax.ops.logprobs import token_logprobs, token_logprobs_and_entropy
 from advgame_jax.training.batching import PairBatch, SampleBatch
 from advgame_jax.training.optimizer import current_lr
-from advgame_jax.training.sharding import batch_parallel_size, shard_batch, state_shardings
+from advgame_jax.training.sharding import batch_parallel_size, state_shardings
 from advgame_jax.training.state import PlayerState, reference_params
 
 LOSSES = ("dpo", "ipo", "grpo")
@@ -278,7 +278,11 @@ class UpdateStep:
             raise ValueError(f"batch has {rows} rows, not a multiple of num_microbatches × "
                              f"data-parallel size = {need}; collate with the same numbers")
         if self._mesh is None:
-            batch = shard_batch(batch, None)
+            # Commit state and batch to the params' device (no copy when already there), so a
+            # fresh, uncommitted state does not compile a second program.
+            device = next(iter(jax.tree.leaves(state.params)[0].devices()))
+            state = jax.device_put(state, device)
+            batch = jax.device_put(batch, device)
         return self._compiled_for(state)(state, batch)
 
     def lower(self, state: PlayerState, batch):
