@@ -63,15 +63,14 @@ def sequence_token_logprobs(params, config: ModelConfig, tokens, attention_mask,
                           chunk_size=chunk_size).reshape(r, t), None
 
 
-def _split_microbatches(batch, m: int, row_spec):
+def _split_microbatches(batch, m: int, mb_sharding):
     """[R, ...] → [m, R/m, ...] taking rows i ≡ k (mod m) into microbatch k, so each
     microbatch keeps the batch's even split over devices (no resharding)."""
     def split(x):
         r = x.shape[0]
-        y = x.reshape((r // m, m) + x.shape[1:])
-        y = jnp.swapaxes(y, 0, 1)
-        if row_spec is not None:
-            y = jax.lax.with_sharding_constraint(y, row_spec(y.ndim))
+        y = jnp.swapaxes(x.reshape((r // m, m) + x.shape[1:]), 0, 1)
+        if mb_sharding is not None:
+            y = jax.lax.with_sharding_constraint(y, mb_sharding)
         return y
     return jax.tree.map(split, batch)
 
@@ -171,7 +170,7 @@ def make_update_step(model_config: ModelConfig, *, optimizer: optax.GradientTran
     per_batch_loss = sample_loss if loss == "grpo" else pair_loss
     grad_fn = jax.value_and_grad(per_batch_loss, has_aux=True)
 
-    def update(state: PlayerState, batch, row_spec, param_spec):
+    def update(state: PlayerState, batch, mb_sharding, param_spec):
         params = state.params
         ref = jax.lax.stop_gradient(reference_params(state))
         valid = batch.sample_valid if loss == "grpo" else batch.pair_valid
@@ -181,7 +180,7 @@ def make_update_step(model_config: ModelConfig, *, optimizer: optax.GradientTran
         if num_microbatches == 1:
             (_, sums), grads = grad_fn(params, ref, batch, n_valid)
         else:
-            mbs = _split_microbatches(batch, num_microbatches, row_spec)
+            mbs = _split_microbatches(batch, num_microbatches, mb_sharding)
 
             def body(carry, mb):
                 g_acc, s_acc = carry
@@ -258,11 +257,8 @@ class UpdateStep:
             axes = tuple(a for a in target if a in mesh.shape and mesh.shape[a] > 1)
             batch_axes = axes if len(axes) != 1 else axes[0]
             rows = NamedSharding(mesh, PartitionSpec(batch_axes or None))
-
-            def row_spec(ndim):
-                return NamedSharding(mesh, PartitionSpec(None, batch_axes or None))
-
-            fn = jax.jit(lambda s, b: self._fn(s, b, row_spec, s_sh.params),
+            mb_rows = NamedSharding(mesh, PartitionSpec(None, batch_axes or None))
+            fn = jax.jit(lambda s, b: self._fn(s, b, mb_rows, s_sh.params),
                          in_shardings=(s_sh, rows),
                          out_shardings=(s_sh, NamedSharding(mesh, PartitionSpec())),
                          donate_argnums=0)
