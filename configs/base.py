@@ -112,7 +112,7 @@ def base_config() -> ml_collections.ConfigDict:
             sync_every_n_steps=1,
             num_microbatches=1,
             pair_buckets=(),  # empty = powers of two
-            length_buckets=(),  # empty = powers of two up to max length
+            length_buckets=(),  # empty = 16, 24, 32, 48, 64, 96, ... (2^k and 3·2^(k-1))
             logprob_chunk_size=1024,
             remat=True,
             validate_every=25,
