@@ -22,6 +22,11 @@ def _player(role: str) -> ml_collections.ConfigDict:
             param_dtype="float32",
             compute_dtype="bfloat16",
             sampler_dtype="bfloat16",
+            # JAX sampler shape buckets: rows and prompt lengths are padded to powers of two at
+            # least this large (fixing them at the largest size a run needs means no compile
+            # after the first step).
+            sampler_min_batch_bucket=1,
+            sampler_min_prompt_bucket=16,
             # vLLM engine options (ignored by the JAX sampler).
             vllm_kv_cache_bytes=2 * 1024**3,
             vllm_max_model_len=0,

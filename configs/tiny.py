@@ -32,7 +32,13 @@ def get_config():
     c.sampling.top_p = 1.0
     c.sampling.max_new_tokens = 40
 
+    c.game.num_attacks = 4  # A×D = 4×2: more attacker contrast per seed than 2×2
+
+    # DPO-MD with an NLL anchor on the chosen completion: without it the tiny attacker drifts
+    # into unfaithful rewrites within ~10 steps (DPO lowers the shared copy tokens of near-
+    # identical chosen/rejected attacks); measured in README's learning-curve table.
     c.loss.kind = "dpo"
+    c.loss.nll_coef = 1.0
     c.optim.lr = 1e-3
     c.optim.weight_decay = 0.0
     c.train.num_steps = 60
@@ -41,9 +47,15 @@ def get_config():
     c.train.validate_every = 10
     c.train.checkpoint_every = 20
     c.train.logprob_chunk_size = 256
-    # One shape per update: ≤ 16 pairs per split, ≤ 128 tokens per sequence.
-    c.train.pair_buckets = (16,)
+    # One shape per program, so nothing compiles after the first steps: updates hold ≤ 32
+    # pairs (B·A defender pairs) of ≤ 128 tokens; the samplers pad to their largest batch
+    # (attacker B·A = 32 rows, defender B·A·D = 64 rows) and to 64 prompt tokens.
+    c.train.pair_buckets = (32,)
     c.train.length_buckets = (128,)
+    c.attacker.sampler_min_batch_bucket = 32
+    c.defender.sampler_min_batch_bucket = 64
+    c.attacker.sampler_min_prompt_bucket = 64
+    c.defender.sampler_min_prompt_bucket = 64
     c.train.remat = False
     c.validation.num_seeds = 32
     c.validation.num_responses = 2

@@ -75,7 +75,9 @@ def build_player(config, role: str, hf_dir: str, mesh, *, total_updates: int) ->
         from advgame_jax.sampling.jax_sampler import JaxSampler
 
         sampler = JaxSampler(model_config, params, tokenizer=tokenizer, mesh=mesh,
-                             compute_dtype=DTYPES[pc.sampler_dtype])
+                             compute_dtype=DTYPES[pc.sampler_dtype],
+                             min_batch_bucket=pc.sampler_min_batch_bucket,
+                             min_prompt_bucket=pc.sampler_min_prompt_bucket)
     else:
         try:
             from advgame_jax.sampling.vllm_sampler import VllmSampler

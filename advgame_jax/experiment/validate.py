@@ -74,6 +74,8 @@ def validate_config(config) -> None:
             raise ConfigError(
                 f"config.{role}.hf_path: expected a local Hugging Face checkpoint directory "
                 f"(pass --config.{role}.hf_path=/path/to/model)")
+        _int(config, f"{role}.sampler_min_batch_bucket", minimum=1)
+        _int(config, f"{role}.sampler_min_prompt_bucket", minimum=1)
         if not isinstance(_get(config, f"{role}.trainable"), bool):
             raise ConfigError(f"config.{role}.trainable: expected True or False")
 
