@@ -1,8 +1,11 @@
 """The game loop end to end (issue: launch/train.py, configs, resume, the offline default).
 
-The offline toy world is built once per session (``toy_dir`` fixture) and shared. Learning
-margins are justified in ``tests/README.md``-style comments next to each assertion, from
-several seeds' runs of the same configuration.
+The offline toy world is built once per session (``toy_dir`` fixture) and shared. The
+learning margins come from 30-step runs of ``configs/tiny.py`` with seeds 0, 1 and 2 (table in
+README.md, "Learning curves of the offline default"): the smallest defender gain seen was
++4.8 (so > 2.0 leaves room for platform differences), the smallest frozen-defender attacker gain
++0.30 (mean of steps 21–30 minus steps 1–10; per-step std ≈ 1, hence the 0.15 margin). CPU
+runs with the same seed are deterministic, so these tests reproduce the seed-0 numbers.
 """
 
 import importlib
@@ -70,13 +73,12 @@ def test_tiny_game_learns_and_stops_compiling(tmp_path, toy_dir):
     GameRunner(c).run()
     rec = read_metrics(c.workdir)
     by_step = {r["step"]: r for r in rec}
-    for split, margin in (("harmful", 1.0), ("benign", 0.5)):
+    for split, margin in (("harmful", 2.0), ("benign", 2.0)):
         start = by_step[0][f"valid/{split}/reward"]
         end = by_step[30][f"valid/{split}/reward"]
-        # Margins: see the learning-curve table in README.md (several seeds' runs).
         assert end - start > margin, (split, start, end)
-    # Warm-up covers every shape bucket; steps 20 → 30 (with a validation) compile nothing.
-    assert by_step[30]["sys/compilations"] == by_step[20]["sys/compilations"]
+    # Fixed buckets: after step 10 (warm-up incl. one validation) nothing compiles.
+    assert by_step[30]["sys/compilations"] == by_step[10]["sys/compilations"]
     assert all(by_step[s]["time/step"] > 0 for s in range(1, 31))
 
 
@@ -89,7 +91,7 @@ def test_frozen_defender_attacker_reward_rises(tmp_path, toy_dir):
     keys = ("harmful/x/reward/mean", "benign/x/reward/mean")
     first = np.mean([_mean(rec, k, range(1, 11)) for k in keys])
     last = np.mean([_mean(rec, k, range(21, 31)) for k in keys])
-    assert last - first > 0.5, (first, last)
+    assert last - first > 0.15, (first, last)
     assert not any(k.startswith(("harmful/defender/", "benign/defender/")) for k in rec[-1])
 
 
