@@ -165,5 +165,7 @@ def test_bad_inputs_stop_before_training(tmp_path, toy_dir):
                     judge__timeout_s=1.0)
     with pytest.raises(game.JudgeEndpointError, match=r"127\.0\.0\.1:9"):
         GameRunner(c)
-    for sub in "abcde":  # nothing was trained or checkpointed
+    with pytest.raises(ConfigError, match=r"config\.train\.pair_buckets: the largest bucket 8 cannot hold the 32 pairs"):
+        GameRunner(tiny_config(tmp_path / "f", toy_dir, train__pair_buckets=(8,)))
+    for sub in "abcdef":  # nothing was trained or checkpointed
         assert not os.path.exists(tmp_path / sub / "checkpoints")

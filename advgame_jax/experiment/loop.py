@@ -92,6 +92,15 @@ class GameRunner:
         compile_counter.install()
         self.mesh = resolve_mesh(config)
         self.train_seeds, self.valid_seeds = load_seed_splits(config)
+        # B per split = seeds per data-parallel device × data-parallel devices (single host).
+        b = config.train.seeds_per_device * batch_parallel_size(self.mesh)
+        a, d = config.game.num_attacks, config.game.num_responses
+        most_rows = b * a * d if config.loss.kind == "grpo" else b * a
+        if config.train.pair_buckets and max(config.train.pair_buckets) < most_rows:
+            raise ConfigError(
+                f"config.train.pair_buckets: the largest bucket {max(config.train.pair_buckets)} "
+                f"cannot hold the {most_rows} {'samples' if config.loss.kind == 'grpo' else 'pairs'} "
+                f"a split can produce (B={b}, A={a}, D={d})")
 
         self.game_config = game.game_config_from_experiment(config)  # checks template names
         # Cheap checks first: the judge (endpoints are probed) before loading any model.
@@ -133,8 +142,6 @@ class GameRunner:
             "defender": TimedSampler(self.players["defender"].sampler, self.timer, "defender_generation"),
         }
 
-        # B per split = seeds per data-parallel device × data-parallel devices (single host).
-        b = config.train.seeds_per_device * batch_parallel_size(self.mesh)
         self.iterators = {
             c: SeedIterator(self.train_seeds[c], b, seed=config.seed + i,
                             shard_index=jax.process_index(), shard_count=jax.process_count())
@@ -192,24 +199,17 @@ class GameRunner:
         player = self.players[role]
         if not player.trainable:
             return {}
-        tok = player.tokenizer
         upd = player.update
+        t = self.config.train
+        common = dict(pad_id=player.tokenizer.pad_id, length_buckets=tuple(t.length_buckets),
+                      num_microbatches=t.num_microbatches,
+                      data_parallel_size=upd.data_parallel_size, overflow="truncate_prompt")
         if self.config.loss.kind == "grpo":
             samples = game.grpo_samples(scored, role, self.config.loss.grpo_baseline)
-            batch = collate_samples(samples, pad_id=tok.pad_id,
-                                    sample_buckets=tuple(self.config.train.pair_buckets),
-                                    length_buckets=tuple(self.config.train.length_buckets),
-                                    num_microbatches=self.config.train.num_microbatches,
-                                    data_parallel_size=upd.data_parallel_size,
-                                    overflow="truncate_prompt")
+            batch = collate_samples(samples, sample_buckets=tuple(t.pair_buckets), **common)
         else:
             pairs = game.attacker_pairs(scored) if role == "attacker" else game.defender_pairs(scored)
-            batch = collate_pairs(pairs, pad_id=tok.pad_id,
-                                  pair_buckets=tuple(self.config.train.pair_buckets),
-                                  length_buckets=tuple(self.config.train.length_buckets),
-                                  num_microbatches=self.config.train.num_microbatches,
-                                  data_parallel_size=upd.data_parallel_size,
-                                  overflow="truncate_prompt")
+            batch = collate_pairs(pairs, pair_buckets=tuple(t.pair_buckets), **common)
         with self.timer.stage("update"):
             self.state[role], m = upd(self.state[role], batch)
             m = jax.device_get(m)
