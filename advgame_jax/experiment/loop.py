@@ -171,6 +171,10 @@ class GameRunner:
 
     def _meta(self) -> dict:
         return {"step": self.step,
+                # GAME_SPEC "Beyond the reference": the attacker inside is a controlled artifact.
+                "advgame_controlled_artifact": {
+                    "contains": "attacker", "note": "trained red-teaming attacker; export "
+                    "(training.export.export_hf) and serving need an explicit flag"},
                 "iterators": {c: it.state() for c, it in self.iterators.items()},
                 "config": json.loads(self.config.to_json())}
 
