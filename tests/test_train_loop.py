@@ -3,9 +3,8 @@
 The offline toy world is built once per session (``toy_dir`` fixture) and shared. The
 learning margins come from 30-step runs of ``configs/tiny.py`` with seeds 0, 1 and 2 (table in
 README.md, "Learning curves of the offline default"): the smallest defender gain seen was
-+4.8 (so > 2.0 leaves room for platform differences), the smallest frozen-defender attacker gain
-+0.30 (mean of steps 21–30 minus steps 1–10; per-step std ≈ 1, hence the 0.15 margin). CPU
-runs with the same seed are deterministic, so these tests reproduce the seed-0 numbers.
++4.8 (so > 2.0 leaves room for platform differences); the frozen-defender attacker margin is
+explained at ``ATTACKER_MARGIN``. CPU runs with the same seed and set-up are deterministic.
 """
 
 import importlib
@@ -23,6 +22,10 @@ from advgame_jax.experiment.toy_world import build_toy_world
 from advgame_jax.experiment.validate import ConfigError
 
 tiny = importlib.import_module("configs.tiny")
+# Trained-minus-untrained attacker reward (steps 21-30, mean of both splits, common random
+# numbers): +0.62, +0.91, +0.71 for seeds 0-2 under launch/train.py, +0.40 for seed 0 under
+# this test's 8-device, highest-precision set-up. Plain DPO without the NLL anchor gave < -3.
+ATTACKER_MARGIN = 0.2
 
 
 def read_metrics(workdir):
@@ -84,14 +87,23 @@ def test_tiny_game_learns_and_stops_compiling(tmp_path, toy_dir):
 
 @pytest.mark.slow
 def test_frozen_defender_attacker_reward_rises(tmp_path, toy_dir):
-    c = tiny_config(tmp_path / "run", toy_dir, train__num_steps=30, train__validate_every=0,
-                    train__checkpoint_every=0, defender__trainable=False)
+    """With the defender frozen, the trained attacker beats an untrained copy of itself.
+
+    The control run freezes the attacker too; sampling seeds derive from (seed, step), so both
+    runs see the same random numbers and their per-step difference isolates what was learned.
+    """
+    kw = dict(train__num_steps=30, train__validate_every=0, train__checkpoint_every=0,
+              defender__trainable=False)
+    c = tiny_config(tmp_path / "run", toy_dir, **kw)
     GameRunner(c).run()
-    rec = read_metrics(c.workdir)
+    ctrl = tiny_config(tmp_path / "ctrl", toy_dir, attacker__trainable=False, **kw)
+    GameRunner(ctrl).run()
+    rec, base = read_metrics(c.workdir), read_metrics(ctrl.workdir)
     keys = ("harmful/x/reward/mean", "benign/x/reward/mean")
-    first = np.mean([_mean(rec, k, range(1, 11)) for k in keys])
-    last = np.mean([_mean(rec, k, range(21, 31)) for k in keys])
-    assert last - first > 0.15, (first, last)
+    gain = {k: _mean(rec, k, range(21, 31)) - _mean(base, k, range(21, 31)) for k in keys}
+    early = {k: _mean(rec, k, range(1, 6)) - _mean(base, k, range(1, 6)) for k in keys}
+    print("attacker gain over the untrained attacker, steps 21-30:", gain, "steps 1-5:", early)
+    assert np.mean(list(gain.values())) > ATTACKER_MARGIN, (gain, early)
     assert not any(k.startswith(("harmful/defender/", "benign/defender/")) for k in rec[-1])
 
 
