@@ -305,12 +305,12 @@ class GameRunner:
     def run(self, *, max_steps: Optional[int] = None) -> dict:
         """Train until ``train.num_steps`` (or ``max_steps`` more steps, or a signal)."""
         cfg = self.config
+        _truncate_metrics(os.path.join(self.workdir, "metrics.jsonl"), self.step)
         writer = MetricsWriter(self.workdir, total_steps=cfg.train.num_steps,
                                tensorboard=cfg.logging.tensorboard,
                                wandb_project=cfg.logging.wandb_project,
                                progress_bar=cfg.logging.progress_bar, config_json=cfg.to_json(),
                                console_keys=CONSOLE_KEYS)
-        _truncate_metrics(writer.path, self.step)
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         last: dict = {}
         try:

@@ -38,6 +38,7 @@ class Player:
     update: UpdateStep
     trainable: bool
     sampler_kind: str
+    optimizer: Any
 
 
 def check_checkpoint_dir(path: str, field: str) -> None:
@@ -96,8 +97,7 @@ def build_player(config, role: str, hf_dir: str, mesh, *, total_updates: int) ->
                                  total_updates)
     player = Player(role=role, model_config=model_config, tokenizer=tokenizer, hf_dir=hf_dir,
                     sampler=sampler, update=update, trainable=bool(pc.trainable),
-                    sampler_kind=pc.sampler)
-    player._optimizer = optimizer  # noqa: SLF001 - needed once, to build the state
+                    sampler_kind=pc.sampler, optimizer=optimizer)
     return player, params
 
 
@@ -127,7 +127,7 @@ def initial_state(player: Player, params, config) -> PlayerState:
     """The player's state at step 0 (EMA = θ; θ₀ kept when the reference is 'initial')."""
     keep_ema = config.train.sample_from == "ema" or config.train.reference == "ema"
     return init_player_state(
-        params, player._optimizer if player.trainable else None,  # noqa: SLF001
+        params, player.optimizer if player.trainable else None,
         reference=config.train.reference, keep_ema=keep_ema, trainable=player.trainable)
 
 
