@@ -5,10 +5,14 @@
         --config.attacker.hf_path=... --config.defender.hf_path=... \
         --config.judge.endpoints=http://host:8000/v1
 
-All logic lives in ``advgame_jax.experiment``; this file only parses flags.
+All logic lives in ``advgame_jax.experiment``; this file only parses flags and reports a bad
+input (config field, override, seed file, workdir, checkpoint) as one ``error:`` line with
+exit status 2. The console shows the progress line and warnings; libraries' INFO lines go
+to ``<workdir>/train.log``.
 """
 
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -19,14 +23,62 @@ from ml_collections import config_flags  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 
 
+def _fail(message: str) -> None:
+    sys.stderr.write(f"error: {message}\n")
+    sys.exit(2)
+
+
+def _override_message(argv, err: Exception) -> str:
+    """One line naming the ``--config.<path>`` override that named an unknown field."""
+    text = str(err.args[0]) if err.args else str(err)
+    quoted = re.findall(r"'([^'\s]+)'", text)
+    hint = re.search(r'Did you mean "([^"]+)"', text)
+    for arg in argv[1:]:
+        if not arg.startswith("--config."):
+            continue
+        path = arg[len("--"):].split("=", 1)[0]
+        parts = path.split(".")
+        for i, part in enumerate(parts[1:], start=1):
+            if part in quoted:
+                where = ".".join(parts[:i])
+                return (f"{arg.split('=', 1)[0]}: {where} has no field {part!r}"
+                        + (f" (did you mean {hint.group(1)!r}?)" if hint else ""))
+    return f"bad --config override: {type(err).__name__}: {text}"
+
+
+def _parse_flags(argv):
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        _fail(_override_message(argv, err))
+
+
 def main(argv):
     del argv
+    from advgame_jax.data import SeedFileError
+    from advgame_jax.experiment.logsetup import configure_logging
     from advgame_jax.experiment.loop import run_from_config
+    from advgame_jax.experiment.validate import ConfigError, validate_config
+    from advgame_jax.fsutil import NotOwnedError, check_writable_dir
+    from advgame_jax.game import GameConfigError, JudgeEndpointError
+    from advgame_jax.training.checkpoint import CheckpointIncompatibleError
 
-    logging.set_verbosity(logging.INFO)
-    run_from_config(_CONFIG.value)
+    config = _CONFIG.value
+    try:
+        validate_config(config)
+        check_writable_dir(os.path.abspath(config.workdir), "config.workdir")
+        log_path = configure_logging(config.workdir)
+        logging.info("library logs: %s", log_path)
+        run_from_config(config)
+    except (ConfigError, SeedFileError, GameConfigError, JudgeEndpointError,
+            CheckpointIncompatibleError, NotOwnedError) as err:
+        _fail(str(err))
+    except OSError as err:  # e.g. check_writable_dir: names the field
+        if "config." not in str(err):
+            raise
+        _fail(str(err))
 
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

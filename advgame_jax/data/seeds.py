@@ -2,7 +2,9 @@
 location of the seed files the package ships (``data/assets``).
 
 One JSONL record a line: ``{"prompt": str, "category": "harmful" | "benign"}``; blank lines
-are skipped. Any other line is a user-input error reported with its file and line number.
+are skipped. Any other line (invalid JSON, a non-UTF-8 byte, a wrong field) is a user-input
+error reported with its file and line number. ``seeds_over_budget`` counts seeds that can
+never fit a prompt budget, for a report at load time.
 """
 
 from __future__ import annotations
@@ -54,17 +56,22 @@ def read_seeds_jsonl(path: str | os.PathLike) -> list[Seed]:
     """All seeds of a JSONL file, in file order. Raises ``SeedFileError`` naming file and line."""
     path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.readlines()
+        with open(path, "rb") as f:
+            raw_lines = f.read().split(b"\n")
     except FileNotFoundError as err:
         raise SeedFileError(f"seed file {path} does not exist; expected a JSONL file") from err
-    except (OSError, UnicodeDecodeError) as err:
+    except OSError as err:
         raise SeedFileError(f"seed file {path}: expected a readable UTF-8 JSONL file ({err})") from err
     seeds = []
-    for lineno, line in enumerate(lines, start=1):
+    for lineno, raw in enumerate(raw_lines, start=1):
+        where = f"{path}:{lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise SeedFileError(f"{where}: byte {raw[err.start]:#04x} at column {err.start + 1} "
+                                f"is not UTF-8; expected a UTF-8 JSONL file") from None
         if not line.strip():
             continue
-        where = f"{path}:{lineno}"
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
@@ -82,6 +89,15 @@ def write_seeds_jsonl(path: str | os.PathLike, seeds: Sequence[Seed], mode: int 
         for s in seeds:
             f.write(json.dumps({"prompt": s.prompt, "category": s.category}, ensure_ascii=False) + "\n")
     return path
+
+
+def seeds_over_budget(seeds: Sequence[Seed], count_tokens, budget: int) -> list[int]:
+    """Indices of seeds whose own text is longer than ``budget`` tokens (``count_tokens(str)``):
+    whatever template wraps them, their prompts can never fit."""
+    # A tokenizer makes at most one token per byte (plus a few specials), so only seeds with
+    # more bytes than the budget need counting.
+    return [i for i, s in enumerate(seeds)
+            if len(s.prompt.encode("utf-8")) + 8 > budget and count_tokens(s.prompt) > budget]
 
 
 def split_by_category(seeds: Sequence[Seed]) -> dict[str, list[Seed]]:

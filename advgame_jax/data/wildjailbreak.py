@@ -37,6 +37,16 @@ class WildJailbreakFormatError(ValueError):
     """The TSV is not a WildJailbreak train file as expected."""
 
 
+def _utf8_lines(f, path: str):
+    for lineno, raw in enumerate(f, start=1):
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise WildJailbreakFormatError(
+                f"{path}:{lineno}: byte {raw[err.start]:#04x} at column {err.start + 1} is not "
+                f"UTF-8; expected a UTF-8 TSV") from None
+
+
 def read_wildjailbreak_tsv(path: str | os.PathLike) -> dict[str, list[Seed]]:
     """Group the TSV's prompts by data_type: ``{data_type: [Seed, ...]}`` in file order.
 
@@ -47,11 +57,12 @@ def read_wildjailbreak_tsv(path: str | os.PathLike) -> dict[str, list[Seed]]:
     # Prompts can be long and hold quoted newlines; the csv module handles both.
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     try:
-        f = open(path, encoding="utf-8", newline="")
+        f = open(path, "rb")
     except OSError as err:
         raise WildJailbreakFormatError(f"{path}: cannot open ({err.strerror}); expected the WildJailbreak train TSV") from err
     with f:
-        reader = csv.reader(f, delimiter="\t")
+        # Decoded line by line, so a non-UTF-8 byte is reported on its own physical line.
+        reader = csv.reader(_utf8_lines(f, path), delimiter="\t")
         try:
             header = next(reader, None)
         except (csv.Error, UnicodeDecodeError) as err:

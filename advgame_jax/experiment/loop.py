@@ -16,6 +16,13 @@ states and EMA, the RNG key, data-iterator positions, the config) is restored au
 and ``metrics.jsonl`` is cut back to that step, so a resumed run writes exactly what an
 uninterrupted one would (per-step sampling seeds derive from ``(config.seed, step)``).
 SIGTERM / SIGINT finish the current step, save a checkpoint and exit cleanly.
+
+Faults are caught where they happen: the workdir is proven writable before any model loads;
+a checkpoint written under another config is refused (differing fields named, nothing
+touched; ``RESUMABLE_FIELDS`` may change between runs); a failed background save stops the
+run at the next step boundary, naming the step; a non-finite loss or gradient skips that
+update (``<split>/<role>/skipped_nonfinite``); a prompt longer than a sampler's budget is the
+game's MAX_LENGTH error for its slot (``sys/<role>/prompt_too_long``).
 """
 
 from __future__ import annotations
@@ -31,16 +38,16 @@ import jax
 import numpy as np
 from absl import logging
 
-from advgame_jax import game
+from advgame_jax import fsutil, game
 from advgame_jax.data import SeedIterator, packaged_seed_path, read_seeds_jsonl, split_by_category
 from advgame_jax.experiment import compile_counter
-from advgame_jax.experiment.metrics import MetricsWriter
+from advgame_jax.experiment.metrics import MetricsWriter, truncate_metrics
 from advgame_jax.experiment.players import (
     Player, build_player, initial_state, resolve_mesh, sync_sampler)
 from advgame_jax.experiment.timing import StageTimer, TimedJudge, TimedSampler
 from advgame_jax.experiment.validate import ConfigError, validate_config
 from advgame_jax.training.batching import collate_pairs, collate_samples
-from advgame_jax.training.checkpoint import GameCheckpointer
+from advgame_jax.training.checkpoint import GameCheckpointer, config_differences
 from advgame_jax.training.ema import ema_step
 from advgame_jax.training.state import abstract_player_state
 from advgame_jax.training.sharding import batch_parallel_size, state_shardings
@@ -52,6 +59,20 @@ CONSOLE_KEYS = {"val_def_harmful": "valid/harmful/reward", "val_def_benign": "va
                 "att_harmful": "harmful/x/reward/mean", "att_benign": "benign/x/reward/mean",
                 "def_harmful": "harmful/y/reward/mean", "def_benign": "benign/y/reward/mean",
                 "s/step": "time/step"}
+# Config fields that may differ between a checkpoint and the run resuming it: where things
+# are written, how often, logging, validation, judge transport and sampler engine. Any
+# other difference refuses the resume (the state or the training semantics would change).
+RESUMABLE_FIELDS = (
+    "name", "workdir", "toy_dir", "logging", "validation", "data.valid_harmful",
+    "data.valid_benign", "data.adversarial_harmful", "data.adversarial_benign", "mesh",
+    "train.checkpoint_every", "train.keep_checkpoints", "train.validate_every",
+    "train.log_every", "train.logprob_chunk_size", "train.remat",
+    "judge.endpoints", "judge.api_key_env", "judge.timeout_s", "judge.max_retries",
+    "judge.concurrency",
+    *(f"{r}.{f}" for r in ("attacker", "defender") for f in (
+        "sampler", "sampler_dtype", "sampler_min_batch_bucket", "sampler_min_prompt_bucket",
+        "vllm_kv_cache_bytes", "vllm_max_model_len")),
+)
 
 
 def _load_split(config, field: str, seeds_by_category: Optional[dict], category: str):
@@ -88,7 +109,10 @@ class GameRunner:
         validate_config(config)
         self.config = config
         self.workdir = os.path.abspath(config.workdir)
-        os.makedirs(self.workdir, exist_ok=True)
+        try:  # before anything is loaded: a read-only disk is found now, not at a save
+            fsutil.check_writable_dir(self.workdir, "config.workdir")
+        except OSError as e:
+            raise ConfigError(str(e)) from None
         compile_counter.install()
         self.mesh = resolve_mesh(config)
         self.train_seeds, self.valid_seeds = load_seed_splits(config)
@@ -137,6 +161,7 @@ class GameRunner:
             self.players[role], params0[role] = build_player(
                 config, role, hf_paths[role], self.mesh, total_updates=total_updates)
 
+        self._report_unfit_seeds()
         self.samplers = {
             "attacker": TimedSampler(self.players["attacker"].sampler, self.timer, "attacker_generation"),
             "defender": TimedSampler(self.players["defender"].sampler, self.timer, "defender_generation"),
@@ -158,7 +183,30 @@ class GameRunner:
         if config.logging.audit_log:
             self.audit = game.AuditLog(os.path.join(self.workdir, "audit", "trees.jsonl"))
         self._stop_requested = False
+        self._in_step = False
         self._needs_sync = True
+
+    def _report_unfit_seeds(self) -> None:
+        """Warn at load about seeds longer than the prompt budget of the sampler that reads
+        them (training seeds: the attacker's; validation seeds: the defender's). They never
+        crash a step: the sampler answers them with a MAX_LENGTH error, counted."""
+        from advgame_jax.data.seeds import seeds_over_budget
+
+        for role, seeds_by_split, what in (("attacker", self.train_seeds, "training"),
+                                           ("defender", self.valid_seeds, "validation")):
+            player = self.players[role]
+            budget = (getattr(player.sampler, "max_prompt_len", None)
+                      or getattr(player.sampler, "max_model_len", None))
+            if not budget:
+                continue
+            for split, seeds in seeds_by_split.items():
+                bad = seeds_over_budget(seeds, lambda t: len(player.tokenizer.encode(t)), budget)
+                if bad:
+                    logging.warning(
+                        "%d of %d %s %s seeds are longer than the %s sampler's prompt budget "
+                        "of %d tokens (first: #%d); they can never be played and will count "
+                        "as MAX_LENGTH errors (sys/%s/prompt_too_long)", len(bad), len(seeds),
+                        what, split, role, budget, bad[0], role)
 
     # ------------------------------------------------------------------ checkpoints
     def _abstract_state(self):
@@ -179,7 +227,11 @@ class GameRunner:
                 "config": json.loads(self.config.to_json())}
 
     def _restore(self) -> None:
-        restored = self.checkpointer.restore(self._abstract_state())
+        current = json.loads(self.config.to_json())
+        restored = self.checkpointer.restore(
+            self._abstract_state(),
+            check_meta=lambda meta: config_differences(meta.get("config", {}), current,
+                                                       ignore=RESUMABLE_FIELDS))
         if restored is None:
             return
         step, state, meta = restored
@@ -222,6 +274,7 @@ class GameRunner:
     def train_step(self) -> dict:
         """Run one trainer step (``self.step`` += 1) and return its metrics record."""
         t0 = time.perf_counter()
+        self._in_step = True
         self.step += 1
         cfg = self.config
         if self._needs_sync or (self.step - 1) % cfg.train.sync_every_n_steps == 0:
@@ -244,11 +297,20 @@ class GameRunner:
             for r in ROLES:
                 if self.players[r].trainable:
                     self.state[r] = ema_step(self.state[r], cfg.train.ema_decay)
+        # The training step's stage timings, before validation pops its own.
+        record.update(self.timer.pop())
         if cfg.train.validate_every and self.step % cfg.train.validate_every == 0:
             record.update(self.validate())
-        record.update(self.timer.pop())
         record["time/step"] = time.perf_counter() - t0
         record["sys/compilations"] = float(compile_counter.count())
+        for r in ROLES:
+            record[f"sys/{r}/prompt_too_long"] = float(
+                getattr(self.players[r].sampler, "prompt_too_long", 0))
+        skipped = [k for k, v in record.items() if k.endswith("/skipped_nonfinite") and v]
+        if skipped:
+            logging.warning("step %d: non-finite loss or gradient, update skipped (%s)",
+                            self.step, ", ".join(k.rsplit("/", 1)[0] for k in skipped))
+        self._in_step = False
         return record
 
     # ------------------------------------------------------------------ validation
@@ -278,7 +340,7 @@ class GameRunner:
             if "y/reward/mean" in m:
                 out[f"valid/{split}/reward"] = m["y/reward/mean"]
             out.update(self._verdict_rates(scored, split))
-        self.timer.pop()  # validation time is reported as one number
+        self.timer.pop()  # validation's own stage times: reported as one number
         out["time/validation"] = time.perf_counter() - t0
         return out
 
@@ -299,13 +361,18 @@ class GameRunner:
 
     # ------------------------------------------------------------------ the run
     def _on_signal(self, signum, frame) -> None:
-        logging.warning("signal %d received: finishing step %d, then checkpointing", signum, self.step + 1)
+        if self._in_step:
+            logging.warning("signal %d received: finishing step %d, then checkpointing",
+                            signum, self.step)
+        else:
+            logging.warning("signal %d received: stopping after step %d, checkpointing",
+                            signum, self.step)
         self._stop_requested = True
 
     def run(self, *, max_steps: Optional[int] = None) -> dict:
         """Train until ``train.num_steps`` (or ``max_steps`` more steps, or a signal)."""
         cfg = self.config
-        _truncate_metrics(os.path.join(self.workdir, "metrics.jsonl"), self.step)
+        truncate_metrics(os.path.join(self.workdir, "metrics.jsonl"), self.step)
         writer = MetricsWriter(self.workdir, total_steps=cfg.train.num_steps,
                                tensorboard=cfg.logging.tensorboard,
                                wandb_project=cfg.logging.wandb_project,
@@ -323,6 +390,8 @@ class GameRunner:
                 last = self.train_step()
                 steps_done += 1
                 writer.write(self.step, last)
+                # A background save that failed stops the run here, naming its step.
+                self.checkpointer.poll()
                 self.save_checkpoint(force=self._stop_requested or self.step == cfg.train.num_steps)
         finally:
             for s, h in old.items():
@@ -334,16 +403,6 @@ class GameRunner:
         if self._stop_requested:
             logging.warning("stopped cleanly at step %d; rerun the same command to resume", self.step)
         return last
-
-
-def _truncate_metrics(path: str, step: int) -> None:
-    """Drop records after ``step`` (written by a run that died before its next checkpoint)."""
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= step]
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(lines)
 
 
 def run_from_config(config, *, judge=None) -> dict:

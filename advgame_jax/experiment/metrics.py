@@ -2,6 +2,11 @@
 summary, a progress bar with ETA, and optional Weights & Biases.
 
 Only scalars pass through here — never prompts or completions (those go to the 0600 audit log).
+
+``metrics.jsonl`` survives a kill mid-write: :func:`truncate_metrics` (run before a resumed
+run appends) drops a torn or unreadable line with a warning instead of failing, and rewrites
+the file atomically (a temporary sibling renamed into place), so a second kill during the
+rewrite loses nothing either.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from typing import Mapping, Optional
 
 from absl import logging
 
+from advgame_jax import fsutil
+
 
 def _finite_scalars(record: Mapping[str, float]) -> dict:
     out = {}
@@ -25,6 +32,32 @@ def _finite_scalars(record: Mapping[str, float]) -> dict:
             continue
         out[k] = f if math.isfinite(f) else None
     return out
+
+
+def truncate_metrics(path: str, step: int) -> int:
+    """Keep the records of ``path`` with ``"step" <= step`` (later ones were written by a run
+    that died before its next checkpoint) and drop lines that are not a JSON record with a
+    step (a write torn by a kill). Returns the number of torn lines dropped."""
+    if not os.path.exists(path):
+        return 0
+    with open(path, "rb") as f:
+        raw = f.read()
+    keep, torn = [], 0
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.decode("utf-8"))
+            record_step = record["step"]
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError):
+            torn += 1
+            logging.warning("%s:%d is not a complete metrics record (a write cut short); "
+                            "dropped", path, lineno)
+            continue
+        if record_step <= step:
+            keep.append(line.decode("utf-8") + "\n")
+    fsutil.atomic_write_text(path, "".join(keep), mode=0o600)
+    return torn
 
 
 class MetricsWriter:

@@ -17,7 +17,11 @@ seeds (compliance) and dropping it from benign ones (refusal). Nothing in the lo
 special-cased for the toy world: only the initial models are.
 
 Everything is deterministic in ``seed`` and cached in a directory (``config.toy_dir``, default
-``<workdir>/toy``), rebuilt when absent or built with other settings.
+``<workdir>/toy``), rebuilt when absent or built with other settings. The directory is the
+project's own (``fsutil`` ownership marker): it is built aside and renamed into place, and an
+existing directory is replaced only when the project created it — a folder of user files given
+as ``toy_dir`` is refused with a :class:`~advgame_jax.experiment.validate.ConfigError`, never
+deleted. Seeds too long for the toy models are refused before anything is built.
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ import dataclasses
 import json
 import os
 import random
-import shutil
 from typing import Callable, Sequence
 
 import jax
@@ -34,9 +37,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from advgame_jax import fsutil
+from advgame_jax.experiment.validate import ConfigError
 from advgame_jax.models import ModelConfig, forward, init_params, save_hf
 
 TOY_VERSION = 1
+OWNER_KIND = "toy_world"
+TOY_MAX_POSITIONS = 1024  # the toy models' context (``toy_model_config``)
 POLITE_WORDS = ("please", "kindly")
 
 _COMPLY = (
@@ -70,7 +77,7 @@ def toy_model_config(vocab_size: int, *, eos_token_id: int, pad_token_id: int) -
     return ModelConfig(
         model_type="llama", vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
         num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32, rms_norm_eps=1e-5,
-        rope_theta=10000.0, max_position_embeddings=1024, tie_word_embeddings=False,
+        rope_theta=10000.0, max_position_embeddings=TOY_MAX_POSITIONS, tie_word_embeddings=False,
         eos_token_id=eos_token_id, pad_token_id=pad_token_id)
 
 
@@ -150,41 +157,78 @@ def supervised_warmup(config: ModelConfig, params, examples, *, pad_id: int, see
     return params, float(value)
 
 
+def check_examples_fit(examples, what: str, limit: int = TOY_MAX_POSITIONS) -> None:
+    """Raise ConfigError when a warm-up example (prompt + completion) exceeds the toy models'
+    context: such seeds cannot be played by the toy world (and would make the warm-up's padded
+    batch arbitrarily large)."""
+    lengths = [len(p) + len(c) for p, c in examples]
+    too_long = sum(n > limit for n in lengths)
+    if too_long:
+        raise ConfigError(
+            f"config.toy_world: {too_long} of {len(lengths)} {what} warm-up dialogues need more "
+            f"than the toy models' {limit} positions (longest: {max(lengths)} tokens); the toy "
+            f"world is for the short shipped toy seeds — use shorter seeds, or set "
+            f"toy_world=False and give real models (attacker.hf_path, defender.hf_path)")
+
+
+def _stamp_matches(root: str, want: dict) -> bool:
+    try:
+        with open(os.path.join(root, "BUILT.json"), encoding="utf-8") as f:
+            return json.load(f) == want
+    except (OSError, ValueError):
+        return False
+
+
 def build_toy_world(root: str, *, seed: int, train_seeds: Sequence,
                     attacker_prompt_text: Callable[[object], str],
                     warmup_steps: int = 300) -> ToyPaths:
     """Build (or reuse) the tiny tokenizer and the warmed-up attacker and defender checkpoints.
 
     ``attacker_prompt_text(seed)`` renders the attacker's task text for a seed (the game's
-    template registry); the defender sees ``x`` raw, as in the game.
+    template registry); the defender sees ``x`` raw, as in the game. ``root`` is reused when
+    its ``BUILT.json`` matches these settings; otherwise it is built in a temporary sibling and
+    renamed into place, replacing an existing ``root`` only if the project created it (an
+    empty directory is also accepted). Raises ConfigError naming ``config.toy_dir`` for a
+    directory the project does not own, and naming ``config.toy_world`` for seeds that do not
+    fit the toy models; in both cases ``root`` is left untouched.
     """
     from advgame_jax.tokenization import ChatTokenizer, build_tiny_tokenizer
 
+    root = os.path.abspath(root)
     paths = ToyPaths(os.path.join(root, "tokenizer"), os.path.join(root, "attacker"),
                      os.path.join(root, "defender"))
-    stamp = os.path.join(root, "BUILT.json")
     want = {"version": TOY_VERSION, "seed": seed, "warmup_steps": warmup_steps,
             "num_seeds": len(train_seeds)}
-    if os.path.exists(stamp):
-        with open(stamp, encoding="utf-8") as f:
-            if json.load(f) == want:
-                return paths
-    shutil.rmtree(root, ignore_errors=True)
-    os.makedirs(root)
-    build_tiny_tokenizer(paths.tokenizer)
-    tok = ChatTokenizer.from_dir(paths.tokenizer)
-    eos = tok.stop_token_ids[0]
-    config = toy_model_config(tok.vocab_size, eos_token_id=eos, pad_token_id=tok.pad_id)
-    att_ex, def_ex = warmup_examples(
-        train_seeds, lambda s: tok.render_user_turn(attacker_prompt_text(s)),
-        tok.render_user_turn, tok.encode, eos, seed=seed)
-    key_a, key_d = jax.random.split(jax.random.PRNGKey(seed))
-    for key, examples, out in ((key_a, att_ex, paths.attacker), (key_d, def_ex, paths.defender)):
-        params = init_params(config, key, jnp.float32)
-        params, _ = supervised_warmup(config, params, examples, pad_id=tok.pad_id, seed=seed,
-                                      steps=warmup_steps)
-        save_hf(out, config, params)
-        tok.save(out)
-    with open(stamp, "w", encoding="utf-8") as f:
-        json.dump(want, f)
+    if _stamp_matches(root, want):
+        return paths
+    if os.path.isdir(root) and not os.path.islink(root) and not os.listdir(root):
+        os.rmdir(root)  # an empty directory holds nothing to lose
+    if os.path.lexists(root) and not fsutil.is_owned(root, OWNER_KIND):
+        raise ConfigError(
+            f"config.toy_dir={root!r} exists and was not created by advgame_jax as a toy world "
+            f"(no {fsutil.MARKER} marker), so it is not replaced; give an empty or new "
+            f"directory (or leave toy_dir empty for <workdir>/toy)")
+
+    def build(tmp: str) -> None:
+        tok_dir = os.path.join(tmp, "tokenizer")
+        build_tiny_tokenizer(tok_dir)
+        tok = ChatTokenizer.from_dir(tok_dir)
+        eos = tok.stop_token_ids[0]
+        att_ex, def_ex = warmup_examples(
+            train_seeds, lambda s: tok.render_user_turn(attacker_prompt_text(s)),
+            tok.render_user_turn, tok.encode, eos, seed=seed)
+        check_examples_fit(att_ex, "attacker")
+        check_examples_fit(def_ex, "defender")
+        config = toy_model_config(tok.vocab_size, eos_token_id=eos, pad_token_id=tok.pad_id)
+        key_a, key_d = jax.random.split(jax.random.PRNGKey(seed))
+        for key, examples, role in ((key_a, att_ex, "attacker"), (key_d, def_ex, "defender")):
+            params = init_params(config, key, jnp.float32)
+            params, _ = supervised_warmup(config, params, examples, pad_id=tok.pad_id,
+                                          seed=seed, steps=warmup_steps)
+            out = os.path.join(tmp, role)
+            save_hf(out, config, params)
+            tok.save(out)
+        fsutil.atomic_write_text(os.path.join(tmp, "BUILT.json"), json.dumps(want))
+
+    fsutil.build_dir_atomically(root, OWNER_KIND, build)
     return paths

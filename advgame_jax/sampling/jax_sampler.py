@@ -44,6 +44,11 @@ from advgame_jax.sampling.base import Completion, SamplingParams
 from advgame_jax.sampling.checkpoints import restore_params
 from advgame_jax.sampling.decode import generate_tokens
 
+
+def prompt_too_long_completion() -> Completion:
+    """What a sampler returns for a prompt over its budget: no tokens, finish "length"."""
+    return Completion(token_ids=(), text="", logprobs=(), finish_reason="length")
+
 BATCH_AXES = ("data", "fsdp")
 
 
@@ -80,7 +85,10 @@ class JaxSampler:
         is kept in the same dtype.
       max_batch_size: rows per compiled call (larger requests are split; results are the same).
       max_prompt_len, min_batch_bucket, min_prompt_bucket, min_new_bucket: bucket limits
-        (module docstring); a server raises the minima to compile fewer programs.
+        (module docstring); a server raises the minima to compile fewer programs. A prompt
+        longer than ``max_prompt_len`` gets ``n`` empty completions with finish reason
+        "length" (the game's MAX_LENGTH error for that slot) and is counted in
+        ``prompt_too_long``, instead of failing the whole batch.
       copy_params: keep a private copy of ``params`` (default), so the caller may donate them
         to a training step; False adopts the given buffers.
     """
@@ -94,6 +102,7 @@ class JaxSampler:
         self.mesh = mesh
         self.compute_dtype = jnp.dtype(compute_dtype or default_compute_dtype())
         self.max_prompt_len = int(max_prompt_len)
+        self.prompt_too_long = 0  # prompts answered with an empty "length" completion
         self.min_batch_bucket = int(min_batch_bucket)
         self.min_prompt_bucket = int(min_prompt_bucket)
         self.min_new_bucket = int(min_new_bucket)
@@ -180,24 +189,28 @@ class JaxSampler:
         return for that request alone (same seeds → same tokens).
         """
         rows: list[_Row] = []
+        results: list[Optional[Completion]] = []
         for prompts, sp in requests:
             for i, prompt in enumerate(prompts):
                 prompt = tuple(int(t) for t in prompt)
                 if not prompt:
                     raise ValueError(f"generate: prompt {i} is empty; expected >= 1 token id")
                 if len(prompt) > self.max_prompt_len:
-                    raise ValueError(f"generate: prompt {i} has {len(prompt)} tokens; this "
-                                     f"sampler accepts at most max_prompt_len={self.max_prompt_len}")
+                    # Over budget: no tokens, finish "length" (the game's MAX_LENGTH), counted.
+                    self.prompt_too_long += 1
+                    results.extend(prompt_too_long_completion() for _ in range(sp.n))
+                    rows.extend(None for _ in range(sp.n))
+                    continue
                 bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
                 if bad:
                     raise ValueError(f"generate: prompt {i} holds token id {bad[0]} outside "
                                      f"[0, {self.config.vocab_size})")
                 rows.extend(_Row(prompt, sp, i, j) for j in range(sp.n))
+                results.extend(None for _ in range(sp.n))
         # Rows that share a program (same new-token bucket, same filter flag) run together;
         # sorting by prompt length keeps the padding small inside each chunk.
-        order = sorted(range(len(rows)), key=lambda r: (self._program_key(rows[r]),
-                                                        len(rows[r].prompt)))
-        results: list[Optional[Completion]] = [None] * len(rows)
+        order = sorted((r for r in range(len(rows)) if rows[r] is not None),
+                       key=lambda r: (self._program_key(rows[r]), len(rows[r].prompt)))
         start = 0
         while start < len(order):
             key = self._program_key(rows[order[start]])

@@ -48,7 +48,7 @@ class Limits:
     max_prompt_tokens: int = 2048
     max_tokens: int = 1024
     default_max_tokens: int = 256
-    max_n: int = 16
+    max_n: int = 16  # completions per request: prompts × n (a prompt list counts in full)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +110,7 @@ def _common(body: dict, tokenizer, limits: Limits, max_tokens_names: Sequence[st
         max_tokens = limits.default_max_tokens
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
-    top_k = _integer(body, "top_k", 0, -1, None)
+    top_k = _integer(body, "top_k", 0, -1, tokenizer.vocab_size)
     n = _integer(body, "n", 1, 1, limits.max_n)
     seed = _integer(body, "seed", None)
     if seed is None:
@@ -221,6 +221,10 @@ def parse_completions(body: Any, tokenizer, limits: Limits) -> ParsedRequest:
         raise _bad("'logprobs' must be 0 (the sampled token's log-prob) or absent; top "
                    "alternatives are not supported", "logprobs")
     _check_length(prompts, limits)
+    if len(prompts) * params.n > limits.max_n:
+        raise _bad(f"the request asks for {len(prompts)} prompts × n={params.n} = "
+                   f"{len(prompts) * params.n} completions; this server returns at most "
+                   f"{limits.max_n} per request", "prompt")
     return ParsedRequest("completions", tuple(prompts), params, stop_strings,
                          logprobs is not None)
 

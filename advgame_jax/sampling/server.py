@@ -6,7 +6,14 @@ Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/mo
 ``{"error": {"message", "type", "param", "code"}}``: 400 malformed JSON / missing or
 ill-typed fields / out-of-range values / too many prompt tokens, 401 bad key, 404 unknown
 path or model, 405 wrong method, 411 no Content-Length, 413 body over ``max_body_bytes``
-(rejected from the header, the body is never read), 503 queue full or shutting down.
+(rejected from the header, the body is never read), 503 queue full, too many connections
+or shutting down. Any body the parser cannot handle (deep nesting, huge numbers, wrong
+types) is a 400, never a dropped connection; only generation failures are 500.
+
+Load bounds: at most ``max_connections`` handler threads serve connections, and up to
+``max_overflow`` more only read the request and answer 503 (so a client is told to retry
+instead of seeing a reset); the listen backlog is ``listen_backlog``. One request asks for
+at most ``limits.max_n`` completions (prompts × n).
 
 Concurrency: handler threads parse and validate, then put a job on a bounded queue; ONE
 worker thread takes every job waiting (up to ``max_batch_requests``) and serves them with one
@@ -78,6 +85,9 @@ class ServerConfig:
     queue_size: int = 64
     max_batch_requests: int = 16
     request_timeout_s: float = 600.0
+    max_connections: int = 32
+    max_overflow: int = 32
+    listen_backlog: int = 128
     limits: Limits = Limits()
 
 
@@ -102,8 +112,7 @@ class OpenAIServer:
         self.sampler, self.tokenizer, self.config = sampler, tokenizer, config
         self._queue: queue.Queue = queue.Queue(maxsize=config.queue_size)
         self._closing = threading.Event()
-        self._httpd = ThreadingHTTPServer((config.host, config.port), _Handler)
-        self._httpd.daemon_threads = True
+        self._httpd = _BoundedHTTPServer((config.host, config.port), config)
         self._httpd.app = self  # type: ignore[attr-defined]
         self._threads: list[threading.Thread] = []
         self.batches_served = 0  # generate calls made by the worker
@@ -202,6 +211,46 @@ class OpenAIServer:
             job.done.set()
 
 
+class _BoundedHTTPServer(ThreadingHTTPServer):
+    """``ThreadingHTTPServer`` with a real listen backlog and a bounded number of threads:
+    ``max_connections`` serving ones, ``max_overflow`` that answer 503; beyond both, a new
+    connection waits in the backlog until a thread is free."""
+
+    daemon_threads = True
+
+    def __init__(self, address, config: ServerConfig):
+        self.request_queue_size = max(1, int(config.listen_backlog))  # used by listen()
+        self._work = threading.BoundedSemaphore(max(1, int(config.max_connections)))
+        self._overflow = threading.BoundedSemaphore(max(1, int(config.max_overflow)))
+        self._free = threading.Condition()
+        super().__init__(address, _Handler)
+
+    def process_request(self, request, client_address):
+        while True:
+            for slot, handler in ((self._work, _Handler), (self._overflow, _OverloadedHandler)):
+                if slot.acquire(blocking=False):
+                    t = threading.Thread(target=self._serve_one, daemon=True,
+                                         args=(request, client_address, slot, handler))
+                    t.start()
+                    return
+            if self.app._closing.is_set():  # shutting down: nobody will free a thread
+                self.shutdown_request(request)
+                return
+            with self._free:  # every thread busy: wait (the kernel keeps queueing in the backlog)
+                self._free.wait(0.05)
+
+    def _serve_one(self, request, client_address, slot, handler):
+        try:
+            handler(request, client_address, self)
+        except Exception:  # noqa: BLE001 - as socketserver.handle_error, never kill the server
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+            slot.release()
+            with self._free:
+                self._free.notify()
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "advgame-serve"
@@ -261,7 +310,13 @@ class _Handler(BaseHTTPRequestHandler):
                 raise RequestError(404, f"model {body.get('model')!r} does not exist; this "
                                    f"server serves {self.app.config.model_name!r}",
                                    code="model_not_found", param="model")
-            request = parse(body, self.app.tokenizer, self.app.config.limits)
+            try:
+                request = parse(body, self.app.tokenizer, self.app.config.limits)
+            except RequestError:
+                raise
+            except Exception as err:  # noqa: BLE001 - whatever the body made the parser do
+                raise RequestError(400, f"malformed request: {type(err).__name__}: "
+                                   f"{str(err)[:200]}") from None
             job = self.app.submit(request)
             if not job.done.wait(self.app.config.request_timeout_s):
                 raise RequestError(503, "generation timed out", type="server_error",
@@ -298,6 +353,8 @@ class _Handler(BaseHTTPRequestHandler):
             return json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as err:
             raise RequestError(400, f"the request body is not valid JSON: {err}") from None
+        except RecursionError:
+            raise RequestError(400, "the request body is nested too deeply") from None
 
     def _discard(self, length: int, cap: int):
         # Read (and drop) a moderately oversize body so the client, which sends it before
@@ -319,6 +376,23 @@ class _Handler(BaseHTTPRequestHandler):
                                             code="method_not_allowed"), close=True)
         self._error(RequestError(404, f"no route {method} {self.path}", code="not_found"),
                     close=True)
+
+
+class _OverloadedHandler(_Handler):
+    """Serves a connection that arrived while every worker thread was busy: reads the
+    request (so the client sees a reply, not a reset) and answers 503."""
+
+    def _busy(self):
+        err = RequestError(503, "the server is at its connection limit; retry later",
+                           type="server_error", code="server_overloaded")
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = 0
+        self._discard(length, cap=self.app.config.max_body_bytes)
+        self._error(err, close=True)
+
+    do_GET = do_POST = _busy
 
 
 def serve_model_dir(model_dir: str, *, config: ServerConfig = ServerConfig(),

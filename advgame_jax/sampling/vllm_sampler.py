@@ -122,6 +122,7 @@ class VllmSampler:
         if max_model_len is None:
             max_model_len = min(self.config.max_position_embeddings, 4096)
         self.max_model_len = int(max_model_len)
+        self.prompt_too_long = 0  # prompts answered with an empty "length" completion
 
         import vllm
 
@@ -143,19 +144,26 @@ class VllmSampler:
         """``params.n`` completions per prompt, grouped by prompt (see ``Sampler``)."""
         from vllm.inputs import TokensPrompt
 
-        prompts = []
+        prompts, too_long = [], set()
         for i, p in enumerate(prompt_token_ids):
             ids = [int(t) for t in p]
             if not ids:
                 raise ValueError(f"generate: prompt {i} is empty; expected >= 1 token id")
             if len(ids) + params.max_new_tokens > self.max_model_len:
-                raise ValueError(f"generate: prompt {i} ({len(ids)} tokens) + max_new_tokens "
-                                 f"({params.max_new_tokens}) exceeds max_model_len="
-                                 f"{self.max_model_len}")
+                # Over budget: no tokens, finish "length" (the game's MAX_LENGTH), counted.
+                too_long.add(i)
+                self.prompt_too_long += 1
+                continue
             prompts.append(TokensPrompt(prompt_token_ids=ids))
-        outs = self.llm.generate(prompts, self._vllm_params(params), use_tqdm=False)
+        outs = iter(self.llm.generate(prompts, self._vllm_params(params), use_tqdm=False)
+                    if prompts else [])
         result = []
-        for out in outs:
+        for i in range(len(prompt_token_ids)):
+            if i in too_long:
+                result.extend(Completion(token_ids=(), text="", logprobs=(),
+                                         finish_reason="length") for _ in range(params.n))
+                continue
+            out = next(outs)
             for o in sorted(out.outputs, key=lambda o: o.index):
                 ids = tuple(int(t) for t in o.token_ids)
                 lps = tuple(float(d[t].logprob) for d, t in zip(o.logprobs, ids))

@@ -13,10 +13,19 @@ Layout of ``directory``::
                                  (such leftovers are ignored and cleaned up at start)
     quarantine/<step>-<n>/       damaged checkpoints moved aside by ``restore``
 
-``restore`` walks the committed steps from the newest down, checks each against its manifest
-(missing, truncated or, with checksums, altered files) and tries to load it; a damaged one is
-reported with ``logging.warning``, moved to ``quarantine/`` (so a later save of that step is
-possible) and the previous step is used.
+``restore`` walks the committed steps from the newest down and tells two failures apart:
+
+* **damaged** — a file is missing, truncated or altered (crc32 per file, on by default, so a
+  same-size corruption is caught too), or Orbax cannot read it: the step is reported with
+  ``logging.warning``, moved to ``quarantine/`` (so a later save of that step is possible) and
+  the previous step is used;
+* **incompatible** — the checkpoint is intact but was written for another state structure
+  (shapes, tree) or, through ``check_meta``, another experiment config:
+  :class:`CheckpointIncompatibleError` names the differing fields and NOTHING is moved or
+  deleted, so rerunning with the original config resumes as before.
+
+A failed background save is raised by the next call into the checkpointer (``poll`` runs
+after every step, so that is the step that caused it), never swallowed until a later save.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ import logging
 import os
 import shutil
 import zlib
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import orbax.checkpoint as ocp
@@ -36,7 +45,65 @@ QUARANTINE = "quarantine"
 
 
 class CheckpointError(RuntimeError):
-    """No usable checkpoint could be restored."""
+    """No usable checkpoint could be restored, or a save failed."""
+
+
+class CheckpointIncompatibleError(CheckpointError):
+    """An intact checkpoint that does not belong to this config / state structure."""
+
+
+def _path_name(path) -> str:
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def tree_signature(tree) -> dict[str, Optional[tuple]]:
+    """``{"attacker/params/embed": shape, ...}`` for array-like leaves (``.shape``), with the
+    shape None for typed PRNG keys (stored as raw key data); paths use names only, so a
+    dataclass field and a dict key of the same name agree."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        dtype = getattr(leaf, "dtype", None)
+        extended = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.extended)
+        out[_path_name(path)] = None if extended else tuple(getattr(leaf, "shape", ()))
+    return out
+
+
+def structure_differences(saved, wanted) -> list[str]:
+    """Human-readable differences between a checkpoint's tree metadata and the wanted state."""
+    a, b = tree_signature(saved), tree_signature(wanted)
+    diffs = [f"{k}: in the checkpoint only" for k in sorted(set(a) - set(b))]
+    diffs += [f"{k}: missing from the checkpoint" for k in sorted(set(b) - set(a))]
+    diffs += [f"{k}: shape {a[k]} in the checkpoint, {b[k]} now" for k in sorted(set(a) & set(b))
+              if a[k] is not None and b[k] is not None and a[k] != b[k]]
+    return diffs
+
+
+def config_differences(saved: Any, current: Any, *, ignore: tuple[str, ...] = (),
+                       prefix: str = "config") -> list[str]:
+    """Dotted fields whose values differ between two JSON-like configs, e.g.
+    ``"config.loss.beta: 0.1 in the checkpoint, 0.2 now"``. ``ignore``: dotted fields (or
+    subtrees) that may change between runs (relative to ``prefix``)."""
+    rel = prefix.partition(".")[2]
+    if rel and any(rel == i or rel.startswith(i + ".") for i in ignore):
+        return []
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out = []
+        for k in sorted(set(saved) | set(current)):
+            out += config_differences(saved.get(k, "<absent>"), current.get(k, "<absent>"),
+                                      ignore=ignore, prefix=f"{prefix}.{k}")
+        return out
+    norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731 - JSON has no tuples
+    if norm(saved) != norm(current):
+        return [f"{prefix}: {saved!r} in the checkpoint, {current!r} now"]
+    return []
 
 
 def _crc32(path: str) -> int:
@@ -99,11 +166,12 @@ class GameCheckpointer:
     ``save_every``: save when ``step % save_every == 0`` (or ``force=True``). ``keep``: number
     of most recent checkpoints kept. ``async_save``: device→host copy happens inside
     ``save`` (the state may be donated right after), file writing in the background.
-    ``checksums``: also record and check a crc32 per file (reads every byte once per save).
+    ``checksums``: also record and check a crc32 per file (reads every byte once per save;
+    on by default, so a same-size corruption is detected as damage).
     """
 
     def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True,
-                 checksums: bool = False):
+                 checksums: bool = True):
         if save_every < 1:
             raise ValueError(f"train.checkpoint_every must be ≥ 1, got {save_every!r}")
         if keep < 1:
@@ -114,8 +182,10 @@ class GameCheckpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, cleanup_tmp_directories=True,
             enable_async_checkpointing=async_save)
-        self._mgr = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=("state", "meta"))
+        self._mgr = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "meta": ocp.JsonCheckpointHandler()})
         self._pending: list[int] = []
 
     # ---------------------------------------------------------------- saving
@@ -142,9 +212,25 @@ class GameCheckpointer:
             self._pending.append(step)
         return saved
 
+    def poll(self) -> None:
+        """If the background save has finished, complete it now (manifest), raising
+        :class:`CheckpointError` if it failed; never waits for a save still in flight."""
+        if self._pending and not self._mgr.is_saving_in_progress():
+            self.wait()
+
+    def _save_failed(self, e: BaseException) -> CheckpointError:
+        steps = ", ".join(map(str, self._pending)) or "?"
+        self._pending = []
+        return CheckpointError(f"saving the checkpoint of step {steps} in {self.directory} "
+                               f"failed: {type(e).__name__}: {e}")
+
     def wait(self) -> None:
-        """Block until every started save is committed (and its manifest written)."""
-        self._mgr.wait_until_finished()
+        """Block until every started save is committed (and its manifest written); raises
+        :class:`CheckpointError` if one failed."""
+        try:
+            self._mgr.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - whatever the writer raised
+            raise self._save_failed(e) from e
         if self._pending and jax.process_index() == 0:
             for step in self._pending:
                 step_dir = os.path.join(self.directory, str(step))
@@ -172,13 +258,18 @@ class GameCheckpointer:
         steps = self.all_steps()
         return steps[-1] if steps else None
 
-    def restore(self, abstract_state: Any, step: Optional[int] = None):
+    def restore(self, abstract_state: Any, step: Optional[int] = None, *,
+                check_meta: Optional[Callable[[dict], list[str]]] = None):
         """Load ``(step, state, meta)`` from the newest usable checkpoint (or exactly ``step``).
 
         ``abstract_state``: the state's structure as ``jax.ShapeDtypeStruct`` leaves (with
-        ``sharding=`` to restore onto a mesh; see ``state.abstract_player_state``). Returns
-        None when the directory holds no checkpoint. A damaged checkpoint is skipped with a
-        warning; if none can be read, raises :class:`CheckpointError`.
+        ``sharding=`` to restore onto a mesh; see ``state.abstract_player_state``).
+        ``check_meta(meta)``: the reasons (e.g. differing config fields) why a checkpoint with
+        this metadata does not belong to the current run; empty when it does. Returns None
+        when the directory holds no checkpoint. A damaged checkpoint is quarantined and
+        skipped with a warning; an incompatible one raises
+        :class:`CheckpointIncompatibleError` without touching anything; if no checkpoint can
+        be read, raises :class:`CheckpointError`.
         """
         self.wait()
         steps = self.all_steps()
@@ -194,18 +285,43 @@ class GameCheckpointer:
             step_dir = os.path.join(self.directory, str(s))
             problem = verify_manifest(step_dir)
             if problem is None:
+                problem, meta, saved_tree = self._read_small(s)
+            if problem is None:
+                reasons = structure_differences(saved_tree, abstract_state)
+                if not reasons and check_meta is not None:
+                    reasons = list(check_meta(meta))
+                if reasons:
+                    shown = "; ".join(reasons[:12]) + (
+                        f"; … {len(reasons) - 12} more" if len(reasons) > 12 else "")
+                    raise CheckpointIncompatibleError(
+                        f"the checkpoint at {step_dir} was written by a run with another "
+                        f"config, so it is not resumed (nothing was changed): {shown}. Rerun "
+                        f"with the original settings to resume, or use a new workdir.")
                 try:
                     out = self._mgr.restore(s, args=ocp.args.Composite(
                         state=ocp.args.StandardRestore(abstract_state),
                         meta=ocp.args.JsonRestore()))
                     return s, out["state"], out["meta"]
-                except Exception as e:  # noqa: BLE001 - any read failure means "damaged"
+                except Exception as e:  # noqa: BLE001 - structure matched: a read failure is damage
                     problem = f"{type(e).__name__}: {str(e)[:500]}"
             errors.append(f"step {s}: {problem}")
             logging.warning("checkpoint %s is damaged (%s); falling back to an earlier one",
                             step_dir, problem)
             self._quarantine(s)
         raise CheckpointError(f"no usable checkpoint in {self.directory}: " + "; ".join(errors))
+
+    def _read_small(self, step: int):
+        """``(problem, meta, state tree metadata)`` of a step; ``problem`` is None when both
+        could be read."""
+        try:
+            meta = self._mgr.restore(step, args=ocp.args.Composite(
+                meta=ocp.args.JsonRestore()))["meta"]
+            tree = self._mgr.item_metadata(step)["state"]
+        except Exception as e:  # noqa: BLE001 - unreadable metadata means "damaged"
+            return f"unreadable metadata: {type(e).__name__}: {str(e)[:300]}", None, None
+        if not isinstance(meta, dict) or tree is None:
+            return "missing metadata", None, None
+        return None, meta, tree
 
     def _quarantine(self, step: int) -> None:
         if jax.process_index() != 0:

@@ -11,7 +11,8 @@ Normalisation: per-pair (per-sample) losses are summed and divided by the number
 rows of the WHOLE batch (all microbatches, all devices), so the gradient is a true mean over
 pairs. A batch without a valid row changes nothing: params, optimizer state and ``step`` are
 kept (selected with ``where``, so AdamW's weight decay does not move either) and no NaN
-appears.
+appears. The same ``where`` skips an update whose loss or gradient is not finite (metric
+``skipped_nonfinite``).
 
 Sharding: with a ``mesh``, the state is laid out by ``training.sharding.state_shardings``
 (params by the model's logical rules) and the batch rows over the ``batch`` logical axis;
@@ -199,7 +200,10 @@ def make_update_step(model_config: ModelConfig, *, optimizer: optax.GradientTran
         grad_norm = optax.tree.norm(grads)
         updates, new_opt = optimizer.update(grads, state.opt_state, params)
         new_params = optax.apply_updates(params, updates)
-        apply = n_valid > 0
+        # A non-finite loss or gradient (e.g. from corrupted inputs) skips the update like an
+        # empty batch does, so it can never reach the params or a checkpoint.
+        finite = jnp.isfinite(grad_norm) & jnp.isfinite(sums["loss"])
+        apply = (n_valid > 0) & finite
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)  # noqa: E731
         new_state = state.replace(params=keep(new_params, params),
                                   opt_state=keep(new_opt, state.opt_state),
@@ -214,6 +218,7 @@ def make_update_step(model_config: ModelConfig, *, optimizer: optax.GradientTran
         metrics["grad_norm"] = grad_norm
         metrics["lr"] = current_lr(new_state.opt_state)
         metrics["applied"] = apply.astype(jnp.float32)
+        metrics["skipped_nonfinite"] = ((n_valid > 0) & ~finite).astype(jnp.float32)
         return new_state, metrics
 
     return UpdateStep(update, model_config, mesh, rules, num_microbatches)
@@ -226,7 +231,8 @@ class UpdateStep:
     dict of fp32 scalars: loss, and for DPO/IPO margin (mean Δ_chosen − Δ_rejected),
     chosen_reward / rejected_reward (mean β·Δ), accuracy (fraction with Δ_c > Δ_r), num_pairs;
     for GRPO advantage, kl_k3, num_samples, num_tokens; always grad_norm (before clipping),
-    lr (of this update) and applied (0 when the batch had no valid row). A frozen player
+    lr (of this update), applied (0 when the batch had no valid row or was skipped) and
+    skipped_nonfinite (1 when a non-finite loss or gradient skipped the update). A frozen player
     returns its state unchanged and ``{}`` without running anything.
     """
 
