@@ -157,18 +157,23 @@ def supervised_warmup(config: ModelConfig, params, examples, *, pad_id: int, see
     return params, float(value)
 
 
-def check_examples_fit(examples, what: str, limit: int = TOY_MAX_POSITIONS) -> None:
-    """Raise ConfigError when a warm-up example (prompt + completion) exceeds the toy models'
-    context: such seeds cannot be played by the toy world (and would make the warm-up's padded
-    batch arbitrarily large)."""
-    lengths = [len(p) + len(c) for p, c in examples]
-    too_long = sum(n > limit for n in lengths)
-    if too_long:
+def check_seeds_fit(examples, per_seed: int, num_seeds: int, limit: int = TOY_MAX_POSITIONS) -> None:
+    """Raise ConfigError when a seed's warm-up dialogue (prompt + completion) exceeds the toy
+    models' context: such seeds cannot be played by the toy world (and would make the
+    warm-up's padded batch arbitrarily large). ``examples`` come from
+    :func:`warmup_examples`: ``per_seed`` consecutive ones per seed, seeds cycling."""
+    longest: dict[int, int] = {}
+    for i, (p, c) in enumerate(examples):
+        k = (i // per_seed) % num_seeds
+        longest[k] = max(longest.get(k, 0), len(p) + len(c))
+    bad = sorted(k for k, n in longest.items() if n > limit)
+    if bad:
         raise ConfigError(
-            f"config.toy_world: {too_long} of {len(lengths)} {what} warm-up dialogues need more "
-            f"than the toy models' {limit} positions (longest: {max(lengths)} tokens); the toy "
-            f"world is for the short shipped toy seeds — use shorter seeds, or set "
-            f"toy_world=False and give real models (attacker.hf_path, defender.hf_path)")
+            f"config.toy_world: {len(bad)} of {num_seeds} training seeds (first: #{bad[0]}) "
+            f"make warm-up dialogues longer than the toy models' {limit} positions (longest: "
+            f"{max(longest.values())} tokens); the toy world is for the short shipped toy "
+            f"seeds — use shorter seeds, or set toy_world=False and give real models "
+            f"(attacker.hf_path, defender.hf_path)")
 
 
 def _stamp_matches(root: str, want: dict) -> bool:
@@ -217,8 +222,8 @@ def build_toy_world(root: str, *, seed: int, train_seeds: Sequence,
         att_ex, def_ex = warmup_examples(
             train_seeds, lambda s: tok.render_user_turn(attacker_prompt_text(s)),
             tok.render_user_turn, tok.encode, eos, seed=seed)
-        check_examples_fit(att_ex, "attacker")
-        check_examples_fit(def_ex, "defender")
+        check_seeds_fit(att_ex, 1, len(train_seeds))
+        check_seeds_fit(def_ex, 2, len(train_seeds))
         config = toy_model_config(tok.vocab_size, eos_token_id=eos, pad_token_id=tok.pad_id)
         key_a, key_d = jax.random.split(jax.random.PRNGKey(seed))
         for key, examples, role in ((key_a, att_ex, "attacker"), (key_d, def_ex, "defender")):
