@@ -108,3 +108,18 @@ def test_finish_reasons_and_seeds(setup):
         temperature=1.0, top_p=0.9, top_k=50, max_new_tokens=8, n=3, seed=6))
     assert [c.token_ids for c in other] != [c.token_ids for c in a]
 
+
+
+@pytest.mark.vllm
+@skip_without_vllm
+def test_over_budget_prompt_is_an_empty_length_completion(setup):
+    _, model_a, _, sampler = setup
+    prompts = _prompts(model_a.config.vocab_size)
+    long = prompts[0] * (sampler.max_model_len // len(prompts[0]) + 1)
+    sp = SamplingParams(temperature=0.0, max_new_tokens=8)
+    before = sampler.prompt_too_long
+    got = sampler.generate([prompts[0], long, prompts[1]], sp)
+    assert sampler.prompt_too_long == before + 1
+    assert got[1].token_ids == () and got[1].finish_reason == "length"
+    alone = sampler.generate([prompts[0], prompts[1]], sp)
+    assert [c.token_ids for c in (got[0], got[2])] == [c.token_ids for c in alone]
