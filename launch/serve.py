@@ -30,9 +30,12 @@ flags.DEFINE_bool("allow_attacker", False, "Allow serving an exported attacker c
 flags.DEFINE_integer("max_prompt_tokens", 2048, "Longest prompt accepted.")
 flags.DEFINE_integer("max_tokens", 1024, "Largest max_tokens a request may ask for.")
 flags.DEFINE_integer("default_max_tokens", 256, "max_tokens when a request gives none.")
-flags.DEFINE_integer("max_n", 16, "Largest n a request may ask for.")
+flags.DEFINE_integer("max_n", 16, "Most completions one request may ask for (prompts × n).")
 flags.DEFINE_integer("max_body_bytes", 1 << 20, "Largest request body accepted (413 above).")
 flags.DEFINE_integer("queue_size", 64, "Requests waiting before new ones get 503.")
+flags.DEFINE_integer("max_connections", 32, "Connections served at once (one thread each).")
+flags.DEFINE_integer("max_overflow", 32, "Extra connections answered 503 while all are busy.")
+flags.DEFINE_integer("listen_backlog", 128, "Connections the kernel queues before accept.")
 flags.DEFINE_integer("max_batch_size", 64, "Rows per compiled generate call.")
 flags.DEFINE_enum("compute_dtype", None, ["float32", "bfloat16"],
                   "Matmul dtype (default: bf16 on accelerators, fp32 on CPU).")
@@ -61,7 +64,8 @@ def _serve(model_dir):
         host=FLAGS.host, port=FLAGS.port,
         api_key=FLAGS.api_key or os.environ.get("ADVGAME_API_KEY") or None,
         model_name=FLAGS.served_model_name, max_body_bytes=FLAGS.max_body_bytes,
-        queue_size=FLAGS.queue_size,
+        queue_size=FLAGS.queue_size, max_connections=FLAGS.max_connections,
+        max_overflow=FLAGS.max_overflow, listen_backlog=FLAGS.listen_backlog,
         limits=Limits(max_prompt_tokens=FLAGS.max_prompt_tokens, max_tokens=FLAGS.max_tokens,
                       default_max_tokens=min(FLAGS.default_max_tokens, FLAGS.max_tokens),
                       max_n=FLAGS.max_n))

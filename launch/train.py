@@ -61,7 +61,7 @@ def main(argv):
     from advgame_jax.experiment.validate import ConfigError, validate_config
     from advgame_jax.fsutil import NotOwnedError, check_writable_dir
     from advgame_jax.game import GameConfigError, JudgeEndpointError
-    from advgame_jax.training.checkpoint import CheckpointIncompatibleError
+    from advgame_jax.training.checkpoint import CheckpointError
 
     config = _CONFIG.value
     try:
@@ -71,7 +71,7 @@ def main(argv):
         logging.info("library logs: %s", log_path)
         run_from_config(config)
     except (ConfigError, SeedFileError, GameConfigError, JudgeEndpointError,
-            CheckpointIncompatibleError, NotOwnedError) as err:
+            CheckpointError, NotOwnedError) as err:
         _fail(str(err))
     except OSError as err:  # e.g. check_writable_dir: names the field
         if "config." not in str(err):
