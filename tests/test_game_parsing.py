@@ -43,6 +43,7 @@ def test_think_prompt_strict_accepts(text, expected):
     "<think>a</think><prompt>do it",                               # unclosed
     "<think>a prompt> b</think><prompt>do it</prompt>",            # 'prompt>' inside the think body
     "<think>a</think><prompt>see think> here</prompt>",            # 'think>' inside the prompt body
+    "<think>a <prompt b</think><prompt>do it</prompt>",            # '<prompt' opening in a body
 ])
 def test_think_prompt_strict_rejects(text):
     assert parse_attack(text, TP) is None
@@ -53,7 +54,10 @@ def test_prompt_strict():
     assert parse_attack("<prompt>do it</prompt> extra", P) is None
     assert parse_attack("<think>a</think><prompt>do it</prompt>", P) is None
     assert parse_attack("<prompt>a</prompt><prompt>b</prompt>", P) is None
-    assert parse_attack("<prompt>a <think>b</think></prompt>", P) is None
+    # Reference rule: only prompt tags are banned inside a prompt_strict body.
+    assert parse_attack("<prompt>a <think>b</think></prompt>", P) == "a <think>b</think>"
+    assert parse_attack("<PROMPT>a</Prompt>", P) == "a"
+    assert parse_attack("<prompt>a <prompt attr</prompt>", P) is None
     assert parse_attack("lead <prompt>a</prompt>", P) is None
 
 

@@ -8,7 +8,7 @@ import dataclasses
 from typing import Any
 
 from advgame_jax.game.parsing import FAITH_TIES, FORMATS
-from advgame_jax.game.templates import TemplateError, get_template_set
+from advgame_jax.game.templates import TemplateError, get_template_set, load_template_file
 from advgame_jax.sampling.base import SamplingParams
 
 SELECTIONS = ("reference", "fallback")
@@ -102,6 +102,7 @@ class GameConfig:
 
 def game_config_from_experiment(config: Any) -> GameConfig:
     """A ``GameConfig`` from an experiment ConfigDict (fields of ``configs/base.py``:
+    ``game.templates_file``, when set, is loaded and registered, and its set is used;
     ``game.*``, ``judge.mode/swap_positions/condition_on/attacker_judge/defender_judge/
     num_faith_samples`` and ``sampling.*``)."""
     s = config.sampling
@@ -109,8 +110,14 @@ def game_config_from_experiment(config: Any) -> GameConfig:
                             top_k=int(s.top_k), max_new_tokens=int(s.max_new_tokens),
                             seed=int(config.get("seed", 0)))
     g, j = config.game, config.judge
+    templates = g.templates
+    if g.get("templates_file", ""):
+        try:
+            templates = load_template_file(g.templates_file).name
+        except TemplateError as err:
+            raise GameConfigError(f"config.game.templates_file: {err}") from None
     return GameConfig(
-        num_attacks=g.num_attacks, num_responses=g.num_responses, templates=g.templates,
+        num_attacks=g.num_attacks, num_responses=g.num_responses, templates=templates,
         attacker_format=g.attacker_format, defender_format=g.defender_format,
         condition_on=j.condition_on, optimistic_attacker=g.optimistic_attacker,
         attacker_judge_enabled=j.attacker_judge, defender_judge_enabled=j.defender_judge,

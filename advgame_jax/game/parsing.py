@@ -5,9 +5,11 @@ Attack formats (tag names match case-insensitively, ``<THINK>`` is ``<think>``):
 
 - ``think_prompt_strict``: ``<think>…</think>`` then ``<prompt>…</prompt>``; surrounding
   whitespace is allowed, nothing else: no text before ``<think>``, only whitespace between
-  ``</think>`` and ``<prompt>`` and after ``</prompt>``. Neither body may contain the strings
-  ``think>`` or ``prompt>`` (so no nested, repeated or stray tag of either kind).
-- ``prompt_strict``: ``<prompt>…</prompt>`` alone, same rules.
+  ``</think>`` and ``<prompt>`` and after ``</prompt>``. Neither body may contain ``think>``,
+  ``prompt>``, or ``<think`` / ``</think`` / ``<prompt`` / ``</prompt`` as a whole word (so
+  no nested, repeated or stray tag of either kind).
+- ``prompt_strict``: ``<prompt>…</prompt>`` alone (nothing before it), the same rules for the
+  prompt tag only: a think tag inside the prompt body is allowed, as in the reference.
 - ``any``: the whole output.
 
 In every format ``x`` is the stripped body. An empty body is accepted (the spec's patterns
@@ -35,11 +37,19 @@ from typing import Iterable, Optional
 FORMATS = ("think_prompt_strict", "prompt_strict", "any")
 FAITH_TIES = ("not_faithful", "bad_judge")
 
-# A body: any text that does not contain "think>" or "prompt>" (any case).
-_BODY = r"((?:(?!think>|prompt>).)*?)"
-_THINK_PROMPT_RE = re.compile(rf"\s*<think>{_BODY}</think>\s*<prompt>{_BODY}</prompt>\s*",
-                              re.DOTALL | re.IGNORECASE)
-_PROMPT_RE = re.compile(rf"\s*<prompt>{_BODY}</prompt>\s*", re.DOTALL | re.IGNORECASE)
+
+
+def _body(*tags: str) -> str:
+    """A tag body: text holding no ``<tag``/``</tag`` opening (as a whole word) and no
+    ``tag>`` for any of ``tags``."""
+    banned = "|".join([rf"</?{t}\b" for t in tags] + [f"{t}>" for t in tags])
+    return rf"((?:(?!{banned}).)*?)"
+
+
+_THINK_PROMPT_RE = re.compile(
+    rf"\s*<think>{_body('think', 'prompt')}</think>\s*<prompt>{_body('think', 'prompt')}</prompt>\s*",
+    re.DOTALL | re.IGNORECASE)
+_PROMPT_RE = re.compile(rf"\s*<prompt>{_body('prompt')}</prompt>\s*", re.DOTALL | re.IGNORECASE)
 _NUMBER_RE = re.compile(r"(\d+(?:\.\d)?)(?:\s*/\s*10)?")
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _SCORE_RES = {tag: re.compile(rf"<{tag}>(.*?)</{tag}>", re.DOTALL) for tag in ("score_A", "score_B", "score")}
