@@ -25,7 +25,7 @@ from advgame_jax.game.normalization import (
 from advgame_jax.game.tree import XError
 from advgame_jax.training.optimizer import current_lr, optimizer_from_config
 from tests.game_stubs import ByteTokenizer, ScriptedJudge, ScriptedSampler
-from tests.test_game_golden import CFG, TOK, play
+from tests.test_game_golden import CFG, SEEDS, TOK, play
 
 
 # ---- 2. LR schedule -------------------------------------------------------------------------
@@ -241,3 +241,19 @@ def test_reference_defender_pairs_only_from_error_free_attacks():
     assert out["reference"] == [("r1a", "r1b")]                   # x0 had BAD_ATT_JUDGE
     assert out["fallback"] == [("r0b", "r0a"), ("r1a", "r1b")]
 
+
+
+# ---- Whole-split validation in chunks ----------------------------------------------------------
+def test_chunked_tree_summarises_like_the_whole_batch():
+    from advgame_jax.game import concat_scored_trees, tree_metrics
+
+    whole, *_ = play(CFG)
+    parts = [play(CFG, seeds=SEEDS[:1])[0], play(CFG, seeds=SEEDS[1:3])[0], play(CFG, seeds=SEEDS[3:])[0]]
+    joined = concat_scored_trees(parts)
+    assert joined.shape == whole.shape == (4, 3, 2)
+    assert joined.x_reward_BA == whole.x_reward_BA and joined.y_error_BAD == whole.y_error_BAD
+    assert joined.tree.att_ids_BA == whole.tree.att_ids_BA
+    # Judge requests are counted per chunk and summed: 10 + 7 + 5 as in the golden test.
+    assert tree_metrics(joined) == pytest.approx(tree_metrics(whole))
+    with pytest.raises(ValueError, match="at least one"):
+        concat_scored_trees([])
