@@ -91,6 +91,7 @@ def grpo_loss(
     sampler_token_logps=None,
     tis_cap=2.0,
     detach_weight=True,
+    sampler_rows=None,
 ):
     """GRPO per sample (GAME_SPEC §2.11): summed per-token policy gradient + k3 KL penalty.
 
@@ -105,7 +106,9 @@ def grpo_loss(
     ``detach_weight=False`` (the reference implementation's behaviour, paper GRPO configs):
     w_t = min(exp(lp_t − sampler_t), tis_cap) keeps its gradient, so where w_t < tis_cap the
     gradient of pg_t is −2·w_t·A·∇lp_t (one factor from w, one from the policy term); where the
-    cap binds, the cap has no gradient and it is −w_t·A·∇lp_t as before.
+    cap binds, the cap has no gradient and it is −w_t·A·∇lp_t as before. ``sampler_rows``
+    (``[S]`` bool, optional): samples without sampler log-probs (False) get w_t = 1 with no
+    gradient in either mode.
         k3_t   = exp(ref_t − lp_t) − (ref_t − lp_t) − 1    (k3 estimator of KL(π_θ ‖ π_ref))
         loss_t = pg_t + kl_coef · k3_t
 
@@ -129,6 +132,8 @@ def grpo_loss(
         # sampler can neither overflow exp nor send 0·inf = NaN into the gradient.
         log_w = (lp_sg if detach_weight else lp) - sampler
         w = jnp.exp(jnp.minimum(log_w, jnp.log(jnp.float32(tis_cap))))
+        if sampler_rows is not None:
+            w = jnp.where(jnp.asarray(sampler_rows, bool)[:, None], w, 1.0)
     pg = -w * adv * jnp.exp(lp - lp_sg)
     log_ratio = ref - lp
     k3 = jnp.exp(log_ratio) - log_ratio - 1.0

@@ -148,6 +148,7 @@ def make_update_step(model_config: ModelConfig, *, optimizer: optax.GradientTran
                                    _shift(mb.sampler_logprobs, 0.0), jax.lax.stop_gradient(lp))
         per = losses.grpo_loss(lp, ref_lp, mb.advantages, lmask, kl_coef=kl_coef,
                                sampler_token_logps=sampler_lp, detach_weight=tis_detach,
+                               sampler_rows=mb.has_sampler_logprobs,
                                tis_cap=tis if tis is not None else 2.0)
         if nll_coef:
             per = per + nll_coef * losses.nll_loss(lp, lmask, length_normalization=length_normalization)
