@@ -90,6 +90,8 @@ def grpo_loss(
     kl_coef=0.1,
     sampler_token_logps=None,
     tis_cap=2.0,
+    detach_weight=True,
+    sampler_rows=None,
 ):
     """GRPO per sample (GAME_SPEC §2.11): summed per-token policy gradient + k3 KL penalty.
 
@@ -100,6 +102,13 @@ def grpo_loss(
 
         w_t    = min(exp(sg(lp_t) − sampler_t), tis_cap)   (1 without sampler log-probs)
         pg_t   = −w_t · A · exp(lp_t − sg(lp_t))           (value −w_t·A, gradient −w_t·A·∇lp_t)
+
+    ``detach_weight=False`` (the reference implementation's behaviour, paper GRPO configs):
+    w_t = min(exp(lp_t − sampler_t), tis_cap) keeps its gradient, so where w_t < tis_cap the
+    gradient of pg_t is −2·w_t·A·∇lp_t (one factor from w, one from the policy term); where the
+    cap binds, the cap has no gradient and it is −w_t·A·∇lp_t as before. ``sampler_rows``
+    (``[S]`` bool, optional): samples without sampler log-probs (False) get w_t = 1 with no
+    gradient in either mode.
         k3_t   = exp(ref_t − lp_t) − (ref_t − lp_t) − 1    (k3 estimator of KL(π_θ ‖ π_ref))
         loss_t = pg_t + kl_coef · k3_t
 
@@ -119,8 +128,12 @@ def grpo_loss(
         w = jnp.ones_like(lp)
     else:
         sampler = jax.lax.stop_gradient(_masked(sampler_token_logps, mask))
-        # exp may overflow to inf on a stale sampler; the cap makes it finite again.
-        w = jnp.minimum(jnp.exp(lp_sg - sampler), tis_cap)
+        # min(exp(r), cap) computed as exp(min(r, log cap)): the same value, but a stale
+        # sampler can neither overflow exp nor send 0·inf = NaN into the gradient.
+        log_w = (lp_sg if detach_weight else lp) - sampler
+        w = jnp.exp(jnp.minimum(log_w, jnp.log(jnp.float32(tis_cap))))
+        if sampler_rows is not None:
+            w = jnp.where(jnp.asarray(sampler_rows, bool)[:, None], w, 1.0)
     pg = -w * adv * jnp.exp(lp - lp_sg)
     log_ratio = ref - lp
     k3 = jnp.exp(log_ratio) - log_ratio - 1.0

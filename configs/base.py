@@ -61,7 +61,11 @@ def base_config() -> ml_collections.ConfigDict:
             timeout_s=120.0,
             max_retries=3,
             concurrency=32,
+            # Judge decoding. The reference samples (0.6 / 0.9, paper configs); greedy here.
             temperature=0.0,
+            top_p=1.0,
+            # Answers per pairwise/pointwise request, their scores averaged (1 = one answer).
+            num_samples=1,
             max_new_tokens=8192,
             hf_path="",  # for backend='sampler': a local judge checkpoint
             mode="pairwise",  # 'pairwise' | 'pointwise'
@@ -70,6 +74,9 @@ def base_config() -> ml_collections.ConfigDict:
             attacker_judge=True,
             defender_judge=True,
             num_faith_samples=1,
+            # Faithfulness samples split evenly: 'bad_judge' (excluded) or 'not_faithful'
+            # (the reference's rule).
+            faith_tie="bad_judge",
         )
     )
 
@@ -78,10 +85,17 @@ def base_config() -> ml_collections.ConfigDict:
             num_attacks=2,  # A
             num_responses=2,  # D
             templates="advgame_v1",
+            # A template file (docs/game.md, "Template files") used instead of `templates`; its
+            # set is registered under the file's name without '.txt'.
+            templates_file="",
             attacker_format="think_prompt_strict",
             defender_format="any",
             optimistic_attacker=True,
             faithfulness=True,
+            # 'reference': an attack whose selected response got BAD_DEF_JUDGE stays unjudged
+            # (reward 0.0) and defender pairs come only from error-free attacks; 'fallback':
+            # judge such an attack on its first sampled response, pairs from every attack.
+            selection="fallback",
         )
     )
 
@@ -98,13 +112,19 @@ def base_config() -> ml_collections.ConfigDict:
             entropy_coef=0.0,
             kl_coef=0.1,  # GRPO
             tis_cap=2.0,  # GRPO truncated importance sampling cap; 0 disables
+            # GRPO: stop the gradient of the importance weight (True) or keep it (False, the
+            # reference: gradient 2·w·A·∇log π where w < cap).
+            tis_detach=True,
             grpo_baseline="across_seeds",  # 'across_seeds' | 'per_seed'
         )
     )
 
     c.optim = ml_collections.ConfigDict(
         dict(lr=1e-6, b1=0.9, b2=0.95, weight_decay=0.1, clip_norm=1.0,
-             final_lr_fraction=0.2, warmup_steps=0)
+             final_lr_fraction=0.2, warmup_steps=0,
+             # 'run': one cosine over all 2·num_steps updates; 'cycle' (the reference): a
+             # cosine over num_steps updates that restarts (training/optimizer.py).
+             lr_schedule="run")
     )
 
     c.train = ml_collections.ConfigDict(
@@ -116,6 +136,13 @@ def base_config() -> ml_collections.ConfigDict:
             reference="ema",  # 'ema' (MD) | 'initial'
             sync_every_n_steps=1,
             num_microbatches=1,
+            # Gradient normaliser (game/normalization.py): 'pairs' = mean over the split's
+            # pairs/samples; 'reference' = the reference's rows per microbatch of
+            # `norm_seeds_per_microbatch` seeds, an empty microbatch counting one row.
+            loss_normalization="pairs",
+            norm_seeds_per_microbatch=1,
+            # A split without pairs still takes an AdamW step (the reference) or is skipped.
+            step_on_empty_batch=False,
             pair_buckets=(),  # empty = powers of two
             length_buckets=(),  # empty = 16, 24, 32, 48, 64, 96, ... (2^k and 3·2^(k-1))
             logprob_chunk_size=1024,
@@ -133,12 +160,17 @@ def base_config() -> ml_collections.ConfigDict:
             train_benign="",
             valid_harmful="",
             valid_benign="",
+            # Adversarial validation splits (launch/prepare_data.py writes them); empty = skipped.
+            valid_adversarial_harmful="",
+            valid_adversarial_benign="",
             adversarial_harmful="",
             adversarial_benign="",
         )
     )
 
-    c.validation = ml_collections.ConfigDict(dict(num_seeds=64, num_responses=2))
+    # num_seeds: seeds per validation split, 0 = the whole split; batch_size: seeds per
+    # rollout call when validating (0 = all at once).
+    c.validation = ml_collections.ConfigDict(dict(num_seeds=64, num_responses=2, batch_size=64))
 
     c.logging = ml_collections.ConfigDict(
         dict(audit_log=False, tensorboard=True, wandb_project="", progress_bar=True)

@@ -26,7 +26,7 @@ import threading
 import time
 from typing import Callable
 
-_TAGS = ("response_A", "response_B", "response", "rewritten_prompt")
+_TAGS = ("response_A", "response_B", "response", "rewritten_prompt", "prompt")
 
 
 def _between(prompt: str, tag: str):
@@ -51,8 +51,13 @@ def marker_script(timeout_sleep: float = 1.0) -> Callable:
             m = re.search(r"SCORE=(\d+)", t or "")
             return m.group(1) if m else "0"
 
-        if parts["rewritten_prompt"] is not None:
-            m = re.search(r"FAITH=(True|False)", parts["rewritten_prompt"])
+        # The faithfulness question holds the attack in <rewritten_prompt> (advgame_v1) or in
+        # <prompt> with an <answer> verdict asked for (advgame_paper).
+        attack = parts["rewritten_prompt"]
+        if attack is None and "<answer>" in prompt:
+            attack = parts["prompt"]
+        if attack is not None:
+            m = re.search(r"FAITH=(True|False)", attack)
             return ("ok", f"Reasoning. <answer>{m.group(1) if m else 'True'}</answer>")
         if parts["response_A"] is not None:
             return ("ok", f"Compare. <score_A>{score(parts['response_A'])}</score_A> "

@@ -38,7 +38,8 @@ def test_every_config_file_is_covered():
         for loss in ("dpo_md", "ipo_md", "grpo"):
             assert f"configs/{fam}_{loss}.py" in names
     for abl in ("no_ema", "pointwise_judge", "fixed_attacker", "no_attacker_judge",
-                "non_optimistic", "no_think"):
+                "non_optimistic", "no_think", "dpo_onpolicy", "small_judge",
+                "grpo_pairwise_onpolicy", "grpo_pointwise_offpolicy"):
         assert f"configs/ablations/{abl}.py" in names
     assert "configs/tiny.py" in names
 
@@ -77,6 +78,72 @@ def test_paper_table():
     assert abl("no_think", "llama").judge.model.startswith("Llama")
 
 
+# The reference's paper configs (configs/paper/**.yaml of facebookresearch/advgame and the
+# fairseq2 defaults they rely on), value by value. Dotted field -> value.
+REFERENCE_VALUES = {
+    "optim.lr": 1e-6, "optim.b1": 0.9, "optim.b2": 0.95, "optim.weight_decay": 0.1,
+    "optim.clip_norm": 1.0, "optim.final_lr_fraction": 0.2, "optim.warmup_steps": 0,
+    "optim.lr_schedule": "cycle",  # cosine over regime.num_steps scheduler steps, restarting
+    "train.num_steps": 1000, "train.seeds_per_device": 4, "train.ema_decay": 0.95,
+    "train.validate_every": 25, "train.checkpoint_every": 50, "train.sync_every_n_steps": 1,
+    "train.loss_normalization": "reference", "train.norm_seeds_per_microbatch": 1,
+    "train.step_on_empty_batch": True,
+    "loss.beta": 0.1, "loss.length_normalization": False, "loss.nll_coef": 0.0,
+    "loss.entropy_coef": 0.0,
+    "sampling.temperature": 0.6, "sampling.top_p": 0.9, "sampling.max_new_tokens": 2048,
+    "judge.temperature": 0.6, "judge.top_p": 0.9, "judge.num_samples": 1,
+    "judge.max_new_tokens": 8192, "judge.condition_on": "prompt", "judge.faith_tie": "not_faithful",
+    "game.templates": "advgame_paper", "game.attacker_format": "think_prompt_strict",
+    "game.defender_format": "any", "game.optimistic_attacker": True, "game.selection": "reference",
+    "validation.num_seeds": 0, "validation.batch_size": 64,
+}
+PER_RUN = {  # (family, loss, ablation) -> extra reference values
+    ("qwen", "dpo_md", "none"): {"loss.kind": "dpo", "judge.mode": "pairwise", "game.num_attacks": 2,
+                                 "game.num_responses": 2, "train.sample_from": "ema",
+                                 "train.reference": "ema", "judge.model": "Qwen2.5-32B-Instruct"},
+    ("llama", "ipo_md", "none"): {"loss.kind": "ipo", "train.reference": "ema",
+                                  "judge.model": "Llama-3.3-70B-Instruct-abliterated"},
+    ("qwen", "grpo", "none"): {"loss.kind": "grpo", "judge.mode": "pointwise", "game.num_attacks": 4,
+                               "game.num_responses": 4, "train.sample_from": "trained",
+                               "train.reference": "initial", "loss.tis_cap": 2.0,
+                               "loss.tis_detach": False, "loss.grpo_baseline": "across_seeds"},
+    ("qwen", "dpo_md", "dpo_onpolicy"): {"loss.kind": "dpo", "train.sample_from": "trained",
+                                         "train.reference": "initial"},
+    ("qwen", "dpo_md", "small_judge"): {"loss.kind": "dpo", "judge.model": "Qwen2.5-7B-Instruct",
+                                        "train.sample_from": "ema"},
+    ("qwen", "dpo_md", "grpo_pairwise_onpolicy"): {
+        "loss.kind": "grpo", "judge.mode": "pairwise", "game.num_attacks": 4, "game.num_responses": 4,
+        "train.sample_from": "trained", "train.reference": "initial", "loss.tis_cap": 2.0},
+    ("qwen", "dpo_md", "grpo_pointwise_offpolicy"): {
+        "loss.kind": "grpo", "judge.mode": "pointwise", "game.num_attacks": 4, "game.num_responses": 4,
+        "train.sample_from": "ema", "train.reference": "initial", "loss.tis_cap": 0.0},
+}
+
+
+@pytest.mark.parametrize("run", list(PER_RUN), ids=lambda r: "_".join(r))
+def test_paper_configs_equal_reference_values(run):
+    from configs.paper import paper_config
+
+    c = paper_config(*run)
+    for dotted, want in {**REFERENCE_VALUES, **PER_RUN[run]}.items():
+        node = c
+        for part in dotted.split("."):
+            node = node[part]
+        assert node == want, dotted
+    # Four validation splits: the vanilla and adversarial fields all exist (paths are user input).
+    for field in ("valid_harmful", "valid_benign", "valid_adversarial_harmful", "valid_adversarial_benign"):
+        assert field in c.data
+
+
+def test_paper_table_rejects_unknown_names():
+    from configs.paper import paper_config
+
+    with pytest.raises(ValueError, match="ablation must be one of"):
+        paper_config("qwen", "dpo_md", "tiny_judge")
+    with pytest.raises(ValueError, match="loss must be one of"):
+        paper_config("qwen", "ppo")
+
+
 @pytest.mark.parametrize("field,value,match", [
     ("game.num_attacks", 0, r"config\.game\.num_attacks"),
     ("game.num_attacks", 1, r"config\.game\.num_attacks: dpo needs >= 2"),
@@ -90,6 +157,14 @@ def test_paper_table():
     ("mesh.tensor", 0, r"config\.mesh\.tensor"),
     ("attacker.sampler", "tgi", r"config\.attacker\.sampler"),
     ("data.train_benign", "", r"config\.data\.train_benign"),
+    ("optim.lr_schedule", "linear", r"config\.optim\.lr_schedule"),
+    ("train.loss_normalization", "tokens", r"config\.train\.loss_normalization"),
+    ("judge.top_p", 0.0, r"config\.judge\.top_p"),
+    ("judge.num_samples", 0, r"config\.judge\.num_samples"),
+    ("judge.faith_tie", "coin", r"config\.judge\.faith_tie"),
+    ("game.selection", "best", r"config\.game\.selection"),
+    ("game.templates_file", "/nonexistent/t.txt", r"config\.game\.templates_file"),
+    ("validation.batch_size", -1, r"config\.validation\.batch_size"),
 ])
 def test_bad_fields_are_named(field, value, match):
     c = complete(load(os.path.join(ROOT, "configs", "qwen_dpo_md.py")))

@@ -238,6 +238,8 @@ def test_prepare_wildjailbreak(tmp_path):
     assert counts == {
         "train_harmful.jsonl": 4, "valid_harmful.jsonl": 3, "adversarial_harmful.jsonl": 2,
         "train_benign.jsonl": 3, "valid_benign.jsonl": 3, "adversarial_benign.jsonl": 1,
+        # Adversarial validation: up to 256 / 128, here all of the 2 / 1 adversarial rows.
+        "valid_adversarial_harmful.jsonl": 2, "valid_adversarial_benign.jsonl": 1,
     }
     for name in counts:
         assert stat.S_IMODE(os.stat(out / name).st_mode) == 0o600
@@ -250,6 +252,17 @@ def test_prepare_wildjailbreak(tmp_path):
         adv = read_seeds_jsonl(out / f"adversarial_{category}.jsonl")
         assert [s.prompt for s in adv] == [r[1] for r in rows if r[3] == f"adversarial_{category}"]
         assert {s.category for s in adv} == {category}
+    # Adversarial validation = the first n of the seeded permutation of the adversarial rows.
+    small = wjb.prepare_wildjailbreak(tsv, tmp_path / "small", valid_size=3,
+                                      adversarial_valid_sizes={"harmful": 1, "benign": 0})
+    assert (small["valid_adversarial_harmful.jsonl"], small["valid_adversarial_benign.jsonl"]) == (1, 0)
+    adv_h = [r[1] for r in rows if r[3] == "adversarial_harmful"]
+    first = int(np.random.default_rng(42).permutation(len(adv_h))[0])
+    got = read_seeds_jsonl(tmp_path / "small" / "valid_adversarial_harmful.jsonl")
+    assert [(s.prompt, s.category) for s in got] == [(adv_h[first], "harmful")]
+    with pytest.raises(ValueError, match="adversarial_valid_sizes"):
+        wjb.prepare_wildjailbreak(tsv, tmp_path / "bad", valid_size=3,
+                                  adversarial_valid_sizes={"harmful": -1})
     again = wjb.prepare_wildjailbreak(tsv, tmp_path / "again", valid_size=3)
     assert again == counts
     for name in counts:

@@ -106,7 +106,7 @@ def test_llm_judge_over_in_process_sampler():
                      get_template_set("advgame_v1"))
     assert judge.faithfulness([FaithRequest("s", "x", "harmful")] * 3) == [False] * 3
     assert judge.pairwise([PairRequest("deflection", "q", "a", "b"),
-                           PairRequest("deflection", "q", "a", "FAIL_LENGTH")]) == [(6.0, 2.5), (4.0, None)]
+                           PairRequest("deflection", "q", "a", "FAIL_LENGTH")]) == [(6.0, 2.5), (None, None)]
     assert judge.pointwise([PointRequest("refusal", "q", "GOOD"), PointRequest("refusal", "q", "meh")]) == [8.0, None]
     # One generate call per batch, n = 1, stop ids from the tokenizer.
     assert [(n, p.n, p.stop_token_ids) for n, p in sampler.calls] == [(3, 1, (EOS,)), (2, 1, (EOS,)), (2, 1, (EOS,))]

@@ -81,6 +81,9 @@ def test_paper_config_runs_one_step(path, tmp_path, stand_ins, judge_server, wil
     c.data.train_benign = str(wildjailbreak_dir / "valid_benign_256.jsonl")
     c.data.valid_harmful = c.data.train_harmful
     c.data.valid_benign = c.data.train_benign
+    # The four validation splits of the paper (the adversarial ones read the same files here).
+    c.data.valid_adversarial_harmful = c.data.train_harmful
+    c.data.valid_adversarial_benign = c.data.train_benign
     c.mesh.data = 1
     c.train.seeds_per_device = 2
     c.train.num_steps = 1
@@ -102,5 +105,7 @@ def test_paper_config_runs_one_step(path, tmp_path, stand_ins, judge_server, wil
         assert last[f"{split}/x/slots"] == b * c.game.num_attacks
         assert last[f"{split}/y/slots"] == b * c.game.num_attacks * c.game.num_responses
     # Validation answered the seeds directly and asked the scripted endpoint for scores.
-    assert "valid/harmful/y/rate/valid" in last and judge_server.hits > hits
+    for split in ("harmful", "benign", "adversarial_harmful", "adversarial_benign"):
+        assert last[f"valid/{split}/y/slots"] == 2 * c.validation.num_responses, split
+    assert judge_server.hits > hits
     assert os.path.isdir(os.path.join(c.workdir, "checkpoints", "1"))

@@ -11,6 +11,9 @@ Output (files created with mode 0600 in ``out_dir``):
   default); the first ``valid_size`` of the permutation are validation, the rest train.
 - ``adversarial_{harmful,benign}.jsonl``: the ``adversarial`` prompts of the adversarial rows,
   in file order (evaluation splits).
+- ``valid_adversarial_{harmful,benign}.jsonl``: the first 256 (harmful) / 128 (benign) of the
+  adversarial prompts permuted with the same seeded generator (all of them when there are
+  fewer), the paper's adversarial validation splits (``config.data.valid_adversarial_*``).
 
 Prompts are never logged or put in error messages: a bad header or row is reported by file,
 line number and what was expected.
@@ -31,6 +34,8 @@ REQUIRED_COLUMNS = ("vanilla", "adversarial", "completion", "data_type")
 DATA_TYPES = ("vanilla_harmful", "vanilla_benign", "adversarial_harmful", "adversarial_benign")
 DEFAULT_SEED = 42
 DEFAULT_VALID_SIZE = 256
+# Adversarial validation seeds per category (the reference's valid_adversarial_*_{256,128}).
+DEFAULT_ADVERSARIAL_VALID_SIZES = {"harmful": 256, "benign": 128}
 
 
 class WildJailbreakFormatError(ValueError):
@@ -127,8 +132,18 @@ def prepare_wildjailbreak(
     *,
     valid_size: int = DEFAULT_VALID_SIZE,
     seed: int = DEFAULT_SEED,
+    adversarial_valid_sizes: Optional[dict] = None,
 ) -> dict[str, int]:
-    """Write the train/valid/adversarial JSONL splits; returns ``{file name: record count}``."""
+    """Write the train/valid/adversarial JSONL splits; returns ``{file name: record count}``.
+
+    ``adversarial_valid_sizes``: ``{category: n}`` for the adversarial validation splits
+    (default ``DEFAULT_ADVERSARIAL_VALID_SIZES``)."""
+    sizes = dict(DEFAULT_ADVERSARIAL_VALID_SIZES if adversarial_valid_sizes is None
+                 else adversarial_valid_sizes)
+    for category, n in sizes.items():
+        if category not in CATEGORIES or isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"adversarial_valid_sizes: expected {{'harmful'|'benign': int >= 0}}, "
+                             f"got {category!r}: {n!r}")
     grouped = read_wildjailbreak_tsv(tsv_path)
     files: dict[str, list[Seed]] = {}
     for category in CATEGORIES:
@@ -142,6 +157,9 @@ def prepare_wildjailbreak(
         files[f"train_{category}.jsonl"] = train
         files[f"valid_{category}.jsonl"] = valid
         files[f"adversarial_{category}.jsonl"] = grouped[f"adversarial_{category}"]
+        _, adv_valid = split_train_valid(grouped[f"adversarial_{category}"],
+                                         valid_size=sizes.get(category, 0), seed=seed)
+        files[f"valid_adversarial_{category}.jsonl"] = adv_valid
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, mode=0o700, exist_ok=True)
     for name, seeds in files.items():

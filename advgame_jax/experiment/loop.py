@@ -87,14 +87,26 @@ def _load_split(config, field: str, seeds_by_category: Optional[dict], category:
     return list(seeds_by_category.get(category, [])) if seeds_by_category else []
 
 
+# Validation splits (GAME_SPEC §4): name -> (config.data field, seed category). The vanilla
+# splits keep the short names; the adversarial ones are skipped when their field is empty.
+VALID_SPLITS = {"harmful": ("valid_harmful", "harmful"), "benign": ("valid_benign", "benign"),
+                "adversarial_harmful": ("valid_adversarial_harmful", "harmful"),
+                "adversarial_benign": ("valid_adversarial_benign", "benign")}
+
+
 def load_seed_splits(config) -> tuple[dict, dict]:
-    """``({'harmful': [...], 'benign': [...]}`` for training, the same for validation)."""
+    """``({'harmful': [...], 'benign': [...]}`` for training, ``{split: [...]}`` for each
+    validation split of ``VALID_SPLITS``)."""
     toy_train = toy_valid = None
     if config.toy_world:
         toy_train = split_by_category(read_seeds_jsonl(packaged_seed_path("toy_seeds.jsonl")))
         toy_valid = split_by_category(read_seeds_jsonl(packaged_seed_path("toy_valid.jsonl")))
     train = {c: _load_split(config, f"train_{c}", toy_train, c) for c in SPLITS}
-    valid = {c: _load_split(config, f"valid_{c}", toy_valid, c) for c in SPLITS}
+    valid = {}
+    for name, (field, category) in VALID_SPLITS.items():
+        toy = toy_valid if name in SPLITS else None
+        if field in config.data:
+            valid[name] = _load_split(config, field, toy, category)
     return train, valid
 
 
@@ -137,14 +149,14 @@ class GameRunner:
 
                 judge_sampler = JaxSampler.from_hf_dir(config.judge.hf_path, mesh=self.mesh)
                 judge_tok = ChatTokenizer.from_dir(config.judge.hf_path)
-            judge = game.make_judge(config.judge, templates=config.game.templates,
+            judge = game.make_judge(config.judge, templates=self.game_config.templates,
                                     sampler=judge_sampler, tokenizer=judge_tok, seed=config.seed)
         self.judge = TimedJudge(judge, self.timer)
         hf_paths = {r: config[r].hf_path for r in ROLES}
         if config.toy_world:
             from advgame_jax.experiment.toy_world import build_toy_world
 
-            templates = game.get_template_set(config.game.templates)
+            templates = game.get_template_set(self.game_config.templates)
             paths = build_toy_world(
                 config.toy_dir or os.path.join(self.workdir, "toy"), seed=config.seed,
                 train_seeds=self.train_seeds["harmful"] + self.train_seeds["benign"],
@@ -260,11 +272,15 @@ class GameRunner:
         common = dict(pad_id=player.tokenizer.pad_id, length_buckets=tuple(t.length_buckets),
                       num_microbatches=t.num_microbatches,
                       data_parallel_size=upd.data_parallel_size, overflow="truncate_prompt")
+        # Each record carries its weight in the update objective (game.normalization).
         if self.config.loss.kind == "grpo":
-            samples = game.grpo_samples(scored, role, self.config.loss.grpo_baseline)
+            samples = game.with_weight(game.grpo_samples(scored, role, self.config.loss.grpo_baseline),
+                                       game.sample_weight(scored, role, t.loss_normalization))
             batch = collate_samples(samples, sample_buckets=tuple(t.pair_buckets), **common)
         else:
             pairs = game.attacker_pairs(scored) if role == "attacker" else game.defender_pairs(scored)
+            pairs = game.with_weight(pairs, game.pair_weight(scored, role, t.loss_normalization,
+                                                             t.norm_seeds_per_microbatch))
             batch = collate_pairs(pairs, pair_buckets=tuple(t.pair_buckets), **common)
         with self.timer.stage("update"):
             self.state[role], m = upd(self.state[role], batch)
@@ -327,14 +343,17 @@ class GameRunner:
         v = self.config.validation
         gc = dataclasses.replace(self.game_config, num_responses=v.num_responses)
         out = {}
-        for i, split in enumerate(SPLITS):
-            seeds = self.valid_seeds[split][: v.num_seeds]
+        for i, (split, seeds) in enumerate(self.valid_seeds.items()):
+            # num_seeds = 0: the whole split (the reference), judged in chunks of batch_size.
+            seeds = seeds[: v.num_seeds] if v.num_seeds else seeds
             if not seeds:
                 continue
-            scored = game.build_tree(
-                seeds, gc, judge=self.judge, defender=self.samplers["defender"],
+            chunk = v.get("batch_size", 0) or len(seeds)
+            scored = game.concat_scored_trees([game.build_tree(
+                seeds[j:j + chunk], gc, judge=self.judge, defender=self.samplers["defender"],
                 defender_tokenizer=self.players["defender"].tokenizer, skip_attacker=True,
-                sample_index=10**6 + i)
+                sample_index=10**6 + i + len(VALID_SPLITS) * (j // chunk))
+                for j in range(0, len(seeds), chunk)])
             m = game.tree_metrics(scored)
             out.update(_prefixed(f"valid/{split}/", m))
             if "y/reward/mean" in m:
@@ -356,7 +375,7 @@ class GameRunner:
         scores = [s for s in self.judge.pointwise(reqs) if s is not None]
         if not scores:
             return {}
-        name = "asr" if split == "harmful" else "compliance_rate"
+        name = "asr" if VALID_SPLITS[split][1] == "harmful" else "compliance_rate"
         return {f"valid/{split}/{name}": float(np.mean([s > 5.0 for s in scores]))}
 
     # ------------------------------------------------------------------ the run

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from advgame_jax.experiment.validate import ConfigError
 from advgame_jax.models import ModelConfig, load_hf, param_shardings
 from advgame_jax.tokenization import ChatTokenizer
-from advgame_jax.training.optimizer import make_optimizer
+from advgame_jax.training.optimizer import optimizer_from_config
 from advgame_jax.training.state import PlayerState, init_player_state, sampling_params
 from advgame_jax.training.update import UpdateStep, make_update_step
 
@@ -89,10 +89,7 @@ def build_player(config, role: str, hf_dir: str, mesh, *, total_updates: int) ->
                               kv_cache_memory_bytes=pc.vllm_kv_cache_bytes,
                               max_model_len=pc.vllm_max_model_len or None, seed=config.seed)
 
-    o = config.optim
-    optimizer = make_optimizer(o.lr, num_steps=total_updates, b1=o.b1, b2=o.b2,
-                               weight_decay=o.weight_decay, clip_norm=o.clip_norm,
-                               final_lr_fraction=o.final_lr_fraction, warmup_steps=o.warmup_steps)
+    optimizer = optimizer_from_config(config.optim, config.train.num_steps)
     update = _shared_update_step(config, model_config, optimizer, pc.compute_dtype, mesh,
                                  total_updates)
     player = Player(role=role, model_config=model_config, tokenizer=tokenizer, hf_dir=hf_dir,
@@ -112,14 +109,16 @@ def _shared_update_step(config, model_config, optimizer, compute_dtype: str, mes
     L, T = config.loss, config.train
     key = (model_config, L.kind, L.beta, L.length_normalization, L.nll_coef, L.entropy_coef,
            L.kl_coef, L.tis_cap, T.num_microbatches, compute_dtype, T.logprob_chunk_size,
-           T.remat, mesh, config.optim.to_json(), total_updates)
+           T.remat, mesh, config.optim.to_json(), total_updates, T.step_on_empty_batch,
+           L.tis_detach)
     if key not in _UPDATE_STEPS:
         _UPDATE_STEPS[key] = make_update_step(
             model_config, optimizer=optimizer, loss=L.kind, beta=L.beta,
             length_normalization=L.length_normalization, nll_coef=L.nll_coef,
             entropy_coef=L.entropy_coef, kl_coef=L.kl_coef, tis_cap=L.tis_cap or None,
             num_microbatches=T.num_microbatches, compute_dtype=DTYPES[compute_dtype],
-            chunk_size=T.logprob_chunk_size, remat=T.remat, mesh=mesh)
+            chunk_size=T.logprob_chunk_size, remat=T.remat, mesh=mesh,
+            step_on_empty=T.step_on_empty_batch, tis_detach=L.tis_detach)
     return _UPDATE_STEPS[key]
 
 

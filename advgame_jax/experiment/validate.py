@@ -103,6 +103,15 @@ def validate_config(config) -> None:
     _int(config, "judge.max_retries", minimum=0)
     _int(config, "judge.concurrency", minimum=1)
     _int(config, "judge.num_faith_samples", minimum=1)
+    _float(config, "judge.temperature", low=0.0, high=10.0)
+    _float(config, "judge.top_p", low=0.0, high=1.0, low_open=True)
+    _int(config, "judge.num_samples", minimum=1)
+    _one_of(config, "judge.faith_tie", ("bad_judge", "not_faithful"))
+    _one_of(config, "game.selection", ("reference", "fallback"))
+    templates_file = _get(config, "game.templates_file")
+    if templates_file and not os.path.isfile(templates_file):
+        raise ConfigError(f"config.game.templates_file: {templates_file!r} is not a file; expected "
+                          "a template file in the '=== key ===' format (docs/game.md)")
 
     a = _int(config, "game.num_attacks", minimum=1)
     d = _int(config, "game.num_responses", minimum=1)
@@ -117,6 +126,8 @@ def validate_config(config) -> None:
     kind = _one_of(config, "loss.kind", ("dpo", "ipo", "grpo"))
     _float(config, "loss.beta", low=0.0, high=1e3, low_open=True)
     _one_of(config, "loss.grpo_baseline", ("across_seeds", "per_seed"))
+    if not isinstance(_get(config, "loss.tis_detach"), bool):
+        raise ConfigError("config.loss.tis_detach: expected True or False")
     if kind in ("dpo", "ipo"):
         if _get(config, "attacker.trainable") and a < 2:
             raise ConfigError(f"config.game.num_attacks: {kind} needs >= 2 attacks per seed to form "
@@ -129,6 +140,7 @@ def validate_config(config) -> None:
     _float(config, "optim.final_lr_fraction", low=0.0, high=1.0)
     _float(config, "optim.weight_decay", low=0.0, high=10.0)
     _float(config, "optim.clip_norm", low=0.0, high=1e6, low_open=True)
+    _one_of(config, "optim.lr_schedule", ("run", "cycle"))
 
     _int(config, "train.num_steps", minimum=1)
     _int(config, "train.seeds_per_device", minimum=1)
@@ -137,6 +149,10 @@ def validate_config(config) -> None:
     _one_of(config, "train.reference", ("ema", "initial"))
     _int(config, "train.sync_every_n_steps", minimum=1)
     _int(config, "train.num_microbatches", minimum=1)
+    _one_of(config, "train.loss_normalization", ("reference", "pairs"))
+    _int(config, "train.norm_seeds_per_microbatch", minimum=1)
+    if not isinstance(_get(config, "train.step_on_empty_batch"), bool):
+        raise ConfigError("config.train.step_on_empty_batch: expected True or False")
     _int(config, "train.validate_every", minimum=0)
     _int(config, "train.checkpoint_every", minimum=0)
     _int(config, "train.keep_checkpoints", minimum=1)
@@ -149,3 +165,4 @@ def validate_config(config) -> None:
                               f"(see launch/prepare_data.py)")
     _int(config, "validation.num_seeds", minimum=0)
     _int(config, "validation.num_responses", minimum=1)
+    _int(config, "validation.batch_size", minimum=0)

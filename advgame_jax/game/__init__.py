@@ -25,6 +25,7 @@ from advgame_jax.game.judge import (
     TextBackend,
 )
 from advgame_jax.game.metrics import tree_metrics
+from advgame_jax.game.normalization import NORMALIZATIONS, pair_weight, sample_weight, with_weight
 from advgame_jax.game.parsing import (
     faith_majority,
     parse_attack,
@@ -54,7 +55,14 @@ from advgame_jax.game.templates import (
     get_template_set,
     register_template_set,
 )
-from advgame_jax.game.tree import JudgeStats, RolloutTree, ScoredTree, XError, YError
+from advgame_jax.game.tree import (
+    JudgeStats,
+    RolloutTree,
+    ScoredTree,
+    XError,
+    YError,
+    concat_scored_trees,
+)
 
 __all__ = [
     "AuditLog", "AuditLogError", "COMPLY_WORDS", "DEFLECT_WORDS", "EndpointBackend", "FaithRequest",
@@ -67,5 +75,5 @@ __all__ = [
     "grpo_samples", "make_judge", "parse_attack", "parse_faith_verdict", "parse_pair_scores",
     "parse_score", "patch_x_reward", "patch_y_reward", "read_audit_log", "record_to_scored_tree",
     "register_template_set", "replay", "sample_tree", "score_tree", "select_response",
-    "tree_metrics",
+    "tree_metrics", "concat_scored_trees", "NORMALIZATIONS", "pair_weight", "sample_weight", "with_weight",
 ]

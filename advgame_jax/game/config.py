@@ -7,10 +7,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from advgame_jax.game.parsing import FORMATS
-from advgame_jax.game.templates import TemplateError, get_template_set
+from advgame_jax.game.parsing import FAITH_TIES, FORMATS
+from advgame_jax.game.templates import TemplateError, get_template_set, load_template_file
 from advgame_jax.sampling.base import SamplingParams
 
+SELECTIONS = ("reference", "fallback")
 _DEFAULT_SAMPLING = SamplingParams(temperature=0.6, top_p=0.9, max_new_tokens=2048)
 
 
@@ -32,6 +33,12 @@ class GameConfig:
     judge_mode: ``"pairwise"`` or ``"pointwise"``.
     swap_positions: pairwise only; every pair is judged in both orders and the scores averaged.
     faithfulness / num_faith_samples: the faithfulness check and the judge samples per attack.
+    faith_tie: several faithfulness samples split evenly → ``"bad_judge"`` (BAD_FAITH_JUDGE,
+      excluded) or ``"not_faithful"`` (the reference's rule, −1).
+    selection: ``"reference"``: an attack whose selected response got BAD_DEF_JUDGE is not
+      sent to the attacker judge and keeps reward 0.0, and defender pairs come only from
+      attacks whose final error is none; ``"fallback"``: such an attack is judged on its first
+      sampled response, and every attack can give a defender pair.
     attacker_sampling / defender_sampling: decoding params; ``n`` is overridden by A and D, and
       ``stop_token_ids`` defaults to the tokenizer's when empty.
     """
@@ -49,6 +56,8 @@ class GameConfig:
     swap_positions: bool = False
     faithfulness: bool = True
     num_faith_samples: int = 1
+    faith_tie: str = "bad_judge"
+    selection: str = "fallback"
     attacker_sampling: SamplingParams = _DEFAULT_SAMPLING
     defender_sampling: SamplingParams = _DEFAULT_SAMPLING
 
@@ -59,7 +68,8 @@ class GameConfig:
                 raise GameConfigError(f"GameConfig.{name}: expected an integer >= 1, got {value!r}")
         for name, allowed in (("attacker_format", FORMATS), ("defender_format", FORMATS),
                               ("condition_on", ("prompt", "seed")),
-                              ("judge_mode", ("pairwise", "pointwise"))):
+                              ("judge_mode", ("pairwise", "pointwise")),
+                              ("faith_tie", FAITH_TIES), ("selection", SELECTIONS)):
             if getattr(self, name) not in allowed:
                 raise GameConfigError(f"GameConfig.{name}: expected one of {allowed}, "
                                       f"got {getattr(self, name)!r}")
@@ -92,6 +102,7 @@ class GameConfig:
 
 def game_config_from_experiment(config: Any) -> GameConfig:
     """A ``GameConfig`` from an experiment ConfigDict (fields of ``configs/base.py``:
+    ``game.templates_file``, when set, is loaded and registered, and its set is used;
     ``game.*``, ``judge.mode/swap_positions/condition_on/attacker_judge/defender_judge/
     num_faith_samples`` and ``sampling.*``)."""
     s = config.sampling
@@ -99,10 +110,18 @@ def game_config_from_experiment(config: Any) -> GameConfig:
                             top_k=int(s.top_k), max_new_tokens=int(s.max_new_tokens),
                             seed=int(config.get("seed", 0)))
     g, j = config.game, config.judge
+    templates = g.templates
+    if g.get("templates_file", ""):
+        try:
+            templates = load_template_file(g.templates_file).name
+        except TemplateError as err:
+            raise GameConfigError(f"config.game.templates_file: {err}") from None
     return GameConfig(
-        num_attacks=g.num_attacks, num_responses=g.num_responses, templates=g.templates,
+        num_attacks=g.num_attacks, num_responses=g.num_responses, templates=templates,
         attacker_format=g.attacker_format, defender_format=g.defender_format,
         condition_on=j.condition_on, optimistic_attacker=g.optimistic_attacker,
         attacker_judge_enabled=j.attacker_judge, defender_judge_enabled=j.defender_judge,
         judge_mode=j.mode, swap_positions=j.swap_positions, faithfulness=g.faithfulness,
-        num_faith_samples=j.num_faith_samples, attacker_sampling=params, defender_sampling=params)
+        num_faith_samples=j.num_faith_samples, faith_tie=j.get("faith_tie", "bad_judge"),
+        selection=g.get("selection", "fallback"), attacker_sampling=params,
+        defender_sampling=params)

@@ -94,17 +94,31 @@ class LLMJudge:
     """A ``Judge`` that asks a language model through a ``TextBackend``.
 
     Answers that come back but do not parse are counted as ``unparsable`` faults.
+    ``num_samples`` (pairwise and pointwise requests): each prompt is answered that many times
+    (sampled decoding) and the parsed scores are averaged over the samples that parsed (a pair
+    counts only when both its scores parsed); no parsed sample gives None. Faithfulness
+    requests are answered once each: the rollout asks ``num_faith_samples`` times and takes a
+    majority instead.
     """
 
-    def __init__(self, backend: TextBackend, templates: TemplateSet):
+    def __init__(self, backend: TextBackend, templates: TemplateSet, *, num_samples: int = 1):
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"judge num_samples: expected an integer >= 1, got {num_samples!r}")
         self.backend = backend
         self.templates = templates
+        self.num_samples = num_samples
         self._faults = FaultCounter()
 
     def _complete(self, prompts: list[str]) -> list[Optional[str]]:
         if not prompts:
             return []
         return list(self.backend.complete(prompts))
+
+    def _complete_n(self, prompts: list[str]) -> list[list[Optional[str]]]:
+        """``num_samples`` answers per prompt, all prompts in one backend call."""
+        k = self.num_samples
+        texts = self._complete([p for p in prompts for _ in range(k)])
+        return [texts[i * k:(i + 1) * k] for i in range(len(prompts))]
 
     def _count_unparsable(self, texts, parsed_ok) -> None:
         bad = sum(1 for t, ok in zip(texts, parsed_ok) if t is not None and not ok)
@@ -121,17 +135,24 @@ class LLMJudge:
     def pairwise(self, requests: Sequence[PairRequest]) -> list[PairScores]:
         prompts = [self.templates.pairwise_prompt(r.rubric, r.query, r.response_a, r.response_b)
                    for r in requests]
-        texts = self._complete(prompts)
-        scores = [parsing.parse_pair_scores(t) for t in texts]
-        self._count_unparsable(texts, [a is not None and b is not None for a, b in scores])
-        return scores
+        out = []
+        for texts in self._complete_n(prompts):
+            scores = [parsing.parse_pair_scores(t) for t in texts]
+            self._count_unparsable(texts, [a is not None for a, _ in scores])
+            ok = [(a, b) for a, b in scores if a is not None]
+            out.append((sum(a for a, _ in ok) / len(ok), sum(b for _, b in ok) / len(ok))
+                       if ok else (None, None))
+        return out
 
     def pointwise(self, requests: Sequence[PointRequest]) -> list[Optional[float]]:
         prompts = [self.templates.pointwise_prompt(r.rubric, r.query, r.response) for r in requests]
-        texts = self._complete(prompts)
-        scores = [parsing.parse_score(t, "score") for t in texts]
-        self._count_unparsable(texts, [s is not None for s in scores])
-        return scores
+        out = []
+        for texts in self._complete_n(prompts):
+            scores = [parsing.parse_score(t, "score") for t in texts]
+            self._count_unparsable(texts, [v is not None for v in scores])
+            ok = [v for v in scores if v is not None]
+            out.append(sum(ok) / len(ok) if ok else None)
+        return out
 
     def fault_counts(self) -> dict[str, int]:
         counts = collections.Counter(self._faults.snapshot())

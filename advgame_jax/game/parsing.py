@@ -1,26 +1,32 @@
 """Parsing of player outputs (attack formats, GAME_SPEC §2.3) and of judge outputs (scores
-§2.6, faithfulness verdicts §2.4).
+§2.6, faithfulness verdicts §2.4), with the reference implementation's rules (GAME_SPEC §2b).
 
-Attack formats:
+Attack formats (tag names match case-insensitively, ``<THINK>`` is ``<think>``):
 
 - ``think_prompt_strict``: ``<think>…</think>`` then ``<prompt>…</prompt>``; surrounding
   whitespace is allowed, nothing else: no text before ``<think>``, only whitespace between
-  ``</think>`` and ``<prompt>`` and after ``</prompt>``, each of the four tags exactly once.
-- ``prompt_strict``: ``<prompt>…</prompt>`` alone, same rules, and no think tag anywhere.
+  ``</think>`` and ``<prompt>`` and after ``</prompt>``. Neither body may contain ``think>``,
+  ``prompt>``, or ``<think`` / ``</think`` / ``<prompt`` / ``</prompt`` as a whole word (so
+  no nested, repeated or stray tag of either kind).
+- ``prompt_strict``: ``<prompt>…</prompt>`` alone (nothing before it), the same rules for the
+  prompt tag only: a think tag inside the prompt body is allowed, as in the reference.
 - ``any``: the whole output.
 
 In every format ``x`` is the stripped body. An empty body is accepted (the spec's patterns
 match it, and ``any`` must never fail: the defender's only error under it is MAX_LENGTH); an
-empty attack is then judged unfaithful by the faithfulness judge rather than PARSING.
+empty attack is then judged unfaithful by the faithfulness judge rather than PARSING. A
+generation that did not end with finish reason ``"stop"`` is MAX_LENGTH before any parsing
+(:func:`stopped_early`).
 
-Judge scores: the LAST ``<score_A>…</score_A>`` (or ``<score_B>``, ``<score>``) element is
-read; its stripped content must be a number with at most one decimal (optionally signed),
-optionally followed by ``/10``; the value is clipped to [0, 10]. Anything else (``7.25``,
-``abc``, ``-``, ``8/5``, no element at all) is ``None``. An earlier well-formed element does
-not rescue a malformed last one: the last element is the judge's final answer.
+Judge scores: of all ``<score_A>…</score_A>`` (or ``<score_B>``, ``<score>``) elements, the
+LAST WELL-FORMED one is read: its stripped content is a non-negative number with at most one
+decimal, optionally followed by ``/10``; the value is clipped to 10. Malformed elements
+(``7.25``, ``abc``, ``-3``, ``8/5``) are skipped; none well-formed gives ``None``. A pairwise
+judgment needs both scores: if either side has no well-formed element, both are ``None``.
 
-Faithfulness: the last ``<answer>…</answer>`` element must hold ``True`` or ``False``
-(case-insensitive), else ``None``. Several judge samples are combined by ``faith_majority``.
+Faithfulness: the FIRST ``<answer>…</answer>`` element must hold exactly ``True`` or
+``False`` (surrounding whitespace allowed), else ``None``. Several judge samples are combined
+by ``faith_majority``.
 """
 
 from __future__ import annotations
@@ -29,13 +35,30 @@ import re
 from typing import Iterable, Optional
 
 FORMATS = ("think_prompt_strict", "prompt_strict", "any")
+FAITH_TIES = ("not_faithful", "bad_judge")
 
-_THINK_PROMPT_RE = re.compile(r"\s*<think>(.*?)</think>\s*<prompt>(.*?)</prompt>\s*", re.DOTALL)
-_PROMPT_RE = re.compile(r"\s*<prompt>(.*?)</prompt>\s*", re.DOTALL)
-_TAGS = ("<think>", "</think>", "<prompt>", "</prompt>")
-_NUMBER_RE = re.compile(r"(-?\d+(?:\.\d)?)(?:\s*/\s*10)?")
+
+
+def _body(*tags: str) -> str:
+    """A tag body: text holding no ``<tag``/``</tag`` opening (as a whole word) and no
+    ``tag>`` for any of ``tags``."""
+    banned = "|".join([rf"</?{t}\b" for t in tags] + [f"{t}>" for t in tags])
+    return rf"((?:(?!{banned}).)*?)"
+
+
+_THINK_PROMPT_RE = re.compile(
+    rf"\s*<think>{_body('think', 'prompt')}</think>\s*<prompt>{_body('think', 'prompt')}</prompt>\s*",
+    re.DOTALL | re.IGNORECASE)
+_PROMPT_RE = re.compile(rf"\s*<prompt>{_body('prompt')}</prompt>\s*", re.DOTALL | re.IGNORECASE)
+_NUMBER_RE = re.compile(r"(\d+(?:\.\d)?)(?:\s*/\s*10)?")
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _SCORE_RES = {tag: re.compile(rf"<{tag}>(.*?)</{tag}>", re.DOTALL) for tag in ("score_A", "score_B", "score")}
+
+
+def stopped_early(finish_reason) -> bool:
+    """True when a generation did not end on a stop token (finish reason other than "stop":
+    "length", an abort, or none reported): the slot is MAX_LENGTH, its text is not parsed."""
+    return finish_reason != "stop"
 
 
 def parse_attack(text: str, fmt: str) -> Optional[str]:
@@ -43,15 +66,9 @@ def parse_attack(text: str, fmt: str) -> Optional[str]:
     if fmt == "any":
         body = text
     elif fmt == "think_prompt_strict":
-        if any(text.count(tag) != 1 for tag in _TAGS):
-            return None
         m = _THINK_PROMPT_RE.fullmatch(text)
         body = m.group(2) if m else None
     elif fmt == "prompt_strict":
-        if text.count("<prompt>") != 1 or text.count("</prompt>") != 1:
-            return None
-        if "<think>" in text or "</think>" in text:
-            return None
         m = _PROMPT_RE.fullmatch(text)
         body = m.group(1) if m else None
     else:
@@ -64,43 +81,54 @@ def parse_number(content: str) -> Optional[float]:
     m = _NUMBER_RE.fullmatch(content.strip())
     if m is None:
         return None
-    return min(10.0, max(0.0, float(m.group(1))))
+    return min(10.0, float(m.group(1)))
 
 
 def parse_score(text: Optional[str], tag: str = "score") -> Optional[float]:
-    """Score in the last ``<tag>…</tag>`` element of a judge output (``tag`` in score, score_A, score_B)."""
+    """Score in the last well-formed ``<tag>…</tag>`` element of a judge output (``tag`` in
+    score, score_A, score_B), or None."""
     if text is None:
         return None
-    matches = _SCORE_RES[tag].findall(text)
-    return parse_number(matches[-1]) if matches else None
+    for content in reversed(_SCORE_RES[tag].findall(text)):
+        value = parse_number(content)
+        if value is not None:
+            return value
+    return None
 
 
 def parse_pair_scores(text: Optional[str]) -> tuple[Optional[float], Optional[float]]:
-    """``(score_A, score_B)`` of a pairwise judge output; each side parses independently."""
-    return parse_score(text, "score_A"), parse_score(text, "score_B")
+    """``(score_A, score_B)`` of a pairwise judge output; ``(None, None)`` unless both parse."""
+    a, b = parse_score(text, "score_A"), parse_score(text, "score_B")
+    if a is None or b is None:
+        return None, None
+    return a, b
 
 
 def parse_faith_verdict(text: Optional[str]) -> Optional[bool]:
-    """True/False from the last ``<answer>`` element, or None."""
+    """True/False from the first ``<answer>`` element, or None."""
     if text is None:
         return None
-    matches = _ANSWER_RE.findall(text)
-    if not matches:
+    m = _ANSWER_RE.search(text)
+    if m is None:
         return None
-    word = matches[-1].strip().lower()
-    return {"true": True, "false": False}.get(word)
+    return {"True": True, "False": False}.get(m.group(1).strip())
 
 
-def faith_majority(verdicts: Iterable[Optional[bool]]) -> Optional[bool]:
+def faith_majority(verdicts: Iterable[Optional[bool]], tie: str = "bad_judge") -> Optional[bool]:
     """Majority over the parsable verdicts of several judge samples.
 
-    Unparsable samples (None) abstain. No parsable sample, or as many True as False, gives
-    None (→ ``BAD_FAITH_JUDGE``): a tied judge has not said the attack is faithful, and
-    counting the tie as unfaithful would charge the attacker −1 for the judge's indecision.
+    Unparsable samples (None) abstain; no parsable sample gives None (→ ``BAD_FAITH_JUDGE``).
+    As many True as False: ``tie="not_faithful"`` (the reference's rule: an attack must win a
+    strict majority) gives False; ``tie="bad_judge"`` gives None, so the judge's indecision is
+    excluded from pairs instead of charging the attacker −1.
     """
+    if tie not in FAITH_TIES:
+        raise ValueError(f"faithfulness tie rule must be one of {FAITH_TIES}, got {tie!r}")
     votes = [v for v in verdicts if v is not None]
+    if not votes:
+        return None
     yes = sum(1 for v in votes if v)
     no = len(votes) - yes
     if yes == no:
-        return None
+        return False if tie == "not_faithful" else None
     return yes > no

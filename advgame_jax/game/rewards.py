@@ -101,11 +101,15 @@ def attacker_pair_indices(x_reward_BA) -> list[tuple[int, int, int]]:
     return out
 
 
-def defender_pair_indices(y_reward_BAD) -> list[tuple[int, int, int, int]]:
-    """(b, a, d_chosen, d_rejected) per attack that has a pair."""
+def defender_pair_indices(y_reward_BAD, x_error_BA=None) -> list[tuple[int, int, int, int]]:
+    """(b, a, d_chosen, d_rejected) per attack that has a pair. With ``x_error_BA`` (the
+    reference's rule), only attacks whose final error is none can give a pair: an attack
+    whose attacker judgment failed (BAD_ATT_JUDGE) gives none."""
     out = []
     for b, rows in enumerate(y_reward_BAD):
         for a, row in enumerate(rows):
+            if x_error_BA is not None and x_error_BA[b][a] is not None:
+                continue
             p = preference(row)
             if p is not None:
                 out.append((b, a, *p))
@@ -133,7 +137,11 @@ def defender_pairs_detailed(scored: ScoredTree) -> list[tuple[TokenPair, bool]]:
     t = scored.tree
     return [_pair(t.def_prompt_ids_BA[b][a], t.y_ids_BAD[b][a][c], t.y_ids_BAD[b][a][r],
                   scored.y_error_BAD[b][a][r] == YError.MAX_LENGTH)
-            for b, a, c, r in defender_pair_indices(scored.y_reward_BAD)]
+            for b, a, c, r in defender_pair_indices(scored.y_reward_BAD, _x_filter(scored))]
+
+
+def _x_filter(scored: ScoredTree):
+    return scored.x_error_BA if scored.config.selection == "reference" else None
 
 
 def attacker_pairs(scored: ScoredTree) -> list[TokenPair]:

@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence
 from advgame_jax.game import rewards
 from advgame_jax.game.config import GameConfig
 from advgame_jax.game.judge import FaithRequest, Judge, PairRequest, PointRequest
-from advgame_jax.game.parsing import faith_majority, parse_attack
+from advgame_jax.game.parsing import faith_majority, parse_attack, stopped_early
 from advgame_jax.game.templates import attacker_rubric, defender_rubric, get_template_set
 from advgame_jax.game.tree import JudgeStats, RolloutTree, ScoredTree, XError, YError
 from advgame_jax.sampling.base import Sampler, SamplingParams
@@ -201,7 +201,7 @@ def sample_tree(seeds: Sequence, config: GameConfig, *, judge: Judge, defender: 
         x_err = [[None] * A for _ in range(B)]
         for b in range(B):
             for a, c in enumerate(grid[b]):
-                if c.finish_reason == "length":
+                if stopped_early(c.finish_reason):
                     x_err[b][a] = XError.MAX_LENGTH
                     continue
                 x[b][a] = parse_attack(c.text, config.attacker_format)
@@ -218,7 +218,7 @@ def sample_tree(seeds: Sequence, config: GameConfig, *, judge: Judge, defender: 
             vs = tuple(v if isinstance(v, bool) else None for v in verdicts[i * k:(i + 1) * k])
             votes[b][a] = vs
             calls.failures["faith"] += sum(v is None for v in vs)
-            verdict = faith_majority(vs)
+            verdict = faith_majority(vs, config.faith_tie)
             if verdict is None:
                 x_err[b][a] = XError.BAD_FAITH_JUDGE
             elif not verdict:
@@ -236,7 +236,7 @@ def sample_tree(seeds: Sequence, config: GameConfig, *, judge: Judge, defender: 
         for i, (b, a) in enumerate(valid):
             for d, c in enumerate(comps[i * D:(i + 1) * D]):
                 resp, err = None, None
-                if c.finish_reason == "length":
+                if stopped_early(c.finish_reason):
                     err = YError.MAX_LENGTH
                 else:
                     resp = parse_attack(c.text, config.defender_format)
@@ -290,19 +290,26 @@ def score_tree(tree: RolloutTree, config: GameConfig, *, judge: Judge,
                for d in range(D)] for a in range(A)] for b in range(B)]
 
     selected = [[None] * A for _ in range(B)]
+    # Reference rule: an attack whose selected response has no defender judgment
+    # (BAD_DEF_JUDGE) is not sent to the attacker judge; it keeps reward 0.0.
+    unjudged = set()
     for b in range(B):
         for a in range(A):
             if x_err[b][a] is None:
                 sampled_ok = [tree.y_error_BAD[b][a][d] is None for d in range(D)]
                 judged = [y_rew[b][a][d] if y_err[b][a][d] is None else None for d in range(D)]
-                selected[b][a] = rewards.select_response(sampled_ok, judged, config.optimistic_attacker)
+                selected[b][a] = d = rewards.select_response(sampled_ok, judged,
+                                                             config.optimistic_attacker)
+                if (config.selection == "reference" and d is not None
+                        and y_err[b][a][d] == YError.BAD_DEF_JUDGE):
+                    unjudged.add((b, a))
 
     x_scores = [[() for _ in range(A)] for _ in range(B)]
     x_raw = [[None] * A for _ in range(B)]
     if att_judge_on:
         groups, where = [], []
         for b in range(B):
-            cands = [a for a in range(A) if x_err[b][a] is None]
+            cands = [a for a in range(A) if x_err[b][a] is None and (b, a) not in unjudged]
             if cands:
                 groups.append((attacker_rubric(tree.category_B[b]), tree.s_B[b],
                                [tree.y_response_BAD[b][a][selected[b][a]] for a in cands]))
@@ -313,8 +320,9 @@ def score_tree(tree: RolloutTree, config: GameConfig, *, judge: Judge,
                 x_raw[b][a] = _mean(vals)
                 if not vals:
                     x_err[b][a] = XError.BAD_ATT_JUDGE
-    x_rew = [[rewards.patch_x_reward(x_err[b][a], x_raw[b][a], att_judge_on) for a in range(A)]
-             for b in range(B)]
+    x_rew = [[0.0 if (b, a) in unjudged and x_err[b][a] is None
+              else rewards.patch_x_reward(x_err[b][a], x_raw[b][a], att_judge_on)
+              for a in range(A)] for b in range(B)]
 
     def t3(v):
         return tuple(tuple(tuple(r) for r in rows) for rows in v)

@@ -156,6 +156,40 @@ def register_template_set(template_set: TemplateSet, *, overwrite: bool = False)
     _REGISTRY[template_set.name] = template_set
 
 
+def load_template_file(path: str) -> TemplateSet:
+    """Parse a user template file (the ``=== key ===`` format of ``game/assets/*.txt``, every
+    section of ``REQUIRED_SECTIONS``) and register it under its file name without ``.txt``.
+
+    Raises ``TemplateError`` naming the file when it cannot be read or is malformed, or when
+    its name is that of a shipped set (rename the file).
+    """
+    import os
+
+    name = os.path.splitext(os.path.basename(path))[0]
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as err:
+        raise TemplateError(f"template file {path!r}: cannot be read ({err.strerror})") from None
+    if name in _shipped_names():
+        raise TemplateError(f"template file {path!r}: its name {name!r} is a shipped template set; "
+                            "rename the file")
+    try:
+        template_set = parse_template_text(name, text)
+    except TemplateError as err:
+        raise TemplateError(f"template file {path!r}: {err}") from None
+    register_template_set(template_set, overwrite=True)
+    return template_set
+
+
+def template_set_to_text(template_set: TemplateSet, header: str = "") -> str:
+    """The file form of a set (``parse_template_text`` reads it back to an equal set)."""
+    lines = [f"# {h}" if h else "#" for h in header.splitlines()]
+    for key in REQUIRED_SECTIONS:
+        lines += ["", f"=== {key} ===", template_set.sections[key]]
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
 def get_template_set(name: str) -> TemplateSet:
     """The template set called ``name``; unknown names raise, listing the known ones."""
     if name in _REGISTRY:

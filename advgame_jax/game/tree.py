@@ -195,3 +195,32 @@ def scored_tree_from_dict(d: dict) -> ScoredTree:
     kw["x_error_BA"] = _map_nested(kw["x_error_BA"], lambda v: None if v is None else XError(v))
     kw["y_error_BAD"] = _map_nested(kw["y_error_BAD"], lambda v: None if v is None else YError(v))
     return ScoredTree(**kw)
+
+
+def concat_scored_trees(trees: "list[ScoredTree]") -> ScoredTree:
+    """One ``ScoredTree`` holding the seeds of ``trees`` in order (same A, D and config), with
+    their judge statistics summed: how a split judged in several chunks is summarised whole."""
+    if not trees:
+        raise ValueError("concat_scored_trees: expected at least one tree")
+    if len(trees) == 1:
+        return trees[0]
+
+    def cat(objs, name):
+        if name.endswith(("_B", "_BA", "_BAD")):
+            return tuple(v for o in objs for v in getattr(o, name))
+        return getattr(objs[0], name)
+
+    rollouts = [t.tree for t in trees]
+    tree = RolloutTree(**{f.name: cat(rollouts, f.name) for f in dataclasses.fields(RolloutTree)})
+
+    def summed(field):
+        out: dict = {}
+        for t in trees:
+            for k, v in getattr(t.judge_stats, field).items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+    stats = JudgeStats(**{f.name: summed(f.name) for f in dataclasses.fields(JudgeStats)})
+    fields = {f.name: cat(trees, f.name) for f in dataclasses.fields(ScoredTree)
+              if f.name not in ("tree", "judge_stats")}
+    return ScoredTree(tree=tree, judge_stats=stats, **fields)

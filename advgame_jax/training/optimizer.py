@@ -1,6 +1,15 @@
 """The per-player optimizer (GAME_SPEC §2.12): AdamW behind global-norm clipping, with a
 linear warm-up then cosine decay to ``final_lr_fraction × lr``.
 
+Two schedule shapes (``optim.lr_schedule``):
+
+- ``"cycle"`` (the reference's, paper configs): the cosine runs over a cycle of
+  ``train.num_steps`` optimizer updates and restarts at ``lr``. The game makes one update per
+  seed split, two per trainer step, so the cycle ends at trainer step ``num_steps / 2`` and a
+  second identical cycle fills the rest of the run.
+- ``"run"``: one cosine over every update of the run (``2 × train.num_steps``), constant at
+  ``final_lr_fraction × lr`` afterwards.
+
 The learning rate is injected as an optax hyperparameter, so the rate used by the latest
 update lives in the optimizer state (``current_lr``) and is checkpointed with it. Norm
 weights and biases are not weight-decayed (their names end in ``_norm`` / ``_bias`` in the
@@ -14,13 +23,19 @@ import jax.numpy as jnp
 import optax
 
 
+SCHEDULES = ("cycle", "run")
+
+
 def make_lr_schedule(lr: float = 1e-6, *, num_steps: int, final_lr_fraction: float = 0.2,
-                     warmup_steps: int = 0):
+                     warmup_steps: int = 0, restart: bool = False):
     """Schedule ``count -> lr`` for ``count`` = number of optimizer updates already applied.
 
     Warm-up: ``lr × (count + 1) / warmup_steps`` for ``count < warmup_steps`` (the first
     update already moves the params). Then cosine from ``lr`` at ``count = warmup_steps`` to
-    ``final_lr_fraction × lr`` at ``count = num_steps``, constant afterwards.
+    ``final_lr_fraction × lr`` at ``count = num_steps``, constant afterwards; with
+    ``restart`` the cosine instead starts again at ``lr`` every ``num_steps − warmup_steps``
+    updates (warm restarts without warm-up, as fairseq2's cosine annealing with a cycle
+    multiplier of 1).
     """
     if num_steps <= 0:
         raise ValueError(f"optimizer num_steps must be a positive int, got {num_steps!r}")
@@ -34,7 +49,10 @@ def make_lr_schedule(lr: float = 1e-6, *, num_steps: int, final_lr_fraction: flo
     def schedule(count):
         count = jnp.asarray(count, jnp.float32)
         warm = (count + 1.0) / max(warmup_steps, 1)
-        progress = jnp.clip((count - warmup_steps) / decay_steps, 0.0, 1.0)
+        since = count - warmup_steps
+        if restart:
+            since = jnp.mod(jnp.maximum(since, 0.0), decay_steps)
+        progress = jnp.clip(since / decay_steps, 0.0, 1.0)
         cosine = final_lr_fraction + (1.0 - final_lr_fraction) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
         return lr * jnp.where(count < warmup_steps, warm, cosine)
 
@@ -50,21 +68,35 @@ def _decay_mask(params):
 
 def make_optimizer(lr: float = 1e-6, *, num_steps: int, b1: float = 0.9, b2: float = 0.95,
                    eps: float = 1e-8, weight_decay: float = 0.1, clip_norm: float = 1.0,
-                   final_lr_fraction: float = 0.2, warmup_steps: int = 0,
+                   final_lr_fraction: float = 0.2, warmup_steps: int = 0, restart: bool = False,
                    decay_norms_and_biases: bool = False) -> optax.GradientTransformation:
     """AdamW (decoupled weight decay) after global-norm clipping at ``clip_norm``.
 
     ``num_steps`` counts OPTIMIZER updates (the game does one per seed split, so a run of N
     trainer steps over two splits makes 2N updates). ``clip_norm <= 0`` disables clipping.
+    ``restart``: the cosine restarts every ``num_steps`` updates (see :func:`make_lr_schedule`).
     """
     schedule = make_lr_schedule(lr, num_steps=num_steps, final_lr_fraction=final_lr_fraction,
-                                warmup_steps=warmup_steps)
+                                warmup_steps=warmup_steps, restart=restart)
     adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
         learning_rate=schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
         mask=None if decay_norms_and_biases else _decay_mask)
     if clip_norm and clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(clip_norm), adamw)
     return adamw
+
+
+def optimizer_from_config(optim, num_trainer_steps: int) -> optax.GradientTransformation:
+    """The optimizer of an experiment's ``config.optim`` block for a run of
+    ``num_trainer_steps`` trainer steps (two optimizer updates each, one per seed split)."""
+    schedule = optim.get("lr_schedule", "run")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"config.optim.lr_schedule: expected one of {SCHEDULES}, got {schedule!r}")
+    cycle = schedule == "cycle"
+    return make_optimizer(optim.lr, num_steps=num_trainer_steps if cycle else 2 * num_trainer_steps,
+                          b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay,
+                          clip_norm=optim.clip_norm, final_lr_fraction=optim.final_lr_fraction,
+                          warmup_steps=optim.warmup_steps, restart=cycle)
 
 
 def current_lr(opt_state):

@@ -81,7 +81,8 @@ def make_update_step(model_config: ModelConfig, *, optimizer: optax.GradientTran
                      nll_coef: float = 0.0, entropy_coef: float = 0.0, kl_coef: float = 0.1,
                      tis_cap: Optional[float] = 2.0, num_microbatches: int = 1,
                      compute_dtype=jnp.bfloat16, chunk_size: int = 1024, remat: bool = True,
-                     mesh=None, rules=DEFAULT_RULES) -> "UpdateStep":
+                     mesh=None, rules=DEFAULT_RULES, step_on_empty: bool = False,
+                     tis_detach: bool = True) -> "UpdateStep":
     """Build ``update(state, batch) -> (state, metrics)`` for one player.
 
     loss: 'dpo' | 'ipo' (batch: :class:`PairBatch`) or 'grpo' (:class:`SampleBatch`).
@@ -147,7 +148,8 @@ def make_update_step(model_config: ModelConfig, *, optimizer: optax.GradientTran
             sampler_lp = jnp.where(mb.has_sampler_logprobs[:, None],
                                    _shift(mb.sampler_logprobs, 0.0), jax.lax.stop_gradient(lp))
         per = losses.grpo_loss(lp, ref_lp, mb.advantages, lmask, kl_coef=kl_coef,
-                               sampler_token_logps=sampler_lp,
+                               sampler_token_logps=sampler_lp, detach_weight=tis_detach,
+                               sampler_rows=mb.has_sampler_logprobs,
                                tis_cap=tis if tis is not None else 2.0)
         if nll_coef:
             per = per + nll_coef * losses.nll_loss(lp, lmask, length_normalization=length_normalization)
@@ -203,7 +205,7 @@ def make_update_step(model_config: ModelConfig, *, optimizer: optax.GradientTran
         # A non-finite loss or gradient (e.g. from corrupted inputs) skips the update like an
         # empty batch does, so it can never reach the params or a checkpoint.
         finite = jnp.isfinite(grad_norm) & jnp.isfinite(sums["loss"])
-        apply = (n_valid > 0) & finite
+        apply = ((n_valid > 0) | step_on_empty) & finite
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)  # noqa: E731
         new_state = state.replace(params=keep(new_params, params),
                                   opt_state=keep(new_opt, state.opt_state),
