@@ -57,6 +57,15 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    from advgame_jax.evaluation import user_errors
+
+    try:
+        _main()
+    except user_errors() as err:
+        raise app.UsageError(f"{type(err).__name__}: {err}") from None
+
+
+def _main():
     from advgame_jax.evaluation import classifiers, prompt_sets, runner, targets
 
     logging.set_verbosity(logging.INFO)

@@ -75,6 +75,15 @@ def _target(who, api_key, **kw):
 
 def main(argv):
     del argv
+    from advgame_jax.evaluation import user_errors
+
+    try:
+        _main()
+    except user_errors() as err:
+        raise app.UsageError(f"{type(err).__name__}: {err}") from None
+
+
+def _main():
     from advgame_jax.evaluation import classifiers, prompt_sets, redteam, targets
 
     logging.set_verbosity(logging.INFO)

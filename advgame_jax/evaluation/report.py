@@ -75,8 +75,15 @@ def _lines(ax, records, keys_labels, *, marker=None):
     if drawn:
         ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    ax.set_xlabel("step")
+    _steps_axis(ax)
     return drawn
+
+
+def _steps_axis(ax):
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _save(plt, fig, path):
@@ -130,7 +137,7 @@ def plot_training(records: Sequence[dict], out_dir: str) -> dict[str, list[str]]
     if steps and stages:
         ax.stackplot(steps, ys, labels=[k[5:] for k in stages])
         ax.legend(fontsize=7, loc="upper left")
-    ax.set_xlabel("step")
+    _steps_axis(ax)
     ax.set_ylabel("seconds")
     ax.set_title("Time per stage")
     drawn["time.png"] = [k[5:] for k in stages] if steps else []

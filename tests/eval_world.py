@@ -1,0 +1,53 @@
+"""A real tiny training run shared by the evaluation, red-team, report and conversion tests.
+
+``tiny_run(tmp_path_factory)`` trains ``configs/tiny.py`` for two steps (a short toy warm-up
+keeps it cheap: the tests need real checkpoints, not good players), checkpointing at steps
+1 and 2, and exports the defender's EMA params of step 2 to an HF directory. It is built once
+per test session (memoised here, because a fixture imported into several modules would be
+built once per module) and then only read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+
+from advgame_jax.data import packaged_seed_path
+
+tiny = importlib.import_module("configs.tiny")
+TOY_VALID = packaged_seed_path("toy_valid.jsonl")
+_CACHE: dict = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyRun:
+    workdir: str
+    defender_hf: str  # defender EMA params of the last checkpoint, exported
+    root: str
+
+
+def tiny_config(workdir: str):
+    c = tiny.get_config()
+    c.workdir = workdir
+    c.toy_warmup_steps = 40
+    c.train.num_steps = 2
+    c.train.checkpoint_every = 1
+    c.train.validate_every = 1
+    c.validation.num_seeds = 8
+    c.logging.progress_bar = False
+    c.logging.tensorboard = False
+    return c
+
+
+def tiny_run(tmp_path_factory) -> TinyRun:
+    if "run" not in _CACHE:
+        from advgame_jax.evaluation.convert import checkpoint_to_hf
+        from advgame_jax.experiment.loop import GameRunner
+
+        root = str(tmp_path_factory.mktemp("eval_world"))
+        workdir = os.path.join(root, "run")
+        GameRunner(tiny_config(workdir)).run()
+        defender = checkpoint_to_hf(workdir, os.path.join(root, "defender_ema"))
+        _CACHE["run"] = TinyRun(workdir, defender, root)
+    return _CACHE["run"]
