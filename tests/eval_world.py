@@ -1,8 +1,8 @@
 """A real tiny training run shared by the evaluation, red-team, report and conversion tests.
 
-``tiny_run(tmp_path_factory)`` trains ``configs/tiny.py`` for two steps (a short toy warm-up
-keeps it cheap: the tests need real checkpoints, not good players), checkpointing at steps
-1 and 2, and exports the defender's EMA params of step 2 to an HF directory. It is built once
+``tiny_run(tmp_path_factory)`` trains ``configs/tiny.py`` for one step with smaller batches
+and a short toy warm-up (the tests need real checkpoints, not good players), validating at
+steps 0 and 1 and checkpointing step 1, and exports the defender's EMA params to an HF directory. It is built once
 per test session (memoised here, because a fixture imported into several modules would be
 built once per module) and then only read.
 """
@@ -30,10 +30,15 @@ class TinyRun:
 def tiny_config(workdir: str):
     c = tiny.get_config()
     c.workdir = workdir
-    c.toy_warmup_steps = 40
-    c.train.num_steps = 2
+    c.toy_warmup_steps = 20
+    c.train.num_steps = 1
     c.train.checkpoint_every = 1
     c.train.validate_every = 1
+    c.train.seeds_per_device = 4
+    c.game.num_attacks = 2
+    c.train.pair_buckets = (8,)
+    c.attacker.sampler_min_batch_bucket = 8
+    c.defender.sampler_min_batch_bucket = 16
     c.validation.num_seeds = 8
     c.logging.progress_bar = False
     c.logging.tensorboard = False
