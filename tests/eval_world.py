@@ -1,10 +1,11 @@
 """A real tiny training run shared by the evaluation, red-team, report and conversion tests.
 
-``tiny_run(tmp_path_factory)`` trains ``configs/tiny.py`` for one step with smaller batches
-and a short toy warm-up (the tests need real checkpoints, not good players), validating at
-steps 0 and 1 and checkpointing step 1, and exports the defender's EMA params to an HF directory. It is built once
-per test session (memoised here, because a fixture imported into several modules would be
-built once per module) and then only read.
+``tiny_run(tmp_path_factory)`` trains ``configs/tiny.py`` (its toy world, with the full toy
+warm-up: a shorter one leaves the attacker unfaithful, so the defender gets no pairs) for two
+steps with smaller batches, validating and checkpointing at every step, and exports the
+defender's EMA params of the last checkpoint to an HF directory. It is built once per test
+session (memoised here: a fixture imported into several modules would be built once per
+module) and then only read.
 """
 
 from __future__ import annotations
@@ -30,8 +31,7 @@ class TinyRun:
 def tiny_config(workdir: str):
     c = tiny.get_config()
     c.workdir = workdir
-    c.toy_warmup_steps = 20
-    c.train.num_steps = 1
+    c.train.num_steps = 2  # the first update runs at learning rate 0 (warm-up)
     c.train.checkpoint_every = 1
     c.train.validate_every = 1
     c.train.seeds_per_device = 4

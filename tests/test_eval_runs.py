@@ -25,6 +25,7 @@ from advgame_jax.sampling.server import ServerConfig, serve_model_dir
 from tests.eval_world import TOY_VALID, tiny_run
 from tests.fake_judge_server import FakeJudgeServer
 
+pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DECODING = targets.Decoding(max_new_tokens=24)
 
