@@ -71,7 +71,8 @@ class VllmSampler:
         ``hf_dir`` when it holds one.
       dtype: engine dtype ("float32" for parity tests, "bfloat16" / "auto" otherwise).
       kv_cache_memory_bytes: KV-cache budget (vLLM's CPU backend needs it, or
-        VLLM_CPU_KVCACHE_SPACE, because it sizes the cache from the NUMA node otherwise).
+        VLLM_CPU_KVCACHE_SPACE, because it sizes the cache from the NUMA node otherwise);
+        0 / None: vLLM sizes it from ``gpu_memory_utilization``.
       max_model_len: longest prompt + completion; default: the model's
         ``max_position_embeddings`` capped at 4096.
       multiprocessing: False (default) runs the engine in this process
@@ -125,9 +126,11 @@ class VllmSampler:
 
         import vllm
 
+        if kv_cache_memory_bytes:  # else vLLM sizes the cache from gpu_memory_utilization
+            engine_kwargs["kv_cache_memory_bytes"] = int(kv_cache_memory_bytes)
         self.llm = vllm.LLM(
             model=hf_dir, skip_tokenizer_init=not has_tokenizer, dtype=self._dtype, seed=seed,
-            kv_cache_memory_bytes=int(kv_cache_memory_bytes), max_model_len=self.max_model_len,
+            max_model_len=self.max_model_len,
             disable_log_stats=True, **engine_kwargs)
         self._vllm = vllm
 
