@@ -149,3 +149,6 @@ def validate_config(config) -> None:
                               f"(see launch/prepare_data.py)")
     _int(config, "validation.num_seeds", minimum=0)
     _int(config, "validation.num_responses", minimum=1)
+    from advgame_jax.sampling.placement import validate_placement  # sampler placement / memory plan
+
+    validate_placement(config)

@@ -79,7 +79,6 @@ def _build_sampler(spec: EngineSpec):
 def _serve(spec: EngineSpec, authkey: bytes) -> None:
     listener = Listener((spec.host, spec.port), authkey=authkey)
     sampler = _build_sampler(spec)
-    cfg_json = json.dumps(sampler.config.to_hf_dict())
     version: Optional[int] = None
     if spec.ready_file:
         from advgame_jax.fsutil import atomic_write_text
@@ -106,12 +105,7 @@ def _serve(spec: EngineSpec, authkey: bytes) -> None:
                     result = {"version": version, "completions": [
                         (c.token_ids, c.logprobs, c.finish_reason) for c in outs]}
                 elif op == "load":
-                    loaded = sampler.llm.collective_rpc("advgame_load_sync",
-                                                        args=(payload, cfg_json))
-                    if len(set(loaded)) != 1:
-                        raise RuntimeError(f"workers loaded different versions {loaded}")
-                    sampler.llm.reset_prefix_cache()
-                    version = int(loaded[0])
+                    version = sampler.load_sync_checkpoint(payload)
                     result = version
                 elif op == "shutdown":
                     conn.send(("ok", None))
@@ -164,14 +158,39 @@ class EngineClient:
                  request_timeout_s: float = 3600.0):
         self.name, self.address, self.proc, self.log_path = name, address, proc, log_path
         self.request_timeout_s = float(request_timeout_s)
+        self._authkey, self._conn = authkey, None
+        self._ready_file, self._startup_deadline = "", 0.0
+        if address is not None:
+            self._connect()
+
+    def _connect(self) -> None:
         try:
-            self._conn = Client(tuple(address), authkey=authkey)
+            self._conn = Client(tuple(self.address), authkey=self._authkey)
         except (OSError, EOFError) as e:
             raise EngineError(f"{self._who()}: cannot connect ({e})") from None
 
+    def wait_ready(self) -> None:
+        """For a spawned engine: wait for its ready file (startup deadline), then connect."""
+        if self._conn is not None:
+            return
+        while not os.path.isfile(self._ready_file):
+            dead = self._dead()
+            if dead:
+                raise EngineError(f"{dead} while starting")
+            if time.monotonic() > self._startup_deadline:
+                self.proc.kill()
+                raise EngineError(f"{self._who()}: not ready within the startup timeout; "
+                                  f"its log: {self.log_path}")
+            time.sleep(0.2)
+        with open(self._ready_file, encoding="utf-8") as f:
+            info = json.load(f)
+        self.address = (info["host"], info["port"])
+        self._connect()
+
     def _who(self) -> str:
         where = f"pid {self.proc.pid}" if self.proc is not None else "address"
-        return f"{self.name} engine ({where}, {self.address[0]}:{self.address[1]})"
+        addr = f"{self.address[0]}:{self.address[1]}" if self.address else "starting"
+        return f"{self.name} engine ({where}, {addr})"
 
     def _dead(self) -> Optional[str]:
         if self.proc is not None and self.proc.poll() is not None:
@@ -181,6 +200,7 @@ class EngineClient:
 
     def request(self, op: str, payload: Any = None, *, timeout_s: Optional[float] = None):
         timeout_s = self.request_timeout_s if timeout_s is None else timeout_s
+        self.wait_ready()
         dead = self._dead()
         if dead:
             raise EngineError(dead)
@@ -205,7 +225,11 @@ class EngineClient:
     @classmethod
     def spawn(cls, spec: EngineSpec, run_dir: str, *, startup_timeout_s: float = 900.0,
               request_timeout_s: float = 3600.0) -> "EngineClient":
-        """Start an engine process for ``spec``; files (spec, ready file, log) in ``run_dir``."""
+        """Start an engine process for ``spec``; files (spec, ready file, log) in ``run_dir``.
+
+        Returns at once (start several engines in parallel); the first request waits for
+        readiness, up to ``startup_timeout_s``.
+        """
         from advgame_jax import fsutil
 
         fsutil.make_owned_dir(run_dir, "engine_run")
@@ -227,20 +251,11 @@ class EngineClient:
              "--exit-with-stdin"], stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
             env=env)
         log.close()
-        deadline = time.monotonic() + startup_timeout_s
-        while not os.path.isfile(ready):
-            if proc.poll() is not None:
-                raise EngineError(f"{spec.role} engine (pid {proc.pid}) exited with code "
-                                  f"{proc.returncode} while starting; its log: {log_path}")
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise EngineError(f"{spec.role} engine (pid {proc.pid}) not ready within "
-                                  f"{startup_timeout_s:.0f} s; its log: {log_path}")
-            time.sleep(0.2)
-        with open(ready, encoding="utf-8") as f:
-            info = json.load(f)
-        return cls(spec.role, (info["host"], info["port"]), key.encode(), proc=proc,
-                   log_path=log_path, request_timeout_s=request_timeout_s)
+        client = cls(spec.role, None, key.encode(), proc=proc, log_path=log_path,
+                     request_timeout_s=request_timeout_s)
+        client._ready_file = ready
+        client._startup_deadline = time.monotonic() + startup_timeout_s
+        return client
 
     @classmethod
     def connect(cls, name: str, address: str, authkey_env: str, *,
@@ -259,6 +274,8 @@ class EngineClient:
         """Shut down a spawned engine (politely, then by signal); just disconnect otherwise."""
         if self.proc is not None and self.proc.poll() is None:
             try:
+                if self._conn is None:  # still starting: nothing to say goodbye to
+                    raise EngineError("not connected")
                 self.request("shutdown", timeout_s=timeout_s)
             except EngineError:
                 pass
@@ -268,10 +285,11 @@ class EngineClient:
             except (subprocess.TimeoutExpired, OSError):
                 self.proc.kill()
                 self.proc.wait()
-        try:
-            self._conn.close()
-        except OSError:
-            pass
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except OSError:
+                pass
 
 
 class RemoteSampler:

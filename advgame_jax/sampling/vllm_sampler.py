@@ -195,6 +195,22 @@ class VllmSampler:
         # Cached prefixes were computed with the old weights.
         self.llm.reset_prefix_cache()
 
+    def load_sync_checkpoint(self, path: str) -> int:
+        """Swap in a committed sync checkpoint (``weight_sync``); returns its version.
+
+        Needs the engine built with ``worker_extension_cls=
+        "advgame_jax.sampling.weight_sync.OrbaxWeightLoader"``: every worker reads the
+        checkpoint itself, so this works for multi-process and tensor-parallel engines too.
+        """
+        import json
+
+        loaded = self.llm.collective_rpc(
+            "advgame_load_sync", args=(os.path.abspath(path), json.dumps(self.config.to_hf_dict())))
+        if len(set(loaded)) != 1:
+            raise RuntimeError(f"VllmSampler: workers loaded different versions {loaded}")
+        self.llm.reset_prefix_cache()
+        return int(loaded[0])
+
     def close(self) -> None:
         """Shut the engine down and remove the temporary weights dir (if this made one)."""
         llm = self.__dict__.pop("llm", None)
