@@ -96,6 +96,14 @@ def base_config() -> ml_collections.ConfigDict:
             attacker_judge=True,
             defender_judge=True,
             num_faith_samples=1,
+            # ---- judge endpoint throughput and health (game/endpoint.py) ----
+            # timeout_s above is wall-clock per request, retries included.
+            max_in_flight_per_endpoint=0,  # per replica; 0: only `concurrency` bounds it
+            unhealthy_after=3,  # consecutive failed attempts before a replica is skipped
+            unhealthy_cooldown_s=30.0,
+            warn_failure_rate=0.1,  # warn when more requests than this fail in a window...
+            warn_every=10,  # ...of this many judge batches
+            # ---- end of judge endpoint block ----
         )
     )
 
