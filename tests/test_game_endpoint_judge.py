@@ -62,8 +62,8 @@ def test_pairwise_tree_round_robin_over_two_endpoints():
     assert scored.y_raw_reward_BAD == (((7.0, 3.0, 5.0), (2.0, 8.0, 8.0)),)
     assert scored.selected_d_BA == ((0, 1),)
     assert scored.x_raw_reward_BA == ((7.0, 8.0),)
-    # 2 faithfulness + 3 + 3 defender pairs + 1 attacker pair = 9 requests, alternating.
-    assert hits == (5, 4)
+    # 2 faithfulness + 3 + 3 defender pairs + 1 attacker pair = 9 requests, balanced.
+    assert sorted(hits) == [4, 5]
     assert auth == {"Bearer k-secret"} and models == {"judge-model"}
     assert "k-secret" not in repr(judge.backend)
     assert tree_metrics(scored)["judge/defender/requests"] == 6.0
@@ -203,9 +203,10 @@ def test_requests_spread_over_replicas_bounded_in_flight():
         out = backend.complete([f"p{i}" for i in range(18)])
         servers = (s1, s2, s3)
     assert out == ["<score>5</score>"] * 18
-    assert [s.hits for s in servers] == [6, 6, 6]
-    assert max(s.max_in_flight for s in servers) == 2  # the per-replica bound held...
-    assert sum(s.max_in_flight for s in servers) == 6  # ...and all replicas worked at once
+    assert sorted(s.hits for s in servers) == [6, 6, 6]
+    peaks = [h["peak_in_flight"] for h in backend.endpoint_health()]
+    assert peaks == [2, 2, 2]  # the per-replica bound held, and every replica was used at once
+    assert min(s.max_in_flight for s in servers) >= 2  # the servers really saw them overlap
 
 
 def test_unhealthy_replica_is_avoided_and_failure_rate_warns(caplog):
@@ -233,3 +234,21 @@ def test_unhealthy_replica_is_avoided_and_failure_rate_warns(caplog):
     warnings = [r.getMessage() for r in caplog.records if "JUDGE FAILURE RATE" in r.getMessage()]
     assert len(warnings) == 2 and backend.warnings_logged == 2
     assert "100.0% over the last 2 batches (4 of 4 requests failed" in warnings[0]
+
+
+def test_out_of_range_scores_are_counted_not_silently_clipped():
+    from advgame_jax.game.judge import PairRequest
+
+    class Fixed:
+        def complete(self, prompts):
+            return ["<score_A>12</score_A><score_B>7</score_B>",
+                    "<score_A>-3</score_A><score_B>11/10</score_B>",
+                    "<score_A>4</score_A><score_B>6</score_B>"][: len(prompts)]
+
+        def fault_counts(self):
+            return {}
+
+    judge = LLMJudge(Fixed(), TEMPLATES)
+    scores = judge.pairwise([PairRequest("compliance", "q", "r1", "r2")] * 3)
+    assert scores == [(10.0, 7.0), (0.0, 10.0), (4.0, 6.0)]
+    assert judge.fault_counts()["score_out_of_range"] == 3

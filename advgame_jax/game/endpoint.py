@@ -5,7 +5,7 @@ Standard library only (``http.client`` + a ``ThreadPoolExecutor``).
 Throughput. The requests of one batch run concurrently across all endpoints (replicas):
 at most ``concurrency`` in flight in total and at most ``max_in_flight_per_endpoint`` on any
 one endpoint; each attempt goes to the healthy endpoint with the fewest requests in flight
-(ties: round-robin). Health per endpoint: ``unhealthy_after`` consecutive failed attempts mark
+(ties: the one given the fewest requests so far). Health per endpoint: ``unhealthy_after`` consecutive failed attempts mark
 it unhealthy for ``unhealthy_cooldown_s``; it is then used only when no endpoint is healthy.
 
 Deadlines. ``timeout_s`` is wall-clock per request, retries and backoff included: every
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import http.client
-import itertools
 import json
 import logging
 import random
@@ -70,7 +69,7 @@ class _Endpoint:
         self.https = u.scheme == "https"
         self.host, self.port = u.hostname, u.port or (443 if self.https else 80)
         self.path = u.path.rstrip("/")
-        self.in_flight = 0
+        self.in_flight = self.peak_in_flight = self.assigned = 0
         self.consecutive_failures = 0
         self.unhealthy_until = 0.0
         self.requests = self.failures = 0
@@ -138,7 +137,6 @@ class EndpointBackend:
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._slot_free = threading.Condition(self._lock)
-        self._next = itertools.count()
         self._faults = FaultCounter()
         self._replicas = [_Endpoint(e) for e in self.endpoints]
         self._window = [0, 0, 0]  # batches, requests, failed requests since the last check
@@ -185,11 +183,11 @@ class EndpointBackend:
                 healthy = [r for r in free if r.unhealthy_until <= now]
                 pool = healthy or free
                 if pool:
-                    turn = next(self._next)
-                    n = len(self._replicas)
-                    best = min(pool, key=lambda r: (r.in_flight,
-                                                    (self._replicas.index(r) - turn) % n))
+                    best = min(pool, key=lambda r: (r.in_flight, r.assigned,
+                                                    self._replicas.index(r)))
+                    best.assigned += 1
                     best.in_flight += 1
+                    best.peak_in_flight = max(best.peak_in_flight, best.in_flight)
                     return best
                 self._slot_free.wait()
 
@@ -207,11 +205,13 @@ class EndpointBackend:
             self._slot_free.notify()
 
     def endpoint_health(self) -> list[dict]:
-        """Per endpoint: base URL, healthy now, in flight, attempts, failed attempts."""
+        """Per endpoint: base URL, healthy now, in flight (now / at most), attempts, failed
+        attempts."""
         now = self._clock()
         with self._lock:
             return [{"endpoint": r.base, "healthy": r.unhealthy_until <= now,
-                     "in_flight": r.in_flight, "attempts": r.requests, "failures": r.failures}
+                     "in_flight": r.in_flight, "peak_in_flight": r.peak_in_flight,
+                     "attempts": r.requests, "failures": r.failures}
                     for r in self._replicas]
 
     # ------------------------------------------------------------------ one attempt

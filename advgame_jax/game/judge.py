@@ -56,6 +56,11 @@ class PointRequest:
 
 @runtime_checkable
 class Judge(Protocol):
+    def _count_out_of_range(self, texts, tags) -> None:
+        n = sum(parsing.score_out_of_range(t, tag) for t in texts for tag in tags)
+        if n:  # clipped to [0, 10] by the parser; counted so a miscalibrated judge shows
+            self._faults.add("score_out_of_range", n)
+
     def faithfulness(self, requests: Sequence[FaithRequest]) -> list[Optional[bool]]: ...
 
     def pairwise(self, requests: Sequence[PairRequest]) -> list[PairScores]: ...
@@ -93,7 +98,8 @@ class TextBackend(Protocol):
 class LLMJudge:
     """A ``Judge`` that asks a language model through a ``TextBackend``.
 
-    Answers that come back but do not parse are counted as ``unparsable`` faults.
+    Answers that come back but do not parse are counted as ``unparsable`` faults; scores
+    outside [0, 10] (clipped by the parser) as ``score_out_of_range``.
     """
 
     def __init__(self, backend: TextBackend, templates: TemplateSet):
@@ -111,6 +117,11 @@ class LLMJudge:
         if bad:
             self._faults.add("unparsable", bad)
 
+    def _count_out_of_range(self, texts, tags) -> None:
+        n = sum(parsing.score_out_of_range(t, tag) for t in texts for tag in tags)
+        if n:  # clipped to [0, 10] by the parser; counted so a miscalibrated judge shows
+            self._faults.add("score_out_of_range", n)
+
     def faithfulness(self, requests: Sequence[FaithRequest]) -> list[Optional[bool]]:
         prompts = [self.templates.faithfulness_prompt(r.seed, r.attack, r.category) for r in requests]
         texts = self._complete(prompts)
@@ -124,6 +135,7 @@ class LLMJudge:
         texts = self._complete(prompts)
         scores = [parsing.parse_pair_scores(t) for t in texts]
         self._count_unparsable(texts, [a is not None and b is not None for a, b in scores])
+        self._count_out_of_range(texts, ("score_A", "score_B"))
         return scores
 
     def pointwise(self, requests: Sequence[PointRequest]) -> list[Optional[float]]:
@@ -131,6 +143,7 @@ class LLMJudge:
         texts = self._complete(prompts)
         scores = [parsing.parse_score(t, "score") for t in texts]
         self._count_unparsable(texts, [s is not None for s in scores])
+        self._count_out_of_range(texts, ("score",))
         return scores
 
     def fault_counts(self) -> dict[str, int]:
