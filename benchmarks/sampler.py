@@ -65,6 +65,8 @@ def _args():
                    help="qwen2.5-1.5b: the GPU-size roofline run (docstring)")
     p.add_argument("--hbm_gbps", type=float, default=4800.0,
                    help="HBM bandwidth for the bound (H200 spec 4800; H100 SXM 3350)")
+    p.add_argument("--filter_bench", action="store_true",
+                   help="time top-p/top-k token selection: candidate set vs a full sort")
     p.add_argument("--run_engine", default=None, help=argparse.SUPPRESS)  # child mode
     p.add_argument("--model_dir", default=None, help=argparse.SUPPRESS)
     return p.parse_args()
@@ -155,6 +157,42 @@ def roofline(a):
           f"{100 * bound_s / decode_s:.1f}% of the HBM bound")
     print(json.dumps(result))
     return result
+
+
+def filter_bench(a):
+    """One filtered token selection over [batch, vocab] logits: ``decode.select_tokens``
+    (lax.top_k candidates) vs the same rule by a full descending sort (the baseline), same
+    process, medians of ``--repeats`` (after a warm-up)."""
+    import jax
+    import jax.numpy as jnp
+
+    from advgame_jax.sampling.decode import select_tokens
+
+    def sort_select(logits, temperature, top_p, top_k, keys):
+        scaled = logits / temperature[:, None]
+        desc = -jnp.sort(-scaled, axis=-1)
+        probs = jax.nn.softmax(desc, axis=-1)
+        keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]
+        rank = jnp.arange(scaled.shape[-1])[None, :]
+        keep &= (top_k[:, None] <= 0) | (rank < top_k[:, None])
+        n = jnp.maximum(keep.sum(-1), 1)
+        cut = jnp.take_along_axis(desc, (n - 1)[:, None], axis=-1)
+        masked = jnp.where(scaled >= cut, scaled, -jnp.inf)
+        return jax.vmap(jax.random.categorical)(keys, masked)
+
+    b, v = a.batch, a.vocab
+    logits = jax.random.normal(jax.random.key(0), (b, v)) * 3
+    args = (logits, jnp.full((b,), 0.7), jnp.full((b,), 0.9), jnp.zeros((b,), jnp.int32),
+            jax.vmap(jax.random.key)(jnp.arange(b)))
+    new = jax.jit(lambda *x: select_tokens(*x, use_filter=True)[0])
+    base = jax.jit(sort_select)
+    t_new = _time(lambda: jax.block_until_ready(new(*args)), a.repeats)[1]
+    t_base = _time(lambda: jax.block_until_ready(base(*args)), a.repeats)[1]
+    res = {"batch": b, "vocab": v, "device": jax.devices()[0].device_kind,
+           "candidates_ms": round(1e3 * t_new, 3), "full_sort_ms": round(1e3 * t_base, 3),
+           "speedup": round(t_base / t_new, 2)}
+    print(json.dumps(res))
+    return res
 
 
 def _make_model(path, a):
@@ -253,6 +291,8 @@ def main():
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if a.roofline:
         return roofline(a)
+    if a.filter_bench:
+        return filter_bench(a)
     if a.run_engine:
         return _child(a)
     engines = [e.strip() for e in a.engines.split(",") if e.strip()]
