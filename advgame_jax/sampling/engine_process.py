@@ -147,7 +147,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         _exit_when_stdin_closes()
     if spec.tensor_parallel_size == 1:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    _serve(spec, key.encode())
+    # os._exit: the stdin watcher thread must not block interpreter shutdown.
+    try:
+        _serve(spec, key.encode())
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # ---------------------------------------------------------------------------- trainer side
@@ -174,9 +185,9 @@ class EngineClient:
         if self._conn is not None:
             return
         while not os.path.isfile(self._ready_file):
-            dead = self._dead()
+            dead = self._dead(" while starting")
             if dead:
-                raise EngineError(f"{dead} while starting")
+                raise EngineError(dead)
             if time.monotonic() > self._startup_deadline:
                 self.proc.kill()
                 raise EngineError(f"{self._who()}: not ready within the startup timeout; "
@@ -192,10 +203,10 @@ class EngineClient:
         addr = f"{self.address[0]}:{self.address[1]}" if self.address else "starting"
         return f"{self.name} engine ({where}, {addr})"
 
-    def _dead(self) -> Optional[str]:
+    def _dead(self, context: str = "") -> Optional[str]:
         if self.proc is not None and self.proc.poll() is not None:
             log = f"; its log: {self.log_path}" if self.log_path else ""
-            return f"{self._who()} exited with code {self.proc.returncode}{log}"
+            return f"{self._who()} exited with code {self.proc.returncode}{context}{log}"
         return None
 
     def request(self, op: str, payload: Any = None, *, timeout_s: Optional[float] = None):
@@ -208,16 +219,16 @@ class EngineClient:
             self._conn.send((op, payload))
             deadline = time.monotonic() + timeout_s
             while not self._conn.poll(0.2):
-                dead = self._dead()
+                dead = self._dead(f" during '{op}'")
                 if dead:
-                    raise EngineError(f"{dead} during '{op}'")
+                    raise EngineError(dead)
                 if time.monotonic() > deadline:
                     raise EngineError(f"{self._who()}: no answer to '{op}' within {timeout_s:.0f} s")
             status, result = self._conn.recv()
         except (EOFError, OSError) as e:
             time.sleep(0.5)  # let the exit code land
-            raise EngineError((self._dead() or f"{self._who()}: connection lost ({e!r})")
-                              + f" during '{op}'") from None
+            raise EngineError(self._dead(f" during '{op}'")
+                              or f"{self._who()}: connection lost during '{op}' ({e!r})") from None
         if status != "ok":
             raise EngineError(f"{self._who()}: '{op}' failed: {result}")
         return result
