@@ -9,8 +9,9 @@ Layout, under ``<workdir>/sync/<role>`` (an owned directory, see ``advgame_jax.f
 Writer (``write_sync_checkpoint``). The params are cast to the engine's dtype by one jitted
 program whose output shardings are the input shardings, so each device casts only its own
 shards and no array ever holds a full parameter on one device when the mesh has more than one
-(``cast_for_sync``); Orbax then writes each shard from the process that holds it. A version
-directory is built aside (``<name>.tmp-*``) and renamed into place, and ``COMMITTED.json`` is
+(``cast_for_sync``); Orbax then writes each shard from the process that holds it (on several
+processes the build directory is shared and process 0 commits and renames it, with barriers;
+untested here, single-host only on CPU). A version directory is built aside (``<name>.tmp-*``) and renamed into place, and ``COMMITTED.json`` is
 its last file: a crash mid-write leaves at most an owned ``.tmp-*`` sibling (removed by the next
 write) and never a directory a reader accepts. Old versions are removed (only owned ones)
 once a newer one is committed, keeping ``keep`` of them. The attacker's sync directories are
@@ -89,16 +90,17 @@ def write_sync_checkpoint(root: str, params: Any, *, version: int, role: str, dt
     if keep < 1:
         raise ValueError(f"write_sync_checkpoint: keep={keep}; expected >= 1")
     controlled = role == "attacker"
-    fsutil.make_owned_dir(root, ROOT_KIND)
-    if controlled:
-        os.chmod(root, 0o700)
-        if not os.path.isfile(os.path.join(root, CONTROLLED_FILE)):
-            fsutil.atomic_write_text(os.path.join(root, CONTROLLED_FILE), _CONTROLLED_NOTE)
+    if jax.process_index() == 0:
+        fsutil.make_owned_dir(root, ROOT_KIND)
+        if controlled:
+            os.chmod(root, 0o700)
+            if not os.path.isfile(os.path.join(root, CONTROLLED_FILE)):
+                fsutil.atomic_write_text(os.path.join(root, CONTROLLED_FILE), _CONTROLLED_NOTE)
     cast = cast_for_sync(params, dtype)
     dtype_name = str(np.dtype(dtype)) if not hasattr(dtype, "dtype") else str(dtype.dtype)
 
     def build(tmp: str) -> None:
-        if controlled:
+        if controlled and jax.process_index() == 0:
             os.chmod(tmp, 0o700)
             fsutil.atomic_write_text(os.path.join(tmp, CONTROLLED_FILE), _CONTROLLED_NOTE)
         ckptr = ocp.StandardCheckpointer()
@@ -110,11 +112,50 @@ def write_sync_checkpoint(root: str, params: Any, *, version: int, role: str, dt
                 {"version": int(version), "role": role, "dtype": dtype_name,
                  "controlled_artifact": controlled}) + "\n")
 
-    final = fsutil.build_dir_atomically(version_dir(root, version), VERSION_KIND, build)
-    for v in committed_versions(root)[:-keep]:
-        if v != version:
-            fsutil.remove_owned(version_dir(root, v), VERSION_KIND)
+    if jax.process_count() == 1:
+        final = fsutil.build_dir_atomically(version_dir(root, version), VERSION_KIND, build)
+    else:
+        final = _build_multihost(version_dir(root, version), build)
+    if jax.process_index() == 0:
+        for v in committed_versions(root)[:-keep]:
+            if v != version:
+                fsutil.remove_owned(version_dir(root, v), VERSION_KIND)
     return final
+
+
+def _build_multihost(final: str, build) -> str:
+    """``build_dir_atomically`` for several processes writing one Orbax checkpoint: a shared,
+    deterministic build directory (Orbax needs the same path everywhere), made and renamed
+    into place by process 0 only, with barriers around the collective write. Needs a
+    filesystem every process sees."""
+    import shutil
+
+    from jax.experimental import multihost_utils
+
+    tmp = f"{final}.tmp-build"
+    if jax_process_index() == 0:
+        if os.path.lexists(final) and not fsutil.is_owned(final, VERSION_KIND):
+            raise fsutil.NotOwnedError(f"refusing to replace {final!r}: not an owned sync "
+                                       f"checkpoint")
+        if fsutil.is_owned(tmp, VERSION_KIND):
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+        fsutil.write_marker(tmp, VERSION_KIND)
+    multihost_utils.sync_global_devices(f"advgame sync build {final}")
+    build(tmp)  # Orbax writes every process's shards; process 0 writes the commit marker
+    multihost_utils.sync_global_devices(f"advgame sync built {final}")
+    if jax_process_index() == 0:
+        if os.path.lexists(final):
+            fsutil.remove_owned(final, VERSION_KIND)
+        os.rename(tmp, final)
+    multihost_utils.sync_global_devices(f"advgame sync renamed {final}")
+    return final
+
+
+def jax_process_index() -> int:
+    import jax
+
+    return jax.process_index()
 
 
 def read_commit(path: str) -> dict:
