@@ -66,9 +66,10 @@ def test_filtered_sampling_frequencies_match_the_numpy_distribution():
     cutoff = np.sort(scaled)[::-1][kept - 1]
     q = np.where(scaled >= cutoff, np.exp(scaled - scaled.max()), 0.0)
     q /= q.sum()
-    # max_candidates=16 < kept: the sampled rows go through the bisection path.
+    # max_candidates=4 < kept (7) < top_k: the rows go through the bisection path.
+    assert 4 < kept < top_k
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(1), i))(jnp.arange(n))
-    for max_candidates in (16, 256):
+    for max_candidates in (4, 256):
         tokens, _ = jax.jit(lambda k: select_tokens(
             jnp.broadcast_to(logits, (n, v)), jnp.full((n,), temperature),
             jnp.full((n,), top_p), jnp.full((n,), top_k, jnp.int32), k, use_filter=True,
