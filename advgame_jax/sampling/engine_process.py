@@ -137,6 +137,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--exit-with-stdin", action="store_true",
                     help="exit when stdin closes (set by the trainer that spawned this engine)")
     args = ap.parse_args(argv)
+    os.environ["JAX_PLATFORMS"] = "cpu"  # see EngineClient.spawn; also for user-started engines
     with open(args.spec, encoding="utf-8") as f:
         spec = EngineSpec(**json.load(f))
     key = os.environ.get(args.authkey_env, "")
@@ -253,6 +254,9 @@ class EngineClient:
         key = secrets.token_hex(16)
         env = dict(os.environ, **{AUTHKEY_ENV: key})
         env.pop("XLA_FLAGS", None)  # the engine does not need the trainer's virtual devices
+        # JAX only reads sync checkpoints to host memory here: it must never take (and, by
+        # default, preallocate 75% of) the engine's GPUs.
+        env["JAX_PLATFORMS"] = "cpu"
         if spec.devices:
             env["CUDA_VISIBLE_DEVICES"] = spec.devices
         log_path = os.path.join(run_dir, f"{spec.role}.log")
