@@ -2,10 +2,7 @@
 clear errors naming the engine; a request to a silent engine times out instead of hanging;
 completions from other weights than the last sync are refused."""
 
-import dataclasses
-import json
 import os
-import sys
 import threading
 import time
 from multiprocessing.connection import Listener
