@@ -80,3 +80,25 @@ def test_placement_defaults_and_lengths(tmp_path):
     assert max_model_len(c, "defender", 1024) == 200 + c.sampling.max_new_tokens
     c.defender.vllm_max_model_len = 512
     assert max_model_len(c, "defender", 1024) == 512
+
+
+def test_memory_plan_sets_jax_fraction_before_jax_initialises(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib, os\n"
+        "from advgame_jax.sampling.placement import apply_memory_plan\n"
+        "c = importlib.import_module('configs.tiny').get_config()\n"
+        "c.defender.placement = 'colocated'\n"
+        "c.defender.engine.gpu_memory_utilization = 0.3\n"
+        "c.placement.jax_memory_fraction = 0.4\n"
+        "apply_memory_plan(c)\n"
+        "import jax; jax.devices()\n"
+        "print(os.environ['XLA_PYTHON_CLIENT_MEM_FRACTION'])\n")
+    env = {k: v for k, v in __import__("os").environ.items()
+           if k != "XLA_PYTHON_CLIENT_MEM_FRACTION"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "0.400"
