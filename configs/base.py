@@ -29,8 +29,30 @@ def _player(role: str) -> ml_collections.ConfigDict:
             sampler_min_prompt_bucket=16,
             # vLLM engine options (ignored by the JAX sampler).
             vllm_kv_cache_bytes=2 * 1024**3,
-            vllm_max_model_len=0,
+            vllm_max_model_len=0,  # 0: derived (engine.max_prompt_tokens below)
             role=role,
+            # ---- sampler placement and engine settings (docs/sampling.md) ----
+            # '' (from `sampler`: 'jax' -> 'jax', 'vllm' -> 'colocated'), 'jax', 'colocated'
+            # (vLLM inside the trainer, explicit memory plan) or 'offloaded' (vLLM engine in
+            # its own process on other devices, or a user-started one at engine.address).
+            placement="",
+            engine=ml_collections.ConfigDict(
+                dict(
+                    address="",  # offloaded: 'host:port' of a user-started engine
+                    authkey_env="",  # env var holding that engine's connection key
+                    devices="",  # offloaded: CUDA_VISIBLE_DEVICES of the engine, e.g. '8,9'
+                    tensor_parallel_size=1,
+                    gpu_memory_utilization=0.0,  # 0: vLLM default (offloaded); required if colocated
+                    # prompt budget: max_model_len = this + sampling.max_new_tokens (0: the
+                    # model's whole context)
+                    max_prompt_tokens=0,
+                    enforce_eager=False,  # True: no CUDA graphs (faster start, slower decode)
+                    startup_timeout_s=900.0,
+                    request_timeout_s=3600.0,
+                    keep_sync_checkpoints=2,  # committed sync versions kept on disk
+                )
+            ),
+            # ---- end of placement block ----
         )
     )
 
@@ -48,6 +70,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Device mesh: -1 on `data` = all remaining devices.
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+    # Colocated vLLM engines share the trainer's devices: JAX's share of each device (applied
+    # before JAX initialises) + engines' gpu_memory_utilization + margin must be <= 1.
+    c.placement = ml_collections.ConfigDict(dict(jax_memory_fraction=0.0, device_memory_margin=0.05))
 
     c.attacker = _player("attacker")
     c.defender = _player("defender")
@@ -77,6 +103,14 @@ def base_config() -> ml_collections.ConfigDict:
             # Faithfulness samples split evenly: 'bad_judge' (excluded) or 'not_faithful'
             # (the reference's rule).
             faith_tie="bad_judge",
+            # ---- judge endpoint throughput and health (game/endpoint.py) ----
+            # timeout_s above is wall-clock per request, retries included.
+            max_in_flight_per_endpoint=0,  # per replica; 0: only `concurrency` bounds it
+            unhealthy_after=3,  # consecutive failed attempts before a replica is skipped
+            unhealthy_cooldown_s=30.0,
+            warn_failure_rate=0.1,  # warn when more requests than this fail in a window...
+            warn_every=10,  # ...of this many judge batches
+            # ---- end of judge endpoint block ----
         )
     )
 

@@ -7,7 +7,11 @@ POST, where ``hit`` counts earlier POSTs with the same prompt:
 - ``("ok", content)``: a normal chat completion whose message content is ``content``;
 - ``("status", code)``: an empty HTTP error response;
 - ``("sleep", seconds, content)``: answer ``content`` after a delay (client timeouts);
-- ``("raw", body_bytes)``: a 200 response with this exact body (malformed JSON).
+- ``("raw", body_bytes)``: a 200 response with this exact body (malformed JSON);
+- ``("trickle", seconds_per_byte, content)``: headers at once, then the body one byte at a
+  time (a server that keeps a connection alive without ever finishing in time).
+
+``in_flight`` / ``max_in_flight``: POSTs being served now / the most at any moment.
 
 ``marker_script`` is a ready-made script for the advgame_v1 templates: it reads the
 responses (or the attack) out of the judge prompt and answers from markers in them:
@@ -74,6 +78,7 @@ class FakeJudgeServer:
         self.hits = 0
         self.hits_by_prompt: collections.Counter = collections.Counter()
         self.requests: list[dict] = []
+        self.in_flight = self.max_in_flight = 0
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -101,7 +106,15 @@ class FakeJudgeServer:
                     hit = server.hits_by_prompt[prompt]
                     server.hits_by_prompt[prompt] += 1
                     server.requests.append({"body": body, "auth": self.headers.get("Authorization")})
-                action = server.script(prompt, hit)
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                try:
+                    self._act(body, server.script(prompt, hit))
+                finally:
+                    with server.lock:
+                        server.in_flight -= 1
+
+            def _act(self, body, action):
                 try:
                     if action[0] == "status":
                         self._send(action[1], b"")
@@ -111,6 +124,16 @@ class FakeJudgeServer:
                         return
                     if action[0] == "sleep":
                         time.sleep(action[1])
+                    if action[0] == "trickle":
+                        data = json.dumps({"choices": [{"message": {"content": action[2]}}]}).encode()
+                        self.send_response(200)
+                        self.send_header("Content-Length", str(len(data)))
+                        self.end_headers()
+                        for i in range(len(data)):
+                            self.wfile.write(data[i:i + 1])
+                            self.wfile.flush()
+                            time.sleep(action[1])
+                        return
                     content = action[-1]
                     resp = {"id": "x", "object": "chat.completion", "model": body["model"],
                             "choices": [{"index": 0, "finish_reason": "stop",

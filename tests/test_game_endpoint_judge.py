@@ -62,8 +62,8 @@ def test_pairwise_tree_round_robin_over_two_endpoints():
     assert scored.y_raw_reward_BAD == (((7.0, 3.0, 5.0), (2.0, 8.0, 8.0)),)
     assert scored.selected_d_BA == ((0, 1),)
     assert scored.x_raw_reward_BA == ((7.0, 8.0),)
-    # 2 faithfulness + 3 + 3 defender pairs + 1 attacker pair = 9 requests, alternating.
-    assert hits == (5, 4)
+    # 2 faithfulness + 3 + 3 defender pairs + 1 attacker pair = 9 requests, balanced.
+    assert sorted(hits) == [4, 5]
     assert auth == {"Bearer k-secret"} and models == {"judge-model"}
     assert "k-secret" not in repr(judge.backend)
     assert tree_metrics(scored)["judge/defender/requests"] == 6.0
@@ -90,8 +90,9 @@ def test_faulty_endpoint_gives_bad_judge_errors_and_counts():
         "judge/faults/failed_requests": 3.0,   # x1 faithfulness, y1, y2
         "judge/faults/http_5xx": 3.0,          # y1 twice, y4 once
         "judge/faults/malformed_json": 2.0,    # x1 twice
-        "judge/faults/retries": 4.0,           # x1, y1, y2, y4
-        "judge/faults/timeout": 2.0,           # y2 twice
+        # timeout_s is wall-clock per request, retries included: y2's one timeout used it up.
+        "judge/faults/retries": 3.0,           # x1, y1, y4
+        "judge/faults/timeout": 1.0,           # y2 once
         "judge/faults/unparsable": 1.0,        # y3 (garbage is not retried)
     }
     assert m["judge/defender/failures"] == 3.0 and m["judge/faith/failures"] == 1.0
@@ -100,7 +101,7 @@ def test_faulty_endpoint_gives_bad_judge_errors_and_counts():
                  if mk in p}
     assert by_marker == {"FAULT_500": 2, "FAULT_ONCE": 2, "FAULT_GARBAGE": 1, "FAULT_JSON": 2}
     # Exponential backoff with jitter in [1, 2): attempt 0 -> [0.01, 0.02).
-    assert len(sleeps) == 4 and all(0.01 <= s < 0.02 for s in sleeps)
+    assert len(sleeps) == 3 and all(0.01 <= s < 0.02 for s in sleeps)  # none after y2's timeout
 
 
 def test_backoff_grows_and_is_seeded():
@@ -178,3 +179,76 @@ def test_make_judge_from_config(monkeypatch):
         assert server.requests[-1]["body"]["max_tokens"] == 64
     cfg.backend = "rule"
     assert type(make_judge(cfg)).__name__ == "RuleJudge"
+
+
+def test_wall_clock_timeout_stops_a_trickling_server():
+    """timeout_s bounds a whole request, retries included, even when bytes keep arriving."""
+    import time
+
+    with FakeJudgeServer(lambda prompt, hit: ("trickle", 0.05, "<score>5</score>" * 20)) as server:
+        backend = EndpointBackend([server.url], "m", timeout_s=0.6, max_retries=5, backoff_s=0.01)
+        t0 = time.monotonic()
+        assert backend.complete(["p"]) == [None]
+        elapsed = time.monotonic() - t0
+    assert elapsed < 1.5, elapsed  # the body alone would take > 15 s; 5 retries even longer
+    faults = backend.fault_counts()
+    assert faults["timeout"] >= 1 and faults["failed_requests"] == 1
+
+
+def test_requests_spread_over_replicas_bounded_in_flight():
+    slow = lambda prompt, hit: ("sleep", 0.15, "<score>5</score>")  # noqa: E731
+    with FakeJudgeServer(slow) as s1, FakeJudgeServer(slow) as s2, FakeJudgeServer(slow) as s3:
+        backend = EndpointBackend([s1.url, s2.url, s3.url], "m", timeout_s=10.0, concurrency=9,
+                                  max_in_flight_per_endpoint=2)
+        out = backend.complete([f"p{i}" for i in range(18)])
+        servers = (s1, s2, s3)
+    assert out == ["<score>5</score>"] * 18
+    assert sorted(s.hits for s in servers) == [6, 6, 6]
+    peaks = [h["peak_in_flight"] for h in backend.endpoint_health()]
+    assert peaks == [2, 2, 2]  # the per-replica bound held, and every replica was used at once
+    assert min(s.max_in_flight for s in servers) >= 2  # the servers really saw them overlap
+
+
+def test_unhealthy_replica_is_avoided_and_failure_rate_warns(caplog):
+    import logging
+
+    ok = lambda prompt, hit: ("ok", "<score>5</score>")  # noqa: E731
+    with FakeJudgeServer(ok) as good, FakeJudgeServer(lambda p, h: ("status", 503)) as bad:
+        backend = EndpointBackend([bad.url, good.url], "m", timeout_s=5.0, max_retries=2,
+                                  concurrency=1, backoff_s=0.0, unhealthy_after=2,
+                                  unhealthy_cooldown_s=60.0, warn_every=2,
+                                  warn_failure_rate=0.1)
+        assert backend.complete([f"a{i}" for i in range(6)]) == ["<score>5</score>"] * 6
+        bad_hits = bad.hits
+        health = {h["endpoint"]: h for h in backend.endpoint_health()}
+    assert bad_hits == 2  # two failures made it unhealthy; nothing more was sent to it
+    assert not health[bad.url]["healthy"] and health[good.url]["healthy"]
+
+    # A judge failing most requests logs a visible warning once per window of batches.
+    with FakeJudgeServer(lambda p, h: ("status", 500)) as down:
+        backend = EndpointBackend([down.url], "m", timeout_s=5.0, max_retries=0,
+                                  warn_every=2, warn_failure_rate=0.1)
+        with caplog.at_level(logging.WARNING, logger="advgame_jax.judge"):
+            for _ in range(4):
+                backend.complete(["x", "y"])
+    warnings = [r.getMessage() for r in caplog.records if "JUDGE FAILURE RATE" in r.getMessage()]
+    assert len(warnings) == 2 and backend.warnings_logged == 2
+    assert "100.0% over the last 2 batches (4 of 4 requests failed" in warnings[0]
+
+
+def test_out_of_range_scores_are_counted_not_silently_clipped():
+    from advgame_jax.game.judge import PairRequest
+
+    class Fixed:
+        def complete(self, prompts):
+            return ["<score_A>12</score_A><score_B>7</score_B>",
+                    "<score_A>-3</score_A><score_B>11/10</score_B>",
+                    "<score_A>4</score_A><score_B>6</score_B>"][: len(prompts)]
+
+        def fault_counts(self):
+            return {}
+
+    judge = LLMJudge(Fixed(), TEMPLATES)
+    scores = judge.pairwise([PairRequest("compliance", "q", "r1", "r2")] * 3)
+    assert scores == [(10.0, 7.0), (0.0, 10.0), (4.0, 6.0)]
+    assert judge.fault_counts()["score_out_of_range"] == 3

@@ -33,18 +33,22 @@ def test_tiny_run_with_vllm_refreshes_from_checkpoints(tmp_path, toy_dir):  # no
     for role, player in runner.players.items():
         engines[role] = id(player.sampler.llm)
         refreshes[role] = []
-        orig = player.sampler.update_weights
+        inner = player.sampler.inner  # the VllmSampler behind the version check
+        orig = inner.load_sync_checkpoint
 
-        def counted(*a, _orig=orig, _log=refreshes[role], **kw):
-            _log.append(kw.get("checkpoint_path"))
-            return _orig(*a, **kw)
+        def counted(path, _orig=orig, _log=refreshes[role]):
+            _log.append(path)
+            return _orig(path)
 
-        player.sampler.update_weights = counted
+        inner.load_sync_checkpoint = counted
     runner.run()
     assert runner.step == 3
     for role, player in runner.players.items():
-        # One checkpoint-based refresh per step (sync_every_n_steps=1), same engine throughout.
-        assert refreshes[role] == [os.path.join(runner.workdir, "sync", role)] * 3
+        # One checkpoint-based refresh per step (sync_every_n_steps=1), each from the committed
+        # sync checkpoint of that step's version, same engine throughout.
+        assert refreshes[role] == [
+            os.path.join(runner.workdir, "sync", role, f"v{v:08d}") for v in (1, 2, 3)]
+        assert player.weights_version == 3
         assert id(player.sampler.llm) == engines[role]
     with open(os.path.join(runner.workdir, "metrics.jsonl")) as f:
         last = [json.loads(line) for line in f][-1]

@@ -75,7 +75,13 @@ def test_refresh_from_orbax_checkpoint_without_restart(setup):
     # The file transport (the one multi-process / tensor-parallel engines use).
     sampler.weight_transfer = "path"
     try:
+        with pytest.raises(ValueError, match="weights_dir"):  # never a silent temp dir
+            sampler.update_weights(params=params_a)
+        sampler.weights_dir = str(root / "run" / "vllm_weights")
         sampler.update_weights(params=params_a)
+        from advgame_jax import fsutil
+
+        assert fsutil.is_owned(sampler.weights_dir, "vllm_weights")
     finally:
         sampler.weight_transfer = "iterator"
     again = sampler.generate(prompts, greedy)

@@ -43,7 +43,7 @@ from advgame_jax.data import SeedIterator, packaged_seed_path, read_seeds_jsonl,
 from advgame_jax.experiment import compile_counter
 from advgame_jax.experiment.metrics import MetricsWriter, truncate_metrics
 from advgame_jax.experiment.players import (
-    Player, build_player, initial_state, resolve_mesh, sync_sampler)
+    Player, build_player, close_player, initial_state, resolve_mesh, sync_sampler)
 from advgame_jax.experiment.timing import StageTimer, TimedJudge, TimedSampler
 from advgame_jax.experiment.validate import ConfigError, validate_config
 from advgame_jax.training.batching import collate_pairs, collate_samples
@@ -261,7 +261,7 @@ class GameRunner:
         with self.timer.stage("sync"):
             for r in ROLES:
                 sync_sampler(self.players[r], self.state[r], self.config.train.sample_from,
-                             self.workdir)
+                             self.workdir, version=self.step)
 
     def _update(self, role: str, scored, split: str) -> dict:
         player = self.players[role]
@@ -378,6 +378,11 @@ class GameRunner:
         name = "asr" if VALID_SPLITS[split][1] == "harmful" else "compliance_rate"
         return {f"valid/{split}/{name}": float(np.mean([s > 5.0 for s in scores]))}
 
+    def close(self) -> None:
+        """Shut down the players' inference engines (offloaded processes, colocated engines)."""
+        for player in self.players.values():
+            close_player(player)
+
     # ------------------------------------------------------------------ the run
     def _on_signal(self, signum, frame) -> None:
         if self._in_step:
@@ -426,4 +431,8 @@ class GameRunner:
 
 def run_from_config(config, *, judge=None) -> dict:
     """Build a :class:`GameRunner` for ``config`` and run it to the end; returns the last record."""
-    return GameRunner(config, judge=judge).run()
+    runner = GameRunner(config, judge=judge)
+    try:
+        return runner.run()
+    finally:
+        runner.close()

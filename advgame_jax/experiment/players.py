@@ -1,23 +1,29 @@
 """Players: for the attacker and the defender, the model, tokenizer, sampler, optimizer, update
 step and the state pytree, built from one ``config.<role>`` block; and weight sync to samplers.
 
+Placement (``advgame_jax.sampling.placement``): ``jax`` (in-trainer JAX sampler),
+``colocated`` (vLLM inside the trainer under an explicit memory plan) or ``offloaded`` (a vLLM
+engine process on other devices, spawned here or user-started; ``sampling.engine_process``).
+
 Sync (GAME_SPEC §2.1): the JAX sampler takes the sampling params in memory (no recompile);
-the vLLM sampler is refreshed from an Orbax checkpoint written to ``<workdir>/sync/<role>``
-at every sync, which is how a separate inference engine sees the trainer's weights.
+a vLLM engine is refreshed from a versioned, committed Orbax checkpoint in the engine's dtype
+written shard by shard to ``<workdir>/sync/<role>/v<step>`` (``sampling.weight_sync``). Every
+completion carries the weights version it came from; a completion from any other version than
+the last sync raises ``StaleWeightsError``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from advgame_jax.experiment.validate import ConfigError
 from advgame_jax.models import ModelConfig, load_hf, param_shardings
+from advgame_jax.sampling.placement import max_model_len, placement_of
 from advgame_jax.tokenization import ChatTokenizer
 from advgame_jax.training.optimizer import optimizer_from_config
 from advgame_jax.training.state import PlayerState, init_player_state, sampling_params
@@ -39,6 +45,39 @@ class Player:
     trainable: bool
     sampler_kind: str
     optimizer: Any
+    placement: str = "jax"
+    sampler_dtype: str = "float32"
+    keep_sync_checkpoints: int = 2
+    weights_version: Optional[int] = None
+
+
+class StaleWeightsError(RuntimeError):
+    """A sampler answered with weights other than the ones the trainer last synced."""
+
+
+class VersionedSampler:
+    """Wraps a player's sampler: stamps or checks every completion's ``weights_version``
+    against the player's last sync, refusing stale weights (other attributes pass through)."""
+
+    def __init__(self, inner, player_ref: "Player"):
+        self.inner, self._player = inner, player_ref
+
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]], params):
+        expected = self._player.weights_version
+        out = self.inner.generate(prompt_token_ids, params)
+        result = []
+        for c in out:
+            if c.weights_version is None:
+                c = dataclasses.replace(c, weights_version=expected)
+            elif c.weights_version != expected:
+                raise StaleWeightsError(
+                    f"{self._player.role} sampler generated with weights version "
+                    f"{c.weights_version}, but the trainer's last sync was version {expected}")
+            result.append(c)
+        return result
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
 
 def check_checkpoint_dir(path: str, field: str) -> None:
@@ -72,30 +111,77 @@ def build_player(config, role: str, hf_dir: str, mesh, *, total_updates: int) ->
     shardings = param_shardings(model_config, mesh)
     model_config, params = load_hf(hf_dir, DTYPES[pc.param_dtype], shardings=shardings)
 
-    if pc.sampler == "jax":
-        from advgame_jax.sampling.jax_sampler import JaxSampler
-
-        sampler = JaxSampler(model_config, params, tokenizer=tokenizer, mesh=mesh,
-                             compute_dtype=DTYPES[pc.sampler_dtype],
-                             min_batch_bucket=pc.sampler_min_batch_bucket,
-                             min_prompt_bucket=pc.sampler_min_prompt_bucket)
-    else:
-        try:
-            from advgame_jax.sampling.vllm_sampler import VllmSampler
-        except ImportError as e:
-            raise ConfigError(f"config.{role}.sampler='vllm' needs the vllm extra "
-                              f"(pip install 'advgame_jax[vllm]'): {e}") from None
-        sampler = VllmSampler(hf_dir, tokenizer=tokenizer, dtype=pc.sampler_dtype,
-                              kv_cache_memory_bytes=pc.vllm_kv_cache_bytes,
-                              max_model_len=pc.vllm_max_model_len or None, seed=config.seed)
+    sampler = _build_sampler(config, role, hf_dir, model_config, params, tokenizer, mesh)
 
     optimizer = optimizer_from_config(config.optim, config.train.num_steps)
     update = _shared_update_step(config, model_config, optimizer, pc.compute_dtype, mesh,
                                  total_updates)
+    placement = placement_of(config, role)
     player = Player(role=role, model_config=model_config, tokenizer=tokenizer, hf_dir=hf_dir,
-                    sampler=sampler, update=update, trainable=bool(pc.trainable),
-                    sampler_kind=pc.sampler, optimizer=optimizer)
+                    sampler=None, update=update, trainable=bool(pc.trainable),
+                    sampler_kind=pc.sampler, optimizer=optimizer, placement=placement,
+                    sampler_dtype=pc.sampler_dtype,
+                    keep_sync_checkpoints=int(pc.engine.keep_sync_checkpoints)
+                    if "engine" in pc else 2)
+    player.sampler = VersionedSampler(sampler, player)
     return player, params
+
+
+def _build_sampler(config, role: str, hf_dir: str, model_config, params, tokenizer, mesh):
+    """The sampler of ``role`` for its placement (module docstring)."""
+    pc = config[role]
+    placement = placement_of(config, role)
+    if placement == "jax":
+        from advgame_jax.sampling.jax_sampler import JaxSampler
+
+        return JaxSampler(model_config, params, tokenizer=tokenizer, mesh=mesh,
+                          compute_dtype=DTYPES[pc.sampler_dtype],
+                          min_batch_bucket=pc.sampler_min_batch_bucket,
+                          min_prompt_bucket=pc.sampler_min_prompt_bucket)
+    e = pc.engine
+    n_ctx = max_model_len(config, role, model_config.max_position_embeddings)
+    if n_ctx > model_config.max_position_embeddings:
+        raise ConfigError(
+            f"config.{role}.engine.max_prompt_tokens + config.sampling.max_new_tokens = {n_ctx} "
+            f"exceeds the model's max_position_embeddings={model_config.max_position_embeddings} "
+            f"({hf_dir}/config.json); lower the prompt or completion budget")
+    if placement == "offloaded":
+        from advgame_jax.sampling.engine_process import EngineClient, EngineSpec, RemoteSampler
+
+        if e.address:
+            client = EngineClient.connect(role, e.address, e.authkey_env,
+                                          request_timeout_s=e.request_timeout_s)
+        else:
+            spec = EngineSpec(
+                role=role, hf_dir=os.path.abspath(hf_dir), dtype=pc.sampler_dtype,
+                tensor_parallel_size=e.tensor_parallel_size,
+                gpu_memory_utilization=e.gpu_memory_utilization, max_model_len=n_ctx,
+                kv_cache_bytes=pc.vllm_kv_cache_bytes, enforce_eager=e.enforce_eager,
+                seed=config.seed, devices=e.devices)
+            client = EngineClient.spawn(
+                spec, os.path.join(os.path.abspath(config.workdir), "engines"),
+                startup_timeout_s=e.startup_timeout_s, request_timeout_s=e.request_timeout_s)
+        return RemoteSampler(client, tokenizer=tokenizer, load_timeout_s=e.startup_timeout_s)
+    try:
+        from advgame_jax.sampling.vllm_sampler import VllmSampler
+    except ImportError as err:
+        raise ConfigError(f"config.{role}.placement='colocated' needs the vllm extra "
+                          f"(pip install 'advgame_jax[vllm]'): {err}") from None
+    kw: dict = dict(worker_extension_cls="advgame_jax.sampling.weight_sync.OrbaxWeightLoader",
+                    tensor_parallel_size=e.tensor_parallel_size, enforce_eager=e.enforce_eager)
+    if e.gpu_memory_utilization > 0:
+        kw["gpu_memory_utilization"] = e.gpu_memory_utilization
+    return VllmSampler(hf_dir, tokenizer=tokenizer, dtype=pc.sampler_dtype,
+                       kv_cache_memory_bytes=pc.vllm_kv_cache_bytes, max_model_len=n_ctx,
+                       multiprocessing=e.tensor_parallel_size > 1, seed=config.seed, **kw)
+
+
+def close_player(player: Player) -> None:
+    """Shut down the player's engine (offloaded process or colocated engine), if any."""
+    close = getattr(player.sampler.inner if isinstance(player.sampler, VersionedSampler)
+                    else player.sampler, "close", None)
+    if close is not None:
+        close()
 
 
 _UPDATE_STEPS: dict = {}
@@ -130,26 +216,41 @@ def initial_state(player: Player, params, config) -> PlayerState:
         reference=config.train.reference, keep_ema=keep_ema, trainable=player.trainable)
 
 
-def sync_sampler(player: Player, state: PlayerState, sample_from: str, workdir: str) -> None:
-    """Give ``player``'s sampler the params it should sample from (GAME_SPEC §2.1)."""
+def sync_sampler(player: Player, state: PlayerState, sample_from: str, workdir: str,
+                 version: Optional[int] = None) -> int:
+    """Give ``player``'s sampler the params it should sample from (GAME_SPEC §2.1), as weights
+    version ``version`` (the trainer step; default: one past the last). Returns the version."""
+    if version is None:
+        version = 0 if player.weights_version is None else player.weights_version + 1
     params = sampling_params(state, sample_from)
-    if player.sampler_kind == "jax":
+    inner = player.sampler.inner if isinstance(player.sampler, VersionedSampler) else player.sampler
+    if player.placement == "jax":
         # The sampler keeps a private copy (cast to its dtype): the trainer donates its state
         # to the next update / EMA step, which must not free the sampler's weights.
-        player.sampler.update_weights(params=params)
-        return
-    from advgame_jax.sampling.checkpoints import save_params
+        inner.update_weights(params=params)
+        player.weights_version = int(version)
+        return player.weights_version
+    from advgame_jax.sampling.weight_sync import write_sync_checkpoint
 
-    path = os.path.join(workdir, "sync", player.role)
-    shutil.rmtree(path, ignore_errors=True)
-    save_params(path, params)
-    player.sampler.update_weights(checkpoint_path=path)
+    path = write_sync_checkpoint(
+        os.path.join(workdir, "sync", player.role), params, version=int(version),
+        role=player.role, dtype=DTYPES[player.sampler_dtype],
+        keep=player.keep_sync_checkpoints)
+    loaded = (inner.update_weights(checkpoint_path=path, version=int(version))
+              if hasattr(inner, "client") else inner.load_sync_checkpoint(path))
+    if loaded != int(version):
+        raise StaleWeightsError(f"{player.role} engine loaded weights version {loaded} from "
+                                f"{path}, expected {version}")
+    player.weights_version = int(version)
+    return player.weights_version
 
 
 def resolve_mesh(config):
     """``config.mesh`` → ``Mesh``; ``data=-1`` takes all devices not used by fsdp × tensor."""
     from advgame_jax.models import make_mesh
+    from advgame_jax.sampling.placement import apply_memory_plan
 
+    apply_memory_plan(config)  # JAX's device-memory share, before JAX initialises
     n = jax.device_count()
     fsdp, tensor, data = config.mesh.fsdp, config.mesh.tensor, config.mesh.data
     if data == -1:

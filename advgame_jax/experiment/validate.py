@@ -166,3 +166,6 @@ def validate_config(config) -> None:
     _int(config, "validation.num_seeds", minimum=0)
     _int(config, "validation.num_responses", minimum=1)
     _int(config, "validation.batch_size", minimum=0)
+    from advgame_jax.sampling.placement import validate_placement  # sampler placement / memory plan
+
+    validate_placement(config)

@@ -1,15 +1,28 @@
 """``EndpointBackend``: judge prompts sent to OpenAI-compatible servers (``/v1/chat/completions``).
 
-Standard library only (``urllib`` + a ``ThreadPoolExecutor``). Requests of one batch run
-concurrently; each attempt goes to the next endpoint round-robin, with a per-attempt socket
-timeout. Timeouts, connection errors, HTTP 429/5xx and malformed JSON bodies are retried up
-to ``max_retries`` times with exponential backoff and seeded jitter
-(``backoff_s · 2^attempt · (1 + U[0, 1))``, capped at ``max_backoff_s``); other HTTP errors
-are not retried. A request that still fails returns None and never raises.
+Standard library only (``http.client`` + a ``ThreadPoolExecutor``).
+
+Throughput. The requests of one batch run concurrently across all endpoints (replicas):
+at most ``concurrency`` in flight in total and at most ``max_in_flight_per_endpoint`` on any
+one endpoint; each attempt goes to the healthy endpoint with the fewest requests in flight
+(ties: the one given the fewest requests so far). Health per endpoint: ``unhealthy_after`` consecutive failed attempts mark
+it unhealthy for ``unhealthy_cooldown_s``; it is then used only when no endpoint is healthy.
+
+Deadlines. ``timeout_s`` is wall-clock per request, retries and backoff included: every
+attempt gets what is left of it, and a watchdog closes the attempt's socket when that runs
+out, so a server that trickles its answer one byte at a time cannot stall a request past it.
+Timeouts, connection errors, HTTP 429/5xx and malformed JSON bodies are retried up to
+``max_retries`` times (while time is left) with exponential backoff and seeded jitter
+(``backoff_s · 2^attempt · (1 + U[0, 1))``, capped at ``max_backoff_s`` and at the time
+left); other HTTP errors are not retried. A request that still fails returns None and never
+raises.
 
 Fault kinds counted (cumulative, ``fault_counts()``): ``timeout``, ``connection``,
 ``http_5xx``, ``http_429``, ``http_4xx``, ``malformed_json`` (per failed attempt),
 ``retries`` (re-sent attempts) and ``failed_requests`` (requests that returned None).
+Failure-rate warning: every ``warn_every`` batches, when more than ``warn_failure_rate`` of
+that window's requests failed, a warning is logged with the numbers and each endpoint's
+health (``endpoint_health()``).
 
 ``check_endpoints()`` (call it at start-up) GETs ``<base>/models`` on each endpoint and
 raises ``JudgeEndpointError`` naming every unreachable URL.
@@ -18,13 +31,15 @@ raises ``JudgeEndpointError`` naming every unreachable URL.
 from __future__ import annotations
 
 import concurrent.futures
-import itertools
+import http.client
 import json
+import logging
 import random
 import socket
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Callable, Optional, Sequence
 
@@ -39,21 +54,49 @@ class _Malformed(Exception):
     pass
 
 
+class _HTTPStatus(Exception):
+    def __init__(self, code: int):
+        super().__init__(f"HTTP {code}")
+        self.code = code
+
+
+class _Endpoint:
+    """One replica: its address, requests in flight and health."""
+
+    def __init__(self, base: str):
+        self.base = base
+        u = urllib.parse.urlsplit(base)
+        self.https = u.scheme == "https"
+        self.host, self.port = u.hostname, u.port or (443 if self.https else 80)
+        self.path = u.path.rstrip("/")
+        self.in_flight = self.peak_in_flight = self.assigned = 0
+        self.consecutive_failures = 0
+        self.unhealthy_until = 0.0
+        self.requests = self.failures = 0
+
+
 class EndpointBackend:
     """Concurrent, retrying client of one or more OpenAI-compatible chat endpoints.
 
     endpoints: base URLs such as ``http://host:8000/v1``; model: the served model name.
     api_key: sent as ``Authorization: Bearer`` when given (never logged).
-    timeout_s: per-attempt socket timeout; max_retries: re-sends after the first attempt.
-    concurrency: worker threads per batch. temperature / max_tokens: decoding of the judge.
-    seed: seeds the backoff jitter. sleep: injectable for tests.
+    timeout_s: wall-clock limit per request, retries included; max_retries: re-sends after
+    the first attempt. concurrency: requests in flight in total;
+    max_in_flight_per_endpoint: per replica (0: no per-replica bound).
+    unhealthy_after / unhealthy_cooldown_s: health rule (module docstring).
+    warn_failure_rate / warn_every: failure-rate warning (module docstring).
+    temperature / max_tokens: decoding of the judge. seed: seeds the backoff jitter.
+    sleep / clock: injectable for tests.
     """
 
     def __init__(self, endpoints: Sequence[str], model: str, *, api_key: Optional[str] = None,
                  timeout_s: float = 120.0, max_retries: int = 3, concurrency: int = 32,
                  temperature: float = 0.0, max_tokens: int = 8192, backoff_s: float = 0.5,
                  max_backoff_s: float = 30.0, seed: int = 0,
-                 sleep: Callable[[float], None] = time.sleep):
+                 max_in_flight_per_endpoint: int = 0, unhealthy_after: int = 3,
+                 unhealthy_cooldown_s: float = 30.0, warn_failure_rate: float = 0.1,
+                 warn_every: int = 10, sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.monotonic):
         if isinstance(endpoints, str):
             endpoints = [e for e in endpoints.split(",") if e]
         endpoints = [str(e).rstrip("/") for e in endpoints]
@@ -78,11 +121,26 @@ class EndpointBackend:
         self.max_tokens = int(max_tokens)
         self.backoff_s = float(backoff_s)
         self.max_backoff_s = float(max_backoff_s)
+        if max_in_flight_per_endpoint < 0 or unhealthy_after < 1 or warn_every < 1 \
+                or not 0.0 <= warn_failure_rate <= 1.0:
+            raise JudgeEndpointError(
+                "judge endpoint options: expected max_in_flight_per_endpoint >= 0, "
+                "unhealthy_after >= 1, warn_every >= 1, 0 <= warn_failure_rate <= 1; got "
+                f"{max_in_flight_per_endpoint}, {unhealthy_after}, {warn_every}, {warn_failure_rate}")
+        self.max_in_flight_per_endpoint = int(max_in_flight_per_endpoint)
+        self.unhealthy_after = int(unhealthy_after)
+        self.unhealthy_cooldown_s = float(unhealthy_cooldown_s)
+        self.warn_failure_rate = float(warn_failure_rate)
+        self.warn_every = int(warn_every)
         self._sleep = sleep
+        self._clock = clock
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
-        self._next = itertools.count()
+        self._slot_free = threading.Condition(self._lock)
         self._faults = FaultCounter()
+        self._replicas = [_Endpoint(e) for e in self.endpoints]
+        self._window = [0, 0, 0]  # batches, requests, failed requests since the last check
+        self.warnings_logged = 0
 
     def __repr__(self) -> str:
         return f"EndpointBackend(endpoints={self.endpoints}, model={self.model!r})"
@@ -114,14 +172,95 @@ class EndpointBackend:
             jitter = self._rng.random()
         return min(self.max_backoff_s, self.backoff_s * (2 ** attempt) * (1 + jitter))
 
-    def _attempt(self, prompt: str) -> str:
-        base = self.endpoints[next(self._next) % len(self.endpoints)]
+    # ------------------------------------------------------------------ replicas
+    def _acquire(self) -> _Endpoint:
+        """The least-loaded healthy replica with a free slot (waits for one)."""
+        with self._slot_free:
+            while True:
+                now = self._clock()
+                cap = self.max_in_flight_per_endpoint or None
+                free = [r for r in self._replicas if cap is None or r.in_flight < cap]
+                healthy = [r for r in free if r.unhealthy_until <= now]
+                pool = healthy or free
+                if pool:
+                    best = min(pool, key=lambda r: (r.in_flight, r.assigned,
+                                                    self._replicas.index(r)))
+                    best.assigned += 1
+                    best.in_flight += 1
+                    best.peak_in_flight = max(best.peak_in_flight, best.in_flight)
+                    return best
+                self._slot_free.wait()
+
+    def _release(self, replica: _Endpoint, ok: bool) -> None:
+        with self._slot_free:
+            replica.in_flight -= 1
+            replica.requests += 1
+            if ok:
+                replica.consecutive_failures = 0
+            else:
+                replica.failures += 1
+                replica.consecutive_failures += 1
+                if replica.consecutive_failures >= self.unhealthy_after:
+                    replica.unhealthy_until = self._clock() + self.unhealthy_cooldown_s
+            self._slot_free.notify()
+
+    def endpoint_health(self) -> list[dict]:
+        """Per endpoint: base URL, healthy now, in flight (now / at most), attempts, failed
+        attempts."""
+        now = self._clock()
+        with self._lock:
+            return [{"endpoint": r.base, "healthy": r.unhealthy_until <= now,
+                     "in_flight": r.in_flight, "peak_in_flight": r.peak_in_flight,
+                     "attempts": r.requests, "failures": r.failures}
+                    for r in self._replicas]
+
+    # ------------------------------------------------------------------ one attempt
+    def _attempt(self, replica: _Endpoint, prompt: str, deadline: float) -> str:
+        left = deadline - self._clock()
+        if left <= 0:
+            raise TimeoutError("no time left")
         body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
                            "temperature": self.temperature, "max_tokens": self.max_tokens}).encode()
-        req = urllib.request.Request(f"{base}/chat/completions", data=body, headers=self._headers(),
-                                     method="POST")
-        with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-            raw = resp.read()
+        cls = http.client.HTTPSConnection if replica.https else http.client.HTTPConnection
+        conn = cls(replica.host, replica.port, timeout=left)
+        expired = threading.Event()
+
+        def watchdog():  # unblocks a read that a trickling server keeps alive
+            expired.set()
+            sock = conn.sock
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        timer = threading.Timer(left, watchdog)
+        timer.daemon = True
+        timer.start()
+        try:
+            conn.request("POST", f"{replica.path}/chat/completions", body=body,
+                         headers=self._headers())
+            resp = conn.getresponse()
+            chunks = []
+            while True:
+                chunk = resp.read1(65536) if hasattr(resp, "read1") else resp.read(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                if expired.is_set():
+                    break
+            if expired.is_set():
+                raise TimeoutError("wall-clock timeout")
+            if resp.status >= 400:
+                raise _HTTPStatus(resp.status)
+            raw = b"".join(chunks)
+        except (OSError, http.client.HTTPException):
+            if expired.is_set():
+                raise TimeoutError("wall-clock timeout") from None
+            raise
+        finally:
+            timer.cancel()
+            conn.close()
         try:
             content = json.loads(raw.decode("utf-8"))["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError) as err:
@@ -131,12 +270,17 @@ class EndpointBackend:
         return content
 
     def _request(self, prompt: str) -> Optional[str]:
+        deadline = self._clock() + self.timeout_s
         for attempt in range(self.max_retries + 1):
             if attempt:
                 self._faults.add("retries")
+            replica = self._acquire()
+            ok = False
             try:
-                return self._attempt(prompt)
-            except urllib.error.HTTPError as err:
+                result = self._attempt(replica, prompt, deadline)
+                ok = True
+                return result
+            except _HTTPStatus as err:
                 code = err.code
                 kind = "http_5xx" if code >= 500 else "http_429" if code == 429 else "http_4xx"
                 self._faults.add(kind)
@@ -146,13 +290,15 @@ class EndpointBackend:
                 self._faults.add("malformed_json")
             except (TimeoutError, socket.timeout):
                 self._faults.add("timeout")
-            except urllib.error.URLError as err:
-                timed_out = isinstance(err.reason, (TimeoutError, socket.timeout))
-                self._faults.add("timeout" if timed_out else "connection")
-            except Exception:  # e.g. a connection reset mid-body: still a transport fault
+            except Exception:  # refused, reset mid-body, DNS: a transport fault
                 self._faults.add("connection")
-            if attempt < self.max_retries:
-                self._sleep(self._backoff(attempt))
+            finally:
+                self._release(replica, ok)
+            left = deadline - self._clock()
+            if attempt < self.max_retries and left > 0:
+                self._sleep(min(self._backoff(attempt), left))
+            if deadline - self._clock() <= 0:
+                break
         self._faults.add("failed_requests")
         return None
 
@@ -162,7 +308,29 @@ class EndpointBackend:
             return []
         workers = min(self.concurrency, len(prompts))
         with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-            return list(pool.map(self._request, prompts))
+            out = list(pool.map(self._request, prompts))
+        self._note_failures(len(out), sum(o is None for o in out))
+        return out
+
+    def _note_failures(self, requests: int, failed: int) -> None:
+        w = self._window
+        w[0] += 1
+        w[1] += requests
+        w[2] += failed
+        if w[0] < self.warn_every:
+            return
+        batches, total, bad = w
+        self._window = [0, 0, 0]
+        if total and bad / total > self.warn_failure_rate:
+            self.warnings_logged += 1
+            health = ", ".join(f"{h['endpoint']} {'up' if h['healthy'] else 'UNHEALTHY'} "
+                               f"({h['failures']}/{h['attempts']} attempts failed)"
+                               for h in self.endpoint_health())
+            logging.getLogger("advgame_jax.judge").warning(
+                "JUDGE FAILURE RATE %.1f%% over the last %d batches (%d of %d requests failed "
+                "after retries; threshold %.1f%%); their slots become judge error values. "
+                "Endpoints: %s. Faults so far: %s", 100.0 * bad / total, batches, bad, total,
+                100.0 * self.warn_failure_rate, health, self._faults.snapshot())
 
     def fault_counts(self) -> dict[str, int]:
         return self._faults.snapshot()

@@ -19,6 +19,11 @@ from advgame_jax.sampling.base import Sampler, SamplingParams
 log = logging.getLogger(__name__)
 
 
+# Replica / health / warning options of EndpointBackend, passed through when the config has them.
+_ENDPOINT_OPTIONS = ("max_in_flight_per_endpoint", "unhealthy_after", "unhealthy_cooldown_s",
+                     "warn_failure_rate", "warn_every")
+
+
 def make_judge(judge_config: Any, *, templates: str = "advgame_v1", sampler: Optional[Sampler] = None,
                tokenizer: Any = None, seed: int = 0, check_endpoints: bool = True) -> Judge:
     """Build the judge of ``judge_config`` (fields: backend, endpoints, model, api_key_env,
@@ -50,7 +55,8 @@ def make_judge(judge_config: Any, *, templates: str = "advgame_v1", sampler: Opt
             judge_config.endpoints, judge_config.model, api_key=os.environ.get(env) if env else None,
             timeout_s=judge_config.timeout_s, max_retries=judge_config.max_retries,
             concurrency=judge_config.concurrency, max_tokens=judge_config.max_new_tokens,
-            seed=seed, **decoding)
+            seed=seed, **decoding,
+            **{k: judge_config[k] for k in _ENDPOINT_OPTIONS if k in judge_config})
         if check_endpoints:
             client.check_endpoints()
         return LLMJudge(client, template_set, num_samples=num_samples)

@@ -98,7 +98,8 @@ class LLMJudge:
     (sampled decoding) and the parsed scores are averaged over the samples that parsed (a pair
     counts only when both its scores parsed); no parsed sample gives None. Faithfulness
     requests are answered once each: the rollout asks ``num_faith_samples`` times and takes a
-    majority instead.
+    majority instead. Scores above 10 (clipped by the parser) are counted as
+    ``score_out_of_range``.
     """
 
     def __init__(self, backend: TextBackend, templates: TemplateSet, *, num_samples: int = 1):
@@ -125,6 +126,11 @@ class LLMJudge:
         if bad:
             self._faults.add("unparsable", bad)
 
+    def _count_out_of_range(self, texts, tags) -> None:
+        n = sum(parsing.score_out_of_range(t, tag) for t in texts for tag in tags)
+        if n:  # clipped to [0, 10] by the parser; counted so a miscalibrated judge shows
+            self._faults.add("score_out_of_range", n)
+
     def faithfulness(self, requests: Sequence[FaithRequest]) -> list[Optional[bool]]:
         prompts = [self.templates.faithfulness_prompt(r.seed, r.attack, r.category) for r in requests]
         texts = self._complete(prompts)
@@ -139,6 +145,7 @@ class LLMJudge:
         for texts in self._complete_n(prompts):
             scores = [parsing.parse_pair_scores(t) for t in texts]
             self._count_unparsable(texts, [a is not None for a, _ in scores])
+            self._count_out_of_range(texts, ("score_A", "score_B"))
             ok = [(a, b) for a, b in scores if a is not None]
             out.append((sum(a for a, _ in ok) / len(ok), sum(b for _, b in ok) / len(ok))
                        if ok else (None, None))
@@ -150,6 +157,7 @@ class LLMJudge:
         for texts in self._complete_n(prompts):
             scores = [parsing.parse_score(t, "score") for t in texts]
             self._count_unparsable(texts, [v is not None for v in scores])
+            self._count_out_of_range(texts, ("score",))
             ok = [v for v in scores if v is not None]
             out.append(sum(ok) / len(ok) if ok else None)
         return out

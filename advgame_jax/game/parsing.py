@@ -20,7 +20,8 @@ generation that did not end with finish reason ``"stop"`` is MAX_LENGTH before a
 
 Judge scores: of all ``<score_A>…</score_A>`` (or ``<score_B>``, ``<score>``) elements, the
 LAST WELL-FORMED one is read: its stripped content is a non-negative number with at most one
-decimal, optionally followed by ``/10``; the value is clipped to 10. Malformed elements
+decimal, optionally followed by ``/10``; the value is clipped to 10 (the judge counts
+clipped values as ``score_out_of_range`` faults). Malformed elements
 (``7.25``, ``abc``, ``-3``, ``8/5``) are skipped; none well-formed gives ``None``. A pairwise
 judgment needs both scores: if either side has no well-formed element, both are ``None``.
 
@@ -94,6 +95,17 @@ def parse_score(text: Optional[str], tag: str = "score") -> Optional[float]:
         if value is not None:
             return value
     return None
+
+
+def score_out_of_range(text: Optional[str], tag: str = "score") -> bool:
+    """True when the element ``parse_score`` reads held a number above 10 (then clipped)."""
+    if text is None:
+        return False
+    for content in reversed(_SCORE_RES[tag].findall(text)):
+        m = _NUMBER_RE.fullmatch(content.strip())
+        if m is not None:
+            return float(m.group(1)) > 10.0
+    return False
 
 
 def parse_pair_scores(text: Optional[str]) -> tuple[Optional[float], Optional[float]]:

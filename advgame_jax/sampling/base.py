@@ -50,13 +50,16 @@ class Completion:
     completion. ``logprobs[i]`` is the sampler's log-prob of ``token_ids[i]`` under the
     distribution it sampled from *before* temperature / top-p / top-k (the model's
     log-softmax), as used for importance sampling. ``finish_reason`` is ``"stop"`` when a
-    stop token ended it and ``"length"`` when ``max_new_tokens`` did.
+    stop token ended it and ``"length"`` when ``max_new_tokens`` did. ``weights_version`` is
+    the version of the weights that generated it (the trainer step of the last sync), when the
+    sampler tracks one.
     """
 
     token_ids: tuple[int, ...]
     text: str
     logprobs: tuple[float, ...]
     finish_reason: FinishReason
+    weights_version: Optional[int] = None
 
 
 @runtime_checkable

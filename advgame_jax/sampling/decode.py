@@ -58,14 +58,89 @@ def row_keys(seeds: jax.Array) -> jax.Array:
     return jax.vmap(one)(seeds)
 
 
-def select_tokens(logits, temperature, top_p, top_k, keys, *, use_filter: bool):
+MAX_CANDIDATES = 256  # top-k candidate set of the filtered path (see ``filter_cutoff``)
+_BISECT_STEPS = 48
+
+
+def filter_cutoff(scaled, top_p, top_k, *, max_candidates: int = MAX_CANDIDATES):
+    """Per row, the smallest scaled logit that top-p / top-k filtering keeps.
+
+    scaled [B, V] f32, top_p [B] f32, top_k [B] int32 -> cutoff [B] f32. Tokens with
+    ``scaled >= cutoff`` are kept. Exactly what a full descending sort would give: with
+    ``n_p`` the number of sorted ranks whose preceding mass is < ``top_p`` (the smallest prefix
+    whose mass reaches ``top_p``, crossing token included) and ``n_k = top_k`` (or V when 0),
+    the cutoff is the ``min(n_p, n_k)``-th largest value; tokens tied with it are kept too.
+
+    Without sorting the vocabulary: ``lax.top_k`` takes the ``K = max_candidates`` largest
+    values, and their probabilities under the full softmax (normaliser over all V tokens)
+    give the cut whenever it falls inside them (``0 < top_k <= K``, or the K candidates
+    already hold ``top_p`` of the mass), the usual case. Rows where it does not are resolved
+    by a bisection on the threshold over the whole vocabulary (``_BISECT_STEPS`` masked
+    reductions, run only when some row needs it, via ``lax.cond``), which converges to the
+    same cutoff.
+    """
+    b, vocab = scaled.shape
+    k = min(int(max_candidates), vocab)
+    lse = jax.nn.logsumexp(scaled, axis=-1, keepdims=True)
+    vals, _ = jax.lax.top_k(scaled, k)  # [B, K], descending
+    probs = jnp.exp(vals - lse)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    rank = jnp.arange(k, dtype=jnp.int32)[None, :]
+    keep = (mass_before < top_p[:, None]) & ((top_k[:, None] <= 0) | (rank < top_k[:, None]))
+    n_keep = jnp.maximum(jnp.sum(keep, axis=-1), 1)
+    cutoff = jnp.take_along_axis(vals, (n_keep - 1)[:, None], axis=-1)[:, 0]
+    unfiltered = (top_p >= 1.0) & (top_k <= 0)  # e.g. a plain row batched with filtered ones
+    cutoff = jnp.where(unfiltered, -jnp.inf, cutoff)
+    exact = unfiltered | ((top_k > 0) & (top_k <= k)) | (jnp.sum(probs, axis=-1) >= top_p)
+
+    def bisect(_):
+        p_full = jnp.exp(scaled - lse)
+        lo0 = jnp.min(scaled, axis=-1)  # keeps everything: always satisfies both rules
+        hi0 = vals[:, 0]
+
+        def ok(t):
+            kept = scaled >= t[:, None]
+            mass_ok = jnp.sum(jnp.where(kept, p_full, 0.0), axis=-1) >= top_p
+            count_ok = (top_k <= 0) | (jnp.sum(kept, axis=-1) >= top_k)
+            # top-p cut: the largest threshold whose kept mass still reaches top_p; top-k cut:
+            # the largest whose kept count still reaches top_k. The higher of the two wins.
+            return mass_ok, count_ok
+
+        def step(_, carry):
+            lo_p, hi_p, lo_k, hi_k = carry
+            mid_p, mid_k = (lo_p + hi_p) / 2, (lo_k + hi_k) / 2
+            mass_ok, _ = ok(mid_p)
+            _, count_ok = ok(mid_k)
+            return (jnp.where(mass_ok, mid_p, lo_p), jnp.where(mass_ok, hi_p, mid_p),
+                    jnp.where(count_ok, mid_k, lo_k), jnp.where(count_ok, hi_k, mid_k))
+
+        lo_p, hi_p, lo_k, hi_k = jax.lax.fori_loop(0, _BISECT_STEPS, step, (lo0, hi0, lo0, hi0))
+        # lo converges from below to the largest logit satisfying the rule (hi may satisfy it
+        # itself, e.g. when the top token alone holds top_p); snap it up to that logit.
+        mass_hi, _ = ok(hi_p)
+        _, count_hi = ok(hi_k)
+        t_p = jnp.where(mass_hi, hi_p, lo_p)
+        t_k = jnp.where(top_k > 0, jnp.where(count_hi, hi_k, lo_k), -jnp.inf)
+
+        def snap(t):
+            return jnp.min(jnp.where(scaled >= t[:, None], scaled, jnp.inf), axis=-1)
+
+        full = jnp.maximum(snap(t_p), snap(t_k))
+        return jnp.where(exact, cutoff, full)
+
+    return jax.lax.cond(jnp.all(exact), lambda _: cutoff, bisect, None)
+
+
+def select_tokens(logits, temperature, top_p, top_k, keys, *, use_filter: bool,
+                  max_candidates: int = MAX_CANDIDATES):
     """Pick one token per row and return it with its log-prob under the raw model.
 
     logits [B, V] f32 -> (tokens [B] int32, logprobs [B] f32). Rows with temperature 0 take
     the argmax; others sample from softmax(logits / T), restricted (when ``use_filter``) to
     the top-k tokens and to the smallest prefix of the sorted distribution whose mass reaches
     ``top_p`` (the token that crosses ``top_p`` is kept). Tokens tied with the last kept
-    value are kept too, because the cut is a threshold on the scaled logits.
+    value are kept too, because the cut is a threshold on the scaled logits. The vocabulary
+    is never sorted (``filter_cutoff``).
     """
     logits = logits.astype(jnp.float32)
     logp = jax.nn.log_softmax(logits, axis=-1)
@@ -73,17 +148,8 @@ def select_tokens(logits, temperature, top_p, top_k, keys, *, use_filter: bool):
     do_sample = temperature > 0
     scaled = logits / jnp.where(do_sample, temperature, 1.0)[:, None]
     if use_filter:
-        vocab = scaled.shape[-1]
-        desc = -jnp.sort(-scaled, axis=-1)
-        probs = jax.nn.softmax(desc, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        keep = mass_before < top_p[:, None]
-        rank = jnp.arange(vocab, dtype=jnp.int32)[None, :]
-        keep &= (top_k[:, None] <= 0) | (rank < top_k[:, None])
-        # keep is a prefix of the sorted order and always holds rank 0.
-        n_keep = jnp.maximum(jnp.sum(keep, axis=-1), 1)
-        cutoff = jnp.take_along_axis(desc, (n_keep - 1)[:, None], axis=-1)
-        scaled = jnp.where(scaled >= cutoff, scaled, -jnp.inf)
+        cutoff = filter_cutoff(scaled, top_p, top_k, max_candidates=max_candidates)
+        scaled = jnp.where(scaled >= cutoff[:, None], scaled, -jnp.inf)
     sampled = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
     tokens = jnp.where(do_sample, sampled, greedy)
     return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]

@@ -20,6 +20,13 @@ config in the process.
 Weights are jit arguments, never closed over: ``update_weights`` casts the new pytree to
 the dtype and shardings of the current one, so the next call hits the compiled program.
 
+Mesh: params take the model's logical shardings (FSDP / tensor axes); rows are split over the
+batch axes (``data`` x ``fsdp``). Every array entering the program is built with
+``jax.make_array_from_process_local_data`` from this process's rows and only this process's
+rows are read back, so on a multi-host pod each process passes its own prompts (all processes
+call ``generate`` together, with the same number of chunks and buckets) and nothing mixes
+host-local with global arrays. Top-p / top-k never sort the vocabulary (``decode.filter_cutoff``).
+
 Seeds: row (prompt i, sample j) of a call with ``SamplingParams.seed`` s draws from a key
 derived from (s, i, j) only, so a call reproduces itself exactly and a request's samples do
 not depend on which other requests share its batch (the HTTP server relies on this).
@@ -264,12 +271,15 @@ class JaxSampler:
             seeds[r] = (seed & 0xFFFFFFFF, seed >> 32, row.prompt_index, row.sample_index)
         arrays = (tokens, mask, temperature, top_p, top_k, max_new, stop_ids, seeds)
         if self.mesh is not None:
-            arrays = tuple(jax.device_put(a, self._batch_sharding(a.ndim)) for a in arrays)
+            # Each process holds only its own rows: they become its slice of one global batch
+            # (on one process this is a plain device_put).
+            arrays = tuple(jax.make_array_from_process_local_data(
+                self._batch_sharding(a.ndim), a) for a in arrays)
         batch_sharding = self._batch_sharding(2) if self.mesh is not None else None
         out = _generate_jit(self.params, *arrays, config=self.config,
                             max_new_bucket=max_new_bucket, compute_dtype=self.compute_dtype.name,
                             use_filter=use_filter, batch_sharding=batch_sharding)
-        toks, lps, num, stopped = jax.device_get(tuple(out))
+        toks, lps, num, stopped = (_local_rows(a) for a in out)
         comps = []
         for r, row in enumerate(rows):
             ids = tuple(int(t) for t in toks[r, :num[r]])
@@ -300,6 +310,17 @@ def _generate_jit(params, tokens, mask, temperature, top_p, top_k, max_new, stop
         params, tokens, mask, temperature, top_p, top_k, max_new, stop_ids, seeds,
         config=config, max_new_bucket=max_new_bucket, compute_dtype=dtype, cache_dtype=dtype,
         use_filter=use_filter, batch_spec=batch_spec if batch_sharding is not None else None)
+
+
+def _local_rows(array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in order (the whole array on one
+    process); replicas of the same rows on several local devices are read once."""
+    if array.is_fully_addressable:
+        return np.asarray(jax.device_get(array))
+    shards = {}
+    for shard in array.addressable_shards:
+        shards.setdefault(shard.index[0].start or 0, shard.data)
+    return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
 
 
 def _maybe_tokenizer(path):

