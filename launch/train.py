@@ -21,10 +21,18 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 
 def main(argv):
     del argv
+    from advgame_jax import distributed
+
+    config = _CONFIG.value
+    # Join a multi-process world (Slurm, TPU pod, explicit flags) before JAX starts.
+    d = config.get("distributed", {})
+    distributed.initialize(distributed.detect_world(
+        coordinator=d.get("coordinator", ""), num_processes=d.get("num_processes", 0),
+        process_id=d.get("process_id", -1)), expect_processes=d.get("num_processes", 0))
     from advgame_jax.experiment.loop import run_from_config
 
     logging.set_verbosity(logging.INFO)
-    run_from_config(_CONFIG.value)
+    run_from_config(config)
 
 
 if __name__ == "__main__":

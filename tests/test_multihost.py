@@ -135,3 +135,36 @@ def test_two_processes_equal_one_process_and_checkpoints_reshard(tmp_path):
     restored = _run_world(tmp_path, "restored2", 2, 4,
                           ("--ckpt", str(tmp_path / "ck1"), "--restore"))
     assert max(float(np.max(np.abs(a - b))) for a, b in zip(one, restored)) == 0.0
+
+
+def test_resolve_mesh_dcn_mismatch_is_a_config_error():
+    from configs.tiny import get_config
+    from advgame_jax.experiment.players import resolve_mesh
+    from advgame_jax.experiment.validate import ConfigError
+
+    config = get_config()
+    config.mesh.dcn_data = 2  # two hosts asked for, one process here
+    with pytest.raises(ConfigError, match="dcn sizes"):
+        resolve_mesh(config)
+    config.mesh.dcn_data, config.mesh.data, config.mesh.fsdp = 1, 2, 4
+    config.mesh.dcn_fsdp = 1
+    assert dict(resolve_mesh(config).shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+
+
+def test_train_py_joins_the_world_and_refuses_a_multi_process_loop(tmp_path):
+    port = _free_port()
+    procs = []
+    for i in range(2):
+        env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+                   ADVGAME_COORDINATOR=f"127.0.0.1:{port}", ADVGAME_NUM_PROCESSES="2",
+                   ADVGAME_PROCESS_ID=str(i))
+        env.pop("XLA_FLAGS", None)
+        procs.append(subprocess.Popen(
+            [sys.executable, "launch/train.py", "--config=configs/tiny.py",
+             f"--config.workdir={tmp_path}/run"], cwd=ROOT, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=180)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode != 0
+        assert "joined 2 processes" in out, out[-2000:]
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")

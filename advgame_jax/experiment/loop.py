@@ -86,6 +86,14 @@ class GameRunner:
 
     def __init__(self, config, *, judge=None):
         validate_config(config)
+        if jax.process_count() > 1:
+            from advgame_jax.distributed import WorldError
+
+            raise WorldError(
+                f"this job joined {jax.process_count()} processes, but the game loop runs in one "
+                f"process per job for now (multi-host update steps, meshes and batch assembly "
+                f"exist in advgame_jax.distributed / training.multihost; the loop's per-process "
+                f"rollouts do not yet). Run one trainer process over all local devices.")
         self.config = config
         self.workdir = os.path.abspath(config.workdir)
         os.makedirs(self.workdir, exist_ok=True)

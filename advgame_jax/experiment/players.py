@@ -148,9 +148,18 @@ def sync_sampler(player: Player, state: PlayerState, sample_from: str, workdir: 
 
 
 def resolve_mesh(config):
-    """``config.mesh`` → ``Mesh``; ``data=-1`` takes all devices not used by fsdp × tensor."""
+    """``config.mesh`` → ``Mesh``; ``data=-1`` takes all devices not used by fsdp × tensor.
+    Several processes or ``dcn_*`` sizes: a hybrid mesh (``distributed.build_mesh``)."""
+    from advgame_jax import distributed
     from advgame_jax.models import make_mesh
 
+    dcn = {a: int(config.mesh.get(f"dcn_{a}", 1)) for a in distributed.MESH_AXES}
+    if jax.process_count() > 1 or any(v != 1 for v in dcn.values()):
+        ici = {a: int(config.mesh[a]) for a in distributed.MESH_AXES}
+        try:
+            return distributed.build_mesh(ici, dcn)
+        except distributed.WorldError as e:
+            raise ConfigError(str(e)) from None
     n = jax.device_count()
     fsdp, tensor, data = config.mesh.fsdp, config.mesh.tensor, config.mesh.data
     if data == -1:
