@@ -214,15 +214,40 @@ def is_writer() -> bool:
     return jax.process_index() == 0
 
 
-def any_process(flag: bool) -> bool:
-    """True on every process when ``flag`` is True on any (e.g. a SIGTERM seen by one host),
-    so all of them stop at the same step. A no-op with one process."""
+_GATHER_COUNTER = [0]
+
+
+def allgather_json(obj, *, timeout_s: float = 3600.0) -> list:
+    """Every process's JSON-serialisable ``obj``, in process order (one entry per process).
+
+    Goes through the coordination service's key-value store, not a device collective:
+    processes reach the loop's agreement points at very different times (each plays its own
+    rollouts), and a device collective gives up after its own short timeout. Every process
+    must make the same sequence of calls."""
+    import json
+
     import jax
 
     if jax.process_count() == 1:
-        return bool(flag)
-    import numpy as np
-    from jax.experimental import multihost_utils
+        return [obj]
+    from jax._src import distributed as jax_distributed
 
-    flags = multihost_utils.process_allgather(np.asarray([int(bool(flag))], np.int32))
-    return bool(np.max(flags))
+    client = jax_distributed.global_state.client
+    if client is None:
+        raise WorldError("allgather_json: jax.distributed is not initialised")
+    n = _GATHER_COUNTER[0]
+    _GATHER_COUNTER[0] += 1
+    me = jax.process_index()
+    client.key_value_set(f"advgame/gather/{n}/{me}", json.dumps(obj))
+    out = [json.loads(client.blocking_key_value_get(f"advgame/gather/{n}/{p}",
+                                                    int(timeout_s * 1000)))
+           for p in range(jax.process_count())]
+    if n > 0:  # everyone has finished reading the previous round once all wrote this one
+        client.key_value_delete(f"advgame/gather/{n - 1}/{me}")
+    return out
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process when ``flag`` is True on any (e.g. a SIGTERM seen by one host),
+    so all of them stop at the same step. A no-op with one process."""
+    return any(allgather_json(bool(flag)))

@@ -34,8 +34,6 @@ def main():
     import numpy as np
 
     jax.config.update("jax_default_matmul_precision", "highest")
-    from jax.sharding import NamedSharding, PartitionSpec
-
     from advgame_jax.training import init_player_state, make_update_step
     from advgame_jax.training.multihost import (collate_global, global_to_host, host_to_global,
                                                 plan_global)

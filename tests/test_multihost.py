@@ -2,6 +2,7 @@
 (2 processes × 4 CPU devices, JAX CPU collectives over loopback) of the sharded update step
 whose parameters must equal one process with 8 devices given the same global rows."""
 
+import json
 import os
 import socket
 import subprocess
@@ -168,3 +169,86 @@ def test_train_py_joins_the_world_and_refuses_a_multi_process_loop(tmp_path):
         assert p.returncode != 0
         assert "joined 2 processes" in out, out[-2000:]
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def _train_world(tmp_path, name, workdir, toy_dir, num_steps, *, sigterm_after_step=None,
+                 timeout=900):
+    """``launch/train.py`` on configs/tiny.py in 2 processes × 4 CPU devices, FSDP over all 8.
+
+    With ``sigterm_after_step``, process 1 (not the writer) gets SIGTERM once metrics.jsonl
+    holds that step."""
+    import signal
+    import time
+
+    port = _free_port()
+    procs = []
+    for i in range(2):
+        env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+                   XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                   ADVGAME_COORDINATOR=f"127.0.0.1:{port}", ADVGAME_NUM_PROCESSES="2",
+                   ADVGAME_PROCESS_ID=str(i))
+        log = open(tmp_path / f"{name}-{i}.log", "w")
+        procs.append((subprocess.Popen(
+            [sys.executable, "launch/train.py", "--config=configs/tiny.py",
+             f"--config.workdir={workdir}", f"--config.toy_dir={toy_dir}",
+             f"--config.train.num_steps={num_steps}", "--config.mesh.fsdp=8",
+             "--config.mesh.data=1", "--config.train.seeds_per_device=1",
+             "--config.train.validate_every=2", "--config.train.checkpoint_every=1",
+             "--config.logging.progress_bar=False"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    deadline = time.time() + timeout
+    try:
+        if sigterm_after_step is not None:
+            metrics = os.path.join(workdir, "metrics.jsonl")
+            while time.time() < deadline and procs[1][0].poll() is None:
+                if os.path.exists(metrics) and any(
+                        json.loads(ln)["step"] >= sigterm_after_step
+                        for ln in open(metrics) if ln.strip()):
+                    procs[1][0].send_signal(signal.SIGTERM)
+                    break
+                time.sleep(0.5)
+        for p, log in procs:
+            rc = p.wait(timeout=max(deadline - time.time(), 1))
+            log.close()
+            assert rc == 0, open(log.name).read()[-3000:]
+    finally:
+        for p, _ in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+def _records(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(ln) for ln in f if ln.strip()]
+
+
+def _deterministic(record):
+    return {k: v for k, v in record.items() if not k.startswith(("time/", "sys/"))}
+
+
+@pytest.mark.slow
+def test_two_process_game_sigterm_and_bit_exact_resume(tmp_path, toy_dir):
+    """Three steps of the tiny game over 2 processes: one metrics line per step, written once;
+    a SIGTERM to the non-writer process stops both after the same step with one checkpoint;
+    the rerun resumes and its records equal the uninterrupted run's exactly."""
+    full = tmp_path / "full"
+    _train_world(tmp_path, "full", full, toy_dir, 3)
+    recs = _records(full)
+    assert [r["step"] for r in recs] == [0, 1, 2, 3]  # step 0 = validation before training
+    assert all(r.get("harmful/defender/num_pairs") is not None for r in recs[1:])
+    assert sorted(os.listdir(full / "checkpoints"))[-1] == "3"
+
+    cut = tmp_path / "cut"
+    _train_world(tmp_path, "cut", cut, toy_dir, 3, sigterm_after_step=1)
+    stopped = [r["step"] for r in _records(cut)][-1]
+    assert stopped < 3, "the run was not stopped by the signal"
+    steps = [int(s) for s in os.listdir(cut / "checkpoints") if s.isdigit()]
+    assert max(steps) == stopped
+    logs = [open(tmp_path / f"cut-{i}.log").read() for i in range(2)]
+    assert "signal 15 received" in logs[1]
+    assert all(f"stopped cleanly at step {stopped}" in log for log in logs)
+
+    _train_world(tmp_path, "resume", cut, toy_dir, 3)
+    resumed = _records(cut)
+    assert [r["step"] for r in resumed] == [0, 1, 2, 3]
+    assert [_deterministic(r) for r in resumed] == [_deterministic(r) for r in recs]

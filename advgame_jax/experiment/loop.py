@@ -25,7 +25,7 @@ import json
 import os
 import signal
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import numpy as np
@@ -33,17 +33,17 @@ from absl import logging
 
 from advgame_jax import game
 from advgame_jax.data import SeedIterator, packaged_seed_path, read_seeds_jsonl, split_by_category
-from advgame_jax.experiment import compile_counter
+from advgame_jax.experiment import compile_counter, hosts
 from advgame_jax.experiment.metrics import MetricsWriter
 from advgame_jax.experiment.players import (
     Player, build_player, initial_state, resolve_mesh, sync_sampler)
 from advgame_jax.experiment.timing import StageTimer, TimedJudge, TimedSampler
 from advgame_jax.experiment.validate import ConfigError, validate_config
-from advgame_jax.training.batching import collate_pairs, collate_samples
+from advgame_jax.training.multihost import collate_global, host_to_global
 from advgame_jax.training.checkpoint import GameCheckpointer
 from advgame_jax.training.ema import ema_step
 from advgame_jax.training.state import abstract_player_state
-from advgame_jax.training.sharding import batch_parallel_size, state_shardings
+from advgame_jax.training.sharding import batch_parallel_size, replicated, state_shardings
 
 SPLITS = ("harmful", "benign")
 ROLES = ("attacker", "defender")
@@ -86,22 +86,19 @@ class GameRunner:
 
     def __init__(self, config, *, judge=None):
         validate_config(config)
-        if jax.process_count() > 1:
-            from advgame_jax.distributed import WorldError
-
-            raise WorldError(
-                f"this job joined {jax.process_count()} processes, but the game loop runs in one "
-                f"process per job for now (multi-host update steps, meshes and batch assembly "
-                f"exist in advgame_jax.distributed / training.multihost; the loop's per-process "
-                f"rollouts do not yet). Run one trainer process over all local devices.")
         self.config = config
         self.workdir = os.path.abspath(config.workdir)
         os.makedirs(self.workdir, exist_ok=True)
         compile_counter.install()
         self.mesh = resolve_mesh(config)
         self.train_seeds, self.valid_seeds = load_seed_splits(config)
-        # B per split = seeds per data-parallel device × data-parallel devices (single host).
-        b = config.train.seeds_per_device * batch_parallel_size(self.mesh)
+        # B per split and process = seeds per data-parallel device × this process's share of
+        # the data-parallel devices (each process plays its own seeds; hosts.py).
+        b_global = config.train.seeds_per_device * batch_parallel_size(self.mesh)
+        if b_global % jax.process_count():
+            raise ConfigError(f"config.mesh: {batch_parallel_size(self.mesh)} data-parallel "
+                              f"devices do not split over {jax.process_count()} processes")
+        b = b_global // jax.process_count()
         a, d = config.game.num_attacks, config.game.num_responses
         most_rows = b * a * d if config.loss.kind == "grpo" else b * a
         if config.train.pair_buckets and max(config.train.pair_buckets) < most_rows:
@@ -129,12 +126,21 @@ class GameRunner:
             from advgame_jax.experiment.toy_world import build_toy_world
 
             templates = game.get_template_set(config.game.templates)
-            paths = build_toy_world(
-                config.toy_dir or os.path.join(self.workdir, "toy"), seed=config.seed,
-                train_seeds=self.train_seeds["harmful"] + self.train_seeds["benign"],
-                attacker_prompt_text=lambda s: templates.attacker_prompt(
-                    s.prompt, s.category, config.game.attacker_format),
-                warmup_steps=config.toy_warmup_steps)
+
+            def build():
+                return build_toy_world(
+                    config.toy_dir or os.path.join(self.workdir, "toy"), seed=config.seed,
+                    train_seeds=self.train_seeds["harmful"] + self.train_seeds["benign"],
+                    attacker_prompt_text=lambda s: templates.attacker_prompt(
+                        s.prompt, s.category, config.game.attacker_format),
+                    warmup_steps=config.toy_warmup_steps)
+
+            # One process builds the shared toy world; the others then find it built.
+            if hosts.is_writer():
+                paths = build()
+            hosts.barrier("toy_world")
+            if not hosts.is_writer():
+                paths = build()
             hf_paths = {r: config[r].hf_path or getattr(paths, r) for r in ROLES}
 
         # Optimizer updates: one per split per trainer step.
@@ -155,7 +161,9 @@ class GameRunner:
                             shard_index=jax.process_index(), shard_count=jax.process_count())
             for i, c in enumerate(SPLITS)}
         self.state = {r: initial_state(self.players[r], params0[r], config) for r in ROLES}
-        self.state["rng"] = jax.random.PRNGKey(config.seed)
+        # Replicated over the mesh (a global array: every process can checkpoint it).
+        self.state["rng"] = host_to_global(np.asarray(jax.random.PRNGKey(config.seed)),
+                                           replicated(self.mesh))
         self.step = 0
 
         self.checkpointer = GameCheckpointer(
@@ -163,7 +171,7 @@ class GameRunner:
             save_every=config.train.checkpoint_every or 10**9, keep=config.train.keep_checkpoints)
         self._restore()
         self.audit = None
-        if config.logging.audit_log:
+        if config.logging.audit_log and hosts.is_writer():
             self.audit = game.AuditLog(os.path.join(self.workdir, "audit", "trees.jsonl"))
         self._stop_requested = False
         self._needs_sync = True
@@ -174,7 +182,8 @@ class GameRunner:
         for r in ROLES:
             sh = state_shardings(self.state[r], self.players[r].model_config, self.mesh)
             out[r] = abstract_player_state(self.state[r], sh)
-        out["rng"] = jax.ShapeDtypeStruct(self.state["rng"].shape, self.state["rng"].dtype)
+        out["rng"] = jax.ShapeDtypeStruct(self.state["rng"].shape, self.state["rng"].dtype,
+                                          sharding=replicated(self.mesh))
         return out
 
     def _meta(self) -> dict:
@@ -183,7 +192,8 @@ class GameRunner:
                 "advgame_controlled_artifact": {
                     "contains": "attacker", "note": "trained red-teaming attacker; export "
                     "(training.export.export_hf) and serving need an explicit flag"},
-                "iterators": {c: it.state() for c, it in self.iterators.items()},
+                "iterators": hosts.gather_iterator_states(
+                    {c: it.state() for c, it in self.iterators.items()}),
                 "config": json.loads(self.config.to_json())}
 
     def _restore(self) -> None:
@@ -193,8 +203,10 @@ class GameRunner:
         step, state, meta = restored
         self.state = state
         self.step = int(meta["step"])
+        positions = hosts.own_iterator_states(meta["iterators"])
         for c, it in self.iterators.items():
-            it.restore(meta["iterators"][c])
+            if positions is not None:
+                it.restore(positions[c])
         logging.info("resumed from checkpoint at step %d in %s", step, self.workdir)
 
     def save_checkpoint(self, *, force: bool = False) -> bool:
@@ -213,15 +225,16 @@ class GameRunner:
             return {}
         upd = player.update
         t = self.config.train
-        common = dict(pad_id=player.tokenizer.pad_id, length_buckets=tuple(t.length_buckets),
-                      num_microbatches=t.num_microbatches,
-                      data_parallel_size=upd.data_parallel_size, overflow="truncate_prompt")
         if self.config.loss.kind == "grpo":
-            samples = game.grpo_samples(scored, role, self.config.loss.grpo_baseline)
-            batch = collate_samples(samples, sample_buckets=tuple(t.pair_buckets), **common)
+            records = game.grpo_samples(scored, role, self.config.loss.grpo_baseline)
         else:
-            pairs = game.attacker_pairs(scored) if role == "attacker" else game.defender_pairs(scored)
-            batch = collate_pairs(pairs, pair_buckets=tuple(t.pair_buckets), **common)
+            records = game.attacker_pairs(scored) if role == "attacker" else game.defender_pairs(scored)
+        # This process's records → one global batch (one process: plain collation).
+        batch = collate_global(records, kind="samples" if self.config.loss.kind == "grpo"
+                               else "pairs", pad_id=player.tokenizer.pad_id, mesh=self.mesh,
+                               num_microbatches=t.num_microbatches,
+                               row_buckets=tuple(t.pair_buckets),
+                               length_buckets=tuple(t.length_buckets), overflow="truncate_prompt")
         with self.timer.stage("update"):
             self.state[role], m = upd(self.state[role], batch)
             m = jax.device_get(m)
@@ -242,7 +255,7 @@ class GameRunner:
                 seeds, self.game_config, judge=self.judge,
                 attacker=self.samplers["attacker"], attacker_tokenizer=self.players["attacker"].tokenizer,
                 defender=self.samplers["defender"], defender_tokenizer=self.players["defender"].tokenizer,
-                sample_index=2 * self.step + i)
+                sample_index=(2 * self.step + i) * jax.process_count() + jax.process_index())
             if self.audit is not None:
                 self.audit.write(scored, step=self.step, split=split)
             record.update(_prefixed(f"{split}/", game.tree_metrics(scored)))
@@ -257,7 +270,7 @@ class GameRunner:
         record.update(self.timer.pop())
         record["time/step"] = time.perf_counter() - t0
         record["sys/compilations"] = float(compile_counter.count())
-        return record
+        return hosts.merge_records(record)
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> dict:
@@ -274,13 +287,14 @@ class GameRunner:
         gc = dataclasses.replace(self.game_config, num_responses=v.num_responses)
         out = {}
         for i, split in enumerate(SPLITS):
-            seeds = self.valid_seeds[split][: v.num_seeds]
+            # Each process answers its own share of the validation seeds.
+            seeds = self.valid_seeds[split][: v.num_seeds][jax.process_index()::jax.process_count()]
             if not seeds:
                 continue
             scored = game.build_tree(
                 seeds, gc, judge=self.judge, defender=self.samplers["defender"],
                 defender_tokenizer=self.players["defender"].tokenizer, skip_attacker=True,
-                sample_index=10**6 + i)
+                sample_index=(10**6 + i) * jax.process_count() + jax.process_index())
             m = game.tree_metrics(scored)
             out.update(_prefixed(f"valid/{split}/", m))
             if "y/reward/mean" in m:
@@ -288,7 +302,7 @@ class GameRunner:
             out.update(self._verdict_rates(scored, split))
         self.timer.pop()  # validation time is reported as one number
         out["time/validation"] = time.perf_counter() - t0
-        return out
+        return hosts.merge_records(out)
 
     def _verdict_rates(self, scored, split: str) -> dict:
         """ASR-style rates: the share of valid responses the judge scores above 5/10 on the
@@ -313,12 +327,14 @@ class GameRunner:
     def run(self, *, max_steps: Optional[int] = None) -> dict:
         """Train until ``train.num_steps`` (or ``max_steps`` more steps, or a signal)."""
         cfg = self.config
-        _truncate_metrics(os.path.join(self.workdir, "metrics.jsonl"), self.step)
-        writer = MetricsWriter(self.workdir, total_steps=cfg.train.num_steps,
-                               tensorboard=cfg.logging.tensorboard,
-                               wandb_project=cfg.logging.wandb_project,
-                               progress_bar=cfg.logging.progress_bar, config_json=cfg.to_json(),
-                               console_keys=CONSOLE_KEYS)
+        writer = _NullWriter()
+        if hosts.is_writer():
+            _truncate_metrics(os.path.join(self.workdir, "metrics.jsonl"), self.step)
+            writer = MetricsWriter(self.workdir, total_steps=cfg.train.num_steps,
+                                   tensorboard=cfg.logging.tensorboard,
+                                   wandb_project=cfg.logging.wandb_project,
+                                   progress_bar=cfg.logging.progress_bar,
+                                   config_json=cfg.to_json(), console_keys=CONSOLE_KEYS)
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         last: dict = {}
         try:
@@ -331,6 +347,8 @@ class GameRunner:
                 last = self.train_step()
                 steps_done += 1
                 writer.write(self.step, last)
+                # A signal seen by any process stops every process after this same step.
+                self._stop_requested = hosts.any_process(self._stop_requested)
                 self.save_checkpoint(force=self._stop_requested or self.step == cfg.train.num_steps)
         finally:
             for s, h in old.items():
@@ -342,6 +360,16 @@ class GameRunner:
         if self._stop_requested:
             logging.warning("stopped cleanly at step %d; rerun the same command to resume", self.step)
         return last
+
+
+class _NullWriter:
+    """The metrics writer of processes other than process 0: writes nothing."""
+
+    def write(self, step, record) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _truncate_metrics(path: str, step: int) -> None:

@@ -75,7 +75,14 @@ def build_player(config, role: str, hf_dir: str, mesh, *, total_updates: int) ->
     if pc.sampler == "jax":
         from advgame_jax.sampling.jax_sampler import JaxSampler
 
-        sampler = JaxSampler(model_config, params, tokenizer=tokenizer, mesh=mesh,
+        # Several processes: each one samples its own seeds on its own devices.
+        sampler_params = params
+        if jax.process_count() > 1:
+            from advgame_jax.experiment.hosts import local_copy
+
+            sampler_params = local_copy(params)
+        sampler = JaxSampler(model_config, sampler_params, tokenizer=tokenizer,
+                             mesh=mesh if jax.process_count() == 1 else None,
                              compute_dtype=DTYPES[pc.sampler_dtype],
                              min_batch_bucket=pc.sampler_min_batch_bucket,
                              min_prompt_bucket=pc.sampler_min_prompt_bucket)
@@ -134,6 +141,10 @@ def initial_state(player: Player, params, config) -> PlayerState:
 def sync_sampler(player: Player, state: PlayerState, sample_from: str, workdir: str) -> None:
     """Give ``player``'s sampler the params it should sample from (GAME_SPEC §2.1)."""
     params = sampling_params(state, sample_from)
+    if jax.process_count() > 1:
+        from advgame_jax.experiment.hosts import local_copy
+
+        params = local_copy(params)  # each process's sampler runs on its own devices
     if player.sampler_kind == "jax":
         # The sampler keeps a private copy (cast to its dtype): the trainer donates its state
         # to the next update / EMA step, which must not free the sampler's weights.
@@ -149,12 +160,13 @@ def sync_sampler(player: Player, state: PlayerState, sample_from: str, workdir: 
 
 def resolve_mesh(config):
     """``config.mesh`` → ``Mesh``; ``data=-1`` takes all devices not used by fsdp × tensor.
-    Several processes or ``dcn_*`` sizes: a hybrid mesh (``distributed.build_mesh``)."""
+    With ``dcn_*`` sizes: a hybrid mesh (``distributed.build_mesh``), the plain sizes counting
+    devices per host/slice; without, one flat mesh over every device of every process."""
     from advgame_jax import distributed
     from advgame_jax.models import make_mesh
 
     dcn = {a: int(config.mesh.get(f"dcn_{a}", 1)) for a in distributed.MESH_AXES}
-    if jax.process_count() > 1 or any(v != 1 for v in dcn.values()):
+    if any(v != 1 for v in dcn.values()):
         ici = {a: int(config.mesh[a]) for a in distributed.MESH_AXES}
         try:
             return distributed.build_mesh(ici, dcn)

@@ -9,6 +9,8 @@ so before collating the processes agree (one small all-gather of three integers)
 * the length bucket (from the longest local sequence);
 * the objective weights: a record without an explicit ``weight`` gets ``1 / (global number
   of records)``, so the objective is the mean over the GLOBAL batch, not over each host's.
+  Explicit weights are each process's own normaliser (as a data-parallel rank normalises its
+  loss); they are divided by the number of processes, as ranks average their gradients.
 
 Each process then collates its rows locally and the leaves become global ``jax.Array`` s via
 ``jax.make_array_from_process_local_data`` with the batch's row sharding: process ``p``'s
@@ -32,12 +34,9 @@ from advgame_jax.training.sharding import batch_parallel_size, batch_shardings
 
 def allgather_ints(values: Sequence[int]) -> np.ndarray:
     """``[num_processes, len(values)]`` int64: every process's ``values`` (host collective)."""
-    local = np.asarray(values, np.int64)[None]
-    if jax.process_count() == 1:
-        return local
-    from jax.experimental import multihost_utils
+    from advgame_jax.distributed import allgather_json
 
-    return np.asarray(multihost_utils.process_allgather(local[0])).reshape(
+    return np.asarray(allgather_json([int(v) for v in values]), np.int64).reshape(
         jax.process_count(), -1)
 
 
@@ -88,6 +87,8 @@ def collate_global(records: Sequence, *, kind: str, pad_id: int, mesh, num_micro
     if not np.any(info[:, 2]):
         total = max(int(np.sum(counts)), 1)
         records = [dataclasses.replace(r, weight=1.0 / total) for r in records]
+    elif n_proc > 1:
+        records = [dataclasses.replace(r, weight=r.weight / n_proc) for r in records]
     local_rows, t = plan_global(counts, longest, num_processes=n_proc,
                                 multiple=num_microbatches * dp, row_buckets=row_buckets,
                                 length_buckets=length_buckets, max_length=max_length)
