@@ -68,14 +68,15 @@ def detect_world(env: Optional[Mapping[str, str]] = None, *, coordinator: str = 
                  num_processes: int = 0, process_id: int = -1) -> Optional[World]:
     """The world this process belongs to, or None for a single process.
 
-    Precedence: explicit arguments (the config's ``distributed.*``) > ``ADVGAME_COORDINATOR``
+    Precedence: an explicit ``coordinator`` (the config's ``distributed.*``; then
+    ``num_processes`` and ``process_id`` are required) > ``ADVGAME_COORDINATOR``
     / ``ADVGAME_NUM_PROCESSES`` / ``ADVGAME_PROCESS_ID`` > Slurm with more than one task
     (coordinator = first node of the step's node list, port ``ADVGAME_COORDINATOR_PORT`` or
     8476) > a TPU VM pod (``TPU_WORKER_HOSTNAMES`` with several hosts: JAX detects the rest).
     """
     env = os.environ if env is None else env
-    if coordinator or num_processes:
-        if not (coordinator and num_processes >= 1 and 0 <= process_id < num_processes):
+    if coordinator:
+        if not (num_processes >= 1 and 0 <= process_id < num_processes):
             raise WorldError(
                 f"config.distributed: coordinator={coordinator!r}, num_processes={num_processes}, "
                 f"process_id={process_id}; expected all three (a 'host:port', a count ≥ 1 and an "

@@ -45,6 +45,8 @@ def test_detect_world_sources_and_errors():
                                   "ADVGAME_PROCESS_ID": "2"})
     with pytest.raises(distributed.WorldError, match="config.distributed"):
         distributed.detect_world({}, coordinator="c:1", num_processes=2, process_id=5)
+    # num_processes alone is an expectation checked after joining, not a world.
+    assert distributed.detect_world({}, num_processes=2) is None
 
 
 def test_axis_sizes_resolution():
@@ -152,7 +154,9 @@ def test_resolve_mesh_dcn_mismatch_is_a_config_error():
     assert dict(resolve_mesh(config).shape) == {"data": 2, "fsdp": 4, "tensor": 1}
 
 
-def test_train_py_joins_the_world_and_refuses_a_multi_process_loop(tmp_path):
+def test_train_py_refuses_a_world_that_does_not_match_the_config(tmp_path):
+    """Two processes join, the config expects four: both stop with one clear error before
+    any model loads."""
     port = _free_port()
     procs = []
     for i in range(2):
@@ -162,13 +166,13 @@ def test_train_py_joins_the_world_and_refuses_a_multi_process_loop(tmp_path):
         env.pop("XLA_FLAGS", None)
         procs.append(subprocess.Popen(
             [sys.executable, "launch/train.py", "--config=configs/tiny.py",
-             f"--config.workdir={tmp_path}/run"], cwd=ROOT, env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+             f"--config.workdir={tmp_path}/run", "--config.distributed.num_processes=4"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = [p.communicate(timeout=180)[0] for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode != 0
-        assert "joined 2 processes" in out, out[-2000:]
-    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+        assert "config.distributed.num_processes=4 but JAX sees 2 process(es)" in out, out[-2000:]
+    assert not os.path.exists(tmp_path / "run")
 
 
 def _train_world(tmp_path, name, workdir, toy_dir, num_steps, *, sigterm_after_step=None,
