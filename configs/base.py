@@ -68,8 +68,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.toy_warmup_steps = 300
     c.toy_dir = ""  # where the toy world is built/cached; empty = <workdir>/toy
 
-    # Device mesh: -1 on `data` = all remaining devices.
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # Device mesh: -1 on `data` = all remaining devices. Multi-host: data/fsdp/tensor are the
+    # sizes INSIDE one host (GPU node) or TPU slice; dcn_* multiply them across hosts/slices
+    # (e.g. fsdp=8, dcn_data=2: FSDP inside each of 2 nodes, data parallel across them).
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1,
+                                            dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
+    # Joining a multi-process world (advgame_jax.distributed): empty/0 = detect from the
+    # environment (ADVGAME_COORDINATOR/_NUM_PROCESSES/_PROCESS_ID, Slurm, TPU VM pods).
+    c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=0,
+                                                   process_id=-1))
 
     # Colocated vLLM engines share the trainer's devices: JAX's share of each device (applied
     # before JAX initialises) + engines' gpu_memory_utilization + margin must be <= 1.

@@ -55,6 +55,7 @@ def _parse_flags(argv):
 
 def main(argv):
     del argv
+    from advgame_jax import distributed
     from advgame_jax.data import SeedFileError
     from advgame_jax.experiment.logsetup import configure_logging
     from advgame_jax.experiment.loop import run_from_config
@@ -65,13 +66,18 @@ def main(argv):
 
     config = _CONFIG.value
     try:
+        # Join a multi-process world (Slurm, TPU pod, explicit flags) before JAX starts.
+        d = config.get("distributed", {})
+        distributed.initialize(distributed.detect_world(
+            coordinator=d.get("coordinator", ""), num_processes=d.get("num_processes", 0),
+            process_id=d.get("process_id", -1)), expect_processes=d.get("num_processes", 0))
         validate_config(config)
         check_writable_dir(os.path.abspath(config.workdir), "config.workdir")
         log_path = configure_logging(config.workdir)
         logging.info("library logs: %s", log_path)
         run_from_config(config)
     except (ConfigError, SeedFileError, GameConfigError, JudgeEndpointError,
-            CheckpointError, NotOwnedError) as err:
+            CheckpointError, NotOwnedError, distributed.WorldError) as err:
         _fail(str(err))
     except OSError as err:  # e.g. check_writable_dir: names the field
         if "config." not in str(err):

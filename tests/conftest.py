@@ -29,3 +29,22 @@ def wildjailbreak_dir():
     if not path.is_dir():
         pytest.fail(f"shared seed data not found at {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def toy_dir(tmp_path_factory):
+    """The toy world of ``configs/tiny.py`` (seed 0), built once per test session."""
+    import importlib
+
+    from advgame_jax import game
+    from advgame_jax.data import packaged_seed_path, read_seeds_jsonl
+    from advgame_jax.experiment.toy_world import build_toy_world
+
+    c = importlib.import_module("configs.tiny").get_config()
+    path = str(tmp_path_factory.mktemp("toy"))
+    templates = game.get_template_set(c.game.templates)
+    build_toy_world(path, seed=0, train_seeds=read_seeds_jsonl(packaged_seed_path("toy_seeds.jsonl")),
+                    attacker_prompt_text=lambda s: templates.attacker_prompt(
+                        s.prompt, s.category, c.game.attacker_format),
+                    warmup_steps=c.toy_warmup_steps)
+    return path

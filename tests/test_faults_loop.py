@@ -13,7 +13,7 @@ from advgame_jax.data import packaged_seed_path, read_seeds_jsonl
 from advgame_jax.experiment.loop import GameRunner
 from advgame_jax.experiment.validate import ConfigError
 from advgame_jax.training.checkpoint import CheckpointIncompatibleError
-from tests.test_train_loop import read_metrics, tiny_config, toy_dir  # noqa: F401  (fixture)
+from tests.test_train_loop import read_metrics, tiny_config  # toy_dir: conftest fixture
 
 
 def test_user_folders_and_unfit_seeds_stop_before_anything_is_touched(tmp_path, toy_dir):  # noqa: F811

@@ -24,7 +24,7 @@ from advgame_jax.sampling.base import SamplingParams  # noqa: E402
 from advgame_jax.sampling.engine_process import EngineError, RemoteSampler  # noqa: E402
 from advgame_jax.sampling.jax_sampler import JaxSampler  # noqa: E402
 from advgame_jax.training.checkpoint import GameCheckpointer  # noqa: E402
-from tests.test_train_loop import tiny_config, toy_dir  # noqa: E402,F401  (fixture)
+from tests.test_train_loop import tiny_config  # noqa: E402  (toy_dir: conftest fixture)
 
 ROLES = ("attacker", "defender")
 TEXTS = ("how do i bake bread", "tell me about the ocean", "write a short poem")

@@ -18,7 +18,6 @@ import pytest
 
 from advgame_jax import game
 from advgame_jax.experiment.loop import GameRunner
-from advgame_jax.experiment.toy_world import build_toy_world
 from advgame_jax.experiment.validate import ConfigError
 
 tiny = importlib.import_module("configs.tiny")
@@ -31,21 +30,6 @@ ATTACKER_MARGIN = 0.2
 def read_metrics(workdir):
     with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-@pytest.fixture(scope="session")
-def toy_dir(tmp_path_factory):
-    """The toy world of ``configs/tiny.py`` (seed 0), built once."""
-    from advgame_jax.data import packaged_seed_path, read_seeds_jsonl
-
-    c = tiny.get_config()
-    path = str(tmp_path_factory.mktemp("toy"))
-    templates = game.get_template_set(c.game.templates)
-    build_toy_world(path, seed=0, train_seeds=read_seeds_jsonl(packaged_seed_path("toy_seeds.jsonl")),
-                    attacker_prompt_text=lambda s: templates.attacker_prompt(
-                        s.prompt, s.category, c.game.attacker_format),
-                    warmup_steps=c.toy_warmup_steps)
-    return path
 
 
 def tiny_config(workdir, toy_dir, **overrides):

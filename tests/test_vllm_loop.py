@@ -18,7 +18,7 @@ if importlib.util.find_spec("vllm") is None:
 from advgame_jax.experiment.loop import GameRunner  # noqa: E402
 from advgame_jax.models import forward  # noqa: E402
 from advgame_jax.training.state import sampling_params  # noqa: E402
-from tests.test_train_loop import tiny_config, toy_dir  # noqa: E402,F401  (fixture)
+from tests.test_train_loop import tiny_config  # noqa: E402  (toy_dir: conftest fixture)
 
 
 def test_tiny_run_with_vllm_refreshes_from_checkpoints(tmp_path, toy_dir):  # noqa: F811

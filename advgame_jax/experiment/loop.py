@@ -32,7 +32,7 @@ import json
 import os
 import signal
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import numpy as np
@@ -40,17 +40,17 @@ from absl import logging
 
 from advgame_jax import fsutil, game
 from advgame_jax.data import SeedIterator, packaged_seed_path, read_seeds_jsonl, split_by_category
-from advgame_jax.experiment import compile_counter
+from advgame_jax.experiment import compile_counter, hosts
 from advgame_jax.experiment.metrics import MetricsWriter, truncate_metrics
 from advgame_jax.experiment.players import (
     Player, build_player, close_player, initial_state, resolve_mesh, sync_sampler)
 from advgame_jax.experiment.timing import StageTimer, TimedJudge, TimedSampler
 from advgame_jax.experiment.validate import ConfigError, validate_config
-from advgame_jax.training.batching import collate_pairs, collate_samples
 from advgame_jax.training.checkpoint import GameCheckpointer, config_differences
+from advgame_jax.training.multihost import collate_global, host_to_global
 from advgame_jax.training.ema import ema_step
 from advgame_jax.training.state import abstract_player_state
-from advgame_jax.training.sharding import batch_parallel_size, state_shardings
+from advgame_jax.training.sharding import batch_parallel_size, replicated, state_shardings
 
 SPLITS = ("harmful", "benign")
 ROLES = ("attacker", "defender")
@@ -128,8 +128,13 @@ class GameRunner:
         compile_counter.install()
         self.mesh = resolve_mesh(config)
         self.train_seeds, self.valid_seeds = load_seed_splits(config)
-        # B per split = seeds per data-parallel device × data-parallel devices (single host).
-        b = config.train.seeds_per_device * batch_parallel_size(self.mesh)
+        # B per split and process = seeds per data-parallel device × this process's share of
+        # the data-parallel devices (each process plays its own seeds; hosts.py).
+        b_global = config.train.seeds_per_device * batch_parallel_size(self.mesh)
+        if b_global % jax.process_count():
+            raise ConfigError(f"config.mesh: {batch_parallel_size(self.mesh)} data-parallel "
+                              f"devices do not split over {jax.process_count()} processes")
+        b = b_global // jax.process_count()
         a, d = config.game.num_attacks, config.game.num_responses
         most_rows = b * a * d if config.loss.kind == "grpo" else b * a
         if config.train.pair_buckets and max(config.train.pair_buckets) < most_rows:
@@ -157,12 +162,21 @@ class GameRunner:
             from advgame_jax.experiment.toy_world import build_toy_world
 
             templates = game.get_template_set(self.game_config.templates)
-            paths = build_toy_world(
-                config.toy_dir or os.path.join(self.workdir, "toy"), seed=config.seed,
-                train_seeds=self.train_seeds["harmful"] + self.train_seeds["benign"],
-                attacker_prompt_text=lambda s: templates.attacker_prompt(
-                    s.prompt, s.category, config.game.attacker_format),
-                warmup_steps=config.toy_warmup_steps)
+
+            def build():
+                return build_toy_world(
+                    config.toy_dir or os.path.join(self.workdir, "toy"), seed=config.seed,
+                    train_seeds=self.train_seeds["harmful"] + self.train_seeds["benign"],
+                    attacker_prompt_text=lambda s: templates.attacker_prompt(
+                        s.prompt, s.category, config.game.attacker_format),
+                    warmup_steps=config.toy_warmup_steps)
+
+            # One process builds the shared toy world; the others then find it built.
+            if hosts.is_writer():
+                paths = build()
+            hosts.barrier("toy_world")
+            if not hosts.is_writer():
+                paths = build()
             hf_paths = {r: config[r].hf_path or getattr(paths, r) for r in ROLES}
 
         # Optimizer updates: one per split per trainer step.
@@ -184,7 +198,9 @@ class GameRunner:
                             shard_index=jax.process_index(), shard_count=jax.process_count())
             for i, c in enumerate(SPLITS)}
         self.state = {r: initial_state(self.players[r], params0[r], config) for r in ROLES}
-        self.state["rng"] = jax.random.PRNGKey(config.seed)
+        # Replicated over the mesh (a global array: every process can checkpoint it).
+        self.state["rng"] = host_to_global(np.asarray(jax.random.PRNGKey(config.seed)),
+                                           replicated(self.mesh))
         self.step = 0
 
         self.checkpointer = GameCheckpointer(
@@ -192,7 +208,7 @@ class GameRunner:
             save_every=config.train.checkpoint_every or 10**9, keep=config.train.keep_checkpoints)
         self._restore()
         self.audit = None
-        if config.logging.audit_log:
+        if config.logging.audit_log and hosts.is_writer():
             self.audit = game.AuditLog(os.path.join(self.workdir, "audit", "trees.jsonl"))
         self._stop_requested = False
         self._in_step = False
@@ -226,7 +242,8 @@ class GameRunner:
         for r in ROLES:
             sh = state_shardings(self.state[r], self.players[r].model_config, self.mesh)
             out[r] = abstract_player_state(self.state[r], sh)
-        out["rng"] = jax.ShapeDtypeStruct(self.state["rng"].shape, self.state["rng"].dtype)
+        out["rng"] = jax.ShapeDtypeStruct(self.state["rng"].shape, self.state["rng"].dtype,
+                                          sharding=replicated(self.mesh))
         return out
 
     def _meta(self) -> dict:
@@ -235,7 +252,8 @@ class GameRunner:
                 "advgame_controlled_artifact": {
                     "contains": "attacker", "note": "trained red-teaming attacker; export "
                     "(training.export.export_hf) and serving need an explicit flag"},
-                "iterators": {c: it.state() for c, it in self.iterators.items()},
+                "iterators": hosts.gather_iterator_states(
+                    {c: it.state() for c, it in self.iterators.items()}),
                 "config": json.loads(self.config.to_json())}
 
     def _restore(self) -> None:
@@ -249,8 +267,10 @@ class GameRunner:
         step, state, meta = restored
         self.state = state
         self.step = int(meta["step"])
+        positions = hosts.own_iterator_states(meta["iterators"])
         for c, it in self.iterators.items():
-            it.restore(meta["iterators"][c])
+            if positions is not None:
+                it.restore(positions[c])
         logging.info("resumed from checkpoint at step %d in %s", step, self.workdir)
 
     def save_checkpoint(self, *, force: bool = False) -> bool:
@@ -269,19 +289,20 @@ class GameRunner:
             return {}
         upd = player.update
         t = self.config.train
-        common = dict(pad_id=player.tokenizer.pad_id, length_buckets=tuple(t.length_buckets),
-                      num_microbatches=t.num_microbatches,
-                      data_parallel_size=upd.data_parallel_size, overflow="truncate_prompt")
         # Each record carries its weight in the update objective (game.normalization).
         if self.config.loss.kind == "grpo":
-            samples = game.with_weight(game.grpo_samples(scored, role, self.config.loss.grpo_baseline),
+            records = game.with_weight(game.grpo_samples(scored, role, self.config.loss.grpo_baseline),
                                        game.sample_weight(scored, role, t.loss_normalization))
-            batch = collate_samples(samples, sample_buckets=tuple(t.pair_buckets), **common)
         else:
             pairs = game.attacker_pairs(scored) if role == "attacker" else game.defender_pairs(scored)
-            pairs = game.with_weight(pairs, game.pair_weight(scored, role, t.loss_normalization,
-                                                             t.norm_seeds_per_microbatch))
-            batch = collate_pairs(pairs, pair_buckets=tuple(t.pair_buckets), **common)
+            records = game.with_weight(pairs, game.pair_weight(scored, role, t.loss_normalization,
+                                                               t.norm_seeds_per_microbatch))
+        # This process's records → one global batch (one process: plain collation).
+        batch = collate_global(records, kind="samples" if self.config.loss.kind == "grpo"
+                               else "pairs", pad_id=player.tokenizer.pad_id, mesh=self.mesh,
+                               num_microbatches=t.num_microbatches,
+                               row_buckets=tuple(t.pair_buckets),
+                               length_buckets=tuple(t.length_buckets), overflow="truncate_prompt")
         with self.timer.stage("update"):
             self.state[role], m = upd(self.state[role], batch)
             m = jax.device_get(m)
@@ -303,7 +324,7 @@ class GameRunner:
                 seeds, self.game_config, judge=self.judge,
                 attacker=self.samplers["attacker"], attacker_tokenizer=self.players["attacker"].tokenizer,
                 defender=self.samplers["defender"], defender_tokenizer=self.players["defender"].tokenizer,
-                sample_index=2 * self.step + i)
+                sample_index=(2 * self.step + i) * jax.process_count() + jax.process_index())
             if self.audit is not None:
                 self.audit.write(scored, step=self.step, split=split)
             record.update(_prefixed(f"{split}/", game.tree_metrics(scored)))
@@ -322,6 +343,7 @@ class GameRunner:
         for r in ROLES:
             record[f"sys/{r}/prompt_too_long"] = float(
                 getattr(self.players[r].sampler, "prompt_too_long", 0))
+        record = hosts.merge_records(record)
         skipped = [k for k, v in record.items() if k.endswith("/skipped_nonfinite") and v]
         if skipped:
             logging.warning("step %d: non-finite loss or gradient, update skipped (%s)",
@@ -344,15 +366,18 @@ class GameRunner:
         gc = dataclasses.replace(self.game_config, num_responses=v.num_responses)
         out = {}
         for i, (split, seeds) in enumerate(self.valid_seeds.items()):
-            # num_seeds = 0: the whole split (the reference), judged in chunks of batch_size.
-            seeds = seeds[: v.num_seeds] if v.num_seeds else seeds
+            # num_seeds = 0: the whole split (the reference), judged in chunks of batch_size;
+            # each process answers its own share.
+            seeds = (seeds[: v.num_seeds] if v.num_seeds else seeds)[
+                jax.process_index()::jax.process_count()]
             if not seeds:
                 continue
             chunk = v.get("batch_size", 0) or len(seeds)
             scored = game.concat_scored_trees([game.build_tree(
                 seeds[j:j + chunk], gc, judge=self.judge, defender=self.samplers["defender"],
                 defender_tokenizer=self.players["defender"].tokenizer, skip_attacker=True,
-                sample_index=10**6 + i + len(VALID_SPLITS) * (j // chunk))
+                sample_index=(10**6 + i + len(VALID_SPLITS) * (j // chunk)) * jax.process_count()
+                + jax.process_index())
                 for j in range(0, len(seeds), chunk)])
             m = game.tree_metrics(scored)
             out.update(_prefixed(f"valid/{split}/", m))
@@ -361,7 +386,7 @@ class GameRunner:
             out.update(self._verdict_rates(scored, split))
         self.timer.pop()  # validation's own stage times: reported as one number
         out["time/validation"] = time.perf_counter() - t0
-        return out
+        return hosts.merge_records(out)
 
     def _verdict_rates(self, scored, split: str) -> dict:
         """ASR-style rates: the share of valid responses the judge scores above 5/10 on the
@@ -396,12 +421,14 @@ class GameRunner:
     def run(self, *, max_steps: Optional[int] = None) -> dict:
         """Train until ``train.num_steps`` (or ``max_steps`` more steps, or a signal)."""
         cfg = self.config
-        truncate_metrics(os.path.join(self.workdir, "metrics.jsonl"), self.step)
-        writer = MetricsWriter(self.workdir, total_steps=cfg.train.num_steps,
-                               tensorboard=cfg.logging.tensorboard,
-                               wandb_project=cfg.logging.wandb_project,
-                               progress_bar=cfg.logging.progress_bar, config_json=cfg.to_json(),
-                               console_keys=CONSOLE_KEYS)
+        writer = _NullWriter()
+        if hosts.is_writer():
+            truncate_metrics(os.path.join(self.workdir, "metrics.jsonl"), self.step)
+            writer = MetricsWriter(self.workdir, total_steps=cfg.train.num_steps,
+                                   tensorboard=cfg.logging.tensorboard,
+                                   wandb_project=cfg.logging.wandb_project,
+                                   progress_bar=cfg.logging.progress_bar,
+                                   config_json=cfg.to_json(), console_keys=CONSOLE_KEYS)
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         last: dict = {}
         try:
@@ -416,6 +443,8 @@ class GameRunner:
                 writer.write(self.step, last)
                 # A background save that failed stops the run here, naming its step.
                 self.checkpointer.poll()
+                # A signal seen by any process stops every process after this same step.
+                self._stop_requested = hosts.any_process(self._stop_requested)
                 self.save_checkpoint(force=self._stop_requested or self.step == cfg.train.num_steps)
         finally:
             for s, h in old.items():
@@ -427,6 +456,16 @@ class GameRunner:
         if self._stop_requested:
             logging.warning("stopped cleanly at step %d; rerun the same command to resume", self.step)
         return last
+
+
+class _NullWriter:
+    """The metrics writer of processes other than process 0: writes nothing."""
+
+    def write(self, step, record) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def run_from_config(config, *, judge=None) -> dict:

@@ -134,6 +134,11 @@ def _build_sampler(config, role: str, hf_dir: str, model_config, params, tokeniz
     if placement == "jax":
         from advgame_jax.sampling.jax_sampler import JaxSampler
 
+        if jax.process_count() > 1:
+            # Several processes: each one samples its own seeds on its own devices.
+            from advgame_jax.experiment.hosts import local_copy
+
+            params, mesh = local_copy(params), None
         return JaxSampler(model_config, params, tokenizer=tokenizer, mesh=mesh,
                           compute_dtype=DTYPES[pc.sampler_dtype],
                           min_batch_bucket=pc.sampler_min_batch_bucket,
@@ -224,6 +229,10 @@ def sync_sampler(player: Player, state: PlayerState, sample_from: str, workdir: 
         version = 0 if player.weights_version is None else player.weights_version + 1
     params = sampling_params(state, sample_from)
     inner = player.sampler.inner if isinstance(player.sampler, VersionedSampler) else player.sampler
+    if jax.process_count() > 1:
+        from advgame_jax.experiment.hosts import local_copy
+
+        params = local_copy(params)  # each process's sampler runs on its own devices
     if player.placement == "jax":
         # The sampler keeps a private copy (cast to its dtype): the trainer donates its state
         # to the next update / EMA step, which must not free the sampler's weights.
@@ -246,11 +255,21 @@ def sync_sampler(player: Player, state: PlayerState, sample_from: str, workdir: 
 
 
 def resolve_mesh(config):
-    """``config.mesh`` → ``Mesh``; ``data=-1`` takes all devices not used by fsdp × tensor."""
+    """``config.mesh`` → ``Mesh``; ``data=-1`` takes all devices not used by fsdp × tensor.
+    With ``dcn_*`` sizes: a hybrid mesh (``distributed.build_mesh``), the plain sizes counting
+    devices per host/slice; without, one flat mesh over every device of every process."""
+    from advgame_jax import distributed
     from advgame_jax.models import make_mesh
     from advgame_jax.sampling.placement import apply_memory_plan
 
     apply_memory_plan(config)  # JAX's device-memory share, before JAX initialises
+    dcn = {a: int(config.mesh.get(f"dcn_{a}", 1)) for a in distributed.MESH_AXES}
+    if any(v != 1 for v in dcn.values()):
+        ici = {a: int(config.mesh[a]) for a in distributed.MESH_AXES}
+        try:
+            return distributed.build_mesh(ici, dcn)
+        except distributed.WorldError as e:
+            raise ConfigError(str(e)) from None
     n = jax.device_count()
     fsdp, tensor, data = config.mesh.fsdp, config.mesh.tensor, config.mesh.data
     if data == -1:

@@ -64,6 +64,10 @@ def validate_config(config) -> None:
         v = _get(config, f"mesh.{axis}")
         if not isinstance(v, int) or (v < 1 and v != -1):
             raise ConfigError(f"config.mesh.{axis}: expected a positive integer or -1, got {v!r}")
+        if f"dcn_{axis}" in config.mesh:
+            v = _get(config, f"mesh.dcn_{axis}")
+            if not isinstance(v, int) or v < 1:
+                raise ConfigError(f"config.mesh.dcn_{axis}: expected a positive integer, got {v!r}")
 
     toy = _get(config, "toy_world") if "toy_world" in config else False
     for role in ("attacker", "defender"):

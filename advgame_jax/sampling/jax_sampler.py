@@ -153,7 +153,7 @@ class JaxSampler:
                                  f"the sampler's {want}")
         shardings = self._param_shardings
         if shardings is None:
-            device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             shardings = jax.tree.map(lambda _: device, like)
 
         def put(new, old, sharding):
