@@ -3,7 +3,7 @@ their own processes, started from the config; three steps of the tiny game refre
 the trainer's Orbax sync checkpoint at every step, and after each refresh the engines' greedy
 output equals the JAX sampler's on the same params and carries the step as weights version.
 Killing an engine mid-run is a clear error naming it, within the timeout; the run's
-checkpoints stay intact and a rerun resumes."""
+checkpoints stay intact and a rerun resumes (connected to a user-started defender engine)."""
 
 import importlib.util
 import os
@@ -61,7 +61,8 @@ def _check_engine_matches_jax(runner, role, step):
     assert {c.weights_version for c in got} == {step}
 
 
-def test_offloaded_engines_refresh_every_step_fail_clearly_and_resume(tmp_path, toy_dir):  # noqa: F811
+def test_offloaded_engines_refresh_every_step_fail_clearly_and_resume(tmp_path, toy_dir,  # noqa: F811
+                                                                     monkeypatch):
     workdir = tmp_path / "run"
     runner = GameRunner(_offloaded_config(workdir, toy_dir, num_steps=4))
     try:
@@ -90,11 +91,48 @@ def test_offloaded_engines_refresh_every_step_fail_clearly_and_resume(tmp_path, 
     assert ckpt.latest_step() == 3
     ckpt.close()
 
-    rerun = GameRunner(_offloaded_config(workdir, toy_dir, num_steps=4))
+    # Rerun: the attacker's engine is spawned again; the defender's is one the user started
+    # (same module, own key) and the run connects to it.
+    monkeypatch.setenv("ADVGAME_TEST_ENGINE_KEY", "user-key")
+    user_engine, address = _start_user_engine(tmp_path)
+    c = _offloaded_config(workdir, toy_dir, num_steps=4)
+    c.defender.engine.address = address
+    c.defender.engine.authkey_env = "ADVGAME_TEST_ENGINE_KEY"
+    rerun = GameRunner(c)
     try:
         assert rerun.step == 3
+        assert rerun.players["defender"].sampler.client.proc is None  # connected, not spawned
         rerun.run()
         assert rerun.step == 4
         _check_engine_matches_jax(rerun, "defender", 4)
     finally:
         rerun.close()
+        user_engine.kill()
+        user_engine.wait()
+
+
+def _start_user_engine(tmp_path):
+    """Start an engine the way a user would: spec file, key in the environment."""
+    import json
+    import subprocess
+    import sys
+
+    spec_file = tmp_path / "user_engine.json"
+    ready = tmp_path / "user_engine.ready.json"
+    old_spec = json.loads((tmp_path / "run" / "engines" / "defender.spec.json").read_text())
+    spec = dict(old_spec, ready_file=str(ready), port=0)
+    spec_file.write_text(json.dumps(spec))
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    with open(tmp_path / "user_engine.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "advgame_jax.sampling.engine_process",
+                                 "--spec", str(spec_file), "--authkey-env",
+                                 "ADVGAME_TEST_ENGINE_KEY"], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 600
+    while not ready.exists():
+        assert proc.poll() is None, (tmp_path / "user_engine.log").read_text()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    info = json.loads(ready.read_text())
+    return proc, f"{info['host']}:{info['port']}"
