@@ -13,6 +13,7 @@ from advgame_jax.game import (
     GameConfig,
     JudgeEndpointError,
     LLMJudge,
+    PairRequest,
     build_tree,
     get_template_set,
     make_judge,
@@ -252,3 +253,19 @@ def test_out_of_range_scores_are_counted_not_silently_clipped():
     scores = judge.pairwise([PairRequest("compliance", "q", "r1", "r2")] * 3)
     assert scores == [(10.0, 7.0), (0.0, 10.0), (4.0, 6.0)]
     assert judge.fault_counts()["score_out_of_range"] == 3
+
+
+def test_paper_judge_decoding_reaches_the_endpoint():
+    """The reference judge samples with temperature 0.6 and top-p 0.9: both are sent."""
+    from configs.paper import paper_config
+
+    jc = paper_config("qwen", "dpo_md").judge
+    with FakeJudgeServer(marker_script()) as s:
+        jc.endpoints = (s.url,)
+        jc.model = "judge-model"
+        judge = make_judge(jc, templates="advgame_v1")
+        judge.pairwise([PairRequest("compliance", "q", "a SCORE=3", "b SCORE=4")])
+        body = s.requests[-1]["body"]
+    assert body["temperature"] == 0.6 and body["top_p"] == 0.9
+    with pytest.raises(JudgeEndpointError, match="top_p"):
+        EndpointBackend(["http://127.0.0.1:9/v1"], "m", top_p=0.0)

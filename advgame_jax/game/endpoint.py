@@ -85,13 +85,15 @@ class EndpointBackend:
     max_in_flight_per_endpoint: per replica (0: no per-replica bound).
     unhealthy_after / unhealthy_cooldown_s: health rule (module docstring).
     warn_failure_rate / warn_every: failure-rate warning (module docstring).
-    temperature / max_tokens: decoding of the judge. seed: seeds the backoff jitter.
+    temperature / top_p / max_tokens: decoding of the judge (top_p 1.0 is not sent, so the
+    server's default applies). seed: seeds the backoff jitter.
     sleep / clock: injectable for tests.
     """
 
     def __init__(self, endpoints: Sequence[str], model: str, *, api_key: Optional[str] = None,
                  timeout_s: float = 120.0, max_retries: int = 3, concurrency: int = 32,
-                 temperature: float = 0.0, max_tokens: int = 8192, backoff_s: float = 0.5,
+                 temperature: float = 0.0, top_p: float = 1.0, max_tokens: int = 8192,
+                 backoff_s: float = 0.5,
                  max_backoff_s: float = 30.0, seed: int = 0,
                  max_in_flight_per_endpoint: int = 0, unhealthy_after: int = 3,
                  unhealthy_cooldown_s: float = 30.0, warn_failure_rate: float = 0.1,
@@ -118,6 +120,9 @@ class EndpointBackend:
         self.max_retries = int(max_retries)
         self.concurrency = int(concurrency)
         self.temperature = float(temperature)
+        if not 0.0 < float(top_p) <= 1.0:
+            raise JudgeEndpointError(f"judge top_p: expected a number in (0, 1], got {top_p!r}")
+        self.top_p = float(top_p)
         self.max_tokens = int(max_tokens)
         self.backoff_s = float(backoff_s)
         self.max_backoff_s = float(max_backoff_s)
@@ -219,8 +224,11 @@ class EndpointBackend:
         left = deadline - self._clock()
         if left <= 0:
             raise TimeoutError("no time left")
-        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
-                           "temperature": self.temperature, "max_tokens": self.max_tokens}).encode()
+        payload = {"model": self.model, "messages": [{"role": "user", "content": prompt}],
+                   "temperature": self.temperature, "max_tokens": self.max_tokens}
+        if self.top_p < 1.0:
+            payload["top_p"] = self.top_p
+        body = json.dumps(payload).encode()
         cls = http.client.HTTPSConnection if replica.https else http.client.HTTPConnection
         conn = cls(replica.host, replica.port, timeout=left)
         expired = threading.Event()
