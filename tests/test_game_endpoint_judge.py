@@ -251,8 +251,11 @@ def test_out_of_range_scores_are_counted_not_silently_clipped():
 
     judge = LLMJudge(Fixed(), TEMPLATES)
     scores = judge.pairwise([PairRequest("compliance", "q", "r1", "r2")] * 3)
-    assert scores == [(10.0, 7.0), (0.0, 10.0), (4.0, 6.0)]
-    assert judge.fault_counts()["score_out_of_range"] == 3
+    # Reference rules: a negative score is malformed (that judgment fails, counted as
+    # unparsable); numbers above 10 are clipped and counted.
+    assert scores == [(10.0, 7.0), (None, None), (4.0, 6.0)]
+    assert judge.fault_counts()["score_out_of_range"] == 2
+    assert judge.fault_counts()["unparsable"] == 1
 
 
 def test_paper_judge_decoding_reaches_the_endpoint():
