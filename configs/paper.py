@@ -17,6 +17,13 @@ REFERENCE = {
     "judge.backend": "endpoint",
     "attacker.sampler": "vllm",
     "defender.sampler": "vllm",
+    # The paper's layout: each player's vLLM engine in its own process on GPUs the trainer
+    # does not use (set <role>.engine.devices, or engine.address for a user-started engine);
+    # prompts up to 2,048 tokens + 2,048 new tokens (docs/sampling.md).
+    "attacker.placement": "offloaded",
+    "defender.placement": "offloaded",
+    "attacker.engine.max_prompt_tokens": 2048,
+    "defender.engine.max_prompt_tokens": 2048,
     "game.templates": "advgame_paper",
     "judge.temperature": 0.6,
     "judge.top_p": 0.9,

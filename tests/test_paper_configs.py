@@ -76,6 +76,7 @@ def test_paper_config_runs_one_step(path, tmp_path, stand_ins, judge_server, wil
     for role in ("attacker", "defender"):
         c[role].hf_path = stand_ins[family]
         c[role].sampler = "jax"  # vLLM runs in its own test (extra [vllm])
+        c[role].placement = "jax"
     c.judge.endpoints = (judge_server.url,)
     c.data.train_harmful = str(wildjailbreak_dir / "valid_harmful_256.jsonl")
     c.data.train_benign = str(wildjailbreak_dir / "valid_benign_256.jsonl")
