@@ -35,11 +35,12 @@ def read_metrics(workdir):
 
 @pytest.fixture(scope="session")
 def toy_dir(tmp_path_factory):
-    """The toy world of ``configs/tiny.py`` (seed 0), built once."""
+    """The toy world of ``configs/tiny.py`` (seed 0), built once per session: modules that
+    import this fixture get their own instance, which finds the same cached build."""
     from advgame_jax.data import packaged_seed_path, read_seeds_jsonl
 
     c = tiny.get_config()
-    path = str(tmp_path_factory.mktemp("toy"))
+    path = str(tmp_path_factory.getbasetemp() / "toy_world_seed0")
     templates = game.get_template_set(c.game.templates)
     build_toy_world(path, seed=0, train_seeds=read_seeds_jsonl(packaged_seed_path("toy_seeds.jsonl")),
                     attacker_prompt_text=lambda s: templates.attacker_prompt(
