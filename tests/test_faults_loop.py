@@ -17,12 +17,12 @@ from tests.test_train_loop import read_metrics, tiny_config, toy_dir  # noqa: F4
 
 
 def test_user_folders_and_unfit_seeds_stop_before_anything_is_touched(tmp_path):
-    toy_dir = str(tmp_path / "toy")
+    toy = str(tmp_path / "toy")
     # A workdir that cannot be a directory (under a regular file: root ignores chmod).
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory\n")
     with pytest.raises(ConfigError, match=r"config\.workdir=.*a_file/run.* not a writable directory"):
-        GameRunner(tiny_config(blocker / "run", toy_dir))
+        GameRunner(tiny_config(blocker / "run", toy))
     assert blocker.read_text() == "not a directory\n"
 
     # A toy_dir holding the user's files is refused, not wiped.
