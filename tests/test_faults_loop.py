@@ -59,6 +59,7 @@ def _seed_files(tmp_path):
     return files
 
 
+@pytest.mark.slow
 def test_long_seed_changed_config_torn_metrics_and_timings(tmp_path, toy_dir, caplog):  # noqa: F811
     """The toy world's models loaded as real checkpoints (toy_world=False), so that the
     seed files are the user's, as in a real run."""
