@@ -16,12 +16,13 @@ from advgame_jax.training.checkpoint import CheckpointIncompatibleError
 from tests.test_train_loop import read_metrics, tiny_config  # toy_dir: conftest fixture
 
 
-def test_user_folders_and_unfit_seeds_stop_before_anything_is_touched(tmp_path, toy_dir):  # noqa: F811
+def test_user_folders_and_unfit_seeds_stop_before_anything_is_touched(tmp_path):
+    toy = str(tmp_path / "toy")
     # A workdir that cannot be a directory (under a regular file: root ignores chmod).
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory\n")
     with pytest.raises(ConfigError, match=r"config\.workdir=.*a_file/run.* not a writable directory"):
-        GameRunner(tiny_config(blocker / "run", toy_dir))
+        GameRunner(tiny_config(blocker / "run", toy))
     assert blocker.read_text() == "not a directory\n"
 
     # A toy_dir holding the user's files is refused, not wiped.
@@ -58,7 +59,10 @@ def _seed_files(tmp_path):
     return files
 
 
+@pytest.mark.slow
 def test_long_seed_changed_config_torn_metrics_and_timings(tmp_path, toy_dir, caplog):  # noqa: F811
+    """The toy world's models loaded as real checkpoints (toy_world=False), so that the
+    seed files are the user's, as in a real run."""
     files = _seed_files(tmp_path)
     kw = dict(toy_world=False, attacker__hf_path=os.path.join(toy_dir, "attacker"),
               defender__hf_path=os.path.join(toy_dir, "defender"),

@@ -278,8 +278,9 @@ def test_bad_inputs_raise_clear_errors(llama):
         sampler.generate([[]], SamplingParams())
     with pytest.raises(ValueError, match="outside"):
         sampler.generate([[5, 10**6]], SamplingParams())
-    with pytest.raises(ValueError, match="max_prompt_len"):
-        sampler.generate([[5] * (sampler.max_prompt_len + 1)], SamplingParams())
+    # Over the prompt budget: not an error but the game's MAX_LENGTH (test_prompt_budget.py).
+    over = sampler.generate([[5] * (sampler.max_prompt_len + 1)], SamplingParams())
+    assert over[0].token_ids == () and over[0].finish_reason == "length"
     with pytest.raises(ValueError, match="exactly one"):
         sampler.update_weights()
     with pytest.raises(ValueError, match="shape"):

@@ -45,7 +45,7 @@ from advgame_jax.experiment.metrics import MetricsWriter, truncate_metrics
 from advgame_jax.experiment.players import (
     Player, build_player, close_player, initial_state, resolve_mesh, sync_sampler)
 from advgame_jax.experiment.timing import StageTimer, TimedJudge, TimedSampler
-from advgame_jax.experiment.validate import ConfigError, validate_config
+from advgame_jax.experiment.validate import RESUMABLE_FIELDS, ConfigError, validate_config
 from advgame_jax.training.checkpoint import GameCheckpointer, config_differences
 from advgame_jax.training.multihost import collate_global, host_to_global
 from advgame_jax.training.ema import ema_step
@@ -59,20 +59,6 @@ CONSOLE_KEYS = {"val_def_harmful": "valid/harmful/reward", "val_def_benign": "va
                 "att_harmful": "harmful/x/reward/mean", "att_benign": "benign/x/reward/mean",
                 "def_harmful": "harmful/y/reward/mean", "def_benign": "benign/y/reward/mean",
                 "s/step": "time/step"}
-# Config fields that may differ between a checkpoint and the run resuming it: where things
-# are written, how often, logging, validation, judge transport and sampler engine. Any
-# other difference refuses the resume (the state or the training semantics would change).
-RESUMABLE_FIELDS = (
-    "name", "workdir", "toy_dir", "logging", "validation", "data.valid_harmful",
-    "data.valid_benign", "data.adversarial_harmful", "data.adversarial_benign", "mesh",
-    "train.checkpoint_every", "train.keep_checkpoints", "train.validate_every",
-    "train.log_every", "train.logprob_chunk_size", "train.remat",
-    "judge.endpoints", "judge.api_key_env", "judge.timeout_s", "judge.max_retries",
-    "judge.concurrency",
-    *(f"{r}.{f}" for r in ("attacker", "defender") for f in (
-        "sampler", "sampler_dtype", "sampler_min_batch_bucket", "sampler_min_prompt_bucket",
-        "vllm_kv_cache_bytes", "vllm_max_model_len")),
-)
 
 
 def _load_split(config, field: str, seeds_by_category: Optional[dict], category: str):

@@ -3,7 +3,8 @@
 ``validate_config`` checks every field that a typo or an inconsistent override could break and
 raises one ``ConfigError`` naming the field (``config.game.num_attacks``) and what was
 expected. File and endpoint checks that need I/O live in the builders, which raise the same
-error type.
+error type. ``RESUMABLE_FIELDS`` lists the fields a resumed run may change; the loop refuses
+a checkpoint whose saved config differs anywhere else.
 """
 
 from __future__ import annotations
@@ -53,6 +54,21 @@ def _float(config, dotted: str, *, low: float, high: float, low_open=False) -> f
 
 
 DTYPES = ("float32", "bfloat16")
+
+# Config fields that may differ between a checkpoint and the run resuming it: where things
+# are written, how often, logging, validation, judge transport and sampler engine. Any
+# other difference refuses the resume (the state or the training semantics would change).
+RESUMABLE_FIELDS = (
+    "name", "workdir", "toy_dir", "logging", "validation", "data.valid_harmful",
+    "data.valid_benign", "data.adversarial_harmful", "data.adversarial_benign", "mesh",
+    "train.checkpoint_every", "train.keep_checkpoints", "train.validate_every",
+    "train.log_every", "train.logprob_chunk_size", "train.remat",
+    "judge.endpoints", "judge.api_key_env", "judge.timeout_s", "judge.max_retries",
+    "judge.concurrency",
+    *(f"{r}.{f}" for r in ("attacker", "defender") for f in (
+        "sampler", "sampler_dtype", "sampler_min_batch_bucket", "sampler_min_prompt_bucket",
+        "vllm_kv_cache_bytes", "vllm_max_model_len")),
+)
 
 
 def validate_config(config) -> None:

@@ -33,9 +33,10 @@ import logging
 import os
 import queue
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Optional
 
+from advgame_jax.sampling.bounded_http import BoundedHTTPServer
 from advgame_jax.sampling.openai_protocol import (
     Limits, ParsedRequest, RequestError, build_response, parse_chat, parse_completions)
 
@@ -112,7 +113,10 @@ class OpenAIServer:
         self.sampler, self.tokenizer, self.config = sampler, tokenizer, config
         self._queue: queue.Queue = queue.Queue(maxsize=config.queue_size)
         self._closing = threading.Event()
-        self._httpd = _BoundedHTTPServer((config.host, config.port), config)
+        self._httpd = BoundedHTTPServer(
+            (config.host, config.port), _Handler, _OverloadedHandler,
+            max_connections=config.max_connections, max_overflow=config.max_overflow,
+            backlog=config.listen_backlog, closing=self._closing)
         self._httpd.app = self  # type: ignore[attr-defined]
         self._threads: list[threading.Thread] = []
         self.batches_served = 0  # generate calls made by the worker
@@ -209,46 +213,6 @@ class OpenAIServer:
                 return
         for job in batch:
             job.done.set()
-
-
-class _BoundedHTTPServer(ThreadingHTTPServer):
-    """``ThreadingHTTPServer`` with a real listen backlog and a bounded number of threads:
-    ``max_connections`` serving ones, ``max_overflow`` that answer 503; beyond both, a new
-    connection waits in the backlog until a thread is free."""
-
-    daemon_threads = True
-
-    def __init__(self, address, config: ServerConfig):
-        self.request_queue_size = max(1, int(config.listen_backlog))  # used by listen()
-        self._work = threading.BoundedSemaphore(max(1, int(config.max_connections)))
-        self._overflow = threading.BoundedSemaphore(max(1, int(config.max_overflow)))
-        self._free = threading.Condition()
-        super().__init__(address, _Handler)
-
-    def process_request(self, request, client_address):
-        while True:
-            for slot, handler in ((self._work, _Handler), (self._overflow, _OverloadedHandler)):
-                if slot.acquire(blocking=False):
-                    t = threading.Thread(target=self._serve_one, daemon=True,
-                                         args=(request, client_address, slot, handler))
-                    t.start()
-                    return
-            if self.app._closing.is_set():  # shutting down: nobody will free a thread
-                self.shutdown_request(request)
-                return
-            with self._free:  # every thread busy: wait (the kernel keeps queueing in the backlog)
-                self._free.wait(0.05)
-
-    def _serve_one(self, request, client_address, slot, handler):
-        try:
-            handler(request, client_address, self)
-        except Exception:  # noqa: BLE001 - as socketserver.handle_error, never kill the server
-            self.handle_error(request, client_address)
-        finally:
-            self.shutdown_request(request)
-            slot.release()
-            with self._free:
-                self._free.notify()
 
 
 class _Handler(BaseHTTPRequestHandler):
