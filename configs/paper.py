@@ -28,6 +28,7 @@ def paper_config(family: str, loss: str, ablation: str = "none"):
     c.name = f"{family}_{loss}" + ("" if ablation == "none" else f"_{ablation}")
     c.judge.model = FAMILIES[family]["judge_model"]
     c.judge.backend = "endpoint"
+    c.mesh.data, c.mesh.fsdp = 1, -1  # FSDP over all trainer devices (docs/capacity.md)
     c.attacker.sampler = "vllm"
     c.defender.sampler = "vllm"
 

@@ -92,7 +92,8 @@ def build_player(config, role: str, hf_dir: str, mesh, *, total_updates: int) ->
     o = config.optim
     optimizer = make_optimizer(o.lr, num_steps=total_updates, b1=o.b1, b2=o.b2,
                                weight_decay=o.weight_decay, clip_norm=o.clip_norm,
-                               final_lr_fraction=o.final_lr_fraction, warmup_steps=o.warmup_steps)
+                               final_lr_fraction=o.final_lr_fraction, warmup_steps=o.warmup_steps,
+                               mu_dtype=DTYPES[o.mu_dtype])
     update = _shared_update_step(config, model_config, optimizer, pc.compute_dtype, mesh,
                                  total_updates)
     player = Player(role=role, model_config=model_config, tokenizer=tokenizer, hf_dir=hf_dir,
@@ -112,14 +113,17 @@ def _shared_update_step(config, model_config, optimizer, compute_dtype: str, mes
     L, T = config.loss, config.train
     key = (model_config, L.kind, L.beta, L.length_normalization, L.nll_coef, L.entropy_coef,
            L.kl_coef, L.tis_cap, T.num_microbatches, compute_dtype, T.logprob_chunk_size,
-           T.remat, mesh, config.optim.to_json(), total_updates)
+           T.remat, T.remat_policy, T.attention, T.max_tokens_per_device, mesh,
+           config.optim.to_json(), total_updates)
     if key not in _UPDATE_STEPS:
         _UPDATE_STEPS[key] = make_update_step(
             model_config, optimizer=optimizer, loss=L.kind, beta=L.beta,
             length_normalization=L.length_normalization, nll_coef=L.nll_coef,
             entropy_coef=L.entropy_coef, kl_coef=L.kl_coef, tis_cap=L.tis_cap or None,
             num_microbatches=T.num_microbatches, compute_dtype=DTYPES[compute_dtype],
-            chunk_size=T.logprob_chunk_size, remat=T.remat, mesh=mesh)
+            chunk_size=T.logprob_chunk_size, remat=T.remat_policy if T.remat else "none",
+            attention_impl=T.attention, max_tokens_per_device=T.max_tokens_per_device or None,
+            mesh=mesh)
     return _UPDATE_STEPS[key]
 
 
@@ -128,7 +132,8 @@ def initial_state(player: Player, params, config) -> PlayerState:
     keep_ema = config.train.sample_from == "ema" or config.train.reference == "ema"
     return init_player_state(
         params, player.optimizer if player.trainable else None,
-        reference=config.train.reference, keep_ema=keep_ema, trainable=player.trainable)
+        reference=config.train.reference, keep_ema=keep_ema, trainable=player.trainable,
+        ema_dtype=DTYPES[config.train.ema_dtype])
 
 
 def sync_sampler(player: Player, state: PlayerState, sample_from: str, workdir: str) -> None:
@@ -148,17 +153,13 @@ def sync_sampler(player: Player, state: PlayerState, sample_from: str, workdir: 
 
 
 def resolve_mesh(config):
-    """``config.mesh`` → ``Mesh``; ``data=-1`` takes all devices not used by fsdp × tensor."""
+    """``config.mesh`` → ``Mesh``; one axis may be -1: all devices the others leave."""
     from advgame_jax.models import make_mesh
 
-    n = jax.device_count()
-    fsdp, tensor, data = config.mesh.fsdp, config.mesh.tensor, config.mesh.data
-    if data == -1:
-        if n % (fsdp * tensor):
-            raise ConfigError(f"config.mesh: {n} devices are not divisible by fsdp × tensor = "
-                              f"{fsdp * tensor}")
-        data = n // (fsdp * tensor)
-    if data * fsdp * tensor > n:
-        raise ConfigError(f"config.mesh: data × fsdp × tensor = {data * fsdp * tensor} exceeds "
-                          f"the {n} available devices")
+    from advgame_jax.training.planning import resolve_mesh_shape
+
+    try:
+        data, fsdp, tensor = resolve_mesh_shape(config.mesh, jax.device_count())
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return make_mesh(data=data, fsdp=fsdp, tensor=tensor, devices=jax.devices()[: data * fsdp * tensor])
