@@ -207,3 +207,14 @@ def test_empty_batch_optimizer_step(step_on_empty):
     assert sup.max_abs_diff(state.params, before.params) > 0.0
     assert int(state.step) == 2 and float(m["applied"]) == 1.0
     assert all(np.isfinite(float(v)) for v in m.values())
+
+
+def test_train_step_benchmark_runs_at_cpu_size(tmp_path):
+    import importlib.util
+    import json
+    spec = importlib.util.spec_from_file_location("train_step_bench", "benchmarks/train_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.main(["--steps", "2", "--json", str(tmp_path / "b.json")])  # asserts inside
+    assert out["tokens"] == 2 * 4 * 64 and out["step_s"] > 0
+    assert json.loads((tmp_path / "b.json").read_text())["params"] == out["params"]
