@@ -3,6 +3,7 @@ CPU devices; and the pieces that make it fit, checked numerically at tiny size: 
 attention, token-budget microbatches, per-shard log-probs on data/fsdp/tensor meshes,
 record weights and optimizer steps on empty batches."""
 
+import pathlib
 import subprocess
 import sys
 
@@ -20,12 +21,12 @@ from advgame_jax.types import TokenPair
 from tests import test_training_support as sup
 
 GIB = 1024 ** 3
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _load(path):
-    from ml_collections import config_flags  # noqa: F401  (ml_collections installed)
     import importlib.util
-    spec = importlib.util.spec_from_file_location("cfg", path)
+    spec = importlib.util.spec_from_file_location("cfg", ROOT / path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.get_config()
@@ -79,9 +80,10 @@ def test_qwen_7b_update_step_fits_with_fsdp_on_8_devices():
 
 def test_planner_cli_says_does_not_fit_without_fsdp(tmp_path):
     out = subprocess.run(
-        [sys.executable, "launch/plan.py", "--config=configs/llama_ipo_md.py", "--devices=8",
+        [sys.executable, str(ROOT / "launch" / "plan.py"), "--config=configs/llama_ipo_md.py",
+         "--devices=8",
          "--config.mesh.data=-1", "--config.mesh.fsdp=1", f"--json={tmp_path / 'p.json'}"],
-        capture_output=True, text=True, timeout=300)
+        capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "does not fit" in out.stdout and "states alone" in out.stdout, out.stdout
 
@@ -212,7 +214,8 @@ def test_empty_batch_optimizer_step(step_on_empty):
 def test_train_step_benchmark_runs_at_cpu_size(tmp_path):
     import importlib.util
     import json
-    spec = importlib.util.spec_from_file_location("train_step_bench", "benchmarks/train_step.py")
+    spec = importlib.util.spec_from_file_location("train_step_bench",
+                                                  ROOT / "benchmarks" / "train_step.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = bench.main(["--steps", "2", "--json", str(tmp_path / "b.json")])  # asserts inside

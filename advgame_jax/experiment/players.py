@@ -53,8 +53,10 @@ def check_checkpoint_dir(path: str, field: str) -> None:
         raise ConfigError(f"config.{field}: {path!r} has no .safetensors weights")
 
 
-def build_player(config, role: str, hf_dir: str, mesh, *, total_updates: int) -> tuple[Player, Any]:
-    """Load ``role``'s checkpoint and build its sampler and update step.
+def build_player(config, role: str, hf_dir: str, mesh, *, total_updates: int,
+                 update_steps: Optional[dict] = None) -> tuple[Player, Any]:
+    """Load ``role``'s checkpoint and build its sampler and update step (``update_steps``: the
+    run's map of steps already built, shared between same-architecture players).
 
     Returns ``(player, initial_params)`` (fp32 master params placed with the mesh shardings).
     """
@@ -94,37 +96,33 @@ def build_player(config, role: str, hf_dir: str, mesh, *, total_updates: int) ->
                                weight_decay=o.weight_decay, clip_norm=o.clip_norm,
                                final_lr_fraction=o.final_lr_fraction, warmup_steps=o.warmup_steps,
                                mu_dtype=DTYPES[o.mu_dtype])
-    update = _shared_update_step(config, model_config, optimizer, pc.compute_dtype, mesh,
-                                 total_updates)
+    update = _update_step(config, model_config, optimizer, pc.compute_dtype, mesh, update_steps)
     player = Player(role=role, model_config=model_config, tokenizer=tokenizer, hf_dir=hf_dir,
                     sampler=sampler, update=update, trainable=bool(pc.trainable),
                     sampler_kind=pc.sampler, optimizer=optimizer)
     return player, params
 
 
-_UPDATE_STEPS: dict = {}
-
-
-def _shared_update_step(config, model_config, optimizer, compute_dtype: str, mesh,
-                        total_updates: int) -> UpdateStep:
-    """One compiled update step per distinct (model, loss, dtype, mesh): when attacker and
-    defender share an architecture they share the compiled program (compile once, not twice).
-    The optimizer is the same transformation for both players (same hyperparameters)."""
+def _update_step(config, model_config, optimizer, compute_dtype: str, mesh,
+                 shared: Optional[dict]) -> UpdateStep:
+    """The player's update step. ``shared``: a map owned by the caller (one run) from
+    (model, compute dtype) to steps already built, so attacker and defender of the same
+    architecture share one compiled program; everything else comes from the one config."""
+    key = (model_config, compute_dtype)
+    if shared is not None and key in shared:
+        return shared[key]
     L, T = config.loss, config.train
-    key = (model_config, L.kind, L.beta, L.length_normalization, L.nll_coef, L.entropy_coef,
-           L.kl_coef, L.tis_cap, T.num_microbatches, compute_dtype, T.logprob_chunk_size,
-           T.remat, T.remat_policy, T.attention, T.max_tokens_per_device, mesh,
-           config.optim.to_json(), total_updates)
-    if key not in _UPDATE_STEPS:
-        _UPDATE_STEPS[key] = make_update_step(
-            model_config, optimizer=optimizer, loss=L.kind, beta=L.beta,
-            length_normalization=L.length_normalization, nll_coef=L.nll_coef,
-            entropy_coef=L.entropy_coef, kl_coef=L.kl_coef, tis_cap=L.tis_cap or None,
-            num_microbatches=T.num_microbatches, compute_dtype=DTYPES[compute_dtype],
-            chunk_size=T.logprob_chunk_size, remat=T.remat_policy if T.remat else "none",
-            attention_impl=T.attention, max_tokens_per_device=T.max_tokens_per_device or None,
-            mesh=mesh)
-    return _UPDATE_STEPS[key]
+    step = make_update_step(
+        model_config, optimizer=optimizer, loss=L.kind, beta=L.beta,
+        length_normalization=L.length_normalization, nll_coef=L.nll_coef,
+        entropy_coef=L.entropy_coef, kl_coef=L.kl_coef, tis_cap=L.tis_cap or None,
+        num_microbatches=T.num_microbatches, compute_dtype=DTYPES[compute_dtype],
+        chunk_size=T.logprob_chunk_size, remat=T.remat_policy if T.remat else "none",
+        attention_impl=T.attention, max_tokens_per_device=T.max_tokens_per_device or None,
+        mesh=mesh)
+    if shared is not None:
+        shared[key] = step
+    return step
 
 
 def initial_state(player: Player, params, config) -> PlayerState:
