@@ -12,7 +12,8 @@ All implementations compute the same function: query i of row b attends to keys 
 * ``'cudnn'``: ``jax.nn.dot_product_attention(implementation='cudnn')`` (fused flash attention on
   NVIDIA GPUs), with ``is_causal`` and per-row key lengths. It needs each row's real tokens to
   be a prefix (right padding), which ``training.batching`` guarantees.
-* ``'auto'``: ``'cudnn'`` on GPU, ``'chunked'`` elsewhere.
+* ``'auto'``: ``'cudnn'`` on GPU for 16-bit activations, ``'chunked'`` otherwise. (A Pallas
+  splash-attention kernel for TPU is not wired in yet: TPUs use ``'chunked'``.)
 
 Shapes: q ``[B, T, H, hd]``, k/v ``[B, S, K, hd]`` with S == T, kv_mask ``[B, S]`` bool.
 """
@@ -30,12 +31,14 @@ SCORE_BUDGET = 1 << 26
 _NEG = jnp.finfo(jnp.float32).min
 
 
-def resolve_impl(impl: str) -> str:
-    """``impl`` with 'auto' replaced by the platform's choice; raises on an unknown name."""
+def resolve_impl(impl: str, dtype=jnp.bfloat16) -> str:
+    """``impl`` with 'auto' replaced by the platform's choice for activations of ``dtype``
+    (cuDNN's fused kernel takes 16-bit inputs only); raises on an unknown name."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "cudnn" if jax.default_backend() == "gpu" else "chunked"
+        fused = jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize == 2
+        return "cudnn" if fused else "chunked"
     return impl
 
 
@@ -68,7 +71,7 @@ def query_chunk(b: int, n_heads: int, s: int, t: int, budget: int = SCORE_BUDGET
 
 def causal_attention(q, k, v, kv_mask, *, impl: str = "xla", budget: int = SCORE_BUDGET):
     """Causal GQA attention ``[B, T, H, hd]`` (see module docstring for ``impl``)."""
-    impl = resolve_impl(impl)
+    impl = resolve_impl(impl, q.dtype)
     b, t, n_q, hd = q.shape
     n_kv = k.shape[2]
     kv_mask = kv_mask.astype(jnp.bool_)
