@@ -90,6 +90,11 @@ def test_paper_table():
     ("mesh.tensor", 0, r"config\.mesh\.tensor"),
     ("attacker.sampler", "tgi", r"config\.attacker\.sampler"),
     ("data.train_benign", "", r"config\.data\.train_benign"),
+    ("train.attention", "flash", r"config\.train\.attention: expected one of"),
+    ("train.remat_policy", "some", r"config\.train\.remat_policy"),
+    ("train.max_tokens_per_device", -1, r"config\.train\.max_tokens_per_device"),
+    ("train.ema_dtype", "float16", r"config\.train\.ema_dtype"),
+    ("optim.mu_dtype", "fp8", r"config\.optim\.mu_dtype"),
 ])
 def test_bad_fields_are_named(field, value, match):
     c = complete(load(os.path.join(ROOT, "configs", "qwen_dpo_md.py")))
