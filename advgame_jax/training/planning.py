@@ -147,10 +147,15 @@ def plan_experiment(config, *, devices: int, device_memory_gib: float, seq_len: 
                   f"{temp / gib:.1f} GiB + reserve {reserve_gib:.1f} GiB = {need / gib:.1f} GiB "
                   f"≤ {device_memory_gib:.1f} GiB per device")
     else:
-        what = "the two players' states alone" if state > budget else "states + step temporaries"
+        if state > budget:
+            what, fix = ("the two players' states alone", "shard the state over more devices "
+                         "(--config.mesh.fsdp)")
+        else:
+            what, fix = ("states + step temporaries", "the step's temporaries are too large: "
+                         "lower --config.train.max_tokens_per_device or use more devices")
         reason = (f"does not fit: {what} need {need / gib:.1f} GiB per device (states "
                   f"{state / gib:.1f} + temporaries {temp / gib:.1f} + reserve {reserve_gib:.1f})"
-                  f" > {device_memory_gib:.1f} GiB; shard the state with --config.mesh.fsdp")
+                  f" > {device_memory_gib:.1f} GiB; {fix}")
     return dict(config=str(config.name), devices=devices, mesh=dict(data=data, fsdp=fsdp,
                 tensor=tensor), device_memory_gib=device_memory_gib, seq_len=seq_len,
                 reserve_gib=reserve_gib, players=players, state_bytes_per_device=state,
