@@ -195,6 +195,20 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
 
+    # ---- Scale of the update step: attention, remat, token budget, precision ------------
+    # attention: 'auto' (cuDNN flash attention on GPU, exact chunked attention elsewhere),
+    # 'xla' (full score matrix), 'chunked', 'cudnn'. remat_policy (used when train.remat):
+    # 'full' | 'dots_no_batch' | 'save_attn'. max_tokens_per_device: tokens of one
+    # microbatch on one device (pairs count both sequences); 0 = train.num_microbatches only.
+    # ema_dtype / optim.mu_dtype: storage of θ̄ and of Adam's first moment (see
+    # advgame_jax.training.state.PRECISION_DEFAULTS for why the defaults are fp32).
+    c.train.attention = "auto"
+    c.train.remat_policy = "full"
+    c.train.max_tokens_per_device = 8192
+    c.train.ema_dtype = "float32"
+    c.optim.mu_dtype = "float32"
+    # ---- end of the update-step scale block ---------------------------------------------
+
     c.data = ml_collections.ConfigDict(
         dict(
             train_harmful="",

@@ -15,6 +15,10 @@ from configs.base import base_config
 # (docs/game.md, "Deviations", lists each one and the option that restores ours).
 REFERENCE = {
     "judge.backend": "endpoint",
+    # FSDP over all trainer devices: both 8B players' state + a step fit 8×H200
+    # (docs/capacity.md, launch/plan.py).
+    "mesh.data": 1,
+    "mesh.fsdp": -1,
     "attacker.sampler": "vllm",
     "defender.sampler": "vllm",
     # The paper's layout: each player's vLLM engine in its own process on GPUs the trainer

@@ -165,6 +165,11 @@ def test_paper_table_rejects_unknown_names():
     ("game.selection", "best", r"config\.game\.selection"),
     ("game.templates_file", "/nonexistent/t.txt", r"config\.game\.templates_file"),
     ("validation.batch_size", -1, r"config\.validation\.batch_size"),
+    ("train.attention", "flash", r"config\.train\.attention: expected one of"),
+    ("train.remat_policy", "some", r"config\.train\.remat_policy"),
+    ("train.max_tokens_per_device", -1, r"config\.train\.max_tokens_per_device"),
+    ("train.ema_dtype", "float16", r"config\.train\.ema_dtype"),
+    ("optim.mu_dtype", "fp8", r"config\.optim\.mu_dtype"),
 ])
 def test_bad_fields_are_named(field, value, match):
     c = complete(load(os.path.join(ROOT, "configs", "qwen_dpo_md.py")))

@@ -85,7 +85,7 @@ def test_paper_config_runs_one_step(path, tmp_path, stand_ins, judge_server, wil
     # The four validation splits of the paper (the adversarial ones read the same files here).
     c.data.valid_adversarial_harmful = c.data.train_harmful
     c.data.valid_adversarial_benign = c.data.train_benign
-    c.mesh.data = 1
+    c.mesh.data, c.mesh.fsdp = 1, 1
     c.train.seeds_per_device = 2
     c.train.num_steps = 1
     c.train.validate_every = 1

@@ -168,10 +168,11 @@ class GameRunner:
         # Optimizer updates: one per split per trainer step.
         total_updates = 2 * config.train.num_steps
         self.players: dict[str, Player] = {}
-        params0 = {}
+        params0, update_steps = {}, {}
         for role in ROLES:
             self.players[role], params0[role] = build_player(
-                config, role, hf_paths[role], self.mesh, total_updates=total_updates)
+                config, role, hf_paths[role], self.mesh, total_updates=total_updates,
+                update_steps=update_steps)
 
         self._report_unfit_seeds()
         self.samplers = {

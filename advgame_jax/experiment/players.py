@@ -92,8 +92,10 @@ def check_checkpoint_dir(path: str, field: str) -> None:
         raise ConfigError(f"config.{field}: {path!r} has no .safetensors weights")
 
 
-def build_player(config, role: str, hf_dir: str, mesh, *, total_updates: int) -> tuple[Player, Any]:
-    """Load ``role``'s checkpoint and build its sampler and update step.
+def build_player(config, role: str, hf_dir: str, mesh, *, total_updates: int,
+                 update_steps: Optional[dict] = None) -> tuple[Player, Any]:
+    """Load ``role``'s checkpoint and build its sampler and update step (``update_steps``: the
+    run's map of steps already built, shared between same-architecture players).
 
     Returns ``(player, initial_params)`` (fp32 master params placed with the mesh shardings).
     """
@@ -114,8 +116,7 @@ def build_player(config, role: str, hf_dir: str, mesh, *, total_updates: int) ->
     sampler = _build_sampler(config, role, hf_dir, model_config, params, tokenizer, mesh)
 
     optimizer = optimizer_from_config(config.optim, config.train.num_steps)
-    update = _shared_update_step(config, model_config, optimizer, pc.compute_dtype, mesh,
-                                 total_updates)
+    update = _update_step(config, model_config, optimizer, pc.compute_dtype, mesh, update_steps)
     placement = placement_of(config, role)
     player = Player(role=role, model_config=model_config, tokenizer=tokenizer, hf_dir=hf_dir,
                     sampler=None, update=update, trainable=bool(pc.trainable),
@@ -189,28 +190,26 @@ def close_player(player: Player) -> None:
         close()
 
 
-_UPDATE_STEPS: dict = {}
-
-
-def _shared_update_step(config, model_config, optimizer, compute_dtype: str, mesh,
-                        total_updates: int) -> UpdateStep:
-    """One compiled update step per distinct (model, loss, dtype, mesh): when attacker and
-    defender share an architecture they share the compiled program (compile once, not twice).
-    The optimizer is the same transformation for both players (same hyperparameters)."""
+def _update_step(config, model_config, optimizer, compute_dtype: str, mesh,
+                 shared: Optional[dict]) -> UpdateStep:
+    """The player's update step. ``shared``: a map owned by the caller (one run) from
+    (model, compute dtype) to steps already built, so attacker and defender of the same
+    architecture share one compiled program; everything else comes from the one config."""
+    key = (model_config, compute_dtype)
+    if shared is not None and key in shared:
+        return shared[key]
     L, T = config.loss, config.train
-    key = (model_config, L.kind, L.beta, L.length_normalization, L.nll_coef, L.entropy_coef,
-           L.kl_coef, L.tis_cap, T.num_microbatches, compute_dtype, T.logprob_chunk_size,
-           T.remat, mesh, config.optim.to_json(), total_updates, T.step_on_empty_batch,
-           L.tis_detach)
-    if key not in _UPDATE_STEPS:
-        _UPDATE_STEPS[key] = make_update_step(
-            model_config, optimizer=optimizer, loss=L.kind, beta=L.beta,
-            length_normalization=L.length_normalization, nll_coef=L.nll_coef,
-            entropy_coef=L.entropy_coef, kl_coef=L.kl_coef, tis_cap=L.tis_cap or None,
-            num_microbatches=T.num_microbatches, compute_dtype=DTYPES[compute_dtype],
-            chunk_size=T.logprob_chunk_size, remat=T.remat, mesh=mesh,
-            step_on_empty=T.step_on_empty_batch, tis_detach=L.tis_detach)
-    return _UPDATE_STEPS[key]
+    step = make_update_step(
+        model_config, optimizer=optimizer, loss=L.kind, beta=L.beta,
+        length_normalization=L.length_normalization, nll_coef=L.nll_coef,
+        entropy_coef=L.entropy_coef, kl_coef=L.kl_coef, tis_cap=L.tis_cap or None,
+        num_microbatches=T.num_microbatches, compute_dtype=DTYPES[compute_dtype],
+        chunk_size=T.logprob_chunk_size, remat=T.remat_policy if T.remat else "none",
+        attention_impl=T.attention, max_tokens_per_device=T.max_tokens_per_device or None,
+        step_on_empty=T.step_on_empty_batch, tis_detach=L.tis_detach, mesh=mesh)
+    if shared is not None:
+        shared[key] = step
+    return step
 
 
 def initial_state(player: Player, params, config) -> PlayerState:
@@ -218,7 +217,8 @@ def initial_state(player: Player, params, config) -> PlayerState:
     keep_ema = config.train.sample_from == "ema" or config.train.reference == "ema"
     return init_player_state(
         params, player.optimizer if player.trainable else None,
-        reference=config.train.reference, keep_ema=keep_ema, trainable=player.trainable)
+        reference=config.train.reference, keep_ema=keep_ema, trainable=player.trainable,
+        ema_dtype=DTYPES[config.train.ema_dtype])
 
 
 def sync_sampler(player: Player, state: PlayerState, sample_from: str, workdir: str,
@@ -255,7 +255,7 @@ def sync_sampler(player: Player, state: PlayerState, sample_from: str, workdir: 
 
 
 def resolve_mesh(config):
-    """``config.mesh`` → ``Mesh``; ``data=-1`` takes all devices not used by fsdp × tensor.
+    """``config.mesh`` → ``Mesh``; one axis may be -1: all devices the others leave.
     With ``dcn_*`` sizes: a hybrid mesh (``distributed.build_mesh``), the plain sizes counting
     devices per host/slice; without, one flat mesh over every device of every process."""
     from advgame_jax import distributed
@@ -270,14 +270,10 @@ def resolve_mesh(config):
             return distributed.build_mesh(ici, dcn)
         except distributed.WorldError as e:
             raise ConfigError(str(e)) from None
-    n = jax.device_count()
-    fsdp, tensor, data = config.mesh.fsdp, config.mesh.tensor, config.mesh.data
-    if data == -1:
-        if n % (fsdp * tensor):
-            raise ConfigError(f"config.mesh: {n} devices are not divisible by fsdp × tensor = "
-                              f"{fsdp * tensor}")
-        data = n // (fsdp * tensor)
-    if data * fsdp * tensor > n:
-        raise ConfigError(f"config.mesh: data × fsdp × tensor = {data * fsdp * tensor} exceeds "
-                          f"the {n} available devices")
+    from advgame_jax.training.planning import resolve_mesh_shape
+
+    try:
+        data, fsdp, tensor = resolve_mesh_shape(config.mesh, jax.device_count())
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return make_mesh(data=data, fsdp=fsdp, tensor=tensor, devices=jax.devices()[: data * fsdp * tensor])

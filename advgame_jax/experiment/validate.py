@@ -173,6 +173,11 @@ def validate_config(config) -> None:
     _int(config, "train.norm_seeds_per_microbatch", minimum=1)
     if not isinstance(_get(config, "train.step_on_empty_batch"), bool):
         raise ConfigError("config.train.step_on_empty_batch: expected True or False")
+    _one_of(config, "train.attention", ("auto", "xla", "chunked", "cudnn"))
+    _one_of(config, "train.remat_policy", ("full", "dots_no_batch", "save_attn"))
+    _int(config, "train.max_tokens_per_device", minimum=0)
+    _one_of(config, "train.ema_dtype", DTYPES)
+    _one_of(config, "optim.mu_dtype", DTYPES)
     _int(config, "train.validate_every", minimum=0)
     _int(config, "train.checkpoint_every", minimum=0)
     _int(config, "train.keep_checkpoints", minimum=1)

@@ -76,6 +76,13 @@ def logical_sharding(shape, axes, mesh: Mesh, rules=DEFAULT_RULES) -> NamedShard
     return NamedSharding(mesh, logical_to_spec(shape, axes, mesh, rules))
 
 
+def constrain(x, axes, mesh: Optional[Mesh], rules=DEFAULT_RULES):
+    """``x`` with a sharding constraint from its logical ``axes`` (``x`` itself without a mesh)."""
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_sharding(x.shape, axes, mesh, rules))
+
+
 def param_shardings(config: ModelConfig, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
     """Pytree of ``NamedSharding`` matching the params of ``config``."""
     return jax.tree.map(lambda sa: logical_sharding(sa[0], sa[1], mesh, rules),

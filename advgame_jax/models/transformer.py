@@ -2,7 +2,15 @@
 
 embeddings → N × (RMSNorm → GQA attention with RoPE → residual → RMSNorm → SwiGLU → residual)
 → final RMSNorm → logits. Layers are stacked on a leading axis and run with ``lax.scan`` so a
-32-layer model compiles one layer body; ``remat=True`` wraps that body in ``jax.checkpoint``.
+32-layer model compiles one layer body; ``remat`` wraps that body in ``jax.checkpoint`` with
+one of :data:`REMAT_POLICIES` (True = 'full': keep only the layer inputs).
+
+Attention: ``attention_impl`` picks an implementation of
+:func:`advgame_jax.models.attention.causal_attention` ('xla', 'chunked', 'cudnn', 'auto').
+
+Partitioning: with a ``mesh``, the residual stream, q/k/v and the MLP activations carry
+sharding constraints from the logical rules (rows over the ``batch`` axes, heads and MLP width
+over ``tensor``), so a step compiled under FSDP gathers weights, never the batch.
 
 Dtype policy: params may be fp32 or bf16; activations and matmuls run in ``compute_dtype``
 (default: the embedding's dtype); RMSNorm statistics, RoPE rotation and softmax run in fp32;
@@ -19,7 +27,37 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jax.ad_checkpoint import checkpoint_name
+
+from advgame_jax.models.attention import causal_attention
 from advgame_jax.models.config import ModelConfig
+from advgame_jax.models.sharding import DEFAULT_RULES, constrain
+
+# Names of jax.checkpoint policies for the layer body: 'none' (no remat), 'full' (save nothing
+# but the layer input), 'dots_no_batch' (also save matmul outputs without batch dims, i.e. none
+# of the activations but weight-only products), 'save_attn' (save the attention output, so the
+# backward pass does not recompute attention).
+REMAT_POLICIES = ("none", "full", "dots_no_batch", "save_attn")
+
+
+def remat_policy(remat) -> str:
+    """Normalise ``remat`` (bool or a policy name) to a name in :data:`REMAT_POLICIES`."""
+    if remat is True:
+        return "full"
+    if remat is False or remat is None:
+        return "none"
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat policy must be one of {REMAT_POLICIES} or a bool, got {remat!r}")
+    return remat
+
+
+def _checkpointed(fn, policy: str):
+    if policy == "none":
+        return fn
+    cp = jax.checkpoint_policies
+    pol = {"full": None, "dots_no_batch": cp.dots_with_no_batch_dims_saveable,
+           "save_attn": cp.save_only_these_names("attn_out")}[policy]
+    return jax.checkpoint(fn, policy=pol)
 
 _NEG = jnp.finfo(jnp.float32).min  # finite, so fully masked rows give a uniform row, not NaN
 
@@ -79,13 +117,16 @@ def attend(q, k, v, mask):
     return out.reshape(b, t, n_q, hd)
 
 
-def attn_out_and_mlp(layer, config: ModelConfig, x, attn):
-    """Residual stream after the attention output projection and the SwiGLU MLP."""
+def attn_out_and_mlp(layer, config: ModelConfig, x, attn, act=None):
+    """Residual stream after the attention output projection and the SwiGLU MLP; ``act``:
+    optional ``(x, *logical_axes) -> x`` sharding constraint for the MLP activations."""
     dt = x.dtype
     x = x + jnp.einsum("btnh,nhd->btd", attn, layer["o_proj"].astype(dt))
     h = rms_norm(x, layer["mlp_norm"], config.rms_norm_eps)
     gate = jnp.einsum("btd,df->btf", h, layer["gate_proj"].astype(dt))
     up = jnp.einsum("btd,df->btf", h, layer["up_proj"].astype(dt))
+    if act is not None:
+        gate, up = act(gate, "batch", "seq", "mlp"), act(up, "batch", "seq", "mlp")
     return x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, layer["down_proj"].astype(dt))
 
 
@@ -104,12 +145,15 @@ def embed(params, tokens, dtype):
 
 
 def forward_hidden(params, config: ModelConfig, tokens, attention_mask=None, positions=None, *,
-                   compute_dtype=None, remat: bool = False):
+                   compute_dtype=None, remat=False, attention_impl: str = "xla", mesh=None,
+                   rules=DEFAULT_RULES):
     """Final-normed hidden states ``[B, T, d]`` in the compute dtype.
 
     tokens ``[B, T]`` int; attention_mask ``[B, T]`` (1/True = real token, default all ones);
     positions ``[B, T]`` int (default ``cumsum(mask) - 1`` clipped at 0, so left padding works).
-    A query at index i attends to keys j ≤ i with ``attention_mask[b, j]``.
+    A query at index i attends to keys j ≤ i with ``attention_mask[b, j]``. remat: bool or a
+    name in :data:`REMAT_POLICIES`; attention_impl: see the module docstring; mesh, rules:
+    activation sharding constraints (none without a mesh).
     """
     dtype = _resolve_dtype(params, compute_dtype)
     tokens = jnp.asarray(tokens, jnp.int32)
@@ -118,19 +162,28 @@ def forward_hidden(params, config: ModelConfig, tokens, attention_mask=None, pos
     attention_mask = jnp.asarray(attention_mask).astype(jnp.bool_)
     if positions is None:
         positions = default_positions(attention_mask)
-    t = tokens.shape[1]
-    causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
-    mask = causal[None] & attention_mask[:, None, :]
     cos, sin = rope_tables(config, positions)
+    act = lambda x, *axes: constrain(x, axes, mesh, rules)  # noqa: E731
+    rows = ("batch", "seq", None)
 
     def layer_fn(x, layer):
+        x = act(x, *rows)
         h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
         q, k, v = project_qkv(layer, config, h, cos, sin)
-        return attn_out_and_mlp(layer, config, x, attend(q, k, v, mask)), None
+        q = act(q, "batch", "seq", "q_heads", None)
+        k = act(k, "batch", "seq", "kv_heads", None)
+        v = act(v, "batch", "seq", "kv_heads", None)
+        attn = causal_attention(q, k, v, attention_mask, impl=attention_impl)
+        attn = checkpoint_name(act(attn, "batch", "seq", "q_heads", None),
+                                                 "attn_out")
+        return act(attn_out_and_mlp(layer, config, x, attn, act), *rows), None
 
-    if remat:
-        layer_fn = jax.checkpoint(layer_fn)
-    x, _ = jax.lax.scan(layer_fn, embed(params, tokens, dtype), params["layers"])
+    layer_fn = _checkpointed(layer_fn, remat_policy(remat))
+    # The lookup reads the table whole (gathered like any FSDP weight): a lookup into a table
+    # split on the hidden dim would otherwise all-reduce [rows, T, d] activations.
+    table = act(params["embed"], None, None)
+    x0 = act(jnp.take(table, tokens, axis=0).astype(dtype), *rows)
+    x, _ = jax.lax.scan(layer_fn, x0, params["layers"])
     return rms_norm(x, params["final_norm"], config.rms_norm_eps)
 
 
@@ -148,8 +201,9 @@ def logits_from_hidden(params, config: ModelConfig, hidden):
 
 
 def forward(params, config: ModelConfig, tokens, attention_mask=None, positions=None, *,
-            compute_dtype=None, remat: bool = False):
+            compute_dtype=None, remat=False, attention_impl: str = "xla"):
     """Logits ``[B, T, V]`` float32; arguments as for :func:`forward_hidden`."""
     hidden = forward_hidden(params, config, tokens, attention_mask, positions,
-                            compute_dtype=compute_dtype, remat=remat)
+                            compute_dtype=compute_dtype, remat=remat,
+                            attention_impl=attention_impl)
     return logits_from_hidden(params, config, hidden)

@@ -7,6 +7,10 @@ The game loop calls, per player and seed split::
                           data_parallel_size=update.data_parallel_size)
     state, metrics = update(state, batch)        # one optimizer update
 and once per trainer step ``state = ema_step(state, decay)``.
+
+Also here: ``objectives`` (the loss registry the update step dispatches on), ``capacity``
+(compile-only memory and collective analysis of the step) and ``planning`` (both players'
+plans on a mesh, behind ``launch/plan.py``).
 """
 
 from advgame_jax.training.batching import (

@@ -18,7 +18,9 @@ completion tokens) and logs how many rows were cut.
 
 Layout: rows are right-padded with ``pad_id``; ``positions`` count from 0 at the first token;
 ``loss_mask`` is True on completion tokens, aligned with ``tokens`` (the update step shifts it
-to the predicting positions). Padding rows have ``attention_mask`` on their first token only
+to the predicting positions). Weights: a record's ``weight`` goes to ``pair_weight`` /
+``sample_weight``; records without one get ``1 / (records in the call)``, so the objective is
+their mean. Padding rows have ``attention_mask`` on their first token only
 (so no attention row is empty) and are excluded by ``pair_valid`` / ``sample_valid``.
 """
 
@@ -41,7 +43,8 @@ class PairBatch:
     """DPO/IPO batch of P pairs (row 0 = chosen, row 1 = rejected), length T.
 
     tokens, positions: int32 [P, 2, T]; attention_mask, loss_mask: bool [P, 2, T];
-    pair_valid: bool [P] (False for bucket padding).
+    pair_valid: bool [P] (False for bucket padding); pair_weight: float32 [P], each pair's
+    coefficient in the objective ``Σ_i weight_i · loss_i`` (0 on padding rows).
     """
 
     tokens: np.ndarray
@@ -49,6 +52,7 @@ class PairBatch:
     attention_mask: np.ndarray
     loss_mask: np.ndarray
     pair_valid: np.ndarray
+    pair_weight: np.ndarray
 
     @property
     def num_pairs(self) -> int:
@@ -62,7 +66,7 @@ class SampleBatch:
     tokens, positions: int32 [S, T]; attention_mask, loss_mask: bool [S, T];
     advantages: float32 [S]; sampler_logprobs: float32 [S, T], the sampler's log-prob of
     ``tokens[s, t]`` at completion positions (0 elsewhere); has_sampler_logprobs: bool [S];
-    sample_valid: bool [S].
+    sample_valid: bool [S]; sample_weight: float32 [S], as ``PairBatch.pair_weight``.
     """
 
     tokens: np.ndarray
@@ -73,6 +77,7 @@ class SampleBatch:
     sampler_logprobs: np.ndarray
     has_sampler_logprobs: np.ndarray
     sample_valid: np.ndarray
+    sample_weight: np.ndarray
 
     @property
     def num_samples(self) -> int:
@@ -141,6 +146,22 @@ def _fit_lengths(prompts, completions, t_max, overflow, what):
     return out
 
 
+def _weights(records, n_rows: int, what: str) -> np.ndarray:
+    """float32 [n_rows]: each record's ``weight``, or ``1 / len(records)`` for every record
+    when none carries one (a plain mean); 0 on padding rows. Mixing is an error."""
+    given = [r.weight is not None for r in records]
+    if any(given) and not all(given):
+        raise ValueError(f"{what}: either every record carries a weight or none does "
+                         f"({sum(given)} of {len(records)} have one)")
+    w = np.zeros((n_rows,), np.float32)
+    if records:
+        w[:len(records)] = ([float(r.weight) for r in records] if all(given)
+                            else 1.0 / len(records))
+    if not np.all(np.isfinite(w)):
+        raise ValueError(f"{what}: record weights must be finite")
+    return w
+
+
 def _fill(tokens, attn, lmask, pos, prompt, completion):
     n_p, n = len(prompt), len(prompt) + len(completion)
     tokens[:n_p] = prompt
@@ -188,7 +209,7 @@ def collate_pairs(pairs: Sequence[TokenPair], *, pad_id: int, pair_buckets: Sequ
     valid = np.zeros((n_rows,), bool)
     valid[:len(pairs)] = True
     return PairBatch(tokens=tokens, positions=positions, attention_mask=attn, loss_mask=lmask,
-                     pair_valid=valid)
+                     pair_valid=valid, pair_weight=_weights(pairs, n_rows, "collate_pairs"))
 
 
 def collate_samples(samples: Sequence[TokenSample], *, pad_id: int,
@@ -230,4 +251,5 @@ def collate_samples(samples: Sequence[TokenSample], *, pad_id: int,
     valid[:len(samples)] = True
     return SampleBatch(tokens=tokens, positions=positions, attention_mask=attn, loss_mask=lmask,
                        advantages=adv, sampler_logprobs=slp, has_sampler_logprobs=has_slp,
-                       sample_valid=valid)
+                       sample_valid=valid,
+                       sample_weight=_weights(samples, n_rows, "collate_samples"))

@@ -69,18 +69,20 @@ def _decay_mask(params):
 def make_optimizer(lr: float = 1e-6, *, num_steps: int, b1: float = 0.9, b2: float = 0.95,
                    eps: float = 1e-8, weight_decay: float = 0.1, clip_norm: float = 1.0,
                    final_lr_fraction: float = 0.2, warmup_steps: int = 0, restart: bool = False,
-                   decay_norms_and_biases: bool = False) -> optax.GradientTransformation:
+                   decay_norms_and_biases: bool = False,
+                   mu_dtype=None) -> optax.GradientTransformation:
     """AdamW (decoupled weight decay) after global-norm clipping at ``clip_norm``.
 
     ``num_steps`` counts OPTIMIZER updates (the game does one per seed split, so a run of N
     trainer steps over two splits makes 2N updates). ``clip_norm <= 0`` disables clipping.
     ``restart``: the cosine restarts every ``num_steps`` updates (see :func:`make_lr_schedule`).
+    ``mu_dtype``: storage dtype of Adam's first moment (None: the params' dtype).
     """
     schedule = make_lr_schedule(lr, num_steps=num_steps, final_lr_fraction=final_lr_fraction,
                                 warmup_steps=warmup_steps, restart=restart)
-    adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
+    adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask", "mu_dtype"))(
         learning_rate=schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-        mask=None if decay_norms_and_biases else _decay_mask)
+        mask=None if decay_norms_and_biases else _decay_mask, mu_dtype=mu_dtype)
     if clip_norm and clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(clip_norm), adamw)
     return adamw
@@ -96,7 +98,8 @@ def optimizer_from_config(optim, num_trainer_steps: int) -> optax.GradientTransf
     return make_optimizer(optim.lr, num_steps=num_trainer_steps if cycle else 2 * num_trainer_steps,
                           b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay,
                           clip_norm=optim.clip_norm, final_lr_fraction=optim.final_lr_fraction,
-                          warmup_steps=optim.warmup_steps, restart=cycle)
+                          warmup_steps=optim.warmup_steps, restart=cycle,
+                          mu_dtype=jnp.dtype(optim.mu_dtype) if optim.get("mu_dtype") else None)
 
 
 def current_lr(opt_state):

@@ -27,6 +27,20 @@ import jax.numpy as jnp
 import optax
 
 REFERENCES = ("ema", "initial")
+
+# The precision policy of the paper configs (config fields in brackets) and why:
+# - params θ [<role>.param_dtype] float32: lr 1e-6 updates of bf16 weights (8 significant bits)
+#   round to nothing; fp32 master weights are what makes such small steps move the model.
+# - Adam μ [optim.mu_dtype] float32 and ν (always the params' dtype): bf16 μ saves 2 bytes per
+#   parameter and is a safe knob; ν spans many decades and stays fp32.
+# - EMA θ̄ [train.ema_dtype] float32: with decay 0.95 the increment (1-d)(θ-θ̄) is ~5% of an lr
+#   1e-6 step and vanishes in bf16; θ̄ is also the loss reference, so it must stay exact.
+# - compute [<role>.compute_dtype] bfloat16: matmuls and activations; RMSNorm, RoPE, softmax,
+#   log-sum-exp and all loss reductions accumulate in fp32 whatever the compute dtype.
+# With this policy a player costs 16 bytes per parameter (θ, μ, ν, θ̄); under FSDP over N
+# devices that is 16·P/N per device (docs/capacity.md has the measured plans).
+PRECISION_DEFAULTS = dict(param_dtype="float32", mu_dtype="float32", ema_dtype="float32",
+                          compute_dtype="bfloat16")
 SAMPLE_FROM = ("ema", "trained")
 
 
@@ -53,14 +67,14 @@ class PlayerState:
         return self.opt_state is not None
 
 
-def _copy(tree):
+def _copy(tree, dtype=None):
     # A real copy: the update step donates params, which must not free θ̄ or θ₀.
-    return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+    return jax.tree.map(lambda x: jnp.array(x, dtype=dtype or x.dtype, copy=True), tree)
 
 
 def init_player_state(params, optimizer: Optional[optax.GradientTransformation] = None, *,
                       reference: str = "ema", keep_ema: bool = True,
-                      trainable: bool = True) -> PlayerState:
+                      trainable: bool = True, ema_dtype=None) -> PlayerState:
     """Build a player's state from its initial params.
 
     ``params`` becomes the state's θ and is donated by the first update: pass a copy if the
@@ -70,6 +84,7 @@ def init_player_state(params, optimizer: Optional[optax.GradientTransformation] 
       copy θ₀ of ``params``). keep_ema: keep θ̄ (required for reference='ema'; an on-policy
       player that never samples from θ̄ can drop it to save one param copy).
     trainable=False: a frozen player (params only; its update and EMA steps are no-ops).
+    ema_dtype: storage dtype of θ̄ (None: the params' dtype); see :data:`PRECISION_DEFAULTS`.
     """
     if not trainable:
         return PlayerState(params=params, step=jnp.zeros((), jnp.int32))
@@ -82,7 +97,7 @@ def init_player_state(params, optimizer: Optional[optax.GradientTransformation] 
     return PlayerState(
         params=params,
         opt_state=optimizer.init(params),
-        ema_params=_copy(params) if keep_ema else None,
+        ema_params=_copy(params, ema_dtype) if keep_ema else None,
         ref_params=_copy(params) if reference == "initial" else None,
         step=jnp.zeros((), jnp.int32),
     )

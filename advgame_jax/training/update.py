@@ -1,43 +1,53 @@
-"""The sharded, jitted update step of one player (GAME_SPEC §2.11–2.12): DPO, IPO or GRPO
-loss on a collated batch, gradient accumulation over microbatches, AdamW, one optimizer
-update.
+"""The sharded, jitted update step of one player (GAME_SPEC §2.11–2.12): a registered objective
+(``training.objectives``: DPO, IPO, GRPO) on a collated batch, gradient accumulation over
+microbatches, AdamW, one optimizer update.
 
-Numerics: fp32 master params are cast to ``compute_dtype`` inside the loss, so gradients
-arrive in fp32; per-token log-probs come from ``forward_hidden`` + ``unembedding`` +
-``token_logprobs`` (never a [tokens, vocab] array) and every reduction is fp32. The reference
+Numerics: master params (``state.params``, fp32 by default) are cast to ``compute_dtype``
+inside the loss, so gradients arrive in the params' dtype; per-token log-probs come from
+``forward_hidden`` + ``unembedding`` + the tiled log-prob kernel (never a [tokens, vocab]
+array), run shard by shard (``ops.sharded_logprobs``); every reduction is fp32. The reference
 log-probs use ``reference_params(state)`` (θ̄ or θ₀) under ``stop_gradient``.
 
-Normalisation: per-pair (per-sample) losses are summed and divided by the number of valid
-rows of the WHOLE batch (all microbatches, all devices), so the gradient is a true mean over
-pairs. A batch without a valid row changes nothing: params, optimizer state and ``step`` are
-kept (selected with ``where``, so AdamW's weight decay does not move either) and no NaN
-appears. The same ``where`` skips an update whose loss or gradient is not finite (metric
-``skipped_nonfinite``).
+Objective: ``Σ_i weight_i · loss_i`` over valid rows, with the batch's ``pair_weight`` /
+``sample_weight`` (the game decides the normaliser; collate's default weights make it the
+mean over the batch's rows). Reported metrics are plain means over valid rows. A batch without
+a valid row gives zero gradients; by default it changes nothing (params, optimizer state and
+``step`` are kept), with ``step_on_empty=True`` it still runs the optimizer update (AdamW
+momentum decay, weight decay, learning-rate counter), as the reference does.
+The same ``where`` skips an update whose loss or gradient is not finite (metric
+``skipped_nonfinite``), so such an update never reaches the params or a checkpoint.
 
-Sharding: with a ``mesh``, the state is laid out by ``training.sharding.state_shardings``
-(params by the model's logical rules) and the batch rows over the ``batch`` logical axis;
-the jitted function is compiled per state structure with those in/out shardings and donates
-the state.
+Microbatching: :func:`accumulate_microbatches` wraps the gradient function; the number of
+microbatches is ``num_microbatches`` or, with ``max_tokens_per_device``, the smallest split of
+each device's rows whose microbatch holds at most that many tokens (decided from the batch
+shape at trace time, so each length bucket gets its own split).
+
+Sharding: with a ``mesh``, the state is constrained to ``training.sharding.state_shardings``
+(params by the model's logical rules), batch rows to the logical ``batch`` axes, and the model
+adds per-layer activation constraints; the step is one ``jax.jit`` (state donated) built here.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from advgame_jax import losses
-from advgame_jax.models import DEFAULT_RULES, ModelConfig, forward_hidden, unembedding
-from advgame_jax.ops.logprobs import token_logprobs, token_logprobs_and_entropy
-from advgame_jax.training.batching import PairBatch, SampleBatch
+from advgame_jax.models import (DEFAULT_RULES, ModelConfig, forward_hidden, param_shardings,
+                                unembedding)
+from advgame_jax.models.attention import resolve_impl
+from advgame_jax.models.transformer import remat_policy
+from advgame_jax.ops.sharded_logprobs import sharded_sequence_logprobs
+from advgame_jax.training.objectives import OBJECTIVES, LossHParams
 from advgame_jax.training.optimizer import current_lr
-from advgame_jax.training.sharding import batch_parallel_size, state_shardings
+from advgame_jax.training.sharding import (batch_parallel_size, batch_shardings, shard_batch,
+                                           state_shardings)
 from advgame_jax.training.state import PlayerState, reference_params
 
-LOSSES = ("dpo", "ipo", "grpo")
+LOSSES = tuple(OBJECTIVES)
 
 
 def _shift(x, fill):
@@ -47,21 +57,33 @@ def _shift(x, fill):
 
 
 def sequence_token_logprobs(params, config: ModelConfig, tokens, attention_mask, positions, *,
-                            compute_dtype, chunk_size: int, remat: bool, with_entropy: bool = False):
+                            compute_dtype, chunk_size: int, remat, with_entropy: bool = False,
+                            attention_impl: str = "xla", mesh=None, rules=DEFAULT_RULES):
     """Log-prob of each next token ``[R, T]`` fp32 (column t scores ``tokens[:, t+1]``; the
     last column scores a dummy target) and, if asked, the next-token entropy ``[R, T]``."""
     p = jax.tree.map(lambda x: x.astype(compute_dtype), params)
+    if mesh is not None:
+        # Cast where the params live, so FSDP gathers compute-dtype weights (not fp32 ones).
+        p = jax.lax.with_sharding_constraint(p, param_shardings(config, mesh, rules))
     hidden = forward_hidden(p, config, tokens, attention_mask, positions,
-                            compute_dtype=compute_dtype, remat=remat)
-    r, t, d = hidden.shape
-    targets = _shift(tokens, 0).reshape(r * t)
-    unembed = unembedding(p, config)
-    if with_entropy:
-        lp, ent = token_logprobs_and_entropy(hidden.reshape(r * t, d), unembed, targets,
-                                             chunk_size=chunk_size)
-        return lp.reshape(r, t), ent.reshape(r, t)
-    return token_logprobs(hidden.reshape(r * t, d), unembed, targets,
-                          chunk_size=chunk_size).reshape(r, t), None
+                            compute_dtype=compute_dtype, remat=remat,
+                            attention_impl=attention_impl, mesh=mesh, rules=rules)
+    return sharded_sequence_logprobs(hidden, unembedding(p, config), _shift(tokens, 0),
+                                     chunk_size=chunk_size, with_entropy=with_entropy,
+                                     mesh=mesh, rules=rules)
+
+
+def microbatch_count(rows_per_device: int, tokens_per_row: int, *, num_microbatches: int = 1,
+                     max_tokens_per_device: Optional[int] = None) -> int:
+    """Smallest divisor m ≥ ``num_microbatches`` of ``rows_per_device`` with
+    ``rows_per_device / m × tokens_per_row ≤ max_tokens_per_device`` (one row per microbatch
+    when even that is over budget); ``num_microbatches`` without a budget."""
+    if not max_tokens_per_device:
+        return num_microbatches
+    for m in range(max(num_microbatches, 1), rows_per_device + 1):
+        if rows_per_device % m == 0 and rows_per_device // m * tokens_per_row <= max_tokens_per_device:
+            return m
+    return rows_per_device
 
 
 def _split_microbatches(batch, m: int, mb_sharding):
@@ -71,133 +93,113 @@ def _split_microbatches(batch, m: int, mb_sharding):
         r = x.shape[0]
         y = jnp.swapaxes(x.reshape((r // m, m) + x.shape[1:]), 0, 1)
         if mb_sharding is not None:
-            y = jax.lax.with_sharding_constraint(y, mb_sharding)
+            spec = PartitionSpec(None, mb_sharding.spec[0], *([None] * (y.ndim - 2)))
+            y = jax.lax.with_sharding_constraint(y, NamedSharding(mb_sharding.mesh, spec))
         return y
     return jax.tree.map(split, batch)
+
+
+def accumulate_microbatches(grad_fn, m: int, *, row_sharding=None, grad_sharding=None):
+    """Wrap ``grad_fn(params, ref, batch) -> ((objective, sums), grads)`` to run over ``m``
+    microbatches with a ``lax.scan``, summing objective, sums and gradients (which is exact:
+    the objective is a weighted sum over rows)."""
+    if m == 1:
+        return grad_fn
+
+    def wrapped(params, ref, batch):
+        mbs = _split_microbatches(batch, m, row_sharding)
+        first = jax.tree.map(lambda x: x[0], mbs)
+        out_shape = jax.eval_shape(grad_fn, params, ref, first)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
+
+        def body(acc, mb):
+            out = jax.tree.map(jnp.add, acc, grad_fn(params, ref, mb))
+            if grad_sharding is not None:
+                out = (out[0], jax.lax.with_sharding_constraint(out[1], grad_sharding))
+            return out, None
+
+        acc, _ = jax.lax.scan(body, zeros, mbs)
+        return acc
+
+    return wrapped
 
 
 def make_update_step(model_config: ModelConfig, *, optimizer: optax.GradientTransformation,
                      loss: str = "dpo", beta: float = 0.1, length_normalization: bool = False,
                      nll_coef: float = 0.0, entropy_coef: float = 0.0, kl_coef: float = 0.1,
                      tis_cap: Optional[float] = 2.0, num_microbatches: int = 1,
-                     compute_dtype=jnp.bfloat16, chunk_size: int = 1024, remat: bool = True,
-                     mesh=None, rules=DEFAULT_RULES, step_on_empty: bool = False,
-                     tis_detach: bool = True) -> "UpdateStep":
+                     max_tokens_per_device: Optional[int] = None,
+                     compute_dtype=jnp.bfloat16, chunk_size: int = 1024, remat=True,
+                     attention_impl: str = "xla", step_on_empty: bool = False,
+                     tis_detach: bool = True,
+                     mesh=None, rules=DEFAULT_RULES) -> "UpdateStep":
     """Build ``update(state, batch) -> (state, metrics)`` for one player.
 
-    loss: 'dpo' | 'ipo' (batch: :class:`PairBatch`) or 'grpo' (:class:`SampleBatch`).
-    beta: DPO/IPO β. nll_coef: NLL on the chosen completion. entropy_coef: bonus on the mean
-    of the chosen and rejected completions' entropies (DPO/IPO) or the samples' (GRPO), which
-    the loss subtracts. kl_coef, tis_cap (None or ≤ 0: no importance weighting): GRPO.
+    loss: a name in ``training.objectives.OBJECTIVES`` ('dpo' | 'ipo': :class:`PairBatch`;
+    'grpo': :class:`SampleBatch`). beta: DPO/IPO β. nll_coef: NLL on the chosen completion.
+    entropy_coef: bonus on the mean entropy of the completions, which the loss subtracts.
+    kl_coef, tis_cap (None or ≤ 0: no importance weighting), tis_detach (False: the importance
+    weight keeps its gradient, the reference's behaviour): GRPO.
+    max_tokens_per_device: token budget of one microbatch on one device (None: fixed
+    ``num_microbatches``). remat: bool or a policy of ``models.transformer.REMAT_POLICIES``.
+    attention_impl: 'auto' | 'xla' | 'chunked' | 'cudnn' (``models.attention``).
     ``optimizer`` must be the transformation that built ``state.opt_state``.
     Batch rows must be a multiple of ``num_microbatches × batch_parallel_size(mesh)``
     (``collate_*`` guarantees it when given the same numbers).
     """
-    if loss not in LOSSES:
+    if loss not in OBJECTIVES:
         raise ValueError(f"loss.kind must be one of {LOSSES}, got {loss!r}")
     if num_microbatches < 1:
         raise ValueError(f"train.num_microbatches must be ≥ 1, got {num_microbatches!r}")
-    tis = tis_cap if tis_cap is not None and tis_cap > 0 else None
-    fwd = dict(compute_dtype=compute_dtype, chunk_size=chunk_size, remat=remat)
-    ent_on = entropy_coef != 0.0
+    if max_tokens_per_device is not None and max_tokens_per_device < 1:
+        raise ValueError(f"train.max_tokens_per_device must be ≥ 1 or unset, got "
+                         f"{max_tokens_per_device!r}")
+    resolve_impl(attention_impl)
+    policy = remat_policy(remat)
+    objective_fn, kind = OBJECTIVES[loss]
+    hp = LossHParams(beta=beta, length_normalization=length_normalization, nll_coef=nll_coef,
+                     entropy_coef=entropy_coef, kl_coef=kl_coef, tis_cap=tis_cap,
+                     tis_detach=tis_detach)
+    fwd = dict(compute_dtype=compute_dtype, chunk_size=chunk_size,
+               attention_impl=attention_impl, mesh=mesh, rules=rules)
+    dp = batch_parallel_size(mesh, rules)
 
-    def pair_loss(params, ref, mb: PairBatch, n_valid):
-        p, two, t = mb.tokens.shape
-        rows = lambda x: x.reshape(p * two, t)  # noqa: E731
-        args = (rows(mb.tokens), rows(mb.attention_mask), rows(mb.positions))
-        lp, ent = sequence_token_logprobs(params, model_config, *args, with_entropy=ent_on, **fwd)
-        ref_lp, _ = sequence_token_logprobs(ref, model_config, *args, **dict(fwd, remat=False))
-        ref_lp = jax.lax.stop_gradient(ref_lp)
-        lmask = _shift(rows(mb.loss_mask), False)
-        seq = losses.sequence_logprobs(lp, lmask, length_normalization=length_normalization)
-        ref_seq = losses.sequence_logprobs(ref_lp, lmask, length_normalization=length_normalization)
-        seq, ref_seq = seq.reshape(p, 2), ref_seq.reshape(p, 2)
-        fn = losses.dpo_loss if loss == "dpo" else losses.ipo_loss
-        per_pair = fn(seq[:, 0], seq[:, 1], ref_seq[:, 0], ref_seq[:, 1], beta=beta)
-        if nll_coef:
-            per_pair = per_pair + nll_coef * losses.nll_loss(
-                lp.reshape(p, 2, t)[:, 0], lmask.reshape(p, 2, t)[:, 0],
-                length_normalization=length_normalization)
-        if ent_on:
-            bonus = losses.entropy_bonus(ent, lmask, length_normalization=length_normalization)
-            per_pair = per_pair - entropy_coef * bonus.reshape(p, 2).mean(axis=1)
-        valid = mb.pair_valid
-        objective = losses.normalised_sum(per_pair, valid, n_valid)
-        per_pair = jnp.where(valid, per_pair, 0.0)
-        d_c = seq[:, 0] - ref_seq[:, 0]
-        d_r = seq[:, 1] - ref_seq[:, 1]
-        z = jnp.zeros_like(d_c)
-        sums = {
-            "loss": jnp.sum(per_pair),
-            "margin": jnp.sum(jnp.where(valid, d_c - d_r, z)),
-            "chosen_reward": jnp.sum(jnp.where(valid, beta * d_c, z)),
-            "rejected_reward": jnp.sum(jnp.where(valid, beta * d_r, z)),
-            "accuracy": jnp.sum(jnp.where(valid & (d_c > d_r), 1.0, z)),
-        }
-        return objective, sums
+    def rows_of(x):  # pairs [P, 2, T] -> [2P, T]; samples unchanged
+        return x.reshape((-1,) + x.shape[-1:])
 
-    def sample_loss(params, ref, mb: SampleBatch, n_valid):
-        args = (mb.tokens, mb.attention_mask, mb.positions)
-        lp, ent = sequence_token_logprobs(params, model_config, *args, with_entropy=ent_on, **fwd)
-        ref_lp, _ = sequence_token_logprobs(ref, model_config, *args, **dict(fwd, remat=False))
-        ref_lp = jax.lax.stop_gradient(ref_lp)
-        lmask = _shift(mb.loss_mask, False)
-        sampler_lp = None
-        if tis is not None:
-            # Rows without sampler log-probs get ratio 1 (no correction) rather than garbage.
-            sampler_lp = jnp.where(mb.has_sampler_logprobs[:, None],
-                                   _shift(mb.sampler_logprobs, 0.0), jax.lax.stop_gradient(lp))
-        per = losses.grpo_loss(lp, ref_lp, mb.advantages, lmask, kl_coef=kl_coef,
-                               sampler_token_logps=sampler_lp, detach_weight=tis_detach,
-                               sampler_rows=mb.has_sampler_logprobs,
-                               tis_cap=tis if tis is not None else 2.0)
-        if nll_coef:
-            per = per + nll_coef * losses.nll_loss(lp, lmask, length_normalization=length_normalization)
-        if ent_on:
-            per = per - entropy_coef * losses.entropy_bonus(ent, lmask,
-                                                            length_normalization=length_normalization)
-        valid = mb.sample_valid
-        objective = losses.normalised_sum(per, valid, n_valid)
-        per = jnp.where(valid, per, 0.0)
-        tok = lmask & valid[:, None]
-        log_ratio = jax.lax.stop_gradient(ref_lp - lp)
-        k3 = jnp.where(tok, jnp.exp(log_ratio) - log_ratio - 1.0, 0.0)
-        sums = {
-            "loss": jnp.sum(per),
-            "advantage": jnp.sum(jnp.where(valid, mb.advantages, 0.0)),
-            "kl_k3_tokens": jnp.sum(k3),
-            "num_tokens": jnp.sum(tok.astype(jnp.float32)),
-        }
-        return objective, sums
+    def objective(params, ref, mb):
+        args = (rows_of(mb.tokens), rows_of(mb.attention_mask), rows_of(mb.positions))
+        lp, ent = sequence_token_logprobs(params, model_config, *args, remat=policy,
+                                          with_entropy=entropy_coef != 0.0, **fwd)
+        ref_lp, _ = sequence_token_logprobs(ref, model_config, *args, remat="none", **fwd)
+        lmask = _shift(rows_of(mb.loss_mask), False)
+        per, sums = objective_fn(lp, jax.lax.stop_gradient(ref_lp), ent, lmask, mb, hp)
+        valid = mb.pair_valid if kind == "pairs" else mb.sample_valid
+        weight = mb.pair_weight if kind == "pairs" else mb.sample_weight
+        total = jnp.sum(jnp.where(valid, weight * per, 0.0))
+        return total, sums
 
-    per_batch_loss = sample_loss if loss == "grpo" else pair_loss
-    grad_fn = jax.value_and_grad(per_batch_loss, has_aux=True)
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
 
-    def update(state: PlayerState, batch, mb_sharding, param_spec):
+    def update(state: PlayerState, batch):
+        if mesh is not None:
+            s_sh = state_shardings(state, model_config, mesh, rules)
+            state = jax.lax.with_sharding_constraint(state, s_sh)
+            b_sh = batch_shardings(batch, mesh, rules)
+            batch = jax.lax.with_sharding_constraint(batch, b_sh)
+            row_sh, grad_sh = b_sh.tokens, s_sh.params
+        else:
+            s_sh = row_sh = grad_sh = None
+        rows, t = batch.tokens.shape[0], batch.tokens.shape[-1]
+        per_row_tokens = t * (2 if kind == "pairs" else 1)
+        m = microbatch_count(rows // dp, per_row_tokens, num_microbatches=num_microbatches,
+                             max_tokens_per_device=max_tokens_per_device)
         params = state.params
         ref = jax.lax.stop_gradient(reference_params(state))
-        valid = batch.sample_valid if loss == "grpo" else batch.pair_valid
+        valid = batch.pair_valid if kind == "pairs" else batch.sample_valid
         n_valid = jnp.sum(valid.astype(jnp.float32))
-        denom = jnp.maximum(n_valid, 1.0)
-
-        if num_microbatches == 1:
-            (_, sums), grads = grad_fn(params, ref, batch, n_valid)
-        else:
-            mbs = _split_microbatches(batch, num_microbatches, mb_sharding)
-
-            def body(carry, mb):
-                g_acc, s_acc = carry
-                (_, s), g = grad_fn(params, ref, mb, n_valid)
-                g_acc = jax.tree.map(jnp.add, g_acc, g)
-                if param_spec is not None:
-                    g_acc = jax.lax.with_sharding_constraint(g_acc, param_spec)
-                return (g_acc, jax.tree.map(jnp.add, s_acc, s)), None
-
-            zeros_g = jax.tree.map(jnp.zeros_like, params)
-            zeros_s = jax.eval_shape(lambda: grad_fn(params, ref, jax.tree.map(lambda x: x[0], mbs),
-                                                     n_valid)[0][1])
-            zeros_s = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros_s)
-            (grads, sums), _ = jax.lax.scan(body, (zeros_g, zeros_s), mbs)
+        run = accumulate_microbatches(grad_fn, m, row_sharding=row_sh, grad_sharding=grad_sh)
+        (_, sums), grads = run(params, ref, batch)
 
         grad_norm = optax.tree.norm(grads)
         updates, new_opt = optimizer.update(grads, state.opt_state, params)
@@ -210,8 +212,11 @@ def make_update_step(model_config: ModelConfig, *, optimizer: optax.GradientTran
         new_state = state.replace(params=keep(new_params, params),
                                   opt_state=keep(new_opt, state.opt_state),
                                   step=state.step + apply.astype(state.step.dtype))
+        if s_sh is not None:
+            new_state = jax.lax.with_sharding_constraint(new_state, s_sh)
+        denom = jnp.maximum(n_valid, 1.0)
         metrics = {k: v / denom for k, v in sums.items() if k not in ("kl_k3_tokens", "num_tokens")}
-        if loss == "grpo":
+        if kind == "samples":
             metrics["kl_k3"] = sums["kl_k3_tokens"] / jnp.maximum(sums["num_tokens"], 1.0)
             metrics["num_samples"] = n_valid
             metrics["num_tokens"] = sums["num_tokens"]
@@ -223,7 +228,8 @@ def make_update_step(model_config: ModelConfig, *, optimizer: optax.GradientTran
         metrics["skipped_nonfinite"] = ((n_valid > 0) & ~finite).astype(jnp.float32)
         return new_state, metrics
 
-    return UpdateStep(update, model_config, mesh, rules, num_microbatches)
+    return UpdateStep(jax.jit(update, donate_argnums=0), model_config, mesh, rules,
+                      num_microbatches)
 
 
 class UpdateStep:
@@ -238,40 +244,28 @@ class UpdateStep:
     returns its state unchanged and ``{}`` without running anything.
     """
 
-    def __init__(self, fn: Callable, config: ModelConfig, mesh, rules, num_microbatches: int):
-        self._fn = fn
+    def __init__(self, jitted, config: ModelConfig, mesh, rules, num_microbatches: int):
+        self._jitted = jitted
         self._config = config
         self._mesh = mesh
         self._rules = rules
         self._m = num_microbatches
-        self._jitted: dict = {}
 
     @property
     def data_parallel_size(self) -> int:
         """Devices the batch rows are split over; pass it to ``collate_*``."""
         return batch_parallel_size(self._mesh, self._rules)
 
-    def _compiled_for(self, state: PlayerState):
-        key = jax.tree.structure(state)
-        if key in self._jitted:
-            return self._jitted[key]
-        mesh = self._mesh
-        if mesh is None:
-            fn = jax.jit(lambda s, b: self._fn(s, b, None, None), donate_argnums=0)
-        else:
-            s_sh = state_shardings(state, self._config, mesh, self._rules)
-            target = self._rules.get("batch")
-            target = (target,) if isinstance(target, str) else tuple(target or ())
-            axes = tuple(a for a in target if a in mesh.shape and mesh.shape[a] > 1)
-            batch_axes = axes if len(axes) != 1 else axes[0]
-            rows = NamedSharding(mesh, PartitionSpec(batch_axes or None))
-            mb_rows = NamedSharding(mesh, PartitionSpec(None, batch_axes or None))
-            fn = jax.jit(lambda s, b: self._fn(s, b, mb_rows, s_sh.params),
-                         in_shardings=(s_sh, rows),
-                         out_shardings=(s_sh, NamedSharding(mesh, PartitionSpec())),
-                         donate_argnums=0)
-        self._jitted[key] = fn
-        return fn
+    def _place(self, state: PlayerState, batch):
+        if self._mesh is None:
+            # Commit state and batch to the params' device (no copy when already there), so a
+            # fresh, uncommitted state does not compile a second program.
+            device = next(iter(jax.tree.leaves(state.params)[0].devices()))
+            return jax.device_put(state, device), jax.device_put(batch, device)
+        # Already-placed arrays are not copied; anything else is laid out on the mesh.
+        state = jax.device_put(state, state_shardings(state, self._config, self._mesh,
+                                                      self._rules))
+        return state, shard_batch(batch, self._mesh, self._rules)
 
     def __call__(self, state: PlayerState, batch):
         if not state.trainable:
@@ -281,18 +275,12 @@ class UpdateStep:
         if rows % need:
             raise ValueError(f"batch has {rows} rows, not a multiple of num_microbatches × "
                              f"data-parallel size = {need}; collate with the same numbers")
-        if self._mesh is None:
-            # Commit state and batch to the params' device (no copy when already there), so a
-            # fresh, uncommitted state does not compile a second program.
-            device = next(iter(jax.tree.leaves(state.params)[0].devices()))
-            state = jax.device_put(state, device)
-            batch = jax.device_put(batch, device)
-        return self._compiled_for(state)(state, batch)
+        return self._jitted(*self._place(state, batch))
 
     def lower(self, state: PlayerState, batch):
-        """``jax.jit(...).lower`` of the step for ``state``'s structure (cost analysis, HLO)."""
-        return self._compiled_for(state).lower(state, batch)
+        """``jax.jit(...).lower`` of the step (arrays or sharded ``ShapeDtypeStruct``)."""
+        return self._jitted.lower(state, batch)
 
     def cache_size(self) -> int:
         """Number of compiled variants held (for recompilation checks)."""
-        return sum(f._cache_size() for f in self._jitted.values())
+        return self._jitted._cache_size()

@@ -1,0 +1,187 @@
+"""Capacity plans of an experiment config: both players' update steps compiled (never run) on
+the config's mesh, with per-device memory and a fits / does-not-fit verdict.
+
+``launch/plan.py`` is the command line; ``docs/capacity.md`` is generated from its output.
+Players' shapes come from ``config.json`` files only (see :func:`model_config_for`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from advgame_jax.models import ModelConfig, make_mesh
+from advgame_jax.training import capacity as cap
+from advgame_jax.training.optimizer import make_optimizer
+from advgame_jax.training.update import make_update_step
+
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FAMILY_MODELS = {"llama": "llama3.1_8b", "qwen": "qwen2.5_7b"}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def resolve_mesh_shape(mesh_cfg, n: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) of ``config.mesh`` on ``n`` devices; one axis may be -1 (the rest)."""
+    sizes = {a: int(mesh_cfg[a]) for a in ("data", "fsdp", "tensor")}
+    free = [a for a, v in sizes.items() if v == -1]
+    if len(free) > 1:
+        raise ValueError(f"config.mesh: at most one axis may be -1, got {sizes}")
+    fixed = 1
+    for a, v in sizes.items():
+        if v != -1:
+            fixed *= v
+    if free:
+        if n % fixed:
+            raise ValueError(f"config.mesh: {n} devices are not divisible by {fixed} ({sizes})")
+        sizes[free[0]] = n // fixed
+    if sizes["data"] * sizes["fsdp"] * sizes["tensor"] > n:
+        raise ValueError(f"config.mesh: {sizes} needs more than the {n} devices")
+    return sizes["data"], sizes["fsdp"], sizes["tensor"]
+
+
+def model_config_for(config, role: str, override: str = "") -> ModelConfig:
+    """The role's shape: ``override``, else ``<role>.hf_path``, else the family's default
+    file under ``configs/models/`` (family = the config name's prefix)."""
+    path = override or config[role].hf_path
+    if not path:
+        family = str(config.name).split("_")[0]
+        if family not in FAMILY_MODELS:
+            raise ValueError(f"config.{role}.hf_path is empty and the family {family!r} has no "
+                             f"default shape; pass --{role}_model=DIR")
+        path = os.path.join(_REPO, "configs", "models", FAMILY_MODELS[family])
+    return ModelConfig.from_hf_file(path)
+
+
+def player_rows(config, role: str, devices_in_batch: int) -> tuple[str, int]:
+    """(batch kind, global rows) of one update of ``role`` in the paper's game."""
+    b = int(config.train.seeds_per_device) * devices_in_batch
+    a, d = int(config.game.num_attacks), int(config.game.num_responses)
+    if config.loss.kind == "grpo":
+        return "samples", b * a if role == "attacker" else b * a * d
+    return "pairs", b if role == "attacker" else b * a
+
+
+def _optimizer(config):
+    t, o = config.train, config.optim
+    return make_optimizer(o.lr, num_steps=max(2 * int(t.num_steps), 1), b1=o.b1, b2=o.b2,
+                          weight_decay=o.weight_decay, clip_norm=o.clip_norm,
+                          mu_dtype=DTYPES[o.get("mu_dtype", "float32")])
+
+
+def _abstract_state(config, role, model_config, optimizer, mesh):
+    t = config.train
+    if not config[role].trainable:
+        return cap.abstract_params(model_config, DTYPES[config[role].param_dtype])
+    keep_ema = t.sample_from == "ema" or t.reference == "ema"
+    return cap.abstract_state(model_config, optimizer, mesh, reference=t.reference,
+                              keep_ema=keep_ema, param_dtype=DTYPES[config[role].param_dtype],
+                              ema_dtype=DTYPES[t.get("ema_dtype", "float32")])
+
+
+def _state_bytes(config, role, model_config, mesh) -> int:
+    state = _abstract_state(config, role, model_config, _optimizer(config), mesh)
+    if not config[role].trainable:
+        from advgame_jax.models import param_shardings
+        sh = param_shardings(model_config, mesh)
+        state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                             state, sh)
+    return cap.per_device_bytes(state)
+
+
+def plan_player(config, role: str, model_config: ModelConfig, mesh, seq_len: int) -> dict:
+    t = config.train
+    optimizer = _optimizer(config)
+    step = make_update_step(
+        model_config, optimizer=optimizer, loss=config.loss.kind,
+        num_microbatches=int(t.num_microbatches),
+        max_tokens_per_device=int(t.get("max_tokens_per_device", 0)) or None,
+        compute_dtype=DTYPES[config[role].compute_dtype], chunk_size=int(t.logprob_chunk_size),
+        remat=t.get("remat_policy", "full") if t.remat else "none",
+        attention_impl=t.get("attention", "auto"), mesh=mesh)
+    state = _abstract_state(config, role, model_config, optimizer, mesh)
+    kind, rows = player_rows(config, role, step.data_parallel_size)
+    batch = cap.abstract_batch(kind, rows, seq_len, mesh)
+    report = cap.compile_report(step, state, batch)
+    report.update(kind=kind, rows=rows, seq_len=seq_len, num_params=cap.tree_bytes(
+        cap.abstract_params(model_config)) // 4)
+    return report
+
+
+def plan_experiment(config, *, devices: int, device_memory_gib: float, seq_len: int = 4096,
+                    reserve_gib: float = 8.0, models: Optional[dict] = None) -> dict:
+    """Compile both players' steps and decide whether the job fits (see launch/plan.py)."""
+    models = models or {}
+    if jax.device_count() < devices:
+        raise ValueError(f"{devices} devices asked, {jax.device_count()} visible; set "
+                         f"--xla_force_host_platform_device_count before importing jax")
+    data, fsdp, tensor = resolve_mesh_shape(config.mesh, devices)
+    mesh = make_mesh(data=data, fsdp=fsdp, tensor=tensor, devices=jax.devices()[:devices])
+    gib = 1024 ** 3
+    shapes = {role: model_config_for(config, role, models.get(role, ""))
+              for role in ("attacker", "defender")}
+    # The states alone (no compile needed): if they do not fit, no step can.
+    state_only = {role: _state_bytes(config, role, mc, mesh) for role, mc in shapes.items()}
+    compile_steps = sum(state_only.values()) <= device_memory_gib * gib
+    players, cache = {}, {}
+    for role, mc in shapes.items():
+        if not config[role].trainable or not compile_steps:
+            players[role] = dict(frozen=not config[role].trainable, compiled=False,
+                                 state_bytes_per_device=state_only[role], temp_bytes=0,
+                                 num_params=cap.tree_bytes(cap.abstract_params(mc)) // 4)
+            continue
+        key = (mc, player_rows(config, role, 1), config[role].compute_dtype,
+               config[role].param_dtype)
+        if key not in cache:
+            cache[key] = plan_player(config, role, mc, mesh, seq_len)
+        players[role] = dict(cache[key], frozen=False, compiled=True)
+    state = sum(p["state_bytes_per_device"] for p in players.values())
+    temp = max(p["temp_bytes"] for p in players.values())
+    need = state + temp + reserve_gib * gib
+    budget = device_memory_gib * gib
+    fits = need <= budget
+    if fits:
+        reason = (f"fits: states {state / gib:.1f} GiB + largest step temporaries "
+                  f"{temp / gib:.1f} GiB + reserve {reserve_gib:.1f} GiB = {need / gib:.1f} GiB "
+                  f"≤ {device_memory_gib:.1f} GiB per device")
+    else:
+        if state > budget:
+            what, fix = ("the two players' states alone", "shard the state over more devices "
+                         "(--config.mesh.fsdp)")
+        else:
+            what, fix = ("states + step temporaries", "the step's temporaries are too large: "
+                         "lower --config.train.max_tokens_per_device or use more devices")
+        reason = (f"does not fit: {what} need {need / gib:.1f} GiB per device (states "
+                  f"{state / gib:.1f} + temporaries {temp / gib:.1f} + reserve {reserve_gib:.1f})"
+                  f" > {device_memory_gib:.1f} GiB; {fix}")
+    return dict(config=str(config.name), devices=devices, mesh=dict(data=data, fsdp=fsdp,
+                tensor=tensor), device_memory_gib=device_memory_gib, seq_len=seq_len,
+                reserve_gib=reserve_gib, players=players, state_bytes_per_device=state,
+                max_temp_bytes=temp, need_bytes=int(need), fits=fits, verdict=reason)
+
+
+def format_plan(plan: dict, top: int = 4) -> str:
+    """Human-readable plan: per player bytes and collectives, then the verdict."""
+    gib = 1024 ** 3
+    m = plan["mesh"]
+    lines = [f"plan {plan['config']}: {plan['devices']} devices (data={m['data']} "
+             f"fsdp={m['fsdp']} tensor={m['tensor']}), {plan['device_memory_gib']:.1f} GiB each, "
+             f"sequence {plan['seq_len']}"]
+    for role, p in plan["players"].items():
+        if not p.get("compiled"):
+            what = "frozen, params" if p.get("frozen") else "state (step not compiled)"
+            lines.append(f"  {role}: {p['num_params'] / 1e9:.2f}B params, {what} "
+                         f"{p['state_bytes_per_device'] / gib:.2f} GiB per device")
+            continue
+        lines.append(
+            f"  {role}: {p['num_params'] / 1e9:.2f}B params, {p['rows']} {p['kind']} global; per "
+            f"device: arguments {p['argument_bytes'] / gib:.2f} GiB (state "
+            f"{p['state_bytes_per_device'] / gib:.2f}), outputs {p['output_bytes'] / gib:.2f} "
+            f"GiB, temporaries {p['temp_bytes'] / gib:.2f} GiB; compile {p['compile_s']:.1f} s")
+        for c in p["collectives"][:top]:
+            lines.append(f"      {c['kind']} {', '.join(c['shapes'])} "
+                         f"({c['bytes'] / 2 ** 20:.0f} MiB)")
+    lines.append(plan["verdict"])
+    return "\n".join(lines)
