@@ -83,7 +83,7 @@ def test_expected_series_and_summary(report_dir, tmp_path):
     pts = report.frontier_points({
         "a": {"sets": {"h": {"asr": 0.2}, "b": {"benign_compliance": 0.9, "asr": None}}}})
     assert pts == [{"eval": "a", "harmful_set": "h", "benign_set": "b", "asr": 0.2,
-                    "compliance": 0.9}]
+                    "compliance": 0.9, "asr_ci": None, "compliance_ci": None}]
 
 
 def test_missing_matplotlib_is_one_clear_error(monkeypatch, tmp_path):

@@ -108,8 +108,7 @@ def hf_to_params(hf_dir: str, out_dir: str, *, allow_attacker: bool = False) -> 
             _write_marker(tmp)
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(cfg, f, indent=2)
-        if _copy_tokenizer(hf_dir, os.path.join(tmp, "tokenizer")) is False:
-            shutil.rmtree(os.path.join(tmp, "tokenizer"), ignore_errors=True)
+        _copy_tokenizer(hf_dir, os.path.join(tmp, "tokenizer"))
         _provenance(tmp, source=os.path.abspath(hf_dir))
 
     return _build_aside(out_dir, build)

@@ -169,7 +169,7 @@ def read_eval(path: str) -> dict:
 
 
 def frontier_points(evals: dict[str, dict]) -> list[dict]:
-    """One point per eval × harmful-bearing set × benign-bearing set."""
+    """One point per eval × harmful-bearing set × benign-bearing set (with the CIs)."""
     pts = []
     for label, d in evals.items():
         sets = d["sets"]
@@ -178,24 +178,33 @@ def frontier_points(evals: dict[str, dict]) -> list[dict]:
         for hn, hm in harm:
             for bn, bm in ben:
                 pts.append({"eval": label, "harmful_set": hn, "benign_set": bn,
-                            "asr": hm["asr"], "compliance": bm["benign_compliance"]})
+                            "asr": hm["asr"], "compliance": bm["benign_compliance"],
+                            "asr_ci": hm.get("asr_ci"),
+                            "compliance_ci": bm.get("benign_compliance_ci")})
     return pts
 
 
 def plot_frontier(points: Sequence[dict], out_dir: str) -> str:
+    """ASR (x) against benign compliance (y), 95% CIs as error bars, one legend entry each."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 5))
-    for p in points:
-        ax.scatter(100 * p["asr"], 100 * p["compliance"], s=40)
-        ax.annotate(f"{p['eval']} ({p['harmful_set']}/{p['benign_set']})",
-                    (100 * p["asr"], 100 * p["compliance"]), fontsize=7,
-                    xytext=(4, 4), textcoords="offset points")
+    fig, ax = plt.subplots(figsize=(7, 5))
+    markers = "osD^vP*Xh"
+    for i, p in enumerate(points):
+        x, y = 100 * p["asr"], 100 * p["compliance"]
+
+        def err(ci, v):
+            return [[v - 100 * ci[0]], [100 * ci[1] - v]] if ci else None
+
+        ax.errorbar(x, y, xerr=err(p.get("asr_ci"), x), yerr=err(p.get("compliance_ci"), y),
+                    fmt=markers[i % len(markers)], ms=8, capsize=3, alpha=0.8,
+                    label=f"{p['eval']} ({p['harmful_set']} / {p['benign_set']})")
     ax.set_xlim(-5, 105)
     ax.set_ylim(-5, 105)
     ax.set_xlabel("attack success rate % (lower is safer)")
     ax.set_ylabel("benign compliance % (higher is more helpful)")
-    ax.set_title("Safety-compliance frontier (best: top left)")
+    ax.set_title("Safety-compliance frontier (best: top left), 95% CIs")
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
     return _save(plt, fig, os.path.join(out_dir, "frontier.png"))
 
 
