@@ -96,7 +96,13 @@ def local_copy(params):
         return params
     from advgame_jax.training.multihost import global_to_host
 
+    # Processes arrive here at different times (process 0 also writes logs and checkpoints);
+    # meet first, so the gather's device collective does not time out waiting.
+    barrier("local_copy")
     return global_to_host(params)
+
+
+_BARRIER_COUNT = [0]
 
 
 def barrier(name: str, timeout_s: float = 3600.0) -> None:
@@ -111,7 +117,8 @@ def barrier(name: str, timeout_s: float = 3600.0) -> None:
 
     client = getattr(jax_distributed.global_state, "client", None)
     if client is not None and hasattr(client, "wait_at_barrier"):
-        client.wait_at_barrier(name, int(timeout_s * 1000))
+        _BARRIER_COUNT[0] += 1  # every process makes the same sequence of calls
+        client.wait_at_barrier(f"advgame/{name}/{_BARRIER_COUNT[0]}", int(timeout_s * 1000))
         return
     from jax.experimental import multihost_utils
 
