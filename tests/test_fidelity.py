@@ -144,9 +144,8 @@ def test_update_step_receives_empty_split_and_tis_flags(monkeypatch):
 
     seen = {}
     monkeypatch.setattr(players, "make_update_step", lambda *a, **kw: seen.update(kw) or object())
-    monkeypatch.setattr(players, "_UPDATE_STEPS", {})
     c = paper_config("qwen", "grpo")
-    players._shared_update_step(c, "model", optax.sgd(0.1), "bfloat16", None, 2000)
+    players._update_step(c, "model", optax.sgd(0.1), "bfloat16", None, {})
     assert seen["step_on_empty"] is True and seen["tis_detach"] is False
 
 
