@@ -73,7 +73,8 @@ def test_expected_series_and_summary(report_dir, tmp_path):
     assert len(drawn["losses.png"]) == 8
     assert {"attacker_generation", "defender_generation", "update", "judging"} <= set(drawn["time.png"])
     assert report.series(records, "valid/harmful/reward")[0] == [0, 2]
-    assert report.series(records, "time/update")[0] == [1]
+    # Stage times are kept on validated steps too (step 2 validates).
+    assert report.series(records, "time/update")[0] == [1, 2]
     with open(os.path.join(out, "report.md"), encoding="utf-8") as f:
         md = f.read()
     for name in PNGS:

@@ -60,14 +60,18 @@ DTYPES = ("float32", "bfloat16")
 # other difference refuses the resume (the state or the training semantics would change).
 RESUMABLE_FIELDS = (
     "name", "workdir", "toy_dir", "logging", "validation", "data.valid_harmful",
-    "data.valid_benign", "data.adversarial_harmful", "data.adversarial_benign", "mesh",
+    "data.valid_benign", "data.valid_adversarial_harmful", "data.valid_adversarial_benign",
+    # Where and how things run, not what the game computes: devices, processes, engines.
+    "mesh", "distributed", "placement",
     "train.checkpoint_every", "train.keep_checkpoints", "train.validate_every",
-    "train.log_every", "train.logprob_chunk_size", "train.remat",
+    "train.log_every", "train.logprob_chunk_size", "train.remat", "train.remat_policy",
+    "train.attention", "train.max_tokens_per_device",
     "judge.endpoints", "judge.api_key_env", "judge.timeout_s", "judge.max_retries",
-    "judge.concurrency",
+    "judge.concurrency", "judge.max_in_flight_per_endpoint", "judge.unhealthy_after",
+    "judge.unhealthy_cooldown_s", "judge.warn_failure_rate", "judge.warn_every",
     *(f"{r}.{f}" for r in ("attacker", "defender") for f in (
         "sampler", "sampler_dtype", "sampler_min_batch_bucket", "sampler_min_prompt_bucket",
-        "vllm_kv_cache_bytes", "vllm_max_model_len")),
+        "vllm_kv_cache_bytes", "vllm_max_model_len", "placement", "engine")),
 )
 
 
