@@ -18,11 +18,10 @@ from typing import Any, Hashable, Iterable, Optional, Sequence
 
 from advgame_jax.game.config import GameConfig
 from advgame_jax.game.judge import Judge, PairRequest, PointRequest
-from advgame_jax.game.tree import JudgeStats
+from advgame_jax.game.tree import JudgeStats, sum_judge_stats
 
 log = logging.getLogger(__name__)
 STAGES = ("faith", "defender", "attacker")
-_COUNTS = ("requests", "failures", "order_pairs", "order_flips")
 
 
 def stage_stats(stage: str, *, requests: int = 0, failures: int = 0, order_pairs: int = 0,
@@ -35,15 +34,7 @@ def stage_stats(stage: str, *, requests: int = 0, failures: int = 0, order_pairs
 def sum_stats(parts: Iterable[JudgeStats]) -> JudgeStats:
     """Stage parts summed into a tree's stats: every stage present (zeros included), faults
     summed and sorted by kind."""
-    counts = {name: {s: 0 for s in STAGES} for name in _COUNTS}
-    faults: dict = {}
-    for part in parts:
-        for name in _COUNTS:
-            for stage, n in getattr(part, name).items():
-                counts[name][stage] = counts[name].get(stage, 0) + n
-        for kind, n in part.faults.items():
-            faults[kind] = faults.get(kind, 0) + n
-    return JudgeStats(**counts, faults=dict(sorted(faults.items())))
+    return sum_judge_stats(parts, STAGES)
 
 
 def _fault_counts(judge: Judge) -> dict:

@@ -160,14 +160,23 @@ def _pair(prompt, chosen, rejected, rejected_hit_length: bool) -> tuple[TokenPai
     return TokenPair(as_ids(prompt), as_ids(chosen), as_ids(rejected)), truncated
 
 
-def pairs_detailed(scored: ScoredTree, player: str) -> list[tuple[TokenPair, bool]]:
-    """Pairs of ``player`` with a flag saying whether the rejected sample was truncated."""
+def pair_indices(scored: ScoredTree, player: str) -> list[tuple[int, int, int, int]]:
+    """(b, g, chosen, rejected) of every pair ``player`` gets from ``scored``; the group g is
+    0 for the attacker (one group per seed) and the attack a for the defender. The defender
+    follows ``config.selection`` ("reference": pairs only for attacks without a final error);
+    a tree without attacker samples (``skip_attacker``) gives the attacker none."""
     role = _role(scored, player)
     if player == "attacker" and scored.tree.skip_attacker:
         return []
+    return _pair_indices(role.reward_BGI, role.pairable_BG)
+
+
+def pairs_detailed(scored: ScoredTree, player: str) -> list[tuple[TokenPair, bool]]:
+    """Pairs of ``player`` with a flag saying whether the rejected sample was truncated."""
+    role = _role(scored, player)
     return [_pair(role.prompt_BG[b][g], role.ids_BGI[b][g][c], role.ids_BGI[b][g][r],
                   role.error_BGI[b][g][r] == role.max_length)
-            for b, g, c, r in _pair_indices(role.reward_BGI, role.pairable_BG)]
+            for b, g, c, r in pair_indices(scored, player)]
 
 
 def attacker_pairs_detailed(scored: ScoredTree) -> list[tuple[TokenPair, bool]]:
