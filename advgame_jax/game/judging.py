@@ -34,7 +34,8 @@ def stage_stats(stage: str, *, requests: int = 0, failures: int = 0, order_pairs
 def sum_stats(parts: Iterable[JudgeStats]) -> JudgeStats:
     """Stage parts summed into a tree's stats: every stage present (zeros included), faults
     summed and sorted by kind."""
-    return sum_judge_stats(parts, STAGES)
+    total = sum_judge_stats(parts, STAGES)
+    return dataclasses.replace(total, faults=dict(sorted(total.faults.items())))
 
 
 def _fault_counts(judge: Judge) -> dict:

@@ -105,8 +105,8 @@ class JudgeStats:
 
 
 def sum_judge_stats(parts: Iterable[JudgeStats], stages: Iterable[str] = ()) -> JudgeStats:
-    """``parts`` summed key by key; every stage in ``stages`` is present (zero when no part
-    has it); faults sorted by kind."""
+    """``parts`` summed key by key, keys in order of first appearance; every stage in
+    ``stages`` is present (zero when no part has it)."""
     stages = tuple(stages)
     fields = [f.name for f in dataclasses.fields(JudgeStats) if f.name != "faults"]
     counts = {name: {s: 0 for s in stages} for name in fields}
@@ -117,7 +117,7 @@ def sum_judge_stats(parts: Iterable[JudgeStats], stages: Iterable[str] = ()) -> 
                 counts[name][stage] = counts[name].get(stage, 0) + n
         for kind, n in part.faults.items():
             faults[kind] = faults.get(kind, 0) + n
-    return JudgeStats(**counts, faults=dict(sorted(faults.items())))
+    return JudgeStats(**counts, faults=faults)
 
 
 @dataclasses.dataclass(frozen=True)
