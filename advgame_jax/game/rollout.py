@@ -8,6 +8,12 @@ judge (one call) and patches rewards. ``build_tree`` does both. A stage with not
 makes no call. Judge exceptions and malformed judge results become None results (and the
 spec's BAD_*_JUDGE errors), counted as ``judge_exception`` in the tree's judge faults; a
 sampler that breaks its contract raises, since no error value can stand for missing samples.
+
+Slots are records while the tree is built (``_Attack`` per (b, a), ``_Response`` per
+(b, a, d)) and become the tree's ``*_BA`` / ``*_BAD`` fields at the end. Each judge stage
+returns its results with its ``JudgeStats`` part (``game.judging``); the tree's
+``judge_stats`` is their sum. ``sample_tree`` alone drops the faithfulness part;
+``build_tree`` passes it to ``score_tree(sample_stats=...)``.
 """
 
 from __future__ import annotations
