@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from typing import Iterable, Optional
 
-from advgame_jax.game.rewards import attacker_pairs_detailed, defender_pairs_detailed
+from advgame_jax.game.rewards import pairs_detailed
 from advgame_jax.game.tree import ScoredTree, XError, YError
 
 
@@ -69,12 +69,11 @@ def tree_metrics(scored: ScoredTree) -> dict[str, float]:
     _mean("y/tokens/mean", [len(ids) for ids, f in zip(_flat3(t.y_ids_BAD), _flat3(t.y_finish_BAD))
                             if f is not None], out)
 
-    att = attacker_pairs_detailed(scored)
-    dfd = defender_pairs_detailed(scored)
-    out["pairs/attacker"] = float(len(att))
-    out["pairs/defender"] = float(len(dfd))
-    out["pairs/attacker_truncated"] = float(sum(tr for _, tr in att))
-    out["pairs/defender_truncated"] = float(sum(tr for _, tr in dfd))
+    pairs = {role: pairs_detailed(scored, role) for role in ("attacker", "defender")}
+    for role, p in pairs.items():
+        out[f"pairs/{role}"] = float(len(p))
+    for role, p in pairs.items():
+        out[f"pairs/{role}_truncated"] = float(sum(tr for _, tr in p))
 
     js = scored.judge_stats
     for stage in ("faith", "defender", "attacker"):

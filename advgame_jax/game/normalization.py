@@ -42,14 +42,10 @@ def reference_normaliser(pairs_per_seed: Sequence[int], seeds_per_microbatch: in
 
 def pairs_per_seed(scored: ScoredTree, role: str) -> list[int]:
     """Number of DPO/IPO pairs each seed of ``scored`` gives ``role``."""
-    B = scored.shape[0]
-    if role == "attacker":
-        idx = [] if scored.tree.skip_attacker else rewards.attacker_pair_indices(scored.x_reward_BA)
-    elif role == "defender":
-        x_filter = scored.x_error_BA if scored.config.selection == "reference" else None
-        idx = rewards.defender_pair_indices(scored.y_reward_BAD, x_filter)
-    else:
+    if role not in ("attacker", "defender"):
         raise ValueError(f"role must be 'attacker' or 'defender', got {role!r}")
+    B = scored.shape[0]
+    idx = rewards.pair_indices(scored, role)
     counts = collections.Counter(i[0] for i in idx)
     return [counts[b] for b in range(B)]
 

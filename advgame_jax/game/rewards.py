@@ -6,6 +6,7 @@ response the attacker is judged on (§2.7), preference pairs (§2.10) and GRPO a
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence
 
 from advgame_jax.game.tree import ScoredTree, XError, YError
@@ -91,29 +92,65 @@ def preference(values: Sequence[Optional[float]]) -> Optional[tuple[int, int]]:
     return c, r
 
 
+@dataclasses.dataclass(frozen=True)
+class _Role:
+    """One player's samples in a scored tree, nested ``[b][g][i]``: the attacker has one
+    group per seed (its A attacks), the defender one group per attack (its D responses).
+    Pairs are formed within a group (when ``pairable_BG``); the GRPO baseline pools all the
+    groups of a seed. ``max_length`` is the player's length-stop error."""
+
+    prompt_BG: tuple
+    ids_BGI: tuple
+    logprobs_BGI: tuple
+    reward_BGI: tuple
+    error_BGI: tuple
+    pairable_BG: Optional[tuple]
+    max_length: object
+
+
+def _role(scored: ScoredTree, player: str) -> _Role:
+    t = scored.tree
+    if player == "attacker":
+        def one(v):
+            return tuple((row,) for row in v)
+        return _Role(one(t.att_prompt_ids_B), one(t.att_ids_BA), one(t.att_logprobs_BA),
+                     one(scored.x_reward_BA), one(scored.x_error_BA), None, XError.MAX_LENGTH)
+    if player == "defender":
+        return _Role(t.def_prompt_ids_BA, t.y_ids_BAD, t.y_logprobs_BAD, scored.y_reward_BAD,
+                     scored.y_error_BAD, _pairable(scored.x_error_BA if scored.config.selection == "reference"
+                                                   else None), YError.MAX_LENGTH)
+    raise ValueError(f"player must be 'attacker' or 'defender', got {player!r}")
+
+
+def _pairable(x_error_BA) -> Optional[tuple]:
+    if x_error_BA is None:
+        return None
+    return tuple(tuple(e is None for e in row) for row in x_error_BA)
+
+
+def _pair_indices(reward_BGI, pairable_BG=None) -> list[tuple[int, int, int, int]]:
+    """(b, g, i_chosen, i_rejected) per pairable group whose rewards do not tie."""
+    out = []
+    for b, groups in enumerate(reward_BGI):
+        for g, row in enumerate(groups):
+            if pairable_BG is not None and not pairable_BG[b][g]:
+                continue
+            p = preference(row)
+            if p is not None:
+                out.append((b, g, *p))
+    return out
+
+
 def attacker_pair_indices(x_reward_BA) -> list[tuple[int, int, int]]:
     """(b, a_chosen, a_rejected) per seed that has a pair."""
-    out = []
-    for b, row in enumerate(x_reward_BA):
-        p = preference(row)
-        if p is not None:
-            out.append((b, *p))
-    return out
+    return [(b, c, r) for b, _, c, r in _pair_indices([(row,) for row in x_reward_BA])]
 
 
 def defender_pair_indices(y_reward_BAD, x_error_BA=None) -> list[tuple[int, int, int, int]]:
     """(b, a, d_chosen, d_rejected) per attack that has a pair. With ``x_error_BA`` (the
     reference's rule), only attacks whose final error is none can give a pair: an attack
     whose attacker judgment failed (BAD_ATT_JUDGE) gives none."""
-    out = []
-    for b, rows in enumerate(y_reward_BAD):
-        for a, row in enumerate(rows):
-            if x_error_BA is not None and x_error_BA[b][a] is not None:
-                continue
-            p = preference(row)
-            if p is not None:
-                out.append((b, a, *p))
-    return out
+    return _pair_indices(y_reward_BAD, _pairable(x_error_BA))
 
 
 def _pair(prompt, chosen, rejected, rejected_hit_length: bool) -> tuple[TokenPair, bool]:
@@ -123,25 +160,32 @@ def _pair(prompt, chosen, rejected, rejected_hit_length: bool) -> tuple[TokenPai
     return TokenPair(as_ids(prompt), as_ids(chosen), as_ids(rejected)), truncated
 
 
+def pair_indices(scored: ScoredTree, player: str) -> list[tuple[int, int, int, int]]:
+    """(b, g, chosen, rejected) of every pair ``player`` gets from ``scored``; the group g is
+    0 for the attacker (one group per seed) and the attack a for the defender. The defender
+    follows ``config.selection`` ("reference": pairs only for attacks without a final error);
+    a tree without attacker samples (``skip_attacker``) gives the attacker none."""
+    role = _role(scored, player)
+    if player == "attacker" and scored.tree.skip_attacker:
+        return []
+    return _pair_indices(role.reward_BGI, role.pairable_BG)
+
+
+def pairs_detailed(scored: ScoredTree, player: str) -> list[tuple[TokenPair, bool]]:
+    """Pairs of ``player`` with a flag saying whether the rejected sample was truncated."""
+    role = _role(scored, player)
+    return [_pair(role.prompt_BG[b][g], role.ids_BGI[b][g][c], role.ids_BGI[b][g][r],
+                  role.error_BGI[b][g][r] == role.max_length)
+            for b, g, c, r in pair_indices(scored, player)]
+
+
 def attacker_pairs_detailed(scored: ScoredTree) -> list[tuple[TokenPair, bool]]:
     """Attacker pairs with a flag saying whether the rejected sample was truncated."""
-    t = scored.tree
-    if t.skip_attacker:
-        return []
-    return [_pair(t.att_prompt_ids_B[b], t.att_ids_BA[b][c], t.att_ids_BA[b][r],
-                  scored.x_error_BA[b][r] == XError.MAX_LENGTH)
-            for b, c, r in attacker_pair_indices(scored.x_reward_BA)]
+    return pairs_detailed(scored, "attacker")
 
 
 def defender_pairs_detailed(scored: ScoredTree) -> list[tuple[TokenPair, bool]]:
-    t = scored.tree
-    return [_pair(t.def_prompt_ids_BA[b][a], t.y_ids_BAD[b][a][c], t.y_ids_BAD[b][a][r],
-                  scored.y_error_BAD[b][a][r] == YError.MAX_LENGTH)
-            for b, a, c, r in defender_pair_indices(scored.y_reward_BAD, _x_filter(scored))]
-
-
-def _x_filter(scored: ScoredTree):
-    return scored.x_error_BA if scored.config.selection == "reference" else None
+    return pairs_detailed(scored, "defender")
 
 
 def attacker_pairs(scored: ScoredTree) -> list[TokenPair]:
@@ -178,22 +222,30 @@ def grpo_advantages(rewards_by_seed: Sequence[Sequence[Optional[float]]], baseli
     return out
 
 
+def _advantages(role: _Role, baseline: str):
+    """(advantage_BGI, policy_BGI): the baseline pools every sample of a seed."""
+    flat = [[v for row in groups for v in row] for groups in role.reward_BGI]
+    adv_flat = grpo_advantages(flat, baseline)
+    adv = []
+    for b, groups in enumerate(role.reward_BGI):
+        starts = [0]
+        for row in groups:
+            starts.append(starts[-1] + len(row))
+        adv.append([adv_flat[b][starts[g]:starts[g + 1]] for g in range(len(groups))])
+    policy = [[[e is None for e in row] for row in groups] for groups in role.error_BGI]
+    return adv, policy
+
+
 def attacker_advantages(scored: ScoredTree, baseline: str):
     """(advantage_BA, policy_BA): per-sample advantages (None where the reward is None) and
     whether the sample is error-free, i.e. gets the policy-gradient term (GAME_SPEC §2.11)."""
-    adv = grpo_advantages(scored.x_reward_BA, baseline)
-    policy = [[e is None for e in row] for row in scored.x_error_BA]
-    return adv, policy
+    adv, policy = _advantages(_role(scored, "attacker"), baseline)
+    return [groups[0] for groups in adv], [groups[0] for groups in policy]
 
 
 def defender_advantages(scored: ScoredTree, baseline: str):
     """(advantage_BAD, policy_BAD); the baseline groups all A·D responses of a seed."""
-    flat = [[v for row in rows for v in row] for rows in scored.y_reward_BAD]
-    adv_flat = grpo_advantages(flat, baseline)
-    _, a_num, d_num = scored.shape
-    adv = [[adv_flat[b][a * d_num:(a + 1) * d_num] for a in range(a_num)] for b in range(len(flat))]
-    policy = [[[e is None for e in row] for row in rows] for rows in scored.y_error_BAD]
-    return adv, policy
+    return _advantages(_role(scored, "defender"), baseline)
 
 
 def grpo_samples(scored: ScoredTree, player: str, baseline: str, *,
@@ -204,26 +256,15 @@ def grpo_samples(scored: ScoredTree, player: str, baseline: str, *,
     error-free samples; penalised ones still shift the baseline). ``include_penalised=True``
     also emits samples patched to −1.
     """
-    t = scored.tree
+    role = _role(scored, player)
+    if player == "attacker" and scored.tree.skip_attacker:
+        return []
+    adv, policy = _advantages(role, baseline)
     out = []
-    if player == "attacker":
-        if t.skip_attacker:
-            return []
-        adv, policy = attacker_advantages(scored, baseline)
-        for b, row in enumerate(adv):
-            for a, v in enumerate(row):
-                if v is not None and (policy[b][a] or include_penalised):
-                    out.append(TokenSample(as_ids(t.att_prompt_ids_B[b]), as_ids(t.att_ids_BA[b][a]),
-                                           float(v), tuple(float(x) for x in t.att_logprobs_BA[b][a])))
-    elif player == "defender":
-        adv, policy = defender_advantages(scored, baseline)
-        for b, rows in enumerate(adv):
-            for a, row in enumerate(rows):
-                for d, v in enumerate(row):
-                    if v is not None and (policy[b][a][d] or include_penalised):
-                        out.append(TokenSample(as_ids(t.def_prompt_ids_BA[b][a]),
-                                               as_ids(t.y_ids_BAD[b][a][d]), float(v),
-                                               tuple(float(x) for x in t.y_logprobs_BAD[b][a][d])))
-    else:
-        raise ValueError(f"player must be 'attacker' or 'defender', got {player!r}")
+    for b, groups in enumerate(adv):
+        for g, row in enumerate(groups):
+            for i, v in enumerate(row):
+                if v is not None and (policy[b][g][i] or include_penalised):
+                    out.append(TokenSample(as_ids(role.prompt_BG[b][g]), as_ids(role.ids_BGI[b][g][i]),
+                                           float(v), tuple(float(x) for x in role.logprobs_BGI[b][g][i])))
     return out

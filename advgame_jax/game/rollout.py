@@ -8,27 +8,30 @@ judge (one call) and patches rewards. ``build_tree`` does both. A stage with not
 makes no call. Judge exceptions and malformed judge results become None results (and the
 spec's BAD_*_JUDGE errors), counted as ``judge_exception`` in the tree's judge faults; a
 sampler that breaks its contract raises, since no error value can stand for missing samples.
+
+Slots are records while the tree is built (``_Attack`` per (b, a), ``_Response`` per
+(b, a, d)) and become the tree's ``*_BA`` / ``*_BAD`` fields at the end. Each judge stage
+returns its results with its ``JudgeStats`` part (``game.judging``); the tree's
+``judge_stats`` is their sum. ``sample_tree`` alone drops the faithfulness part;
+``build_tree`` passes it to ``score_tree(sample_stats=...)``.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import logging
-import math
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 from advgame_jax.game import rewards
 from advgame_jax.game.config import GameConfig
-from advgame_jax.game.judge import FaithRequest, Judge, PairRequest, PointRequest
+from advgame_jax.game.judge import FaithRequest, Judge
+from advgame_jax.game.judging import STAGES, JudgeGroup, call_judge, judge_groups, stage_stats, sum_stats
 from advgame_jax.game.parsing import faith_majority, parse_attack, stopped_early
 from advgame_jax.game.templates import attacker_rubric, defender_rubric, get_template_set
 from advgame_jax.game.tree import JudgeStats, RolloutTree, ScoredTree, XError, YError
 from advgame_jax.sampling.base import Sampler, SamplingParams
 from advgame_jax.types import as_ids
 
-log = logging.getLogger(__name__)
-STAGES = ("faith", "defender", "attacker")
+__all__ = ["STAGES", "build_tree", "sample_tree", "score_tree"]
 
 
 def _params(base: SamplingParams, n: int, tokenizer: Any, seed_offset: int) -> SamplingParams:
@@ -45,254 +48,216 @@ def _generate(sampler: Sampler, prompts: list, params: SamplingParams, who: str)
     return out
 
 
-def _finite(v) -> Optional[float]:
-    try:
-        v = float(v)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
+
+class _Attack(NamedTuple):
+    """One attack slot after sampling: raw output, its ids, log-probs and finish reason, the
+    parsed attack x (None on error) and the slot's error so far."""
+
+    text: str
+    ids: tuple
+    logprobs: tuple
+    finish: Optional[str]
+    x: Optional[str]
+    error: Optional[XError]
 
 
-class _Calls:
-    """Guarded judge calls and their per-stage bookkeeping."""
+class _Response(NamedTuple):
+    """One response slot after sampling; ``response`` is what judges see (None on error)."""
 
-    def __init__(self, judge: Judge):
-        self.judge = judge
-        self.requests = {s: 0 for s in STAGES}
-        self.failures = {s: 0 for s in STAGES}
-        self.order_pairs = {s: 0 for s in STAGES}
-        self.order_flips = {s: 0 for s in STAGES}
-        self.exceptions = 0
-        self.start_faults = self._faults()
-
-    def _faults(self) -> dict:
-        fn = getattr(self.judge, "fault_counts", None)
-        try:
-            return dict(fn()) if fn else {}
-        except Exception:
-            return {}
-
-    def call(self, method: str, stage: str, requests: list, failed) -> list:
-        if not requests:
-            return []
-        self.requests[stage] += len(requests)
-        try:
-            out = list(getattr(self.judge, method)(requests))
-            if len(out) != len(requests):
-                raise ValueError(f"judge.{method} returned {len(out)} results for {len(requests)} requests")
-        except Exception as err:  # a judge fault must not end the step (GAME_SPEC error values)
-            log.warning("judge.%s failed for %d requests: %s", method, len(requests), type(err).__name__)
-            self.exceptions += 1
-            out = [failed] * len(requests)
-        return out
-
-    def stats(self) -> JudgeStats:
-        end = self._faults()
-        faults = {k: end[k] - self.start_faults.get(k, 0) for k in end
-                  if end[k] - self.start_faults.get(k, 0) > 0}
-        if self.exceptions:
-            faults["judge_exception"] = self.exceptions
-        return JudgeStats(dict(self.requests), dict(self.failures), dict(self.order_pairs),
-                          dict(self.order_flips), dict(sorted(faults.items())))
+    text: str
+    response: Optional[str]
+    ids: tuple
+    logprobs: tuple
+    finish: Optional[str]
+    error: Optional[YError]
 
 
-def _score_groups(calls: _Calls, stage: str, groups: list, config: GameConfig) -> list:
-    """Judge groups of responses; ``groups[i] = (rubric, query, [response, ...])``.
+_UNSAMPLED = _Response("", None, (), (), None, YError.PROMPT_NOT_VALID)
 
-    Returns, per group and response, the list of parsed scores it received. Pairwise: all
-    pairs i < j (a lone response is compared with itself), both orders with swap_positions.
-    """
-    scores = [[[] for _ in g[2]] for g in groups]
-    if config.judge_mode == "pointwise":
-        where, reqs = [], []
-        for gi, (rubric, query, resps) in enumerate(groups):
-            for i, r in enumerate(resps):
-                where.append((gi, i))
-                reqs.append(PointRequest(rubric, query, r))
-        results = [_finite(v) if v is not None else None for v in
-                   calls.call("pointwise", stage, reqs, None)]
-        for (gi, i), v in zip(where, results):
-            if v is None:
-                calls.failures[stage] += 1
+
+def _nested(grid, name: str) -> tuple:
+    """Field ``name`` of every record in a nested list of records, as nested tuples."""
+    if isinstance(grid, list):
+        return tuple(_nested(g, name) for g in grid)
+    return getattr(grid, name)
+
+
+def _sample_attacks(s_B, cat_B, config, templates, attacker, attacker_tokenizer, sample_index):
+    """Attacker prompts per seed and the [B][A] grid of parsed attack slots."""
+    A = config.num_attacks
+    prompts = tuple(as_ids(attacker_tokenizer.render_user_turn(
+        templates.attacker_prompt(s, c, config.attacker_format))) for s, c in zip(s_B, cat_B))
+    params = _params(config.attacker_sampling, A, attacker_tokenizer, 2 * sample_index)
+    comps = _generate(attacker, list(prompts), params, "attacker") if s_B else []
+    grid = []
+    for b in range(len(s_B)):
+        row = []
+        for c in comps[b * A:(b + 1) * A]:
+            x, err = None, None
+            if stopped_early(c.finish_reason):
+                err = XError.MAX_LENGTH
             else:
-                scores[gi][i].append(v)
-        return scores
-
-    where, reqs = [], []
-    for gi, (rubric, query, resps) in enumerate(groups):
-        n = len(resps)
-        pairs = [(i, j) for i in range(n) for j in range(i + 1, n)] if n > 1 else [(0, 0)] * n
-        for i, j in pairs:
-            orders = (False, True) if config.swap_positions else (False,)
-            for swapped in orders:
-                first, second = (j, i) if swapped else (i, j)
-                where.append((gi, i, j, swapped))
-                reqs.append(PairRequest(rubric, query, resps[first], resps[second]))
-    results = calls.call("pairwise", stage, reqs, (None, None))
-    by_pair = collections.defaultdict(dict)
-    for (gi, i, j, swapped), res in zip(where, results):
-        try:
-            sa, sb = res
-        except (TypeError, ValueError):
-            sa = sb = None
-        sa = None if sa is None else _finite(sa)
-        sb = None if sb is None else _finite(sb)
-        first, second = (j, i) if swapped else (i, j)
-        if sa is None or sb is None:
-            calls.failures[stage] += 1
-        if sa is not None:
-            scores[gi][first].append(sa)
-        if sb is not None:
-            scores[gi][second].append(sb)
-        by_pair[(gi, i, j)][swapped] = (sa, sb)
-    if config.swap_positions:
-        for (gi, i, j), orders in by_pair.items():
-            (sa1, sb1), (sa2, sb2) = orders[False], orders[True]
-            if i == j or None in (sa1, sb1, sa2, sb2):
-                continue
-            sign = lambda v: (v > 0) - (v < 0)  # noqa: E731
-            calls.order_pairs[stage] += 1
-            # Preference for response i: position A in the first order, position B in the second.
-            calls.order_flips[stage] += sign(sa1 - sb1) != sign(sb2 - sa2)
-    return scores
+                x = parse_attack(c.text, config.attacker_format)
+                err = XError.PARSING if x is None else None
+            row.append(_Attack(c.text, as_ids(c.token_ids), tuple(float(v) for v in c.logprobs),
+                               c.finish_reason, x, err))
+        grid.append(row)
+    return prompts, grid
 
 
-def _mean(vals: Sequence[float]) -> Optional[float]:
-    return sum(vals) / len(vals) if vals else None
+def _check_faithfulness(judge, config, s_B, cat_B, att) -> tuple[list, JudgeStats]:
+    """Faithfulness votes per attack slot ([B][A]); sets NOT_FAITHFUL / BAD_FAITH_JUDGE in ``att``."""
+    votes = [[() for _ in row] for row in att]
+    slots = [(b, a) for b, row in enumerate(att) for a, t in enumerate(row) if t.error is None]
+    k = config.num_faith_samples
+    reqs = [FaithRequest(s_B[b], att[b][a].x, cat_B[b]) for b, a in slots for _ in range(k)]
+    verdicts, part = call_judge(judge, "faithfulness", "faith", reqs, None)
+    failures = 0
+    for i, (b, a) in enumerate(slots):
+        vs = tuple(v if isinstance(v, bool) else None for v in verdicts[i * k:(i + 1) * k])
+        votes[b][a] = vs
+        failures += sum(v is None for v in vs)
+        verdict = faith_majority(vs, config.faith_tie)
+        if verdict is None:
+            att[b][a] = att[b][a]._replace(error=XError.BAD_FAITH_JUDGE)
+        elif not verdict:
+            att[b][a] = att[b][a]._replace(error=XError.NOT_FAITHFUL)
+    return votes, dataclasses.replace(part, failures={"faith": failures})
 
 
-def sample_tree(seeds: Sequence, config: GameConfig, *, judge: Judge, defender: Sampler,
-                defender_tokenizer: Any, attacker: Optional[Sampler] = None,
-                attacker_tokenizer: Any = None, skip_attacker: bool = False,
-                sample_index: int = 0, _calls: Optional[_Calls] = None) -> RolloutTree:
-    """Sample attacks, check faithfulness and sample responses (see module docstring)."""
+def _sample_responses(config, templates, att, defender, defender_tokenizer, sample_index):
+    """Defender prompts ([B][A]) and response slots ([B][A][D]) for every valid attack; an
+    attack none of whose responses is usable gets NO_VALID_RESPONSE in ``att``."""
+    D = config.num_responses
+    valid = [(b, a) for b, row in enumerate(att) for a, t in enumerate(row) if t.error is None]
+    prompts = [[() for _ in row] for row in att]
+    for b, a in valid:
+        prompts[b][a] = as_ids(defender_tokenizer.render_user_turn(templates.defender_prompt(att[b][a].x)))
+    y = [[[_UNSAMPLED] * D for _ in row] for row in att]
+    if not valid:
+        return prompts, y
+    params = _params(config.defender_sampling, D, defender_tokenizer, 2 * sample_index + 1)
+    comps = _generate(defender, [prompts[b][a] for b, a in valid], params, "defender")
+    for i, (b, a) in enumerate(valid):
+        for d, c in enumerate(comps[i * D:(i + 1) * D]):
+            resp, err = None, None
+            if stopped_early(c.finish_reason):
+                err = YError.MAX_LENGTH
+            else:
+                resp = parse_attack(c.text, config.defender_format)
+                err = YError.PARSING if resp is None else None
+            y[b][a][d] = _Response(c.text, resp, as_ids(c.token_ids),
+                                   tuple(float(v) for v in c.logprobs), c.finish_reason, err)
+        if all(r.error is not None for r in y[b][a]):
+            att[b][a] = att[b][a]._replace(error=XError.NO_VALID_RESPONSE)
+    return prompts, y
+
+
+def _sample(seeds, config, judge, defender, defender_tokenizer, attacker, attacker_tokenizer,
+            skip_attacker, sample_index) -> tuple[RolloutTree, JudgeStats]:
     templates = get_template_set(config.templates)
-    calls = _calls or _Calls(judge)
     s_B = tuple(str(s.prompt) for s in seeds)
     cat_B = tuple(str(s.category) for s in seeds)
     for c in cat_B:
         if c not in ("harmful", "benign"):
             raise ValueError(f"seed category must be 'harmful' or 'benign', got {c!r}")
-    B = len(s_B)
-    A = 1 if skip_attacker else config.num_attacks
-    D = config.num_responses
-
     if skip_attacker:
-        att_prompt = tuple(() for _ in range(B))
-        att_text = tuple(("",) for _ in range(B))
-        att_ids = tuple(((),) for _ in range(B))
-        att_lp = tuple(((),) for _ in range(B))
-        att_finish = tuple((None,) for _ in range(B))
-        x = [[s] for s in s_B]
-        x_err = [[None] for _ in range(B)]
+        att_prompt = tuple(() for _ in s_B)
+        att = [[_Attack("", (), (), None, s, None)] for s in s_B]
     else:
         if attacker is None or attacker_tokenizer is None:
             raise ValueError("build_tree: attacker and attacker_tokenizer are required unless skip_attacker=True")
-        att_prompt = tuple(as_ids(attacker_tokenizer.render_user_turn(
-            templates.attacker_prompt(s, c, config.attacker_format))) for s, c in zip(s_B, cat_B))
-        params = _params(config.attacker_sampling, A, attacker_tokenizer, 2 * sample_index)
-        comps = _generate(attacker, list(att_prompt), params, "attacker") if B else []
-        grid = [comps[b * A:(b + 1) * A] for b in range(B)]
-        att_text = tuple(tuple(c.text for c in row) for row in grid)
-        att_ids = tuple(tuple(as_ids(c.token_ids) for c in row) for row in grid)
-        att_lp = tuple(tuple(tuple(float(v) for v in c.logprobs) for c in row) for row in grid)
-        att_finish = tuple(tuple(c.finish_reason for c in row) for row in grid)
-        x = [[None] * A for _ in range(B)]
-        x_err = [[None] * A for _ in range(B)]
-        for b in range(B):
-            for a, c in enumerate(grid[b]):
-                if stopped_early(c.finish_reason):
-                    x_err[b][a] = XError.MAX_LENGTH
-                    continue
-                x[b][a] = parse_attack(c.text, config.attacker_format)
-                if x[b][a] is None:
-                    x_err[b][a] = XError.PARSING
-
-    votes = [[() for _ in range(A)] for _ in range(B)]
+        att_prompt, att = _sample_attacks(s_B, cat_B, config, templates, attacker,
+                                          attacker_tokenizer, sample_index)
     if config.faithfulness and not skip_attacker:
-        slots = [(b, a) for b in range(B) for a in range(A) if x_err[b][a] is None]
-        k = config.num_faith_samples
-        reqs = [FaithRequest(s_B[b], x[b][a], cat_B[b]) for b, a in slots for _ in range(k)]
-        verdicts = calls.call("faithfulness", "faith", reqs, None)
-        for i, (b, a) in enumerate(slots):
-            vs = tuple(v if isinstance(v, bool) else None for v in verdicts[i * k:(i + 1) * k])
-            votes[b][a] = vs
-            calls.failures["faith"] += sum(v is None for v in vs)
-            verdict = faith_majority(vs, config.faith_tie)
-            if verdict is None:
-                x_err[b][a] = XError.BAD_FAITH_JUDGE
-            elif not verdict:
-                x_err[b][a] = XError.NOT_FAITHFUL
-
-    valid = [(b, a) for b in range(B) for a in range(A) if x_err[b][a] is None]
-    def_prompt = [[() for _ in range(A)] for _ in range(B)]
-    for b, a in valid:
-        def_prompt[b][a] = as_ids(defender_tokenizer.render_user_turn(templates.defender_prompt(x[b][a])))
-    empty = ("", None, (), (), None, YError.PROMPT_NOT_VALID)
-    y = [[[empty] * D for _ in range(A)] for _ in range(B)]
-    if valid:
-        params = _params(config.defender_sampling, D, defender_tokenizer, 2 * sample_index + 1)
-        comps = _generate(defender, [def_prompt[b][a] for b, a in valid], params, "defender")
-        for i, (b, a) in enumerate(valid):
-            for d, c in enumerate(comps[i * D:(i + 1) * D]):
-                resp, err = None, None
-                if stopped_early(c.finish_reason):
-                    err = YError.MAX_LENGTH
-                else:
-                    resp = parse_attack(c.text, config.defender_format)
-                    err = YError.PARSING if resp is None else None
-                y[b][a][d] = (c.text, resp, as_ids(c.token_ids), tuple(float(v) for v in c.logprobs),
-                              c.finish_reason, err)
-            if all(y[b][a][d][5] is not None for d in range(D)):
-                x_err[b][a] = XError.NO_VALID_RESPONSE
-
-    def field(k):
-        return tuple(tuple(tuple(y[b][a][d][k] for d in range(D)) for a in range(A)) for b in range(B))
-
-    return RolloutTree(
+        votes, faith = _check_faithfulness(judge, config, s_B, cat_B, att)
+    else:
+        votes, faith = [[() for _ in row] for row in att], stage_stats("faith")
+    def_prompt, y = _sample_responses(config, templates, att, defender, defender_tokenizer, sample_index)
+    tree = RolloutTree(
         s_B=s_B, category_B=cat_B, skip_attacker=skip_attacker, att_prompt_ids_B=att_prompt,
-        att_text_BA=att_text, att_ids_BA=att_ids, att_logprobs_BA=att_lp, att_finish_BA=att_finish,
-        x_BA=tuple(tuple(r) for r in x), faith_votes_BA=tuple(tuple(r) for r in votes),
-        x_error_BA=tuple(tuple(r) for r in x_err),
-        def_prompt_ids_BA=tuple(tuple(r) for r in def_prompt),
-        y_text_BAD=field(0), y_response_BAD=field(1), y_ids_BAD=field(2), y_logprobs_BAD=field(3),
-        y_finish_BAD=field(4), y_error_BAD=field(5))
+        att_text_BA=_nested(att, "text"), att_ids_BA=_nested(att, "ids"),
+        att_logprobs_BA=_nested(att, "logprobs"), att_finish_BA=_nested(att, "finish"),
+        x_BA=_nested(att, "x"), faith_votes_BA=tuple(tuple(r) for r in votes),
+        x_error_BA=_nested(att, "error"), def_prompt_ids_BA=tuple(tuple(r) for r in def_prompt),
+        y_text_BAD=_nested(y, "text"), y_response_BAD=_nested(y, "response"),
+        y_ids_BAD=_nested(y, "ids"), y_logprobs_BAD=_nested(y, "logprobs"),
+        y_finish_BAD=_nested(y, "finish"), y_error_BAD=_nested(y, "error"))
+    return tree, faith
 
 
-def score_tree(tree: RolloutTree, config: GameConfig, *, judge: Judge,
-               _calls: Optional[_Calls] = None) -> ScoredTree:
-    """Defender judge → response selection → attacker judge → patched rewards."""
-    calls = _calls or _Calls(judge)
+def sample_tree(seeds: Sequence, config: GameConfig, *, judge: Judge, defender: Sampler,
+                defender_tokenizer: Any, attacker: Optional[Sampler] = None,
+                attacker_tokenizer: Any = None, skip_attacker: bool = False,
+                sample_index: int = 0) -> RolloutTree:
+    """Sample attacks, check faithfulness and sample responses (see module docstring)."""
+    return _sample(seeds, config, judge, defender, defender_tokenizer, attacker,
+                   attacker_tokenizer, skip_attacker, sample_index)[0]
+
+
+def _judged(verdicts: dict, scores, raw, errors, bad) -> None:
+    """Write each judged slot's scores and their mean; a slot without any score gets ``bad``."""
+    for slot, vals in verdicts.items():
+        *outer, last = slot
+        _at(scores, outer)[last] = vals
+        _at(raw, outer)[last] = sum(vals) / len(vals) if vals else None
+        if not vals:
+            _at(errors, outer)[last] = bad
+
+
+def _at(grid, index):
+    for i in index:
+        grid = grid[i]
+    return grid
+
+
+def _grid(shape, value) -> list:
+    """A nested list of ``shape`` filled with ``value``."""
+    if len(shape) == 1:
+        return [value] * shape[0]
+    return [_grid(shape[1:], value) for _ in range(shape[0])]
+
+
+def _tuples(grid) -> tuple:
+    return tuple(_tuples(g) for g in grid) if isinstance(grid, list) else grid
+
+
+def _defender_groups(tree: RolloutTree, config: GameConfig, x_err, y_err) -> list[JudgeGroup]:
+    """One group per valid attack: its error-free responses, judged against x (or s)."""
     B, A, D = tree.shape
-    att_judge_on = config.attacker_judge_enabled and not tree.skip_attacker
-    y_err = [[list(r) for r in rows] for rows in tree.y_error_BAD]
-    x_err = [list(r) for r in tree.x_error_BA]
+    groups = []
+    for b in range(B):
+        for a in range(A):
+            cands = [d for d in range(D) if x_err[b][a] is None and y_err[b][a][d] is None]
+            if cands:
+                query = tree.x_BA[b][a] if config.condition_on == "prompt" else tree.s_B[b]
+                groups.append(JudgeGroup(defender_rubric(tree.category_B[b]), query,
+                                         tuple((b, a, d) for d in cands),
+                                         tuple(tree.y_response_BAD[b][a][d] for d in cands)))
+    return groups
 
-    y_scores = [[[() for _ in range(D)] for _ in range(A)] for _ in range(B)]
-    y_raw = [[[None] * D for _ in range(A)] for _ in range(B)]
-    if config.defender_judge_enabled:
-        groups, where = [], []
-        for b in range(B):
-            for a in range(A):
-                cands = [d for d in range(D) if x_err[b][a] is None and y_err[b][a][d] is None]
-                if cands:
-                    query = tree.x_BA[b][a] if config.condition_on == "prompt" else tree.s_B[b]
-                    groups.append((defender_rubric(tree.category_B[b]), query,
-                                   [tree.y_response_BAD[b][a][d] for d in cands]))
-                    where.append((b, a, cands))
-        for (b, a, cands), per in zip(where, _score_groups(calls, "defender", groups, config)):
-            for d, vals in zip(cands, per):
-                y_scores[b][a][d] = tuple(vals)
-                y_raw[b][a][d] = _mean(vals)
-                if not vals:
-                    y_err[b][a][d] = YError.BAD_DEF_JUDGE
-    y_rew = [[[rewards.patch_y_reward(y_err[b][a][d], y_raw[b][a][d], config.defender_judge_enabled)
-               for d in range(D)] for a in range(A)] for b in range(B)]
 
-    selected = [[None] * A for _ in range(B)]
-    # Reference rule: an attack whose selected response has no defender judgment
-    # (BAD_DEF_JUDGE) is not sent to the attacker judge; it keeps reward 0.0.
-    unjudged = set()
+def _attacker_groups(tree: RolloutTree, x_err, selected, unjudged) -> list[JudgeGroup]:
+    """One group per seed: the selected response of each valid, judged attack, against s."""
+    B, A, _ = tree.shape
+    groups = []
+    for b in range(B):
+        cands = [a for a in range(A) if x_err[b][a] is None and (b, a) not in unjudged]
+        if cands:
+            groups.append(JudgeGroup(attacker_rubric(tree.category_B[b]), tree.s_B[b],
+                                     tuple((b, a) for a in cands),
+                                     tuple(tree.y_response_BAD[b][a][selected[b][a]] for a in cands)))
+    return groups
+
+
+def _select(tree: RolloutTree, config: GameConfig, x_err, y_err, y_rew):
+    """The response each valid attack is judged on ([B][A]), and the attacks left unjudged.
+
+    Reference rule: an attack whose selected response has no defender judgment
+    (BAD_DEF_JUDGE) is not sent to the attacker judge; it keeps reward 0.0.
+    """
+    B, A, D = tree.shape
+    selected, unjudged = _grid((B, A), None), set()
     for b in range(B):
         for a in range(A):
             if x_err[b][a] is None:
@@ -303,36 +268,46 @@ def score_tree(tree: RolloutTree, config: GameConfig, *, judge: Judge,
                 if (config.selection == "reference" and d is not None
                         and y_err[b][a][d] == YError.BAD_DEF_JUDGE):
                     unjudged.add((b, a))
+    return selected, unjudged
 
-    x_scores = [[() for _ in range(A)] for _ in range(B)]
-    x_raw = [[None] * A for _ in range(B)]
+
+def score_tree(tree: RolloutTree, config: GameConfig, *, judge: Judge,
+               sample_stats: Optional[JudgeStats] = None) -> ScoredTree:
+    """Defender judge → response selection → attacker judge → patched rewards.
+
+    ``sample_stats``: judge statistics of the sampling stages, added to the tree's.
+    """
+    B, A, D = tree.shape
+    att_judge_on = config.attacker_judge_enabled and not tree.skip_attacker
+    y_err = [[list(r) for r in rows] for rows in tree.y_error_BAD]
+    x_err = [list(r) for r in tree.x_error_BA]
+    parts = [sample_stats] if sample_stats is not None else []
+
+    y_scores, y_raw = _grid((B, A, D), ()), _grid((B, A, D), None)
+    if config.defender_judge_enabled:
+        verdicts, part = judge_groups(judge, "defender", _defender_groups(tree, config, x_err, y_err), config)
+        _judged(verdicts, y_scores, y_raw, y_err, YError.BAD_DEF_JUDGE)
+        parts.append(part)
+    y_rew = [[[rewards.patch_y_reward(y_err[b][a][d], y_raw[b][a][d], config.defender_judge_enabled)
+               for d in range(D)] for a in range(A)] for b in range(B)]
+
+    selected, unjudged = _select(tree, config, x_err, y_err, y_rew)
+
+    x_scores, x_raw = _grid((B, A), ()), _grid((B, A), None)
     if att_judge_on:
-        groups, where = [], []
-        for b in range(B):
-            cands = [a for a in range(A) if x_err[b][a] is None and (b, a) not in unjudged]
-            if cands:
-                groups.append((attacker_rubric(tree.category_B[b]), tree.s_B[b],
-                               [tree.y_response_BAD[b][a][selected[b][a]] for a in cands]))
-                where.append((b, cands))
-        for (b, cands), per in zip(where, _score_groups(calls, "attacker", groups, config)):
-            for a, vals in zip(cands, per):
-                x_scores[b][a] = tuple(vals)
-                x_raw[b][a] = _mean(vals)
-                if not vals:
-                    x_err[b][a] = XError.BAD_ATT_JUDGE
+        verdicts, part = judge_groups(judge, "attacker", _attacker_groups(tree, x_err, selected, unjudged),
+                                      config)
+        _judged(verdicts, x_scores, x_raw, x_err, XError.BAD_ATT_JUDGE)
+        parts.append(part)
     x_rew = [[0.0 if (b, a) in unjudged and x_err[b][a] is None
               else rewards.patch_x_reward(x_err[b][a], x_raw[b][a], att_judge_on)
               for a in range(A)] for b in range(B)]
 
-    def t3(v):
-        return tuple(tuple(tuple(r) for r in rows) for rows in v)
-
     return ScoredTree(
-        tree=tree, config=config, y_judge_scores_BAD=t3(y_scores), y_raw_reward_BAD=t3(y_raw),
-        y_error_BAD=t3(y_err), y_reward_BAD=t3(y_rew), selected_d_BA=tuple(tuple(r) for r in selected),
-        x_judge_scores_BA=t3(x_scores), x_raw_reward_BA=tuple(tuple(r) for r in x_raw),
-        x_error_BA=tuple(tuple(r) for r in x_err), x_reward_BA=tuple(tuple(r) for r in x_rew),
-        judge_stats=calls.stats())
+        tree=tree, config=config, y_judge_scores_BAD=_tuples(y_scores), y_raw_reward_BAD=_tuples(y_raw),
+        y_error_BAD=_tuples(y_err), y_reward_BAD=_tuples(y_rew), selected_d_BA=_tuples(selected),
+        x_judge_scores_BA=_tuples(x_scores), x_raw_reward_BA=_tuples(x_raw),
+        x_error_BA=_tuples(x_err), x_reward_BA=_tuples(x_rew), judge_stats=sum_stats(parts))
 
 
 def build_tree(seeds: Sequence, config: GameConfig, *, judge: Judge, defender: Sampler,
@@ -345,10 +320,8 @@ def build_tree(seeds: Sequence, config: GameConfig, *, judge: Judge, defender: S
     x = s; no faithfulness check, no attacker judge, attacker rewards 0.0).
     ``sample_index`` shifts the samplers' seeds (attacker ``seed + 2i``, defender
     ``seed + 2i + 1``): pass a different value per call, e.g. ``2 * step + split``.
+    Judge statistics: each stage returns its part; the tree's ``judge_stats`` is their sum.
     """
-    calls = _Calls(judge)
-    tree = sample_tree(seeds, config, judge=judge, defender=defender,
-                       defender_tokenizer=defender_tokenizer, attacker=attacker,
-                       attacker_tokenizer=attacker_tokenizer, skip_attacker=skip_attacker,
-                       sample_index=sample_index, _calls=calls)
-    return score_tree(tree, config, judge=judge, _calls=calls)
+    tree, faith = _sample(seeds, config, judge, defender, defender_tokenizer, attacker,
+                          attacker_tokenizer, skip_attacker, sample_index)
+    return score_tree(tree, config, judge=judge, sample_stats=faith)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Optional
+from typing import Iterable, Optional
 
 from advgame_jax.game.config import GameConfig
 
@@ -102,6 +102,22 @@ class JudgeStats:
     order_pairs: dict
     order_flips: dict
     faults: dict
+
+
+def sum_judge_stats(parts: Iterable[JudgeStats], stages: Iterable[str] = ()) -> JudgeStats:
+    """``parts`` summed key by key, keys in order of first appearance; every stage in
+    ``stages`` is present (zero when no part has it)."""
+    stages = tuple(stages)
+    fields = [f.name for f in dataclasses.fields(JudgeStats) if f.name != "faults"]
+    counts = {name: {s: 0 for s in stages} for name in fields}
+    faults: dict = {}
+    for part in parts:
+        for name in fields:
+            for stage, n in getattr(part, name).items():
+                counts[name][stage] = counts[name].get(stage, 0) + n
+        for kind, n in part.faults.items():
+            faults[kind] = faults.get(kind, 0) + n
+    return JudgeStats(**counts, faults=faults)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,14 +229,7 @@ def concat_scored_trees(trees: "list[ScoredTree]") -> ScoredTree:
     rollouts = [t.tree for t in trees]
     tree = RolloutTree(**{f.name: cat(rollouts, f.name) for f in dataclasses.fields(RolloutTree)})
 
-    def summed(field):
-        out: dict = {}
-        for t in trees:
-            for k, v in getattr(t.judge_stats, field).items():
-                out[k] = out.get(k, 0) + v
-        return out
-
-    stats = JudgeStats(**{f.name: summed(f.name) for f in dataclasses.fields(JudgeStats)})
+    stats = sum_judge_stats(t.judge_stats for t in trees)
     fields = {f.name: cat(trees, f.name) for f in dataclasses.fields(ScoredTree)
               if f.name not in ("tree", "judge_stats")}
     return ScoredTree(tree=tree, judge_stats=stats, **fields)
