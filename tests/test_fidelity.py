@@ -225,6 +225,13 @@ def test_reference_selection_leaves_attack_unjudged_after_bad_def_judge():
     assert [(r.response_a, r.response_b) for r in att_reqs] == [("r220", "r220")]
     # Seeds 0 and 3 are unaffected.
     assert ref.x_reward_BA[0] == ours.x_reward_BA[0] and ref.x_reward_BA[3] == ours.x_reward_BA[3]
+    # The audit log replays such a tree: same pairs, the unjudged attack's 0.0 reproduced.
+    from advgame_jax.game import attacker_pairs, defender_pairs
+    from advgame_jax.game.audit import AUDIT_VERSION, replay
+    from advgame_jax.game.tree import scored_tree_to_dict
+
+    (att, dfd), _ = replay({"version": AUDIT_VERSION, "tree": scored_tree_to_dict(ref)})
+    assert att == attacker_pairs(ref) and dfd == defender_pairs(ref)
 
 
 def test_reference_defender_pairs_only_from_error_free_attacks():

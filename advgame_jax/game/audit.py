@@ -20,7 +20,7 @@ from typing import Iterator
 
 from advgame_jax.game.metrics import tree_metrics
 from advgame_jax.game.rewards import attacker_pairs, defender_pairs, patch_x_reward, patch_y_reward
-from advgame_jax.game.tree import ScoredTree, scored_tree_from_dict, scored_tree_to_dict
+from advgame_jax.game.tree import ScoredTree, YError, scored_tree_from_dict, scored_tree_to_dict
 from advgame_jax.types import TokenPair
 
 AUDIT_VERSION = 1
@@ -82,8 +82,21 @@ def replay(record: dict) -> tuple[tuple[list[TokenPair], list[TokenPair]], dict[
     scored = record_to_scored_tree(record)
     cfg = scored.config
     att_on = cfg.attacker_judge_enabled and not scored.tree.skip_attacker
-    x_reward = tuple(tuple(patch_x_reward(e, r, att_on) for e, r in zip(er, rr))
-                     for er, rr in zip(scored.x_error_BA, scored.x_raw_reward_BA))
+
+    def x_patched(b, a, error, raw):
+        # The reference rule of score_tree: an attack whose selected response got
+        # BAD_DEF_JUDGE was not sent to the attacker judge and keeps 0.0.
+        d = scored.selected_d_BA[b][a]
+        if (error is None and cfg.selection == "reference" and d is not None
+                and scored.y_error_BAD[b][a][d] == YError.BAD_DEF_JUDGE):
+            return 0.0
+        try:
+            return patch_x_reward(error, raw, att_on)
+        except ValueError as err:
+            raise AuditLogError(f"audit record: attack ({b}, {a}): {err}") from None
+
+    x_reward = tuple(tuple(x_patched(b, a, e, r) for a, (e, r) in enumerate(zip(er, rr)))
+                     for b, (er, rr) in enumerate(zip(scored.x_error_BA, scored.x_raw_reward_BA)))
     y_reward = tuple(tuple(tuple(patch_y_reward(e, r, cfg.defender_judge_enabled) for e, r in zip(er, rr))
                            for er, rr in zip(ers, rrs))
                      for ers, rrs in zip(scored.y_error_BAD, scored.y_raw_reward_BAD))
