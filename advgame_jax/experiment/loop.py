@@ -422,7 +422,11 @@ class GameRunner:
             if self.step == 0 and cfg.train.validate_every:
                 writer.write(0, self.validate())
             steps_done = 0
-            while self.step < cfg.train.num_steps and not self._stop_requested:
+            # The loop stops on the AGREED flag only: a signal seen by any process stops every
+            # process after the same step (a signal landing after an agreement counts at the
+            # next one), with one checkpoint of that step.
+            stop = hosts.any_process(self._stop_requested)
+            while self.step < cfg.train.num_steps and not stop:
                 if max_steps is not None and steps_done >= max_steps:
                     break
                 last = self.train_step()
@@ -430,9 +434,8 @@ class GameRunner:
                 writer.write(self.step, last)
                 # A background save that failed stops the run here, naming its step.
                 self.checkpointer.poll()
-                # A signal seen by any process stops every process after this same step.
-                self._stop_requested = hosts.any_process(self._stop_requested)
-                self.save_checkpoint(force=self._stop_requested or self.step == cfg.train.num_steps)
+                stop = hosts.any_process(self._stop_requested)
+                self.save_checkpoint(force=stop or self.step == cfg.train.num_steps)
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
@@ -440,7 +443,7 @@ class GameRunner:
             writer.close()
             if self.audit is not None:
                 self.audit.close()
-        if self._stop_requested:
+        if stop:
             logging.warning("stopped cleanly at step %d; rerun the same command to resume", self.step)
         return last
 
