@@ -75,12 +75,9 @@ def _target(who, api_key, **kw):
 
 def main(argv):
     del argv
-    from advgame_jax.evaluation import user_errors
+    from advgame_jax.evaluation import run_entry_point
 
-    try:
-        _main()
-    except user_errors() as err:
-        raise app.UsageError(f"{type(err).__name__}: {err}") from None
+    run_entry_point(_main)
 
 
 def _main():

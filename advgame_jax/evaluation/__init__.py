@@ -21,3 +21,13 @@ def user_errors() -> tuple:
 
     return (EndpointUnreachable, PromptSetError, NotAcknowledged, ReportError, ResultsFileError,
             RunMismatchError, AttackerNotAllowed, TargetError, FileExistsError)
+
+
+def run_entry_point(body) -> None:
+    """Run a launch script's ``body()``; bad user input becomes one usage line, no trace."""
+    from absl import app
+
+    try:
+        body()
+    except user_errors() as err:
+        raise app.UsageError(f"{type(err).__name__}: {err}") from None
