@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -92,6 +93,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_all(procs, deadline):
+    """Wait for every ``(process, log)`` until ``deadline``; each must exit 0 (else its log's
+    tail is the failure message); any still running afterwards is killed."""
+    try:
+        for p, log in procs:
+            rc = p.wait(timeout=max(deadline - time.time(), 1))
+            log.close()
+            assert rc == 0, open(log.name).read()[-3000:]
+    finally:
+        for p, _ in procs:
+            if p.poll() is None:
+                p.kill()
+
+
 def _run_world(tmp_path, name, n_proc, local_devices, extra=(), timeout=300):
     port = _free_port()
     procs = []
@@ -106,15 +121,7 @@ def _run_world(tmp_path, name, n_proc, local_devices, extra=(), timeout=300):
             [sys.executable, "-m", "tests.multihost_worker", "--local_devices",
              str(local_devices), "--out", str(tmp_path / f"{name}.npz"), *extra],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-    try:
-        for p, log in procs:
-            rc = p.wait(timeout=timeout)
-            log.close()
-            assert rc == 0, open(log.name).read()[-3000:]
-    finally:
-        for p, _ in procs:
-            if p.poll() is None:
-                p.kill()
+    _wait_all(procs, time.time() + timeout)
     with np.load(tmp_path / f"{name}.npz") as z:
         return [z[str(i)] for i in range(len(z.files))]
 
@@ -182,7 +189,6 @@ def _train_world(tmp_path, name, workdir, toy_dir, num_steps, *, sigterm_after_s
     With ``sigterm_after_step``, process 1 (not the writer) gets SIGTERM once metrics.jsonl
     holds that step."""
     import signal
-    import time
 
     port = _free_port()
     procs = []
@@ -211,14 +217,8 @@ def _train_world(tmp_path, name, workdir, toy_dir, num_steps, *, sigterm_after_s
                     procs[1][0].send_signal(signal.SIGTERM)
                     break
                 time.sleep(0.5)
-        for p, log in procs:
-            rc = p.wait(timeout=max(deadline - time.time(), 1))
-            log.close()
-            assert rc == 0, open(log.name).read()[-3000:]
     finally:
-        for p, _ in procs:
-            if p.poll() is None:
-                p.kill()
+        _wait_all(procs, deadline)
 
 
 def _records(workdir):
