@@ -19,6 +19,7 @@ Plus the small cross-process agreements the loop needs (:func:`any_process`,
 
 from __future__ import annotations
 
+from advgame_jax.errors import UserError
 import dataclasses
 import math
 import os
@@ -29,7 +30,7 @@ MESH_AXES = ("data", "fsdp", "tensor")
 DEFAULT_PORT = 8476
 
 
-class WorldError(RuntimeError):
+class WorldError(UserError, RuntimeError):
     """The launcher's environment or the devices JAX sees do not match the config."""
 
 

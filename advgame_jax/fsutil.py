@@ -13,6 +13,7 @@ one. Files are written the same way (:func:`atomic_write_text`, :func:`atomic_wr
 
 from __future__ import annotations
 
+from advgame_jax.errors import UserError
 import json
 import os
 import shutil
@@ -25,7 +26,7 @@ _TMP_INFIX = ".tmp-"
 _OLD_INFIX = ".old-"
 
 
-class NotOwnedError(RuntimeError):
+class NotOwnedError(UserError, RuntimeError):
     """A path the project was asked to replace or delete was not created by it."""
 
 

@@ -11,6 +11,7 @@ Owns two things:
 
 from __future__ import annotations
 
+from advgame_jax.errors import UserError
 import json
 import os
 import pathlib
@@ -45,7 +46,7 @@ TINY_CHAT_TEMPLATE = (
 _LEXICON_WEIGHT = 4096
 
 
-class TokenizerLoadError(ValueError):
+class TokenizerLoadError(UserError, ValueError):
     """A checkpoint directory does not hold a loadable tokenizer."""
 
 

@@ -56,13 +56,11 @@ def _parse_flags(argv):
 def main(argv):
     del argv
     from advgame_jax import distributed
-    from advgame_jax.data import SeedFileError
+    from advgame_jax.errors import UserError, one_line
     from advgame_jax.experiment.logsetup import configure_logging
     from advgame_jax.experiment.loop import run_from_config
-    from advgame_jax.experiment.validate import ConfigError, validate_config
-    from advgame_jax.fsutil import NotOwnedError, check_writable_dir
-    from advgame_jax.game import GameConfigError, JudgeEndpointError
-    from advgame_jax.training.checkpoint import CheckpointError
+    from advgame_jax.experiment.validate import validate_config
+    from advgame_jax.fsutil import check_writable_dir
 
     config = _CONFIG.value
     try:
@@ -76,9 +74,8 @@ def main(argv):
         log_path = configure_logging(config.workdir)
         logging.info("library logs: %s", log_path)
         run_from_config(config)
-    except (ConfigError, SeedFileError, GameConfigError, JudgeEndpointError,
-            CheckpointError, NotOwnedError, distributed.WorldError) as err:
-        _fail(str(err))
+    except UserError as err:
+        _fail(one_line(err))
     except OSError as err:  # e.g. check_writable_dir: names the field
         if "config." not in str(err):
             raise

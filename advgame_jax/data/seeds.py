@@ -9,6 +9,7 @@ never fit a prompt budget, for a report at load time.
 
 from __future__ import annotations
 
+from advgame_jax.errors import UserError
 import dataclasses
 import importlib.resources
 import json
@@ -20,7 +21,7 @@ CATEGORIES: tuple[str, ...] = ("harmful", "benign")
 _EXPECTED = 'expected a JSON object {"prompt": <non-empty string>, "category": "harmful" | "benign"}'
 
 
-class SeedFileError(ValueError):
+class SeedFileError(UserError, ValueError):
     """A seed file (or one of its lines) is not what the reader expects."""
 
 

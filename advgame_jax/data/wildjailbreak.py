@@ -21,6 +21,7 @@ line number and what was expected.
 
 from __future__ import annotations
 
+from advgame_jax.errors import UserError
 import csv
 import os
 import sys
@@ -38,7 +39,7 @@ DEFAULT_VALID_SIZE = 256
 DEFAULT_ADVERSARIAL_VALID_SIZES = {"harmful": 256, "benign": 128}
 
 
-class WildJailbreakFormatError(ValueError):
+class WildJailbreakFormatError(UserError, ValueError):
     """The TSV is not a WildJailbreak train file as expected."""
 
 

@@ -19,7 +19,9 @@ def user_errors() -> tuple:
     from advgame_jax.evaluation.results import RunMismatchError
     from advgame_jax.evaluation.targets import AttackerNotAllowed, TargetError
 
-    return (EndpointUnreachable, PromptSetError, NotAcknowledged, ReportError, ResultsFileError,
+    from advgame_jax.errors import UserError
+
+    return (UserError, EndpointUnreachable, PromptSetError, NotAcknowledged, ReportError, ResultsFileError,
             RunMismatchError, AttackerNotAllowed, TargetError, FileExistsError)
 
 

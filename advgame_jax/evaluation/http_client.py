@@ -9,6 +9,7 @@ them as failures.
 
 from __future__ import annotations
 
+from advgame_jax.errors import UserError
 import concurrent.futures
 import dataclasses
 import json
@@ -18,7 +19,7 @@ import urllib.request
 from typing import Optional, Sequence
 
 
-class EndpointUnreachable(ConnectionError):
+class EndpointUnreachable(UserError, ConnectionError):
     """An endpoint does not answer ``GET /models`` as an OpenAI-compatible server."""
 
 

@@ -12,13 +12,14 @@ Two ways to serve the defender (export it first with ``launch/convert.py``):
 
 from __future__ import annotations
 
+from advgame_jax.errors import UserError
 import json
 import math
 import os
 from typing import Sequence
 
 
-class LmEvalResultsError(ValueError):
+class LmEvalResultsError(UserError, ValueError):
     """Not an lm-evaluation-harness results file."""
 
 

@@ -32,6 +32,7 @@ put in an error message (seed prompts are sensitive).
 
 from __future__ import annotations
 
+from advgame_jax.errors import UserError
 import csv
 import dataclasses
 import hashlib
@@ -42,7 +43,7 @@ from typing import Callable, Optional
 from advgame_jax.data.seeds import CATEGORIES, SeedFileError, read_seeds_jsonl
 
 
-class PromptSetError(ValueError):
+class PromptSetError(UserError, ValueError):
     """A prompt-set spec or file is not what its reader expects."""
 
 

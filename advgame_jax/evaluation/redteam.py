@@ -16,6 +16,7 @@ success / seeds; each with a bootstrap CI, overall and per ``subcategory``.
 
 from __future__ import annotations
 
+from advgame_jax.errors import UserError
 import collections
 import dataclasses
 import json
@@ -34,7 +35,7 @@ from advgame_jax.game import parsing, rule_judge
 from advgame_jax.game.templates import get_template_set
 
 
-class NotAcknowledged(PermissionError):
+class NotAcknowledged(UserError, PermissionError):
     """Red-teaming started without the explicit acknowledgement."""
 
 

@@ -18,6 +18,7 @@ folded into the summary (``lmeval.fold_lmeval``).
 
 from __future__ import annotations
 
+from advgame_jax.errors import UserError
 import json
 import os
 from typing import Optional, Sequence
@@ -28,7 +29,7 @@ SPLITS = ("harmful", "benign")
 PLAYERS = (("attacker", "x"), ("defender", "y"))
 
 
-class ReportError(ValueError):
+class ReportError(UserError, ValueError):
     """Missing inputs, or matplotlib not installed."""
 
 

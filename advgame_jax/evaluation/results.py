@@ -8,17 +8,18 @@ writes whole lines, flushed and fsynced, so every record on disk is a finished e
 
 from __future__ import annotations
 
+from advgame_jax.errors import UserError
 import json
 import os
 import tempfile
 from typing import Iterable
 
 
-class ResultsFileError(ValueError):
+class ResultsFileError(UserError, ValueError):
     """A results file that is not ours or holds a malformed complete line."""
 
 
-class RunMismatchError(ValueError):
+class RunMismatchError(UserError, ValueError):
     """``out_dir`` holds results of a run with other settings."""
 
 

@@ -11,6 +11,7 @@ batching, on resuming, or on running in-process versus over HTTP.
 
 from __future__ import annotations
 
+from advgame_jax.errors import UserError
 import dataclasses
 import glob
 import hashlib
@@ -21,11 +22,11 @@ from typing import Optional, Sequence
 from advgame_jax.evaluation.http_client import OpenAIClient, Request
 
 
-class TargetError(ValueError):
+class TargetError(UserError, ValueError):
     """A model to load is missing, of the wrong family, or not allowed (attacker)."""
 
 
-class AttackerNotAllowed(PermissionError):
+class AttackerNotAllowed(UserError, PermissionError):
     """A trained attacker used without the explicit acknowledgement flag."""
 
 

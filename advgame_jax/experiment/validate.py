@@ -9,11 +9,12 @@ a checkpoint whose saved config differs anywhere else.
 
 from __future__ import annotations
 
+from advgame_jax.errors import UserError
 import os
 from typing import Any, Iterable
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config field is missing, malformed or inconsistent with another field."""
 
 

@@ -13,6 +13,7 @@ returned.
 
 from __future__ import annotations
 
+from advgame_jax.errors import UserError
 import dataclasses
 import json
 import os
@@ -26,7 +27,7 @@ from advgame_jax.types import TokenPair
 AUDIT_VERSION = 1
 
 
-class AuditLogError(ValueError):
+class AuditLogError(UserError, ValueError):
     """An audit record is malformed or inconsistent."""
 
 

@@ -4,6 +4,7 @@ construction, and its translation from an experiment ``ConfigDict`` (``configs/b
 
 from __future__ import annotations
 
+from advgame_jax.errors import UserError
 import dataclasses
 from typing import Any
 
@@ -15,7 +16,7 @@ SELECTIONS = ("reference", "fallback")
 _DEFAULT_SAMPLING = SamplingParams(temperature=0.6, top_p=0.9, max_new_tokens=2048)
 
 
-class GameConfigError(ValueError):
+class GameConfigError(UserError, ValueError):
     """A ``GameConfig`` field is invalid."""
 
 

@@ -30,6 +30,7 @@ raises ``JudgeEndpointError`` naming every unreachable URL.
 
 from __future__ import annotations
 
+from advgame_jax.errors import UserError
 import concurrent.futures
 import http.client
 import json
@@ -46,7 +47,7 @@ from typing import Callable, Optional, Sequence
 from advgame_jax.game.judge import FaultCounter
 
 
-class JudgeEndpointError(RuntimeError):
+class JudgeEndpointError(UserError, RuntimeError):
     """A judge endpoint cannot be reached or is misconfigured."""
 
 

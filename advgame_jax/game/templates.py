@@ -14,6 +14,7 @@ more can be added at run time with ``register_template_set``. Rubric names:
 
 from __future__ import annotations
 
+from advgame_jax.errors import UserError
 import dataclasses
 import importlib.resources
 import re
@@ -39,7 +40,7 @@ _PLACEHOLDER_RE = re.compile(r"\{(" + "|".join(PLACEHOLDERS) + r")\}")
 _SECTION_RE = re.compile(r"^=== ([a-z_]+) ===[ \t]*$", re.MULTILINE)
 
 
-class TemplateError(ValueError):
+class TemplateError(UserError, ValueError):
     """A template set is unknown, or a template file is malformed."""
 
 

@@ -21,6 +21,7 @@ module (``--host/--port`` and ``--authkey-env``).
 
 from __future__ import annotations
 
+from advgame_jax.errors import UserError
 import argparse
 import dataclasses
 import json
@@ -38,7 +39,7 @@ from advgame_jax.sampling.base import Completion, SamplingParams
 AUTHKEY_ENV = "ADVGAME_ENGINE_AUTHKEY"
 
 
-class EngineError(RuntimeError):
+class EngineError(UserError, RuntimeError):
     """An offloaded engine died, timed out, refused a request or answered with an error."""
 
 

@@ -26,6 +26,7 @@ Attacker checkpoints (see ``check_servable``) are refused unless explicitly allo
 
 from __future__ import annotations
 
+from advgame_jax.errors import UserError
 import dataclasses
 import hmac
 import json
@@ -48,7 +49,7 @@ ATTACKER_MARKER_FILES = ("ADVGAME_ATTACKER", "ADVGAME_CONTROLLED_ARTIFACT.json")
 ATTACKER_CONFIG_FIELDS = ("advgame_controlled_artifact", "advgame_role")
 
 
-class AttackerCheckpointError(PermissionError):
+class AttackerCheckpointError(UserError, PermissionError):
     """Serving an attacker checkpoint without ``allow_attacker``."""
 
 

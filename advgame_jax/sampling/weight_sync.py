@@ -28,6 +28,7 @@ weight loaders keep that rank's slice.
 
 from __future__ import annotations
 
+from advgame_jax.errors import UserError
 import json
 import os
 import re
@@ -47,7 +48,7 @@ _CONTROLLED_NOTE = ("This directory holds weights of the trained attacker, a con
                     "project's explicit export flag.\n")
 
 
-class SyncCheckpointError(ValueError):
+class SyncCheckpointError(UserError, ValueError):
     """A sync checkpoint is missing, uncommitted, or not what the reader expected."""
 
 

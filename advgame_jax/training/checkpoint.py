@@ -30,6 +30,7 @@ after every step, so that is the step that caused it), never swallowed until a l
 
 from __future__ import annotations
 
+from advgame_jax.errors import UserError
 import json
 import logging
 import os
@@ -44,7 +45,7 @@ MANIFEST = "advgame_manifest.json"
 QUARANTINE = "quarantine"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """No usable checkpoint could be restored, or a save failed."""
 
 

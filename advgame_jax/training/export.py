@@ -8,6 +8,7 @@ carries a marker file (``ADVGAME_CONTROLLED_ARTIFACT.json``) and a ``config.json
 
 from __future__ import annotations
 
+from advgame_jax.errors import UserError
 import json
 import os
 from typing import Optional
@@ -24,7 +25,7 @@ NOTICE = ("Attacker model trained by the AdvGame attacker-defender safety game. 
           "authorised red-teaming and safety-evaluation work; do not deploy it as an assistant.")
 
 
-class AttackerExportError(PermissionError):
+class AttackerExportError(UserError, PermissionError):
     """Exporting attacker params without ``allow_attacker_export=True``."""
 
 
