@@ -53,7 +53,8 @@ def test_pairwise_tree_round_robin_over_two_endpoints():
     responses = {"x0 FAITH=True": ["y0 SCORE=7", "y1 SCORE=3", "y2 SCORE=5"],
                  "x1 FAITH=True": ["y3 SCORE=2", "y4 SCORE=8", "y5 SCORE=8"]}
     cfg = GameConfig(num_attacks=2, num_responses=3, attacker_format="any")
-    with FakeJudgeServer(marker_script()) as s1, FakeJudgeServer(marker_script()) as s2:
+    served = ("judge-model",)
+    with FakeJudgeServer(marker_script(), served) as s1, FakeJudgeServer(marker_script(), served) as s2:
         judge = _judge([s1.url, s2.url], api_key="k-secret")
         judge.backend.check_endpoints()
         scored = _play(judge, seeds, attacks, responses, cfg)
@@ -171,7 +172,7 @@ def test_make_judge_from_config(monkeypatch):
     cfg.endpoints = (_closed_port_url(),)
     with pytest.raises(JudgeEndpointError, match="unreachable"):
         make_judge(cfg)
-    with FakeJudgeServer(marker_script()) as server:
+    with FakeJudgeServer(marker_script(), models=("judge-model",)) as server:
         cfg.endpoints = (server.url,)
         judge = make_judge(cfg)
         from advgame_jax.game.judge import PointRequest
@@ -225,7 +226,8 @@ def test_unhealthy_replica_is_avoided_and_failure_rate_warns(caplog):
     assert bad_hits == 2  # two failures made it unhealthy; nothing more was sent to it
     assert not health[bad.url]["healthy"] and health[good.url]["healthy"]
 
-    # A judge failing most requests logs a visible warning once per window of batches.
+    # A judge failing most requests logs a visible warning from its first batch, then at most
+    # once per window of batches.
     with FakeJudgeServer(lambda p, h: ("status", 500)) as down:
         backend = EndpointBackend([down.url], "m", timeout_s=5.0, max_retries=0,
                                   warn_every=2, warn_failure_rate=0.1)
@@ -234,7 +236,9 @@ def test_unhealthy_replica_is_avoided_and_failure_rate_warns(caplog):
                 backend.complete(["x", "y"])
     warnings = [r.getMessage() for r in caplog.records if "JUDGE FAILURE RATE" in r.getMessage()]
     assert len(warnings) == 2 and backend.warnings_logged == 2
-    assert "100.0% over the last 2 batches (4 of 4 requests failed" in warnings[0]
+    assert "100.0% over the last 1 batch (2 of 2 requests failed" in warnings[0]
+    assert "100.0% over the last 2 batches (4 of 4 requests failed" in warnings[1]
+    assert f"{down.url} UNHEALTHY (6/6 attempts failed)" in warnings[1]
 
 
 def test_out_of_range_scores_are_counted_not_silently_clipped():
@@ -263,7 +267,7 @@ def test_paper_judge_decoding_reaches_the_endpoint():
     from configs.paper import paper_config
 
     jc = paper_config("qwen", "dpo_md").judge
-    with FakeJudgeServer(marker_script()) as s:
+    with FakeJudgeServer(marker_script(), models=("judge-model",)) as s:
         jc.endpoints = (s.url,)
         jc.model = "judge-model"
         judge = make_judge(jc, templates="advgame_v1")
