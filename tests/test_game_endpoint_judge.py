@@ -276,3 +276,94 @@ def test_paper_judge_decoding_reaches_the_endpoint():
     assert body["temperature"] == 0.6 and body["top_p"] == 0.9
     with pytest.raises(JudgeEndpointError, match="top_p"):
         EndpointBackend(["http://127.0.0.1:9/v1"], "m", top_p=0.0)
+
+
+def test_judge_model_must_be_served_one_error_naming_the_field(monkeypatch):
+    """issue 22.1: a judge.model the server does not serve fails at start-up (it used to get an
+    HTTP 404 on every call, counted as judge failures, with no warning)."""
+    from advgame_jax.errors import UserError
+
+    cfg = ml_collections.ConfigDict(dict(
+        backend="endpoint", endpoints=(), model="Qwen2.5-32B-Instruct", api_key_env="",
+        timeout_s=2.0, max_retries=0, concurrency=4, temperature=0.0, max_new_tokens=64))
+    with FakeJudgeServer(marker_script(), models=("smollm2", "other")) as s1, \
+            FakeJudgeServer(marker_script(), models=("Qwen2.5-32B-Instruct",)) as s2:
+        cfg.endpoints = (s2.url, s1.url)
+        with pytest.raises(JudgeEndpointError) as info:
+            make_judge(cfg)
+        posts = s1.hits + s2.hits
+    msg = str(info.value)
+    assert isinstance(info.value, UserError) and "\n" not in msg
+    assert "config.judge.model='Qwen2.5-32B-Instruct' is not served" in msg
+    assert f"{s1.url} serves ['smollm2', 'other']" in msg and s2.url not in msg
+    assert posts == 0  # refused before any judge request
+
+
+def test_startup_probes_warn_with_the_raw_reply(caplog):
+    """issue 22.1: one faithfulness and one pairwise probe; an answer that does not parse is a
+    warning with its raw reply's first 200 characters and the config fields to look at."""
+    import logging
+
+    cfg = ml_collections.ConfigDict(dict(
+        backend="endpoint", endpoints=(), model="judge", api_key_env="", timeout_s=5.0,
+        max_retries=0, concurrency=4, temperature=0.0, max_new_tokens=64))
+    rambling = "I think both answers are fine. " * 20  # 620 characters, no tags
+
+    def half_broken(prompt, hit):  # faithfulness parses, pairwise does not
+        if "<rewritten_prompt>" in prompt:
+            return ("ok", "<answer>True</answer>")
+        return ("ok", rambling)
+
+    for script, expected in ((marker_script(), []), (half_broken, ["pairwise"])):
+        caplog.clear()
+        with FakeJudgeServer(script) as s:
+            cfg.endpoints = (s.url,)
+            with caplog.at_level(logging.WARNING, logger="advgame_jax.judge"):
+                judge = make_judge(cfg)
+            probes = s.hits
+        warned = [r.getMessage() for r in caplog.records if "start-up probe" in r.getMessage()]
+        assert probes == 2 and len(warned) == len(expected)
+        assert judge.fault_counts() == {}  # probes are not judge faults
+        for kind, msg in zip(expected, warned):
+            assert f"the {kind} answer of 'judge' does not parse" in msg
+            assert repr(rambling[:200]) in msg and rambling[:201] not in msg
+            assert "config.judge.max_new_tokens" in msg and "config.game.templates" in msg
+    # A probe request that fails outright is named too (HTTP status and body excerpt).
+    caplog.clear()
+    with FakeJudgeServer(lambda p, h: ("status", 400, b'{"error": "max_tokens too large"}')) as s:
+        cfg.endpoints = (s.url,)
+        with caplog.at_level(logging.WARNING, logger="advgame_jax.judge"):
+            make_judge(cfg)
+    warned = [r.getMessage() for r in caplog.records if "start-up probe" in r.getMessage()]
+    assert len(warned) == 2 and all("HTTP 400" in w and "max_tokens too large" in w
+                                    for w in warned)
+
+
+def test_first_failing_batch_warns_with_the_default_window(caplog):
+    """issue 22.2: with the default warn_every=10, a judge failing every call is named after
+    its first batch (it used to take 10 batches)."""
+    import logging
+
+    with FakeJudgeServer(lambda p, h: ("status", 404, b'{"error": "model not found"}')) as s:
+        backend = EndpointBackend([s.url], "m", timeout_s=5.0, max_retries=0)
+        with caplog.at_level(logging.WARNING, logger="advgame_jax.judge"):
+            assert backend.complete(["a", "b", "c"]) == [None] * 3
+    warned = [r.getMessage() for r in caplog.records if "JUDGE FAILURE RATE" in r.getMessage()]
+    assert len(warned) == 1 and backend.warnings_logged == 1
+    assert "100.0% over the last 1 batch (3 of 3 requests failed" in warned[0]
+    assert "'http_4xx': 3" in warned[0]
+
+
+def test_judge_requests_send_every_sampling_field():
+    """issue 17.23: a vLLM server fills unset sampling fields from the model's
+    generation_config.json, so every one is sent explicitly (neutral values)."""
+    with FakeJudgeServer(marker_script()) as s:
+        EndpointBackend([s.url], "judge", temperature=0.6, top_p=0.9, max_tokens=77).complete(["p"])
+        EndpointBackend([s.url], "judge", explicit_sampling=False).complete(["q"])
+        bodies = [r["body"] for r in s.requests]
+    assert bodies[0] == {"model": "judge", "messages": [{"role": "user", "content": "p"}],
+                         "temperature": 0.6, "top_p": 0.9, "max_tokens": 77, "top_k": -1,
+                         "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
+                         "frequency_penalty": 0.0}
+    assert bodies[1] == {"model": "judge", "messages": [{"role": "user", "content": "q"}],
+                         "temperature": 0.0, "top_p": 1.0, "max_tokens": 8192}

@@ -268,7 +268,12 @@ class Client:
         for attempt in range(retries + 1):
             if attempt and count:
                 self.faults.add("retries")
-            rep = self.router.acquire(replica)
+            rep = self.router.acquire(replica, timeout=deadline - time.monotonic())
+            if rep is None:  # every replica's slots stayed taken until the deadline
+                err = DeadlineExceeded("no free replica slot before the request's deadline")
+                if count:
+                    self.faults.add(err.kind)
+                break
             ok = False
             try:
                 value = self._attempt(method, rep.base + path, body, parse, deadline)

@@ -51,9 +51,11 @@ class ReplicaRouter:
         self._clock = clock
         self._cond = threading.Condition(threading.Lock())
 
-    def acquire(self, pin: Optional[int] = None) -> Replica:
+    def acquire(self, pin: Optional[int] = None,
+                timeout: Optional[float] = None) -> Optional[Replica]:
         """The least-loaded healthy replica with a free slot (``pin``: that replica, whatever
-        its health); waits for a slot."""
+        its health); waits for a slot, at most ``timeout`` seconds (then None)."""
+        end = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while True:
                 cap = self.max_in_flight_per_endpoint or None
@@ -68,7 +70,10 @@ class ReplicaRouter:
                     best.in_flight += 1
                     best.peak_in_flight = max(best.peak_in_flight, best.in_flight)
                     return best
-                self._cond.wait()
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    return None
+                self._cond.wait(left)
 
     def release(self, replica: Replica, ok: bool, record: bool = True) -> None:
         """Free ``replica``'s slot; ``record``: count the attempt in its health."""
