@@ -1,6 +1,7 @@
 """The LLM judge over OpenAI-compatible endpoints, against scripted HTTP servers on 127.0.0.1
 (tests/fake_judge_server.py): round-robin, retries, timeouts, HTTP 500, malformed JSON,
-garbage answers, and the start-up reachability check."""
+garbage answers, the start-up checks (reachable, judge.model served, probes that parse), the
+failure-rate warning from the first batch, and every sampling field in the request body."""
 
 import socket
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import time
 from typing import Any, Callable, Optional, Sequence
 
 from advgame_jax.errors import UserError
@@ -72,8 +73,8 @@ class EndpointBackend:
                  max_backoff_s: float = 30.0, seed: int = 0,
                  max_in_flight_per_endpoint: int = 0, unhealthy_after: int = 3,
                  unhealthy_cooldown_s: float = 30.0, warn_failure_rate: float = 0.1,
-                 warn_every: int = 10, sleep: Optional[Callable[[float], None]] = None,
-                 clock: Optional[Callable[[], float]] = None):
+                 warn_every: int = 10, sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.monotonic):
         if isinstance(endpoints, str):
             endpoints = [e for e in endpoints.split(",") if e]
         endpoints = [str(e).rstrip("/") for e in endpoints]
@@ -98,7 +99,6 @@ class EndpointBackend:
         self.temperature, self.top_p = float(temperature), float(top_p)
         self.max_tokens = int(max_tokens)
         self.explicit_sampling = bool(explicit_sampling)
-        timing = {k: v for k, v in (("sleep", sleep), ("clock", clock)) if v is not None}
         try:
             self.client = Client(
                 self.endpoints, api_key=api_key, timeout_s=timeout_s, max_retries=max_retries,
@@ -106,7 +106,7 @@ class EndpointBackend:
                 max_connections=max(self.concurrency, 1),
                 max_in_flight_per_endpoint=max_in_flight_per_endpoint,
                 unhealthy_after=unhealthy_after, unhealthy_cooldown_s=unhealthy_cooldown_s,
-                field="config.judge.endpoints", **timing)
+                field="config.judge.endpoints", sleep=sleep, clock=clock)
             self._monitor = FailureRateMonitor(
                 threshold=warn_failure_rate, every=warn_every, what="JUDGE",
                 consequence="their slots become judge error values",
@@ -156,10 +156,9 @@ class EndpointBackend:
                 ". Set config.judge.model to one of the served names")
         return names
 
-    def _request(self, prompt: str, count: bool = True) -> Optional[str]:
+    def _request(self, prompt: str) -> Optional[str]:
         try:
-            return self.client.post("/chat/completions", self.payload(prompt), parse=chat_text,
-                                    count=count)
+            return self.client.post("/chat/completions", self.payload(prompt), parse=chat_text)
         except ClientError:
             return None
 
