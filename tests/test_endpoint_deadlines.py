@@ -82,4 +82,5 @@ def test_eval_cli_request_timeout_reaches_the_endpoint_target(tmp_path):
         out = json.load(f)
     m = out["sets"]["s"]
     assert m["generation_failures"] == 2 and posts == 2
+    assert "ENDPOINT --endpoint FAILURE RATE 100.0% over the last 1 batch (2 of 2" in proc.stderr
     assert wall < 60  # two 3 s deadlines (run concurrently) plus start-up, never a hang

@@ -261,7 +261,8 @@ class Client:
         ``MalformedResponse``). Raises the last ``ClientError`` once retries or time run out.
         replica: send every attempt to that replica (index into ``endpoints``).
         count: False leaves fault counts and replica health untouched (probes)."""
-        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else float(timeout_s))
+        budget = self.timeout_s if timeout_s is None else float(timeout_s)
+        deadline = time.monotonic() + budget
         retries = self.max_retries if max_retries is None else int(max_retries)
         body = None if payload is None else json.dumps(payload).encode("utf-8")
         err: ClientError = DeadlineExceeded("no time left")
@@ -276,7 +277,7 @@ class Client:
                 break
             ok = False
             try:
-                value = self._attempt(method, rep.base + path, body, parse, deadline)
+                value = self._attempt(method, rep.base + path, body, parse, deadline, budget)
                 ok = True
                 return value
             except ClientError as e:
@@ -313,7 +314,8 @@ class Client:
             jitter = self._rng.random()
         return min(self.max_backoff_s, self.backoff_s * (2 ** attempt) * (1 + jitter))
 
-    def _attempt(self, method: str, url: str, body: Optional[bytes], parse, deadline: float):
+    def _attempt(self, method: str, url: str, body: Optional[bytes], parse, deadline: float,
+                 budget: float):
         left = deadline - time.monotonic()
         if left <= 0:
             raise DeadlineExceeded("no time left before the request's deadline", url)
@@ -327,7 +329,7 @@ class Client:
             finally:
                 resp.close()
         except httpx.TimeoutException:
-            raise DeadlineExceeded(f"no complete answer within the {self.timeout_s:g} s "
+            raise DeadlineExceeded(f"no complete answer within the {budget:g} s "
                                    "deadline", url) from None
         except httpx.HTTPError as e:  # refused, reset, closed mid-answer, protocol error
             raise Unreachable(f"{type(e).__name__}: {e}", url) from None
