@@ -21,7 +21,7 @@ import dataclasses
 from typing import Any, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
 from advgame_jax.game import parsing
-from advgame_jax.net.client import FaultCounter  # noqa: F401  (re-exported)
+from advgame_jax.net.client import FaultCounter
 from advgame_jax.game.templates import TemplateSet
 from advgame_jax.sampling.base import Sampler, SamplingParams
 
