@@ -148,7 +148,8 @@ def _build_sampler(config, role: str, hf_dir: str, model_config, params, tokeniz
     n_ctx = max_model_len(config, role, model_config.max_position_embeddings)
     if n_ctx > model_config.max_position_embeddings:
         raise ConfigError(
-            f"config.{role}.engine.max_prompt_tokens + config.sampling.max_new_tokens = {n_ctx} "
+            f"config.{role}.engine.max_prompt_tokens + config.{role}.max_new_tokens (or "
+            f"config.sampling.max_new_tokens) = {n_ctx} "
             f"exceeds the model's max_position_embeddings={model_config.max_position_embeddings} "
             f"({hf_dir}/config.json); lower the prompt or completion budget")
     if placement == "offloaded":

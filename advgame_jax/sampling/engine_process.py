@@ -265,7 +265,7 @@ class EngineClient:
         proc = subprocess.Popen(
             [sys.executable, "-m", "advgame_jax.sampling.engine_process", "--spec", spec_file,
              "--exit-with-stdin"], stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
-            env=env)
+            env=env, start_new_session=True)
         log.close()
         client = cls(spec.role, None, key.encode(), proc=proc, log_path=log_path,
                      request_timeout_s=request_timeout_s)
