@@ -40,7 +40,8 @@ AUTHKEY_ENV = "ADVGAME_ENGINE_AUTHKEY"
 
 
 class EngineError(UserError, RuntimeError):
-    """An offloaded engine died, timed out, refused a request or answered with an error."""
+    """An offloaded engine died, timed out, refused a request or answered with an error; the
+    message names the engine (role, pid or address) and, for a spawned one, its log file."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,8 +193,8 @@ class EngineClient:
                 raise EngineError(dead)
             if time.monotonic() > self._startup_deadline:
                 self.proc.kill()
-                raise EngineError(f"{self._who()}: not ready within the startup timeout; "
-                                  f"its log: {self.log_path}")
+                raise EngineError(f"{self._who()}: not ready within the startup timeout"
+                                  f"{self._log()}")
             time.sleep(0.2)
         with open(self._ready_file, encoding="utf-8") as f:
             info = json.load(f)
@@ -205,10 +206,12 @@ class EngineClient:
         addr = f"{self.address[0]}:{self.address[1]}" if self.address else "starting"
         return f"{self.name} engine ({where}, {addr})"
 
+    def _log(self) -> str:
+        return f"; its log: {self.log_path}" if self.log_path else ""
+
     def _dead(self, context: str = "") -> Optional[str]:
         if self.proc is not None and self.proc.poll() is not None:
-            log = f"; its log: {self.log_path}" if self.log_path else ""
-            return f"{self._who()} exited with code {self.proc.returncode}{context}{log}"
+            return f"{self._who()} exited with code {self.proc.returncode}{context}{self._log()}"
         return None
 
     def request(self, op: str, payload: Any = None, *, timeout_s: Optional[float] = None):
@@ -225,14 +228,16 @@ class EngineClient:
                 if dead:
                     raise EngineError(dead)
                 if time.monotonic() > deadline:
-                    raise EngineError(f"{self._who()}: no answer to '{op}' within {timeout_s:.0f} s")
+                    raise EngineError(f"{self._who()}: no answer to '{op}' within "
+                                      f"{timeout_s:.0f} s{self._log()}")
             status, result = self._conn.recv()
         except (EOFError, OSError) as e:
             time.sleep(0.5)  # let the exit code land
             raise EngineError(self._dead(f" during '{op}'")
-                              or f"{self._who()}: connection lost during '{op}' ({e!r})") from None
+                              or f"{self._who()}: connection lost during '{op}' ({e!r})"
+                              f"{self._log()}") from None
         if status != "ok":
-            raise EngineError(f"{self._who()}: '{op}' failed: {result}")
+            raise EngineError(f"{self._who()}: '{op}' failed: {result}{self._log()}")
         return result
 
     @classmethod

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -106,3 +107,19 @@ def test_sigterm_to_the_process_group_checkpoints_stops_the_engine_and_resumes(t
     steps = _steps_logged(workdir)
     assert steps[:last] == list(range(1, last + 1)) and last + 1 in steps
     assert _latest_checkpoint(workdir) == max(steps)
+
+
+def test_an_engine_that_fails_to_start_is_one_error_line_naming_it(tmp_path, toy_dir):
+    """A valid config whose engine cannot start (a 1-byte KV cache): one ``error:`` line,
+    exit 2, naming the engine, its pid and its log, which holds vLLM's own reason."""
+    cmd = [a for a in _command(tmp_path / "run", toy_dir, 2) if "vllm_kv_cache_bytes" not in a]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run(cmd + ["--config.defender.vllm_kv_cache_bytes=1"], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and out.stderr.rstrip().endswith(errors[0]), out.stderr[-3000:]
+    log = tmp_path / "run" / "engines" / "defender.log"
+    assert re.search(r"defender engine \(pid \d+\b.*" + re.escape(str(log)), errors[0]), errors[0]
+    assert log.exists() and "Traceback" in log.read_text()
