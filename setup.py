@@ -25,6 +25,10 @@ INSTALL_REQUIRES = [
     "array-record>=0.5",
     "tensorboardX>=2.6",
     "tqdm>=4.66",
+    # advgame_jax.net: the HTTP client of judges, eval endpoints and engine servers (httpcore
+    # directly: the wall-clock deadline is enforced in its network backend).
+    "httpx>=0.28,<1",
+    "httpcore>=1.0.5,<2",
 ]
 
 EXTRAS = {

@@ -119,7 +119,11 @@ def base_config() -> ml_collections.ConfigDict:
             unhealthy_after=3,  # consecutive failed attempts before a replica is skipped
             unhealthy_cooldown_s=30.0,
             warn_failure_rate=0.1,  # warn when more requests than this fail in a window...
-            warn_every=10,  # ...of this many judge batches
+            warn_every=10,  # ...of this many judge batches (the first batch over it warns)
+            # Send top_k=-1, min_p=0, repetition_penalty=1, presence/frequency_penalty=0 with
+            # every request, so a vLLM judge does not take them from the model's
+            # generation_config.json. False for an API that rejects these fields.
+            explicit_sampling=True,
             # ---- end of judge endpoint block ----
         )
     )

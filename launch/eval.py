@@ -43,6 +43,9 @@ flags.DEFINE_string("classifier_template", "", "Template file with {prompt} and 
 flags.DEFINE_enum("classifier_output", "labels", ["labels", "yes_no"],
                   "How to read the classifier's answer.")
 flags.DEFINE_string("api_key_env", "", "Env var holding an API key for the endpoints.")
+flags.DEFINE_float("request_timeout_s", 300.0, "Wall-clock deadline of one request to an "
+                   "endpoint (--endpoint, --classifier_endpoint), retries included; past it "
+                   "the example counts as a failure.")
 flags.DEFINE_integer("seed", 0, "Run seed (per-example sampling seeds derive from it).")
 flags.DEFINE_float("temperature", 0.0, "0 = greedy (default).")
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling.")
@@ -68,18 +71,21 @@ def _main():
     logging.set_verbosity(logging.INFO)
     if not FLAGS.set:
         raise app.UsageError("give at least one --set=[NAME=]KIND:PATH")
+    if not FLAGS.request_timeout_s > 0:
+        raise app.UsageError(f"--request_timeout_s: expected seconds > 0, got "
+                             f"{FLAGS.request_timeout_s}")
     api_key = os.environ.get(FLAGS.api_key_env) if FLAGS.api_key_env else None
     # Cheap checks first: every set file, then the classifier endpoint, then the target.
     sets = prompt_sets.load_prompt_sets(FLAGS.set, limit=FLAGS.limit or None)
     clf = classifiers.make_classifier(
         FLAGS.classifier, endpoint=FLAGS.classifier_endpoint, model=FLAGS.classifier_model,
         api=FLAGS.classifier_api, api_key=api_key, template_path=FLAGS.classifier_template,
-        output=FLAGS.classifier_output, seed=FLAGS.seed)
+        output=FLAGS.classifier_output, seed=FLAGS.seed, timeout_s=FLAGS.request_timeout_s)
     target = targets.load_target(
         hf_dir=FLAGS.hf_dir, checkpoint=FLAGS.checkpoint, endpoint=FLAGS.endpoint,
         endpoint_model=FLAGS.endpoint_model, player=FLAGS.player, params=FLAGS.params,
         base_hf_dir=FLAGS.base_hf_dir, allow_attacker=FLAGS.allow_attacker, api_key=api_key,
-        compute_dtype=FLAGS.compute_dtype)
+        compute_dtype=FLAGS.compute_dtype, timeout_s=FLAGS.request_timeout_s)
     decoding = targets.Decoding(FLAGS.temperature, FLAGS.top_p, FLAGS.max_new_tokens)
     out = runner.run_eval(sets, target, clf, FLAGS.out_dir, seed=FLAGS.seed, decoding=decoding,
                           batch_size=FLAGS.batch_size, num_resamples=FLAGS.num_resamples)

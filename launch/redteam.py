@@ -55,6 +55,9 @@ flags.DEFINE_string("classifier_model", "", "Classifier model name.")
 flags.DEFINE_string("classifier_template", "", "Template file with {prompt} and {response}.")
 flags.DEFINE_enum("classifier_output", "labels", ["labels", "yes_no"], "Classifier answer format.")
 flags.DEFINE_string("api_key_env", "", "Env var holding an API key for the endpoints.")
+flags.DEFINE_float("request_timeout_s", 300.0, "Wall-clock deadline of one request to an "
+                   "endpoint (target, attacker, classifier, faithfulness judge), retries "
+                   "included; past it the attempt counts as a failure.")
 flags.DEFINE_integer("seed", 0, "Run seed.")
 flags.DEFINE_integer("limit", 0, "Keep the first N seeds of each set (0 = all).")
 
@@ -70,7 +73,7 @@ def _target(who, api_key, **kw):
                        endpoint_model=FLAGS[f"{who}_endpoint_model"].value,
                        params=FLAGS[f"{who}_params"].value,
                        base_hf_dir=FLAGS[f"{who}_base_hf_dir"].value, api_key=api_key,
-                       field=f"{who}_", **kw)
+                       field=f"{who}_", timeout_s=FLAGS.request_timeout_s, **kw)
 
 
 def main(argv):
@@ -90,19 +93,23 @@ def _main():
         raise app.UsageError(str(err)) from None
     if not FLAGS.set:
         raise app.UsageError("give at least one --set=[NAME=]KIND:PATH of harmful seeds")
+    if not FLAGS.request_timeout_s > 0:
+        raise app.UsageError(f"--request_timeout_s: expected seconds > 0, got "
+                             f"{FLAGS.request_timeout_s}")
     api_key = os.environ.get(FLAGS.api_key_env) if FLAGS.api_key_env else None
     sets = prompt_sets.load_prompt_sets(FLAGS.set, limit=FLAGS.limit or None)
     clf = classifiers.make_classifier(
         FLAGS.classifier, endpoint=FLAGS.classifier_endpoint, model=FLAGS.classifier_model,
         api_key=api_key, template_path=FLAGS.classifier_template,
-        output=FLAGS.classifier_output, seed=FLAGS.seed)
+        output=FLAGS.classifier_output, seed=FLAGS.seed, timeout_s=FLAGS.request_timeout_s)
     judge = None
     if FLAGS.faithfulness == "judge":
         from advgame_jax import game
         from advgame_jax.game.endpoint import EndpointBackend
 
         backend = EndpointBackend([FLAGS.faith_endpoint], FLAGS.faith_model, api_key=api_key,
-                                  temperature=0.0, max_tokens=2048)
+                                  temperature=0.0, max_tokens=2048,
+                                  timeout_s=FLAGS.request_timeout_s)
         backend.check_endpoints()
         judge = game.LLMJudge(backend, game.get_template_set(FLAGS.templates))
     target = _target("target", api_key)

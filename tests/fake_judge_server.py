@@ -1,15 +1,19 @@
 """A scripted OpenAI-compatible judge server for tests, on 127.0.0.1 with an ephemeral port.
 
-``FakeJudgeServer(script)`` serves ``GET /v1/models`` and ``POST /v1/chat/completions`` from
-a thread pool (one thread per connection). ``script(prompt, hit) -> action`` decides every
-POST, where ``hit`` counts earlier POSTs with the same prompt:
+``FakeJudgeServer(script, models=("judge",))`` serves ``GET /v1/models`` (those ids) and
+``POST /v1/chat/completions`` / ``POST /v1/completions`` over HTTP/1.1 keep-alive, one thread
+per connection (``connections`` counts the TCP connections accepted).
+``script(prompt, hit) -> action`` decides every POST, where ``hit`` counts earlier POSTs with
+the same prompt (the last user message, or the completions ``prompt``):
 
-- ``("ok", content)``: a normal chat completion whose message content is ``content``;
-- ``("status", code)``: an empty HTTP error response;
+- ``("ok", content)``: a normal completion whose text is ``content``;
+- ``("status", code)`` / ``("status", code, body, headers)``: an HTTP error response
+  (``headers``: e.g. ``{"Retry-After": "1"}``);
 - ``("sleep", seconds, content)``: answer ``content`` after a delay (client timeouts);
 - ``("raw", body_bytes)``: a 200 response with this exact body (malformed JSON);
 - ``("trickle", seconds_per_byte, content)``: headers at once, then the body one byte at a
-  time (a server that keeps a connection alive without ever finishing in time).
+  time (a server that keeps a connection alive without ever finishing in time);
+- ``("trickle_headers", seconds_per_byte)``: the status line and headers one byte at a time.
 
 ``in_flight`` / ``max_in_flight``: POSTs being served now / the most at any moment.
 
@@ -72,9 +76,11 @@ def marker_script(timeout_sleep: float = 1.0) -> Callable:
 
 
 class FakeJudgeServer:
-    def __init__(self, script: Callable):
+    def __init__(self, script: Callable, models=("judge",)):
         self.script = script
+        self.models = tuple(models)
         self.lock = threading.Lock()
+        self.connections = 0
         self.hits = 0
         self.hits_by_prompt: collections.Counter = collections.Counter()
         self.requests: list[dict] = []
@@ -82,11 +88,20 @@ class FakeJudgeServer:
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive
+
+            def setup(self):
+                super().setup()
+                with server.lock:
+                    server.connections += 1
+
             def log_message(self, *args):  # keep test output clean
                 pass
 
-            def _send(self, code: int, body: bytes):
+            def _send(self, code: int, body: bytes, headers=None):
                 self.send_response(code)
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -94,30 +109,41 @@ class FakeJudgeServer:
 
             def do_GET(self):
                 if self.path.rstrip("/") == "/v1/models":
-                    self._send(200, json.dumps({"object": "list", "data": [{"id": "judge"}]}).encode())
+                    self._send(200, json.dumps({"object": "list", "data": [
+                        {"id": m, "object": "model"} for m in server.models]}).encode())
                 else:
                     self._send(404, b"{}")
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                prompt = body["messages"][-1]["content"]
+                chat = self.path.rstrip("/") == "/v1/chat/completions"
+                prompt = body["messages"][-1]["content"] if chat else body["prompt"]
                 with server.lock:
                     server.hits += 1
                     hit = server.hits_by_prompt[prompt]
                     server.hits_by_prompt[prompt] += 1
-                    server.requests.append({"body": body, "auth": self.headers.get("Authorization")})
+                    server.requests.append({"body": body, "path": self.path,
+                                            "auth": self.headers.get("Authorization")})
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
                 try:
-                    self._act(body, server.script(prompt, hit))
+                    self._act(body, server.script(prompt, hit), chat)
                 finally:
                     with server.lock:
                         server.in_flight -= 1
 
-            def _act(self, body, action):
+            def _act(self, body, action, chat):
                 try:
                     if action[0] == "status":
-                        self._send(action[1], b"")
+                        body_bytes = action[2] if len(action) > 2 else b""
+                        self._send(action[1], body_bytes, action[3] if len(action) > 3 else None)
+                        return
+                    if action[0] == "trickle_headers":
+                        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" * 50
+                        for i in range(len(head)):
+                            self.wfile.write(head[i:i + 1])
+                            self.wfile.flush()
+                            time.sleep(action[1])
                         return
                     if action[0] == "raw":
                         self._send(200, action[1])
@@ -125,7 +151,8 @@ class FakeJudgeServer:
                     if action[0] == "sleep":
                         time.sleep(action[1])
                     if action[0] == "trickle":
-                        data = json.dumps({"choices": [{"message": {"content": action[2]}}]}).encode()
+                        data = json.dumps({"choices": [{"message": {"content": action[2]},
+                                                        "text": action[2]}]}).encode()
                         self.send_response(200)
                         self.send_header("Content-Length", str(len(data)))
                         self.end_headers()
@@ -135,9 +162,11 @@ class FakeJudgeServer:
                             time.sleep(action[1])
                         return
                     content = action[-1]
-                    resp = {"id": "x", "object": "chat.completion", "model": body["model"],
-                            "choices": [{"index": 0, "finish_reason": "stop",
-                                         "message": {"role": "assistant", "content": content}}]}
+                    choice = ({"message": {"role": "assistant", "content": content}} if chat
+                              else {"text": content})
+                    resp = {"id": "x", "object": "chat.completion" if chat else "text_completion",
+                            "model": body["model"],
+                            "choices": [{"index": 0, "finish_reason": "stop", **choice}]}
                     self._send(200, json.dumps(resp).encode())
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout)

@@ -1,6 +1,7 @@
 """The LLM judge over OpenAI-compatible endpoints, against scripted HTTP servers on 127.0.0.1
 (tests/fake_judge_server.py): round-robin, retries, timeouts, HTTP 500, malformed JSON,
-garbage answers, and the start-up reachability check."""
+garbage answers, the start-up checks (reachable, judge.model served, probes that parse), the
+failure-rate warning from the first batch, and every sampling field in the request body."""
 
 import socket
 
@@ -53,7 +54,8 @@ def test_pairwise_tree_round_robin_over_two_endpoints():
     responses = {"x0 FAITH=True": ["y0 SCORE=7", "y1 SCORE=3", "y2 SCORE=5"],
                  "x1 FAITH=True": ["y3 SCORE=2", "y4 SCORE=8", "y5 SCORE=8"]}
     cfg = GameConfig(num_attacks=2, num_responses=3, attacker_format="any")
-    with FakeJudgeServer(marker_script()) as s1, FakeJudgeServer(marker_script()) as s2:
+    served = ("judge-model",)
+    with FakeJudgeServer(marker_script(), served) as s1, FakeJudgeServer(marker_script(), served) as s2:
         judge = _judge([s1.url, s2.url], api_key="k-secret")
         judge.backend.check_endpoints()
         scored = _play(judge, seeds, attacks, responses, cfg)
@@ -171,7 +173,7 @@ def test_make_judge_from_config(monkeypatch):
     cfg.endpoints = (_closed_port_url(),)
     with pytest.raises(JudgeEndpointError, match="unreachable"):
         make_judge(cfg)
-    with FakeJudgeServer(marker_script()) as server:
+    with FakeJudgeServer(marker_script(), models=("judge-model",)) as server:
         cfg.endpoints = (server.url,)
         judge = make_judge(cfg)
         from advgame_jax.game.judge import PointRequest
@@ -225,7 +227,8 @@ def test_unhealthy_replica_is_avoided_and_failure_rate_warns(caplog):
     assert bad_hits == 2  # two failures made it unhealthy; nothing more was sent to it
     assert not health[bad.url]["healthy"] and health[good.url]["healthy"]
 
-    # A judge failing most requests logs a visible warning once per window of batches.
+    # A judge failing most requests logs a visible warning from its first batch, then at most
+    # once per window of batches.
     with FakeJudgeServer(lambda p, h: ("status", 500)) as down:
         backend = EndpointBackend([down.url], "m", timeout_s=5.0, max_retries=0,
                                   warn_every=2, warn_failure_rate=0.1)
@@ -234,7 +237,9 @@ def test_unhealthy_replica_is_avoided_and_failure_rate_warns(caplog):
                 backend.complete(["x", "y"])
     warnings = [r.getMessage() for r in caplog.records if "JUDGE FAILURE RATE" in r.getMessage()]
     assert len(warnings) == 2 and backend.warnings_logged == 2
-    assert "100.0% over the last 2 batches (4 of 4 requests failed" in warnings[0]
+    assert "100.0% over the last 1 batch (2 of 2 requests failed" in warnings[0]
+    assert "100.0% over the last 2 batches (4 of 4 requests failed" in warnings[1]
+    assert f"{down.url} UNHEALTHY (6/6 attempts failed)" in warnings[1]
 
 
 def test_out_of_range_scores_are_counted_not_silently_clipped():
@@ -263,7 +268,7 @@ def test_paper_judge_decoding_reaches_the_endpoint():
     from configs.paper import paper_config
 
     jc = paper_config("qwen", "dpo_md").judge
-    with FakeJudgeServer(marker_script()) as s:
+    with FakeJudgeServer(marker_script(), models=("judge-model",)) as s:
         jc.endpoints = (s.url,)
         jc.model = "judge-model"
         judge = make_judge(jc, templates="advgame_v1")
@@ -272,3 +277,94 @@ def test_paper_judge_decoding_reaches_the_endpoint():
     assert body["temperature"] == 0.6 and body["top_p"] == 0.9
     with pytest.raises(JudgeEndpointError, match="top_p"):
         EndpointBackend(["http://127.0.0.1:9/v1"], "m", top_p=0.0)
+
+
+def test_judge_model_must_be_served_one_error_naming_the_field(monkeypatch):
+    """issue 22.1: a judge.model the server does not serve fails at start-up (it used to get an
+    HTTP 404 on every call, counted as judge failures, with no warning)."""
+    from advgame_jax.errors import UserError
+
+    cfg = ml_collections.ConfigDict(dict(
+        backend="endpoint", endpoints=(), model="Qwen2.5-32B-Instruct", api_key_env="",
+        timeout_s=2.0, max_retries=0, concurrency=4, temperature=0.0, max_new_tokens=64))
+    with FakeJudgeServer(marker_script(), models=("smollm2", "other")) as s1, \
+            FakeJudgeServer(marker_script(), models=("Qwen2.5-32B-Instruct",)) as s2:
+        cfg.endpoints = (s2.url, s1.url)
+        with pytest.raises(JudgeEndpointError) as info:
+            make_judge(cfg)
+        posts = s1.hits + s2.hits
+    msg = str(info.value)
+    assert isinstance(info.value, UserError) and "\n" not in msg
+    assert "config.judge.model='Qwen2.5-32B-Instruct' is not served" in msg
+    assert f"{s1.url} serves ['smollm2', 'other']" in msg and s2.url not in msg
+    assert posts == 0  # refused before any judge request
+
+
+def test_startup_probes_warn_with_the_raw_reply(caplog):
+    """issue 22.1: one faithfulness and one pairwise probe; an answer that does not parse is a
+    warning with its raw reply's first 200 characters and the config fields to look at."""
+    import logging
+
+    cfg = ml_collections.ConfigDict(dict(
+        backend="endpoint", endpoints=(), model="judge", api_key_env="", timeout_s=5.0,
+        max_retries=0, concurrency=4, temperature=0.0, max_new_tokens=64))
+    rambling = "I think both answers are fine. " * 20  # 620 characters, no tags
+
+    def half_broken(prompt, hit):  # faithfulness parses, pairwise does not
+        if "<rewritten_prompt>" in prompt:
+            return ("ok", "<answer>True</answer>")
+        return ("ok", rambling)
+
+    for script, expected in ((marker_script(), []), (half_broken, ["pairwise"])):
+        caplog.clear()
+        with FakeJudgeServer(script) as s:
+            cfg.endpoints = (s.url,)
+            with caplog.at_level(logging.WARNING, logger="advgame_jax.judge"):
+                judge = make_judge(cfg)
+            probes = s.hits
+        warned = [r.getMessage() for r in caplog.records if "start-up probe" in r.getMessage()]
+        assert probes == 2 and len(warned) == len(expected)
+        assert judge.fault_counts() == {}  # probes are not judge faults
+        for kind, msg in zip(expected, warned):
+            assert f"the {kind} answer of 'judge' does not parse" in msg
+            assert repr(rambling[:200]) in msg and rambling[:201] not in msg
+            assert "config.judge.max_new_tokens" in msg and "config.game.templates" in msg
+    # A probe request that fails outright is named too (HTTP status and body excerpt).
+    caplog.clear()
+    with FakeJudgeServer(lambda p, h: ("status", 400, b'{"error": "max_tokens too large"}')) as s:
+        cfg.endpoints = (s.url,)
+        with caplog.at_level(logging.WARNING, logger="advgame_jax.judge"):
+            make_judge(cfg)
+    warned = [r.getMessage() for r in caplog.records if "start-up probe" in r.getMessage()]
+    assert len(warned) == 2 and all("HTTP 400" in w and "max_tokens too large" in w
+                                    for w in warned)
+
+
+def test_first_failing_batch_warns_with_the_default_window(caplog):
+    """issue 22.2: with the default warn_every=10, a judge failing every call is named after
+    its first batch (it used to take 10 batches)."""
+    import logging
+
+    with FakeJudgeServer(lambda p, h: ("status", 404, b'{"error": "model not found"}')) as s:
+        backend = EndpointBackend([s.url], "m", timeout_s=5.0, max_retries=0)
+        with caplog.at_level(logging.WARNING, logger="advgame_jax.judge"):
+            assert backend.complete(["a", "b", "c"]) == [None] * 3
+    warned = [r.getMessage() for r in caplog.records if "JUDGE FAILURE RATE" in r.getMessage()]
+    assert len(warned) == 1 and backend.warnings_logged == 1
+    assert "100.0% over the last 1 batch (3 of 3 requests failed" in warned[0]
+    assert "'http_4xx': 3" in warned[0]
+
+
+def test_judge_requests_send_every_sampling_field():
+    """issue 17.23: a vLLM server fills unset sampling fields from the model's
+    generation_config.json, so every one is sent explicitly (neutral values)."""
+    with FakeJudgeServer(marker_script()) as s:
+        EndpointBackend([s.url], "judge", temperature=0.6, top_p=0.9, max_tokens=77).complete(["p"])
+        EndpointBackend([s.url], "judge", explicit_sampling=False).complete(["q"])
+        bodies = [r["body"] for r in s.requests]
+    assert bodies[0] == {"model": "judge", "messages": [{"role": "user", "content": "p"}],
+                         "temperature": 0.6, "top_p": 0.9, "max_tokens": 77, "top_k": -1,
+                         "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
+                         "frequency_penalty": 0.0}
+    assert bodies[1] == {"model": "judge", "messages": [{"role": "user", "content": "q"}],
+                         "temperature": 0.0, "top_p": 1.0, "max_tokens": 8192}

@@ -54,17 +54,19 @@ def stand_ins(tmp_path_factory):
     return {f: _stand_in(str(root / f), tok_dir, f) for f in ("llama", "qwen")}
 
 
-@pytest.fixture(scope="module")
-def judge_server():
-    with FakeJudgeServer(marker_script()) as server:
-        yield server
-
-
 def _load(path):
     spec = importlib.util.spec_from_file_location("paper_cfg", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.get_config()
+
+
+@pytest.fixture(scope="module")
+def judge_server():
+    # Serves every paper config's judge.model (the start-up check compares the names).
+    with FakeJudgeServer(marker_script(), models=sorted({_load(p).judge.model for p in PAPER})) \
+            as server:
+        yield server
 
 
 @pytest.mark.slow
@@ -93,8 +95,8 @@ def test_paper_config_runs_one_step(path, tmp_path, stand_ins, judge_server, wil
     c.sampling.max_new_tokens = 8
     c.logging.progress_bar = False
     c.logging.tensorboard = False
-    hits = judge_server.hits
     runner = GameRunner(c)
+    hits = judge_server.hits  # after the judge's start-up probes
     runner.run()
     assert runner.step == 1
     with open(os.path.join(c.workdir, "metrics.jsonl")) as f:

@@ -26,6 +26,7 @@ from typing import Optional, Protocol, Sequence
 
 from advgame_jax.evaluation.http_client import OpenAIClient, Request
 from advgame_jax.game import rule_judge
+from advgame_jax.net import DEFAULT_TIMEOUT_S
 
 LABELS = ("request_harmful", "response_refusal", "response_harmful")
 
@@ -161,9 +162,10 @@ class TemplateClassifier(_EndpointClassifier):
 
 def make_classifier(kind: str, *, endpoint: str = "", model: str = "", api: str = "chat",
                     api_key: Optional[str] = None, template_path: str = "",
-                    output: str = "labels", seed: int = 0, timeout_s: float = 300.0):
+                    output: str = "labels", seed: int = 0, timeout_s: float = DEFAULT_TIMEOUT_S):
     """``kind``: 'rule' | 'rubric' | 'template'. Endpoint classifiers are probed here, so an
-    unreachable classifier fails before any generation."""
+    unreachable classifier fails before any generation. ``timeout_s``: wall-clock deadline
+    per classifier request, retries included; a request past it gives no verdict (counted)."""
     if kind == "rule":
         return RuleClassifier()
     if kind not in ("rubric", "template"):

@@ -1,22 +1,30 @@
-"""A small client of OpenAI-compatible servers (``launch/serve.py``, vLLM, hosted APIs) for
-evaluation: chat or text completions with an explicit seed, finish reason and token count.
+"""Evaluation requests to OpenAI-compatible servers (``launch/serve.py``, vLLM, hosted APIs):
+chat or text completions with an explicit seed, finish reason and token count, through the
+project's one HTTP client (``advgame_jax.net``).
 
-``check()`` probes ``GET /models`` once, so an unreachable endpoint is one clear
-:class:`EndpointUnreachable` before any generation. Per-request transport faults are retried
-(``max_retries``) and then reported as a ``None`` answer, never raised: the caller counts
-them as failures.
+``check()`` probes ``GET /models`` once, so an unreachable endpoint, or one that does not
+serve the model, is one clear :class:`EndpointUnreachable` before any generation.
+``timeout_s`` is a wall-clock deadline per request, retries included (a server trickling its
+answer still fails at it). Per-request faults are retried (``max_retries``) and then reported
+as a ``None`` answer, never raised: the caller counts them as failures (``failures``); a
+warning is logged from the first batch whose failure rate crosses ``warn_failure_rate``.
 """
 
 from __future__ import annotations
 
-from advgame_jax.errors import UserError
 import concurrent.futures
 import dataclasses
-import json
-import time
-import urllib.error
-import urllib.request
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
+
+from advgame_jax.errors import UserError
+from advgame_jax.net import (
+    DEFAULT_TIMEOUT_S,
+    Client,
+    ClientError,
+    FailureRateMonitor,
+    chat_text,
+    served_models,
+)
 
 
 class EndpointUnreachable(UserError, ConnectionError):
@@ -41,36 +49,44 @@ class Request:
 
 class OpenAIClient:
     """``base_url``: e.g. ``http://127.0.0.1:8000/v1``. ``api``: 'chat' (the prompt is one user
-    turn) or 'completions' (the prompt is sent as raw text)."""
+    turn) or 'completions' (the prompt is sent as raw text). ``field``: the flag that named
+    the endpoint (in every error and warning)."""
 
     def __init__(self, base_url: str, model: str, *, api: str = "chat",
-                 api_key: Optional[str] = None, timeout_s: float = 300.0, max_retries: int = 2,
-                 concurrency: int = 8, field: str = "endpoint"):
-        base_url = str(base_url or "").rstrip("/")
-        if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"{field}: expected an http(s):// base URL such as "
-                             f"http://127.0.0.1:8000/v1, got {base_url!r}")
+                 api_key: Optional[str] = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 max_retries: int = 2, concurrency: int = 8, field: str = "endpoint",
+                 warn_failure_rate: float = 0.1, warn_every: int = 10, **client_options):
         if api not in ("chat", "completions"):
             raise ValueError(f"{field}: api must be 'chat' or 'completions', got {api!r}")
-        self.base_url, self.model, self.api, self.field = base_url, model, api, field
-        self._api_key = api_key or None
-        self.timeout_s, self.max_retries, self.concurrency = timeout_s, max_retries, concurrency
-        self.failures = 0
+        if not timeout_s or not float(timeout_s) > 0:
+            raise ValueError(f"{field}: the request timeout must be > 0 seconds, got {timeout_s!r}")
+        self.client = Client([base_url], api_key=api_key, timeout_s=timeout_s,
+                             max_retries=max_retries, max_connections=max(int(concurrency), 1),
+                             field=field, **client_options)
+        self.base_url = self.client.endpoints[0]
+        self.model, self.api, self.field = model, api, field
+        self.timeout_s, self.max_retries, self.concurrency = float(timeout_s), max_retries, concurrency
+        self._monitor = FailureRateMonitor(
+            threshold=warn_failure_rate, every=warn_every, what=f"ENDPOINT {field}",
+            consequence="those examples are recorded as failed generations",
+            details=lambda: f"Faults so far: {self.client.fault_counts()}",
+            logger="advgame_jax.evaluation")
 
-    def _headers(self) -> dict:
-        h = {"Content-Type": "application/json"}
-        if self._api_key:
-            h["Authorization"] = f"Bearer {self._api_key}"
-        return h
+    @property
+    def failures(self) -> int:
+        """Requests that got no answer after retries."""
+        return self.client.fault_counts().get("failed_requests", 0)
+
+    def fault_counts(self) -> dict[str, int]:
+        return self.client.fault_counts()
 
     def check(self) -> list[str]:
         """Served model ids; raises :class:`EndpointUnreachable` naming the field and URL."""
         url = f"{self.base_url}/models"
         try:
-            req = urllib.request.Request(url, headers=self._headers(), method="GET")
-            with urllib.request.urlopen(req, timeout=min(self.timeout_s, 30.0)) as resp:
-                ids = [m.get("id") for m in json.loads(resp.read().decode("utf-8"))["data"]]
-        except Exception as err:  # any failure: not usable
+            ids = self.client.get("/models", parse=served_models, timeout_s=min(self.timeout_s, 30.0),
+                                  max_retries=1, count=False)
+        except ClientError as err:  # any failure: not usable
             raise EndpointUnreachable(
                 f"{self.field}: {url} is not reachable as an OpenAI-compatible server "
                 f"({type(err).__name__}: {err}); start the server or fix the URL") from None
@@ -78,20 +94,19 @@ class OpenAIClient:
             raise EndpointUnreachable(f"{self.field}: {url} serves {ids}, not model {self.model!r}")
         return ids
 
-    def _once(self, r: Request) -> Answer:
-        body = {"model": self.model, "max_tokens": r.max_tokens, "temperature": r.temperature,
-                "top_p": r.top_p, "seed": r.seed, "n": 1}
+    def payload(self, r: Request) -> dict:
+        body: dict[str, Any] = {"model": self.model, "max_tokens": r.max_tokens,
+                                "temperature": r.temperature, "top_p": r.top_p, "seed": r.seed,
+                                "n": 1}
         if self.api == "chat":
             body["messages"] = [{"role": "user", "content": r.prompt}]
         else:
             body["prompt"] = r.prompt
-        req = urllib.request.Request(f"{self.base_url}/{'chat/' if self.api == 'chat' else ''}"
-                                     "completions", data=json.dumps(body).encode(),
-                                     headers=self._headers(), method="POST")
-        with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-            out = json.loads(resp.read().decode("utf-8"))
+        return body
+
+    def _parse(self, out: Any) -> Answer:
         choice = out["choices"][0]
-        text = choice["message"]["content"] if self.api == "chat" else choice["text"]
+        text = chat_text(out) if self.api == "chat" else choice["text"]
         if not isinstance(text, str):
             raise ValueError("completion text is not a string")
         usage = out.get("usage") or {}
@@ -99,21 +114,16 @@ class OpenAIClient:
                       usage.get("completion_tokens"))
 
     def _request(self, r: Request) -> Optional[Answer]:
-        for attempt in range(self.max_retries + 1):
-            try:
-                return self._once(r)
-            except urllib.error.HTTPError as err:
-                if 400 <= err.code < 500 and err.code != 429:
-                    break
-            except Exception:  # transport fault or malformed body: retry
-                pass
-            if attempt < self.max_retries:
-                time.sleep(min(8.0, 0.5 * 2 ** attempt))
-        self.failures += 1
-        return None
+        path = "/chat/completions" if self.api == "chat" else "/completions"
+        try:
+            return self.client.post(path, self.payload(r), parse=self._parse)
+        except ClientError:
+            return None
 
     def complete(self, requests: Sequence[Request]) -> list[Optional[Answer]]:
         if not requests:
             return []
         with concurrent.futures.ThreadPoolExecutor(min(self.concurrency, len(requests))) as pool:
-            return list(pool.map(self._request, requests))
+            out = list(pool.map(self._request, requests))
+        self._monitor.note(len(out), sum(a is None for a in out))
+        return out

@@ -20,6 +20,7 @@ import os
 from typing import Optional, Sequence
 
 from advgame_jax.evaluation.http_client import OpenAIClient, Request
+from advgame_jax.net import DEFAULT_TIMEOUT_S
 
 
 class TargetError(UserError, ValueError):
@@ -176,10 +177,13 @@ class InProcessTarget:
 
 
 class EndpointTarget:
-    """An OpenAI-compatible chat endpoint (probed at construction)."""
+    """An OpenAI-compatible chat endpoint (probed at construction). ``timeout_s``: wall-clock
+    deadline per request, retries included; a request past it is a failed generation
+    (``finish_reason='error'``)."""
 
     def __init__(self, url: str, model: str, *, api_key: Optional[str] = None,
-                 timeout_s: float = 300.0, concurrency: int = 8, field: str = "--endpoint"):
+                 timeout_s: float = DEFAULT_TIMEOUT_S, concurrency: int = 8,
+                 field: str = "--endpoint"):
         self.client = OpenAIClient(url, model, api_key=api_key, timeout_s=timeout_s,
                                    concurrency=concurrency, field=field)
         self.client.check()
@@ -204,15 +208,17 @@ def is_attacker_dir(path: str) -> bool:
 def load_target(*, hf_dir: str = "", checkpoint: str = "", endpoint: str = "",
                 endpoint_model: str = "advgame", player: str = "defender", params: str = "ema",
                 base_hf_dir: str = "", allow_attacker: bool = False, api_key=None,
-                compute_dtype=None, max_prompt_tokens: int = 2048, field: str = ""):
-    """Build a target from exactly one of ``hf_dir`` / ``checkpoint`` / ``endpoint``."""
+                compute_dtype=None, max_prompt_tokens: int = 2048, field: str = "",
+                timeout_s: float = DEFAULT_TIMEOUT_S):
+    """Build a target from exactly one of ``hf_dir`` / ``checkpoint`` / ``endpoint``
+    (``timeout_s``: the endpoint's deadline per request)."""
     given = [n for n, v in (("hf_dir", hf_dir), ("checkpoint", checkpoint),
                             ("endpoint", endpoint)) if v]
     if len(given) != 1:
         raise TargetError(f"give exactly one of --{field}hf_dir, --{field}checkpoint, "
                           f"--{field}endpoint (got {given or 'none'})")
     if endpoint:
-        return EndpointTarget(endpoint, endpoint_model, api_key=api_key,
+        return EndpointTarget(endpoint, endpoint_model, api_key=api_key, timeout_s=timeout_s,
                               field=f"--{field}endpoint")
     if hf_dir:
         check_hf_dir(hf_dir, f"--{field}hf_dir")

@@ -10,7 +10,7 @@ import logging
 import os
 from typing import Any, Optional
 
-from advgame_jax.game.endpoint import EndpointBackend, JudgeEndpointError
+from advgame_jax.game.endpoint import EndpointBackend, JudgeEndpointError, probe_judge
 from advgame_jax.game.judge import Judge, LLMJudge, SamplerBackend
 from advgame_jax.game.rule_judge import RuleJudge
 from advgame_jax.game.templates import get_template_set
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 # Replica / health / warning options of EndpointBackend, passed through when the config has them.
 _ENDPOINT_OPTIONS = ("max_in_flight_per_endpoint", "unhealthy_after", "unhealthy_cooldown_s",
-                     "warn_failure_rate", "warn_every")
+                     "warn_failure_rate", "warn_every", "explicit_sampling")
 
 
 def make_judge(judge_config: Any, *, templates: str = "advgame_v1", sampler: Optional[Sampler] = None,
@@ -33,7 +33,9 @@ def make_judge(judge_config: Any, *, templates: str = "advgame_v1", sampler: Opt
     request.
 
     The endpoint backend reads its API key from the environment variable named by
-    ``api_key_env`` and, with ``check_endpoints``, fails fast naming any unreachable URL.
+    ``api_key_env`` and, with ``check_endpoints``, fails fast naming any unreachable URL or a
+    ``judge.model`` the endpoints do not serve, then sends one faithfulness and one pairwise
+    probe and warns when an answer does not parse (``game.endpoint.probe_judge``).
     """
     backend = judge_config.backend
     if backend == "rule":
@@ -57,9 +59,11 @@ def make_judge(judge_config: Any, *, templates: str = "advgame_v1", sampler: Opt
             concurrency=judge_config.concurrency, max_tokens=judge_config.max_new_tokens,
             seed=seed, **decoding,
             **{k: judge_config[k] for k in _ENDPOINT_OPTIONS if k in judge_config})
+        judge = LLMJudge(client, template_set, num_samples=num_samples)
         if check_endpoints:
             client.check_endpoints()
-        return LLMJudge(client, template_set, num_samples=num_samples)
+            probe_judge(judge)
+        return judge
     if backend == "sampler":
         if sampler is None or tokenizer is None:
             raise ValueError("config.judge.backend='sampler': pass the judge sampler and its tokenizer")

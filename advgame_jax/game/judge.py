@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import threading
 from typing import Any, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
 from advgame_jax.game import parsing
+from advgame_jax.net.client import FaultCounter  # noqa: F401  (re-exported)
 from advgame_jax.game.templates import TemplateSet
 from advgame_jax.sampling.base import Sampler, SamplingParams
 
@@ -63,22 +63,6 @@ class Judge(Protocol):
     def pointwise(self, requests: Sequence[PointRequest]) -> list[Optional[float]]: ...
 
     def fault_counts(self) -> Mapping[str, int]: ...
-
-
-class FaultCounter:
-    """Thread-safe cumulative counts of fault kinds."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._counts: collections.Counter = collections.Counter()
-
-    def add(self, kind: str, n: int = 1) -> None:
-        with self._lock:
-            self._counts[kind] += n
-
-    def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._counts)
 
 
 @runtime_checkable

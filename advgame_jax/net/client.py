@@ -1,0 +1,378 @@
+"""The one HTTP client of the project's OpenAI-compatible servers (judge endpoints, evaluation
+classifiers and targets, vLLM engine servers): JSON requests over httpx with pooled
+keep-alive connections, routed to the least-loaded healthy replica (``net.replicas``).
+
+Deadline. ``timeout_s`` is wall-clock per request, retries and backoff included. It is
+enforced under httpx, at the network layer: every connect, TLS handshake, socket write and
+socket read of an attempt gets at most the time left before the deadline (httpx's own
+timeouts are per read), so a server trickling its headers or body one byte a second still
+fails at the deadline (``DeadlineExceeded``), give or take one socket call's scheduling.
+
+Retries. Connection faults (refused, reset, closed mid-answer), HTTP 408/429/5xx and
+malformed bodies are retried up to ``max_retries`` times while time is left. The wait before a
+retry is the server's ``Retry-After`` (seconds or an HTTP date) when it sends one (if that is
+past the deadline the request fails at once), else ``backoff_s · 2^attempt · (1 + U[0, 1))``
+with seeded jitter, capped at ``max_backoff_s``; always capped at the time left. Other HTTP
+errors are not retried. After the last attempt the last fault is raised.
+
+Faults. Every exception derives from ``ClientError`` and has a ``kind`` used as a fault-count
+key: ``connection`` (``Unreachable``), ``timeout`` (``DeadlineExceeded``), ``http_5xx`` /
+``http_429`` / ``http_4xx`` (``HTTPStatusError``: code, body excerpt, Retry-After),
+``malformed_json`` (``MalformedResponse``: not JSON, over ``max_body_bytes``, or ``parse``
+rejected it). ``fault_counts()`` holds one count per failed attempt by kind, plus ``retries``
+(re-sent attempts) and ``failed_requests``. Proxies from the environment are not used.
+"""
+
+from __future__ import annotations
+
+import collections
+import email.utils
+import json
+import random
+import threading
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import httpcore
+import httpx
+
+from advgame_jax.net.replicas import ReplicaRouter
+
+DEFAULT_TIMEOUT_S = 300.0
+BODY_EXCERPT_CHARS = 200
+
+
+class ClientError(Exception):
+    """A request that got no usable answer; ``kind`` names the fault, ``url`` the target."""
+
+    kind = "connection"
+
+    def __init__(self, message: str, url: str = ""):
+        super().__init__(f"{url}: {message}" if url else message)
+        self.url = url
+
+
+class Unreachable(ClientError, ConnectionError):
+    """No usable connection: refused, reset, closed mid-answer, name not resolved."""
+
+    kind = "connection"
+
+
+class DeadlineExceeded(ClientError, TimeoutError):
+    """No complete answer before the request's wall-clock deadline."""
+
+    kind = "timeout"
+
+
+class HTTPStatusError(ClientError):
+    """The server answered with HTTP ``code`` >= 400."""
+
+    def __init__(self, code: int, body_excerpt: str, url: str = "",
+                 retry_after: Optional[float] = None):
+        super().__init__(f"HTTP {code}: {body_excerpt!r}", url)
+        self.code, self.body_excerpt, self.retry_after = code, body_excerpt, retry_after
+
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        return "http_5xx" if self.code >= 500 else "http_429" if self.code == 429 else "http_4xx"
+
+    @property
+    def retryable(self) -> bool:
+        return self.code >= 500 or self.code in (408, 429)
+
+
+class MalformedResponse(ClientError, ValueError):
+    """A 2xx answer that is not JSON, too large, or not of the expected shape."""
+
+    kind = "malformed_json"
+
+
+class FaultCounter:
+    """Thread-safe cumulative counts of fault kinds."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._counts: collections.Counter = collections.Counter()
+
+    def add(self, kind: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[kind] += n
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
+# ---------------------------------------------------------------- the deadline, below httpx
+_local = threading.local()  # .deadline: time.monotonic() value of this thread's request
+
+
+def _cap(timeout: Optional[float], exc: type) -> Optional[float]:
+    deadline = getattr(_local, "deadline", None)
+    if deadline is None:
+        return timeout
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise exc("request deadline reached")
+    return left if timeout is None else min(timeout, left)
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    def __init__(self, inner: httpcore.NetworkStream):
+        self._inner = inner
+
+    def read(self, max_bytes: int, timeout: Optional[float] = None) -> bytes:
+        return self._inner.read(max_bytes, _cap(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: Optional[float] = None) -> None:
+        self._inner.write(buffer, _cap(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(self, ssl_context, server_hostname=None, timeout=None):
+        return _DeadlineStream(self._inner.start_tls(
+            ssl_context, server_hostname, _cap(timeout, httpcore.ConnectTimeout)))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class _DeadlineBackend(httpcore.NetworkBackend):
+    def __init__(self):
+        self._inner = httpcore.SyncBackend()
+
+    def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+        return _DeadlineStream(self._inner.connect_tcp(
+            host, port, _cap(timeout, httpcore.ConnectTimeout), local_address, socket_options))
+
+    def connect_unix_socket(self, path, timeout=None, socket_options=None):
+        return _DeadlineStream(self._inner.connect_unix_socket(
+            path, _cap(timeout, httpcore.ConnectTimeout), socket_options))
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(seconds)
+
+
+class _Transport(httpx.HTTPTransport):
+    """httpx's transport over a connection pool whose sockets obey the thread's deadline."""
+
+    def __init__(self, max_connections: int):
+        super().__init__(trust_env=False)
+        self._pool = httpcore.ConnectionPool(
+            ssl_context=httpx.create_ssl_context(), max_connections=max_connections,
+            max_keepalive_connections=max_connections, keepalive_expiry=30.0,
+            network_backend=_DeadlineBackend())
+
+
+def _retry_after(value: Optional[str]) -> Optional[float]:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def check_base_url(url: str, field: str) -> str:
+    """``url`` without a trailing slash; ValueError naming ``field`` unless it is http(s)."""
+    url = str(url or "").strip().rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"{field}: expected an http(s):// base URL such as "
+                         f"http://127.0.0.1:8000/v1, got {url!r}")
+    return url
+
+
+class Client:
+    """JSON requests to one service served by one or more replicas (base URLs).
+
+    api_key: sent as ``Authorization: Bearer`` (never logged or shown in ``repr``).
+    timeout_s / max_retries / backoff_s / max_backoff_s / seed: module docstring.
+    max_connections: pooled keep-alive connections (all replicas together).
+    max_in_flight_per_endpoint / unhealthy_after / unhealthy_cooldown_s: ``ReplicaRouter``.
+    sleep / clock: injectable for tests (``clock`` drives replica health only; the deadline is
+    always real time).
+    """
+
+    def __init__(self, endpoints: Sequence[str], *, api_key: Optional[str] = None,
+                 timeout_s: float = DEFAULT_TIMEOUT_S, max_retries: int = 3,
+                 backoff_s: float = 0.5, max_backoff_s: float = 30.0, seed: int = 0,
+                 max_connections: int = 64, max_in_flight_per_endpoint: int = 0,
+                 unhealthy_after: int = 3, unhealthy_cooldown_s: float = 30.0,
+                 max_body_bytes: int = 64 << 20, field: str = "endpoint",
+                 sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.monotonic):
+        if isinstance(endpoints, str):
+            endpoints = [e for e in endpoints.split(",") if e.strip()]
+        self.endpoints = tuple(check_base_url(e, field) for e in endpoints)
+        if not self.endpoints:
+            raise ValueError(f"{field}: expected at least one base URL such as "
+                             "http://host:8000/v1")
+        if not timeout_s > 0 or max_retries < 0 or backoff_s < 0 or max_connections < 1:
+            raise ValueError(f"{field}: expected timeout_s > 0, max_retries >= 0, backoff_s >= 0, "
+                             f"max_connections >= 1; got {timeout_s}, {max_retries}, "
+                             f"{backoff_s}, {max_connections}")
+        self.timeout_s, self.max_retries = float(timeout_s), int(max_retries)
+        self.backoff_s, self.max_backoff_s = float(backoff_s), float(max_backoff_s)
+        self.max_body_bytes, self.field = int(max_body_bytes), field
+        self.router = ReplicaRouter(self.endpoints,
+                                    max_in_flight_per_endpoint=max_in_flight_per_endpoint,
+                                    unhealthy_after=unhealthy_after,
+                                    unhealthy_cooldown_s=unhealthy_cooldown_s, clock=clock)
+        self.faults = FaultCounter()
+        self._sleep = sleep
+        self._rng = random.Random(seed)
+        self._rng_lock = threading.Lock()
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        self._http = httpx.Client(transport=_Transport(max_connections), headers=headers,
+                                  trust_env=False, follow_redirects=False)
+
+    def __repr__(self) -> str:
+        return f"Client(endpoints={self.endpoints}, timeout_s={self.timeout_s:g})"
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def fault_counts(self) -> dict[str, int]:
+        return self.faults.snapshot()
+
+    def endpoint_health(self) -> list[dict]:
+        return self.router.health()
+
+    # ------------------------------------------------------------------ one request
+    def request(self, method: str, path: str, payload: Any = None, *,
+                parse: Optional[Callable[[Any], Any]] = None, timeout_s: Optional[float] = None,
+                max_retries: Optional[int] = None, replica: Optional[int] = None,
+                count: bool = True) -> Any:
+        """``method`` ``<base><path>`` with ``payload`` as a JSON body; the decoded JSON answer,
+        or ``parse(answer)`` (a KeyError/IndexError/TypeError/ValueError there is a
+        ``MalformedResponse``). Raises the last ``ClientError`` once retries or time run out.
+        replica: send every attempt to that replica (index into ``endpoints``).
+        count: False leaves fault counts and replica health untouched (probes)."""
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else float(timeout_s))
+        retries = self.max_retries if max_retries is None else int(max_retries)
+        body = None if payload is None else json.dumps(payload).encode("utf-8")
+        err: ClientError = DeadlineExceeded("no time left")
+        for attempt in range(retries + 1):
+            if attempt and count:
+                self.faults.add("retries")
+            rep = self.router.acquire(replica, timeout=deadline - time.monotonic())
+            if rep is None:  # every replica's slots stayed taken until the deadline
+                err = DeadlineExceeded("no free replica slot before the request's deadline")
+                if count:
+                    self.faults.add(err.kind)
+                break
+            ok = False
+            try:
+                value = self._attempt(method, rep.base + path, body, parse, deadline)
+                ok = True
+                return value
+            except ClientError as e:
+                err = e
+                if count:
+                    self.faults.add(e.kind)
+            finally:
+                self.router.release(rep, ok, record=count)
+            if isinstance(err, HTTPStatusError) and not err.retryable:
+                break
+            left = deadline - time.monotonic()
+            if attempt >= retries or left <= 0:
+                break
+            wait = getattr(err, "retry_after", None)
+            if wait is None:
+                wait = self._backoff(attempt)
+            elif wait >= left:
+                break  # the server asks for a wait past the deadline
+            self._sleep(min(wait, left))
+            if deadline - time.monotonic() <= 0:
+                break
+        if count:
+            self.faults.add("failed_requests")
+        raise err
+
+    def get(self, path: str, **kw) -> Any:
+        return self.request("GET", path, **kw)
+
+    def post(self, path: str, payload: Any, **kw) -> Any:
+        return self.request("POST", path, payload, **kw)
+
+    def _backoff(self, attempt: int) -> float:
+        with self._rng_lock:
+            jitter = self._rng.random()
+        return min(self.max_backoff_s, self.backoff_s * (2 ** attempt) * (1 + jitter))
+
+    def _attempt(self, method: str, url: str, body: Optional[bytes], parse, deadline: float):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded("no time left before the request's deadline", url)
+        _local.deadline = deadline
+        try:
+            req = self._http.build_request(method, url, content=body,
+                                           timeout=httpx.Timeout(left))
+            resp = self._http.send(req, stream=True)
+            try:
+                raw = self._read(resp, url)
+            finally:
+                resp.close()
+        except httpx.TimeoutException:
+            raise DeadlineExceeded(f"no complete answer within the {self.timeout_s:g} s "
+                                   "deadline", url) from None
+        except httpx.HTTPError as e:  # refused, reset, closed mid-answer, protocol error
+            raise Unreachable(f"{type(e).__name__}: {e}", url) from None
+        finally:
+            _local.deadline = None
+        if resp.status_code >= 400:
+            raise HTTPStatusError(resp.status_code,
+                                  raw[:4 * BODY_EXCERPT_CHARS].decode("utf-8", "replace")
+                                  [:BODY_EXCERPT_CHARS], url,
+                                  _retry_after(resp.headers.get("retry-after")))
+        try:
+            obj = json.loads(raw)
+        except ValueError as e:
+            raise MalformedResponse(f"answer is not JSON ({e}); first bytes "
+                                    f"{raw[:80]!r}", url) from None
+        if parse is None:
+            return obj
+        try:
+            return parse(obj)
+        except (KeyError, IndexError, TypeError, ValueError) as e:
+            raise MalformedResponse(f"unexpected answer shape ({type(e).__name__}: {e})",
+                                    url) from None
+
+    def _read(self, resp: httpx.Response, url: str) -> bytes:
+        chunks, size = [], 0
+        for chunk in resp.iter_bytes():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise MalformedResponse(f"answer larger than {self.max_body_bytes} bytes", url)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+# ---------------------------------------------------------------- OpenAI-compatible answers
+def served_models(answer: Any) -> list[str]:
+    """The model ids of a ``GET /models`` answer (``{"data": [{"id": ...}, ...]}``)."""
+    ids = [m["id"] for m in answer["data"]]
+    if not all(isinstance(i, str) for i in ids):
+        raise ValueError("model ids are not strings")
+    return ids
+
+
+def chat_text(answer: Any) -> str:
+    """The first choice's message content of a chat completion."""
+    text = answer["choices"][0]["message"]["content"]
+    if not isinstance(text, str):
+        raise ValueError("message content is not a string")
+    return text
