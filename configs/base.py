@@ -41,8 +41,8 @@ def _player(role: str) -> ml_collections.ConfigDict:
             placement="",
             engine=ml_collections.ConfigDict(
                 dict(
-                    address="",  # offloaded: 'host:port' of a user-started engine
-                    authkey_env="",  # env var holding that engine's connection key
+                    address="",  # offloaded: 'host:port' of a user-started vLLM server
+                    authkey_env="",  # env var holding that server's API key ('' = none)
                     devices="",  # offloaded: CUDA_VISIBLE_DEVICES of the engine, e.g. '8,9'
                     tensor_parallel_size=1,
                     gpu_memory_utilization=0.0,  # 0: vLLM default (offloaded); required if colocated

@@ -66,7 +66,7 @@ def _run_until_step_then_sigterm(tmp_path, workdir, toy_dir, step, name):
                 assert trainer.poll() is None, log_path.read_text()[-3000:]
                 assert time.monotonic() < deadline
                 time.sleep(0.2)
-            info = json.loads((workdir / "engines" / "defender.ready.json").read_text())
+            info = json.loads((workdir / "engines" / "defender.engine.json").read_text())
             engine_pid = info["pid"]
             assert os.getsid(engine_pid) == engine_pid != os.getsid(trainer.pid)  # own session
             os.killpg(trainer.pid, signal.SIGTERM)  # the whole group, as a terminal's Ctrl-C

@@ -13,7 +13,7 @@ Placements (``config.<role>.placement``; ``""`` keeps the older ``sampler`` fiel
   any model loads.
 * ``offloaded``: a vLLM engine in its own process on devices the trainer does not use
   (``engine.devices``), started and supervised by the trainer, or a user-started engine at
-  ``engine.address``. See ``engine_process``.
+  ``engine.address`` (vLLM's own OpenAI server). See ``engines``.
 
 Every vLLM engine's ``max_model_len`` is the prompt budget plus the player's completion budget
 (``engine.max_prompt_tokens + <role>.max_new_tokens``, or ``sampling.max_new_tokens``) unless ``vllm_max_model_len`` sets
