@@ -180,3 +180,37 @@ def test_completions_from_stale_weights_are_refused():
         VersionedSampler(_Inner(2), player).generate([[1]], SamplingParams())
     stamped = VersionedSampler(_Inner(None), player).generate([[1]], SamplingParams())
     assert stamped[0].weights_version == 3  # in-process samplers get the sync's version
+
+
+def test_spawned_engine_gets_sigterm_when_its_trainer_dies(tmp_path):
+    """The launcher of ``EngineClient.spawn`` (no vLLM: it execs a sleeper here)."""
+    import signal
+    import subprocess
+    import sys
+
+    pid_file = tmp_path / "engine.pid"
+    trainer = subprocess.Popen([sys.executable, "-c", (
+        "import os, subprocess, sys, time\n"
+        "from advgame_jax.sampling.engines import _LAUNCHER\n"
+        "p = subprocess.Popen([sys.executable, '-c', _LAUNCHER, str(os.getpid()), '-c', "
+        "'import time; time.sleep(120)'], start_new_session=True)\n"
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid))\n"
+        "time.sleep(120)\n")])
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    engine = int(pid_file.read_text())
+    time.sleep(1.0)  # the launcher has exec'd the sleeper
+    assert os.getsid(engine) == engine != os.getsid(trainer.pid)
+    trainer.send_signal(signal.SIGKILL)
+    trainer.wait()
+    for _ in range(100):
+        try:
+            os.kill(engine, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(engine, signal.SIGKILL)
+        raise AssertionError("the engine outlived its trainer")

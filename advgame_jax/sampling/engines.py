@@ -101,13 +101,14 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:  # runs in the child before exec (Linux): SIGTERM if we die
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+# The spawned engine's first step, before it becomes vLLM's server: ask the kernel for SIGTERM
+# when the trainer dies (Linux; kept across exec), then exec the server command. Done in the
+# child's own interpreter, not in a preexec_fn (unsafe in the threaded trainer).
+_LAUNCHER = ("import ctypes, os, signal, sys\n"
+             "try:\n    ctypes.CDLL(None).prctl(1, signal.SIGTERM)\n"
+             "except (OSError, AttributeError):\n    pass\n"
+             "if os.getppid() != int(sys.argv[1]):\n    sys.exit(1)\n"
+             "os.execv(sys.executable, [sys.executable] + sys.argv[2:])\n")
 
 
 class EngineClient:
@@ -202,9 +203,10 @@ class EngineClient:
             env["CUDA_VISIBLE_DEVICES"] = spec.devices
         log_path = os.path.join(run_dir, f"{spec.role}.log")
         log = os.fdopen(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
-        proc = subprocess.Popen(server_command(spec, port), stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True, preexec_fn=_die_with_parent)
+        cmd = server_command(spec, port)
+        proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(os.getpid()), *cmd[1:]],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)
         log.close()
         url = f"http://{spec.host}:{port}"
         fsutil.atomic_write_text(os.path.join(run_dir, f"{spec.role}.engine.json"), json.dumps(
