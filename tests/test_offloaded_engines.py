@@ -62,6 +62,7 @@ def _check_engine_matches_jax(runner, role, step):
     assert {c.weights_version for c in got} == {step}
 
 
+@pytest.mark.timeout(2400)
 def test_offloaded_engines_refresh_every_step_fail_clearly_and_resume(tmp_path, toy_dir,  # noqa: F811
                                                                      monkeypatch):
     workdir = tmp_path / "run"

@@ -93,6 +93,7 @@ def _latest_checkpoint(workdir):
         ckpt.close()
 
 
+@pytest.mark.timeout(2400)
 def test_sigterm_to_the_process_group_checkpoints_stops_the_engine_and_resumes(tmp_path,
                                                                                toy_dir):
     workdir = tmp_path / "run"
@@ -109,6 +110,7 @@ def test_sigterm_to_the_process_group_checkpoints_stops_the_engine_and_resumes(t
     assert _latest_checkpoint(workdir) == max(steps)
 
 
+@pytest.mark.timeout(1800)
 def test_an_engine_that_fails_to_start_is_one_error_line_naming_it(tmp_path, toy_dir):
     """A valid config whose engine cannot start (a 1-byte KV cache): one ``error:`` line,
     exit 2, naming the engine, its pid and its log, which holds vLLM's own reason."""
