@@ -12,9 +12,10 @@ added until the size is reached) is made in JAX. Timed, each ``--repeats`` times
   will read from, e.g. node-local NVMe);
 * read: what each engine worker does in ``OrbaxWeightLoader`` before vLLM's own weight
   processing: restore to host numpy and convert every tensor to torch under its HF name;
-* with ``--vllm``: an offloaded engine process (``sampling.engine_process``) is started on
-  the model and the trainer-side ``load`` request is timed end to end (read + vLLM's
-  ``reload_weights``, CPU backend here).
+* with ``--vllm``: an offloaded engine (vLLM's own server, ``sampling.engines``) is started
+  on the model and the trainer-side refresh is timed end to end over HTTP (pause, every
+  worker's read + vLLM's layer-wise reload, reset prefix cache, version label, resume; CPU
+  backend here).
 
 GB/s = checkpoint bytes / median seconds. The implied time of a sync of a model of ``P``
 bytes is ``P / write_GBps + P / load_GBps`` (write, then every engine loads in parallel);
@@ -97,7 +98,7 @@ def main():
               "read_s": round(t_read, 3), "read_gbps": round(nbytes / 1e9 / t_read, 3),
               "write_times_s": w_times, "read_times_s": r_times, "dir": root_parent}
     if a.vllm:
-        from advgame_jax.sampling.engine_process import EngineClient, EngineSpec, RemoteSampler
+        from advgame_jax.sampling.engines import EngineClient, EngineSpec, RemoteSampler
 
         hf_dir = os.path.join(root_parent, "hf")
         save_hf(hf_dir, config, jax.tree.map(lambda x: x.astype(jnp.bfloat16), params))
@@ -106,7 +107,7 @@ def main():
                        kv_cache_bytes=64 << 20, enforce_eager=True),
             os.path.join(root_parent, "engines"))
         try:
-            sampler = RemoteSampler(client)
+            sampler = RemoteSampler(client, config)
             sampler.update_weights(checkpoint_path=last["path"])  # warm-up
             t_load, l_times = _median(
                 lambda: sampler.update_weights(checkpoint_path=last["path"]), a.repeats)

@@ -30,6 +30,9 @@ def _player(role: str) -> ml_collections.ConfigDict:
             # vLLM engine options (ignored by the JAX sampler).
             vllm_kv_cache_bytes=2 * 1024**3,
             vllm_max_model_len=0,  # 0: derived (engine.max_prompt_tokens below)
+            # This player's completion budget (the reference sets one per player); 0: the
+            # shared sampling.max_new_tokens.
+            max_new_tokens=0,
             role=role,
             # ---- sampler placement and engine settings (docs/sampling.md) ----
             # '' (from `sampler`: 'jax' -> 'jax', 'vllm' -> 'colocated'), 'jax', 'colocated'
@@ -38,13 +41,13 @@ def _player(role: str) -> ml_collections.ConfigDict:
             placement="",
             engine=ml_collections.ConfigDict(
                 dict(
-                    address="",  # offloaded: 'host:port' of a user-started engine
-                    authkey_env="",  # env var holding that engine's connection key
+                    address="",  # offloaded: 'host:port' of a user-started vLLM server
+                    authkey_env="",  # env var holding that server's API key ('' = none)
                     devices="",  # offloaded: CUDA_VISIBLE_DEVICES of the engine, e.g. '8,9'
                     tensor_parallel_size=1,
                     gpu_memory_utilization=0.0,  # 0: vLLM default (offloaded); required if colocated
-                    # prompt budget: max_model_len = this + sampling.max_new_tokens (0: the
-                    # model's whole context)
+                    # prompt budget: max_model_len = this + the player's max_new_tokens (0:
+                    # the model's whole context)
                     max_prompt_tokens=0,
                     enforce_eager=False,  # True: no CUDA graphs (faster start, slower decode)
                     startup_timeout_s=900.0,

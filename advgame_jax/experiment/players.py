@@ -3,7 +3,7 @@ step and the state pytree, built from one ``config.<role>`` block; and weight sy
 
 Placement (``advgame_jax.sampling.placement``): ``jax`` (in-trainer JAX sampler),
 ``colocated`` (vLLM inside the trainer under an explicit memory plan) or ``offloaded`` (a vLLM
-engine process on other devices, spawned here or user-started; ``sampling.engine_process``).
+server on other devices or hosts, spawned here or user-started; ``sampling.engines``).
 
 Sync (GAME_SPEC §2.1): the JAX sampler takes the sampling params in memory (no recompile);
 a vLLM engine is refreshed from a versioned, committed Orbax checkpoint in the engine's dtype
@@ -148,11 +148,12 @@ def _build_sampler(config, role: str, hf_dir: str, model_config, params, tokeniz
     n_ctx = max_model_len(config, role, model_config.max_position_embeddings)
     if n_ctx > model_config.max_position_embeddings:
         raise ConfigError(
-            f"config.{role}.engine.max_prompt_tokens + config.sampling.max_new_tokens = {n_ctx} "
+            f"config.{role}.engine.max_prompt_tokens + config.{role}.max_new_tokens (or "
+            f"config.sampling.max_new_tokens) = {n_ctx} "
             f"exceeds the model's max_position_embeddings={model_config.max_position_embeddings} "
             f"({hf_dir}/config.json); lower the prompt or completion budget")
     if placement == "offloaded":
-        from advgame_jax.sampling.engine_process import EngineClient, EngineSpec, RemoteSampler
+        from advgame_jax.sampling.engines import EngineClient, EngineSpec, RemoteSampler
 
         if e.address:
             client = EngineClient.connect(role, e.address, e.authkey_env,
@@ -167,7 +168,12 @@ def _build_sampler(config, role: str, hf_dir: str, model_config, params, tokeniz
             client = EngineClient.spawn(
                 spec, os.path.join(os.path.abspath(config.workdir), "engines"),
                 startup_timeout_s=e.startup_timeout_s, request_timeout_s=e.request_timeout_s)
-        return RemoteSampler(client, tokenizer=tokenizer, load_timeout_s=e.startup_timeout_s)
+        try:
+            return RemoteSampler(client, model_config, tokenizer=tokenizer,
+                                 load_timeout_s=e.startup_timeout_s)
+        except BaseException:
+            client.close()  # a spawned engine that failed its first request is stopped
+            raise
     try:
         from advgame_jax.sampling.vllm_sampler import VllmSampler
     except ImportError as err:

@@ -101,6 +101,8 @@ def validate_config(config) -> None:
                 f"(pass --config.{role}.hf_path=/path/to/model)")
         _int(config, f"{role}.sampler_min_batch_bucket", minimum=1)
         _int(config, f"{role}.sampler_min_prompt_bucket", minimum=1)
+        if "max_new_tokens" in config[role]:
+            _int(config, f"{role}.max_new_tokens", minimum=0)
         if not isinstance(_get(config, f"{role}.trainable"), bool):
             raise ConfigError(f"config.{role}.trainable: expected True or False")
 

@@ -107,9 +107,11 @@ def game_config_from_experiment(config: Any) -> GameConfig:
     ``game.*``, ``judge.mode/swap_positions/condition_on/attacker_judge/defender_judge/
     num_faith_samples`` and ``sampling.*``)."""
     s = config.sampling
-    params = SamplingParams(temperature=float(s.temperature), top_p=float(s.top_p),
-                            top_k=int(s.top_k), max_new_tokens=int(s.max_new_tokens),
-                            seed=int(config.get("seed", 0)))
+    params = {role: SamplingParams(temperature=float(s.temperature), top_p=float(s.top_p),
+                                   top_k=int(s.top_k),
+                                   max_new_tokens=player_max_new_tokens(config, role),
+                                   seed=int(config.get("seed", 0)))
+              for role in ("attacker", "defender")}
     g, j = config.game, config.judge
     templates = g.templates
     if g.get("templates_file", ""):
@@ -124,5 +126,11 @@ def game_config_from_experiment(config: Any) -> GameConfig:
         attacker_judge_enabled=j.attacker_judge, defender_judge_enabled=j.defender_judge,
         judge_mode=j.mode, swap_positions=j.swap_positions, faithfulness=g.faithfulness,
         num_faith_samples=j.num_faith_samples, faith_tie=j.get("faith_tie", "bad_judge"),
-        selection=g.get("selection", "fallback"), attacker_sampling=params,
-        defender_sampling=params)
+        selection=g.get("selection", "fallback"), attacker_sampling=params["attacker"],
+        defender_sampling=params["defender"])
+
+
+def player_max_new_tokens(config: Any, role: str) -> int:
+    """``config.<role>.max_new_tokens``, or ``sampling.max_new_tokens`` when that is 0/absent."""
+    own = int(config[role].get("max_new_tokens", 0) or 0) if role in config else 0
+    return own or int(config.sampling.max_new_tokens)

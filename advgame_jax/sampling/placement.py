@@ -13,10 +13,10 @@ Placements (``config.<role>.placement``; ``""`` keeps the older ``sampler`` fiel
   any model loads.
 * ``offloaded``: a vLLM engine in its own process on devices the trainer does not use
   (``engine.devices``), started and supervised by the trainer, or a user-started engine at
-  ``engine.address``. See ``engine_process``.
+  ``engine.address`` (vLLM's own OpenAI server). See ``engines``.
 
-Every vLLM engine's ``max_model_len`` is the prompt budget plus the completion budget
-(``engine.max_prompt_tokens + sampling.max_new_tokens``) unless ``vllm_max_model_len`` sets
+Every vLLM engine's ``max_model_len`` is the prompt budget plus the player's completion budget
+(``engine.max_prompt_tokens + <role>.max_new_tokens``, or ``sampling.max_new_tokens``) unless ``vllm_max_model_len`` sets
 it, or the model's whole context when no prompt budget is set; there is no hidden cap.
 """
 
@@ -47,7 +47,9 @@ def max_model_len(config, role: str, model_max_positions: int) -> int:
         return int(pc.vllm_max_model_len)
     if not pc.engine.max_prompt_tokens:
         return int(model_max_positions)
-    return int(pc.engine.max_prompt_tokens) + int(config.sampling.max_new_tokens)
+    from advgame_jax.game.config import player_max_new_tokens
+
+    return int(pc.engine.max_prompt_tokens) + player_max_new_tokens(config, role)
 
 
 def _number(value, field: str, low: float, high: float) -> float:

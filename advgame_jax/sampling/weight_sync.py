@@ -208,11 +208,19 @@ def hf_tensors(model_config, params) -> Iterator[tuple[str, Any]]:
 
 
 class OrbaxWeightLoader:
-    """vLLM worker extension (``vllm.LLM(..., worker_extension_cls=<this class's path>)``).
+    """vLLM worker extension (``--worker-extension-cls`` / ``worker_extension_cls``).
 
-    ``llm.collective_rpc("advgame_load_sync", args=(path, model_config_json))`` makes every
-    worker read the committed sync checkpoint at ``path`` and swap it in with the worker's own
-    ``reload_weights`` (which re-applies the backend's weight processing). Returns the version.
+    ``collective_rpc("advgame_load_sync", args=(path, model_config_json))`` makes every worker
+    read the committed sync checkpoint at ``path`` and swap it in with vLLM's layer-wise
+    in-place reload (which re-applies the backend's weight processing, e.g. the CPU
+    backend's GEMM repacking). Returns the version.
+
+    Tied embeddings: vLLM's llama loader skips ``lm_head.*`` for a tied model and its
+    layer-wise reload processes a tied parameter only for its first owner (the embedding),
+    so the output head would keep its old processed copy (``ParallelLMHead: Failed to load
+    weights``; on CPU the head's packed GEMM weights stay stale). Here the head is given the
+    new embedding through its own weight loader inside the same reload, so it is processed
+    like every other layer and follows the embedding.
     """
 
     def advgame_load_sync(self, path: str, model_config_json: str) -> int:
@@ -220,8 +228,35 @@ class OrbaxWeightLoader:
 
         cfg = ModelConfig.from_hf_dict(json.loads(model_config_json), source=path)
         version, params = read_sync_checkpoint(path)
-        self.reload_weights(weights_iterator=hf_tensors(cfg, params))
+        if not cfg.tie_word_embeddings:
+            self.reload_weights(weights_iterator=hf_tensors(cfg, params))
+        else:
+            self._reload_tied(hf_tensors(cfg, params))
         return version
+
+    def _reload_tied(self, weights) -> None:
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.reload import (
+            finalize_layerwise_reload, initialize_layerwise_reload)
+        from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+
+        model = self.model_runner.get_model()
+        head = getattr(model, "lm_head", None)
+        embedding = []
+
+        def keep_embedding(it):
+            for name, tensor in it:
+                if name == "model.embed_tokens.weight":
+                    embedding.append(tensor)
+                yield name, tensor
+
+        with set_current_vllm_config(self.vllm_config):
+            initialize_layerwise_reload(model)
+            model.load_weights(keep_embedding(weights))
+            if head is not None and hasattr(head, "weight") and embedding:
+                loader = getattr(head.weight, "weight_loader", default_weight_loader)
+                loader(head.weight, embedding[0])
+            finalize_layerwise_reload(model, self.vllm_config.model_config)
 
 
 def latest_committed(root: str) -> Optional[str]:
