@@ -37,7 +37,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from advgame_jax import fsutil, game
+from advgame_jax import fsutil, game, locking
 from advgame_jax.data import SeedIterator
 from advgame_jax.experiment import compile_counter, hosts
 from advgame_jax.experiment.metrics import MetricsWriter, truncate_metrics
@@ -72,6 +72,17 @@ class GameRunner:
             fsutil.check_writable_dir(self.workdir, "config.workdir")
         except OSError as e:
             raise ConfigError(str(e)) from None
+        # One run per workdir: a second one is refused here, before anything loads.
+        self._lock = locking.DirLock(self.workdir, "config.workdir")
+        if hosts.is_writer():
+            self._lock.acquire()
+        try:
+            self._build(config, judge)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _build(self, config, judge) -> None:
         compile_counter.install()
         self.mesh = resolve_mesh(config)
         self.train_seeds, self.valid_seeds = load_seed_splits(config)
@@ -318,6 +329,7 @@ class GameRunner:
         """Shut down the players' inference engines (offloaded processes, colocated engines)."""
         for player in self.players.values():
             close_player(player)
+        self._lock.release()
 
     # ------------------------------------------------------------------ the run
     def _on_signal(self, signum, frame) -> None:
@@ -334,6 +346,7 @@ class GameRunner:
         cfg = self.config
         writer = _NullWriter()
         if hosts.is_writer():
+            self._lock.acquire()  # held since __init__; again after an earlier run() ended
             truncate_metrics(os.path.join(self.workdir, "metrics.jsonl"), self.step)
             writer = MetricsWriter(self.workdir, total_steps=cfg.train.num_steps,
                                    tensorboard=cfg.logging.tensorboard,
@@ -367,6 +380,7 @@ class GameRunner:
             writer.close()
             if self.audit is not None:
                 self.audit.close()
+            self._lock.release()
         if stop:
             logging.warning("stopped cleanly at step %d; rerun the same command to resume", self.step)
         return last
