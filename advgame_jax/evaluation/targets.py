@@ -19,6 +19,8 @@ import json
 import os
 from typing import Optional, Sequence
 
+from advgame_jax.controlled import AttackerNotAllowed  # noqa: F401 (the one gate's error)
+from advgame_jax.controlled import require_attacker_allowed
 from advgame_jax.evaluation.http_client import OpenAIClient, Request
 
 
@@ -26,8 +28,6 @@ class TargetError(UserError, ValueError):
     """A model to load is missing, of the wrong family, or not allowed (attacker)."""
 
 
-class AttackerNotAllowed(UserError, PermissionError):
-    """A trained attacker used without the explicit acknowledgement flag."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,10 +195,9 @@ class EndpointTarget:
 
 
 def is_attacker_dir(path: str) -> bool:
-    from advgame_jax.sampling.server import is_attacker_checkpoint
-    from advgame_jax.training.export import is_controlled_artifact
+    from advgame_jax.controlled import is_attacker_artifact
 
-    return is_attacker_checkpoint(path) or is_controlled_artifact(path)
+    return is_attacker_artifact(path)
 
 
 def load_target(*, hf_dir: str = "", checkpoint: str = "", endpoint: str = "",
@@ -216,18 +215,15 @@ def load_target(*, hf_dir: str = "", checkpoint: str = "", endpoint: str = "",
                               field=f"--{field}endpoint")
     if hf_dir:
         check_hf_dir(hf_dir, f"--{field}hf_dir")
-        if is_attacker_dir(hf_dir) and not allow_attacker:
-            raise AttackerNotAllowed(f"--{field}hf_dir {hf_dir!r} is an exported attacker (a "
-                                     f"controlled red-teaming artifact); pass the explicit flag")
+        require_attacker_allowed(hf_dir, allow_attacker, f"--{field}hf_dir")
         from advgame_jax.models import load_hf
 
         config, p = load_hf(hf_dir)
         return InProcessTarget(config, p, hf_dir, compute_dtype=compute_dtype,
                                max_prompt_tokens=max_prompt_tokens, label=hf_dir)
-    if player == "attacker" and not allow_attacker:
-        raise AttackerNotAllowed("the trained attacker is a controlled red-teaming artifact; "
-                                 "pass the explicit flag to load it")
     step_dir = find_step_dir(checkpoint)
+    require_attacker_allowed(step_dir, allow_attacker, f"--{field}checkpoint",
+                             attacker=player == "attacker")
     hf = resolve_base_hf_dir(step_dir, player, base_hf_dir)
     config, p = restore_player_params(step_dir, player, params, hf)
     return InProcessTarget(config, p, hf, compute_dtype=compute_dtype,

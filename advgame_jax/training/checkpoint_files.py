@@ -15,6 +15,7 @@ import zlib
 from typing import Optional
 
 from advgame_jax import fsutil
+from advgame_jax.controlled import make_private  # noqa: F401 (re-exported)
 
 MANIFEST = "advgame_manifest.json"
 QUARANTINE = "quarantine"
@@ -38,17 +39,6 @@ def _list_files(step_dir: str) -> list[str]:
             if rel != MANIFEST:
                 out.append(rel)
     return sorted(out)
-
-
-def make_private(path: str) -> None:
-    """Modes of a committed step (it holds the attacker's weights, a controlled artifact):
-    directories 0700, files 0600, whatever the umask was when Orbax wrote them."""
-    os.chmod(path, 0o700)
-    for root, dirs, files in os.walk(path):
-        for d in dirs:
-            os.chmod(os.path.join(root, d), 0o700)
-        for f in files:
-            os.chmod(os.path.join(root, f), 0o600)
 
 
 def write_manifest(step_dir: str, *, checksums: bool = False) -> None:
