@@ -15,7 +15,9 @@ Resume: the latest checkpoint in ``<workdir>/checkpoints`` (both players' params
 states and EMA, the RNG key, data-iterator positions, the config) is restored automatically,
 and ``metrics.jsonl`` is cut back to that step, so a resumed run writes exactly what an
 uninterrupted one would (per-step sampling seeds derive from ``(config.seed, step)``).
-SIGTERM / SIGINT finish the current step, save a checkpoint and exit cleanly.
+SIGTERM / SIGINT finish the current step, save a checkpoint and exit cleanly. A finished run
+is continued in a new workdir with ``config.init_from`` (``experiment.init_from``). One run per
+workdir: ``locking.DirLock`` refuses a second one while the first is alive.
 
 Faults are caught where they happen: the workdir is proven writable before any model loads;
 a checkpoint written under another config is refused (differing fields named, nothing
@@ -211,6 +213,8 @@ class GameRunner:
                 "advgame_controlled_artifact": {
                     "contains": "attacker", "note": "trained red-teaming attacker; export "
                     "(training.export.export_hf) and serving need an explicit flag"},
+                # Each player's own model config: what an export writes as config.json.
+                "models": {r: self.players[r].model_config.to_hf_dict() for r in ROLES},
                 "iterators": hosts.gather_iterator_states(
                     {c: it.state() for c, it in self.iterators.items()}),
                 "config": json.loads(self.config.to_json())}
@@ -222,6 +226,12 @@ class GameRunner:
             check_meta=lambda meta: config_differences(meta.get("config", {}), current,
                                                        ignore=RESUMABLE_FIELDS))
         if restored is None:
+            if self.config.get("init_from"):  # a new run continuing an old one
+                from advgame_jax.experiment.init_from import states_from_checkpoint
+
+                self.state.update(states_from_checkpoint(
+                    self.config.init_from, self.players,
+                    {r: self.state[r] for r in ROLES}, self.config))
             return
         step, state, meta = restored
         self.state = state

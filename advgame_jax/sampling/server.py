@@ -31,7 +31,6 @@ import dataclasses
 import hmac
 import json
 import logging
-import os
 import queue
 import threading
 from http.server import BaseHTTPRequestHandler

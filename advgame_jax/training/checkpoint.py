@@ -182,7 +182,8 @@ class GameCheckpointer:
     def _save_failed(self, e: BaseException) -> CheckpointError:
         steps = ", ".join(map(str, self._pending)) or "?"
         self._pending = []
-        logging.error("saving checkpoint step %s failed", steps, exc_info=e)  # to the log file
+        logging.error("saving checkpoint step %s failed", steps, exc_info=e,
+                      extra={"advgame_file_only": True})  # the traceback: log file only
         cause = "no space left on device; " if disk_full(e) else ""
         return CheckpointError(f"saving the checkpoint of step {steps} in {self.directory} "
                                f"failed: {cause}{type(e).__name__}: {str(e)[:300]}. Rerun the "
