@@ -386,11 +386,13 @@ class GameRunner:
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
-            self.checkpointer.close()
-            writer.close()
-            if self.audit is not None:
-                self.audit.close()
-            self._lock.release()
+            try:
+                self.checkpointer.close()
+            finally:
+                writer.close()
+                if self.audit is not None:
+                    self.audit.close()
+                self._lock.release()
         if stop:
             logging.warning("stopped cleanly at step %d; rerun the same command to resume", self.step)
         return last

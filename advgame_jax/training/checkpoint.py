@@ -231,9 +231,16 @@ class GameCheckpointer:
     def close(self) -> None:
         try:
             self.wait()
-        finally:
-            self._mgr.close()
+        except BaseException:
+            try:  # the first failure is the one reported; Orbax may raise it again here
+                self._mgr.close()
+            except Exception:  # noqa: BLE001
+                logging.debug("closing the checkpoint manager after a failed save",
+                              exc_info=True, extra={"advgame_file_only": True})
             self._finisher.shutdown(wait=True)
+            raise
+        self._mgr.close()
+        self._finisher.shutdown(wait=True)
 
     def __enter__(self):
         return self
