@@ -7,10 +7,10 @@ use by pid N on HOST (since ...)``. The kernel drops a ``flock`` when its holder
 under ``kill -9``, so a crashed run never blocks the next one; a lock file left behind by a
 dead holder is stale, and is taken over (with a note of whose it was).
 
-Stale-lock detection for file systems where ``flock`` does not reach other hosts (some NFS
-set-ups): when the lock can be taken but the file names a holder on THIS host whose pid is
-still alive and is not us, the holder's lock was not seen by the kernel, so the directory is
-refused all the same.
+Stale-lock detection for file systems where ``flock`` is not shared (some NFS set-ups): when
+the lock can be taken but the file names a holder on THIS host whose pid is alive, is not us
+and still runs the recorded command, the holder's lock was not seen by the kernel, so the
+directory is refused all the same; a pid reused by another program is not a holder.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class DirLock:
             me, host = os.getpid(), socket.gethostname()
             pid = holder.get("pid")
             if holder.get("host") == host and isinstance(pid, int) and pid != me \
-                    and _pid_alive(pid) and _cmdline_mentions(pid, "python"):
+                    and _pid_alive(pid) and _same_command(pid, holder.get("command")):
                 raise DirectoryInUseError(
                     f"{self.field}={self.directory!r} is in use by {_describe(holder)} (its "
                     f"lock is not visible to this file system's flock; stop that run or use "
@@ -131,11 +131,13 @@ class DirLock:
         self.release()
 
 
-def _cmdline_mentions(pid: int, word: str) -> bool:
-    """True when the live process ``pid`` looks like one of ours (its command line names
-    ``word``); a recycled pid of an unrelated program does not keep a lock alive."""
+def _same_command(pid: int, command) -> bool:
+    """True when the live process ``pid`` still runs the recorded ``command`` (a pid reused
+    by an unrelated program does not keep a lock alive)."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return word.encode() in f.read()
+            args = f.read().split(b"\0")
     except OSError:
-        return True  # no /proc: assume it may be ours
+        return True  # no /proc: assume it may be the holder
+    live = " ".join(a.decode("utf-8", "replace") for a in args if a)
+    return isinstance(command, str) and bool(command) and command[:200] in live

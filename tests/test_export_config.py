@@ -48,3 +48,26 @@ def test_export_uses_the_checkpoint_config_and_refuses_another(tmp_path, tmp_pat
                                                       rf"{value!r} in --base_hf_dir"):
             convert.checkpoint_to_hf(run.workdir, str(tmp_path / f"x_{field}"), base=str(wrong))
         assert not (tmp_path / f"x_{field}").exists()
+
+
+@pytest.mark.slow
+def test_convert_and_eval_of_a_checkpoint_keep_orbax_off_the_console(tmp_path, tmp_path_factory):
+    """Issue 17 item 22: no Orbax INFO lines and no _CHECKPOINT_METADATA warning."""
+    import subprocess
+    import sys
+
+    from advgame_jax.data import packaged_seed_path
+
+    run = tiny_run(tmp_path_factory)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": repo}
+    for args in (["convert.py", "--mode=checkpoint_to_hf", f"--checkpoint={run.workdir}",
+                  f"--out_dir={tmp_path / 'hf'}"],
+                 ["eval.py", f"--checkpoint={run.workdir}", f"--out_dir={tmp_path / 'ev'}",
+                  f"--set=toy=seeds:{packaged_seed_path('toy_valid.jsonl')}", "--limit=2",
+                  "--max_new_tokens=4", "--num_resamples=10"]):
+        proc = subprocess.run([sys.executable, os.path.join(repo, "launch", args[0]), *args[1:]],
+                              capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "_CHECKPOINT_METADATA" not in proc.stderr, proc.stderr[-3000:]
+        assert "orbax" not in proc.stderr.lower() and "checkpoint_manager" not in proc.stderr

@@ -65,12 +65,16 @@ def test_same_host_live_holder_without_flock_is_refused(tmp_path):
     see it (file systems whose flock is local only)."""
     d = tmp_path / "work"
     d.mkdir()
-    other = subprocess.Popen([PY, "-c", "import time; time.sleep(60)"])
+    other = subprocess.Popen([PY, "-c", "import time; time.sleep(60)", "launch/eval.py"])
     try:
-        (d / LOCK_FILE).write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(),
-                                               "since": "then"}))
+        record = {"pid": other.pid, "host": socket.gethostname(), "since": "then"}
+        (d / LOCK_FILE).write_text(json.dumps({**record, "command": "launch/eval.py"}))
         with pytest.raises(DirectoryInUseError, match=f"pid {other.pid}"):
             DirLock(str(d), "--out_dir").acquire()
+        # the same pid running another command (a reused pid) is not a holder
+        (d / LOCK_FILE).write_text(json.dumps({**record, "command": "launch/train.py x"}))
+        DirLock(str(d), "--out_dir").acquire().release()
+        (d / LOCK_FILE).write_text(json.dumps({**record, "command": "launch/eval.py"}))
     finally:
         other.kill()
         other.wait()
@@ -115,6 +119,14 @@ def test_two_train_processes_on_one_workdir(tmp_path, toy_dir):
     assert steps[-1] == 3
     with open(os.path.join(work, LOCK_FILE)) as f:
         assert f.read() == ""  # released at the end
+
+    # A torn last line (a kill mid-write) is dropped on rerun with ONE warning (item 22).
+    with open(os.path.join(work, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 4, "harm')
+    again = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stderr.count("is not a complete metrics record") == 1, again.stderr[-3000:]
+    assert _metric_steps(work) == [1, 2, 3]
 
 
 @pytest.mark.slow

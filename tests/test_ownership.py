@@ -66,7 +66,7 @@ def test_user_step_directories_are_refused_not_moved(tmp_path):
     (root / "1" / "notes.txt").write_text("mine")
     with pytest.raises(fsutil.NotOwnedError, match=r"checkpoints/0' was not written by advgame_jax"):
         GameCheckpointer(root, save_every=1, keep=2)
-    assert sorted(os.listdir(root)) == ["0", "1"]  # nothing moved, no quarantine, no marker
+    assert sorted(os.listdir(root)) == ["0", "1"]  # nothing moved, no quarantine
     assert (root / "1" / "notes.txt").read_text() == "mine"
 
     # a user directory dropped into the project's own checkpoints dir: refused as well

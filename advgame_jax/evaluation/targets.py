@@ -152,7 +152,7 @@ def restore_player_params(step_dir: str, player: str, which: str, hf_dir: str):
     config = checkpoint_model_config(step_dir, player) or base
     diffs = model_config_differences(config, base)
     if diffs:
-        raise TargetError(f"--base_hf_dir {hf_dir!r} describes another model than the "
+        raise TargetError(f"--base_hf_dir {hf_dir!r} describes a different model than the "
                           f"{player} of --checkpoint {step_dir!r}: " + "; ".join(diffs)
                           + ". Pass the HF dir the player was trained from")
     like = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))

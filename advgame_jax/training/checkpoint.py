@@ -120,8 +120,8 @@ class GameCheckpointer:
     thread; a step whose manifest is not written yet is still resumable (its sizes and
     checksums are then not checked).
 
-    The directory is the checkpointer's own (:func:`claim_directory`): created 0700 and
-    marked, and a step directory this project did not write is refused, never quarantined.
+    The directory is the checkpointer's own (:func:`claim_directory`): created 0700, and a
+    step directory this project did not write is refused, never quarantined.
     """
 
     def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True,

@@ -19,8 +19,6 @@ from advgame_jax.controlled import make_private  # noqa: F401 (re-exported)
 
 MANIFEST = "advgame_manifest.json"
 QUARANTINE = "quarantine"
-ROOT_KIND = "checkpoints"
-_ORBAX_TMP = ".orbax-checkpoint-tmp"
 
 
 def _crc32(path: str) -> int:
@@ -75,33 +73,26 @@ def is_project_step(step_dir: str) -> bool:
 
 
 def claim_directory(directory: str) -> None:
-    """Make ``directory`` the checkpointer's own (created 0700 and marked), or check that an
-    existing one is: every step directory in it must be one this project wrote
-    (:func:`is_project_step`). Anything else raises ``fsutil.NotOwnedError`` and nothing is
-    moved, renamed or deleted."""
+    """Create ``directory`` (mode 0700: every step in it holds the attacker), or check that an
+    existing one holds only step directories this project wrote (:func:`is_project_step`;
+    Orbax reads, replaces and garbage-collects integer-named directories, so a foreign one
+    must never be there). Anything else raises ``fsutil.NotOwnedError`` and nothing is
+    moved, renamed or deleted. Other names (Orbax's in-flight ``*.orbax-checkpoint-tmp-*``,
+    ``quarantine/``) are not steps and are left to their owners."""
     if not os.path.lexists(directory):
         os.makedirs(directory, mode=0o700)
         os.chmod(directory, 0o700)
-        fsutil.write_marker(directory, ROOT_KIND)
         return
     if os.path.islink(directory) or not os.path.isdir(directory):
-        raise fsutil.NotOwnedError(f"{directory!r} exists and is not a directory advgame_jax made "
-                              f"for checkpoints; move it away or use another workdir")
-    owned = fsutil.is_owned(directory, ROOT_KIND)
+        raise fsutil.NotOwnedError(f"{directory!r} exists and is not a checkpoints directory "
+                                   f"of advgame_jax; move it away or use another workdir")
     for name in sorted(os.listdir(directory)):
         full = os.path.join(directory, name)
-        if name in (fsutil.MARKER, QUARANTINE) or _ORBAX_TMP in name:
-            continue
-        if name.isdigit() and is_project_step(full):
-            continue
-        if owned and not name.isdigit():
-            continue  # not a step: Orbax neither reads nor deletes it
-        raise fsutil.NotOwnedError(
-            f"{full!r} was not written by advgame_jax (no {MANIFEST} and no checkpoint "
-            f"metadata of this project); nothing was moved or changed. Move it out of "
-            f"{directory!r} or use another workdir")
-    if not owned:  # a run of an earlier version: every step in it is this project's
-        fsutil.write_marker(directory, ROOT_KIND)
+        if name.isdigit() and not is_project_step(full):
+            raise fsutil.NotOwnedError(
+                f"{full!r} was not written by advgame_jax (no {MANIFEST} and no checkpoint "
+                f"metadata of this project); nothing was moved or changed. Move it out of "
+                f"{directory!r} or use another workdir")
 
 
 def disk_full(err: BaseException) -> bool:
