@@ -25,6 +25,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 
 def _fail(message: str) -> None:
     sys.stderr.write(f"error: {message}\n")
+    from advgame_jax.experiment.logsetup import divert_stderr
+
+    divert_stderr()  # late library noise at exit goes to train.log, not under the error line
     sys.exit(2)
 
 

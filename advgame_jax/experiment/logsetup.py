@@ -50,6 +50,24 @@ def quiet_console() -> None:
         console.addFilter(ConsoleFilter())
 
 
+_LOG_PATH: list[str] = []
+
+
+def divert_stderr() -> None:
+    """Send whatever is still written to stderr (fd 2) to the run's log file: called right
+    after the one ``error:`` line, so that a library's late noise at exit (Orbax/asyncio
+    callbacks failing after a failed save) lands in ``train.log``, not on the console. No-op
+    before :func:`configure_logging`."""
+    if not _LOG_PATH:
+        return
+    import sys
+
+    sys.stderr.flush()
+    fd = os.open(_LOG_PATH[-1], os.O_WRONLY | os.O_APPEND)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
 def configure_logging(workdir: str) -> str:
     """Route INFO-level logging as described above; returns the log file's path. Call once,
     after absl has parsed flags (``app.run``) and ``workdir`` exists."""
@@ -64,4 +82,5 @@ def configure_logging(workdir: str) -> str:
     console = logging.get_absl_handler()
     if not any(isinstance(f, ConsoleFilter) for f in console.filters):
         console.addFilter(ConsoleFilter())
+    _LOG_PATH.append(path)
     return path
