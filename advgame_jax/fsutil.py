@@ -161,3 +161,57 @@ def check_writable_dir(path: str, field: str) -> None:
     except OSError as e:
         raise OSError(f"{field}={path!r} is not a writable directory ({e.strerror or e}); "
                       f"give a directory this user can write to") from e
+
+
+# ---------------------------------------------------------------- files the project created
+# A file the project creates inside a directory it does not own (``metrics.jsonl`` in a
+# workdir the user chose) is recorded in that directory's ``FILES_MARKER`` when it is
+# created; the project rewrites or truncates such a file only when it is recorded there.
+FILES_MARKER = ".advgame_jax_files.json"
+
+
+def _files_record(directory: str) -> dict:
+    try:
+        with open(os.path.join(directory, FILES_MARKER), encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(meta, dict) or meta.get("created_by") != "advgame_jax":
+        return {}
+    files = meta.get("files")
+    return files if isinstance(files, dict) else {}
+
+
+def is_owned_file(path: str, kind: str) -> bool:
+    """True when the regular file ``path`` was created by the project as a ``kind`` file."""
+    path = os.path.abspath(path)
+    if os.path.islink(path) or not os.path.isfile(path):
+        return False
+    return _files_record(os.path.dirname(path)).get(os.path.basename(path)) == kind
+
+
+def create_owned_file(path: str, kind: str, *, mode: int = 0o600) -> None:
+    """Create the empty file ``path`` (it must not exist) and record it as the project's."""
+    path = os.path.abspath(path)
+    directory = os.path.dirname(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    os.close(fd)
+    files = dict(_files_record(directory))
+    files[os.path.basename(path)] = kind
+    atomic_write_text(os.path.join(directory, FILES_MARKER),
+                      json.dumps({"created_by": "advgame_jax", "files": files}) + "\n",
+                      mode=0o600)
+
+
+def require_owned_file(path: str, kind: str, field: str) -> bool:
+    """Create ``path`` as the project's ``kind`` file if it is absent (returns False), or
+    check that an existing one is the project's (returns True); a file the project did not
+    create raises :class:`NotOwnedError` and is left as it is."""
+    if not os.path.lexists(path):
+        create_owned_file(path, kind)
+        return False
+    if not is_owned_file(path, kind):
+        raise NotOwnedError(
+            f"{field}: {path!r} exists but was not written by advgame_jax (it is not recorded "
+            f"in {FILES_MARKER}); it is left untouched. Move it away or use another directory.")
+    return True

@@ -70,6 +70,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.toy_world = False
     c.toy_warmup_steps = 300
     c.toy_dir = ""  # where the toy world is built/cached; empty = <workdir>/toy
+    # Continue a finished run in a NEW workdir: both players' params and EMA from this
+    # workdir / checkpoints dir / checkpoints/<step> dir, with a fresh optimizer and schedule
+    # (advgame_jax/experiment/init_from.py). Empty = start from the players' hf_path.
+    c.init_from = ""
 
     # Device mesh: -1 on `data` = all remaining devices. Multi-host: data/fsdp/tensor are the
     # sizes INSIDE one host (GPU node) or TPU slice; dcn_* multiply them across hosts/slices

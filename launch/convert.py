@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 flags.DEFINE_enum("mode", None, ["checkpoint_to_hf", "hf_to_params", "params_to_hf"],
                   "What to convert.")
@@ -44,7 +44,9 @@ def main(argv):
 def _main():
     from advgame_jax.evaluation import convert
 
-    logging.set_verbosity(logging.INFO)
+    from advgame_jax.experiment.logsetup import quiet_console
+
+    quiet_console()  # no Orbax/library chatter or tracebacks on the console
     if FLAGS.mode == "checkpoint_to_hf":
         out = convert.checkpoint_to_hf(FLAGS.checkpoint, FLAGS.out_dir, player=FLAGS.player,
                                        params=FLAGS.params, base=FLAGS.base_hf_dir,

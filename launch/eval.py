@@ -22,7 +22,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 flags.DEFINE_multi_string("set", [], "Prompt set [NAME=]KIND:PATH (repeatable).")
 flags.DEFINE_string("out_dir", None, "Where results.jsonl, eval.json and eval.md go.")
@@ -68,7 +68,9 @@ def main(argv):
 def _main():
     from advgame_jax.evaluation import classifiers, prompt_sets, runner, targets
 
-    logging.set_verbosity(logging.INFO)
+    from advgame_jax.experiment.logsetup import quiet_console
+
+    quiet_console()  # no Orbax/library chatter or tracebacks on the console
     if not FLAGS.set:
         raise app.UsageError("give at least one --set=[NAME=]KIND:PATH")
     if not FLAGS.request_timeout_s > 0:

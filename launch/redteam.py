@@ -26,7 +26,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 flags.DEFINE_bool("acknowledge_controlled_artifact", False,
                   "Confirm this is authorised red-teaming with a controlled attacker artifact.")
@@ -86,7 +86,9 @@ def main(argv):
 def _main():
     from advgame_jax.evaluation import classifiers, prompt_sets, redteam, targets
 
-    logging.set_verbosity(logging.INFO)
+    from advgame_jax.experiment.logsetup import quiet_console
+
+    quiet_console()  # no Orbax/library chatter or tracebacks on the console
     try:
         redteam.require_ack(FLAGS.acknowledge_controlled_artifact)  # before anything is loaded
     except redteam.NotAcknowledged as err:

@@ -25,6 +25,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 
 def _fail(message: str) -> None:
     sys.stderr.write(f"error: {message}\n")
+    from advgame_jax.experiment.logsetup import divert_stderr
+
+    divert_stderr()  # late library noise at exit goes to train.log, not under the error line
     sys.exit(2)
 
 
@@ -76,10 +79,17 @@ def main(argv):
         run_from_config(config)
     except UserError as err:
         _fail(one_line(err))
-    except OSError as err:  # e.g. check_writable_dir: names the field
-        if "config." not in str(err):
-            raise
-        _fail(str(err))
+    except Exception as err:
+        from advgame_jax.experiment.logsetup import FILE_ONLY
+        from advgame_jax.training.checkpoint import disk_full
+
+        if disk_full(err):  # one line on the console; the traceback goes to train.log
+            logging.error("stopped: no space left on device", exc_info=err, extra=FILE_ONLY)
+            _fail(f"no space left on device ({one_line(err)[:300]}); free some space and "
+                  f"rerun the same command to resume from the last complete checkpoint")
+        if isinstance(err, OSError) and "config." in str(err):  # e.g. check_writable_dir
+            _fail(str(err))
+        raise
 
 
 if __name__ == "__main__":

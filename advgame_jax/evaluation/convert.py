@@ -2,10 +2,11 @@
 params), HF directory → initial params (Orbax), and those params → HF again.
 
 Every output is built in a temporary sibling directory and renamed into place; an existing
-output is never overwritten. The trained attacker is a controlled artifact: converting it
-needs ``allow_attacker=True``, and every output made from an attacker carries the marker
-(``training.export.MARKER_FILE`` and the ``config.json`` field), so the marker survives any
-chain of conversions.
+output is never overwritten. The trained attacker is a controlled artifact: every input is
+checked by the one gate (``controlled.require_attacker_allowed``: a game checkpoint's
+attacker, an HF export, converted params, a sampler sync version), converting it needs
+``allow_attacker=True``, and every output made from an attacker carries every marker and is
+private (0700/0600), so the marker survives any chain of conversions.
 
 Orbax params layout (``hf_to_params`` output): ``<out>/params`` (a plain Orbax PyTree,
 readable by ``sampling.checkpoints.restore_params`` and ``JaxSampler.update_weights``),
@@ -20,16 +21,18 @@ import os
 import shutil
 import tempfile
 
+from advgame_jax import controlled
 from advgame_jax.evaluation.targets import (
-    AttackerNotAllowed, TargetError, check_hf_dir, find_step_dir, is_attacker_dir,
-    resolve_base_hf_dir, restore_player_params)
-from advgame_jax.training.export import MARKER_FILE, NOTICE, export_hf
+    TargetError, check_hf_dir, find_step_dir, resolve_base_hf_dir, restore_player_params)
+from advgame_jax.training.export import export_hf
 
 PROVENANCE = "ADVGAME_CONVERSION.json"
 
 
-def _build_aside(out_dir: str, build) -> str:
-    """Run ``build(tmp_dir)`` in a fresh sibling dir of ``out_dir``, then rename it into place."""
+def _build_aside(out_dir: str, build, *, private: bool = False) -> str:
+    """Run ``build(tmp_dir)`` in a fresh sibling dir of ``out_dir`` (mode 0700 while it is
+    built), then rename it into place; ``private`` (attacker weights): it stays 0700 with
+    files 0600, else it becomes 0755."""
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir):
         raise FileExistsError(f"--out_dir {out_dir!r} already exists; choose a new directory")
@@ -38,7 +41,10 @@ def _build_aside(out_dir: str, build) -> str:
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
     try:
         build(tmp)
-        os.chmod(tmp, 0o755)
+        if private:
+            controlled.make_private(tmp)
+        else:
+            os.chmod(tmp, 0o755)
         os.rename(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # our own temporary directory
@@ -56,12 +62,6 @@ def _copy_tokenizer(src: str, dst: str) -> bool:
         return False
 
 
-def _write_marker(path: str) -> None:
-    with open(os.path.join(path, MARKER_FILE), "w", encoding="utf-8") as f:
-        json.dump({"role": "attacker", "controlled_red_teaming_artifact": True,
-                   "notice": NOTICE}, f, indent=2)
-
-
 def _provenance(path: str, **info) -> None:
     with open(os.path.join(path, PROVENANCE), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2)
@@ -71,11 +71,9 @@ def checkpoint_to_hf(checkpoint: str, out_dir: str, *, player: str = "defender",
                      params: str = "ema", base: str = "", allow_attacker: bool = False,
                      dtype=None) -> str:
     """Export ``player``'s ``params`` ('ema'|'trained') of a game checkpoint as an HF dir."""
-    attacker = player == "attacker"
-    if attacker and not allow_attacker:
-        raise AttackerNotAllowed("refusing to export the trained attacker (a controlled "
-                                 "red-teaming artifact) without --allow_attacker")
     step_dir = find_step_dir(checkpoint)
+    attacker = controlled.require_attacker_allowed(step_dir, allow_attacker, "--checkpoint",
+                                                   attacker=player == "attacker")
     hf = resolve_base_hf_dir(step_dir, player, base)
     config, p = restore_player_params(step_dir, player, params, hf)
 
@@ -85,7 +83,7 @@ def checkpoint_to_hf(checkpoint: str, out_dir: str, *, player: str = "defender",
         _copy_tokenizer(hf, tmp)
         _provenance(tmp, source=step_dir, player=player, params=params, base_hf_dir=hf)
 
-    return _build_aside(out_dir, build)
+    return _build_aside(out_dir, build, private=attacker)
 
 
 def hf_to_params(hf_dir: str, out_dir: str, *, allow_attacker: bool = False) -> str:
@@ -94,24 +92,21 @@ def hf_to_params(hf_dir: str, out_dir: str, *, allow_attacker: bool = False) -> 
     from advgame_jax.sampling.checkpoints import save_params
 
     check_hf_dir(hf_dir, "--hf_dir")
-    attacker = is_attacker_dir(hf_dir)
-    if attacker and not allow_attacker:
-        raise AttackerNotAllowed(f"--hf_dir {hf_dir!r} is an exported attacker; pass "
-                                 f"--allow_attacker to convert it")
+    attacker = controlled.require_attacker_allowed(hf_dir, allow_attacker, "--hf_dir")
     config, params = load_hf(hf_dir)
 
     def build(tmp):
         save_params(os.path.join(tmp, "params"), params)
         cfg = config.to_hf_dict()
         if attacker:
-            cfg["advgame_controlled_artifact"] = "attacker"
-            _write_marker(tmp)
+            cfg[controlled.CONFIG_FIELD] = "attacker"
+            controlled.write_marker(tmp, params_subdir=True)
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(cfg, f, indent=2)
         _copy_tokenizer(hf_dir, os.path.join(tmp, "tokenizer"))
         _provenance(tmp, source=os.path.abspath(hf_dir))
 
-    return _build_aside(out_dir, build)
+    return _build_aside(out_dir, build, private=attacker)
 
 
 def params_to_hf(params_dir: str, out_dir: str, *, allow_attacker: bool = False,
@@ -126,10 +121,7 @@ def params_to_hf(params_dir: str, out_dir: str, *, allow_attacker: bool = False,
     if not os.path.isfile(cfg_file) or not os.path.isdir(os.path.join(params_dir, "params")):
         raise TargetError(f"--params_dir {params_dir!r}: expected config.json and params/ (the "
                           f"output of --mode=hf_to_params)")
-    attacker = is_attacker_dir(params_dir)
-    if attacker and not allow_attacker:
-        raise AttackerNotAllowed(f"--params_dir {params_dir!r} holds attacker params; pass "
-                                 f"--allow_attacker to convert them")
+    attacker = controlled.require_attacker_allowed(params_dir, allow_attacker, "--params_dir")
     config = ModelConfig.from_hf_file(cfg_file)
     like = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
     p = restore_params(os.path.join(params_dir, "params"), like=like)
@@ -142,4 +134,4 @@ def params_to_hf(params_dir: str, out_dir: str, *, allow_attacker: bool = False,
             _copy_tokenizer(tok, tmp)
         _provenance(tmp, source=os.path.abspath(params_dir))
 
-    return _build_aside(out_dir, build)
+    return _build_aside(out_dir, build, private=attacker)

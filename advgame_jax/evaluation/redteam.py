@@ -175,7 +175,17 @@ def _markdown(m: dict, info: dict) -> str:
 def run_redteam(seeds: Sequence[EvalExample], attacker, target, classifier, out_dir: str, *,
                 cfg: RedteamConfig = RedteamConfig(), acknowledged: bool = False, judge=None,
                 batch_size: int = 8) -> dict:
-    """Run (or resume) red-teaming; returns the metrics (also in ``out_dir``)."""
+    """Run (or resume) red-teaming; returns the metrics (also in ``out_dir``). One run per
+    ``out_dir``: a second one is refused while the first holds its lock."""
+    from advgame_jax.locking import DirLock
+
+    with DirLock(out_dir, "--out_dir"):
+        return _run_redteam(seeds, attacker, target, classifier, out_dir, cfg=cfg,
+                            acknowledged=acknowledged, judge=judge, batch_size=batch_size)
+
+
+def _run_redteam(seeds, attacker, target, classifier, out_dir, *, cfg, acknowledged, judge,
+                 batch_size) -> dict:
     require_ack(acknowledged)
     seeds = [s for s in seeds if s.category == "harmful"]
     if not seeds:

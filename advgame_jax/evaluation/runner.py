@@ -19,6 +19,8 @@ from typing import Callable, Optional, Sequence
 
 from absl import logging
 
+from advgame_jax.locking import DirLock
+
 from advgame_jax.evaluation import metrics as metrics_lib
 from advgame_jax.evaluation.classifiers import ClassifyRequest
 from advgame_jax.evaluation.prompt_sets import PromptSet
@@ -51,9 +53,16 @@ def run_eval(sets: Sequence[PromptSet], target, classifier, out_dir: str, *, see
     """Evaluate; returns ``{set_name: metrics}`` (also written to ``out_dir``).
 
     ``on_batch(set_name, num_done)`` is called after each recorded batch (progress; tests).
+    One run per ``out_dir``: a second one is refused while the first holds its lock.
     """
     out_dir = os.path.abspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    with DirLock(out_dir, "--out_dir"):
+        return _run_eval(sets, target, classifier, out_dir, seed=seed, decoding=decoding,
+                         batch_size=batch_size, num_resamples=num_resamples, on_batch=on_batch)
+
+
+def _run_eval(sets, target, classifier, out_dir, *, seed, decoding, batch_size, num_resamples,
+              on_batch) -> dict:
     check_run_identity(out_dir, {"target": target.label, "classifier": classifier.name,
                                   "seed": seed, "decoding": dataclasses.asdict(decoding)})
     with ResultsFile(os.path.join(out_dir, "results.jsonl")) as results:

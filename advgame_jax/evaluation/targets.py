@@ -19,6 +19,8 @@ import json
 import os
 from typing import Optional, Sequence
 
+from advgame_jax.controlled import AttackerNotAllowed  # noqa: F401 (the one gate's error)
+from advgame_jax.controlled import require_attacker_allowed
 from advgame_jax.evaluation.http_client import OpenAIClient, Request
 from advgame_jax.net import DEFAULT_TIMEOUT_S
 
@@ -27,8 +29,6 @@ class TargetError(UserError, ValueError):
     """A model to load is missing, of the wrong family, or not allowed (attacker)."""
 
 
-class AttackerNotAllowed(UserError, PermissionError):
-    """A trained attacker used without the explicit acknowledgement flag."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,9 +106,37 @@ def check_hf_dir(path: str, field: str) -> None:
                           f"(config.json + *.safetensors)")
 
 
+def checkpoint_model_config(step_dir: str, player: str):
+    """The model config the checkpoint's own metadata records for ``player`` (None for a
+    checkpoint written before it was recorded)."""
+    from advgame_jax.models import ModelConfig
+
+    saved = (read_meta(step_dir).get("models") or {}).get(player)
+    if not isinstance(saved, dict):
+        return None
+    try:
+        return ModelConfig.from_hf_dict(saved, source=f"{step_dir} metadata")
+    except Exception as err:  # noqa: BLE001 - a damaged record: say which checkpoint
+        raise TargetError(f"--checkpoint {step_dir!r}: unreadable {player} model config in "
+                          f"its metadata ({err})") from None
+
+
+_TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def model_config_differences(saved, base) -> list[str]:
+    """Fields (every architecture field: norm eps, rope settings, max positions, ...) whose
+    values differ between the checkpoint's model config and ``--base_hf_dir``'s."""
+    a, b = dataclasses.asdict(saved), dataclasses.asdict(base)
+    norm = lambda v: list(v) if isinstance(v, (tuple, list)) else v  # noqa: E731
+    return [f"{k}: {a[k]!r} in the checkpoint, {b[k]!r} in --base_hf_dir" for k in a
+            if k not in _TOKEN_FIELDS and norm(a[k]) != norm(b.get(k))]
+
+
 def restore_player_params(step_dir: str, player: str, which: str, hf_dir: str):
-    """``(model_config, params)`` of ``player``'s ``which`` ('ema'|'trained') params, checked
-    against the architecture in ``hf_dir`` before any array is read."""
+    """``(model_config, params)`` of ``player``'s ``which`` ('ema'|'trained') params. The
+    config is the checkpoint's own (its metadata), compared field by field with
+    ``hf_dir``'s (which gives the tokenizer) before any array is read."""
     import jax
 
     from advgame_jax.models import ModelConfig, init_params
@@ -119,9 +147,15 @@ def restore_player_params(step_dir: str, player: str, which: str, hf_dir: str):
                           f"{player!r}/{which!r}")
     check_hf_dir(hf_dir, "--base_hf_dir")
     try:
-        config = ModelConfig.from_hf_file(os.path.join(hf_dir, "config.json"))
+        base = ModelConfig.from_hf_file(os.path.join(hf_dir, "config.json"))
     except Exception as err:
         raise TargetError(f"--base_hf_dir {hf_dir!r}: unsupported model config ({err})") from None
+    config = checkpoint_model_config(step_dir, player) or base
+    diffs = model_config_differences(config, base)
+    if diffs:
+        raise TargetError(f"--base_hf_dir {hf_dir!r} describes a different model than the "
+                          f"{player} of --checkpoint {step_dir!r}: " + "; ".join(diffs)
+                          + ". Pass the HF dir the player was trained from")
     like = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
     key = "ema_params" if which == "ema" else "params"
     try:
@@ -199,10 +233,9 @@ class EndpointTarget:
 
 
 def is_attacker_dir(path: str) -> bool:
-    from advgame_jax.sampling.server import is_attacker_checkpoint
-    from advgame_jax.training.export import is_controlled_artifact
+    from advgame_jax.controlled import is_attacker_artifact
 
-    return is_attacker_checkpoint(path) or is_controlled_artifact(path)
+    return is_attacker_artifact(path)
 
 
 def load_target(*, hf_dir: str = "", checkpoint: str = "", endpoint: str = "",
@@ -222,18 +255,15 @@ def load_target(*, hf_dir: str = "", checkpoint: str = "", endpoint: str = "",
                               field=f"--{field}endpoint")
     if hf_dir:
         check_hf_dir(hf_dir, f"--{field}hf_dir")
-        if is_attacker_dir(hf_dir) and not allow_attacker:
-            raise AttackerNotAllowed(f"--{field}hf_dir {hf_dir!r} is an exported attacker (a "
-                                     f"controlled red-teaming artifact); pass the explicit flag")
+        require_attacker_allowed(hf_dir, allow_attacker, f"--{field}hf_dir")
         from advgame_jax.models import load_hf
 
         config, p = load_hf(hf_dir)
         return InProcessTarget(config, p, hf_dir, compute_dtype=compute_dtype,
                                max_prompt_tokens=max_prompt_tokens, label=hf_dir)
-    if player == "attacker" and not allow_attacker:
-        raise AttackerNotAllowed("the trained attacker is a controlled red-teaming artifact; "
-                                 "pass the explicit flag to load it")
     step_dir = find_step_dir(checkpoint)
+    require_attacker_allowed(step_dir, allow_attacker, f"--{field}checkpoint",
+                             attacker=player == "attacker")
     hf = resolve_base_hf_dir(step_dir, player, base_hf_dir)
     config, p = restore_player_params(step_dir, player, params, hf)
     return InProcessTarget(config, p, hf, compute_dtype=compute_dtype,

@@ -15,7 +15,9 @@ Resume: the latest checkpoint in ``<workdir>/checkpoints`` (both players' params
 states and EMA, the RNG key, data-iterator positions, the config) is restored automatically,
 and ``metrics.jsonl`` is cut back to that step, so a resumed run writes exactly what an
 uninterrupted one would (per-step sampling seeds derive from ``(config.seed, step)``).
-SIGTERM / SIGINT finish the current step, save a checkpoint and exit cleanly.
+SIGTERM / SIGINT finish the current step, save a checkpoint and exit cleanly. A finished run
+is continued in a new workdir with ``config.init_from`` (``experiment.init_from``). One run per
+workdir: ``locking.DirLock`` refuses a second one while the first is alive.
 
 Faults are caught where they happen: the workdir is proven writable before any model loads;
 a checkpoint written under another config is refused (differing fields named, nothing
@@ -37,7 +39,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from advgame_jax import fsutil, game
+from advgame_jax import fsutil, game, locking
 from advgame_jax.data import SeedIterator
 from advgame_jax.experiment import compile_counter, hosts
 from advgame_jax.experiment.metrics import MetricsWriter, truncate_metrics
@@ -72,6 +74,17 @@ class GameRunner:
             fsutil.check_writable_dir(self.workdir, "config.workdir")
         except OSError as e:
             raise ConfigError(str(e)) from None
+        # One run per workdir: a second one is refused here, before anything loads.
+        self._lock = locking.DirLock(self.workdir, "config.workdir")
+        if hosts.is_writer():
+            self._lock.acquire()
+        try:
+            self._build(config, judge)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _build(self, config, judge) -> None:
         compile_counter.install()
         self.mesh = resolve_mesh(config)
         self.train_seeds, self.valid_seeds = load_seed_splits(config)
@@ -200,6 +213,8 @@ class GameRunner:
                 "advgame_controlled_artifact": {
                     "contains": "attacker", "note": "trained red-teaming attacker; export "
                     "(training.export.export_hf) and serving need an explicit flag"},
+                # Each player's own model config: what an export writes as config.json.
+                "models": {r: self.players[r].model_config.to_hf_dict() for r in ROLES},
                 "iterators": hosts.gather_iterator_states(
                     {c: it.state() for c, it in self.iterators.items()}),
                 "config": json.loads(self.config.to_json())}
@@ -211,6 +226,12 @@ class GameRunner:
             check_meta=lambda meta: config_differences(meta.get("config", {}), current,
                                                        ignore=RESUMABLE_FIELDS))
         if restored is None:
+            if self.config.get("init_from"):  # a new run continuing an old one
+                from advgame_jax.experiment.init_from import states_from_checkpoint
+
+                self.state.update(states_from_checkpoint(
+                    self.config.init_from, self.players,
+                    {r: self.state[r] for r in ROLES}, self.config))
             return
         step, state, meta = restored
         self.state = state
@@ -318,6 +339,7 @@ class GameRunner:
         """Shut down the players' inference engines (offloaded processes, colocated engines)."""
         for player in self.players.values():
             close_player(player)
+        self._lock.release()
 
     # ------------------------------------------------------------------ the run
     def _on_signal(self, signum, frame) -> None:
@@ -334,6 +356,7 @@ class GameRunner:
         cfg = self.config
         writer = _NullWriter()
         if hosts.is_writer():
+            self._lock.acquire()  # held since __init__; again after an earlier run() ended
             truncate_metrics(os.path.join(self.workdir, "metrics.jsonl"), self.step)
             writer = MetricsWriter(self.workdir, total_steps=cfg.train.num_steps,
                                    tensorboard=cfg.logging.tensorboard,
@@ -363,10 +386,13 @@ class GameRunner:
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
-            self.checkpointer.close()
-            writer.close()
-            if self.audit is not None:
-                self.audit.close()
+            try:
+                self.checkpointer.close()
+            finally:
+                writer.close()
+                if self.audit is not None:
+                    self.audit.close()
+                self._lock.release()
         if stop:
             logging.warning("stopped cleanly at step %d; rerun the same command to resume", self.step)
         return last

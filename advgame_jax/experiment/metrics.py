@@ -4,9 +4,11 @@ summary, a progress bar with ETA, and optional Weights & Biases.
 Only scalars pass through here — never prompts or completions (those go to the 0600 audit log).
 
 ``metrics.jsonl`` survives a kill mid-write: :func:`truncate_metrics` (run before a resumed
-run appends) drops a torn or unreadable line with a warning instead of failing, and rewrites
-the file atomically (a temporary sibling renamed into place), so a second kill during the
-rewrite loses nothing either.
+run appends) drops a torn LAST line with a warning instead of failing, and rewrites the file
+atomically (a temporary sibling renamed into place), so a second kill during the rewrite loses
+nothing either. The file is created by the project and recorded as its own
+(``fsutil.create_owned_file``); a ``metrics.jsonl`` it did not create is refused, never
+rewritten.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from typing import Mapping, Optional
 from absl import logging
 
 from advgame_jax import fsutil
+from advgame_jax.errors import UserError
+
+METRICS_KIND = "metrics"
 
 
 def _finite_scalars(record: Mapping[str, float]) -> dict:
@@ -34,29 +39,49 @@ def _finite_scalars(record: Mapping[str, float]) -> dict:
     return out
 
 
+class MetricsFileError(UserError, ValueError):
+    """A ``metrics.jsonl`` line other than the last one is not a metrics record."""
+
+
 def truncate_metrics(path: str, step: int) -> int:
     """Keep the records of ``path`` with ``"step" <= step`` (later ones were written by a run
-    that died before its next checkpoint) and drop lines that are not a JSON record with a
-    step (a write torn by a kill). Returns the number of torn lines dropped."""
-    if not os.path.exists(path):
+    that died before its next checkpoint). Only the LAST line may be torn (a write cut short
+    by a kill): it is dropped with one warning. Any other line that is not a metrics record
+    raises :class:`MetricsFileError` naming it, and the file is left as it is; so does a
+    ``metrics.jsonl`` the project did not create (``fsutil.require_owned_file``). Returns the
+    number of torn lines dropped (0 or 1)."""
+    if not fsutil.require_owned_file(path, METRICS_KIND, "config.workdir"):
         return 0
     with open(path, "rb") as f:
         raw = f.read()
-    keep, torn = [], 0
-    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+    lines = raw.split(b"\n")
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    keep, torn, changed = [], 0, False
+    for i, line in enumerate(lines[:last + 1]):
         if not line.strip():
+            changed = True
             continue
         try:
             record = json.loads(line.decode("utf-8"))
             record_step = record["step"]
+            if not isinstance(record_step, int):
+                raise TypeError
         except (UnicodeDecodeError, ValueError, KeyError, TypeError):
-            torn += 1
+            if i != last:
+                raise MetricsFileError(
+                    f"{path}:{i + 1}: not a metrics record (expected a JSON object with an "
+                    f"integer 'step'); only a torn last line is repaired, so the file is "
+                    f"left as it is: fix or remove that line, or use another workdir") from None
+            torn, changed = 1, True
             logging.warning("%s:%d is not a complete metrics record (a write cut short); "
-                            "dropped", path, lineno)
+                            "dropped", path, i + 1)
             continue
         if record_step <= step:
             keep.append(line.decode("utf-8") + "\n")
-    fsutil.atomic_write_text(path, "".join(keep), mode=0o600)
+        else:
+            changed = True
+    if changed or (raw and not raw.endswith(b"\n")):
+        fsutil.atomic_write_text(path, "".join(keep), mode=0o600)
     return torn
 
 
@@ -68,7 +93,8 @@ class MetricsWriter:
                  console_keys: Optional[Mapping[str, str]] = None):
         os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, "metrics.jsonl")
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fsutil.require_owned_file(self.path, METRICS_KIND, "config.workdir")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         self._jsonl = os.fdopen(fd, "a", encoding="utf-8")
         self._tb = None
         if tensorboard:

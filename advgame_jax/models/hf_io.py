@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterator
+from typing import Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -237,9 +237,11 @@ def _hf_specs(config: ModelConfig, params):
     return specs
 
 
-def _write_safetensors(fn: str, specs, tensors: Iterator[tuple[str, np.ndarray]]):
-    """Header-first safetensors writer: the header comes from ``specs``, data is streamed."""
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
+def _write_safetensors(fn: str, specs, tensors: Iterator[tuple[str, np.ndarray]],
+                       metadata: Optional[dict] = None):
+    """Header-first safetensors writer: the header comes from ``specs``, data is streamed;
+    ``metadata``: extra string fields of the header's ``__metadata__``."""
+    header, offset = {"__metadata__": {"format": "pt", **(metadata or {})}}, 0
     for name, shape, dt in specs:
         if dt not in _ST_DTYPES:
             raise ValueError(f"{name}: cannot save dtype {dt} (float32/float16/bfloat16 only)")
@@ -257,10 +259,12 @@ def _write_safetensors(fn: str, specs, tensors: Iterator[tuple[str, np.ndarray]]
             f.write(np.ascontiguousarray(arr, dtype=dt).tobytes())
 
 
-def save_hf(path, config: ModelConfig, params, *, max_shard_size: int = 5 * 2**30):
+def save_hf(path, config: ModelConfig, params, *, max_shard_size: int = 5 * 2**30,
+            metadata: Optional[dict] = None):
     """Write ``config.json``, ``generation_config.json`` (when bos/eos ids are known) and
     ``model.safetensors`` (or numbered shards + ``model.safetensors.index.json`` when larger
-    than ``max_shard_size`` bytes) loadable by ``transformers`` and vLLM."""
+    than ``max_shard_size`` bytes) loadable by ``transformers`` and vLLM. ``metadata``:
+    string fields added to every safetensors header (e.g. the attacker marker)."""
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     cfg = config.to_hf_dict()
@@ -290,12 +294,12 @@ def save_hf(path, config: ModelConfig, params, *, max_shard_size: int = 5 * 2**3
             os.remove(os.path.join(path, stale))
     tensors = hf_state_dict(config, params)
     if len(shards) == 1:
-        _write_safetensors(os.path.join(path, "model.safetensors"), specs, tensors)
+        _write_safetensors(os.path.join(path, "model.safetensors"), specs, tensors, metadata)
         return
     weight_map, total = {}, 0
     for k, shard in enumerate(shards):
         fn = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        _write_safetensors(os.path.join(path, fn), shard, tensors)
+        _write_safetensors(os.path.join(path, fn), shard, tensors, metadata)
         for name, shape, dt in shard:
             weight_map[name] = fn
             total += int(np.prod(shape, dtype=np.int64)) * dt.itemsize

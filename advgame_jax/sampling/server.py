@@ -31,7 +31,6 @@ import dataclasses
 import hmac
 import json
 import logging
-import os
 import queue
 import threading
 from http.server import BaseHTTPRequestHandler
@@ -54,25 +53,19 @@ class AttackerCheckpointError(UserError, PermissionError):
 
 
 def is_attacker_checkpoint(model_dir: str) -> bool:
-    """True when ``model_dir`` carries an attacker marker file or config.json field."""
-    if any(os.path.exists(os.path.join(model_dir, f)) for f in ATTACKER_MARKER_FILES):
-        return True
-    try:
-        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return (bool(cfg.get("advgame_controlled_artifact"))
-            or str(cfg.get("advgame_role", "")).lower() == "attacker")
+    """True when ``model_dir`` holds attacker weights (``controlled.is_attacker_artifact``)."""
+    from advgame_jax.controlled import is_attacker_artifact
+
+    return is_attacker_artifact(model_dir)
 
 
 def check_servable(model_dir: str, *, allow_attacker: bool) -> None:
-    """Raise ``AttackerCheckpointError`` for an attacker checkpoint unless allowed."""
-    if is_attacker_checkpoint(model_dir) and not allow_attacker:
-        raise AttackerCheckpointError(
-            f"{model_dir} is an exported ATTACKER checkpoint (marker {ATTACKER_MARKER_FILES} "
-            f"or config.json {ATTACKER_CONFIG_FIELDS}): it is a controlled red-teaming "
-            f"artifact; pass --allow_attacker to serve it")
+    """Raise ``AttackerCheckpointError`` for an attacker checkpoint unless allowed (the one
+    gate, ``controlled.require_attacker_allowed``)."""
+    from advgame_jax.controlled import require_attacker_allowed
+
+    require_attacker_allowed(model_dir, allow_attacker, "--model_dir",
+                             error=AttackerCheckpointError)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,8 @@ untested here, single-host only on CPU). A version directory is built aside (``<
 its last file: a crash mid-write leaves at most an owned ``.tmp-*`` sibling (removed by the next
 write) and never a directory a reader accepts. Old versions are removed (only owned ones)
 once a newer one is committed, keeping ``keep`` of them. The attacker's sync directories are
-marked as a controlled artifact (``CONTROLLED_ARTIFACT`` file, mode 0700).
+marked as a controlled artifact (``CONTROLLED_ARTIFACT`` file, and every marker of
+``advgame_jax.controlled`` in each version and its ``params/``; dirs 0700, files 0600).
 
 Reader (``read_sync_checkpoint`` / ``hf_tensors``). Restores the committed params as host numpy
 arrays (no accelerator needed) and yields them under Hugging Face names in torch layout, ready
@@ -108,10 +109,15 @@ def write_sync_checkpoint(root: str, params: Any, *, version: int, role: str, dt
         ckptr.save(os.path.join(tmp, "params"), cast)
         ckptr.wait_until_finished()
         ckptr.close()
+        if controlled and jax.process_index() == 0:  # advgame_jax.controlled: marker + modes
+            from advgame_jax import controlled as gate
+
+            gate.write_marker(tmp, params_subdir=True)
+            gate.make_private(tmp)
         if jax.process_index() == 0:
             fsutil.atomic_write_text(os.path.join(tmp, COMMIT_FILE), json.dumps(
                 {"version": int(version), "role": role, "dtype": dtype_name,
-                 "controlled_artifact": controlled}) + "\n")
+                 "controlled_artifact": controlled}) + "\n", mode=0o600 if controlled else 0o644)
 
     if jax.process_count() == 1:
         final = fsutil.build_dir_atomically(version_dir(root, version), VERSION_KIND, build)

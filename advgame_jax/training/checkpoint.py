@@ -31,18 +31,19 @@ after every step, so that is the step that caused it), never swallowed until a l
 from __future__ import annotations
 
 from advgame_jax.errors import UserError
+import concurrent.futures
 import json
 import logging
 import os
 import shutil
-import zlib
 from typing import Any, Callable, Optional
 
 import jax
 import orbax.checkpoint as ocp
 
-MANIFEST = "advgame_manifest.json"
-QUARANTINE = "quarantine"
+from advgame_jax.training.checkpoint_files import (  # noqa: F401 (re-exported)
+    MANIFEST, QUARANTINE, claim_directory, disk_full, is_project_step, make_private,
+    verify_manifest, write_manifest)
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -107,68 +108,20 @@ def config_differences(saved: Any, current: Any, *, ignore: tuple[str, ...] = ()
     return []
 
 
-def _crc32(path: str) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            crc = zlib.crc32(block, crc)
-    return crc
-
-
-def _list_files(step_dir: str) -> list[str]:
-    out = []
-    for root, _, files in os.walk(step_dir):
-        for name in files:
-            rel = os.path.relpath(os.path.join(root, name), step_dir)
-            if rel != MANIFEST:
-                out.append(rel)
-    return sorted(out)
-
-
-def write_manifest(step_dir: str, *, checksums: bool = False) -> None:
-    """Record every file of a committed step with its size (and crc32)."""
-    entries = {}
-    for rel in _list_files(step_dir):
-        path = os.path.join(step_dir, rel)
-        entries[rel] = {"size": os.path.getsize(path)}
-        if checksums:
-            entries[rel]["crc32"] = _crc32(path)
-    tmp = os.path.join(step_dir, MANIFEST + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"files": entries}, f, indent=0, sort_keys=True)
-    os.replace(tmp, os.path.join(step_dir, MANIFEST))
-
-
-def verify_manifest(step_dir: str) -> Optional[str]:
-    """None if the step matches its manifest (or has none yet), else what is wrong."""
-    path = os.path.join(step_dir, MANIFEST)
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            entries = json.load(f)["files"]
-    except (OSError, ValueError, KeyError) as e:
-        return f"unreadable manifest {path}: {e}"
-    for rel, want in entries.items():
-        full = os.path.join(step_dir, rel)
-        if not os.path.isfile(full):
-            return f"missing file {rel}"
-        size = os.path.getsize(full)
-        if size != want["size"]:
-            return f"file {rel} has {size} bytes, expected {want['size']}"
-        if "crc32" in want and _crc32(full) != want["crc32"]:
-            return f"file {rel} fails its crc32 check"
-    return None
-
-
 class GameCheckpointer:
     """Periodic, asynchronous Orbax checkpoints of the game state plus JSON metadata.
 
     ``save_every``: save when ``step % save_every == 0`` (or ``force=True``). ``keep``: number
     of most recent checkpoints kept. ``async_save``: device→host copy happens inside
     ``save`` (the state may be donated right after), file writing in the background.
-    ``checksums``: also record and check a crc32 per file (reads every byte once per save;
-    on by default, so a same-size corruption is detected as damage).
+    ``checksums``: also record and check a crc32 per file (on by default, so a same-size
+    corruption is detected as damage). The checksums of a committed step are computed by a
+    background thread (``zlib.crc32`` and file reads release the GIL), never on the training
+    thread; a step whose manifest is not written yet is still resumable (its sizes and
+    checksums are then not checked).
+
+    The directory is the checkpointer's own (:func:`claim_directory`): created 0700, and a
+    step directory this project did not write is refused, never quarantined.
     """
 
     def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True,
@@ -180,6 +133,8 @@ class GameCheckpointer:
         self.directory = os.path.abspath(os.fspath(directory))
         self.save_every = save_every
         self.checksums = checksums
+        if jax.process_index() == 0:
+            claim_directory(self.directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, cleanup_tmp_directories=True,
             enable_async_checkpointing=async_save)
@@ -188,6 +143,9 @@ class GameCheckpointer:
             item_handlers={"state": ocp.StandardCheckpointHandler(),
                            "meta": ocp.JsonCheckpointHandler()})
         self._pending: list[int] = []
+        self._finisher = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="advgame-manifest")
+        self._finishing: list[tuple[int, concurrent.futures.Future]] = []
 
     # ---------------------------------------------------------------- saving
     def should_save(self, step: int) -> bool:
@@ -202,7 +160,7 @@ class GameCheckpointer:
             json.dumps(meta)
         except TypeError as e:
             raise ValueError(f"checkpoint meta must be JSON-serialisable: {e}") from None
-        self.wait()
+        self.wait(finish=False)
         if step in self._mgr.all_steps():
             logging.warning("checkpoint step %d already exists in %s; not overwritten",
                             step, self.directory)
@@ -214,34 +172,75 @@ class GameCheckpointer:
         return saved
 
     def poll(self) -> None:
-        """If the background save has finished, complete it now (manifest), raising
-        :class:`CheckpointError` if it failed; never waits for a save still in flight."""
+        """If the background save has finished, complete it now (its manifest is written in
+        the background), raising :class:`CheckpointError` if it failed; never waits for a
+        save still in flight."""
         if self._pending and not self._mgr.is_saving_in_progress():
-            self.wait()
+            self.wait(finish=False)
+        self._collect(block=False)
 
     def _save_failed(self, e: BaseException) -> CheckpointError:
         steps = ", ".join(map(str, self._pending)) or "?"
         self._pending = []
+        logging.error("saving checkpoint step %s failed", steps, exc_info=e,
+                      extra={"advgame_file_only": True})  # the traceback: log file only
+        cause = "no space left on device; " if disk_full(e) else ""
         return CheckpointError(f"saving the checkpoint of step {steps} in {self.directory} "
-                               f"failed: {type(e).__name__}: {e}")
+                               f"failed: {cause}{type(e).__name__}: {str(e)[:300]}. Rerun the "
+                               f"same command to resume from the last complete checkpoint")
 
-    def wait(self) -> None:
-        """Block until every started save is committed (and its manifest written); raises
-        :class:`CheckpointError` if one failed."""
+    def _finish_step(self, step: int) -> None:
+        """Modes and manifest of a committed step (runs on the finisher thread)."""
+        step_dir = os.path.join(self.directory, str(step))
+        try:
+            make_private(step_dir)
+            write_manifest(step_dir, checksums=self.checksums)
+        except FileNotFoundError:
+            if os.path.isdir(step_dir):
+                raise
+            # already garbage-collected by `keep`: nothing to record
+
+    def _collect(self, *, block: bool) -> None:
+        left = []
+        for step, fut in self._finishing:
+            if block or fut.done():
+                try:
+                    fut.result()
+                except Exception as e:  # noqa: BLE001 - whatever writing the manifest raised
+                    self._pending = [step]
+                    self._finishing = []
+                    raise self._save_failed(e) from e
+            else:
+                left.append((step, fut))
+        self._finishing = left
+
+    def wait(self, *, finish: bool = True) -> None:
+        """Block until every started save is committed (and, with ``finish``, its manifest
+        written); raises :class:`CheckpointError` if one failed."""
         try:
             self._mgr.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - whatever the writer raised
             raise self._save_failed(e) from e
         if self._pending and jax.process_index() == 0:
             for step in self._pending:
-                step_dir = os.path.join(self.directory, str(step))
-                if os.path.isdir(step_dir):  # may already be garbage-collected by `keep`
-                    write_manifest(step_dir, checksums=self.checksums)
+                self._finishing.append((step, self._finisher.submit(self._finish_step, step)))
         self._pending = []
+        if finish:
+            self._collect(block=True)
 
     def close(self) -> None:
-        self.wait()
+        try:
+            self.wait()
+        except BaseException:
+            try:  # the first failure is the one reported; Orbax may raise it again here
+                self._mgr.close()
+            except Exception:  # noqa: BLE001
+                logging.debug("closing the checkpoint manager after a failed save",
+                              exc_info=True, extra={"advgame_file_only": True})
+            self._finisher.shutdown(wait=True)
+            raise
         self._mgr.close()
+        self._finisher.shutdown(wait=True)
 
     def __enter__(self):
         return self

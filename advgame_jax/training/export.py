@@ -2,30 +2,24 @@
 
 The trained attacker is a controlled red-teaming artifact (GAME_SPEC, "Beyond the
 reference"): exporting it needs ``allow_attacker_export=True``, and the exported directory
-carries a marker file (``ADVGAME_CONTROLLED_ARTIFACT.json``) and a ``config.json`` field
-(``advgame_controlled_artifact``) so that serving or red-team tools can recognise it.
+carries every marker of ``advgame_jax.controlled`` (marker file, ``config.json`` field,
+safetensors header field) and is private (0700/0600), so that every tool recognises it.
 """
 
 from __future__ import annotations
 
-from advgame_jax.errors import UserError
-import json
 import os
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
+from advgame_jax import controlled
+from advgame_jax.controlled import CONFIG_FIELD, MARKER_FILE, NOTICE  # noqa: F401 (re-exported)
 from advgame_jax.models import ModelConfig, save_hf
 
-MARKER_FILE = "ADVGAME_CONTROLLED_ARTIFACT.json"
-CONFIG_FIELD = "advgame_controlled_artifact"
-NOTICE = ("Attacker model trained by the AdvGame attacker-defender safety game. It is built to "
-          "produce jailbreak attempts and is a controlled red-teaming artifact: keep it inside "
-          "authorised red-teaming and safety-evaluation work; do not deploy it as an assistant.")
 
-
-class AttackerExportError(UserError, PermissionError):
+class AttackerExportError(controlled.AttackerNotAllowed):
     """Exporting attacker params without ``allow_attacker_export=True``."""
 
 
@@ -50,27 +44,18 @@ def export_hf(path, config: ModelConfig, params, *, attacker: bool = False,
         params = jax.tree.map(lambda x: jnp.asarray(x).astype(jnp.dtype(dtype)), params)
     if jax.process_index() != 0:
         return path
-    save_hf(path, config, params)
-    cfg_path = os.path.join(path, "config.json")
+    if attacker:  # private before the first weight is written
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        os.chmod(path, 0o700)
+    save_hf(path, config, params,
+            metadata=controlled.SAFETENSORS_METADATA if attacker else None)
     if attacker:
-        with open(os.path.join(path, MARKER_FILE), "w", encoding="utf-8") as f:
-            json.dump({"role": "attacker", "controlled_red_teaming_artifact": True,
-                       "notice": NOTICE}, f, indent=2)
-        with open(cfg_path, encoding="utf-8") as f:
-            cfg = json.load(f)
-        cfg[CONFIG_FIELD] = "attacker"
-        with open(cfg_path, "w", encoding="utf-8") as f:
-            json.dump(cfg, f, indent=2)
+        controlled.write_marker(path)
+        controlled.mark_config(os.path.join(path, "config.json"))
+        controlled.make_private(path)
     return path
 
 
 def is_controlled_artifact(path) -> bool:
-    """True when ``path`` is an exported attacker (marker file or config field)."""
-    path = os.fspath(path)
-    if os.path.exists(os.path.join(path, MARKER_FILE)):
-        return True
-    try:
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            return bool(json.load(f).get(CONFIG_FIELD))
-    except (OSError, ValueError):
-        return False
+    """True when ``path`` holds attacker weights (``controlled.is_attacker_artifact``)."""
+    return controlled.is_attacker_artifact(os.fspath(path))
