@@ -84,10 +84,7 @@ def _main():
     from advgame_jax.evaluation import classifiers, prompt_sets, redteam, targets
 
     logging.set_verbosity(logging.INFO)
-    try:
-        redteam.require_ack(FLAGS.acknowledge_controlled_artifact)  # before anything is loaded
-    except redteam.NotAcknowledged as err:
-        raise app.UsageError(str(err)) from None
+    redteam.require_ack(FLAGS.acknowledge_controlled_artifact)  # before anything is loaded
     if not FLAGS.set:
         raise app.UsageError("give at least one --set=[NAME=]KIND:PATH of harmful seeds")
     api_key = os.environ.get(FLAGS.api_key_env) if FLAGS.api_key_env else None
@@ -124,4 +121,6 @@ def _main():
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("out_dir")
-    app.run(main)
+    from advgame_jax.evaluation import parse_flags
+
+    app.run(main, flags_parser=parse_flags)
