@@ -228,3 +228,36 @@ def test_readers_never_echo_file_contents(tmp_path):
     with pytest.raises(PromptSetError) as err:
         load_prompt_set(f"harmbench:{path}")
     assert secret not in str(err.value)
+
+
+# ---- item 18: a templated prompt over the attacker's budget warns at load ----------------------
+def test_template_over_the_attacker_budget_is_reported_naming_the_field(caplog):
+    import logging
+    import types
+
+    from advgame_jax.experiment.loop import GameRunner
+
+    base = dict(tpl.get_template_set("toy_v1").sections)
+    base["attacker_task_benign"] = "pad " * 3000 + "{seed}"  # 12 kB before any seed
+    ts = tpl.TemplateSet("huge_benign", base)
+    tpl.register_template_set(ts, overwrite=True)
+
+    def count(text):  # one token per byte, plus a two-token chat wrapper
+        return len(text.encode("utf-8")) + 2
+
+    assert tpl.attacker_prompts_over_budget(ts, "any", count, 2048) == [
+        ("benign", count(ts.attacker_prompt("", "benign", "any")))]
+    assert tpl.attacker_prompts_over_budget(ts, "any", count, 10**6) == []
+    assert tpl.attacker_prompts_over_budget(tpl.get_template_set("toy_v1"), "any", count, 2048) == []
+
+    fake = types.SimpleNamespace(config=types.SimpleNamespace(
+        game=types.SimpleNamespace(attacker_format="any")),
+        game_config=types.SimpleNamespace(templates="huge_benign"))
+    player = types.SimpleNamespace(tokenizer=types.SimpleNamespace(
+        render_user_turn=lambda t: [0] * count(t)))
+    with caplog.at_level(logging.WARNING):
+        GameRunner._report_unfit_templates(fake, player, 2048)
+    (rec,) = [r for r in caplog.records if "config.game.templates" in r.getMessage()]
+    msg = rec.getMessage()
+    assert "config.game.templates='huge_benign'" in msg and "attacker_task_benign" in msg
+    assert "prompt budget of 2048 tokens" in msg and "MAX_LENGTH" in msg

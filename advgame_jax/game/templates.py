@@ -231,3 +231,20 @@ def get_template_set(name: str) -> TemplateSet:
     template_set = parse_template_text(name, path.read_text(encoding="utf-8"))
     _REGISTRY[name] = template_set
     return template_set
+
+
+def attacker_prompts_over_budget(template_set: TemplateSet, attacker_format: str, count_tokens,
+                                 budget: int) -> list[tuple[str, int]]:
+    """``(category, tokens)`` for each seed category whose attacker prompt is already longer
+    than ``budget`` tokens with an empty seed (``count_tokens(text)`` counts a rendered user
+    turn): the template alone fills the prompt budget, so every attack of that category would
+    be MAX_LENGTH. A load-time report, like ``data.seeds.seeds_over_budget`` for seeds."""
+    out = []
+    for category in CATEGORIES:
+        text = template_set.attacker_prompt("", category, attacker_format)
+        # A tokenizer makes at most about one token per byte, so short templates need no count.
+        if len(text.encode("utf-8")) + 64 > budget:
+            n = count_tokens(text)
+            if n > budget:
+                out.append((category, n))
+    return out
