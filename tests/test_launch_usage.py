@@ -178,3 +178,20 @@ def test_corrupted_safetensors_is_one_line_in_eval_and_convert(tmp_path, seeds, 
                             f"--out_dir={tmp_path / 'p'}", cwd=tmp_path), want)
     _one_error_line(_launch("eval.py", f"--hf_dir={hf}", f"--set=seeds:{seeds}",
                             f"--out_dir={tmp_path / 'o'}", cwd=tmp_path), want)
+
+
+# ---- item 14: a deeply nested JSON line through the entry points ---------------------------------
+@pytest.mark.slow
+def test_deeply_nested_seed_line_is_one_error_line_in_train_and_eval(tmp_path):
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"prompt": "a", "category": "harmful"}\n'
+                    '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + ', "category": "harmful"}\n')
+    proc = _launch("train.py", f"--config={ROOT / 'configs' / 'tiny.py'}",
+                   f"--config.data.train_harmful={deep}", f"--config.workdir={tmp_path / 'w'}",
+                   cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {deep}:2: JSON nested too deeply")
+    hf = _hf_dir_with_config(tmp_path)
+    _one_error_line(_launch("eval.py", f"--hf_dir={hf}", f"--set=seeds:{deep}",
+                            f"--out_dir={tmp_path / 'o'}", cwd=tmp_path),
+                    f"{deep}:2: JSON nested too deeply")
