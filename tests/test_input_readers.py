@@ -231,12 +231,7 @@ def test_readers_never_echo_file_contents(tmp_path):
 
 
 # ---- item 18: a templated prompt over the attacker's budget warns at load ----------------------
-def test_template_over_the_attacker_budget_is_reported_naming_the_field(caplog):
-    import logging
-    import types
-
-    from advgame_jax.experiment.loop import GameRunner
-
+def test_template_over_the_attacker_budget_is_reported_naming_the_field():
     base = dict(tpl.get_template_set("toy_v1").sections)
     base["attacker_task_benign"] = "pad " * 3000 + "{seed}"  # 12 kB before any seed
     ts = tpl.TemplateSet("huge_benign", base)
@@ -250,14 +245,12 @@ def test_template_over_the_attacker_budget_is_reported_naming_the_field(caplog):
     assert tpl.attacker_prompts_over_budget(ts, "any", count, 10**6) == []
     assert tpl.attacker_prompts_over_budget(tpl.get_template_set("toy_v1"), "any", count, 2048) == []
 
-    fake = types.SimpleNamespace(config=types.SimpleNamespace(
-        game=types.SimpleNamespace(attacker_format="any")),
-        game_config=types.SimpleNamespace(templates="huge_benign"))
-    player = types.SimpleNamespace(tokenizer=types.SimpleNamespace(
-        render_user_turn=lambda t: [0] * count(t)))
-    with caplog.at_level(logging.WARNING):
-        GameRunner._report_unfit_templates(fake, player, 2048)
-    (rec,) = [r for r in caplog.records if "config.game.templates" in r.getMessage()]
-    msg = rec.getMessage()
+    (msg,) = tpl.template_budget_warnings("huge_benign", "any", count, 2048)
     assert "config.game.templates='huge_benign'" in msg and "attacker_task_benign" in msg
     assert "prompt budget of 2048 tokens" in msg and "MAX_LENGTH" in msg
+    assert tpl.template_budget_warnings("toy_v1", "any", count, 2048) == []
+    # The loop reports these at load, next to the over-long seeds.
+    import inspect
+
+    from advgame_jax.experiment.loop import GameRunner
+    assert "template_budget_warnings" in inspect.getsource(GameRunner._report_unfit_seeds)

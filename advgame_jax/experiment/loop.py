@@ -173,8 +173,11 @@ class GameRunner:
                       or getattr(player.sampler, "max_model_len", None))
             if not budget:
                 continue
-            if role == "attacker":  # the template alone may fill the budget (issue 17 item 18)
-                self._report_unfit_templates(player, budget)
+            if role == "attacker":  # the template alone may fill the prompt budget
+                for msg in game.templates.template_budget_warnings(
+                        self.game_config.templates, self.config.game.attacker_format,
+                        lambda t: len(player.tokenizer.render_user_turn(t)), budget):
+                    logging.warning("%s", msg)
             for split, seeds in seeds_by_split.items():
                 bad = seeds_over_budget(seeds, lambda t: len(player.tokenizer.encode(t)), budget)
                 if bad:
@@ -183,21 +186,6 @@ class GameRunner:
                         "of %d tokens (first: #%d); they can never be played and will count "
                         "as MAX_LENGTH errors (sys/%s/prompt_too_long)", len(bad), len(seeds),
                         what, split, role, budget, bad[0], role)
-
-    def _report_unfit_templates(self, player, budget: int) -> None:
-        from advgame_jax.game.templates import attacker_prompts_over_budget
-
-        fmt, name = self.config.game.attacker_format, self.game_config.templates
-        over = attacker_prompts_over_budget(
-            game.get_template_set(name), fmt, lambda t: len(player.tokenizer.render_user_turn(t)),
-            budget)
-        for category, n in over:
-            logging.warning(
-                "config.game.templates=%r: the attacker prompt of %s seeds (sections "
-                "attacker_task_%s + attacker_format_%s) is %d tokens before any seed, over the "
-                "attacker sampler's prompt budget of %d tokens; every %s attack will count as a "
-                "MAX_LENGTH error (sys/attacker/prompt_too_long)", name, category, category, fmt,
-                n, budget, category)
 
     # ------------------------------------------------------------------ checkpoints
     def _abstract_state(self):

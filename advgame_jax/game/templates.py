@@ -248,3 +248,16 @@ def attacker_prompts_over_budget(template_set: TemplateSet, attacker_format: str
             if n > budget:
                 out.append((category, n))
     return out
+
+
+def template_budget_warnings(name: str, attacker_format: str, count_tokens,
+                             budget: int) -> list[str]:
+    """Load-time warnings (one line each) naming ``config.game.templates`` for every seed
+    category whose attacker prompt alone exceeds the attacker sampler's ``budget``."""
+    return [f"config.game.templates={name!r}: the attacker prompt of {category} seeds "
+            f"(sections attacker_task_{category} + attacker_format_{attacker_format}) is {n} "
+            f"tokens before any seed, over the attacker sampler's prompt budget of {budget} "
+            f"tokens; every {category} attack will count as a MAX_LENGTH error "
+            f"(sys/attacker/prompt_too_long)"
+            for category, n in attacker_prompts_over_budget(
+                get_template_set(name), attacker_format, count_tokens, budget)]
