@@ -25,9 +25,12 @@ kind            file and columns (a header line is required for CSV/TSV)
                 appended after a blank line
 ==============  ==========================================================================
 
-A set is named on the command line as ``KIND:PATH`` or ``NAME=KIND:PATH``. A malformed file
-raises :class:`PromptSetError` naming the file, the line and the field; prompt text is never
-put in an error message (seed prompts are sensitive).
+A set is named on the command line as ``KIND:PATH`` or ``NAME=KIND:PATH``. Files are read by
+``data.readers``: UTF-8 (a byte-order mark before a CSV header is ignored), strict CSV quoting
+(an unclosed quote is refused on the line where its field started, never merged with the
+rows after it), JSONL objects whose fields are strings. A malformed file raises
+:class:`PromptSetError` naming the file, the line and the field; prompt text is never put in
+an error message (seed prompts are sensitive).
 """
 
 from __future__ import annotations
