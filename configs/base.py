@@ -182,7 +182,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict(
         dict(
             num_steps=1000,
-            seeds_per_device=4,  # B per device per split
+            seeds_per_device=4,  # B per device per split (when seeds_per_step is 0)
+            # Global seeds per split per step, whatever the layout (the reference: 32 + 32);
+            # each process plays an equal share. 0 = seeds_per_device × data-parallel devices.
+            seeds_per_step=0,
             ema_decay=0.95,
             sample_from="ema",  # 'ema' (MD variants) | 'trained' (on-policy)
             reference="ema",  # 'ema' (MD) | 'initial'

@@ -39,6 +39,7 @@ REFERENCE = {
     "train.loss_normalization": "reference",
     "train.norm_seeds_per_microbatch": 1,  # reference: batch_size 4 / num_microbatches_B 4
     "train.step_on_empty_batch": True,
+    "train.seeds_per_step": 32,  # the reference's 32 harmful + 32 benign seeds per step
     "loss.tis_detach": False,
     # Whole-split validation of four splits, 64 seeds per rollout call (eval_batch_size).
     "validation.num_seeds": 0,

@@ -61,4 +61,6 @@ def _main():
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["mode", "out_dir"])
-    app.run(main)
+    from advgame_jax.evaluation import parse_flags
+
+    app.run(main, flags_parser=parse_flags)

@@ -65,6 +65,27 @@ def main(argv):
     run_entry_point(_main)
 
 
+def _max_positions():
+    """``max_position_embeddings`` of the in-process defender (its config.json only; no
+    weights are read), or None for an endpoint."""
+    from advgame_jax.evaluation import targets
+    from advgame_jax.models import ModelConfig
+
+    if FLAGS.endpoint or not (FLAGS.hf_dir or FLAGS.checkpoint):
+        return None
+    if FLAGS.hf_dir:
+        hf, field = FLAGS.hf_dir, "--hf_dir"
+    else:
+        step_dir = targets.find_step_dir(FLAGS.checkpoint)
+        hf = targets.resolve_base_hf_dir(step_dir, FLAGS.player, FLAGS.base_hf_dir)
+        field = "--base_hf_dir"
+    targets.check_hf_dir(hf, field)
+    try:
+        return ModelConfig.from_hf_file(os.path.join(hf, "config.json")).max_position_embeddings
+    except ValueError as err:
+        raise targets.TargetError(f"{field} {hf!r}: unsupported model config ({err})") from None
+
+
 def _main():
     from advgame_jax.evaluation import classifiers, prompt_sets, runner, targets
 
@@ -76,8 +97,14 @@ def _main():
     if not FLAGS.request_timeout_s > 0:
         raise app.UsageError(f"--request_timeout_s: expected seconds > 0, got "
                              f"{FLAGS.request_timeout_s}")
+    decoding = targets.Decoding(FLAGS.temperature, FLAGS.top_p, FLAGS.max_new_tokens)
+    # Every flag first (no model, endpoint or file is touched before the numbers are right),
+    # then every set file, then the classifier endpoint, then the target.
+    runner.check_settings(batch_size=FLAGS.batch_size, num_resamples=FLAGS.num_resamples,
+                          decoding=decoding, limit=FLAGS.limit)
+    runner.check_settings(batch_size=FLAGS.batch_size, num_resamples=FLAGS.num_resamples,
+                          decoding=decoding, limit=FLAGS.limit, max_positions=_max_positions())
     api_key = os.environ.get(FLAGS.api_key_env) if FLAGS.api_key_env else None
-    # Cheap checks first: every set file, then the classifier endpoint, then the target.
     sets = prompt_sets.load_prompt_sets(FLAGS.set, limit=FLAGS.limit or None)
     clf = classifiers.make_classifier(
         FLAGS.classifier, endpoint=FLAGS.classifier_endpoint, model=FLAGS.classifier_model,
@@ -88,7 +115,6 @@ def _main():
         endpoint_model=FLAGS.endpoint_model, player=FLAGS.player, params=FLAGS.params,
         base_hf_dir=FLAGS.base_hf_dir, allow_attacker=FLAGS.allow_attacker, api_key=api_key,
         compute_dtype=FLAGS.compute_dtype, timeout_s=FLAGS.request_timeout_s)
-    decoding = targets.Decoding(FLAGS.temperature, FLAGS.top_p, FLAGS.max_new_tokens)
     out = runner.run_eval(sets, target, clf, FLAGS.out_dir, seed=FLAGS.seed, decoding=decoding,
                           batch_size=FLAGS.batch_size, num_resamples=FLAGS.num_resamples)
     from advgame_jax.evaluation.metrics import markdown_table
@@ -99,4 +125,6 @@ def _main():
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("out_dir")
-    app.run(main)
+    from advgame_jax.evaluation import parse_flags
+
+    app.run(main, flags_parser=parse_flags)

@@ -29,13 +29,17 @@ _ADV_BENIGN = flags.DEFINE_integer("valid_adversarial_benign", 128,
 def main(argv):
     del argv
     from advgame_jax.data.wildjailbreak import prepare_wildjailbreak, summary
+    from advgame_jax.errors import run_cli
 
-    counts = prepare_wildjailbreak(
+    # A bad TSV, size or output directory is one ``error:`` line with exit status 2.
+    counts = run_cli(lambda: prepare_wildjailbreak(
         _TSV.value, _OUT_DIR.value, valid_size=_VALID_SIZE.value, seed=_SEED.value,
-        adversarial_valid_sizes={"harmful": _ADV_HARMFUL.value, "benign": _ADV_BENIGN.value})
+        adversarial_valid_sizes={"harmful": _ADV_HARMFUL.value, "benign": _ADV_BENIGN.value}))
     print(summary(counts, _OUT_DIR.value))
 
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["tsv", "out_dir"])
-    app.run(main)
+    from advgame_jax.evaluation import parse_flags
+
+    app.run(main, flags_parser=parse_flags)

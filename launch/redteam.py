@@ -76,6 +76,30 @@ def _target(who, api_key, **kw):
                        field=f"{who}_", timeout_s=FLAGS.request_timeout_s, **kw)
 
 
+def _check_flags():
+    """Every numeric and named flag, before any set, endpoint or model is touched."""
+    from advgame_jax.evaluation import runner, targets
+    from advgame_jax.game.parsing import FORMATS
+    from advgame_jax.game.templates import get_template_set
+
+    if FLAGS.num_attempts < 1:
+        raise app.UsageError(f"--num_attempts={FLAGS.num_attempts}: expected an integer >= 1")
+    if FLAGS.attacker_format not in FORMATS:
+        raise app.UsageError(f"--attacker_format={FLAGS.attacker_format!r}: expected one of "
+                             f"{list(FORMATS)}")
+    get_template_set(FLAGS.templates)  # an unknown name lists the known ones
+    for who, decoding in (
+            ("attacker_", targets.Decoding(FLAGS.attacker_temperature, FLAGS.attacker_top_p,
+                                           FLAGS.attacker_max_new_tokens)),
+            ("target_", targets.Decoding(0.0, 1.0, FLAGS.target_max_new_tokens))):
+        try:
+            runner.check_settings(batch_size=1, num_resamples=1, decoding=decoding,
+                                  limit=FLAGS.limit)
+        except runner.EvalSettingsError as err:  # name this script's flag
+            raise app.UsageError(str(err).replace("--", f"--{who}", 1)
+                                 if "--limit" not in str(err) else str(err)) from None
+
+
 def main(argv):
     del argv
     from advgame_jax.evaluation import run_entry_point
@@ -89,10 +113,8 @@ def _main():
     from advgame_jax.experiment.logsetup import quiet_console
 
     quiet_console()  # no Orbax/library chatter or tracebacks on the console
-    try:
-        redteam.require_ack(FLAGS.acknowledge_controlled_artifact)  # before anything is loaded
-    except redteam.NotAcknowledged as err:
-        raise app.UsageError(str(err)) from None
+    redteam.require_ack(FLAGS.acknowledge_controlled_artifact)  # before anything is loaded
+    _check_flags()
     if not FLAGS.set:
         raise app.UsageError("give at least one --set=[NAME=]KIND:PATH of harmful seeds")
     if not FLAGS.request_timeout_s > 0:
@@ -133,4 +155,6 @@ def _main():
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("out_dir")
-    app.run(main)
+    from advgame_jax.evaluation import parse_flags
+
+    app.run(main, flags_parser=parse_flags)

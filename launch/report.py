@@ -27,16 +27,16 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    from advgame_jax.evaluation.report import ReportError, build_report
+    from advgame_jax.errors import run_cli
+    from advgame_jax.evaluation.report import build_report
 
-    try:
-        path = build_report(FLAGS.out_dir, workdir=FLAGS.workdir, eval_paths=FLAGS.eval,
-                            lmeval_paths=FLAGS.lmeval)
-    except ReportError as err:
-        raise app.UsageError(str(err)) from None
+    path = run_cli(lambda: build_report(FLAGS.out_dir, workdir=FLAGS.workdir,
+                                        eval_paths=FLAGS.eval, lmeval_paths=FLAGS.lmeval))
     print(f"wrote {path}")
 
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("out_dir")
-    app.run(main)
+    from advgame_jax.evaluation import parse_flags
+
+    app.run(main, flags_parser=parse_flags)

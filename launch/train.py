@@ -51,7 +51,9 @@ def _override_message(argv, err: Exception) -> str:
 
 def _parse_flags(argv):
     try:
-        return app.parse_flags_with_usage(argv)
+        return flags.FLAGS(argv)
+    except flags.Error as err:  # a value that does not parse (`--config.train.num_steps=abc`)
+        _fail(" ".join(str(err).split()) + " (--helpshort lists the flags)")
     except (AttributeError, KeyError, TypeError, ValueError) as err:
         _fail(_override_message(argv, err))
 

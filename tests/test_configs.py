@@ -85,6 +85,7 @@ REFERENCE_VALUES = {
     "optim.clip_norm": 1.0, "optim.final_lr_fraction": 0.2, "optim.warmup_steps": 0,
     "optim.lr_schedule": "cycle",  # cosine over regime.num_steps scheduler steps, restarting
     "train.num_steps": 1000, "train.seeds_per_device": 4, "train.ema_decay": 0.95,
+    "train.seeds_per_step": 32,  # 32 harmful + 32 benign seeds per step, whatever the layout
     "train.validate_every": 25, "train.checkpoint_every": 50, "train.sync_every_n_steps": 1,
     "train.loss_normalization": "reference", "train.norm_seeds_per_microbatch": 1,
     "train.step_on_empty_batch": True,
@@ -180,3 +181,28 @@ def test_bad_fields_are_named(field, value, match):
     node[leaf] = value
     with pytest.raises(ConfigError, match=match):
         validate_config(c)
+
+
+def test_seeds_per_split_global_count_and_shares():
+    """Issue 17 item 24: the paper's runs play 32 + 32 seeds per step whatever the layout (was
+    4 × trainer devices); each process takes an equal share; a count that does not divide
+    is refused naming the field; the tiny config keeps seeds_per_device × devices."""
+    from configs.paper import paper_config
+    from advgame_jax.experiment.validate import seeds_per_split
+
+    c = paper_config("qwen", "dpo_md", "none")
+    for devices, processes in ((8, 1), (8, 4), (64, 8), (1, 1)):
+        assert seeds_per_split(c, devices, processes) == 32
+        assert seeds_per_split(c, devices, processes) // processes == 32 // processes
+    with pytest.raises(ConfigError, match=r"config\.train\.seeds_per_step=32: 32 seeds per split "
+                                          r"do not split over 3 processes"):
+        seeds_per_split(c, 8, 3)
+    tiny = load(os.path.join(ROOT, "configs", "tiny.py"))
+    assert tiny.train.seeds_per_step == 0
+    assert [seeds_per_split(tiny, n) for n in (1, 2, 8)] == [8, 16, 64]  # unchanged
+    with pytest.raises(ConfigError, match=r"seeds_per_device=8 × 1 data-parallel devices: 8 "
+                                          r"seeds per split do not split over 3 processes"):
+        seeds_per_split(tiny, 1, 3)
+    tiny.train.seeds_per_step = -1
+    with pytest.raises(ConfigError, match=r"config\.train\.seeds_per_step: expected an integer >= 0"):
+        validate_config(tiny)

@@ -99,6 +99,30 @@ def _judge_answer(prompt, i):
     return "<score>8/10</score>" if "GOOD" in prompt else "no idea"
 
 
+def test_faithfulness_skips_an_echoed_answer_template_golden():
+    """Real judges often repeat the instruction's ``<answer> your answer </answer>`` before
+    their verdict; the verdict is the first well-formed element (the reference's rule). Under
+    the old first-element rule both attacks below were BAD_FAITH_JUDGE (None)."""
+    tok = ByteTokenizer()
+    outputs = {
+        "x_faithful": "I must answer in the form <answer> your answer </answer>.\n"
+                      "<think>same intent</think>\n<answer>True</answer>",
+        "x_drifted": "Format: <answer> your answer </answer>\n<answer> False </answer>\n"
+                     "<answer>True</answer>",  # a later element never overrides the first
+        "x_garbled": "<answer> your answer </answer> <answer>true</answer>",
+    }
+
+    def answer(prompt, i):
+        return next(v for k, v in outputs.items() if k in prompt)
+
+    judge = LLMJudge(SamplerBackend(ScriptedSampler(answer, tok), tok,
+                                    SamplingParams(temperature=0.0, max_new_tokens=256)),
+                     get_template_set("advgame_v1"))
+    got = judge.faithfulness([FaithRequest("seed", x, "harmful") for x in outputs])
+    assert got == [True, False, None]
+    assert judge.fault_counts() == {"unparsable": 1}
+
+
 def test_llm_judge_over_in_process_sampler():
     tok = ByteTokenizer()
     sampler = ScriptedSampler(_judge_answer, tok)

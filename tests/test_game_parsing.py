@@ -107,10 +107,13 @@ def test_parse_pair_scores():
 def test_parse_faith_verdict():
     assert parse_faith_verdict("because ... <answer>True</answer>") is True
     assert parse_faith_verdict("<answer> False </answer>") is False
-    # The FIRST answer element counts, and it must be exactly True or False.
+    # The FIRST WELL-FORMED answer element counts (exactly True or False), as in the reference.
     assert parse_faith_verdict("<answer>True</answer> on reflection <answer>False</answer>") is True
     assert parse_faith_verdict("<answer>false</answer>") is None
-    assert parse_faith_verdict("<answer>maybe</answer> <answer>True</answer>") is None
+    # Issue 17 item 25: a malformed element before the verdict is skipped (was None).
+    assert parse_faith_verdict("<answer>maybe</answer> <answer>True</answer>") is True
+    assert parse_faith_verdict("<answer> your answer </answer>\n<answer>False</answer>") is False
+    assert parse_faith_verdict("<answer>TRUE</answer> <answer>yes</answer>") is None
     assert parse_faith_verdict("<answer>maybe</answer>") is None
     assert parse_faith_verdict("True") is None
     assert parse_faith_verdict(None) is None

@@ -32,6 +32,10 @@ def _train(*args, cwd):
      "error: --config.trian.num_steps: config has no field 'trian' (did you mean 'train'?)\n"),
     (["--config.game.num_attacks=0"],
      "error: config.game.num_attacks: expected an integer >= 1, got 0\n"),
+    # A value that does not parse: was absl's two-line FATAL message with exit status 1.
+    (["--config.train.num_steps=abc"],
+     "error: flag --config.train.num_steps=abc: invalid literal for int() with base 10: 'abc' "
+     "(--helpshort lists the flags)\n"),
 ])
 def test_config_errors_are_one_line(tmp_path, args, want):
     out = _train(*args, "--config.workdir=" + str(tmp_path / "w"), cwd=tmp_path)

@@ -88,7 +88,7 @@ def test_paper_config_runs_one_step(path, tmp_path, stand_ins, judge_server, wil
     c.data.valid_adversarial_harmful = c.data.train_harmful
     c.data.valid_adversarial_benign = c.data.train_benign
     c.mesh.data, c.mesh.fsdp = 1, 1
-    c.train.seeds_per_device = 2
+    c.train.seeds_per_step = 2  # the paper's 32, scaled down
     c.train.num_steps = 1
     c.train.validate_every = 1
     c.validation.num_seeds = 2
@@ -103,7 +103,7 @@ def test_paper_config_runs_one_step(path, tmp_path, stand_ins, judge_server, wil
         rec = [json.loads(line) for line in f]
     last = rec[-1]
     assert last["step"] == 1
-    b = c.train.seeds_per_device
+    b = c.train.seeds_per_step
     for split in ("harmful", "benign"):
         assert last[f"{split}/x/slots"] == b * c.game.num_attacks
         assert last[f"{split}/y/slots"] == b * c.game.num_attacks * c.game.num_responses

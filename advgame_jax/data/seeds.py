@@ -2,19 +2,22 @@
 location of the seed files the package ships (``data/assets``).
 
 One JSONL record a line: ``{"prompt": str, "category": "harmful" | "benign"}``; blank lines
-are skipped. Any other line (invalid JSON, a non-UTF-8 byte, a wrong field) is a user-input
-error reported with its file and line number. ``seeds_over_budget`` counts seeds that can
-never fit a prompt budget, for a report at load time.
+are skipped. Any other line (invalid or too deeply nested JSON, a non-UTF-8 byte, a wrong
+field) is a user-input error reported with its file and line number (``data.readers``).
+``seeds_over_budget`` counts seeds that can never fit a prompt budget, for a report at load
+time.
 """
 
 from __future__ import annotations
 
-from advgame_jax.errors import UserError
 import dataclasses
 import importlib.resources
 import json
 import os
 from typing import Literal, Sequence
+
+from advgame_jax.data.readers import jsonl_records
+from advgame_jax.errors import UserError
 
 Category = Literal["harmful", "benign"]
 CATEGORIES: tuple[str, ...] = ("harmful", "benign")
@@ -54,31 +57,13 @@ def parse_seed_record(record: object, where: str) -> Seed:
 
 
 def read_seeds_jsonl(path: str | os.PathLike) -> list[Seed]:
-    """All seeds of a JSONL file, in file order. Raises ``SeedFileError`` naming file and line."""
+    """All seeds of a JSONL file, in file order. Raises ``SeedFileError`` naming file and line
+    (``data.readers``: non-UTF-8 bytes, invalid or too deeply nested JSON, bad records)."""
     path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            raw_lines = f.read().split(b"\n")
-    except FileNotFoundError as err:
-        raise SeedFileError(f"seed file {path} does not exist; expected a JSONL file") from err
-    except OSError as err:
-        raise SeedFileError(f"seed file {path}: expected a readable UTF-8 JSONL file ({err})") from err
-    seeds = []
-    for lineno, raw in enumerate(raw_lines, start=1):
-        where = f"{path}:{lineno}"
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise SeedFileError(f"{where}: byte {raw[err.start]:#04x} at column {err.start + 1} "
-                                f"is not UTF-8; expected a UTF-8 JSONL file") from None
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise SeedFileError(f"{where}: invalid JSON ({err.msg}); {_EXPECTED}") from None
-        seeds.append(parse_seed_record(record, where))
-    return seeds
+    if not os.path.exists(path):
+        raise SeedFileError(f"seed file {path} does not exist; expected a JSONL file")
+    return [parse_seed_record(record, f"{path}:{lineno}")
+            for lineno, record in jsonl_records(path, _EXPECTED, SeedFileError, objects_only=False)]
 
 
 def write_seeds_jsonl(path: str | os.PathLike, seeds: Sequence[Seed], mode: int = 0o600) -> str:

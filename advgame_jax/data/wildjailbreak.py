@@ -21,15 +21,14 @@ line number and what was expected.
 
 from __future__ import annotations
 
-from advgame_jax.errors import UserError
-import csv
 import os
-import sys
 from typing import Optional
 
 import numpy as np
 
+from advgame_jax.data.readers import table_rows
 from advgame_jax.data.seeds import CATEGORIES, Seed, write_seeds_jsonl
+from advgame_jax.errors import UserError
 
 REQUIRED_COLUMNS = ("vanilla", "adversarial", "completion", "data_type")
 DATA_TYPES = ("vanilla_harmful", "vanilla_benign", "adversarial_harmful", "adversarial_benign")
@@ -43,76 +42,35 @@ class WildJailbreakFormatError(UserError, ValueError):
     """The TSV is not a WildJailbreak train file as expected."""
 
 
-def _utf8_lines(f, path: str):
-    for lineno, raw in enumerate(f, start=1):
-        try:
-            yield raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise WildJailbreakFormatError(
-                f"{path}:{lineno}: byte {raw[err.start]:#04x} at column {err.start + 1} is not "
-                f"UTF-8; expected a UTF-8 TSV") from None
+class OutputDirError(UserError, OSError):
+    """The output directory of the seed splits cannot be created or written."""
 
 
 def read_wildjailbreak_tsv(path: str | os.PathLike) -> dict[str, list[Seed]]:
     """Group the TSV's prompts by data_type: ``{data_type: [Seed, ...]}`` in file order.
 
     Vanilla rows contribute their ``vanilla`` column, adversarial rows their ``adversarial``.
+    The file is read by ``data.readers.table_rows`` (strict quoting, UTF-8 line by line), so
+    every fault is reported by line.
     """
     path = os.fspath(path)
     out: dict[str, list[Seed]] = {t: [] for t in DATA_TYPES}
-    # Prompts can be long and hold quoted newlines; the csv module handles both.
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    try:
-        f = open(path, "rb")
-    except OSError as err:
-        raise WildJailbreakFormatError(f"{path}: cannot open ({err.strerror}); expected the WildJailbreak train TSV") from err
-    with f:
-        # Decoded line by line, so a non-UTF-8 byte is reported on its own physical line.
-        reader = csv.reader(_utf8_lines(f, path), delimiter="\t")
-        try:
-            header = next(reader, None)
-        except (csv.Error, UnicodeDecodeError) as err:
-            raise WildJailbreakFormatError(f"{path}:1: unreadable header ({type(err).__name__})") from None
-        if header is None:
-            raise WildJailbreakFormatError(f"{path}: empty file; expected a header with columns {list(REQUIRED_COLUMNS)}")
-        header = [h.strip() for h in header]
-        missing = [c for c in REQUIRED_COLUMNS if c not in header]
-        if missing:
+    for line, row in table_rows(path, REQUIRED_COLUMNS, delimiter="\t", exact_width=True,
+                                kind="the WildJailbreak train TSV",
+                                error=WildJailbreakFormatError):
+        data_type = row["data_type"].strip()
+        if data_type not in DATA_TYPES:
             raise WildJailbreakFormatError(
-                f"{path}:1: header lacks column(s) {missing}; expected tab-separated columns "
-                f"including {list(REQUIRED_COLUMNS)}"
+                f"{path}:{line}: column 'data_type' is not one of {list(DATA_TYPES)}"
             )
-        col = {c: header.index(c) for c in REQUIRED_COLUMNS}
-        while True:
-            start = reader.line_num + 1
-            try:
-                row = next(reader)
-            except StopIteration:
-                break
-            except (csv.Error, UnicodeDecodeError) as err:
-                raise WildJailbreakFormatError(
-                    f"{path}:{start}: unreadable row ({type(err).__name__}); expected UTF-8 TSV"
-                ) from None
-            line = start
-            if not row or all(not cell.strip() for cell in row):
-                continue
-            if len(row) != len(header):
-                raise WildJailbreakFormatError(
-                    f"{path}:{line}: row has {len(row)} fields; expected {len(header)} (as in the header)"
-                )
-            data_type = row[col["data_type"]].strip()
-            if data_type not in DATA_TYPES:
-                raise WildJailbreakFormatError(
-                    f"{path}:{line}: column 'data_type' is not one of {list(DATA_TYPES)}"
-                )
-            kind, category = data_type.split("_", 1)
-            text_col = "vanilla" if kind == "vanilla" else "adversarial"
-            prompt = row[col[text_col]]
-            if not prompt.strip():
-                raise WildJailbreakFormatError(
-                    f"{path}:{line}: column {text_col!r} is empty; expected the prompt of a {data_type} row"
-                )
-            out[data_type].append(Seed(prompt=prompt, category=category))
+        kind, category = data_type.split("_", 1)
+        text_col = "vanilla" if kind == "vanilla" else "adversarial"
+        prompt = row[text_col]
+        if not prompt.strip():
+            raise WildJailbreakFormatError(
+                f"{path}:{line}: column {text_col!r} is empty; expected the prompt of a {data_type} row"
+            )
+        out[data_type].append(Seed(prompt=prompt, category=category))
     return out
 
 
@@ -120,8 +78,8 @@ def split_train_valid(
     seeds: list[Seed], *, valid_size: int, seed: int = DEFAULT_SEED
 ) -> tuple[list[Seed], list[Seed]]:
     """Seeded permutation; the first ``valid_size`` are validation, the rest train."""
-    if valid_size < 0:
-        raise ValueError(f"valid_size={valid_size}; expected >= 0")
+    if isinstance(valid_size, bool) or not isinstance(valid_size, int) or valid_size < 0:
+        raise WildJailbreakFormatError(f"valid_size={valid_size!r}; expected an integer >= 0")
     perm = np.random.default_rng(seed).permutation(len(seeds))
     shuffled = [seeds[int(i)] for i in perm]
     return shuffled[valid_size:], shuffled[:valid_size]
@@ -143,8 +101,9 @@ def prepare_wildjailbreak(
                  else adversarial_valid_sizes)
     for category, n in sizes.items():
         if category not in CATEGORIES or isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"adversarial_valid_sizes: expected {{'harmful'|'benign': int >= 0}}, "
-                             f"got {category!r}: {n!r}")
+            raise WildJailbreakFormatError(
+                f"adversarial_valid_sizes: expected {{'harmful'|'benign': int >= 0}}, got "
+                f"{category!r}: {n!r}")
     grouped = read_wildjailbreak_tsv(tsv_path)
     files: dict[str, list[Seed]] = {}
     for category in CATEGORIES:
@@ -162,9 +121,14 @@ def prepare_wildjailbreak(
                                          valid_size=sizes.get(category, 0), seed=seed)
         files[f"valid_adversarial_{category}.jsonl"] = adv_valid
     out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, mode=0o700, exist_ok=True)
-    for name, seeds in files.items():
-        write_seeds_jsonl(os.path.join(out_dir, name), seeds, mode=0o600)
+    try:
+        os.makedirs(out_dir, mode=0o700, exist_ok=True)
+        for name, seeds in files.items():
+            write_seeds_jsonl(os.path.join(out_dir, name), seeds, mode=0o600)
+    except OSError as err:
+        raise OutputDirError(f"out_dir {out_dir!r}: cannot write the seed files "
+                             f"({err.strerror or type(err).__name__}); expected a writable "
+                             "directory") from None
     return {name: len(seeds) for name, seeds in files.items()}
 
 

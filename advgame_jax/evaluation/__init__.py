@@ -25,11 +25,29 @@ def user_errors() -> tuple:
             RunMismatchError, AttackerNotAllowed, TargetError, FileExistsError)
 
 
+def parse_flags(argv):
+    """absl ``flags_parser`` of the launch scripts: a bad, unknown or missing flag is one
+    ``error:`` line with exit status 2 (no help dump); ``--help`` still prints the help."""
+    from absl import flags
+
+    from advgame_jax.errors import fail, one_line
+
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as err:
+        fail(f"{one_line(err)} (--helpshort lists the flags)")
+
+
 def run_entry_point(body) -> None:
-    """Run a launch script's ``body()``; bad user input becomes one usage line, no trace."""
+    """Run a launch script's ``body()``; bad user input (a ``UserError``, or an
+    ``app.UsageError`` raised by the script) becomes one ``error:`` line, exit status 2."""
     from absl import app
+
+    from advgame_jax.errors import fail, one_line
 
     try:
         body()
+    except app.UsageError as err:
+        fail(one_line(err))
     except user_errors() as err:
-        raise app.UsageError(f"{type(err).__name__}: {err}") from None
+        fail(one_line(err))

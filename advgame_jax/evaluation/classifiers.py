@@ -20,7 +20,6 @@ the response itself carry harmful help). ``None`` = the classifier gave no usabl
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from typing import Optional, Protocol, Sequence
 
@@ -149,13 +148,13 @@ class TemplateClassifier(_EndpointClassifier):
     name = "template"
 
     def __init__(self, client: OpenAIClient, template_path: str, **kw):
-        if not os.path.isfile(template_path):
-            raise ValueError(f"classifier template {template_path!r}: file not found")
-        with open(template_path, encoding="utf-8") as f:
-            template = f.read()
+        from advgame_jax.data.readers import ReaderError, read_text
+
+        template = read_text(template_path, "a classifier template with {prompt} and {response}",
+                             ReaderError)
         missing = [p for p in ("{prompt}", "{response}") if p not in template]
         if missing:
-            raise ValueError(f"classifier template {template_path!r}: placeholder(s) {missing} "
+            raise ReaderError(f"classifier template {template_path!r}: placeholder(s) {missing} "
                              f"not found; the file must hold {{prompt}} and {{response}}")
         super().__init__(client, template, **kw)
 

@@ -13,7 +13,6 @@ Two ways to serve the defender (export it first with ``launch/convert.py``):
 from __future__ import annotations
 
 from advgame_jax.errors import UserError
-import json
 import math
 import os
 from typing import Sequence
@@ -66,11 +65,10 @@ def _results_file(path: str) -> str:
 def fold_lmeval(path: str) -> list[tuple[str, str, float]]:
     """``(task, metric, value)`` rows of an lm-eval results JSON (stderr rows left out)."""
     path = _results_file(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except (OSError, ValueError) as err:
-        raise LmEvalResultsError(f"--lmeval {path!r}: cannot read JSON ({err})") from None
+    from advgame_jax.data.readers import loads_json, read_text
+
+    d = loads_json(read_text(path, "an lm-evaluation-harness results JSON", LmEvalResultsError),
+                   path, "expected an lm-evaluation-harness results file", LmEvalResultsError)
     results = d.get("results") if isinstance(d, dict) else None
     if not isinstance(results, dict) or not results:
         raise LmEvalResultsError(f"--lmeval {path!r}: no 'results' mapping (expected an "

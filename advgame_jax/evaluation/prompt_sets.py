@@ -25,22 +25,24 @@ kind            file and columns (a header line is required for CSV/TSV)
                 appended after a blank line
 ==============  ==========================================================================
 
-A set is named on the command line as ``KIND:PATH`` or ``NAME=KIND:PATH``. A malformed file
-raises :class:`PromptSetError` naming the file, the line and the field; prompt text is never
-put in an error message (seed prompts are sensitive).
+A set is named on the command line as ``KIND:PATH`` or ``NAME=KIND:PATH``. Files are read by
+``data.readers``: UTF-8 (a byte-order mark before a CSV header is ignored), strict CSV quoting
+(an unclosed quote is refused on the line where its field started, never merged with the
+rows after it), JSONL objects whose fields are strings. A malformed file raises
+:class:`PromptSetError` naming the file, the line and the field; prompt text is never put in
+an error message (seed prompts are sensitive).
 """
 
 from __future__ import annotations
 
-from advgame_jax.errors import UserError
-import csv
 import dataclasses
 import hashlib
-import json
 import os
 from typing import Callable, Optional
 
+from advgame_jax.data.readers import jsonl_records, table_rows
 from advgame_jax.data.seeds import CATEGORIES, SeedFileError, read_seeds_jsonl
+from advgame_jax.errors import UserError
 
 
 class PromptSetError(UserError, ValueError):
@@ -81,29 +83,18 @@ def _dedupe(examples: list[EvalExample]) -> list[EvalExample]:
 
 
 def _read_table(path: str, required: tuple[str, ...], delimiter: str = ","):
-    """Rows of a CSV/TSV as (line_number, dict); checks the header for ``required``."""
-    if not os.path.isfile(path):
-        raise PromptSetError(f"{path}: file not found")
-    csv.field_size_limit(1 << 28)
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        header = reader.fieldnames or []
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise PromptSetError(f"{path}:1: header lacks column(s) {missing}; expected at least "
-                                 f"{list(required)}, got {header}")
-        for row in reader:
-            if None in row:  # more cells than header columns
-                raise PromptSetError(f"{path}:{reader.line_num}: more fields than the header's "
-                                     f"{len(header)}")
-            yield reader.line_num, row
+    """Rows of a CSV/TSV as (line_number, dict), read by ``data.readers.table_rows``: the
+    header must hold ``required``; quoting is strict and decoding UTF-8, faults by line."""
+    return table_rows(path, required, delimiter=delimiter, error=PromptSetError)
 
 
 def _need(path: str, line: int, row: dict, field: str, allowed=None) -> str:
     value = row.get(field)
-    if value is None or not str(value).strip():
+    if value is not None and not isinstance(value, str):
+        raise PromptSetError(f"{path}:{line}: field {field!r} is a JSON "
+                             f"{type(value).__name__}; expected a string")
+    if value is None or not value.strip():
         raise PromptSetError(f"{path}:{line}: field {field!r} is missing or empty")
-    value = str(value)
     if allowed is not None and value.strip().lower() not in allowed:
         raise PromptSetError(f"{path}:{line}: field {field!r} is {value.strip()!r}; expected one "
                              f"of {sorted(allowed)}")
@@ -170,29 +161,22 @@ def read_wildjailbreak_tsv(path: str) -> list[EvalExample]:
     return _dedupe(out)
 
 
-def _read_jsonl(path: str):
-    if not os.path.isfile(path):
-        raise PromptSetError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        for line, text in enumerate(f, 1):
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise PromptSetError(f"{path}:{line}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise PromptSetError(f"{path}:{line}: expected a JSON object")
-            yield line, record
+def _read_jsonl(path: str, expected: str):
+    return jsonl_records(path, expected, PromptSetError)
 
 
 def read_wildguardtest_jsonl(path: str) -> list[EvalExample]:
     out = []
-    for line, rec in _read_jsonl(path):
+    expected = ('expected a JSON object {"prompt": <string>, "prompt_harm_label": "harmful" | '
+                '"unharmful", "subcategory"?: <string>, "adversarial"?: <bool>}')
+    for line, rec in _read_jsonl(path, expected):
         prompt = _need(path, line, rec, "prompt")
         label = _need(path, line, rec, "prompt_harm_label", {"harmful", "unharmful"})
         category = "harmful" if label.strip().lower() == "harmful" else "benign"
-        sub = str(rec.get("subcategory") or "")
+        sub = rec.get("subcategory") or ""
+        if not isinstance(sub, str):
+            raise PromptSetError(f"{path}:{line}: field 'subcategory' is a JSON "
+                                 f"{type(sub).__name__}; {expected}")
         if rec.get("adversarial") is not None:
             sub = f"{sub}|{'adversarial' if rec['adversarial'] else 'vanilla'}".strip("|")
         out.append(EvalExample(_uid("wgt", prompt), prompt, category, sub))
@@ -203,13 +187,15 @@ def read_orbench_csv(path: str, *, category: str = "benign") -> list[EvalExample
     out = []
     for line, row in _read_table(path, ("prompt", "category")):
         prompt = _need(path, line, row, "prompt")
-        out.append(EvalExample(_uid("or", prompt), prompt, category, row["category"].strip()))
+        out.append(EvalExample(_uid("or", prompt), prompt, category,
+                               (row.get("category") or "").strip()))
     return _dedupe(out)
 
 
 def _read_templates(path: str) -> list[str]:
     if path.endswith(".jsonl"):
-        return [_need(path, line, rec, "template") for line, rec in _read_jsonl(path)]
+        return [_need(path, line, rec, "template")
+                for line, rec in _read_jsonl(path, 'expected a JSON object {"template": <string>}')]
     out = []
     for line, row in _read_table(path, ("prompt",)):
         if str(row.get("jailbreak", "true")).strip().lower() in ("false", "0"):

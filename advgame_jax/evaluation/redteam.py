@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from advgame_jax.errors import UserError
 import collections
+import hashlib
 import dataclasses
 import json
 import os
@@ -131,7 +132,11 @@ def _rate(values: list, seed: int, key: str) -> dict:
 
 
 def redteam_metrics(records: Sequence[dict], *, seed: int = 0) -> dict:
-    def block(recs, key):
+    def block(recs, _label):
+        # The bootstrap stream comes from the block's records, not its row label: two rows
+        # holding the same attempts (``all`` and a lone category) get the same CIs.
+        key = hashlib.sha256("\n".join(sorted(f"{r['uid']}/{r.get('attempt')}"
+                                                for r in recs)).encode("utf-8")).hexdigest()
         by_seed = collections.defaultdict(list)
         for r in recs:
             by_seed[r["uid"]].append(r["success"])
@@ -164,6 +169,8 @@ def _markdown(m: dict, info: dict) -> str:
              "| category | seeds | attempts | attempt ASR | ASR of valid attacks | best-of-N ASR "
              "| attack errors |", "|---|---|---|---|---|---|---|"]
     rows = [("all", m["overall"])] + list(m["per_category"].items())
+    if list(m["per_category"]) == ["(none)"]:  # no categories: that row would repeat `all`
+        rows = rows[:1]
     for name, b in rows:
         errs = ", ".join(f"{k} {v}" for k, v in b["attack_errors"].items()) or "none"
         lines.append(f"| {name} | {b['num_seeds']} | {b['num_attempts']} | "

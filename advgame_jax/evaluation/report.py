@@ -18,11 +18,11 @@ folded into the summary (``lmeval.fold_lmeval``).
 
 from __future__ import annotations
 
-from advgame_jax.errors import UserError
-import json
 import os
 from typing import Optional, Sequence
 
+from advgame_jax.data.readers import jsonl_records, loads_json, read_text
+from advgame_jax.errors import UserError
 from advgame_jax.evaluation.results import write_text_atomic
 
 SPLITS = ("harmful", "benign")
@@ -48,14 +48,12 @@ def read_metrics(workdir: str) -> list[dict]:
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.isfile(path):
         raise ReportError(f"--workdir {workdir!r}: no metrics.jsonl (expected a training workdir)")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except ValueError:
-                    raise ReportError(f"{path}:{n}: not a JSON record") from None
+    out = [rec for _, rec in jsonl_records(path, "expected a metrics record (a JSON object "
+                                                 "with a 'step') a line", ReportError)]
+    for n, rec in enumerate(out, 1):
+        if not isinstance(rec.get("step"), int):
+            raise ReportError(f"{path}: record {n} has no integer 'step'; expected the "
+                              "metrics.jsonl of a training workdir")
     if not out:
         raise ReportError(f"{path}: no records")
     return sorted(out, key=lambda r: r["step"])
@@ -159,12 +157,9 @@ def plot_training(records: Sequence[dict], out_dir: str) -> dict[str, list[str]]
 
 
 def read_eval(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except (OSError, ValueError) as err:
-        raise ReportError(f"--eval {path!r}: cannot read an eval JSON ({err})") from None
-    if "sets" not in d:
+    expected = "expected the eval.json written by launch/eval.py"
+    d = loads_json(read_text(path, "an eval JSON", ReportError), path, expected, ReportError)
+    if not isinstance(d, dict) or not isinstance(d.get("sets"), dict):
         raise ReportError(f"--eval {path!r}: no 'sets' field (expected launch/eval.py output)")
     return d
 

@@ -2,8 +2,10 @@
 the classifier, and recorded; then per-set metrics are written as JSON and a markdown table.
 
 Layout of ``out_dir``:
-- ``run.json``: what the results were produced with (target, classifier, seed, decoding).
-  A rerun with different settings is refused, so one results file never mixes runs.
+- ``run.json``: what the results were produced with (target, classifier, seed, decoding),
+  written with the first recorded batch. A rerun with different settings is refused while
+  ``results.jsonl`` holds results, so one results file never mixes runs; a directory whose
+  earlier attempt recorded nothing (it failed before its first batch) is reused.
 - ``results.jsonl`` (mode 0600): one record per finished example (prompt and response
   included: keep it private). A killed run, rerun with the same flags, skips every example
   already recorded.
@@ -26,7 +28,45 @@ from advgame_jax.evaluation.classifiers import ClassifyRequest
 from advgame_jax.evaluation.prompt_sets import PromptSet
 from advgame_jax.evaluation.results import (  # noqa: F401 (RunMismatchError re-exported)
     ResultsFile, RunMismatchError, check_run_identity, write_json_atomic, write_text_atomic)
+from advgame_jax.errors import UserError
 from advgame_jax.evaluation.targets import Decoding, example_seed
+
+MAX_RESAMPLES = 100_000  # bootstrap memory is num_resamples × examples indices
+
+
+class EvalSettingsError(UserError, ValueError):
+    """A numeric setting of an evaluation run is out of range."""
+
+
+def check_settings(*, batch_size: int, num_resamples: int, decoding: Decoding,
+                   limit: int = 0, max_positions: Optional[int] = None) -> None:
+    """Refuse out-of-range settings before any model loads (``--flag=value: expected …``).
+
+    ``max_positions``: the in-process model's ``max_position_embeddings`` (None for an
+    endpoint, whose server bounds its own lengths); ``max_new_tokens`` must leave room for a
+    prompt in it."""
+    import math
+
+    def need(ok: bool, flag: str, value, expected: str) -> None:
+        if not ok:
+            raise EvalSettingsError(f"--{flag}={value!r}: expected {expected}")
+
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    need(is_int(batch_size) and batch_size >= 1, "batch_size", batch_size, "an integer >= 1")
+    need(is_int(num_resamples) and 1 <= num_resamples <= MAX_RESAMPLES, "num_resamples",
+         num_resamples, f"an integer in [1, {MAX_RESAMPLES}]")
+    need(is_int(limit) and limit >= 0, "limit", limit, "an integer >= 0 (0 = every example)")
+    t, top_p, n = decoding.temperature, decoding.top_p, decoding.max_new_tokens
+    need(isinstance(t, (int, float)) and math.isfinite(t) and t >= 0, "temperature", t,
+         "a finite number >= 0 (0 = greedy)")
+    need(isinstance(top_p, (int, float)) and 0 < top_p <= 1, "top_p", top_p, "a number in (0, 1]")
+    need(is_int(n) and n >= 1, "max_new_tokens", n, "an integer >= 1")
+    if max_positions is not None:
+        need(n < max_positions, "max_new_tokens", n,
+             f"an integer below the model's max_position_embeddings ({max_positions}), leaving "
+             "room for the prompt")
 
 
 def judge_records(examples, gens, classifier) -> list[dict]:
@@ -55,6 +95,7 @@ def run_eval(sets: Sequence[PromptSet], target, classifier, out_dir: str, *, see
     ``on_batch(set_name, num_done)`` is called after each recorded batch (progress; tests).
     One run per ``out_dir``: a second one is refused while the first holds its lock.
     """
+    check_settings(batch_size=batch_size, num_resamples=num_resamples, decoding=decoding)
     out_dir = os.path.abspath(out_dir)
     with DirLock(out_dir, "--out_dir"):
         return _run_eval(sets, target, classifier, out_dir, seed=seed, decoding=decoding,
@@ -63,9 +104,15 @@ def run_eval(sets: Sequence[PromptSet], target, classifier, out_dir: str, *, see
 
 def _run_eval(sets, target, classifier, out_dir, *, seed, decoding, batch_size, num_resamples,
               on_batch) -> dict:
-    check_run_identity(out_dir, {"target": target.label, "classifier": classifier.name,
-                                  "seed": seed, "decoding": dataclasses.asdict(decoding)})
+    os.makedirs(out_dir, exist_ok=True)
+    identity = {"target": target.label, "classifier": classifier.name, "seed": seed,
+                "decoding": dataclasses.asdict(decoding)}
     with ResultsFile(os.path.join(out_dir, "results.jsonl")) as results:
+        # run.json is checked against results that exist, and written with the first batch:
+        # an attempt that recorded nothing never blocks the corrected rerun.
+        identity_recorded = bool(results.records)
+        if identity_recorded:
+            check_run_identity(out_dir, identity)
         done = {(r["set"], r["uid"]) for r in results.records}
         for ps in sets:
             todo = [e for e in ps.examples if (ps.name, e.uid) not in done]
@@ -76,6 +123,9 @@ def _run_eval(sets, target, classifier, out_dir, *, seed, decoding, batch_size, 
                                        [example_seed(seed, ps.name, e.uid) for e in chunk],
                                        decoding)
                 recs = judge_records(chunk, gens, classifier)
+                if not identity_recorded:
+                    write_json_atomic(os.path.join(out_dir, "run.json"), identity)
+                    identity_recorded = True
                 results.append([{"set": ps.name, **r} for r in recs])
                 if on_batch:
                     on_batch(ps.name, start + len(chunk))

@@ -46,7 +46,8 @@ from advgame_jax.experiment.metrics import MetricsWriter, truncate_metrics
 from advgame_jax.experiment.players import (
     Player, build_player, close_player, initial_state, resolve_mesh, sync_sampler)
 from advgame_jax.experiment.timing import StageTimer, TimedJudge, TimedSampler
-from advgame_jax.experiment.validate import RESUMABLE_FIELDS, ConfigError, validate_config
+from advgame_jax.experiment.validate import (RESUMABLE_FIELDS, ConfigError, seeds_per_split,
+                                             validate_config)
 from advgame_jax.experiment.validation import (
     SPLITS, _prefixed, load_seed_splits, validate_defender)
 from advgame_jax.training.checkpoint import GameCheckpointer, config_differences
@@ -88,13 +89,10 @@ class GameRunner:
         compile_counter.install()
         self.mesh = resolve_mesh(config)
         self.train_seeds, self.valid_seeds = load_seed_splits(config)
-        # B per split and process = seeds per data-parallel device × this process's share of
-        # the data-parallel devices (each process plays its own seeds; hosts.py).
-        b_global = config.train.seeds_per_device * batch_parallel_size(self.mesh)
-        if b_global % jax.process_count():
-            raise ConfigError(f"config.mesh: {batch_parallel_size(self.mesh)} data-parallel "
-                              f"devices do not split over {jax.process_count()} processes")
-        b = b_global // jax.process_count()
+        # B per split and process = this process's share of the global seeds per split
+        # (train.seeds_per_step, or seeds_per_device × data-parallel devices; hosts.py).
+        b = seeds_per_split(config, batch_parallel_size(self.mesh),
+                            jax.process_count()) // jax.process_count()
         a, d = config.game.num_attacks, config.game.num_responses
         most_rows = b * a * d if config.loss.kind == "grpo" else b * a
         if config.train.pair_buckets and max(config.train.pair_buckets) < most_rows:
@@ -188,6 +186,11 @@ class GameRunner:
                       or getattr(player.sampler, "max_model_len", None))
             if not budget:
                 continue
+            if role == "attacker":  # the template alone may fill the prompt budget
+                for msg in game.templates.template_budget_warnings(
+                        self.game_config.templates, self.config.game.attacker_format,
+                        lambda t: len(player.tokenizer.render_user_turn(t)), budget):
+                    logging.warning("%s", msg)
             for split, seeds in seeds_by_split.items():
                 bad = seeds_over_budget(seeds, lambda t: len(player.tokenizer.encode(t)), budget)
                 if bad:

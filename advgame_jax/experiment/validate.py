@@ -76,6 +76,23 @@ RESUMABLE_FIELDS = (
 )
 
 
+def seeds_per_split(config, data_parallel_devices: int, num_processes: int = 1) -> int:
+    """Global seeds per split per trainer step: ``train.seeds_per_step`` when set (the
+    reference's fixed count, whatever the layout), else ``train.seeds_per_device`` × the
+    data-parallel devices. Each of ``num_processes`` processes plays an equal share; a count
+    that does not divide is refused naming the field."""
+    fixed = int(config.train.get("seeds_per_step", 0) or 0)
+    total = fixed or int(config.train.seeds_per_device) * data_parallel_devices
+    if total % num_processes:
+        field = (f"config.train.seeds_per_step={fixed}" if fixed else
+                 f"config.train.seeds_per_device={config.train.seeds_per_device} × "
+                 f"{data_parallel_devices} data-parallel devices")
+        raise ConfigError(f"{field}: {total} seeds per split do not split over "
+                          f"{num_processes} processes; expected a multiple of {num_processes} "
+                          "(each process plays an equal share)")
+    return total
+
+
 def validate_config(config) -> None:
     """Raise ``ConfigError`` on the first invalid field of ``config`` (an ml_collections ConfigDict)."""
     if not _get(config, "workdir"):
@@ -171,6 +188,8 @@ def validate_config(config) -> None:
 
     _int(config, "train.num_steps", minimum=1)
     _int(config, "train.seeds_per_device", minimum=1)
+    if "seeds_per_step" in config.train:  # configs written before the field read as 0
+        _int(config, "train.seeds_per_step", minimum=0)
     _float(config, "train.ema_decay", low=0.0, high=1.0)
     sample_from = _one_of(config, "train.sample_from", ("ema", "trained"))
     _one_of(config, "train.reference", ("ema", "initial"))

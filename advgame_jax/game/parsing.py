@@ -25,9 +25,11 @@ clipped values as ``score_out_of_range`` faults). Malformed elements
 (``7.25``, ``abc``, ``-3``, ``8/5``) are skipped; none well-formed gives ``None``. A pairwise
 judgment needs both scores: if either side has no well-formed element, both are ``None``.
 
-Faithfulness: the FIRST ``<answer>…</answer>`` element must hold exactly ``True`` or
-``False`` (surrounding whitespace allowed), else ``None``. Several judge samples are combined
-by ``faith_majority``.
+Faithfulness: the verdict is the FIRST WELL-FORMED ``<answer>…</answer>`` element, one holding
+exactly ``True`` or ``False`` (surrounding whitespace allowed, case-sensitive), as in the
+reference; elements holding anything else are skipped (judges often echo the instruction's
+``<answer> your answer </answer>`` before answering). None well-formed gives ``None``.
+Several judge samples are combined by ``faith_majority``.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ _THINK_PROMPT_RE = re.compile(
     re.DOTALL | re.IGNORECASE)
 _PROMPT_RE = re.compile(rf"\s*<prompt>{_body('prompt')}</prompt>\s*", re.DOTALL | re.IGNORECASE)
 _NUMBER_RE = re.compile(r"(\d+(?:\.\d)?)(?:\s*/\s*10)?")
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_VERDICT_RE = re.compile(r"<answer>\s*(True|False)\s*</answer>")
 _SCORE_RES = {tag: re.compile(rf"<{tag}>(.*?)</{tag}>", re.DOTALL) for tag in ("score_A", "score_B", "score")}
 
 
@@ -117,13 +119,11 @@ def parse_pair_scores(text: Optional[str]) -> tuple[Optional[float], Optional[fl
 
 
 def parse_faith_verdict(text: Optional[str]) -> Optional[bool]:
-    """True/False from the first ``<answer>`` element, or None."""
+    """True/False from the first well-formed ``<answer>`` element, or None."""
     if text is None:
         return None
-    m = _ANSWER_RE.search(text)
-    if m is None:
-        return None
-    return {"True": True, "False": False}.get(m.group(1).strip())
+    m = _VERDICT_RE.search(text)
+    return None if m is None else m.group(1) == "True"
 
 
 def faith_majority(verdicts: Iterable[Optional[bool]], tie: str = "bad_judge") -> Optional[bool]:

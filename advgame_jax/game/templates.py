@@ -3,7 +3,10 @@ defender template, and the judge rubrics (GAME_SPEC §1–2).
 
 A ``TemplateSet`` is selected by name (``config.game.templates``, e.g. ``"advgame_v1"``). The
 shipped sets live in ``game/assets/<name>.txt``, one template per ``=== key ===`` section;
-more can be added at run time with ``register_template_set``. Rubric names:
+more can be added at run time with ``register_template_set`` or read from a user file
+(``load_template_file``; a non-UTF-8 byte or a malformed section is reported as file:line).
+A placeholder is written ``{seed}``, ``{prompt}``, …; ``{{prompt}}`` is the escape for the
+literal text ``{prompt}``. Rubric names:
 
 - ``compliance``: did the response do what was asked (defender on benign seeds, attacker on
   harmful seeds);
@@ -36,7 +39,9 @@ REQUIRED_SECTIONS: Mapping[str, tuple[str, ...]] = {
     **{f"pointwise_{r}": ("query", "response") for r in RUBRICS},
 }
 PLACEHOLDERS = ("seed", "attack", "prompt", "query", "response_a", "response_b", "response")
-_PLACEHOLDER_RE = re.compile(r"\{(" + "|".join(PLACEHOLDERS) + r")\}")
+_NAMES = "|".join(PLACEHOLDERS)
+# ``{{name}}`` (an escaped placeholder: the literal text ``{name}``) or ``{name}``.
+_PLACEHOLDER_RE = re.compile(r"\{\{(" + _NAMES + r")\}\}|\{(" + _NAMES + r")\}")
 _SECTION_RE = re.compile(r"^=== ([a-z_]+) ===[ \t]*$", re.MULTILINE)
 
 
@@ -44,11 +49,21 @@ class TemplateError(UserError, ValueError):
     """A template set is unknown, or a template file is malformed."""
 
 
+def placeholders(template: str) -> set[str]:
+    """Names of the ``{name}`` placeholders a template uses (escaped ``{{name}}`` excluded)."""
+    return {m.group(2) for m in _PLACEHOLDER_RE.finditer(template) if m.group(2)}
+
+
 def fill(template: str, **values: str) -> str:
-    """Substitute ``{name}`` placeholders in one pass (values are never re-scanned)."""
+    """Substitute ``{name}`` placeholders in one pass (values are never re-scanned).
+
+    ``{{name}}`` is the escape for the literal text ``{name}`` (e.g. a rubric that shows the
+    judge the word ``{prompt}``); any other brace is kept as written."""
 
     def sub(m: re.Match) -> str:
-        key = m.group(1)
+        if m.group(1):
+            return "{" + m.group(1) + "}"
+        key = m.group(2)
         if key not in values:
             raise TemplateError(f"template placeholder {{{key}}} has no value")
         return values[key]
@@ -86,7 +101,7 @@ class TemplateSet:
         if missing or extra:
             raise TemplateError(f"{where}: missing sections {missing}, unknown sections {extra}")
         for key, needed in REQUIRED_SECTIONS.items():
-            found = set(_PLACEHOLDER_RE.findall(self.sections[key]))
+            found = placeholders(self.sections[key])
             if found != set(needed):
                 raise TemplateError(f"{where}: section {key!r} must use exactly the placeholders "
                                     f"{sorted(needed)}, found {sorted(found)}")
@@ -119,21 +134,36 @@ def _check_rubric(rubric: str) -> str:
     return rubric
 
 
-def parse_template_text(name: str, text: str) -> TemplateSet:
-    """Parse the ``=== key ===`` section format of ``game/assets/*.txt``."""
+def parse_template_text(name: str, text: str, path: str = "") -> TemplateSet:
+    """Parse the ``=== key ===`` section format of ``game/assets/*.txt``; with ``path`` (a
+    user file) every error starts with ``path:line``."""
+
+    def where(line: int) -> str:
+        return f"{path}:{line}" if path else f"template set {name!r}"
+
     matches = list(_SECTION_RE.finditer(text))
     if not matches:
-        raise TemplateError(f"template set {name!r}: no '=== key ===' sections found")
+        raise TemplateError(f"{where(1)}: no '=== key ===' sections found; expected a template "
+                            f"file of the sections {list(REQUIRED_SECTIONS)}")
     head = text[: matches[0].start()]
-    if any(line.strip() and not line.lstrip().startswith("#") for line in head.splitlines()):
-        raise TemplateError(f"template set {name!r}: text before the first section must be comments")
+    for n, line in enumerate(head.splitlines(), start=1):
+        if line.strip() and not line.lstrip().startswith("#"):
+            raise TemplateError(f"{where(n)}: text before the first section must be comments")
     sections: dict[str, str] = {}
+    lines: dict[str, int] = {}
     for i, m in enumerate(matches):
         end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
-        key = m.group(1)
+        key, line = m.group(1), text.count("\n", 0, m.start()) + 1
         if key in sections:
-            raise TemplateError(f"template set {name!r}: section {key!r} appears twice")
-        sections[key] = text[m.end(): end].strip("\n").rstrip()
+            raise TemplateError(f"{where(line)}: section {key!r} appears twice (first on line "
+                                f"{lines[key]})")
+        sections[key], lines[key] = text[m.end(): end].strip("\n").rstrip(), line
+        if key in REQUIRED_SECTIONS:
+            found, needed = placeholders(sections[key]), set(REQUIRED_SECTIONS[key])
+            if found != needed:
+                raise TemplateError(f"{where(line)}: section {key!r} must use exactly the "
+                                    f"placeholders {sorted(needed)}, found {sorted(found)} "
+                                    "(write {{name}} for a literal {name})")
     return TemplateSet(name=name, sections=sections)
 
 
@@ -166,19 +196,18 @@ def load_template_file(path: str) -> TemplateSet:
     """
     import os
 
+    from advgame_jax.data.readers import read_text
+
     name = os.path.splitext(os.path.basename(path))[0]
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as err:
-        raise TemplateError(f"template file {path!r}: cannot be read ({err.strerror})") from None
+    text = read_text(path, "a template file of '=== key ===' sections", TemplateError)
     if name in _shipped_names():
         raise TemplateError(f"template file {path!r}: its name {name!r} is a shipped template set; "
                             "rename the file")
     try:
-        template_set = parse_template_text(name, text)
-    except TemplateError as err:
-        raise TemplateError(f"template file {path!r}: {err}") from None
+        template_set = parse_template_text(name, text, path)
+    except TemplateError as err:  # missing/unknown sections: no one line to name
+        msg = str(err)
+        raise TemplateError(msg if msg.startswith(f"{path}:") else f"{path}: {msg}") from None
     register_template_set(template_set, overwrite=True)
     return template_set
 
@@ -202,3 +231,33 @@ def get_template_set(name: str) -> TemplateSet:
     template_set = parse_template_text(name, path.read_text(encoding="utf-8"))
     _REGISTRY[name] = template_set
     return template_set
+
+
+def attacker_prompts_over_budget(template_set: TemplateSet, attacker_format: str, count_tokens,
+                                 budget: int) -> list[tuple[str, int]]:
+    """``(category, tokens)`` for each seed category whose attacker prompt is already longer
+    than ``budget`` tokens with an empty seed (``count_tokens(text)`` counts a rendered user
+    turn): the template alone fills the prompt budget, so every attack of that category would
+    be MAX_LENGTH. A load-time report, like ``data.seeds.seeds_over_budget`` for seeds."""
+    out = []
+    for category in CATEGORIES:
+        text = template_set.attacker_prompt("", category, attacker_format)
+        # A tokenizer makes at most about one token per byte, so short templates need no count.
+        if len(text.encode("utf-8")) + 64 > budget:
+            n = count_tokens(text)
+            if n > budget:
+                out.append((category, n))
+    return out
+
+
+def template_budget_warnings(name: str, attacker_format: str, count_tokens,
+                             budget: int) -> list[str]:
+    """Load-time warnings (one line each) naming ``config.game.templates`` for every seed
+    category whose attacker prompt alone exceeds the attacker sampler's ``budget``."""
+    return [f"config.game.templates={name!r}: the attacker prompt of {category} seeds "
+            f"(sections attacker_task_{category} + attacker_format_{attacker_format}) is {n} "
+            f"tokens before any seed, over the attacker sampler's prompt budget of {budget} "
+            f"tokens; every {category} attack will count as a MAX_LENGTH error "
+            f"(sys/attacker/prompt_too_long)"
+            for category, n in attacker_prompts_over_budget(
+                get_template_set(name), attacker_format, count_tokens, budget)]

@@ -27,8 +27,29 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy so safetensors ca
 import numpy as np
 from safetensors import safe_open
 
+from advgame_jax.errors import UserError
 from advgame_jax.models.config import ModelConfig
 from advgame_jax.models.params import param_shapes_and_axes
+
+
+class HFCheckpointError(UserError, ValueError):
+    """An HF checkpoint directory whose index or safetensors files are missing or unreadable,
+    or whose tensors do not match its ``config.json``."""
+
+
+_ST_EXPECTED = "expected a safetensors file as written by transformers' save_pretrained"
+
+
+def _safe_open(fn: str):
+    """``safe_open(fn)``; a missing, truncated or corrupted file is one ``HFCheckpointError``."""
+    try:
+        return safe_open(fn, "np")
+    except FileNotFoundError:
+        raise HFCheckpointError(f"{fn}: file not found; {_ST_EXPECTED}") from None
+    except Exception as err:  # SafetensorError (header/size/JSON faults), OSError
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        raise HFCheckpointError(f"{fn}: not a readable safetensors file ({reason}); "
+                                f"{_ST_EXPECTED}") from None
 
 # (our key, HF name pattern, layout kind). Kinds: same | T (2-D transpose) | heads_out
 # ([n*hd, d] → [d, n, hd]) | heads_in ([d, n*hd] → [n, hd, d]) | heads_bias ([n*hd] → [n, hd]).
@@ -122,15 +143,21 @@ def _tensor_files(path: str) -> dict[str, str]:
     single = os.path.join(path, "model.safetensors")
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{index}: no 'weight_map' object")
+        from advgame_jax.data.readers import loads_json, read_text
+
+        expected = 'expected {"weight_map": {tensor name: safetensors file name}}'
+        d = loads_json(read_text(index, "a safetensors index", HFCheckpointError), index,
+                       expected, HFCheckpointError)
+        weight_map = d.get("weight_map") if isinstance(d, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(fn, str) for fn in weight_map.values()):
+            raise HFCheckpointError(f"{index}: no 'weight_map' object of file names; {expected}")
         return {name: os.path.join(path, fn) for name, fn in weight_map.items()}
     if os.path.isfile(single):
-        with safe_open(single, "np") as f:
+        with _safe_open(single) as f:
             return {name: single for name in f.keys()}
-    raise ValueError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
+    raise HFCheckpointError(f"{path}: neither model.safetensors nor model.safetensors.index.json "
+                            "found; expected an HF model directory")
 
 
 def _ignorable(name: str, config: ModelConfig) -> bool:
@@ -145,8 +172,9 @@ def load_hf(path, dtype=jnp.float32, *, shardings=None):
     ``dtype``: storage dtype of every param. ``shardings``: optional pytree of
     ``jax.sharding.Sharding`` matching the params (e.g. ``param_shardings(config, mesh)``);
     each device then reads only its own slice. Without it params land on the default device.
-    Raises one ``ValueError`` naming the tensor and file for a missing, unexpected or
-    wrongly shaped tensor.
+    Raises one ``HFCheckpointError`` (a ``UserError``) naming the file (and tensor) for a
+    missing, truncated or corrupted safetensors file or index, and for a missing, unexpected
+    or wrongly shaped tensor.
     """
     path = os.fspath(path)
     config = ModelConfig.from_hf_file(path)
@@ -156,26 +184,27 @@ def load_hf(path, dtype=jnp.float32, *, shardings=None):
     def handle(fn):
         if fn not in handles:
             if not os.path.isfile(fn):
-                raise ValueError(f"{fn}: safetensors file listed in the index does not exist")
-            handles[fn] = safe_open(fn, "np")
+                raise HFCheckpointError(f"{fn}: safetensors file listed in the index does "
+                                        "not exist")
+            handles[fn] = _safe_open(fn)
         return handles[fn]
 
     entries = list(_entries(config))
     expected = {n for _, names, _, _ in entries for n in names}
     unexpected = sorted(n for n in files if n not in expected and not _ignorable(n, config))
     if unexpected:
-        raise ValueError(f"{path}: unexpected tensor {unexpected[0]!r} in {files[unexpected[0]]} "
+        raise HFCheckpointError(f"{path}: unexpected tensor {unexpected[0]!r} in {files[unexpected[0]]} "
                          f"({len(unexpected)} unexpected in all) for a {config.architecture}")
     for _, names, kind, shape in entries:
         per = shape[1:] if names[0].startswith("model.layers.") else shape
         want = list(_hf_shape(kind, per))
         for n in names:
             if n not in files:
-                raise ValueError(f"{path}: missing tensor {n!r} (expected shape {want}) "
+                raise HFCheckpointError(f"{path}: missing tensor {n!r} (expected shape {want}) "
                                  f"for a {config.architecture}")
             got = handle(files[n]).get_slice(n).get_shape()
             if list(got) != want:
-                raise ValueError(f"{files[n]}: tensor {n!r} has shape {list(got)}, "
+                raise HFCheckpointError(f"{files[n]}: tensor {n!r} has shape {list(got)}, "
                                  f"expected {want} from config.json")
 
     np_dtype = np.dtype(jnp.dtype(dtype))

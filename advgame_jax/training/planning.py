@@ -57,7 +57,9 @@ def model_config_for(config, role: str, override: str = "") -> ModelConfig:
 
 def player_rows(config, role: str, devices_in_batch: int) -> tuple[str, int]:
     """(batch kind, global rows) of one update of ``role`` in the paper's game."""
-    b = int(config.train.seeds_per_device) * devices_in_batch
+    from advgame_jax.experiment.validate import seeds_per_split
+
+    b = seeds_per_split(config, devices_in_batch)
     a, d = int(config.game.num_attacks), int(config.game.num_responses)
     if config.loss.kind == "grpo":
         return "samples", b * a if role == "attacker" else b * a * d
