@@ -16,16 +16,14 @@ Fit rule: both players' states live at once, their steps run one after the other
 needs Σ_players state + max_players temporaries (+ ``--reserve_gib`` for the sampler and the
 runtime) ≤ device memory. XLA:CPU upcasts bf16 matmul operands to f32, so CPU temporaries are
 an upper bound of the GPU/TPU figure.
+
+Every flag, the config's mesh, the model files and the ``--json`` path are checked before JAX
+starts (``advgame_jax.plan_inputs``); a bad one is one ``error:`` line, exit 2.
 """
 
 import os
 import sys
 
-_DEVICES = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--devices=")), "8")
-# Virtual devices must be requested before jax is imported anywhere.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + f" --xla_force_host_platform_device_count={int(_DEVICES)}")
-os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import json  # noqa: E402
@@ -33,7 +31,7 @@ import json  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from advgame_jax.training.planning import plan_experiment, format_plan  # noqa: E402
+from advgame_jax.errors import run_cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=False)
 flags.DEFINE_integer("devices", 8, "number of devices of the trainer mesh")
@@ -46,20 +44,83 @@ flags.DEFINE_string("json", "", "also write the plan as JSON to this path")
 FLAGS = flags.FLAGS
 
 
-def main(argv):
-    del argv
-    plan = plan_experiment(_CONFIG.value, devices=FLAGS.devices,
-                           device_memory_gib=FLAGS.device_memory_gib, seq_len=FLAGS.seq_len,
-                           reserve_gib=FLAGS.reserve_gib,
-                           models={"attacker": FLAGS.attacker_model,
-                                   "defender": FLAGS.defender_model})
+def _config():
+    """The loaded ``--config`` (a file that does not load is a user error, one line)."""
+    from advgame_jax.plan_inputs import PlanInputError
+
+    config = _CONFIG.value
+    try:
+        config.get("name")  # a file that failed to load raises here, not at .value
+        return config
+    except OSError as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        raise PlanInputError(f"--config: {lines[-1] if lines else err}") from None
+
+
+def _checked_inputs() -> dict:
+    """Every input of the plan, checked without JAX (see plan_inputs)."""
+    from advgame_jax.plan_inputs import check_flags, model_path_for, resolve_mesh_shape
+
+    args = check_flags(devices=FLAGS.devices, device_memory_gib=FLAGS.device_memory_gib,
+                       seq_len=FLAGS.seq_len, reserve_gib=FLAGS.reserve_gib,
+                       json_path=FLAGS.json)
+    config = _config()
+    resolve_mesh_shape(config.mesh, args["devices"])
+    args["models"] = {role: model_path_for(config, role, getattr(FLAGS, f"{role}_model"))
+                      for role in ("attacker", "defender")}
+    return args
+
+
+def _start_jax(devices: int) -> None:
+    """Ask for ``devices`` virtual CPU devices; must run before JAX initialises a backend."""
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + f" --xla_force_host_platform_device_count={devices}")
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _body() -> int:
+    args = _checked_inputs()
+    _start_jax(args["devices"])
+    from advgame_jax.training.planning import format_plan, plan_experiment
+
+    plan = plan_experiment(_config(), devices=args["devices"],
+                           device_memory_gib=args["device_memory_gib"], seq_len=args["seq_len"],
+                           reserve_gib=args["reserve_gib"], models=args["models"])
     print(format_plan(plan))
-    if FLAGS.json:
-        with open(FLAGS.json, "w", encoding="utf-8") as f:
-            json.dump(plan, f, indent=2)
+    if args["json_path"]:
+        _write_json(args["json_path"], plan)
     return 0
+
+
+def _parse_flags(argv):
+    """absl's parse; a bad flag or ``--config`` override is one ``error:`` line, exit 2."""
+    try:
+        return FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as err:
+        from advgame_jax.errors import fail, one_line
+
+        overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+        if isinstance(err, (AttributeError, KeyError)) and overrides:
+            fail(f"{', '.join(overrides)}: names a field the config does not have "
+                 f"({one_line(err)})")
+        fail(one_line(err))
+
+
+def main(argv):
+    if len(argv) > 1:
+        from advgame_jax.errors import fail
+
+        fail(f"unexpected argument {argv[1]!r}; flags take the form --name=value")
+    return run_cli(_body)
 
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
