@@ -1,0 +1,124 @@
+"""This machine's peaks, measured in-process, as a ``steptime.Hardware`` (``--cluster=cpu``).
+
+Measured in the same process (and so under the same load) as whatever is predicted from them:
+
+- memory bandwidth: a jitted ``x * a + b`` over a 128 MiB fp32 array (one read + one write);
+- matmul peak: a jitted fp32 1024 × 1024 × 1024 product;
+- a call's fixed cost: a jitted scalar op dispatched and waited for;
+- the achieved matmul rate at a model's own shapes (``model_matmul_mfu``: one layer's
+  projections and the LM head over a microbatch of tokens, as a fraction of the peak; small
+  widths reach a small fraction of the 1024-cube peak);
+- a decode step's fixed cost (``decode_step_overhead``): a ``lax.while_loop`` of the model's
+  own one-token decode step (``forward_with_cache``) at the sampler's batch and cache length,
+  minus its bandwidth time. With a tiny model this per-step cost of XLA:CPU running each op of
+  the loop body as its own task, not bandwidth or FLOPs, sets the decode speed; it cannot be
+  derived from the peaks, so it is measured, and reported as such.
+
+Each figure is the median of ``repeats`` timed runs after a warm-up. ``mfu = bw_eff = 1``: the
+measured figures are already what programs reach on this machine.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from advgame_jax.training.steptime import Hardware
+
+
+def _median_seconds(fn, *args, repeats: int = 5) -> float:
+    jax.block_until_ready(fn(*args))  # compile + warm up
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+
+def memory_bandwidth(nbytes: int = 128 << 20, repeats: int = 5) -> float:
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    s = _median_seconds(jax.jit(lambda v: v * 1.0001 + 0.5), x, repeats=repeats)
+    return 2 * nbytes / s
+
+
+def matmul_peak(n: int = 1024, repeats: int = 5) -> float:
+    a = jnp.ones((n, n), jnp.float32)
+    b = jnp.ones((n, n), jnp.float32)
+    s = _median_seconds(jax.jit(lambda x, y: x @ y), a, b, repeats=repeats)
+    return 2.0 * n ** 3 / s
+
+
+def call_overhead(repeats: int = 20) -> float:
+    x = jnp.float32(1.0)
+    return _median_seconds(jax.jit(lambda v: v + 1), x, repeats=repeats)
+
+
+def model_matmul_mfu(mc, tokens: int, peak: float, repeats: int = 5) -> float:
+    """Achieved FLOP/s of one layer's matmuls + the LM head at ``tokens`` rows, / ``peak``."""
+    d, f = mc.hidden_size, mc.intermediate_size
+    q, kv = mc.num_heads * mc.head_dim, mc.num_kv_heads * mc.head_dim
+    shapes = [(d, q + 2 * kv), (q, d), (d, 2 * f), (f, d), (d, mc.vocab_size)]
+    ws = [jnp.full(s, 1e-3, jnp.float32) for s in shapes]
+    x = jnp.ones((tokens, max(d, q, f)), jnp.float32)
+
+    def chain(x, ws):
+        return [x[:, :w.shape[0]] @ w for w in ws]
+
+    sec = _median_seconds(jax.jit(chain), x, ws, repeats=repeats)
+    flops = sum(2.0 * tokens * a * b for a, b in shapes)
+    return min(flops / sec / peak, 1.0)
+
+
+def decode_step_overhead(mc, params, rows: int, cache_len: int, *, bw: float,
+                         iterations: int = 32, repeats: int = 3) -> float:
+    """Seconds per decode step of the model's own one-token step at ``rows`` × ``cache_len``
+    in a while loop, beyond its bandwidth time (weights + the cache read once)."""
+    from advgame_jax.models import forward_with_cache, init_cache
+
+    cache = init_cache(mc, rows, cache_len, dtype=jnp.float32)
+    kv_mask = jnp.ones((rows, cache_len), bool)
+
+    def run(params, cache):
+        def body(c):
+            i, tok, cache = c
+            logits, cache = forward_with_cache(params, mc, tok, jnp.full((rows, 1), i), cache,
+                                               i, kv_mask, compute_dtype=jnp.float32,
+                                               last_only=True)
+            nxt = jnp.argmax(logits.reshape(rows, -1, logits.shape[-1])[:, -1], -1)
+            return i + 1, nxt.astype(jnp.int32)[:, None], cache
+
+        tok0 = jnp.zeros((rows, 1), jnp.int32)
+        return jax.lax.while_loop(lambda c: c[0] < iterations, body, (0, tok0, cache))[1]
+
+    sec = _median_seconds(jax.jit(run), params, cache, repeats=repeats) / iterations
+    wbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    roof = (wbytes + cache.k.size * 4 * 2) / bw
+    return max(sec - roof, 0.0)
+
+
+def measure_cpu(*, model=None, params=None, tokens: int = 0, decode_rows: int = 0,
+                cache_len: int = 0, repeats: int = 5) -> Hardware:
+    """This machine as a ``Hardware``, measured now (see module doc). Without ``model``: the
+    peaks only (mfu = 1, no per-step cost). With ``model`` (a ModelConfig): mfu at its shapes
+    over ``tokens`` rows; with ``params`` too: its decode step's fixed cost at
+    ``decode_rows`` × ``cache_len``."""
+    bw = memory_bandwidth(repeats=repeats)
+    peak = matmul_peak(repeats=repeats)
+    mfu = model_matmul_mfu(model, tokens, peak, repeats) if model is not None and tokens else 1.0
+    step = (decode_step_overhead(model, params, decode_rows, cache_len, bw=bw)
+            if params is not None and decode_rows else 0.0)
+    return Hardware(name="cpu (measured)", peak_flops=peak, hbm_bw=bw, disk_bw=bw / 10,
+                    net_bw=bw, mfu=mfu, bw_eff=1.0, call_overhead_s=call_overhead(),
+                    decode_step_overhead_s=step)
+
+
+def mean_hardware(a: Hardware, b: Hardware) -> Hardware:
+    """Figures measured before and after a measured span, averaged (load drifts)."""
+    avg = {f: (getattr(a, f) + getattr(b, f)) / 2 for f in (
+        "peak_flops", "hbm_bw", "disk_bw", "net_bw", "mfu", "bw_eff", "call_overhead_s",
+        "decode_step_overhead_s")}
+    return Hardware(name=a.name, **avg)
