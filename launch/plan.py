@@ -63,6 +63,8 @@ flags.DEFINE_float("net_gbps", 0.0, "--time: interconnect GB/s per device (0: hb
 flags.DEFINE_float("mfu", 0.0, "--time: achieved fraction of peak FLOP/s (0: the preset's)")
 flags.DEFINE_float("bw_eff", 0.0, "--time: achieved fraction of memory bandwidth (0: preset)")
 flags.DEFINE_string("from_metrics", "", "--time: lengths from a run's metrics.jsonl")
+flags.DEFINE_float("attack_tokens", 0.0, "--time: mean attack length (longest = tail × mean)")
+flags.DEFINE_float("response_tokens", 0.0, "--time: mean response length (longest = tail × mean)")
 flags.DEFINE_float("length_tail", 2.0, "--time: longest row of a call / mean length (metrics)")
 flags.DEFINE_integer("attacker_prompt_tokens", 512, "--time: attacker prompt tokens")
 flags.DEFINE_integer("num_steps", 0, "--time: steps of the run (0: config.train.num_steps)")
@@ -72,6 +74,7 @@ flags.DEFINE_integer("engine_devices", -1, "--time: generation devices per playe
 flags.DEFINE_integer("gen_tp", 1, "--time: tensor-parallel size of one generation replica")
 flags.DEFINE_string("judge_model", "", "--time: directory or config.json of the judge's shape")
 flags.DEFINE_integer("judge_replicas", -1, "--time: judge replicas (-1: derived)")
+flags.DEFINE_bool("judge_external", False, "--time: the judge runs on devices outside --devices")
 flags.DEFINE_integer("judge_tp", 0, "--time: devices per judge replica (0: from its size)")
 flags.DEFINE_integer("judge_prompt_tokens", 1536, "--time: tokens of one judge request")
 flags.DEFINE_integer("judge_new_tokens", 512, "--time: tokens of one judge answer")
@@ -155,10 +158,16 @@ def _hardware(devices: int):
             raise PlanInputError(f"--{name}={v}: expected a finite number ≥ 0"
                                  + (" and ≤ 1" if name in ("mfu", "bw_eff") else ""))
     over = {k: getattr(FLAGS, k) for k in ("mfu", "bw_eff") if getattr(FLAGS, k)}
+    if FLAGS["disk_gbps"].present:
+        over["disk_bw"] = FLAGS.disk_gbps * 1e9
+    if FLAGS["net_gbps"].present:
+        over["net_bw"] = FLAGS.net_gbps * 1e9
     return dataclasses.replace(hw, **over), n
 
 
 def _time_body() -> int:
+    import math
+
     from advgame_jax.plan_inputs import (PlanInputError, check_devices, check_json_path,
                                          model_path_for)
 
@@ -200,8 +209,19 @@ def _time_body() -> int:
     layout = timeplan.default_layout(
         config, devices, trainer=FLAGS.trainer_devices, engines=FLAGS.engine_devices,
         judge_replicas=FLAGS.judge_replicas if judge_shape is not None else 0,
-        judge_tp=tp or 1, gen_tp=FLAGS.gen_tp)
-    if FLAGS.from_metrics:
+        judge_tp=tp or 1, gen_tp=FLAGS.gen_tp, judge_external=FLAGS.judge_external)
+    if FLAGS.attack_tokens or FLAGS.response_tokens:
+        if FLAGS.from_metrics or not (FLAGS.attack_tokens >= 1 and FLAGS.response_tokens >= 1):
+            raise PlanInputError("--attack_tokens and --response_tokens: give both (each ≥ 1), "
+                                 "without --from_metrics")
+        cap = int(config.sampling.max_new_tokens)
+        lengths = timeplan.Lengths(
+            attacker_prompt=FLAGS.attacker_prompt_tokens, attacker_new_mean=FLAGS.attack_tokens,
+            attacker_steps=min(cap, math.ceil(FLAGS.length_tail * FLAGS.attack_tokens)),
+            defender_new_mean=FLAGS.response_tokens,
+            defender_steps=min(cap, math.ceil(FLAGS.length_tail * FLAGS.response_tokens)))
+        source = f"given means, longest = {FLAGS.length_tail:g} × mean"
+    elif FLAGS.from_metrics:
         lengths = timeplan.lengths_from_metrics(FLAGS.from_metrics, config,
                                                 tail=FLAGS.length_tail,
                                                 attacker_prompt=FLAGS.attacker_prompt_tokens)

@@ -1,16 +1,20 @@
 """The step-time model calibrated on this machine: two real game steps of ``configs/tiny.py``
-(toy world, JAX samplers, rule judge) against the model's prediction, per stage, with this
-machine's figures measured in the same process around the measured step (training/
-calibration.py), so the shared machine's load weighs on both.
+(toy world, JAX samplers, rule judge) against steptime's prediction, per stage.
 
-What is predicted from what: the samplers' work is recorded call by call (padded rows, prompt
-and cache buckets, decode steps = the longest row), the updates' batch shapes likewise; the
-prediction is ``steptime`` applied to that work with the measured bandwidth, matmul rate at
-the model's shapes, per-call cost and per-decode-step cost. At this size the decode step is a
-fixed cost (XLA:CPU task overhead), measured by its own loop, not derived from peaks.
+The machine is shared, so its figures are measured in the same process right before each
+call they predict (training/calibration.py): before every sampler call the decode-step floor
+at that call's batch and cache length, before every update the bandwidth and the matmul rate
+at the model's shapes. Load then weighs on the figure and on the stage alike.
+
+What is predicted from what: each sampler call's work is recorded (padded rows, prompt and
+cache buckets, decode steps = its longest row), each update's batch shape likewise; the
+prediction is ``steptime`` applied to that work with the figures measured just before it. At
+this size a decode step costs its floor (XLA:CPU's per-op task overhead), which is measured
+(a while loop of the model's own one-token decode step), not derived from the peaks.
 """
 
-import time
+import dataclasses
+import importlib
 
 import numpy as np
 import pytest
@@ -21,94 +25,63 @@ TOLERANCE = 0.30
 COMPARED = ("attacker_generation", "defender_generation", "update")
 
 
-def record_step_work(monkeypatch):
-    """Record each sampler call's shapes and decode steps and each update batch's shape."""
+def calibrated_step(runner, monkeypatch):
+    """Run one step of ``runner`` with each call's work and the figures measured just before
+    it recorded; return (stage predictions, the step's metrics record, the figures)."""
     import jax
 
     import advgame_jax.experiment.loop as loop
     import advgame_jax.sampling.jax_sampler as js
+    from advgame_jax.training import calibration as cal
 
+    shapes = {r: runner.players[r].model_config for r in ("attacker", "defender")}
+    base = cal.measure_cpu(repeats=3)
     gen, upd = [], []
-    generate = js._generate_jit
+    generate, collate = js._generate_jit, loop.collate_global
 
     def recording_generate(params, tokens, *args, **kw):
+        rows, prompt, new = tokens.shape[0], tokens.shape[1], kw["max_new_bucket"]
+        floor = cal.decode_step_seconds(kw["config"], params, rows, prompt + new)
         out = generate(params, tokens, *args, **kw)
-        num = np.asarray(jax.device_get(out[2]))
-        gen.append(dict(vocab=kw["config"].vocab_size, rows=tokens.shape[0],
-                        prompt=tokens.shape[1], new=kw["max_new_bucket"],
-                        filter=kw["use_filter"], steps=int(num.max())))
+        steps = int(np.asarray(jax.device_get(out[2])).max())
+        gen.append((dataclasses.replace(base, decode_step_floor_s=floor), st.GenCall(
+            rows=rows, prompt_len=prompt, steps=steps, cache_len=prompt + new,
+            filter_passes=2 + 2 * 48 if kw["use_filter"] else 1), kw["config"]))
         return out
-
-    collate = loop.collate_global
 
     def recording_collate(records, **kw):
         batch = collate(records, **kw)
-        upd.append(tuple(batch.tokens.shape))
+        r, p, n = batch.tokens.shape
+        tokens = r * p * n // max(runner.config.train.num_microbatches, 1)
+        bw, peak = cal.memory_bandwidth(repeats=3), cal.matmul_peak(repeats=3)
+        mfu = cal.model_matmul_mfu(shapes["defender"], tokens, peak, repeats=3)
+        upd.append((dataclasses.replace(base, hbm_bw=bw, peak_flops=peak, mfu=mfu),
+                    st.UpdateCall(rows=r * p, length=n)))
         return batch
 
     monkeypatch.setattr(js, "_generate_jit", recording_generate)
     monkeypatch.setattr(loop, "collate_global", recording_collate)
-    return gen, upd
-
-
-def predict_recorded(hw, shapes, gen, upd, *, ema_players, remat):
-    """steptime's prediction of the recorded work (fp32 in-process samplers, one device)."""
-    calls = {"attacker": [], "defender": []}
-    for i, g in enumerate(gen):  # per split: the attacker's call, then the defender's
-        calls["attacker" if i % 2 == 0 else "defender"].append(st.GenCall(
-            rows=g["rows"], prompt_len=g["prompt"], steps=g["steps"],
-            cache_len=g["prompt"] + g["new"], filter_passes=2 + 2 * 48 if g["filter"] else 1))
-    out = {}
-    for role in ("attacker", "defender"):
-        s = st.Sampler(st.Shape.of(shapes[role]), dtype_bytes=4)
-        out[f"{role}_generation"] = st.generation_time(hw, s, calls[role])["seconds"]
-    t = st.Trainer(st.Shape.of(shapes["defender"]), devices=1, fsdp=1, compute_bytes=4,
-                   remat=remat, reference_forward=True)
-    ups = [st.UpdateCall(rows=r * p, length=n) for r, p, n in upd]
-    out["update"] = (st.update_time(hw, t, ups)["seconds"]
-                     + st.ema_time(hw, t.shape.params, 1, ema_players))
-    return out, calls
-
-
-def calibrate(config, monkeypatch):
-    """Run step 1 (compiles), measure, run step 2, measure; return (predicted, measured)."""
-    from advgame_jax.experiment.loop import GameRunner
-    from advgame_jax.training.calibration import mean_hardware, measure_cpu
-
-    runner = GameRunner(config)
     try:
-        gen, upd = record_step_work(monkeypatch)
-        runner.train_step()
-        shapes = {r: runner.players[r].model_config for r in ("attacker", "defender")}
-        rows = max(g["rows"] for g in gen)
-        cache = max(g["prompt"] + g["new"] for g in gen)
-        tokens = max(r * p * n for r, p, n in upd) // max(config.train.num_microbatches, 1)
-        params = runner.players["defender"].sampler.params
-
-        def measure():
-            return measure_cpu(model=shapes["defender"], params=params, tokens=tokens,
-                               decode_rows=rows, cache_len=cache, repeats=3)
-
-        measure()  # compiles the calibration programs
-        before = measure()
-        gen.clear()
-        upd.clear()
-        t0 = time.perf_counter()
         record = runner.train_step()
-        step_s = time.perf_counter() - t0
-        hw = mean_hardware(before, measure())
     finally:
-        runner.close()
-    trainable = sum(bool(config[r].trainable) for r in ("attacker", "defender"))
-    predicted, _ = predict_recorded(hw, shapes, gen, upd, ema_players=trainable,
-                                    remat=bool(config.train.remat))
-    measured = {k: record[f"time/{k}"] for k in COMPARED}
-    return predicted, measured, hw, step_s
+        monkeypatch.undo()
+    pred = {"attacker_generation": 0.0, "defender_generation": 0.0, "update": 0.0}
+    for i, (hw, call, mc) in enumerate(gen):  # per split: the attacker's call, the defender's
+        role = "attacker" if i % 2 == 0 else "defender"
+        s = st.Sampler(st.Shape.of(mc), dtype_bytes=4)
+        pred[f"{role}_generation"] += st.generation_time(hw, s, [call])["seconds"]
+    t = st.Trainer(st.Shape.of(shapes["defender"]), devices=1, fsdp=1, compute_bytes=4,
+                   remat=bool(runner.config.train.remat), reference_forward=True)
+    for hw, call in upd:
+        pred["update"] += st.update_time(hw, t, [call])["seconds"]
+    trainable = sum(bool(runner.config[r].trainable) for r in ("attacker", "defender"))
+    pred["update"] += st.ema_time(upd[-1][0], t.shape.params, 1, trainable)
+    return pred, record, [h for h, *_ in gen + upd]
 
 
 @pytest.mark.slow
-def test_tiny_game_steps_match_the_prediction_per_stage(tmp_path, toy_dir, monkeypatch):
-    import importlib
+def test_tiny_game_step_matches_the_prediction_per_stage(tmp_path, toy_dir, monkeypatch):
+    from advgame_jax.experiment.loop import GameRunner
 
     c = importlib.import_module("configs.tiny").get_config()
     c.workdir = str(tmp_path / "run")
@@ -116,12 +89,19 @@ def test_tiny_game_steps_match_the_prediction_per_stage(tmp_path, toy_dir, monke
     c.logging.progress_bar = False
     c.train.validate_every = 0
     c.train.checkpoint_every = 0
-    predicted, measured, hw, _ = calibrate(c, monkeypatch)
-    lines = [f"{k}: predicted {predicted[k]:.3f} s, measured {measured[k]:.3f} s, ratio "
-             f"{predicted[k] / measured[k]:.2f}" for k in COMPARED]
-    summary = (f"bw {hw.hbm_bw / 1e9:.1f} GB/s, matmul {hw.peak_flops / 1e9:.1f} GFLOP/s × mfu "
-               f"{hw.mfu:.2f}, call {hw.call_overhead_s * 1e3:.2f} ms, decode step "
-               f"{hw.decode_step_overhead_s * 1e3:.2f} ms\n" + "\n".join(lines))
+    runner = GameRunner(c)
+    try:
+        calibrated_step(runner, monkeypatch)  # step 1: every program compiles
+        pred, record, figures = calibrated_step(runner, monkeypatch)
+    finally:
+        runner.close()
+    measured = {k: record[f"time/{k}"] for k in COMPARED}
+    hw = figures[-1]
+    summary = (f"last figures: bw {hw.hbm_bw / 1e9:.2f} GB/s, matmul {hw.peak_flops / 1e9:.1f} "
+               f"GFLOP/s × mfu {hw.mfu:.2f}; decode floors "
+               f"{[round(h.decode_step_floor_s * 1e3, 2) for h in figures[:4]]} ms\n"
+               + "\n".join(f"{k}: predicted {pred[k]:.3f} s, measured {measured[k]:.3f} s, "
+                           f"ratio {pred[k] / measured[k]:.2f}" for k in COMPARED))
     print(summary)
     for k in COMPARED:
-        assert predicted[k] == pytest.approx(measured[k], rel=TOLERANCE), summary
+        assert pred[k] == pytest.approx(measured[k], rel=TOLERANCE), summary

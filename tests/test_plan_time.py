@@ -18,8 +18,9 @@ from advgame_jax.training.timeplan import (Layout, Lengths, build_workload, judg
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HW = st.Hardware(name="t", peak_flops=100e12, hbm_bw=1e12, disk_bw=1e9, net_bw=1e11, mfu=0.5,
-                 bw_eff=0.5, call_overhead_s=0.01, decode_step_overhead_s=0.001)
-SHAPE = st.Shape(params=1_000_000_000, matmul_params=900_000_000, layers=10, heads=8,
+                 bw_eff=0.5, call_overhead_s=0.01, decode_step_floor_s=0.001)
+SHAPE = st.Shape(params=1_000_000_000, matmul_params=900_000_000, layers=10, hidden=1024,
+                 ffn=4096, heads=8,
                  kv_heads=2, head_dim=64, vocab=32_000)
 
 
@@ -34,7 +35,7 @@ def test_generation_is_the_bandwidth_roofline_plus_fixed_costs():
     assert step_bytes / 0.5e12 > step_flops / 50e12  # decode is bandwidth-bound here
     pre = max((2 * 0.9e9 * rows * 100 + 4 * 10 * 8 * 64 * 50 * rows * 100) / 50e12,
               (2e9 + rows * 100 * kv_tok) / 0.5e12)
-    one = 0.01 + pre + 50 * (step_bytes / 0.5e12 + 0.001)
+    one = 0.01 + pre + 50 * max(step_bytes / 0.5e12, 0.001)
     assert got["seconds"] == pytest.approx(2 * one, rel=1e-9)
     assert got["calls"] == 2
 

@@ -6,7 +6,7 @@ Each stage of a trainer step (the loop's ``time/<stage>`` metrics) is predicted 
 - ``attacker_generation`` / ``defender_generation``: per sampler call, prefill
   max(FLOPs / compute, weight bytes / bandwidth) + one decode step per generated position up
   to the longest row (the sampler's loop runs until every row has stopped), each
-  max(bytes / bandwidth, FLOPs / compute) + a fixed per-step cost; bytes = the weights (one
+  max(bytes / bandwidth, FLOPs / compute, a per-step floor); bytes = the weights (one
   tensor-parallel shard) + the KV cache read + the top-p filter's passes over the vocabulary.
 - ``faithfulness`` / ``judging``: the judge's requests decoded on its replicas in waves of
   ``judge_batch`` rows (a rule judge costs nothing).
@@ -17,9 +17,10 @@ Each stage of a trainer step (the loop's ``time/<stage>`` metrics) is predicted 
   read for an engine in another process); ``checkpoint``: the full state written every
   ``checkpoint_every`` steps, amortised per step.
 
-Every stage carries a fixed per-call cost (``call_overhead_s``) and every decode step one
-(``decode_step_overhead_s``): on a GPU/TPU cluster they are small; on a CPU running a tiny model
-they dominate and are measured by ``training.calibration``. ``launch/plan.py --time`` assembles
+Every stage carries a fixed per-call cost (``call_overhead_s``) and a decode step takes at
+least ``decode_step_floor_s`` (the launch/dispatch time of its ops): on a GPU/TPU cluster both
+are small; on a CPU running a tiny model the floor dominates and is measured by
+``training.calibration``. ``launch/plan.py --time`` assembles
 the inputs; ``docs/capacity.md`` records the predictions and the CPU calibration.
 """
 
@@ -48,7 +49,7 @@ class Hardware:
     mfu: float = 0.4
     bw_eff: float = 0.6
     call_overhead_s: float = 0.0
-    decode_step_overhead_s: float = 0.0
+    decode_step_floor_s: float = 0.0
 
     def __post_init__(self):
         for f in ("peak_flops", "hbm_bw", "disk_bw", "net_bw", "mfu", "bw_eff"):
@@ -69,9 +70,9 @@ class Hardware:
 
 TB, GB = 1e12, 1e9
 H200 = dict(peak_flops=989 * TB, hbm_bw=4.8 * TB, net_bw=450 * GB, disk_bw=2 * GB,
-            mfu=0.4, bw_eff=0.6, call_overhead_s=2e-3, decode_step_overhead_s=0.3e-3)
+            mfu=0.4, bw_eff=0.6, call_overhead_s=2e-3, decode_step_floor_s=0.3e-3)
 V5P = dict(peak_flops=459 * TB, hbm_bw=2.76 * TB, net_bw=300 * GB, disk_bw=2 * GB,
-           mfu=0.45, bw_eff=0.6, call_overhead_s=2e-3, decode_step_overhead_s=0.3e-3)
+           mfu=0.45, bw_eff=0.6, call_overhead_s=2e-3, decode_step_floor_s=0.3e-3)
 # name -> (device kind, total devices). Peaks: bf16 dense (H200 SXM: 989 TFLOP/s, 4.8 TB/s
 # HBM3e, NVLink 900 GB/s both directions; v5p: 459 TFLOP/s, 2.76 TB/s, ICI ~300 GB/s per
 # chip usable). mfu / bw_eff are typical achieved fractions, not measurements.
@@ -92,6 +93,8 @@ class Shape:
     params: int  # every parameter
     matmul_params: int  # parameters used as matmul weights per token (incl. the LM head)
     layers: int
+    hidden: int
+    ffn: int
     heads: int
     kv_heads: int
     head_dim: int
@@ -105,12 +108,20 @@ class Shape:
         emb = mc.vocab_size * d
         head = 0 if mc.tie_word_embeddings else emb
         params = L * (per_layer + 2 * d) + emb + head + d
-        return cls(params=params, matmul_params=L * per_layer + emb, layers=L,
+        return cls(params=params, matmul_params=L * per_layer + emb, layers=L, hidden=d, ffn=f,
                    heads=mc.num_heads, kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
                    vocab=mc.vocab_size)
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         return 2 * self.layers * self.kv_heads * self.head_dim * dtype_bytes
+
+    def activation_bytes_per_token(self, context: float, dtype_bytes: int) -> float:
+        """Bytes one forward pass of one token reads and writes between ops: per layer the
+        norms and residuals (≈12·d), q/k/v and rope (3·(q+2kv)), the gated MLP (5·f) and the
+        attention probabilities (3 · heads · context); then the logits (4 · vocab)."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        per_layer = 12 * self.hidden + 3 * (q + 2 * kv) + 5 * self.ffn + 3 * self.heads * context
+        return dtype_bytes * (self.layers * per_layer + 4 * self.vocab)
 
     def attn_flops_per_token(self, context: float) -> float:
         """Scores and values of one token attending to ``context`` positions (forward)."""
@@ -158,7 +169,7 @@ def generation_time(hw: Hardware, s: Sampler, calls: list[GenCall]) -> dict:
         step_bytes = (w + rows * c.cache_len * s.shape.kv_bytes_per_token(s.dtype_bytes) / s.tp
                       + rows * s.shape.vocab * 4 * c.filter_passes)
         total += (hw.call_overhead_s + _roof(hw, pre_flops, pre_bytes)
-                  + c.steps * (_roof(hw, step_flops, step_bytes) + hw.decode_step_overhead_s))
+                  + c.steps * max(_roof(hw, step_flops, step_bytes), hw.decode_step_floor_s))
         flops_sum += pre_flops + c.steps * step_flops
         bytes_sum += pre_bytes + c.steps * step_bytes
     return dict(seconds=total, flops=flops_sum, bytes=bytes_sum, calls=len(calls))
@@ -202,8 +213,12 @@ def update_time(hw: Hardware, t: Trainer, calls: list[UpdateCall]) -> dict:
     total = flops_sum = net_sum = 0.0
     for c in calls:
         flops = c.rows * c.length * t.update_flops_per_token(c.length) / t.devices
-        # Weights read per pass (gathered, compute dtype) + AdamW/state traffic of the shard.
-        nbytes = passes * n * t.compute_bytes + 7 * 4 * n / t.fsdp
+        # Weights read per pass (gathered, compute dtype) + AdamW/state traffic of the shard
+        # + the activations every pass reads and writes (backward: twice a forward's).
+        act_passes = 3 + (1 if t.remat else 0) + (1 if t.reference_forward else 0)
+        act = (c.rows * c.length / t.devices * act_passes
+               * t.shape.activation_bytes_per_token(c.length / 2, t.compute_bytes))
+        nbytes = passes * n * t.compute_bytes + 7 * 4 * n / t.fsdp + act
         gathered = (t.fsdp - 1) / t.fsdp
         net = (passes * n * t.compute_bytes + 4 * n) * gathered if t.fsdp > 1 else 0.0
         total += hw.call_overhead_s + max(flops / hw.flops, nbytes / hw.bw, net / hw.net_bw)

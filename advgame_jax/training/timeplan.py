@@ -47,10 +47,12 @@ class Layout:
     judge_replicas: int = 0
     judge_tp: int = 1
     judge_batch: int = 32
+    judge_external: bool = False  # the judge's devices are not the job's (not counted)
 
     @property
     def total(self) -> int:
-        return self.trainer + 2 * self.engines + self.judge_replicas * self.judge_tp
+        judge = 0 if self.judge_external else self.judge_replicas * self.judge_tp
+        return self.trainer + 2 * self.engines + judge
 
 
 def length_bucket(n: int, buckets=()) -> int:
@@ -159,6 +161,9 @@ def build_workload(config, shapes: dict, layout: Layout, lengths: Lengths, *,
         return [c] * 2  # one call per split
 
     d_prompt = int(ln.attacker_new_mean + ln.defender_prompt_extra)
+    budget = int(config.defender.get("engine", {}).get("max_prompt_tokens", 0) or 0)
+    if budget:  # longer prompts are refused by the sampler (MAX_LENGTH), never generated
+        d_prompt = min(d_prompt, budget)
     att_calls = calls(b * a, ln.attacker_prompt, ln.attacker_steps, ln.attacker_new_mean)
     def_calls = calls(b * a * d, d_prompt, ln.defender_steps, ln.defender_new_mean)
     grpo = config.loss.kind == "grpo"
@@ -198,7 +203,7 @@ def build_workload(config, shapes: dict, layout: Layout, lengths: Lengths, *,
 
 def default_layout(config, devices: int, *, trainer: int = 0, engines: int = -1,
                    judge_replicas: int = -1, judge_tp: int = 1, gen_tp: int = 1,
-                   judge_batch: int = 32) -> Layout:
+                   judge_batch: int = 32, judge_external: bool = False) -> Layout:
     """A layout of ``devices`` for ``config``: players on offloaded engines (the paper's
     placement) get ``devices/8`` generation devices each and the judge ``devices/4``; the
     trainer takes the rest. In-process samplers (placement 'jax') share the trainer's."""
@@ -209,9 +214,11 @@ def default_layout(config, devices: int, *, trainer: int = 0, engines: int = -1,
         engines = max(devices // 8, 1) if offloaded and devices >= 4 else 0
     if judge_replicas < 0:
         judge_replicas = max(devices // 4 // judge_tp, 1) if remote_judge and devices >= 4 else 0
-    trainer = trainer or devices - 2 * engines - judge_replicas * judge_tp
+    trainer = trainer or devices - 2 * engines - (0 if judge_external else
+                                                  judge_replicas * judge_tp)
     layout = Layout(trainer=trainer, engines=engines, gen_tp=gen_tp,
-                    judge_replicas=judge_replicas, judge_tp=judge_tp, judge_batch=judge_batch)
+                    judge_replicas=judge_replicas, judge_tp=judge_tp, judge_batch=judge_batch,
+                    judge_external=judge_external)
     if trainer < 1 or layout.total > devices:
         raise PlanInputError(
             f"layout: trainer {trainer} + 2 × {engines} engine + {judge_replicas} × {judge_tp} "
@@ -225,7 +232,8 @@ def format_time_plan(p: dict) -> str:
     lay, hw, run = p["layout"], p["hardware"], p["run"]
     lines = [f"step time {p['config']} on {hw['name']}: {p['devices']} devices (trainer "
              f"{lay['trainer']}, generation {lay['engines'] or 'in-process'} per player, judge "
-             f"{lay['judge_replicas']} × {lay['judge_tp']}); peaks {hw['peak_flops'] / 1e12:.3g} "
+             f"{lay['judge_replicas']} × {lay['judge_tp']}"
+             f"{' outside the job' if lay['judge_external'] else ''}); peaks {hw['peak_flops'] / 1e12:.3g} "
              f"TFLOP/s × {hw['mfu']:.2f}, {hw['hbm_bw'] / 1e9:.4g} GB/s × {hw['bw_eff']:.2f} per "
              f"device",
              f"  lengths: attacker prompt {p['lengths']['attacker_prompt']}, attack mean "
