@@ -3,18 +3,21 @@
 
 The machine is shared, so its figures are measured in the same process right before each
 call they predict (training/calibration.py): before every sampler call the decode-step floor
-at that call's batch and cache length, before every update the bandwidth and the matmul rate
-at the model's shapes. Load then weighs on the figure and on the stage alike.
+at that call's batch and cache length (its own time, spent inside the sampler stage's timer,
+is subtracted from the stage), before every update the bandwidth and the matmul rate at the
+model's shapes. Load then weighs on the figure and on the stage alike.
 
 What is predicted from what: each sampler call's work is recorded (padded rows, prompt and
 cache buckets, decode steps = its longest row), each update's batch shape likewise; the
 prediction is ``steptime`` applied to that work with the figures measured just before it. At
 this size a decode step costs its floor (XLA:CPU's per-op task overhead), which is measured
-(a while loop of the model's own one-token decode step), not derived from the peaks.
+(a while loop of the model's own one-token decode step and token selection), not derived
+from the peaks.
 """
 
 import dataclasses
 import importlib
+import time
 
 import numpy as np
 import pytest
@@ -37,11 +40,18 @@ def calibrated_step(runner, monkeypatch):
     shapes = {r: runner.players[r].model_config for r in ("attacker", "defender")}
     base = cal.measure_cpu(repeats=3)
     gen, upd = [], []
+    inside = {"attacker": 0.0, "defender": 0.0}
     generate, collate = js._generate_jit, loop.collate_global
 
     def recording_generate(params, tokens, *args, **kw):
         rows, prompt, new = tokens.shape[0], tokens.shape[1], kw["max_new_bucket"]
-        floor = cal.decode_step_seconds(kw["config"], params, rows, prompt + new)
+        temperature, top_p, top_k = (float(np.max(np.asarray(a))) for a in args[1:4])
+        t0 = time.perf_counter()
+        floor = cal.decode_step_seconds(kw["config"], params, rows, prompt + new,
+                                        temperature=temperature, top_p=top_p, top_k=int(top_k),
+                                        use_filter=kw["use_filter"])
+        # The measurement runs inside the sampler stage's timer: its own time is taken out.
+        inside["attacker" if len(gen) % 2 == 0 else "defender"] += time.perf_counter() - t0
         out = generate(params, tokens, *args, **kw)
         steps = int(np.asarray(jax.device_get(out[2])).max())
         gen.append((dataclasses.replace(base, decode_step_floor_s=floor), st.GenCall(
@@ -76,6 +86,8 @@ def calibrated_step(runner, monkeypatch):
         pred["update"] += st.update_time(hw, t, [call])["seconds"]
     trainable = sum(bool(runner.config[r].trainable) for r in ("attacker", "defender"))
     pred["update"] += st.ema_time(upd[-1][0], t.shape.params, 1, trainable)
+    for role, seconds in inside.items():
+        record[f"time/{role}_generation"] -= seconds
     return pred, record, [h for h, *_ in gen + upd]
 
 
