@@ -7,7 +7,6 @@ Players' shapes come from ``config.json`` files only (see :func:`model_config_fo
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import jax
@@ -16,43 +15,21 @@ import jax.numpy as jnp
 from advgame_jax.models import ModelConfig, make_mesh
 from advgame_jax.training import capacity as cap
 from advgame_jax.training.optimizer import make_optimizer
+from advgame_jax.plan_inputs import (FAMILY_MODELS, PlanInputError,  # noqa: F401
+                                              model_path_for, resolve_mesh_shape)
 from advgame_jax.training.update import make_update_step
 
-_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-FAMILY_MODELS = {"llama": "llama3.1_8b", "qwen": "qwen2.5_7b"}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def resolve_mesh_shape(mesh_cfg, n: int) -> tuple[int, int, int]:
-    """(data, fsdp, tensor) of ``config.mesh`` on ``n`` devices; one axis may be -1 (the rest)."""
-    sizes = {a: int(mesh_cfg[a]) for a in ("data", "fsdp", "tensor")}
-    free = [a for a, v in sizes.items() if v == -1]
-    if len(free) > 1:
-        raise ValueError(f"config.mesh: at most one axis may be -1, got {sizes}")
-    fixed = 1
-    for a, v in sizes.items():
-        if v != -1:
-            fixed *= v
-    if free:
-        if n % fixed:
-            raise ValueError(f"config.mesh: {n} devices are not divisible by {fixed} ({sizes})")
-        sizes[free[0]] = n // fixed
-    if sizes["data"] * sizes["fsdp"] * sizes["tensor"] > n:
-        raise ValueError(f"config.mesh: {sizes} needs more than the {n} devices")
-    return sizes["data"], sizes["fsdp"], sizes["tensor"]
 
 
 def model_config_for(config, role: str, override: str = "") -> ModelConfig:
     """The role's shape: ``override``, else ``<role>.hf_path``, else the family's default
-    file under ``configs/models/`` (family = the config name's prefix)."""
-    path = override or config[role].hf_path
-    if not path:
-        family = str(config.name).split("_")[0]
-        if family not in FAMILY_MODELS:
-            raise ValueError(f"config.{role}.hf_path is empty and the family {family!r} has no "
-                             f"default shape; pass --{role}_model=DIR")
-        path = os.path.join(_REPO, "configs", "models", FAMILY_MODELS[family])
-    return ModelConfig.from_hf_file(path)
+    file under ``configs/models/`` (see :func:`plan_inputs.model_path_for`)."""
+    path = model_path_for(config, role, override)
+    try:
+        return ModelConfig.from_hf_file(path)
+    except ValueError as err:
+        raise PlanInputError(f"{role} model: {err}") from None
 
 
 def player_rows(config, role: str, devices_in_batch: int) -> tuple[str, int]:
@@ -117,7 +94,7 @@ def plan_experiment(config, *, devices: int, device_memory_gib: float, seq_len: 
     """Compile both players' steps and decide whether the job fits (see launch/plan.py)."""
     models = models or {}
     if jax.device_count() < devices:
-        raise ValueError(f"{devices} devices asked, {jax.device_count()} visible; set "
+        raise PlanInputError(f"{devices} devices asked, {jax.device_count()} visible; set "
                          f"--xla_force_host_platform_device_count before importing jax")
     data, fsdp, tensor = resolve_mesh_shape(config.mesh, devices)
     mesh = make_mesh(data=data, fsdp=fsdp, tensor=tensor, devices=jax.devices()[:devices])
