@@ -83,6 +83,9 @@ def run_eval(sets: Sequence[PromptSet], target, classifier, out_dir: str, *, see
     write_text_atomic(os.path.join(out_dir, "eval.md"),
                       f"# Safety evaluation\n\nTarget: `{target.label}`; classifier: "
                       f"`{classifier.name}`; seed {seed}; temperature {decoding.temperature}; "
-                      f"max {decoding.max_new_tokens} new tokens. Rates in %, 95% bootstrap "
-                      f"CIs in brackets.\n\n" + metrics_lib.markdown_table(out))
+                      f"max {decoding.max_new_tokens} new tokens. Rates in %, 95% Wilson "
+                      f"CIs in brackets, the judged examples each is over as n.\n\n"
+                      + metrics_lib.markdown_table(out))
+    for line in metrics_lib.judge_failure_warnings(out):
+        logging.warning("%s", line)
     return out
