@@ -19,10 +19,10 @@ What is changed, and why (measured numbers in README, "With a real model"):
   measures it);
 - attacker_format 'any' (the whole output is the attack): with the paper's
   think_prompt_strict format 135M outputs almost never parse, so every attack is an error;
-- max_new_tokens 64 (paper 2,048): SmolLM2 answers are long; with a short budget the game
-  would be mostly MAX_LENGTH, with a long one a CPU step takes minutes. The defender is
-  asked for a short answer by the template (advgame_v1's defender template is the raw
-  prompt), so lengths are a measured trade-off, see README;
+- max_new_tokens 64 (paper 2,048), and the smol_v1 templates: advgame_v1 plus "Answer in
+  at most three sentences." after the defender's prompt and "in one or two sentences" in
+  the attack format, so that answers end within the budget instead of being cut
+  (MAX_LENGTH); a longer budget makes a CPU step take many minutes;
 - B=2 seeds per split, 10 steps, lr 5e-6, fp32 everywhere (CPU), no validation during
   training (launch/eval.py evaluates after);
 - seeds: the package's small harmless toy seed set; pass --config.data.train_harmful=... etc.
@@ -51,7 +51,7 @@ def get_config():
     c.data.valid_harmful = c.data.valid_benign = valid
 
     c.judge.backend = "rule"
-    c.game.templates = "advgame_v1"
+    c.game.templates = "smol_v1"  # advgame_v1 + two length instructions (game/assets)
     c.game.attacker_format = "any"
     c.game.num_attacks = 2
     c.game.num_responses = 2
@@ -76,10 +76,11 @@ def get_config():
     c.train.remat = True
     c.train.max_tokens_per_device = 1536
     c.train.logprob_chunk_size = 256
-    # Fixed shapes: nothing compiles after the first step. Pairs: at most B·A = 4 per split;
-    # a pair is a prompt (≤ 256 tokens with the advgame_v1 attacker task) + 64 new tokens.
-    c.train.pair_buckets = (4,)
-    c.train.length_buckets = (384,)
+    # Few shapes: nothing compiles after the first steps. Pairs per split: attacker ≤ B = 2,
+    # defender ≤ B·A = 4; an attacker pair is its prompt (190-216 tokens with the smol_v1
+    # task) + 64 new tokens (≤ 288), a defender pair x's turn (≤ 100) + 64 (≤ 192).
+    c.train.pair_buckets = (2, 4)
+    c.train.length_buckets = (192, 288)
     c.attacker.sampler_min_batch_bucket = 4
     c.defender.sampler_min_batch_bucket = 8
     c.attacker.sampler_min_prompt_bucket = 256

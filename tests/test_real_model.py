@@ -37,7 +37,10 @@ def smol_dir():
 
 @pytest.fixture(scope="session")
 def smol_gguf(smol_dir):
-    return smollm2.gguf_path()
+    try:
+        return smollm2.gguf_path()
+    except smollm2.ModelNotAvailable as e:
+        pytest.skip(f"the SmolLM2 GGUF is not installed here: {e}")
 
 
 @pytest.fixture(scope="session")
