@@ -193,9 +193,13 @@ def build_tokenizer(reader):
                         f"{sorted(_DIGITS_THEN_GPT2 + _PLAIN_GPT2 + ('llama-bpe', 'qwen2'))}")
     tokens = list(_get(reader, "tokenizer.ggml.tokens"))
     types = list(_get(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
-    merges = [tuple(m.split(" ", 1)) for m in _get(reader, "tokenizer.ggml.merges")]
-    bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
-                     ignore_merges=pre == "llama-bpe", fuse_unk=False, byte_fallback=False)
+    merges = [tuple(m.split(" ", 1)) for m in _get(reader, "tokenizer.ggml.merges", [])]
+    try:
+        bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                         ignore_merges=pre == "llama-bpe", fuse_unk=False, byte_fallback=False)
+    except Exception as e:  # tokenizers raises a bare Exception for an inconsistent vocab
+        raise GGUFError(f"{_src(reader)}: tokenizer.ggml.tokens/merges do not form a BPE "
+                        f"vocabulary ({e})") from None
     tk = Tokenizer(bpe)
     tk.pre_tokenizer = pt
     tk.decoder = decoders.ByteLevel()
