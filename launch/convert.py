@@ -6,6 +6,8 @@
     # an HF model as initial params (Orbax) and back
     python launch/convert.py --mode=hf_to_params --hf_dir=/models/Qwen2.5-7B-Instruct --out_dir=/ckpt/init
     python launch/convert.py --mode=params_to_hf --params_dir=/ckpt/init --out_dir=/models/copy
+    # a Llama/Qwen2 GGUF (llama.cpp) as an HF directory (extra `real-model`; models/gguf.py)
+    python launch/convert.py --mode=gguf_to_hf --gguf=model.Q4_1.gguf --out_dir=/models/hf
 
 The trained attacker is a controlled artifact: converting it needs --allow_attacker, and
 every output made from it carries the attacker marker. Outputs are built aside and renamed
@@ -19,7 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-flags.DEFINE_enum("mode", None, ["checkpoint_to_hf", "hf_to_params", "params_to_hf"],
+flags.DEFINE_enum("mode", None, ["checkpoint_to_hf", "hf_to_params", "params_to_hf",
+                                  "gguf_to_hf"],
                   "What to convert.")
 flags.DEFINE_string("out_dir", None, "New output directory.")
 flags.DEFINE_string("checkpoint", "", "Game checkpoint: training workdir, checkpoints/ or a step.")
@@ -27,6 +30,7 @@ flags.DEFINE_enum("player", "defender", ["defender", "attacker"], "Player to exp
 flags.DEFINE_enum("params", "ema", ["ema", "trained"], "EMA or trained params.")
 flags.DEFINE_string("base_hf_dir", "", "Architecture + tokenizer (default: from the checkpoint).")
 flags.DEFINE_string("hf_dir", "", "HF directory (hf_to_params).")
+flags.DEFINE_string("gguf", "", "GGUF file (gguf_to_hf).")
 flags.DEFINE_string("params_dir", "", "hf_to_params output (params_to_hf).")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Stored dtype of an HF export.")
 flags.DEFINE_bool("allow_attacker", False, "Allow converting the trained attacker.")
@@ -47,6 +51,11 @@ def _main():
     from advgame_jax.experiment.logsetup import quiet_console
 
     quiet_console()  # no Orbax/library chatter or tracebacks on the console
+    if FLAGS.mode == "gguf_to_hf":
+        from advgame_jax.models.gguf import gguf_to_hf
+
+        print(f"wrote {gguf_to_hf(FLAGS.gguf, FLAGS.out_dir, dtype=FLAGS.dtype or 'float32')}")
+        return
     if FLAGS.mode == "checkpoint_to_hf":
         out = convert.checkpoint_to_hf(FLAGS.checkpoint, FLAGS.out_dir, player=FLAGS.player,
                                        params=FLAGS.params, base=FLAGS.base_hf_dir,

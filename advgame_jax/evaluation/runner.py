@@ -142,6 +142,9 @@ def _run_eval(sets, target, classifier, out_dir, *, seed, decoding, batch_size, 
     write_text_atomic(os.path.join(out_dir, "eval.md"),
                       f"# Safety evaluation\n\nTarget: `{target.label}`; classifier: "
                       f"`{classifier.name}`; seed {seed}; temperature {decoding.temperature}; "
-                      f"max {decoding.max_new_tokens} new tokens. Rates in %, 95% bootstrap "
-                      f"CIs in brackets.\n\n" + metrics_lib.markdown_table(out))
+                      f"max {decoding.max_new_tokens} new tokens. Rates in %, 95% Wilson "
+                      f"CIs in brackets, the judged examples each is over as n.\n\n"
+                      + metrics_lib.markdown_table(out))
+    for line in metrics_lib.judge_failure_warnings(out):
+        logging.warning("%s", line)
     return out

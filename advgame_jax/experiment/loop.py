@@ -40,6 +40,7 @@ import numpy as np
 from absl import logging
 
 from advgame_jax import fsutil, game, locking
+from advgame_jax.game.diagnosis import no_signal_warning
 from advgame_jax.data import SeedIterator
 from advgame_jax.experiment import compile_counter, hosts
 from advgame_jax.experiment.metrics import MetricsWriter, truncate_metrics
@@ -320,6 +321,9 @@ class GameRunner:
         if skipped:
             logging.warning("step %d: non-finite loss or gradient, update skipped (%s)",
                             self.step, ", ".join(k.rsplit("/", 1)[0] for k in skipped))
+        why = no_signal_warning(record)
+        if why:
+            logging.warning("step %d: %s", self.step, why)
         self._in_step = False
         return record
 

