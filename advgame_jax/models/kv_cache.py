@@ -95,7 +95,8 @@ def forward_with_cache(params, config: ModelConfig, tokens, positions, cache: KV
         cv = jax.lax.dynamic_update_slice(cv, v, start)
         k_all = jax.lax.dynamic_index_in_dim(ck, l, 0, keepdims=False)
         v_all = jax.lax.dynamic_index_in_dim(cv, l, 0, keepdims=False)
-        x = attn_out_and_mlp(layer, config, x, attend_cached(q, k_all, v_all, mask))
+        x = attn_out_and_mlp(layer, config, x, attend_cached(q, k_all, v_all, mask),
+                             flat_heads=True)
         return (x, ck, cv), None
 
     layer_ids = jnp.arange(config.num_layers, dtype=jnp.int32)
