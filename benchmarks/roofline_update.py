@@ -58,13 +58,14 @@ class JaxUpdate:
                                    max_tokens_per_device=max_tokens_per_device)
         ref = dict(params)
         ref["final_norm"] = params["final_norm"] * REF_NORM_SCALE
-        self.state0 = init_player_state(params, self.opt, reference="initial").replace(
-            ref_params=jax.tree.map(jnp.array, ref))
+        own = jax.tree.map(jnp.copy, params)  # the step donates the state: never the caller's
+        state = init_player_state(own, self.opt, reference="initial", keep_ema=False)
+        self.state0 = state.replace(ref_params=jax.tree.map(jnp.array, ref))
         self.batch = batch
         self.state = None
 
     def first(self):
-        state = jax.tree.map(jnp.array, self.state0)  # the step donates its state
+        state, self.state0 = self.state0, None  # donated to the step (held once)
         state, m = self.fn(state, self.batch)
         self.state = state
         return {k: float(v) for k, v in m.items()}
