@@ -46,7 +46,7 @@ def test_prefill_then_greedy_decode_equals_full_forward(model):
     max_len = p + N_DECODE + 2  # spare slots stay masked
     cache = init_cache(config, b, max_len, dtype=jnp.float32)
     assert isinstance(cache, KVCache)
-    assert cache.k.shape == (config.num_layers, b, max_len, config.num_kv_heads, config.head_dim)
+    assert cache.k.shape == (config.num_layers, b, config.num_kv_heads, max_len, config.head_dim)
     kv_mask = np.zeros((b, max_len), bool)
     kv_mask[:, :p] = prompt_mask
     positions = np.maximum(np.cumsum(prompt_mask, -1) - 1, 0).astype(np.int32)

@@ -3,7 +3,9 @@
 Contract (the sampler is built on it):
 
 * ``init_cache(config, batch_size, max_len, dtype=bf16) -> KVCache`` with ``k`` and ``v`` of
-  shape ``[layers, batch, max_len, kv_heads, head_dim]`` (zeros).
+  shape ``[layers, batch, kv_heads, max_len, head_dim]`` (zeros). Heads before slots: one
+  layer's keys of one (row, head) are contiguous, so the attention dots read the cache as
+  stored (batch dims leading) instead of transposing a copy of it every layer and step.
 * ``forward_with_cache(params, config, tokens [B, T] int32, positions [B, T] int32, cache,
   cache_index, kv_mask [B, max_len] bool, *, compute_dtype=None, last_only=False)
   -> (logits, new_cache)``. ``tokens[:, t]`` is written to cache slot ``cache_index + t`` for
@@ -26,26 +28,45 @@ import jax.numpy as jnp
 
 from advgame_jax.models.config import ModelConfig
 from advgame_jax.models.transformer import (
-    _resolve_dtype, attend, attn_out_and_mlp, embed, logits_from_hidden, project_qkv,
-    rms_norm, rope_tables)
+    _NEG, _resolve_dtype, attn_out_and_mlp, embed, logits_from_hidden, project_qkv, rms_norm,
+    rope_tables)
+
+
+def attend_cached(q, k, v, mask):
+    """Grouped-query attention over the cache layout.
+
+    q ``[B, T, H, hd]``, k/v ``[B, K, S, hd]`` (one layer of the cache), mask ``[B, T, S]``
+    → ``[B, T, H, hd]`` in q.dtype; scores and softmax in fp32 (``transformer.attend`` with
+    the key axes swapped).
+    """
+    b, t, n_q, hd = q.shape
+    n_kv = k.shape[1]
+    qg = q.reshape(b, t, n_kv, n_q // n_kv, hd)
+    scores = jnp.einsum("btkgh,bksh->bkgts", qg, k.astype(q.dtype),
+                        preferred_element_type=jnp.float32)
+    scores = scores * (hd ** -0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkgts,bksh->btkgh", probs, v.astype(q.dtype))
+    return out.reshape(b, t, n_q, hd)
 
 
 @flax.struct.dataclass
 class KVCache:
-    """Rotated keys and values per layer: ``k``, ``v`` ``[L, B, max_len, K, hd]``."""
+    """Rotated keys and values per layer: ``k``, ``v`` ``[L, B, K, max_len, hd]``."""
 
     k: jax.Array
     v: jax.Array
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_len: int,
                dtype=jnp.bfloat16) -> KVCache:
     """An all-zeros cache for ``batch_size`` rows of ``max_len`` slots."""
-    shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.head_dim)
+    shape = (config.num_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
 
@@ -67,12 +88,15 @@ def forward_with_cache(params, config: ModelConfig, tokens, positions, cache: KV
         layer, l = xs
         h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
         q, k, v = project_qkv(layer, config, h, cos, sin)
-        start = (l, zero, cache_index, zero, zero)
-        ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], start)
-        cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], start)
+        start = (l, zero, zero, cache_index, zero)
+        k = jnp.swapaxes(k, 1, 2).astype(ck.dtype)[None]  # [1, B, K, T, hd]
+        v = jnp.swapaxes(v, 1, 2).astype(cv.dtype)[None]
+        ck = jax.lax.dynamic_update_slice(ck, k, start)
+        cv = jax.lax.dynamic_update_slice(cv, v, start)
         k_all = jax.lax.dynamic_index_in_dim(ck, l, 0, keepdims=False)
         v_all = jax.lax.dynamic_index_in_dim(cv, l, 0, keepdims=False)
-        x = attn_out_and_mlp(layer, config, x, attend(q, k_all, v_all, mask))
+        x = attn_out_and_mlp(layer, config, x, attend_cached(q, k_all, v_all, mask),
+                             flat_heads=True)
         return (x, ck, cv), None
 
     layer_ids = jnp.arange(config.num_layers, dtype=jnp.int32)

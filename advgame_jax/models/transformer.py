@@ -117,11 +117,19 @@ def attend(q, k, v, mask):
     return out.reshape(b, t, n_q, hd)
 
 
-def attn_out_and_mlp(layer, config: ModelConfig, x, attn, act=None):
+def attn_out_and_mlp(layer, config: ModelConfig, x, attn, act=None, flat_heads: bool = False):
     """Residual stream after the attention output projection and the SwiGLU MLP; ``act``:
-    optional ``(x, *logical_axes) -> x`` sharding constraint for the MLP activations."""
+    optional ``(x, *logical_axes) -> x`` sharding constraint for the MLP activations.
+    ``flat_heads``: contract one ``H·hd`` axis (a free reshape of ``o_proj``) instead of the
+    (head, head_dim) pair, so XLA reorders the small activation, never a copy of the weight
+    (the decode path; same sum up to the order of its terms)."""
     dt = x.dtype
-    x = x + jnp.einsum("btnh,nhd->btd", attn, layer["o_proj"].astype(dt))
+    if flat_heads:
+        b, t, n, hd = attn.shape
+        o = layer["o_proj"].astype(dt).reshape(n * hd, -1)
+        x = x + jnp.einsum("btf,fd->btd", attn.reshape(b, t, n * hd), o)
+    else:
+        x = x + jnp.einsum("btnh,nhd->btd", attn, layer["o_proj"].astype(dt))
     h = rms_norm(x, layer["mlp_norm"], config.rms_norm_eps)
     gate = jnp.einsum("btd,df->btf", h, layer["gate_proj"].astype(dt))
     up = jnp.einsum("btd,df->btf", h, layer["up_proj"].astype(dt))

@@ -150,7 +150,12 @@ def select_tokens(logits, temperature, top_p, top_k, keys, *, use_filter: bool,
     if use_filter:
         cutoff = filter_cutoff(scaled, top_p, top_k, max_candidates=max_candidates)
         scaled = jnp.where(scaled >= cutoff[:, None], scaled, -jnp.inf)
-    sampled = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+    # Greedy fast path: the Gumbel draw over the whole vocabulary (B x V threefry bits, the
+    # dearest part of a CPU decode step) runs only when some row samples.
+    sampled = jax.lax.cond(
+        jnp.any(do_sample),
+        lambda s: jax.vmap(jax.random.categorical)(keys, s).astype(jnp.int32),
+        lambda s: greedy, scaled)
     tokens = jnp.where(do_sample, sampled, greedy)
     return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
 

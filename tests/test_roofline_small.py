@@ -1,0 +1,34 @@
+"""benchmarks/roofline.py at its CI size: the JAX sampler's greedy tokens equal transformers'
+and the DPO update's first loss equals a torch DPO step's within 1e-5 (times only printed)."""
+
+import importlib.util
+import json
+import math
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_roofline_small_matches_peers(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("roofline_bench",
+                                                  ROOT / "benchmarks" / "roofline.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.main(["--size", "small", "--repeats", "1", "--json", str(tmp_path / "r.json")])
+    rows = out["sampler"]["rows"]
+    assert set(rows) == {"jax", "transformers"}
+    assert rows["jax"]["same_tokens"]
+    for x in rows.values():
+        assert x["decode_s"] > 0 and x["prefill_s"] > 0
+    u = out["update"]
+    assert u["nontrivial"], "the reference must differ from the policy (loss != log 2)"
+    assert abs(u["jax_loss"] - math.log(2)) > 1e-4
+    assert u["loss_abs_diff"] <= 1e-5, (u["jax_loss"], u["torch_loss"])
+    assert u["grad_norm_rel_diff"] <= 1e-3, u["grad_norm_rel_diff"]
+    assert u["summary"]["jax"]["step_s"] > 0
+    assert json.loads((tmp_path / "r.json").read_text())["params"] == out["params"]
+    printed = capsys.readouterr().out
+    assert "| jax |" in printed and "| torch |" in printed
