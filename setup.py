@@ -25,6 +25,13 @@ INSTALL_REQUIRES = [
     "array-record>=0.5",
     "tensorboardX>=2.6",
     "tqdm>=4.66",
+    # launch/serve.py: the HTTP server (sampling/server.py, http_guard.py subclasses uvicorn's
+    # h11 protocol) and the OpenAI response models (openai_schema.py).
+    "fastapi>=0.115",
+    "uvicorn>=0.30,<0.60",
+    "h11>=0.14",
+    "pydantic>=2.7,<3",
+    "openai>=1.40",
 ]
 
 EXTRAS = {
