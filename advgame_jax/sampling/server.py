@@ -165,6 +165,7 @@ class OpenAIServer:
         self._running, self._per_request_s, self._next_slot = 0, 0.05, 0.0
         self._threads: list[threading.Thread] = []
         self.batches_served = 0  # generate calls made by the worker
+        self.rejected = 0  # requests answered 503 because the queue was full
         self._uvicorn = uvicorn.Server(uvicorn.Config(
             _build_app(self), http=protocol_with_deadline(config.read_timeout_s), ws="none",
             lifespan="off", log_level="warning", access_log=False,
@@ -285,6 +286,7 @@ class OpenAIServer:
 
     def _overloaded(self) -> RequestError:
         """503 with this client's turn: the queue's drain time, one slot per rejection."""
+        self.rejected += 1
         now = time.monotonic()
         drain = (len(self._waiting) + self._running) * self._per_request_s
         self._next_slot = max(self._next_slot, now + drain) + self._per_request_s
