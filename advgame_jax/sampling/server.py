@@ -21,7 +21,8 @@ starts once its completion is done and carries it as one chunk per token.
 ``shutdown()`` is graceful: new requests get 503, queued ones are served and answered, then
 the socket closes.
 
-Attacker checkpoints (see ``check_servable``) are refused unless explicitly allowed.
+``serve_model_dir`` serves an HF export (``servable.check_hf_export``) and refuses an attacker
+checkpoint unless explicitly allowed (``servable.check_servable``).
 """
 
 from __future__ import annotations
@@ -30,10 +31,8 @@ import asyncio
 import collections
 import dataclasses
 import hmac
-import json
 import logging
 import math
-import os
 import socket
 import threading
 import time
@@ -46,69 +45,15 @@ from openai.types import Model
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from advgame_jax.errors import UserError
 from advgame_jax.sampling.http_guard import protocol_with_deadline
 from advgame_jax.sampling.openai_schema import (
     Limits, ParsedRequest, RequestError, apply_stop, build_response, parse_chat,
     parse_completions, stream_chunks)
+from advgame_jax.sampling.servable import (  # noqa: F401 - the serving API lives here too
+    AttackerCheckpointError, NotAnHFExportError, check_hf_export, check_servable,
+    is_attacker_checkpoint, make_tiny_model_dir)
 
 log = logging.getLogger(__name__)
-
-# Markers of an exported attacker: our own marker file, and the training exporter's
-# (advgame_jax.training.export: marker file + config.json field).
-ATTACKER_MARKER_FILES = ("ADVGAME_ATTACKER", "ADVGAME_CONTROLLED_ARTIFACT.json")
-ATTACKER_CONFIG_FIELDS = ("advgame_controlled_artifact", "advgame_role")
-
-
-class AttackerCheckpointError(UserError, PermissionError):
-    """Serving an attacker checkpoint without ``allow_attacker``."""
-
-
-class NotAnHFExportError(UserError, ValueError):
-    """``--model_dir`` is not an HF export (a training workdir, a checkpoint, nothing)."""
-
-
-def is_attacker_checkpoint(model_dir: str) -> bool:
-    """True when ``model_dir`` carries an attacker marker file or config.json field."""
-    if any(os.path.exists(os.path.join(model_dir, f)) for f in ATTACKER_MARKER_FILES):
-        return True
-    try:
-        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return (bool(cfg.get("advgame_controlled_artifact"))
-            or str(cfg.get("advgame_role", "")).lower() == "attacker")
-
-
-def check_servable(model_dir: str, *, allow_attacker: bool) -> None:
-    """Raise ``AttackerCheckpointError`` for an attacker checkpoint unless allowed."""
-    if is_attacker_checkpoint(model_dir) and not allow_attacker:
-        raise AttackerCheckpointError(
-            f"{model_dir} is an exported ATTACKER checkpoint (marker {ATTACKER_MARKER_FILES} "
-            f"or config.json {ATTACKER_CONFIG_FIELDS}): it is a controlled red-teaming "
-            f"artifact; pass --allow_attacker to serve it")
-
-
-def check_hf_export(model_dir: str) -> None:
-    """Raise ``NotAnHFExportError`` unless ``model_dir`` holds config.json, safetensors and a
-    tokenizer; the message says what the directory is and how to make an export."""
-    how = ("expected an HF export (config.json + *.safetensors + tokenizer files); make one "
-           "with: python launch/convert.py --mode=checkpoint_to_hf --checkpoint={src} "
-           "--player=defender --params=ema --out_dir=NEW_DIR")
-    if not os.path.isdir(model_dir):
-        raise NotAnHFExportError(f"--model_dir {model_dir} does not exist; "
-                                 + how.format(src="WORKDIR"))
-    names = set(os.listdir(model_dir))
-    if names & {"checkpoints", "state", "meta", "_CHECKPOINT_METADATA",
-                "advgame_manifest.json"} or any(n.isdigit() for n in names):
-        raise NotAnHFExportError(f"--model_dir {model_dir} is a training workdir or game "
-                                 f"checkpoint, not an HF export; " + how.format(src=model_dir))
-    if ("config.json" not in names or not any(n.endswith(".safetensors") for n in names)
-            or not names & {"tokenizer.json", "tokenizer_config.json"}):
-        raise NotAnHFExportError(f"--model_dir {model_dir} lacks config.json, *.safetensors "
-                                 f"or the tokenizer; " + how.format(src="WORKDIR"))
-
 
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
@@ -404,23 +349,6 @@ def serve_model_dir(model_dir: str, *, config: ServerConfig = ServerConfig(),
         max_batch_size=max_batch_size, min_batch_bucket=min(8, max_batch_size),
         min_prompt_bucket=64, max_prompt_len=max(config.limits.max_prompt_tokens, 16))
     return OpenAIServer(sampler, tokenizer, config)
-
-
-def make_tiny_model_dir(path: str, *, seed: int = 0) -> str:
-    """A tiny random Llama + the tiny offline tokenizer in ``path`` (demo and tests)."""
-    import jax
-
-    from advgame_jax.models import ModelConfig, init_params, save_hf
-    from advgame_jax.tokenization import ChatTokenizer, build_tiny_tokenizer
-
-    build_tiny_tokenizer(path)
-    tok = ChatTokenizer.from_dir(path)
-    config = ModelConfig(
-        model_type="llama", vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
-        num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32, max_position_embeddings=4096,
-        eos_token_id=tok.stop_token_ids[0], pad_token_id=tok.pad_id)
-    save_hf(path, config, init_params(config, jax.random.key(seed), std=0.15))
-    return path
 
 
 def wait_forever(server: OpenAIServer, stop: threading.Event) -> None:

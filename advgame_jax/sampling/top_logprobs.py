@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from advgame_jax.models.transformer import forward_hidden, logits_from_hidden
