@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import openai
 import pytest
 
+from advgame_jax.sampling import SamplingParams
 from advgame_jax.sampling.openai_schema import Limits
 from advgame_jax.sampling.server import (
     OpenAIServer, ServerConfig, make_tiny_model_dir, serve_model_dir)
@@ -22,6 +23,8 @@ def tiny(tmp_path_factory):
     srv = serve_model_dir(make_tiny_model_dir(str(tmp_path_factory.mktemp("tiny_load"))),
                           config=ServerConfig(port=0, limits=LIMITS), compute_dtype=jnp.float32)
     srv.shutdown()  # never started: only its sampler and tokenizer are kept
+    for rows in (1, 16):  # compile both batch buckets (8, 16) before the clients come
+        srv.sampler.generate([[5, 6, 7]] * rows, SamplingParams(temperature=0, max_new_tokens=4))
     return srv.sampler, srv.tokenizer
 
 

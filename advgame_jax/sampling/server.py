@@ -108,6 +108,7 @@ class OpenAIServer:
         self._cv = threading.Condition()
         self._closing = self._stop = False
         self._running, self._per_request_s, self._next_slot = 0, 0.05, 0.0
+        self._batch_start, self._last_batch = 0.0, (1, 0.0)  # (requests, seconds)
         self._threads: list[threading.Thread] = []
         self.batches_served = 0  # generate calls made by the worker
         self.rejected = 0  # requests answered 503 because the queue was full
@@ -233,8 +234,11 @@ class OpenAIServer:
         """503 with this client's turn: the queue's drain time, one slot per rejection."""
         self.rejected += 1
         now = time.monotonic()
-        drain = (len(self._waiting) + self._running) * self._per_request_s
-        self._next_slot = max(self._next_slot, now + drain) + self._per_request_s
+        per = self._per_request_s  # a batch running longer than that (compiling) says more
+        if self._running:
+            per = max(per, (now - self._batch_start) / self._running)
+        drain = (len(self._waiting) + self._running) * per
+        self._next_slot = max(self._next_slot, now + drain) + per
         wait = self._next_slot - now
         return RequestError(
             503, f"the request queue is full ({self.config.queue_size} waiting); retry in "
@@ -249,14 +253,20 @@ class OpenAIServer:
                     self._cv.wait()
                 if not self._waiting:
                     return
+                # The last batch's clients tend to come back together: wait a moment for them
+                # (a lone client never waits).
+                until = time.monotonic() + min(0.02, 0.1 * self._last_batch[1])
+                want = min(self._last_batch[0], self.config.max_batch_requests)
+                while len(self._waiting) < want and not self._stop and time.monotonic() < until:
+                    self._cv.wait(max(0.0, until - time.monotonic()))
                 take = min(len(self._waiting), self.config.max_batch_requests)
                 batch = [self._waiting.popleft() for _ in range(take)]
-                self._running = len(batch)
-            start = time.monotonic()
+                self._running, self._batch_start = len(batch), time.monotonic()
+            start = self._batch_start
             self._run(batch)
             with self._cv:
-                self._running = 0
-                per = (time.monotonic() - start) / len(batch)
+                self._running, self._last_batch = 0, (len(batch), time.monotonic() - start)
+                per = self._last_batch[1] / len(batch)
                 self._per_request_s = 0.7 * self._per_request_s + 0.3 * per
 
     def _run(self, batch: list[_Job]):
