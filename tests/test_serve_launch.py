@@ -63,6 +63,7 @@ def test_launch_errors_are_one_line_and_warn_beyond_loopback(layouts):
     assert "--queue_size=0" in _one_error_line(_run("--tiny_random", "--queue_size=0"))
 
 
+@pytest.mark.slow
 def test_api_key_from_a_file_and_graceful_sigterm(tmp_path):
     key_file = tmp_path / "key"
     key_file.write_text("k3y-from-file\n")

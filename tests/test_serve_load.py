@@ -4,6 +4,7 @@ Retry-After and the clients' default retries then succeed. Streaming chat comple
 the same tokens as the non-streamed greedy answer."""
 
 import threading
+import time
 
 import jax.numpy as jnp
 import openai
@@ -24,19 +25,21 @@ def tiny(tmp_path_factory):
                           config=ServerConfig(port=0, limits=LIMITS), compute_dtype=jnp.float32)
     srv.shutdown()  # never started: only its sampler and tokenizer are kept
     for rows in (1, 16):  # compile both batch buckets (8, 16) before the clients come
-        srv.sampler.generate([[5, 6, 7]] * rows, SamplingParams(temperature=0, max_new_tokens=4))
+        srv.sampler.generate([[5, 6, 7]] * rows, SamplingParams(temperature=0, max_new_tokens=8))
     return srv.sampler, srv.tokenizer
 
 
 def _hundred_clients(url):
     """Run 100 concurrent clients (default retries) once each; return the failures."""
     failures, texts = [], {}
+    ready = threading.Barrier(100)
 
     def one(i):
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=120)
+        ready.wait(120)  # all 100 at once
         try:
             r = client.chat.completions.create(
-                model="advgame", max_tokens=4, temperature=0,
+                model="advgame", max_tokens=8, temperature=0,
                 messages=[{"role": "user", "content": f"steps {i % 7}"}])
             texts[i] = r.choices[0].message.content
         except openai.OpenAIError as err:
@@ -52,9 +55,25 @@ def _hundred_clients(url):
     return failures, texts
 
 
+class _Paced:
+    """The real sampler, each batch taking at least ``seconds`` (a larger model's pace), so
+    100 clients arriving together overflow a queue of 16 however fast this machine is."""
+
+    def __init__(self, sampler, seconds):
+        self.sampler, self.seconds = sampler, seconds
+
+    def generate_many(self, requests):
+        t0 = time.monotonic()
+        out = self.sampler.generate_many(requests)
+        time.sleep(max(0.0, self.seconds - (time.monotonic() - t0)))
+        return out
+
+
 @pytest.mark.parametrize("queue_size", [128, 16])
 def test_hundred_concurrent_openai_clients(tiny, queue_size):
     sampler, tok = tiny
+    if queue_size < 100:
+        sampler = _Paced(sampler, 0.3)
     config = ServerConfig(port=0, queue_size=queue_size, limits=LIMITS)
     with OpenAIServer(sampler, tok, config) as srv:
         failures, texts = _hundred_clients(srv.url)
