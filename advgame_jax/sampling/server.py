@@ -86,6 +86,14 @@ def _settle(future: asyncio.Future, result, error):
         future.set_exception(error) if error is not None else future.set_result(result)
 
 
+def _deliver(job: _Job, result=None, error=None):
+    """Hand a job's outcome to its request's event loop (gone if the server has stopped)."""
+    try:
+        job.loop.call_soon_threadsafe(_settle, job.future, result, error)
+    except RuntimeError:  # the loop is closed: nobody waits for this answer any more
+        pass
+
+
 def _error_response(err: RequestError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
@@ -287,10 +295,10 @@ class OpenAIServer:
             log.exception("generation failed")
             error = RequestError(500, f"generation failed: {type(err).__name__}",
                                  type="server_error")
-            batch[0].loop.call_soon_threadsafe(_settle, batch[0].future, None, error)
+            _deliver(batch[0], error=error)
             return
         for job, result in zip(batch, done):
-            job.loop.call_soon_threadsafe(_settle, job.future, result, None)
+            _deliver(job, result)
 
     def _finish(self, req: ParsedRequest, completions):
         """Stop strings applied; the top-k alternatives when asked for (worker thread)."""
