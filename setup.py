@@ -29,6 +29,13 @@ INSTALL_REQUIRES = [
     # directly: the wall-clock deadline is enforced in its network backend).
     "httpx>=0.28,<1",
     "httpcore>=1.0.5,<2",
+    # launch/serve.py: the HTTP server (sampling/server.py, http_guard.py subclasses uvicorn's
+    # h11 protocol) and the OpenAI response models (openai_schema.py).
+    "fastapi>=0.115",
+    "uvicorn>=0.30,<0.60",
+    "h11>=0.14",
+    "pydantic>=2.7,<3",
+    "openai>=1.40",
 ]
 
 EXTRAS = {

@@ -1,6 +1,6 @@
 """The OpenAI-compatible server answers a real HTTP client (urllib / http.client) on loopback:
-endpoints, validation errors, body and prompt limits, API key, queueing, batching, shutdown
-and the attacker-checkpoint guard."""
+endpoints, validation errors, body and prompt limits, API key, queueing (503 + Retry-After),
+batching, shutdown, top_logprobs against torch, and the attacker-checkpoint guard."""
 
 import http.client
 import json
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import pytest
 
 from advgame_jax.sampling import Completion, SamplingParams
-from advgame_jax.sampling.openai_protocol import Limits
+from advgame_jax.sampling.openai_schema import Limits
 from advgame_jax.sampling.server import (
     AttackerCheckpointError, OpenAIServer, ServerConfig, make_tiny_model_dir, serve_model_dir)
 from advgame_jax.tokenization import ChatTokenizer
@@ -27,16 +27,17 @@ LIMITS = Limits(max_prompt_tokens=48, max_tokens=16, default_max_tokens=8, max_n
 CONFIG = ServerConfig(port=0, max_body_bytes=16 * 1024, queue_size=8, limits=LIMITS)
 
 
-def call(url, path, body=None, *, method=None, headers=None, raw=None):
-    """(status, parsed JSON) of one request; HTTP errors are returned, not raised."""
+def call(url, path, body=None, *, method=None, headers=None, raw=None, with_headers=False):
+    """(status, parsed JSON[, headers]) of one request; HTTP errors are returned, not raised."""
     data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
     req = urllib.request.Request(url + path, data=data, method=method,
                                  headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=120) as resp:
-            return resp.status, json.loads(resp.read())
+            out = resp.status, json.loads(resp.read()), resp.headers
     except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+        out = err.code, json.loads(err.read()), err.headers
+    return out if with_headers else out[:2]
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +125,12 @@ def test_stop_string_cuts_the_text(server):
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                               "top_p": 0}, 400, "'top_p' must be in"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                              "stream": True}, 400, "stream"),
+                              "stream": "yes"}, 400, "'stream' must be a boolean"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "logprobs": True, "top_logprobs": 21}, 400,
+     "'top_logprobs' must be in [0, 20]"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "top_logprobs": 2}, 400, "needs 'logprobs': true"),
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]},
      400, "chat template"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
@@ -132,7 +138,7 @@ def test_stop_string_cuts_the_text(server):
     ("/v1/completions", {"max_tokens": 3}, 400, "'prompt' is required"),
     ("/v1/completions", {"prompt": [1, "a"]}, 400, "'prompt' must be"),
     ("/v1/completions", {"prompt": [10**9]}, 400, "outside"),
-    ("/v1/completions", {"prompt": "x", "logprobs": 3}, 400, "'logprobs' must be 0"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 6}, 400, "'logprobs' must be in [0, 5]"),
     ("/v1/completions", ["not", "an", "object"], 400, "JSON object"),
 ])
 def test_invalid_requests_get_4xx_with_a_message(server, path, body, status, needle):
@@ -145,6 +151,13 @@ def test_invalid_requests_get_4xx_with_a_message(server, path, body, status, nee
 def test_malformed_json_unknown_routes_and_methods(server):
     status, err = call(server.url, "/v1/chat/completions", raw=b"{not json")
     assert status == 400 and "not valid JSON" in err["error"]["message"]
+    # A lone surrogate escape: one clean 400 that names it, no codec or parser internals.
+    for text in ("\\ud800", "a\\udc00b"):
+        raw = b'{"messages": [{"role": "user", "content": "' + text.encode() + b'"}]}'
+        status, err = call(server.url, "/v1/chat/completions", raw=raw)
+        message = err["error"]["message"]
+        assert status == 400 and "lone UTF-16 surrogate" in message, message
+        assert "Error" not in message and "codec" not in message and "line 1" not in message
     assert call(server.url, "/v1/nothing", {})[0] == 404
     assert call(server.url, "/v1/chat/completions", method="GET")[0] == 405
 
@@ -215,10 +228,11 @@ def test_queue_bound_batching_and_graceful_shutdown(model_dir):
     for t in waiting:
         t.start()
     deadline = time.time() + 30
-    while srv._queue.qsize() < 3 and time.time() < deadline:
+    while len(srv._waiting) < 3 and time.time() < deadline:
         time.sleep(0.01)
-    status, err = call(srv.url, "/v1/completions", {"prompt": "x"})
+    status, err, headers = call(srv.url, "/v1/completions", {"prompt": "x"}, with_headers=True)
     assert status == 503 and err["error"]["code"] == "server_overloaded"
+    assert int(headers["Retry-After"]) >= 1 and int(headers["retry-after-ms"]) > 0
     closer = threading.Thread(target=srv.shutdown)
     closer.start()  # graceful: the queued requests are still served
     time.sleep(0.2)
@@ -262,3 +276,37 @@ def test_launch_script_refuses_attacker_without_flag(model_dir, tmp_path):
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode != 0
     assert "--allow_attacker" in proc.stderr
+
+
+def test_top_logprobs_match_torch(server, model_dir):
+    """Chat top_logprobs (and completions' logprobs=k) are the k most likely tokens of the
+    model at each generated position, as torch transformers computes them."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    req = {"messages": [{"role": "user", "content": "first steps"}], "max_tokens": 6,
+           "temperature": 0, "ignore_eos": True, "logprobs": True, "top_logprobs": 4}
+    status, body = call(server.url, "/v1/chat/completions", req)
+    assert status == 200, body
+    tok = server.tokenizer
+    prompt = tok.render_user_turn("first steps")
+    (want,) = server.sampler.generate([prompt], SamplingParams(temperature=0.0, max_new_tokens=6))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([list(prompt) + list(want.token_ids)])).logits[0]
+    ref = torch.log_softmax(logits.double(), -1)[len(prompt) - 1:-1]
+    entries = body["choices"][0]["logprobs"]["content"]
+    assert len(entries) == len(want.token_ids) == 6
+    for j, entry in enumerate(entries):
+        vals, ids = ref[j].topk(4)
+        assert [t["token"] for t in entry["top_logprobs"]] == [
+            tok.decode([int(i)], skip_special_tokens=False) for i in ids]
+        assert [t["logprob"] for t in entry["top_logprobs"]] == pytest.approx(
+            vals.tolist(), abs=2e-4)
+        assert entry["logprob"] == pytest.approx(float(ref[j, want.token_ids[j]]), abs=2e-4)
+    status, body = call(server.url, "/v1/completions", {
+        "prompt": list(prompt), "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+        "logprobs": 2})
+    assert status == 200, body
+    tops = body["choices"][0]["logprobs"]["top_logprobs"]
+    assert [max(t, key=t.get) for t in tops] == [e["token"] for e in entries]

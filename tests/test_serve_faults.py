@@ -1,15 +1,20 @@
 """The server under a hostile client (loopback only): 50 concurrent requests get answers (200
-or 503), never connection resets, with a bounded number of threads; malformed bodies (deep
-nesting, huge top_k, too many prompts) are 400s, never dropped connections or 500s."""
+or 503 with Retry-After), never connection resets, without a thread per connection; malformed
+bodies (deep nesting, huge top_k, too many prompts) are 400s, never dropped connections or
+500s; slow-header and slow-body clients are cut off by the read deadline while others are
+served."""
 
 import http.client
 import json
+import socket
 import threading
+import time
 
+import openai
 import pytest
 
 from advgame_jax.sampling import Completion
-from advgame_jax.sampling.openai_protocol import Limits
+from advgame_jax.sampling.openai_schema import Limits
 from advgame_jax.sampling.server import OpenAIServer, ServerConfig
 from advgame_jax.tokenization import ChatTokenizer, build_tiny_tokenizer
 
@@ -39,6 +44,8 @@ def _post(url, body, raw=None):
                  headers={"Content-Type": "application/json"})
     resp = conn.getresponse()
     out = resp.status, json.loads(resp.read())
+    if resp.status == 503:
+        assert int(resp.getheader("Retry-After")) >= 1
     conn.close()
     return out
 
@@ -52,8 +59,7 @@ def tokenizer(tmp_path_factory):
 
 def test_fifty_concurrent_requests_get_answers_not_resets(tokenizer):
     sampler = _SlowSampler()
-    config = ServerConfig(port=0, queue_size=4, max_connections=6, max_overflow=6,
-                          listen_backlog=128, limits=LIMITS)
+    config = ServerConfig(port=0, queue_size=4, listen_backlog=128, limits=LIMITS)
     srv = OpenAIServer(sampler, tokenizer, config).start()
     results, errors = {}, {}
     baseline = threading.active_count()
@@ -82,8 +88,8 @@ def test_fifty_concurrent_requests_get_answers_not_resets(tokenizer):
     assert 200 in statuses and 503 in statuses
     busy = [results[i][1]["error"]["code"] for i in range(50) if results[i][0] == 503]
     assert set(busy) <= {"server_overloaded"}
-    # Server-side threads never exceeded workers + overflow (+ the accept and queue threads).
-    assert peak[0] - baseline - 50 <= 6 + 6 + 2
+    # No thread per connection: the server runs on its event-loop and worker threads.
+    assert peak[0] - baseline - 50 <= 2
 
 
 @pytest.mark.parametrize("body,raw,needle", [
@@ -102,3 +108,55 @@ def test_malformed_bodies_are_400(tokenizer, body, raw, needle):
         assert status == 400, err
         assert needle in err["error"]["message"]
         assert _post(srv.url, {"prompt": "x", "max_tokens": 1})[0] == 200  # still serving
+
+
+def _closed_by_server(sock, until: float) -> bool:
+    """True once the server closed ``sock`` (EOF or reset) before ``until``."""
+    sock.settimeout(0.2)
+    while time.monotonic() < until:
+        try:
+            if sock.recv(4096) == b"":
+                return True
+        except socket.timeout:
+            continue
+        except OSError:  # reset
+            return True
+    return False
+
+
+def test_slow_header_and_body_clients_are_cut_off_without_starving_others(tokenizer):
+    sampler = _SlowSampler()
+    sampler.release.set()
+    deadline_s = 3.0
+    config = ServerConfig(port=0, read_timeout_s=deadline_s, limits=LIMITS)
+    with OpenAIServer(sampler, tokenizer, config) as srv:
+        host, port = srv.url.removeprefix("http://").split(":")
+        opened = time.monotonic()
+        slow = []
+        for i in range(70):  # one header line now, the next one 5 s later (never reached)
+            s = socket.create_connection((host, int(port)), timeout=10)
+            s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n")
+            slow.append(s)
+        body = socket.create_connection((host, int(port)), timeout=10)
+        body.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: 400\r\n\r\n{\"prompt\": ")
+        slow.append(body)
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0,
+                               timeout=10)
+        t0 = time.monotonic()
+        assert [m.id for m in client.models.list().data] == ["advgame"]
+        assert time.monotonic() - t0 < 2.0
+        assert time.monotonic() - opened < deadline_s  # the slow ones were still open
+        trickle_until = opened + deadline_s + 5
+        for s in slow:  # every one is closed by the deadline, not by the client
+            if s is not body:
+                try:
+                    s.sendall(b"X-Slow: 1\r\n")
+                except OSError:
+                    pass
+            assert _closed_by_server(s, trickle_until)
+            s.close()
+        assert time.monotonic() - opened < deadline_s + 5
+        # ... and the server still answers, also with a kept-alive connection.
+        assert _post(srv.url, {"prompt": "x", "max_tokens": 1})[0] == 200
+        assert client.models.list().data[0].id == "advgame"

@@ -1,72 +1,59 @@
-"""OpenAI-compatible HTTP server over a ``Sampler`` (stdlib ``ThreadingHTTPServer`` only).
+"""OpenAI-compatible HTTP server over a ``Sampler``: a FastAPI app served by uvicorn.
 
-Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``
-(request fields in ``openai_protocol``). Binds 127.0.0.1 by default. Optional API key
-(``Authorization: Bearer <key>``, checked before the body is read). Errors use OpenAI's shape
-``{"error": {"message", "type", "param", "code"}}``: 400 malformed JSON / missing or
-ill-typed fields / out-of-range values / too many prompt tokens, 401 bad key, 404 unknown
-path or model, 405 wrong method, 411 no Content-Length, 413 body over ``max_body_bytes``
-(rejected from the header, the body is never read), 503 queue full, too many connections
-or shutting down. Any body the parser cannot handle (deep nesting, huge numbers, wrong
-types) is a 400, never a dropped connection; only generation failures are 500.
+Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (``stream: true`` for
+server-sent events), ``GET /v1/models``; fields and bodies in ``openai_schema``. Binds
+127.0.0.1 by default. Optional API key (``Authorization: Bearer <key>``, checked before the
+body is read). Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``:
+400 invalid body, 401 bad key, 404 unknown path or model, 405 wrong method, 413 body over
+``max_body_bytes`` (from Content-Length alone when it is given), 503 queue full (with
+``Retry-After``) or shutting down, 500 generation failed.
 
-Load bounds: at most ``max_connections`` handler threads serve connections, and up to
-``max_overflow`` more only read the request and answer 503 (so a client is told to retry
-instead of seeing a reset); the listen backlog is ``listen_backlog``. One request asks for
-at most ``limits.max_n`` completions (prompts × n).
+Load: a connection is a coroutine, not a thread; at most ``max_connections`` are open
+(uvicorn's ``limit_concurrency``), and each request's headers + body must arrive within
+``read_timeout_s`` (``http_guard``), so slow clients cannot starve the others. Validated
+requests wait in a FIFO of at most ``queue_size``; beyond it the answer is 503 with
+``Retry-After`` (and ``retry-after-ms``): the time until the queue has drained to this
+client's turn, from the measured seconds per request, staggered so that rejected clients come
+back at the rate the server serves. ONE worker thread takes every waiting request (up to
+``max_batch_requests``) into one ``sampler.generate_many`` call, so concurrent requests share
+batches. The sampler generates a completion in one compiled call, so a streamed response
+starts once its completion is done and carries it as one chunk per token.
+``shutdown()`` is graceful: new requests get 503, queued ones are served and answered, then
+the socket closes.
 
-Concurrency: handler threads parse and validate, then put a job on a bounded queue; ONE
-worker thread takes every job waiting (up to ``max_batch_requests``) and serves them with one
-``sampler.generate_many`` call (or ``generate`` per job for samplers without it), so
-concurrent requests share batches. ``shutdown()`` is graceful: new requests get 503, queued
-jobs finish and their responses are sent, then the socket closes.
-
-Attacker checkpoints (see ``check_servable``) are refused unless explicitly allowed.
+``serve_model_dir`` serves an HF export (``servable.check_hf_export``) and refuses an attacker
+checkpoint unless explicitly allowed (``servable.check_servable``).
 """
 
 from __future__ import annotations
 
-from advgame_jax.errors import UserError
+import asyncio
+import collections
 import dataclasses
 import hmac
-import json
 import logging
-import queue
+import math
+import socket
 import threading
-from http.server import BaseHTTPRequestHandler
-from typing import Any, Optional
+import time
+from typing import Optional
 
-from advgame_jax.sampling.bounded_http import BoundedHTTPServer
-from advgame_jax.sampling.openai_protocol import (
-    Limits, ParsedRequest, RequestError, build_response, parse_chat, parse_completions)
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from openai.types import Model
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+
+from advgame_jax.sampling.http_guard import protocol_with_deadline
+from advgame_jax.sampling.openai_schema import (
+    Limits, ParsedRequest, RequestError, apply_stop, build_response, parse_chat,
+    parse_completions, stream_chunks)
+from advgame_jax.sampling.servable import (  # noqa: F401 - the serving API lives here too
+    AttackerCheckpointError, NotAnHFExportError, check_hf_export, check_servable,
+    is_attacker_checkpoint, make_tiny_model_dir)
 
 log = logging.getLogger(__name__)
-
-# Markers of an exported attacker: our own marker file, and the training exporter's
-# (advgame_jax.training.export: marker file + config.json field).
-ATTACKER_MARKER_FILES = ("ADVGAME_ATTACKER", "ADVGAME_CONTROLLED_ARTIFACT.json")
-ATTACKER_CONFIG_FIELDS = ("advgame_controlled_artifact", "advgame_role")
-
-
-class AttackerCheckpointError(UserError, PermissionError):
-    """Serving an attacker checkpoint without ``allow_attacker``."""
-
-
-def is_attacker_checkpoint(model_dir: str) -> bool:
-    """True when ``model_dir`` holds attacker weights (``controlled.is_attacker_artifact``)."""
-    from advgame_jax.controlled import is_attacker_artifact
-
-    return is_attacker_artifact(model_dir)
-
-
-def check_servable(model_dir: str, *, allow_attacker: bool) -> None:
-    """Raise ``AttackerCheckpointError`` for an attacker checkpoint unless allowed (the one
-    gate, ``controlled.require_attacker_allowed``)."""
-    from advgame_jax.controlled import require_attacker_allowed
-
-    require_attacker_allowed(model_dir, allow_attacker, "--model_dir",
-                             error=AttackerCheckpointError)
-
 
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
@@ -77,76 +64,99 @@ class ServerConfig:
     api_key: Optional[str] = None
     model_name: str = "advgame"
     max_body_bytes: int = 1 << 20
-    queue_size: int = 64
+    queue_size: int = 64  # requests waiting for the worker; beyond it 503 + Retry-After
     max_batch_requests: int = 16
     request_timeout_s: float = 600.0
-    max_connections: int = 32
-    max_overflow: int = 32
-    listen_backlog: int = 128
+    read_timeout_s: float = 30.0  # a request's headers + body must arrive within this
+    max_connections: int = 1024
+    listen_backlog: int = 2048
+    keep_alive_s: float = 5.0
     limits: Limits = Limits()
 
 
 @dataclasses.dataclass(eq=False)
 class _Job:
     request: ParsedRequest
-    done: threading.Event = dataclasses.field(default_factory=threading.Event)
-    result: Any = None
-    error: Optional[BaseException] = None
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
 
 
-_STOP = object()
+def _settle(future: asyncio.Future, result, error):
+    if not future.done():
+        future.set_exception(error) if error is not None else future.set_result(result)
+
+
+def _deliver(job: _Job, result=None, error=None):
+    """Hand a job's outcome to its request's event loop (gone if the server has stopped)."""
+    try:
+        job.loop.call_soon_threadsafe(_settle, job.future, result, error)
+    except RuntimeError:  # the loop is closed: nobody waits for this answer any more
+        pass
+
+
+def _error_response(err: RequestError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def _bind(host: str, port: int, backlog: int) -> socket.socket:
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    return socket.create_server((host, port), family=family, backlog=backlog)
 
 
 class OpenAIServer:
-    """The server: ``start()`` (background thread), ``url``, ``shutdown()``; a context manager."""
+    """The server: ``start()`` (background threads), ``url``, ``shutdown()``; a context manager."""
 
     def __init__(self, sampler, tokenizer, config: ServerConfig = ServerConfig()):
         if tokenizer is None or not hasattr(tokenizer, "encode"):
             raise ValueError("OpenAIServer needs a tokenizer (a ChatTokenizer) to render "
                              "chat messages and text prompts")
         self.sampler, self.tokenizer, self.config = sampler, tokenizer, config
-        self._queue: queue.Queue = queue.Queue(maxsize=config.queue_size)
-        self._closing = threading.Event()
-        self._httpd = BoundedHTTPServer(
-            (config.host, config.port), _Handler, _OverloadedHandler,
-            max_connections=config.max_connections, max_overflow=config.max_overflow,
-            backlog=config.listen_backlog, closing=self._closing)
-        self._httpd.app = self  # type: ignore[attr-defined]
+        self._sock = _bind(config.host, config.port, config.listen_backlog)
+        self._waiting: collections.deque[_Job] = collections.deque()
+        self._cv = threading.Condition()
+        self._closing = self._stop = False
+        self._running, self._per_request_s, self._next_slot = 0, 0.05, 0.0
+        self._batch_start, self._last_batch = 0.0, (1, 0.0)  # (requests, seconds)
         self._threads: list[threading.Thread] = []
         self.batches_served = 0  # generate calls made by the worker
+        self.rejected = 0  # requests answered 503 because the queue was full
+        self._uvicorn = uvicorn.Server(uvicorn.Config(
+            _build_app(self), http=protocol_with_deadline(config.read_timeout_s), ws="none",
+            lifespan="off", log_level="warning", access_log=False,
+            timeout_keep_alive=config.keep_alive_s, limit_concurrency=config.max_connections,
+            backlog=config.listen_backlog, timeout_graceful_shutdown=config.request_timeout_s))
 
     @property
     def url(self) -> str:
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        host, port = self._sock.getsockname()[:2]
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
     def start(self) -> "OpenAIServer":
-        for target in (self._worker, self._httpd.serve_forever):
-            t = threading.Thread(target=target, daemon=True, name=f"advgame-serve-{target.__name__}")
-            t.start()
-            self._threads.append(t)
+        for target in (self._work, lambda: self._uvicorn.run(sockets=[self._sock])):
+            self._threads.append(threading.Thread(target=target, daemon=True,
+                                                  name="advgame-serve"))
+            self._threads[-1].start()
+        deadline = time.monotonic() + 60
+        while not self._uvicorn.started and self._threads[1].is_alive():
+            if time.monotonic() > deadline:
+                raise RuntimeError("the HTTP server did not start within 60 s")
+            time.sleep(0.01)
         return self
 
     def shutdown(self, timeout: float = 60.0) -> None:
         """Refuse new work, finish the queued jobs (their responses are sent), close."""
-        if self._closing.is_set():
+        if self._closing:
             return
-        self._closing.set()
+        self._closing = True
         if self._threads:
-            self._queue.put(_STOP)  # FIFO: every job queued before it is served first
+            self._uvicorn.should_exit = True  # waits for the requests in flight
+            self._threads[1].join(timeout)
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._threads:
             self._threads[0].join(timeout)
-            # A job that slipped in behind the stop marker is answered, not left waiting.
-            while True:
-                try:
-                    job = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if isinstance(job, _Job):
-                    job.error = RequestError(503, "the server is shutting down",
-                                             type="server_error", code="shutting_down")
-                    job.done.set()
-            self._httpd.shutdown()
-        self._httpd.server_close()
+        self._sock.close()
 
     def __enter__(self):
         return self.start()
@@ -154,37 +164,118 @@ class OpenAIServer:
     def __exit__(self, *exc):
         self.shutdown()
 
-    # ------------------------------------------------------------------ worker
-    def submit(self, request: ParsedRequest) -> _Job:
-        if self._closing.is_set():
+    # ------------------------------------------------------------------ requests
+    def _authorize(self, request: Request) -> None:
+        key = self.config.api_key
+        given = request.headers.get("authorization", "")
+        if key and not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            raise RequestError(401, "invalid or missing API key (Authorization: Bearer ...)",
+                               code="invalid_api_key")
+
+    async def _read_body(self, request: Request) -> Optional[bytes]:
+        """The body (None when the client went away); 413 past ``max_body_bytes``."""
+        limit, body = self.config.max_body_bytes, bytearray()
+        declared = request.headers.get("content-length", "")
+        too_big = RequestError(413, f"request body of {declared or 'more than ' + str(limit)}"
+                               f" bytes exceeds the limit of {limit} bytes",
+                               code="request_too_large", headers={"Connection": "close"})
+        try:
+            if declared.isdigit() and int(declared) > limit:
+                if int(declared) <= 16 * limit:  # read it: the client sees the 413, not a reset
+                    async for _ in request.stream():
+                        pass
+                raise too_big
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise too_big
+        except ClientDisconnect:  # e.g. closed by the read deadline
+            return None
+        return bytes(body)
+
+    async def _complete(self, request: Request, parse):
+        self._authorize(request)
+        raw = await self._read_body(request)
+        if raw is None:
+            return JSONResponse({}, status_code=400)
+        try:
+            req = parse(raw, self.tokenizer, self.config.limits, self.config.model_name)
+        except RequestError:
+            raise
+        except Exception:  # noqa: BLE001 - a parser bug must not leak internals to the client
+            log.exception("request parsing failed")
+            raise RequestError(400, "the request could not be parsed") from None
+        if req.top_logprobs and not hasattr(self.sampler, "params"):
+            raise RequestError(400, "this server's sampler returns no top_logprobs",
+                               param="top_logprobs")
+        completions, tops = await self._generate(req)
+        name = self.config.model_name
+        if not req.stream:
+            return JSONResponse(build_response(req, completions, self.tokenizer, name, tops))
+
+        async def events():
+            for data in stream_chunks(req, completions, self.tokenizer, name, tops):
+                yield f"data: {data}\n\n"
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    # ------------------------------------------------------------------ queue + worker
+    async def _generate(self, req: ParsedRequest):
+        if self._closing:
             raise RequestError(503, "the server is shutting down", type="server_error",
                                code="shutting_down")
-        job = _Job(request)
+        loop = asyncio.get_running_loop()
+        job = _Job(req, loop, loop.create_future())
+        with self._cv:
+            if len(self._waiting) >= self.config.queue_size:
+                raise self._overloaded()
+            self._waiting.append(job)
+            self._cv.notify()
         try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            raise RequestError(503, f"the request queue is full ({self.config.queue_size} "
-                               f"waiting); retry later", type="server_error",
-                               code="server_overloaded") from None
-        return job
+            return await asyncio.wait_for(asyncio.shield(job.future),
+                                          self.config.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestError(503, "generation timed out", type="server_error",
+                               code="timeout") from None
 
-    def _worker(self):
-        stopping = False
-        while not stopping:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            batch = [item]
-            while len(batch) < self.config.max_batch_requests:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    stopping = True
-                    break
-                batch.append(item)
+    def _overloaded(self) -> RequestError:
+        """503 with this client's turn: the queue's drain time, one slot per rejection."""
+        self.rejected += 1
+        now = time.monotonic()
+        per = self._per_request_s  # a batch running longer than that (compiling) says more
+        if self._running:
+            per = max(per, (now - self._batch_start) / self._running)
+        drain = (len(self._waiting) + self._running) * per
+        self._next_slot = max(self._next_slot, now + drain) + per
+        wait = self._next_slot - now
+        return RequestError(
+            503, f"the request queue is full ({self.config.queue_size} waiting); retry in "
+            f"{wait:.1f} s", type="server_error", code="server_overloaded",
+            headers={"Retry-After": str(max(1, math.ceil(wait))),
+                     "retry-after-ms": str(max(1, int(wait * 1000)))})
+
+    def _work(self):
+        while True:
+            with self._cv:
+                while not self._waiting and not self._stop:
+                    self._cv.wait()
+                if not self._waiting:
+                    return
+                # The last batch's clients tend to come back together: wait a moment for them
+                # (a lone client never waits).
+                until = time.monotonic() + min(0.02, 0.1 * self._last_batch[1])
+                want = min(self._last_batch[0], self.config.max_batch_requests)
+                while len(self._waiting) < want and not self._stop and time.monotonic() < until:
+                    self._cv.wait(max(0.0, until - time.monotonic()))
+                take = min(len(self._waiting), self.config.max_batch_requests)
+                batch = [self._waiting.popleft() for _ in range(take)]
+                self._running, self._batch_start = len(batch), time.monotonic()
+            start = self._batch_start
             self._run(batch)
+            with self._cv:
+                self._running, self._last_batch = 0, (len(batch), time.monotonic() - start)
+                per = self._last_batch[1] / len(batch)
+                self._per_request_s = 0.7 * self._per_request_s + 0.3 * per
 
     def _run(self, batch: list[_Job]):
         self.batches_served += 1
@@ -195,173 +286,78 @@ class OpenAIServer:
             else:
                 results = [self.sampler.generate(j.request.prompts, j.request.params)
                            for j in batch]
-            for job, res in zip(batch, results):
-                job.result = res
-        except Exception as err:  # isolate the failing request instead of failing the batch
-            if len(batch) == 1:
-                log.exception("generation failed")
-                batch[0].error = err
-            else:
+            done = [self._finish(j.request, r) for j, r in zip(batch, results)]
+        except Exception as err:  # noqa: BLE001 - isolate the failing request, not the batch
+            if len(batch) > 1:
                 for job in batch:
                     self._run([job])
                 return
-        for job in batch:
-            job.done.set()
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "advgame-serve"
-    timeout = 120  # seconds a client may stall mid-request before its socket is dropped
-
-    @property
-    def app(self) -> OpenAIServer:
-        return self.server.app  # type: ignore[attr-defined]
-
-    def log_message(self, fmt, *args):  # route access logs through logging, not stderr
-        log.debug("%s " + fmt, self.address_string(), *args)
-
-    def _send(self, status: int, body: dict, *, close: bool = False):
-        data = json.dumps(body).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        if close:
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _error(self, err: RequestError, *, close: bool = False):
-        self._send(err.status, err.body(), close=close)
-
-    def _authorized(self) -> bool:
-        key = self.app.config.api_key
-        if not key:
-            return True
-        given = self.headers.get("Authorization", "")
-        if hmac.compare_digest(given.encode("utf-8"), f"Bearer {key}".encode("utf-8")):
-            return True
-        self._error(RequestError(401, "invalid or missing API key (Authorization: Bearer ...)",
-                                 code="invalid_api_key"), close=True)
-        return False
-
-    def do_GET(self):
-        if self.path.rstrip("/") != "/v1/models":
-            return self._not_found_or_method("GET")
-        if not self._authorized():
+            log.exception("generation failed")
+            error = RequestError(500, f"generation failed: {type(err).__name__}",
+                                 type="server_error")
+            _deliver(batch[0], error=error)
             return
-        self._send(200, {"object": "list", "data": [{
-            "id": self.app.config.model_name, "object": "model", "created": 0,
-            "owned_by": "advgame_jax"}]})
+        for job, result in zip(batch, done):
+            _deliver(job, result)
 
-    def do_POST(self):
-        route = {"/v1/chat/completions": parse_chat, "/v1/completions": parse_completions}
-        parse = route.get(self.path.rstrip("/"))
-        if parse is None:
-            return self._not_found_or_method("POST")
-        if not self._authorized():
-            return
-        try:
-            body = self._read_json()
-            if isinstance(body, dict) and body.get("model") not in (None, self.app.config.model_name):
-                raise RequestError(404, f"model {body.get('model')!r} does not exist; this "
-                                   f"server serves {self.app.config.model_name!r}",
-                                   code="model_not_found", param="model")
-            try:
-                request = parse(body, self.app.tokenizer, self.app.config.limits)
-            except RequestError:
-                raise
-            except Exception as err:  # noqa: BLE001 - whatever the body made the parser do
-                raise RequestError(400, f"malformed request: {type(err).__name__}: "
-                                   f"{str(err)[:200]}") from None
-            job = self.app.submit(request)
-            if not job.done.wait(self.app.config.request_timeout_s):
-                raise RequestError(503, "generation timed out", type="server_error",
-                                   code="timeout")
-            if isinstance(job.error, RequestError):
-                raise job.error
-            if job.error is not None:
-                raise RequestError(500, f"generation failed: {job.error}", type="server_error")
-            self._send(200, build_response(request, job.result, self.app.tokenizer,
-                                           self.app.config.model_name))
-        except RequestError as err:
-            self._error(err, close=err.status in (411, 413))
-
-    def _read_json(self):
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            raise RequestError(411, "chunked request bodies are not supported; send "
-                               "Content-Length", code="length_required")
-        raw = self.headers.get("Content-Length")
-        if raw is None:
-            raise RequestError(411, "Content-Length header required", code="length_required")
-        try:
-            length = int(raw)
-            if length < 0:
-                raise ValueError
-        except ValueError:
-            raise RequestError(400, f"invalid Content-Length {raw!r}") from None
-        limit = self.app.config.max_body_bytes
-        if length > limit:
-            self._discard(length, cap=16 * limit)
-            raise RequestError(413, f"request body of {length} bytes exceeds the limit of "
-                               f"{limit} bytes", code="request_too_large")
-        data = self.rfile.read(length)
-        try:
-            return json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as err:
-            raise RequestError(400, f"the request body is not valid JSON: {err}") from None
-        except RecursionError:
-            raise RequestError(400, "the request body is nested too deeply") from None
-
-    def _discard(self, length: int, cap: int):
-        # Read (and drop) a moderately oversize body so the client, which sends it before
-        # reading any reply, sees the 413 instead of a reset connection; beyond ``cap`` the
-        # connection is simply closed after the reply.
-        if length > cap:
-            return
-        while length > 0:
-            chunk = self.rfile.read(min(length, 1 << 16))
-            if not chunk:
-                return
-            length -= len(chunk)
-
-    def _not_found_or_method(self, method):
-        known = {"/v1/models": "GET", "/v1/chat/completions": "POST", "/v1/completions": "POST"}
-        want = known.get(self.path.rstrip("/"))
-        if want is not None and want != method:
-            return self._error(RequestError(405, f"{self.path} accepts {want}, not {method}",
-                                            code="method_not_allowed"), close=True)
-        self._error(RequestError(404, f"no route {method} {self.path}", code="not_found"),
-                    close=True)
+    def _finish(self, req: ParsedRequest, completions):
+        """Stop strings applied; the top-k alternatives when asked for (worker thread)."""
+        completions = [apply_stop(c, req.stop_strings, self.tokenizer) for c in completions]
+        tops = None
+        if req.top_logprobs:
+            from advgame_jax.sampling.top_logprobs import top_logprobs
+            rows = [(req.prompts[i // req.params.n], c.token_ids)
+                    for i, c in enumerate(completions)]
+            tops = top_logprobs(self.sampler, rows, req.top_logprobs)
+        return completions, tops
 
 
-class _OverloadedHandler(_Handler):
-    """Serves a connection that arrived while every worker thread was busy: reads the
-    request (so the client sees a reply, not a reset) and answers 503."""
+def _build_app(server: OpenAIServer) -> FastAPI:
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    routes = {"/v1/models": "GET", "/v1/chat/completions": "POST", "/v1/completions": "POST"}
 
-    def _busy(self):
-        err = RequestError(503, "the server is at its connection limit; retry later",
-                           type="server_error", code="server_overloaded")
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = 0
-        self._discard(length, cap=self.app.config.max_body_bytes)
-        self._error(err, close=True)
+    @app.exception_handler(RequestError)
+    async def _request_error(request: Request, err: RequestError):
+        return _error_response(err)
 
-    do_GET = do_POST = _busy
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, err: HTTPException):
+        path, method = request.url.path, request.method
+        if err.status_code == 405:
+            return _error_response(RequestError(
+                405, f"{path} accepts {routes.get(path.rstrip('/'))}, not {method}",
+                code="method_not_allowed"))
+        return _error_response(RequestError(err.status_code, f"no route {method} {path}",
+                                            code="not_found"))
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        server._authorize(request)
+        card = Model(id=server.config.model_name, object="model", created=0,
+                     owned_by="advgame_jax")
+        return {"object": "list", "data": [card.model_dump()]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await server._complete(request, parse_chat)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await server._complete(request, parse_completions)
+
+    return app
 
 
 def serve_model_dir(model_dir: str, *, config: ServerConfig = ServerConfig(),
                     allow_attacker: bool = False, mesh=None, compute_dtype=None,
                     max_batch_size: int = 64) -> OpenAIServer:
-    """Build (not start) a server over an HF checkpoint dir with the JAX sampler.
+    """Build (not start) a server over an HF export with the JAX sampler.
 
-    The directory must hold the tokenizer too (``ChatTokenizer.from_dir``). Raises
+    Raises ``NotAnHFExportError`` for anything but an HF export with its tokenizer and
     ``AttackerCheckpointError`` for an attacker checkpoint without ``allow_attacker``.
     """
-    check_servable(model_dir, allow_attacker=allow_attacker)
+    check_hf_export(model_dir)
+    check_servable(model_dir, allow_attacker=allow_attacker)  # the attacker gate
     from advgame_jax.sampling.jax_sampler import JaxSampler
     from advgame_jax.tokenization import ChatTokenizer
 
@@ -371,23 +367,6 @@ def serve_model_dir(model_dir: str, *, config: ServerConfig = ServerConfig(),
         max_batch_size=max_batch_size, min_batch_bucket=min(8, max_batch_size),
         min_prompt_bucket=64, max_prompt_len=max(config.limits.max_prompt_tokens, 16))
     return OpenAIServer(sampler, tokenizer, config)
-
-
-def make_tiny_model_dir(path: str, *, seed: int = 0) -> str:
-    """A tiny random Llama + the tiny offline tokenizer in ``path`` (demo and tests)."""
-    import jax
-
-    from advgame_jax.models import ModelConfig, init_params, save_hf
-    from advgame_jax.tokenization import ChatTokenizer, build_tiny_tokenizer
-
-    build_tiny_tokenizer(path)
-    tok = ChatTokenizer.from_dir(path)
-    config = ModelConfig(
-        model_type="llama", vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
-        num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32, max_position_embeddings=4096,
-        eos_token_id=tok.stop_token_ids[0], pad_token_id=tok.pad_id)
-    save_hf(path, config, init_params(config, jax.random.key(seed), std=0.15))
-    return path
 
 
 def wait_forever(server: OpenAIServer, stop: threading.Event) -> None:
