@@ -33,7 +33,7 @@ def call(url, path, body=None, *, method=None, headers=None, raw=None, with_head
     req = urllib.request.Request(url + path, data=data, method=method,
                                  headers={"Content-Type": "application/json", **(headers or {})})
     try:
-        with urllib.request.urlopen(req, timeout=120) as resp:
+        with urllib.request.urlopen(req, timeout=600) as resp:  # compiles on a loaded CPU
             out = resp.status, json.loads(resp.read()), resp.headers
     except urllib.error.HTTPError as err:
         out = err.code, json.loads(err.read()), err.headers
