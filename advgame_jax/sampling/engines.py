@@ -269,6 +269,8 @@ class RemoteSampler:
         try:
             info = client.request("GET", "/weight_info", timeout_s=60)
         except EngineError as e:
+            if client._dead() is not None:
+                raise
             raise EngineError(f"{e}; an engine must run vLLM's server with "
                               f"VLLM_SERVER_DEV_MODE=1 and --enable-scale-out (docs/sampling.md)"
                               ) from None
