@@ -134,3 +134,19 @@ def test_nonfinite_loss_skips_the_update_and_is_counted():
     # A healthy batch is applied and not counted.
     new, m = up(init_player_state(sup.init(0), sup.optimizer(), reference="ema"), batch)
     assert float(m["skipped_nonfinite"]) == 0.0 and float(m["applied"]) == 1.0
+
+
+def test_fields_added_later_match_an_older_checkpoint_only_at_their_old_behaviour():
+    """A checkpoint written before a field existed: the field at the value that reproduces the
+    older code resumes; any other value is a change of the game, named."""
+    from advgame_jax.experiment.validate import ADDED_FIELDS
+
+    old = {"loss": {"beta": 0.1}, "defender": {"hf_path": "/m"}, "train": {"num_steps": 3}}
+    same = {"loss": {"beta": 0.1}, "defender": {"hf_path": "/m", "max_new_tokens": 0},
+            "train": {"num_steps": 3, "seeds_per_step": 0}, "init_from": ""}
+    assert config_differences(old, same, added=ADDED_FIELDS) == []
+    other = {**same, "defender": {"hf_path": "/m", "max_new_tokens": 64}}
+    assert config_differences(old, other, added=ADDED_FIELDS) == [
+        "config.defender.max_new_tokens: 0 in the checkpoint, 64 now"]
+    # Without the table the new field is a difference, as before.
+    assert config_differences(old, same) != []

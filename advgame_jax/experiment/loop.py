@@ -47,8 +47,8 @@ from advgame_jax.experiment.metrics import MetricsWriter, truncate_metrics
 from advgame_jax.experiment.players import (
     Player, build_player, close_player, initial_state, resolve_mesh, sync_sampler)
 from advgame_jax.experiment.timing import StageTimer, TimedJudge, TimedSampler
-from advgame_jax.experiment.validate import (RESUMABLE_FIELDS, ConfigError, seeds_per_split,
-                                             validate_config)
+from advgame_jax.experiment.validate import (
+    ADDED_FIELDS, RESUMABLE_FIELDS, ConfigError, seeds_per_split, validate_config)
 from advgame_jax.experiment.validation import (
     SPLITS, _prefixed, load_seed_splits, validate_defender)
 from advgame_jax.training.checkpoint import GameCheckpointer, config_differences
@@ -228,7 +228,8 @@ class GameRunner:
         restored = self.checkpointer.restore(
             self._abstract_state(),
             check_meta=lambda meta: config_differences(meta.get("config", {}), current,
-                                                       ignore=RESUMABLE_FIELDS))
+                                                       ignore=RESUMABLE_FIELDS,
+                                                       added=ADDED_FIELDS))
         if restored is None:
             if self.config.get("init_from"):  # a new run continuing an old one
                 from advgame_jax.experiment.init_from import states_from_checkpoint

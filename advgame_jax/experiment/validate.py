@@ -76,6 +76,18 @@ RESUMABLE_FIELDS = (
 )
 
 
+# Fields added after checkpoints were first written, each with the value that computes what
+# the older code did. A checkpoint saved before a field existed resumes when the field holds
+# that value now (any other value is a change of the game and is refused, naming the field).
+ADDED_FIELDS = {
+    "init_from": "",
+    "train.seeds_per_step": 0,
+    "attacker.max_new_tokens": 0,
+    "defender.max_new_tokens": 0,
+    "judge.explicit_sampling": False,
+}
+
+
 def seeds_per_split(config, data_parallel_devices: int, num_processes: int = 1) -> int:
     """Global seeds per split per trainer step: ``train.seeds_per_step`` when set (the
     reference's fixed count, whatever the layout), else ``train.seeds_per_device`` × the

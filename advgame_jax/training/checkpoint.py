@@ -88,19 +88,26 @@ def structure_differences(saved, wanted) -> list[str]:
     return diffs
 
 
+_ABSENT = "<absent>"
+
+
 def config_differences(saved: Any, current: Any, *, ignore: tuple[str, ...] = (),
-                       prefix: str = "config") -> list[str]:
+                       added: Optional[dict] = None, prefix: str = "config") -> list[str]:
     """Dotted fields whose values differ between two JSON-like configs, e.g.
     ``"config.loss.beta: 0.1 in the checkpoint, 0.2 now"``. ``ignore``: dotted fields (or
-    subtrees) that may change between runs (relative to ``prefix``)."""
+    subtrees) that may change between runs (relative to ``prefix``). ``added``: fields newer
+    than the checkpoint format, each with the value that reproduces the older behaviour; a
+    checkpoint without the field matches when the field holds that value now."""
     rel = prefix.partition(".")[2]
     if rel and any(rel == i or rel.startswith(i + ".") for i in ignore):
         return []
+    if saved == _ABSENT and rel in (added or {}):
+        saved = added[rel]
     if isinstance(saved, dict) and isinstance(current, dict):
         out = []
         for k in sorted(set(saved) | set(current)):
-            out += config_differences(saved.get(k, "<absent>"), current.get(k, "<absent>"),
-                                      ignore=ignore, prefix=f"{prefix}.{k}")
+            out += config_differences(saved.get(k, _ABSENT), current.get(k, _ABSENT),
+                                      ignore=ignore, added=added, prefix=f"{prefix}.{k}")
         return out
     norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731 - JSON has no tuples
     if norm(saved) != norm(current):
