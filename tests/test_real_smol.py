@@ -52,8 +52,8 @@ def test_placement_jax_alone_moves_a_vllm_config_to_the_jax_sampler():
 def smol_run(tmp_path_factory, smol_dir):  # noqa: F811
     """Two steps of configs/smol.py: one, then a resumed second."""
     run = tmp_path_factory.mktemp("smol") / "run"
-    validate_config(_config(smol, run, smol_dir, 1))
-    GameRunner(_config(smol, run, smol_dir, 1)).run()
+    validate_config(_config(smol, run, smol_dir, 2))
+    GameRunner(_config(smol, run, smol_dir, 2)).run(max_steps=1)
     GameRunner(_config(smol, run, smol_dir, 2)).run()  # resumes at step 1
     return run
 
@@ -72,7 +72,7 @@ def test_smol_rule_judge_yields_pairs_and_resumes(smol_run):
 
 @pytest.mark.slow
 def test_smol_llm_judge_step_over_the_openai_api(tmp_path, smol_dir):  # noqa: F811
-    from advgame_jax.sampling.openai_protocol import Limits
+    from advgame_jax.sampling.openai_schema import Limits
     from advgame_jax.sampling.server import ServerConfig, serve_model_dir
 
     server = serve_model_dir(smol_dir, config=ServerConfig(

@@ -186,6 +186,7 @@ def run_redteam(seeds: Sequence[EvalExample], attacker, target, classifier, out_
     ``out_dir``: a second one is refused while the first holds its lock."""
     from advgame_jax.locking import DirLock
 
+    require_ack(acknowledged)  # before anything, the out_dir included, is touched
     with DirLock(out_dir, "--out_dir"):
         return _run_redteam(seeds, attacker, target, classifier, out_dir, cfg=cfg,
                             acknowledged=acknowledged, judge=judge, batch_size=batch_size)
@@ -193,7 +194,6 @@ def run_redteam(seeds: Sequence[EvalExample], attacker, target, classifier, out_
 
 def _run_redteam(seeds, attacker, target, classifier, out_dir, *, cfg, acknowledged, judge,
                  batch_size) -> dict:
-    require_ack(acknowledged)
     seeds = [s for s in seeds if s.category == "harmful"]
     if not seeds:
         raise ValueError("red-teaming needs harmful seeds; the given sets hold none")
