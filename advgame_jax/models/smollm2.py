@@ -68,8 +68,20 @@ def is_complete(path: str) -> bool:
 
 
 def ensure(out_dir: str = "", *, install: bool = False, dtype: str = "float32") -> str:
-    """The converted directory: reused when complete, else (re)built from the wheel's GGUF."""
+    """The converted directory: reused when complete, else (re)built from the wheel's GGUF.
+    Processes asking at once (test workers) wait for one another on a lock file beside it."""
+    import fcntl
+
     out_dir = os.path.abspath(out_dir or default_dir())
+    if is_complete(out_dir):
+        return out_dir
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    with open(out_dir + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        return _ensure_locked(out_dir, install=install, dtype=dtype)
+
+
+def _ensure_locked(out_dir: str, *, install: bool, dtype: str) -> str:
     if is_complete(out_dir):
         return out_dir
     src = gguf_path(install=install)
