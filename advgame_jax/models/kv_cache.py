@@ -28,27 +28,14 @@ import jax.numpy as jnp
 
 from advgame_jax.models.config import ModelConfig
 from advgame_jax.models.transformer import (
-    _NEG, _resolve_dtype, attn_out_and_mlp, embed, logits_from_hidden, project_qkv, rms_norm,
+    _resolve_dtype, attend, attn_out_and_mlp, embed, logits_from_hidden, project_qkv, rms_norm,
     rope_tables)
 
 
 def attend_cached(q, k, v, mask):
-    """Grouped-query attention over the cache layout.
-
-    q ``[B, T, H, hd]``, k/v ``[B, K, S, hd]`` (one layer of the cache), mask ``[B, T, S]``
-    → ``[B, T, H, hd]`` in q.dtype; scores and softmax in fp32 (``transformer.attend`` with
-    the key axes swapped).
-    """
-    b, t, n_q, hd = q.shape
-    n_kv = k.shape[1]
-    qg = q.reshape(b, t, n_kv, n_q // n_kv, hd)
-    scores = jnp.einsum("btkgh,bksh->bkgts", qg, k.astype(q.dtype),
-                        preferred_element_type=jnp.float32)
-    scores = scores * (hd ** -0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    out = jnp.einsum("bkgts,bksh->btkgh", probs, v.astype(q.dtype))
-    return out.reshape(b, t, n_q, hd)
+    """Grouped-query attention over the cache layout: q ``[B, T, H, hd]``, k/v ``[B, K, S,
+    hd]`` (one layer of the cache), mask ``[B, T, S]`` → ``[B, T, H, hd]``."""
+    return attend(q, k, v, mask, kv_layout="bksh")
 
 
 @flax.struct.dataclass

@@ -99,21 +99,22 @@ def project_qkv(layer, config: ModelConfig, h, cos, sin):
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
-def attend(q, k, v, mask):
+def attend(q, k, v, mask, kv_layout: str = "bskh"):
     """Grouped-query attention.
 
-    q ``[B, T, H, hd]``, k/v ``[B, S, K, hd]``, mask ``[B, T, S]`` bool (True = may attend)
-    → ``[B, T, H, hd]`` in q.dtype. Scores and softmax in fp32.
+    q ``[B, T, H, hd]``, k/v ``[B, S, K, hd]`` (``kv_layout="bskh"``, training) or
+    ``[B, K, S, hd]`` (``"bksh"``, the KV cache's layout), mask ``[B, T, S]`` bool (True =
+    may attend) → ``[B, T, H, hd]`` in q.dtype. Scores and softmax in fp32.
     """
     b, t, n_q, hd = q.shape
-    n_kv = k.shape[2]
+    n_kv = k.shape[kv_layout.index("k")]
     qg = q.reshape(b, t, n_kv, n_q // n_kv, hd)
-    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k.astype(q.dtype),
+    scores = jnp.einsum(f"btkgh,{kv_layout}->bkgts", qg, k.astype(q.dtype),
                         preferred_element_type=jnp.float32)
     scores = scores * (hd ** -0.5)
     scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(q.dtype))
+    out = jnp.einsum(f"bkgts,{kv_layout}->btkgh", probs, v.astype(q.dtype))
     return out.reshape(b, t, n_q, hd)
 
 
