@@ -33,18 +33,91 @@ def wildjailbreak_dir():
 
 @pytest.fixture(scope="session")
 def toy_dir(tmp_path_factory):
-    """The toy world of ``configs/tiny.py`` (seed 0), built once per test session."""
-    import importlib
+    """The toy world of ``configs/tiny.py`` (seed 0), built once per test run (shared by the
+    test workers, ``tests/shared_builds.py``); tests only read it."""
+    from tests import shared_builds
 
-    from advgame_jax import game
-    from advgame_jax.data import packaged_seed_path, read_seeds_jsonl
-    from advgame_jax.experiment.toy_world import build_toy_world
+    return shared_builds.toy_world(tmp_path_factory)
 
-    c = importlib.import_module("configs.tiny").get_config()
-    path = str(tmp_path_factory.mktemp("toy"))
-    templates = game.get_template_set(c.game.templates)
-    build_toy_world(path, seed=0, train_seeds=read_seeds_jsonl(packaged_seed_path("toy_seeds.jsonl")),
-                    attacker_prompt_text=lambda s: templates.attacker_prompt(
-                        s.prompt, s.category, c.game.attacker_format),
-                    warmup_steps=c.toy_warmup_steps)
-    return path
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_builds_stay_unchanged():
+    """Fails the session's last teardown if a test wrote into a shared build."""
+    yield
+    from tests import shared_builds
+
+    changed = shared_builds.check_unchanged()
+    assert not changed, f"tests modified shared read-only builds: {changed}"
+
+
+# Scheduling for `pytest -n 2`. By default pytest-xdist hands tests out in collection order,
+# in chunks of up to a quarter of each worker's share: consecutive tests of one module land on
+# both workers (its module-scoped fixtures are then built twice), and the suite ends on
+# whichever long test happened to be queued last. Instead (``_ModuleScheduling``) each module
+# is one unit of work, given to the first free worker, and modules come in descending order of
+# cost, longest first, so that the tail is made of short modules. Costs are rough seconds on an
+# idle 2-core machine (docs/DEVELOPMENT.md, "Test suite time"); a module not listed counts as
+# ``_SLOW_DEFAULT_S`` if any of its tests is marked slow, else 0 (it keeps its alphabetical
+# place after the listed ones). Modules in ``_SPLIT`` hold several long, independent tests and
+# no module-scoped fixture: their tests are units of their own. The order and placement change
+# no test's outcome; the order also applies without xdist.
+_MODULE_COST_S = {
+    "test_real_smol.py": 420,
+    "test_offloaded_engines.py": 240,
+    "test_multihost.py": 220,
+    "test_train_loop.py": 200,
+    "test_vllm_launch.py": 190,
+    "test_attacker_gate.py": 180,  # the first user of tests/eval_world.py's run (built there)
+    "test_real_model.py": 150,
+    "test_vllm_loop.py": 110,
+    "test_vllm_sampler.py": 100,
+    "test_locking.py": 90,
+    "test_faults_loop.py": 90,
+    "test_eval_runs.py": 80,
+    "test_report.py": 80,
+    "test_vllm_tied.py": 70,
+    "test_disk_full.py": 60,
+}
+_SLOW_DEFAULT_S = 40
+_SPLIT = ("test_train_loop.py", "test_vllm_launch.py", "test_faults_loop.py")
+# Modules whose first test may build the shared toy world (tests/shared_builds.py): the two
+# workers' first modules should not both need it, or one would wait on the other's build.
+_NEEDS_TOY = ("test_offloaded_engines.py", "test_multihost.py", "test_train_loop.py",
+              "test_vllm_launch.py", "test_attacker_gate.py", "test_vllm_loop.py",
+              "test_locking.py", "test_faults_loop.py", "test_disk_full.py", "test_init_from.py",
+              "test_plan_calibration.py", "test_convert.py", "test_eval_runs.py",
+              "test_export_config.py", "test_redteam.py", "test_report.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    modules: dict[str, list] = {}
+    for item in items:
+        modules.setdefault(item.path.name, []).append(item)
+
+    def cost(name):
+        if name in _MODULE_COST_S:
+            return _MODULE_COST_S[name]
+        return _SLOW_DEFAULT_S if any(i.get_closest_marker("slow") for i in modules[name]) else 0
+
+    order = sorted(modules, key=lambda name: -cost(name))  # stable: ties stay alphabetical
+    if len(order) > 2 and order[0] in _NEEDS_TOY and order[1] in _NEEDS_TOY:
+        free = next((n for n in order[2:] if n not in _NEEDS_TOY and cost(n) > 0), None)
+        if free is not None:
+            order.remove(free)
+            order.insert(1, free)
+    items[:] = [item for name in order for item in modules[name]]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "load":
+        return None  # an explicit --dist=... is honoured
+    from xdist.scheduler import LoadScopeScheduling
+
+    class _ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            module = nodeid.split("::", 1)[0]
+            return nodeid if module.rsplit("/", 1)[-1] in _SPLIT else module
+
+    config.option.loadscopereorder = False  # keep the collection's (cost) order
+    return _ModuleScheduling(config, log)

@@ -4,8 +4,8 @@
 warm-up: a shorter one leaves the attacker unfaithful, so the defender gets no pairs) for two
 steps with smaller batches, checkpointing at every step, and exports the
 defender's EMA params of the last checkpoint to an HF directory. It is built once per test
-session (memoised here: a fixture imported into several modules would be built once per
-module) and then only read.
+run, shared by the test workers (``tests/shared_builds.py``; memoised here: a fixture imported
+into several modules would be built once per module), and then only read.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+import shutil
 
 from advgame_jax.data import packaged_seed_path
 
@@ -49,12 +50,22 @@ def tiny_config(workdir: str):
 
 def tiny_run(tmp_path_factory) -> TinyRun:
     if "run" not in _CACHE:
-        from advgame_jax.evaluation.convert import checkpoint_to_hf
-        from advgame_jax.experiment.loop import GameRunner
+        from tests import shared_builds
 
-        root = str(tmp_path_factory.mktemp("eval_world"))
-        workdir = os.path.join(root, "run")
-        GameRunner(tiny_config(workdir)).run()
-        defender = checkpoint_to_hf(workdir, os.path.join(root, "defender_ema"))
-        _CACHE["run"] = TinyRun(workdir, defender, root)
+        toy = shared_builds.toy_world(tmp_path_factory)
+
+        def build(root: str) -> None:
+            from advgame_jax.evaluation.convert import checkpoint_to_hf
+            from advgame_jax.experiment.loop import GameRunner
+
+            workdir = os.path.join(root, "run")
+            # The run's default toy directory, pre-filled with the identical toy world (same
+            # config, seeds and settings stamp), which the run then reuses instead of rebuilding.
+            shutil.copytree(toy, os.path.join(workdir, "toy"), symlinks=True)
+            GameRunner(tiny_config(workdir)).run()
+            checkpoint_to_hf(workdir, os.path.join(root, "defender_ema"))
+
+        root = shared_builds.shared(tmp_path_factory, "eval_world", build)
+        _CACHE["run"] = TinyRun(os.path.join(root, "run"), os.path.join(root, "defender_ema"),
+                                root)
     return _CACHE["run"]
