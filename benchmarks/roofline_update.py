@@ -25,8 +25,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from advgame_jax.training import collate_pairs, init_player_state  # noqa: E402
-from advgame_jax.training.optimizer import make_optimizer  # noqa: E402
-from advgame_jax.training.update import make_update_step  # noqa: E402
+from advgame_jax.training.optimizer import OptimizerSettings  # noqa: E402
+from advgame_jax.training.update import (LossSettings, StepSettings, UpdateSettings,  # noqa: E402
+                                         update_step_from)
 from advgame_jax.types import TokenPair  # noqa: E402
 
 REF_NORM_SCALE = 1.25
@@ -51,11 +52,12 @@ class JaxUpdate:
 
     def __init__(self, config, params, batch, *, remat="full", attention="auto",
                  max_tokens_per_device=None):
-        self.opt = make_optimizer(LR, num_steps=1000)
-        self.fn = make_update_step(config, optimizer=self.opt, loss="dpo", beta=BETA,
-                                   compute_dtype=jnp.float32, chunk_size=1024, remat=remat,
-                                   attention_impl=attention,
-                                   max_tokens_per_device=max_tokens_per_device)
+        self.fn = update_step_from(config, UpdateSettings(
+            loss=LossSettings(kind="dpo", beta=BETA), optim=OptimizerSettings(LR, num_steps=1000),
+            train=StepSettings(compute_dtype=jnp.float32, chunk_size=1024, remat=remat,
+                               attention_impl=attention,
+                               max_tokens_per_device=max_tokens_per_device)))
+        self.opt = self.fn.optimizer
         ref = dict(params)
         ref["final_norm"] = params["final_norm"] * REF_NORM_SCALE
         own = jax.tree.map(jnp.copy, params)  # the step donates the state: never the caller's

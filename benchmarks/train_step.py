@@ -34,8 +34,9 @@ import numpy as np
 from advgame_jax.models import ModelConfig, init_params, make_mesh
 from advgame_jax.ops.logprobs import naive_token_logprobs, token_logprobs
 from advgame_jax.training import collate_pairs, init_player_state, shard_state
-from advgame_jax.training.optimizer import make_optimizer
-from advgame_jax.training.update import make_update_step
+from advgame_jax.training.optimizer import OptimizerSettings
+from advgame_jax.training.update import (LossSettings, StepSettings, UpdateSettings,
+                                         update_step_from)
 from advgame_jax.types import TokenPair
 
 CPU_MODEL = ModelConfig(model_type="llama", vocab_size=1024, hidden_size=128,
@@ -112,10 +113,13 @@ def main(argv=None):
         cfg = ModelConfig.from_hf_file(a.model) if a.model else CPU_MODEL
         pairs, seq, dtype, chunk = a.pairs or 4, a.seq or 64, jnp.float32, a.chunk or 256
     mesh = make_mesh(fsdp=a.fsdp) if a.fsdp > 1 else None
-    opt = make_optimizer(1e-6, num_steps=1000)
-    step = make_update_step(cfg, optimizer=opt, loss="dpo", compute_dtype=dtype, chunk_size=chunk,
-                            remat=a.remat, attention_impl=a.attention, mesh=mesh,
-                            max_tokens_per_device=a.max_tokens_per_device or None)
+    settings = UpdateSettings(
+        loss=LossSettings(kind="dpo"), optim=OptimizerSettings(1e-6, num_steps=1000),
+        train=StepSettings(compute_dtype=dtype, chunk_size=chunk, remat=a.remat,
+                           attention_impl=a.attention,
+                           max_tokens_per_device=a.max_tokens_per_device or None))
+    step = update_step_from(cfg, settings, mesh=mesh)
+    opt = step.optimizer
     params = init_params(cfg, jax.random.key(0), jnp.float32)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     state = init_player_state(params, opt)

@@ -46,9 +46,11 @@ def main():
     mesh = distributed.build_mesh({"fsdp": -1}, {"fsdp": jax.process_count()})
     counts = [int(c) for c in args.counts.split(",")]
     per_process = [sup.fixed_pairs(c, seed=10 + i) for i, c in enumerate(counts)]
-    step = make_update_step(sup.CFG, optimizer=sup.optimizer(), loss="dpo", beta=0.1,
-                            compute_dtype=jax.numpy.float32, chunk_size=64, remat=False,
-                            mesh=mesh)
+    from advgame_jax.training.update import LossSettings, StepSettings
+
+    step = make_update_step(sup.CFG, sup.optimizer(), LossSettings(kind="dpo", beta=0.1),
+                            StepSettings(compute_dtype=jax.numpy.float32, chunk_size=64,
+                                         remat=False), mesh=mesh)
     state = init_player_state(sup.init(0), sup.optimizer(), reference="ema")
     host_state = jax.tree.map(np.asarray, state)
     shardings = state_shardings(host_state, sup.CFG, mesh)

@@ -23,7 +23,8 @@ from advgame_jax.game.normalization import (
     with_weight,
 )
 from advgame_jax.game.tree import XError
-from advgame_jax.training.optimizer import current_lr, optimizer_from_config
+from advgame_jax.experiment.update_settings import optimizer_settings, player_training
+from advgame_jax.training.optimizer import current_lr
 from tests.game_stubs import ByteTokenizer, ScriptedJudge, ScriptedSampler
 from tests.test_game_golden import CFG, SEEDS, TOK, play
 
@@ -33,7 +34,7 @@ def _lrs(schedule: str, num_trainer_steps: int, updates: int, *, zero_grads=Fals
     optim = ml_collections.ConfigDict(dict(lr=1e-6, b1=0.9, b2=0.95, weight_decay=0.1,
                                            clip_norm=1.0, final_lr_fraction=0.2, warmup_steps=0,
                                            lr_schedule=schedule))
-    tx = optimizer_from_config(optim, num_trainer_steps)
+    tx = optimizer_settings(optim, num_trainer_steps).build()
     params = {"w": jnp.ones((3,))}
     state = tx.init(params)
     out = []
@@ -67,7 +68,7 @@ def test_zero_gradient_adamw_step_still_decays_weights():
     # stay 0, so the only change is decoupled weight decay: w ← w − lr·wd·w = w·(1 − 0.1·0.1).
     optim = ml_collections.ConfigDict(dict(lr=0.1, b1=0.9, b2=0.95, weight_decay=0.1, clip_norm=1.0,
                                            final_lr_fraction=1.0, warmup_steps=0, lr_schedule="cycle"))
-    tx = optimizer_from_config(optim, 10)
+    tx = optimizer_settings(optim, 10).build()
     params = {"w": jnp.full((2, 2), 2.0)}
     upd, _ = tx.update({"w": jnp.zeros((2, 2))}, tx.init(params), params)
     np.testing.assert_allclose(optax.apply_updates(params, upd)["w"], 2.0 * 0.99, rtol=1e-6)
@@ -142,11 +143,12 @@ def test_update_step_receives_empty_split_and_tis_flags(monkeypatch):
     from advgame_jax.experiment import players
     from configs.paper import paper_config
 
-    seen = {}
-    monkeypatch.setattr(players, "make_update_step", lambda *a, **kw: seen.update(kw) or object())
+    seen = []
+    monkeypatch.setattr(players, "update_step_from", lambda mc, s, **kw: seen.append(s) or object())
     c = paper_config("qwen", "grpo")
-    players._update_step(c, "model", optax.sgd(0.1), "bfloat16", None, {})
-    assert seen["step_on_empty"] is True and seen["tis_detach"] is False
+    for role in ("attacker", "defender"):
+        players._update_step("model", player_training(c, role).update, None, {})
+    assert [(s.train.step_on_empty, s.loss.tis_detach) for s in seen] == [(True, False)] * 2
 
 
 def _grpo_grad(detach: bool, sampler_p: float):

@@ -114,8 +114,9 @@ def test_analytic_update_flops_match_the_compiled_programs_cost_analysis():
 
     from advgame_jax.models import ModelConfig, make_mesh
     from advgame_jax.training import capacity as cap
-    from advgame_jax.training.optimizer import make_optimizer
-    from advgame_jax.training.update import make_update_step
+    from advgame_jax.training.optimizer import OptimizerSettings
+    from advgame_jax.training.update import (LossSettings, StepSettings, UpdateSettings,
+                                             update_step_from)
 
     mc = ModelConfig(model_type="llama", vocab_size=512, hidden_size=128, intermediate_size=256,
                      num_layers=1, num_heads=4, num_kv_heads=2, head_dim=32,
@@ -123,12 +124,13 @@ def test_analytic_update_flops_match_the_compiled_programs_cost_analysis():
     import jax
 
     mesh = make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
-    opt = make_optimizer(1e-4, num_steps=10)
     rows, length = 8, 128
     for remat in ("none", "full"):
-        step = make_update_step(mc, optimizer=opt, loss="dpo", compute_dtype=jnp.float32,
-                                remat=remat, attention_impl="xla", mesh=mesh, chunk_size=512)
-        state = cap.abstract_state(mc, opt, mesh, reference="ema", keep_ema=True)
+        step = update_step_from(mc, UpdateSettings(
+            LossSettings(kind="dpo"), OptimizerSettings(1e-4, num_steps=10),
+            StepSettings(compute_dtype=jnp.float32, remat=remat, attention_impl="xla",
+                         chunk_size=512)), mesh=mesh)
+        state = cap.abstract_state(mc, step.optimizer, mesh)
         batch = cap.abstract_batch("pairs", rows, length, mesh)
         ca = step.lower(state, batch).compile().cost_analysis()
         ca = ca[0] if isinstance(ca, list) else ca

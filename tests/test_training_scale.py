@@ -16,7 +16,8 @@ import pytest
 from advgame_jax.models import make_mesh
 from advgame_jax.models.attention import causal_attention
 from advgame_jax.training import collate_pairs, init_player_state, shard_state
-from advgame_jax.training.update import make_update_step, microbatch_count
+from advgame_jax.training.update import (LossSettings, StepSettings, make_update_step,
+                                         microbatch_count)
 from advgame_jax.types import TokenPair
 from tests import test_training_support as sup
 
@@ -137,9 +138,10 @@ def test_sharded_chunked_budgeted_step_matches_single_device(mesh_shape):
     ref_state, ref_m = sup.update_step()(init_player_state(sup.init(), sup.optimizer()),
                                          collate_pairs(pairs, pad_id=sup.PAD, **sup.BUCKETS))
     mesh = make_mesh(*mesh_shape)
-    up = make_update_step(sup.CFG, optimizer=sup.optimizer(), loss="dpo", beta=0.1,
-                          compute_dtype=jnp.float32, chunk_size=64, remat="full", mesh=mesh,
-                          attention_impl="chunked", max_tokens_per_device=32)
+    up = make_update_step(sup.CFG, sup.optimizer(), LossSettings(kind="dpo", beta=0.1),
+                          StepSettings(compute_dtype=jnp.float32, chunk_size=64, remat="full",
+                                       attention_impl="chunked", max_tokens_per_device=32),
+                          mesh=mesh)
     dp = up.data_parallel_size
     batch = collate_pairs(pairs, pad_id=sup.PAD, data_parallel_size=dp, **sup.BUCKETS)
     state = shard_state(init_player_state(sup.init(), sup.optimizer()), sup.CFG, mesh)
@@ -168,8 +170,8 @@ def test_record_weights_scale_the_objective():
     # Σ w_i loss_i: the gradient equals the weighted sum of single-pair gradients, which we
     # read from SGD steps (lr 1, no clipping): Δθ = -Σ w_i ∇loss_i.
     sgd = optax.sgd(1.0)
-    up = make_update_step(sup.CFG, optimizer=sgd, loss="dpo", beta=0.1,
-                          compute_dtype=jnp.float32, chunk_size=64, remat=False)
+    up = make_update_step(sup.CFG, sgd, LossSettings(kind="dpo", beta=0.1),
+                          StepSettings(compute_dtype=jnp.float32, chunk_size=64, remat=False))
     p0 = sup.init()
 
     def delta(recs):
@@ -190,8 +192,9 @@ def test_record_weights_scale_the_objective():
 @pytest.mark.parametrize("step_on_empty", [False, True])
 def test_empty_batch_optimizer_step(step_on_empty):
     opt = sup.optimizer()
-    up = make_update_step(sup.CFG, optimizer=opt, loss="dpo", beta=0.1, compute_dtype=jnp.float32,
-                          chunk_size=64, remat=False, step_on_empty=step_on_empty)
+    up = make_update_step(sup.CFG, opt, LossSettings(kind="dpo", beta=0.1),
+                          StepSettings(compute_dtype=jnp.float32, chunk_size=64, remat=False,
+                                       step_on_empty=step_on_empty))
     state, _ = up(init_player_state(sup.init(), opt),
                   collate_pairs(sup.fixed_pairs(), pad_id=sup.PAD, **sup.BUCKETS))
     before = sup.host(state)

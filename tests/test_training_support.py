@@ -12,6 +12,7 @@ import numpy as np
 
 from advgame_jax.models import ModelConfig, forward, init_params, make_mesh
 from advgame_jax.training import make_optimizer, make_update_step
+from advgame_jax.training.update import LossSettings, StepSettings
 from advgame_jax.types import TokenPair, TokenSample
 
 CFG = ModelConfig(model_type="llama", vocab_size=128, hidden_size=32, intermediate_size=64,
@@ -67,10 +68,11 @@ def update_step(loss: str = "dpo", num_microbatches: int = 1, mesh_shape=None, l
                 weight_decay: float = 0.1, compute_dtype=jnp.float32, remat: bool = False,
                 nll_coef: float = 0.0, entropy_coef: float = 0.0):
     mesh = make_mesh(*mesh_shape) if mesh_shape else None
-    return make_update_step(CFG, optimizer=optimizer(lr, weight_decay), loss=loss, beta=0.1,
-                            num_microbatches=num_microbatches, compute_dtype=compute_dtype,
-                            chunk_size=64, remat=remat, mesh=mesh, nll_coef=nll_coef,
-                            entropy_coef=entropy_coef)
+    return make_update_step(
+        CFG, optimizer(lr, weight_decay),
+        LossSettings(kind=loss, beta=0.1, nll_coef=nll_coef, entropy_coef=entropy_coef),
+        StepSettings(num_microbatches=num_microbatches, compute_dtype=compute_dtype,
+                     chunk_size=64, remat=remat), mesh=mesh)
 
 
 @functools.lru_cache(maxsize=None)

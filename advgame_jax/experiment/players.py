@@ -25,9 +25,9 @@ from advgame_jax.experiment.validate import ConfigError
 from advgame_jax.models import ModelConfig, load_hf, param_shardings
 from advgame_jax.sampling.placement import max_model_len, placement_of
 from advgame_jax.tokenization import ChatTokenizer
-from advgame_jax.training.optimizer import optimizer_from_config
-from advgame_jax.training.state import PlayerState, init_player_state, sampling_params
-from advgame_jax.training.update import UpdateStep, make_update_step
+from advgame_jax.experiment.update_settings import player_training
+from advgame_jax.training.state import PlayerState, sampling_params
+from advgame_jax.training.update import UpdateSettings, UpdateStep, update_step_from
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -115,13 +115,13 @@ def build_player(config, role: str, hf_dir: str, mesh, *, total_updates: int,
 
     sampler = _build_sampler(config, role, hf_dir, model_config, params, tokenizer, mesh)
 
-    optimizer = optimizer_from_config(config.optim, config.train.num_steps)
-    update = _update_step(config, model_config, optimizer, pc.compute_dtype, mesh, update_steps)
+    update = _update_step(model_config, player_training(config, role).update, mesh,
+                          update_steps)
     placement = placement_of(config, role)
     player = Player(role=role, model_config=model_config, tokenizer=tokenizer, hf_dir=hf_dir,
                     sampler=None, update=update, trainable=bool(pc.trainable),
                     sampler_kind="jax" if placement == "jax" else "vllm",
-                    optimizer=optimizer, placement=placement,
+                    optimizer=update.optimizer, placement=placement,
                     sampler_dtype=pc.sampler_dtype,
                     keep_sync_checkpoints=int(pc.engine.keep_sync_checkpoints)
                     if "engine" in pc else 2)
@@ -197,23 +197,16 @@ def close_player(player: Player) -> None:
         close()
 
 
-def _update_step(config, model_config, optimizer, compute_dtype: str, mesh,
+def _update_step(model_config, settings: UpdateSettings, mesh,
                  shared: Optional[dict]) -> UpdateStep:
-    """The player's update step. ``shared``: a map owned by the caller (one run) from
-    (model, compute dtype) to steps already built, so attacker and defender of the same
-    architecture share one compiled program; everything else comes from the one config."""
-    key = (model_config, compute_dtype)
+    """The player's update step (``training.update.update_step_from``, the planner's builder
+    too). ``shared``: a map owned by the caller (one run) from (model, settings) to steps
+    already built, so attacker and defender of the same architecture and settings share one
+    compiled program."""
+    key = (model_config, settings)
     if shared is not None and key in shared:
         return shared[key]
-    L, T = config.loss, config.train
-    step = make_update_step(
-        model_config, optimizer=optimizer, loss=L.kind, beta=L.beta,
-        length_normalization=L.length_normalization, nll_coef=L.nll_coef,
-        entropy_coef=L.entropy_coef, kl_coef=L.kl_coef, tis_cap=L.tis_cap or None,
-        num_microbatches=T.num_microbatches, compute_dtype=DTYPES[compute_dtype],
-        chunk_size=T.logprob_chunk_size, remat=T.remat_policy if T.remat else "none",
-        attention_impl=T.attention, max_tokens_per_device=T.max_tokens_per_device or None,
-        step_on_empty=T.step_on_empty_batch, tis_detach=L.tis_detach, mesh=mesh)
+    step = update_step_from(model_config, settings, mesh=mesh)
     if shared is not None:
         shared[key] = step
     return step
@@ -221,11 +214,7 @@ def _update_step(config, model_config, optimizer, compute_dtype: str, mesh,
 
 def initial_state(player: Player, params, config) -> PlayerState:
     """The player's state at step 0 (EMA = θ; θ₀ kept when the reference is 'initial')."""
-    keep_ema = config.train.sample_from == "ema" or config.train.reference == "ema"
-    return init_player_state(
-        params, player.optimizer if player.trainable else None,
-        reference=config.train.reference, keep_ema=keep_ema, trainable=player.trainable,
-        ema_dtype=DTYPES[config.train.ema_dtype])
+    return player_training(config, player.role).state.init(params, player.optimizer)
 
 
 def sync_sampler(player: Player, state: PlayerState, sample_from: str, workdir: str,

@@ -18,12 +18,15 @@ from advgame_jax.training.batching import (
 from advgame_jax.training.checkpoint import CheckpointError, GameCheckpointer
 from advgame_jax.training.ema import ema_step, ema_update
 from advgame_jax.training.export import AttackerExportError, export_hf, is_controlled_artifact
-from advgame_jax.training.optimizer import current_lr, make_lr_schedule, make_optimizer
+from advgame_jax.training.optimizer import (OptimizerSettings, current_lr, make_lr_schedule,
+                                            make_optimizer)
 from advgame_jax.training.sharding import (
     batch_parallel_size, batch_shardings, shard_batch, shard_state, state_shardings)
 from advgame_jax.training.state import (
-    PlayerState, abstract_player_state, init_player_state, reference_params, sampling_params)
-from advgame_jax.training.update import UpdateStep, make_update_step
+    PlayerState, StateSettings, abstract_player_state, init_player_state, reference_params,
+    sampling_params)
+from advgame_jax.training.update import (LossSettings, StepSettings, UpdateSettings, UpdateStep,
+                                         make_update_step, update_step_from)
 
 __all__ = [
     "PairBatch", "SampleBatch", "collate_pairs", "collate_samples", "length_bucket",
@@ -32,4 +35,6 @@ __all__ = [
     "make_lr_schedule", "make_optimizer", "batch_parallel_size", "batch_shardings",
     "shard_batch", "shard_state", "state_shardings", "PlayerState", "abstract_player_state",
     "init_player_state", "reference_params", "sampling_params", "UpdateStep", "make_update_step",
+    "update_step_from", "UpdateSettings", "LossSettings", "StepSettings", "StateSettings",
+    "OptimizerSettings",
 ]

@@ -21,11 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from advgame_jax.models import DEFAULT_RULES, ModelConfig
+from advgame_jax.models import DEFAULT_RULES, ModelConfig, param_shardings
 from advgame_jax.models.params import param_shapes
 from advgame_jax.training.batching import PairBatch, SampleBatch
 from advgame_jax.training.sharding import batch_shardings, state_shardings
-from advgame_jax.training.state import PlayerState, init_player_state
+from advgame_jax.training.state import StateSettings
 
 GIB = 1024 ** 3
 
@@ -84,13 +84,17 @@ def abstract_params(config: ModelConfig, dtype=jnp.float32):
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), param_shapes(config))
 
 
-def abstract_state(config: ModelConfig, optimizer, mesh, *, rules=DEFAULT_RULES,
-                   reference: str = "ema", keep_ema: bool = True, param_dtype=jnp.float32,
-                   ema_dtype=None) -> PlayerState:
-    """A trainable player's state as sharded ``ShapeDtypeStruct`` (nothing allocated)."""
-    params = abstract_params(config, param_dtype)
-    state = jax.eval_shape(lambda p: init_player_state(
-        p, optimizer, reference=reference, keep_ema=keep_ema, ema_dtype=ema_dtype), params)
+def abstract_state(config: ModelConfig, optimizer, mesh,
+                   settings: StateSettings = StateSettings(), *, rules=DEFAULT_RULES):
+    """A player's state as sharded ``ShapeDtypeStruct`` (nothing allocated): a trainable
+    player's :class:`PlayerState`, or a frozen player's params alone (``settings.trainable``
+    False: no optimizer state, no θ̄ or θ₀)."""
+    params = abstract_params(config, settings.param_dtype)
+    if not settings.trainable:
+        sh = param_shardings(config, mesh, rules)
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            params, sh)
+    state = jax.eval_shape(lambda p: settings.init(p, optimizer), params)
     shard = state_shardings(state, config, mesh, rules)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         state, shard)

@@ -18,6 +18,9 @@ model's param tree; see ``advgame_jax.models.params``).
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -88,18 +91,26 @@ def make_optimizer(lr: float = 1e-6, *, num_steps: int, b1: float = 0.9, b2: flo
     return adamw
 
 
-def optimizer_from_config(optim, num_trainer_steps: int) -> optax.GradientTransformation:
-    """The optimizer of an experiment's ``config.optim`` block for a run of
-    ``num_trainer_steps`` trainer steps (two optimizer updates each, one per seed split)."""
-    schedule = optim.get("lr_schedule", "run")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"config.optim.lr_schedule: expected one of {SCHEDULES}, got {schedule!r}")
-    cycle = schedule == "cycle"
-    return make_optimizer(optim.lr, num_steps=num_trainer_steps if cycle else 2 * num_trainer_steps,
-                          b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay,
-                          clip_norm=optim.clip_norm, final_lr_fraction=optim.final_lr_fraction,
-                          warmup_steps=optim.warmup_steps, restart=cycle,
-                          mu_dtype=jnp.dtype(optim.mu_dtype) if optim.get("mu_dtype") else None)
+@dataclasses.dataclass(frozen=True)
+class OptimizerSettings:
+    """The arguments of :func:`make_optimizer` as one frozen value (``config.optim`` with the
+    run's update count; ``experiment.update_settings`` maps the config block onto it)."""
+
+    lr: float = 1e-6
+    num_steps: int = 1000
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+    final_lr_fraction: float = 0.2
+    warmup_steps: int = 0
+    restart: bool = False
+    decay_norms_and_biases: bool = False
+    mu_dtype: Any = None
+
+    def build(self) -> optax.GradientTransformation:
+        return make_optimizer(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
 
 
 def current_lr(opt_state):

@@ -10,16 +10,12 @@ from __future__ import annotations
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 
 from advgame_jax.models import ModelConfig, make_mesh
 from advgame_jax.training import capacity as cap
-from advgame_jax.training.optimizer import make_optimizer
 from advgame_jax.plan_inputs import (FAMILY_MODELS, PlanInputError,  # noqa: F401
                                               model_path_for, resolve_mesh_shape)
-from advgame_jax.training.update import make_update_step
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+from advgame_jax.training.update import update_step_from
 
 
 def model_config_for(config, role: str, override: str = "") -> ModelConfig:
@@ -43,49 +39,39 @@ def player_rows(config, role: str, devices_in_batch: int) -> tuple[str, int]:
     return "pairs", b if role == "attacker" else b * a
 
 
-def _optimizer(config):
-    t, o = config.train, config.optim
-    return make_optimizer(o.lr, num_steps=max(2 * int(t.num_steps), 1), b1=o.b1, b2=o.b2,
-                          weight_decay=o.weight_decay, clip_norm=o.clip_norm,
-                          mu_dtype=DTYPES[o.get("mu_dtype", "float32")])
+def player_training(config, role: str):
+    """``role``'s update-step and state settings: the trainer's own mapping of the config
+    (``experiment.update_settings.player_training``), so the plan compiles the program that
+    trains."""
+    from advgame_jax.experiment.update_settings import player_training as mapping
 
-
-def _abstract_state(config, role, model_config, optimizer, mesh):
-    t = config.train
-    if not config[role].trainable:
-        return cap.abstract_params(model_config, DTYPES[config[role].param_dtype])
-    keep_ema = t.sample_from == "ema" or t.reference == "ema"
-    return cap.abstract_state(model_config, optimizer, mesh, reference=t.reference,
-                              keep_ema=keep_ema, param_dtype=DTYPES[config[role].param_dtype],
-                              ema_dtype=DTYPES[t.get("ema_dtype", "float32")])
+    return mapping(config, role)
 
 
 def _state_bytes(config, role, model_config, mesh) -> int:
-    state = _abstract_state(config, role, model_config, _optimizer(config), mesh)
-    if not config[role].trainable:
-        from advgame_jax.models import param_shardings
-        sh = param_shardings(model_config, mesh)
-        state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                             state, sh)
-    return cap.per_device_bytes(state)
+    t = player_training(config, role)
+    return cap.per_device_bytes(cap.abstract_state(model_config, t.update.optim.build(), mesh,
+                                                   t.state))
+
+
+def player_program(config, role: str, model_config: ModelConfig, mesh, seq_len: int):
+    """``(step, state, batch)``: ``role``'s update step as the trainer builds it
+    (``training.update.update_step_from``) with an abstract state and the longest batch of
+    the paper's game (:func:`player_rows`) at ``seq_len`` tokens; ``step.lower(state, batch)``
+    is the program a plan compiles."""
+    t = player_training(config, role)
+    step = update_step_from(model_config, t.update, mesh=mesh)
+    state = cap.abstract_state(model_config, step.optimizer, mesh, t.state)
+    kind, rows = player_rows(config, role, step.data_parallel_size)
+    return step, state, cap.abstract_batch(kind, rows, seq_len, mesh)
 
 
 def plan_player(config, role: str, model_config: ModelConfig, mesh, seq_len: int) -> dict:
-    t = config.train
-    optimizer = _optimizer(config)
-    step = make_update_step(
-        model_config, optimizer=optimizer, loss=config.loss.kind,
-        num_microbatches=int(t.num_microbatches),
-        max_tokens_per_device=int(t.get("max_tokens_per_device", 0)) or None,
-        compute_dtype=DTYPES[config[role].compute_dtype], chunk_size=int(t.logprob_chunk_size),
-        remat=t.get("remat_policy", "full") if t.remat else "none",
-        attention_impl=t.get("attention", "auto"), mesh=mesh)
-    state = _abstract_state(config, role, model_config, optimizer, mesh)
-    kind, rows = player_rows(config, role, step.data_parallel_size)
-    batch = cap.abstract_batch(kind, rows, seq_len, mesh)
+    step, state, batch = player_program(config, role, model_config, mesh, seq_len)
     report = cap.compile_report(step, state, batch)
-    report.update(kind=kind, rows=rows, seq_len=seq_len, num_params=cap.tree_bytes(
-        cap.abstract_params(model_config)) // 4)
+    kind = "pairs" if batch.tokens.ndim == 3 else "samples"
+    report.update(kind=kind, rows=int(batch.tokens.shape[0]), seq_len=seq_len,
+                  num_params=cap.tree_bytes(cap.abstract_params(model_config)) // 4)
     return report
 
 

@@ -19,6 +19,7 @@ frozen (fixed attacker)     θ₀         None        None          None
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
 import flax.struct
@@ -101,6 +102,31 @@ def init_player_state(params, optimizer: Optional[optax.GradientTransformation] 
         ref_params=_copy(params) if reference == "initial" else None,
         step=jnp.zeros((), jnp.int32),
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class StateSettings:
+    """What a player's state holds (``config.train`` and the role's block): the reference,
+    what the sampler holds, storage dtypes, and whether the player trains at all."""
+
+    reference: str = "ema"
+    sample_from: str = "ema"
+    ema_dtype: Any = None
+    param_dtype: Any = jnp.float32
+    trainable: bool = True
+
+    @property
+    def keep_ema(self) -> bool:
+        """θ̄ is kept when it is the loss reference or what the sampler holds (the one place
+        this rule lives)."""
+        return self.reference == "ema" or self.sample_from == "ema"
+
+    def init(self, params, optimizer: Optional[optax.GradientTransformation]) -> PlayerState:
+        """The player's state at step 0 from its initial ``params`` (see
+        :func:`init_player_state`; ``optimizer`` is ignored for a frozen player)."""
+        return init_player_state(params, optimizer if self.trainable else None,
+                                 reference=self.reference, keep_ema=self.keep_ema,
+                                 trainable=self.trainable, ema_dtype=self.ema_dtype)
 
 
 def reference_params(state: PlayerState):

@@ -18,6 +18,7 @@ import math
 import os
 
 from advgame_jax.plan_inputs import PlanInputError
+from advgame_jax.training.state import StateSettings
 from advgame_jax.training.steptime import (GenCall, Judge, Sampler, Shape, StepWorkload, Trainer,
                                            UpdateCall)
 
@@ -183,7 +184,8 @@ def build_workload(config, shapes: dict, layout: Layout, lengths: Lengths, *,
                                   not grpo or float(config.loss.get("kl_coef", 0.0)) > 0),
                               flops_per_token=(flops_per_token or {}).get(r, 0.0))
         updates[r] = [UpdateCall(rows=rows[r], length=seq[r])] * 2
-    ema_players = len(trainers) if (t.sample_from == "ema" or t.reference == "ema") else 0
+    keep_ema = StateSettings(reference=t.reference, sample_from=t.sample_from).keep_ema
+    ema_players = len(trainers) if keep_ema else 0
     faith, score = judge_requests(config, b)
     judge = Judge(shape=Shape.of(judge_shape) if judge_shape is not None else None, faith=faith,
                   pairs=score, prompt_tokens=judge_prompt, new_tokens=judge_new,

@@ -29,7 +29,8 @@ adds per-layer activation constraints; the step is one ``jax.jit`` (state donate
 
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +43,7 @@ from advgame_jax.models.attention import resolve_impl
 from advgame_jax.models.transformer import remat_policy
 from advgame_jax.ops.sharded_logprobs import sharded_sequence_logprobs
 from advgame_jax.training.objectives import OBJECTIVES, LossHParams
-from advgame_jax.training.optimizer import current_lr
+from advgame_jax.training.optimizer import OptimizerSettings, current_lr
 from advgame_jax.training.sharding import (batch_parallel_size, batch_shardings, shard_batch,
                                            state_shardings)
 from advgame_jax.training.state import PlayerState, reference_params
@@ -124,43 +125,85 @@ def accumulate_microbatches(grad_fn, m: int, *, row_sharding=None, grad_sharding
     return wrapped
 
 
-def make_update_step(model_config: ModelConfig, *, optimizer: optax.GradientTransformation,
-                     loss: str = "dpo", beta: float = 0.1, length_normalization: bool = False,
-                     nll_coef: float = 0.0, entropy_coef: float = 0.0, kl_coef: float = 0.1,
-                     tis_cap: Optional[float] = 2.0, num_microbatches: int = 1,
-                     max_tokens_per_device: Optional[int] = None,
-                     compute_dtype=jnp.bfloat16, chunk_size: int = 1024, remat=True,
-                     attention_impl: str = "xla", step_on_empty: bool = False,
-                     tis_detach: bool = True,
-                     mesh=None, rules=DEFAULT_RULES) -> "UpdateStep":
-    """Build ``update(state, batch) -> (state, metrics)`` for one player.
-
-    loss: a name in ``training.objectives.OBJECTIVES`` ('dpo' | 'ipo': :class:`PairBatch`;
-    'grpo': :class:`SampleBatch`). beta: DPO/IPO β. nll_coef: NLL on the chosen completion.
-    entropy_coef: bonus on the mean entropy of the completions, which the loss subtracts.
+@dataclasses.dataclass(frozen=True)
+class LossSettings(LossHParams):
+    """The objective (``config.loss``): a name in ``training.objectives.OBJECTIVES`` ('dpo' |
+    'ipo': :class:`PairBatch`; 'grpo': :class:`SampleBatch`) and its hyperparameters
+    (:class:`LossHParams`: beta = DPO/IPO β; nll_coef: NLL on the chosen completion;
+    entropy_coef: bonus on the mean entropy of the completions, which the loss subtracts;
     kl_coef, tis_cap (None or ≤ 0: no importance weighting), tis_detach (False: the importance
-    weight keeps its gradient, the reference's behaviour): GRPO.
+    weight keeps its gradient, the reference's behaviour): GRPO)."""
+
+    kind: str = "dpo"
+
+    def hparams(self) -> LossHParams:
+        return LossHParams(**{f.name: getattr(self, f.name)
+                              for f in dataclasses.fields(LossHParams)})
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """How one player's step runs (``config.train`` and the role's ``compute_dtype``).
+
     max_tokens_per_device: token budget of one microbatch on one device (None: fixed
     ``num_microbatches``). remat: bool or a policy of ``models.transformer.REMAT_POLICIES``.
     attention_impl: 'auto' | 'xla' | 'chunked' | 'cudnn' (``models.attention``).
-    ``optimizer`` must be the transformation that built ``state.opt_state``.
-    Batch rows must be a multiple of ``num_microbatches × batch_parallel_size(mesh)``
-    (``collate_*`` guarantees it when given the same numbers).
+    step_on_empty: a batch without a valid row still runs the optimizer update.
     """
-    if loss not in OBJECTIVES:
-        raise ValueError(f"loss.kind must be one of {LOSSES}, got {loss!r}")
+
+    compute_dtype: Any = jnp.bfloat16
+    num_microbatches: int = 1
+    max_tokens_per_device: Optional[int] = None
+    chunk_size: int = 1024
+    remat: Any = True
+    attention_impl: str = "xla"
+    step_on_empty: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateSettings:
+    """Everything that decides one player's compiled update program besides the model shape
+    and the mesh: objective, optimizer (schedule included: it runs inside the step) and step."""
+
+    loss: LossSettings = LossSettings()
+    optim: OptimizerSettings = OptimizerSettings()
+    train: StepSettings = StepSettings()
+
+
+def update_step_from(model_config: ModelConfig, settings: UpdateSettings, *, mesh=None,
+                     rules=DEFAULT_RULES) -> "UpdateStep":
+    """The one builder of a player's update step: the trainer, the capacity planner and the
+    benchmarks all call it, so they compile the same program for the same settings. The
+    optimizer is built here from ``settings.optim`` and exposed as ``step.optimizer`` (the
+    transformation that must build ``state.opt_state``)."""
+    return make_update_step(model_config, settings.optim.build(), settings.loss, settings.train,
+                            mesh=mesh, rules=rules)
+
+
+def make_update_step(model_config: ModelConfig, optimizer: optax.GradientTransformation,
+                     loss: LossSettings = LossSettings(), train: StepSettings = StepSettings(),
+                     *, mesh=None, rules=DEFAULT_RULES) -> "UpdateStep":
+    """Build ``update(state, batch) -> (state, metrics)`` for one player with a given optax
+    ``optimizer`` (it must be the transformation that built ``state.opt_state``); see
+    :class:`LossSettings` and :class:`StepSettings`. :func:`update_step_from` builds the
+    optimizer too. Batch rows must be a multiple of ``num_microbatches ×
+    batch_parallel_size(mesh)`` (``collate_*`` guarantees it when given the same numbers).
+    """
+    if loss.kind not in OBJECTIVES:
+        raise ValueError(f"loss.kind must be one of {LOSSES}, got {loss.kind!r}")
+    num_microbatches, max_tokens_per_device = train.num_microbatches, train.max_tokens_per_device
     if num_microbatches < 1:
         raise ValueError(f"train.num_microbatches must be ≥ 1, got {num_microbatches!r}")
     if max_tokens_per_device is not None and max_tokens_per_device < 1:
         raise ValueError(f"train.max_tokens_per_device must be ≥ 1 or unset, got "
                          f"{max_tokens_per_device!r}")
+    attention_impl, entropy_coef, step_on_empty = (train.attention_impl, loss.entropy_coef,
+                                                   train.step_on_empty)
     resolve_impl(attention_impl)
-    policy = remat_policy(remat)
-    objective_fn, kind = OBJECTIVES[loss]
-    hp = LossHParams(beta=beta, length_normalization=length_normalization, nll_coef=nll_coef,
-                     entropy_coef=entropy_coef, kl_coef=kl_coef, tis_cap=tis_cap,
-                     tis_detach=tis_detach)
-    fwd = dict(compute_dtype=compute_dtype, chunk_size=chunk_size,
+    policy = remat_policy(train.remat)
+    objective_fn, kind = OBJECTIVES[loss.kind]
+    hp = loss.hparams()
+    fwd = dict(compute_dtype=train.compute_dtype, chunk_size=train.chunk_size,
                attention_impl=attention_impl, mesh=mesh, rules=rules)
     dp = batch_parallel_size(mesh, rules)
 
@@ -229,7 +272,7 @@ def make_update_step(model_config: ModelConfig, *, optimizer: optax.GradientTran
         return new_state, metrics
 
     return UpdateStep(jax.jit(update, donate_argnums=0), model_config, mesh, rules,
-                      num_microbatches)
+                      num_microbatches, optimizer)
 
 
 class UpdateStep:
@@ -244,8 +287,10 @@ class UpdateStep:
     returns its state unchanged and ``{}`` without running anything.
     """
 
-    def __init__(self, jitted, config: ModelConfig, mesh, rules, num_microbatches: int):
+    def __init__(self, jitted, config: ModelConfig, mesh, rules, num_microbatches: int,
+                 optimizer: optax.GradientTransformation):
         self._jitted = jitted
+        self.optimizer = optimizer  # the transformation that builds ``state.opt_state``
         self._config = config
         self._mesh = mesh
         self._rules = rules
@@ -280,6 +325,11 @@ class UpdateStep:
     def lower(self, state: PlayerState, batch):
         """``jax.jit(...).lower`` of the step (arrays or sharded ``ShapeDtypeStruct``)."""
         return self._jitted.lower(state, batch)
+
+    def lower_call(self, state: PlayerState, batch):
+        """The lowering of exactly what ``self(state, batch)`` runs (concrete inputs placed as
+        a call places them)."""
+        return self._jitted.lower(*self._place(state, batch))
 
     def cache_size(self) -> int:
         """Number of compiled variants held (for recompilation checks)."""
