@@ -127,8 +127,10 @@ def test_eval_on_real_seeds_and_export_of_the_trained_defender(smol_run, smol_di
     tok = ChatTokenizer.from_dir(exported)
     prompt = tok.render_user_turn("What is the capital of France?")
     model = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
-    with torch.no_grad():
-        hf_ids = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)[0]
+    ids = torch.tensor([prompt])
+    with torch.no_grad():  # the mask is given: inferred from pad id 2 it would hide <|im_end|>
+        hf_ids = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16,
+                                do_sample=False)[0]
     hf_ids = [int(t) for t in hf_ids[len(prompt):]]
     assert len(hf_ids) > 0
     from tests.test_vllm_sampler import VLLM_MISSING

@@ -91,6 +91,44 @@ def test_greedy_matches_transformers_generate(family, request):
                                    atol=1e-4, rtol=0)
 
 
+def test_decode_equals_teacher_forced_forward_at_smollm2_head_layout(tmp_path):
+    """SmolLM2's attention shape (9 query / 3 KV heads, RoPE theta 1e5, tied embeddings) in a
+    tiny random model. One batch mixes prompt lengths on both sides of the prompt bucket (16;
+    left padding up to 29 slots, filler rows) and holds the pad id 0 and EOS id 2 inside the
+    prompts, as chat turns do; 20 new tokens cross the 16-token new-token bucket. Every row's
+    decode must equal a teacher-forced torch forward of its own prefix, step by step (argmax
+    and log-prob), and transformers' generate given an explicit attention mask (without one
+    it infers the mask from the pad id and masks those prompt tokens)."""
+    model = make_tiny_llama(tmp_path, hidden_size=72, num_heads=9, num_kv_heads=3, head_dim=16,
+                            rope_scaling=None, rope_theta=1e5, tie=True, seed=3)
+    sampler = JaxSampler.from_hf_dir(tmp_path, compute_dtype=jnp.float32, tokenizer=None)
+    lens = (3, 15, 16, 17, 30)
+    prompts = _prompts(model.config.vocab_size, seed=5, lens=lens)
+    for p in prompts[1:]:
+        p[len(p) // 3], p[len(p) // 2] = 0, 2  # pad and EOS ids mid-prompt
+    n_new = 20
+    got = sampler.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=n_new))
+    for prompt, c in zip(prompts, got):
+        assert len(c.token_ids) == n_new
+        seq = torch.tensor([list(prompt) + list(c.token_ids)])
+        with torch.no_grad():
+            logits = model(seq, attention_mask=torch.ones_like(seq)).logits[0].double()
+        steps = logits[len(prompt) - 1:-1]  # the logits that chose each new token
+        top2 = steps.topk(2, dim=-1).values
+        assert float((top2[:, 0] - top2[:, 1]).min()) > 1e-3  # no near-ties to excuse
+        assert c.token_ids == tuple(int(t) for t in steps.argmax(-1))
+        lp = torch.log_softmax(steps, -1).gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
+        np.testing.assert_allclose(c.logprobs, lp.numpy(), atol=1e-4, rtol=0)
+    ref = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new,
+                                 do_sample=False, eos_token_id=None, pad_token_id=0)
+        ref.append(tuple(int(t) for t in out[0, len(prompt):]))
+    assert [c.token_ids for c in got] == ref
+
+
 def test_stop_tokens_and_lengths_give_per_row_finish_reasons(llama):
     model, sampler = llama
     prompts = _prompts(model.config.vocab_size)
