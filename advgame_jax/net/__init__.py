@@ -13,10 +13,13 @@ from advgame_jax.net.client import (
     Unreachable,
     chat_text,
     check_base_url,
+    check_models,
+    run_batch,
     served_models,
 )
 from advgame_jax.net.replicas import FailureRateMonitor, ReplicaRouter
 
 __all__ = ["DEFAULT_TIMEOUT_S", "Client", "ClientError", "DeadlineExceeded", "FaultCounter",
            "HTTPStatusError", "MalformedResponse", "Unreachable", "chat_text", "check_base_url",
+           "check_models", "run_batch",
            "served_models", "FailureRateMonitor", "ReplicaRouter"]
