@@ -209,7 +209,8 @@ class Client:
         or ``parse(answer)`` (a KeyError/IndexError/TypeError/ValueError there is a
         ``MalformedResponse``). Raises the last ``ClientError`` once retries or time run out.
         replica: send every attempt to that replica (index into ``endpoints``).
-        count: False leaves fault counts and replica health untouched (probes)."""
+        count: False leaves fault counts and replica health untouched (probes). An empty
+        answer body decodes to None."""
         budget = self.timeout_s if timeout_s is None else float(timeout_s)
         deadline = time.monotonic() + budget
         retries = self.max_retries if max_retries is None else int(max_retries)
@@ -274,7 +275,7 @@ class Client:
                                   [:BODY_EXCERPT_CHARS], url,
                                   _retry_after(resp.headers.get("retry-after")))
         try:
-            obj = json.loads(raw)
+            obj = json.loads(raw) if raw.strip() else None  # an empty answer: None
         except ValueError as e:
             raise MalformedResponse(f"answer is not JSON ({e}); first bytes {raw[:80]!r}",
                                     url) from None
