@@ -6,7 +6,9 @@ docstring (module, class or function); a statement wrapped over several lines co
 line. Counted per file, minus the definitions named in its exclusion list: code that lives in
 those files but is not HTTP/RPC (the attacker gate and the demo model of the serving entry
 point, judge probing semantics, the top-k forward pass, starting and stopping engine
-processes). The same kinds of definitions are excluded on both sides.
+processes). The same kinds of definitions are excluded on both sides. The replica router and
+the failure-rate warning count on both sides (old: inside ``game/endpoint.py``; new:
+``net/replicas.py``).
 
 The old numbers are data: they were measured once from the commit that held the stdlib stack
 with ``python tests/test_http_code_size.py f593e35`` (this file's ``__main__``: ``git show``
@@ -142,7 +144,7 @@ def _new_counts() -> dict:
 
 # Today's total (measured with this counter when the ceiling was last lowered): the code may
 # shrink, not grow, until it meets the target below.
-CEILING = 1250
+CEILING = 1233
 
 
 def test_http_code_does_not_grow():
@@ -151,9 +153,11 @@ def test_http_code_does_not_grow():
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "not met: 1,250 lines against the stdlib stack's 1,050 (target 525). The new stack also "
-    "streams, returns top_logprobs, computes Retry-After, enforces a read deadline per request, "
-    "and drives vLLM's own server (pause/collective_rpc/reset/version/resume)"))
+    "not met: 1,233 lines against the stdlib stack's 1,050 (target 525). Beyond what the old "
+    "stack did, the new one streams, returns top_logprobs, answers 503 with a computed "
+    "Retry-After, bounds each request's read time, enforces the client deadline across retries "
+    "with Retry-After, and drives vLLM's own server (pause, collective_rpc, reset, version, "
+    "resume)"))
 def test_http_code_is_at_most_half_of_the_stdlib_stack():
     new = _new_counts()
     old_total, new_total = sum(OLD_COUNTS.values()), sum(new.values())

@@ -270,14 +270,8 @@ def parse_completions(raw: bytes, tokenizer, limits: Limits,
     if many and len(prompt) > limits.max_n:  # before encoding thousands of prompts
         raise _bad(f"the request asks for {len(prompt)} prompts; this server returns at most "
                    f"{limits.max_n} completions per request", "prompt")
-    if isinstance(prompt, str):
-        prompts = [_encode(tokenizer, prompt)]
-    elif isinstance(prompt[0], str):
-        prompts = [_encode(tokenizer, p) for p in prompt]
-    elif isinstance(prompt[0], int):
-        prompts = [_token_ids(prompt, "prompt", vocab)]
-    else:
-        prompts = [_token_ids(p, "prompt", vocab) for p in prompt]
+    prompts = [_encode(tokenizer, p) if isinstance(p, str) else _token_ids(p, "prompt", vocab)
+               for p in (prompt if many else [prompt])]
     top = _in("logprobs", req.logprobs, 0, MAX_TEXT_LOGPROBS)
     return _common(req, tokenizer, limits, req.max_tokens, prompts, kind="completions",
                    logprobs=top is not None, top_logprobs=top or 0)

@@ -104,7 +104,6 @@ class OpenAIServer:
         self._running, self._per_request_s, self._next_slot = 0, 0.05, 0.0
         self._batch_start, self._last_batch = 0.0, (1, 0.0)  # (requests, seconds)
         self._threads: list[threading.Thread] = []
-        self.batches_served = 0  # generate calls made by the worker
         self.rejected = 0  # requests answered 503 because the queue was full
         self._uvicorn = uvicorn.Server(uvicorn.Config(
             _build_app(self), http=protocol_with_deadline(config.read_timeout_s), ws="none",
@@ -259,7 +258,6 @@ class OpenAIServer:
                 self._per_request_s = 0.7 * self._per_request_s + 0.3 * per
 
     def _run(self, batch: list[_Job]):
-        self.batches_served += 1
         try:
             if hasattr(self.sampler, "generate_many"):
                 results = self.sampler.generate_many(
