@@ -306,10 +306,11 @@ def _choice(req: ParsedRequest, tokenizer, i: int, text: str, c: Completion, top
             hi: int, finish, *, stream: bool, first=False, offset=0):
     """Choice ``i`` holding ``text`` and the log-probs of tokens ``lo:hi`` of ``c`` (a whole
     completion, or one token of it in a stream chunk)."""
+    want = req.logprobs and (hi > lo or not stream)
+    lo, hi = (lo, hi) if want else (0, 0)  # no log-probs asked for: none decoded
     piece = lambda t: tokenizer.decode([t], skip_special_tokens=False)  # noqa: E731
     pieces = [piece(t) for t in c.token_ids[lo:hi]]
     alts = [[(piece(t), v) for t, v in tops[j]] if tops else [] for j in range(lo, hi)]
-    want = req.logprobs and (hi > lo or not stream)
     if req.kind == "completions":
         lp = TextLogprobs(
             tokens=pieces, token_logprobs=list(c.logprobs[lo:hi]),
