@@ -25,10 +25,9 @@ INSTALL_REQUIRES = [
     "array-record>=0.5",
     "tensorboardX>=2.6",
     "tqdm>=4.66",
-    # advgame_jax.net: the HTTP client of judges, eval endpoints and engine servers (httpcore
-    # directly: the wall-clock deadline is enforced in its network backend).
+    # advgame_jax.net: the HTTP client of judges, eval endpoints and engine servers (httpx's
+    # asyncio client; the wall-clock deadline is asyncio.wait_for around each attempt).
     "httpx>=0.28,<1",
-    "httpcore>=1.0.5,<2",
     # launch/serve.py: the HTTP server (sampling/server.py, http_guard.py subclasses uvicorn's
     # h11 protocol) and the OpenAI response models (openai_schema.py).
     "fastapi>=0.115",

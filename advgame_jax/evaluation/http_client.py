@@ -12,19 +12,12 @@ warning is logged from the first batch whose failure rate crosses ``warn_failure
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 from typing import Any, Optional, Sequence
 
 from advgame_jax.errors import UserError
 from advgame_jax.net import (
-    DEFAULT_TIMEOUT_S,
-    Client,
-    ClientError,
-    FailureRateMonitor,
-    chat_text,
-    served_models,
-)
+    DEFAULT_TIMEOUT_S, Client, FailureRateMonitor, chat_text, check_models, run_batch)
 
 
 class EndpointUnreachable(UserError, ConnectionError):
@@ -63,9 +56,9 @@ class OpenAIClient:
         self.client = Client([base_url], api_key=api_key, timeout_s=timeout_s,
                              max_retries=max_retries, max_connections=max(int(concurrency), 1),
                              field=field, **client_options)
-        self.base_url = self.client.endpoints[0]
-        self.model, self.api, self.field = model, api, field
+        self.base_url, self.model, self.api, self.field = self.client.endpoints[0], model, api, field
         self.timeout_s, self.max_retries, self.concurrency = float(timeout_s), max_retries, concurrency
+        self.fault_counts = self.client.fault_counts
         self._monitor = FailureRateMonitor(
             threshold=warn_failure_rate, every=warn_every, what=f"ENDPOINT {field}",
             consequence="those examples are recorded as failed generations",
@@ -77,32 +70,21 @@ class OpenAIClient:
         """Requests that got no answer after retries."""
         return self.client.fault_counts().get("failed_requests", 0)
 
-    def fault_counts(self) -> dict[str, int]:
-        return self.client.fault_counts()
-
     def check(self) -> list[str]:
         """Served model ids; raises :class:`EndpointUnreachable` naming the field and URL."""
-        url = f"{self.base_url}/models"
-        try:
-            ids = self.client.get("/models", parse=served_models, timeout_s=min(self.timeout_s, 30.0),
-                                  max_retries=1, count=False)
-        except ClientError as err:  # any failure: not usable
-            raise EndpointUnreachable(
-                f"{self.field}: {url} is not reachable as an OpenAI-compatible server "
-                f"({type(err).__name__}: {err}); start the server or fix the URL") from None
-        if self.model and ids and self.model not in ids:
-            raise EndpointUnreachable(f"{self.field}: {url} serves {ids}, not model {self.model!r}")
+        ids, bad, wrong = check_models(self.client, self.model, min(self.timeout_s, 30.0))
+        if bad:
+            raise EndpointUnreachable(f"{self.field}: {bad[0]} is not reachable as an "
+                                      "OpenAI-compatible server; start the server or fix the URL")
+        if wrong:
+            raise EndpointUnreachable(f"{self.field}: {wrong[0]}, not model {self.model!r}")
         return ids
 
     def payload(self, r: Request) -> dict:
-        body: dict[str, Any] = {"model": self.model, "max_tokens": r.max_tokens,
-                                "temperature": r.temperature, "top_p": r.top_p, "seed": r.seed,
-                                "n": 1}
-        if self.api == "chat":
-            body["messages"] = [{"role": "user", "content": r.prompt}]
-        else:
-            body["prompt"] = r.prompt
-        return body
+        prompt = {"messages": [{"role": "user", "content": r.prompt}]} if self.api == "chat" \
+            else {"prompt": r.prompt}
+        return {"model": self.model, "max_tokens": r.max_tokens, "temperature": r.temperature,
+                "top_p": r.top_p, "seed": r.seed, "n": 1, **prompt}
 
     def _parse(self, out: Any) -> Answer:
         choice = out["choices"][0]
@@ -113,17 +95,7 @@ class OpenAIClient:
         return Answer(text, str(choice.get("finish_reason") or "stop"),
                       usage.get("completion_tokens"))
 
-    def _request(self, r: Request) -> Optional[Answer]:
-        path = "/chat/completions" if self.api == "chat" else "/completions"
-        try:
-            return self.client.post(path, self.payload(r), parse=self._parse)
-        except ClientError:
-            return None
-
     def complete(self, requests: Sequence[Request]) -> list[Optional[Answer]]:
-        if not requests:
-            return []
-        with concurrent.futures.ThreadPoolExecutor(min(self.concurrency, len(requests))) as pool:
-            out = list(pool.map(self._request, requests))
-        self._monitor.note(len(out), sum(a is None for a in out))
-        return out
+        path = "/chat/completions" if self.api == "chat" else "/completions"
+        return run_batch(lambda r: self.client.post(path, self.payload(r), parse=self._parse),
+                         requests, self.concurrency, self._monitor)

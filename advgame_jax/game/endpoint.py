@@ -32,13 +32,12 @@ pairwise probe and warns (raw reply, fields to look at) when an answer does not 
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
-import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from advgame_jax.errors import UserError
-from advgame_jax.net import Client, ClientError, FailureRateMonitor, chat_text, served_models
+from advgame_jax.net import (
+    Client, ClientError, FailureRateMonitor, chat_text, check_models, run_batch)
 
 log = logging.getLogger("advgame_jax.judge")
 
@@ -58,55 +57,27 @@ class EndpointBackend:
     endpoints: base URLs such as ``http://host:8000/v1``; model: the served model name.
     api_key: sent as ``Authorization: Bearer`` when given (never logged).
     timeout_s: wall-clock limit per request, retries included; max_retries: re-sends after
-    the first attempt. concurrency: requests in flight in total;
-    max_in_flight_per_endpoint: per replica (0: no per-replica bound).
-    unhealthy_after / unhealthy_cooldown_s: replica health (``net.replicas``).
+    the first attempt. concurrency: requests in flight in total.
     warn_failure_rate / warn_every: failure-rate warning (module docstring).
     temperature / top_p / max_tokens / explicit_sampling: decoding (module docstring).
-    seed: seeds the backoff jitter. sleep / clock: injectable for tests.
+    client_options: the rest of ``net.Client`` (backoff_s, max_backoff_s, seed (the backoff
+    jitter), max_in_flight_per_endpoint, unhealthy_after, unhealthy_cooldown_s, sleep, clock).
     """
 
     def __init__(self, endpoints: Sequence[str], model: str, *, api_key: Optional[str] = None,
                  timeout_s: float = 120.0, max_retries: int = 3, concurrency: int = 32,
                  temperature: float = 0.0, top_p: float = 1.0, max_tokens: int = 8192,
-                 explicit_sampling: bool = True, backoff_s: float = 0.5,
-                 max_backoff_s: float = 30.0, seed: int = 0,
-                 max_in_flight_per_endpoint: int = 0, unhealthy_after: int = 3,
-                 unhealthy_cooldown_s: float = 30.0, warn_failure_rate: float = 0.1,
-                 warn_every: int = 10, sleep: Callable[[float], None] = time.sleep,
-                 clock: Callable[[], float] = time.monotonic):
-        if isinstance(endpoints, str):
-            endpoints = [e for e in endpoints.split(",") if e]
-        endpoints = [str(e).rstrip("/") for e in endpoints]
-        if not endpoints:
-            raise JudgeEndpointError("judge endpoints: expected at least one base URL such as "
-                                     "http://host:8000/v1")
-        for e in endpoints:
-            if not e.startswith(("http://", "https://")):
-                raise JudgeEndpointError(f"judge endpoint {e!r}: expected an http(s):// base URL")
+                 explicit_sampling: bool = True, warn_failure_rate: float = 0.1,
+                 warn_every: int = 10, **client_options):
         if not model:
             raise JudgeEndpointError("judge model: expected the model name served at the endpoints")
-        if not timeout_s > 0 or max_retries < 0 or concurrency < 1:
-            raise JudgeEndpointError(f"judge endpoint options: expected timeout_s > 0, max_retries "
-                                     f">= 0, concurrency >= 1; got {timeout_s}, {max_retries}, {concurrency}")
-        if not 0.0 < float(top_p) <= 1.0:
-            raise JudgeEndpointError(f"judge top_p: expected a number in (0, 1], got {top_p!r}")
-        self.endpoints = tuple(endpoints)
-        self.model = model
-        self.timeout_s = float(timeout_s)
-        self.max_retries = int(max_retries)
-        self.concurrency = int(concurrency)
-        self.temperature, self.top_p = float(temperature), float(top_p)
-        self.max_tokens = int(max_tokens)
-        self.explicit_sampling = bool(explicit_sampling)
+        if concurrency < 1 or not 0.0 < float(top_p) <= 1.0:
+            raise JudgeEndpointError(f"judge endpoint options: expected concurrency >= 1 and "
+                                     f"top_p in (0, 1]; got {concurrency}, {top_p!r}")
         try:
-            self.client = Client(
-                self.endpoints, api_key=api_key, timeout_s=timeout_s, max_retries=max_retries,
-                backoff_s=backoff_s, max_backoff_s=max_backoff_s, seed=seed,
-                max_connections=max(self.concurrency, 1),
-                max_in_flight_per_endpoint=max_in_flight_per_endpoint,
-                unhealthy_after=unhealthy_after, unhealthy_cooldown_s=unhealthy_cooldown_s,
-                field="config.judge.endpoints", sleep=sleep, clock=clock)
+            self.client = Client(endpoints, api_key=api_key, timeout_s=timeout_s,
+                                 max_retries=max_retries, max_connections=concurrency,
+                                 field="config.judge.endpoints", **client_options)
             self._monitor = FailureRateMonitor(
                 threshold=warn_failure_rate, every=warn_every, what="JUDGE",
                 consequence="their slots become judge error values",
@@ -114,6 +85,11 @@ class EndpointBackend:
                                  f"{self.client.fault_counts()}"))
         except ValueError as err:
             raise JudgeEndpointError(f"judge endpoint options: {err}") from None
+        self.endpoints, self.model, self.concurrency = self.client.endpoints, model, concurrency
+        self.timeout_s, self.max_retries = self.client.timeout_s, self.client.max_retries
+        self.temperature, self.top_p, self.max_tokens = float(temperature), float(top_p), max_tokens
+        self.explicit_sampling = bool(explicit_sampling)
+        self.endpoint_health, self.fault_counts = self.client.endpoint_health, self.client.fault_counts
 
     def __repr__(self) -> str:
         return f"EndpointBackend(endpoints={self.endpoints}, model={self.model!r})"
@@ -124,28 +100,14 @@ class EndpointBackend:
 
     def payload(self, prompt: str) -> dict:
         """The JSON body of one judge request."""
-        body = {"model": self.model, "messages": [{"role": "user", "content": prompt}],
+        return {"model": self.model, "messages": [{"role": "user", "content": prompt}],
                 "temperature": self.temperature, "top_p": self.top_p,
-                "max_tokens": self.max_tokens}
-        if self.explicit_sampling:
-            body.update(NEUTRAL_SAMPLING)
-        return body
+                "max_tokens": self.max_tokens, **(NEUTRAL_SAMPLING if self.explicit_sampling else {})}
 
     def check_endpoints(self) -> list[str]:
         """The served model names; raises ``JudgeEndpointError`` naming each endpoint that does
         not answer ``GET /models``, or ``config.judge.model`` when an endpoint does not serve it."""
-        bad, wrong, names = [], [], []
-        for i, base in enumerate(self.endpoints):
-            try:
-                ids = self.client.get("/models", parse=served_models, replica=i,
-                                      timeout_s=min(self.timeout_s, 30.0), max_retries=1,
-                                      count=False)
-            except ClientError as err:  # any failure means the endpoint is not usable
-                bad.append(f"{base}/models ({type(err).__name__}: {err})")
-                continue
-            names.extend(n for n in ids if n not in names)
-            if self.model not in ids:
-                wrong.append(f"{base} serves {ids}")
+        names, bad, wrong = check_models(self.client, self.model, min(self.timeout_s, 30.0))
         if bad:
             raise JudgeEndpointError("judge endpoint unreachable: " + "; ".join(bad) +
                                      ". Expected an OpenAI-compatible server (check "
@@ -155,12 +117,6 @@ class EndpointBackend:
                 f"config.judge.model={self.model!r} is not served: " + "; ".join(wrong) +
                 ". Set config.judge.model to one of the served names")
         return names
-
-    def _request(self, prompt: str) -> Optional[str]:
-        try:
-            return self.client.post("/chat/completions", self.payload(prompt), parse=chat_text)
-        except ClientError:
-            return None
 
     def probe(self, prompt: str) -> tuple[Optional[str], str]:
         """One uncounted request: (answer or None, why it failed)."""
@@ -172,19 +128,9 @@ class EndpointBackend:
 
     def complete(self, prompts: Sequence[str]) -> list[Optional[str]]:
         """One answer per prompt (None where every attempt failed), in order."""
-        if not prompts:
-            return []
-        workers = min(self.concurrency, len(prompts))
-        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-            out = list(pool.map(self._request, prompts))
-        self._monitor.note(len(out), sum(o is None for o in out))
-        return out
-
-    def endpoint_health(self) -> list[dict]:
-        return self.client.endpoint_health()
-
-    def fault_counts(self) -> dict[str, int]:
-        return self.client.fault_counts()
+        return run_batch(lambda p: self.client.post("/chat/completions", self.payload(p),
+                                                    parse=chat_text),
+                         prompts, self.concurrency, self._monitor)
 
 
 _PROBE_SEED = "How do I bake bread at home?"

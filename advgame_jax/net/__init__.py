@@ -2,21 +2,8 @@
 with a wall-clock deadline per request, retries, fault kinds) and ``replicas`` (least-loaded
 healthy replica router, failure-rate warning)."""
 
-from advgame_jax.net.client import (
-    DEFAULT_TIMEOUT_S,
-    Client,
-    ClientError,
-    DeadlineExceeded,
-    FaultCounter,
-    HTTPStatusError,
-    MalformedResponse,
-    Unreachable,
-    chat_text,
-    check_base_url,
-    served_models,
-)
-from advgame_jax.net.replicas import FailureRateMonitor, ReplicaRouter
-
-__all__ = ["DEFAULT_TIMEOUT_S", "Client", "ClientError", "DeadlineExceeded", "FaultCounter",
-           "HTTPStatusError", "MalformedResponse", "Unreachable", "chat_text", "check_base_url",
-           "served_models", "FailureRateMonitor", "ReplicaRouter"]
+from advgame_jax.net.client import (  # noqa: F401
+    DEFAULT_TIMEOUT_S, Client, ClientError, DeadlineExceeded, FaultCounter, HTTPStatusError,
+    MalformedResponse, Unreachable, chat_text, check_base_url, check_models, run_batch,
+    served_models)
+from advgame_jax.net.replicas import FailureRateMonitor, ReplicaRouter  # noqa: F401

@@ -2,11 +2,10 @@
 classifiers and targets, vLLM engine servers): JSON requests over httpx with pooled
 keep-alive connections, routed to the least-loaded healthy replica (``net.replicas``).
 
-Deadline. ``timeout_s`` is wall-clock per request, retries and backoff included. It is
-enforced under httpx, at the network layer: every connect, TLS handshake, socket write and
-socket read of an attempt gets at most the time left before the deadline (httpx's own
-timeouts are per read), so a server trickling its headers or body one byte a second still
-fails at the deadline (``DeadlineExceeded``), give or take one socket call's scheduling.
+Deadline. ``timeout_s`` is wall-clock per request, retries and backoff included. Each attempt
+runs on httpx's asyncio client (one event-loop thread for the process) under
+``asyncio.wait_for`` with the time left, so a server trickling its headers or body one byte a
+second still fails at the deadline (``DeadlineExceeded``): httpx's own timeouts are per read.
 
 Retries. Connection faults (refused, reset, closed mid-answer), HTTP 408/429/5xx and
 malformed bodies are retried up to ``max_retries`` times while time is left. The wait before a
@@ -25,15 +24,17 @@ rejected it). ``fault_counts()`` holds one count per failed attempt by kind, plu
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import concurrent.futures
 import email.utils
 import json
+import os
 import random
 import threading
 import time
 from typing import Any, Callable, Optional, Sequence
 
-import httpcore
 import httpx
 
 from advgame_jax.net.replicas import ReplicaRouter
@@ -55,13 +56,17 @@ class ClientError(Exception):
 class Unreachable(ClientError, ConnectionError):
     """No usable connection: refused, reset, closed mid-answer, name not resolved."""
 
-    kind = "connection"
-
 
 class DeadlineExceeded(ClientError, TimeoutError):
     """No complete answer before the request's wall-clock deadline."""
 
     kind = "timeout"
+
+
+class MalformedResponse(ClientError, ValueError):
+    """A 2xx answer that is not JSON, too large, or not of the expected shape."""
+
+    kind = "malformed_json"
 
 
 class HTTPStatusError(ClientError):
@@ -71,28 +76,15 @@ class HTTPStatusError(ClientError):
                  retry_after: Optional[float] = None):
         super().__init__(f"HTTP {code}: {body_excerpt!r}", url)
         self.code, self.body_excerpt, self.retry_after = code, body_excerpt, retry_after
-
-    @property
-    def kind(self) -> str:  # type: ignore[override]
-        return "http_5xx" if self.code >= 500 else "http_429" if self.code == 429 else "http_4xx"
-
-    @property
-    def retryable(self) -> bool:
-        return self.code >= 500 or self.code in (408, 429)
-
-
-class MalformedResponse(ClientError, ValueError):
-    """A 2xx answer that is not JSON, too large, or not of the expected shape."""
-
-    kind = "malformed_json"
+        self.kind = "http_5xx" if code >= 500 else "http_429" if code == 429 else "http_4xx"
+        self.retryable = code >= 500 or code in (408, 429)
 
 
 class FaultCounter:
     """Thread-safe cumulative counts of fault kinds."""
 
     def __init__(self):
-        self._lock = threading.Lock()
-        self._counts: collections.Counter = collections.Counter()
+        self._lock, self._counts = threading.Lock(), collections.Counter()
 
     def add(self, kind: str, n: int = 1) -> None:
         with self._lock:
@@ -103,66 +95,18 @@ class FaultCounter:
             return dict(self._counts)
 
 
-# ---------------------------------------------------------------- the deadline, below httpx
-_local = threading.local()  # .deadline: time.monotonic() value of this thread's request
+_loop: Optional[tuple[int, asyncio.AbstractEventLoop]] = None  # (pid, the loop its thread runs)
+_loop_lock = threading.Lock()
 
 
-def _cap(timeout: Optional[float], exc: type) -> Optional[float]:
-    deadline = getattr(_local, "deadline", None)
-    if deadline is None:
-        return timeout
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise exc("request deadline reached")
-    return left if timeout is None else min(timeout, left)
-
-
-class _DeadlineStream(httpcore.NetworkStream):
-    def __init__(self, inner: httpcore.NetworkStream):
-        self._inner = inner
-
-    def read(self, max_bytes: int, timeout: Optional[float] = None) -> bytes:
-        return self._inner.read(max_bytes, _cap(timeout, httpcore.ReadTimeout))
-
-    def write(self, buffer: bytes, timeout: Optional[float] = None) -> None:
-        self._inner.write(buffer, _cap(timeout, httpcore.WriteTimeout))
-
-    def close(self) -> None:
-        self._inner.close()
-
-    def start_tls(self, ssl_context, server_hostname=None, timeout=None):
-        return _DeadlineStream(self._inner.start_tls(
-            ssl_context, server_hostname, _cap(timeout, httpcore.ConnectTimeout)))
-
-    def get_extra_info(self, info: str) -> Any:
-        return self._inner.get_extra_info(info)
-
-
-class _DeadlineBackend(httpcore.NetworkBackend):
-    def __init__(self):
-        self._inner = httpcore.SyncBackend()
-
-    def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
-        return _DeadlineStream(self._inner.connect_tcp(
-            host, port, _cap(timeout, httpcore.ConnectTimeout), local_address, socket_options))
-
-    def connect_unix_socket(self, path, timeout=None, socket_options=None):
-        return _DeadlineStream(self._inner.connect_unix_socket(
-            path, _cap(timeout, httpcore.ConnectTimeout), socket_options))
-
-    def sleep(self, seconds: float) -> None:
-        self._inner.sleep(seconds)
-
-
-class _Transport(httpx.HTTPTransport):
-    """httpx's transport over a connection pool whose sockets obey the thread's deadline."""
-
-    def __init__(self, max_connections: int):
-        super().__init__(trust_env=False)
-        self._pool = httpcore.ConnectionPool(
-            ssl_context=httpx.create_ssl_context(), max_connections=max_connections,
-            max_keepalive_connections=max_connections, keepalive_expiry=30.0,
-            network_backend=_DeadlineBackend())
+def _run(coro):
+    """Run ``coro`` on the process's HTTP event-loop thread and wait for its result."""
+    global _loop
+    with _loop_lock:
+        if _loop is None or _loop[0] != os.getpid():  # first use, or a forked child
+            _loop = (os.getpid(), asyncio.new_event_loop())
+            threading.Thread(target=_loop[1].run_forever, daemon=True, name="advgame-http").start()
+    return asyncio.run_coroutine_threadsafe(coro, _loop[1]).result()
 
 
 def _retry_after(value: Optional[str]) -> Optional[float]:
@@ -224,20 +168,20 @@ class Client:
                                     unhealthy_after=unhealthy_after,
                                     unhealthy_cooldown_s=unhealthy_cooldown_s, clock=clock)
         self.faults = FaultCounter()
-        self._sleep = sleep
-        self._rng = random.Random(seed)
-        self._rng_lock = threading.Lock()
+        self._sleep, self._rng, self._rng_lock = sleep, random.Random(seed), threading.Lock()
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
-        self._http = httpx.Client(transport=_Transport(max_connections), headers=headers,
-                                  trust_env=False, follow_redirects=False)
+        self._http = httpx.AsyncClient(
+            headers=headers, trust_env=False, timeout=None, limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections,
+                keepalive_expiry=30.0))
 
     def __repr__(self) -> str:
         return f"Client(endpoints={self.endpoints}, timeout_s={self.timeout_s:g})"
 
     def close(self) -> None:
-        self._http.close()
+        _run(self._http.aclose())
 
     def __enter__(self) -> "Client":
         return self
@@ -251,7 +195,12 @@ class Client:
     def endpoint_health(self) -> list[dict]:
         return self.router.health()
 
-    # ------------------------------------------------------------------ one request
+    def get(self, path: str, **kw) -> Any:
+        return self.request("GET", path, **kw)
+
+    def post(self, path: str, payload: Any, **kw) -> Any:
+        return self.request("POST", path, payload, **kw)
+
     def request(self, method: str, path: str, payload: Any = None, *,
                 parse: Optional[Callable[[Any], Any]] = None, timeout_s: Optional[float] = None,
                 max_retries: Optional[int] = None, replica: Optional[int] = None,
@@ -260,110 +209,83 @@ class Client:
         or ``parse(answer)`` (a KeyError/IndexError/TypeError/ValueError there is a
         ``MalformedResponse``). Raises the last ``ClientError`` once retries or time run out.
         replica: send every attempt to that replica (index into ``endpoints``).
-        count: False leaves fault counts and replica health untouched (probes)."""
+        count: False leaves fault counts and replica health untouched (probes). An empty
+        answer body decodes to None."""
         budget = self.timeout_s if timeout_s is None else float(timeout_s)
         deadline = time.monotonic() + budget
         retries = self.max_retries if max_retries is None else int(max_retries)
         body = None if payload is None else json.dumps(payload).encode("utf-8")
-        err: ClientError = DeadlineExceeded("no time left")
+        note = self.faults.add if count else (lambda kind: None)
         for attempt in range(retries + 1):
-            if attempt and count:
-                self.faults.add("retries")
+            if attempt:
+                note("retries")
             rep = self.router.acquire(replica, timeout=deadline - time.monotonic())
             if rep is None:  # every replica's slots stayed taken until the deadline
                 err = DeadlineExceeded("no free replica slot before the request's deadline")
-                if count:
-                    self.faults.add(err.kind)
+                note(err.kind)
                 break
-            ok = False
             try:
                 value = self._attempt(method, rep.base + path, body, parse, deadline, budget)
-                ok = True
+                self.router.release(rep, True, record=count)
                 return value
             except ClientError as e:
                 err = e
-                if count:
-                    self.faults.add(e.kind)
-            finally:
-                self.router.release(rep, ok, record=count)
-            if isinstance(err, HTTPStatusError) and not err.retryable:
+                note(e.kind)
+                self.router.release(rep, False, record=count)
+            wait, left = getattr(err, "retry_after", None), deadline - time.monotonic()
+            if (not getattr(err, "retryable", True) or attempt >= retries or left <= 0
+                    or (wait is not None and wait >= left)):  # a wait past the deadline
                 break
-            left = deadline - time.monotonic()
-            if attempt >= retries or left <= 0:
-                break
-            wait = getattr(err, "retry_after", None)
             if wait is None:
-                wait = self._backoff(attempt)
-            elif wait >= left:
-                break  # the server asks for a wait past the deadline
+                with self._rng_lock:
+                    wait = self.backoff_s * (2 ** attempt) * (1 + self._rng.random())
+                wait = min(self.max_backoff_s, wait)
             self._sleep(min(wait, left))
             if deadline - time.monotonic() <= 0:
                 break
-        if count:
-            self.faults.add("failed_requests")
+        note("failed_requests")
         raise err
 
-    def get(self, path: str, **kw) -> Any:
-        return self.request("GET", path, **kw)
-
-    def post(self, path: str, payload: Any, **kw) -> Any:
-        return self.request("POST", path, payload, **kw)
-
-    def _backoff(self, attempt: int) -> float:
-        with self._rng_lock:
-            jitter = self._rng.random()
-        return min(self.max_backoff_s, self.backoff_s * (2 ** attempt) * (1 + jitter))
+    async def _fetch(self, method: str, url: str, body: Optional[bytes]):
+        async with self._http.stream(method, url, content=body) as resp:
+            chunks, size = [], 0
+            async for chunk in resp.aiter_bytes():
+                size += len(chunk)
+                if size > self.max_body_bytes:
+                    raise MalformedResponse(f"answer larger than {self.max_body_bytes} bytes",
+                                            url)
+                chunks.append(chunk)
+            return resp, b"".join(chunks)
 
     def _attempt(self, method: str, url: str, body: Optional[bytes], parse, deadline: float,
                  budget: float):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise DeadlineExceeded("no time left before the request's deadline", url)
-        _local.deadline = deadline
         try:
-            req = self._http.build_request(method, url, content=body,
-                                           timeout=httpx.Timeout(left))
-            resp = self._http.send(req, stream=True)
-            try:
-                raw = self._read(resp, url)
-            finally:
-                resp.close()
-        except httpx.TimeoutException:
-            raise DeadlineExceeded(f"no complete answer within the {budget:g} s "
-                                   "deadline", url) from None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            resp, raw = _run(asyncio.wait_for(self._fetch(method, url, body), left))
+        except (TimeoutError, httpx.TimeoutException):
+            raise DeadlineExceeded(f"no complete answer within the {budget:g} s deadline",
+                                   url) from None
         except httpx.HTTPError as e:  # refused, reset, closed mid-answer, protocol error
             raise Unreachable(f"{type(e).__name__}: {e}", url) from None
-        finally:
-            _local.deadline = None
         if resp.status_code >= 400:
             raise HTTPStatusError(resp.status_code,
                                   raw[:4 * BODY_EXCERPT_CHARS].decode("utf-8", "replace")
                                   [:BODY_EXCERPT_CHARS], url,
                                   _retry_after(resp.headers.get("retry-after")))
         try:
-            obj = json.loads(raw)
+            obj = json.loads(raw) if raw.strip() else None  # an empty answer: None
         except ValueError as e:
-            raise MalformedResponse(f"answer is not JSON ({e}); first bytes "
-                                    f"{raw[:80]!r}", url) from None
-        if parse is None:
-            return obj
+            raise MalformedResponse(f"answer is not JSON ({e}); first bytes {raw[:80]!r}",
+                                    url) from None
         try:
-            return parse(obj)
+            return obj if parse is None else parse(obj)
         except (KeyError, IndexError, TypeError, ValueError) as e:
             raise MalformedResponse(f"unexpected answer shape ({type(e).__name__}: {e})",
                                     url) from None
 
-    def _read(self, resp: httpx.Response, url: str) -> bytes:
-        chunks, size = [], 0
-        for chunk in resp.iter_bytes():
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise MalformedResponse(f"answer larger than {self.max_body_bytes} bytes", url)
-            chunks.append(chunk)
-        return b"".join(chunks)
 
-
-# ---------------------------------------------------------------- OpenAI-compatible answers
 def served_models(answer: Any) -> list[str]:
     """The model ids of a ``GET /models`` answer (``{"data": [{"id": ...}, ...]}``)."""
     ids = [m["id"] for m in answer["data"]]
@@ -378,3 +300,37 @@ def chat_text(answer: Any) -> str:
     if not isinstance(text, str):
         raise ValueError("message content is not a string")
     return text
+
+
+def check_models(client: Client, model: str, timeout_s: float):
+    """``GET /models`` on each replica (uncounted): (every served name, ``"<url> (<why>)"`` for
+    each replica that did not answer, ``"<base> serves [...]"`` for each not serving ``model``)."""
+    names, bad, wrong = [], [], []
+    for i, base in enumerate(client.endpoints):
+        try:
+            ids = client.get("/models", parse=served_models, replica=i, timeout_s=timeout_s,
+                             max_retries=1, count=False)
+        except ClientError as err:
+            bad.append(f"{base}/models ({type(err).__name__}: {err})")
+            continue
+        names.extend(n for n in ids if n not in names)
+        if model and ids and model not in ids:
+            wrong.append(f"{base} serves {ids}")
+    return names, bad, wrong
+
+
+def run_batch(fn: Callable, items: Sequence, concurrency: int, monitor) -> list:
+    """``fn(item)`` for every item, at most ``concurrency`` at once, in order; a ``ClientError``
+    gives None. The batch's failures go to ``monitor.note`` (a ``FailureRateMonitor``)."""
+    def one(item):
+        try:
+            return fn(item)
+        except ClientError:
+            return None
+
+    if not items:
+        return []
+    with concurrent.futures.ThreadPoolExecutor(min(concurrency, len(items))) as pool:
+        out = list(pool.map(one, items))
+    monitor.note(len(out), sum(o is None for o in out))
+    return out

@@ -142,39 +142,29 @@ class EngineClient:
 
     def wait_ready(self) -> None:
         """For a spawned engine: wait until ``/health`` answers (startup deadline)."""
-        from advgame_jax.net import ClientError, MalformedResponse
+        from advgame_jax.net import ClientError
 
         while not self._ready:
-            dead = self._dead(" while starting")
-            if dead:
-                raise dead
+            if self._dead():
+                raise self._dead(" while starting")
             if time.monotonic() > self._startup_deadline:
                 self.proc.kill()
                 raise self._error("not ready within the startup timeout")
             try:
-                self._http.request("GET", "/health", timeout_s=5, count=False)
-                self._ready = True
-            except MalformedResponse:  # HTTP 200 with vLLM's empty body: up
-                self._ready = True
+                self._ready = self._http.request("GET", "/health", timeout_s=5, count=False) or True
             except ClientError:
                 time.sleep(0.5)
 
     def request(self, method: str, path: str, payload: Any = None, *,
                 timeout_s: Optional[float] = None) -> Any:
         """``method path`` with a JSON body; the decoded answer (``None`` for an empty one)."""
-        from advgame_jax.net import ClientError, MalformedResponse
+        from advgame_jax.net import ClientError
 
         self.wait_ready()
-        dead = self._dead()
-        if dead:
-            raise dead
-        timeout_s = self.request_timeout_s if timeout_s is None else float(timeout_s)
+        if self._dead():
+            raise self._dead()
         try:
             return self._http.request(method, path, payload, timeout_s=timeout_s)
-        except MalformedResponse as e:
-            if "first bytes b''" in str(e):  # an empty HTTP 200 answer
-                return None
-            raise self._error(f"'{path}': {e}") from None
         except ClientError as e:
             time.sleep(0.2)  # let a dying engine's exit code land
             raise (self._dead(f" during '{path}'")

@@ -19,6 +19,7 @@ status + OpenAI error fields), never an internal message.
 from __future__ import annotations
 
 import dataclasses
+import json
 import secrets
 import time
 import uuid
@@ -269,14 +270,8 @@ def parse_completions(raw: bytes, tokenizer, limits: Limits,
     if many and len(prompt) > limits.max_n:  # before encoding thousands of prompts
         raise _bad(f"the request asks for {len(prompt)} prompts; this server returns at most "
                    f"{limits.max_n} completions per request", "prompt")
-    if isinstance(prompt, str):
-        prompts = [_encode(tokenizer, prompt)]
-    elif isinstance(prompt[0], str):
-        prompts = [_encode(tokenizer, p) for p in prompt]
-    elif isinstance(prompt[0], int):
-        prompts = [_token_ids(prompt, "prompt", vocab)]
-    else:
-        prompts = [_token_ids(p, "prompt", vocab) for p in prompt]
+    prompts = [_encode(tokenizer, p) if isinstance(p, str) else _token_ids(p, "prompt", vocab)
+               for p in (prompt if many else [prompt])]
     top = _in("logprobs", req.logprobs, 0, MAX_TEXT_LOGPROBS)
     return _common(req, tokenizer, limits, req.max_tokens, prompts, kind="completions",
                    logprobs=top is not None, top_logprobs=top or 0)
@@ -307,97 +302,76 @@ def text_deltas(c: Completion, tokenizer) -> list[str]:
     return pieces
 
 
-def _piece(tokenizer, t: int) -> str:
-    return tokenizer.decode([t], skip_special_tokens=False)
+def _choice(req: ParsedRequest, tokenizer, i: int, text: str, c: Completion, tops, lo: int,
+            hi: int, finish, *, stream: bool, first=False, offset=0):
+    """Choice ``i`` holding ``text`` and the log-probs of tokens ``lo:hi`` of ``c`` (a whole
+    completion, or one token of it in a stream chunk)."""
+    want = req.logprobs and (hi > lo or not stream)
+    lo, hi = (lo, hi) if want else (0, 0)  # no log-probs asked for: none decoded
+    piece = lambda t: tokenizer.decode([t], skip_special_tokens=False)  # noqa: E731
+    pieces = [piece(t) for t in c.token_ids[lo:hi]]
+    alts = [[(piece(t), v) for t, v in tops[j]] if tops else [] for j in range(lo, hi)]
+    if req.kind == "completions":
+        lp = TextLogprobs(
+            tokens=pieces, token_logprobs=list(c.logprobs[lo:hi]),
+            top_logprobs=[dict(a) for a in alts] if req.top_logprobs and tops else None,
+            text_offset=[offset + sum(map(len, pieces[:j])) for j in range(len(pieces))])
+        return CompletionChoice.model_construct(index=i, text=text, finish_reason=finish,
+                                                logprobs=lp if want else None)
+    b = lambda s: list(s.encode("utf-8", "replace"))  # noqa: E731
+    content = [ChatCompletionTokenLogprob(token=s, logprob=v, bytes=b(s), top_logprobs=[
+        TopLogprob(token=a, logprob=w, bytes=b(a)) for a, w in alt])
+        for s, v, alt in zip(pieces, c.logprobs[lo:hi], alts)]
+    if not stream:
+        return cc.Choice(index=i, finish_reason=finish, logprobs=cc.ChoiceLogprobs(
+            content=content) if want else None, message=ChatCompletionMessage(
+            role="assistant", content=text))
+    delta = ck.ChoiceDelta(role="assistant", content=text) if first else ck.ChoiceDelta(
+        content=text)
+    return ck.Choice(index=i, delta=delta, finish_reason=finish,
+                     logprobs=ck.ChoiceLogprobs(content=content) if want else None)
 
 
-def _chat_logprobs(c: Completion, tops, tokenizer, lo=0, hi=None):
-    def entry(t, lp, alts):
-        s = _piece(tokenizer, t)
-        return ChatCompletionTokenLogprob(
-            token=s, logprob=lp, bytes=list(s.encode("utf-8", "replace")), top_logprobs=[
-                TopLogprob(token=(a := _piece(tokenizer, i)), logprob=v,
-                           bytes=list(a.encode("utf-8", "replace"))) for i, v in alts])
-    hi = len(c.token_ids) if hi is None else hi
-    return [entry(c.token_ids[j], c.logprobs[j], tops[j] if tops else ())
-            for j in range(lo, hi)]
+def _body(req: ParsedRequest, head: dict, choices, stream: bool, **usage):
+    chat = req.kind == "chat"
+    cls = (ChatCompletionChunk if stream else ChatCompletion) if chat else TextCompletion
+    kind = ("chat.completion.chunk" if stream else "chat.completion") if chat else "text_completion"
+    return cls.model_construct(object=kind, **head, choices=choices, **usage).model_dump(
+        mode="json", exclude_unset=True)
 
 
-def _text_logprobs(c: Completion, tops, tokenizer, want_top: bool, offset=0, lo=0, hi=None):
-    hi = len(c.token_ids) if hi is None else hi
-    pieces = [_piece(tokenizer, t) for t in c.token_ids[lo:hi]]
-    offsets = [offset + sum(len(p) for p in pieces[:j]) for j in range(len(pieces))]
-    top = [{_piece(tokenizer, i): v for i, v in tops[j]} for j in range(lo, hi)] \
-        if want_top and tops else None
-    return TextLogprobs(tokens=pieces, token_logprobs=list(c.logprobs[lo:hi]),
-                        top_logprobs=top, text_offset=offsets)
-
-
-def _usage(req: ParsedRequest, completions) -> CompletionUsage:
-    p = sum(len(x) for x in req.prompts)
-    c = sum(len(x.token_ids) for x in completions)
-    return CompletionUsage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
-
-
-def build_response(req: ParsedRequest, completions: Sequence[Completion], tokenizer,
-                   model_name: str, tops=None) -> dict:
-    """The OpenAI response body (chat.completion or text_completion). ``completions`` are
-    already cut at the stop strings (``apply_stop``); ``tops[i][j]``: the (token id, log-prob)
-    alternatives of token j of completion i."""
+def responses(req: ParsedRequest, completions: Sequence[Completion], tokenizer,
+              model_name: str, tops=None):
+    """The response body (chat.completion or text_completion), or for ``req.stream`` the
+    server-sent events: one chunk per token per choice, a finish chunk per choice, the usage
+    chunk when asked for, and ``[DONE]``. ``completions`` are cut at the stop strings
+    (``apply_stop``); ``tops[i][j]``: the (token id, log-prob) alternatives of token j of
+    completion i."""
     tops = tops or [None] * len(completions)
     head = dict(id=("chatcmpl-" if req.kind == "chat" else "cmpl-") + uuid.uuid4().hex,
-                created=int(time.time()), model=model_name, usage=_usage(req, completions))
-    if req.kind == "chat":
-        body = ChatCompletion(object="chat.completion", **head, choices=[cc.Choice(
-            index=i, finish_reason=c.finish_reason,
-            message=ChatCompletionMessage(role="assistant", content=c.text),
-            logprobs=cc.ChoiceLogprobs(content=_chat_logprobs(c, t, tokenizer))
-            if req.logprobs else None) for i, (c, t) in enumerate(zip(completions, tops))])
-    else:
-        body = TextCompletion(object="text_completion", **head, choices=[CompletionChoice(
-            index=i, text=c.text, finish_reason=c.finish_reason,
-            logprobs=_text_logprobs(c, t, tokenizer, req.top_logprobs > 0)
-            if req.logprobs else None) for i, (c, t) in enumerate(zip(completions, tops))])
-    return body.model_dump(mode="json", exclude_unset=True)
-
-
-def stream_chunks(req: ParsedRequest, completions: Sequence[Completion], tokenizer,
-                  model_name: str, tops=None):
-    """The SSE ``data:`` payloads of a streamed response, one chunk per token per choice,
-    then a finish chunk per choice, the usage chunk when asked for, and ``[DONE]``."""
-    tops = tops or [None] * len(completions)
-    chat = req.kind == "chat"
-    head = dict(id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
                 created=int(time.time()), model=model_name)
+    p = sum(len(x) for x in req.prompts)
+    n = sum(len(x.token_ids) for x in completions)
+    usage = CompletionUsage(prompt_tokens=p, completion_tokens=n, total_tokens=p + n)
+    if not req.stream:
+        return _body(req, head, [_choice(req, tokenizer, i, c.text, c, t, 0, len(c.token_ids),
+                                         c.finish_reason, stream=False)
+                                 for i, (c, t) in enumerate(zip(completions, tops))],
+                     False, usage=usage)
 
-    def chunk(i, text, finish=None, lo=0, hi=0, first=False, offset=0):
-        c, t = completions[i], tops[i]
-        if chat:
-            lp = (ck.ChoiceLogprobs(content=_chat_logprobs(c, t, tokenizer, lo, hi))
-                  if req.logprobs and hi > lo else None)
-            delta = ck.ChoiceDelta(role="assistant", content=text) if first else \
-                ck.ChoiceDelta(content=text)
-            return ChatCompletionChunk(object="chat.completion.chunk", **head, choices=[
-                ck.Choice(index=i, delta=delta, finish_reason=finish, logprobs=lp)])
-        lp = (_text_logprobs(c, t, tokenizer, req.top_logprobs > 0, offset, lo, hi)
-              if req.logprobs and hi > lo else None)
-        return TextCompletion.model_construct(  # finish_reason is null until the last chunk
-            object="text_completion", **head, choices=[CompletionChoice.model_construct(
-                index=i, text=text, finish_reason=finish, logprobs=lp)])
-
-    for i, c in enumerate(completions):
-        if chat:
-            yield chunk(i, "", first=True).model_dump_json(exclude_unset=True)
-        offset = 0
-        for j, piece in enumerate(text_deltas(c, tokenizer)):
-            yield chunk(i, piece, lo=j, hi=j + 1, offset=offset).model_dump_json(
-                exclude_unset=True)
-            offset += len(piece)
-        yield chunk(i, "", finish=c.finish_reason).model_dump_json(
-            exclude_unset=True)
-    if req.include_usage:
-        cls = ChatCompletionChunk if chat else TextCompletion
-        yield cls.model_construct(object="chat.completion.chunk" if chat else "text_completion",
-                                  **head, choices=[], usage=_usage(req, completions)
-                                  ).model_dump_json(exclude_unset=True)
-    yield "[DONE]"
+    def events():
+        for i, (c, t) in enumerate(zip(completions, tops)):
+            chunks = [("", 0, 0, None)] if req.kind == "chat" else []  # the role comes first
+            offset = 0
+            for j, piece in enumerate(text_deltas(c, tokenizer)):
+                chunks.append((piece, j, j + 1, None))
+            chunks.append(("", 0, 0, c.finish_reason))
+            for k, (text, lo, hi, finish) in enumerate(chunks):
+                choice = _choice(req, tokenizer, i, text, c, t, lo, hi, finish, stream=True,
+                                 first=k == 0 and req.kind == "chat", offset=offset)
+                offset += len(text)
+                yield f"data: {json.dumps(_body(req, head, [choice], True))}\n\n"
+        if req.include_usage:
+            yield f"data: {json.dumps(_body(req, head, [], True, usage=usage))}\n\n"
+        yield "data: [DONE]\n\n"
+    return events()

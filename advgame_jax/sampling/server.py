@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import dataclasses
 import hmac
 import logging
@@ -47,8 +48,7 @@ from starlette.requests import ClientDisconnect
 
 from advgame_jax.sampling.http_guard import protocol_with_deadline
 from advgame_jax.sampling.openai_schema import (
-    Limits, ParsedRequest, RequestError, apply_stop, build_response, parse_chat,
-    parse_completions, stream_chunks)
+    Limits, ParsedRequest, RequestError, apply_stop, parse_chat, parse_completions, responses)
 from advgame_jax.sampling.servable import (  # noqa: F401 - the serving API lives here too
     AttackerCheckpointError, NotAnHFExportError, check_hf_export, check_servable,
     is_attacker_checkpoint, make_tiny_model_dir)
@@ -77,21 +77,7 @@ class ServerConfig:
 @dataclasses.dataclass(eq=False)
 class _Job:
     request: ParsedRequest
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future
-
-
-def _settle(future: asyncio.Future, result, error):
-    if not future.done():
-        future.set_exception(error) if error is not None else future.set_result(result)
-
-
-def _deliver(job: _Job, result=None, error=None):
-    """Hand a job's outcome to its request's event loop (gone if the server has stopped)."""
-    try:
-        job.loop.call_soon_threadsafe(_settle, job.future, result, error)
-    except RuntimeError:  # the loop is closed: nobody waits for this answer any more
-        pass
+    future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
 
 
 def _error_response(err: RequestError) -> JSONResponse:
@@ -118,7 +104,6 @@ class OpenAIServer:
         self._running, self._per_request_s, self._next_slot = 0, 0.05, 0.0
         self._batch_start, self._last_batch = 0.0, (1, 0.0)  # (requests, seconds)
         self._threads: list[threading.Thread] = []
-        self.batches_served = 0  # generate calls made by the worker
         self.rejected = 0  # requests answered 503 because the queue was full
         self._uvicorn = uvicorn.Server(uvicorn.Config(
             _build_app(self), http=protocol_with_deadline(config.read_timeout_s), ws="none",
@@ -209,14 +194,10 @@ class OpenAIServer:
             raise RequestError(400, "this server's sampler returns no top_logprobs",
                                param="top_logprobs")
         completions, tops = await self._generate(req)
-        name = self.config.model_name
+        out = responses(req, completions, self.tokenizer, self.config.model_name, tops)
         if not req.stream:
-            return JSONResponse(build_response(req, completions, self.tokenizer, name, tops))
-
-        async def events():
-            for data in stream_chunks(req, completions, self.tokenizer, name, tops):
-                yield f"data: {data}\n\n"
-        return StreamingResponse(events(), media_type="text/event-stream",
+            return JSONResponse(out)
+        return StreamingResponse(out, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
     # ------------------------------------------------------------------ queue + worker
@@ -224,15 +205,14 @@ class OpenAIServer:
         if self._closing:
             raise RequestError(503, "the server is shutting down", type="server_error",
                                code="shutting_down")
-        loop = asyncio.get_running_loop()
-        job = _Job(req, loop, loop.create_future())
+        job = _Job(req)
         with self._cv:
             if len(self._waiting) >= self.config.queue_size:
                 raise self._overloaded()
             self._waiting.append(job)
             self._cv.notify()
         try:
-            return await asyncio.wait_for(asyncio.shield(job.future),
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job.future)),
                                           self.config.request_timeout_s)
         except asyncio.TimeoutError:
             raise RequestError(503, "generation timed out", type="server_error",
@@ -278,7 +258,6 @@ class OpenAIServer:
                 self._per_request_s = 0.7 * self._per_request_s + 0.3 * per
 
     def _run(self, batch: list[_Job]):
-        self.batches_served += 1
         try:
             if hasattr(self.sampler, "generate_many"):
                 results = self.sampler.generate_many(
@@ -295,10 +274,10 @@ class OpenAIServer:
             log.exception("generation failed")
             error = RequestError(500, f"generation failed: {type(err).__name__}",
                                  type="server_error")
-            _deliver(batch[0], error=error)
+            batch[0].future.set_exception(error)
             return
         for job, result in zip(batch, done):
-            _deliver(job, result)
+            job.future.set_result(result)
 
     def _finish(self, req: ParsedRequest, completions):
         """Stop strings applied; the top-k alternatives when asked for (worker thread)."""
