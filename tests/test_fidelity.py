@@ -23,17 +23,17 @@ from advgame_jax.game.normalization import (
     with_weight,
 )
 from advgame_jax.game.tree import XError
-from advgame_jax.training.optimizer import current_lr, optimizer_from_config
+from advgame_jax.settings import OptimSettings
+from advgame_jax.training.optimizer import current_lr, optimizer_for
 from tests.game_stubs import ByteTokenizer, ScriptedJudge, ScriptedSampler
 from tests.test_game_golden import CFG, SEEDS, TOK, play
 
 
 # ---- 2. LR schedule -------------------------------------------------------------------------
 def _lrs(schedule: str, num_trainer_steps: int, updates: int, *, zero_grads=False):
-    optim = ml_collections.ConfigDict(dict(lr=1e-6, b1=0.9, b2=0.95, weight_decay=0.1,
-                                           clip_norm=1.0, final_lr_fraction=0.2, warmup_steps=0,
-                                           lr_schedule=schedule))
-    tx = optimizer_from_config(optim, num_trainer_steps)
+    optim = OptimSettings(lr=1e-6, b1=0.9, b2=0.95, weight_decay=0.1, clip_norm=1.0,
+                          final_lr_fraction=0.2, warmup_steps=0, lr_schedule=schedule)
+    tx = optimizer_for(optim, num_trainer_steps)
     params = {"w": jnp.ones((3,))}
     state = tx.init(params)
     out = []
@@ -65,9 +65,9 @@ def test_run_schedule_spans_all_updates_without_restart():
 def test_zero_gradient_adamw_step_still_decays_weights():
     # Reference: a split without pairs still steps AdamW. With zero gradients the Adam moments
     # stay 0, so the only change is decoupled weight decay: w ← w − lr·wd·w = w·(1 − 0.1·0.1).
-    optim = ml_collections.ConfigDict(dict(lr=0.1, b1=0.9, b2=0.95, weight_decay=0.1, clip_norm=1.0,
-                                           final_lr_fraction=1.0, warmup_steps=0, lr_schedule="cycle"))
-    tx = optimizer_from_config(optim, 10)
+    optim = OptimSettings(lr=0.1, b1=0.9, b2=0.95, weight_decay=0.1, clip_norm=1.0,
+                          final_lr_fraction=1.0, warmup_steps=0, lr_schedule="cycle")
+    tx = optimizer_for(optim, 10)
     params = {"w": jnp.full((2, 2), 2.0)}
     upd, _ = tx.update({"w": jnp.zeros((2, 2))}, tx.init(params), params)
     np.testing.assert_allclose(optax.apply_updates(params, upd)["w"], 2.0 * 0.99, rtol=1e-6)
@@ -145,7 +145,10 @@ def test_update_step_receives_empty_split_and_tis_flags(monkeypatch):
     seen = {}
     monkeypatch.setattr(players, "make_update_step", lambda *a, **kw: seen.update(kw) or object())
     c = paper_config("qwen", "grpo")
-    players._update_step(c, "model", optax.sgd(0.1), "bfloat16", None, {})
+    from advgame_jax.experiment.validate import settings_from_config
+
+    players._update_step(settings_from_config(c, complete=False), "model", optax.sgd(0.1),
+                         "bfloat16", None, {})
     assert seen["step_on_empty"] is True and seen["tis_detach"] is False
 
 

@@ -24,8 +24,9 @@ import jax.numpy as jnp
 from advgame_jax.experiment.validate import ConfigError
 from advgame_jax.models import ModelConfig, load_hf, param_shardings
 from advgame_jax.sampling.placement import max_model_len, placement_of
+from advgame_jax.settings import Settings
 from advgame_jax.tokenization import ChatTokenizer
-from advgame_jax.training.optimizer import optimizer_from_config
+from advgame_jax.training.optimizer import optimizer_for
 from advgame_jax.training.state import PlayerState, init_player_state, sampling_params
 from advgame_jax.training.update import UpdateStep, make_update_step
 
@@ -92,10 +93,11 @@ def check_checkpoint_dir(path: str, field: str) -> None:
         raise ConfigError(f"config.{field}: {path!r} has no .safetensors weights")
 
 
-def build_player(config, role: str, hf_dir: str, mesh, *, total_updates: int,
+def build_player(config, role: str, hf_dir: str, mesh, *, settings: Settings, total_updates: int,
                  update_steps: Optional[dict] = None) -> tuple[Player, Any]:
     """Load ``role``'s checkpoint and build its sampler and update step (``update_steps``: the
-    run's map of steps already built, shared between same-architecture players).
+    run's map of steps already built, shared between same-architecture players; ``settings``:
+    the converted ``config``, read by the optimizer and the update step).
 
     Returns ``(player, initial_params)`` (fp32 master params placed with the mesh shardings).
     """
@@ -115,9 +117,9 @@ def build_player(config, role: str, hf_dir: str, mesh, *, total_updates: int,
 
     sampler = _build_sampler(config, role, hf_dir, model_config, params, tokenizer, mesh)
 
-    optimizer = optimizer_from_config(config.optim, config.train.num_steps)
-    update = _update_step(config, model_config, optimizer, pc.compute_dtype, mesh, update_steps)
-    placement = placement_of(config, role)
+    optimizer = optimizer_for(settings.optim, settings.train.num_steps)
+    update = _update_step(settings, model_config, optimizer, pc.compute_dtype, mesh, update_steps)
+    placement = settings.player(role).placement
     player = Player(role=role, model_config=model_config, tokenizer=tokenizer, hf_dir=hf_dir,
                     sampler=None, update=update, trainable=bool(pc.trainable),
                     sampler_kind="jax" if placement == "jax" else "vllm",
@@ -197,21 +199,22 @@ def close_player(player: Player) -> None:
         close()
 
 
-def _update_step(config, model_config, optimizer, compute_dtype: str, mesh,
+def _update_step(settings: Settings, model_config, optimizer, compute_dtype: str, mesh,
                  shared: Optional[dict]) -> UpdateStep:
     """The player's update step. ``shared``: a map owned by the caller (one run) from
     (model, compute dtype) to steps already built, so attacker and defender of the same
-    architecture share one compiled program; everything else comes from the one config."""
+    architecture share one compiled program; everything else comes from the loss and train
+    sections."""
     key = (model_config, compute_dtype)
     if shared is not None and key in shared:
         return shared[key]
-    L, T = config.loss, config.train
+    L, T = settings.loss, settings.train
     step = make_update_step(
         model_config, optimizer=optimizer, loss=L.kind, beta=L.beta,
         length_normalization=L.length_normalization, nll_coef=L.nll_coef,
         entropy_coef=L.entropy_coef, kl_coef=L.kl_coef, tis_cap=L.tis_cap or None,
         num_microbatches=T.num_microbatches, compute_dtype=DTYPES[compute_dtype],
-        chunk_size=T.logprob_chunk_size, remat=T.remat_policy if T.remat else "none",
+        chunk_size=T.logprob_chunk_size, remat=T.remat_policy,
         attention_impl=T.attention, max_tokens_per_device=T.max_tokens_per_device or None,
         step_on_empty=T.step_on_empty_batch, tis_detach=L.tis_detach, mesh=mesh)
     if shared is not None:

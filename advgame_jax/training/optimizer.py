@@ -1,7 +1,7 @@
 """The per-player optimizer (GAME_SPEC §2.12): AdamW behind global-norm clipping, with a
 linear warm-up then cosine decay to ``final_lr_fraction × lr``.
 
-Two schedule shapes (``optim.lr_schedule``):
+Two schedule shapes (``OptimSettings.lr_schedule``, ``config.optim.lr_schedule``):
 
 - ``"cycle"`` (the reference's, paper configs): the cosine runs over a cycle of
   ``train.num_steps`` optimizer updates and restarts at ``lr``. The game makes one update per
@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from advgame_jax.settings import OptimSettings
 
 SCHEDULES = ("cycle", "run")
 
@@ -88,18 +89,17 @@ def make_optimizer(lr: float = 1e-6, *, num_steps: int, b1: float = 0.9, b2: flo
     return adamw
 
 
-def optimizer_from_config(optim, num_trainer_steps: int) -> optax.GradientTransformation:
-    """The optimizer of an experiment's ``config.optim`` block for a run of
-    ``num_trainer_steps`` trainer steps (two optimizer updates each, one per seed split)."""
-    schedule = optim.get("lr_schedule", "run")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"config.optim.lr_schedule: expected one of {SCHEDULES}, got {schedule!r}")
-    cycle = schedule == "cycle"
+def optimizer_for(optim: OptimSettings, num_trainer_steps: int) -> optax.GradientTransformation:
+    """The optimizer of an experiment's optim section for a run of ``num_trainer_steps``
+    trainer steps (two optimizer updates each, one per seed split)."""
+    if optim.lr_schedule not in SCHEDULES:
+        raise ValueError(f"lr_schedule: expected one of {SCHEDULES}, got {optim.lr_schedule!r}")
+    cycle = optim.lr_schedule == "cycle"
     return make_optimizer(optim.lr, num_steps=num_trainer_steps if cycle else 2 * num_trainer_steps,
                           b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay,
                           clip_norm=optim.clip_norm, final_lr_fraction=optim.final_lr_fraction,
                           warmup_steps=optim.warmup_steps, restart=cycle,
-                          mu_dtype=jnp.dtype(optim.mu_dtype) if optim.get("mu_dtype") else None)
+                          mu_dtype=jnp.dtype(optim.mu_dtype))
 
 
 def current_lr(opt_state):
