@@ -1,8 +1,10 @@
 """Shared defaults of every advgame_jax experiment (GAME_SPEC §2–3, the paper's common settings).
 
-Experiment files import ``base_config()`` and override what differs. Every field is checked by
-``advgame_jax.experiment.validate.validate_config`` before anything is built, after command-line
-overrides such as ``--config.train.num_steps=10`` are applied.
+Experiment files import ``base_config()`` and override what differs. The config is converted
+once, before anything is built and after command-line overrides such as
+``--config.train.num_steps=10`` are applied, into the typed sections of
+``advgame_jax/settings.py`` (``advgame_jax.experiment.validate.settings_from_config``), which
+state what each field accepts; an unknown field or a bad value stops the run naming the field.
 """
 
 import ml_collections
@@ -17,8 +19,6 @@ def _player(role: str) -> ml_collections.ConfigDict:
             # Tokenizer directory; empty = the checkpoint directory.
             tokenizer_path="",
             trainable=True,
-            # 'jax' (JAX-native KV-cache sampler, runs everywhere) or 'vllm' (extra [vllm]).
-            sampler="jax",
             param_dtype="float32",
             compute_dtype="bfloat16",
             sampler_dtype="bfloat16",
@@ -35,10 +35,12 @@ def _player(role: str) -> ml_collections.ConfigDict:
             max_new_tokens=0,
             role=role,
             # ---- sampler placement and engine settings (docs/sampling.md) ----
-            # '' (from `sampler`: 'jax' -> 'jax', 'vllm' -> 'colocated'), 'jax', 'colocated'
-            # (vLLM inside the trainer, explicit memory plan) or 'offloaded' (vLLM engine in
-            # its own process on other devices, or a user-started one at engine.address).
-            placement="",
+            # 'jax' (the JAX-native KV-cache sampler inside the trainer, runs everywhere),
+            # 'colocated' (vLLM inside the trainer, explicit memory plan; extra [vllm]) or
+            # 'offloaded' (vLLM engine in its own process on other devices, or a user-started
+            # one at engine.address). The older `sampler` field ('jax' | 'vllm') is still
+            # read: 'vllm' turns the default 'jax' into 'colocated' (settings.resolve_placement).
+            placement="jax",
             engine=ml_collections.ConfigDict(
                 dict(
                     address="",  # offloaded: 'host:port' of a user-started vLLM server
@@ -201,6 +203,8 @@ def base_config() -> ml_collections.ConfigDict:
             pair_buckets=(),  # empty = powers of two
             length_buckets=(),  # empty = 16, 24, 32, 48, 64, 96, ... (2^k and 3·2^(k-1))
             logprob_chunk_size=1024,
+            # The older switch of remat_policy below (False = remat_policy 'none'); kept while
+            # training/planning.py and timeplan.py read the ConfigDict. Set remat_policy instead.
             remat=True,
             validate_every=25,
             checkpoint_every=50,
@@ -211,8 +215,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     # ---- Scale of the update step: attention, remat, token budget, precision ------------
     # attention: 'auto' (cuDNN flash attention on GPU, exact chunked attention elsewhere),
-    # 'xla' (full score matrix), 'chunked', 'cudnn'. remat_policy (used when train.remat):
-    # 'full' | 'dots_no_batch' | 'save_attn'. max_tokens_per_device: tokens of one
+    # 'xla' (full score matrix), 'chunked', 'cudnn'. remat_policy: 'none' (no
+    # rematerialisation) | 'full' | 'dots_no_batch' | 'save_attn'. max_tokens_per_device: tokens of one
     # microbatch on one device (pairs count both sequences); 0 = train.num_microbatches only.
     # ema_dtype / optim.mu_dtype: storage of θ̄ and of Adam's first moment (see
     # advgame_jax.training.state.PRECISION_DEFAULTS for why the defaults are fp32).

@@ -19,8 +19,6 @@ REFERENCE = {
     # (docs/capacity.md, launch/plan.py).
     "mesh.data": 1,
     "mesh.fsdp": -1,
-    "attacker.sampler": "vllm",
-    "defender.sampler": "vllm",
     # The paper's layout: each player's vLLM engine in its own process on GPUs the trainer
     # does not use (set <role>.engine.devices, or engine.address for a user-started engine);
     # prompts up to 2,048 tokens + 2,048 new tokens (docs/sampling.md).

@@ -74,7 +74,7 @@ def get_config():
     c.train.checkpoint_every = 5
     # Memory: without remat, updates of 4 pairs × 384 tokens took the process to 13.7 GiB;
     # with remat and microbatches of ≤ 1,536 tokens it peaked at 7.9 GiB.
-    c.train.remat = True
+    c.train.remat_policy = "full"
     c.train.max_tokens_per_device = 1536
     c.train.logprob_chunk_size = 256
     # Few shapes: nothing compiles after the first steps. Pairs per split: attacker ≤ B = 2,

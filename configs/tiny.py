@@ -56,7 +56,7 @@ def get_config():
     c.defender.sampler_min_batch_bucket = 64
     c.attacker.sampler_min_prompt_bucket = 64
     c.defender.sampler_min_prompt_bucket = 64
-    c.train.remat = False
+    c.train.remat_policy = "none"
     c.validation.num_seeds = 32
     c.validation.num_responses = 2
     return c

@@ -24,6 +24,7 @@ from advgame_jax.game.normalization import (
 )
 from advgame_jax.game.tree import XError
 from advgame_jax.experiment.update_settings import optimizer_settings, player_training
+from advgame_jax.settings import OptimSettings
 from advgame_jax.training.optimizer import current_lr
 from tests.game_stubs import ByteTokenizer, ScriptedJudge, ScriptedSampler
 from tests.test_game_golden import CFG, SEEDS, TOK, play
@@ -31,9 +32,8 @@ from tests.test_game_golden import CFG, SEEDS, TOK, play
 
 # ---- 2. LR schedule -------------------------------------------------------------------------
 def _lrs(schedule: str, num_trainer_steps: int, updates: int, *, zero_grads=False):
-    optim = ml_collections.ConfigDict(dict(lr=1e-6, b1=0.9, b2=0.95, weight_decay=0.1,
-                                           clip_norm=1.0, final_lr_fraction=0.2, warmup_steps=0,
-                                           lr_schedule=schedule))
+    optim = OptimSettings(lr=1e-6, b1=0.9, b2=0.95, weight_decay=0.1, clip_norm=1.0,
+                          final_lr_fraction=0.2, warmup_steps=0, lr_schedule=schedule)
     tx = optimizer_settings(optim, num_trainer_steps).build()
     params = {"w": jnp.ones((3,))}
     state = tx.init(params)
@@ -66,8 +66,8 @@ def test_run_schedule_spans_all_updates_without_restart():
 def test_zero_gradient_adamw_step_still_decays_weights():
     # Reference: a split without pairs still steps AdamW. With zero gradients the Adam moments
     # stay 0, so the only change is decoupled weight decay: w ← w − lr·wd·w = w·(1 − 0.1·0.1).
-    optim = ml_collections.ConfigDict(dict(lr=0.1, b1=0.9, b2=0.95, weight_decay=0.1, clip_norm=1.0,
-                                           final_lr_fraction=1.0, warmup_steps=0, lr_schedule="cycle"))
+    optim = OptimSettings(lr=0.1, b1=0.9, b2=0.95, weight_decay=0.1, clip_norm=1.0,
+                          final_lr_fraction=1.0, warmup_steps=0, lr_schedule="cycle")
     tx = optimizer_settings(optim, 10).build()
     params = {"w": jnp.full((2, 2), 2.0)}
     upd, _ = tx.update({"w": jnp.zeros((2, 2))}, tx.init(params), params)

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from advgame_jax.game import GameConfigError, game_config_from_experiment
+from advgame_jax.experiment.validate import ConfigError, game_config_from_experiment
 from advgame_jax.game.parsing import parse_attack, parse_faith_verdict, parse_pair_scores, parse_score
 from advgame_jax.game.templates import (
     ATTACKER_FORMATS,
@@ -109,7 +109,7 @@ def test_template_file_round_trip_and_config(tmp_path):
     broken = tmp_path / "broken_set.txt"
     broken.write_text(text.replace("=== defender ===\n{prompt}", ""), encoding="utf-8")
     c.game.templates_file = str(broken)
-    with pytest.raises(GameConfigError, match=r"templates_file.*broken_set\.txt.*missing sections \['defender'\]"):
+    with pytest.raises(ConfigError, match=r"config\.game\.templates_file.*broken_set\.txt.*missing sections \['defender'\]"):
         game_config_from_experiment(c)
     with pytest.raises(TemplateError, match="cannot be read"):
         load_template_file(str(tmp_path / "absent.txt"))

@@ -2,7 +2,8 @@
 
 import pytest
 
-from advgame_jax.game import GameConfig, GameConfigError, game_config_from_experiment
+from advgame_jax.experiment.validate import game_config_from_experiment
+from advgame_jax.game import GameConfig, GameConfigError
 from advgame_jax.game.templates import (
     REQUIRED_SECTIONS,
     TemplateError,

@@ -8,7 +8,7 @@ import pytest
 
 from advgame_jax.data import Seed
 from advgame_jax.experiment.validate import ConfigError, validate_config
-from advgame_jax.game.config import game_config_from_experiment
+from advgame_jax.experiment.validate import game_config_from_experiment
 from advgame_jax.game.rollout import sample_tree
 from advgame_jax.sampling.placement import max_model_len
 from tests.game_stubs import ByteTokenizer, ScriptedJudge, ScriptedSampler

@@ -21,7 +21,7 @@ workdir: ``locking.DirLock`` refuses a second one while the first is alive.
 
 Faults are caught where they happen: the workdir is proven writable before any model loads;
 a checkpoint written under another config is refused (differing fields named, nothing
-touched; ``RESUMABLE_FIELDS`` may change between runs); a failed background save stops the
+touched; fields marked resumable in ``advgame_jax.settings`` may change between runs); a failed background save stops the
 run at the next step boundary, naming the step; a non-finite loss or gradient skips that
 update (``<split>/<role>/skipped_nonfinite``); a prompt longer than a sampler's budget is the
 game's MAX_LENGTH error for its slot (``sys/<role>/prompt_too_long``).
@@ -48,7 +48,7 @@ from advgame_jax.experiment.players import (
     Player, build_player, close_player, initial_state, resolve_mesh, sync_sampler)
 from advgame_jax.experiment.timing import StageTimer, TimedJudge, TimedSampler
 from advgame_jax.experiment.validate import (
-    ADDED_FIELDS, RESUMABLE_FIELDS, ConfigError, seeds_per_split, validate_config)
+    ADDED_FIELDS, RESUMABLE_FIELDS, ConfigError, game_config_from_experiment, settings_from_config)
 from advgame_jax.experiment.validation import (
     SPLITS, _prefixed, load_seed_splits, validate_defender)
 from advgame_jax.training.checkpoint import GameCheckpointer, config_differences
@@ -69,7 +69,7 @@ class GameRunner:
     """Builds everything from a validated config and runs trainer steps."""
 
     def __init__(self, config, *, judge=None):
-        validate_config(config)
+        self.settings = settings_from_config(config)  # the one conversion; ConfigError if bad
         self.config = config
         self.workdir = os.path.abspath(config.workdir)
         try:  # before anything is loaded: a read-only disk is found now, not at a save
@@ -92,8 +92,8 @@ class GameRunner:
         self.train_seeds, self.valid_seeds = load_seed_splits(config)
         # B per split and process = this process's share of the global seeds per split
         # (train.seeds_per_step, or seeds_per_device × data-parallel devices; hosts.py).
-        b = seeds_per_split(config, batch_parallel_size(self.mesh),
-                            jax.process_count()) // jax.process_count()
+        b = self.settings.train.seeds_per_split(batch_parallel_size(self.mesh),
+                                                jax.process_count()) // jax.process_count()
         a, d = config.game.num_attacks, config.game.num_responses
         most_rows = b * a * d if config.loss.kind == "grpo" else b * a
         if config.train.pair_buckets and max(config.train.pair_buckets) < most_rows:
@@ -102,7 +102,7 @@ class GameRunner:
                 f"cannot hold the {most_rows} {'samples' if config.loss.kind == 'grpo' else 'pairs'} "
                 f"a split can produce (B={b}, A={a}, D={d})")
 
-        self.game_config = game.game_config_from_experiment(config)  # checks template names
+        self.game_config = game_config_from_experiment(config, self.settings)
         # Cheap checks first: the judge (endpoints are probed) before loading any model.
         self.timer = StageTimer()
         if judge is None:
@@ -144,8 +144,8 @@ class GameRunner:
         params0, update_steps = {}, {}
         for role in ROLES:
             self.players[role], params0[role] = build_player(
-                config, role, hf_paths[role], self.mesh, total_updates=total_updates,
-                update_steps=update_steps)
+                config, role, hf_paths[role], self.mesh, settings=self.settings,
+                total_updates=total_updates, update_steps=update_steps)
 
         self._report_unfit_seeds()
         self.samplers = {

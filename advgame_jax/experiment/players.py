@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from advgame_jax.experiment.validate import ConfigError
 from advgame_jax.models import ModelConfig, load_hf, param_shardings
 from advgame_jax.sampling.placement import max_model_len, placement_of
+from advgame_jax.settings import Settings
 from advgame_jax.tokenization import ChatTokenizer
 from advgame_jax.experiment.update_settings import player_training
 from advgame_jax.training.state import PlayerState, sampling_params
@@ -92,10 +93,11 @@ def check_checkpoint_dir(path: str, field: str) -> None:
         raise ConfigError(f"config.{field}: {path!r} has no .safetensors weights")
 
 
-def build_player(config, role: str, hf_dir: str, mesh, *, total_updates: int,
+def build_player(config, role: str, hf_dir: str, mesh, *, settings: Settings, total_updates: int,
                  update_steps: Optional[dict] = None) -> tuple[Player, Any]:
     """Load ``role``'s checkpoint and build its sampler and update step (``update_steps``: the
-    run's map of steps already built, shared between same-architecture players).
+    run's map of steps already built, shared between same-architecture players; ``settings``:
+    the converted ``config``, read by the optimizer and the update step).
 
     Returns ``(player, initial_params)`` (fp32 master params placed with the mesh shardings).
     """
@@ -115,9 +117,9 @@ def build_player(config, role: str, hf_dir: str, mesh, *, total_updates: int,
 
     sampler = _build_sampler(config, role, hf_dir, model_config, params, tokenizer, mesh)
 
-    update = _update_step(model_config, player_training(config, role).update, mesh,
+    update = _update_step(model_config, player_training(settings, role).update, mesh,
                           update_steps)
-    placement = placement_of(config, role)
+    placement = settings.player(role).placement
     player = Player(role=role, model_config=model_config, tokenizer=tokenizer, hf_dir=hf_dir,
                     sampler=None, update=update, trainable=bool(pc.trainable),
                     sampler_kind="jax" if placement == "jax" else "vllm",

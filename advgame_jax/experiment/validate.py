@@ -1,234 +1,399 @@
-"""Validation of an experiment config before anything is built.
+"""The one conversion of an experiment config into typed :class:`~advgame_jax.settings.Settings`.
 
-``validate_config`` checks every field that a typo or an inconsistent override could break and
-raises one ``ConfigError`` naming the field (``config.game.num_attacks``) and what was
-expected. File and endpoint checks that need I/O live in the builders, which raise the same
-error type. ``RESUMABLE_FIELDS`` lists the fields a resumed run may change; the loop refuses
-a checkpoint whose saved config differs anywhere else.
+``settings_from_config`` reads the ConfigDict of a ``configs/*.py`` file (after command-line
+overrides such as ``--config.train.num_steps=10``) once, at start-up, and either returns a
+frozen ``Settings`` tree or raises one ``ConfigError`` naming the field
+(``config.game.num_attacks``) and what was expected: an unknown field, a wrong type, a value
+outside its range, a name missing from the registry that defines it (objectives, template
+sets, placements, judge backends, attention kernels, remat policies, …), or two fields that
+disagree. What each field accepts is declared on the field in ``advgame_jax/settings.py``;
+this module holds only the checks that involve several fields, the user input a run needs
+(``complete=True``) and the older field names it still reads:
+
+* ``<role>.sampler`` (``'jax'`` | ``'vllm'``), the older name of ``<role>.placement``: see
+  :func:`advgame_jax.settings.resolve_placement` (``'vllm'`` turns the default ``'jax'``
+  placement into ``'colocated'``; an explicit ``'colocated'`` / ``'offloaded'`` decides);
+* ``train.remat`` (bool): ``False`` is ``train.remat_policy='none'``; ``True`` keeps the
+  policy. ``configs/base.py`` still carries it for readers not yet on the train section.
+
+File and endpoint checks that need more than the config (checkpoint directories, seed files,
+reachable judges) live in the builders, which raise the same error type. Which fields a resumed
+run may change is marked on the fields (``resumable`` / ``added``); ``RESUMABLE_FIELDS`` and
+``ADDED_FIELDS`` below are computed from those marks.
 """
 
 from __future__ import annotations
 
-from advgame_jax.errors import UserError
+import dataclasses
 import os
-from typing import Any, Iterable
+from typing import Any, Callable, Optional
 
+from advgame_jax import settings as S
+from advgame_jax.settings import ConfigError, Settings
 
-class ConfigError(UserError, ValueError):
-    """A config field is missing, malformed or inconsistent with another field."""
+__all__ = ["ADDED_FIELDS", "ConfigError", "LEGACY_FIELDS", "RESUMABLE_FIELDS", "Settings",
+           "game_config_from_experiment", "registry", "seeds_per_split", "settings_from_config",
+           "validate_config"]
 
-
-def _get(config, dotted: str) -> Any:
-    node = config
-    for part in dotted.split("."):
-        try:
-            node = node[part]
-        except (KeyError, AttributeError, TypeError):
-            raise ConfigError(f"config.{dotted}: field is missing") from None
-    return node
-
-
-def _one_of(config, dotted: str, allowed: Iterable[str]) -> str:
-    value = _get(config, dotted)
-    allowed = tuple(allowed)
-    if value not in allowed:
-        raise ConfigError(f"config.{dotted}: expected one of {allowed}, got {value!r}")
-    return value
-
-
-def _int(config, dotted: str, *, minimum: int) -> int:
-    value = _get(config, dotted)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"config.{dotted}: expected an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _float(config, dotted: str, *, low: float, high: float, low_open=False) -> float:
-    value = _get(config, dotted)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"config.{dotted}: expected a number, got {value!r}")
-    ok = (value > low if low_open else value >= low) and value <= high
-    if not ok:
-        bracket = "(" if low_open else "["
-        raise ConfigError(f"config.{dotted}: expected a value in {bracket}{low}, {high}], got {value!r}")
-    return float(value)
-
-
-DTYPES = ("float32", "bfloat16")
-
-# Config fields that may differ between a checkpoint and the run resuming it: where things
-# are written, how often, logging, validation, judge transport and sampler engine. Any
-# other difference refuses the resume (the state or the training semantics would change).
-RESUMABLE_FIELDS = (
-    "name", "workdir", "toy_dir", "logging", "validation", "data.valid_harmful",
-    "data.valid_benign", "data.valid_adversarial_harmful", "data.valid_adversarial_benign",
-    # Where and how things run, not what the game computes: devices, processes, engines.
-    "mesh", "distributed", "placement",
-    "train.checkpoint_every", "train.keep_checkpoints", "train.validate_every",
-    "train.log_every", "train.logprob_chunk_size", "train.remat", "train.remat_policy",
-    "train.attention", "train.max_tokens_per_device",
-    "judge.endpoints", "judge.api_key_env", "judge.timeout_s", "judge.max_retries",
-    "judge.concurrency", "judge.max_in_flight_per_endpoint", "judge.unhealthy_after",
-    "judge.unhealthy_cooldown_s", "judge.warn_failure_rate", "judge.warn_every",
-    *(f"{r}.{f}" for r in ("attacker", "defender") for f in (
-        "sampler", "sampler_dtype", "sampler_min_batch_bucket", "sampler_min_prompt_bucket",
-        "vllm_kv_cache_bytes", "vllm_max_model_len", "placement", "engine")),
-)
-
-
-# Fields added after checkpoints were first written, each with the value that computes what
-# the older code did. A checkpoint saved before a field existed resumes when the field holds
-# that value now (any other value is a change of the game and is refused, naming the field).
-ADDED_FIELDS = {
-    "init_from": "",
-    "train.seeds_per_step": 0,
-    "attacker.max_new_tokens": 0,
-    "defender.max_new_tokens": 0,
-    "judge.explicit_sampling": False,
+# Older field names still read (see the module docstring); a resumed run may change them.
+LEGACY_FIELDS = {
+    **{f"{r}.sampler": "the older name of placement ('jax' | 'vllm')" for r in S.ROLES},
+    "train.remat": "the older switch of remat_policy (False = 'none')",
 }
 
-
-def seeds_per_split(config, data_parallel_devices: int, num_processes: int = 1) -> int:
-    """Global seeds per split per trainer step: ``train.seeds_per_step`` when set (the
-    reference's fixed count, whatever the layout), else ``train.seeds_per_device`` × the
-    data-parallel devices. Each of ``num_processes`` processes plays an equal share; a count
-    that does not divide is refused naming the field."""
-    fixed = int(config.train.get("seeds_per_step", 0) or 0)
-    total = fixed or int(config.train.seeds_per_device) * data_parallel_devices
-    if total % num_processes:
-        field = (f"config.train.seeds_per_step={fixed}" if fixed else
-                 f"config.train.seeds_per_device={config.train.seeds_per_device} × "
-                 f"{data_parallel_devices} data-parallel devices")
-        raise ConfigError(f"{field}: {total} seeds per split do not split over "
-                          f"{num_processes} processes; expected a multiple of {num_processes} "
-                          "(each process plays an equal share)")
-    return total
+RESUMABLE_FIELDS: tuple[str, ...] = S.resumable_fields() + tuple(LEGACY_FIELDS)
+ADDED_FIELDS: dict[str, Any] = S.added_fields()
 
 
-def validate_config(config) -> None:
-    """Raise ``ConfigError`` on the first invalid field of ``config`` (an ml_collections ConfigDict)."""
-    if not _get(config, "workdir"):
+# ------------------------------------------------------------------ registries
+
+
+def _registries() -> dict[str, Callable[[], tuple]]:
+    """Registry name (``settings.setting(choices=...)``) -> the names it holds, read from the
+    module that defines them."""
+
+    def objectives():
+        from advgame_jax.training.objectives import OBJECTIVES
+
+        return tuple(OBJECTIVES)
+
+    def template_sets():
+        from advgame_jax.game.templates import available_template_sets
+
+        return tuple(available_template_sets())
+
+    def game_names(name):
+        def get():
+            from advgame_jax.game import config as gc, factory, parsing, rewards
+
+            return {"formats": parsing.FORMATS, "faith_ties": parsing.FAITH_TIES,
+                    "selections": gc.SELECTIONS, "judge_modes": gc.JUDGE_MODES,
+                    "judge_conditions": gc.CONDITIONS, "grpo_baselines": rewards.BASELINES,
+                    "judge_backends": factory.BACKENDS}[name]
+        return get
+
+    def training(name):
+        def get():
+            from advgame_jax.training import optimizer, state
+            from advgame_jax.game import normalization
+
+            return {"lr_schedules": optimizer.SCHEDULES, "sample_from": state.SAMPLE_FROM,
+                    "references": state.REFERENCES,
+                    "normalizations": normalization.NORMALIZATIONS}[name]
+        return get
+
+    def models(name):
+        def get():
+            from advgame_jax.models import attention, transformer
+
+            return {"attention": attention.ATTENTION_IMPLS,
+                    "remat_policies": transformer.REMAT_POLICIES}[name]
+        return get
+
+    def placements():
+        from advgame_jax.sampling.placement import PLACEMENTS
+
+        return PLACEMENTS
+
+    def dtypes():
+        from advgame_jax.experiment.players import DTYPES
+
+        return tuple(DTYPES)
+
+    out = {"objectives": objectives, "template_sets": template_sets, "placements": placements,
+           "dtypes": dtypes}
+    for n in ("formats", "faith_ties", "selections", "judge_modes", "judge_conditions",
+              "grpo_baselines", "judge_backends"):
+        out[n] = game_names(n)
+    for n in ("lr_schedules", "sample_from", "references", "normalizations"):
+        out[n] = training(n)
+    for n in ("attention", "remat_policies"):
+        out[n] = models(n)
+    return out
+
+
+_REGISTRIES = _registries()
+
+
+def registry(name: str) -> tuple:
+    """The names a registry holds now (template sets grow when a file is loaded)."""
+    return tuple(_REGISTRIES[name]())
+
+
+# ------------------------------------------------------------------ field conversion
+
+
+def _is_node(value) -> bool:
+    return hasattr(value, "keys") and hasattr(value, "__getitem__")
+
+
+def _as_dict(node, dotted: str) -> dict:
+    if not _is_node(node):
+        raise ConfigError(f"config.{dotted}: expected a section of fields, got {node!r}")
+    return {k: node[k] for k in node.keys()}
+
+
+def _range_text(meta) -> str:
+    lo, hi = meta["minimum"], meta["maximum"]
+    extra = "".join(f" or {v!r}" for v in meta["also"])
+    if hi is None:
+        return f">= {lo}{extra}"
+    return f"in {'(' if meta['low_open'] else '['}{lo}, {hi}]{extra}"
+
+
+def _in_range(value, meta) -> bool:
+    if value in meta["also"]:
+        return True
+    lo, hi = meta["minimum"], meta["maximum"]
+    if lo is not None and (value <= lo if meta["low_open"] else value < lo):
+        return False
+    return hi is None or value <= hi
+
+
+def _convert_value(kind: str, value, meta, name: str):
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: expected True or False, got {value!r}")
+        return value
+    if kind in ("int", "float"):
+        ok = not isinstance(value, bool) and isinstance(value, (int, float) if kind == "float" else int)
+        if not ok:
+            what = "an integer" if kind == "int" else "a number"
+            raise ConfigError(f"{name}: expected {what} {_range_text(meta)}, got {value!r}"
+                              if meta["minimum"] is not None else f"{name}: expected {what}, got {value!r}")
+        if meta["minimum"] is not None and not _in_range(value, meta):
+            what = "an integer" if kind == "int" else "a value"
+            raise ConfigError(f"{name}: expected {what} {_range_text(meta)}, got {value!r}")
+        return int(value) if kind == "int" else float(value)
+    if kind == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        choices = meta["choices"]
+        if choices is not None:
+            allowed = registry(choices) if isinstance(choices, str) else tuple(choices)
+            if value not in allowed:
+                raise ConfigError(f"{name}: expected one of {allowed}, got {value!r}")
+        return value
+    if kind.startswith("tuple["):
+        item = kind[len("tuple["):].split(",")[0].strip()
+        if isinstance(value, str):  # a command-line list: 'a,b'
+            value = tuple(v for v in value.split(",") if v)
+            if item == "int":
+                try:
+                    value = tuple(int(v) for v in value)
+                except ValueError:
+                    raise ConfigError(f"{name}: expected integers, got {value!r}") from None
+        if not isinstance(value, (tuple, list)):
+            raise ConfigError(f"{name}: expected a tuple, got {value!r}")
+        item_meta = dict(meta, choices=None)
+        return tuple(_convert_value(item, v, item_meta, f"{name}[{i}]") for i, v in enumerate(value))
+    raise TypeError(f"settings field {name} has an unsupported type {kind!r}")  # a bug
+
+
+def convert_section(cls, node, dotted: str):
+    """``cls`` (a settings dataclass) from the mapping ``node`` at ``config.<dotted>``: every
+    field of ``node`` must be one of ``cls``; missing fields take the field's default."""
+    values = _as_dict(node, dotted) if dotted else node
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = f"config.{dotted}." if dotted else "config."
+        raise ConfigError(f"{where}{unknown[0]}: unknown field; expected one of {sorted(names)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue  # a config written before the field existed: the field's default
+        name = f"config.{dotted}.{f.name}" if dotted else f"config.{f.name}"
+        if f.metadata.get("section"):
+            sub_cls = type(f.default_factory())  # type: ignore[misc]
+            kwargs[f.name] = convert_section(sub_cls, values[f.name], name[len("config."):])
+        else:
+            kwargs[f.name] = _convert_value(str(f.type), values[f.name], f.metadata, name)
+    return cls(**kwargs)
+
+
+# ------------------------------------------------------------------ the older field names
+
+
+def _player_dict(node, role: str) -> tuple[dict, bool]:
+    """``config.<role>`` as a dict in today's fields; True when the placement came from the
+    older ``sampler`` field (a colocated engine without an explicit memory plan)."""
+    d = _as_dict(node, role)
+    sampler = d.pop("sampler", None)
+    if sampler is not None and sampler not in ("jax", "vllm"):
+        raise ConfigError(f"config.{role}.sampler: expected one of ('jax', 'vllm') (the older "
+                          f"name of config.{role}.placement), got {sampler!r}")
+    placement = d.get("placement", "jax")
+    if not isinstance(placement, str):
+        raise ConfigError(f"config.{role}.placement: expected one of {registry('placements')}, "
+                          f"got {placement!r}")
+    d["placement"] = S.resolve_placement(placement, sampler)
+    d.setdefault("role", role)
+    if d["role"] != role:
+        raise ConfigError(f"config.{role}.role: expected {role!r}, got {d['role']!r}")
+    return d, sampler == "vllm" and placement in ("", "jax")
+
+
+def _train_dict(node) -> dict:
+    d = _as_dict(node, "train")
+    remat = d.pop("remat", True)
+    if not isinstance(remat, bool):
+        raise ConfigError(f"config.train.remat: expected True or False (the older switch of "
+                          f"config.train.remat_policy), got {remat!r}")
+    if not remat:
+        d["remat_policy"] = "none"
+    return d
+
+
+def _load_templates_file(game: dict) -> None:
+    path = game.get("templates_file", "")
+    if not path:
+        return
+    if not isinstance(path, str) or not os.path.isfile(path):
+        raise ConfigError(f"config.game.templates_file: {path!r} is not a file; expected "
+                          "a template file in the '=== key ===' format (docs/game.md)")
+    from advgame_jax.game.templates import TemplateError, load_template_file
+
+    try:
+        game["templates"] = load_template_file(path).name  # registered; used instead
+    except TemplateError as err:
+        raise ConfigError(f"config.game.templates_file: {err}") from None
+
+
+# ------------------------------------------------------------------ the conversion
+
+
+def settings_from_config(config, *, complete: bool = True) -> Settings:
+    """The ``Settings`` of an experiment ConfigDict (or any nested mapping of its fields).
+
+    ``complete``: also require the user input a run needs (workdir, checkpoints, judge
+    endpoints, seed files, the API key variable); ``False`` for tools that only read the
+    config (planning, tests of one section)."""
+    top = _as_dict(config, "")
+    legacy_colocated = {}
+    for role in S.ROLES:
+        if role in top:
+            top[role], legacy_colocated[role] = _player_dict(top[role], role)
+    if "train" in top:
+        top["train"] = _train_dict(top["train"])
+    if "game" in top:
+        top["game"] = _as_dict(top["game"], "game")
+        _load_templates_file(top["game"])
+    s = convert_section(Settings, top, "")
+    _check_together(s, legacy_colocated)
+    if complete:
+        _check_complete(s)
+    return s
+
+
+def validate_config(config) -> Settings:
+    """Raise ``ConfigError`` on the first invalid field of ``config``; the ``Settings`` else."""
+    return settings_from_config(config)
+
+
+def _check_together(s: Settings, legacy_colocated: dict) -> None:
+    """Checks that involve several fields."""
+    if s.judge.backend == "endpoint":
+        for e in s.judge.endpoints:
+            if not e.startswith(("http://", "https://")):
+                raise ConfigError(f"config.judge.endpoints: expected http(s):// URLs, got {e!r}")
+    if s.loss.kind in ("dpo", "ipo"):
+        a, d = s.game.num_attacks, s.game.num_responses
+        if s.attacker.trainable and a < 2:
+            raise ConfigError(f"config.game.num_attacks: {s.loss.kind} needs >= 2 attacks per "
+                              f"seed to form attacker pairs, got {a}")
+        if s.defender.trainable and d < 2:
+            raise ConfigError(f"config.game.num_responses: {s.loss.kind} needs >= 2 responses "
+                              f"per attack to form defender pairs, got {d}")
+    if s.train.sample_from == "ema" and s.train.ema_decay >= 1.0:
+        raise ConfigError("config.train.ema_decay: sampling from an EMA with decay 1.0 never learns")
+    _check_placements(s, legacy_colocated)
+
+
+def _check_placements(s: Settings, legacy_colocated: dict) -> None:
+    """Engine addresses and the colocated memory plan (docs/sampling.md)."""
+    colocated = {}
+    for role in S.ROLES:
+        p, e = s.player(role).placement, s.player(role).engine
+        if e.address and p != "offloaded":
+            raise ConfigError(f"config.{role}.engine.address is set but placement is {p!r}; "
+                              f"a user-started engine needs placement='offloaded'")
+        if e.address and (":" not in e.address or not e.address.rpartition(":")[2].isdigit()):
+            raise ConfigError(f"config.{role}.engine.address: expected 'host:port', "
+                              f"got {e.address!r}")
+        if p == "colocated":
+            if legacy_colocated.get(role) and e.gpu_memory_utilization <= 0:
+                continue  # older sampler='vllm' without a plan: vLLM's defaults, unchecked
+            if e.gpu_memory_utilization <= 0:
+                raise ConfigError(
+                    f"config.{role}.engine.gpu_memory_utilization: a colocated engine needs an "
+                    f"explicit share of each device (e.g. 0.3), got {e.gpu_memory_utilization}")
+            colocated[role] = e.gpu_memory_utilization
+    if not colocated:
+        return
+    jax_frac, margin = s.placement.jax_memory_fraction, s.placement.device_memory_margin
+    if jax_frac <= 0:
+        raise ConfigError(
+            "config.placement.jax_memory_fraction: colocated engines "
+            f"({', '.join(colocated)}) share the trainer's devices, so JAX's share must be "
+            "explicit (JAX preallocates 0.75 of each device by default), e.g. 0.5")
+    total = jax_frac + sum(colocated.values()) + margin
+    if total > 1.0 + 1e-9:
+        parts = " + ".join([f"JAX {jax_frac:.2f}"]
+                           + [f"{r} engine {u:.2f}" for r, u in colocated.items()]
+                           + [f"margin {margin:.2f}"])
+        raise ConfigError(
+            f"config.placement: colocated memory plan over-subscribes each device: {parts} = "
+            f"{total:.2f} > 1.00 of device memory. Lower placement.jax_memory_fraction or "
+            f"<role>.engine.gpu_memory_utilization, or use placement='offloaded'")
+
+
+def _check_complete(s: Settings) -> None:
+    """The user input a run needs before anything is built."""
+    if not s.workdir:
         raise ConfigError("config.workdir: expected a directory path for checkpoints and metrics, got ''")
-    _int(config, "seed", minimum=0)
-    for axis in ("data", "fsdp", "tensor"):
-        v = _get(config, f"mesh.{axis}")
-        if not isinstance(v, int) or (v < 1 and v != -1):
-            raise ConfigError(f"config.mesh.{axis}: expected a positive integer or -1, got {v!r}")
-        if f"dcn_{axis}" in config.mesh:
-            v = _get(config, f"mesh.dcn_{axis}")
-            if not isinstance(v, int) or v < 1:
-                raise ConfigError(f"config.mesh.dcn_{axis}: expected a positive integer, got {v!r}")
-
-    toy = _get(config, "toy_world") if "toy_world" in config else False
-    for role in ("attacker", "defender"):
-        _one_of(config, f"{role}.sampler", ("jax", "vllm"))
-        for f in ("param_dtype", "compute_dtype", "sampler_dtype"):
-            _one_of(config, f"{role}.{f}", DTYPES)
-        if not toy and not _get(config, f"{role}.hf_path"):
+    for role in S.ROLES:
+        if not s.toy_world and not s.player(role).hf_path:
             raise ConfigError(
                 f"config.{role}.hf_path: expected a local Hugging Face checkpoint directory "
                 f"(pass --config.{role}.hf_path=/path/to/model)")
-        _int(config, f"{role}.sampler_min_batch_bucket", minimum=1)
-        _int(config, f"{role}.sampler_min_prompt_bucket", minimum=1)
-        if "max_new_tokens" in config[role]:
-            _int(config, f"{role}.max_new_tokens", minimum=0)
-        if not isinstance(_get(config, f"{role}.trainable"), bool):
-            raise ConfigError(f"config.{role}.trainable: expected True or False")
-
-    backend = _one_of(config, "judge.backend", ("endpoint", "rule", "sampler"))
-    if backend == "endpoint":
-        endpoints = _get(config, "judge.endpoints")
-        if isinstance(endpoints, str):
-            endpoints = tuple(e for e in endpoints.split(",") if e)
-        if not endpoints:
+    j = s.judge
+    if j.backend == "endpoint":
+        if not j.endpoints:
             raise ConfigError("config.judge.endpoints: expected one or more OpenAI-compatible base "
                               "URLs (e.g. --config.judge.endpoints=http://host:8000/v1)")
-        for e in endpoints:
-            if not str(e).startswith(("http://", "https://")):
-                raise ConfigError(f"config.judge.endpoints: expected http(s):// URLs, got {e!r}")
-        if not _get(config, "judge.model"):
+        if not j.model:
             raise ConfigError("config.judge.model: expected the model name served at the endpoint")
-        env = _get(config, "judge.api_key_env")
-        if env and env not in os.environ:
-            raise ConfigError(f"config.judge.api_key_env: environment variable {env!r} is not set")
-    if backend == "sampler" and not _get(config, "judge.hf_path"):
+        if j.api_key_env and j.api_key_env not in os.environ:
+            raise ConfigError(f"config.judge.api_key_env: environment variable {j.api_key_env!r} "
+                              "is not set")
+    if j.backend == "sampler" and not j.hf_path:
         raise ConfigError("config.judge.hf_path: expected a local judge checkpoint for backend='sampler'")
-    _one_of(config, "judge.mode", ("pairwise", "pointwise"))
-    _one_of(config, "judge.condition_on", ("prompt", "seed"))
-    _float(config, "judge.timeout_s", low=0.0, high=3600.0, low_open=True)
-    _int(config, "judge.max_retries", minimum=0)
-    _int(config, "judge.concurrency", minimum=1)
-    _int(config, "judge.num_faith_samples", minimum=1)
-    _float(config, "judge.temperature", low=0.0, high=10.0)
-    _float(config, "judge.top_p", low=0.0, high=1.0, low_open=True)
-    _int(config, "judge.num_samples", minimum=1)
-    _one_of(config, "judge.faith_tie", ("bad_judge", "not_faithful"))
-    _one_of(config, "game.selection", ("reference", "fallback"))
-    templates_file = _get(config, "game.templates_file")
-    if templates_file and not os.path.isfile(templates_file):
-        raise ConfigError(f"config.game.templates_file: {templates_file!r} is not a file; expected "
-                          "a template file in the '=== key ===' format (docs/game.md)")
-
-    a = _int(config, "game.num_attacks", minimum=1)
-    d = _int(config, "game.num_responses", minimum=1)
-    _one_of(config, "game.attacker_format", ("think_prompt_strict", "prompt_strict", "any"))
-    _one_of(config, "game.defender_format", ("think_prompt_strict", "prompt_strict", "any"))
-
-    _float(config, "sampling.temperature", low=0.0, high=10.0)
-    _float(config, "sampling.top_p", low=0.0, high=1.0, low_open=True)
-    _int(config, "sampling.top_k", minimum=0)
-    _int(config, "sampling.max_new_tokens", minimum=1)
-
-    kind = _one_of(config, "loss.kind", ("dpo", "ipo", "grpo"))
-    _float(config, "loss.beta", low=0.0, high=1e3, low_open=True)
-    _one_of(config, "loss.grpo_baseline", ("across_seeds", "per_seed"))
-    if not isinstance(_get(config, "loss.tis_detach"), bool):
-        raise ConfigError("config.loss.tis_detach: expected True or False")
-    if kind in ("dpo", "ipo"):
-        if _get(config, "attacker.trainable") and a < 2:
-            raise ConfigError(f"config.game.num_attacks: {kind} needs >= 2 attacks per seed to form "
-                              f"attacker pairs, got {a}")
-        if _get(config, "defender.trainable") and d < 2:
-            raise ConfigError(f"config.game.num_responses: {kind} needs >= 2 responses per attack "
-                              f"to form defender pairs, got {d}")
-
-    _float(config, "optim.lr", low=0.0, high=1.0, low_open=True)
-    _float(config, "optim.final_lr_fraction", low=0.0, high=1.0)
-    _float(config, "optim.weight_decay", low=0.0, high=10.0)
-    _float(config, "optim.clip_norm", low=0.0, high=1e6, low_open=True)
-    _one_of(config, "optim.lr_schedule", ("run", "cycle"))
-
-    _int(config, "train.num_steps", minimum=1)
-    _int(config, "train.seeds_per_device", minimum=1)
-    if "seeds_per_step" in config.train:  # configs written before the field read as 0
-        _int(config, "train.seeds_per_step", minimum=0)
-    _float(config, "train.ema_decay", low=0.0, high=1.0)
-    sample_from = _one_of(config, "train.sample_from", ("ema", "trained"))
-    _one_of(config, "train.reference", ("ema", "initial"))
-    _int(config, "train.sync_every_n_steps", minimum=1)
-    _int(config, "train.num_microbatches", minimum=1)
-    _one_of(config, "train.loss_normalization", ("reference", "pairs"))
-    _int(config, "train.norm_seeds_per_microbatch", minimum=1)
-    if not isinstance(_get(config, "train.step_on_empty_batch"), bool):
-        raise ConfigError("config.train.step_on_empty_batch: expected True or False")
-    _one_of(config, "train.attention", ("auto", "xla", "chunked", "cudnn"))
-    _one_of(config, "train.remat_policy", ("full", "dots_no_batch", "save_attn"))
-    _int(config, "train.max_tokens_per_device", minimum=0)
-    _one_of(config, "train.ema_dtype", DTYPES)
-    _one_of(config, "optim.mu_dtype", DTYPES)
-    _int(config, "train.validate_every", minimum=0)
-    _int(config, "train.checkpoint_every", minimum=0)
-    _int(config, "train.keep_checkpoints", minimum=1)
-    if sample_from == "ema" and _get(config, "train.ema_decay") >= 1.0:
-        raise ConfigError("config.train.ema_decay: sampling from an EMA with decay 1.0 never learns")
-
     for split in ("train_harmful", "train_benign"):
-        if not toy and not _get(config, f"data.{split}"):
+        if not s.toy_world and not getattr(s.data, split):
             raise ConfigError(f"config.data.{split}: expected a seed JSONL file "
                               f"(see launch/prepare_data.py)")
-    _int(config, "validation.num_seeds", minimum=0)
-    _int(config, "validation.num_responses", minimum=1)
-    _int(config, "validation.batch_size", minimum=0)
-    from advgame_jax.sampling.placement import validate_placement  # sampler placement / memory plan
 
-    validate_placement(config)
+
+# ------------------------------------------------------------------ for ConfigDict readers
+
+
+def _train_of(config) -> S.TrainSettings:
+    if isinstance(config, Settings):
+        return config.train
+    return convert_section(S.TrainSettings, _train_dict(config.train), "train")
+
+
+def seeds_per_split(config, data_parallel_devices: int, num_processes: int = 1) -> int:
+    """``TrainSettings.seeds_per_split`` of a ``Settings`` or of a ConfigDict's train section."""
+    return _train_of(config).seeds_per_split(data_parallel_devices, num_processes)
+
+
+def game_config_from_experiment(config: Any, settings: Optional[Settings] = None):
+    """The ``game.GameConfig`` of an experiment config (converted without requiring the run's
+    user input, unless ``settings`` is given)."""
+    from advgame_jax.game.config import game_config_from
+
+    s = settings if settings is not None else settings_from_config(config, complete=False)
+    return game_config_from(s.game, s.judge, s.sampling, seed=s.seed,
+                            max_new_tokens={r: s.max_new_tokens(r) for r in S.ROLES})

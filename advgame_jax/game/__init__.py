@@ -12,7 +12,7 @@ The game loop calls, per seed split::
 """
 
 from advgame_jax.game.audit import AuditLog, AuditLogError, read_audit_log, record_to_scored_tree, replay
-from advgame_jax.game.config import GameConfig, GameConfigError, game_config_from_experiment
+from advgame_jax.game.config import GameConfig, GameConfigError, game_config_from
 from advgame_jax.game.endpoint import EndpointBackend, JudgeEndpointError
 from advgame_jax.game.factory import make_judge
 from advgame_jax.game.judge import (
@@ -71,7 +71,7 @@ __all__ = [
     "ScoredTree", "TemplateError", "TemplateSet", "TextBackend", "XError", "YError",
     "attacker_advantages", "attacker_pair_indices", "attacker_pairs", "available_template_sets",
     "build_tree", "defender_advantages", "defender_pair_indices", "defender_pairs",
-    "faith_majority", "game_config_from_experiment", "get_template_set", "grpo_advantages",
+    "faith_majority", "game_config_from", "get_template_set", "grpo_advantages",
     "grpo_samples", "make_judge", "parse_attack", "parse_faith_verdict", "parse_pair_scores",
     "parse_score", "patch_x_reward", "patch_y_reward", "read_audit_log", "record_to_scored_tree",
     "register_template_set", "replay", "sample_tree", "score_tree", "select_response",

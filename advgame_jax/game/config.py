@@ -1,18 +1,22 @@
 """``GameConfig``: every knob of one game rollout (GAME_SPEC §2.2–2.10), validated on
-construction, and its translation from an experiment ``ConfigDict`` (``configs/base.py``).
+construction, and its translation from the experiment's ``game``, ``judge`` and ``sampling``
+sections (``advgame_jax.settings``).
 """
 
 from __future__ import annotations
 
 from advgame_jax.errors import UserError
 import dataclasses
-from typing import Any
+from typing import Mapping
 
 from advgame_jax.game.parsing import FAITH_TIES, FORMATS
-from advgame_jax.game.templates import TemplateError, get_template_set, load_template_file
+from advgame_jax.game.templates import TemplateError, get_template_set
 from advgame_jax.sampling.base import SamplingParams
+from advgame_jax.settings import GameSettings, JudgeSettings, SamplingSettings
 
 SELECTIONS = ("reference", "fallback")
+JUDGE_MODES = ("pairwise", "pointwise")
+CONDITIONS = ("prompt", "seed")  # what the defender judge sees: the attack x or the seed s
 _DEFAULT_SAMPLING = SamplingParams(temperature=0.6, top_p=0.9, max_new_tokens=2048)
 
 
@@ -68,8 +72,7 @@ class GameConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise GameConfigError(f"GameConfig.{name}: expected an integer >= 1, got {value!r}")
         for name, allowed in (("attacker_format", FORMATS), ("defender_format", FORMATS),
-                              ("condition_on", ("prompt", "seed")),
-                              ("judge_mode", ("pairwise", "pointwise")),
+                              ("condition_on", CONDITIONS), ("judge_mode", JUDGE_MODES),
                               ("faith_tie", FAITH_TIES), ("selection", SELECTIONS)):
             if getattr(self, name) not in allowed:
                 raise GameConfigError(f"GameConfig.{name}: expected one of {allowed}, "
@@ -101,36 +104,23 @@ class GameConfig:
         return cls(**d)
 
 
-def game_config_from_experiment(config: Any) -> GameConfig:
-    """A ``GameConfig`` from an experiment ConfigDict (fields of ``configs/base.py``:
-    ``game.templates_file``, when set, is loaded and registered, and its set is used;
-    ``game.*``, ``judge.mode/swap_positions/condition_on/attacker_judge/defender_judge/
-    num_faith_samples`` and ``sampling.*``)."""
-    s = config.sampling
-    params = {role: SamplingParams(temperature=float(s.temperature), top_p=float(s.top_p),
-                                   top_k=int(s.top_k),
-                                   max_new_tokens=player_max_new_tokens(config, role),
-                                   seed=int(config.get("seed", 0)))
+def game_config_from(game: GameSettings, judge: JudgeSettings, sampling: SamplingSettings, *,
+                     max_new_tokens: Mapping[str, int], seed: int = 0) -> GameConfig:
+    """The ``GameConfig`` of an experiment's sections: ``game.*``, ``judge.mode /
+    swap_positions / condition_on / attacker_judge / defender_judge / num_faith_samples /
+    faith_tie`` and ``sampling.*`` with each player's completion budget ``max_new_tokens[role]``
+    (``Settings.max_new_tokens``). ``game.templates`` is the set in use (the converter has
+    registered ``game.templates_file`` under it)."""
+    params = {role: SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
+                                   top_k=sampling.top_k, max_new_tokens=int(max_new_tokens[role]),
+                                   seed=seed)
               for role in ("attacker", "defender")}
-    g, j = config.game, config.judge
-    templates = g.templates
-    if g.get("templates_file", ""):
-        try:
-            templates = load_template_file(g.templates_file).name
-        except TemplateError as err:
-            raise GameConfigError(f"config.game.templates_file: {err}") from None
     return GameConfig(
-        num_attacks=g.num_attacks, num_responses=g.num_responses, templates=templates,
-        attacker_format=g.attacker_format, defender_format=g.defender_format,
-        condition_on=j.condition_on, optimistic_attacker=g.optimistic_attacker,
-        attacker_judge_enabled=j.attacker_judge, defender_judge_enabled=j.defender_judge,
-        judge_mode=j.mode, swap_positions=j.swap_positions, faithfulness=g.faithfulness,
-        num_faith_samples=j.num_faith_samples, faith_tie=j.get("faith_tie", "bad_judge"),
-        selection=g.get("selection", "fallback"), attacker_sampling=params["attacker"],
-        defender_sampling=params["defender"])
-
-
-def player_max_new_tokens(config: Any, role: str) -> int:
-    """``config.<role>.max_new_tokens``, or ``sampling.max_new_tokens`` when that is 0/absent."""
-    own = int(config[role].get("max_new_tokens", 0) or 0) if role in config else 0
-    return own or int(config.sampling.max_new_tokens)
+        num_attacks=game.num_attacks, num_responses=game.num_responses, templates=game.templates,
+        attacker_format=game.attacker_format, defender_format=game.defender_format,
+        condition_on=judge.condition_on, optimistic_attacker=game.optimistic_attacker,
+        attacker_judge_enabled=judge.attacker_judge, defender_judge_enabled=judge.defender_judge,
+        judge_mode=judge.mode, swap_positions=judge.swap_positions,
+        faithfulness=game.faithfulness, num_faith_samples=judge.num_faith_samples,
+        faith_tie=judge.faith_tie, selection=game.selection,
+        attacker_sampling=params["attacker"], defender_sampling=params["defender"])

@@ -19,6 +19,8 @@ from advgame_jax.sampling.base import Sampler, SamplingParams
 log = logging.getLogger(__name__)
 
 
+BACKENDS = ("endpoint", "rule", "sampler")  # config.judge.backend
+
 # Replica / health / warning options of EndpointBackend, passed through when the config has them.
 _ENDPOINT_OPTIONS = ("max_in_flight_per_endpoint", "unhealthy_after", "unhealthy_cooldown_s",
                      "warn_failure_rate", "warn_every", "explicit_sampling")
@@ -71,4 +73,4 @@ def make_judge(judge_config: Any, *, templates: str = "advgame_v1", sampler: Opt
                                 max_new_tokens=int(judge_config.max_new_tokens), seed=seed)
         return LLMJudge(SamplerBackend(sampler, tokenizer, params), template_set,
                         num_samples=num_samples)
-    raise ValueError(f"config.judge.backend: expected 'rule', 'endpoint' or 'sampler', got {backend!r}")
+    raise ValueError(f"config.judge.backend: expected one of {BACKENDS}, got {backend!r}")

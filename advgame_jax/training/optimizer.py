@@ -1,7 +1,7 @@
 """The per-player optimizer (GAME_SPEC §2.12): AdamW behind global-norm clipping, with a
 linear warm-up then cosine decay to ``final_lr_fraction × lr``.
 
-Two schedule shapes (``optim.lr_schedule``):
+Two schedule shapes (``OptimSettings.lr_schedule``, ``config.optim.lr_schedule``):
 
 - ``"cycle"`` (the reference's, paper configs): the cosine runs over a cycle of
   ``train.num_steps`` optimizer updates and restarts at ``lr``. The game makes one update per

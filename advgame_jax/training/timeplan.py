@@ -19,6 +19,7 @@ import os
 
 from advgame_jax.plan_inputs import PlanInputError
 from advgame_jax.training.state import StateSettings
+from advgame_jax.sampling.placement import placement_of
 from advgame_jax.training.steptime import (GenCall, Judge, Sampler, Shape, StepWorkload, Trainer,
                                            UpdateCall)
 
@@ -180,7 +181,8 @@ def build_workload(config, shapes: dict, layout: Layout, lengths: Lengths, *,
             continue
         trainers[r] = Trainer(s[r], devices=layout.trainer, fsdp=fsdp,
                               compute_bytes=_dtype_bytes(config[r].compute_dtype),
-                              remat=bool(t.remat), reference_forward=(
+                              remat=bool(t.get("remat", True))
+                              and t.get("remat_policy", "full") != "none", reference_forward=(
                                   not grpo or float(config.loss.get("kl_coef", 0.0)) > 0),
                               flops_per_token=(flops_per_token or {}).get(r, 0.0))
         updates[r] = [UpdateCall(rows=rows[r], length=seq[r])] * 2
@@ -209,8 +211,8 @@ def default_layout(config, devices: int, *, trainer: int = 0, engines: int = -1,
     """A layout of ``devices`` for ``config``: players on offloaded engines (the paper's
     placement) get ``devices/8`` generation devices each and the judge ``devices/4``; the
     trainer takes the rest. In-process samplers (placement 'jax') share the trainer's."""
-    offloaded = any(config[r].get("placement", "") in ("offloaded", "colocated")
-                    or config[r].sampler == "vllm" for r in ("attacker", "defender"))
+    offloaded = any(placement_of(config, r) in ("offloaded", "colocated")
+                    for r in ("attacker", "defender"))
     remote_judge = config.judge.backend == "endpoint"
     if engines < 0:
         engines = max(devices // 8, 1) if offloaded and devices >= 4 else 0
