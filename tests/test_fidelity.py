@@ -140,7 +140,7 @@ def test_normalisation_weights_on_the_golden_tree():
 # ---- 5. Empty splits and 6. GRPO weight: config plumbing ---------------------------------------
 def test_update_step_receives_empty_split_and_tis_flags(monkeypatch):
     from advgame_jax.experiment import players
-    from configs.paper import paper_config
+    from advgame_jax.experiment.configs.paper import paper_config
 
     seen = {}
     monkeypatch.setattr(players, "make_update_step", lambda *a, **kw: seen.update(kw) or object())
