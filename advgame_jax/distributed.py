@@ -189,24 +189,21 @@ def build_mesh(ici: Mapping[str, int], dcn: Optional[Mapping[str, int]] = None,
     and data parallelism across the two nodes.
     """
     import jax
-    import numpy as np
     from jax.experimental import mesh_utils
-    from jax.sharding import Mesh
+    from jax.sharding import AxisType, Mesh
 
     devices = list(jax.devices() if devices is None else devices)
     slices = num_slices(devices)
     ici, dcn = resolve_axis_sizes(ici, dcn or {}, num_devices=len(devices), num_slices=slices)
     shape = tuple(ici[a] for a in MESH_AXES)
     dcn_shape = tuple(dcn[a] for a in MESH_AXES)
-    if slices == 1:
-        grid = np.asarray(devices, dtype=object).reshape(shape)
-    else:
-        grid = mesh_utils.create_hybrid_device_mesh(shape, dcn_shape, devices,
-                                                    process_is_granule=not _by_slice(devices))
-    axis_type = getattr(jax.sharding, "AxisType", None)
-    if axis_type is not None:
-        return Mesh(grid, MESH_AXES, axis_types=(axis_type.Auto,) * 3)
-    return Mesh(grid, MESH_AXES)
+    auto = (AxisType.Auto,) * len(MESH_AXES)
+    if slices == 1:  # one host / one TPU slice: the topology-aware single-granule layout
+        return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+    # Each host's (or slice's) devices ordered by its own topology, the granules tiled by dcn.
+    grid = mesh_utils.create_hybrid_device_mesh(shape, dcn_shape, devices,
+                                                process_is_granule=not _by_slice(devices))
+    return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
 def is_writer() -> bool:

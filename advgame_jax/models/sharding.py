@@ -13,7 +13,6 @@ import types
 from typing import Mapping, Optional, Sequence, Union
 
 import jax
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from advgame_jax.models.config import ModelConfig
@@ -39,17 +38,19 @@ DEFAULT_RULES: Mapping[str, AxisRule] = types.MappingProxyType({
 def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1,
               devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
     """A ``(data, fsdp, tensor)`` mesh with Auto axis types over the first data*fsdp*tensor
-    devices (``jax.devices()`` by default)."""
+    devices (``jax.devices()`` by default), laid out by ``jax.make_mesh``: on TPUs the grid
+    follows the physical ICI torus (rings for the collectives of each axis), on GPUs device-id
+    order, elsewhere the given order. One host or one TPU slice; several:
+    ``distributed.build_mesh``."""
     n = data * fsdp * tensor
     devices = list(jax.devices() if devices is None else devices)
     if n > len(devices):
         raise ValueError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} needs {n} devices, "
                          f"only {len(devices)} available")
-    grid = np.asarray(devices[:n], dtype=object).reshape(data, fsdp, tensor)
-    axis_type = getattr(jax.sharding, "AxisType", None)
-    if axis_type is not None:
-        return Mesh(grid, MESH_AXES, axis_types=(axis_type.Auto,) * 3)
-    return Mesh(grid, MESH_AXES)
+    # Auto axes: shardings come from the jitted functions' in/out specs (jax.make_mesh's
+    # default, Explicit, would make every array's sharding part of its type).
+    return jax.make_mesh((data, fsdp, tensor), MESH_AXES,
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices[:n])
 
 
 def logical_to_spec(shape: Sequence[int], axes: Sequence[Optional[str]], mesh: Mesh,
