@@ -96,7 +96,9 @@ def test_paper_table():
     assert (g.train.sample_from, g.train.reference, g.loss.tis_cap) == ("trained", "initial", 2.0)
     i = load(os.path.join(ROOT, "configs", "llama_ipo_md.py"))
     assert i.loss.kind == "ipo" and i.train.reference == "ema"
-    abl = lambda n, fam=None: load(os.path.join(ROOT, "configs", "ablations", f"{n}.py"), fam)
+    def abl(n, fam=None):
+        return load(os.path.join(ROOT, "configs", "ablations", f"{n}.py"), fam)
+
     assert (abl("no_ema").train.sample_from, abl("no_ema").train.reference) == ("trained", "initial")
     assert abl("pointwise_judge").judge.mode == "pointwise"
     assert abl("fixed_attacker").attacker.trainable is False
