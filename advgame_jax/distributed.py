@@ -120,11 +120,12 @@ def initialize(world: Optional[World], *, expect_processes: int = 0,
     if world is not None:
         if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        kwargs = {}
         if world.coordinator is not None:
-            kwargs = dict(coordinator_address=world.coordinator,
-                          num_processes=world.num_processes, process_id=world.process_id)
-        jax.distributed.initialize(**kwargs)
+            jax.distributed.initialize(coordinator_address=world.coordinator,
+                                       num_processes=world.num_processes,
+                                       process_id=world.process_id)
+        else:  # JAX detects the cluster itself (Cloud TPU pods)
+            jax.distributed.initialize()
     if expect_processes and jax.process_count() != expect_processes:
         raise WorldError(f"config.distributed.num_processes={expect_processes} but JAX sees "
                          f"{jax.process_count()} process(es) (world from "

@@ -124,7 +124,7 @@ class JaxSampler:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_hf_dir(cls, path, *, dtype=jnp.float32, tokenizer="auto", mesh=None, **kw):
+    def from_hf_dir(cls, path, *, dtype=jnp.float32, tokenizer: Any = "auto", mesh=None, **kw):
         """Load an HF checkpoint dir (``save_hf`` output); the tokenizer is read from the same
         directory when ``tokenizer == "auto"`` and it holds one."""
         shardings = None

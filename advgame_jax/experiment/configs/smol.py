@@ -30,13 +30,16 @@ What is changed, and why:
   for real seeds (launch/prepare_data.py).
 """
 
+from typing import Any
+
 from advgame_jax.data import packaged_seed_path
 from advgame_jax.models import smollm2
 from advgame_jax.experiment.configs.base import base_config
 
 
 def smol_config():
-    c = base_config()
+    # Any: a ConfigDict's fields are dynamic attributes (test_configs.py checks them).
+    c: Any = base_config()
     c.name = "smol"
     c.workdir = "runs/smol"
     c.mesh.data = 1
