@@ -283,7 +283,9 @@ def _write_safetensors(fn: str, specs, tensors: Iterator[tuple[str, np.ndarray]]
     with open(fn, "wb") as f:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
-        for (name, shape, dt), (got_name, arr) in zip(specs, tensors, strict=True):
+        # strict=False: ``tensors`` may be one iterator shared by every shard, each taking
+        # its own len(specs) items from it (the name/shape assert checks the pairing).
+        for (name, shape, dt), (got_name, arr) in zip(specs, tensors, strict=False):
             assert got_name == name and arr.shape == tuple(shape), (name, got_name)
             f.write(np.ascontiguousarray(arr, dtype=dt).tobytes())
 
