@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import types
-from typing import Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -36,7 +36,7 @@ DEFAULT_RULES: Mapping[str, AxisRule] = types.MappingProxyType({
 
 
 def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1,
-              devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+              devices: Optional[Sequence[Any]] = None) -> Mesh:
     """A ``(data, fsdp, tensor)`` mesh with Auto axis types over the first data*fsdp*tensor
     devices (``jax.devices()`` by default), laid out by ``jax.make_mesh``: on TPUs the grid
     follows the physical ICI torus (rings for the collectives of each axis), on GPUs device-id
@@ -72,19 +72,21 @@ def logical_to_spec(shape: Sequence[int], axes: Sequence[Optional[str]], mesh: M
     return PartitionSpec(*spec)
 
 
-def logical_sharding(shape, axes, mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
+def logical_sharding(shape, axes, mesh: Mesh,
+                     rules: Mapping[str, AxisRule] = DEFAULT_RULES) -> NamedSharding:
     """NamedSharding for one array with logical ``axes`` (e.g. ``("batch", "seq")``)."""
     return NamedSharding(mesh, logical_to_spec(shape, axes, mesh, rules))
 
 
-def constrain(x, axes, mesh: Optional[Mesh], rules=DEFAULT_RULES):
+def constrain(x, axes, mesh: Optional[Mesh], rules: Mapping[str, AxisRule] = DEFAULT_RULES):
     """``x`` with a sharding constraint from its logical ``axes`` (``x`` itself without a mesh)."""
     if mesh is None:
         return x
     return jax.lax.with_sharding_constraint(x, logical_sharding(x.shape, axes, mesh, rules))
 
 
-def param_shardings(config: ModelConfig, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
+def param_shardings(config: ModelConfig, mesh: Mesh,
+                    rules: Mapping[str, AxisRule] = DEFAULT_RULES) -> dict:
     """Pytree of ``NamedSharding`` matching the params of ``config``."""
     return jax.tree.map(lambda sa: logical_sharding(sa[0], sa[1], mesh, rules),
                         param_shapes_and_axes(config), is_leaf=_is_leaf)
