@@ -20,7 +20,7 @@ from advgame_jax.data.readers import jsonl_records
 from advgame_jax.errors import UserError
 
 Category = Literal["harmful", "benign"]
-CATEGORIES: tuple[str, ...] = ("harmful", "benign")
+CATEGORIES: tuple[Category, ...] = ("harmful", "benign")
 _EXPECTED = 'expected a JSON object {"prompt": <non-empty string>, "category": "harmful" | "benign"}'
 
 

@@ -22,7 +22,7 @@ import dataclasses
 import secrets
 import time
 import uuid
-from typing import Literal, Optional, Sequence, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
 import pydantic
 from openai.types import Completion as TextCompletion, CompletionChoice, CompletionUsage
@@ -345,8 +345,10 @@ def build_response(req: ParsedRequest, completions: Sequence[Completion], tokeni
     already cut at the stop strings (``apply_stop``); ``tops[i][j]``: the (token id, log-prob)
     alternatives of token j of completion i."""
     tops = tops or [None] * len(completions)
-    head = dict(id=("chatcmpl-" if req.kind == "chat" else "cmpl-") + uuid.uuid4().hex,
-                created=int(time.time()), model=model_name, usage=_usage(req, completions))
+    # Any: the fields shared by the response models are of several types.
+    head: dict[str, Any] = dict(
+        id=("chatcmpl-" if req.kind == "chat" else "cmpl-") + uuid.uuid4().hex,
+        created=int(time.time()), model=model_name, usage=_usage(req, completions))
     if req.kind == "chat":
         body = ChatCompletion(object="chat.completion", **head, choices=[cc.Choice(
             index=i, finish_reason=c.finish_reason,
@@ -367,8 +369,9 @@ def stream_chunks(req: ParsedRequest, completions: Sequence[Completion], tokeniz
     then a finish chunk per choice, the usage chunk when asked for, and ``[DONE]``."""
     tops = tops or [None] * len(completions)
     chat = req.kind == "chat"
-    head = dict(id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
-                created=int(time.time()), model=model_name)
+    # Any: the fields shared by the response models are of several types.
+    head: dict[str, Any] = dict(id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
+                                created=int(time.time()), model=model_name)
 
     def chunk(i, text, finish=None, lo=0, hi=0, first=False, offset=0):
         c, t = completions[i], tops[i]
