@@ -120,11 +120,12 @@ def initialize(world: Optional[World], *, expect_processes: int = 0,
     if world is not None:
         if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        kwargs = {}
         if world.coordinator is not None:
-            kwargs = dict(coordinator_address=world.coordinator,
-                          num_processes=world.num_processes, process_id=world.process_id)
-        jax.distributed.initialize(**kwargs)
+            jax.distributed.initialize(coordinator_address=world.coordinator,
+                                       num_processes=world.num_processes,
+                                       process_id=world.process_id)
+        else:  # JAX detects the cluster itself (Cloud TPU pods)
+            jax.distributed.initialize()
     if expect_processes and jax.process_count() != expect_processes:
         raise WorldError(f"config.distributed.num_processes={expect_processes} but JAX sees "
                          f"{jax.process_count()} process(es) (world from "
@@ -189,24 +190,21 @@ def build_mesh(ici: Mapping[str, int], dcn: Optional[Mapping[str, int]] = None,
     and data parallelism across the two nodes.
     """
     import jax
-    import numpy as np
     from jax.experimental import mesh_utils
-    from jax.sharding import Mesh
+    from jax.sharding import AxisType, Mesh
 
     devices = list(jax.devices() if devices is None else devices)
     slices = num_slices(devices)
     ici, dcn = resolve_axis_sizes(ici, dcn or {}, num_devices=len(devices), num_slices=slices)
     shape = tuple(ici[a] for a in MESH_AXES)
     dcn_shape = tuple(dcn[a] for a in MESH_AXES)
-    if slices == 1:
-        grid = np.asarray(devices, dtype=object).reshape(shape)
-    else:
-        grid = mesh_utils.create_hybrid_device_mesh(shape, dcn_shape, devices,
-                                                    process_is_granule=not _by_slice(devices))
-    axis_type = getattr(jax.sharding, "AxisType", None)
-    if axis_type is not None:
-        return Mesh(grid, MESH_AXES, axis_types=(axis_type.Auto,) * 3)
-    return Mesh(grid, MESH_AXES)
+    auto = (AxisType.Auto,) * len(MESH_AXES)
+    if slices == 1:  # one host / one TPU slice: the topology-aware single-granule layout
+        return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+    # Each host's (or slice's) devices ordered by its own topology, the granules tiled by dcn.
+    grid = mesh_utils.create_hybrid_device_mesh(shape, dcn_shape, devices,
+                                                process_is_granule=not _by_slice(devices))
+    return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
 def is_writer() -> bool:

@@ -102,7 +102,7 @@ def resolve_mesh_shape(mesh_cfg, n: int) -> tuple[int, int, int]:
     if any(v == 0 or v < -1 for v in sizes.values()):
         raise PlanInputError(f"config.mesh: axis sizes must be ≥ 1 or -1, got {sizes}")
     fixed = 1
-    for a, v in sizes.items():
+    for v in sizes.values():
         if v != -1:
             fixed *= v
     if free:

@@ -1,4 +1,5 @@
-"""The experiment's settings as typed, frozen dataclasses: one per section of ``configs/base.py``.
+"""The experiment's settings as typed, frozen dataclasses: one per section of
+``experiment/configs/base.py``.
 
 Users write ``configs/*.py`` files whose ``get_config()`` returns an ml_collections
 ``ConfigDict``; ``advgame_jax.experiment.validate.settings_from_config`` converts it ONCE, at
@@ -305,7 +306,7 @@ class LoggingSettings:
 
 @_frozen
 class Settings:
-    """The whole experiment: top-level fields and one section per block of ``configs/base.py``."""
+    """The whole experiment: top-level fields and one section per block of ``experiment/configs/base.py``."""
 
     name: str = setting("advgame", resumable=True)
     workdir: str = setting("", resumable=True)
@@ -341,7 +342,7 @@ class Settings:
         return self.player(role).max_new_tokens or self.sampling.max_new_tokens
 
     def to_dict(self) -> dict:
-        """Plain nested dict (tuples kept), in the layout of ``configs/base.py``."""
+        """Plain nested dict (tuples kept), in the layout of ``experiment/configs/base.py``."""
         return dataclasses.asdict(self)
 
 

@@ -238,8 +238,8 @@ def run_sampler(a, config, params, model_dir, peaks):
     for _ in range(a.repeats):
         peaks.sample()
         for k, e in engines.items():
-            times[k][0].append(timer(lambda: e(prompts, 1)))
-            times[k][1].append(timer(lambda: e(prompts, a.new_tokens)))
+            times[k][0].append(timer(lambda e=e: e(prompts, 1)))
+            times[k][1].append(timer(lambda e=e: e(prompts, a.new_tokens)))
     phases = {k: _phase(*v) for k, v in times.items()}
     if a.vllm:
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:

@@ -60,7 +60,9 @@ def run_level(base_url: str, concurrency: int, requests: int, max_tokens: int) -
         t.join()
     wall = time.perf_counter() - t0
     lat = sorted(latencies)
-    pick = (lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] if lat else float("nan"))
+    def pick(q):
+        return lat[min(len(lat) - 1, int(q * len(lat)))] if lat else float("nan")
+
     return {"concurrency": concurrency, "completed": len(lat), "failed": len(failures),
             "wall_s": wall, "rps": len(lat) / wall, "p50_s": statistics.median(lat) if lat
             else float("nan"), "p99_s": pick(0.99)}
@@ -91,7 +93,7 @@ def main():
                 break
             except openai.APIConnectionError:
                 if proc.poll() is not None or time.time() > deadline:
-                    raise SystemExit(f"server did not start: {proc.stderr.read()[-2000:]}")
+                    raise SystemExit(f"server did not start: {proc.stderr.read()[-2000:]}") from None
                 time.sleep(0.5)
         levels = [int(c) for c in args.concurrency.split(",")]
         run_level(base_url, max(levels), 2, args.max_tokens)  # compile every batch bucket

@@ -1,7 +1,7 @@
 """Paper run: qwen family, grpo (GAME_SPEC §3). Needs --config.{attacker,defender}.hf_path,
 --config.judge.endpoints and --config.workdir overrides."""
 
-from configs.paper import paper_config
+from advgame_jax.experiment.configs.paper import paper_config
 
 
 def get_config():

@@ -18,7 +18,7 @@ loop's no-signal warning). This config exercises the LLM-judge path with a real 
 configs/smol.py (the rule judge) is the one meant to train.
 """
 
-from configs.smol import get_config as smol_config
+from advgame_jax.experiment.configs.smol import smol_config
 
 
 def get_config():

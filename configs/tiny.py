@@ -9,7 +9,7 @@ from their EMA copies, which are also the loss reference.
     python launch/train.py --config=configs/tiny.py --config.train.num_steps=10
 """
 
-from configs.base import base_config
+from advgame_jax.experiment.configs.base import base_config
 
 
 def get_config():

@@ -14,12 +14,8 @@ every output made from it carries the attacker marker. Outputs are built aside a
 into place; an existing --out_dir is refused. Logic: ``advgame_jax.evaluation.convert``.
 """
 
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags  # noqa: E402
+from absl import app, flags
 
 flags.DEFINE_enum("mode", None, ["checkpoint_to_hf", "hf_to_params", "params_to_hf",
                                   "gguf_to_hf"],
@@ -47,7 +43,6 @@ def main(argv):
 
 def _main():
     from advgame_jax.evaluation import convert
-
     from advgame_jax.experiment.logsetup import quiet_console
 
     quiet_console()  # no Orbax/library chatter or tracebacks on the console
@@ -68,8 +63,13 @@ def _main():
     print(f"wrote {out}")
 
 
-if __name__ == "__main__":
+def run():
+    """``advgame-convert`` (pyproject.toml): the same as ``python launch/convert.py``."""
     flags.mark_flags_as_required(["mode", "out_dir"])
     from advgame_jax.evaluation import parse_flags
 
     app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()

@@ -18,11 +18,8 @@ Targets: exactly one of --hf_dir, --checkpoint (a training workdir or checkpoint
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags  # noqa: E402
+from absl import app, flags
 
 flags.DEFINE_multi_string("set", [], "Prompt set [NAME=]KIND:PATH (repeatable).")
 flags.DEFINE_string("out_dir", None, "Where results.jsonl, eval.json and eval.md go.")
@@ -88,7 +85,6 @@ def _max_positions():
 
 def _main():
     from advgame_jax.evaluation import classifiers, prompt_sets, runner, targets
-
     from advgame_jax.experiment.logsetup import quiet_console
 
     quiet_console()  # no Orbax/library chatter or tracebacks on the console
@@ -123,8 +119,13 @@ def _main():
     print(f"wrote {os.path.join(FLAGS.out_dir, 'eval.json')}")
 
 
-if __name__ == "__main__":
+def run():
+    """``advgame-eval`` (pyproject.toml): the same as ``python launch/eval.py``."""
     flags.mark_flag_as_required("out_dir")
     from advgame_jax.evaluation import parse_flags
 
     app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()

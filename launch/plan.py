@@ -34,17 +34,13 @@ Every flag, the config's mesh, the model files and the ``--json`` path are check
 starts (``advgame_jax.plan_inputs``); a bad one is one ``error:`` line, exit 2.
 """
 
+import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
+from ml_collections import config_flags
 
-import json  # noqa: E402
-
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from advgame_jax.errors import run_cli  # noqa: E402
+from advgame_jax.errors import run_cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=False)
 flags.DEFINE_integer("devices", 8, "number of devices of the trainer mesh")
@@ -168,8 +164,12 @@ def _hardware(devices: int):
 def _time_body() -> int:
     import math
 
-    from advgame_jax.plan_inputs import (PlanInputError, check_devices, check_json_path,
-                                         model_path_for)
+    from advgame_jax.plan_inputs import (
+        PlanInputError,
+        check_devices,
+        check_json_path,
+        model_path_for,
+    )
 
     json_path = check_json_path(FLAGS.json)
     config = _config()
@@ -277,6 +277,11 @@ def main(argv):
     return run_cli(_body)
 
 
-if __name__ == "__main__":
+def run():
+    """``advgame-plan`` (pyproject.toml): the same as ``python launch/plan.py``."""
     flags.mark_flag_as_required("config")
     app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    run()

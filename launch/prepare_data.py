@@ -9,12 +9,8 @@ only the record counts. All logic
 lives in ``advgame_jax.data.wildjailbreak``; this file only parses flags.
 """
 
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags  # noqa: E402
+from absl import app, flags
 
 _TSV = flags.DEFINE_string("tsv", None, "WildJailbreak train TSV (vanilla, adversarial, completion, data_type).")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Directory for the JSONL splits (created with mode 0700).")
@@ -38,8 +34,13 @@ def main(argv):
     print(summary(counts, _OUT_DIR.value))
 
 
-if __name__ == "__main__":
+def run():
+    """``advgame-prepare-data`` (pyproject.toml): the same as ``python launch/prepare_data.py``."""
     flags.mark_flags_as_required(["tsv", "out_dir"])
     from advgame_jax.evaluation import parse_flags
 
     app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()

@@ -22,11 +22,8 @@ redteam.json and redteam.md (ASR per category, best-of-N).
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags  # noqa: E402
+from absl import app, flags
 
 flags.DEFINE_bool("acknowledge_controlled_artifact", False,
                   "Confirm this is authorised red-teaming with a controlled attacker artifact.")
@@ -109,7 +106,6 @@ def main(argv):
 
 def _main():
     from advgame_jax.evaluation import classifiers, prompt_sets, redteam, targets
-
     from advgame_jax.experiment.logsetup import quiet_console
 
     quiet_console()  # no Orbax/library chatter or tracebacks on the console
@@ -153,8 +149,13 @@ def _main():
           f"see {os.path.join(FLAGS.out_dir, 'redteam.md')}")
 
 
-if __name__ == "__main__":
+def run():
+    """``advgame-redteam`` (pyproject.toml): the same as ``python launch/redteam.py``."""
     flags.mark_flag_as_required("out_dir")
     from advgame_jax.evaluation import parse_flags
 
     app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()

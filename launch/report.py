@@ -10,12 +10,8 @@ extra: matplotlib).
 Logic: ``advgame_jax.evaluation.report``.
 """
 
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags  # noqa: E402
+from absl import app, flags
 
 flags.DEFINE_string("workdir", "", "Training workdir (metrics.jsonl).")
 flags.DEFINE_multi_string("eval", [], "eval.json of launch/eval.py (repeatable).")
@@ -35,8 +31,13 @@ def main(argv):
     print(f"wrote {path}")
 
 
-if __name__ == "__main__":
+def run():
+    """``advgame-report`` (pyproject.toml): the same as ``python launch/report.py``."""
     flags.mark_flag_as_required("out_dir")
     from advgame_jax.evaluation import parse_flags
 
     app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()

@@ -16,13 +16,10 @@ gracefully. All logic lives in ``advgame_jax.sampling.server``.
 import ipaddress
 import os
 import signal
-import sys
 import tempfile
 import threading
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags, logging
 
 flags.DEFINE_string("model_dir", None, "HF export (config.json + safetensors + tokenizer).")
 flags.DEFINE_bool("tiny_random", False, "Serve a tiny random model with the tiny tokenizer.")
@@ -138,5 +135,10 @@ def _serve(model_dir, api_key):
     logging.info("server stopped")
 
 
-if __name__ == "__main__":
+def run():
+    """``advgame-serve`` (pyproject.toml): the same as ``python launch/serve.py``."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

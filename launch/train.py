@@ -15,10 +15,8 @@ import os
 import re
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags, logging
+from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 
@@ -94,6 +92,11 @@ def main(argv):
         raise
 
 
-if __name__ == "__main__":
+def run():
+    """``advgame-train`` (pyproject.toml): the same as ``python launch/train.py``."""
     flags.mark_flag_as_required("config")
     app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    run()

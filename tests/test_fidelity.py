@@ -141,7 +141,7 @@ def test_normalisation_weights_on_the_golden_tree():
 # ---- 5. Empty splits and 6. GRPO weight: config plumbing ---------------------------------------
 def test_update_step_receives_empty_split_and_tis_flags(monkeypatch):
     from advgame_jax.experiment import players
-    from configs.paper import paper_config
+    from advgame_jax.experiment.configs.paper import paper_config
 
     seen = []
     monkeypatch.setattr(players, "update_step_from", lambda mc, s, **kw: seen.append(s) or object())
@@ -173,7 +173,7 @@ def test_grpo_importance_weight_gradient_when_not_detached():
         assert (float(v), float(g)) == pytest.approx((-6.0, -6.0))
     # A sample without sampler log-probs keeps w = 1 and no gradient from it, in both modes.
     for detach in (True, False):
-        g = jax.grad(lambda th: losses.grpo_loss(
+        g = jax.grad(lambda th, detach=detach: losses.grpo_loss(
             jnp.array([[th]]), jnp.array([[th]]), jnp.array([3.0]), jnp.array([[True]]),
             kl_coef=0.0, sampler_token_logps=jnp.array([[th]]), tis_cap=2.0,
             detach_weight=detach, sampler_rows=jnp.array([False]))[0])(jnp.log(0.5))

@@ -265,7 +265,7 @@ def test_out_of_range_scores_are_counted_not_silently_clipped():
 
 def test_paper_judge_decoding_reaches_the_endpoint():
     """The reference judge samples with temperature 0.6 and top-p 0.9: both are sent."""
-    from configs.paper import paper_config
+    from advgame_jax.experiment.configs.paper import paper_config
 
     jc = paper_config("qwen", "dpo_md").judge
     with FakeJudgeServer(marker_script(), models=("judge-model",)) as s:

@@ -101,7 +101,7 @@ def test_template_file_round_trip_and_config(tmp_path):
     assert loaded.name == "my_wording" and dict(loaded.sections) == dict(t.sections)
     assert get_template_set("my_wording") is loaded
 
-    from configs.base import base_config
+    from advgame_jax.experiment.configs.base import base_config
 
     c = base_config()
     c.game.templates_file = str(path)

@@ -88,7 +88,7 @@ def test_game_config_validation(field, value, match):
 
 
 def test_game_config_roundtrip_and_experiment_mapping():
-    from configs.base import base_config
+    from advgame_jax.experiment.configs.base import base_config
 
     c = base_config()
     c.judge.mode = "pointwise"

@@ -102,7 +102,7 @@ def test_checkpoint_modes_under_umask_022_and_checksums_off_thread(tmp_path, mon
     assert readers and all(n.startswith("advgame-manifest") for n in readers), set(readers)
     assert oct(os.stat(d).st_mode & 0o777) == "0o700"
     for step in ("1", "2"):
-        for root, dirs, files in os.walk(d / step):
+        for root, _dirs, files in os.walk(d / step):
             assert oct(os.stat(root).st_mode & 0o777) == "0o700", root
             for f in files:
                 assert oct(os.stat(os.path.join(root, f)).st_mode & 0o777) == "0o600", f

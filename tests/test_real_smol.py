@@ -13,8 +13,9 @@ import pytest
 from advgame_jax.experiment.loop import GameRunner
 from advgame_jax.experiment.validate import validate_config
 from advgame_jax.sampling.placement import placement_of
-from tests.test_real_model import smol_dir  # noqa: F401  (fixture)
+from tests import test_real_model
 
+smol_dir = test_real_model.smol_dir  # the converted SmolLM2 directory (a fixture)
 smol = importlib.import_module("configs.smol")
 smol_llm_judge = importlib.import_module("configs.smol_llm_judge")
 SPLITS, ROLES = ("harmful", "benign"), ("attacker", "defender")
@@ -49,7 +50,7 @@ def test_placement_jax_alone_moves_a_vllm_config_to_the_jax_sampler():
 
 
 @pytest.fixture(scope="module")
-def smol_run(tmp_path_factory, smol_dir):  # noqa: F811
+def smol_run(tmp_path_factory, smol_dir):
     """Two steps of configs/smol.py: one, then a resumed second."""
     run = tmp_path_factory.mktemp("smol") / "run"
     validate_config(_config(smol, run, smol_dir, 2))
@@ -71,7 +72,7 @@ def test_smol_rule_judge_yields_pairs_and_resumes(smol_run):
 
 
 @pytest.mark.slow
-def test_smol_llm_judge_step_over_the_openai_api(tmp_path, smol_dir):  # noqa: F811
+def test_smol_llm_judge_step_over_the_openai_api(tmp_path, smol_dir):
     from advgame_jax.sampling.openai_schema import Limits
     from advgame_jax.sampling.server import ServerConfig, serve_model_dir
 
@@ -98,7 +99,7 @@ def test_smol_llm_judge_step_over_the_openai_api(tmp_path, smol_dir):  # noqa: F
 
 
 @pytest.mark.slow
-def test_eval_on_real_seeds_and_export_of_the_trained_defender(smol_run, smol_dir, tmp_path,  # noqa: F811
+def test_eval_on_real_seeds_and_export_of_the_trained_defender(smol_run, smol_dir, tmp_path,
                                                               wildjailbreak_dir):
     """Original and trained defender on 8 + 8 real seeds (rule classifier); the exported
     defender loads and generates in transformers and vLLM."""

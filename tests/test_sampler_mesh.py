@@ -70,7 +70,7 @@ def test_filtered_sampling_frequencies_match_the_numpy_distribution():
     assert 4 < kept < top_k
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(1), i))(jnp.arange(n))
     for max_candidates in (4, 256):
-        tokens, _ = jax.jit(lambda k: select_tokens(
+        tokens, _ = jax.jit(lambda k, max_candidates=max_candidates: select_tokens(
             jnp.broadcast_to(logits, (n, v)), jnp.full((n,), temperature),
             jnp.full((n,), top_p), jnp.full((n,), top_k, jnp.int32), k, use_filter=True,
             max_candidates=max_candidates))(keys)

@@ -133,7 +133,7 @@ def test_slow_header_and_body_clients_are_cut_off_without_starving_others(tokeni
         host, port = srv.url.removeprefix("http://").split(":")
         opened = time.monotonic()
         slow = []
-        for i in range(70):  # one header line now, the next one 5 s later (never reached)
+        for _ in range(70):  # one header line now, the next one 5 s later (never reached)
             s = socket.create_connection((host, int(port)), timeout=10)
             s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n")
             slow.append(s)

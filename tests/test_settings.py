@@ -48,7 +48,7 @@ def _get(obj, dotted):
 
 
 def _all_configs():
-    from configs.paper import ABLATIONS, FAMILIES, LOSSES, paper_config
+    from advgame_jax.experiment.configs.paper import ABLATIONS, FAMILIES, LOSSES, paper_config
 
     out = {os.path.relpath(p, ROOT): _load(p) for p in CONFIG_FILES}
     for fam in FAMILIES:  # every row of the paper table, both families
@@ -83,7 +83,7 @@ def test_every_config_builds_into_sections_holding_its_values():
 
 def test_paper_configs_name_one_placement_and_one_remat_field():
     """The paper runs state where each sampler runs once (placement), never twice."""
-    from configs.paper import ABLATIONS, FAMILIES, LOSSES, REFERENCE
+    from advgame_jax.experiment.configs.paper import ABLATIONS, FAMILIES, LOSSES, REFERENCE
 
     for table in (REFERENCE, *FAMILIES.values(), *LOSSES.values(), *ABLATIONS.values()):
         assert not set(table) & LEGACY
@@ -93,7 +93,7 @@ def test_paper_configs_name_one_placement_and_one_remat_field():
 
 
 def test_base_defaults_are_the_sections_defaults():
-    from configs.base import base_config
+    from advgame_jax.experiment.configs.base import base_config
 
     assert settings_from_config(base_config(), complete=False) == S.Settings()
     # And every field of the sections exists in base.py (nothing is defaulted only in code).
@@ -258,7 +258,7 @@ def test_resume_marks_on_the_fields_keep_the_resume_rules():
 
 
 def test_seeds_per_split_reads_settings_and_configdicts_alike():
-    from configs.paper import paper_config
+    from advgame_jax.experiment.configs.paper import paper_config
 
     c = paper_config("qwen", "dpo_md", "none")
     s = settings_from_config(c, complete=False)

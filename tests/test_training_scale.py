@@ -184,7 +184,7 @@ def test_record_weights_scale_the_objective():
     want = None
     for p, x in zip(pairs, w):
         d = delta([TokenPair(p.prompt_ids, p.chosen_ids, p.rejected_ids, weight=1.0)])
-        d = jax.tree.map(lambda a: x * a, d)
+        d = jax.tree.map(lambda a, x=x: x * a, d)
         want = d if want is None else jax.tree.map(np.add, want, d)
     assert sup.max_abs_diff(delta(weighted), want) < 1e-6
 

@@ -19,7 +19,7 @@ import csv
 import json
 import os
 import sys
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from advgame_jax.errors import UserError
 
@@ -81,7 +81,7 @@ def loads_json(text: str, where: str, expected: str, error: type[UserError] = Re
 
 
 def jsonl_records(path: str | os.PathLike, expected: str, error: type[UserError] = ReaderError,
-                  *, objects_only: bool = True) -> Iterator[tuple[int, object]]:
+                  *, objects_only: bool = True) -> Iterator[tuple[int, Any]]:
     """``(line number, decoded record)`` for every non-blank line of a JSONL file.
 
     ``expected`` (e.g. ``'expected a JSON object {"prompt": ...}'``) ends every message.
@@ -195,4 +195,4 @@ def table_rows(path: str | os.PathLike, required: Sequence[str], *, delimiter: s
             if exact_width and len(row) != len(header):
                 raise error(f"{path}:{start}: row has {len(row)} fields; expected {len(header)} "
                             "(as in the header)")
-            yield start, dict(zip(header, row))
+            yield start, dict(zip(header, row, strict=True))

@@ -20,7 +20,7 @@ from advgame_jax.data.readers import jsonl_records
 from advgame_jax.errors import UserError
 
 Category = Literal["harmful", "benign"]
-CATEGORIES: tuple[str, ...] = ("harmful", "benign")
+CATEGORIES: tuple[Category, ...] = ("harmful", "benign")
 _EXPECTED = 'expected a JSON object {"prompt": <non-empty string>, "category": "harmful" | "benign"}'
 
 
@@ -108,7 +108,7 @@ def packaged_seed_path(name: str) -> str:
         raise SeedFileError(f"unknown packaged data file {name!r}; expected one of {list(PACKAGED_FILES)}")
     resource = importlib.resources.files("advgame_jax.data").joinpath("assets", name)
     # The package is installed as plain files (editable or wheel), so the path is real.
-    path = os.fspath(resource)
+    path = str(resource)
     if not os.path.isfile(path):
         raise SeedFileError(f"packaged data file {path} is missing; reinstall advgame_jax")
     return path

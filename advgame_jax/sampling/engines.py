@@ -292,7 +292,8 @@ class RemoteSampler:
                 raise self.client._error(f"{len(tok)} tokens but {len(lps)} log-probs")
             spans = ch.get("weight_versions") or []
             versions = [_version(s.get("version")) for s in spans]
-            version = None if not versions or None in versions else min(versions)
+            version = (None if not versions or None in versions
+                       else min(v for v in versions if v is not None))
             stop = ch.get("finish_reason") == "stop" and bool(tok) and tok[-1] in sp.stop_token_ids
             text = self.tokenizer.decode(tok, skip_special_tokens=True) if self.tokenizer else ""
             result.append(Completion(token_ids=tok, text=text, logprobs=lps,

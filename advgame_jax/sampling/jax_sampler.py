@@ -124,7 +124,7 @@ class JaxSampler:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_hf_dir(cls, path, *, dtype=jnp.float32, tokenizer="auto", mesh=None, **kw):
+    def from_hf_dir(cls, path, *, dtype=jnp.float32, tokenizer: Any = "auto", mesh=None, **kw):
         """Load an HF checkpoint dir (``save_hf`` output); the tokenizer is read from the same
         directory when ``tokenizer == "auto"`` and it holds one."""
         shardings = None
@@ -226,7 +226,7 @@ class JaxSampler:
                    and self._program_key(rows[order[stop]]) == key):
                 stop += 1
             chunk = order[start:stop]
-            for idx, comp in zip(chunk, self._run_chunk([rows[r] for r in chunk], *key)):
+            for idx, comp in zip(chunk, self._run_chunk([rows[r] for r in chunk], *key), strict=True):
                 results[idx] = comp
             start = stop
         out, pos = [], 0
@@ -281,7 +281,7 @@ class JaxSampler:
                             use_filter=use_filter, batch_sharding=batch_sharding)
         toks, lps, num, stopped = (_local_rows(a) for a in out)
         comps = []
-        for r, row in enumerate(rows):
+        for r in range(len(rows)):
             ids = tuple(int(t) for t in toks[r, :num[r]])
             text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer else ""
             comps.append(Completion(token_ids=ids, text=text,

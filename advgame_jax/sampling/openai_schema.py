@@ -23,7 +23,7 @@ import json
 import secrets
 import time
 import uuid
-from typing import Literal, Optional, Sequence, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
 import pydantic
 from openai.types import Completion as TextCompletion, CompletionChoice, CompletionUsage
@@ -294,7 +294,7 @@ def text_deltas(c: Completion, tokenizer) -> list[str]:
     pieces, done = [], 0
     for m in range(1, len(c.token_ids) + 1):
         prefix = tokenizer.decode(c.token_ids[:m]) if m < len(c.token_ids) else c.text
-        agree = next((i for i, (a, b) in enumerate(zip(prefix, c.text)) if a != b),
+        agree = next((i for i, (a, b) in enumerate(zip(prefix, c.text, strict=False)) if a != b),
                      min(len(prefix), len(c.text)))
         end = max(done, agree if m < len(c.token_ids) else len(c.text))
         pieces.append(c.text[done:end])

@@ -108,8 +108,11 @@ class OpenAIServer:
         self._uvicorn = uvicorn.Server(uvicorn.Config(
             _build_app(self), http=protocol_with_deadline(config.read_timeout_s), ws="none",
             lifespan="off", log_level="warning", access_log=False,
-            timeout_keep_alive=config.keep_alive_s, limit_concurrency=config.max_connections,
-            backlog=config.listen_backlog, timeout_graceful_shutdown=config.request_timeout_s))
+            # uvicorn annotates these two as int; it hands them to asyncio timers, which take
+            # float seconds.
+            timeout_keep_alive=config.keep_alive_s,  # pyright: ignore[reportArgumentType]
+            limit_concurrency=config.max_connections, backlog=config.listen_backlog,
+            timeout_graceful_shutdown=config.request_timeout_s))  # pyright: ignore[reportArgumentType]
 
     @property
     def url(self) -> str:
@@ -265,7 +268,7 @@ class OpenAIServer:
             else:
                 results = [self.sampler.generate(j.request.prompts, j.request.params)
                            for j in batch]
-            done = [self._finish(j.request, r) for j, r in zip(batch, results)]
+            done = [self._finish(j.request, r) for j, r in zip(batch, results, strict=True)]
         except Exception as err:  # noqa: BLE001 - isolate the failing request, not the batch
             if len(batch) > 1:
                 for job in batch:

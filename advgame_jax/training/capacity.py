@@ -14,7 +14,7 @@ import dataclasses
 import math
 import re
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -104,7 +104,8 @@ def abstract_batch(kind: str, rows: int, length: int, mesh, rules=DEFAULT_RULES)
     """A collated batch of ``rows`` pairs ('pairs') or samples ('samples') of ``length``
     tokens, as sharded ``ShapeDtypeStruct`` (rows split over the batch axes)."""
     i32, b, f32 = jnp.int32, jnp.bool_, jnp.float32
-    S = jax.ShapeDtypeStruct
+    # Any: abstract stand-ins for the batch's arrays (the fields are typed as concrete arrays).
+    S: Any = jax.ShapeDtypeStruct
     if kind == "pairs":
         shp = (rows, 2, length)
         batch = PairBatch(tokens=S(shp, i32), positions=S(shp, i32), attention_mask=S(shp, b),

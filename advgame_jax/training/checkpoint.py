@@ -39,6 +39,7 @@ import shutil
 from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from advgame_jax.training.checkpoint_files import (  # noqa: F401 (re-exported)
@@ -73,7 +74,7 @@ def tree_signature(tree) -> dict[str, Optional[tuple]]:
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         dtype = getattr(leaf, "dtype", None)
-        extended = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.extended)
+        extended = dtype is not None and jnp.issubdtype(dtype, jax.dtypes.extended)
         out[_path_name(path)] = None if extended else tuple(getattr(leaf, "shape", ()))
     return out
 
@@ -101,7 +102,7 @@ def config_differences(saved: Any, current: Any, *, ignore: tuple[str, ...] = ()
     rel = prefix.partition(".")[2]
     if rel and any(rel == i or rel.startswith(i + ".") for i in ignore):
         return []
-    if saved == _ABSENT and rel in (added or {}):
+    if saved == _ABSENT and added and rel in added:
         saved = added[rel]
     if isinstance(saved, dict) and isinstance(current, dict):
         out = []
@@ -291,9 +292,10 @@ class GameCheckpointer:
         for s in reversed(steps):
             step_dir = os.path.join(self.directory, str(s))
             problem = verify_manifest(step_dir)
+            meta = saved_tree = None
             if problem is None:
                 problem, meta, saved_tree = self._read_small(s)
-            if problem is None:
+            if problem is None and meta is not None and saved_tree is not None:
                 reasons = structure_differences(saved_tree, abstract_state)
                 if not reasons and check_meta is not None:
                     reasons = list(check_meta(meta))

@@ -95,7 +95,7 @@ def claim_directory(directory: str) -> None:
                 f"{directory!r} or use another workdir")
 
 
-def disk_full(err: BaseException) -> bool:
+def disk_full(err: Optional[BaseException]) -> bool:
     """True when ``err`` (or an exception it was raised from) is ENOSPC."""
     seen = set()
     while err is not None and id(err) not in seen:

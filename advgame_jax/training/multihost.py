@@ -21,7 +21,7 @@ host ever materialises the global batch). With one process this is ordinary coll
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -93,8 +93,10 @@ def collate_global(records: Sequence, *, kind: str, pad_id: int, mesh, num_micro
                                 multiple=num_microbatches * dp, row_buckets=row_buckets,
                                 length_buckets=length_buckets, max_length=max_length)
     local_dp = dp // n_proc if dp % n_proc == 0 else dp
-    common = dict(pad_id=pad_id, length_buckets=(t,), num_microbatches=num_microbatches,
-                  data_parallel_size=max(local_dp, 1), max_length=max_length, overflow=overflow)
+    # Any: the values' types differ; the collate functions' signatures check each one.
+    common: dict[str, Any] = dict(
+        pad_id=pad_id, length_buckets=(t,), num_microbatches=num_microbatches,
+        data_parallel_size=max(local_dp, 1), max_length=max_length, overflow=overflow)
     if kind == "pairs":
         local = collate_pairs(records, pair_buckets=(local_rows,), **common)
     else:

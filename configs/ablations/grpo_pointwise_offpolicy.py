@@ -1,7 +1,7 @@
-"""Paper ablation 'grpo_pointwise_offpolicy' (GAME_SPEC §3, configs/paper.py ABLATIONS). Family: qwen by default;
+"""Paper ablation 'grpo_pointwise_offpolicy' (GAME_SPEC §3, the ABLATIONS table of experiment/configs/paper.py). Family: qwen by default;
 pick Llama with `--config=configs/ablations/grpo_pointwise_offpolicy.py:llama`."""
 
-from configs.paper import paper_config
+from advgame_jax.experiment.configs.paper import paper_config
 
 
 def get_config(family="qwen"):

@@ -1,7 +1,7 @@
 """Paper ablation 'no_ema' of DPO-MD (GAME_SPEC §3). Family: qwen by default; pick Llama with
 `--config=configs/ablations/no_ema.py:llama`."""
 
-from configs.paper import paper_config
+from advgame_jax.experiment.configs.paper import paper_config
 
 
 def get_config(family="qwen"):

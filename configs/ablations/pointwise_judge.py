@@ -1,7 +1,7 @@
 """Paper ablation 'pointwise_judge' of DPO-MD (GAME_SPEC §3). Family: qwen by default; pick Llama with
 `--config=configs/ablations/pointwise_judge.py:llama`."""
 
-from configs.paper import paper_config
+from advgame_jax.experiment.configs.paper import paper_config
 
 
 def get_config(family="qwen"):

@@ -9,7 +9,7 @@ overrides (``--config.attacker.hf_path=... --config.judge.endpoints=...``); the 
 before training with a message naming each missing field.
 """
 
-from configs.base import base_config
+from advgame_jax.experiment.configs.base import base_config
 
 # Shared by every paper run: the reference's settings where they differ from base.py
 # (docs/game.md, "Deviations", lists each one and the option that restores ours).
