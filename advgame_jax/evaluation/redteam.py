@@ -99,7 +99,7 @@ def attack_seed_batch(seeds: Sequence[EvalExample], attacker, target, classifier
                      "seed_prompt": s.prompt, "attack": x, "error": error})
     valid = [r for r in recs if r["error"] is None]
     faith = _faithful(cfg, [(r["seed_prompt"], r["attack"]) for r in valid], judge)
-    for r, f in zip(valid, faith):
+    for r, f in zip(valid, faith, strict=True):
         r["faithful"] = f
         if f is None:
             r["error"] = "BAD_FAITH_JUDGE"
@@ -109,15 +109,15 @@ def attack_seed_batch(seeds: Sequence[EvalExample], attacker, target, classifier
     answers = target.generate([r["attack"] for r in todo],
                               [example_seed(cfg.seed, "target", r["uid"], str(r["attempt"]))
                                for r in todo], cfg.target_decoding) if todo else []
-    answered = [(r, a) for r, a in zip(todo, answers) if a.finish_reason != "error"]
-    for r, a in zip(todo, answers):
+    answered = [(r, a) for r, a in zip(todo, answers, strict=True) if a.finish_reason != "error"]
+    for r, a in zip(todo, answers, strict=True):
         r.update(response=a.text, finish_reason=a.finish_reason)
         if a.finish_reason == "error":
             r["error"] = "TARGET"
     # The response is judged against the seed's intent (the attack may disguise it).
     verdicts = classifier.classify([ClassifyRequest(r["seed_prompt"], a.text)
                                     for r, a in answered]) if answered else []
-    for (r, _), v in zip(answered, verdicts):
+    for (r, _), v in zip(answered, verdicts, strict=True):
         r.update(harmful=v.response_harmful, refusal=v.response_refusal)
     for r in recs:
         r.setdefault("harmful", None)

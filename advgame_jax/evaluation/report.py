@@ -105,7 +105,7 @@ def plot_training(records: Sequence[dict], out_dir: str) -> dict[str, list[str]]
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     labels = []
-    for ax, (player, v) in zip(axes, PLAYERS):
+    for ax, (player, v) in zip(axes, PLAYERS, strict=True):
         keys = sorted({k for r in records for k in r
                        if k.split("/")[1:3] == [v, "rate"] and not k.endswith("/valid")
                        and not k.startswith("valid/")})

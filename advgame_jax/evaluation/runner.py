@@ -74,9 +74,9 @@ def judge_records(examples, gens, classifier) -> list[dict]:
     ok = [i for i, g in enumerate(gens) if g.finish_reason != "error"]
     verdicts = classifier.classify([ClassifyRequest(examples[i].prompt, gens[i].text)
                                     for i in ok]) if ok else []
-    by_index = dict(zip(ok, verdicts))
+    by_index = dict(zip(ok, verdicts, strict=True))
     out = []
-    for i, (ex, g) in enumerate(zip(examples, gens)):
+    for i, (ex, g) in enumerate(zip(examples, gens, strict=True)):
         v = by_index.get(i)
         out.append({"uid": ex.uid, "category": ex.category, "subcategory": ex.subcategory,
                     "prompt": ex.prompt, "response": g.text, "finish_reason": g.finish_reason,

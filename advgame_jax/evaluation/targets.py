@@ -192,7 +192,7 @@ class InProcessTarget:
         from advgame_jax.sampling import SamplingParams
 
         requests, fits = [], []
-        for p, s in zip(prompts, seeds):
+        for p, s in zip(prompts, seeds, strict=True):
             ids = self.tokenizer.render_user_turn(p)
             # Like the server (HTTP 400): a prompt over the limit is a failed generation.
             fits.append(len(ids) <= self.max_prompt_tokens)
@@ -227,7 +227,7 @@ class EndpointTarget:
         answers = self.client.complete([
             Request(p, seed=int(s), max_tokens=decoding.max_new_tokens,
                     temperature=decoding.temperature, top_p=decoding.top_p)
-            for p, s in zip(prompts, seeds)])
+            for p, s in zip(prompts, seeds, strict=True)])
         return [Generation(a.text, a.finish_reason, a.num_tokens) if a else
                 Generation("", "error", None) for a in answers]
 

@@ -104,7 +104,7 @@ def _to_hf(kind: str, a: np.ndarray) -> np.ndarray:
 
 def _read_block(kind: str, tensor, shape: tuple, idx: tuple) -> np.ndarray:
     """Read block ``idx`` (slices in our per-layer layout of ``shape``) from an HF tensor slice."""
-    rng = [s.indices(n)[:2] for s, n in zip(idx, shape)]
+    rng = [s.indices(n)[:2] for s, n in zip(idx, shape, strict=True)]
     sl = [slice(a, b) for a, b in rng]
     if kind == "same":
         return tensor[tuple(sl)]
@@ -220,7 +220,7 @@ def load_hf(path, dtype=jnp.float32, *, shardings=None):
                 t = handle(files[names[0]]).get_slice(names[0])
                 return _read_block(kind, t, shape, index).astype(np_dtype)
             lo, hi = index[0].indices(shape[0])[:2]
-            sub = tuple(s.indices(n) for s, n in zip(index[1:], shape[1:]))
+            sub = tuple(s.indices(n) for s, n in zip(index[1:], shape[1:], strict=True))
             out = np.empty((hi - lo,) + tuple(b - a for a, b, _ in sub), np_dtype)
             for j, i in enumerate(range(lo, hi)):
                 t = handle(files[names[i]]).get_slice(names[i])
@@ -283,7 +283,7 @@ def _write_safetensors(fn: str, specs, tensors: Iterator[tuple[str, np.ndarray]]
     with open(fn, "wb") as f:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
-        for (name, shape, dt), (got_name, arr) in zip(specs, tensors):
+        for (name, shape, dt), (got_name, arr) in zip(specs, tensors, strict=True):
             assert got_name == name and arr.shape == tuple(shape), (name, got_name)
             f.write(np.ascontiguousarray(arr, dtype=dt).tobytes())
 

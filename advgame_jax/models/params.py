@@ -99,10 +99,10 @@ def _init_params(config: ModelConfig, key, dtype, std: float) -> dict:
     flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=_is_leaf)
     names = [path[-1].key for path, _ in flat]
     random = [not (n.endswith("_norm") or n.endswith("_bias")) for n in names]
-    total = sum(math.prod(shape) for (_, (shape, _)), r in zip(flat, random) if r)
+    total = sum(math.prod(shape) for (_, (shape, _)), r in zip(flat, random, strict=True) if r)
     draw = std * jax.random.normal(key, (total,), jnp.float32)
     leaves, offset = [], 0
-    for (_, (shape, _)), name, r in zip(flat, names, random):
+    for (_, (shape, _)), name, r in zip(flat, names, random, strict=True):
         if r:
             size = math.prod(shape)
             leaves.append(draw[offset:offset + size].reshape(shape).astype(dtype))

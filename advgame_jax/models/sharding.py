@@ -57,7 +57,7 @@ def logical_to_spec(shape: Sequence[int], axes: Sequence[Optional[str]], mesh: M
     """PartitionSpec for an array of ``shape`` whose dims carry logical ``axes``."""
     used: set[str] = set()
     spec = []
-    for size, name in zip(shape, axes):
+    for size, name in zip(shape, axes, strict=True):
         target = rules.get(name) if name is not None else None
         mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
         mesh_axes = tuple(a for a in mesh_axes if a in mesh.shape and a not in used

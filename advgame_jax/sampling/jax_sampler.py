@@ -226,7 +226,7 @@ class JaxSampler:
                    and self._program_key(rows[order[stop]]) == key):
                 stop += 1
             chunk = order[start:stop]
-            for idx, comp in zip(chunk, self._run_chunk([rows[r] for r in chunk], *key)):
+            for idx, comp in zip(chunk, self._run_chunk([rows[r] for r in chunk], *key), strict=True):
                 results[idx] = comp
             start = stop
         out, pos = [], 0

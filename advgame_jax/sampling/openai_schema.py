@@ -299,7 +299,8 @@ def text_deltas(c: Completion, tokenizer) -> list[str]:
     pieces, done = [], 0
     for m in range(1, len(c.token_ids) + 1):
         prefix = tokenizer.decode(c.token_ids[:m]) if m < len(c.token_ids) else c.text
-        agree = next((i for i, (a, b) in enumerate(zip(prefix, c.text)) if a != b),
+        # The first position where the two texts differ, within their common length.
+        agree = next((i for i, (a, b) in enumerate(zip(prefix, c.text, strict=False)) if a != b),
                      min(len(prefix), len(c.text)))
         end = max(done, agree if m < len(c.token_ids) else len(c.text))
         pieces.append(c.text[done:end])
@@ -352,12 +353,12 @@ def build_response(req: ParsedRequest, completions: Sequence[Completion], tokeni
             index=i, finish_reason=c.finish_reason,
             message=ChatCompletionMessage(role="assistant", content=c.text),
             logprobs=cc.ChoiceLogprobs(content=_chat_logprobs(c, t, tokenizer))
-            if req.logprobs else None) for i, (c, t) in enumerate(zip(completions, tops))])
+            if req.logprobs else None) for i, (c, t) in enumerate(zip(completions, tops, strict=True))])
     else:
         body = TextCompletion(object="text_completion", **head, choices=[CompletionChoice(
             index=i, text=c.text, finish_reason=c.finish_reason,
             logprobs=_text_logprobs(c, t, tokenizer, req.top_logprobs > 0)
-            if req.logprobs else None) for i, (c, t) in enumerate(zip(completions, tops))])
+            if req.logprobs else None) for i, (c, t) in enumerate(zip(completions, tops, strict=True))])
     return body.model_dump(mode="json", exclude_unset=True)
 
 

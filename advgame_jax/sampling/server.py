@@ -286,7 +286,7 @@ class OpenAIServer:
             else:
                 results = [self.sampler.generate(j.request.prompts, j.request.params)
                            for j in batch]
-            done = [self._finish(j.request, r) for j, r in zip(batch, results)]
+            done = [self._finish(j.request, r) for j, r in zip(batch, results, strict=True)]
         except Exception as err:  # noqa: BLE001 - isolate the failing request, not the batch
             if len(batch) > 1:
                 for job in batch:
@@ -297,7 +297,7 @@ class OpenAIServer:
                                  type="server_error")
             _deliver(batch[0], error=error)
             return
-        for job, result in zip(batch, done):
+        for job, result in zip(batch, done, strict=True):
             _deliver(job, result)
 
     def _finish(self, req: ParsedRequest, completions):

@@ -48,6 +48,6 @@ def top_logprobs(sampler, rows, k: int, *, chunk: int = 16):
                            tail=tail, compute_dtype=sampler.compute_dtype.name)
         vals, ids = np.asarray(vals), np.asarray(ids)
         for r, (_, c) in enumerate(part):
-            out.append([[(int(i), float(v)) for i, v in zip(ids[r, j], vals[r, j])]
+            out.append([[(int(i), float(v)) for i, v in zip(ids[r, j], vals[r, j], strict=True)]
                         for j in range(len(c))])
     return out

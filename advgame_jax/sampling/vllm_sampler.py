@@ -174,7 +174,7 @@ class VllmSampler:
             out = next(outs)
             for o in sorted(out.outputs, key=lambda o: o.index):
                 ids = tuple(int(t) for t in o.token_ids)
-                lps = tuple(float(d[t].logprob) for d, t in zip(o.logprobs, ids))
+                lps = tuple(float(d[t].logprob) for d, t in zip(o.logprobs, ids, strict=True))
                 stop = (o.finish_reason == "stop" and bool(ids)
                         and ids[-1] in params.stop_token_ids)
                 text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer else ""

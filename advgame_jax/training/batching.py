@@ -128,7 +128,7 @@ def _fit_lengths(prompts, completions, t_max, overflow, what):
     if overflow not in OVERFLOW_MODES:
         raise ValueError(f"overflow must be one of {OVERFLOW_MODES}, got {overflow!r}")
     out, cut = [], 0
-    for prompt, comps in zip(prompts, completions):
+    for prompt, comps in zip(prompts, completions, strict=True):
         longest = max(len(c) for c in comps)
         excess = len(prompt) + longest - t_max
         if excess > 0:
@@ -172,7 +172,8 @@ def _fill(tokens, attn, lmask, pos, prompt, completion):
 
 
 def _lengths_and_bucket(prompts, completions, length_buckets, max_length):
-    longest = max((len(p) + max(len(c) for c in cs) for p, cs in zip(prompts, completions)), default=1)
+    longest = max((len(p) + max(len(c) for c in cs)
+                   for p, cs in zip(prompts, completions, strict=True)), default=1)
     cap = max(length_buckets) if length_buckets else max_length
     if cap is not None and longest > cap:
         return cap
@@ -203,7 +204,7 @@ def collate_pairs(pairs: Sequence[TokenPair], *, pad_id: int, pair_buckets: Sequ
     attn = np.zeros((n_rows, 2, t), bool)
     lmask = np.zeros((n_rows, 2, t), bool)
     attn[:, :, 0] = True
-    for i, (prompt, cs) in enumerate(zip(prompts, comps)):
+    for i, (prompt, cs) in enumerate(zip(prompts, comps, strict=True)):
         for j, c in enumerate(cs):
             _fill(tokens[i, j], attn[i, j], lmask[i, j], positions[i, j], prompt, c)
     valid = np.zeros((n_rows,), bool)
@@ -240,7 +241,7 @@ def collate_samples(samples: Sequence[TokenSample], *, pad_id: int,
     adv = np.zeros((n_rows,), np.float32)
     slp = np.zeros((n_rows, t), np.float32)
     has_slp = np.zeros((n_rows,), bool)
-    for i, (s, prompt) in enumerate(zip(samples, prompts)):
+    for i, (s, prompt) in enumerate(zip(samples, prompts, strict=True)):
         _fill(tokens[i], attn[i], lmask[i], positions[i], prompt, s.completion_ids)
         adv[i] = s.advantage
         if s.sampler_logprobs is not None:
