@@ -283,7 +283,9 @@ def _write_safetensors(fn: str, specs, tensors: Iterator[tuple[str, np.ndarray]]
     with open(fn, "wb") as f:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
-        for (name, shape, dt), (got_name, arr) in zip(specs, tensors, strict=True):
+        # ``tensors`` is shared by every shard of a sharded save: this one takes its
+        # len(specs) next tensors and leaves the rest (specs first, so none is consumed past).
+        for (name, shape, dt), (got_name, arr) in zip(specs, tensors, strict=False):
             assert got_name == name and arr.shape == tuple(shape), (name, got_name)
             f.write(np.ascontiguousarray(arr, dtype=dt).tobytes())
 
