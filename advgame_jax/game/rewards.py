@@ -133,15 +133,20 @@ def _trained_groups(scored: ScoredTree, player: str) -> list[Group]:
     return [] if player == "attacker" and scored.skip_attacker else gs
 
 
-def pair_indices(scored: ScoredTree, player: str) -> list[tuple[int, int, int, int]]:
-    """(b, g, chosen, rejected) of every pair ``player`` gets from ``scored``: per pairable
-    group whose patched rewards do not tie, chosen = argmax, rejected = argmin."""
+def _paired_groups(scored: ScoredTree, player: str) -> list[tuple[Group, int, int]]:
+    """(group, chosen, rejected) per pairable group whose patched rewards do not tie."""
     out = []
     for grp in _trained_groups(scored, player):
         p = preference([s.reward for s in grp.samples]) if grp.pairable else None
         if p is not None:
-            out.append((grp.b, grp.g, *p))
+            out.append((grp, *p))
     return out
+
+
+def pair_indices(scored: ScoredTree, player: str) -> list[tuple[int, int, int, int]]:
+    """(b, g, chosen, rejected) of every pair ``player`` gets from ``scored``: per pairable
+    group whose patched rewards do not tie, chosen = argmax, rejected = argmin."""
+    return [(grp.b, grp.g, c, r) for grp, c, r in _paired_groups(scored, player)]
 
 
 def _pair(grp: Group, c: int, r: int) -> tuple[TokenPair, bool]:
@@ -155,8 +160,7 @@ def _pair(grp: Group, c: int, r: int) -> tuple[TokenPair, bool]:
 def pairs_detailed(scored: ScoredTree, player: str) -> list[tuple[TokenPair, bool]]:
     """Pairs of ``player`` with a flag saying whether the rejected sample was truncated (it
     hit the length limit and was longer than the chosen one)."""
-    by_slot = {(grp.b, grp.g): grp for grp in _trained_groups(scored, player)}
-    return [_pair(by_slot[(b, g)], c, r) for b, g, c, r in pair_indices(scored, player)]
+    return [_pair(grp, c, r) for grp, c, r in _paired_groups(scored, player)]
 
 
 def pairs(scored: ScoredTree, player: str) -> list[TokenPair]:
