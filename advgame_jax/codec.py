@@ -28,12 +28,26 @@ class CodecError(UserError, ValueError):
     """A plain value does not have the shape the dataclass field expects."""
 
 
+# Exact types only: an enum member (a str or int subclass) is not a scalar here.
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
+@functools.lru_cache(maxsize=None)
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
 def to_plain(obj: Any) -> Any:
     """``obj`` as dicts (dataclasses, by field), lists (tuples), enum values and scalars."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    cls = type(obj)
+    if cls in _SCALARS:
+        return obj
+    if cls is tuple or cls is list:  # token ids and log-probs: most of a tree's values
+        return [v if type(v) in _SCALARS else to_plain(v) for v in obj]
     if isinstance(obj, enum.Enum):
         return obj.value
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {name: to_plain(getattr(obj, name)) for name in _field_names(cls)}
     if isinstance(obj, (list, tuple)):
         return [to_plain(v) for v in obj]
     if isinstance(obj, dict):
