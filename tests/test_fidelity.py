@@ -14,7 +14,7 @@ import pytest
 
 from advgame_jax import losses
 from advgame_jax.data import Seed
-from advgame_jax.game import GameConfig, build_tree, defender_pairs, make_judge
+from advgame_jax.game import GameConfig, build_tree, make_judge, pairs
 from advgame_jax.game.normalization import (
     pair_weight,
     pairs_per_seed,
@@ -132,8 +132,8 @@ def test_normalisation_weights_on_the_golden_tree():
     assert sample_weight(scored, "attacker", "reference") == pytest.approx(1 / 12)
     assert sample_weight(scored, "defender", "reference") == pytest.approx(1 / 24)
     assert sample_weight(scored, "defender", "pairs") is None
-    pairs = with_weight(defender_pairs(scored), 1 / 7)
-    assert [p.weight for p in pairs] == [1 / 7] * 5
+    weighted = with_weight(pairs(scored, "defender"), 1 / 7)
+    assert [p.weight for p in weighted] == [1 / 7] * 5
     with pytest.raises(ValueError, match="normalization"):
         pair_weight(scored, "attacker", "mean")
 
@@ -207,9 +207,9 @@ def test_rollout_reference_parsing_rules():
         scored = build_tree(seeds, cfg, judge=ScriptedJudge(dict(faith), scores),
                             attacker=ScriptedSampler(attacker), attacker_tokenizer=TOK,
                             defender=ScriptedSampler(defender), defender_tokenizer=TOK)
-        assert scored.tree.x_BA[0][1] == "xb"
-        assert scored.x_error_BA[0] == (XError.MAX_LENGTH, None, XError.PARSING, want_err)
-        assert scored.x_reward_BA[0] == (-1.0, 5.0, -1.0, want_rew)
+        assert scored.per_attack("x")[0][1] == "xb"
+        assert scored.per_attack("error")[0] == (XError.MAX_LENGTH, None, XError.PARSING, want_err)
+        assert scored.per_attack("reward")[0] == (-1.0, 5.0, -1.0, want_rew)
 
 
 # ---- 8. Selection and defender pairs -----------------------------------------------------------
@@ -217,23 +217,23 @@ def test_reference_selection_leaves_attack_unjudged_after_bad_def_judge():
     # Golden tree seed 2: x21's responses r210, r211 are unscorable (BAD_DEF_JUDGE); x22's
     # selected response r220 is unscorable by the attacker judge.
     ours, *_ = play(CFG)
-    assert ours.x_reward_BA[2] == (None, 4.0, None)  # fallback: x21 judged on r210 (4)
+    assert ours.per_attack("reward")[2] == (None, 4.0, None)  # fallback: x21 judged on r210 (4)
     ref, judge, *_ = play(GameConfig(num_attacks=3, num_responses=2, selection="reference"))
     # Reference: x21 is not sent to the attacker judge and keeps 0.0 with no error; x22 is
     # then compared with itself, unscorable → BAD_ATT_JUDGE.
-    assert ref.x_error_BA[2] == (XError.NO_VALID_RESPONSE, None, XError.BAD_ATT_JUDGE)
-    assert ref.x_reward_BA[2] == (None, 0.0, None)
+    assert ref.per_attack("error")[2] == (XError.NO_VALID_RESPONSE, None, XError.BAD_ATT_JUDGE)
+    assert ref.per_attack("reward")[2] == (None, 0.0, None)
     att_reqs = [r for r in judge.calls[2][1] if r.query == "s2 harmful seed"]
     assert [(r.response_a, r.response_b) for r in att_reqs] == [("r220", "r220")]
     # Seeds 0 and 3 are unaffected.
-    assert ref.x_reward_BA[0] == ours.x_reward_BA[0] and ref.x_reward_BA[3] == ours.x_reward_BA[3]
+    assert (ref.per_attack("reward")[0] == ours.per_attack("reward")[0]
+            and ref.per_attack("reward")[3] == ours.per_attack("reward")[3])
     # The audit log replays such a tree: same pairs, the unjudged attack's 0.0 reproduced.
-    from advgame_jax.game import attacker_pairs, defender_pairs
     from advgame_jax.game.audit import AUDIT_VERSION, replay
-    from advgame_jax.game.tree import scored_tree_to_dict
+    from advgame_jax.codec import to_plain
 
-    (att, dfd), _ = replay({"version": AUDIT_VERSION, "tree": scored_tree_to_dict(ref)})
-    assert att == attacker_pairs(ref) and dfd == defender_pairs(ref)
+    (att, dfd), _ = replay({"version": AUDIT_VERSION, "tree": to_plain(ref)})
+    assert att == pairs(ref, "attacker") and dfd == pairs(ref, "defender")
 
 
 def test_reference_defender_pairs_only_from_error_free_attacks():
@@ -250,9 +250,9 @@ def test_reference_defender_pairs_only_from_error_free_attacks():
                             defender=ScriptedSampler(lambda p, i: responses[p][i]),
                             defender_tokenizer=TOK)
         # Optimistic selection: x0 → r0b (7), x1 → r1a (6); r0b has no attacker score.
-        assert scored.x_error_BA[0] == (XError.BAD_ATT_JUDGE, None)
-        assert scored.y_error_BAD[0] == ((None, None), (None, None))
-        out[sel] = [(TOK.decode(p.chosen_ids), TOK.decode(p.rejected_ids)) for p in defender_pairs(scored)]
+        assert scored.per_attack("error")[0] == (XError.BAD_ATT_JUDGE, None)
+        assert scored.per_response("error")[0] == ((None, None), (None, None))
+        out[sel] = [(TOK.decode(p.chosen_ids), TOK.decode(p.rejected_ids)) for p in pairs(scored, "defender")]
     assert out["reference"] == [("r1a", "r1b")]                   # x0 had BAD_ATT_JUDGE
     assert out["fallback"] == [("r0b", "r0a"), ("r1a", "r1b")]
 
@@ -266,8 +266,9 @@ def test_chunked_tree_summarises_like_the_whole_batch():
     parts = [play(CFG, seeds=SEEDS[:1])[0], play(CFG, seeds=SEEDS[1:3])[0], play(CFG, seeds=SEEDS[3:])[0]]
     joined = concat_scored_trees(parts)
     assert joined.shape == whole.shape == (4, 3, 2)
-    assert joined.x_reward_BA == whole.x_reward_BA and joined.y_error_BAD == whole.y_error_BAD
-    assert joined.tree.att_ids_BA == whole.tree.att_ids_BA
+    assert joined.per_attack("reward") == whole.per_attack("reward")
+    assert joined.per_response("error") == whole.per_response("error")
+    assert joined.per_attack("ids") == whole.per_attack("ids")
     # Judge requests are counted per chunk and summed: 10 + 7 + 5 as in the golden test.
     assert tree_metrics(joined) == pytest.approx(tree_metrics(whole))
     with pytest.raises(ValueError, match="at least one"):

@@ -11,9 +11,8 @@ from advgame_jax.game import (
     AuditLogError,
     GameConfig,
     RuleJudge,
-    attacker_pairs,
     build_tree,
-    defender_pairs,
+    pairs,
     read_audit_log,
     record_to_scored_tree,
     replay,
@@ -53,7 +52,7 @@ def test_audit_log_mode_roundtrip_and_replay(tmp_path):
     for record, live in zip(records, trees):
         assert record_to_scored_tree(record) == live
         (a_pairs, d_pairs), metrics = replay(record)
-        assert a_pairs == attacker_pairs(live) and d_pairs == defender_pairs(live)
+        assert a_pairs == pairs(live, "attacker") and d_pairs == pairs(live, "defender")
         assert metrics == tree_metrics(live)
     assert sum(len(replay(r)[0][1]) for r in records) > 0
 
@@ -72,7 +71,7 @@ def test_replay_rejects_tampered_records(tmp_path):
     with AuditLog(path) as log:
         log.write(scored)
     record = next(read_audit_log(path))
-    record["tree"]["x_reward_BA"][0][0] = 9.0  # disagrees with its raw reward 3.0
+    record["tree"]["seeds"][0]["attacks"][0]["reward"] = 9.0  # disagrees with its raw reward 3.0
     with pytest.raises(AuditLogError, match="patched rewards differ"):
         replay(record)
     with pytest.raises(AuditLogError, match="audit record"):

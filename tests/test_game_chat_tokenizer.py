@@ -4,7 +4,7 @@ prompts, stop ids and pair token ids come from it unchanged."""
 import pytest
 
 from advgame_jax.data import Seed
-from advgame_jax.game import GameConfig, RuleJudge, attacker_pairs, build_tree, defender_pairs, get_template_set
+from advgame_jax.game import GameConfig, RuleJudge, build_tree, get_template_set, pairs
 
 
 @pytest.fixture(scope="module")
@@ -30,14 +30,14 @@ def test_tree_with_chat_tokenizer(tok):
     assert att.calls[0][1].stop_token_ids == tok.stop_token_ids
     expected_prompt = tuple(tok.render_user_turn(
         get_template_set("advgame_v1").attacker_prompt(seed.prompt, "harmful", "any")))
-    assert scored.tree.att_prompt_ids_B[0] == expected_prompt
+    assert scored.per_seed("prompt_ids")[0] == expected_prompt
     # "tell a story" keeps none of bake/cake: NOT_FAITHFUL, -1; the faithful attack gets the
     # compliance score of its best (deflecting, 7.0) response: 5 + 0 = 5.
-    assert scored.x_reward_BA == ((5.0, -1.0),)
+    assert scored.per_attack("reward") == ((5.0, -1.0),)
     # deflection scores: comply 3 - 1.5*3 -> 0, flat refusal 3 - 3 -> 0, deflect 3 + 2*2 = 7
-    assert scored.y_reward_BAD[0][0] == (0.0, 0.0, 7.0)
-    (pair,) = defender_pairs(scored)
+    assert scored.per_response("reward")[0][0] == (0.0, 0.0, 7.0)
+    (pair,) = pairs(scored, "defender")
     assert pair.prompt_ids == tuple(tok.render_user_turn("please bake a cake"))
-    assert pair.chosen_ids == scored.tree.y_ids_BAD[0][0][2]
+    assert pair.chosen_ids == scored.per_response("ids")[0][0][2]
     assert tok.decode(pair.chosen_ids).strip() == "instead act safely"
-    assert attacker_pairs(scored)[0].prompt_ids == expected_prompt
+    assert pairs(scored, "attacker")[0].prompt_ids == expected_prompt

@@ -62,9 +62,9 @@ def test_pairwise_tree_round_robin_over_two_endpoints():
         hits = (s1.hits, s2.hits)
         auth = {r["auth"] for r in s1.requests + s2.requests}
         models = {r["body"]["model"] for r in s1.requests + s2.requests}
-    assert scored.y_raw_reward_BAD == (((7.0, 3.0, 5.0), (2.0, 8.0, 8.0)),)
-    assert scored.selected_d_BA == ((0, 1),)
-    assert scored.x_raw_reward_BA == ((7.0, 8.0),)
+    assert scored.per_response("raw_reward") == (((7.0, 3.0, 5.0), (2.0, 8.0, 8.0)),)
+    assert scored.per_attack("selected_d") == ((0, 1),)
+    assert scored.per_attack("raw_reward") == ((7.0, 8.0),)
     # 2 faithfulness + 3 + 3 defender pairs + 1 attacker pair = 9 requests, balanced.
     assert sorted(hits) == [4, 5]
     assert auth == {"Bearer k-secret"} and models == {"judge-model"}
@@ -84,10 +84,10 @@ def test_faulty_endpoint_gives_bad_judge_errors_and_counts():
         scored = _play(_judge([server.url], sleeps), seeds, attacks, responses, cfg)
         hits = dict(server.hits_by_prompt)
     bd, pnv = YError.BAD_DEF_JUDGE, YError.PROMPT_NOT_VALID
-    assert scored.x_error_BA == ((None, XError.BAD_FAITH_JUDGE), (None, XError.NOT_FAITHFUL))
-    assert scored.x_reward_BA == ((7.0, None), (9.0, -1.0))
-    assert scored.y_error_BAD == (((None, bd, bd), (pnv,) * 3), ((bd, None, None), (pnv,) * 3))
-    assert scored.y_reward_BAD == (((7.0, None, None), (None,) * 3), ((None, 4.0, 9.0), (None,) * 3))
+    assert scored.per_attack("error") == ((None, XError.BAD_FAITH_JUDGE), (None, XError.NOT_FAITHFUL))
+    assert scored.per_attack("reward") == ((7.0, None), (9.0, -1.0))
+    assert scored.per_response("error") == (((None, bd, bd), (pnv,) * 3), ((bd, None, None), (pnv,) * 3))
+    assert scored.per_response("reward") == (((7.0, None, None), (None,) * 3), ((None, 4.0, 9.0), (None,) * 3))
     m = tree_metrics(scored)
     assert {k: v for k, v in m.items() if k.startswith("judge/faults/")} == {
         "judge/faults/failed_requests": 3.0,   # x1 faithfulness, y1, y2

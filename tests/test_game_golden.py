@@ -10,12 +10,10 @@ import pytest
 from advgame_jax.data import Seed
 from advgame_jax.game import (
     GameConfig,
-    attacker_advantages,
-    attacker_pairs,
+    advantages,
     build_tree,
-    defender_advantages,
-    defender_pairs,
     grpo_samples,
+    pairs,
     tree_metrics,
 )
 from advgame_jax.game.templates import get_template_set
@@ -108,17 +106,17 @@ def test_golden_optimistic_tree():
     assert [m for m, _ in judge.calls] == ["faithfulness", "pairwise", "pairwise"]
     assert len(judge.calls[0][1]) == 10 and len(judge.calls[1][1]) == 7 and len(judge.calls[2][1]) == 5
 
-    assert scored.tree.x_BA[0] == ("x00", None, "x02")
-    assert scored.x_error_BA == ((None, ML, None), (PA, NF, BF), (NV, None, BA), (None, None, None))
-    assert scored.x_reward_BA == ((3.0, -1.0, 7.0), (-1.0, -1.0, None), (None, 4.0, None), (7.0, 7.0, 2.0))
-    assert scored.x_raw_reward_BA == ((3.0, None, 7.0), (None, None, None), (None, 4.0, None), (7.0, 7.0, 2.0))
-    assert scored.y_error_BAD == (
+    assert scored.per_attack("x")[0] == ("x00", None, "x02")
+    assert scored.per_attack("error") == ((None, ML, None), (PA, NF, BF), (NV, None, BA), (None, None, None))
+    assert scored.per_attack("reward") == ((3.0, -1.0, 7.0), (-1.0, -1.0, None), (None, 4.0, None), (7.0, 7.0, 2.0))
+    assert scored.per_attack("raw_reward") == ((3.0, None, 7.0), (None, None, None), (None, 4.0, None), (7.0, 7.0, 2.0))
+    assert scored.per_response("error") == (
         ((None, None), (PNV, PNV), (None, YML)), ((PNV, PNV),) * 3,
         ((YML, YML), (BD, BD), (None, None)), ((None, None), (None, None), (None, YML)))
-    assert scored.y_reward_BAD == (
+    assert scored.per_response("reward") == (
         ((2.0, 6.0), (None, None), (9.0, -1.0)), ((None, None),) * 3,
         ((-1.0, -1.0), (None, None), (5.0, 5.0)), ((8.0, 4.0), (3.0, 7.0), (6.0, -1.0)))
-    assert scored.selected_d_BA == ((1, None, 0), (None,) * 3, (None, 0, 0), (0, 1, 0))
+    assert scored.per_attack("selected_d") == ((1, None, 0), (None,) * 3, (None, 0, 0), (0, 1, 0))
 
     # A lone valid response is compared with itself.
     defender_reqs = judge.calls[1][1]
@@ -126,13 +124,13 @@ def test_golden_optimistic_tree():
     assert {r.query for r in defender_reqs} <= {"x00", "x02", "x21", "x22", "x30", "x31", "x32"}
     assert {r.query for r in judge.calls[2][1]} == {"s0 harmful seed", "s2 harmful seed", "s3 benign seed"}
 
-    a_pairs = attacker_pairs(scored)
+    a_pairs = pairs(scored, "attacker")
     chosen = ids(tp("x02"))
     assert a_pairs == [
         TokenPair(att_prompt(SEEDS[0]), chosen, ids(LONG_ATTACK, "length")[: len(chosen)]),
         TokenPair(att_prompt(SEEDS[3]), ids(tp("x30")), ids(tp("x32"))),
     ]
-    d_pairs = defender_pairs(scored)
+    d_pairs = pairs(scored, "defender")
     p = lambda x: tuple(TOK.render_user_turn(x))  # noqa: E731
     assert d_pairs == [
         TokenPair(p("x00"), ids("r001"), ids("r000")),
@@ -170,26 +168,26 @@ def test_golden_optimistic_tree():
 
 def test_golden_non_optimistic_selection():
     scored, *_ = play(GameConfig(num_attacks=3, num_responses=2, optimistic_attacker=False))
-    assert scored.selected_d_BA == ((0, None, 0), (None,) * 3, (None, 0, 0), (0, 0, 0))
-    assert scored.x_reward_BA == ((8.0, -1.0, 7.0), (-1.0, -1.0, None), (None, 4.0, None), (7.0, 9.0, 2.0))
+    assert scored.per_attack("selected_d") == ((0, None, 0), (None,) * 3, (None, 0, 0), (0, 0, 0))
+    assert scored.per_attack("reward") == ((8.0, -1.0, 7.0), (-1.0, -1.0, None), (None, 4.0, None), (7.0, 9.0, 2.0))
     chosen = ids(tp("x00"))
-    assert attacker_pairs(scored) == [
+    assert pairs(scored, "attacker") == [
         TokenPair(att_prompt(SEEDS[0]), chosen, ids(LONG_ATTACK, "length")[: len(chosen)]),
         TokenPair(att_prompt(SEEDS[3]), ids(tp("x31")), ids(tp("x32"))),
     ]
     # The defender side does not depend on the selection.
-    assert len(defender_pairs(scored)) == 5
+    assert len(pairs(scored, "defender")) == 5
 
 
 def test_golden_grpo_advantages():
     scored, *_ = play(CFG)
-    adv, policy = attacker_advantages(scored, "across_seeds")  # mean of valid rewards = 3
+    adv, policy = advantages(scored, "attacker", "across_seeds")  # mean of valid rewards = 3
     assert adv == [[0.0, -4.0, 4.0], [-4.0, -4.0, None], [None, 1.0, None], [4.0, 4.0, -1.0]]
     assert policy == [[True, False, True], [False, False, False], [False, True, False], [True, True, True]]
-    adv, _ = attacker_advantages(scored, "per_seed")
+    adv, _ = advantages(scored, "attacker", "per_seed")
     assert adv[:3] == [[0.0, -4.0, 4.0], [0.0, 0.0, None], [None, 0.0, None]]
     assert adv[3] == pytest.approx([5 / 3, 5 / 3, -10 / 3])
-    d_adv, d_policy = defender_advantages(scored, "per_seed")  # seed 0 mean = (2+6+9-1)/4 = 4
+    d_adv, d_policy = advantages(scored, "defender", "per_seed")  # seed 0 mean = (2+6+9-1)/4 = 4
     assert d_adv[0] == [[-2.0, 2.0], [None, None], [5.0, -5.0]]
     assert d_policy[0] == [[True, True], [False, False], [True, False]]
     assert d_adv[1] == [[None, None]] * 3
@@ -203,7 +201,7 @@ def test_golden_grpo_advantages():
     d_samples = grpo_samples(scored, "defender", "per_seed")
     assert len(d_samples) == 10  # the error-free responses
     with pytest.raises(ValueError, match="baseline"):
-        attacker_advantages(scored, "global")
+        advantages(scored, "attacker", "global")
 
 
 def test_strict_defender_format_pointwise():
@@ -217,14 +215,14 @@ def test_strict_defender_format_pointwise():
                      defender_format="prompt_strict", judge_mode="pointwise")
     scored, judge, _, _ = play(cfg, ScriptedJudge({"xa": True, "xb": True}, scores), seeds,
                                lambda p, i: attacks[i], lambda p, i: responses[p][i])
-    assert scored.y_error_BAD == (((None, YPA), (None, None)),)
-    assert scored.y_reward_BAD == (((5.0, -1.0), (3.0, 8.0)),)
-    assert scored.tree.y_response_BAD[0][0] == ("ya0", None)
-    assert scored.selected_d_BA == ((0, 1),)
-    assert scored.x_reward_BA == ((6.0, 1.0),)
+    assert scored.per_response("error") == (((None, YPA), (None, None)),)
+    assert scored.per_response("reward") == (((5.0, -1.0), (3.0, 8.0)),)
+    assert scored.per_response("y")[0][0] == ("ya0", None)
+    assert scored.per_attack("selected_d") == ((0, 1),)
+    assert scored.per_attack("reward") == ((6.0, 1.0),)
     assert [(m, len(r)) for m, r in judge.calls] == [("faithfulness", 2), ("pointwise", 3), ("pointwise", 2)]
-    assert len(attacker_pairs(scored)) == 1
-    assert [(p.chosen_ids, p.rejected_ids) for p in defender_pairs(scored)] == [
+    assert len(pairs(scored, "attacker")) == 1
+    assert [(p.chosen_ids, p.rejected_ids) for p in pairs(scored, "defender")] == [
         (ids("<prompt>ya0</prompt>"), ids("ya1 no tags")), (ids("<prompt>yb1</prompt>"), ids("<prompt>yb0</prompt>"))]
 
     # Judges off: error-free slots get 0.0, errors keep -1; no judge call but faithfulness.
@@ -233,11 +231,11 @@ def test_strict_defender_format_pointwise():
                      defender_judge_enabled=False)
     scored, judge, _, _ = play(off, ScriptedJudge({"xa": True, "xb": True}, scores), seeds,
                                lambda p, i: attacks[i], lambda p, i: responses[p][i])
-    assert scored.y_reward_BAD == (((0.0, -1.0), (0.0, 0.0)),)
-    assert scored.x_reward_BA == ((0.0, 0.0),) and scored.x_raw_reward_BA == ((None, None),)
-    assert scored.selected_d_BA == ((0, 0),)
+    assert scored.per_response("reward") == (((0.0, -1.0), (0.0, 0.0)),)
+    assert scored.per_attack("reward") == ((0.0, 0.0),) and scored.per_attack("raw_reward") == ((None, None),)
+    assert scored.per_attack("selected_d") == ((0, 0),)
     assert [m for m, _ in judge.calls] == ["faithfulness"]
-    assert attacker_pairs(scored) == [] and len(defender_pairs(scored)) == 1
+    assert pairs(scored, "attacker") == [] and len(pairs(scored, "defender")) == 1
 
     # Faithfulness off: no faithfulness call at all.
     _, judge, _, _ = play(GameConfig(num_attacks=2, num_responses=2, attacker_format="prompt_strict",
@@ -255,9 +253,9 @@ def test_faithfulness_majority_over_samples():
     scored, judge, _, dfd = play(cfg, ScriptedJudge(faith, {("deflection", "y"): 1, ("compliance", "y"): 2}),
                                  seeds, lambda p, i: attacks[i], lambda p, i: "y")
     assert judge.count("faithfulness") == 1 and len(judge.requests("faithfulness")) == 9
-    assert scored.tree.faith_votes_BA == (((True, False, True), (True, False, None), (False, None, None)),)
-    assert scored.x_error_BA == ((None, BF, NF),)
-    assert scored.x_reward_BA == ((2.0, None, -1.0),)
+    assert scored.per_attack("faith_votes") == (((True, False, True), (True, False, None), (False, None, None)),)
+    assert scored.per_attack("error") == ((None, BF, NF),)
+    assert scored.per_attack("reward") == ((2.0, None, -1.0),)
     assert tree_metrics(scored)["judge/faith/failures"] == 3.0
     assert dfd.calls[0][0] == 1
 
@@ -267,10 +265,10 @@ def test_batch_without_any_pair():
     seeds = [Seed("sa harmful", "harmful"), Seed("sb benign", "benign")]
     scored, judge, _, dfd = play(cfg, ScriptedJudge(), seeds, lambda p, i: "no tags here", None)
     assert dfd.calls == [] and judge.calls == []
-    assert scored.x_reward_BA == ((-1.0, -1.0), (-1.0, -1.0))
-    assert attacker_pairs(scored) == [] and defender_pairs(scored) == []
+    assert scored.per_attack("reward") == ((-1.0, -1.0), (-1.0, -1.0))
+    assert pairs(scored, "attacker") == [] and pairs(scored, "defender") == []
     assert grpo_samples(scored, "attacker", "per_seed") == []
-    adv, _ = attacker_advantages(scored, "across_seeds")
+    adv, _ = advantages(scored, "attacker", "across_seeds")
     assert adv == [[0.0, 0.0], [0.0, 0.0]]
     m = tree_metrics(scored)
     assert (m["x/rate/PARSING"], m["y/rate/PROMPT_NOT_VALID"], m["pairs/attacker"], m["pairs/defender"]) == (
@@ -288,11 +286,11 @@ def test_skip_attacker_validation_mode():
     scored = build_tree(seeds, GameConfig(num_attacks=4, num_responses=2), judge=judge, defender=dfd,
                         defender_tokenizer=TOK, skip_attacker=True)
     assert scored.shape == (2, 1, 2)
-    assert scored.tree.x_BA == (("sv harmful",), ("sw benign",))
-    assert scored.y_reward_BAD == (((3.0, 8.0),), ((9.0, -1.0),))
-    assert scored.x_reward_BA == ((0.0,), (0.0,))
+    assert scored.per_attack("x") == (("sv harmful",), ("sw benign",))
+    assert scored.per_response("reward") == (((3.0, 8.0),), ((9.0, -1.0),))
+    assert scored.per_attack("reward") == ((0.0,), (0.0,))
     assert [m for m, _ in judge.calls] == ["pairwise"]
-    assert attacker_pairs(scored) == [] and len(defender_pairs(scored)) == 2
+    assert pairs(scored, "attacker") == [] and len(pairs(scored, "defender")) == 2
     m = tree_metrics(scored)
     assert m["y/raw_reward/mean"] == pytest.approx(20 / 3) and "x/attacker_tokens/mean" not in m
 
@@ -311,9 +309,9 @@ def test_judge_exceptions_become_bad_judge_errors():
             raise RuntimeError("judge down")
 
     scored, *_ = play(CFG, Broken(FAITH, SCORES))
-    flat_y = [e for rows in scored.y_error_BAD for row in rows for e in row]
+    flat_y = [e for rows in scored.per_response("error") for row in rows for e in row]
     assert YError.BAD_DEF_JUDGE in flat_y and None not in flat_y
     # Every attack that reached the attacker judge is BAD_ATT_JUDGE.
-    assert scored.x_error_BA[3] == (BA, BA, BA)
+    assert scored.per_attack("error")[3] == (BA, BA, BA)
     assert scored.judge_stats.faults == {"judge_exception": 2}
     assert tree_metrics(scored)["judge/faults/judge_exception"] == 2.0

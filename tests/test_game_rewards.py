@@ -7,8 +7,7 @@ from advgame_jax.game import GameConfig, build_tree, tree_metrics
 from advgame_jax.game.rewards import (
     argmax_first,
     argmin_first,
-    patch_x_reward,
-    patch_y_reward,
+    patch_reward,
     preference,
     select_response,
 )
@@ -29,7 +28,7 @@ from tests.game_stubs import ByteTokenizer, ScriptedJudge, ScriptedSampler
     (XError.BAD_ATT_JUDGE, None, True, None),
 ])
 def test_patch_attacker_reward(error, raw, enabled, expected):
-    assert patch_x_reward(error, raw, enabled) == expected
+    assert patch_reward(error, raw, enabled) == expected
 
 
 @pytest.mark.parametrize("error, raw, enabled, expected", [
@@ -41,12 +40,12 @@ def test_patch_attacker_reward(error, raw, enabled, expected):
     (YError.BAD_DEF_JUDGE, None, True, None),
 ])
 def test_patch_defender_reward(error, raw, enabled, expected):
-    assert patch_y_reward(error, raw, enabled) == expected
+    assert patch_reward(error, raw, enabled) == expected
 
 
 def test_patch_rejects_missing_judge_score():
     with pytest.raises(ValueError, match="raw reward"):
-        patch_x_reward(None, None, True)
+        patch_reward(None, None, True)
 
 
 def test_argbest_and_preference():
@@ -88,8 +87,8 @@ def test_swap_positions_doubles_calls_and_averages():
     plain, judge = _swap_tree(False)
     assert [len(r) for m, r in judge.calls if m == "pairwise"] == [2, 1]
     # Position A gets +1: one order only.
-    assert plain.y_raw_reward_BAD == (((7.0, 5.5), (7.0, 2.0)),)
-    assert plain.x_raw_reward_BA == ((5.0, 4.0),)
+    assert plain.per_response("raw_reward") == (((7.0, 5.5), (7.0, 2.0)),)
+    assert plain.per_attack("raw_reward") == ((5.0, 4.0),)
     assert "judge/defender/order_disagreement" not in tree_metrics(plain)
 
     swapped, judge = _swap_tree(True)
@@ -98,10 +97,10 @@ def test_swap_positions_doubles_calls_and_averages():
     reqs = judge.requests("pairwise")
     assert [(r.response_a, r.response_b) for r in reqs[:4]] == [("r0", "r1"), ("r1", "r0"), ("r2", "r3"), ("r3", "r2")]
     # r0: (7 as A, 6 as B) -> 6.5; r1: (5.5 as B, 6.5 as A) -> 6.0; r2 -> 6.5; r3: (2, 3) -> 2.5
-    assert swapped.y_raw_reward_BAD == (((6.5, 6.0), (6.5, 2.5)),)
-    assert swapped.y_judge_scores_BAD[0][0] == ((7.0, 6.0), (5.5, 6.5))
+    assert swapped.per_response("raw_reward") == (((6.5, 6.0), (6.5, 2.5)),)
+    assert swapped.per_response("judge_scores")[0][0] == ((7.0, 6.0), (5.5, 6.5))
     # The attacks' selected responses (r0, r2) both score 4 (+1 in position A): 4.5 each, a tie.
-    assert swapped.x_raw_reward_BA == ((4.5, 4.5),)
+    assert swapped.per_attack("raw_reward") == ((4.5, 4.5),)
     m = tree_metrics(swapped)
     # (r0, r1): A preferred in both orders -> preferred side flips; (r2, r3): r2 both times.
     assert m["judge/defender/order_disagreement"] == 0.5

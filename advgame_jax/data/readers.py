@@ -195,4 +195,5 @@ def table_rows(path: str | os.PathLike, required: Sequence[str], *, delimiter: s
             if exact_width and len(row) != len(header):
                 raise error(f"{path}:{start}: row has {len(row)} fields; expected {len(header)} "
                             "(as in the header)")
-            yield start, dict(zip(header, row, strict=True))
+            # A short row (allowed unless exact_width) leaves its trailing columns out.
+            yield start, dict(zip(header, row, strict=False))

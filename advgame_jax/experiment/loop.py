@@ -269,9 +269,9 @@ class GameRunner:
             records = game.with_weight(game.grpo_samples(scored, role, self.config.loss.grpo_baseline),
                                        game.sample_weight(scored, role, t.loss_normalization))
         else:
-            pairs = game.attacker_pairs(scored) if role == "attacker" else game.defender_pairs(scored)
-            records = game.with_weight(pairs, game.pair_weight(scored, role, t.loss_normalization,
-                                                               t.norm_seeds_per_microbatch))
+            records = game.with_weight(game.pairs(scored, role),
+                                       game.pair_weight(scored, role, t.loss_normalization,
+                                                        t.norm_seeds_per_microbatch))
         # This process's records → one global batch (one process: plain collation).
         batch = collate_global(records, kind="samples" if self.config.loss.kind == "grpo"
                                else "pairs", pad_id=player.tokenizer.pad_id, mesh=self.mesh,

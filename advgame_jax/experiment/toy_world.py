@@ -90,7 +90,7 @@ def attacker_target(seed_prompt: str, rng: random.Random, polite_rate: float = 0
 
 def defender_target(x: str, rng: random.Random, deflect_rate: float = 0.15) -> str:
     """The warm-up defender's naive answer to an attack ``x`` (see module docstring)."""
-    fill = dict(zip("abc", rng.sample(_FILLER, 3)))
+    fill = dict(zip("abc", rng.sample(_FILLER, 3), strict=True))
     if rng.random() < deflect_rate:
         return rng.choice(_DEFLECT).format(**fill)
     words = x.lower().split()

@@ -6,7 +6,7 @@ The game loop calls, per seed split::
 
     scored = build_tree(seeds, game_config, judge=judge, attacker=..., attacker_tokenizer=...,
                         defender=..., defender_tokenizer=..., sample_index=2 * step + split)
-    attacker_pairs(scored), defender_pairs(scored)          # DPO / IPO
+    pairs(scored, "attacker" | "defender")                   # DPO / IPO
     grpo_samples(scored, "attacker" | "defender", baseline)  # GRPO
     tree_metrics(scored); audit_log.write(scored, step=step, split=split)
 """
@@ -34,16 +34,15 @@ from advgame_jax.game.parsing import (
     parse_score,
 )
 from advgame_jax.game.rewards import (
-    attacker_advantages,
-    attacker_pair_indices,
-    attacker_pairs,
-    defender_advantages,
-    defender_pair_indices,
-    defender_pairs,
+    PLAYERS,
+    advantages,
     grpo_advantages,
     grpo_samples,
-    patch_x_reward,
-    patch_y_reward,
+    groups,
+    pair_indices,
+    pairs,
+    pairs_detailed,
+    patch_reward,
     select_response,
 )
 from advgame_jax.game.rollout import build_tree, sample_tree, score_tree
@@ -56,24 +55,27 @@ from advgame_jax.game.templates import (
     register_template_set,
 )
 from advgame_jax.game.tree import (
+    AttackSlot,
     JudgeStats,
+    ResponseSlot,
     RolloutTree,
     ScoredTree,
+    SeedSlot,
     XError,
     YError,
     concat_scored_trees,
 )
 
 __all__ = [
-    "AuditLog", "AuditLogError", "COMPLY_WORDS", "DEFLECT_WORDS", "EndpointBackend", "FaithRequest",
-    "GameConfig", "GameConfigError", "Judge", "JudgeEndpointError", "JudgeStats", "LLMJudge",
-    "PairRequest", "PointRequest", "REFUSE_WORDS", "RolloutTree", "RuleJudge", "SamplerBackend",
-    "ScoredTree", "TemplateError", "TemplateSet", "TextBackend", "XError", "YError",
-    "attacker_advantages", "attacker_pair_indices", "attacker_pairs", "available_template_sets",
-    "build_tree", "defender_advantages", "defender_pair_indices", "defender_pairs",
-    "faith_majority", "game_config_from", "get_template_set", "grpo_advantages",
-    "grpo_samples", "make_judge", "parse_attack", "parse_faith_verdict", "parse_pair_scores",
-    "parse_score", "patch_x_reward", "patch_y_reward", "read_audit_log", "record_to_scored_tree",
-    "register_template_set", "replay", "sample_tree", "score_tree", "select_response",
-    "tree_metrics", "concat_scored_trees", "NORMALIZATIONS", "pair_weight", "sample_weight", "with_weight",
+    "AttackSlot", "AuditLog", "AuditLogError", "COMPLY_WORDS", "DEFLECT_WORDS", "EndpointBackend",
+    "FaithRequest", "GameConfig", "GameConfigError", "Judge", "JudgeEndpointError", "JudgeStats",
+    "LLMJudge", "PLAYERS", "PairRequest", "PointRequest", "REFUSE_WORDS", "ResponseSlot",
+    "RolloutTree", "RuleJudge", "SamplerBackend", "ScoredTree", "SeedSlot", "TemplateError",
+    "TemplateSet", "TextBackend", "XError", "YError", "advantages", "available_template_sets",
+    "build_tree", "faith_majority", "game_config_from", "get_template_set",
+    "grpo_advantages", "grpo_samples", "groups", "make_judge", "pair_indices", "pairs",
+    "pairs_detailed", "parse_attack", "parse_faith_verdict", "parse_pair_scores", "parse_score",
+    "patch_reward", "read_audit_log", "record_to_scored_tree", "register_template_set", "replay",
+    "sample_tree", "score_tree", "select_response", "tree_metrics", "concat_scored_trees",
+    "NORMALIZATIONS", "pair_weight", "sample_weight", "with_weight",
 ]

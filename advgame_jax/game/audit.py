@@ -13,18 +13,20 @@ returned.
 
 from __future__ import annotations
 
-from advgame_jax.errors import UserError
-import dataclasses
 import json
 import os
 from typing import Iterator
 
+from advgame_jax.codec import from_plain, to_plain
+from advgame_jax.errors import UserError
 from advgame_jax.game.metrics import tree_metrics
-from advgame_jax.game.rewards import attacker_pairs, defender_pairs, patch_x_reward, patch_y_reward
-from advgame_jax.game.tree import ScoredTree, YError, scored_tree_from_dict, scored_tree_to_dict
+from advgame_jax.game.rewards import attack_reward, pairs, patch_reward
+from advgame_jax.game.tree import ScoredTree
 from advgame_jax.types import TokenPair
 
-AUDIT_VERSION = 1
+# 2: the tree is the slot records (``codec.to_plain`` of a ``ScoredTree``); 1 held one
+# nested list per field.
+AUDIT_VERSION = 2
 
 
 class AuditLogError(UserError, ValueError):
@@ -44,7 +46,7 @@ class AuditLog:
         self._file = os.fdopen(fd, "a", encoding="utf-8")
 
     def write(self, scored: ScoredTree, **meta) -> None:
-        record = {"version": AUDIT_VERSION, "meta": meta, "tree": scored_tree_to_dict(scored)}
+        record = {"version": AUDIT_VERSION, "meta": meta, "tree": to_plain(scored)}
         self._file.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
         self._file.flush()
 
@@ -73,7 +75,7 @@ def record_to_scored_tree(record: dict) -> ScoredTree:
     if not isinstance(record, dict) or record.get("version") != AUDIT_VERSION or "tree" not in record:
         raise AuditLogError(f"expected an audit record {{'version': {AUDIT_VERSION}, 'tree': ...}}")
     try:
-        return scored_tree_from_dict(record["tree"])
+        return from_plain(ScoredTree, record["tree"], "audit record: tree")
     except (KeyError, TypeError, ValueError) as err:
         raise AuditLogError(f"malformed audit record: {type(err).__name__}: {err}") from None
 
@@ -82,27 +84,15 @@ def replay(record: dict) -> tuple[tuple[list[TokenPair], list[TokenPair]], dict[
     """((attacker_pairs, defender_pairs), metrics) of a logged tree, recomputed."""
     scored = record_to_scored_tree(record)
     cfg = scored.config
-    att_on = cfg.attacker_judge_enabled and not scored.tree.skip_attacker
-
-    def x_patched(b, a, error, raw):
-        # The reference rule of score_tree: an attack whose selected response got
-        # BAD_DEF_JUDGE was not sent to the attacker judge and keeps 0.0.
-        d = scored.selected_d_BA[b][a]
-        if (error is None and cfg.selection == "reference" and d is not None
-                and scored.y_error_BAD[b][a][d] == YError.BAD_DEF_JUDGE):
-            return 0.0
+    att_on = cfg.attacker_judge_enabled and not scored.skip_attacker
+    for b, a, att in scored.attacks():
         try:
-            return patch_x_reward(error, raw, att_on)
+            x_reward = attack_reward(att, cfg.selection, att_on)
+            y_reward = tuple(patch_reward(r.error, r.raw_reward, cfg.defender_judge_enabled)
+                             for r in att.responses)
         except ValueError as err:
             raise AuditLogError(f"audit record: attack ({b}, {a}): {err}") from None
-
-    x_reward = tuple(tuple(x_patched(b, a, e, r) for a, (e, r) in enumerate(zip(er, rr)))
-                     for b, (er, rr) in enumerate(zip(scored.x_error_BA, scored.x_raw_reward_BA)))
-    y_reward = tuple(tuple(tuple(patch_y_reward(e, r, cfg.defender_judge_enabled) for e, r in zip(er, rr))
-                           for er, rr in zip(ers, rrs))
-                     for ers, rrs in zip(scored.y_error_BAD, scored.y_raw_reward_BAD))
-    if x_reward != scored.x_reward_BA or y_reward != scored.y_reward_BAD:
-        raise AuditLogError("audit record: logged patched rewards differ from the ones its errors "
-                            "and raw judge rewards give")
-    scored = dataclasses.replace(scored, x_reward_BA=x_reward, y_reward_BAD=y_reward)
-    return (attacker_pairs(scored), defender_pairs(scored)), tree_metrics(scored)
+        if x_reward != att.reward or y_reward != tuple(r.reward for r in att.responses):
+            raise AuditLogError(f"audit record: attack ({b}, {a}): logged patched rewards differ "
+                                "from the ones its errors and raw judge rewards give")
+    return (pairs(scored, "attacker"), pairs(scored, "defender")), tree_metrics(scored)

@@ -5,10 +5,11 @@ sections (``advgame_jax.settings``).
 
 from __future__ import annotations
 
-from advgame_jax.errors import UserError
 import dataclasses
 from typing import Mapping
 
+from advgame_jax.codec import from_plain, to_plain
+from advgame_jax.errors import UserError
 from advgame_jax.game.parsing import FAITH_TIES, FORMATS
 from advgame_jax.game.templates import TemplateError, get_template_set
 from advgame_jax.sampling.base import SamplingParams
@@ -92,16 +93,11 @@ class GameConfig:
             raise GameConfigError(f"GameConfig.templates: {err}") from None
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return to_plain(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "GameConfig":
-        d = dict(d)
-        for name in ("attacker_sampling", "defender_sampling"):
-            p = dict(d[name])
-            p["stop_token_ids"] = tuple(p.get("stop_token_ids", ()))
-            d[name] = SamplingParams(**p)
-        return cls(**d)
+        return from_plain(cls, d)
 
 
 def game_config_from(game: GameSettings, judge: JudgeSettings, sampling: SamplingSettings, *,

@@ -106,7 +106,7 @@ class LLMJudge:
         return [texts[i * k:(i + 1) * k] for i in range(len(prompts))]
 
     def _count_unparsable(self, texts, parsed_ok) -> None:
-        bad = sum(1 for t, ok in zip(texts, parsed_ok) if t is not None and not ok)
+        bad = sum(1 for t, ok in zip(texts, parsed_ok, strict=True) if t is not None and not ok)
         if bad:
             self._faults.add("unparsable", bad)
 

@@ -96,13 +96,13 @@ class JudgeGroup:
 def _pointwise(judge: Judge, stage: str, groups: Sequence[JudgeGroup]):
     slots, reqs = [], []
     for g in groups:
-        for slot, r in zip(g.slots, g.responses):
+        for slot, r in zip(g.slots, g.responses, strict=True):
             slots.append(slot)
             reqs.append(PointRequest(g.rubric, g.query, r))
     results, part = call_judge(judge, "pointwise", stage, reqs, None)
     scores = {slot: [] for g in groups for slot in g.slots}
     failures = 0
-    for slot, v in zip(slots, results):
+    for slot, v in zip(slots, results, strict=True):
         v = finite(v)
         if v is None:
             failures += 1
@@ -130,7 +130,7 @@ def _pairwise(judge: Judge, stage: str, groups: Sequence[JudgeGroup], swap: bool
     scores = {slot: [] for g in groups for slot in g.slots}
     by_pair = collections.defaultdict(dict)
     failures = 0
-    for (gi, i, j, swapped), res in zip(where, results):
+    for (gi, i, j, swapped), res in zip(where, results, strict=True):
         try:
             sa, sb = res
         except (TypeError, ValueError):

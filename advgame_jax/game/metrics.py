@@ -20,16 +20,8 @@ from __future__ import annotations
 import math
 from typing import Iterable, Optional
 
-from advgame_jax.game.rewards import pairs_detailed
+from advgame_jax.game.rewards import PLAYERS, pairs_detailed
 from advgame_jax.game.tree import ScoredTree, XError, YError
-
-
-def _flat2(v):
-    return [x for row in v for x in row]
-
-
-def _flat3(v):
-    return [x for rows in v for row in rows for x in row]
 
 
 def _mean_std(prefix: str, values: Iterable[Optional[float]], out: dict) -> None:
@@ -48,28 +40,26 @@ def _mean(key: str, values: list, out: dict) -> None:
 
 def tree_metrics(scored: ScoredTree) -> dict[str, float]:
     """Metrics of one scored tree (keys in the module docstring)."""
-    t = scored.tree
+    attacks = [att for _, _, att in scored.attacks()]
+    responses = [r for att in attacks for r in att.responses]
     out: dict[str, float] = {}
-    for name, errors, enum_cls in (("x", _flat2(scored.x_error_BA), XError),
-                                   ("y", _flat3(scored.y_error_BAD), YError)):
-        n = len(errors)
+    for name, slots, enum_cls in (("x", attacks, XError), ("y", responses, YError)):
+        n = len(slots)
         out[f"{name}/slots"] = float(n)
-        out[f"{name}/rate/valid"] = sum(e is None for e in errors) / n if n else 0.0
+        out[f"{name}/rate/valid"] = sum(s.error is None for s in slots) / n if n else 0.0
         for e in enum_cls:
-            out[f"{name}/rate/{e.value}"] = sum(err == e for err in errors) / n if n else 0.0
-    _mean_std("x/reward", _flat2(scored.x_reward_BA), out)
-    _mean_std("x/raw_reward", _flat2(scored.x_raw_reward_BA), out)
-    _mean_std("y/reward", _flat3(scored.y_reward_BAD), out)
-    _mean_std("y/raw_reward", _flat3(scored.y_raw_reward_BAD), out)
+            out[f"{name}/rate/{e.value}"] = sum(s.error == e for s in slots) / n if n else 0.0
+    for name, slots in (("x", attacks), ("y", responses)):
+        _mean_std(f"{name}/reward", (s.reward for s in slots), out)
+        _mean_std(f"{name}/raw_reward", (s.raw_reward for s in slots), out)
 
-    if not t.skip_attacker:
-        _mean("x/attacker_tokens/mean", [len(ids) for ids in _flat2(t.att_ids_BA)], out)
-    _mean("x/chars/mean", [len(x) for x, e in zip(_flat2(t.x_BA), _flat2(scored.x_error_BA))
-                           if e is None and x is not None], out)
-    _mean("y/tokens/mean", [len(ids) for ids, f in zip(_flat3(t.y_ids_BAD), _flat3(t.y_finish_BAD))
-                            if f is not None], out)
+    if not scored.skip_attacker:
+        _mean("x/attacker_tokens/mean", [len(att.ids) for att in attacks], out)
+    _mean("x/chars/mean", [len(att.x) for att in attacks if att.error is None and att.x is not None],
+          out)
+    _mean("y/tokens/mean", [len(r.ids) for r in responses if r.finish is not None], out)
 
-    pairs = {role: pairs_detailed(scored, role) for role in ("attacker", "defender")}
+    pairs = {role: pairs_detailed(scored, role) for role in PLAYERS}
     for role, p in pairs.items():
         out[f"pairs/{role}"] = float(len(p))
     for role, p in pairs.items():

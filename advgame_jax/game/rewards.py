@@ -1,49 +1,60 @@
 """From judged slots to training signal: reward patching (GAME_SPEC §2.9), selection of the
 response the attacker is judged on (§2.7), preference pairs (§2.10) and GRPO advantages
-(§2.11). Pure functions of plain values; the ``ScoredTree`` wrappers at the end emit
-``advgame_jax.types`` records for training.
+(§2.11), each written once for both players.
+
+A player's samples come in groups (``groups``): the attacker has one group per seed (its A
+attacks, prompted by the templated seed), the defender one group per attack (its D
+responses, prompted by the templated x). Pairs are formed within a group; the GRPO baseline
+pools every sample of a seed. The records emitted for training are ``advgame_jax.types``'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
-from advgame_jax.game.tree import ScoredTree, XError, YError
+from advgame_jax.game.tree import AttackSlot, Ids, ResponseSlot, ScoredTree, XError, YError
 from advgame_jax.types import TokenPair, TokenSample, as_ids
 
 PENALTY = -1.0
 BASELINES = ("across_seeds", "per_seed")
-_X_PENALISED = (XError.MAX_LENGTH, XError.PARSING, XError.NOT_FAITHFUL)
-_Y_PENALISED = (YError.MAX_LENGTH, YError.PARSING)
+PLAYERS = ("attacker", "defender")
+Error = Union[XError, YError]
+Slot = Union[AttackSlot, ResponseSlot]
+# Errors of the player's own making get −1; judge-side errors and unsampled slots are excluded.
+_PENALISED = frozenset({XError.MAX_LENGTH, XError.PARSING, XError.NOT_FAITHFUL,
+                        YError.MAX_LENGTH, YError.PARSING})
+_LENGTH_STOPPED = frozenset({XError.MAX_LENGTH, YError.MAX_LENGTH})
 
 
-def patch_x_reward(error: Optional[XError], raw: Optional[float], judge_enabled: bool) -> Optional[float]:
-    """Attacker reward of one slot: judge score (0.0 with the judge off) when error-free, −1
-    for MAX_LENGTH / PARSING / NOT_FAITHFUL, None (excluded) for the judge-side errors."""
+def patch_reward(error: Optional[Error], raw: Optional[float], judge_enabled: bool) -> Optional[float]:
+    """Reward of one slot of either player: the judge score (0.0 with the judge off) when
+    error-free; −1 for MAX_LENGTH / PARSING / NOT_FAITHFUL; None (excluded) for the others
+    (BAD_FAITH_JUDGE, NO_VALID_RESPONSE, BAD_ATT_JUDGE, PROMPT_NOT_VALID, BAD_DEF_JUDGE)."""
     if error is None:
         if not judge_enabled:
             return 0.0
         if raw is None:
-            raise ValueError("an error-free attack judged by an enabled judge must have a raw reward")
+            raise ValueError("an error-free slot judged by an enabled judge must have a raw reward")
         return float(raw)
-    if error in _X_PENALISED:
+    if error in _PENALISED:
         return PENALTY
     return None
 
 
-def patch_y_reward(error: Optional[YError], raw: Optional[float], judge_enabled: bool) -> Optional[float]:
-    """Defender reward of one slot: judge score (0.0 with the judge off) when error-free, −1
-    for MAX_LENGTH / PARSING, None for PROMPT_NOT_VALID / BAD_DEF_JUDGE."""
-    if error is None:
-        if not judge_enabled:
-            return 0.0
-        if raw is None:
-            raise ValueError("an error-free response judged by an enabled judge must have a raw reward")
-        return float(raw)
-    if error in _Y_PENALISED:
-        return PENALTY
-    return None
+def left_unjudged(attack: AttackSlot, selection: str) -> bool:
+    """The reference rule (``selection="reference"``): an attack whose selected response got
+    BAD_DEF_JUDGE is not sent to the attacker judge and keeps reward 0.0."""
+    d = attack.selected_d
+    return (selection == "reference" and d is not None
+            and attack.responses[d].error == YError.BAD_DEF_JUDGE)
+
+
+def attack_reward(attack: AttackSlot, selection: str, judge_enabled: bool) -> Optional[float]:
+    """The patched reward of a judged attack slot (``patch_reward`` and the reference rule)."""
+    if attack.error is None and left_unjudged(attack, selection):
+        return 0.0
+    return patch_reward(attack.error, attack.raw_reward, judge_enabled)
 
 
 def _argbest(values: Sequence[Optional[float]], better) -> Optional[int]:
@@ -74,7 +85,7 @@ def select_response(sampled_ok: Sequence[bool], judged_reward: Sequence[Optional
     used, so the attacker is still judged on what the defender said. None if nothing was
     sampled successfully.
     """
-    judged = [r if ok else None for ok, r in zip(sampled_ok, judged_reward)]
+    judged = [r if ok else None for ok, r in zip(sampled_ok, judged_reward, strict=True)]
     if optimistic:
         pick = argmax_first(judged)
     else:
@@ -93,110 +104,70 @@ def preference(values: Sequence[Optional[float]]) -> Optional[tuple[int, int]]:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Role:
-    """One player's samples in a scored tree, nested ``[b][g][i]``: the attacker has one
-    group per seed (its A attacks), the defender one group per attack (its D responses).
-    Pairs are formed within a group (when ``pairable_BG``); the GRPO baseline pools all the
-    groups of a seed. ``max_length`` is the player's length-stop error."""
+class Group:
+    """Samples of one player under one prompt: seed ``b``'s attacks (``g`` = 0), or the
+    responses to attack ``g`` of seed ``b``. ``pairable``: the group may give a pair."""
 
-    prompt_BG: tuple
-    ids_BGI: tuple
-    logprobs_BGI: tuple
-    reward_BGI: tuple
-    error_BGI: tuple
-    pairable_BG: Optional[tuple]
-    max_length: object
+    b: int
+    g: int
+    prompt_ids: Ids
+    samples: tuple[Slot, ...]
+    pairable: bool
 
 
-def _role(scored: ScoredTree, player: str) -> _Role:
-    t = scored.tree
+def groups(scored: ScoredTree, player: str) -> list[Group]:
+    """Every group of ``player``'s samples in tree order. The defender follows
+    ``config.selection`` ("reference": only attacks without a final error can give a pair)."""
     if player == "attacker":
-        def one(v):
-            return tuple((row,) for row in v)
-        return _Role(one(t.att_prompt_ids_B), one(t.att_ids_BA), one(t.att_logprobs_BA),
-                     one(scored.x_reward_BA), one(scored.x_error_BA), None, XError.MAX_LENGTH)
+        return [Group(b, 0, s.prompt_ids, s.attacks, True) for b, s in enumerate(scored.seeds)]
     if player == "defender":
-        return _Role(t.def_prompt_ids_BA, t.y_ids_BAD, t.y_logprobs_BAD, scored.y_reward_BAD,
-                     scored.y_error_BAD, _pairable(scored.x_error_BA if scored.config.selection == "reference"
-                                                   else None), YError.MAX_LENGTH)
-    raise ValueError(f"player must be 'attacker' or 'defender', got {player!r}")
+        reference = scored.config.selection == "reference"
+        return [Group(b, a, att.prompt_ids, att.responses, not reference or att.error is None)
+                for b, a, att in scored.attacks()]
+    raise ValueError(f"player must be one of {PLAYERS}, got {player!r}")
 
 
-def _pairable(x_error_BA) -> Optional[tuple]:
-    if x_error_BA is None:
-        return None
-    return tuple(tuple(e is None for e in row) for row in x_error_BA)
+def _trained_groups(scored: ScoredTree, player: str) -> list[Group]:
+    """``groups``, none for the attacker of a tree without attacker samples (skip_attacker)."""
+    gs = groups(scored, player)
+    return [] if player == "attacker" and scored.skip_attacker else gs
 
 
-def _pair_indices(reward_BGI, pairable_BG=None) -> list[tuple[int, int, int, int]]:
-    """(b, g, i_chosen, i_rejected) per pairable group whose rewards do not tie."""
+def _paired_groups(scored: ScoredTree, player: str) -> list[tuple[Group, int, int]]:
+    """(group, chosen, rejected) per pairable group whose patched rewards do not tie."""
     out = []
-    for b, groups in enumerate(reward_BGI):
-        for g, row in enumerate(groups):
-            if pairable_BG is not None and not pairable_BG[b][g]:
-                continue
-            p = preference(row)
-            if p is not None:
-                out.append((b, g, *p))
+    for grp in _trained_groups(scored, player):
+        p = preference([s.reward for s in grp.samples]) if grp.pairable else None
+        if p is not None:
+            out.append((grp, *p))
     return out
 
 
-def attacker_pair_indices(x_reward_BA) -> list[tuple[int, int, int]]:
-    """(b, a_chosen, a_rejected) per seed that has a pair."""
-    return [(b, c, r) for b, _, c, r in _pair_indices([(row,) for row in x_reward_BA])]
+def pair_indices(scored: ScoredTree, player: str) -> list[tuple[int, int, int, int]]:
+    """(b, g, chosen, rejected) of every pair ``player`` gets from ``scored``: per pairable
+    group whose patched rewards do not tie, chosen = argmax, rejected = argmin."""
+    return [(grp.b, grp.g, c, r) for grp, c, r in _paired_groups(scored, player)]
 
 
-def defender_pair_indices(y_reward_BAD, x_error_BA=None) -> list[tuple[int, int, int, int]]:
-    """(b, a, d_chosen, d_rejected) per attack that has a pair. With ``x_error_BA`` (the
-    reference's rule), only attacks whose final error is none can give a pair: an attack
-    whose attacker judgment failed (BAD_ATT_JUDGE) gives none."""
-    return _pair_indices(y_reward_BAD, _pairable(x_error_BA))
-
-
-def _pair(prompt, chosen, rejected, rejected_hit_length: bool) -> tuple[TokenPair, bool]:
-    truncated = rejected_hit_length and len(rejected) > len(chosen)
+def _pair(grp: Group, c: int, r: int) -> tuple[TokenPair, bool]:
+    chosen, rejected = grp.samples[c].ids, grp.samples[r].ids
+    truncated = grp.samples[r].error in _LENGTH_STOPPED and len(rejected) > len(chosen)
     if truncated:
         rejected = rejected[: len(chosen)]
-    return TokenPair(as_ids(prompt), as_ids(chosen), as_ids(rejected)), truncated
-
-
-def pair_indices(scored: ScoredTree, player: str) -> list[tuple[int, int, int, int]]:
-    """(b, g, chosen, rejected) of every pair ``player`` gets from ``scored``; the group g is
-    0 for the attacker (one group per seed) and the attack a for the defender. The defender
-    follows ``config.selection`` ("reference": pairs only for attacks without a final error);
-    a tree without attacker samples (``skip_attacker``) gives the attacker none."""
-    role = _role(scored, player)
-    if player == "attacker" and scored.tree.skip_attacker:
-        return []
-    return _pair_indices(role.reward_BGI, role.pairable_BG)
+    return TokenPair(as_ids(grp.prompt_ids), as_ids(chosen), as_ids(rejected)), truncated
 
 
 def pairs_detailed(scored: ScoredTree, player: str) -> list[tuple[TokenPair, bool]]:
-    """Pairs of ``player`` with a flag saying whether the rejected sample was truncated."""
-    role = _role(scored, player)
-    return [_pair(role.prompt_BG[b][g], role.ids_BGI[b][g][c], role.ids_BGI[b][g][r],
-                  role.error_BGI[b][g][r] == role.max_length)
-            for b, g, c, r in pair_indices(scored, player)]
+    """Pairs of ``player`` with a flag saying whether the rejected sample was truncated (it
+    hit the length limit and was longer than the chosen one)."""
+    return [_pair(grp, c, r) for grp, c, r in _paired_groups(scored, player)]
 
 
-def attacker_pairs_detailed(scored: ScoredTree) -> list[tuple[TokenPair, bool]]:
-    """Attacker pairs with a flag saying whether the rejected sample was truncated."""
-    return pairs_detailed(scored, "attacker")
-
-
-def defender_pairs_detailed(scored: ScoredTree) -> list[tuple[TokenPair, bool]]:
-    return pairs_detailed(scored, "defender")
-
-
-def attacker_pairs(scored: ScoredTree) -> list[TokenPair]:
-    """DPO/IPO pairs of the attacker: prompt = templated seed prompt, completions = raw
-    attacker outputs (think included), one pair per seed whose patched rewards differ."""
-    return [p for p, _ in attacker_pairs_detailed(scored)]
-
-
-def defender_pairs(scored: ScoredTree) -> list[TokenPair]:
-    """DPO/IPO pairs of the defender: prompt = templated x, completions = raw responses."""
-    return [p for p, _ in defender_pairs_detailed(scored)]
+def pairs(scored: ScoredTree, player: str) -> list[TokenPair]:
+    """DPO/IPO pairs of ``player``. Attacker: prompt = templated seed prompt, completions =
+    raw attacker outputs (think included); defender: prompt = templated x, completions = raw
+    responses."""
+    return [p for p, _ in pairs_detailed(scored, player)]
 
 
 def grpo_advantages(rewards_by_seed: Sequence[Sequence[Optional[float]]], baseline: str
@@ -222,30 +193,25 @@ def grpo_advantages(rewards_by_seed: Sequence[Sequence[Optional[float]]], baseli
     return out
 
 
-def _advantages(role: _Role, baseline: str):
-    """(advantage_BGI, policy_BGI): the baseline pools every sample of a seed."""
-    flat = [[v for row in groups for v in row] for groups in role.reward_BGI]
-    adv_flat = grpo_advantages(flat, baseline)
-    adv = []
-    for b, groups in enumerate(role.reward_BGI):
-        starts = [0]
-        for row in groups:
-            starts.append(starts[-1] + len(row))
-        adv.append([adv_flat[b][starts[g]:starts[g + 1]] for g in range(len(groups))])
-    policy = [[[e is None for e in row] for row in groups] for groups in role.error_BGI]
-    return adv, policy
+def _group_advantages(gs: list[Group], num_seeds: int, baseline: str) -> list[list[Optional[float]]]:
+    """Per group, the advantage of each sample; the baseline pools every group of a seed."""
+    by_seed = [[s.reward for grp in gs if grp.b == b for s in grp.samples] for b in range(num_seeds)]
+    flat = [iter(row) for row in grpo_advantages(by_seed, baseline)]
+    return [[next(flat[grp.b]) for _ in grp.samples] for grp in gs]
 
 
-def attacker_advantages(scored: ScoredTree, baseline: str):
-    """(advantage_BA, policy_BA): per-sample advantages (None where the reward is None) and
-    whether the sample is error-free, i.e. gets the policy-gradient term (GAME_SPEC §2.11)."""
-    adv, policy = _advantages(_role(scored, "attacker"), baseline)
-    return [groups[0] for groups in adv], [groups[0] for groups in policy]
-
-
-def defender_advantages(scored: ScoredTree, baseline: str):
-    """(advantage_BAD, policy_BAD); the baseline groups all A·D responses of a seed."""
-    return _advantages(_role(scored, "defender"), baseline)
+def advantages(scored: ScoredTree, player: str, baseline: str):
+    """(advantage, policy) of every sample of ``player``: the advantage (None where the reward
+    is None) and whether the sample is error-free, i.e. gets the policy-gradient term
+    (GAME_SPEC §2.11). Nested as the tree holds the samples: ``[b][a]`` for the attacker,
+    ``[b][a][d]`` for the defender."""
+    gs = groups(scored, player)
+    adv = _group_advantages(gs, len(scored.seeds), baseline)
+    policy = [[s.error is None for s in grp.samples] for grp in gs]
+    if player == "attacker":  # one group per seed: the group level is the seed itself
+        return adv, policy
+    per_seed = [[i for i, grp in enumerate(gs) if grp.b == b] for b in range(len(scored.seeds))]
+    return [[adv[i] for i in ix] for ix in per_seed], [[policy[i] for i in ix] for ix in per_seed]
 
 
 def grpo_samples(scored: ScoredTree, player: str, baseline: str, *,
@@ -256,15 +222,11 @@ def grpo_samples(scored: ScoredTree, player: str, baseline: str, *,
     error-free samples; penalised ones still shift the baseline). ``include_penalised=True``
     also emits samples patched to −1.
     """
-    role = _role(scored, player)
-    if player == "attacker" and scored.tree.skip_attacker:
-        return []
-    adv, policy = _advantages(role, baseline)
+    gs = _trained_groups(scored, player)
     out = []
-    for b, groups in enumerate(adv):
-        for g, row in enumerate(groups):
-            for i, v in enumerate(row):
-                if v is not None and (policy[b][g][i] or include_penalised):
-                    out.append(TokenSample(as_ids(role.prompt_BG[b][g]), as_ids(role.ids_BGI[b][g][i]),
-                                           float(v), tuple(float(x) for x in role.logprobs_BGI[b][g][i])))
+    for grp, adv in zip(gs, _group_advantages(gs, len(scored.seeds), baseline), strict=True):
+        for s, v in zip(grp.samples, adv, strict=True):
+            if v is not None and (s.error is None or include_penalised):
+                out.append(TokenSample(as_ids(grp.prompt_ids), as_ids(s.ids), float(v),
+                                       tuple(float(x) for x in s.logprobs)))
     return out

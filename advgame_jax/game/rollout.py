@@ -9,8 +9,9 @@ makes no call. Judge exceptions and malformed judge results become None results 
 spec's BAD_*_JUDGE errors), counted as ``judge_exception`` in the tree's judge faults; a
 sampler that breaks its contract raises, since no error value can stand for missing samples.
 
-Slots are records while the tree is built (``_Attack`` per (b, a), ``_Response`` per
-(b, a, d)) and become the tree's ``*_BA`` / ``*_BAD`` fields at the end. Each judge stage
+The tree's slots (``game.tree``) are filled stage by stage: sampling makes the attack and
+response records, each judge stage returns a new record per slot with its scores, error and
+patched reward (``dataclasses.replace``; records are frozen). Each judge stage
 returns its results with its ``JudgeStats`` part (``game.judging``); the tree's
 ``judge_stats`` is their sum. ``sample_tree`` alone drops the faithfulness part;
 ``build_tree`` passes it to ``score_tree(sample_stats=...)``.
@@ -19,7 +20,7 @@ returns its results with its ``JudgeStats`` part (``game.judging``); the tree's
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from advgame_jax.game import rewards
 from advgame_jax.game.config import GameConfig
@@ -27,7 +28,16 @@ from advgame_jax.game.judge import FaithRequest, Judge
 from advgame_jax.game.judging import STAGES, JudgeGroup, call_judge, judge_groups, stage_stats, sum_stats
 from advgame_jax.game.parsing import faith_majority, parse_attack, stopped_early
 from advgame_jax.game.templates import attacker_rubric, defender_rubric, get_template_set
-from advgame_jax.game.tree import JudgeStats, RolloutTree, ScoredTree, XError, YError
+from advgame_jax.game.tree import (
+    AttackSlot,
+    JudgeStats,
+    ResponseSlot,
+    RolloutTree,
+    ScoredTree,
+    SeedSlot,
+    XError,
+    YError,
+)
 from advgame_jax.sampling.base import Sampler, SamplingParams
 from advgame_jax.types import as_ids
 
@@ -49,44 +59,15 @@ def _generate(sampler: Sampler, prompts: list, params: SamplingParams, who: str)
 
 
 
-class _Attack(NamedTuple):
-    """One attack slot after sampling: raw output, its ids, log-probs and finish reason, the
-    parsed attack x (None on error) and the slot's error so far."""
-
-    text: str
-    ids: tuple
-    logprobs: tuple
-    finish: Optional[str]
-    x: Optional[str]
-    error: Optional[XError]
-
-
-class _Response(NamedTuple):
-    """One response slot after sampling; ``response`` is what judges see (None on error)."""
-
-    text: str
-    response: Optional[str]
-    ids: tuple
-    logprobs: tuple
-    finish: Optional[str]
-    error: Optional[YError]
-
-
-_UNSAMPLED = _Response("", None, (), (), None, YError.PROMPT_NOT_VALID)
-
-
-def _nested(grid, name: str) -> tuple:
-    """Field ``name`` of every record in a nested list of records, as nested tuples."""
-    if isinstance(grid, list):
-        return tuple(_nested(g, name) for g in grid)
-    return getattr(grid, name)
+_UNSAMPLED = ResponseSlot()
 
 
 def _sample_attacks(s_B, cat_B, config, templates, attacker, attacker_tokenizer, sample_index):
     """Attacker prompts per seed and the [B][A] grid of parsed attack slots."""
     A = config.num_attacks
     prompts = tuple(as_ids(attacker_tokenizer.render_user_turn(
-        templates.attacker_prompt(s, c, config.attacker_format))) for s, c in zip(s_B, cat_B))
+        templates.attacker_prompt(s, c, config.attacker_format)))
+        for s, c in zip(s_B, cat_B, strict=True))
     params = _params(config.attacker_sampling, A, attacker_tokenizer, 2 * sample_index)
     comps = _generate(attacker, list(prompts), params, "attacker") if s_B else []
     grid = []
@@ -99,15 +80,15 @@ def _sample_attacks(s_B, cat_B, config, templates, attacker, attacker_tokenizer,
             else:
                 x = parse_attack(c.text, config.attacker_format)
                 err = XError.PARSING if x is None else None
-            row.append(_Attack(c.text, as_ids(c.token_ids), tuple(float(v) for v in c.logprobs),
-                               c.finish_reason, x, err))
+            row.append(AttackSlot(c.text, as_ids(c.token_ids), tuple(float(v) for v in c.logprobs),
+                                  c.finish_reason, x, err))
         grid.append(row)
     return prompts, grid
 
 
-def _check_faithfulness(judge, config, s_B, cat_B, att) -> tuple[list, JudgeStats]:
-    """Faithfulness votes per attack slot ([B][A]); sets NOT_FAITHFUL / BAD_FAITH_JUDGE in ``att``."""
-    votes = [[() for _ in row] for row in att]
+def _check_faithfulness(judge, config, s_B, cat_B, att) -> JudgeStats:
+    """Faithfulness votes of every valid attack slot of ``att`` ([B][A], updated in place),
+    with NOT_FAITHFUL / BAD_FAITH_JUDGE set from their majority."""
     slots = [(b, a) for b, row in enumerate(att) for a, t in enumerate(row) if t.error is None]
     k = config.num_faith_samples
     reqs = [FaithRequest(s_B[b], att[b][a].x, cat_B[b]) for b, a in slots for _ in range(k)]
@@ -115,42 +96,44 @@ def _check_faithfulness(judge, config, s_B, cat_B, att) -> tuple[list, JudgeStat
     failures = 0
     for i, (b, a) in enumerate(slots):
         vs = tuple(v if isinstance(v, bool) else None for v in verdicts[i * k:(i + 1) * k])
-        votes[b][a] = vs
         failures += sum(v is None for v in vs)
         verdict = faith_majority(vs, config.faith_tie)
-        if verdict is None:
-            att[b][a] = att[b][a]._replace(error=XError.BAD_FAITH_JUDGE)
-        elif not verdict:
-            att[b][a] = att[b][a]._replace(error=XError.NOT_FAITHFUL)
-    return votes, dataclasses.replace(part, failures={"faith": failures})
+        error = (XError.BAD_FAITH_JUDGE if verdict is None
+                 else None if verdict else XError.NOT_FAITHFUL)
+        att[b][a] = dataclasses.replace(att[b][a], faith_votes=vs, error=error)
+    return dataclasses.replace(part, failures={"faith": failures})
 
 
-def _sample_responses(config, templates, att, defender, defender_tokenizer, sample_index):
-    """Defender prompts ([B][A]) and response slots ([B][A][D]) for every valid attack; an
-    attack none of whose responses is usable gets NO_VALID_RESPONSE in ``att``."""
+def _parsed_response(c, config) -> ResponseSlot:
+    resp, err = None, None
+    if stopped_early(c.finish_reason):
+        err = YError.MAX_LENGTH
+    else:
+        resp = parse_attack(c.text, config.defender_format)
+        err = YError.PARSING if resp is None else None
+    return ResponseSlot(c.text, resp, as_ids(c.token_ids), tuple(float(v) for v in c.logprobs),
+                        c.finish_reason, err)
+
+
+def _sample_responses(config, templates, att, defender, defender_tokenizer, sample_index) -> None:
+    """Defender prompt and D response slots for every attack of ``att`` ([B][A], updated in
+    place; an invalid attack gets D unsampled slots); an attack none of whose responses is
+    usable gets NO_VALID_RESPONSE."""
     D = config.num_responses
     valid = [(b, a) for b, row in enumerate(att) for a, t in enumerate(row) if t.error is None]
-    prompts = [[() for _ in row] for row in att]
-    for b, a in valid:
-        prompts[b][a] = as_ids(defender_tokenizer.render_user_turn(templates.defender_prompt(att[b][a].x)))
-    y = [[[_UNSAMPLED] * D for _ in row] for row in att]
+    for row in att:
+        row[:] = [dataclasses.replace(t, responses=(_UNSAMPLED,) * D) for t in row]
     if not valid:
-        return prompts, y
+        return
+    prompts = [as_ids(defender_tokenizer.render_user_turn(templates.defender_prompt(att[b][a].x)))
+               for b, a in valid]
     params = _params(config.defender_sampling, D, defender_tokenizer, 2 * sample_index + 1)
-    comps = _generate(defender, [prompts[b][a] for b, a in valid], params, "defender")
+    comps = _generate(defender, prompts, params, "defender")
     for i, (b, a) in enumerate(valid):
-        for d, c in enumerate(comps[i * D:(i + 1) * D]):
-            resp, err = None, None
-            if stopped_early(c.finish_reason):
-                err = YError.MAX_LENGTH
-            else:
-                resp = parse_attack(c.text, config.defender_format)
-                err = YError.PARSING if resp is None else None
-            y[b][a][d] = _Response(c.text, resp, as_ids(c.token_ids),
-                                   tuple(float(v) for v in c.logprobs), c.finish_reason, err)
-        if all(r.error is not None for r in y[b][a]):
-            att[b][a] = att[b][a]._replace(error=XError.NO_VALID_RESPONSE)
-    return prompts, y
+        responses = tuple(_parsed_response(c, config) for c in comps[i * D:(i + 1) * D])
+        error = XError.NO_VALID_RESPONSE if all(r.error is not None for r in responses) else None
+        att[b][a] = dataclasses.replace(att[b][a], prompt_ids=prompts[i], responses=responses,
+                                        error=error)
 
 
 def _sample(seeds, config, judge, defender, defender_tokenizer, attacker, attacker_tokenizer,
@@ -163,26 +146,20 @@ def _sample(seeds, config, judge, defender, defender_tokenizer, attacker, attack
             raise ValueError(f"seed category must be 'harmful' or 'benign', got {c!r}")
     if skip_attacker:
         att_prompt = tuple(() for _ in s_B)
-        att = [[_Attack("", (), (), None, s, None)] for s in s_B]
+        att = [[AttackSlot("", (), (), None, s, None)] for s in s_B]
     else:
         if attacker is None or attacker_tokenizer is None:
             raise ValueError("build_tree: attacker and attacker_tokenizer are required unless skip_attacker=True")
         att_prompt, att = _sample_attacks(s_B, cat_B, config, templates, attacker,
                                           attacker_tokenizer, sample_index)
     if config.faithfulness and not skip_attacker:
-        votes, faith = _check_faithfulness(judge, config, s_B, cat_B, att)
+        faith = _check_faithfulness(judge, config, s_B, cat_B, att)
     else:
-        votes, faith = [[() for _ in row] for row in att], stage_stats("faith")
-    def_prompt, y = _sample_responses(config, templates, att, defender, defender_tokenizer, sample_index)
-    tree = RolloutTree(
-        s_B=s_B, category_B=cat_B, skip_attacker=skip_attacker, att_prompt_ids_B=att_prompt,
-        att_text_BA=_nested(att, "text"), att_ids_BA=_nested(att, "ids"),
-        att_logprobs_BA=_nested(att, "logprobs"), att_finish_BA=_nested(att, "finish"),
-        x_BA=_nested(att, "x"), faith_votes_BA=tuple(tuple(r) for r in votes),
-        x_error_BA=_nested(att, "error"), def_prompt_ids_BA=tuple(tuple(r) for r in def_prompt),
-        y_text_BAD=_nested(y, "text"), y_response_BAD=_nested(y, "response"),
-        y_ids_BAD=_nested(y, "ids"), y_logprobs_BAD=_nested(y, "logprobs"),
-        y_finish_BAD=_nested(y, "finish"), y_error_BAD=_nested(y, "error"))
+        faith = stage_stats("faith")
+    _sample_responses(config, templates, att, defender, defender_tokenizer, sample_index)
+    tree = RolloutTree(tuple(SeedSlot(s, c, p, tuple(row))
+                             for s, c, p, row in zip(s_B, cat_B, att_prompt, att, strict=True)),
+                       skip_attacker)
     return tree, faith
 
 
@@ -195,80 +172,58 @@ def sample_tree(seeds: Sequence, config: GameConfig, *, judge: Judge, defender: 
                    attacker_tokenizer, skip_attacker, sample_index)[0]
 
 
-def _judged(verdicts: dict, scores, raw, errors, bad) -> None:
-    """Write each judged slot's scores and their mean; a slot without any score gets ``bad``."""
-    for slot, vals in verdicts.items():
-        *outer, last = slot
-        _at(scores, outer)[last] = vals
-        _at(raw, outer)[last] = sum(vals) / len(vals) if vals else None
-        if not vals:
-            _at(errors, outer)[last] = bad
+def _judged(slot, scores: Optional[tuple], bad):
+    """``slot`` with the scores it received (None: not judged) and their mean; a judged slot
+    without any parsed score gets the error ``bad``."""
+    if scores is None:
+        return slot
+    return dataclasses.replace(slot, judge_scores=scores,
+                               raw_reward=sum(scores) / len(scores) if scores else None,
+                               error=slot.error if scores else bad)
 
 
-def _at(grid, index):
-    for i in index:
-        grid = grid[i]
-    return grid
-
-
-def _grid(shape, value) -> list:
-    """A nested list of ``shape`` filled with ``value``."""
-    if len(shape) == 1:
-        return [value] * shape[0]
-    return [_grid(shape[1:], value) for _ in range(shape[0])]
-
-
-def _tuples(grid) -> tuple:
-    return tuple(_tuples(g) for g in grid) if isinstance(grid, list) else grid
-
-
-def _defender_groups(tree: RolloutTree, config: GameConfig, x_err, y_err) -> list[JudgeGroup]:
+def _defender_groups(tree: RolloutTree, config: GameConfig) -> list[JudgeGroup]:
     """One group per valid attack: its error-free responses, judged against x (or s)."""
-    B, A, D = tree.shape
     groups = []
-    for b in range(B):
-        for a in range(A):
-            cands = [d for d in range(D) if x_err[b][a] is None and y_err[b][a][d] is None]
-            if cands:
-                query = tree.x_BA[b][a] if config.condition_on == "prompt" else tree.s_B[b]
-                groups.append(JudgeGroup(defender_rubric(tree.category_B[b]), query,
-                                         tuple((b, a, d) for d in cands),
-                                         tuple(tree.y_response_BAD[b][a][d] for d in cands)))
+    for b, a, att in tree.attacks():
+        cands = [d for d, r in enumerate(att.responses) if r.error is None]
+        if att.error is None and cands:
+            seed = tree.seeds[b]
+            query = att.x if config.condition_on == "prompt" else seed.s
+            groups.append(JudgeGroup(defender_rubric(seed.category), query,
+                                     tuple((b, a, d) for d in cands),
+                                     tuple(att.responses[d].y for d in cands)))
     return groups
 
 
-def _attacker_groups(tree: RolloutTree, x_err, selected, unjudged) -> list[JudgeGroup]:
+def _attacker_groups(seeds: Sequence[SeedSlot], config: GameConfig) -> list[JudgeGroup]:
     """One group per seed: the selected response of each valid, judged attack, against s."""
-    B, A, _ = tree.shape
     groups = []
-    for b in range(B):
-        cands = [a for a in range(A) if x_err[b][a] is None and (b, a) not in unjudged]
+    for b, seed in enumerate(seeds):
+        cands = [a for a, att in enumerate(seed.attacks)
+                 if att.error is None and not rewards.left_unjudged(att, config.selection)]
         if cands:
-            groups.append(JudgeGroup(attacker_rubric(tree.category_B[b]), tree.s_B[b],
+            groups.append(JudgeGroup(attacker_rubric(seed.category), seed.s,
                                      tuple((b, a) for a in cands),
-                                     tuple(tree.y_response_BAD[b][a][selected[b][a]] for a in cands)))
+                                     tuple(seed.attacks[a].responses[seed.attacks[a].selected_d].y
+                                           for a in cands)))
     return groups
 
 
-def _select(tree: RolloutTree, config: GameConfig, x_err, y_err, y_rew):
-    """The response each valid attack is judged on ([B][A]), and the attacks left unjudged.
-
-    Reference rule: an attack whose selected response has no defender judgment
-    (BAD_DEF_JUDGE) is not sent to the attacker judge; it keeps reward 0.0.
-    """
-    B, A, D = tree.shape
-    selected, unjudged = _grid((B, A), None), set()
-    for b in range(B):
-        for a in range(A):
-            if x_err[b][a] is None:
-                sampled_ok = [tree.y_error_BAD[b][a][d] is None for d in range(D)]
-                judged = [y_rew[b][a][d] if y_err[b][a][d] is None else None for d in range(D)]
-                selected[b][a] = d = rewards.select_response(sampled_ok, judged,
-                                                             config.optimistic_attacker)
-                if (config.selection == "reference" and d is not None
-                        and y_err[b][a][d] == YError.BAD_DEF_JUDGE):
-                    unjudged.add((b, a))
-    return selected, unjudged
+def _judge_defender_side(att: AttackSlot, b: int, a: int, verdicts: dict,
+                         config: GameConfig) -> AttackSlot:
+    """``att`` with its responses judged and patched, and the response it is judged on."""
+    sampled_ok = [r.error is None for r in att.responses]
+    responses = []
+    for d, r in enumerate(att.responses):
+        r = _judged(r, verdicts.get((b, a, d)), YError.BAD_DEF_JUDGE)
+        responses.append(dataclasses.replace(
+            r, reward=rewards.patch_reward(r.error, r.raw_reward, config.defender_judge_enabled)))
+    selected = None
+    if att.error is None:
+        judged = [r.reward if r.error is None else None for r in responses]
+        selected = rewards.select_response(sampled_ok, judged, config.optimistic_attacker)
+    return dataclasses.replace(att, responses=tuple(responses), selected_d=selected)
 
 
 def score_tree(tree: RolloutTree, config: GameConfig, *, judge: Judge,
@@ -277,37 +232,30 @@ def score_tree(tree: RolloutTree, config: GameConfig, *, judge: Judge,
 
     ``sample_stats``: judge statistics of the sampling stages, added to the tree's.
     """
-    B, A, D = tree.shape
     att_judge_on = config.attacker_judge_enabled and not tree.skip_attacker
-    y_err = [[list(r) for r in rows] for rows in tree.y_error_BAD]
-    x_err = [list(r) for r in tree.x_error_BA]
     parts = [sample_stats] if sample_stats is not None else []
 
-    y_scores, y_raw = _grid((B, A, D), ()), _grid((B, A, D), None)
+    verdicts: dict = {}
     if config.defender_judge_enabled:
-        verdicts, part = judge_groups(judge, "defender", _defender_groups(tree, config, x_err, y_err), config)
-        _judged(verdicts, y_scores, y_raw, y_err, YError.BAD_DEF_JUDGE)
+        verdicts, part = judge_groups(judge, "defender", _defender_groups(tree, config), config)
         parts.append(part)
-    y_rew = [[[rewards.patch_y_reward(y_err[b][a][d], y_raw[b][a][d], config.defender_judge_enabled)
-               for d in range(D)] for a in range(A)] for b in range(B)]
+    seeds = [dataclasses.replace(seed, attacks=tuple(
+        _judge_defender_side(att, b, a, verdicts, config) for a, att in enumerate(seed.attacks)))
+        for b, seed in enumerate(tree.seeds)]
 
-    selected, unjudged = _select(tree, config, x_err, y_err, y_rew)
-
-    x_scores, x_raw = _grid((B, A), ()), _grid((B, A), None)
+    verdicts = {}
     if att_judge_on:
-        verdicts, part = judge_groups(judge, "attacker", _attacker_groups(tree, x_err, selected, unjudged),
-                                      config)
-        _judged(verdicts, x_scores, x_raw, x_err, XError.BAD_ATT_JUDGE)
+        verdicts, part = judge_groups(judge, "attacker", _attacker_groups(seeds, config), config)
         parts.append(part)
-    x_rew = [[0.0 if (b, a) in unjudged and x_err[b][a] is None
-              else rewards.patch_x_reward(x_err[b][a], x_raw[b][a], att_judge_on)
-              for a in range(A)] for b in range(B)]
+    for b, seed in enumerate(seeds):
+        attacks = []
+        for a, att in enumerate(seed.attacks):
+            att = _judged(att, verdicts.get((b, a)), XError.BAD_ATT_JUDGE)
+            attacks.append(dataclasses.replace(
+                att, reward=rewards.attack_reward(att, config.selection, att_judge_on)))
+        seeds[b] = dataclasses.replace(seed, attacks=tuple(attacks))
 
-    return ScoredTree(
-        tree=tree, config=config, y_judge_scores_BAD=_tuples(y_scores), y_raw_reward_BAD=_tuples(y_raw),
-        y_error_BAD=_tuples(y_err), y_reward_BAD=_tuples(y_rew), selected_d_BA=_tuples(selected),
-        x_judge_scores_BA=_tuples(x_scores), x_raw_reward_BA=_tuples(x_raw),
-        x_error_BA=_tuples(x_err), x_reward_BA=_tuples(x_rew), judge_stats=sum_stats(parts))
+    return ScoredTree(tuple(seeds), tree.skip_attacker, config=config, judge_stats=sum_stats(parts))
 
 
 def build_tree(seeds: Sequence, config: GameConfig, *, judge: Judge, defender: Sampler,

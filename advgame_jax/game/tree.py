@@ -1,12 +1,22 @@
-"""The rollout tree (GAME_SPEC §2): error enums, the sampled ``RolloutTree``, the judged
-``ScoredTree``, and their JSON-able dict form (used by the audit log).
+"""The rollout tree (GAME_SPEC §2): error enums and the slot records of one batch of seeds.
 
-Shapes: ``B`` seeds, ``A`` attacks per seed, ``D`` responses per attack. ``*_B`` fields are
-tuples of length B, ``*_BA`` tuples of B tuples of length A, ``*_BAD`` B×A×D nested tuples.
-Token ids are the exact ids the samplers produced (``prompt`` ids are the chat-templated
-inputs, completion ids the raw outputs), so preference pairs need no re-tokenisation.
+A tree is ``B`` seeds, each a ``SeedSlot`` holding its ``A`` attacks (``AttackSlot``), each
+holding its ``D`` responses (``ResponseSlot``). Every slot is one frozen record carrying what
+was sampled for it (text, token ids, sampler log-probs, finish reason, parsed value) and what
+the judges made of it (scores, raw and patched reward), with its error so far: the error
+after sampling in a ``RolloutTree``, the final one (adding BAD_DEF_JUDGE / BAD_ATT_JUDGE) in
+a ``ScoredTree``. Token ids are the exact ids the samplers produced (``prompt_ids`` are the
+chat-templated inputs, ``ids`` the raw outputs), so preference pairs need no re-tokenisation.
 Slots that were never sampled (the D responses of an invalid attack, the attacker side in
-``skip_attacker`` mode) hold ``""`` / ``()`` / ``None``.
+``skip_attacker`` mode) hold empty values.
+
+Records rather than arrays with masks: slots are ragged (token sequences and texts of any
+length), few (B·A·D is tens to hundreds), built on the host from sampler and judge outputs,
+and read slot by slot (selection, pairs, audit); ``None`` marks "excluded" directly where an
+array layout would need a mask and a sentinel per field. Arrays are made later, per batch of
+pairs, by ``training.batching``. ``per_seed`` / ``per_attack`` / ``per_response`` give any
+field as a nested ``B`` / ``B×A`` / ``B×A×D`` tuple. The JSON form (audit log) is the generic
+``advgame_jax.codec`` one.
 """
 
 from __future__ import annotations
@@ -41,50 +51,66 @@ class YError(str, enum.Enum):
 
 
 @dataclasses.dataclass(frozen=True)
-class RolloutTree:
-    """Everything sampled for one batch of seeds, before the defender and attacker judges.
+class ResponseSlot:
+    """One defender response y to an attack. The default record is a slot never sampled.
 
-    s_B, category_B: seed prompts and categories ("harmful" | "benign").
-    skip_attacker: True when the defender answered the seeds directly (A = 1, x = s).
-    att_prompt_ids_B: templated attacker input per seed.
-    att_text_BA / att_ids_BA / att_logprobs_BA / att_finish_BA: raw attacker outputs
-      (think part included), their ids, sampler log-probs and finish reason.
-    x_BA: the parsed attack (None when the output did not parse or hit the length limit).
-    faith_votes_BA: the parsed faithfulness verdict of each judge sample (None = unparsable).
-    x_error_BA: error known after sampling (MAX_LENGTH, PARSING, NOT_FAITHFUL,
-      BAD_FAITH_JUDGE, NO_VALID_RESPONSE) or None.
-    def_prompt_ids_BA: templated defender input (() when x is not valid).
-    y_text_BAD / y_ids_BAD / y_logprobs_BAD / y_finish_BAD: raw defender outputs.
-    y_response_BAD: the response shown to judges (the parsed output; None on error).
-    y_error_BAD: MAX_LENGTH, PARSING, PROMPT_NOT_VALID or None.
+    text / ids / logprobs / finish: the raw output, its ids, sampler log-probs, finish reason.
+    y: the response shown to judges (the parsed output; None on error).
+    error: MAX_LENGTH, PARSING, PROMPT_NOT_VALID, after judging also BAD_DEF_JUDGE; or None.
+    judge_scores: every parsed defender-judge score; raw_reward: their mean (None when not
+    judged or all unparsable); reward: the patched reward (GAME_SPEC §2.9; None = excluded).
     """
 
-    s_B: tuple[str, ...]
-    category_B: tuple[str, ...]
-    skip_attacker: bool
-    att_prompt_ids_B: tuple[Ids, ...]
-    att_text_BA: tuple[tuple[str, ...], ...]
-    att_ids_BA: tuple[tuple[Ids, ...], ...]
-    att_logprobs_BA: tuple[tuple[tuple[float, ...], ...], ...]
-    att_finish_BA: tuple[tuple[Optional[str], ...], ...]
-    x_BA: tuple[tuple[Optional[str], ...], ...]
-    faith_votes_BA: tuple[tuple[tuple[Optional[bool], ...], ...], ...]
-    x_error_BA: tuple[tuple[Optional[XError], ...], ...]
-    def_prompt_ids_BA: tuple[tuple[Ids, ...], ...]
-    y_text_BAD: tuple[tuple[tuple[str, ...], ...], ...]
-    y_response_BAD: tuple[tuple[tuple[Optional[str], ...], ...], ...]
-    y_ids_BAD: tuple[tuple[tuple[Ids, ...], ...], ...]
-    y_logprobs_BAD: tuple[tuple[tuple[tuple[float, ...], ...], ...], ...]
-    y_finish_BAD: tuple[tuple[tuple[Optional[str], ...], ...], ...]
-    y_error_BAD: tuple[tuple[tuple[Optional[YError], ...], ...], ...]
+    text: str = ""
+    y: Optional[str] = None
+    ids: Ids = ()
+    logprobs: tuple[float, ...] = ()
+    finish: Optional[str] = None
+    error: Optional[YError] = YError.PROMPT_NOT_VALID
+    judge_scores: tuple[float, ...] = ()
+    raw_reward: Optional[float] = None
+    reward: Optional[float] = None
 
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        """(B, A, D)."""
-        b = len(self.s_B)
-        a = len(self.x_BA[0]) if b else 0
-        d = len(self.y_error_BAD[0][0]) if b and a else 0
-        return b, a, d
+
+@dataclasses.dataclass(frozen=True)
+class AttackSlot:
+    """One attacker output for a seed, and the defender's responses to it.
+
+    text / ids / logprobs / finish: the raw attacker output (think part included).
+    x: the parsed attack (None when the output did not parse or hit the length limit).
+    error: MAX_LENGTH, PARSING, NOT_FAITHFUL, BAD_FAITH_JUDGE, NO_VALID_RESPONSE, after judging
+      also BAD_ATT_JUDGE; or None.
+    faith_votes: the parsed verdict of each faithfulness judge sample (None = unparsable).
+    prompt_ids: the templated defender input (() when x is not valid).
+    responses: the D response slots.
+    selected_d: the response the attacker was judged on (None for an invalid x).
+    judge_scores / raw_reward / reward: as for a response, from the attacker judge.
+    """
+
+    text: str
+    ids: Ids
+    logprobs: tuple[float, ...]
+    finish: Optional[str]
+    x: Optional[str]
+    error: Optional[XError]
+    faith_votes: tuple[Optional[bool], ...] = ()
+    prompt_ids: Ids = ()
+    responses: tuple[ResponseSlot, ...] = ()
+    selected_d: Optional[int] = None
+    judge_scores: tuple[float, ...] = ()
+    raw_reward: Optional[float] = None
+    reward: Optional[float] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SeedSlot:
+    """One seed s ("harmful" | "benign"), the templated attacker input (() when the attacker
+    was skipped) and its A attack slots."""
+
+    s: str
+    category: str
+    prompt_ids: Ids
+    attacks: tuple[AttackSlot, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,11 +123,11 @@ class JudgeStats:
     all four scores parsed, and how many of them changed the preferred side.
     """
 
-    requests: dict
-    failures: dict
-    order_pairs: dict
-    order_flips: dict
-    faults: dict
+    requests: dict[str, int]
+    failures: dict[str, int]
+    order_pairs: dict[str, int]
+    order_flips: dict[str, int]
+    faults: dict[str, int]
 
 
 def sum_judge_stats(parts: Iterable[JudgeStats], stages: Iterable[str] = ()) -> JudgeStats:
@@ -120,97 +146,74 @@ def sum_judge_stats(parts: Iterable[JudgeStats], stages: Iterable[str] = ()) -> 
     return JudgeStats(**counts, faults=faults)
 
 
-@dataclasses.dataclass(frozen=True)
-class ScoredTree:
-    """A judged tree with final errors, raw judge rewards and patched rewards.
+_FIELDS = {cls: frozenset(f.name for f in dataclasses.fields(cls))
+           for cls in (SeedSlot, AttackSlot, ResponseSlot)}
 
-    y_judge_scores_BAD / x_judge_scores_BA: every parsed judge score a slot received.
-    y_raw_reward_BAD / x_raw_reward_BA: their mean (None when not judged or all unparsable).
-    y_error_BAD / x_error_BA: final errors (adds BAD_DEF_JUDGE / BAD_ATT_JUDGE).
-    selected_d_BA: index of the response the attacker was judged on (None for invalid x).
-    y_reward_BAD / x_reward_BA: patched rewards (GAME_SPEC §2.9); None = excluded.
+
+def _field(cls: type, name: str) -> str:
+    if name not in _FIELDS[cls]:
+        raise AttributeError(f"{cls.__name__} has no field {name!r} (fields: {sorted(_FIELDS[cls])})")
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutTree:
+    """Everything sampled for one batch of seeds, before the defender and attacker judges.
+
+    skip_attacker: True when the defender answered the seeds directly (A = 1, x = s).
+    Every seed has the same number of attacks and every attack the same number of responses.
     """
 
-    tree: RolloutTree
-    config: GameConfig
-    y_judge_scores_BAD: tuple[tuple[tuple[tuple[float, ...], ...], ...], ...]
-    y_raw_reward_BAD: tuple[tuple[tuple[Optional[float], ...], ...], ...]
-    y_error_BAD: tuple[tuple[tuple[Optional[YError], ...], ...], ...]
-    y_reward_BAD: tuple[tuple[tuple[Optional[float], ...], ...], ...]
-    selected_d_BA: tuple[tuple[Optional[int], ...], ...]
-    x_judge_scores_BA: tuple[tuple[tuple[float, ...], ...], ...]
-    x_raw_reward_BA: tuple[tuple[Optional[float], ...], ...]
-    x_error_BA: tuple[tuple[Optional[XError], ...], ...]
-    x_reward_BA: tuple[tuple[Optional[float], ...], ...]
-    judge_stats: JudgeStats
+    seeds: tuple[SeedSlot, ...]
+    skip_attacker: bool
+
+    def __post_init__(self):
+        counts = {len(s.attacks) for s in self.seeds}
+        sizes = {len(a.responses) for s in self.seeds for a in s.attacks}
+        if len(counts) > 1 or len(sizes) > 1:
+            raise ValueError(f"{type(self).__name__}: every seed needs the same number of attacks "
+                             f"and every attack the same number of responses, got A in "
+                             f"{sorted(counts)}, D in {sorted(sizes)}")
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return self.tree.shape
+        """(B, A, D)."""
+        b = len(self.seeds)
+        a = len(self.seeds[0].attacks) if b else 0
+        d = len(self.seeds[0].attacks[0].responses) if b and a else 0
+        return b, a, d
+
+    def attacks(self) -> Iterable[tuple[int, int, AttackSlot]]:
+        """(b, a, slot) of every attack, in order."""
+        for b, seed in enumerate(self.seeds):
+            for a, att in enumerate(seed.attacks):
+                yield b, a, att
+
+    def per_seed(self, name: str) -> tuple:
+        """Field ``name`` of every seed slot: a tuple of length B."""
+        _field(SeedSlot, name)
+        return tuple(getattr(s, name) for s in self.seeds)
+
+    def per_attack(self, name: str) -> tuple:
+        """Field ``name`` of every attack slot, nested B × A."""
+        _field(AttackSlot, name)
+        return tuple(tuple(getattr(a, name) for a in s.attacks) for s in self.seeds)
+
+    def per_response(self, name: str) -> tuple:
+        """Field ``name`` of every response slot, nested B × A × D."""
+        _field(ResponseSlot, name)
+        return tuple(tuple(tuple(getattr(r, name) for r in a.responses) for a in s.attacks)
+                     for s in self.seeds)
 
 
-def _deep_tuple(obj):
-    if isinstance(obj, list):
-        return tuple(_deep_tuple(o) for o in obj)
-    return obj
+@dataclasses.dataclass(frozen=True)
+class ScoredTree(RolloutTree):
+    """A judged tree: its slots carry final errors, judge scores, raw and patched rewards and
+    the selected responses; ``config`` is the game config it was played with and
+    ``judge_stats`` the judge bookkeeping of all its stages."""
 
-
-def _map_nested(obj, fn):
-    if isinstance(obj, (list, tuple)):
-        return tuple(_map_nested(o, fn) for o in obj)
-    return fn(obj)
-
-
-def _plain(obj):
-    """Tuples to lists, enums to their names: what ``json.dumps`` writes back identically."""
-    if isinstance(obj, (list, tuple)):
-        return [_plain(o) for o in obj]
-    if isinstance(obj, enum.Enum):
-        return obj.value
-    return obj
-
-
-def rollout_tree_to_dict(tree: RolloutTree) -> dict:
-    return {f.name: _plain(getattr(tree, f.name)) for f in dataclasses.fields(tree)}
-
-
-def rollout_tree_from_dict(d: dict) -> RolloutTree:
-    kw = {f.name: _deep_tuple(d[f.name]) for f in dataclasses.fields(RolloutTree)}
-    kw["x_error_BA"] = _map_nested(kw["x_error_BA"], lambda v: None if v is None else XError(v))
-    kw["y_error_BAD"] = _map_nested(kw["y_error_BAD"], lambda v: None if v is None else YError(v))
-    return RolloutTree(**kw)
-
-
-def scored_tree_to_dict(scored: ScoredTree) -> dict:
-    out = {}
-    for f in dataclasses.fields(scored):
-        value = getattr(scored, f.name)
-        if f.name == "tree":
-            out[f.name] = rollout_tree_to_dict(value)
-        elif f.name == "config":
-            out[f.name] = _plain(value.to_dict())
-        elif f.name == "judge_stats":
-            out[f.name] = dataclasses.asdict(value)
-        else:
-            out[f.name] = _plain(value)
-    return out
-
-
-def scored_tree_from_dict(d: dict) -> ScoredTree:
-    kw = {}
-    for f in dataclasses.fields(ScoredTree):
-        value = d[f.name]
-        if f.name == "tree":
-            kw[f.name] = rollout_tree_from_dict(value)
-        elif f.name == "config":
-            kw[f.name] = GameConfig.from_dict(value)
-        elif f.name == "judge_stats":
-            kw[f.name] = JudgeStats(**{k: dict(v) for k, v in value.items()})
-        else:
-            kw[f.name] = _deep_tuple(value)
-    kw["x_error_BA"] = _map_nested(kw["x_error_BA"], lambda v: None if v is None else XError(v))
-    kw["y_error_BAD"] = _map_nested(kw["y_error_BAD"], lambda v: None if v is None else YError(v))
-    return ScoredTree(**kw)
+    config: GameConfig
+    judge_stats: JudgeStats
 
 
 def concat_scored_trees(trees: "list[ScoredTree]") -> ScoredTree:
@@ -220,16 +223,5 @@ def concat_scored_trees(trees: "list[ScoredTree]") -> ScoredTree:
         raise ValueError("concat_scored_trees: expected at least one tree")
     if len(trees) == 1:
         return trees[0]
-
-    def cat(objs, name):
-        if name.endswith(("_B", "_BA", "_BAD")):
-            return tuple(v for o in objs for v in getattr(o, name))
-        return getattr(objs[0], name)
-
-    rollouts = [t.tree for t in trees]
-    tree = RolloutTree(**{f.name: cat(rollouts, f.name) for f in dataclasses.fields(RolloutTree)})
-
-    stats = sum_judge_stats(t.judge_stats for t in trees)
-    fields = {f.name: cat(trees, f.name) for f in dataclasses.fields(ScoredTree)
-              if f.name not in ("tree", "judge_stats")}
-    return ScoredTree(tree=tree, judge_stats=stats, **fields)
+    return dataclasses.replace(trees[0], seeds=tuple(s for t in trees for s in t.seeds),
+                               judge_stats=sum_judge_stats(t.judge_stats for t in trees))

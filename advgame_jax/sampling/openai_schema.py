@@ -321,7 +321,7 @@ def _choice(req: ParsedRequest, tokenizer, i: int, text: str, c: Completion, top
     b = lambda s: list(s.encode("utf-8", "replace"))  # noqa: E731
     content = [ChatCompletionTokenLogprob(token=s, logprob=v, bytes=b(s), top_logprobs=[
         TopLogprob(token=a, logprob=w, bytes=b(a)) for a, w in alt])
-        for s, v, alt in zip(pieces, c.logprobs[lo:hi], alts)]
+        for s, v, alt in zip(pieces, c.logprobs[lo:hi], alts, strict=True)]
     if not stream:
         return cc.Choice(index=i, finish_reason=finish, logprobs=cc.ChoiceLogprobs(
             content=content) if want else None, message=ChatCompletionMessage(
@@ -356,11 +356,11 @@ def responses(req: ParsedRequest, completions: Sequence[Completion], tokenizer,
     if not req.stream:
         return _body(req, head, [_choice(req, tokenizer, i, c.text, c, t, 0, len(c.token_ids),
                                          c.finish_reason, stream=False)
-                                 for i, (c, t) in enumerate(zip(completions, tops))],
+                                 for i, (c, t) in enumerate(zip(completions, tops, strict=True))],
                      False, usage=usage)
 
     def events():
-        for i, (c, t) in enumerate(zip(completions, tops)):
+        for i, (c, t) in enumerate(zip(completions, tops, strict=True)):
             chunks = [("", 0, 0, None)] if req.kind == "chat" else []  # the role comes first
             offset = 0
             for j, piece in enumerate(text_deltas(c, tokenizer)):

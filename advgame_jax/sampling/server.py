@@ -279,7 +279,7 @@ class OpenAIServer:
                                  type="server_error")
             batch[0].future.set_exception(error)
             return
-        for job, result in zip(batch, done):
+        for job, result in zip(batch, done, strict=True):
             job.future.set_result(result)
 
     def _finish(self, req: ParsedRequest, completions):

@@ -172,7 +172,8 @@ def _fill(tokens, attn, lmask, pos, prompt, completion):
 
 
 def _lengths_and_bucket(prompts, completions, length_buckets, max_length):
-    longest = max((len(p) + max(len(c) for c in cs) for p, cs in zip(prompts, completions, strict=True)), default=1)
+    longest = max((len(p) + max(len(c) for c in cs)
+                   for p, cs in zip(prompts, completions, strict=True)), default=1)
     cap = max(length_buckets) if length_buckets else max_length
     if cap is not None and longest > cap:
         return cap
