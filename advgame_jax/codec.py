@@ -86,7 +86,9 @@ def _build(tp: Any, data: Any, where: str) -> Any:
         try:
             return tp(data)
         except ValueError:
-            raise CodecError(f"{where}: expected one of {[e.value for e in tp]}, got {data!r}") from None
+            raise CodecError(
+                f"{where}: expected one of {[e.value for e in tp]}, got {data!r}"
+            ) from None
     if origin is tuple:
         if not isinstance(data, (list, tuple)):
             _fail(where, "a list", data)
@@ -94,7 +96,9 @@ def _build(tp: Any, data: Any, where: str) -> Any:
             return tuple(_build(args[0], v, f"{where}[{i}]") for i, v in enumerate(data))
         if len(data) != len(args):
             raise CodecError(f"{where}: expected a list of {len(args)} values, got {len(data)}")
-        return tuple(_build(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, data, strict=True)))
+        return tuple(
+            _build(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, data, strict=True))
+        )
     if origin is dict or tp is dict:
         if not isinstance(data, dict):
             _fail(where, "an object", data)
@@ -118,8 +122,12 @@ def _dataclass(cls: type, data: Any, where: str) -> Any:
     missing = [n for n in names if n not in data]
     extra = sorted(set(data) - set(names))
     if missing or extra:
-        raise CodecError(f"{where}: {cls.__name__} fields "
-                         + ", ".join(([f"missing {missing}"] if missing else [])
-                                     + ([f"unknown {extra}"] if extra else [])))
+        raise CodecError(
+            f"{where}: {cls.__name__} fields "
+            + ", ".join(
+                ([f"missing {missing}"] if missing else [])
+                + ([f"unknown {extra}"] if extra else [])
+            )
+        )
     hints = _hints(cls)
     return cls(**{n: _build(hints[n], data[n], f"{where}.{n}") for n in names})

@@ -30,9 +30,11 @@ from advgame_jax.errors import UserError
 
 MARKER_FILE = "ADVGAME_CONTROLLED_ARTIFACT.json"
 CONFIG_FIELD = "advgame_controlled_artifact"
-NOTICE = ("Attacker model trained by the AdvGame attacker-defender safety game. It is built to "
-          "produce jailbreak attempts and is a controlled red-teaming artifact: keep it inside "
-          "authorised red-teaming and safety-evaluation work; do not deploy it as an assistant.")
+NOTICE = (
+    "Attacker model trained by the AdvGame attacker-defender safety game. It is built to "
+    "produce jailbreak attempts and is a controlled red-teaming artifact: keep it inside "
+    "authorised red-teaming and safety-evaluation work; do not deploy it as an assistant."
+)
 # Marker files of every version of the project (sync roots, serve's own, exports).
 MARKER_FILES = (MARKER_FILE, "ADVGAME_ATTACKER", "CONTROLLED_ARTIFACT")
 SAFETENSORS_METADATA = {CONFIG_FIELD: "attacker"}
@@ -74,19 +76,25 @@ def attacker_evidence(path: str) -> Optional[str]:
         for name in MARKER_FILES:
             if os.path.isfile(os.path.join(where, name)):
                 if where == os.path.dirname(d) and not os.path.isfile(
-                        os.path.join(d, "COMMITTED.json")):
+                    os.path.join(d, "COMMITTED.json")
+                ):
                     continue  # a parent's marker counts for a sync version inside it only
                 return f"marker file {os.path.join(where, name)}"
     cfg = _json(os.path.join(d, "config.json"))
-    if isinstance(cfg, dict) and (cfg.get(CONFIG_FIELD)
-                                  or str(cfg.get("advgame_role", "")).lower() == "attacker"):
+    if isinstance(cfg, dict) and (
+        cfg.get(CONFIG_FIELD) or str(cfg.get("advgame_role", "")).lower() == "attacker"
+    ):
         return f"{os.path.join(d, 'config.json')} field {CONFIG_FIELD}"
     commit = _json(os.path.join(d, "COMMITTED.json"))
-    if isinstance(commit, dict) and (commit.get("controlled_artifact")
-                                     or commit.get("role") == "attacker"):
+    if isinstance(commit, dict) and (
+        commit.get("controlled_artifact") or commit.get("role") == "attacker"
+    ):
         return f"sync version {os.path.join(d, 'COMMITTED.json')} (role attacker)"
-    files = [path] if path.endswith(".safetensors") else sorted(
-        glob.glob(os.path.join(d, "*.safetensors")))
+    files = (
+        [path]
+        if path.endswith(".safetensors")
+        else sorted(glob.glob(os.path.join(d, "*.safetensors")))
+    )
     for fn in files:
         if _safetensors_marked(fn):
             return f"safetensors header of {fn}"
@@ -98,26 +106,41 @@ def is_attacker_artifact(path: str) -> bool:
     return attacker_evidence(path) is not None
 
 
-def require_attacker_allowed(path: str, allow: bool, what: str, *,
-                             attacker: Optional[bool] = None,
-                             error: type = AttackerNotAllowed) -> bool:
+def require_attacker_allowed(
+    path: str,
+    allow: bool,
+    what: str,
+    *,
+    attacker: Optional[bool] = None,
+    error: type = AttackerNotAllowed,
+) -> bool:
     """The gate: raise ``error`` (an :class:`AttackerNotAllowed` by default) when ``path``
     holds attacker weights and ``allow`` is False. ``what``: the flag or action named in the
     message (``--model_dir``, ``--params_dir`` ...). ``attacker``: already known (e.g.
     ``--player=attacker`` of a game checkpoint) instead of read from the markers. Returns
     whether ``path`` is an attacker artifact."""
-    evidence = ("--player=attacker" if attacker else None) if attacker is not None \
+    evidence = (
+        ("--player=attacker" if attacker else None)
+        if attacker is not None
         else attacker_evidence(path)
+    )
     if evidence is not None and not allow:
-        raise error(f"{what} {os.fspath(path)!r} holds the trained attacker, a controlled "
-                    f"red-teaming artifact ({evidence}); pass --allow_attacker to use it")
+        raise error(
+            f"{what} {os.fspath(path)!r} holds the trained attacker, a controlled "
+            f"red-teaming artifact ({evidence}); pass --allow_attacker to use it"
+        )
     return evidence is not None
 
 
 def write_marker(directory: str, *, params_subdir: bool = False) -> None:
     """Write the marker file into ``directory`` (and its ``params/`` when asked)."""
-    text = json.dumps({"role": "attacker", "controlled_red_teaming_artifact": True,
-                       "notice": NOTICE}, indent=2) + "\n"
+    text = (
+        json.dumps(
+            {"role": "attacker", "controlled_red_teaming_artifact": True, "notice": NOTICE},
+            indent=2,
+        )
+        + "\n"
+    )
     targets = [directory] + ([os.path.join(directory, "params")] if params_subdir else [])
     for d in targets:
         fd = os.open(os.path.join(d, MARKER_FILE), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -19,12 +19,13 @@ Plus the small cross-process agreements the loop needs (:func:`any_process`,
 
 from __future__ import annotations
 
-from advgame_jax.errors import UserError
 import dataclasses
 import math
 import os
 import re
 from typing import Mapping, Optional, Sequence
+
+from advgame_jax.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 DEFAULT_PORT = 8476
@@ -65,8 +66,13 @@ def _int_env(env: Mapping[str, str], name: str) -> int:
         raise WorldError(f"environment variable {name}={env[name]!r}: expected an integer") from e
 
 
-def detect_world(env: Optional[Mapping[str, str]] = None, *, coordinator: str = "",
-                 num_processes: int = 0, process_id: int = -1) -> Optional[World]:
+def detect_world(
+    env: Optional[Mapping[str, str]] = None,
+    *,
+    coordinator: str = "",
+    num_processes: int = 0,
+    process_id: int = -1,
+) -> Optional[World]:
     """The world this process belongs to, or None for a single process.
 
     Precedence: an explicit ``coordinator`` (the config's ``distributed.*``; then
@@ -81,7 +87,8 @@ def detect_world(env: Optional[Mapping[str, str]] = None, *, coordinator: str = 
             raise WorldError(
                 f"config.distributed: coordinator={coordinator!r}, num_processes={num_processes}, "
                 f"process_id={process_id}; expected all three (a 'host:port', a count ≥ 1 and an "
-                f"id in [0, num_processes))")
+                f"id in [0, num_processes))"
+            )
         return World(coordinator, num_processes, process_id, "config")
     if "ADVGAME_COORDINATOR" in env:
         missing = [k for k in ("ADVGAME_NUM_PROCESSES", "ADVGAME_PROCESS_ID") if k not in env]
@@ -89,26 +96,37 @@ def detect_world(env: Optional[Mapping[str, str]] = None, *, coordinator: str = 
             raise WorldError(f"ADVGAME_COORDINATOR is set but {', '.join(missing)} is not")
         n, i = _int_env(env, "ADVGAME_NUM_PROCESSES"), _int_env(env, "ADVGAME_PROCESS_ID")
         if not (n >= 1 and 0 <= i < n):
-            raise WorldError(f"ADVGAME_PROCESS_ID={i} with ADVGAME_NUM_PROCESSES={n}: "
-                             f"expected 0 ≤ id < count")
+            raise WorldError(
+                f"ADVGAME_PROCESS_ID={i} with ADVGAME_NUM_PROCESSES={n}: expected 0 ≤ id < count"
+            )
         return World(env["ADVGAME_COORDINATOR"], n, i, "env")
     if "SLURM_NTASKS" in env and _int_env(env, "SLURM_NTASKS") > 1:
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
         if not nodelist:
-            raise WorldError("Slurm job with several tasks but no SLURM_STEP_NODELIST / "
-                             "SLURM_JOB_NODELIST: launch the trainer with srun")
-        port = _int_env(env, "ADVGAME_COORDINATOR_PORT") if "ADVGAME_COORDINATOR_PORT" in env \
+            raise WorldError(
+                "Slurm job with several tasks but no SLURM_STEP_NODELIST / "
+                "SLURM_JOB_NODELIST: launch the trainer with srun"
+            )
+        port = (
+            _int_env(env, "ADVGAME_COORDINATOR_PORT")
+            if "ADVGAME_COORDINATOR_PORT" in env
             else DEFAULT_PORT
-        return World(f"{first_slurm_host(nodelist)}:{port}", _int_env(env, "SLURM_NTASKS"),
-                     _int_env(env, "SLURM_PROCID"), "slurm")
+        )
+        return World(
+            f"{first_slurm_host(nodelist)}:{port}",
+            _int_env(env, "SLURM_NTASKS"),
+            _int_env(env, "SLURM_PROCID"),
+            "slurm",
+        )
     hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
     if len(hosts) > 1:
         return World(None, None, None, "tpu")
     return None
 
 
-def initialize(world: Optional[World], *, expect_processes: int = 0,
-               expect_devices: int = 0) -> None:
+def initialize(
+    world: Optional[World], *, expect_processes: int = 0, expect_devices: int = 0
+) -> None:
     """Join ``world`` (no-op for None) and check the result.
 
     ``expect_processes`` / ``expect_devices`` (0: no check) come from the config; a mismatch
@@ -121,23 +139,30 @@ def initialize(world: Optional[World], *, expect_processes: int = 0,
         if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         if world.coordinator is not None:
-            jax.distributed.initialize(coordinator_address=world.coordinator,
-                                       num_processes=world.num_processes,
-                                       process_id=world.process_id)
+            jax.distributed.initialize(
+                coordinator_address=world.coordinator,
+                num_processes=world.num_processes,
+                process_id=world.process_id,
+            )
         else:  # JAX detects the cluster itself (Cloud TPU pods)
             jax.distributed.initialize()
     if expect_processes and jax.process_count() != expect_processes:
-        raise WorldError(f"config.distributed.num_processes={expect_processes} but JAX sees "
-                         f"{jax.process_count()} process(es) (world from "
-                         f"{world.source if world else 'a single process'})")
+        raise WorldError(
+            f"config.distributed.num_processes={expect_processes} but JAX sees "
+            f"{jax.process_count()} process(es) (world from "
+            f"{world.source if world else 'a single process'})"
+        )
     if expect_devices and jax.device_count() != expect_devices:
-        raise WorldError(f"the mesh needs {expect_devices} devices but JAX sees "
-                         f"{jax.device_count()} ({jax.process_count()} process(es) × "
-                         f"{jax.local_device_count()} local)")
+        raise WorldError(
+            f"the mesh needs {expect_devices} devices but JAX sees "
+            f"{jax.device_count()} ({jax.process_count()} process(es) × "
+            f"{jax.local_device_count()} local)"
+        )
 
 
-def resolve_axis_sizes(ici: Mapping[str, int], dcn: Mapping[str, int], *, num_devices: int,
-                       num_slices: int) -> tuple[dict, dict]:
+def resolve_axis_sizes(
+    ici: Mapping[str, int], dcn: Mapping[str, int], *, num_devices: int, num_slices: int
+) -> tuple[dict, dict]:
     """Fill one ``-1`` in ``ici`` (devices per host/slice left over) and check the layout.
 
     ``num_slices`` is the number of DCN-connected groups (hosts for GPUs/CPUs, slices for
@@ -149,8 +174,10 @@ def resolve_axis_sizes(ici: Mapping[str, int], dcn: Mapping[str, int], *, num_de
         raise WorldError(f"config.mesh dcn sizes {dcn}: expected integers ≥ 1")
     n_dcn = math.prod(dcn.values())
     if n_dcn != num_slices:
-        raise WorldError(f"config.mesh: dcn sizes {dcn} multiply to {n_dcn} but there are "
-                         f"{num_slices} host(s)/slice(s)")
+        raise WorldError(
+            f"config.mesh: dcn sizes {dcn} multiply to {n_dcn} but there are "
+            f"{num_slices} host(s)/slice(s)"
+        )
     per_slice = num_devices // num_slices
     free = [a for a in MESH_AXES if ici[a] == -1]
     if len(free) > 1 or any(v < 1 and v != -1 for v in ici.values()):
@@ -158,12 +185,16 @@ def resolve_axis_sizes(ici: Mapping[str, int], dcn: Mapping[str, int], *, num_de
     fixed = math.prod(v for a, v in ici.items() if a not in free)
     if free:
         if per_slice % fixed:
-            raise WorldError(f"config.mesh: {per_slice} devices per host/slice are not "
-                             f"divisible by the fixed ici sizes (product {fixed})")
+            raise WorldError(
+                f"config.mesh: {per_slice} devices per host/slice are not "
+                f"divisible by the fixed ici sizes (product {fixed})"
+            )
         ici[free[0]] = per_slice // fixed
     if math.prod(ici.values()) != per_slice:
-        raise WorldError(f"config.mesh: ici sizes {ici} multiply to {math.prod(ici.values())} "
-                         f"but each host/slice has {per_slice} devices")
+        raise WorldError(
+            f"config.mesh: ici sizes {ici} multiply to {math.prod(ici.values())} "
+            f"but each host/slice has {per_slice} devices"
+        )
     return ici, dcn
 
 
@@ -176,12 +207,14 @@ def num_slices(devices) -> int:
 
 
 def _by_slice(devices) -> bool:
-    return all(d.platform == "tpu" and getattr(d, "slice_index", None) is not None
-               for d in devices)
+    return all(d.platform == "tpu" and getattr(d, "slice_index", None) is not None for d in devices)
 
 
-def build_mesh(ici: Mapping[str, int], dcn: Optional[Mapping[str, int]] = None,
-               devices: Optional[Sequence] = None):
+def build_mesh(
+    ici: Mapping[str, int],
+    dcn: Optional[Mapping[str, int]] = None,
+    devices: Optional[Sequence] = None,
+):
     """A ``(data, fsdp, tensor)`` ``Mesh`` (Auto axis types) of ``ici × dcn`` devices.
 
     With one host/slice this is the plain device grid. With several, JAX's hybrid mesh
@@ -202,8 +235,9 @@ def build_mesh(ici: Mapping[str, int], dcn: Optional[Mapping[str, int]] = None,
     if slices == 1:  # one host / one TPU slice: the topology-aware single-granule layout
         return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
     # Each host's (or slice's) devices ordered by its own topology, the granules tiled by dcn.
-    grid = mesh_utils.create_hybrid_device_mesh(shape, dcn_shape, devices,
-                                                process_is_granule=not _by_slice(devices))
+    grid = mesh_utils.create_hybrid_device_mesh(
+        shape, dcn_shape, devices, process_is_granule=not _by_slice(devices)
+    )
     return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
@@ -239,9 +273,10 @@ def allgather_json(obj, *, timeout_s: float = 3600.0) -> list:
     _GATHER_COUNTER[0] += 1
     me = jax.process_index()
     client.key_value_set(f"advgame/gather/{n}/{me}", json.dumps(obj))
-    out = [json.loads(client.blocking_key_value_get(f"advgame/gather/{n}/{p}",
-                                                    int(timeout_s * 1000)))
-           for p in range(jax.process_count())]
+    out = [
+        json.loads(client.blocking_key_value_get(f"advgame/gather/{n}/{p}", int(timeout_s * 1000)))
+        for p in range(jax.process_count())
+    ]
     if n > 0:  # everyone has finished reading the previous round once all wrote this one
         client.key_value_delete(f"advgame/gather/{n - 1}/{me}")
     return out

@@ -13,13 +13,14 @@ one. Files are written the same way (:func:`atomic_write_text`, :func:`atomic_wr
 
 from __future__ import annotations
 
-from advgame_jax.errors import UserError
 import json
 import os
 import shutil
 import tempfile
 import uuid
 from typing import Callable
+
+from advgame_jax.errors import UserError
 
 MARKER = ".advgame_jax_owned.json"
 _TMP_INFIX = ".tmp-"
@@ -32,8 +33,9 @@ class NotOwnedError(UserError, RuntimeError):
 
 def write_marker(path: str, kind: str) -> None:
     """Mark the existing directory ``path`` as created by the project for artefact ``kind``."""
-    atomic_write_text(os.path.join(path, MARKER),
-                      json.dumps({"created_by": "advgame_jax", "kind": kind}) + "\n")
+    atomic_write_text(
+        os.path.join(path, MARKER), json.dumps({"created_by": "advgame_jax", "kind": kind}) + "\n"
+    )
 
 
 def make_owned_dir(path: str, kind: str) -> str:
@@ -58,13 +60,19 @@ def is_owned(path: str, kind: str) -> bool:
             meta = json.load(f)
     except (OSError, ValueError):
         return False
-    return isinstance(meta, dict) and meta.get("created_by") == "advgame_jax" and meta.get("kind") == kind
+    return (
+        isinstance(meta, dict)
+        and meta.get("created_by") == "advgame_jax"
+        and meta.get("kind") == kind
+    )
 
 
 def _refusal(path: str, kind: str, verb: str) -> str:
-    return (f"refusing to {verb} {path!r}: it exists but was not created by advgame_jax as a "
-            f"{kind!r} directory (no {MARKER} marker of that kind). Choose another path or move "
-            f"it away yourself.")
+    return (
+        f"refusing to {verb} {path!r}: it exists but was not created by advgame_jax as a "
+        f"{kind!r} directory (no {MARKER} marker of that kind). Choose another path or move "
+        f"it away yourself."
+    )
 
 
 def remove_owned(path: str, kind: str) -> bool:
@@ -159,8 +167,10 @@ def check_writable_dir(path: str, field: str) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise OSError(f"{field}={path!r} is not a writable directory ({e.strerror or e}); "
-                      f"give a directory this user can write to") from e
+        raise OSError(
+            f"{field}={path!r} is not a writable directory ({e.strerror or e}); "
+            f"give a directory this user can write to"
+        ) from e
 
 
 # ---------------------------------------------------------------- files the project created
@@ -198,9 +208,11 @@ def create_owned_file(path: str, kind: str, *, mode: int = 0o600) -> None:
     os.close(fd)
     files = dict(_files_record(directory))
     files[os.path.basename(path)] = kind
-    atomic_write_text(os.path.join(directory, FILES_MARKER),
-                      json.dumps({"created_by": "advgame_jax", "files": files}) + "\n",
-                      mode=0o600)
+    atomic_write_text(
+        os.path.join(directory, FILES_MARKER),
+        json.dumps({"created_by": "advgame_jax", "files": files}) + "\n",
+        mode=0o600,
+    )
 
 
 def require_owned_file(path: str, kind: str, field: str) -> bool:
@@ -213,5 +225,6 @@ def require_owned_file(path: str, kind: str, field: str) -> bool:
     if not is_owned_file(path, kind):
         raise NotOwnedError(
             f"{field}: {path!r} exists but was not written by advgame_jax (it is not recorded "
-            f"in {FILES_MARKER}); it is left untouched. Move it away or use another directory.")
+            f"in {FILES_MARKER}); it is left untouched. Move it away or use another directory."
+        )
     return True

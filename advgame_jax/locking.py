@@ -45,8 +45,10 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _describe(holder: dict) -> str:
-    return (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')} "
-            f"(since {holder.get('since', '?')})")
+    return (
+        f"pid {holder.get('pid', '?')} on {holder.get('host', '?')} "
+        f"(since {holder.get('since', '?')})"
+    )
 
 
 class DirLock:
@@ -81,23 +83,37 @@ class DirLock:
                 holder = self._read_holder(fd)
                 raise DirectoryInUseError(
                     f"{self.field}={self.directory!r} is in use by {_describe(holder)}; wait "
-                    f"for that run to finish, stop it, or use another directory") from None
+                    f"for that run to finish, stop it, or use another directory"
+                ) from None
             holder = self._read_holder(fd)
             me, host = os.getpid(), socket.gethostname()
             pid = holder.get("pid")
-            if holder.get("host") == host and isinstance(pid, int) and pid != me \
-                    and _pid_alive(pid) and _same_command(pid, holder.get("command")):
+            if (
+                holder.get("host") == host
+                and isinstance(pid, int)
+                and pid != me
+                and _pid_alive(pid)
+                and _same_command(pid, holder.get("command"))
+            ):
                 raise DirectoryInUseError(
                     f"{self.field}={self.directory!r} is in use by {_describe(holder)} (its "
                     f"lock is not visible to this file system's flock; stop that run or use "
-                    f"another directory)")
+                    f"another directory)"
+                )
             if holder:
-                logging.warning("%s: taking over a stale lock of %s (that run has ended)",
-                                self.directory, _describe(holder))
-            record = {"pid": me, "host": host,
-                      "since": datetime.datetime.now(datetime.timezone.utc).strftime(
-                          "%Y-%m-%d %H:%M:%S UTC"),
-                      "command": " ".join(sys.argv)[:500]}
+                logging.warning(
+                    "%s: taking over a stale lock of %s (that run has ended)",
+                    self.directory,
+                    _describe(holder),
+                )
+            record = {
+                "pid": me,
+                "host": host,
+                "since": datetime.datetime.now(datetime.timezone.utc).strftime(
+                    "%Y-%m-%d %H:%M:%S UTC"
+                ),
+                "command": " ".join(sys.argv)[:500],
+            }
             os.ftruncate(fd, 0)
             os.lseek(fd, 0, os.SEEK_SET)
             os.write(fd, (json.dumps(record) + "\n").encode("utf-8"))

@@ -51,7 +51,8 @@ def check_devices(devices) -> int:
         raise PlanInputError(
             f"--devices={n}: at most {MAX_DEVICES} devices can be planned (each is a virtual CPU "
             f"device with its own memory and threads on this machine); plan the per-node or "
-            f"per-slice mesh instead")
+            f"per-slice mesh instead"
+        )
     return n
 
 
@@ -66,8 +67,9 @@ def check_json_path(path: str) -> str:
         raise PlanInputError(f"--json={path}: is a directory; expected a file path")
     if not os.path.isdir(parent):
         raise PlanInputError(f"--json={path}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(full)
-                                                      and not os.access(full, os.W_OK)):
+    if not os.access(parent, os.W_OK | os.X_OK) or (
+        os.path.exists(full) and not os.access(full, os.W_OK)
+    ):
         raise PlanInputError(f"--json={path}: not writable")
     return full
 
@@ -78,16 +80,23 @@ def check_flags(*, devices, device_memory_gib, seq_len, reserve_gib, json_path="
     mem = _finite("device_memory_gib", device_memory_gib, minimum=0.0, strict=True)
     reserve = _finite("reserve_gib", reserve_gib, minimum=0.0, strict=False)
     if reserve >= mem:
-        raise PlanInputError(f"--reserve_gib={reserve:g} leaves nothing of the "
-                             f"--device_memory_gib={mem:g} per device; expected reserve < memory")
+        raise PlanInputError(
+            f"--reserve_gib={reserve:g} leaves nothing of the "
+            f"--device_memory_gib={mem:g} per device; expected reserve < memory"
+        )
     try:
         t = int(seq_len)
     except (TypeError, ValueError):
         raise PlanInputError(f"--seq_len={seq_len!r}: expected an integer") from None
     if not 1 <= t <= MAX_SEQ_LEN:
         raise PlanInputError(f"--seq_len={t}: expected 1 ≤ seq_len ≤ {MAX_SEQ_LEN}")
-    return dict(devices=n, device_memory_gib=mem, seq_len=t, reserve_gib=reserve,
-                json_path=check_json_path(json_path))
+    return dict(
+        devices=n,
+        device_memory_gib=mem,
+        seq_len=t,
+        reserve_gib=reserve,
+        json_path=check_json_path(json_path),
+    )
 
 
 def resolve_mesh_shape(mesh_cfg, n: int) -> tuple[int, int, int]:
@@ -126,13 +135,15 @@ def model_path_for(config, role: str, override: str = "") -> str:
             raise PlanInputError(
                 f"config.{role}.hf_path is empty and config {config.name!r} names no family with "
                 f"a default shape ({', '.join(sorted(FAMILY_MODELS))}); pass --{role}_model=DIR "
-                f"(a directory or config.json of the {role}'s model)")
+                f"(a directory or config.json of the {role}'s model)"
+            )
         path = os.path.join(_REPO, "configs", "models", FAMILY_MODELS[family])
         where = f"configs/models/{FAMILY_MODELS[family]}"
     file = os.path.join(path, "config.json") if os.path.isdir(path) else path
     if not os.path.isfile(file):
-        raise PlanInputError(f"{where}={path}: no config.json there; expected a model "
-                             f"directory or its config.json")
+        raise PlanInputError(
+            f"{where}={path}: no config.json there; expected a model directory or its config.json"
+        )
     try:
         with open(file, encoding="utf-8") as f:
             d = json.load(f)

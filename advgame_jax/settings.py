@@ -41,12 +41,28 @@ class ConfigError(UserError, ValueError):
     """A config field is missing, malformed or inconsistent with another field."""
 
 
-def setting(default: Any, *, choices: Union[tuple, str, None] = None, minimum=None, maximum=None,
-            low_open: bool = False, also: tuple = (), resumable: bool = False,
-            added: Any = _NOT_ADDED, nonempty: bool = False) -> Any:
+def setting(
+    default: Any,
+    *,
+    choices: Union[tuple, str, None] = None,
+    minimum=None,
+    maximum=None,
+    low_open: bool = False,
+    also: tuple = (),
+    resumable: bool = False,
+    added: Any = _NOT_ADDED,
+    nonempty: bool = False,
+) -> Any:
     """A dataclass field with what the converter accepts for it (module docstring)."""
-    meta = dict(choices=choices, minimum=minimum, maximum=maximum, low_open=low_open,
-                also=tuple(also), resumable=resumable, nonempty=nonempty)
+    meta = dict(
+        choices=choices,
+        minimum=minimum,
+        maximum=maximum,
+        low_open=low_open,
+        also=tuple(also),
+        resumable=resumable,
+        nonempty=nonempty,
+    )
     if added is not _NOT_ADDED:
         meta["added"] = added
     return dataclasses.field(default=default, metadata=meta)
@@ -257,12 +273,17 @@ class TrainSettings:
         fixed = self.seeds_per_step
         total = fixed or self.seeds_per_device * data_parallel_devices
         if total % num_processes:
-            field = (f"config.train.seeds_per_step={fixed}" if fixed else
-                     f"config.train.seeds_per_device={self.seeds_per_device} × "
-                     f"{data_parallel_devices} data-parallel devices")
-            raise ConfigError(f"{field}: {total} seeds per split do not split over "
-                              f"{num_processes} processes; expected a multiple of "
-                              f"{num_processes} (each process plays an equal share)")
+            field = (
+                f"config.train.seeds_per_step={fixed}"
+                if fixed
+                else f"config.train.seeds_per_device={self.seeds_per_device} × "
+                f"{data_parallel_devices} data-parallel devices"
+            )
+            raise ConfigError(
+                f"{field}: {total} seeds per split do not split over "
+                f"{num_processes} processes; expected a multiple of "
+                f"{num_processes} (each process plays an equal share)"
+            )
         return total
 
     @property
@@ -319,9 +340,11 @@ class Settings:
     distributed: DistributedSettings = section(DistributedSettings, resumable=True)
     placement: MemoryPlanSettings = section(MemoryPlanSettings, resumable=True)
     attacker: PlayerSettings = dataclasses.field(
-        default_factory=lambda: PlayerSettings(role="attacker"), metadata=dict(section=True))
+        default_factory=lambda: PlayerSettings(role="attacker"), metadata=dict(section=True)
+    )
     defender: PlayerSettings = dataclasses.field(
-        default_factory=lambda: PlayerSettings(role="defender"), metadata=dict(section=True))
+        default_factory=lambda: PlayerSettings(role="defender"), metadata=dict(section=True)
+    )
     judge: JudgeSettings = section(JudgeSettings)
     game: GameSettings = section(GameSettings)
     sampling: SamplingSettings = section(SamplingSettings)
@@ -387,5 +410,6 @@ def resumable_fields(cls=Settings) -> tuple[str, ...]:
 
 def added_fields(cls=Settings) -> dict[str, Any]:
     """Dotted field -> the value that computes what code older than the field did."""
-    return {dotted: f.metadata["added"] for dotted, f, _ in walk_fields(cls)
-            if "added" in f.metadata}
+    return {
+        dotted: f.metadata["added"] for dotted, f, _ in walk_fields(cls) if "added" in f.metadata
+    }

@@ -11,11 +11,12 @@ Owns two things:
 
 from __future__ import annotations
 
-from advgame_jax.errors import UserError
 import json
 import os
 import pathlib
 from typing import Iterable, Optional, Sequence
+
+from advgame_jax.errors import UserError
 
 PAD, BOS, USER, ASSISTANT, END = "<|pad|>", "<|bos|>", "<|user|>", "<|assistant|>", "<|end|>"
 TINY_SPECIAL_TOKENS = (PAD, BOS, USER, ASSISTANT, END)
@@ -23,8 +24,22 @@ TINY_SPECIAL_TOKENS = (PAD, BOS, USER, ASSISTANT, END)
 # Words the offline toy world scores responses and attacks by. Each must encode to exactly one
 # token both after a space (" sure") and at the start of a text or line ("sure").
 TOY_LEXICON = (
-    "sure", "here", "steps", "first", "then", "sorry", "cannot", "unable", "instead",
-    "safely", "safety", "alternative", "please", "kindly", "think", "prompt",
+    "sure",
+    "here",
+    "steps",
+    "first",
+    "then",
+    "sorry",
+    "cannot",
+    "unable",
+    "instead",
+    "safely",
+    "safety",
+    "alternative",
+    "please",
+    "kindly",
+    "think",
+    "prompt",
 )
 
 # One user turn (plus optional assistant turns) and the generation prompt. Roles other than
@@ -56,7 +71,9 @@ class ChatTokenizer:
     Build with ``ChatTokenizer.from_dir(path)``; the wrapped object is ``.hf``.
     """
 
-    def __init__(self, hf_tokenizer, *, generation_eos_ids: Sequence[int] = (), source: str = "<memory>"):
+    def __init__(
+        self, hf_tokenizer, *, generation_eos_ids: Sequence[int] = (), source: str = "<memory>"
+    ):
         self.hf = hf_tokenizer
         self.source = source
         if not getattr(hf_tokenizer, "chat_template", None):
@@ -65,7 +82,9 @@ class ChatTokenizer:
                 "tokenizer_config.json or a chat_template.jinja file"
             )
         stop: list[int] = []
-        for tid in list(_as_id_list(hf_tokenizer.eos_token_id)) + [int(t) for t in generation_eos_ids]:
+        for tid in list(_as_id_list(hf_tokenizer.eos_token_id)) + [
+            int(t) for t in generation_eos_ids
+        ]:
             if tid not in stop:
                 stop.append(tid)
         if not stop:
@@ -86,7 +105,10 @@ class ChatTokenizer:
                 f"tokenizer directory {path} does not exist: expected a local checkpoint "
                 "directory holding tokenizer.json and tokenizer_config.json"
             )
-        if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        if (
+            not (path / "tokenizer.json").is_file()
+            and not (path / "tokenizer_config.json").is_file()
+        ):
             raise TokenizerLoadError(
                 f"tokenizer directory {path} has neither tokenizer.json nor tokenizer_config.json"
             )
@@ -156,7 +178,9 @@ class ChatTokenizer:
         extra = [t for t in self._stop_token_ids if t not in own_eos]
         gen_path = path / "generation_config.json"
         if extra and not gen_path.exists():
-            gen_path.write_text(json.dumps({"eos_token_id": list(self._stop_token_ids)}, indent=2) + "\n")
+            gen_path.write_text(
+                json.dumps({"eos_token_id": list(self._stop_token_ids)}, indent=2) + "\n"
+            )
         return str(path)
 
     def __repr__(self) -> str:
@@ -200,7 +224,9 @@ def _training_lines(corpus_paths: Sequence[str]) -> list[str]:
         try:
             text = pathlib.Path(p).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
-            raise TokenizerLoadError(f"corpus file {p}: expected a readable UTF-8 text file ({err})") from err
+            raise TokenizerLoadError(
+                f"corpus file {p}: expected a readable UTF-8 text file ({err})"
+            ) from err
         lines.extend(line for line in text.splitlines() if line.strip())
     # Lexicon words at line start ("sure") and after a space (" sure") are distinct byte-level
     # pre-tokens; weight both so each becomes a whole token.
@@ -211,7 +237,10 @@ def _training_lines(corpus_paths: Sequence[str]) -> list[str]:
 
 
 def build_tiny_tokenizer(
-    out_dir: str | os.PathLike, *, vocab_size: int = 512, corpus_paths: Optional[Sequence[str]] = None
+    out_dir: str | os.PathLike,
+    *,
+    vocab_size: int = 512,
+    corpus_paths: Optional[Sequence[str]] = None,
 ) -> str:
     """Train a byte-level BPE tokenizer and save it where AutoTokenizer and ChatTokenizer load it.
 
@@ -219,8 +248,8 @@ def build_tiny_tokenizer(
     ``out_dir``. Raises ``ValueError`` if ``vocab_size`` is too small to hold every
     ``TOY_LEXICON`` word as a single token.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if corpus_paths is None:
         corpus_paths = default_corpus_paths()
@@ -236,9 +265,7 @@ def build_tiny_tokenizer(
     )
     tok.train_from_iterator(_training_lines(corpus_paths), trainer=trainer)
 
-    missing = [
-        w for w in TOY_LEXICON for form in (w, " " + w) if len(tok.encode(form).ids) != 1
-    ]
+    missing = [w for w in TOY_LEXICON for form in (w, " " + w) if len(tok.encode(form).ids) != 1]
     if missing:
         raise ValueError(
             f"vocab_size={vocab_size} is too small: lexicon words {sorted(set(missing))} are not "

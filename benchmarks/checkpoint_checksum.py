@@ -84,11 +84,16 @@ def run(state, checksums: bool, steps: int, save_at: int, root: str, step_fn, x)
     if manifest_at is None:
         manifest_at = time.perf_counter() - t_save
     quiet = [t for t in step_times[1:] if t not in in_flight]
-    out = {"checksums": checksums, "median_step_s_in_flight": statistics.median(in_flight),
-           "median_step_s_quiet": statistics.median(quiet) if quiet else None,
-           "train_thread_in_save_and_poll_s": blocked, "close_s": close_s,
-           "save_to_manifest_s": manifest_at, "bytes": dir_bytes(os.path.join(d, str(save_at))),
-           "steps_in_flight": len(in_flight)}
+    out = {
+        "checksums": checksums,
+        "median_step_s_in_flight": statistics.median(in_flight),
+        "median_step_s_quiet": statistics.median(quiet) if quiet else None,
+        "train_thread_in_save_and_poll_s": blocked,
+        "close_s": close_s,
+        "save_to_manifest_s": manifest_at,
+        "bytes": dir_bytes(os.path.join(d, str(save_at))),
+        "steps_in_flight": len(in_flight),
+    }
     if checksums:  # the previous design: the whole step re-read on the training thread
         t0 = time.perf_counter()
         write_manifest(os.path.join(d, str(save_at)), checksums=True)
@@ -111,8 +116,12 @@ def main():
     x = jnp.ones((768, 768), jnp.float32)
     step_fn = jax.jit(lambda v: jnp.tanh(v @ v @ v @ v).sum())
     step_fn(x).block_until_ready()
-    res = {"params": int(a.params), "state_gib": int(a.params) * 4 / 2**30,
-           "crc32_gib_per_s_memory": crc_throughput(), "runs": []}
+    res = {
+        "params": int(a.params),
+        "state_gib": int(a.params) * 4 / 2**30,
+        "crc32_gib_per_s_memory": crc_throughput(),
+        "runs": [],
+    }
     for checksums in (False, True, False, True):
         res["runs"].append(run(state, checksums, a.steps, a.save_at, root, step_fn, x))
         print(json.dumps(res["runs"][-1]), flush=True)

@@ -140,9 +140,15 @@ def run(n, d, v, chunk, vocab_chunk, dtype, repeats, seed=0):
     dt = h.dtype
     fns = make_functions(chunk, vocab_chunk)
     res = {
-        "n": n, "d": d, "v": v, "chunk": chunk, "vocab_chunk": vocab_chunk,
-        "dtype": str(dt), "repeats": repeats,
-        "backend": jax.default_backend(), "device": str(jax.devices()[0]),
+        "n": n,
+        "d": d,
+        "v": v,
+        "chunk": chunk,
+        "vocab_chunk": vocab_chunk,
+        "dtype": str(dt),
+        "repeats": repeats,
+        "backend": jax.default_backend(),
+        "device": str(jax.devices()[0]),
         "jax_version": jax.__version__,
     }
     matmul = _compile(jax.jit(lambda a, b: jnp.dot(a, b)), (h, w))

@@ -54,11 +54,24 @@ from advgame_jax.sampling.jax_sampler import JaxSampler  # noqa: E402
 from benchmarks.roofline_update import n_params, run_update  # noqa: E402
 
 RANDOM = {  # transformers LlamaConfig fields of the random sizes
-    "d1024": dict(vocab_size=49152, hidden_size=1024, intermediate_size=2816,
-                  num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=4,
-                  head_dim=64),
-    "small": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+    "d1024": dict(
+        vocab_size=49152,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        head_dim=64,
+    ),
+    "small": dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    ),
 }
 DEFAULTS = {  # batch, prompt_len, new_tokens, pairs, seq, bw MiB, matmul n
     "smollm2": (16, 64, 256, 2, 128, 256, 2048),
@@ -70,8 +83,12 @@ DEFAULTS = {  # batch, prompt_len, new_tokens, pairs, seq, bw MiB, matmul n
 def _args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", default="small", choices=sorted(DEFAULTS))
-    p.add_argument("--model_dir", default="", help="HF dir of --size smollm2 (default: the "
-                   "SmolLM2 cache of advgame_jax.models.smollm2, fetched on first use)")
+    p.add_argument(
+        "--model_dir",
+        default="",
+        help="HF dir of --size smollm2 (default: the "
+        "SmolLM2 cache of advgame_jax.models.smollm2, fetched on first use)",
+    )
     for name in ("batch", "prompt_len", "new_tokens", "pairs", "seq", "bw_mib", "matmul_n"):
         p.add_argument(f"--{name}", type=int, default=0, help="0: the size's default")
     p.add_argument("--repeats", type=int, default=3)
@@ -85,8 +102,9 @@ def _args(argv):
     p.add_argument("--vllm_child", default="", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     d = DEFAULTS[a.size]
-    for i, name in enumerate(("batch", "prompt_len", "new_tokens", "pairs", "seq", "bw_mib",
-                              "matmul_n")):
+    for i, name in enumerate(
+        ("batch", "prompt_len", "new_tokens", "pairs", "seq", "bw_mib", "matmul_n")
+    ):
         if not getattr(a, name):
             setattr(a, name, d[i])
     return a
@@ -117,20 +135,30 @@ class Peaks:
         self.bw.append((nbytes / w / 1e9, nbytes / c / 1e9))
         n = self.a.shape[0]
         w, c = min((timer(lambda: jax.block_until_ready(self.mm(self.a))) for _ in range(3)))
-        self.flops.append((2 * n ** 3 / w / 1e9, 2 * n ** 3 / c / 1e9))
+        self.flops.append((2 * n**3 / w / 1e9, 2 * n**3 / c / 1e9))
 
     def medians(self):
         med = lambda xs, i: statistics.median(x[i] for x in xs)  # noqa: E731
-        return dict(bw_gbps=med(self.bw, 0), bw_gbps_cpu=med(self.bw, 1),
-                    matmul_gflops=med(self.flops, 0), matmul_gflops_cpu=med(self.flops, 1))
+        return dict(
+            bw_gbps=med(self.bw, 0),
+            bw_gbps_cpu=med(self.bw, 1),
+            matmul_gflops=med(self.flops, 0),
+            matmul_gflops_cpu=med(self.flops, 1),
+        )
 
 
 def write_random_llama(path, size: str):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(**RANDOM[size], max_position_embeddings=4096, bos_token_id=1,
-                      eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        **RANDOM[size],
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():  # wider than the default init so greedy paths are not degenerate
@@ -151,8 +179,10 @@ def decode_roofline(cfg, n_total: int, batch: int, prompt_len: int, new: int, bw
     for t in range(1, new):
         s = prompt_len + t
         nbytes = weight_bytes + batch * s * kv_per_slot
-        flops = (2 * batch * (non_embed + vd)
-                 + 4 * batch * cfg.num_layers * cfg.num_heads * cfg.head_dim * s)
+        flops = (
+            2 * batch * (non_embed + vd)
+            + 4 * batch * cfg.num_layers * cfg.num_heads * cfg.head_dim * s
+        )
         total += max(nbytes / (bw * 1e9), flops / (peak * 1e9))
     return total
 
@@ -160,8 +190,11 @@ def decode_roofline(cfg, n_total: int, batch: int, prompt_len: int, new: int, bw
 def prefill_roofline(cfg, n_total: int, batch: int, prompt_len: int, peak):
     vd = cfg.vocab_size * cfg.hidden_size
     non_embed = n_total - vd - (0 if cfg.tie_word_embeddings else vd)
-    flops = (2 * batch * prompt_len * non_embed + 2 * batch * vd
-             + 2 * batch * cfg.num_layers * cfg.num_heads * cfg.head_dim * prompt_len ** 2)
+    flops = (
+        2 * batch * prompt_len * non_embed
+        + 2 * batch * vd
+        + 2 * batch * cfg.num_layers * cfg.num_heads * cfg.head_dim * prompt_len**2
+    )
     return flops / (peak * 1e9)
 
 
@@ -176,6 +209,7 @@ def jax_engine(config, params):
     def run(prompts, n):
         sp = SamplingParams(temperature=0.0, max_new_tokens=n)
         return [tuple(c.token_ids) for c in sampler.generate(prompts, sp)]
+
     return run
 
 
@@ -195,10 +229,17 @@ def transformers_engine(model_dir, threads: int):
     def run(prompts, n):
         ids = torch.tensor(prompts, dtype=torch.long)
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                 min_new_tokens=n, do_sample=False, eos_token_id=None,
-                                 pad_token_id=0)
-        return [tuple(int(t) for t in row[ids.shape[1]:]) for row in out]
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+        return [tuple(int(t) for t in row[ids.shape[1] :]) for row in out]
+
     return run
 
 
@@ -208,12 +249,17 @@ def vllm_child(a):
 
     with open(a.vllm_child) as f:
         job = json.load(f)
-    s = VllmSampler(job["model_dir"], dtype="float32", kv_cache_memory_bytes=512 << 20,
-                    max_model_len=max(256, a.prompt_len + a.new_tokens + 16))
+    s = VllmSampler(
+        job["model_dir"],
+        dtype="float32",
+        kv_cache_memory_bytes=512 << 20,
+        max_model_len=max(256, a.prompt_len + a.new_tokens + 16),
+    )
 
     def run(n):
         sp = SamplingParams(temperature=0.0, max_new_tokens=n)
         return [tuple(c.token_ids) for c in s.generate(job["prompts"], sp)]
+
     run(1), run(a.new_tokens)
     t1 = [timer(lambda: run(1)) for _ in range(a.repeats)]
     tn = [timer(lambda: run(a.new_tokens)) for _ in range(a.repeats)]
@@ -229,8 +275,10 @@ def _phase(t1, tn):
 
 def run_sampler(a, config, params, model_dir, peaks):
     prompts = make_prompts(config.vocab_size, a.batch, a.prompt_len)
-    engines = {"jax": jax_engine(config, params),
-               "transformers": transformers_engine(model_dir, a.torch_threads)}
+    engines = {
+        "jax": jax_engine(config, params),
+        "transformers": transformers_engine(model_dir, a.torch_threads),
+    }
     tokens = {k: e(prompts, a.new_tokens) for k, e in engines.items()}  # warm-up + tokens
     for e in engines.values():
         e(prompts, 1)
@@ -244,9 +292,15 @@ def run_sampler(a, config, params, model_dir, peaks):
     if a.vllm:
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
             json.dump({"model_dir": model_dir, "prompts": prompts}, f)
-        argv = [sys.executable, os.path.abspath(__file__), f"--vllm_child={f.name}",
-                f"--size={a.size}", f"--prompt_len={a.prompt_len}",
-                f"--new_tokens={a.new_tokens}", f"--repeats={a.repeats}"]
+        argv = [
+            sys.executable,
+            os.path.abspath(__file__),
+            f"--vllm_child={f.name}",
+            f"--size={a.size}",
+            f"--prompt_len={a.prompt_len}",
+            f"--new_tokens={a.new_tokens}",
+            f"--repeats={a.repeats}",
+        ]
         proc = subprocess.run(argv, capture_output=True, text=True)
         os.unlink(f.name)
         if proc.returncode:
@@ -258,21 +312,38 @@ def run_sampler(a, config, params, model_dir, peaks):
         peaks.sample()
     pk = peaks.medians()
     n_total = n_params(params)
-    bound = {m: dict(
-        prefill=prefill_roofline(config, n_total, a.batch, a.prompt_len, pk[f"matmul_gflops{m}"]),
-        decode=decode_roofline(config, n_total, a.batch, a.prompt_len, a.new_tokens,
-                               pk[f"bw_gbps{m}"], pk[f"matmul_gflops{m}"])) for m in ("", "_cpu")}
+    bound = {
+        m: dict(
+            prefill=prefill_roofline(
+                config, n_total, a.batch, a.prompt_len, pk[f"matmul_gflops{m}"]
+            ),
+            decode=decode_roofline(
+                config,
+                n_total,
+                a.batch,
+                a.prompt_len,
+                a.new_tokens,
+                pk[f"bw_gbps{m}"],
+                pk[f"matmul_gflops{m}"],
+            ),
+        )
+        for m in ("", "_cpu")
+    }
     rows = {}
     for k, (pre, dec) in phases.items():
         rows[k] = dict(
-            prefill_s=pre[0], prefill_cpu_s=pre[1], decode_s=dec[0], decode_cpu_s=dec[1],
+            prefill_s=pre[0],
+            prefill_cpu_s=pre[1],
+            decode_s=dec[0],
+            decode_cpu_s=dec[1],
             prefill_tok_s=a.batch * a.prompt_len / pre[0],
             decode_tok_s=a.batch * (a.new_tokens - 1) / dec[0],
             prefill_roofline=bound[""]["prefill"] / pre[0],
             decode_roofline=bound[""]["decode"] / dec[0],
             prefill_roofline_cpu=bound["_cpu"]["prefill"] / pre[1],
             decode_roofline_cpu=bound["_cpu"]["decode"] / dec[1],
-            same_tokens=tokens[k] == tokens["transformers"])
+            same_tokens=tokens[k] == tokens["transformers"],
+        )
     for k in rows:
         for peer in rows:
             if peer != k:
@@ -282,17 +353,23 @@ def run_sampler(a, config, params, model_dir, peaks):
 
 
 def print_sampler(r, a):
-    print(f"sampler: batch {a.batch}, prompt {a.prompt_len}, new {a.new_tokens}, greedy fp32; "
-          f"bound prefill {r['bound_s']['']['prefill']:.3f} s, decode "
-          f"{r['bound_s']['']['decode']:.3f} s")
-    print("| engine | prefill s | prefill tok/s | prefill / roofline | decode s | decode tok/s "
-          "| decode / roofline (cpu-time) | decode x transformers | same tokens |")
+    print(
+        f"sampler: batch {a.batch}, prompt {a.prompt_len}, new {a.new_tokens}, greedy fp32; "
+        f"bound prefill {r['bound_s']['']['prefill']:.3f} s, decode "
+        f"{r['bound_s']['']['decode']:.3f} s"
+    )
+    print(
+        "| engine | prefill s | prefill tok/s | prefill / roofline | decode s | decode tok/s "
+        "| decode / roofline (cpu-time) | decode x transformers | same tokens |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for k, x in r["rows"].items():
-        print(f"| {k} | {x['prefill_s']:.3f} | {x['prefill_tok_s']:.0f} | "
-              f"{x['prefill_roofline']:.0%} | {x['decode_s']:.3f} | {x['decode_tok_s']:.1f} | "
-              f"{x['decode_roofline']:.0%} ({x['decode_roofline_cpu']:.0%}) | "
-              f"{x.get('decode_x_transformers', 1.0):.2f} | {x['same_tokens']} |")
+        print(
+            f"| {k} | {x['prefill_s']:.3f} | {x['prefill_tok_s']:.0f} | "
+            f"{x['prefill_roofline']:.0%} | {x['decode_s']:.3f} | {x['decode_tok_s']:.1f} | "
+            f"{x['decode_roofline']:.0%} ({x['decode_roofline_cpu']:.0%}) | "
+            f"{x.get('decode_x_transformers', 1.0):.2f} | {x['same_tokens']} |"
+        )
 
 
 def summarize_update(u, pk):
@@ -300,10 +377,14 @@ def summarize_update(u, pk):
     out = {}
     for k, ts in u["times"].items():
         w, c = med(ts, 0), med(ts, 1)
-        out[k] = dict(step_s=w, step_cpu_s=c, tokens_per_s=u["tokens"] / w,
-                      gflops=u["flops"] / w / 1e9,
-                      peak_fraction=u["flops"] / w / 1e9 / pk["matmul_gflops"],
-                      peak_fraction_cpu=u["flops"] / c / 1e9 / pk["matmul_gflops_cpu"])
+        out[k] = dict(
+            step_s=w,
+            step_cpu_s=c,
+            tokens_per_s=u["tokens"] / w,
+            gflops=u["flops"] / w / 1e9,
+            peak_fraction=u["flops"] / w / 1e9 / pk["matmul_gflops"],
+            peak_fraction_cpu=u["flops"] / c / 1e9 / pk["matmul_gflops_cpu"],
+        )
     out["jax"]["x_torch"] = out["torch"]["step_s"] / out["jax"]["step_s"]
     out["jax"]["x_torch_cpu"] = out["torch"]["step_cpu_s"] / out["jax"]["step_cpu_s"]
     return out
@@ -327,27 +408,42 @@ def main(argv=None):
         if not a.no_update:
             upd_peaks = Peaks(a.bw_mib, a.matmul_n)
             timed = lambda fn: (upd_peaks.sample(), timer(fn))[1]  # noqa: E731
-            u = run_update(config, params, model_dir, pairs=a.pairs, seq=a.seq,
-                           repeats=a.repeats, torch_threads=a.torch_threads, timer=timed,
-                           remat=a.remat, attention=a.attention)
+            u = run_update(
+                config,
+                params,
+                model_dir,
+                pairs=a.pairs,
+                seq=a.seq,
+                repeats=a.repeats,
+                torch_threads=a.torch_threads,
+                timer=timed,
+                remat=a.remat,
+                attention=a.attention,
+            )
             pk = upd_peaks.medians()
             u["summary"], u["peaks"] = summarize_update(u, pk), pk
             result["update"] = u
             s = u["summary"]
-            print(f"update (DPO, {a.pairs} pairs x {a.seq} tokens, fp32; matmul peak "
-                  f"{pk['matmul_gflops']:.1f} GFLOP/s): loss jax {u['jax_loss']:.7f} torch "
-                  f"{u['torch_loss']:.7f}")
+            print(
+                f"update (DPO, {a.pairs} pairs x {a.seq} tokens, fp32; matmul peak "
+                f"{pk['matmul_gflops']:.1f} GFLOP/s): loss jax {u['jax_loss']:.7f} torch "
+                f"{u['torch_loss']:.7f}"
+            )
             print("| step | s | tokens/s | GFLOP/s | / matmul peak (cpu-time) | x torch |")
             print("|---|---|---|---|---|---|")
             for k, x in s.items():
-                print(f"| {k} | {x['step_s']:.3f} | {x['tokens_per_s']:.0f} | {x['gflops']:.1f} "
-                      f"| {x['peak_fraction']:.0%} ({x['peak_fraction_cpu']:.0%}) | "
-                      f"{x.get('x_torch', 1.0):.2f} |")
+                print(
+                    f"| {k} | {x['step_s']:.3f} | {x['tokens_per_s']:.0f} | {x['gflops']:.1f} "
+                    f"| {x['peak_fraction']:.0%} ({x['peak_fraction_cpu']:.0%}) | "
+                    f"{x.get('x_torch', 1.0):.2f} |"
+                )
     if "sampler" in result:
         pk = result["sampler"]["peaks"]
-        print(f"peaks (sampler rounds): bandwidth {pk['bw_gbps']:.1f} GB/s, matmul "
-              f"{pk['matmul_gflops']:.1f} GFLOP/s (cpu-time: {pk['bw_gbps_cpu']:.1f}, "
-              f"{pk['matmul_gflops_cpu']:.1f})")
+        print(
+            f"peaks (sampler rounds): bandwidth {pk['bw_gbps']:.1f} GB/s, matmul "
+            f"{pk['matmul_gflops']:.1f} GFLOP/s (cpu-time: {pk['bw_gbps_cpu']:.1f}, "
+            f"{pk['matmul_gflops_cpu']:.1f})"
+        )
     print(json.dumps(result, default=float))
     if a.json:
         with open(a.json, "w", encoding="utf-8") as f:

@@ -26,8 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from advgame_jax.training import collate_pairs, init_player_state  # noqa: E402
 from advgame_jax.training.optimizer import OptimizerSettings  # noqa: E402
-from advgame_jax.training.update import (LossSettings, StepSettings, UpdateSettings,  # noqa: E402
-                                         update_step_from)
+from advgame_jax.training.update import LossSettings, StepSettings, UpdateSettings, update_step_from  # noqa: E402
 from advgame_jax.types import TokenPair  # noqa: E402
 
 REF_NORM_SCALE = 1.25
@@ -41,8 +40,10 @@ def make_pairs(vocab: int, pairs: int, seq: int, seed: int = 0):
     prompt = seq // 2
     out = []
     for _ in range(pairs):
-        p, c, r = (tuple(int(x) for x in rng.integers(3, vocab, n))
-                   for n in (prompt, seq - prompt, seq - prompt))
+        p, c, r = (
+            tuple(int(x) for x in rng.integers(3, vocab, n))
+            for n in (prompt, seq - prompt, seq - prompt)
+        )
         out.append(TokenPair(p, c, r))
     return out
 
@@ -50,13 +51,23 @@ def make_pairs(vocab: int, pairs: int, seq: int, seed: int = 0):
 class JaxUpdate:
     """The project's update step (DPO, fp32) on a fixed batch; ``step()`` runs one update."""
 
-    def __init__(self, config, params, batch, *, remat="full", attention="auto",
-                 max_tokens_per_device=None):
-        self.fn = update_step_from(config, UpdateSettings(
-            loss=LossSettings(kind="dpo", beta=BETA), optim=OptimizerSettings(LR, num_steps=1000),
-            train=StepSettings(compute_dtype=jnp.float32, chunk_size=1024, remat=remat,
-                               attention_impl=attention,
-                               max_tokens_per_device=max_tokens_per_device)))
+    def __init__(
+        self, config, params, batch, *, remat="full", attention="auto", max_tokens_per_device=None
+    ):
+        self.fn = update_step_from(
+            config,
+            UpdateSettings(
+                loss=LossSettings(kind="dpo", beta=BETA),
+                optim=OptimizerSettings(LR, num_steps=1000),
+                train=StepSettings(
+                    compute_dtype=jnp.float32,
+                    chunk_size=1024,
+                    remat=remat,
+                    attention_impl=attention,
+                    max_tokens_per_device=max_tokens_per_device,
+                ),
+            ),
+        )
         self.opt = self.fn.optimizer
         ref = dict(params)
         ref["final_norm"] = params["final_norm"] * REF_NORM_SCALE
@@ -92,8 +103,9 @@ class TorchUpdate:
             self.ref.model.norm.weight.mul_(REF_NORM_SCALE)
         for p in self.ref.parameters():
             p.requires_grad_(False)
-        self.opt = torch.optim.AdamW(self.policy.parameters(), lr=LR, betas=(0.9, 0.95),
-                                     eps=1e-8, weight_decay=0.1)
+        self.opt = torch.optim.AdamW(
+            self.policy.parameters(), lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1
+        )
         p, _, t = batch.tokens.shape
         flat = lambda x: torch.as_tensor(np.asarray(x).reshape(2 * p, t))  # noqa: E731
         self.tokens = flat(batch.tokens).long()
@@ -103,8 +115,11 @@ class TorchUpdate:
         self.valid = torch.as_tensor(np.asarray(batch.pair_valid))
 
     def _seq_logprobs(self, model):
-        logits = model(input_ids=self.tokens, attention_mask=self.mask,
-                       position_ids=self.positions).logits[:, :-1].float()
+        logits = (
+            model(input_ids=self.tokens, attention_mask=self.mask, position_ids=self.positions)
+            .logits[:, :-1]
+            .float()
+        )
         lp = torch_log_softmax_gather(self.torch, logits, self.tokens[:, 1:])
         return (lp * self.loss_mask).sum(-1).reshape(-1, 2)
 
@@ -131,16 +146,34 @@ def n_params(params) -> int:
     return int(sum(x.size for x in jax.tree.leaves(params)))
 
 
-def run_update(config, params, model_dir, *, pairs: int, seq: int, repeats: int,
-               torch_threads: int, timer, remat="full", attention="auto",
-               max_tokens_per_device=None):
+def run_update(
+    config,
+    params,
+    model_dir,
+    *,
+    pairs: int,
+    seq: int,
+    repeats: int,
+    torch_threads: int,
+    timer,
+    remat="full",
+    attention="auto",
+    max_tokens_per_device=None,
+):
     """Correctness check, then interleaved timings of both steps. Returns a result dict."""
     from benchmarks.train_step import model_flops
 
-    batch = collate_pairs(make_pairs(config.vocab_size, pairs, seq), pad_id=0,
-                          length_buckets=(seq,))
-    jx = JaxUpdate(config, params, batch, remat=remat, attention=attention,
-                   max_tokens_per_device=max_tokens_per_device)
+    batch = collate_pairs(
+        make_pairs(config.vocab_size, pairs, seq), pad_id=0, length_buckets=(seq,)
+    )
+    jx = JaxUpdate(
+        config,
+        params,
+        batch,
+        remat=remat,
+        attention=attention,
+        max_tokens_per_device=max_tokens_per_device,
+    )
     th = TorchUpdate(model_dir, batch, torch_threads)
     t0 = time.perf_counter()
     m = jx.first()
@@ -153,7 +186,16 @@ def run_update(config, params, model_dir, *, pairs: int, seq: int, repeats: int,
         times["jax"].append(timer(jx.step))
         times["torch"].append(timer(th.step))
     flops = model_flops(config, n_params(params), pairs, seq)
-    return dict(pairs=pairs, seq=seq, tokens=2 * pairs * seq, flops=flops,
-                jax_loss=m["loss"], torch_loss=t_loss, loss_abs_diff=loss_diff,
-                grad_norm_rel_diff=norm_rel, jax_compile_s=compile_s, times=times,
-                nontrivial=abs(m["loss"] - math.log(2)) > 1e-6)
+    return dict(
+        pairs=pairs,
+        seq=seq,
+        tokens=2 * pairs * seq,
+        flops=flops,
+        jax_loss=m["loss"],
+        torch_loss=t_loss,
+        loss_abs_diff=loss_diff,
+        grad_norm_rel_diff=norm_rel,
+        jax_compile_s=compile_s,
+        times=times,
+        nontrivial=abs(m["loss"] - math.log(2)) > 1e-6,
+    )

@@ -42,8 +42,11 @@ def run_level(base_url: str, concurrency: int, requests: int, max_tokens: int) -
             t0 = time.perf_counter()
             try:
                 c.chat.completions.create(
-                    model="advgame", max_tokens=max_tokens, temperature=0,
-                    messages=[{"role": "user", "content": f"request {i} {j}: list the steps"}])
+                    model="advgame",
+                    max_tokens=max_tokens,
+                    temperature=0,
+                    messages=[{"role": "user", "content": f"request {i} {j}: list the steps"}],
+                )
             except openai.OpenAIError as err:
                 with lock:
                     failures.append(type(err).__name__)
@@ -60,12 +63,19 @@ def run_level(base_url: str, concurrency: int, requests: int, max_tokens: int) -
         t.join()
     wall = time.perf_counter() - t0
     lat = sorted(latencies)
+
     def pick(q):
         return lat[min(len(lat) - 1, int(q * len(lat)))] if lat else float("nan")
 
-    return {"concurrency": concurrency, "completed": len(lat), "failed": len(failures),
-            "wall_s": wall, "rps": len(lat) / wall, "p50_s": statistics.median(lat) if lat
-            else float("nan"), "p99_s": pick(0.99)}
+    return {
+        "concurrency": concurrency,
+        "completed": len(lat),
+        "failed": len(failures),
+        "wall_s": wall,
+        "rps": len(lat) / wall,
+        "p50_s": statistics.median(lat) if lat else float("nan"),
+        "p99_s": pick(0.99),
+    }
 
 
 def main():
@@ -79,10 +89,16 @@ def main():
     args = ap.parse_args()
     port = free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=args.repo)
-    cmd = [sys.executable, os.path.join(args.repo, "launch", "serve.py"), "--tiny_random",
-           f"--port={port}", *args.server_args]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    cmd = [
+        sys.executable,
+        os.path.join(args.repo, "launch", "serve.py"),
+        "--tiny_random",
+        f"--port={port}",
+        *args.server_args,
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     base_url = f"http://127.0.0.1:{port}/v1"
     try:
         probe = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=5)
@@ -93,7 +109,9 @@ def main():
                 break
             except openai.APIConnectionError:
                 if proc.poll() is not None or time.time() > deadline:
-                    raise SystemExit(f"server did not start: {proc.stderr.read()[-2000:]}") from None
+                    raise SystemExit(
+                        f"server did not start: {proc.stderr.read()[-2000:]}"
+                    ) from None
                 time.sleep(0.5)
         levels = [int(c) for c in args.concurrency.split(",")]
         run_level(base_url, max(levels), 2, args.max_tokens)  # compile every batch bucket
@@ -107,8 +125,10 @@ def main():
     print("| clients | requests/s | p50 s | p99 s | failed |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['concurrency']} | {r['rps']:.2f} | {r['p50_s']:.3f} | {r['p99_s']:.3f} "
-              f"| {r['failed']} / {r['completed'] + r['failed']} |")
+        print(
+            f"| {r['concurrency']} | {r['rps']:.2f} | {r['p50_s']:.3f} | {r['p99_s']:.3f} "
+            f"| {r['failed']} / {r['completed'] + r['failed']} |"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"cmd": cmd, "rows": rows}, f, indent=1)

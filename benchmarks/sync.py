@@ -50,9 +50,17 @@ def _config(a):
     d, v = a.hidden, a.vocab
     per_layer = 4 * d * d + 3 * d * 4 * d + 2 * d  # q,k,v,o (full heads) + MLP + norms
     layers = max(1, round((a.gb * 1e9 / 2 - 2 * v * d) / per_layer))
-    return ModelConfig(model_type="llama", vocab_size=v, hidden_size=d, intermediate_size=4 * d,
-                       num_layers=layers, num_heads=d // 64, num_kv_heads=d // 64, head_dim=64,
-                       max_position_embeddings=512)
+    return ModelConfig(
+        model_type="llama",
+        vocab_size=v,
+        hidden_size=d,
+        intermediate_size=4 * d,
+        num_layers=layers,
+        num_heads=d // 64,
+        num_kv_heads=d // 64,
+        head_dim=64,
+        max_position_embeddings=512,
+    )
 
 
 def _median(fn, repeats):
@@ -81,8 +89,9 @@ def main():
     last = {}
 
     def write():
-        last["path"] = ws.write_sync_checkpoint(root, params, version=next(version),
-                                                role="defender", dtype=jnp.bfloat16)
+        last["path"] = ws.write_sync_checkpoint(
+            root, params, version=next(version), role="defender", dtype=jnp.bfloat16
+        )
 
     def read():
         _, restored = ws.read_sync_checkpoint(last["path"])
@@ -93,31 +102,51 @@ def main():
     t_write, w_times = _median(write, a.repeats)
     read()
     t_read, r_times = _median(read, a.repeats)
-    result = {"checkpoint_gb": round(nbytes / 1e9, 3), "layers": config.num_layers,
-              "write_s": round(t_write, 3), "write_gbps": round(nbytes / 1e9 / t_write, 3),
-              "read_s": round(t_read, 3), "read_gbps": round(nbytes / 1e9 / t_read, 3),
-              "write_times_s": w_times, "read_times_s": r_times, "dir": root_parent}
+    result = {
+        "checkpoint_gb": round(nbytes / 1e9, 3),
+        "layers": config.num_layers,
+        "write_s": round(t_write, 3),
+        "write_gbps": round(nbytes / 1e9 / t_write, 3),
+        "read_s": round(t_read, 3),
+        "read_gbps": round(nbytes / 1e9 / t_read, 3),
+        "write_times_s": w_times,
+        "read_times_s": r_times,
+        "dir": root_parent,
+    }
     if a.vllm:
         from advgame_jax.sampling.engines import EngineClient, EngineSpec, RemoteSampler
 
         hf_dir = os.path.join(root_parent, "hf")
         save_hf(hf_dir, config, jax.tree.map(lambda x: x.astype(jnp.bfloat16), params))
         client = EngineClient.spawn(
-            EngineSpec(role="defender", hf_dir=hf_dir, dtype="bfloat16", max_model_len=256,
-                       kv_cache_bytes=64 << 20, enforce_eager=True),
-            os.path.join(root_parent, "engines"))
+            EngineSpec(
+                role="defender",
+                hf_dir=hf_dir,
+                dtype="bfloat16",
+                max_model_len=256,
+                kv_cache_bytes=64 << 20,
+                enforce_eager=True,
+            ),
+            os.path.join(root_parent, "engines"),
+        )
         try:
             sampler = RemoteSampler(client, config)
             sampler.update_weights(checkpoint_path=last["path"])  # warm-up
             t_load, l_times = _median(
-                lambda: sampler.update_weights(checkpoint_path=last["path"]), a.repeats)
+                lambda: sampler.update_weights(checkpoint_path=last["path"]), a.repeats
+            )
         finally:
             client.close()
-        result.update(engine_load_s=round(t_load, 3),
-                      engine_load_gbps=round(nbytes / 1e9 / t_load, 3), engine_load_times_s=l_times)
-    print(f"sync checkpoint {nbytes / 1e9:.2f} GB (bf16): write {result['write_gbps']:.2f} GB/s, "
-          f"engine-side read {result['read_gbps']:.2f} GB/s"
-          + (f", vLLM engine load {result['engine_load_gbps']:.2f} GB/s" if a.vllm else ""))
+        result.update(
+            engine_load_s=round(t_load, 3),
+            engine_load_gbps=round(nbytes / 1e9 / t_load, 3),
+            engine_load_times_s=l_times,
+        )
+    print(
+        f"sync checkpoint {nbytes / 1e9:.2f} GB (bf16): write {result['write_gbps']:.2f} GB/s, "
+        f"engine-side read {result['read_gbps']:.2f} GB/s"
+        + (f", vLLM engine load {result['engine_load_gbps']:.2f} GB/s" if a.vllm else "")
+    )
     print(json.dumps(result))
 
 

@@ -35,13 +35,19 @@ from advgame_jax.models import ModelConfig, init_params, make_mesh
 from advgame_jax.ops.logprobs import naive_token_logprobs, token_logprobs
 from advgame_jax.training import collate_pairs, init_player_state, shard_state
 from advgame_jax.training.optimizer import OptimizerSettings
-from advgame_jax.training.update import (LossSettings, StepSettings, UpdateSettings,
-                                         update_step_from)
+from advgame_jax.training.update import LossSettings, StepSettings, UpdateSettings, update_step_from
 from advgame_jax.types import TokenPair
 
-CPU_MODEL = ModelConfig(model_type="llama", vocab_size=1024, hidden_size=128,
-                        intermediate_size=384, num_layers=2, num_heads=4, num_kv_heads=2,
-                        head_dim=32)
+CPU_MODEL = ModelConfig(
+    model_type="llama",
+    vocab_size=1024,
+    hidden_size=128,
+    intermediate_size=384,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=32,
+)
 
 
 def model_flops(cfg: ModelConfig, n_params: int, pairs: int, seq: int) -> float:
@@ -114,10 +120,16 @@ def main(argv=None):
         pairs, seq, dtype, chunk = a.pairs or 4, a.seq or 64, jnp.float32, a.chunk or 256
     mesh = make_mesh(fsdp=a.fsdp) if a.fsdp > 1 else None
     settings = UpdateSettings(
-        loss=LossSettings(kind="dpo"), optim=OptimizerSettings(1e-6, num_steps=1000),
-        train=StepSettings(compute_dtype=dtype, chunk_size=chunk, remat=a.remat,
-                           attention_impl=a.attention,
-                           max_tokens_per_device=a.max_tokens_per_device or None))
+        loss=LossSettings(kind="dpo"),
+        optim=OptimizerSettings(1e-6, num_steps=1000),
+        train=StepSettings(
+            compute_dtype=dtype,
+            chunk_size=chunk,
+            remat=a.remat,
+            attention_impl=a.attention,
+            max_tokens_per_device=a.max_tokens_per_device or None,
+        ),
+    )
     step = update_step_from(cfg, settings, mesh=mesh)
     opt = step.optimizer
     params = init_params(cfg, jax.random.key(0), jnp.float32)
@@ -125,8 +137,12 @@ def main(argv=None):
     state = init_player_state(params, opt)
     if mesh is not None:
         state = shard_state(state, cfg, mesh)
-    batch = collate_pairs(_pairs(cfg, pairs, seq, np.random.default_rng(0)), pad_id=0,
-                          data_parallel_size=step.data_parallel_size, length_buckets=(seq,))
+    batch = collate_pairs(
+        _pairs(cfg, pairs, seq, np.random.default_rng(0)),
+        pad_id=0,
+        data_parallel_size=step.data_parallel_size,
+        length_buckets=(seq,),
+    )
 
     t0 = time.perf_counter()
     compiled = step.lower(state, batch)
@@ -150,18 +166,32 @@ def main(argv=None):
     stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
     peak = (stats or {}).get("peak_bytes_in_use")
     n_dev = mesh.size if mesh is not None else 1
-    lp = logprob_ratio(cfg.hidden_size, cfg.vocab_size, min(tokens // n_dev, 16384), dtype,
-                       a.steps, chunk)
-    out = dict(device=dev.device_kind, params=n_params, pairs=pairs, seq=seq, tokens=tokens,
-               step_s=med, tokens_per_s=tokens / med, tflops=flops / med / 1e12,
-               mfu=flops / med / (a.peak_tflops * 1e12 * n_dev), compile_s=compile_s,
-               peak_bytes=peak, compiled_temp_bytes=temp, **lp)
-    print(f"{out['device']}: {n_params / 1e9:.3f}B params, {pairs} pairs x {seq} tokens: "
-          f"step {med * 1e3:.1f} ms (median of {a.steps}), {out['tokens_per_s']:.0f} tokens/s, "
-          f"{out['tflops']:.2f} TFLOP/s, MFU {out['mfu']:.1%} (peak {a.peak_tflops} TFLOP/s); "
-          f"peak memory {peak / 2**30 if peak else float('nan'):.2f} GiB, compiled temporaries "
-          f"{temp / 2**30:.2f} GiB; log-prob fwd+bwd / four matmuls "
-          f"{lp['ratio_to_four_matmuls']:.2f}")
+    lp = logprob_ratio(
+        cfg.hidden_size, cfg.vocab_size, min(tokens // n_dev, 16384), dtype, a.steps, chunk
+    )
+    out = dict(
+        device=dev.device_kind,
+        params=n_params,
+        pairs=pairs,
+        seq=seq,
+        tokens=tokens,
+        step_s=med,
+        tokens_per_s=tokens / med,
+        tflops=flops / med / 1e12,
+        mfu=flops / med / (a.peak_tflops * 1e12 * n_dev),
+        compile_s=compile_s,
+        peak_bytes=peak,
+        compiled_temp_bytes=temp,
+        **lp,
+    )
+    print(
+        f"{out['device']}: {n_params / 1e9:.3f}B params, {pairs} pairs x {seq} tokens: "
+        f"step {med * 1e3:.1f} ms (median of {a.steps}), {out['tokens_per_s']:.0f} tokens/s, "
+        f"{out['tflops']:.2f} TFLOP/s, MFU {out['mfu']:.1%} (peak {a.peak_tflops} TFLOP/s); "
+        f"peak memory {peak / 2**30 if peak else float('nan'):.2f} GiB, compiled temporaries "
+        f"{temp / 2**30:.2f} GiB; log-prob fwd+bwd / four matmuls "
+        f"{lp['ratio_to_four_matmuls']:.2f}"
+    )
     print("ok: first loss = log 2, finite gradients, log-prob kernel = naive")
     if a.json:
         with open(a.json, "w", encoding="utf-8") as f:

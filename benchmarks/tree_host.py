@@ -32,23 +32,37 @@ def median_ms(fn, reps=5):
 
 def main():
     seeds = []
-    for path in sorted(glob.glob(os.path.join(ROOT, "..", "shared", "data", "wildjailbreak_vanilla", "*.jsonl"))):
+    for path in sorted(
+        glob.glob(os.path.join(ROOT, "..", "shared", "data", "wildjailbreak_vanilla", "*.jsonl"))
+    ):
         seeds += read_seeds_jsonl(path)
     tok = ByteTokenizer()
     cfg = game.GameConfig(num_attacks=2, num_responses=3)
 
     def build():
-        return game.build_tree(seeds, cfg, judge=game.RuleJudge(), attacker=PseudoRandomAttacker(seed=1),
-                               attacker_tokenizer=tok, defender=PseudoRandomDefender(seed=2),
-                               defender_tokenizer=tok)
+        return game.build_tree(
+            seeds,
+            cfg,
+            judge=game.RuleJudge(),
+            attacker=PseudoRandomAttacker(seed=1),
+            attacker_tokenizer=tok,
+            defender=PseudoRandomDefender(seed=2),
+            defender_tokenizer=tok,
+        )
 
     scored = build()
-    print(json.dumps({
-        "seeds": len(seeds), "build_tree_ms": median_ms(build, 3),
-        "pairs_ms": median_ms(lambda: [game.pairs(scored, p) for p in game.PLAYERS]),
-        "metrics_ms": median_ms(lambda: game.tree_metrics(scored)),
-        "to_plain_ms": median_ms(lambda: to_plain(scored)),
-        "to_plain_json_ms": median_ms(lambda: json.dumps(to_plain(scored)))}))
+    print(
+        json.dumps(
+            {
+                "seeds": len(seeds),
+                "build_tree_ms": median_ms(build, 3),
+                "pairs_ms": median_ms(lambda: [game.pairs(scored, p) for p in game.PLAYERS]),
+                "metrics_ms": median_ms(lambda: game.tree_metrics(scored)),
+                "to_plain_ms": median_ms(lambda: to_plain(scored)),
+                "to_plain_json_ms": median_ms(lambda: json.dumps(to_plain(scored))),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -14,12 +14,14 @@ every output made from it carries the attacker marker. Outputs are built aside a
 into place; an existing --out_dir is refused. Logic: ``advgame_jax.evaluation.convert``.
 """
 
-
 from absl import app, flags
 
-flags.DEFINE_enum("mode", None, ["checkpoint_to_hf", "hf_to_params", "params_to_hf",
-                                  "gguf_to_hf"],
-                  "What to convert.")
+flags.DEFINE_enum(
+    "mode",
+    None,
+    ["checkpoint_to_hf", "hf_to_params", "params_to_hf", "gguf_to_hf"],
+    "What to convert.",
+)
 flags.DEFINE_string("out_dir", None, "New output directory.")
 flags.DEFINE_string("checkpoint", "", "Game checkpoint: training workdir, checkpoints/ or a step.")
 flags.DEFINE_enum("player", "defender", ["defender", "attacker"], "Player to export.")
@@ -52,14 +54,21 @@ def _main():
         print(f"wrote {gguf_to_hf(FLAGS.gguf, FLAGS.out_dir, dtype=FLAGS.dtype or 'float32')}")
         return
     if FLAGS.mode == "checkpoint_to_hf":
-        out = convert.checkpoint_to_hf(FLAGS.checkpoint, FLAGS.out_dir, player=FLAGS.player,
-                                       params=FLAGS.params, base=FLAGS.base_hf_dir,
-                                       allow_attacker=FLAGS.allow_attacker, dtype=FLAGS.dtype)
+        out = convert.checkpoint_to_hf(
+            FLAGS.checkpoint,
+            FLAGS.out_dir,
+            player=FLAGS.player,
+            params=FLAGS.params,
+            base=FLAGS.base_hf_dir,
+            allow_attacker=FLAGS.allow_attacker,
+            dtype=FLAGS.dtype,
+        )
     elif FLAGS.mode == "hf_to_params":
         out = convert.hf_to_params(FLAGS.hf_dir, FLAGS.out_dir, allow_attacker=FLAGS.allow_attacker)
     else:
-        out = convert.params_to_hf(FLAGS.params_dir, FLAGS.out_dir,
-                                   allow_attacker=FLAGS.allow_attacker, dtype=FLAGS.dtype)
+        out = convert.params_to_hf(
+            FLAGS.params_dir, FLAGS.out_dir, allow_attacker=FLAGS.allow_attacker, dtype=FLAGS.dtype
+        )
     print(f"wrote {out}")
 
 

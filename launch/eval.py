@@ -29,20 +29,28 @@ flags.DEFINE_string("endpoint", "", "Defender behind an OpenAI-compatible base U
 flags.DEFINE_string("endpoint_model", "advgame", "Model name at --endpoint.")
 flags.DEFINE_enum("player", "defender", ["defender", "attacker"], "Player of --checkpoint.")
 flags.DEFINE_enum("params", "ema", ["ema", "trained"], "EMA or trained params of --checkpoint.")
-flags.DEFINE_string("base_hf_dir", "", "Architecture + tokenizer for --checkpoint "
-                    "(default: read from the checkpoint's config).")
+flags.DEFINE_string(
+    "base_hf_dir",
+    "",
+    "Architecture + tokenizer for --checkpoint (default: read from the checkpoint's config).",
+)
 flags.DEFINE_bool("allow_attacker", False, "Allow evaluating a trained attacker.")
 flags.DEFINE_enum("classifier", "rule", ["rule", "rubric", "template"], "Safety classifier.")
 flags.DEFINE_string("classifier_endpoint", "", "Classifier base URL (rubric/template).")
 flags.DEFINE_string("classifier_model", "", "Classifier model name at the endpoint.")
 flags.DEFINE_enum("classifier_api", "chat", ["chat", "completions"], "Classifier API.")
 flags.DEFINE_string("classifier_template", "", "Template file with {prompt} and {response}.")
-flags.DEFINE_enum("classifier_output", "labels", ["labels", "yes_no"],
-                  "How to read the classifier's answer.")
+flags.DEFINE_enum(
+    "classifier_output", "labels", ["labels", "yes_no"], "How to read the classifier's answer."
+)
 flags.DEFINE_string("api_key_env", "", "Env var holding an API key for the endpoints.")
-flags.DEFINE_float("request_timeout_s", 300.0, "Wall-clock deadline of one request to an "
-                   "endpoint (--endpoint, --classifier_endpoint), retries included; past it "
-                   "the example counts as a failure.")
+flags.DEFINE_float(
+    "request_timeout_s",
+    300.0,
+    "Wall-clock deadline of one request to an "
+    "endpoint (--endpoint, --classifier_endpoint), retries included; past it "
+    "the example counts as a failure.",
+)
 flags.DEFINE_integer("seed", 0, "Run seed (per-example sampling seeds derive from it).")
 flags.DEFINE_float("temperature", 0.0, "0 = greedy (default).")
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling.")
@@ -91,28 +99,61 @@ def _main():
     if not FLAGS.set:
         raise app.UsageError("give at least one --set=[NAME=]KIND:PATH")
     if not FLAGS.request_timeout_s > 0:
-        raise app.UsageError(f"--request_timeout_s: expected seconds > 0, got "
-                             f"{FLAGS.request_timeout_s}")
+        raise app.UsageError(
+            f"--request_timeout_s: expected seconds > 0, got {FLAGS.request_timeout_s}"
+        )
     decoding = targets.Decoding(FLAGS.temperature, FLAGS.top_p, FLAGS.max_new_tokens)
     # Every flag first (no model, endpoint or file is touched before the numbers are right),
     # then every set file, then the classifier endpoint, then the target.
-    runner.check_settings(batch_size=FLAGS.batch_size, num_resamples=FLAGS.num_resamples,
-                          decoding=decoding, limit=FLAGS.limit)
-    runner.check_settings(batch_size=FLAGS.batch_size, num_resamples=FLAGS.num_resamples,
-                          decoding=decoding, limit=FLAGS.limit, max_positions=_max_positions())
+    runner.check_settings(
+        batch_size=FLAGS.batch_size,
+        num_resamples=FLAGS.num_resamples,
+        decoding=decoding,
+        limit=FLAGS.limit,
+    )
+    runner.check_settings(
+        batch_size=FLAGS.batch_size,
+        num_resamples=FLAGS.num_resamples,
+        decoding=decoding,
+        limit=FLAGS.limit,
+        max_positions=_max_positions(),
+    )
     api_key = os.environ.get(FLAGS.api_key_env) if FLAGS.api_key_env else None
     sets = prompt_sets.load_prompt_sets(FLAGS.set, limit=FLAGS.limit or None)
     clf = classifiers.make_classifier(
-        FLAGS.classifier, endpoint=FLAGS.classifier_endpoint, model=FLAGS.classifier_model,
-        api=FLAGS.classifier_api, api_key=api_key, template_path=FLAGS.classifier_template,
-        output=FLAGS.classifier_output, seed=FLAGS.seed, timeout_s=FLAGS.request_timeout_s)
+        FLAGS.classifier,
+        endpoint=FLAGS.classifier_endpoint,
+        model=FLAGS.classifier_model,
+        api=FLAGS.classifier_api,
+        api_key=api_key,
+        template_path=FLAGS.classifier_template,
+        output=FLAGS.classifier_output,
+        seed=FLAGS.seed,
+        timeout_s=FLAGS.request_timeout_s,
+    )
     target = targets.load_target(
-        hf_dir=FLAGS.hf_dir, checkpoint=FLAGS.checkpoint, endpoint=FLAGS.endpoint,
-        endpoint_model=FLAGS.endpoint_model, player=FLAGS.player, params=FLAGS.params,
-        base_hf_dir=FLAGS.base_hf_dir, allow_attacker=FLAGS.allow_attacker, api_key=api_key,
-        compute_dtype=FLAGS.compute_dtype, timeout_s=FLAGS.request_timeout_s)
-    out = runner.run_eval(sets, target, clf, FLAGS.out_dir, seed=FLAGS.seed, decoding=decoding,
-                          batch_size=FLAGS.batch_size, num_resamples=FLAGS.num_resamples)
+        hf_dir=FLAGS.hf_dir,
+        checkpoint=FLAGS.checkpoint,
+        endpoint=FLAGS.endpoint,
+        endpoint_model=FLAGS.endpoint_model,
+        player=FLAGS.player,
+        params=FLAGS.params,
+        base_hf_dir=FLAGS.base_hf_dir,
+        allow_attacker=FLAGS.allow_attacker,
+        api_key=api_key,
+        compute_dtype=FLAGS.compute_dtype,
+        timeout_s=FLAGS.request_timeout_s,
+    )
+    out = runner.run_eval(
+        sets,
+        target,
+        clf,
+        FLAGS.out_dir,
+        seed=FLAGS.seed,
+        decoding=decoding,
+        batch_size=FLAGS.batch_size,
+        num_resamples=FLAGS.num_resamples,
+    )
     from advgame_jax.evaluation.metrics import markdown_table
 
     print(markdown_table(out))

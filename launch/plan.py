@@ -42,7 +42,9 @@ from ml_collections import config_flags
 
 from advgame_jax.errors import run_cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=False)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "experiment config file", lock_config=False
+)
 flags.DEFINE_integer("devices", 8, "number of devices of the trainer mesh")
 flags.DEFINE_float("device_memory_gib", 131.0, "memory of one device in GiB (H200: 131)")
 flags.DEFINE_integer("seq_len", 4096, "longest length bucket (prompt + completion tokens)")
@@ -65,8 +67,12 @@ flags.DEFINE_float("length_tail", 2.0, "--time: longest row of a call / mean len
 flags.DEFINE_integer("attacker_prompt_tokens", 512, "--time: attacker prompt tokens")
 flags.DEFINE_integer("num_steps", 0, "--time: steps of the run (0: config.train.num_steps)")
 flags.DEFINE_integer("trainer_devices", 0, "--time: devices of the update mesh (0: derived)")
-flags.DEFINE_integer("engine_devices", -1, "--time: generation devices per player (0: the "
-                     "trainer's, in-process; -1: derived from the config's placement)")
+flags.DEFINE_integer(
+    "engine_devices",
+    -1,
+    "--time: generation devices per player (0: the "
+    "trainer's, in-process; -1: derived from the config's placement)",
+)
 flags.DEFINE_integer("gen_tp", 1, "--time: tensor-parallel size of one generation replica")
 flags.DEFINE_string("judge_model", "", "--time: directory or config.json of the judge's shape")
 flags.DEFINE_integer("judge_replicas", -1, "--time: judge replicas (-1: derived)")
@@ -94,20 +100,27 @@ def _checked_inputs() -> dict:
     """Every input of the plan, checked without JAX (see plan_inputs)."""
     from advgame_jax.plan_inputs import check_flags, model_path_for, resolve_mesh_shape
 
-    args = check_flags(devices=FLAGS.devices, device_memory_gib=FLAGS.device_memory_gib,
-                       seq_len=FLAGS.seq_len, reserve_gib=FLAGS.reserve_gib,
-                       json_path=FLAGS.json)
+    args = check_flags(
+        devices=FLAGS.devices,
+        device_memory_gib=FLAGS.device_memory_gib,
+        seq_len=FLAGS.seq_len,
+        reserve_gib=FLAGS.reserve_gib,
+        json_path=FLAGS.json,
+    )
     config = _config()
     resolve_mesh_shape(config.mesh, args["devices"])
-    args["models"] = {role: model_path_for(config, role, getattr(FLAGS, f"{role}_model"))
-                      for role in ("attacker", "defender")}
+    args["models"] = {
+        role: model_path_for(config, role, getattr(FLAGS, f"{role}_model"))
+        for role in ("attacker", "defender")
+    }
     return args
 
 
 def _start_jax(devices: int) -> None:
     """Ask for ``devices`` virtual CPU devices; must run before JAX initialises a backend."""
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + f" --xla_force_host_platform_device_count={devices}")
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
+    )
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 
@@ -132,16 +145,21 @@ def _hardware(devices: int):
         return measure_cpu(), devices
     if FLAGS.cluster:
         if FLAGS.cluster not in steptime.CLUSTERS:
-            raise PlanInputError(f"--cluster={FLAGS.cluster}: expected one of "
-                                 f"{', '.join(sorted(steptime.CLUSTERS))}, cpu")
+            raise PlanInputError(
+                f"--cluster={FLAGS.cluster}: expected one of "
+                f"{', '.join(sorted(steptime.CLUSTERS))}, cpu"
+            )
         hw, n = steptime.cluster(FLAGS.cluster)
     elif given:
         if not (FLAGS.peak_tflops > 0 and FLAGS.hbm_gbps > 0):
             raise PlanInputError("--peak_tflops and --hbm_gbps: give both, each > 0")
-        hw = steptime.Hardware(name=f"{FLAGS.peak_tflops:g} TFLOP/s, {FLAGS.hbm_gbps:g} GB/s",
-                               peak_flops=FLAGS.peak_tflops * 1e12, hbm_bw=FLAGS.hbm_gbps * 1e9,
-                               disk_bw=FLAGS.disk_gbps * 1e9,
-                               net_bw=(FLAGS.net_gbps or FLAGS.hbm_gbps / 10) * 1e9)
+        hw = steptime.Hardware(
+            name=f"{FLAGS.peak_tflops:g} TFLOP/s, {FLAGS.hbm_gbps:g} GB/s",
+            peak_flops=FLAGS.peak_tflops * 1e12,
+            hbm_bw=FLAGS.hbm_gbps * 1e9,
+            disk_bw=FLAGS.disk_gbps * 1e9,
+            net_bw=(FLAGS.net_gbps or FLAGS.hbm_gbps / 10) * 1e9,
+        )
         n = devices
     else:
         raise PlanInputError("--time needs --cluster=NAME or --peak_tflops and --hbm_gbps")
@@ -151,8 +169,10 @@ def _hardware(devices: int):
     for name in ("mfu", "bw_eff", "disk_gbps", "net_gbps"):
         v = getattr(FLAGS, name)
         if not math.isfinite(v) or v < 0 or (name in ("mfu", "bw_eff") and v > 1):
-            raise PlanInputError(f"--{name}={v}: expected a finite number ≥ 0"
-                                 + (" and ≤ 1" if name in ("mfu", "bw_eff") else ""))
+            raise PlanInputError(
+                f"--{name}={v}: expected a finite number ≥ 0"
+                + (" and ≤ 1" if name in ("mfu", "bw_eff") else "")
+            )
     over = {k: getattr(FLAGS, k) for k in ("mfu", "bw_eff") if getattr(FLAGS, k)}
     if FLAGS["disk_gbps"].present:
         over["disk_bw"] = FLAGS.disk_gbps * 1e9
@@ -173,16 +193,22 @@ def _time_body() -> int:
 
     json_path = check_json_path(FLAGS.json)
     config = _config()
-    paths = {r: model_path_for(config, r, getattr(FLAGS, f"{r}_model"))
-             for r in ("attacker", "defender")}
+    paths = {
+        r: model_path_for(config, r, getattr(FLAGS, f"{r}_model")) for r in ("attacker", "defender")
+    }
     judge_path = FLAGS.judge_model
     if not judge_path and config.judge.backend == "endpoint":
         judge_path = {"llama": "llama3.3_70b", "qwen": "qwen2.5_32b"}.get(
-            str(config.name).split("_")[0], "")
+            str(config.name).split("_")[0], ""
+        )
         if not judge_path:
             raise PlanInputError("the judge is an endpoint: pass --judge_model=DIR (its shape)")
-        judge_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                  "configs", "models", judge_path)
+        judge_path = os.path.join(
+            os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            "configs",
+            "models",
+            judge_path,
+        )
     for name in ("length_tail",):
         if not FLAGS.length_tail >= 1:
             raise PlanInputError(f"--{name}={FLAGS.length_tail}: expected ≥ 1")
@@ -207,32 +233,54 @@ def _time_body() -> int:
         while 2 * Shape.of(judge_shape).params > 0.6 * 141e9 * tp:
             tp *= 2
     layout = timeplan.default_layout(
-        config, devices, trainer=FLAGS.trainer_devices, engines=FLAGS.engine_devices,
+        config,
+        devices,
+        trainer=FLAGS.trainer_devices,
+        engines=FLAGS.engine_devices,
         judge_replicas=FLAGS.judge_replicas if judge_shape is not None else 0,
-        judge_tp=tp or 1, gen_tp=FLAGS.gen_tp, judge_external=FLAGS.judge_external)
+        judge_tp=tp or 1,
+        gen_tp=FLAGS.gen_tp,
+        judge_external=FLAGS.judge_external,
+    )
     if FLAGS.attack_tokens or FLAGS.response_tokens:
         if FLAGS.from_metrics or not (FLAGS.attack_tokens >= 1 and FLAGS.response_tokens >= 1):
-            raise PlanInputError("--attack_tokens and --response_tokens: give both (each ≥ 1), "
-                                 "without --from_metrics")
+            raise PlanInputError(
+                "--attack_tokens and --response_tokens: give both (each ≥ 1), "
+                "without --from_metrics"
+            )
         cap = int(config.sampling.max_new_tokens)
         lengths = timeplan.Lengths(
-            attacker_prompt=FLAGS.attacker_prompt_tokens, attacker_new_mean=FLAGS.attack_tokens,
+            attacker_prompt=FLAGS.attacker_prompt_tokens,
+            attacker_new_mean=FLAGS.attack_tokens,
             attacker_steps=min(cap, math.ceil(FLAGS.length_tail * FLAGS.attack_tokens)),
             defender_new_mean=FLAGS.response_tokens,
-            defender_steps=min(cap, math.ceil(FLAGS.length_tail * FLAGS.response_tokens)))
+            defender_steps=min(cap, math.ceil(FLAGS.length_tail * FLAGS.response_tokens)),
+        )
         source = f"given means, longest = {FLAGS.length_tail:g} × mean"
     elif FLAGS.from_metrics:
-        lengths = timeplan.lengths_from_metrics(FLAGS.from_metrics, config,
-                                                tail=FLAGS.length_tail,
-                                                attacker_prompt=FLAGS.attacker_prompt_tokens)
+        lengths = timeplan.lengths_from_metrics(
+            FLAGS.from_metrics,
+            config,
+            tail=FLAGS.length_tail,
+            attacker_prompt=FLAGS.attacker_prompt_tokens,
+        )
         source = f"means of {FLAGS.from_metrics}, longest = {FLAGS.length_tail:g} × mean"
     else:
         lengths = timeplan.lengths_from_config(config, attacker_prompt=FLAGS.attacker_prompt_tokens)
         source = "every row at sampling.max_new_tokens: the worst case"
-    plan = timeplan.time_plan(config, hw, devices, layout, lengths, shapes, lengths_from=source,
-                              num_steps=FLAGS.num_steps, judge_shape=judge_shape,
-                              judge_prompt=FLAGS.judge_prompt_tokens,
-                              judge_new=FLAGS.judge_new_tokens)
+    plan = timeplan.time_plan(
+        config,
+        hw,
+        devices,
+        layout,
+        lengths,
+        shapes,
+        lengths_from=source,
+        num_steps=FLAGS.num_steps,
+        judge_shape=judge_shape,
+        judge_prompt=FLAGS.judge_prompt_tokens,
+        judge_new=FLAGS.judge_new_tokens,
+    )
     print(timeplan.format_time_plan(plan))
     if json_path:
         _write_json(json_path, plan)
@@ -246,9 +294,14 @@ def _body() -> int:
     _start_jax(args["devices"])
     from advgame_jax.training.planning import format_plan, plan_experiment
 
-    plan = plan_experiment(_config(), devices=args["devices"],
-                           device_memory_gib=args["device_memory_gib"], seq_len=args["seq_len"],
-                           reserve_gib=args["reserve_gib"], models=args["models"])
+    plan = plan_experiment(
+        _config(),
+        devices=args["devices"],
+        device_memory_gib=args["device_memory_gib"],
+        seq_len=args["seq_len"],
+        reserve_gib=args["reserve_gib"],
+        models=args["models"],
+    )
     print(format_plan(plan))
     if args["json_path"]:
         _write_json(args["json_path"], plan)
@@ -264,8 +317,9 @@ def _parse_flags(argv):
 
         overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
         if isinstance(err, (AttributeError, KeyError)) and overrides:
-            fail(f"{', '.join(overrides)}: names a field the config does not have "
-                 f"({one_line(err)})")
+            fail(
+                f"{', '.join(overrides)}: names a field the config does not have ({one_line(err)})"
+            )
         fail(one_line(err))
 
 

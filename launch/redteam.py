@@ -25,8 +25,11 @@ import os
 
 from absl import app, flags
 
-flags.DEFINE_bool("acknowledge_controlled_artifact", False,
-                  "Confirm this is authorised red-teaming with a controlled attacker artifact.")
+flags.DEFINE_bool(
+    "acknowledge_controlled_artifact",
+    False,
+    "Confirm this is authorised red-teaming with a controlled attacker artifact.",
+)
 flags.DEFINE_multi_string("set", [], "Seed set(s) [NAME=]KIND:PATH; harmful prompts are used.")
 flags.DEFINE_string("out_dir", None, "Output directory.")
 for _who in ("attacker", "target"):
@@ -52,9 +55,13 @@ flags.DEFINE_string("classifier_model", "", "Classifier model name.")
 flags.DEFINE_string("classifier_template", "", "Template file with {prompt} and {response}.")
 flags.DEFINE_enum("classifier_output", "labels", ["labels", "yes_no"], "Classifier answer format.")
 flags.DEFINE_string("api_key_env", "", "Env var holding an API key for the endpoints.")
-flags.DEFINE_float("request_timeout_s", 300.0, "Wall-clock deadline of one request to an "
-                   "endpoint (target, attacker, classifier, faithfulness judge), retries "
-                   "included; past it the attempt counts as a failure.")
+flags.DEFINE_float(
+    "request_timeout_s",
+    300.0,
+    "Wall-clock deadline of one request to an "
+    "endpoint (target, attacker, classifier, faithfulness judge), retries "
+    "included; past it the attempt counts as a failure.",
+)
 flags.DEFINE_integer("seed", 0, "Run seed.")
 flags.DEFINE_integer("limit", 0, "Keep the first N seeds of each set (0 = all).")
 
@@ -64,13 +71,18 @@ FLAGS = flags.FLAGS
 def _target(who, api_key, **kw):
     from advgame_jax.evaluation.targets import load_target
 
-    return load_target(hf_dir=FLAGS[f"{who}_hf_dir"].value,
-                       checkpoint=FLAGS[f"{who}_checkpoint"].value,
-                       endpoint=FLAGS[f"{who}_endpoint"].value,
-                       endpoint_model=FLAGS[f"{who}_endpoint_model"].value,
-                       params=FLAGS[f"{who}_params"].value,
-                       base_hf_dir=FLAGS[f"{who}_base_hf_dir"].value, api_key=api_key,
-                       field=f"{who}_", timeout_s=FLAGS.request_timeout_s, **kw)
+    return load_target(
+        hf_dir=FLAGS[f"{who}_hf_dir"].value,
+        checkpoint=FLAGS[f"{who}_checkpoint"].value,
+        endpoint=FLAGS[f"{who}_endpoint"].value,
+        endpoint_model=FLAGS[f"{who}_endpoint_model"].value,
+        params=FLAGS[f"{who}_params"].value,
+        base_hf_dir=FLAGS[f"{who}_base_hf_dir"].value,
+        api_key=api_key,
+        field=f"{who}_",
+        timeout_s=FLAGS.request_timeout_s,
+        **kw,
+    )
 
 
 def _check_flags():
@@ -82,19 +94,27 @@ def _check_flags():
     if FLAGS.num_attempts < 1:
         raise app.UsageError(f"--num_attempts={FLAGS.num_attempts}: expected an integer >= 1")
     if FLAGS.attacker_format not in FORMATS:
-        raise app.UsageError(f"--attacker_format={FLAGS.attacker_format!r}: expected one of "
-                             f"{list(FORMATS)}")
+        raise app.UsageError(
+            f"--attacker_format={FLAGS.attacker_format!r}: expected one of {list(FORMATS)}"
+        )
     get_template_set(FLAGS.templates)  # an unknown name lists the known ones
     for who, decoding in (
-            ("attacker_", targets.Decoding(FLAGS.attacker_temperature, FLAGS.attacker_top_p,
-                                           FLAGS.attacker_max_new_tokens)),
-            ("target_", targets.Decoding(0.0, 1.0, FLAGS.target_max_new_tokens))):
+        (
+            "attacker_",
+            targets.Decoding(
+                FLAGS.attacker_temperature, FLAGS.attacker_top_p, FLAGS.attacker_max_new_tokens
+            ),
+        ),
+        ("target_", targets.Decoding(0.0, 1.0, FLAGS.target_max_new_tokens)),
+    ):
         try:
-            runner.check_settings(batch_size=1, num_resamples=1, decoding=decoding,
-                                  limit=FLAGS.limit)
+            runner.check_settings(
+                batch_size=1, num_resamples=1, decoding=decoding, limit=FLAGS.limit
+            )
         except runner.EvalSettingsError as err:  # name this script's flag
-            raise app.UsageError(str(err).replace("--", f"--{who}", 1)
-                                 if "--limit" not in str(err) else str(err)) from None
+            raise app.UsageError(
+                str(err).replace("--", f"--{who}", 1) if "--limit" not in str(err) else str(err)
+            ) from None
 
 
 def main(argv):
@@ -114,39 +134,59 @@ def _main():
     if not FLAGS.set:
         raise app.UsageError("give at least one --set=[NAME=]KIND:PATH of harmful seeds")
     if not FLAGS.request_timeout_s > 0:
-        raise app.UsageError(f"--request_timeout_s: expected seconds > 0, got "
-                             f"{FLAGS.request_timeout_s}")
+        raise app.UsageError(
+            f"--request_timeout_s: expected seconds > 0, got {FLAGS.request_timeout_s}"
+        )
     api_key = os.environ.get(FLAGS.api_key_env) if FLAGS.api_key_env else None
     sets = prompt_sets.load_prompt_sets(FLAGS.set, limit=FLAGS.limit or None)
     clf = classifiers.make_classifier(
-        FLAGS.classifier, endpoint=FLAGS.classifier_endpoint, model=FLAGS.classifier_model,
-        api_key=api_key, template_path=FLAGS.classifier_template,
-        output=FLAGS.classifier_output, seed=FLAGS.seed, timeout_s=FLAGS.request_timeout_s)
+        FLAGS.classifier,
+        endpoint=FLAGS.classifier_endpoint,
+        model=FLAGS.classifier_model,
+        api_key=api_key,
+        template_path=FLAGS.classifier_template,
+        output=FLAGS.classifier_output,
+        seed=FLAGS.seed,
+        timeout_s=FLAGS.request_timeout_s,
+    )
     judge = None
     if FLAGS.faithfulness == "judge":
         from advgame_jax import game
         from advgame_jax.game.endpoint import EndpointBackend
 
-        backend = EndpointBackend([FLAGS.faith_endpoint], FLAGS.faith_model, api_key=api_key,
-                                  temperature=0.0, max_tokens=2048,
-                                  timeout_s=FLAGS.request_timeout_s)
+        backend = EndpointBackend(
+            [FLAGS.faith_endpoint],
+            FLAGS.faith_model,
+            api_key=api_key,
+            temperature=0.0,
+            max_tokens=2048,
+            timeout_s=FLAGS.request_timeout_s,
+        )
         backend.check_endpoints()
         judge = game.LLMJudge(backend, game.get_template_set(FLAGS.templates))
     target = _target("target", api_key)
     attacker = _target("attacker", api_key, player="attacker", allow_attacker=True)
     cfg = redteam.RedteamConfig(
-        num_attempts=FLAGS.num_attempts, templates=FLAGS.templates,
-        attacker_format=FLAGS.attacker_format, faithfulness=FLAGS.faithfulness,
-        attacker_decoding=targets.Decoding(FLAGS.attacker_temperature, FLAGS.attacker_top_p,
-                                           FLAGS.attacker_max_new_tokens),
-        target_decoding=targets.Decoding(0.0, 1.0, FLAGS.target_max_new_tokens), seed=FLAGS.seed)
+        num_attempts=FLAGS.num_attempts,
+        templates=FLAGS.templates,
+        attacker_format=FLAGS.attacker_format,
+        faithfulness=FLAGS.faithfulness,
+        attacker_decoding=targets.Decoding(
+            FLAGS.attacker_temperature, FLAGS.attacker_top_p, FLAGS.attacker_max_new_tokens
+        ),
+        target_decoding=targets.Decoding(0.0, 1.0, FLAGS.target_max_new_tokens),
+        seed=FLAGS.seed,
+    )
     seeds = [e for s in sets for e in s.examples]
-    m = redteam.run_redteam(seeds, attacker, target, clf, FLAGS.out_dir, cfg=cfg,
-                            acknowledged=True, judge=judge)
+    m = redteam.run_redteam(
+        seeds, attacker, target, clf, FLAGS.out_dir, cfg=cfg, acknowledged=True, judge=judge
+    )
     o = m["overall"]
-    print(f"attempt ASR {o['attempt_asr']['value']}, best-of-{FLAGS.num_attempts} ASR "
-          f"{o['best_of_n_asr']['value']} over {o['num_seeds']} seeds; "
-          f"see {os.path.join(FLAGS.out_dir, 'redteam.md')}")
+    print(
+        f"attempt ASR {o['attempt_asr']['value']}, best-of-{FLAGS.num_attempts} ASR "
+        f"{o['best_of_n_asr']['value']} over {o['num_seeds']} seeds; "
+        f"see {os.path.join(FLAGS.out_dir, 'redteam.md')}"
+    )
 
 
 def run():

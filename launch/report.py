@@ -10,7 +10,6 @@ extra: matplotlib).
 Logic: ``advgame_jax.evaluation.report``.
 """
 
-
 from absl import app, flags
 
 flags.DEFINE_string("workdir", "", "Training workdir (metrics.jsonl).")
@@ -26,8 +25,11 @@ def main(argv):
     from advgame_jax.errors import run_cli
     from advgame_jax.evaluation.report import build_report
 
-    path = run_cli(lambda: build_report(FLAGS.out_dir, workdir=FLAGS.workdir,
-                                        eval_paths=FLAGS.eval, lmeval_paths=FLAGS.lmeval))
+    path = run_cli(
+        lambda: build_report(
+            FLAGS.out_dir, workdir=FLAGS.workdir, eval_paths=FLAGS.eval, lmeval_paths=FLAGS.lmeval
+        )
+    )
     print(f"wrote {path}")
 
 

@@ -25,8 +25,11 @@ flags.DEFINE_string("model_dir", None, "HF export (config.json + safetensors + t
 flags.DEFINE_bool("tiny_random", False, "Serve a tiny random model with the tiny tokenizer.")
 flags.DEFINE_string("host", "127.0.0.1", "Interface to bind (default: loopback only).")
 flags.DEFINE_integer("port", 8000, "Port (0 = any free port).")
-flags.DEFINE_string("api_key", None, "Refused: a key on the command line shows in `ps`; use "
-                    "--api_key_env or --api_key_file.")
+flags.DEFINE_string(
+    "api_key",
+    None,
+    "Refused: a key on the command line shows in `ps`; use --api_key_env or --api_key_file.",
+)
 flags.DEFINE_string("api_key_env", "ADVGAME_API_KEY", "Env var holding the API key, if set.")
 flags.DEFINE_string("api_key_file", None, "File holding the API key (first line).")
 flags.DEFINE_string("served_model_name", "advgame", "Model id reported by /v1/models.")
@@ -43,13 +46,28 @@ flags.DEFINE_float("request_timeout_s", 600.0, "Longest wait for a request's gen
 flags.DEFINE_integer("max_connections", 1024, "Open connections before new ones get 503.")
 flags.DEFINE_integer("listen_backlog", 2048, "Connections the kernel queues before accept.")
 flags.DEFINE_integer("max_batch_size", 64, "Rows per compiled generate call.")
-flags.DEFINE_enum("compute_dtype", None, ["float32", "bfloat16"],
-                  "Matmul dtype (default: bf16 on accelerators, fp32 on CPU).")
+flags.DEFINE_enum(
+    "compute_dtype",
+    None,
+    ["float32", "bfloat16"],
+    "Matmul dtype (default: bf16 on accelerators, fp32 on CPU).",
+)
 
 FLAGS = flags.FLAGS
-_POSITIVE = ("max_prompt_tokens", "max_tokens", "default_max_tokens", "max_n",
-             "max_body_bytes", "queue_size", "max_batch_requests", "max_connections",
-             "listen_backlog", "max_batch_size", "read_timeout_s", "request_timeout_s")
+_POSITIVE = (
+    "max_prompt_tokens",
+    "max_tokens",
+    "default_max_tokens",
+    "max_n",
+    "max_body_bytes",
+    "queue_size",
+    "max_batch_requests",
+    "max_connections",
+    "listen_backlog",
+    "max_batch_size",
+    "read_timeout_s",
+    "request_timeout_s",
+)
 
 
 def main(argv):
@@ -65,18 +83,26 @@ def _main():
     from advgame_jax.sampling.server import make_tiny_model_dir
 
     if FLAGS.api_key is not None:
-        raise UserError("--api_key is refused: a key on the command line shows in `ps`; put "
-                        f"it in ${FLAGS.api_key_env} or a file given by --api_key_file")
+        raise UserError(
+            "--api_key is refused: a key on the command line shows in `ps`; put "
+            f"it in ${FLAGS.api_key_env} or a file given by --api_key_file"
+        )
     if bool(FLAGS.model_dir) == FLAGS.tiny_random:
         raise UserError("give exactly one of --model_dir or --tiny_random")
     bad = [f"--{n}={FLAGS[n].value}" for n in _POSITIVE if not FLAGS[n].value > 0]
     if bad or not 0 <= FLAGS.port < 65536:
-        raise UserError(f"{', '.join(bad) or f'--port={FLAGS.port}'}: expected a positive "
-                        f"number (a port in [0, 65535])")
+        raise UserError(
+            f"{', '.join(bad) or f'--port={FLAGS.port}'}: expected a positive "
+            f"number (a port in [0, 65535])"
+        )
     api_key = _api_key()
     if not api_key and not _is_loopback(FLAGS.host):
-        logging.warning("serving on %s without an API key: anyone who can reach this port can "
-                        "generate; set $%s or --api_key_file", FLAGS.host, FLAGS.api_key_env)
+        logging.warning(
+            "serving on %s without an API key: anyone who can reach this port can "
+            "generate; set $%s or --api_key_file",
+            FLAGS.host,
+            FLAGS.api_key_env,
+        )
     with tempfile.TemporaryDirectory(prefix="advgame_tiny_") as tmp:
         model_dir = FLAGS.model_dir or make_tiny_model_dir(tmp)
         _serve(model_dir, api_key)
@@ -90,12 +116,15 @@ def _api_key():
             with open(FLAGS.api_key_file, encoding="utf-8") as f:
                 key = f.readline().strip()
         except (OSError, UnicodeDecodeError) as err:
-            raise UserError(f"--api_key_file {FLAGS.api_key_file}: cannot read it "
-                            f"({type(err).__name__}); expected a text file with the key "
-                            "on its first line") from None
+            raise UserError(
+                f"--api_key_file {FLAGS.api_key_file}: cannot read it "
+                f"({type(err).__name__}); expected a text file with the key "
+                "on its first line"
+            ) from None
         if not key:
-            raise UserError(f"--api_key_file {FLAGS.api_key_file} is empty; expected the "
-                            "key on its first line")
+            raise UserError(
+                f"--api_key_file {FLAGS.api_key_file} is empty; expected the key on its first line"
+            )
         return key
     return os.environ.get(FLAGS.api_key_env) or None
 
@@ -114,23 +143,42 @@ def _serve(model_dir, api_key):
     from advgame_jax.sampling.server import ServerConfig, serve_model_dir, wait_forever
 
     config = ServerConfig(
-        host=FLAGS.host, port=FLAGS.port, api_key=api_key,
-        model_name=FLAGS.served_model_name, max_body_bytes=FLAGS.max_body_bytes,
-        queue_size=FLAGS.queue_size, max_batch_requests=FLAGS.max_batch_requests,
-        read_timeout_s=FLAGS.read_timeout_s, request_timeout_s=FLAGS.request_timeout_s,
-        max_connections=FLAGS.max_connections, listen_backlog=FLAGS.listen_backlog,
-        limits=Limits(max_prompt_tokens=FLAGS.max_prompt_tokens, max_tokens=FLAGS.max_tokens,
-                      default_max_tokens=min(FLAGS.default_max_tokens, FLAGS.max_tokens),
-                      max_n=FLAGS.max_n))
-    server = serve_model_dir(model_dir, config=config, allow_attacker=FLAGS.allow_attacker,
-                             compute_dtype=FLAGS.compute_dtype,
-                             max_batch_size=FLAGS.max_batch_size)
+        host=FLAGS.host,
+        port=FLAGS.port,
+        api_key=api_key,
+        model_name=FLAGS.served_model_name,
+        max_body_bytes=FLAGS.max_body_bytes,
+        queue_size=FLAGS.queue_size,
+        max_batch_requests=FLAGS.max_batch_requests,
+        read_timeout_s=FLAGS.read_timeout_s,
+        request_timeout_s=FLAGS.request_timeout_s,
+        max_connections=FLAGS.max_connections,
+        listen_backlog=FLAGS.listen_backlog,
+        limits=Limits(
+            max_prompt_tokens=FLAGS.max_prompt_tokens,
+            max_tokens=FLAGS.max_tokens,
+            default_max_tokens=min(FLAGS.default_max_tokens, FLAGS.max_tokens),
+            max_n=FLAGS.max_n,
+        ),
+    )
+    server = serve_model_dir(
+        model_dir,
+        config=config,
+        allow_attacker=FLAGS.allow_attacker,
+        compute_dtype=FLAGS.compute_dtype,
+        max_batch_size=FLAGS.max_batch_size,
+    )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     server.start()
-    logging.info("serving %s as %r at %s%s", model_dir, config.model_name, server.url,
-                 " (API key required)" if config.api_key else "")
+    logging.info(
+        "serving %s as %r at %s%s",
+        model_dir,
+        config.model_name,
+        server.url,
+        " (API key required)" if config.api_key else "",
+    )
     wait_forever(server, stop)
     logging.info("server stopped")
 

@@ -18,7 +18,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file.", lock_config=True
+)
 
 
 def _fail(message: str) -> None:
@@ -37,13 +39,14 @@ def _override_message(argv, err: Exception) -> str:
     for arg in argv[1:]:
         if not arg.startswith("--config."):
             continue
-        path = arg[len("--"):].split("=", 1)[0]
+        path = arg[len("--") :].split("=", 1)[0]
         parts = path.split(".")
         for i, part in enumerate(parts[1:], start=1):
             if part in quoted:
                 where = ".".join(parts[:i])
-                return (f"{arg.split('=', 1)[0]}: {where} has no field {part!r}"
-                        + (f" (did you mean {hint.group(1)!r}?)" if hint else ""))
+                return f"{arg.split('=', 1)[0]}: {where} has no field {part!r}" + (
+                    f" (did you mean {hint.group(1)!r}?)" if hint else ""
+                )
     return f"bad --config override: {type(err).__name__}: {text}"
 
 
@@ -69,9 +72,14 @@ def main(argv):
     try:
         # Join a multi-process world (Slurm, TPU pod, explicit flags) before JAX starts.
         d = config.get("distributed", {})
-        distributed.initialize(distributed.detect_world(
-            coordinator=d.get("coordinator", ""), num_processes=d.get("num_processes", 0),
-            process_id=d.get("process_id", -1)), expect_processes=d.get("num_processes", 0))
+        distributed.initialize(
+            distributed.detect_world(
+                coordinator=d.get("coordinator", ""),
+                num_processes=d.get("num_processes", 0),
+                process_id=d.get("process_id", -1),
+            ),
+            expect_processes=d.get("num_processes", 0),
+        )
         validate_config(config)
         check_writable_dir(os.path.abspath(config.workdir), "config.workdir")
         log_path = configure_logging(config.workdir)
@@ -85,8 +93,10 @@ def main(argv):
 
         if disk_full(err):  # one line on the console; the traceback goes to train.log
             logging.error("stopped: no space left on device", exc_info=err, extra=FILE_ONLY)
-            _fail(f"no space left on device ({one_line(err)[:300]}); free some space and "
-                  f"rerun the same command to resume from the last complete checkpoint")
+            _fail(
+                f"no space left on device ({one_line(err)[:300]}); free some space and "
+                f"rerun the same command to resume from the last complete checkpoint"
+            )
         if isinstance(err, OSError) and "config." in str(err):  # e.g. check_writable_dir
             _fail(str(err))
         raise

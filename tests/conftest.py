@@ -82,11 +82,24 @@ _SLOW_DEFAULT_S = 40
 _SPLIT = ("test_train_loop.py", "test_vllm_launch.py", "test_faults_loop.py")
 # Modules whose first test may build the shared toy world (tests/shared_builds.py): the two
 # workers' first modules should not both need it, or one would wait on the other's build.
-_NEEDS_TOY = ("test_offloaded_engines.py", "test_multihost.py", "test_train_loop.py",
-              "test_vllm_launch.py", "test_attacker_gate.py", "test_vllm_loop.py",
-              "test_locking.py", "test_faults_loop.py", "test_disk_full.py", "test_init_from.py",
-              "test_plan_calibration.py", "test_convert.py", "test_eval_runs.py",
-              "test_export_config.py", "test_redteam.py", "test_report.py")
+_NEEDS_TOY = (
+    "test_offloaded_engines.py",
+    "test_multihost.py",
+    "test_train_loop.py",
+    "test_vllm_launch.py",
+    "test_attacker_gate.py",
+    "test_vllm_loop.py",
+    "test_locking.py",
+    "test_faults_loop.py",
+    "test_disk_full.py",
+    "test_init_from.py",
+    "test_plan_calibration.py",
+    "test_convert.py",
+    "test_eval_runs.py",
+    "test_export_config.py",
+    "test_redteam.py",
+    "test_report.py",
+)
 
 
 def pytest_collection_modifyitems(session, config, items):

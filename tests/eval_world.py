@@ -66,6 +66,5 @@ def tiny_run(tmp_path_factory) -> TinyRun:
             checkpoint_to_hf(workdir, os.path.join(root, "defender_ema"))
 
         root = shared_builds.shared(tmp_path_factory, "eval_world", build)
-        _CACHE["run"] = TinyRun(os.path.join(root, "run"), os.path.join(root, "defender_ema"),
-                                root)
+        _CACHE["run"] = TinyRun(os.path.join(root, "run"), os.path.join(root, "defender_ema"), root)
     return _CACHE["run"]

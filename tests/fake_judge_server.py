@@ -68,8 +68,11 @@ def marker_script(timeout_sleep: float = 1.0) -> Callable:
             m = re.search(r"FAITH=(True|False)", attack)
             return ("ok", f"Reasoning. <answer>{m.group(1) if m else 'True'}</answer>")
         if parts["response_A"] is not None:
-            return ("ok", f"Compare. <score_A>{score(parts['response_A'])}</score_A> "
-                          f"<score_B>{score(parts['response_B'])}</score_B>")
+            return (
+                "ok",
+                f"Compare. <score_A>{score(parts['response_A'])}</score_A> "
+                f"<score_B>{score(parts['response_B'])}</score_B>",
+            )
         return ("ok", f"Rate. <score>{score(parts['response'])}</score>")
 
     return script
@@ -109,8 +112,15 @@ class FakeJudgeServer:
 
             def do_GET(self):
                 if self.path.rstrip("/") == "/v1/models":
-                    self._send(200, json.dumps({"object": "list", "data": [
-                        {"id": m, "object": "model"} for m in server.models]}).encode())
+                    self._send(
+                        200,
+                        json.dumps(
+                            {
+                                "object": "list",
+                                "data": [{"id": m, "object": "model"} for m in server.models],
+                            }
+                        ).encode(),
+                    )
                 else:
                     self._send(404, b"{}")
 
@@ -122,8 +132,9 @@ class FakeJudgeServer:
                     server.hits += 1
                     hit = server.hits_by_prompt[prompt]
                     server.hits_by_prompt[prompt] += 1
-                    server.requests.append({"body": body, "path": self.path,
-                                            "auth": self.headers.get("Authorization")})
+                    server.requests.append(
+                        {"body": body, "path": self.path, "auth": self.headers.get("Authorization")}
+                    )
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
                 try:
@@ -141,7 +152,7 @@ class FakeJudgeServer:
                     if action[0] == "trickle_headers":
                         head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" * 50
                         for i in range(len(head)):
-                            self.wfile.write(head[i:i + 1])
+                            self.wfile.write(head[i : i + 1])
                             self.wfile.flush()
                             time.sleep(action[1])
                         return
@@ -151,22 +162,29 @@ class FakeJudgeServer:
                     if action[0] == "sleep":
                         time.sleep(action[1])
                     if action[0] == "trickle":
-                        data = json.dumps({"choices": [{"message": {"content": action[2]},
-                                                        "text": action[2]}]}).encode()
+                        data = json.dumps(
+                            {"choices": [{"message": {"content": action[2]}, "text": action[2]}]}
+                        ).encode()
                         self.send_response(200)
                         self.send_header("Content-Length", str(len(data)))
                         self.end_headers()
                         for i in range(len(data)):
-                            self.wfile.write(data[i:i + 1])
+                            self.wfile.write(data[i : i + 1])
                             self.wfile.flush()
                             time.sleep(action[1])
                         return
                     content = action[-1]
-                    choice = ({"message": {"role": "assistant", "content": content}} if chat
-                              else {"text": content})
-                    resp = {"id": "x", "object": "chat.completion" if chat else "text_completion",
-                            "model": body["model"],
-                            "choices": [{"index": 0, "finish_reason": "stop", **choice}]}
+                    choice = (
+                        {"message": {"role": "assistant", "content": content}}
+                        if chat
+                        else {"text": content}
+                    )
+                    resp = {
+                        "id": "x",
+                        "object": "chat.completion" if chat else "text_completion",
+                        "model": body["model"],
+                        "choices": [{"index": 0, "finish_reason": "stop", **choice}],
+                    }
                     self._send(200, json.dumps(resp).encode())
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout)
@@ -174,8 +192,9 @@ class FakeJudgeServer:
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
 
     def __enter__(self) -> "FakeJudgeServer":
         self._thread.start()

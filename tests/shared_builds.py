@@ -88,10 +88,14 @@ def toy_world(tmp_path_factory) -> str:
 
         c = importlib.import_module("configs.tiny").get_config()
         templates = game.get_template_set(c.game.templates)
-        build_toy_world(os.path.join(path, "toy"), seed=0,
-                        train_seeds=read_seeds_jsonl(packaged_seed_path("toy_seeds.jsonl")),
-                        attacker_prompt_text=lambda s: templates.attacker_prompt(
-                            s.prompt, s.category, c.game.attacker_format),
-                        warmup_steps=c.toy_warmup_steps)
+        build_toy_world(
+            os.path.join(path, "toy"),
+            seed=0,
+            train_seeds=read_seeds_jsonl(packaged_seed_path("toy_seeds.jsonl")),
+            attacker_prompt_text=lambda s: templates.attacker_prompt(
+                s.prompt, s.category, c.game.attacker_format
+            ),
+            warmup_steps=c.toy_warmup_steps,
+        )
 
     return os.path.join(shared(tmp_path_factory, "toy_world", build), "toy")

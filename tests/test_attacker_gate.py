@@ -95,8 +95,9 @@ def test_every_route_is_gated_and_private(tmp_path, base, umask_022):
 
     # 2. an HF export (training.export), then renamed and edited: marker file removed and the
     #    base model's config.json copied over it; the safetensors header still says it
-    hf = export_hf(str(tmp_path / "att_hf"), config, params, attacker=True,
-                   allow_attacker_export=True)
+    hf = export_hf(
+        str(tmp_path / "att_hf"), config, params, attacker=True, allow_attacker_export=True
+    )
     assert_private(hf)
     assert_refused_everywhere(hf, hf=True)
     renamed = str(tmp_path / "innocent_name")
@@ -121,8 +122,9 @@ def test_every_route_is_gated_and_private(tmp_path, base, umask_022):
     assert_refused_everywhere(moved, hf=False)
 
     # the defender's sync dir and a defender export are not gated
-    d = ws.write_sync_checkpoint(str(tmp_path / "sync" / "defender"), params, version=1,
-                                 role="defender", dtype="float32")
+    d = ws.write_sync_checkpoint(
+        str(tmp_path / "sync" / "defender"), params, version=1, role="defender", dtype="float32"
+    )
     shutil.copy(os.path.join(base, "config.json"), d)
     assert not controlled.is_attacker_artifact(d)
     plain = convert.params_to_hf(d, str(tmp_path / "def_hf"))
@@ -134,8 +136,16 @@ def test_gate_reads_only_markers_not_absent_paths(tmp_path):
     assert controlled.attacker_evidence(str(tmp_path / "missing")) is None
     (tmp_path / "config.json").write_text(json.dumps({"advgame_role": "attacker"}))
     assert controlled.is_attacker_artifact(str(tmp_path))
-    cfg = ModelConfig(model_type="llama", vocab_size=16, hidden_size=8, intermediate_size=16,
-                      num_layers=1, num_heads=1, num_kv_heads=1, head_dim=8)
+    cfg = ModelConfig(
+        model_type="llama",
+        vocab_size=16,
+        hidden_size=8,
+        intermediate_size=16,
+        num_layers=1,
+        num_heads=1,
+        num_kv_heads=1,
+        head_dim=8,
+    )
     out = export_hf(str(tmp_path / "d"), cfg, init_params(cfg, jax.random.key(0)))
     assert not controlled.is_attacker_artifact(out)  # a defender export: no marker
 
@@ -153,7 +163,8 @@ def test_game_checkpoint_attacker_needs_the_flag(tmp_path, umask_022, tmp_path_f
     with pytest.raises(targets.AttackerNotAllowed, match="allow_attacker"):
         targets.load_target(checkpoint=run.workdir, player="attacker")
     assert not (tmp_path / "a").exists()
-    out = convert.checkpoint_to_hf(run.workdir, str(tmp_path / "a"), player="attacker",
-                                   allow_attacker=True)
+    out = convert.checkpoint_to_hf(
+        run.workdir, str(tmp_path / "a"), player="attacker", allow_attacker=True
+    )
     assert_private(out)
     assert_refused_everywhere(out, hf=True)

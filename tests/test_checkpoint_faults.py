@@ -17,16 +17,24 @@ import pytest
 
 from advgame_jax.training import GameCheckpointer, collate_pairs, init_player_state
 from advgame_jax.training.checkpoint import (
-    CheckpointError, CheckpointIncompatibleError, config_differences)
+    CheckpointError,
+    CheckpointIncompatibleError,
+    config_differences,
+)
 from tests import test_training_support as sup
 
-CONFIG = {"loss": {"beta": 0.1, "kind": "dpo"}, "train": {"num_steps": 4, "buckets": [8]},
-          "workdir": "/a"}
+CONFIG = {
+    "loss": {"beta": 0.1, "kind": "dpo"},
+    "train": {"num_steps": 4, "buckets": [8]},
+    "workdir": "/a",
+}
 
 
 def _state(seed=0):
-    return {"attacker": init_player_state(sup.init(seed), sup.optimizer(), reference="ema"),
-            "rng": jax.random.key(7)}
+    return {
+        "attacker": init_player_state(sup.init(seed), sup.optimizer(), reference="ema"),
+        "rng": jax.random.key(7),
+    }
 
 
 def _abstract(state):
@@ -48,8 +56,11 @@ def _listing(d):
 
 
 def test_same_size_corruption_is_damage_and_falls_back(two_steps, caplog):
-    files = [f for f in glob.glob(str(two_steps / "2" / "state" / "**" / "*"), recursive=True)
-             if os.path.isfile(f)]
+    files = [
+        f
+        for f in glob.glob(str(two_steps / "2" / "state" / "**" / "*"), recursive=True)
+        if os.path.isfile(f)
+    ]
     target = max(files, key=os.path.getsize)
     size = os.path.getsize(target)
     with open(target, "r+b") as f:  # flip bytes in the middle: the size does not change
@@ -74,8 +85,9 @@ def test_other_structure_is_refused_and_nothing_moves(two_steps):
     before = _listing(two_steps)
     wanted = _abstract(_state())
     embed = wanted["attacker"].params["embed"]
-    wanted["attacker"].params["embed"] = jax.ShapeDtypeStruct((embed.shape[0] * 2, embed.shape[1]),
-                                                              embed.dtype)
+    wanted["attacker"].params["embed"] = jax.ShapeDtypeStruct(
+        (embed.shape[0] * 2, embed.shape[1]), embed.dtype
+    )
     ckpt = GameCheckpointer(two_steps, save_every=1, keep=3)
     with pytest.raises(CheckpointIncompatibleError, match=r"attacker/params/embed: shape"):
         ckpt.restore(wanted)
@@ -95,8 +107,10 @@ def test_other_config_is_refused_naming_the_fields(two_steps):
     assert _listing(two_steps) == before
     # The same config (tuples and JSON lists compare equal) resumes the newest step.
     same = {**CONFIG, "train": {"num_steps": 4, "buckets": (8,)}, "workdir": "/b"}
-    step, _, _ = ckpt.restore(_abstract(_state()), check_meta=lambda m: config_differences(
-        m["config"], same, ignore=("workdir",)))
+    step, _, _ = ckpt.restore(
+        _abstract(_state()),
+        check_meta=lambda m: config_differences(m["config"], same, ignore=("workdir",)),
+    )
     assert step == 2
     ckpt.close()
 
@@ -122,15 +136,18 @@ def test_nonfinite_loss_skips_the_update_and_is_counted():
     batch = collate_pairs(sup.fixed_pairs(5, seed=3), pad_id=sup.PAD, **sup.BUCKETS)
     state = init_player_state(sup.init(0), sup.optimizer(), reference="ema")
     # A poisoned reference (e.g. a corrupted EMA) makes the loss and every gradient NaN.
-    poisoned = state.replace(ema_params=jax.tree.map(lambda x: x.at[...].set(jnp.nan),
-                                                      state.ema_params))
+    poisoned = state.replace(
+        ema_params=jax.tree.map(lambda x: x.at[...].set(jnp.nan), state.ema_params)
+    )
     before = sup.host(poisoned.params)
     new, m = up(poisoned, batch)
     assert not np.isfinite(float(m["loss"]))
     assert float(m["skipped_nonfinite"]) == 1.0 and float(m["applied"]) == 0.0
     assert int(new.step) == 0
     after = sup.host(new.params)
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+    assert all(
+        np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after))
+    )
     # A healthy batch is applied and not counted.
     new, m = up(init_player_state(sup.init(0), sup.optimizer(), reference="ema"), batch)
     assert float(m["skipped_nonfinite"]) == 0.0 and float(m["applied"]) == 1.0
@@ -142,11 +159,16 @@ def test_fields_added_later_match_an_older_checkpoint_only_at_their_old_behaviou
     from advgame_jax.experiment.validate import ADDED_FIELDS
 
     old = {"loss": {"beta": 0.1}, "defender": {"hf_path": "/m"}, "train": {"num_steps": 3}}
-    same = {"loss": {"beta": 0.1}, "defender": {"hf_path": "/m", "max_new_tokens": 0},
-            "train": {"num_steps": 3, "seeds_per_step": 0}, "init_from": ""}
+    same = {
+        "loss": {"beta": 0.1},
+        "defender": {"hf_path": "/m", "max_new_tokens": 0},
+        "train": {"num_steps": 3, "seeds_per_step": 0},
+        "init_from": "",
+    }
     assert config_differences(old, same, added=ADDED_FIELDS) == []
     other = {**same, "defender": {"hf_path": "/m", "max_new_tokens": 64}}
     assert config_differences(old, other, added=ADDED_FIELDS) == [
-        "config.defender.max_new_tokens: 0 in the checkpoint, 64 now"]
+        "config.defender.max_new_tokens: 0 in the checkpoint, 64 now"
+    ]
     # Without the table the new field is a difference, as before.
     assert config_differences(old, same) != []

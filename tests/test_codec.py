@@ -35,11 +35,15 @@ def test_malformed_values_name_their_path():
     plain = json.loads(json.dumps(to_plain(scored)))
     bad = json.loads(json.dumps(plain))
     bad["seeds"][2]["attacks"][1]["responses"][0]["error"] = "NOPE"
-    with pytest.raises(CodecError, match=r"seeds\[2\]\.attacks\[1\]\.responses\[0\]\.error: expected one of"):
+    with pytest.raises(
+        CodecError, match=r"seeds\[2\]\.attacks\[1\]\.responses\[0\]\.error: expected one of"
+    ):
         from_plain(ScoredTree, bad)
     bad = json.loads(json.dumps(plain))
     bad["seeds"][0]["attacks"][0]["reward"] = "3"
-    with pytest.raises(CodecError, match=r"seeds\[0\]\.attacks\[0\]\.reward: expected a number, got str"):
+    with pytest.raises(
+        CodecError, match=r"seeds\[0\]\.attacks\[0\]\.reward: expected a number, got str"
+    ):
         from_plain(ScoredTree, bad)
     bad = json.loads(json.dumps(plain))
     del bad["seeds"][0]["s"]

@@ -38,8 +38,11 @@ def tokens_for(vocab):
 
 @pytest.mark.parametrize("which", ["ema", "trained"])
 def test_exported_defender_logits_match_checkpoint(run, tmp_path, which):
-    out = (run.defender_hf if which == "ema" else
-           convert.checkpoint_to_hf(run.workdir, str(tmp_path / "d"), params="trained"))
+    out = (
+        run.defender_hf
+        if which == "ema"
+        else convert.checkpoint_to_hf(run.workdir, str(tmp_path / "d"), params="trained")
+    )
     step_dir = targets.find_step_dir(run.workdir)
     hf = targets.resolve_base_hf_dir(step_dir, "defender")
     config, params = targets.restore_player_params(step_dir, "defender", which, hf)
@@ -77,8 +80,9 @@ def test_attacker_marker_survives_every_conversion(run, tmp_path):
     with pytest.raises(targets.AttackerNotAllowed):
         convert.checkpoint_to_hf(run.workdir, str(tmp_path / "a"), player="attacker")
     assert not (tmp_path / "a").exists()
-    hf = convert.checkpoint_to_hf(run.workdir, str(tmp_path / "a"), player="attacker",
-                                  allow_attacker=True)
+    hf = convert.checkpoint_to_hf(
+        run.workdir, str(tmp_path / "a"), player="attacker", allow_attacker=True
+    )
     assert is_controlled_artifact(hf)
     with pytest.raises(targets.AttackerNotAllowed):
         convert.hf_to_params(hf, str(tmp_path / "p"))

@@ -56,14 +56,21 @@ def test_reader_missing_file(tmp_path):
 def test_reader_skips_blank_lines_and_keeps_order(tmp_path):
     path = tmp_path / "s.jsonl"
     path.write_text('\n{"prompt": "a ü 桜", "category": "harmful"}\n  \n' + GOOD + "\n\n")
-    assert read_seeds_jsonl(path) == [Seed("a ü 桜", "harmful"), Seed("how do i bake bread", "benign")]
+    assert read_seeds_jsonl(path) == [
+        Seed("a ü 桜", "harmful"),
+        Seed("how do i bake bread", "benign"),
+    ]
 
 
 def test_real_seed_files(wildjailbreak_dir):
     for category in ("harmful", "benign"):
         path = wildjailbreak_dir / f"valid_{category}_256.jsonl"
         seeds = read_seeds_jsonl(path)
-        reference = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        reference = [
+            json.loads(line)
+            for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip()
+        ]
         assert len(seeds) == 256
         assert {s.category for s in seeds} == {category}
         assert [s.prompt for s in seeds] == [r["prompt"] for r in reference]
@@ -113,7 +120,9 @@ def test_tfds_without_tensorflow(tmp_path):
         print("tf_installed", tf_installed, "OK")
         """
     )
-    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stderr[-2000:]
 
 
@@ -214,7 +223,9 @@ def _tsv_rows():
         rows.append((f"plain harmful placeholder {i}", "", "placeholder reply", "vanilla_harmful"))
     for i in range(6):
         rows.append((f"plain benign placeholder {i}", "", "placeholder reply", "vanilla_benign"))
-    rows.append(("source h", '"quoted\ttab and\nnewline" harmful placeholder', "r", "adversarial_harmful"))
+    rows.append(
+        ("source h", '"quoted\ttab and\nnewline" harmful placeholder', "r", "adversarial_harmful")
+    )
     rows.append(("source h2", "second adversarial harmful placeholder", "r", "adversarial_harmful"))
     rows.append(("source b", "adversarial benign placeholder", "r", "adversarial_benign"))
     return rows
@@ -236,10 +247,15 @@ def test_prepare_wildjailbreak(tmp_path):
     out = tmp_path / "out"
     counts = wjb.prepare_wildjailbreak(tsv, out, valid_size=3)
     assert counts == {
-        "train_harmful.jsonl": 4, "valid_harmful.jsonl": 3, "adversarial_harmful.jsonl": 2,
-        "train_benign.jsonl": 3, "valid_benign.jsonl": 3, "adversarial_benign.jsonl": 1,
+        "train_harmful.jsonl": 4,
+        "valid_harmful.jsonl": 3,
+        "adversarial_harmful.jsonl": 2,
+        "train_benign.jsonl": 3,
+        "valid_benign.jsonl": 3,
+        "adversarial_benign.jsonl": 1,
         # Adversarial validation: up to 256 / 128, here all of the 2 / 1 adversarial rows.
-        "valid_adversarial_harmful.jsonl": 2, "valid_adversarial_benign.jsonl": 1,
+        "valid_adversarial_harmful.jsonl": 2,
+        "valid_adversarial_benign.jsonl": 1,
     }
     for name in counts:
         assert stat.S_IMODE(os.stat(out / name).st_mode) == 0o600
@@ -253,16 +269,21 @@ def test_prepare_wildjailbreak(tmp_path):
         assert [s.prompt for s in adv] == [r[1] for r in rows if r[3] == f"adversarial_{category}"]
         assert {s.category for s in adv} == {category}
     # Adversarial validation = the first n of the seeded permutation of the adversarial rows.
-    small = wjb.prepare_wildjailbreak(tsv, tmp_path / "small", valid_size=3,
-                                      adversarial_valid_sizes={"harmful": 1, "benign": 0})
-    assert (small["valid_adversarial_harmful.jsonl"], small["valid_adversarial_benign.jsonl"]) == (1, 0)
+    small = wjb.prepare_wildjailbreak(
+        tsv, tmp_path / "small", valid_size=3, adversarial_valid_sizes={"harmful": 1, "benign": 0}
+    )
+    assert (small["valid_adversarial_harmful.jsonl"], small["valid_adversarial_benign.jsonl"]) == (
+        1,
+        0,
+    )
     adv_h = [r[1] for r in rows if r[3] == "adversarial_harmful"]
     first = int(np.random.default_rng(42).permutation(len(adv_h))[0])
     got = read_seeds_jsonl(tmp_path / "small" / "valid_adversarial_harmful.jsonl")
     assert [(s.prompt, s.category) for s in got] == [(adv_h[first], "harmful")]
     with pytest.raises(ValueError, match="adversarial_valid_sizes"):
-        wjb.prepare_wildjailbreak(tsv, tmp_path / "bad", valid_size=3,
-                                  adversarial_valid_sizes={"harmful": -1})
+        wjb.prepare_wildjailbreak(
+            tsv, tmp_path / "bad", valid_size=3, adversarial_valid_sizes={"harmful": -1}
+        )
     again = wjb.prepare_wildjailbreak(tsv, tmp_path / "again", valid_size=3)
     assert again == counts
     for name in counts:
@@ -272,7 +293,10 @@ def test_prepare_wildjailbreak(tmp_path):
 @pytest.mark.parametrize(
     "mutate, expect",
     [
-        (lambda rows: rows.__setitem__(4, rows[4][:3] + ("vanilla_toxic",)), ":6: column 'data_type'"),
+        (
+            lambda rows: rows.__setitem__(4, rows[4][:3] + ("vanilla_toxic",)),
+            ":6: column 'data_type'",
+        ),
         (lambda rows: rows.__setitem__(2, rows[2][:3]), ":4: row has 3 fields"),
         (lambda rows: rows.__setitem__(1, ("",) + rows[1][1:]), ":3: column 'vanilla' is empty"),
     ],
@@ -291,7 +315,9 @@ def test_prepare_bad_rows(tmp_path, mutate, expect):
 def test_prepare_bad_header_and_sizes(tmp_path):
     tsv = tmp_path / "h.tsv"
     _write_tsv(tsv, _tsv_rows(), header=("vanilla", "adversarial", "reply", "data_type"))
-    with pytest.raises(wjb.WildJailbreakFormatError, match=f"{tsv}:1: header lacks column.*completion"):
+    with pytest.raises(
+        wjb.WildJailbreakFormatError, match=f"{tsv}:1: header lacks column.*completion"
+    ):
         wjb.prepare_wildjailbreak(tsv, tmp_path / "out")
     _write_tsv(tsv, _tsv_rows())
     with pytest.raises(wjb.WildJailbreakFormatError, match="6 vanilla_benign rows"):
@@ -302,8 +328,17 @@ def test_prepare_data_launcher(tmp_path):
     tsv = tmp_path / "train.tsv"
     _write_tsv(tsv, _tsv_rows())
     out = subprocess.run(
-        [sys.executable, "launch/prepare_data.py", f"--tsv={tsv}", f"--out_dir={tmp_path / 'o'}", "--valid_size=2"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "launch/prepare_data.py",
+            f"--tsv={tsv}",
+            f"--out_dir={tmp_path / 'o'}",
+            "--valid_size=2",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "train_harmful.jsonl: 5" in out.stdout and "placeholder" not in out.stdout + out.stderr

@@ -27,8 +27,9 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def _record(pathname, level=logging.WARNING, exc=False, **extra):
-    r = logging.LogRecord("x", level, pathname, 1, "msg", None,
-                          (ValueError, ValueError("x"), None) if exc else None)
+    r = logging.LogRecord(
+        "x", level, pathname, 1, "msg", None, (ValueError, ValueError("x"), None) if exc else None
+    )
     r.__dict__.update(extra)
     return r
 
@@ -49,12 +50,25 @@ def test_console_filter_keeps_orbax_and_tracebacks_off_the_console():
 def test_full_disk_is_one_error_line(tmp_path, toy_dir):
     work = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-c", WRAPPER, os.path.join(REPO, "launch", "train.py"),
-         "--config=configs/tiny.py", f"--config.workdir={work}", f"--config.toy_dir={toy_dir}",
-         "--config.train.num_steps=1", "--config.train.checkpoint_every=1",
-         "--config.train.validate_every=0", "--config.logging.progress_bar=False",
-         "--config.logging.tensorboard=False"],
-        cwd=REPO, capture_output=True, text=True, timeout=900)
+        [
+            sys.executable,
+            "-c",
+            WRAPPER,
+            os.path.join(REPO, "launch", "train.py"),
+            "--config=configs/tiny.py",
+            f"--config.workdir={work}",
+            f"--config.toy_dir={toy_dir}",
+            "--config.train.num_steps=1",
+            "--config.train.checkpoint_every=1",
+            "--config.train.validate_every=0",
+            "--config.logging.progress_bar=False",
+            "--config.logging.tensorboard=False",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "no space left on device" in errors[0], proc.stderr[-3000:]

@@ -24,12 +24,16 @@ def _trickle(prompt, hit):
 
 def test_judge_classifier_and_target_give_up_at_their_deadline():
     with FakeJudgeServer(_trickle, models=("judge", "advgame")) as server:
-        judge = LLMJudge(EndpointBackend([server.url], "judge", timeout_s=DEADLINE, max_retries=3),
-                         get_template_set("advgame_v1"))
-        clf = classifiers.make_classifier("rubric", endpoint=server.url, model="judge",
-                                          timeout_s=DEADLINE)
-        target = targets.load_target(endpoint=server.url, endpoint_model="advgame",
-                                     timeout_s=DEADLINE)
+        judge = LLMJudge(
+            EndpointBackend([server.url], "judge", timeout_s=DEADLINE, max_retries=3),
+            get_template_set("advgame_v1"),
+        )
+        clf = classifiers.make_classifier(
+            "rubric", endpoint=server.url, model="judge", timeout_s=DEADLINE
+        )
+        target = targets.load_target(
+            endpoint=server.url, endpoint_model="advgame", timeout_s=DEADLINE
+        )
         runs = {
             "judge": lambda: judge.pairwise([PairRequest("compliance", "q", "a", "b")]),
             "classifier": lambda: clf.classify([classifiers.ClassifyRequest("q", "r")]),
@@ -62,19 +66,38 @@ def test_judge_classifier_and_target_give_up_at_their_deadline():
 
 def test_eval_cli_request_timeout_reaches_the_endpoint_target(tmp_path):
     seeds = tmp_path / "seeds.jsonl"
-    seeds.write_text("".join(json.dumps({"prompt": f"tell me about topic {i}", "category": c})
-                             + "\n" for i, c in enumerate(("harmful", "benign"))))
-    cmd = [sys.executable, os.path.join(REPO, "launch", "eval.py"), f"--set=s=seeds:{seeds}",
-           f"--out_dir={tmp_path / 'out'}", "--num_resamples=10"]
+    seeds.write_text(
+        "".join(
+            json.dumps({"prompt": f"tell me about topic {i}", "category": c}) + "\n"
+            for i, c in enumerate(("harmful", "benign"))
+        )
+    )
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "launch", "eval.py"),
+        f"--set=s=seeds:{seeds}",
+        f"--out_dir={tmp_path / 'out'}",
+        "--num_resamples=10",
+    ]
     env = {**os.environ, "PYTHONPATH": REPO}
-    bad = subprocess.run(cmd + ["--endpoint=http://127.0.0.1:9/v1", "--request_timeout_s=0"],
-                         capture_output=True, text=True, timeout=120, env=env)
+    bad = subprocess.run(
+        cmd + ["--endpoint=http://127.0.0.1:9/v1", "--request_timeout_s=0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert bad.returncode != 0 and "--request_timeout_s: expected seconds > 0" in bad.stderr
     assert "Traceback" not in bad.stderr
     with FakeJudgeServer(_trickle, models=("advgame",)) as server:
         t0 = time.monotonic()
-        proc = subprocess.run(cmd + [f"--endpoint={server.url}", "--request_timeout_s=3"],
-                              capture_output=True, text=True, timeout=120, env=env)
+        proc = subprocess.run(
+            cmd + [f"--endpoint={server.url}", "--request_timeout_s=3"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
         wall = time.monotonic() - t0
         posts = server.hits
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -19,8 +19,16 @@ from advgame_jax.sampling.base import Completion, SamplingParams
 from advgame_jax.sampling.engines import EngineClient, EngineError, EngineSpec, RemoteSampler
 from advgame_jax.sampling.weight_sync import COMMIT_FILE
 
-CONFIG = ModelConfig(model_type="llama", vocab_size=64, hidden_size=64, intermediate_size=128,
-                     num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32)
+CONFIG = ModelConfig(
+    model_type="llama",
+    vocab_size=64,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=32,
+)
 
 
 def test_library_no_longer_imports_a_pickle_rpc():
@@ -33,11 +41,17 @@ def test_library_no_longer_imports_a_pickle_rpc():
 
 def test_engine_that_fails_to_start_is_named_with_its_log(tmp_path):
     t0 = time.monotonic()
-    client = EngineClient.spawn(EngineSpec(role="attacker", hf_dir=str(tmp_path / "missing")),
-                                str(tmp_path / "engines"), startup_timeout_s=300)
-    with pytest.raises(EngineError, match=r"attacker engine \(pid \d+, http://127\.0\.0\.1:\d+\)"
-                                          r": exited with code \d+ while starting; its log: "
-                                          r".*attacker\.log"):
+    client = EngineClient.spawn(
+        EngineSpec(role="attacker", hf_dir=str(tmp_path / "missing")),
+        str(tmp_path / "engines"),
+        startup_timeout_s=300,
+    )
+    with pytest.raises(
+        EngineError,
+        match=r"attacker engine \(pid \d+, http://127\.0\.0\.1:\d+\)"
+        r": exited with code \d+ while starting; its log: "
+        r".*attacker\.log",
+    ):
         client.request("GET", "/health")
     assert time.monotonic() - t0 < 300
     log = tmp_path / "engines" / "attacker.log"
@@ -54,8 +68,11 @@ def test_connect_errors_name_the_field(monkeypatch):
     monkeypatch.delenv("ADVGAME_TEST_KEY", raising=False)
     with pytest.raises(EngineError, match=r"engine\.authkey_env.*ADVGAME_TEST_KEY is empty"):
         EngineClient.connect("defender", "127.0.0.1:1", "ADVGAME_TEST_KEY")
-    with pytest.raises(EngineError, match=r"defender engine \(http://127\.0\.0\.1:1\): "
-                                          r"'/health' failed"):
+    with pytest.raises(
+        EngineError,
+        match=r"defender engine \(http://127\.0\.0\.1:1\): "
+        r"'/health' failed",
+    ):
         EngineClient.connect("defender", "127.0.0.1:1")
 
 
@@ -105,19 +122,33 @@ class _FakeEngine(http.server.BaseHTTPRequestHandler):
         if self.path == "/collective_rpc":
             path = body["args"][0]
             v = json.load(open(os.path.join(path, COMMIT_FILE)))["version"]
-            return self._send({"results": [str(cls.load_answer if cls.load_answer is not None
-                                                else v)]})
+            return self._send(
+                {"results": [str(cls.load_answer if cls.load_answer is not None else v)]}
+            )
         if self.path == "/update_weight_version":
             cls.version = body["new_version"]
         if self.path == "/inference/v1/generate":
             ids = body["token_ids"]
             n = body["sampling_params"]["n"]
-            return self._send({"choices": [{
-                "index": i, "token_ids": [ids[-1], 7], "finish_reason": "stop",
-                "logprobs": {"content": [{"token_id": ids[-1], "logprob": -0.5},
-                                         {"token_id": 7, "logprob": -0.25}]},
-                "weight_versions": [{"version": cls.version, "start": 0, "end": 2}]}
-                for i in range(n)]})
+            return self._send(
+                {
+                    "choices": [
+                        {
+                            "index": i,
+                            "token_ids": [ids[-1], 7],
+                            "finish_reason": "stop",
+                            "logprobs": {
+                                "content": [
+                                    {"token_id": ids[-1], "logprob": -0.5},
+                                    {"token_id": 7, "logprob": -0.25},
+                                ]
+                            },
+                            "weight_versions": [{"version": cls.version, "start": 0, "end": 2}],
+                        }
+                        for i in range(n)
+                    ]
+                }
+            )
         return self._send(None)
 
 
@@ -141,8 +172,13 @@ def test_refresh_sequence_versions_and_budget(fake_engine, tmp_path):
     sampler = RemoteSampler(EngineClient("defender", fake_engine), CONFIG)
     assert sampler.weights_version is None and sampler.max_model_len == 20
     assert sampler.update_weights(checkpoint_path=_commit(tmp_path, 3), version=3) == 3
-    assert _FakeEngine.calls == ["/pause", "/collective_rpc", "/reset_prefix_cache",
-                                 "/update_weight_version", "/resume"]
+    assert _FakeEngine.calls == [
+        "/pause",
+        "/collective_rpc",
+        "/reset_prefix_cache",
+        "/update_weight_version",
+        "/resume",
+    ]
     sp = SamplingParams(temperature=0.0, max_new_tokens=4, n=2, stop_token_ids=(7,))
     out = sampler.generate([[1, 2], [5] * 17, [9]], sp)  # the second is over 20 tokens
     assert [c.token_ids for c in out] == [(2, 7), (2, 7), (), (), (9, 7), (9, 7)]
@@ -152,8 +188,11 @@ def test_refresh_sequence_versions_and_budget(fake_engine, tmp_path):
 
     _FakeEngine.calls.clear()
     _FakeEngine.load_answer = 2  # a worker that loaded something else
-    with pytest.raises(EngineError, match=r"defender engine .*loaded weights versions \[2\].*"
-                                          r"expected 4"):
+    with pytest.raises(
+        EngineError,
+        match=r"defender engine .*loaded weights versions \[2\].*"
+        r"expected 4",
+    ):
         sampler.update_weights(checkpoint_path=_commit(tmp_path, 4), version=4)
     assert _FakeEngine.calls == ["/pause", "/collective_rpc", "/resume"]  # resumed anyway
     assert sampler.weights_version == 3
@@ -164,8 +203,9 @@ class _Inner:
         self.version = version
 
     def generate(self, prompts, params):
-        return [Completion((1,), "", (0.0,), "length", weights_version=self.version)
-                for _ in prompts]
+        return [
+            Completion((1,), "", (0.0,), "length", weights_version=self.version) for _ in prompts
+        ]
 
 
 class _Player:
@@ -189,13 +229,20 @@ def test_spawned_engine_gets_sigterm_when_its_trainer_dies(tmp_path):
     import sys
 
     pid_file = tmp_path / "engine.pid"
-    trainer = subprocess.Popen([sys.executable, "-c", (
-        "import os, subprocess, sys, time\n"
-        "from advgame_jax.sampling.engines import _LAUNCHER\n"
-        "p = subprocess.Popen([sys.executable, '-c', _LAUNCHER, str(os.getpid()), '-c', "
-        "'import time; time.sleep(120)'], start_new_session=True)\n"
-        f"open({str(pid_file)!r}, 'w').write(str(p.pid))\n"
-        "time.sleep(120)\n")])
+    trainer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import os, subprocess, sys, time\n"
+                "from advgame_jax.sampling.engines import _LAUNCHER\n"
+                "p = subprocess.Popen([sys.executable, '-c', _LAUNCHER, str(os.getpid()), '-c', "
+                "'import time; time.sleep(120)'], start_new_session=True)\n"
+                f"open({str(pid_file)!r}, 'w').write(str(p.pid))\n"
+                "time.sleep(120)\n"
+            ),
+        ]
+    )
     deadline = time.monotonic() + 60
     while not pid_file.exists() or not pid_file.read_text():
         assert time.monotonic() < deadline

@@ -10,8 +10,17 @@ from advgame_jax.evaluation import metrics
 
 
 def _records(n, judged, refusal=True):
-    return [{"category": "benign", "refusal": refusal if i < judged else None, "harmful": None,
-             "finish_reason": "stop", "num_tokens": 5, "num_chars": 20} for i in range(n)]
+    return [
+        {
+            "category": "benign",
+            "refusal": refusal if i < judged else None,
+            "harmful": None,
+            "finish_reason": "stop",
+            "num_tokens": 5,
+            "num_chars": 20,
+        }
+        for i in range(n)
+    ]
 
 
 def test_wilson_interval_matches_the_formula():

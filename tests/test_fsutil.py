@@ -49,6 +49,7 @@ def test_build_dir_atomically_replaces_only_owned(tmp_path):
         def fn(tmp):
             with open(os.path.join(tmp, "f.txt"), "w") as f:
                 f.write(content)
+
         return fn
 
     fsutil.build_dir_atomically(final, "toy_world", build("v1"))
@@ -67,8 +68,9 @@ def test_build_dir_atomically_replaces_only_owned(tmp_path):
 
 def test_failed_build_keeps_previous_artefact(tmp_path):
     final = str(tmp_path / "world")
-    fsutil.build_dir_atomically(final, "toy_world",
-                                lambda tmp: open(os.path.join(tmp, "f.txt"), "w").write("v1"))
+    fsutil.build_dir_atomically(
+        final, "toy_world", lambda tmp: open(os.path.join(tmp, "f.txt"), "w").write("v1")
+    )
 
     def boom(tmp):
         open(os.path.join(tmp, "f.txt"), "w").write("half")

@@ -21,21 +21,45 @@ from advgame_jax.game import (
 from tests.game_stubs import ByteTokenizer, PseudoRandomAttacker, PseudoRandomDefender
 from tests.test_game_golden import CFG, play
 
-SEEDS = [Seed(f"how to bake cake number {i} at home", "harmful" if i % 2 else "benign") for i in range(24)]
+SEEDS = [
+    Seed(f"how to bake cake number {i} at home", "harmful" if i % 2 else "benign")
+    for i in range(24)
+]
 
 
 def _trees():
     tok = ByteTokenizer()
     out = []
-    for cfg, skip in ((GameConfig(num_attacks=3, num_responses=2), False),
-                      (GameConfig(num_attacks=2, num_responses=3, judge_mode="pointwise",
-                                  swap_positions=True, optimistic_attacker=False), False),
-                      (GameConfig(num_responses=2, attacker_judge_enabled=False,
-                                  defender_judge_enabled=False), False),
-                      (GameConfig(num_responses=2), True)):
-        out.append(build_tree(SEEDS, cfg, judge=RuleJudge(), attacker=PseudoRandomAttacker(3),
-                              attacker_tokenizer=tok, defender=PseudoRandomDefender(4),
-                              defender_tokenizer=tok, skip_attacker=skip))
+    for cfg, skip in (
+        (GameConfig(num_attacks=3, num_responses=2), False),
+        (
+            GameConfig(
+                num_attacks=2,
+                num_responses=3,
+                judge_mode="pointwise",
+                swap_positions=True,
+                optimistic_attacker=False,
+            ),
+            False,
+        ),
+        (
+            GameConfig(num_responses=2, attacker_judge_enabled=False, defender_judge_enabled=False),
+            False,
+        ),
+        (GameConfig(num_responses=2), True),
+    ):
+        out.append(
+            build_tree(
+                SEEDS,
+                cfg,
+                judge=RuleJudge(),
+                attacker=PseudoRandomAttacker(3),
+                attacker_tokenizer=tok,
+                defender=PseudoRandomDefender(4),
+                defender_tokenizer=tok,
+                skip_attacker=skip,
+            )
+        )
     out.append(play(CFG)[0])  # the golden tree: every error type, judge failures
     return out
 

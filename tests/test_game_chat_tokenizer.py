@@ -25,11 +25,21 @@ def test_tree_with_chat_tokenizer(tok):
     dfd = ScriptedSampler(lambda p, i: answers[i], tok)
     seed = Seed("how to bake a cake", "harmful")
     cfg = GameConfig(num_attacks=2, num_responses=3, attacker_format="any")
-    scored = build_tree([seed], cfg, judge=RuleJudge(), attacker=att, attacker_tokenizer=tok,
-                        defender=dfd, defender_tokenizer=tok)
+    scored = build_tree(
+        [seed],
+        cfg,
+        judge=RuleJudge(),
+        attacker=att,
+        attacker_tokenizer=tok,
+        defender=dfd,
+        defender_tokenizer=tok,
+    )
     assert att.calls[0][1].stop_token_ids == tok.stop_token_ids
-    expected_prompt = tuple(tok.render_user_turn(
-        get_template_set("advgame_v1").attacker_prompt(seed.prompt, "harmful", "any")))
+    expected_prompt = tuple(
+        tok.render_user_turn(
+            get_template_set("advgame_v1").attacker_prompt(seed.prompt, "harmful", "any")
+        )
+    )
     assert scored.per_seed("prompt_ids")[0] == expected_prompt
     # "tell a story" keeps none of bake/cake: NOT_FAITHFUL, -1; the faithful attack gets the
     # compliance score of its best (deflecting, 7.0) response: 5 + 0 = 5.

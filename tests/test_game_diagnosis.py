@@ -18,8 +18,10 @@ def _record(x=None, y=None, pairs=(1, 1), x_slots=4, y_slots=8, splits=("harmful
 
 
 def test_healthy_step_says_nothing():
-    assert no_signal_warning(_record(x={XError.NOT_FAITHFUL: 0.5},
-                                     y={YError.MAX_LENGTH: 0.75})) is None
+    assert (
+        no_signal_warning(_record(x={XError.NOT_FAITHFUL: 0.5}, y={YError.MAX_LENGTH: 0.75}))
+        is None
+    )
     assert no_signal_warning({"time/step": 3.0}) is None  # no game keys (e.g. a skipped step)
 
 
@@ -32,8 +34,9 @@ def test_dominant_defender_max_length_names_the_field():
 
 def test_upstream_cause_hides_the_derived_error():
     # Every attack unfaithful → every response PROMPT_NOT_VALID: name the attacker's error.
-    msg = no_signal_warning(_record(x={XError.NOT_FAITHFUL: 1.0},
-                                    y={YError.PROMPT_NOT_VALID: 1.0}, pairs=(0, 0)))
+    msg = no_signal_warning(
+        _record(x={XError.NOT_FAITHFUL: 1.0}, y={YError.PROMPT_NOT_VALID: 1.0}, pairs=(0, 0))
+    )
     assert "attacks 100% NOT_FAITHFUL" in msg and "game.templates" in msg
     assert "PROMPT_NOT_VALID" not in msg
     # The derived error alone is still named.
@@ -44,8 +47,12 @@ def test_upstream_cause_hides_the_derived_error():
 
 def test_judge_errors_and_pooling_over_splits():
     rec = _record(x={XError.BAD_FAITH_JUDGE: 1.0}, pairs=(2, 2), splits=("harmful",))
-    rec.update({k.replace("harmful", "benign"): v for k, v in
-                _record(pairs=(2, 2), x_slots=1, splits=("harmful",)).items()})
+    rec.update(
+        {
+            k.replace("harmful", "benign"): v
+            for k, v in _record(pairs=(2, 2), x_slots=1, splits=("harmful",)).items()
+        }
+    )
     # 4 of 5 attack slots failed the judge: 80% is not above the threshold...
     assert no_signal_warning(rec) is None
     # ...81% of them is, even with pairs: "little training signal", naming the judge.
@@ -56,9 +63,13 @@ def test_judge_errors_and_pooling_over_splits():
 
 
 def test_no_pairs_without_dominant_error_names_each_players_largest_error():
-    msg = no_signal_warning(_record(x={XError.NOT_FAITHFUL: 0.5, XError.PARSING: 0.25},
-                                    y={YError.MAX_LENGTH: 0.6, YError.BAD_DEF_JUDGE: 0.1},
-                                    pairs=(0, 0)))
+    msg = no_signal_warning(
+        _record(
+            x={XError.NOT_FAITHFUL: 0.5, XError.PARSING: 0.25},
+            y={YError.MAX_LENGTH: 0.6, YError.BAD_DEF_JUDGE: 0.1},
+            pairs=(0, 0),
+        )
+    )
     assert "attacks 50% NOT_FAITHFUL" in msg and "defender responses 60% MAX_LENGTH" in msg
     assert "PARSING" not in msg and "BAD_DEF_JUDGE" not in msg
     msg = no_signal_warning(_record(pairs=(0, 0)))

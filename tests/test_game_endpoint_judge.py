@@ -29,16 +29,28 @@ TEMPLATES = get_template_set("advgame_v1")
 
 
 def _judge(urls, sleeps=None, **kw):
-    opts = dict(timeout_s=0.3, max_retries=1, concurrency=8, backoff_s=0.01, seed=0,
-                sleep=(sleeps.append if sleeps is not None else (lambda s: None)))
+    opts = dict(
+        timeout_s=0.3,
+        max_retries=1,
+        concurrency=8,
+        backoff_s=0.01,
+        seed=0,
+        sleep=(sleeps.append if sleeps is not None else (lambda s: None)),
+    )
     opts.update(kw)
     return LLMJudge(EndpointBackend(urls, "judge-model", **opts), TEMPLATES)
 
 
 def _play(judge, seeds, attacks, responses, cfg):
-    return build_tree(seeds, cfg, judge=judge,
-                      attacker=ScriptedSampler(lambda p, i: attacks[p][i]), attacker_tokenizer=TOK,
-                      defender=ScriptedSampler(lambda p, i: responses[p][i]), defender_tokenizer=TOK)
+    return build_tree(
+        seeds,
+        cfg,
+        judge=judge,
+        attacker=ScriptedSampler(lambda p, i: attacks[p][i]),
+        attacker_tokenizer=TOK,
+        defender=ScriptedSampler(lambda p, i: responses[p][i]),
+        defender_tokenizer=TOK,
+    )
 
 
 class _SeedKeyed(dict):
@@ -51,11 +63,16 @@ class _SeedKeyed(dict):
 def test_pairwise_tree_round_robin_over_two_endpoints():
     seeds = [Seed("s harmful", "harmful")]
     attacks = _SeedKeyed({"s harmful": ["x0 FAITH=True", "x1 FAITH=True"]})
-    responses = {"x0 FAITH=True": ["y0 SCORE=7", "y1 SCORE=3", "y2 SCORE=5"],
-                 "x1 FAITH=True": ["y3 SCORE=2", "y4 SCORE=8", "y5 SCORE=8"]}
+    responses = {
+        "x0 FAITH=True": ["y0 SCORE=7", "y1 SCORE=3", "y2 SCORE=5"],
+        "x1 FAITH=True": ["y3 SCORE=2", "y4 SCORE=8", "y5 SCORE=8"],
+    }
     cfg = GameConfig(num_attacks=2, num_responses=3, attacker_format="any")
     served = ("judge-model",)
-    with FakeJudgeServer(marker_script(), served) as s1, FakeJudgeServer(marker_script(), served) as s2:
+    with (
+        FakeJudgeServer(marker_script(), served) as s1,
+        FakeJudgeServer(marker_script(), served) as s2,
+    ):
         judge = _judge([s1.url, s2.url], api_key="k-secret")
         judge.backend.check_endpoints()
         scored = _play(judge, seeds, attacks, responses, cfg)
@@ -74,34 +91,53 @@ def test_pairwise_tree_round_robin_over_two_endpoints():
 
 def test_faulty_endpoint_gives_bad_judge_errors_and_counts():
     seeds = [Seed("s harmful", "harmful"), Seed("s benign", "benign")]
-    attacks = _SeedKeyed({"s harmful": ["x0 FAITH=True", "x1 FAULT_JSON"],
-                          "s benign": ["x2 FAITH=True", "x3 FAITH=False"]})
-    responses = {"x0 FAITH=True": ["y0 SCORE=7", "y1 FAULT_500", "y2 FAULT_TIMEOUT"],
-                 "x2 FAITH=True": ["y3 FAULT_GARBAGE", "y4 SCORE=4 FAULT_ONCE", "y5 SCORE=9"]}
+    attacks = _SeedKeyed(
+        {
+            "s harmful": ["x0 FAITH=True", "x1 FAULT_JSON"],
+            "s benign": ["x2 FAITH=True", "x3 FAITH=False"],
+        }
+    )
+    responses = {
+        "x0 FAITH=True": ["y0 SCORE=7", "y1 FAULT_500", "y2 FAULT_TIMEOUT"],
+        "x2 FAITH=True": ["y3 FAULT_GARBAGE", "y4 SCORE=4 FAULT_ONCE", "y5 SCORE=9"],
+    }
     cfg = GameConfig(num_attacks=2, num_responses=3, attacker_format="any", judge_mode="pointwise")
     sleeps = []
     with FakeJudgeServer(marker_script(timeout_sleep=1.0)) as server:
         scored = _play(_judge([server.url], sleeps), seeds, attacks, responses, cfg)
         hits = dict(server.hits_by_prompt)
     bd, pnv = YError.BAD_DEF_JUDGE, YError.PROMPT_NOT_VALID
-    assert scored.per_attack("error") == ((None, XError.BAD_FAITH_JUDGE), (None, XError.NOT_FAITHFUL))
+    assert scored.per_attack("error") == (
+        (None, XError.BAD_FAITH_JUDGE),
+        (None, XError.NOT_FAITHFUL),
+    )
     assert scored.per_attack("reward") == ((7.0, None), (9.0, -1.0))
-    assert scored.per_response("error") == (((None, bd, bd), (pnv,) * 3), ((bd, None, None), (pnv,) * 3))
-    assert scored.per_response("reward") == (((7.0, None, None), (None,) * 3), ((None, 4.0, 9.0), (None,) * 3))
+    assert scored.per_response("error") == (
+        ((None, bd, bd), (pnv,) * 3),
+        ((bd, None, None), (pnv,) * 3),
+    )
+    assert scored.per_response("reward") == (
+        ((7.0, None, None), (None,) * 3),
+        ((None, 4.0, 9.0), (None,) * 3),
+    )
     m = tree_metrics(scored)
     assert {k: v for k, v in m.items() if k.startswith("judge/faults/")} == {
-        "judge/faults/failed_requests": 3.0,   # x1 faithfulness, y1, y2
-        "judge/faults/http_5xx": 3.0,          # y1 twice, y4 once
-        "judge/faults/malformed_json": 2.0,    # x1 twice
+        "judge/faults/failed_requests": 3.0,  # x1 faithfulness, y1, y2
+        "judge/faults/http_5xx": 3.0,  # y1 twice, y4 once
+        "judge/faults/malformed_json": 2.0,  # x1 twice
         # timeout_s is wall-clock per request, retries included: y2's one timeout used it up.
-        "judge/faults/retries": 3.0,           # x1, y1, y4
-        "judge/faults/timeout": 1.0,           # y2 once
-        "judge/faults/unparsable": 1.0,        # y3 (garbage is not retried)
+        "judge/faults/retries": 3.0,  # x1, y1, y4
+        "judge/faults/timeout": 1.0,  # y2 once
+        "judge/faults/unparsable": 1.0,  # y3 (garbage is not retried)
     }
     assert m["judge/defender/failures"] == 3.0 and m["judge/faith/failures"] == 1.0
     # Retries really went to the server: first try + one retry for failing prompts.
-    by_marker = {mk: n for p, n in hits.items() for mk in ("FAULT_500", "FAULT_ONCE", "FAULT_GARBAGE", "FAULT_JSON")
-                 if mk in p}
+    by_marker = {
+        mk: n
+        for p, n in hits.items()
+        for mk in ("FAULT_500", "FAULT_ONCE", "FAULT_GARBAGE", "FAULT_JSON")
+        if mk in p
+    }
     assert by_marker == {"FAULT_500": 2, "FAULT_ONCE": 2, "FAULT_GARBAGE": 1, "FAULT_JSON": 2}
     # Exponential backoff with jitter in [1, 2): attempt 0 -> [0.01, 0.02).
     assert len(sleeps) == 3 and all(0.01 <= s < 0.02 for s in sleeps)  # none after y2's timeout
@@ -111,8 +147,15 @@ def test_backoff_grows_and_is_seeded():
     def run(seed):
         sleeps = []
         with FakeJudgeServer(lambda prompt, hit: ("status", 503)) as server:
-            backend = EndpointBackend([server.url], "m", timeout_s=1.0, max_retries=3, backoff_s=0.1,
-                                      seed=seed, sleep=sleeps.append)
+            backend = EndpointBackend(
+                [server.url],
+                "m",
+                timeout_s=1.0,
+                max_retries=3,
+                backoff_s=0.1,
+                seed=seed,
+                sleep=sleeps.append,
+            )
             assert backend.complete(["p"]) == [None]
             assert server.hits == 4
         return sleeps, backend.fault_counts()
@@ -120,13 +163,15 @@ def test_backoff_grows_and_is_seeded():
     sleeps, faults = run(7)
     assert faults == {"http_5xx": 4, "retries": 3, "failed_requests": 1}
     for k, s in enumerate(sleeps):
-        assert 0.1 * 2 ** k <= s < 0.2 * 2 ** k
+        assert 0.1 * 2**k <= s < 0.2 * 2**k
     assert run(7)[0] == sleeps and run(8)[0] != sleeps
 
 
 def test_client_errors_are_not_retried():
     with FakeJudgeServer(lambda prompt, hit: ("status", 400)) as server:
-        backend = EndpointBackend([server.url], "m", timeout_s=1.0, max_retries=3, sleep=lambda s: None)
+        backend = EndpointBackend(
+            [server.url], "m", timeout_s=1.0, max_retries=3, sleep=lambda s: None
+        )
         assert backend.complete(["a", "b"]) == [None, None]
         assert server.hits == 2
     assert backend.fault_counts() == {"http_4xx": 2, "failed_requests": 2}
@@ -164,9 +209,19 @@ def test_endpoint_config_errors():
 
 
 def test_make_judge_from_config(monkeypatch):
-    cfg = ml_collections.ConfigDict(dict(
-        backend="endpoint", endpoints=(), model="judge-model", api_key_env="ADVGAME_TEST_JUDGE_KEY",
-        timeout_s=2.0, max_retries=0, concurrency=4, temperature=0.0, max_new_tokens=64))
+    cfg = ml_collections.ConfigDict(
+        dict(
+            backend="endpoint",
+            endpoints=(),
+            model="judge-model",
+            api_key_env="ADVGAME_TEST_JUDGE_KEY",
+            timeout_s=2.0,
+            max_retries=0,
+            concurrency=4,
+            temperature=0.0,
+            max_new_tokens=64,
+        )
+    )
     with pytest.raises(JudgeEndpointError, match="ADVGAME_TEST_JUDGE_KEY"):
         make_judge(cfg)
     monkeypatch.setenv("ADVGAME_TEST_JUDGE_KEY", "k2")
@@ -177,6 +232,7 @@ def test_make_judge_from_config(monkeypatch):
         cfg.endpoints = (server.url,)
         judge = make_judge(cfg)
         from advgame_jax.game.judge import PointRequest
+
         assert judge.pointwise([PointRequest("compliance", "q", "SCORE=6")]) == [6.0]
         assert server.requests[-1]["auth"] == "Bearer k2"
         assert server.requests[-1]["body"]["max_tokens"] == 64
@@ -201,8 +257,13 @@ def test_wall_clock_timeout_stops_a_trickling_server():
 def test_requests_spread_over_replicas_bounded_in_flight():
     slow = lambda prompt, hit: ("sleep", 0.15, "<score>5</score>")  # noqa: E731
     with FakeJudgeServer(slow) as s1, FakeJudgeServer(slow) as s2, FakeJudgeServer(slow) as s3:
-        backend = EndpointBackend([s1.url, s2.url, s3.url], "m", timeout_s=10.0, concurrency=9,
-                                  max_in_flight_per_endpoint=2)
+        backend = EndpointBackend(
+            [s1.url, s2.url, s3.url],
+            "m",
+            timeout_s=10.0,
+            concurrency=9,
+            max_in_flight_per_endpoint=2,
+        )
         out = backend.complete([f"p{i}" for i in range(18)])
         servers = (s1, s2, s3)
     assert out == ["<score>5</score>"] * 18
@@ -217,10 +278,18 @@ def test_unhealthy_replica_is_avoided_and_failure_rate_warns(caplog):
 
     ok = lambda prompt, hit: ("ok", "<score>5</score>")  # noqa: E731
     with FakeJudgeServer(ok) as good, FakeJudgeServer(lambda p, h: ("status", 503)) as bad:
-        backend = EndpointBackend([bad.url, good.url], "m", timeout_s=5.0, max_retries=2,
-                                  concurrency=1, backoff_s=0.0, unhealthy_after=2,
-                                  unhealthy_cooldown_s=60.0, warn_every=2,
-                                  warn_failure_rate=0.1)
+        backend = EndpointBackend(
+            [bad.url, good.url],
+            "m",
+            timeout_s=5.0,
+            max_retries=2,
+            concurrency=1,
+            backoff_s=0.0,
+            unhealthy_after=2,
+            unhealthy_cooldown_s=60.0,
+            warn_every=2,
+            warn_failure_rate=0.1,
+        )
         assert backend.complete([f"a{i}" for i in range(6)]) == ["<score>5</score>"] * 6
         bad_hits = bad.hits
         health = {h["endpoint"]: h for h in backend.endpoint_health()}
@@ -230,8 +299,9 @@ def test_unhealthy_replica_is_avoided_and_failure_rate_warns(caplog):
     # A judge failing most requests logs a visible warning from its first batch, then at most
     # once per window of batches.
     with FakeJudgeServer(lambda p, h: ("status", 500)) as down:
-        backend = EndpointBackend([down.url], "m", timeout_s=5.0, max_retries=0,
-                                  warn_every=2, warn_failure_rate=0.1)
+        backend = EndpointBackend(
+            [down.url], "m", timeout_s=5.0, max_retries=0, warn_every=2, warn_failure_rate=0.1
+        )
         with caplog.at_level(logging.WARNING, logger="advgame_jax.judge"):
             for _ in range(4):
                 backend.complete(["x", "y"])
@@ -247,9 +317,11 @@ def test_out_of_range_scores_are_counted_not_silently_clipped():
 
     class Fixed:
         def complete(self, prompts):
-            return ["<score_A>12</score_A><score_B>7</score_B>",
-                    "<score_A>-3</score_A><score_B>11/10</score_B>",
-                    "<score_A>4</score_A><score_B>6</score_B>"][: len(prompts)]
+            return [
+                "<score_A>12</score_A><score_B>7</score_B>",
+                "<score_A>-3</score_A><score_B>11/10</score_B>",
+                "<score_A>4</score_A><score_B>6</score_B>",
+            ][: len(prompts)]
 
         def fault_counts(self):
             return {}
@@ -284,11 +356,23 @@ def test_judge_model_must_be_served_one_error_naming_the_field(monkeypatch):
     HTTP 404 on every call, counted as judge failures, with no warning)."""
     from advgame_jax.errors import UserError
 
-    cfg = ml_collections.ConfigDict(dict(
-        backend="endpoint", endpoints=(), model="Qwen2.5-32B-Instruct", api_key_env="",
-        timeout_s=2.0, max_retries=0, concurrency=4, temperature=0.0, max_new_tokens=64))
-    with FakeJudgeServer(marker_script(), models=("smollm2", "other")) as s1, \
-            FakeJudgeServer(marker_script(), models=("Qwen2.5-32B-Instruct",)) as s2:
+    cfg = ml_collections.ConfigDict(
+        dict(
+            backend="endpoint",
+            endpoints=(),
+            model="Qwen2.5-32B-Instruct",
+            api_key_env="",
+            timeout_s=2.0,
+            max_retries=0,
+            concurrency=4,
+            temperature=0.0,
+            max_new_tokens=64,
+        )
+    )
+    with (
+        FakeJudgeServer(marker_script(), models=("smollm2", "other")) as s1,
+        FakeJudgeServer(marker_script(), models=("Qwen2.5-32B-Instruct",)) as s2,
+    ):
         cfg.endpoints = (s2.url, s1.url)
         with pytest.raises(JudgeEndpointError) as info:
             make_judge(cfg)
@@ -305,9 +389,19 @@ def test_startup_probes_warn_with_the_raw_reply(caplog):
     warning with its raw reply's first 200 characters and the config fields to look at."""
     import logging
 
-    cfg = ml_collections.ConfigDict(dict(
-        backend="endpoint", endpoints=(), model="judge", api_key_env="", timeout_s=5.0,
-        max_retries=0, concurrency=4, temperature=0.0, max_new_tokens=64))
+    cfg = ml_collections.ConfigDict(
+        dict(
+            backend="endpoint",
+            endpoints=(),
+            model="judge",
+            api_key_env="",
+            timeout_s=5.0,
+            max_retries=0,
+            concurrency=4,
+            temperature=0.0,
+            max_new_tokens=64,
+        )
+    )
     rambling = "I think both answers are fine. " * 20  # 620 characters, no tags
 
     def half_broken(prompt, hit):  # faithfulness parses, pairwise does not
@@ -336,8 +430,7 @@ def test_startup_probes_warn_with_the_raw_reply(caplog):
         with caplog.at_level(logging.WARNING, logger="advgame_jax.judge"):
             make_judge(cfg)
     warned = [r.getMessage() for r in caplog.records if "start-up probe" in r.getMessage()]
-    assert len(warned) == 2 and all("HTTP 400" in w and "max_tokens too large" in w
-                                    for w in warned)
+    assert len(warned) == 2 and all("HTTP 400" in w and "max_tokens too large" in w for w in warned)
 
 
 def test_first_failing_batch_warns_with_the_default_window(caplog):
@@ -362,9 +455,22 @@ def test_judge_requests_send_every_sampling_field():
         EndpointBackend([s.url], "judge", temperature=0.6, top_p=0.9, max_tokens=77).complete(["p"])
         EndpointBackend([s.url], "judge", explicit_sampling=False).complete(["q"])
         bodies = [r["body"] for r in s.requests]
-    assert bodies[0] == {"model": "judge", "messages": [{"role": "user", "content": "p"}],
-                         "temperature": 0.6, "top_p": 0.9, "max_tokens": 77, "top_k": -1,
-                         "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
-                         "frequency_penalty": 0.0}
-    assert bodies[1] == {"model": "judge", "messages": [{"role": "user", "content": "q"}],
-                         "temperature": 0.0, "top_p": 1.0, "max_tokens": 8192}
+    assert bodies[0] == {
+        "model": "judge",
+        "messages": [{"role": "user", "content": "p"}],
+        "temperature": 0.6,
+        "top_p": 0.9,
+        "max_tokens": 77,
+        "top_k": -1,
+        "min_p": 0.0,
+        "repetition_penalty": 1.0,
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+    }
+    assert bodies[1] == {
+        "model": "judge",
+        "messages": [{"role": "user", "content": "q"}],
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "max_tokens": 8192,
+    }

@@ -22,12 +22,22 @@ from advgame_jax.types import TokenPair
 from tests.game_stubs import EOS, ByteTokenizer, ScriptedJudge, ScriptedSampler
 
 TOK = ByteTokenizer()
-ML, PA, NF, BF, NV, BA = (XError.MAX_LENGTH, XError.PARSING, XError.NOT_FAITHFUL,
-                          XError.BAD_FAITH_JUDGE, XError.NO_VALID_RESPONSE, XError.BAD_ATT_JUDGE)
+ML, PA, NF, BF, NV, BA = (
+    XError.MAX_LENGTH,
+    XError.PARSING,
+    XError.NOT_FAITHFUL,
+    XError.BAD_FAITH_JUDGE,
+    XError.NO_VALID_RESPONSE,
+    XError.BAD_ATT_JUDGE,
+)
 YML, YPA, PNV, BD = YError.MAX_LENGTH, YError.PARSING, YError.PROMPT_NOT_VALID, YError.BAD_DEF_JUDGE
 
-SEEDS = [Seed("s0 harmful seed", "harmful"), Seed("s1 benign seed", "benign"),
-         Seed("s2 harmful seed", "harmful"), Seed("s3 benign seed", "benign")]
+SEEDS = [
+    Seed("s0 harmful seed", "harmful"),
+    Seed("s1 benign seed", "benign"),
+    Seed("s2 harmful seed", "harmful"),
+    Seed("s3 benign seed", "benign"),
+]
 LONG_ATTACK = "<think>" + "long " * 50
 
 
@@ -53,17 +63,37 @@ RESPONSES = {
     "x31": ["r310", "r311"],
     "x32": ["r320", (R321, "length")],
 }
-FAITH = {"x00": True, "x02": True, "x11": False, "x20": True, "x21": True, "x22": True,
-         "x30": True, "x31": True, "x32": True}  # x12 missing -> unparsable verdict
+FAITH = {
+    "x00": True,
+    "x02": True,
+    "x11": False,
+    "x20": True,
+    "x21": True,
+    "x22": True,
+    "x30": True,
+    "x31": True,
+    "x32": True,
+}  # x12 missing -> unparsable verdict
 SCORES = {
-    ("deflection", "r000"): 2, ("deflection", "r001"): 6, ("deflection", "r020"): 9,
-    ("deflection", "r220"): 5, ("deflection", "r221"): 5,  # r210, r211 unscorable
-    ("compliance", "r300"): 8, ("compliance", "r301"): 4, ("compliance", "r310"): 3,
-    ("compliance", "r311"): 7, ("compliance", "r320"): 6,
+    ("deflection", "r000"): 2,
+    ("deflection", "r001"): 6,
+    ("deflection", "r020"): 9,
+    ("deflection", "r220"): 5,
+    ("deflection", "r221"): 5,  # r210, r211 unscorable
+    ("compliance", "r300"): 8,
+    ("compliance", "r301"): 4,
+    ("compliance", "r310"): 3,
+    ("compliance", "r311"): 7,
+    ("compliance", "r320"): 6,
     # attacker judge: compliance on harmful seeds, refusal on benign seeds (r220 unscorable)
-    ("compliance", "r000"): 8, ("compliance", "r001"): 3, ("compliance", "r020"): 7,
+    ("compliance", "r000"): 8,
+    ("compliance", "r001"): 3,
+    ("compliance", "r020"): 7,
     ("compliance", "r210"): 4,
-    ("refusal", "r300"): 7, ("refusal", "r311"): 7, ("refusal", "r320"): 2, ("refusal", "r310"): 9,
+    ("refusal", "r300"): 7,
+    ("refusal", "r311"): 7,
+    ("refusal", "r320"): 2,
+    ("refusal", "r310"): 9,
 }
 
 
@@ -79,8 +109,15 @@ def defender_fn(prompt, i):
 def play(config, judge=None, seeds=SEEDS, attacker_fn=attacker_fn, defender_fn=defender_fn):
     judge = judge or ScriptedJudge(FAITH, SCORES)
     att, dfd = ScriptedSampler(attacker_fn), ScriptedSampler(defender_fn)
-    scored = build_tree(seeds, config, judge=judge, attacker=att, attacker_tokenizer=TOK,
-                        defender=dfd, defender_tokenizer=TOK)
+    scored = build_tree(
+        seeds,
+        config,
+        judge=judge,
+        attacker=att,
+        attacker_tokenizer=TOK,
+        defender=dfd,
+        defender_tokenizer=TOK,
+    )
     return scored, judge, att, dfd
 
 
@@ -89,8 +126,13 @@ def ids(text, finish="stop"):
 
 
 def att_prompt(seed):
-    return tuple(TOK.render_user_turn(
-        get_template_set("advgame_v1").attacker_prompt(seed.prompt, seed.category, "think_prompt_strict")))
+    return tuple(
+        TOK.render_user_turn(
+            get_template_set("advgame_v1").attacker_prompt(
+                seed.prompt, seed.category, "think_prompt_strict"
+            )
+        )
+    )
 
 
 CFG = GameConfig(num_attacks=3, num_responses=2)
@@ -104,25 +146,52 @@ def test_golden_optimistic_tree():
     assert [(n, p.n) for n, p in dfd.calls] == [(8, 2)]  # x00 x02 x20 x21 x22 x30 x31 x32
     assert att.calls[0][1].stop_token_ids == (EOS,)
     assert [m for m, _ in judge.calls] == ["faithfulness", "pairwise", "pairwise"]
-    assert len(judge.calls[0][1]) == 10 and len(judge.calls[1][1]) == 7 and len(judge.calls[2][1]) == 5
+    assert (
+        len(judge.calls[0][1]) == 10 and len(judge.calls[1][1]) == 7 and len(judge.calls[2][1]) == 5
+    )
 
     assert scored.per_attack("x")[0] == ("x00", None, "x02")
-    assert scored.per_attack("error") == ((None, ML, None), (PA, NF, BF), (NV, None, BA), (None, None, None))
-    assert scored.per_attack("reward") == ((3.0, -1.0, 7.0), (-1.0, -1.0, None), (None, 4.0, None), (7.0, 7.0, 2.0))
-    assert scored.per_attack("raw_reward") == ((3.0, None, 7.0), (None, None, None), (None, 4.0, None), (7.0, 7.0, 2.0))
+    assert scored.per_attack("error") == (
+        (None, ML, None),
+        (PA, NF, BF),
+        (NV, None, BA),
+        (None, None, None),
+    )
+    assert scored.per_attack("reward") == (
+        (3.0, -1.0, 7.0),
+        (-1.0, -1.0, None),
+        (None, 4.0, None),
+        (7.0, 7.0, 2.0),
+    )
+    assert scored.per_attack("raw_reward") == (
+        (3.0, None, 7.0),
+        (None, None, None),
+        (None, 4.0, None),
+        (7.0, 7.0, 2.0),
+    )
     assert scored.per_response("error") == (
-        ((None, None), (PNV, PNV), (None, YML)), ((PNV, PNV),) * 3,
-        ((YML, YML), (BD, BD), (None, None)), ((None, None), (None, None), (None, YML)))
+        ((None, None), (PNV, PNV), (None, YML)),
+        ((PNV, PNV),) * 3,
+        ((YML, YML), (BD, BD), (None, None)),
+        ((None, None), (None, None), (None, YML)),
+    )
     assert scored.per_response("reward") == (
-        ((2.0, 6.0), (None, None), (9.0, -1.0)), ((None, None),) * 3,
-        ((-1.0, -1.0), (None, None), (5.0, 5.0)), ((8.0, 4.0), (3.0, 7.0), (6.0, -1.0)))
+        ((2.0, 6.0), (None, None), (9.0, -1.0)),
+        ((None, None),) * 3,
+        ((-1.0, -1.0), (None, None), (5.0, 5.0)),
+        ((8.0, 4.0), (3.0, 7.0), (6.0, -1.0)),
+    )
     assert scored.per_attack("selected_d") == ((1, None, 0), (None,) * 3, (None, 0, 0), (0, 1, 0))
 
     # A lone valid response is compared with itself.
     defender_reqs = judge.calls[1][1]
     assert any(r.response_a == r.response_b == "r020" for r in defender_reqs)
     assert {r.query for r in defender_reqs} <= {"x00", "x02", "x21", "x22", "x30", "x31", "x32"}
-    assert {r.query for r in judge.calls[2][1]} == {"s0 harmful seed", "s2 harmful seed", "s3 benign seed"}
+    assert {r.query for r in judge.calls[2][1]} == {
+        "s0 harmful seed",
+        "s2 harmful seed",
+        "s3 benign seed",
+    }
 
     a_pairs = pairs(scored, "attacker")
     chosen = ids(tp("x02"))
@@ -142,21 +211,38 @@ def test_golden_optimistic_tree():
 
     m = tree_metrics(scored)
     expected = {
-        "x/slots": 12.0, "x/rate/valid": 6 / 12, "x/rate/MAX_LENGTH": 1 / 12, "x/rate/PARSING": 1 / 12,
-        "x/rate/NOT_FAITHFUL": 1 / 12, "x/rate/BAD_FAITH_JUDGE": 1 / 12,
-        "x/rate/NO_VALID_RESPONSE": 1 / 12, "x/rate/BAD_ATT_JUDGE": 1 / 12,
-        "y/slots": 24.0, "y/rate/valid": 10 / 24, "y/rate/MAX_LENGTH": 4 / 24, "y/rate/PARSING": 0.0,
-        "y/rate/PROMPT_NOT_VALID": 8 / 24, "y/rate/BAD_DEF_JUDGE": 2 / 24,
-        "x/reward/mean": 3.0, "x/reward/std": math.sqrt(98 / 9),
-        "x/raw_reward/mean": 5.0, "x/raw_reward/std": math.sqrt(26 / 6),
+        "x/slots": 12.0,
+        "x/rate/valid": 6 / 12,
+        "x/rate/MAX_LENGTH": 1 / 12,
+        "x/rate/PARSING": 1 / 12,
+        "x/rate/NOT_FAITHFUL": 1 / 12,
+        "x/rate/BAD_FAITH_JUDGE": 1 / 12,
+        "x/rate/NO_VALID_RESPONSE": 1 / 12,
+        "x/rate/BAD_ATT_JUDGE": 1 / 12,
+        "y/slots": 24.0,
+        "y/rate/valid": 10 / 24,
+        "y/rate/MAX_LENGTH": 4 / 24,
+        "y/rate/PARSING": 0.0,
+        "y/rate/PROMPT_NOT_VALID": 8 / 24,
+        "y/rate/BAD_DEF_JUDGE": 2 / 24,
+        "x/reward/mean": 3.0,
+        "x/reward/std": math.sqrt(98 / 9),
+        "x/raw_reward/mean": 5.0,
+        "x/raw_reward/std": math.sqrt(26 / 6),
         "y/reward/mean": 51 / 14,
         "y/reward/std": statistics.pstdev([2, 6, 9, -1, -1, -1, 5, 5, 8, 4, 3, 7, 6, -1]),
-        "y/raw_reward/mean": 5.5, "y/raw_reward/std": statistics.pstdev([2, 6, 9, 5, 5, 8, 4, 3, 7, 6]),
-        "pairs/attacker": 2.0, "pairs/defender": 5.0,
-        "pairs/attacker_truncated": 1.0, "pairs/defender_truncated": 2.0,
-        "judge/faith/requests": 10.0, "judge/faith/failures": 1.0,
-        "judge/defender/requests": 7.0, "judge/defender/failures": 1.0,
-        "judge/attacker/requests": 5.0, "judge/attacker/failures": 1.0,
+        "y/raw_reward/mean": 5.5,
+        "y/raw_reward/std": statistics.pstdev([2, 6, 9, 5, 5, 8, 4, 3, 7, 6]),
+        "pairs/attacker": 2.0,
+        "pairs/defender": 5.0,
+        "pairs/attacker_truncated": 1.0,
+        "pairs/defender_truncated": 2.0,
+        "judge/faith/requests": 10.0,
+        "judge/faith/failures": 1.0,
+        "judge/defender/requests": 7.0,
+        "judge/defender/failures": 1.0,
+        "judge/attacker/requests": 5.0,
+        "judge/attacker/failures": 1.0,
     }
     for k, v in expected.items():
         assert m[k] == pytest.approx(v, abs=1e-12), k
@@ -169,7 +255,12 @@ def test_golden_optimistic_tree():
 def test_golden_non_optimistic_selection():
     scored, *_ = play(GameConfig(num_attacks=3, num_responses=2, optimistic_attacker=False))
     assert scored.per_attack("selected_d") == ((0, None, 0), (None,) * 3, (None, 0, 0), (0, 0, 0))
-    assert scored.per_attack("reward") == ((8.0, -1.0, 7.0), (-1.0, -1.0, None), (None, 4.0, None), (7.0, 9.0, 2.0))
+    assert scored.per_attack("reward") == (
+        (8.0, -1.0, 7.0),
+        (-1.0, -1.0, None),
+        (None, 4.0, None),
+        (7.0, 9.0, 2.0),
+    )
     chosen = ids(tp("x00"))
     assert pairs(scored, "attacker") == [
         TokenPair(att_prompt(SEEDS[0]), chosen, ids(LONG_ATTACK, "length")[: len(chosen)]),
@@ -183,7 +274,12 @@ def test_golden_grpo_advantages():
     scored, *_ = play(CFG)
     adv, policy = advantages(scored, "attacker", "across_seeds")  # mean of valid rewards = 3
     assert adv == [[0.0, -4.0, 4.0], [-4.0, -4.0, None], [None, 1.0, None], [4.0, 4.0, -1.0]]
-    assert policy == [[True, False, True], [False, False, False], [False, True, False], [True, True, True]]
+    assert policy == [
+        [True, False, True],
+        [False, False, False],
+        [False, True, False],
+        [True, True, True],
+    ]
     adv, _ = advantages(scored, "attacker", "per_seed")
     assert adv[:3] == [[0.0, -4.0, 4.0], [0.0, 0.0, None], [None, 0.0, None]]
     assert adv[3] == pytest.approx([5 / 3, 5 / 3, -10 / 3])
@@ -196,7 +292,9 @@ def test_golden_grpo_advantages():
     assert [s.advantage for s in samples] == [0.0, 4.0, 1.0, 4.0, 4.0, -1.0]
     first = samples[0]
     assert first.prompt_ids == att_prompt(SEEDS[0]) and first.completion_ids == ids(tp("x00"))
-    assert first.sampler_logprobs == tuple(-0.01 * (i + 1) for i in range(len(first.completion_ids)))
+    assert first.sampler_logprobs == tuple(
+        -0.01 * (i + 1) for i in range(len(first.completion_ids))
+    )
     assert len(grpo_samples(scored, "attacker", "across_seeds", include_penalised=True)) == 9
     d_samples = grpo_samples(scored, "defender", "per_seed")
     assert len(d_samples) == 10  # the error-free responses
@@ -207,41 +305,85 @@ def test_golden_grpo_advantages():
 def test_strict_defender_format_pointwise():
     seeds = [Seed("sb benign", "benign")]
     attacks = ["<prompt>xa</prompt>", "<prompt>xb</prompt>"]
-    responses = {"xa": ["<prompt>ya0</prompt>", "ya1 no tags"],
-                 "xb": ["<prompt>yb0</prompt>", "<prompt>yb1</prompt>"]}
-    scores = {("compliance", "ya0"): 5, ("compliance", "yb0"): 3, ("compliance", "yb1"): 8,
-              ("refusal", "ya0"): 6, ("refusal", "yb1"): 1}
-    cfg = GameConfig(num_attacks=2, num_responses=2, attacker_format="prompt_strict",
-                     defender_format="prompt_strict", judge_mode="pointwise")
-    scored, judge, _, _ = play(cfg, ScriptedJudge({"xa": True, "xb": True}, scores), seeds,
-                               lambda p, i: attacks[i], lambda p, i: responses[p][i])
+    responses = {
+        "xa": ["<prompt>ya0</prompt>", "ya1 no tags"],
+        "xb": ["<prompt>yb0</prompt>", "<prompt>yb1</prompt>"],
+    }
+    scores = {
+        ("compliance", "ya0"): 5,
+        ("compliance", "yb0"): 3,
+        ("compliance", "yb1"): 8,
+        ("refusal", "ya0"): 6,
+        ("refusal", "yb1"): 1,
+    }
+    cfg = GameConfig(
+        num_attacks=2,
+        num_responses=2,
+        attacker_format="prompt_strict",
+        defender_format="prompt_strict",
+        judge_mode="pointwise",
+    )
+    scored, judge, _, _ = play(
+        cfg,
+        ScriptedJudge({"xa": True, "xb": True}, scores),
+        seeds,
+        lambda p, i: attacks[i],
+        lambda p, i: responses[p][i],
+    )
     assert scored.per_response("error") == (((None, YPA), (None, None)),)
     assert scored.per_response("reward") == (((5.0, -1.0), (3.0, 8.0)),)
     assert scored.per_response("y")[0][0] == ("ya0", None)
     assert scored.per_attack("selected_d") == ((0, 1),)
     assert scored.per_attack("reward") == ((6.0, 1.0),)
-    assert [(m, len(r)) for m, r in judge.calls] == [("faithfulness", 2), ("pointwise", 3), ("pointwise", 2)]
+    assert [(m, len(r)) for m, r in judge.calls] == [
+        ("faithfulness", 2),
+        ("pointwise", 3),
+        ("pointwise", 2),
+    ]
     assert len(pairs(scored, "attacker")) == 1
     assert [(p.chosen_ids, p.rejected_ids) for p in pairs(scored, "defender")] == [
-        (ids("<prompt>ya0</prompt>"), ids("ya1 no tags")), (ids("<prompt>yb1</prompt>"), ids("<prompt>yb0</prompt>"))]
+        (ids("<prompt>ya0</prompt>"), ids("ya1 no tags")),
+        (ids("<prompt>yb1</prompt>"), ids("<prompt>yb0</prompt>")),
+    ]
 
     # Judges off: error-free slots get 0.0, errors keep -1; no judge call but faithfulness.
-    off = GameConfig(num_attacks=2, num_responses=2, attacker_format="prompt_strict",
-                     defender_format="prompt_strict", attacker_judge_enabled=False,
-                     defender_judge_enabled=False)
-    scored, judge, _, _ = play(off, ScriptedJudge({"xa": True, "xb": True}, scores), seeds,
-                               lambda p, i: attacks[i], lambda p, i: responses[p][i])
+    off = GameConfig(
+        num_attacks=2,
+        num_responses=2,
+        attacker_format="prompt_strict",
+        defender_format="prompt_strict",
+        attacker_judge_enabled=False,
+        defender_judge_enabled=False,
+    )
+    scored, judge, _, _ = play(
+        off,
+        ScriptedJudge({"xa": True, "xb": True}, scores),
+        seeds,
+        lambda p, i: attacks[i],
+        lambda p, i: responses[p][i],
+    )
     assert scored.per_response("reward") == (((0.0, -1.0), (0.0, 0.0)),)
-    assert scored.per_attack("reward") == ((0.0, 0.0),) and scored.per_attack("raw_reward") == ((None, None),)
+    assert scored.per_attack("reward") == ((0.0, 0.0),) and scored.per_attack("raw_reward") == (
+        (None, None),
+    )
     assert scored.per_attack("selected_d") == ((0, 0),)
     assert [m for m, _ in judge.calls] == ["faithfulness"]
     assert pairs(scored, "attacker") == [] and len(pairs(scored, "defender")) == 1
 
     # Faithfulness off: no faithfulness call at all.
-    _, judge, _, _ = play(GameConfig(num_attacks=2, num_responses=2, attacker_format="prompt_strict",
-                                     faithfulness=False, judge_mode="pointwise"),
-                          ScriptedJudge({}, scores), seeds, lambda p, i: attacks[i],
-                          lambda p, i: ["<prompt>ya0</prompt>", "yb1"][i])
+    _, judge, _, _ = play(
+        GameConfig(
+            num_attacks=2,
+            num_responses=2,
+            attacker_format="prompt_strict",
+            faithfulness=False,
+            judge_mode="pointwise",
+        ),
+        ScriptedJudge({}, scores),
+        seeds,
+        lambda p, i: attacks[i],
+        lambda p, i: ["<prompt>ya0</prompt>", "yb1"][i],
+    )
     assert [m for m, _ in judge.calls] == ["pointwise", "pointwise"]
 
 
@@ -250,10 +392,17 @@ def test_faithfulness_majority_over_samples():
     attacks = ["xt", "xtie", "xf"]
     faith = {"xt": [True, False, True], "xtie": [True, False, None], "xf": [False, None, None]}
     cfg = GameConfig(num_attacks=3, num_responses=1, attacker_format="any", num_faith_samples=3)
-    scored, judge, _, dfd = play(cfg, ScriptedJudge(faith, {("deflection", "y"): 1, ("compliance", "y"): 2}),
-                                 seeds, lambda p, i: attacks[i], lambda p, i: "y")
+    scored, judge, _, dfd = play(
+        cfg,
+        ScriptedJudge(faith, {("deflection", "y"): 1, ("compliance", "y"): 2}),
+        seeds,
+        lambda p, i: attacks[i],
+        lambda p, i: "y",
+    )
     assert judge.count("faithfulness") == 1 and len(judge.requests("faithfulness")) == 9
-    assert scored.per_attack("faith_votes") == (((True, False, True), (True, False, None), (False, None, None)),)
+    assert scored.per_attack("faith_votes") == (
+        ((True, False, True), (True, False, None), (False, None, None)),
+    )
     assert scored.per_attack("error") == ((None, BF, NF),)
     assert scored.per_attack("reward") == ((2.0, None, -1.0),)
     assert tree_metrics(scored)["judge/faith/failures"] == 3.0
@@ -271,8 +420,12 @@ def test_batch_without_any_pair():
     adv, _ = advantages(scored, "attacker", "across_seeds")
     assert adv == [[0.0, 0.0], [0.0, 0.0]]
     m = tree_metrics(scored)
-    assert (m["x/rate/PARSING"], m["y/rate/PROMPT_NOT_VALID"], m["pairs/attacker"], m["pairs/defender"]) == (
-        1.0, 1.0, 0.0, 0.0)
+    assert (
+        m["x/rate/PARSING"],
+        m["y/rate/PROMPT_NOT_VALID"],
+        m["pairs/attacker"],
+        m["pairs/defender"],
+    ) == (1.0, 1.0, 0.0, 0.0)
     assert (m["x/reward/mean"], m["x/reward/std"]) == (-1.0, 0.0)
     assert "y/reward/mean" not in m and "x/raw_reward/mean" not in m and "y/tokens/mean" not in m
 
@@ -283,8 +436,14 @@ def test_skip_attacker_validation_mode():
     scores = {("deflection", "dv0"): 3, ("deflection", "dv1"): 8, ("compliance", "dw0"): 9}
     judge = ScriptedJudge({}, scores)
     dfd = ScriptedSampler(lambda p, i: answers[p][i])
-    scored = build_tree(seeds, GameConfig(num_attacks=4, num_responses=2), judge=judge, defender=dfd,
-                        defender_tokenizer=TOK, skip_attacker=True)
+    scored = build_tree(
+        seeds,
+        GameConfig(num_attacks=4, num_responses=2),
+        judge=judge,
+        defender=dfd,
+        defender_tokenizer=TOK,
+        skip_attacker=True,
+    )
     assert scored.shape == (2, 1, 2)
     assert scored.per_attack("x") == (("sv harmful",), ("sw benign",))
     assert scored.per_response("reward") == (((3.0, 8.0),), ((9.0, -1.0),))

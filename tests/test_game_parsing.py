@@ -17,34 +17,43 @@ TP = "think_prompt_strict"
 P = "prompt_strict"
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("<think>plan</think><prompt>do it</prompt>", "do it"),
-    ("  \n<think>plan</think>\n\n<prompt>\n  do it  \n</prompt>\n  ", "do it"),
-    ("<think></think><prompt>multi\nline</prompt>", "multi\nline"),
-    ("<think>a</think><prompt>   </prompt>", ""),    # an empty body parses (faithfulness rejects it)
-    ("<THINK>a</THINK><PROMPT>do it</PROMPT>", "do it"),     # tags match case-insensitively
-    ("<Think>a</think>\n<prompt>do it</Prompt>", "do it"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("<think>plan</think><prompt>do it</prompt>", "do it"),
+        ("  \n<think>plan</think>\n\n<prompt>\n  do it  \n</prompt>\n  ", "do it"),
+        ("<think></think><prompt>multi\nline</prompt>", "multi\nline"),
+        (
+            "<think>a</think><prompt>   </prompt>",
+            "",
+        ),  # an empty body parses (faithfulness rejects it)
+        ("<THINK>a</THINK><PROMPT>do it</PROMPT>", "do it"),  # tags match case-insensitively
+        ("<Think>a</think>\n<prompt>do it</Prompt>", "do it"),
+    ],
+)
 def test_think_prompt_strict_accepts(text, expected):
     assert parse_attack(text, TP) == expected
 
 
-@pytest.mark.parametrize("text", [
-    "<prompt>do it</prompt>",                                      # think missing
-    "<think>a</think><prompt>do it</prompt> trailing",             # trailing text
-    "<think>a</think><prompt>do it</prompt></prompt>",             # extra closing tag
-    "preface <think>a</think><prompt>do it</prompt>",              # text before <think>
-    "<think>a</think> between <prompt>do it</prompt>",             # text between blocks
-    "<think>a<think>b</think></think><prompt>do it</prompt>",      # nested think
-    "<think>a</think><prompt>x <prompt>y</prompt></prompt>",       # nested prompt
-    "<think>a</think><prompt>x</prompt><prompt>y</prompt>",        # repeated prompt
-    "<think>a</think><think>b</think><prompt>do it</prompt>",      # repeated think
-    "<prompt>do it</prompt><think>a</think>",                      # wrong order
-    "<think>a</think><prompt>do it",                               # unclosed
-    "<think>a prompt> b</think><prompt>do it</prompt>",            # 'prompt>' inside the think body
-    "<think>a</think><prompt>see think> here</prompt>",            # 'think>' inside the prompt body
-    "<think>a <prompt b</think><prompt>do it</prompt>",            # '<prompt' opening in a body
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<prompt>do it</prompt>",  # think missing
+        "<think>a</think><prompt>do it</prompt> trailing",  # trailing text
+        "<think>a</think><prompt>do it</prompt></prompt>",  # extra closing tag
+        "preface <think>a</think><prompt>do it</prompt>",  # text before <think>
+        "<think>a</think> between <prompt>do it</prompt>",  # text between blocks
+        "<think>a<think>b</think></think><prompt>do it</prompt>",  # nested think
+        "<think>a</think><prompt>x <prompt>y</prompt></prompt>",  # nested prompt
+        "<think>a</think><prompt>x</prompt><prompt>y</prompt>",  # repeated prompt
+        "<think>a</think><think>b</think><prompt>do it</prompt>",  # repeated think
+        "<prompt>do it</prompt><think>a</think>",  # wrong order
+        "<think>a</think><prompt>do it",  # unclosed
+        "<think>a prompt> b</think><prompt>do it</prompt>",  # 'prompt>' inside the think body
+        "<think>a</think><prompt>see think> here</prompt>",  # 'think>' inside the prompt body
+        "<think>a <prompt b</think><prompt>do it</prompt>",  # '<prompt' opening in a body
+    ],
+)
 def test_think_prompt_strict_rejects(text):
     assert parse_attack(text, TP) is None
 
@@ -62,32 +71,38 @@ def test_prompt_strict():
 
 
 def test_any_format():
-    assert parse_attack("  whole output <prompt>kept</prompt> ", "any") == "whole output <prompt>kept</prompt>"
+    assert (
+        parse_attack("  whole output <prompt>kept</prompt> ", "any")
+        == "whole output <prompt>kept</prompt>"
+    )
     assert parse_attack(" \n ", "any") == ""  # 'any' never fails
     with pytest.raises(ValueError, match="unknown format"):
         parse_attack("x", "json")
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("<score>7</score>", 7.0),
-    ("<score> 7.5 </score>", 7.5),
-    ("<score>8/10</score>", 8.0),
-    ("<score>8 / 10</score>", 8.0),
-    ("<score>11</score>", 10.0),
-    ("<score>-3</score>", None),                               # no negative numbers
-    ("<score>0</score>", 0.0),
-    ("first <score>2</score> then <score>9</score>", 9.0),     # the last match counts
-    ("<score>2</score> final <score>abc</score>", 2.0),       # the last WELL-FORMED match counts
-    ("<score>2</score> <score>-1</score>", 2.0),
-    ("<score>7.25</score>", None),
-    ("<score>abc</score>", None),
-    ("<score>-</score>", None),
-    ("<score></score>", None),
-    ("<score>8/5</score>", None),
-    ("<score>7 points</score>", None),
-    ("no score at all", None),
-    (None, None),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("<score>7</score>", 7.0),
+        ("<score> 7.5 </score>", 7.5),
+        ("<score>8/10</score>", 8.0),
+        ("<score>8 / 10</score>", 8.0),
+        ("<score>11</score>", 10.0),
+        ("<score>-3</score>", None),  # no negative numbers
+        ("<score>0</score>", 0.0),
+        ("first <score>2</score> then <score>9</score>", 9.0),  # the last match counts
+        ("<score>2</score> final <score>abc</score>", 2.0),  # the last WELL-FORMED match counts
+        ("<score>2</score> <score>-1</score>", 2.0),
+        ("<score>7.25</score>", None),
+        ("<score>abc</score>", None),
+        ("<score>-</score>", None),
+        ("<score></score>", None),
+        ("<score>8/5</score>", None),
+        ("<score>7 points</score>", None),
+        ("no score at all", None),
+        (None, None),
+    ],
+)
 def test_parse_score(text, expected):
     assert parse_score(text, "score") == expected
 
@@ -119,17 +134,20 @@ def test_parse_faith_verdict():
     assert parse_faith_verdict(None) is None
 
 
-@pytest.mark.parametrize("votes, expected", [
-    ([True], True),
-    ([False], False),
-    ([None], None),
-    ([], None),
-    ([True, True, False], True),
-    ([False, None, False, True], False),
-    ([True, None], True),            # unparsable samples abstain
-    ([True, False], None),           # tie -> unparsable (BAD_FAITH_JUDGE)
-    ([True, False, None, None], None),
-])
+@pytest.mark.parametrize(
+    "votes, expected",
+    [
+        ([True], True),
+        ([False], False),
+        ([None], None),
+        ([], None),
+        ([True, True, False], True),
+        ([False, None, False, True], False),
+        ([True, None], True),  # unparsable samples abstain
+        ([True, False], None),  # tie -> unparsable (BAD_FAITH_JUDGE)
+        ([True, False, None, None], None),
+    ],
+)
 def test_faith_majority(votes, expected):
     assert faith_majority(votes) is expected
 
@@ -138,5 +156,5 @@ def test_faith_majority_reference_tie_is_not_faithful():
     # Reference rule: a tie is not a strict majority for "faithful" -> False (NOT_FAITHFUL).
     assert faith_majority([True, False], "not_faithful") is False
     assert faith_majority([True, False, None], "not_faithful") is False
-    assert faith_majority([None, None], "not_faithful") is None     # nothing parsed
+    assert faith_majority([None, None], "not_faithful") is None  # nothing parsed
     assert faith_majority([True, True, False], "not_faithful") is True

@@ -15,30 +15,36 @@ from advgame_jax.game.tree import XError, YError
 from tests.game_stubs import ByteTokenizer, ScriptedJudge, ScriptedSampler
 
 
-@pytest.mark.parametrize("error, raw, enabled, expected", [
-    (None, 7.5, True, 7.5),
-    (None, None, False, 0.0),
-    (None, 7.5, False, 0.0),
-    (XError.MAX_LENGTH, None, True, -1.0),
-    (XError.PARSING, None, True, -1.0),
-    (XError.NOT_FAITHFUL, None, True, -1.0),
-    (XError.NOT_FAITHFUL, None, False, -1.0),
-    (XError.BAD_FAITH_JUDGE, None, True, None),
-    (XError.NO_VALID_RESPONSE, None, True, None),
-    (XError.BAD_ATT_JUDGE, None, True, None),
-])
+@pytest.mark.parametrize(
+    "error, raw, enabled, expected",
+    [
+        (None, 7.5, True, 7.5),
+        (None, None, False, 0.0),
+        (None, 7.5, False, 0.0),
+        (XError.MAX_LENGTH, None, True, -1.0),
+        (XError.PARSING, None, True, -1.0),
+        (XError.NOT_FAITHFUL, None, True, -1.0),
+        (XError.NOT_FAITHFUL, None, False, -1.0),
+        (XError.BAD_FAITH_JUDGE, None, True, None),
+        (XError.NO_VALID_RESPONSE, None, True, None),
+        (XError.BAD_ATT_JUDGE, None, True, None),
+    ],
+)
 def test_patch_attacker_reward(error, raw, enabled, expected):
     assert patch_reward(error, raw, enabled) == expected
 
 
-@pytest.mark.parametrize("error, raw, enabled, expected", [
-    (None, 3.0, True, 3.0),
-    (None, None, False, 0.0),
-    (YError.MAX_LENGTH, None, True, -1.0),
-    (YError.PARSING, None, False, -1.0),
-    (YError.PROMPT_NOT_VALID, None, True, None),
-    (YError.BAD_DEF_JUDGE, None, True, None),
-])
+@pytest.mark.parametrize(
+    "error, raw, enabled, expected",
+    [
+        (None, 3.0, True, 3.0),
+        (None, None, False, 0.0),
+        (YError.MAX_LENGTH, None, True, -1.0),
+        (YError.PARSING, None, False, -1.0),
+        (YError.PROMPT_NOT_VALID, None, True, None),
+        (YError.BAD_DEF_JUDGE, None, True, None),
+    ],
+)
 def test_patch_defender_reward(error, raw, enabled, expected):
     assert patch_reward(error, raw, enabled) == expected
 
@@ -53,8 +59,8 @@ def test_argbest_and_preference():
     assert argmin_first([2.0, None, -1.0, -1.0]) == 2
     assert argmax_first([None, None]) is None
     assert preference([1.0, 4.0, None, 0.5]) == (1, 3)
-    assert preference([4.0, 4.0, None]) is None        # tie -> no pair
-    assert preference([None, 4.0, None]) is None       # one value -> no pair
+    assert preference([4.0, 4.0, None]) is None  # tie -> no pair
+    assert preference([None, 4.0, None]) is None  # one value -> no pair
     assert preference([-1.0, 2.0, 2.0, -1.0]) == (1, 0)  # first index wins both ties
 
 
@@ -73,13 +79,25 @@ def test_select_response():
 def _swap_tree(swap: bool):
     tok = ByteTokenizer()
     responses = {"x0": ["r0", "r1"], "x1": ["r2", "r3"]}
-    scores = {("deflection", "r0"): 6, ("deflection", "r1"): 5.5, ("deflection", "r2"): 6,
-              ("deflection", "r3"): 2, ("compliance", "r0"): 4, ("compliance", "r2"): 4}
+    scores = {
+        ("deflection", "r0"): 6,
+        ("deflection", "r1"): 5.5,
+        ("deflection", "r2"): 6,
+        ("deflection", "r3"): 2,
+        ("compliance", "r0"): 4,
+        ("compliance", "r2"): 4,
+    }
     judge = ScriptedJudge({"x0": True, "x1": True}, scores, position_bias=1.0)
     cfg = GameConfig(num_attacks=2, num_responses=2, attacker_format="any", swap_positions=swap)
-    scored = build_tree([Seed("s harmful", "harmful")], cfg, judge=judge,
-                        attacker=ScriptedSampler(lambda p, i: f"x{i}"), attacker_tokenizer=tok,
-                        defender=ScriptedSampler(lambda p, i: responses[p][i]), defender_tokenizer=tok)
+    scored = build_tree(
+        [Seed("s harmful", "harmful")],
+        cfg,
+        judge=judge,
+        attacker=ScriptedSampler(lambda p, i: f"x{i}"),
+        attacker_tokenizer=tok,
+        defender=ScriptedSampler(lambda p, i: responses[p][i]),
+        defender_tokenizer=tok,
+    )
     return scored, judge
 
 
@@ -95,7 +113,12 @@ def test_swap_positions_doubles_calls_and_averages():
     assert judge.count("pairwise") == 2  # still one call per stage
     assert [len(r) for m, r in judge.calls if m == "pairwise"] == [4, 2]
     reqs = judge.requests("pairwise")
-    assert [(r.response_a, r.response_b) for r in reqs[:4]] == [("r0", "r1"), ("r1", "r0"), ("r2", "r3"), ("r3", "r2")]
+    assert [(r.response_a, r.response_b) for r in reqs[:4]] == [
+        ("r0", "r1"),
+        ("r1", "r0"),
+        ("r2", "r3"),
+        ("r3", "r2"),
+    ]
     # r0: (7 as A, 6 as B) -> 6.5; r1: (5.5 as B, 6.5 as A) -> 6.0; r2 -> 6.5; r3: (2, 3) -> 2.5
     assert swapped.per_response("raw_reward") == (((6.5, 6.0), (6.5, 2.5)),)
     assert swapped.per_response("judge_scores")[0][0] == ((7.0, 6.0), (5.5, 6.5))

@@ -7,7 +7,12 @@ import re
 import pytest
 
 from advgame_jax.experiment.validate import ConfigError, game_config_from_experiment
-from advgame_jax.game.parsing import parse_attack, parse_faith_verdict, parse_pair_scores, parse_score
+from advgame_jax.game.parsing import (
+    parse_attack,
+    parse_faith_verdict,
+    parse_pair_scores,
+    parse_score,
+)
 from advgame_jax.game.templates import (
     ATTACKER_FORMATS,
     RUBRICS,
@@ -51,7 +56,13 @@ def test_paper_set_has_reference_bands_in_order():
         # 4–5, 6–7, 8–10.
         assert _bands(s[f"{kind}_compliance"]) == [("0", "2"), ("3", "5"), ("6", "7"), ("8", "10")]
         assert _bands(s[f"{kind}_deflection"]) == [("0", "2"), ("3", "5"), ("6", "7"), ("8", "10")]
-        assert _bands(s[f"{kind}_refusal"]) == [("0", "1"), ("2", "3"), ("4", "5"), ("6", "7"), ("8", "10")]
+        assert _bands(s[f"{kind}_refusal"]) == [
+            ("0", "1"),
+            ("2", "3"),
+            ("4", "5"),
+            ("6", "7"),
+            ("8", "10"),
+        ]
         d = s[f"{kind}_deflection"]
         # Deflection: a plain refusal is low (3–5); minor operational leaks still 6–7.
         assert re.search(r"^3–5:.*refuses", d, re.MULTILINE)
@@ -60,11 +71,18 @@ def test_paper_set_has_reference_bands_in_order():
         r = s[f"{kind}_refusal"]
         assert re.search(r"^8–10: a short, flat refusal", r, re.MULTILINE)
         c = s[f"{kind}_compliance"]
-        for rule in ("safety warnings", "doubting the user's motives", "vague generalities",
-                     "hypothetical"):
+        for rule in (
+            "safety warnings",
+            "doubting the user's motives",
+            "vague generalities",
+            "hypothetical",
+        ):
             assert rule in c
     # Faithfulness (BENIGN_V2_0): the 15× length rule and the missing-prompt rule.
-    assert "15 times" in s["faithfulness_benign"] and "missing or empty PROMPT" in s["faithfulness_benign"]
+    assert (
+        "15 times" in s["faithfulness_benign"]
+        and "missing or empty PROMPT" in s["faithfulness_benign"]
+    )
     assert "missing or empty prompt" in s["faithfulness_harmful"]
 
 
@@ -72,13 +90,26 @@ def test_paper_set_output_formats_match_the_parsers():
     s = get_template_set("advgame_paper").sections
     # Judges think first, then answer in the tags the parsers read.
     for key in ("faithfulness_harmful", "faithfulness_benign"):
-        assert s[key].rstrip().endswith("<think> your reasoning </think>\n<answer> your answer </answer>")
+        assert (
+            s[key]
+            .rstrip()
+            .endswith("<think> your reasoning </think>\n<answer> your answer </answer>")
+        )
         assert parse_faith_verdict("<think>t</think>\n<answer> True </answer>") is True
     for r in RUBRICS:
-        assert s[f"pairwise_{r}"].rstrip().endswith(
-            "<think> your reasoning </think>\n<score_A> score of response A </score_A> "
-            "<score_B> score of response B </score_B>")
-        assert s[f"pointwise_{r}"].rstrip().endswith("<think> your reasoning </think>\n<score> your score </score>")
+        assert (
+            s[f"pairwise_{r}"]
+            .rstrip()
+            .endswith(
+                "<think> your reasoning </think>\n<score_A> score of response A </score_A> "
+                "<score_B> score of response B </score_B>"
+            )
+        )
+        assert (
+            s[f"pointwise_{r}"]
+            .rstrip()
+            .endswith("<think> your reasoning </think>\n<score> your score </score>")
+        )
         # The worked examples' answers parse with the project's rules.
         answers = re.findall(r"</think>\n(<score_A>\d.*)", s[f"pairwise_{r}"])
         assert len(answers) == 2 and all(None not in parse_pair_scores(a) for a in answers)
@@ -109,7 +140,10 @@ def test_template_file_round_trip_and_config(tmp_path):
     broken = tmp_path / "broken_set.txt"
     broken.write_text(text.replace("=== defender ===\n{prompt}", ""), encoding="utf-8")
     c.game.templates_file = str(broken)
-    with pytest.raises(ConfigError, match=r"config\.game\.templates_file.*broken_set\.txt.*missing sections \['defender'\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"config\.game\.templates_file.*broken_set\.txt.*missing sections \['defender'\]",
+    ):
         game_config_from_experiment(c)
     with pytest.raises(TemplateError, match="cannot be read"):
         load_template_file(str(tmp_path / "absent.txt"))

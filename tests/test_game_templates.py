@@ -8,8 +8,8 @@ from advgame_jax.game.templates import (
     REQUIRED_SECTIONS,
     TemplateError,
     TemplateSet,
-    available_template_sets,
     attacker_rubric,
+    available_template_sets,
     defender_rubric,
     get_template_set,
     parse_template_text,
@@ -65,23 +65,36 @@ def test_register_and_validate_custom_set():
 def test_parse_template_text_errors():
     with pytest.raises(TemplateError, match="no '=== key ===' sections"):
         parse_template_text("t", "just text")
-    text = "\n".join(f"=== {k} ===\n" + " ".join("{%s}" % p for p in v) for k, v in REQUIRED_SECTIONS.items())
+    text = "\n".join(
+        f"=== {k} ===\n" + " ".join("{%s}" % p for p in v) for k, v in REQUIRED_SECTIONS.items()
+    )
     assert parse_template_text("t", text).sections["defender"] == "{prompt}"
     with pytest.raises(TemplateError, match="appears twice"):
         parse_template_text("t", text + "\n=== defender ===\n{prompt}")
 
 
-@pytest.mark.parametrize("field, value, match", [
-    ("num_attacks", 0, r"GameConfig.num_attacks: expected an integer >= 1, got 0"),
-    ("num_responses", 1.5, r"GameConfig.num_responses"),
-    ("num_faith_samples", True, r"GameConfig.num_faith_samples"),
-    ("attacker_format", "json", r"GameConfig.attacker_format: expected one of"),
-    ("condition_on", "both", r"GameConfig.condition_on"),
-    ("judge_mode", "listwise", r"GameConfig.judge_mode"),
-    ("optimistic_attacker", 1, r"GameConfig.optimistic_attacker: expected True or False"),
-    ("templates", "advgame_v0", r"GameConfig.templates: unknown template set 'advgame_v0'.*advgame_v1"),
-    ("attacker_sampling", {"temperature": 1.0}, r"GameConfig.attacker_sampling: expected a SamplingParams"),
-])
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("num_attacks", 0, r"GameConfig.num_attacks: expected an integer >= 1, got 0"),
+        ("num_responses", 1.5, r"GameConfig.num_responses"),
+        ("num_faith_samples", True, r"GameConfig.num_faith_samples"),
+        ("attacker_format", "json", r"GameConfig.attacker_format: expected one of"),
+        ("condition_on", "both", r"GameConfig.condition_on"),
+        ("judge_mode", "listwise", r"GameConfig.judge_mode"),
+        ("optimistic_attacker", 1, r"GameConfig.optimistic_attacker: expected True or False"),
+        (
+            "templates",
+            "advgame_v0",
+            r"GameConfig.templates: unknown template set 'advgame_v0'.*advgame_v1",
+        ),
+        (
+            "attacker_sampling",
+            {"temperature": 1.0},
+            r"GameConfig.attacker_sampling: expected a SamplingParams",
+        ),
+    ],
+)
 def test_game_config_validation(field, value, match):
     with pytest.raises(GameConfigError, match=match):
         GameConfig(**{field: value})
@@ -98,6 +111,10 @@ def test_game_config_roundtrip_and_experiment_mapping():
     c.sampling.max_new_tokens = 77
     g = game_config_from_experiment(c)
     assert (g.judge_mode, g.swap_positions, g.attacker_judge_enabled, g.optimistic_attacker) == (
-        "pointwise", True, False, False)
+        "pointwise",
+        True,
+        False,
+        False,
+    )
     assert g.attacker_sampling.max_new_tokens == 77 and g.defender_sampling.temperature == 0.6
     assert GameConfig.from_dict(g.to_dict()) == g

@@ -27,20 +27,31 @@ def seeds(wildjailbreak_dir):
     return out
 
 
-@pytest.mark.parametrize("mode, swap", [("pairwise", False), ("pointwise", False), ("pairwise", True)])
+@pytest.mark.parametrize(
+    "mode, swap", [("pairwise", False), ("pointwise", False), ("pairwise", True)]
+)
 def test_all_seeds_every_slot_accounted_for(seeds, mode, swap):
     tok = ByteTokenizer()
     A, D = 2, 3
     cfg = GameConfig(num_attacks=A, num_responses=D, judge_mode=mode, swap_positions=swap)
     att, dfd = PseudoRandomAttacker(seed=1), PseudoRandomDefender(seed=2)
-    scored = build_tree(seeds, cfg, judge=RuleJudge(), attacker=att, attacker_tokenizer=tok,
-                        defender=dfd, defender_tokenizer=tok)
+    scored = build_tree(
+        seeds,
+        cfg,
+        judge=RuleJudge(),
+        attacker=att,
+        attacker_tokenizer=tok,
+        defender=dfd,
+        defender_tokenizer=tok,
+    )
     B = len(seeds)
     assert scored.shape == (B, A, D)
     assert len(att.calls) == 1 and len(dfd.calls) == 1
 
     x_counts = collections.Counter(e for row in scored.per_attack("error") for e in row)
-    y_counts = collections.Counter(e for rows in scored.per_response("error") for row in rows for e in row)
+    y_counts = collections.Counter(
+        e for rows in scored.per_response("error") for row in rows for e in row
+    )
     assert sum(x_counts.values()) == B * A and sum(y_counts.values()) == B * A * D
     assert set(x_counts) <= {None, *XError} and set(y_counts) <= {None, *YError}
     # The stubs produce every sampling-side error, and the rule judge never fails.
@@ -49,8 +60,11 @@ def test_all_seeds_every_slot_accounted_for(seeds, mode, swap):
     assert x_counts[XError.BAD_FAITH_JUDGE] == x_counts[XError.BAD_ATT_JUDGE] == 0
     assert y_counts[YError.MAX_LENGTH] > 0 and y_counts[YError.BAD_DEF_JUDGE] == 0
     # D slots of every invalid attack are PROMPT_NOT_VALID, and only those.
-    not_sampled = sum(e is not None and e != XError.NO_VALID_RESPONSE
-                      for row in scored.per_attack("error") for e in row)
+    not_sampled = sum(
+        e is not None and e != XError.NO_VALID_RESPONSE
+        for row in scored.per_attack("error")
+        for e in row
+    )
     assert y_counts[YError.PROMPT_NOT_VALID] == D * not_sampled
 
     m = tree_metrics(scored)

@@ -17,16 +17,26 @@ from tests.tiny_models import make_tiny_llama, make_tiny_qwen2
 
 gguf = pytest.importorskip("gguf")
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
-_NAMES = {"input_layernorm.weight": "attn_norm.weight",
-          "post_attention_layernorm.weight": "ffn_norm.weight",
-          "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-          "self_attn.o_proj.weight": "attn_output.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
-          "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
+_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
 
 
 def _llama_cpp_permute(w, n_head):
     """llama.cpp's q/k row order: per head, the two RoPE halves interleaved."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 def _gguf_name(hf):
@@ -36,10 +46,10 @@ def _gguf_name(hf):
         return "output_norm.weight"
     if hf == "lm_head.weight":
         return "output.weight"
-    i, rest = hf[len("model.layers."):].split(".", 1)
+    i, rest = hf[len("model.layers.") :].split(".", 1)
     for a, b in _NAMES.items():
         if rest.startswith(a):
-            return f"blk.{i}.{b}{rest[len(a):]}"
+            return f"blk.{i}.{b}{rest[len(a) :]}"
     raise AssertionError(hf)
 
 
@@ -68,8 +78,10 @@ def _write_gguf(path, hf_dir, arch, pre):
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_pad_token_id(3)
-    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>"
-                        "{% endfor %}{% if add_generation_prompt %}<|im_start|>{% endif %}")
+    w.add_chat_template(
+        "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>{% endif %}"
+    )
     for name, t in tensors.items():
         if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
             n = cfg["num_attention_heads"] if ".q_proj." in name else cfg["num_key_value_heads"]
@@ -86,10 +98,16 @@ def _write_gguf(path, hf_dir, arch, pre):
 def test_gguf_round_trip_gives_back_the_original_tensors(arch, tmp_path):
     make = make_tiny_llama if arch == "llama" else make_tiny_qwen2
     kw = dict(rope_scaling=None) if arch == "llama" else {}
-    make(tmp_path / "hf", vocab_size=len(SPECIAL) + 256,
-         eos_token_id=2 if arch == "llama" else (2,), **kw)
+    make(
+        tmp_path / "hf",
+        vocab_size=len(SPECIAL) + 256,
+        eos_token_id=2 if arch == "llama" else (2,),
+        **kw,
+    )
     src = tmp_path / "model.gguf"
-    tensors, cfg = _write_gguf(src, tmp_path / "hf", arch, "default" if arch == "llama" else "qwen2")
+    tensors, cfg = _write_gguf(
+        src, tmp_path / "hf", arch, "default" if arch == "llama" else "qwen2"
+    )
     out = gguf_to_hf(str(src), str(tmp_path / "out"))
     got = load_file(os.path.join(out, "model.safetensors"))
     assert sorted(got) == sorted(tensors)

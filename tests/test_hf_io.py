@@ -40,8 +40,11 @@ def _torch_logits(path, tokens, mask):
 
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
     with torch.no_grad():
-        return model(input_ids=torch.tensor(tokens),
-                     attention_mask=torch.tensor(mask)).logits.float().numpy()
+        return (
+            model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask))
+            .logits.float()
+            .numpy()
+        )
 
 
 @pytest.mark.parametrize("which", ["llama", "qwen"])
@@ -49,13 +52,17 @@ def test_save_hf_round_trip_through_transformers(which, llama_dir, qwen_dir, tmp
     src = llama_dir if which == "llama" else qwen_dir
     config, params = load_hf(src)
     save_hf(tmp_path, config, params)
-    assert sorted(os.listdir(tmp_path)) == ["config.json", "generation_config.json",
-                                            "model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]
     tokens = np.random.default_rng(0).integers(0, 256, (2, 9))
     mask = np.ones_like(tokens)
     mask[1, :3] = 0
-    np.testing.assert_array_equal(_torch_logits(tmp_path, tokens, mask),
-                                  _torch_logits(src, tokens, mask))
+    np.testing.assert_array_equal(
+        _torch_logits(tmp_path, tokens, mask), _torch_logits(src, tokens, mask)
+    )
     # same tensors, bit for bit, under the same names (tied: no lm_head written)
     ours, theirs = load_file(tmp_path / "model.safetensors"), load_file(src / "model.safetensors")
     assert sorted(ours) == sorted(theirs)
@@ -117,12 +124,17 @@ def test_unsupported_model_type(llama_dir, tmp_path):
         load_hf(path)
 
 
-@pytest.mark.parametrize("changes, field", [
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},
-     "rope_parameters.rope_type"),
-    ({"attention_bias": True}, "attention_bias"),
-    ({"hidden_act": "gelu"}, "hidden_act"),
-])
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        (
+            {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},
+            "rope_parameters.rope_type",
+        ),
+        ({"attention_bias": True}, "attention_bias"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+    ],
+)
 def test_unsupported_llama_fields(llama_dir, tmp_path, changes, field):
     path = _copy(llama_dir, tmp_path / "m")
     _edit_config(path, **changes)
@@ -131,16 +143,28 @@ def test_unsupported_llama_fields(llama_dir, tmp_path, changes, field):
 
 
 def test_qwen_sliding_window_and_legacy_rope_scaling(tmp_path):
-    base = dict(model_type="qwen2", vocab_size=8, hidden_size=8, intermediate_size=8,
-                num_hidden_layers=1, num_attention_heads=2)
+    base = dict(
+        model_type="qwen2",
+        vocab_size=8,
+        hidden_size=8,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+    )
     with pytest.raises(ValueError, match="x.json: unsupported use_sliding_window=True"):
         ModelConfig.from_hf_dict(dict(base, use_sliding_window=True), source="x.json")
-    legacy = dict(base, model_type="llama", rope_theta=5e5, rope_scaling={
-        "type": "dynamic", "factor": 2.0})
+    legacy = dict(
+        base, model_type="llama", rope_theta=5e5, rope_scaling={"type": "dynamic", "factor": 2.0}
+    )
     with pytest.raises(ValueError, match="unsupported rope_scaling.rope_type='dynamic'"):
         ModelConfig.from_hf_dict(legacy)
-    legacy["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    legacy["rope_scaling"] = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
     c = ModelConfig.from_hf_dict(legacy)
     assert (c.rope_type, c.rope_theta, c.rope_original_max_position) == ("llama3", 5e5, 64)
 
@@ -155,8 +179,11 @@ def _rewrite_tensors(path, edit):
 def test_missing_tensor(qwen_dir, tmp_path):
     path = _copy(qwen_dir, tmp_path / "m")
     _rewrite_tensors(path, lambda t: t.pop("model.layers.1.self_attn.k_proj.bias"))
-    with pytest.raises(ValueError, match=r"missing tensor 'model\.layers\.1\.self_attn\.k_proj"
-                                         r"\.bias' \(expected shape \[32\]\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"missing tensor 'model\.layers\.1\.self_attn\.k_proj"
+        r"\.bias' \(expected shape \[32\]\)",
+    ):
         load_hf(path)
 
 
@@ -167,18 +194,25 @@ def test_wrong_shape(llama_dir, tmp_path):
         t["model.layers.0.mlp.up_proj.weight"] = t["model.layers.0.mlp.up_proj.weight"][:100]
 
     _rewrite_tensors(path, edit)
-    with pytest.raises(ValueError, match=r"model\.safetensors: tensor 'model\.layers\.0\.mlp\."
-                                         r"up_proj\.weight' has shape \[100, 64\], expected "
-                                         r"\[128, 64\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"model\.safetensors: tensor 'model\.layers\.0\.mlp\."
+        r"up_proj\.weight' has shape \[100, 64\], expected "
+        r"\[128, 64\]",
+    ):
         load_hf(path)
 
 
 def test_unexpected_tensor(llama_dir, tmp_path):
     path = _copy(llama_dir, tmp_path / "m")
-    _rewrite_tensors(path, lambda t: t.update(
-        {"model.layers.0.self_attn.o_proj.bias": np.zeros(64, np.float32)}))
-    with pytest.raises(ValueError, match=r"unexpected tensor 'model\.layers\.0\.self_attn\."
-                                         r"o_proj\.bias' in .*model\.safetensors"):
+    _rewrite_tensors(
+        path, lambda t: t.update({"model.layers.0.self_attn.o_proj.bias": np.zeros(64, np.float32)})
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"unexpected tensor 'model\.layers\.0\.self_attn\."
+        r"o_proj\.bias' in .*model\.safetensors",
+    ):
         load_hf(path)
 
 

@@ -8,11 +8,11 @@ import jax
 import numpy as np
 import pytest
 
+from advgame_jax.evaluation.targets import find_step_dir
 from advgame_jax.experiment.loop import GameRunner
 from advgame_jax.experiment.validate import ConfigError
 from advgame_jax.sampling.checkpoints import restore_params
 from advgame_jax.training import GameCheckpointer
-from advgame_jax.evaluation.targets import find_step_dir
 from tests.eval_world import tiny_run
 from tests.test_checkpoint_faults import CONFIG, _state
 from tests.test_train_loop import tiny_config
@@ -22,15 +22,22 @@ pytestmark = pytest.mark.slow
 
 def _same(a, b):
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y))
-                                      for x, y in zip(la, lb))
+    return len(la) == len(lb) and all(
+        np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb)
+    )
 
 
 def test_new_run_starts_from_the_old_checkpoint(tmp_path, toy_dir, tmp_path_factory):
     old = tiny_run(tmp_path_factory)
     step_dir = find_step_dir(old.workdir)
-    c = tiny_config(tmp_path / "more", toy_dir, init_from=old.workdir, train__num_steps=1,
-                    train__checkpoint_every=1, train__validate_every=0)
+    c = tiny_config(
+        tmp_path / "more",
+        toy_dir,
+        init_from=old.workdir,
+        train__num_steps=1,
+        train__checkpoint_every=1,
+        train__validate_every=0,
+    )
     runner = GameRunner(c)
     assert runner.step == 0
     for role in ("attacker", "defender"):
@@ -52,8 +59,11 @@ def test_checkpoint_of_another_model_is_refused(tmp_path, toy_dir):
     with GameCheckpointer(other, save_every=1, keep=1) as ckpt:
         ckpt.save(1, _state(0), {"config": CONFIG})  # a different, tiny attacker
     c = tiny_config(tmp_path / "new", toy_dir, init_from=str(tmp_path / "other"))
-    with pytest.raises(ConfigError, match=r"config\.init_from=.*attacker params of this "
-                                          r"run's model"):
+    with pytest.raises(
+        ConfigError,
+        match=r"config\.init_from=.*attacker params of this "
+        r"run's model",
+    ):
         GameRunner(c)
     with pytest.raises(ConfigError, match=r"config\.init_from=.*expected a training workdir"):
         GameRunner(tiny_config(tmp_path / "new2", toy_dir, init_from=str(tmp_path)))

@@ -38,10 +38,13 @@ def test_deeply_nested_seed_line_is_a_user_error_not_recursion(tmp_path):
     _one_line_user_error(err, f"{path}:2:", "nested too deeply", '"category": "harmful" | "benign"')
 
 
-@pytest.mark.parametrize("kind,line", [
-    ("seeds", '{"prompt": %s, "category": "benign"}'),
-    ("wildguardtest", '{"prompt": %s, "prompt_harm_label": "harmful"}'),
-])
+@pytest.mark.parametrize(
+    "kind,line",
+    [
+        ("seeds", '{"prompt": %s, "category": "benign"}'),
+        ("wildguardtest", '{"prompt": %s, "prompt_harm_label": "harmful"}'),
+    ],
+)
 def test_deeply_nested_prompt_set_line(tmp_path, kind, line):
     path = tmp_path / "set.jsonl"
     first = line % '"fine"'
@@ -54,8 +57,16 @@ def test_deeply_nested_prompt_set_line(tmp_path, kind, line):
 def test_moderately_nested_field_is_refused_as_not_a_string(tmp_path):
     # Decodable nesting: the field must still be a string (str() of it would recurse).
     path = tmp_path / "wgt.jsonl"
-    path.write_text(json.dumps({"prompt": "p", "prompt_harm_label": "harmful",
-                                "subcategory": json.loads("[" * 500 + "]" * 500)}) + "\n")
+    path.write_text(
+        json.dumps(
+            {
+                "prompt": "p",
+                "prompt_harm_label": "harmful",
+                "subcategory": json.loads("[" * 500 + "]" * 500),
+            }
+        )
+        + "\n"
+    )
     with pytest.raises(PromptSetError) as err:
         load_prompt_set(f"wildguardtest:{path}")
     _one_line_user_error(err, f"{path}:1:", "'subcategory' is a JSON list")
@@ -81,15 +92,21 @@ def _write(path, text):
     return path
 
 
-@pytest.mark.parametrize("kind,header", [
-    ("harmbench", "Behavior,SemanticCategory,BehaviorID"),
-    ("xstest", "prompt,type,label,id"),
-    ("orbench", "prompt,category,x"),
-])
+@pytest.mark.parametrize(
+    "kind,header",
+    [
+        ("harmbench", "Behavior,SemanticCategory,BehaviorID"),
+        ("xstest", "prompt,type,label,id"),
+        ("orbench", "prompt,category,x"),
+    ],
+)
 def test_unclosed_quote_names_its_line_instead_of_merging_rows(tmp_path, kind, header):
     def row(i, first):
-        return {"harmbench": f"{first},cat,id{i}", "xstest": f"{first},t,safe,{i}",
-                "orbench": f"{first},c,{i}"}[kind]
+        return {
+            "harmbench": f"{first},cat,id{i}",
+            "xstest": f"{first},t,safe,{i}",
+            "orbench": f"{first},c,{i}",
+        }[kind]
 
     good = [row(i, f"prompt {i}") for i in range(1, 6)]
     # Line 4 opens a quote it never closes; the csv module would swallow lines 4-6 into one
@@ -101,16 +118,20 @@ def test_unclosed_quote_names_its_line_instead_of_merging_rows(tmp_path, kind, h
     msg = _one_line_user_error(err, f"{path}:4:", "quoted field that starts on this line")
     assert "line 7" in msg and '""' in msg
     # At the end of the file: the quote is named, the reader does not return a merged row.
-    path = _write(tmp_path / "g.csv", "\n".join([header] + good[:2] + [row(3, '"never closed')]
-                                               + good[2:]) + "\n")
+    path = _write(
+        tmp_path / "g.csv",
+        "\n".join([header] + good[:2] + [row(3, '"never closed')] + good[2:]) + "\n",
+    )
     with pytest.raises(PromptSetError) as err:
         load_prompt_set(f"{kind}:{path}")
     _one_line_user_error(err, f"{path}:4:", "before the end of the file")
 
 
 def test_quote_opening_after_a_legit_multiline_field_is_located(tmp_path):
-    text = ('Behavior,SemanticCategory\n"two\nline behaviour",a\nok,b\nbad "x",c\n'
-            'next,"d\nrow,e\nlast,"f",g\n')
+    text = (
+        'Behavior,SemanticCategory\n"two\nline behaviour",a\nok,b\nbad "x",c\n'
+        'next,"d\nrow,e\nlast,"f",g\n'
+    )
     # line 5 holds an unquoted field with a quote inside (allowed: the csv module keeps it);
     # line 6 opens a quoted field that closes on line 8 before more text.
     path = _write(tmp_path / "hb.csv", text)
@@ -127,8 +148,10 @@ def test_well_formed_multiline_and_escaped_quotes_still_read(tmp_path):
         w.writerow(['say "hi"', "a", "line one\nline two", "b1"])
         w.writerow(["plain", "b", "", "b2"])
     ex = load_prompt_set(f"harmbench:{path}").examples
-    assert [(e.uid, e.prompt) for e in ex] == [("b1", 'line one\nline two\n\nsay "hi"'),
-                                               ("b2", "plain")]
+    assert [(e.uid, e.prompt) for e in ex] == [
+        ("b1", 'line one\nline two\n\nsay "hi"'),
+        ("b2", "plain"),
+    ]
 
 
 def test_wildjailbreak_tsv_unclosed_quote(tmp_path):
@@ -143,14 +166,20 @@ def test_wildjailbreak_tsv_unclosed_quote(tmp_path):
 
 
 # ---- item 15 (readers): non-UTF-8 with file:line ----------------------------------------------
-@pytest.mark.parametrize("kind,name,text", [
-    ("harmbench", "f.csv", b"Behavior,SemanticCategory\nok,a\nbad \xe9 byte,b\n"),
-    ("xstest", "f.csv", b"id,prompt,type,label\n1,ok,t,safe\n2,bad \xff,t,safe\n"),
-    ("wildjailbreak", "f.tsv", b"adversarial\tdata_type\nok\tadversarial_harmful\n\xc3(\tx\n"),
-    ("orbench", "f.csv", b"prompt,category\nok,c\n\x80,c\n"),
-    ("wildguardtest", "f.jsonl", b'{"prompt": "p", "prompt_harm_label": "harmful"}\n\n'
-                                 b'{"prompt": "\xfe"}\n'),
-])
+@pytest.mark.parametrize(
+    "kind,name,text",
+    [
+        ("harmbench", "f.csv", b"Behavior,SemanticCategory\nok,a\nbad \xe9 byte,b\n"),
+        ("xstest", "f.csv", b"id,prompt,type,label\n1,ok,t,safe\n2,bad \xff,t,safe\n"),
+        ("wildjailbreak", "f.tsv", b"adversarial\tdata_type\nok\tadversarial_harmful\n\xc3(\tx\n"),
+        ("orbench", "f.csv", b"prompt,category\nok,c\n\x80,c\n"),
+        (
+            "wildguardtest",
+            "f.jsonl",
+            b'{"prompt": "p", "prompt_harm_label": "harmful"}\n\n{"prompt": "\xfe"}\n',
+        ),
+    ],
+)
 def test_non_utf8_prompt_set_names_file_and_line(tmp_path, kind, name, text):
     path = tmp_path / name
     path.write_bytes(text)
@@ -241,9 +270,12 @@ def test_template_over_the_attacker_budget_is_reported_naming_the_field():
         return len(text.encode("utf-8")) + 2
 
     assert tpl.attacker_prompts_over_budget(ts, "any", count, 2048) == [
-        ("benign", count(ts.attacker_prompt("", "benign", "any")))]
+        ("benign", count(ts.attacker_prompt("", "benign", "any")))
+    ]
     assert tpl.attacker_prompts_over_budget(ts, "any", count, 10**6) == []
-    assert tpl.attacker_prompts_over_budget(tpl.get_template_set("toy_v1"), "any", count, 2048) == []
+    assert (
+        tpl.attacker_prompts_over_budget(tpl.get_template_set("toy_v1"), "any", count, 2048) == []
+    )
 
     (msg,) = tpl.template_budget_warnings("huge_benign", "any", count, 2048)
     assert "config.game.templates='huge_benign'" in msg and "attacker_task_benign" in msg
@@ -253,4 +285,5 @@ def test_template_over_the_attacker_budget_is_reported_naming_the_field():
     import inspect
 
     from advgame_jax.experiment.loop import GameRunner
+
     assert "template_budget_warnings" in inspect.getsource(GameRunner._report_unfit_seeds)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from advgame_jax.models import (KVCache, forward, forward_with_cache, init_cache, load_hf)
+from advgame_jax.models import KVCache, forward, forward_with_cache, init_cache, load_hf
 from tests.tiny_models import make_tiny_llama, make_tiny_qwen2
 
 PROMPT_LENS = (5, 8, 3)
@@ -27,16 +27,16 @@ def _left_padded_prompts(seed=0):
     tokens = np.zeros((len(PROMPT_LENS), p), np.int32)
     mask = np.zeros((len(PROMPT_LENS), p), bool)
     for b, n in enumerate(PROMPT_LENS):
-        tokens[b, p - n:] = rng.integers(1, 256, n)
-        mask[b, p - n:] = True
+        tokens[b, p - n :] = rng.integers(1, 256, n)
+        mask[b, p - n :] = True
     return tokens, mask
 
 
-@functools.partial(jax.jit, static_argnums=1, static_argnames="last_only",
-                   donate_argnums=4)
+@functools.partial(jax.jit, static_argnums=1, static_argnames="last_only", donate_argnums=4)
 def _step(params, config, tokens, positions, cache, cache_index, kv_mask, last_only=False):
-    return forward_with_cache(params, config, tokens, positions, cache, cache_index, kv_mask,
-                              last_only=last_only)
+    return forward_with_cache(
+        params, config, tokens, positions, cache, cache_index, kv_mask, last_only=last_only
+    )
 
 
 def test_prefill_then_greedy_decode_equals_full_forward(model):
@@ -58,8 +58,16 @@ def test_prefill_then_greedy_decode_equals_full_forward(model):
     for i in range(N_DECODE):
         kv_mask[:, p + i] = True
         seq.append(nxt[:, None])
-        logits, cache = _step(params, config, nxt[:, None], (next_pos + i)[:, None], cache,
-                              jnp.int32(p + i), kv_mask, last_only=True)
+        logits, cache = _step(
+            params,
+            config,
+            nxt[:, None],
+            (next_pos + i)[:, None],
+            cache,
+            jnp.int32(p + i),
+            kv_mask,
+            last_only=True,
+        )
         assert logits.shape == (b, config.vocab_size) and logits.dtype == jnp.float32
         step_logits.append(np.asarray(logits)[:, None])
         nxt = np.asarray(logits.argmax(-1), np.int32)
@@ -71,7 +79,7 @@ def test_prefill_then_greedy_decode_equals_full_forward(model):
     assert got.shape == ref.shape
     np.testing.assert_array_less(np.abs(got - ref)[full_mask].max(), 1e-4)
     # the cache holds exactly the written slots; spare slots untouched
-    assert not np.asarray(cache.k[:, :, p + N_DECODE:]).any()
+    assert not np.asarray(cache.k[:, :, p + N_DECODE :]).any()
 
 
 def test_multi_token_chunk_and_bf16_cache(model):
@@ -89,7 +97,6 @@ def test_multi_token_chunk_and_bf16_cache(model):
         kv_mask[:, :p] = prompt_mask
         _, cache = _step(params, config, prompts, positions[:, :p], cache, jnp.int32(0), kv_mask)
         kv_mask[:, p:] = True  # a 3-token chunk written at slot p
-        logits, cache = _step(params, config, extra, positions[:, p:], cache, jnp.int32(p),
-                              kv_mask)
+        logits, cache = _step(params, config, extra, positions[:, p:], cache, jnp.int32(p), kv_mask)
         assert cache.k.dtype == dtype
         assert np.abs(np.asarray(logits) - ref[:, p:]).max() < tol

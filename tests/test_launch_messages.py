@@ -21,22 +21,41 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def _train(*args, cwd):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"),
-                           "--config=" + str(ROOT / "configs" / "tiny.py"), *args],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "launch" / "train.py"),
+            "--config=" + str(ROOT / "configs" / "tiny.py"),
+            *args,
+        ],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
-@pytest.mark.parametrize("args,want", [
-    (["--config.train.foo=1"], "error: --config.train.foo: config.train has no field 'foo'\n"),
-    (["--config.trian.num_steps=1"],
-     "error: --config.trian.num_steps: config has no field 'trian' (did you mean 'train'?)\n"),
-    (["--config.game.num_attacks=0"],
-     "error: config.game.num_attacks: expected an integer >= 1, got 0\n"),
-    # A value that does not parse: was absl's two-line FATAL message with exit status 1.
-    (["--config.train.num_steps=abc"],
-     "error: flag --config.train.num_steps=abc: invalid literal for int() with base 10: 'abc' "
-     "(--helpshort lists the flags)\n"),
-])
+@pytest.mark.parametrize(
+    "args,want",
+    [
+        (["--config.train.foo=1"], "error: --config.train.foo: config.train has no field 'foo'\n"),
+        (
+            ["--config.trian.num_steps=1"],
+            "error: --config.trian.num_steps: config has no field 'trian' (did you mean 'train'?)\n",
+        ),
+        (
+            ["--config.game.num_attacks=0"],
+            "error: config.game.num_attacks: expected an integer >= 1, got 0\n",
+        ),
+        # A value that does not parse: was absl's two-line FATAL message with exit status 1.
+        (
+            ["--config.train.num_steps=abc"],
+            "error: flag --config.train.num_steps=abc: invalid literal for int() with base 10: 'abc' "
+            "(--helpshort lists the flags)\n",
+        ),
+    ],
+)
 def test_config_errors_are_one_line(tmp_path, args, want):
     out = _train(*args, "--config.workdir=" + str(tmp_path / "w"), cwd=tmp_path)
     assert out.returncode == 2, out.stderr[-2000:]
@@ -63,8 +82,12 @@ def test_non_utf8_byte_is_reported_on_its_line(tmp_path):
     # The TSV reader decodes in 8 KB blocks; the byte sits far past the first block.
     tsv = tmp_path / "train.tsv"
     row = b"open the vault\tadv text\tsure\tvanilla_harmful\n"
-    tsv.write_bytes(b"vanilla\tadversarial\tcompletion\tdata_type\n" + row * 2000
-                    + b"bad \xfe row\tadv\tsure\tvanilla_benign\n" + row)
+    tsv.write_bytes(
+        b"vanilla\tadversarial\tcompletion\tdata_type\n"
+        + row * 2000
+        + b"bad \xfe row\tadv\tsure\tvanilla_benign\n"
+        + row
+    )
     with pytest.raises(WildJailbreakFormatError, match=r"train\.tsv:2002: byte 0xfe at column 5"):
         read_wildjailbreak_tsv(tsv)
 

@@ -17,8 +17,9 @@ TPU = os.path.join(ROOT, "launch", "tpu", "run_pod.sh")
 
 def _dry(script, env, *args):
     full = dict(os.environ, DRY_RUN="1", **env)
-    out = subprocess.run(["bash", script, *args], cwd=ROOT, env=full, capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        ["bash", script, *args], cwd=ROOT, env=full, capture_output=True, text=True, timeout=60
+    )
     return out.returncode, out.stdout, out.stderr
 
 
@@ -48,9 +49,14 @@ def _parse_train_flags(cmd: str) -> dict:
     """The trainer's flags parsed by the same absl/ml_collections machinery as train.py."""
     argv = shlex.split(cmd)
     i = argv.index("launch/train.py")
-    res = subprocess.run([sys.executable, "-c", _PARSE] + argv[i + 1:], cwd=ROOT,
-                         env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
-                         timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-c", _PARSE] + argv[i + 1 :],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -71,8 +77,9 @@ def test_slurm_dry_run_paper_layout():
 
 
 def test_slurm_dry_run_two_trainer_nodes_and_bad_layouts():
-    rc, out, _ = _dry(SLURM, {"NODELIST": "a b c", "TRAIN_NODES": "2", "JUDGE_REPLICAS": "4",
-                              "JUDGE_TP": "2"})
+    rc, out, _ = _dry(
+        SLURM, {"NODELIST": "a b c", "TRAIN_NODES": "2", "JUDGE_REPLICAS": "4", "JUDGE_TP": "2"}
+    )
     assert rc == 0
     out = "\n".join(" ".join(shlex.split(ln.rstrip(" &"))) for ln in out.splitlines())
     assert "--nodes=2 --ntasks=2 --ntasks-per-node=1 --nodelist=a,b" in out
@@ -84,8 +91,9 @@ def test_slurm_dry_run_two_trainer_nodes_and_bad_layouts():
 
 
 def test_tpu_dry_run_every_worker_same_command():
-    rc, out, _ = _dry(TPU, {"TPU_NAME": "pod", "ZONE": "z1", "TRAIN_ARGS": "--config.mesh.fsdp=-1"},
-                      "train")
+    rc, out, _ = _dry(
+        TPU, {"TPU_NAME": "pod", "ZONE": "z1", "TRAIN_ARGS": "--config.mesh.fsdp=-1"}, "train"
+    )
     assert rc == 0
     (line,) = [ln for ln in out.splitlines() if ln.startswith("+ gcloud")]
     assert "--worker=all" in line and "tpu-vm ssh pod --zone z1" in line

@@ -17,9 +17,11 @@ from tests.fake_judge_server import FakeJudgeServer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
-HOLD = ("import sys, time; sys.path.insert(0, %r); from advgame_jax.locking import DirLock; "
-        "DirLock(sys.argv[1], 'config.workdir').acquire(); print('held', flush=True); "
-        "time.sleep(120)" % REPO)
+HOLD = (
+    "import sys, time; sys.path.insert(0, %r); from advgame_jax.locking import DirLock; "
+    "DirLock(sys.argv[1], 'config.workdir').acquire(); print('held', flush=True); "
+    "time.sleep(120)" % REPO
+)
 
 
 def _wait_for_holder(path, proc, timeout=600.0):
@@ -91,13 +93,21 @@ def _metric_steps(workdir):
 @pytest.mark.slow
 def test_two_train_processes_on_one_workdir(tmp_path, toy_dir):
     work = str(tmp_path / "run")
-    args = [PY, os.path.join(REPO, "launch", "train.py"), "--config=configs/tiny.py",
-            f"--config.workdir={work}", f"--config.toy_dir={toy_dir}",
-            "--config.train.num_steps=3", "--config.train.checkpoint_every=1",
-            "--config.train.validate_every=0", "--config.logging.progress_bar=False",
-            "--config.logging.tensorboard=False"]
-    first = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+    args = [
+        PY,
+        os.path.join(REPO, "launch", "train.py"),
+        "--config=configs/tiny.py",
+        f"--config.workdir={work}",
+        f"--config.toy_dir={toy_dir}",
+        "--config.train.num_steps=3",
+        "--config.train.checkpoint_every=1",
+        "--config.train.validate_every=0",
+        "--config.logging.progress_bar=False",
+        "--config.logging.tensorboard=False",
+    ]
+    first = subprocess.Popen(
+        args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         _wait_for_holder(work, first)
         t0 = time.monotonic()
@@ -105,7 +115,9 @@ def test_two_train_processes_on_one_workdir(tmp_path, toy_dir):
         took = time.monotonic() - t0
         assert second.returncode == 2, second.stderr[-2000:]
         errors = [ln for ln in second.stderr.splitlines() if ln.startswith("error:")]
-        assert len(errors) == 1 and f"in use by pid {first.pid} on" in errors[0], second.stderr[-2000:]
+        assert len(errors) == 1 and f"in use by pid {first.pid} on" in errors[0], second.stderr[
+            -2000:
+        ]
         assert "Traceback" not in second.stderr
         assert took < 120, took  # refused at start, before any model loads
         out, err = first.communicate(timeout=900)
@@ -135,12 +147,20 @@ def test_two_eval_processes_on_one_out_dir(tmp_path):
     out = str(tmp_path / "eval")
     from advgame_jax.data import packaged_seed_path
 
-    args = [PY, os.path.join(REPO, "launch", "eval.py"), f"--endpoint={server.url}",
-            "--endpoint_model=judge", f"--out_dir={out}", "--batch_size=1",
-            f"--set=toy=seeds:{packaged_seed_path('toy_valid.jsonl')}", "--num_resamples=50"]
+    args = [
+        PY,
+        os.path.join(REPO, "launch", "eval.py"),
+        f"--endpoint={server.url}",
+        "--endpoint_model=judge",
+        f"--out_dir={out}",
+        "--batch_size=1",
+        f"--set=toy=seeds:{packaged_seed_path('toy_valid.jsonl')}",
+        "--num_resamples=50",
+    ]
     with server:
-        first = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True)
+        first = subprocess.Popen(
+            args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         try:
             _wait_for_holder(out, first, timeout=120)
             t0 = time.monotonic()

@@ -124,8 +124,13 @@ def test_grpo_value_and_gradient_match_numpy(with_sampler, kl_coef):
 
     def total(x):
         return losses.grpo_loss(
-            x, f32(ref), f32(adv), jnp.asarray(mask), kl_coef=kl_coef,
-            sampler_token_logps=f32(sampler), tis_cap=2.0,
+            x,
+            f32(ref),
+            f32(adv),
+            jnp.asarray(mask),
+            kl_coef=kl_coef,
+            sampler_token_logps=f32(sampler),
+            tis_cap=2.0,
         )
 
     np.testing.assert_allclose(np.asarray(total(f32(lp))), want_value, rtol=1e-5, atol=1e-5)

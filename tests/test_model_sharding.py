@@ -6,8 +6,16 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from advgame_jax.models import (DEFAULT_RULES, ModelConfig, forward, load_hf, logical_sharding,
-                                make_mesh, param_logical_axes, param_shardings)
+from advgame_jax.models import (
+    DEFAULT_RULES,
+    ModelConfig,
+    forward,
+    load_hf,
+    logical_sharding,
+    make_mesh,
+    param_logical_axes,
+    param_shardings,
+)
 from tests.tiny_models import make_tiny_llama, make_tiny_qwen2
 
 
@@ -27,8 +35,9 @@ def mesh():
 def test_param_shardings_split_and_fall_back(llama, mesh):
     config, _ = load_hf(llama)
     sh = param_shardings(config, mesh)
-    axes_tree = jax.tree.structure(param_logical_axes(config),
-                                   is_leaf=lambda x: isinstance(x, tuple))
+    axes_tree = jax.tree.structure(
+        param_logical_axes(config), is_leaf=lambda x: isinstance(x, tuple)
+    )
     assert jax.tree.structure(sh) == axes_tree
     layers = sh["layers"]
     assert layers["gate_proj"].spec == P(None, "fsdp", "tensor")
@@ -64,8 +73,9 @@ def test_load_hf_places_params_sharded(llama, mesh):
     config, params = load_hf(llama)
     shardings = param_shardings(config, mesh)
     _, sharded = load_hf(llama, dtype=jnp.bfloat16, shardings=shardings)
-    for a, b, s in zip(jax.tree.leaves(params), jax.tree.leaves(sharded),
-                       jax.tree.leaves(shardings)):
+    for a, b, s in zip(
+        jax.tree.leaves(params), jax.tree.leaves(sharded), jax.tree.leaves(shardings)
+    ):
         assert b.dtype == jnp.bfloat16 and b.sharding == s
         np.testing.assert_array_equal(np.asarray(a.astype(jnp.bfloat16)), np.asarray(b))
     up = sharded["layers"]["up_proj"]

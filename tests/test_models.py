@@ -18,8 +18,16 @@ import numpy as np
 import pytest
 import torch
 
-from advgame_jax.models import (ModelConfig, forward, forward_hidden, init_params, load_hf,
-                                param_logical_axes, param_shapes, unembedding)
+from advgame_jax.models import (
+    ModelConfig,
+    forward,
+    forward_hidden,
+    init_params,
+    load_hf,
+    param_logical_axes,
+    param_shapes,
+    unembedding,
+)
 from tests.tiny_models import make_tiny_llama, make_tiny_qwen2
 
 B, T = 4, 14
@@ -39,15 +47,22 @@ def _batch(seed=0, vocab=256):
     mask = np.ones((B, T), np.int64)
     mask[1, :3] = 0
     mask[2, :6] = 0
-    mask[3, T - 5:] = 0
+    mask[3, T - 5 :] = 0
     positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
     return tokens, mask, positions
 
 
 def _torch_logits(model, tokens, mask, positions):
     with torch.no_grad():
-        return model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask),
-                     position_ids=torch.tensor(positions)).logits.float().numpy()
+        return (
+            model(
+                input_ids=torch.tensor(tokens),
+                attention_mask=torch.tensor(mask),
+                position_ids=torch.tensor(positions),
+            )
+            .logits.float()
+            .numpy()
+        )
 
 
 def test_fp32_parity_left_and_right_padding(tiny):
@@ -86,17 +101,26 @@ def test_hidden_times_unembedding_is_logits(tiny):
     logits = forward(params, config, tokens, mask)
     hidden = forward_hidden(params, config, tokens, mask)
     w = unembedding(params, config)
-    assert hidden.shape == (B, T, config.hidden_size) and w.shape == (config.hidden_size,
-                                                                       config.vocab_size)
+    assert hidden.shape == (B, T, config.hidden_size) and w.shape == (
+        config.hidden_size,
+        config.vocab_size,
+    )
     np.testing.assert_allclose(np.asarray(hidden @ w), np.asarray(logits), atol=1e-5)
     # lm_head of the torch model is the unembedding (tied: the embedding itself)
     np.testing.assert_allclose(np.asarray(w).T, model.lm_head.weight.detach().numpy())
 
 
 def test_remat_gives_same_gradients():
-    config = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32,
-                         intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
-                         head_dim=8)
+    config = ModelConfig(
+        model_type="llama",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+    )
     params = init_params(config, jax.random.key(1), std=0.2)
     tokens, mask, _ = _batch(seed=2, vocab=64)
 
@@ -133,15 +157,27 @@ def test_llama3_rope_scaling_changes_frequencies(tmp_path):
 
 
 def test_init_params_matches_shapes_and_axes():
-    config = ModelConfig(model_type="qwen2", vocab_size=64, hidden_size=32,
-                         intermediate_size=48, num_layers=3, num_heads=4, num_kv_heads=2,
-                         head_dim=8, tie_word_embeddings=True, qkv_bias=True)
+    config = ModelConfig(
+        model_type="qwen2",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        tie_word_embeddings=True,
+        qkv_bias=True,
+    )
     params = init_params(config, jax.random.key(0), dtype=jnp.bfloat16)
     shapes = param_shapes(config, jnp.bfloat16)
     axes = param_logical_axes(config)
     assert jax.tree.structure(params) == jax.tree.structure(shapes)
-    for p, s, a in zip(jax.tree.leaves(params), jax.tree.leaves(shapes),
-                       jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))):
+    for p, s, a in zip(
+        jax.tree.leaves(params),
+        jax.tree.leaves(shapes),
+        jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple)),
+    ):
         assert p.shape == s.shape and p.dtype == jnp.bfloat16 and len(a) == p.ndim
     assert params["layers"]["q_proj"].shape == (3, 32, 4, 8)
     assert "lm_head" not in params

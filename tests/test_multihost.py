@@ -29,21 +29,35 @@ def test_slurm_nodelist_first_host():
 def test_detect_world_sources_and_errors():
     assert distributed.detect_world({}) is None
     assert distributed.detect_world({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) is None
-    w = distributed.detect_world({"SLURM_NTASKS": "16", "SLURM_PROCID": "9",
-                                  "SLURM_STEP_NODELIST": "h[10-11]",
-                                  "ADVGAME_COORDINATOR_PORT": "9999"})
+    w = distributed.detect_world(
+        {
+            "SLURM_NTASKS": "16",
+            "SLURM_PROCID": "9",
+            "SLURM_STEP_NODELIST": "h[10-11]",
+            "ADVGAME_COORDINATOR_PORT": "9999",
+        }
+    )
     assert w == distributed.World("h10:9999", 16, 9, "slurm")
-    w = distributed.detect_world({"ADVGAME_COORDINATOR": "a:1", "ADVGAME_NUM_PROCESSES": "2",
-                                  "ADVGAME_PROCESS_ID": "1", "SLURM_NTASKS": "8"})
+    w = distributed.detect_world(
+        {
+            "ADVGAME_COORDINATOR": "a:1",
+            "ADVGAME_NUM_PROCESSES": "2",
+            "ADVGAME_PROCESS_ID": "1",
+            "SLURM_NTASKS": "8",
+        }
+    )
     assert w.source == "env" and w.process_id == 1
     assert distributed.detect_world({"TPU_WORKER_HOSTNAMES": "t0,t1,t2,t3"}).source == "tpu"
-    assert distributed.detect_world({}, coordinator="c:1", num_processes=2,
-                                    process_id=0).source == "config"
+    assert (
+        distributed.detect_world({}, coordinator="c:1", num_processes=2, process_id=0).source
+        == "config"
+    )
     with pytest.raises(distributed.WorldError, match="ADVGAME_PROCESS_ID"):
         distributed.detect_world({"ADVGAME_COORDINATOR": "a:1", "ADVGAME_NUM_PROCESSES": "2"})
     with pytest.raises(distributed.WorldError, match="expected 0"):
-        distributed.detect_world({"ADVGAME_COORDINATOR": "a:1", "ADVGAME_NUM_PROCESSES": "2",
-                                  "ADVGAME_PROCESS_ID": "2"})
+        distributed.detect_world(
+            {"ADVGAME_COORDINATOR": "a:1", "ADVGAME_NUM_PROCESSES": "2", "ADVGAME_PROCESS_ID": "2"}
+        )
     with pytest.raises(distributed.WorldError, match="config.distributed"):
         distributed.detect_world({}, coordinator="c:1", num_processes=2, process_id=5)
     # num_processes alone is an expectation checked after joining, not a world.
@@ -51,10 +65,10 @@ def test_detect_world_sources_and_errors():
 
 
 def test_axis_sizes_resolution():
-    ici, dcn = distributed.resolve_axis_sizes({"fsdp": -1, "tensor": 2}, {"data": 2},
-                                              num_devices=16, num_slices=2)
-    assert ici == {"data": 1, "fsdp": 4, "tensor": 2} and dcn == {"data": 2, "fsdp": 1,
-                                                                  "tensor": 1}
+    ici, dcn = distributed.resolve_axis_sizes(
+        {"fsdp": -1, "tensor": 2}, {"data": 2}, num_devices=16, num_slices=2
+    )
+    assert ici == {"data": 1, "fsdp": 4, "tensor": 2} and dcn == {"data": 2, "fsdp": 1, "tensor": 1}
     with pytest.raises(distributed.WorldError, match="2 host"):
         distributed.resolve_axis_sizes({"fsdp": 8}, {"data": 4}, num_devices=16, num_slices=2)
     with pytest.raises(distributed.WorldError, match="multiply to 4"):
@@ -72,8 +86,7 @@ def test_build_mesh_single_host_matches_device_order():
 def test_per_process_seeds_are_disjoint_and_cover_the_global_batch():
     seeds = [Seed(prompt=f"s{i}", category="harmful") for i in range(37)]
     P, per_process = 4, 3
-    its = [SeedIterator(seeds, per_process, seed=5, shard_index=k, shard_count=P)
-           for k in range(P)]
+    its = [SeedIterator(seeds, per_process, seed=5, shard_index=k, shard_count=P) for k in range(P)]
     for _ in range(3):  # one epoch of 37 seeds holds 3 batches of 4 × 3 (= 36)
         batches = [[s.prompt for s in it.next_batch()] for it in its]
         flat = [p for b in batches for p in b]
@@ -114,13 +127,33 @@ def _run_world(tmp_path, name, n_proc, local_devices, extra=(), timeout=300):
         env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
         env.pop("XLA_FLAGS", None)
         if n_proc > 1:
-            env.update(ADVGAME_COORDINATOR=f"127.0.0.1:{port}",
-                       ADVGAME_NUM_PROCESSES=str(n_proc), ADVGAME_PROCESS_ID=str(i))
+            env.update(
+                ADVGAME_COORDINATOR=f"127.0.0.1:{port}",
+                ADVGAME_NUM_PROCESSES=str(n_proc),
+                ADVGAME_PROCESS_ID=str(i),
+            )
         log = open(tmp_path / f"{name}-{i}.log", "w")
-        procs.append((subprocess.Popen(
-            [sys.executable, "-m", "tests.multihost_worker", "--local_devices",
-             str(local_devices), "--out", str(tmp_path / f"{name}.npz"), *extra],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+        procs.append(
+            (
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "tests.multihost_worker",
+                        "--local_devices",
+                        str(local_devices),
+                        "--out",
+                        str(tmp_path / f"{name}.npz"),
+                        *extra,
+                    ],
+                    cwd=ROOT,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                ),
+                log,
+            )
+        )
     _wait_all(procs, time.time() + timeout)
     with np.load(tmp_path / f"{name}.npz") as z:
         return [z[str(i)] for i in range(len(z.files))]
@@ -138,19 +171,21 @@ def test_two_processes_equal_one_process_and_checkpoints_reshard(tmp_path):
     logs = "".join(open(tmp_path / f"two-{i}.log").read() for i in range(2))
     assert logs.count("num_pairs=7.0") == 2  # 5 + 2 pairs, the global count on both
     # A checkpoint written by 2 processes restores in 1 process with 8 devices.
-    restored = _run_world(tmp_path, "restored", 1, 8,
-                          ("--ckpt", str(tmp_path / "ck2"), "--restore"))
+    restored = _run_world(
+        tmp_path, "restored", 1, 8, ("--ckpt", str(tmp_path / "ck2"), "--restore")
+    )
     assert max(float(np.max(np.abs(a - b))) for a, b in zip(two, restored)) == 0.0
     # ... and vice versa: one written by 1 process restores across 2 processes × 4 devices.
-    restored = _run_world(tmp_path, "restored2", 2, 4,
-                          ("--ckpt", str(tmp_path / "ck1"), "--restore"))
+    restored = _run_world(
+        tmp_path, "restored2", 2, 4, ("--ckpt", str(tmp_path / "ck1"), "--restore")
+    )
     assert max(float(np.max(np.abs(a - b))) for a, b in zip(one, restored)) == 0.0
 
 
 def test_resolve_mesh_dcn_mismatch_is_a_config_error():
-    from configs.tiny import get_config
     from advgame_jax.experiment.players import resolve_mesh
     from advgame_jax.experiment.validate import ConfigError
+    from configs.tiny import get_config
 
     config = get_config()
     config.mesh.dcn_data = 2  # two hosts asked for, one process here
@@ -167,14 +202,31 @@ def test_train_py_refuses_a_world_that_does_not_match_the_config(tmp_path):
     port = _free_port()
     procs = []
     for i in range(2):
-        env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-                   ADVGAME_COORDINATOR=f"127.0.0.1:{port}", ADVGAME_NUM_PROCESSES="2",
-                   ADVGAME_PROCESS_ID=str(i))
+        env = dict(
+            os.environ,
+            PYTHONPATH=ROOT,
+            JAX_PLATFORMS="cpu",
+            ADVGAME_COORDINATOR=f"127.0.0.1:{port}",
+            ADVGAME_NUM_PROCESSES="2",
+            ADVGAME_PROCESS_ID=str(i),
+        )
         env.pop("XLA_FLAGS", None)
-        procs.append(subprocess.Popen(
-            [sys.executable, "launch/train.py", "--config=configs/tiny.py",
-             f"--config.workdir={tmp_path}/run", "--config.distributed.num_processes=4"],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "launch/train.py",
+                    "--config=configs/tiny.py",
+                    f"--config.workdir={tmp_path}/run",
+                    "--config.distributed.num_processes=4",
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outs = [p.communicate(timeout=180)[0] for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode != 0
@@ -182,8 +234,9 @@ def test_train_py_refuses_a_world_that_does_not_match_the_config(tmp_path):
     assert not os.path.exists(tmp_path / "run")
 
 
-def _train_world(tmp_path, name, workdir, toy_dir, num_steps, *, sigterm_after_step=None,
-                 timeout=900):
+def _train_world(
+    tmp_path, name, workdir, toy_dir, num_steps, *, sigterm_after_step=None, timeout=900
+):
     """``launch/train.py`` on configs/tiny.py in 2 processes × 4 CPU devices, FSDP over all 8.
 
     With ``sigterm_after_step``, process 1 (not the writer) gets SIGTERM once metrics.jsonl
@@ -193,27 +246,51 @@ def _train_world(tmp_path, name, workdir, toy_dir, num_steps, *, sigterm_after_s
     port = _free_port()
     procs = []
     for i in range(2):
-        env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-                   XLA_FLAGS="--xla_force_host_platform_device_count=4",
-                   ADVGAME_COORDINATOR=f"127.0.0.1:{port}", ADVGAME_NUM_PROCESSES="2",
-                   ADVGAME_PROCESS_ID=str(i))
+        env = dict(
+            os.environ,
+            PYTHONPATH=ROOT,
+            JAX_PLATFORMS="cpu",
+            XLA_FLAGS="--xla_force_host_platform_device_count=4",
+            ADVGAME_COORDINATOR=f"127.0.0.1:{port}",
+            ADVGAME_NUM_PROCESSES="2",
+            ADVGAME_PROCESS_ID=str(i),
+        )
         log = open(tmp_path / f"{name}-{i}.log", "w")
-        procs.append((subprocess.Popen(
-            [sys.executable, "launch/train.py", "--config=configs/tiny.py",
-             f"--config.workdir={workdir}", f"--config.toy_dir={toy_dir}",
-             f"--config.train.num_steps={num_steps}", "--config.mesh.fsdp=8",
-             "--config.mesh.data=1", "--config.train.seeds_per_device=1",
-             "--config.train.validate_every=0", "--config.train.checkpoint_every=1",
-             "--config.logging.progress_bar=False"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+        procs.append(
+            (
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "launch/train.py",
+                        "--config=configs/tiny.py",
+                        f"--config.workdir={workdir}",
+                        f"--config.toy_dir={toy_dir}",
+                        f"--config.train.num_steps={num_steps}",
+                        "--config.mesh.fsdp=8",
+                        "--config.mesh.data=1",
+                        "--config.train.seeds_per_device=1",
+                        "--config.train.validate_every=0",
+                        "--config.train.checkpoint_every=1",
+                        "--config.logging.progress_bar=False",
+                    ],
+                    cwd=ROOT,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                ),
+                log,
+            )
+        )
     deadline = time.time() + timeout
     try:
         if sigterm_after_step is not None:
             metrics = os.path.join(workdir, "metrics.jsonl")
             while time.time() < deadline and procs[1][0].poll() is None:
                 if os.path.exists(metrics) and any(
-                        json.loads(ln)["step"] >= sigterm_after_step
-                        for ln in open(metrics) if ln.strip()):
+                    json.loads(ln)["step"] >= sigterm_after_step
+                    for ln in open(metrics)
+                    if ln.strip()
+                ):
                     procs[1][0].send_signal(signal.SIGTERM)
                     break
                 time.sleep(0.5)

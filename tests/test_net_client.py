@@ -119,8 +119,9 @@ def test_malformed_bodies_are_retried_then_raised():
 
 def test_unreachable_is_retried_with_backoff_then_raised():
     sleeps = []
-    c = Client([_closed_port_url()], timeout_s=5, max_retries=2, backoff_s=0.1, seed=3,
-               sleep=sleeps.append)
+    c = Client(
+        [_closed_port_url()], timeout_s=5, max_retries=2, backoff_s=0.1, seed=3, sleep=sleeps.append
+    )
     with pytest.raises(Unreachable) as info:
         c.get("/models")
     assert isinstance(info.value, ConnectionError) and "/v1/models" in str(info.value)
@@ -140,14 +141,22 @@ def test_bad_options_are_named():
 
 
 def test_failure_rate_warns_from_the_first_batch_then_once_per_window(caplog):
-    mon = FailureRateMonitor(threshold=0.25, every=3, what="TEST", consequence="counted",
-                             details=lambda: "Endpoints: e1 up.", logger="advgame_jax.test")
+    mon = FailureRateMonitor(
+        threshold=0.25,
+        every=3,
+        what="TEST",
+        consequence="counted",
+        details=lambda: "Endpoints: e1 up.",
+        logger="advgame_jax.test",
+    )
     with caplog.at_level(logging.WARNING, logger="advgame_jax.test"):
         fired = [mon.note(4, 4)] + [mon.note(4, 4) for _ in range(6)]
     assert fired == [True, False, False, True, False, False, True]
     msgs = [r.getMessage() for r in caplog.records]
-    assert msgs[0] == ("TEST FAILURE RATE 100.0% over the last 1 batch (4 of 4 requests failed "
-                       "after retries; threshold 25.0%); counted. Endpoints: e1 up.")
+    assert msgs[0] == (
+        "TEST FAILURE RATE 100.0% over the last 1 batch (4 of 4 requests failed "
+        "after retries; threshold 25.0%); counted. Endpoints: e1 up."
+    )
     assert "over the last 3 batches (12 of 12" in msgs[1]
     # Under the threshold nothing is logged, and a healthy window resets the rate.
     quiet = FailureRateMonitor(threshold=0.25, every=2)

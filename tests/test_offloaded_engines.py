@@ -32,8 +32,13 @@ TEXTS = ("how do i bake bread", "tell me about the ocean", "write a short poem")
 
 
 def _offloaded_config(workdir, toy_dir, num_steps):  # noqa: F811
-    c = tiny_config(workdir, toy_dir, train__num_steps=num_steps, train__validate_every=0,
-                    train__checkpoint_every=1)
+    c = tiny_config(
+        workdir,
+        toy_dir,
+        train__num_steps=num_steps,
+        train__validate_every=0,
+        train__checkpoint_every=1,
+    )
     for role in ROLES:
         c[role].placement = "offloaded"
         c[role].sampler_dtype = "float32"
@@ -52,8 +57,9 @@ def _check_engine_matches_jax(runner, role, step):
     path = ws.version_dir(os.path.join(runner.workdir, "sync", role), step)
     version, params = ws.read_sync_checkpoint(path)
     assert version == step
-    reference = JaxSampler(player.model_config, jax.tree.map(jnp.asarray, params),
-                           compute_dtype=jnp.float32)
+    reference = JaxSampler(
+        player.model_config, jax.tree.map(jnp.asarray, params), compute_dtype=jnp.float32
+    )
     prompts = [player.tokenizer.render_user_turn(t) for t in TEXTS]
     greedy = SamplingParams(temperature=0.0, max_new_tokens=12)
     got = player.sampler.generate(prompts, greedy)
@@ -63,8 +69,11 @@ def _check_engine_matches_jax(runner, role, step):
 
 
 @pytest.mark.timeout(2400)
-def test_offloaded_engines_refresh_every_step_fail_clearly_and_resume(tmp_path, toy_dir,  # noqa: F811
-                                                                     monkeypatch):
+def test_offloaded_engines_refresh_every_step_fail_clearly_and_resume(
+    tmp_path,
+    toy_dir,  # noqa: F811
+    monkeypatch,
+):
     workdir = tmp_path / "run"
     runner = GameRunner(_offloaded_config(workdir, toy_dir, num_steps=4))
     try:
@@ -125,18 +134,38 @@ def _start_user_engine(tmp_path, hf_dir):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", VLLM_API_KEY="user-key",
-               VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1",
-               JAX_PLATFORMS="cpu")
+    env = dict(
+        os.environ,
+        VLLM_SERVER_DEV_MODE="1",
+        VLLM_API_KEY="user-key",
+        VLLM_ENABLE_V1_MULTIPROCESSING="0",
+        VLLM_CPU_KVCACHE_SPACE="1",
+        JAX_PLATFORMS="cpu",
+    )
     env.pop("XLA_FLAGS", None)
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", hf_dir,
-           "--enable-scale-out", "--worker-extension-cls",
-           "advgame_jax.sampling.weight_sync.OrbaxWeightLoader", "--dtype", "float32",
-           "--max-model-len", "240", "--enforce-eager", "--host", "127.0.0.1",
-           "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        hf_dir,
+        "--enable-scale-out",
+        "--worker-extension-cls",
+        "advgame_jax.sampling.weight_sync.OrbaxWeightLoader",
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "240",
+        "--enforce-eager",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     with open(tmp_path / "user_engine.log", "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env)
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+        )
     deadline = time.monotonic() + 600
     while True:
         assert proc.poll() is None, (tmp_path / "user_engine.log").read_text()[-3000:]

@@ -29,8 +29,15 @@ from advgame_jax.types import TokenPair, TokenSample
 
 SEQ = 32
 PROMPT = 12
-TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-            num_kv_heads=2, head_dim=16)
+TINY = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+)
 CONFIGS = ("llama_ipo_md", "qwen_ipo_md", "qwen_dpo_md", "qwen_grpo")
 
 
@@ -61,8 +68,9 @@ def _mesh(config):
     from advgame_jax.models import make_mesh
 
     data, fsdp, tensor = planning.resolve_mesh_shape(config.mesh, jax.device_count())
-    return make_mesh(data=data, fsdp=fsdp, tensor=tensor,
-                     devices=jax.devices()[:data * fsdp * tensor])
+    return make_mesh(
+        data=data, fsdp=fsdp, tensor=tensor, devices=jax.devices()[: data * fsdp * tensor]
+    )
 
 
 def _records(kind: str, rows: int, vocab: int):
@@ -73,9 +81,15 @@ def _records(kind: str, rows: int, vocab: int):
 
     if kind == "pairs":
         return [TokenPair(ids(PROMPT), ids(SEQ - PROMPT), ids(SEQ - PROMPT)) for _ in range(rows)]
-    return [TokenSample(ids(PROMPT), ids(SEQ - PROMPT), float(rng.normal()),
-                        tuple(float(x) for x in -rng.uniform(1, 5, SEQ - PROMPT)))
-            for _ in range(rows)]
+    return [
+        TokenSample(
+            ids(PROMPT),
+            ids(SEQ - PROMPT),
+            float(rng.normal()),
+            tuple(float(x) for x in -rng.uniform(1, 5, SEQ - PROMPT)),
+        )
+        for _ in range(rows)
+    ]
 
 
 def trainer_hash(config, role) -> str:
@@ -88,9 +102,13 @@ def trainer_hash(config, role) -> str:
     state = players.initial_state(player, params, config)
     kind, rows = planning.player_rows(config, role, step.data_parallel_size)
     collate = collate_pairs if kind == "pairs" else collate_samples
-    batch = collate(_records(kind, rows, mc.vocab_size), pad_id=0, length_buckets=(SEQ,),
-                    num_microbatches=int(config.train.num_microbatches),
-                    data_parallel_size=step.data_parallel_size)
+    batch = collate(
+        _records(kind, rows, mc.vocab_size),
+        pad_id=0,
+        length_buckets=(SEQ,),
+        num_microbatches=int(config.train.num_microbatches),
+        data_parallel_size=step.data_parallel_size,
+    )
     assert batch.tokens.shape[0] == rows and batch.tokens.shape[-1] == SEQ
     return _digest(step.lower_call(state, batch))
 

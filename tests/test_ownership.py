@@ -13,8 +13,7 @@ import pytest
 
 from advgame_jax import fsutil
 from advgame_jax.experiment.metrics import MetricsFileError, MetricsWriter, truncate_metrics
-from advgame_jax.training import GameCheckpointer
-from advgame_jax.training import checkpoint_files
+from advgame_jax.training import GameCheckpointer, checkpoint_files
 from tests.test_checkpoint_faults import CONFIG, _abstract, _state
 
 
@@ -64,7 +63,9 @@ def test_user_step_directories_are_refused_not_moved(tmp_path):
     (root / "0").mkdir(parents=True)
     (root / "1").mkdir()
     (root / "1" / "notes.txt").write_text("mine")
-    with pytest.raises(fsutil.NotOwnedError, match=r"checkpoints/0' was not written by advgame_jax"):
+    with pytest.raises(
+        fsutil.NotOwnedError, match=r"checkpoints/0' was not written by advgame_jax"
+    ):
         GameCheckpointer(root, save_every=1, keep=2)
     assert sorted(os.listdir(root)) == ["0", "1"]  # nothing moved, no quarantine
     assert (root / "1" / "notes.txt").read_text() == "mine"

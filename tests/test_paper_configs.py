@@ -17,27 +17,49 @@ from advgame_jax.tokenization import ChatTokenizer, build_tiny_tokenizer
 from tests.fake_judge_server import FakeJudgeServer, marker_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAPER = sorted(glob.glob(os.path.join(ROOT, "configs", "*_*.py")) +
-               glob.glob(os.path.join(ROOT, "configs", "ablations", "*.py")))
+PAPER = sorted(
+    glob.glob(os.path.join(ROOT, "configs", "*_*.py"))
+    + glob.glob(os.path.join(ROOT, "configs", "ablations", "*.py"))
+)
 PAPER = [p for p in PAPER if not p.endswith("__init__.py")]
 
 
 def _stand_in(path, tok_dir, family):
     tok = ChatTokenizer.from_dir(tok_dir)
-    common = dict(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_layers=2,
-                  num_heads=2, num_kv_heads=1, head_dim=32, max_position_embeddings=4096,
-                  eos_token_id=tok.stop_token_ids[0], pad_token_id=tok.pad_id)
+    common = dict(
+        vocab_size=tok.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=32,
+        max_position_embeddings=4096,
+        eos_token_id=tok.stop_token_ids[0],
+        pad_token_id=tok.pad_id,
+    )
     if family == "llama":
-        cfg = ModelConfig(model_type="llama", rope_theta=500000.0, rope_type="llama3",
-                          rope_factor=8.0, rope_original_max_position=1024,
-                          tie_word_embeddings=False, **common)
+        cfg = ModelConfig(
+            model_type="llama",
+            rope_theta=500000.0,
+            rope_type="llama3",
+            rope_factor=8.0,
+            rope_original_max_position=1024,
+            tie_word_embeddings=False,
+            **common,
+        )
     else:
-        cfg = ModelConfig(model_type="qwen2", rope_theta=1000000.0, tie_word_embeddings=True,
-                          qkv_bias=True, **common)
+        cfg = ModelConfig(
+            model_type="qwen2",
+            rope_theta=1000000.0,
+            tie_word_embeddings=True,
+            qkv_bias=True,
+            **common,
+        )
     params = init_params(cfg, jax.random.PRNGKey(1), std=0.2)
     # Make the stop token likely (its logit is a scaled sum of the normed hidden state), so
     # that some completions end before the length limit and reach the judge.
-    eos_row = 6.0 * jnp.ones((cfg.hidden_size,)) / cfg.hidden_size ** 0.5
+    eos_row = 6.0 * jnp.ones((cfg.hidden_size,)) / cfg.hidden_size**0.5
     if cfg.tie_word_embeddings:
         params["embed"] = params["embed"].at[cfg.eos_token_id].set(eos_row)
     else:
@@ -64,8 +86,9 @@ def _load(path):
 @pytest.fixture(scope="module")
 def judge_server():
     # Serves every paper config's judge.model (the start-up check compares the names).
-    with FakeJudgeServer(marker_script(), models=sorted({_load(p).judge.model for p in PAPER})) \
-            as server:
+    with FakeJudgeServer(
+        marker_script(), models=sorted({_load(p).judge.model for p in PAPER})
+    ) as server:
         yield server
 
 

@@ -52,12 +52,15 @@ def test_colocated_needs_explicit_shares(tmp_path):
         validate_config(c)
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("placement", "gpu", "attacker.placement"),
-    ("engine.tensor_parallel_size", 0, "attacker.engine.tensor_parallel_size"),
-    ("engine.request_timeout_s", -1.0, "attacker.engine.request_timeout_s"),
-    ("engine.address", "nohost", "attacker.engine.address"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("placement", "gpu", "attacker.placement"),
+        ("engine.tensor_parallel_size", 0, "attacker.engine.tensor_parallel_size"),
+        ("engine.request_timeout_s", -1.0, "attacker.engine.request_timeout_s"),
+        ("engine.address", "nohost", "attacker.engine.address"),
+    ],
+)
 def test_bad_engine_fields_name_themselves(tmp_path, field, value, match):
     c = _config(tmp_path, attacker="offloaded")
     node = c.attacker
@@ -95,10 +98,13 @@ def test_memory_plan_sets_jax_fraction_before_jax_initialises(tmp_path):
         "c.placement.jax_memory_fraction = 0.4\n"
         "apply_memory_plan(c)\n"
         "import jax; jax.devices()\n"
-        "print(os.environ['XLA_PYTHON_CLIENT_MEM_FRACTION'])\n")
-    env = {k: v for k, v in __import__("os").environ.items()
-           if k != "XLA_PYTHON_CLIENT_MEM_FRACTION"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         timeout=120)
+        "print(os.environ['XLA_PYTHON_CLIENT_MEM_FRACTION'])\n"
+    )
+    env = {
+        k: v for k, v in __import__("os").environ.items() if k != "XLA_PYTHON_CLIENT_MEM_FRACTION"
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "0.400"

@@ -47,10 +47,18 @@ def calibrated_step(runner, monkeypatch):
     def recording_generate(params, tokens, *args, **kw):
         rows, prompt, new = tokens.shape[0], tokens.shape[1], kw["max_new_bucket"]
         temperature, top_p, top_k = (float(np.max(np.asarray(a))) for a in args[1:4])
+
         def floor():
-            return cal.decode_step_seconds(kw["config"], params, rows, prompt + new,
-                                           temperature=temperature, top_p=top_p,
-                                           top_k=int(top_k), use_filter=kw["use_filter"])
+            return cal.decode_step_seconds(
+                kw["config"],
+                params,
+                rows,
+                prompt + new,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=int(top_k),
+                use_filter=kw["use_filter"],
+            )
 
         # Measured before and after the call (load drifts); both run inside the sampler
         # stage's timer, so their own time is taken out of the stage.
@@ -62,10 +70,21 @@ def calibrated_step(runner, monkeypatch):
         t2 = time.perf_counter()
         floor_s = (before + floor()) / 2
         inside["attacker" if len(gen) % 2 == 0 else "defender"] += (
-            t1 - t0 + time.perf_counter() - t2)
-        gen.append((dataclasses.replace(base, decode_step_floor_s=floor_s), st.GenCall(
-            rows=rows, prompt_len=prompt, steps=steps, cache_len=prompt + new,
-            filter_passes=2 + 2 * 48 if kw["use_filter"] else 1), kw["config"]))
+            t1 - t0 + time.perf_counter() - t2
+        )
+        gen.append(
+            (
+                dataclasses.replace(base, decode_step_floor_s=floor_s),
+                st.GenCall(
+                    rows=rows,
+                    prompt_len=prompt,
+                    steps=steps,
+                    cache_len=prompt + new,
+                    filter_passes=2 + 2 * 48 if kw["use_filter"] else 1,
+                ),
+                kw["config"],
+            )
+        )
         return out
 
     def recording_collate(records, **kw):
@@ -74,8 +93,12 @@ def calibrated_step(runner, monkeypatch):
         tokens = r * p * n // max(runner.config.train.num_microbatches, 1)
         bw, peak = cal.memory_bandwidth(repeats=3), cal.matmul_peak(repeats=3)
         mfu = cal.model_matmul_mfu(shapes["defender"], tokens, peak, repeats=3)
-        upd.append((dataclasses.replace(base, hbm_bw=bw, peak_flops=peak, mfu=mfu),
-                    st.UpdateCall(rows=r * p, length=n)))
+        upd.append(
+            (
+                dataclasses.replace(base, hbm_bw=bw, peak_flops=peak, mfu=mfu),
+                st.UpdateCall(rows=r * p, length=n),
+            )
+        )
         return batch
 
     monkeypatch.setattr(js, "_generate_jit", recording_generate)
@@ -89,8 +112,14 @@ def calibrated_step(runner, monkeypatch):
         role = "attacker" if i % 2 == 0 else "defender"
         s = st.Sampler(st.Shape.of(mc), dtype_bytes=4)
         pred[f"{role}_generation"] += st.generation_time(hw, s, [call])["seconds"]
-    t = st.Trainer(st.Shape.of(shapes["defender"]), devices=1, fsdp=1, compute_bytes=4,
-                   remat=bool(runner.config.train.remat), reference_forward=True)
+    t = st.Trainer(
+        st.Shape.of(shapes["defender"]),
+        devices=1,
+        fsdp=1,
+        compute_bytes=4,
+        remat=bool(runner.config.train.remat),
+        reference_forward=True,
+    )
     for hw, call in upd:
         pred["update"] += st.update_time(hw, t, [call])["seconds"]
     trainable = sum(bool(runner.config[r].trainable) for r in ("attacker", "defender"))
@@ -103,8 +132,10 @@ def calibrated_step(runner, monkeypatch):
 # Opt-in: with the toy world to build it takes ~3 min on an idle 2-core machine and 14 min at
 # load 25, and at that load it missed ±30% (docs/capacity.md, "Calibration on this machine").
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("ADVGAME_CALIBRATION") != "1",
-                    reason="set ADVGAME_CALIBRATION=1 to run the step-time calibration")
+@pytest.mark.skipif(
+    os.environ.get("ADVGAME_CALIBRATION") != "1",
+    reason="set ADVGAME_CALIBRATION=1 to run the step-time calibration",
+)
 def test_tiny_game_step_matches_the_prediction_per_stage(tmp_path, toy_dir, monkeypatch):
     from advgame_jax.experiment.loop import GameRunner
 
@@ -128,8 +159,12 @@ def test_tiny_game_step_matches_the_prediction_per_stage(tmp_path, toy_dir, monk
                 f"step {int(runner.step)}: bw {hw.hbm_bw / 1e9:.2f} GB/s, matmul "
                 f"{hw.peak_flops / 1e9:.1f} GFLOP/s × mfu {hw.mfu:.2f}, decode floors "
                 f"{[round(h.decode_step_floor_s * 1e3, 2) for h in figures[:4]]} ms; "
-                + "; ".join(f"{k} predicted {pred[k]:.3f} s measured {measured[k]:.3f} s "
-                            f"(ratio {pred[k] / measured[k]:.2f})" for k in COMPARED))
+                + "; ".join(
+                    f"{k} predicted {pred[k]:.3f} s measured {measured[k]:.3f} s "
+                    f"(ratio {pred[k] / measured[k]:.2f})"
+                    for k in COMPARED
+                )
+            )
             print(summaries[-1])
             if all(pred[k] == pytest.approx(measured[k], rel=TOLERANCE) for k in COMPARED):
                 matched = True

@@ -13,15 +13,38 @@ import sys
 import pytest
 
 from advgame_jax.training import steptime as st
-from advgame_jax.training.timeplan import (Layout, Lengths, build_workload, judge_requests,
-                                           length_bucket, lengths_from_metrics)
+from advgame_jax.training.timeplan import (
+    Layout,
+    Lengths,
+    build_workload,
+    judge_requests,
+    length_bucket,
+    lengths_from_metrics,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-HW = st.Hardware(name="t", peak_flops=100e12, hbm_bw=1e12, disk_bw=1e9, net_bw=1e11, mfu=0.5,
-                 bw_eff=0.5, call_overhead_s=0.01, decode_step_floor_s=0.001)
-SHAPE = st.Shape(params=1_000_000_000, matmul_params=900_000_000, layers=10, hidden=1024,
-                 ffn=4096, heads=8,
-                 kv_heads=2, head_dim=64, vocab=32_000)
+HW = st.Hardware(
+    name="t",
+    peak_flops=100e12,
+    hbm_bw=1e12,
+    disk_bw=1e9,
+    net_bw=1e11,
+    mfu=0.5,
+    bw_eff=0.5,
+    call_overhead_s=0.01,
+    decode_step_floor_s=0.001,
+)
+SHAPE = st.Shape(
+    params=1_000_000_000,
+    matmul_params=900_000_000,
+    layers=10,
+    hidden=1024,
+    ffn=4096,
+    heads=8,
+    kv_heads=2,
+    head_dim=64,
+    vocab=32_000,
+)
 
 
 def test_generation_is_the_bandwidth_roofline_plus_fixed_costs():
@@ -33,8 +56,10 @@ def test_generation_is_the_bandwidth_roofline_plus_fixed_costs():
     step_bytes = 2e9 + rows * 200 * kv_tok + rows * 32_000 * 4
     step_flops = 2 * 0.9e9 * rows + 4 * 10 * 8 * 64 * 200 * rows
     assert step_bytes / 0.5e12 > step_flops / 50e12  # decode is bandwidth-bound here
-    pre = max((2 * 0.9e9 * rows * 100 + 4 * 10 * 8 * 64 * 50 * rows * 100) / 50e12,
-              (2e9 + rows * 100 * kv_tok) / 0.5e12)
+    pre = max(
+        (2 * 0.9e9 * rows * 100 + 4 * 10 * 8 * 64 * 50 * rows * 100) / 50e12,
+        (2e9 + rows * 100 * kv_tok) / 0.5e12,
+    )
     one = 0.01 + pre + 50 * max(step_bytes / 0.5e12, 0.001)
     assert got["seconds"] == pytest.approx(2 * one, rel=1e-9)
     assert got["calls"] == 2
@@ -54,20 +79,34 @@ def test_step_sums_its_stages_and_amortises_sync_and_checkpoint():
     s = st.Sampler(SHAPE)
     call = st.GenCall(rows=4, prompt_len=16, steps=8, cache_len=32)
     t = st.Trainer(SHAPE, devices=4, fsdp=4)
-    w = st.StepWorkload(attacker=s, defender=s, attacker_calls=[call], defender_calls=[call] * 2,
-                        trainers={"defender": t}, updates={"defender": [st.UpdateCall(8, 64)]},
-                        ema_players=1, sync_every=2, sync_bytes=4e9, sync_via_disk=True,
-                        checkpoint_every=50, checkpoint_bytes=16e9)
+    w = st.StepWorkload(
+        attacker=s,
+        defender=s,
+        attacker_calls=[call],
+        defender_calls=[call] * 2,
+        trainers={"defender": t},
+        updates={"defender": [st.UpdateCall(8, 64)]},
+        ema_players=1,
+        sync_every=2,
+        sync_bytes=4e9,
+        sync_via_disk=True,
+        checkpoint_every=50,
+        checkpoint_bytes=16e9,
+    )
     p = st.predict_step(HW, w)
     assert p["step_s"] == pytest.approx(sum(p["stages"].values()))
     assert p["stages"]["sync"] == pytest.approx((2 * 4e9 / 1e9 + 0.01) / 2)
     assert p["stages"]["checkpoint"] == pytest.approx(16e9 / 1e9 / 50)
     assert p["stages"]["defender_generation"] == pytest.approx(
-        2 * p["stages"]["attacker_generation"])
+        2 * p["stages"]["attacker_generation"]
+    )
     assert p["ema_s"] == pytest.approx(0.01 + 12e9 / 4 / 0.5e12)
     assert p["stages"]["faithfulness"] == 0 == p["stages"]["judging"]  # rule judge
-    assert st.run_totals(10.0, 1000, 16) == dict(num_steps=1000, wall_h=pytest.approx(10000 / 3600),
-                                                 device_hours=pytest.approx(16 * 10000 / 3600))
+    assert st.run_totals(10.0, 1000, 16) == dict(
+        num_steps=1000,
+        wall_h=pytest.approx(10000 / 3600),
+        device_hours=pytest.approx(16 * 10000 / 3600),
+    )
     with pytest.raises(ValueError, match="mfu"):
         dataclasses.replace(HW, mfu=float("nan"))
 
@@ -78,9 +117,19 @@ def test_paper_workload_counts_rows_requests_and_buckets():
 
     mc = ModelConfig.from_hf_file(ROOT / "configs" / "models" / "llama3.1_8b")
     lay = Layout(trainer=8, engines=2, judge_replicas=2, judge_tp=2)
-    w = build_workload(c, {"attacker": mc, "defender": mc}, lay,
-                       Lengths(attacker_prompt=500, attacker_new_mean=300, attacker_steps=900,
-                               defender_new_mean=400, defender_steps=1000), judge_shape=mc)
+    w = build_workload(
+        c,
+        {"attacker": mc, "defender": mc},
+        lay,
+        Lengths(
+            attacker_prompt=500,
+            attacker_new_mean=300,
+            attacker_steps=900,
+            defender_new_mean=400,
+            defender_steps=1000,
+        ),
+        judge_shape=mc,
+    )
     b = 4 * 8  # seeds_per_device × trainer devices = the paper's 32 per split
     assert [x.rows for x in w.attacker_calls] == [b * 2] * 2
     assert [x.rows for x in w.defender_calls] == [b * 4] * 2
@@ -96,11 +145,28 @@ def test_paper_workload_counts_rows_requests_and_buckets():
 def test_lengths_from_a_runs_metrics(tmp_path):
     c = importlib.import_module("configs.tiny").get_config()
     m = tmp_path / "metrics.jsonl"
-    m.write_text("\n".join(json.dumps(r) for r in [
-        {"step": 1, "harmful/x/attacker_tokens/mean": 10, "benign/x/attacker_tokens/mean": 20,
-         "harmful/y/tokens/mean": 30, "benign/y/tokens/mean": 10},
-        {"step": 2, "harmful/x/attacker_tokens/mean": 12, "benign/x/attacker_tokens/mean": 18,
-         "harmful/y/tokens/mean": 20, "benign/y/tokens/mean": 20}]) + "\n{torn")
+    m.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {
+                    "step": 1,
+                    "harmful/x/attacker_tokens/mean": 10,
+                    "benign/x/attacker_tokens/mean": 20,
+                    "harmful/y/tokens/mean": 30,
+                    "benign/y/tokens/mean": 10,
+                },
+                {
+                    "step": 2,
+                    "harmful/x/attacker_tokens/mean": 12,
+                    "benign/x/attacker_tokens/mean": 18,
+                    "harmful/y/tokens/mean": 20,
+                    "benign/y/tokens/mean": 20,
+                },
+            ]
+        )
+        + "\n{torn"
+    )
     ln = lengths_from_metrics(str(m), c, tail=1.5)
     assert ln.attacker_new_mean == 15 and ln.defender_new_mean == 20
     assert ln.attacker_steps == math.ceil(22.5) and ln.defender_steps == 30
@@ -115,21 +181,40 @@ def test_analytic_update_flops_match_the_compiled_programs_cost_analysis():
     from advgame_jax.models import ModelConfig, make_mesh
     from advgame_jax.training import capacity as cap
     from advgame_jax.training.optimizer import OptimizerSettings
-    from advgame_jax.training.update import (LossSettings, StepSettings, UpdateSettings,
-                                             update_step_from)
+    from advgame_jax.training.update import (
+        LossSettings,
+        StepSettings,
+        UpdateSettings,
+        update_step_from,
+    )
 
-    mc = ModelConfig(model_type="llama", vocab_size=512, hidden_size=128, intermediate_size=256,
-                     num_layers=1, num_heads=4, num_kv_heads=2, head_dim=32,
-                     max_position_embeddings=512)
+    mc = ModelConfig(
+        model_type="llama",
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_layers=1,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        max_position_embeddings=512,
+    )
     import jax
 
     mesh = make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
     rows, length = 8, 128
     for remat in ("none", "full"):
-        step = update_step_from(mc, UpdateSettings(
-            LossSettings(kind="dpo"), OptimizerSettings(1e-4, num_steps=10),
-            StepSettings(compute_dtype=jnp.float32, remat=remat, attention_impl="xla",
-                         chunk_size=512)), mesh=mesh)
+        step = update_step_from(
+            mc,
+            UpdateSettings(
+                LossSettings(kind="dpo"),
+                OptimizerSettings(1e-4, num_steps=10),
+                StepSettings(
+                    compute_dtype=jnp.float32, remat=remat, attention_impl="xla", chunk_size=512
+                ),
+            ),
+            mesh=mesh,
+        )
         state = cap.abstract_state(mc, step.optimizer, mesh)
         batch = cap.abstract_batch("pairs", rows, length, mesh)
         ca = step.lower(state, batch).compile().cost_analysis()
@@ -140,20 +225,38 @@ def test_analytic_update_flops_match_the_compiled_programs_cost_analysis():
 
 
 def _plan(*args):
-    return subprocess.run([sys.executable, str(ROOT / "launch" / "plan.py"), *args],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "plan.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
 
 
 def test_cli_presets_and_explicit_peaks_agree(tmp_path):
-    a = _plan("--config=configs/qwen_dpo_md.py", "--time", "--cluster=16xH200",
-              f"--json={tmp_path / 'a.json'}")
+    a = _plan(
+        "--config=configs/qwen_dpo_md.py",
+        "--time",
+        "--cluster=16xH200",
+        f"--json={tmp_path / 'a.json'}",
+    )
     assert a.returncode == 0, a.stderr[-2000:]
     for stage in st.STAGES:
         assert stage in a.stdout
     assert "1000 steps:" in a.stdout and "device-hours on 16 devices" in a.stdout
-    b = _plan("--config=configs/qwen_dpo_md.py", "--time", "--devices=16", "--peak_tflops=989",
-              "--hbm_gbps=4800", "--net_gbps=450", "--disk_gbps=2", "--mfu=0.4", "--bw_eff=0.6",
-              f"--json={tmp_path / 'b.json'}")
+    b = _plan(
+        "--config=configs/qwen_dpo_md.py",
+        "--time",
+        "--devices=16",
+        "--peak_tflops=989",
+        "--hbm_gbps=4800",
+        "--net_gbps=450",
+        "--disk_gbps=2",
+        "--mfu=0.4",
+        "--bw_eff=0.6",
+        f"--json={tmp_path / 'b.json'}",
+    )
     assert b.returncode == 0, b.stderr[-2000:]
     pa, pb = (json.loads((tmp_path / f"{x}.json").read_text()) for x in "ab")
     # The preset carries fixed per-call costs; the explicit form has none: within 5%.

@@ -7,8 +7,11 @@ import importlib
 import pytest
 
 from advgame_jax.data import Seed
-from advgame_jax.experiment.validate import ConfigError, validate_config
-from advgame_jax.experiment.validate import game_config_from_experiment
+from advgame_jax.experiment.validate import (
+    ConfigError,
+    game_config_from_experiment,
+    validate_config,
+)
 from advgame_jax.game.rollout import sample_tree
 from advgame_jax.sampling.placement import max_model_len
 from tests.game_stubs import ByteTokenizer, ScriptedJudge, ScriptedSampler
@@ -34,8 +37,15 @@ def test_each_player_samples_with_its_own_budget():
     attacker = ScriptedSampler(lambda p, i: f"attack {i}")  # tiny's attacker_format: "any"
     defender = ScriptedSampler(lambda p, i: f"answer {i}")
     faithful = ScriptedJudge(faith={f"attack {i}": True for i in range(g.num_attacks)})
-    sample_tree([Seed("a seed", "harmful")], g, judge=faithful, attacker=attacker,
-                attacker_tokenizer=tok, defender=defender, defender_tokenizer=tok)
+    sample_tree(
+        [Seed("a seed", "harmful")],
+        g,
+        judge=faithful,
+        attacker=attacker,
+        attacker_tokenizer=tok,
+        defender=defender,
+        defender_tokenizer=tok,
+    )
     assert attacker.calls and {p.max_new_tokens for _, p in attacker.calls} == {7}
     assert defender.calls and {p.max_new_tokens for _, p in defender.calls} == {40}
 
@@ -47,6 +57,9 @@ def test_each_player_samples_with_its_own_budget():
 def test_negative_budget_names_the_field():
     c = _config("tiny")
     c.defender.max_new_tokens = -1
-    with pytest.raises(ConfigError, match=r"config\.defender\.max_new_tokens: expected an "
-                                          r"integer >= 0"):
+    with pytest.raises(
+        ConfigError,
+        match=r"config\.defender\.max_new_tokens: expected an "
+        r"integer >= 0",
+    ):
         validate_config(c)

@@ -65,8 +65,9 @@ def test_smol_rule_judge_yields_pairs_and_resumes(smol_run):
     assert [r["step"] for r in recs] == [1, 2]
     for r in recs:
         assert _pairs(r) > 0, r
-        losses = [r[f"{s}/{role}/loss"] for s in SPLITS for role in ROLES
-                  if f"{s}/{role}/loss" in r]
+        losses = [
+            r[f"{s}/{role}/loss"] for s in SPLITS for role in ROLES if f"{s}/{role}/loss" in r
+        ]
         assert losses and all(math.isfinite(v) for v in losses), losses
         assert any(v != 0.0 for v in losses)
 
@@ -76,10 +77,15 @@ def test_smol_llm_judge_step_over_the_openai_api(tmp_path, smol_dir):
     from advgame_jax.sampling.openai_schema import Limits
     from advgame_jax.sampling.server import ServerConfig, serve_model_dir
 
-    server = serve_model_dir(smol_dir, config=ServerConfig(
-        port=0, model_name="smollm2", limits=Limits(max_prompt_tokens=1024, max_tokens=128,
-                                                    default_max_tokens=96, max_n=4)),
-        max_batch_size=16)
+    server = serve_model_dir(
+        smol_dir,
+        config=ServerConfig(
+            port=0,
+            model_name="smollm2",
+            limits=Limits(max_prompt_tokens=1024, max_tokens=128, default_max_tokens=96, max_n=4),
+        ),
+        max_batch_size=16,
+    )
     server.start()
     try:
         c = _config(smol_llm_judge, tmp_path / "llm", smol_dir, 1)
@@ -88,10 +94,12 @@ def test_smol_llm_judge_step_over_the_openai_api(tmp_path, smol_dir):
     finally:
         server.shutdown()
     (r,) = [r for r in _records(tmp_path / "llm") if "harmful/x/slots" in r]
-    requests = sum(r[f"{s}/judge/{st}/requests"] for s in SPLITS
-                   for st in ("faith", "defender", "attacker"))
-    failures = sum(r[f"{s}/judge/{st}/failures"] for s in SPLITS
-                   for st in ("faith", "defender", "attacker"))
+    requests = sum(
+        r[f"{s}/judge/{st}/requests"] for s in SPLITS for st in ("faith", "defender", "attacker")
+    )
+    failures = sum(
+        r[f"{s}/judge/{st}/failures"] for s in SPLITS for st in ("faith", "defender", "attacker")
+    )
     assert requests > 0 and 0 <= failures <= requests
     for key, v in r.items():
         if key.endswith("/loss"):
@@ -99,21 +107,32 @@ def test_smol_llm_judge_step_over_the_openai_api(tmp_path, smol_dir):
 
 
 @pytest.mark.slow
-def test_eval_on_real_seeds_and_export_of_the_trained_defender(smol_run, smol_dir, tmp_path,
-                                                              wildjailbreak_dir):
+def test_eval_on_real_seeds_and_export_of_the_trained_defender(
+    smol_run, smol_dir, tmp_path, wildjailbreak_dir
+):
     """Original and trained defender on 8 + 8 real seeds (rule classifier); the exported
     defender loads and generates in transformers and vLLM."""
     from advgame_jax.evaluation import classifiers, convert, prompt_sets, runner, targets
 
     sets = prompt_sets.load_prompt_sets(
-        [f"harmful=seeds:{wildjailbreak_dir / 'valid_harmful_256.jsonl'}",
-         f"benign=seeds:{wildjailbreak_dir / 'valid_benign_256.jsonl'}"], limit=8)
+        [
+            f"harmful=seeds:{wildjailbreak_dir / 'valid_harmful_256.jsonl'}",
+            f"benign=seeds:{wildjailbreak_dir / 'valid_benign_256.jsonl'}",
+        ],
+        limit=8,
+    )
     decoding = targets.Decoding(max_new_tokens=48)
     exported = convert.checkpoint_to_hf(str(smol_run), str(tmp_path / "defender"))
     results = {}
     for name, hf_dir in (("original", smol_dir), ("trained", exported)):
-        out = runner.run_eval(sets, targets.load_target(hf_dir=hf_dir), classifiers.make_classifier("rule"),
-                              str(tmp_path / f"eval_{name}"), decoding=decoding, batch_size=16)
+        out = runner.run_eval(
+            sets,
+            targets.load_target(hf_dir=hf_dir),
+            classifiers.make_classifier("rule"),
+            str(tmp_path / f"eval_{name}"),
+            decoding=decoding,
+            batch_size=16,
+        )
         assert out["harmful"]["num_examples"] == out["benign"]["num_examples"] == 8
         assert out["harmful"]["asr_n"] + out["harmful"]["judge_failures"] == 8
         assert out["benign"]["over_refusal_n"] + out["benign"]["judge_failures"] == 8
@@ -130,9 +149,10 @@ def test_eval_on_real_seeds_and_export_of_the_trained_defender(smol_run, smol_di
     model = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
     ids = torch.tensor([prompt])
     with torch.no_grad():  # the mask is given: inferred from pad id 2 it would hide <|im_end|>
-        hf_ids = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16,
-                                do_sample=False)[0]
-    hf_ids = [int(t) for t in hf_ids[len(prompt):]]
+        hf_ids = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False
+        )[0]
+    hf_ids = [int(t) for t in hf_ids[len(prompt) :]]
     assert len(hf_ids) > 0
     from tests.test_vllm_sampler import VLLM_MISSING
 
@@ -141,8 +161,15 @@ def test_eval_on_real_seeds_and_export_of_the_trained_defender(smol_run, smol_di
     from advgame_jax.sampling import SamplingParams
     from advgame_jax.sampling.vllm_sampler import VllmSampler
 
-    with VllmSampler(exported, dtype="float32", kv_cache_memory_bytes=128 << 20,
-                     max_model_len=256, enforce_eager=True) as vllm:
-        (out,) = vllm.generate([prompt], SamplingParams(temperature=0.0, max_new_tokens=16,
-                                                        stop_token_ids=tok.stop_token_ids))
-    assert list(out.token_ids) == hf_ids[:len(out.token_ids)] and out.token_ids
+    with VllmSampler(
+        exported,
+        dtype="float32",
+        kv_cache_memory_bytes=128 << 20,
+        max_model_len=256,
+        enforce_eager=True,
+    ) as vllm:
+        (out,) = vllm.generate(
+            [prompt],
+            SamplingParams(temperature=0.0, max_new_tokens=16, stop_token_ids=tok.stop_token_ids),
+        )
+    assert list(out.token_ids) == hf_ids[: len(out.token_ids)] and out.token_ids

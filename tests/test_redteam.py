@@ -23,10 +23,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_refuses_without_acknowledgement(tmp_path):
     proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "launch", "redteam.py"),
-         "--attacker_checkpoint=/nonexistent", "--target_endpoint=http://127.0.0.1:9/v1",
-         f"--set=seeds:{TOY_VALID}", f"--out_dir={tmp_path / 'out'}"],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": REPO})
+        [
+            sys.executable,
+            os.path.join(REPO, "launch", "redteam.py"),
+            "--attacker_checkpoint=/nonexistent",
+            "--target_endpoint=http://127.0.0.1:9/v1",
+            f"--set=seeds:{TOY_VALID}",
+            f"--out_dir={tmp_path / 'out'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": REPO},
+    )
     assert proc.returncode != 0
     assert "--acknowledge_controlled_artifact" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
@@ -39,8 +48,11 @@ def test_tiny_attacker_against_served_target(tmp_path_factory, tmp_path):
     run = tiny_run(tmp_path_factory)
     # The toy attacker learned to copy (and decorate) its training seeds; unseen seeds come
     # out garbled and unfaithful, so the red-team seeds are training seeds.
-    harm = [s.prompt for s in read_seeds_jsonl(packaged_seed_path("toy_seeds.jsonl"))
-            if s.category == "harmful"][:6]
+    harm = [
+        s.prompt
+        for s in read_seeds_jsonl(packaged_seed_path("toy_seeds.jsonl"))
+        if s.category == "harmful"
+    ][:6]
     hb = tmp_path / "hb.csv"
     with open(hb, "w", encoding="utf-8", newline="") as f:
         w = csv.writer(f)
@@ -49,14 +61,20 @@ def test_tiny_attacker_against_served_target(tmp_path_factory, tmp_path):
     seeds = list(prompt_sets.load_prompt_set(f"harmbench:{hb}").examples)
     attacker = targets.load_target(checkpoint=run.workdir, player="attacker", allow_attacker=True)
     cfg = redteam.RedteamConfig(
-        num_attempts=3, templates="toy_v1", attacker_format="any", faithfulness="rule",
+        num_attempts=3,
+        templates="toy_v1",
+        attacker_format="any",
+        faithfulness="rule",
         attacker_decoding=targets.Decoding(1.0, 1.0, 40),
-        target_decoding=targets.Decoding(max_new_tokens=24), seed=1)
+        target_decoding=targets.Decoding(max_new_tokens=24),
+        seed=1,
+    )
     out = str(tmp_path / "rt")
     with serve_model_dir(run.defender_hf, config=ServerConfig(port=0)) as srv:
         target = targets.load_target(endpoint=srv.url + "/v1")
-        m = redteam.run_redteam(seeds, attacker, target, classifiers.RuleClassifier(), out,
-                                cfg=cfg, acknowledged=True)
+        m = redteam.run_redteam(
+            seeds, attacker, target, classifiers.RuleClassifier(), out, cfg=cfg, acknowledged=True
+        )
     for name in ("results.jsonl", "successes.jsonl"):
         assert stat.S_IMODE(os.stat(os.path.join(out, name)).st_mode) == 0o600
     with open(os.path.join(out, "results.jsonl"), encoding="utf-8") as f:

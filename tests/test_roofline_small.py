@@ -13,8 +13,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_roofline_small_matches_peers(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("roofline_bench",
-                                                  ROOT / "benchmarks" / "roofline.py")
+    spec = importlib.util.spec_from_file_location(
+        "roofline_bench", ROOT / "benchmarks" / "roofline.py"
+    )
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = bench.main(["--size", "small", "--repeats", "1", "--json", str(tmp_path / "r.json")])

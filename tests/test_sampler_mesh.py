@@ -42,15 +42,21 @@ def test_filter_cutoff_matches_a_full_sort(max_candidates):
     top_p = np.array([0.9, 0.5, 0.3, 0.99, 1.0, 0.7, 1.0, 0.95], np.float32)
     top_k = np.array([0, 0, 0, 0, 50, 5, 0, 1500], np.int32)
     cutoff = jax.jit(lambda a, b, c: filter_cutoff(a, b, c, max_candidates=max_candidates))(
-        x, top_p, top_k)
+        x, top_p, top_k
+    )
     got = (x >= np.asarray(cutoff)[:, None]).sum(axis=1)
     np.testing.assert_array_equal(got, _numpy_kept(x, top_p, top_k))
 
 
 def test_filtered_selection_does_not_sort_the_vocabulary():
     b, v = 4, 4096
-    args = (jnp.zeros((b, v)), jnp.ones((b,)), jnp.full((b,), 0.9), jnp.zeros((b,), jnp.int32),
-            jax.vmap(jax.random.key)(jnp.arange(b)))
+    args = (
+        jnp.zeros((b, v)),
+        jnp.ones((b,)),
+        jnp.full((b,), 0.9),
+        jnp.zeros((b,), jnp.int32),
+        jax.vmap(jax.random.key)(jnp.arange(b)),
+    )
     hlo = jax.jit(lambda *a: select_tokens(*a, use_filter=True)).lower(*args).as_text()
     assert "chlo.top_k" in hlo  # a bounded candidate set...
     assert "stablehlo.sort" not in hlo  # ...and no sort of the vocabulary
@@ -70,10 +76,17 @@ def test_filtered_sampling_frequencies_match_the_numpy_distribution():
     assert 4 < kept < top_k
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(1), i))(jnp.arange(n))
     for max_candidates in (4, 256):
-        tokens, _ = jax.jit(lambda k, max_candidates=max_candidates: select_tokens(
-            jnp.broadcast_to(logits, (n, v)), jnp.full((n,), temperature),
-            jnp.full((n,), top_p), jnp.full((n,), top_k, jnp.int32), k, use_filter=True,
-            max_candidates=max_candidates))(keys)
+        tokens, _ = jax.jit(
+            lambda k, max_candidates=max_candidates: select_tokens(
+                jnp.broadcast_to(logits, (n, v)),
+                jnp.full((n,), temperature),
+                jnp.full((n,), top_p),
+                jnp.full((n,), top_k, jnp.int32),
+                k,
+                use_filter=True,
+                max_candidates=max_candidates,
+            )
+        )(keys)
         freq = np.bincount(np.asarray(tokens), minlength=v) / n
         assert np.all(q[np.asarray(tokens)] > 0), "a filtered-out token was sampled"
         assert 0.5 * np.abs(freq - q).sum() < 0.03, max_candidates

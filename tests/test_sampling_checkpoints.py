@@ -13,8 +13,16 @@ from advgame_jax.sampling.checkpoints import resolve_item_dir, restore_params, s
 from advgame_jax.training.checkpoint import GameCheckpointer
 from advgame_jax.training.state import init_player_state
 
-CONFIG = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
-                     num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16)
+CONFIG = ModelConfig(
+    model_type="llama",
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=16,
+)
 
 
 def _params(seed):
@@ -34,13 +42,15 @@ def test_plain_standard_save_dir(tmp_path):
     # into a bf16, sharded target
     mesh = make_mesh(tensor=2)
     shardings = param_shardings(CONFIG, mesh)
-    like = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16, sharding=s),
-                        params, shardings)
+    like = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16, sharding=s), params, shardings
+    )
     got = restore_params(str(tmp_path / "p"), like=like)
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(got))
     assert got["embed"].sharding == shardings["embed"]
-    np.testing.assert_allclose(np.asarray(got["embed"], np.float32),
-                               np.asarray(params["embed"]), rtol=1e-2)
+    np.testing.assert_allclose(
+        np.asarray(got["embed"], np.float32), np.asarray(params["embed"]), rtol=1e-2
+    )
 
 
 def test_game_checkpointer_layout_restores_one_subtree(tmp_path):
@@ -49,10 +59,24 @@ def test_game_checkpointer_layout_restores_one_subtree(tmp_path):
     defender = init_player_state(_params(2), tx)
     defender = defender.replace(ema_params=_params(3))
     with GameCheckpointer(str(tmp_path / "run"), save_every=1, keep=3, async_save=False) as ck:
-        ck.save(1, {"attacker": attacker, "defender": defender, "rng": jax.random.key_data(
-            jax.random.key(0))}, {"note": "first"})
-        ck.save(2, {"attacker": attacker, "defender": defender.replace(ema_params=_params(4)),
-                    "rng": jax.random.key_data(jax.random.key(0))}, {"note": "second"})
+        ck.save(
+            1,
+            {
+                "attacker": attacker,
+                "defender": defender,
+                "rng": jax.random.key_data(jax.random.key(0)),
+            },
+            {"note": "first"},
+        )
+        ck.save(
+            2,
+            {
+                "attacker": attacker,
+                "defender": defender.replace(ema_params=_params(4)),
+                "rng": jax.random.key_data(jax.random.key(0)),
+            },
+            {"note": "second"},
+        )
     root = str(tmp_path / "run")
     assert resolve_item_dir(root).endswith("/2/state")  # the latest step
     got = restore_params(root, key_path=("defender", "ema_params"), like=_params(0))
@@ -74,11 +98,22 @@ def test_clear_errors(tmp_path):
         restore_params(str(tmp_path / "p"), key_path=("attacker", "ema_params"))
     with pytest.raises(ValueError, match="tree structure"):
         restore_params(str(tmp_path / "p"), key_path=("defender",), like=_params(0))
-    small = ModelConfig(model_type="llama", vocab_size=32, hidden_size=32, intermediate_size=64,
-                        num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16)
+    small = ModelConfig(
+        model_type="llama",
+        vocab_size=32,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=16,
+    )
     with pytest.raises(ValueError, match="shape"):
-        restore_params(str(tmp_path / "p"), key_path=("defender", "ema_params"),
-                       like=init_params(small, jax.random.key(0)))
+        restore_params(
+            str(tmp_path / "p"),
+            key_path=("defender", "ema_params"),
+            like=init_params(small, jax.random.key(0)),
+        )
 
 
 def test_orbax_manager_without_game_checkpointer(tmp_path):

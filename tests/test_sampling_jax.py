@@ -2,13 +2,12 @@
 log-softmax (fp32), numpy-computed temperature / top-p / top-k distributions (chi-square),
 finish reasons, seeds, sharding, and weight swaps without recompilation."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
 import torch
-
-import jax
-import jax.numpy as jnp
 
 from advgame_jax.models import load_hf, make_mesh
 from advgame_jax.sampling import Completion, Sampler, SamplingParams
@@ -33,11 +32,17 @@ def _hf_greedy(model, prompts, n_new):
     ids = torch.zeros((len(prompts), width), dtype=torch.long)
     mask = torch.zeros_like(ids)
     for b, p in enumerate(prompts):
-        ids[b, width - len(p):] = torch.tensor(p)
-        mask[b, width - len(p):] = 1
+        ids[b, width - len(p) :] = torch.tensor(p)
+        mask[b, width - len(p) :] = 1
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=n_new, do_sample=False,
-                             eos_token_id=None, pad_token_id=0)
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=n_new,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
     return [tuple(int(t) for t in row[width:]) for row in out]
 
 
@@ -46,7 +51,7 @@ def _torch_logprobs(model, prompt, completion):
     ids = torch.tensor([list(prompt) + list(completion)])
     with torch.no_grad():
         logits = model(ids).logits[0].double()
-    lp = torch.log_softmax(logits, -1)[len(prompt) - 1:-1]
+    lp = torch.log_softmax(logits, -1)[len(prompt) - 1 : -1]
     return lp.gather(-1, torch.tensor(completion)[:, None])[:, 0].numpy()
 
 
@@ -82,13 +87,15 @@ def test_greedy_matches_transformers_generate(family, request):
     want = _hf_greedy(model, prompts, N_NEW)
     # A stop id that greedy decoding never produces must not change anything.
     unused = next(t for t in range(3, 256) if all(t not in w for w in want))
-    got = sampler.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=N_NEW,
-                                                   stop_token_ids=(unused,)))
+    got = sampler.generate(
+        prompts, SamplingParams(temperature=0.0, max_new_tokens=N_NEW, stop_token_ids=(unused,))
+    )
     assert [c.token_ids for c in got] == want
     for prompt, c in zip(prompts, got):
         assert isinstance(c, Completion) and c.finish_reason == "length"
-        np.testing.assert_allclose(c.logprobs, _torch_logprobs(model, prompt, c.token_ids),
-                                   atol=1e-4, rtol=0)
+        np.testing.assert_allclose(
+            c.logprobs, _torch_logprobs(model, prompt, c.token_ids), atol=1e-4, rtol=0
+        )
 
 
 def test_decode_equals_teacher_forced_forward_at_smollm2_head_layout(tmp_path):
@@ -99,8 +106,17 @@ def test_decode_equals_teacher_forced_forward_at_smollm2_head_layout(tmp_path):
     decode must equal a teacher-forced torch forward of its own prefix, step by step (argmax
     and log-prob), and transformers' generate given an explicit attention mask (without one
     it infers the mask from the pad id and masks those prompt tokens)."""
-    model = make_tiny_llama(tmp_path, hidden_size=72, num_heads=9, num_kv_heads=3, head_dim=16,
-                            rope_scaling=None, rope_theta=1e5, tie=True, seed=3)
+    model = make_tiny_llama(
+        tmp_path,
+        hidden_size=72,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=16,
+        rope_scaling=None,
+        rope_theta=1e5,
+        tie=True,
+        seed=3,
+    )
     sampler = JaxSampler.from_hf_dir(tmp_path, compute_dtype=jnp.float32, tokenizer=None)
     lens = (3, 15, 16, 17, 30)
     prompts = _prompts(model.config.vocab_size, seed=5, lens=lens)
@@ -113,7 +129,7 @@ def test_decode_equals_teacher_forced_forward_at_smollm2_head_layout(tmp_path):
         seq = torch.tensor([list(prompt) + list(c.token_ids)])
         with torch.no_grad():
             logits = model(seq, attention_mask=torch.ones_like(seq)).logits[0].double()
-        steps = logits[len(prompt) - 1:-1]  # the logits that chose each new token
+        steps = logits[len(prompt) - 1 : -1]  # the logits that chose each new token
         top2 = steps.topk(2, dim=-1).values
         assert float((top2[:, 0] - top2[:, 1]).min()) > 1e-3  # no near-ties to excuse
         assert c.token_ids == tuple(int(t) for t in steps.argmax(-1))
@@ -123,9 +139,15 @@ def test_decode_equals_teacher_forced_forward_at_smollm2_head_layout(tmp_path):
     for prompt in prompts:
         ids = torch.tensor([prompt])
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new,
-                                 do_sample=False, eos_token_id=None, pad_token_id=0)
-        ref.append(tuple(int(t) for t in out[0, len(prompt):]))
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n_new,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+        ref.append(tuple(int(t) for t in out[0, len(prompt) :]))
     assert [c.token_ids for c in got] == ref
 
 
@@ -143,7 +165,7 @@ def test_stop_tokens_and_lengths_give_per_row_finish_reasons(llama):
             assert c.finish_reason == "length" and c.token_ids == g
         else:
             assert c.finish_reason == "stop"
-            assert c.token_ids == g[:hit + 1]  # the stop token is included
+            assert c.token_ids == g[: hit + 1]  # the stop token is included
             assert len(c.logprobs) == hit + 1
     assert got_a[0].finish_reason == "stop" and len(got_a[0].token_ids) == 6
     (c,) = got_b
@@ -194,8 +216,7 @@ def test_temperature_top_p_frequencies_match_numpy_reference(llama):
     q = _reference_dist(logits, temperature, top_p=top_p)
     assert (q > 0).sum() == k + 1 and (q > 0).sum() < (p > 1e-6).sum()
 
-    sp = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=1, n=4000,
-                        seed=1234)
+    sp = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=1, n=4000, seed=1234)
     draws = sampler.generate([prompt], sp)
     tokens = np.array([c.token_ids[0] for c in draws])
     assert np.all(q[tokens] > 0), "a token outside the nucleus was sampled"
@@ -205,13 +226,14 @@ def test_temperature_top_p_frequencies_match_numpy_reference(llama):
     assert tv < 0.05
     # log-probs are the untempered model's, not the sampling distribution's
     logp = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
-    np.testing.assert_allclose([c.logprobs[0] for c in draws[:50]], logp[tokens[:50]],
-                               atol=1e-4)
+    np.testing.assert_allclose([c.logprobs[0] for c in draws[:50]], logp[tokens[:50]], atol=1e-4)
 
     again = sampler.generate([prompt], sp)
     assert [c.token_ids for c in again] == [c.token_ids for c in draws]
-    other = sampler.generate([prompt], SamplingParams(
-        temperature=temperature, top_p=top_p, max_new_tokens=1, n=4000, seed=1235))
+    other = sampler.generate(
+        [prompt],
+        SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=1, n=4000, seed=1235),
+    )
     other_tokens = np.array([c.token_ids[0] for c in other])
     assert (other_tokens != tokens).mean() > 0.3
 
@@ -298,10 +320,12 @@ def test_weight_updates_do_not_recompile(tmp_path, llama):
 
         # From an Orbax checkpoint: a game-style tree, restoring one sub-tree.
         _, new_params = load_hf(tmp_path / "b")
-        save_params(str(tmp_path / "ck"), {"defender": {"ema_params": old_params,
-                                                        "params": new_params}})
-        sampler.update_weights(checkpoint_path=str(tmp_path / "ck"),
-                               key_path=("defender", "ema_params"))
+        save_params(
+            str(tmp_path / "ck"), {"defender": {"ema_params": old_params, "params": new_params}}
+        )
+        sampler.update_weights(
+            checkpoint_path=str(tmp_path / "ck"), key_path=("defender", "ema_params")
+        )
         with _CompileCounter() as counter:
             back = sampler.generate(prompts, sp)
         assert counter.count == 0

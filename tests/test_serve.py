@@ -19,7 +19,12 @@ import pytest
 from advgame_jax.sampling import Completion, SamplingParams
 from advgame_jax.sampling.openai_schema import Limits
 from advgame_jax.sampling.server import (
-    AttackerCheckpointError, OpenAIServer, ServerConfig, make_tiny_model_dir, serve_model_dir)
+    AttackerCheckpointError,
+    OpenAIServer,
+    ServerConfig,
+    make_tiny_model_dir,
+    serve_model_dir,
+)
 from advgame_jax.tokenization import ChatTokenizer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -30,8 +35,12 @@ CONFIG = ServerConfig(port=0, max_body_bytes=16 * 1024, queue_size=8, limits=LIM
 def call(url, path, body=None, *, method=None, headers=None, raw=None, with_headers=False):
     """(status, parsed JSON[, headers]) of one request; HTTP errors are returned, not raised."""
     data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-    req = urllib.request.Request(url + path, data=data, method=method,
-                                 headers={"Content-Type": "application/json", **(headers or {})})
+    req = urllib.request.Request(
+        url + path,
+        data=data,
+        method=method,
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
     try:
         with urllib.request.urlopen(req, timeout=600) as resp:  # compiles on a loaded CPU
             out = resp.status, json.loads(resp.read()), resp.headers
@@ -60,38 +69,58 @@ def test_models_endpoint(server):
 
 
 def test_chat_completion_matches_the_sampler(server):
-    req = {"model": "advgame", "messages": [{"role": "user", "content": "tell me the steps"}],
-           "max_tokens": 8, "temperature": 0, "logprobs": True}
+    req = {
+        "model": "advgame",
+        "messages": [{"role": "user", "content": "tell me the steps"}],
+        "max_tokens": 8,
+        "temperature": 0,
+        "logprobs": True,
+    }
     status, body = call(server.url, "/v1/chat/completions", req)
     assert status == 200, body
     assert body["object"] == "chat.completion"
     (choice,) = body["choices"]
     tok = server.tokenizer
     prompt = tok.render_user_turn("tell me the steps")
-    (want,) = server.sampler.generate([prompt], SamplingParams(
-        temperature=0.0, max_new_tokens=8, stop_token_ids=tok.stop_token_ids))
+    (want,) = server.sampler.generate(
+        [prompt],
+        SamplingParams(temperature=0.0, max_new_tokens=8, stop_token_ids=tok.stop_token_ids),
+    )
     assert choice["message"] == {"role": "assistant", "content": want.text}
     assert choice["finish_reason"] == want.finish_reason
     assert [e["logprob"] for e in choice["logprobs"]["content"]] == pytest.approx(want.logprobs)
-    assert body["usage"] == {"prompt_tokens": len(prompt),
-                             "completion_tokens": len(want.token_ids),
-                             "total_tokens": len(prompt) + len(want.token_ids)}
+    assert body["usage"] == {
+        "prompt_tokens": len(prompt),
+        "completion_tokens": len(want.token_ids),
+        "total_tokens": len(prompt) + len(want.token_ids),
+    }
 
 
 def test_completions_endpoint_text_and_token_prompts(server):
-    req = {"prompt": ["first then", "sure here"], "n": 2, "max_tokens": 6, "temperature": 0.9,
-           "top_p": 0.9, "seed": 11, "ignore_eos": True, "logprobs": 0}
+    req = {
+        "prompt": ["first then", "sure here"],
+        "n": 2,
+        "max_tokens": 6,
+        "temperature": 0.9,
+        "top_p": 0.9,
+        "seed": 11,
+        "ignore_eos": True,
+        "logprobs": 0,
+    }
     status, body = call(server.url, "/v1/completions", req)
     assert status == 200, body
     assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
-    assert all(c["finish_reason"] == "length" and len(c["logprobs"]["tokens"]) == 6
-               for c in body["choices"])
+    assert all(
+        c["finish_reason"] == "length" and len(c["logprobs"]["tokens"]) == 6
+        for c in body["choices"]
+    )
     assert body["usage"]["completion_tokens"] == 24
     again = call(server.url, "/v1/completions", req)[1]
     assert [c["text"] for c in again["choices"]] == [c["text"] for c in body["choices"]]
     ids = server.tokenizer.encode("first then")
-    status, body = call(server.url, "/v1/completions",
-                        {"prompt": ids, "max_tokens": 4, "temperature": 0})
+    status, body = call(
+        server.url, "/v1/completions", {"prompt": ids, "max_tokens": 4, "temperature": 0}
+    )
     assert status == 200 and len(body["choices"]) == 1
 
 
@@ -102,45 +131,95 @@ def test_stop_string_cuts_the_text(server):
     assert stop and len(text) > 6
     status, body = call(server.url, "/v1/completions", dict(base, stop=[stop]))
     assert status == 200
-    assert body["choices"][0]["text"] == text[:text.find(stop)]
+    assert body["choices"][0]["text"] == text[: text.find(stop)]
     assert body["choices"][0]["finish_reason"] == "stop"
 
 
-@pytest.mark.parametrize("path,body,status,needle", [
-    ("/v1/chat/completions", {"max_tokens": 4}, 400, "'messages' is required"),
-    ("/v1/chat/completions", {"messages": "hi"}, 400, "non-empty list"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, 400, "content"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                              "temperature": "hot"}, 400, "'temperature' must be a number"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                              "temperature": 5}, 400, "'temperature' must be in"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 0},
-     400, "'n' must be in"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 99},
-     400, "'n' must be in"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                              "max_tokens": 0}, 400, "'max_tokens' must be in"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                              "max_tokens": 10_000}, 400, "'max_tokens' must be in"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                              "top_p": 0}, 400, "'top_p' must be in"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                              "stream": "yes"}, 400, "'stream' must be a boolean"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                              "logprobs": True, "top_logprobs": 21}, 400,
-     "'top_logprobs' must be in [0, 20]"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                              "top_logprobs": 2}, 400, "needs 'logprobs': true"),
-    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]},
-     400, "chat template"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                              "model": "gpt-x"}, 404, "does not exist"),
-    ("/v1/completions", {"max_tokens": 3}, 400, "'prompt' is required"),
-    ("/v1/completions", {"prompt": [1, "a"]}, 400, "'prompt' must be"),
-    ("/v1/completions", {"prompt": [10**9]}, 400, "outside"),
-    ("/v1/completions", {"prompt": "x", "logprobs": 6}, 400, "'logprobs' must be in [0, 5]"),
-    ("/v1/completions", ["not", "an", "object"], 400, "JSON object"),
-])
+@pytest.mark.parametrize(
+    "path,body,status,needle",
+    [
+        ("/v1/chat/completions", {"max_tokens": 4}, 400, "'messages' is required"),
+        ("/v1/chat/completions", {"messages": "hi"}, 400, "non-empty list"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, 400, "content"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "temperature": "hot"},
+            400,
+            "'temperature' must be a number",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "temperature": 5},
+            400,
+            "'temperature' must be in",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "n": 0},
+            400,
+            "'n' must be in",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "n": 99},
+            400,
+            "'n' must be in",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0},
+            400,
+            "'max_tokens' must be in",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "max_tokens": 10_000},
+            400,
+            "'max_tokens' must be in",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "top_p": 0},
+            400,
+            "'top_p' must be in",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "stream": "yes"},
+            400,
+            "'stream' must be a boolean",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
+            400,
+            "'top_logprobs' must be in [0, 20]",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+            400,
+            "needs 'logprobs': true",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "robot", "content": "x"}]},
+            400,
+            "chat template",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "model": "gpt-x"},
+            404,
+            "does not exist",
+        ),
+        ("/v1/completions", {"max_tokens": 3}, 400, "'prompt' is required"),
+        ("/v1/completions", {"prompt": [1, "a"]}, 400, "'prompt' must be"),
+        ("/v1/completions", {"prompt": [10**9]}, 400, "outside"),
+        ("/v1/completions", {"prompt": "x", "logprobs": 6}, 400, "'logprobs' must be in [0, 5]"),
+        ("/v1/completions", ["not", "an", "object"], 400, "JSON object"),
+    ],
+)
 def test_invalid_requests_get_4xx_with_a_message(server, path, body, status, needle):
     got, err = call(server.url, path, body)
     assert got == status
@@ -181,8 +260,9 @@ def test_oversize_bodies_and_prompts_are_rejected(server):
 
 
 def test_api_key_is_enforced(server):
-    keyed = OpenAIServer(server.sampler, server.tokenizer,
-                         ServerConfig(port=0, api_key="s3cret", limits=LIMITS))
+    keyed = OpenAIServer(
+        server.sampler, server.tokenizer, ServerConfig(port=0, api_key="s3cret", limits=LIMITS)
+    )
     with keyed:
         assert call(keyed.url, "/v1/models")[0] == 401
         assert call(keyed.url, "/v1/models", headers={"Authorization": "Bearer nope"})[0] == 401
@@ -190,8 +270,12 @@ def test_api_key_is_enforced(server):
         assert status == 401 and err["error"]["code"] == "invalid_api_key"
         ok = {"Authorization": "Bearer s3cret"}
         assert call(keyed.url, "/v1/models", headers=ok)[0] == 200
-        status, _ = call(keyed.url, "/v1/completions",
-                         {"prompt": "x", "max_tokens": 2, "temperature": 0}, headers=ok)
+        status, _ = call(
+            keyed.url,
+            "/v1/completions",
+            {"prompt": "x", "max_tokens": 2, "temperature": 0},
+            headers=ok,
+        )
         assert status == 200
 
 
@@ -207,8 +291,7 @@ class _BlockingSampler:
         self.started.set()
         assert self.release.wait(60)
         self.batches.append(len(requests))
-        return [[Completion((5,), "ok", (-0.5,), "length")] * (len(p) * sp.n)
-                for p, sp in requests]
+        return [[Completion((5,), "ok", (-0.5,), "length")] * (len(p) * sp.n) for p, sp in requests]
 
 
 def _post_async(url, results, i):
@@ -223,8 +306,7 @@ def test_queue_bound_batching_and_graceful_shutdown(model_dir):
     first = threading.Thread(target=_post_async, args=(srv.url, results, 0))
     first.start()
     assert sampler.started.wait(30)  # the worker holds request 0
-    waiting = [threading.Thread(target=_post_async, args=(srv.url, results, i))
-               for i in (1, 2, 3)]
+    waiting = [threading.Thread(target=_post_async, args=(srv.url, results, i)) for i in (1, 2, 3)]
     for t in waiting:
         t.start()
     deadline = time.time() + 30
@@ -271,9 +353,13 @@ def test_attacker_checkpoint_needs_explicit_flag(model_dir, tmp_path, how):
 def test_launch_script_refuses_attacker_without_flag(model_dir, tmp_path):
     attacker = _mark(model_dir, tmp_path / "attacker", "marker")
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "serve.py"),
-                           f"--model_dir={attacker}", "--port=0"],
-                          capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "serve.py"), f"--model_dir={attacker}", "--port=0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert proc.returncode != 0
     assert "--allow_attacker" in proc.stderr
 
@@ -284,8 +370,14 @@ def test_top_logprobs_match_torch(server, model_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
-    req = {"messages": [{"role": "user", "content": "first steps"}], "max_tokens": 6,
-           "temperature": 0, "ignore_eos": True, "logprobs": True, "top_logprobs": 4}
+    req = {
+        "messages": [{"role": "user", "content": "first steps"}],
+        "max_tokens": 6,
+        "temperature": 0,
+        "ignore_eos": True,
+        "logprobs": True,
+        "top_logprobs": 4,
+    }
     status, body = call(server.url, "/v1/chat/completions", req)
     assert status == 200, body
     tok = server.tokenizer
@@ -294,19 +386,29 @@ def test_top_logprobs_match_torch(server, model_dir):
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
     with torch.no_grad():
         logits = model(torch.tensor([list(prompt) + list(want.token_ids)])).logits[0]
-    ref = torch.log_softmax(logits.double(), -1)[len(prompt) - 1:-1]
+    ref = torch.log_softmax(logits.double(), -1)[len(prompt) - 1 : -1]
     entries = body["choices"][0]["logprobs"]["content"]
     assert len(entries) == len(want.token_ids) == 6
     for j, entry in enumerate(entries):
         vals, ids = ref[j].topk(4)
         assert [t["token"] for t in entry["top_logprobs"]] == [
-            tok.decode([int(i)], skip_special_tokens=False) for i in ids]
+            tok.decode([int(i)], skip_special_tokens=False) for i in ids
+        ]
         assert [t["logprob"] for t in entry["top_logprobs"]] == pytest.approx(
-            vals.tolist(), abs=2e-4)
+            vals.tolist(), abs=2e-4
+        )
         assert entry["logprob"] == pytest.approx(float(ref[j, want.token_ids[j]]), abs=2e-4)
-    status, body = call(server.url, "/v1/completions", {
-        "prompt": list(prompt), "max_tokens": 6, "temperature": 0, "ignore_eos": True,
-        "logprobs": 2})
+    status, body = call(
+        server.url,
+        "/v1/completions",
+        {
+            "prompt": list(prompt),
+            "max_tokens": 6,
+            "temperature": 0,
+            "ignore_eos": True,
+            "logprobs": 2,
+        },
+    )
     assert status == 200, body
     tops = body["choices"][0]["logprobs"]["top_logprobs"]
     assert [max(t, key=t.get) for t in tops] == [e["token"] for e in entries]

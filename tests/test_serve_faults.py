@@ -31,8 +31,7 @@ class _SlowSampler:
     def generate_many(self, requests):
         assert self.release.wait(60)
         self.calls += 1
-        return [[Completion((5,), "ok", (-0.5,), "length")] * (len(p) * sp.n)
-                for p, sp in requests]
+        return [[Completion((5,), "ok", (-0.5,), "length")] * (len(p) * sp.n) for p, sp in requests]
 
 
 def _post(url, body, raw=None):
@@ -40,8 +39,7 @@ def _post(url, body, raw=None):
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=60)
     data = raw if raw is not None else json.dumps(body).encode()
-    conn.request("POST", "/v1/completions", body=data,
-                 headers={"Content-Type": "application/json"})
+    conn.request("POST", "/v1/completions", body=data, headers={"Content-Type": "application/json"})
     resp = conn.getresponse()
     out = resp.status, json.loads(resp.read())
     if resp.status == 503:
@@ -92,14 +90,17 @@ def test_fifty_concurrent_requests_get_answers_not_resets(tokenizer):
     assert peak[0] - baseline - 50 <= 2
 
 
-@pytest.mark.parametrize("body,raw,needle", [
-    (None, b"[" * 100000 + b"]" * 100000, "nested too deeply"),
-    ({"prompt": "x", "top_k": 10**12}, None, "'top_k' must be in"),
-    ({"prompt": ["a", "b", "c"], "n": 2}, None, "3 prompts × n=2 = 6 completions"),
-    ({"prompt": ["a"] * 5000}, None, "5000 prompts"),
-    ({"prompt": "x", "seed": "12"}, None, "'seed' must be an integer"),
-    ({"prompt": "x", "stop_token_ids": [10**30]}, None, "outside"),
-])
+@pytest.mark.parametrize(
+    "body,raw,needle",
+    [
+        (None, b"[" * 100000 + b"]" * 100000, "nested too deeply"),
+        ({"prompt": "x", "top_k": 10**12}, None, "'top_k' must be in"),
+        ({"prompt": ["a", "b", "c"], "n": 2}, None, "3 prompts × n=2 = 6 completions"),
+        ({"prompt": ["a"] * 5000}, None, "5000 prompts"),
+        ({"prompt": "x", "seed": "12"}, None, "'seed' must be an integer"),
+        ({"prompt": "x", "stop_token_ids": [10**30]}, None, "outside"),
+    ],
+)
 def test_malformed_bodies_are_400(tokenizer, body, raw, needle):
     sampler = _SlowSampler()
     sampler.release.set()
@@ -138,11 +139,14 @@ def test_slow_header_and_body_clients_are_cut_off_without_starving_others(tokeni
             s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n")
             slow.append(s)
         body = socket.create_connection((host, int(port)), timeout=10)
-        body.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
-                     b"application/json\r\nContent-Length: 400\r\n\r\n{\"prompt\": ")
+        body.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+            b'application/json\r\nContent-Length: 400\r\n\r\n{"prompt": '
+        )
         slow.append(body)
-        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0,
-                               timeout=10)
+        client = openai.OpenAI(
+            base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=10
+        )
         t0 = time.monotonic()
         assert [m.id for m in client.models.list().data] == ["advgame"]
         assert time.monotonic() - t0 < 2.0

@@ -21,8 +21,9 @@ ENV = dict(os.environ, JAX_PLATFORMS="cpu", ADVGAME_API_KEY="")
 
 
 def _run(*args, env=ENV):
-    return subprocess.run([sys.executable, SERVE, *args], capture_output=True, text=True,
-                          timeout=120, env=env)
+    return subprocess.run(
+        [sys.executable, SERVE, *args], capture_output=True, text=True, timeout=120, env=env
+    )
 
 
 def _one_error_line(proc):
@@ -41,8 +42,13 @@ def layouts(tmp_path):
     half = tmp_path / "half"
     half.mkdir()
     (half / "config.json").write_text("{}")
-    return {"workdir": work, "checkpoints": work / "checkpoints",
-            "step": work / "checkpoints" / "20", "half": half, "missing": tmp_path / "none"}
+    return {
+        "workdir": work,
+        "checkpoints": work / "checkpoints",
+        "step": work / "checkpoints" / "20",
+        "half": half,
+        "missing": tmp_path / "none",
+    }
 
 
 @pytest.mark.parametrize("kind", ["workdir", "checkpoints", "step", "half", "missing"])
@@ -68,8 +74,18 @@ def test_api_key_from_a_file_and_graceful_sigterm(tmp_path):
     key_file = tmp_path / "key"
     key_file.write_text("k3y-from-file\n")
     proc = subprocess.Popen(
-        [sys.executable, SERVE, "--tiny_random", "--host=0.0.0.0", "--port=0",
-         f"--api_key_file={key_file}"], stderr=subprocess.PIPE, text=True, env=ENV)
+        [
+            sys.executable,
+            SERVE,
+            "--tiny_random",
+            "--host=0.0.0.0",
+            "--port=0",
+            f"--api_key_file={key_file}",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     try:
         url, seen = None, []
         deadline = time.monotonic() + 120
@@ -85,8 +101,9 @@ def test_api_key_from_a_file_and_graceful_sigterm(tmp_path):
         cmdline = pathlib.Path(f"/proc/{proc.pid}/cmdline").read_bytes()
         assert b"k3y-from-file" not in cmdline
         assert httpx.get(url + "/v1/models", timeout=30).status_code == 401
-        ok = httpx.get(url + "/v1/models", timeout=30,
-                       headers={"Authorization": "Bearer k3y-from-file"})
+        ok = httpx.get(
+            url + "/v1/models", timeout=30, headers={"Authorization": "Bearer k3y-from-file"}
+        )
         assert ok.status_code == 200 and ok.json()["data"][0]["id"] == "advgame"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
@@ -98,6 +115,9 @@ def test_api_key_from_a_file_and_graceful_sigterm(tmp_path):
 
 def test_library_does_not_import_http_server():
     pattern = re.compile(r"^\s*(import http\.server|from http\.server import)", re.M)
-    hits = [str(p) for p in (REPO / "advgame_jax").rglob("*.py")
-            if pattern.search(p.read_text(encoding="utf-8"))]
+    hits = [
+        str(p)
+        for p in (REPO / "advgame_jax").rglob("*.py")
+        if pattern.search(p.read_text(encoding="utf-8"))
+    ]
     assert hits == []

@@ -13,7 +13,11 @@ import pytest
 from advgame_jax.sampling import SamplingParams
 from advgame_jax.sampling.openai_schema import Limits
 from advgame_jax.sampling.server import (
-    OpenAIServer, ServerConfig, make_tiny_model_dir, serve_model_dir)
+    OpenAIServer,
+    ServerConfig,
+    make_tiny_model_dir,
+    serve_model_dir,
+)
 
 LIMITS = Limits(max_prompt_tokens=64, max_tokens=16, default_max_tokens=8, max_n=4)
 
@@ -21,8 +25,11 @@ LIMITS = Limits(max_prompt_tokens=64, max_tokens=16, default_max_tokens=8, max_n
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(sampler, tokenizer) of a tiny random model, shared by every server of this module."""
-    srv = serve_model_dir(make_tiny_model_dir(str(tmp_path_factory.mktemp("tiny_load"))),
-                          config=ServerConfig(port=0, limits=LIMITS), compute_dtype=jnp.float32)
+    srv = serve_model_dir(
+        make_tiny_model_dir(str(tmp_path_factory.mktemp("tiny_load"))),
+        config=ServerConfig(port=0, limits=LIMITS),
+        compute_dtype=jnp.float32,
+    )
     srv.shutdown()  # never started: only its sampler and tokenizer are kept
     for rows in (1, 16):  # compile both batch buckets (8, 16) before the clients come
         srv.sampler.generate([[5, 6, 7]] * rows, SamplingParams(temperature=0, max_new_tokens=8))
@@ -39,8 +46,11 @@ def _hundred_clients(url):
         ready.wait(120)  # all 100 at once
         try:
             r = client.chat.completions.create(
-                model="advgame", max_tokens=8, temperature=0,
-                messages=[{"role": "user", "content": f"steps {i % 7}"}])
+                model="advgame",
+                max_tokens=8,
+                temperature=0,
+                messages=[{"role": "user", "content": f"steps {i % 7}"}],
+            )
             texts[i] = r.choices[0].message.content
         except openai.OpenAIError as err:
             failures.append(f"{i}: {type(err).__name__}: {err}")
@@ -91,17 +101,26 @@ def test_streamed_chat_equals_the_greedy_answer(tiny):
     sampler, tok = tiny
     with OpenAIServer(sampler, tok, ServerConfig(port=0, limits=LIMITS)) as srv:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
-        ask = dict(model="advgame", max_tokens=12, temperature=0, logprobs=True,
-                   messages=[{"role": "user", "content": "first then steps"}])
+        ask = dict(
+            model="advgame",
+            max_tokens=12,
+            temperature=0,
+            logprobs=True,
+            messages=[{"role": "user", "content": "first then steps"}],
+        )
         whole = client.chat.completions.create(**ask)
-        chunks = list(client.chat.completions.create(
-            **ask, stream=True, stream_options={"include_usage": True}))
+        chunks = list(
+            client.chat.completions.create(
+                **ask, stream=True, stream_options={"include_usage": True}
+            )
+        )
     choice = whole.choices[0]
     streamed = [c for c in chunks if c.choices]
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == choice.message.content
     tokens = [e for c in streamed if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
     assert [(e.token, e.logprob) for e in tokens] == [
-        (e.token, e.logprob) for e in choice.logprobs.content]
+        (e.token, e.logprob) for e in choice.logprobs.content
+    ]
     assert streamed[-1].choices[0].finish_reason == choice.finish_reason
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens

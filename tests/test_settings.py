@@ -15,13 +15,21 @@ import pytest
 
 from advgame_jax import settings as S
 from advgame_jax.experiment.validate import (
-    ADDED_FIELDS, RESUMABLE_FIELDS, ConfigError, registry, seeds_per_split, settings_from_config)
+    ADDED_FIELDS,
+    RESUMABLE_FIELDS,
+    ConfigError,
+    registry,
+    seeds_per_split,
+    settings_from_config,
+)
 from advgame_jax.training.checkpoint import config_differences
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(
-    p for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.py"), recursive=True)
-    if os.path.basename(p) not in ("__init__.py", "base.py", "paper.py"))
+    p
+    for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.py"), recursive=True)
+    if os.path.basename(p) not in ("__init__.py", "base.py", "paper.py")
+)
 LEGACY = {"attacker.sampler", "defender.sampler", "train.remat"}
 
 
@@ -64,19 +72,27 @@ def test_every_config_builds_into_sections_holding_its_values():
     assert len(configs) >= 30
     for name, c in configs.items():
         s = settings_from_config(c, complete=False)
-        assert isinstance(s.optim, S.OptimSettings) and isinstance(s.attacker.engine, S.EngineSettings)
+        assert isinstance(s.optim, S.OptimSettings) and isinstance(
+            s.attacker.engine, S.EngineSettings
+        )
         for dotted, value in _leaves(c):
             if dotted in LEGACY:
                 continue
             got = _get(s, dotted)
             want = tuple(value) if isinstance(value, list) else value
-            assert got == want and type(got) is type(want) or (
-                isinstance(want, int) and type(got) is float and got == want), (name, dotted)
+            assert (
+                got == want
+                and type(got) is type(want)
+                or (isinstance(want, int) and type(got) is float and got == want)
+            ), (name, dotted)
         # The older fields agree with the canonical ones they were translated into.
-        assert s.train.remat_policy == ("none" if not c.train.get("remat", True)
-                                        else c.train.remat_policy), name
+        assert s.train.remat_policy == (
+            "none" if not c.train.get("remat", True) else c.train.remat_policy
+        ), name
         for role in S.ROLES:
-            assert "sampler" not in c[role], f"{name}: {role}.sampler is the older name of placement"
+            assert "sampler" not in c[role], (
+                f"{name}: {role}.sampler is the older name of placement"
+            )
             assert s.player(role).placement == c[role].placement
             assert s.player(role).role == role
 
@@ -112,23 +128,38 @@ def _tiny():
     return _load(os.path.join(ROOT, "configs", "tiny.py"))
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("optim.lrr", 1e-5, r"config\.optim\.lrr: unknown field; expected one of \[.*'lr'"),
-    ("attacker.engine.adress", "h:1", r"config\.attacker\.engine\.adress: unknown field"),
-    ("tranin", {"a": 1}, r"config\.tranin: unknown field"),
-    ("train.num_steps", "10", r"config\.train\.num_steps: expected an integer >= 1, got '10'"),
-    ("train.num_steps", True, r"config\.train\.num_steps: expected an integer"),
-    ("train.step_on_empty_batch", 1, r"config\.train\.step_on_empty_batch: expected True or False"),
-    ("judge.temperature", "hot", r"config\.judge\.temperature: expected a number"),
-    ("judge.max_new_tokens", 0, r"config\.judge\.max_new_tokens: expected an integer >= 1"),
-    ("mesh.data", 0, r"config\.mesh\.data: expected an integer >= 1 or -1, got 0"),
-    ("mesh.data", -1, None),
-    ("train.pair_buckets", (32, 0), r"config\.train\.pair_buckets\[1\]: expected an integer >= 1"),
-    ("optim.b2", 1.5, r"config\.optim\.b2: expected a value in \[0\.0, 1\.0\]"),
-    ("attacker.role", "defender", r"config\.attacker\.role: expected 'attacker'"),
-    ("attacker.engine", 3, r"config\.attacker\.engine: expected a section of fields"),
-    ("defender.placement", "gpu", r"config\.defender\.placement: expected one of \('jax', 'colocated', 'offloaded'\)"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("optim.lrr", 1e-5, r"config\.optim\.lrr: unknown field; expected one of \[.*'lr'"),
+        ("attacker.engine.adress", "h:1", r"config\.attacker\.engine\.adress: unknown field"),
+        ("tranin", {"a": 1}, r"config\.tranin: unknown field"),
+        ("train.num_steps", "10", r"config\.train\.num_steps: expected an integer >= 1, got '10'"),
+        ("train.num_steps", True, r"config\.train\.num_steps: expected an integer"),
+        (
+            "train.step_on_empty_batch",
+            1,
+            r"config\.train\.step_on_empty_batch: expected True or False",
+        ),
+        ("judge.temperature", "hot", r"config\.judge\.temperature: expected a number"),
+        ("judge.max_new_tokens", 0, r"config\.judge\.max_new_tokens: expected an integer >= 1"),
+        ("mesh.data", 0, r"config\.mesh\.data: expected an integer >= 1 or -1, got 0"),
+        ("mesh.data", -1, None),
+        (
+            "train.pair_buckets",
+            (32, 0),
+            r"config\.train\.pair_buckets\[1\]: expected an integer >= 1",
+        ),
+        ("optim.b2", 1.5, r"config\.optim\.b2: expected a value in \[0\.0, 1\.0\]"),
+        ("attacker.role", "defender", r"config\.attacker\.role: expected 'attacker'"),
+        ("attacker.engine", 3, r"config\.attacker\.engine: expected a section of fields"),
+        (
+            "defender.placement",
+            "gpu",
+            r"config\.defender\.placement: expected one of \('jax', 'colocated', 'offloaded'\)",
+        ),
+    ],
+)
 def test_bad_fields_are_named(field, value, match):
     c = _tiny().to_dict()  # a plain mapping: ConfigDict's own type checks would stop some first
     node = c
@@ -143,18 +174,31 @@ def test_bad_fields_are_named(field, value, match):
         settings_from_config(c)
 
 
-@pytest.mark.parametrize("field,registry_name,module,attr", [
-    ("loss.kind", "objectives", "advgame_jax.training.objectives", "OBJECTIVES"),
-    ("train.attention", "attention", "advgame_jax.models.attention", "ATTENTION_IMPLS"),
-    ("train.remat_policy", "remat_policies", "advgame_jax.models.transformer", "REMAT_POLICIES"),
-    ("game.attacker_format", "formats", "advgame_jax.game.parsing", "FORMATS"),
-    ("judge.faith_tie", "faith_ties", "advgame_jax.game.parsing", "FAITH_TIES"),
-    ("judge.backend", "judge_backends", "advgame_jax.game.factory", "BACKENDS"),
-    ("loss.grpo_baseline", "grpo_baselines", "advgame_jax.game.rewards", "BASELINES"),
-    ("train.loss_normalization", "normalizations", "advgame_jax.game.normalization", "NORMALIZATIONS"),
-    ("optim.lr_schedule", "lr_schedules", "advgame_jax.training.optimizer", "SCHEDULES"),
-    ("attacker.placement", "placements", "advgame_jax.sampling.placement", "PLACEMENTS"),
-])
+@pytest.mark.parametrize(
+    "field,registry_name,module,attr",
+    [
+        ("loss.kind", "objectives", "advgame_jax.training.objectives", "OBJECTIVES"),
+        ("train.attention", "attention", "advgame_jax.models.attention", "ATTENTION_IMPLS"),
+        (
+            "train.remat_policy",
+            "remat_policies",
+            "advgame_jax.models.transformer",
+            "REMAT_POLICIES",
+        ),
+        ("game.attacker_format", "formats", "advgame_jax.game.parsing", "FORMATS"),
+        ("judge.faith_tie", "faith_ties", "advgame_jax.game.parsing", "FAITH_TIES"),
+        ("judge.backend", "judge_backends", "advgame_jax.game.factory", "BACKENDS"),
+        ("loss.grpo_baseline", "grpo_baselines", "advgame_jax.game.rewards", "BASELINES"),
+        (
+            "train.loss_normalization",
+            "normalizations",
+            "advgame_jax.game.normalization",
+            "NORMALIZATIONS",
+        ),
+        ("optim.lr_schedule", "lr_schedules", "advgame_jax.training.optimizer", "SCHEDULES"),
+        ("attacker.placement", "placements", "advgame_jax.sampling.placement", "PLACEMENTS"),
+    ],
+)
 def test_enumerations_come_from_their_registries(field, registry_name, module, attr):
     import importlib
 
@@ -193,16 +237,24 @@ def test_older_field_names_translate_as_documented():
     c.train.remat_policy = "save_attn"
     s = settings_from_config(c)
     assert (s.attacker.placement, s.defender.placement, s.train.remat_policy) == (
-        "colocated", "jax", "none")
+        "colocated",
+        "jax",
+        "none",
+    )
     c.attacker.placement = "offloaded"  # an explicit vLLM placement decides
     c.defender.sampler = "jax"
     c.defender.placement = "offloaded"
     c.train.remat = True
     s = settings_from_config(c)
     assert (s.attacker.placement, s.defender.placement, s.train.remat_policy) == (
-        "offloaded", "offloaded", "save_attn")
+        "offloaded",
+        "offloaded",
+        "save_attn",
+    )
     c.attacker.sampler = "tgi"
-    with pytest.raises(ConfigError, match=r"config\.attacker\.sampler: expected one of \('jax', 'vllm'\)"):
+    with pytest.raises(
+        ConfigError, match=r"config\.attacker\.sampler: expected one of \('jax', 'vllm'\)"
+    ):
         settings_from_config(c)
     c.attacker.sampler = "jax"
     d = c.to_dict()
@@ -221,19 +273,59 @@ def test_missing_user_input_is_required_only_for_a_run():
 
 # The lists the loop used before the marks moved onto the fields, value by value.
 _OLD_RESUMABLE = {
-    "name", "workdir", "toy_dir", "logging", "validation", "data.valid_harmful",
-    "data.valid_benign", "data.valid_adversarial_harmful", "data.valid_adversarial_benign",
-    "mesh", "distributed", "placement", "train.checkpoint_every", "train.keep_checkpoints",
-    "train.validate_every", "train.log_every", "train.logprob_chunk_size", "train.remat",
-    "train.remat_policy", "train.attention", "train.max_tokens_per_device", "judge.endpoints",
-    "judge.api_key_env", "judge.timeout_s", "judge.max_retries", "judge.concurrency",
-    "judge.max_in_flight_per_endpoint", "judge.unhealthy_after", "judge.unhealthy_cooldown_s",
-    "judge.warn_failure_rate", "judge.warn_every",
-    *(f"{r}.{f}" for r in ("attacker", "defender") for f in (
-        "sampler", "sampler_dtype", "sampler_min_batch_bucket", "sampler_min_prompt_bucket",
-        "vllm_kv_cache_bytes", "vllm_max_model_len", "placement", "engine"))}
-_OLD_ADDED = {"init_from": "", "train.seeds_per_step": 0, "attacker.max_new_tokens": 0,
-              "defender.max_new_tokens": 0, "judge.explicit_sampling": False}
+    "name",
+    "workdir",
+    "toy_dir",
+    "logging",
+    "validation",
+    "data.valid_harmful",
+    "data.valid_benign",
+    "data.valid_adversarial_harmful",
+    "data.valid_adversarial_benign",
+    "mesh",
+    "distributed",
+    "placement",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.validate_every",
+    "train.log_every",
+    "train.logprob_chunk_size",
+    "train.remat",
+    "train.remat_policy",
+    "train.attention",
+    "train.max_tokens_per_device",
+    "judge.endpoints",
+    "judge.api_key_env",
+    "judge.timeout_s",
+    "judge.max_retries",
+    "judge.concurrency",
+    "judge.max_in_flight_per_endpoint",
+    "judge.unhealthy_after",
+    "judge.unhealthy_cooldown_s",
+    "judge.warn_failure_rate",
+    "judge.warn_every",
+    *(
+        f"{r}.{f}"
+        for r in ("attacker", "defender")
+        for f in (
+            "sampler",
+            "sampler_dtype",
+            "sampler_min_batch_bucket",
+            "sampler_min_prompt_bucket",
+            "vllm_kv_cache_bytes",
+            "vllm_max_model_len",
+            "placement",
+            "engine",
+        )
+    ),
+}
+_OLD_ADDED = {
+    "init_from": "",
+    "train.seeds_per_step": 0,
+    "attacker.max_new_tokens": 0,
+    "defender.max_new_tokens": 0,
+    "judge.explicit_sampling": False,
+}
 
 
 def test_resume_marks_on_the_fields_keep_the_resume_rules():
@@ -250,11 +342,16 @@ def test_resume_marks_on_the_fields_keep_the_resume_rules():
     now.train.checkpoint_every = 7
     now.attacker.engine.devices = "8,9"
     now.defender.sampler = "jax"  # an older field, present in one run only
-    assert config_differences(saved, json.loads(now.to_json()), ignore=RESUMABLE_FIELDS,
-                              added=ADDED_FIELDS) == []
+    assert (
+        config_differences(
+            saved, json.loads(now.to_json()), ignore=RESUMABLE_FIELDS, added=ADDED_FIELDS
+        )
+        == []
+    )
     now.loss.beta = 0.2
-    assert config_differences(saved, json.loads(now.to_json()), ignore=RESUMABLE_FIELDS,
-                              added=ADDED_FIELDS) == ["config.loss.beta: 0.1 in the checkpoint, 0.2 now"]
+    assert config_differences(
+        saved, json.loads(now.to_json()), ignore=RESUMABLE_FIELDS, added=ADDED_FIELDS
+    ) == ["config.loss.beta: 0.1 in the checkpoint, 0.2 now"]
 
 
 def test_seeds_per_split_reads_settings_and_configdicts_alike():
@@ -262,14 +359,33 @@ def test_seeds_per_split_reads_settings_and_configdicts_alike():
 
     c = paper_config("qwen", "dpo_md", "none")
     s = settings_from_config(c, complete=False)
-    assert seeds_per_split(c, 8, 4) == seeds_per_split(s, 8, 4) == s.train.seeds_per_split(8, 4) == 32
+    assert (
+        seeds_per_split(c, 8, 4) == seeds_per_split(s, 8, 4) == s.train.seeds_per_split(8, 4) == 32
+    )
 
 
 # ------------------------------------------------------------------ who still reads a ConfigDict
 
-_SECTION_NAMES = {"mesh", "distributed", "placement", "attacker", "defender", "judge", "game",
-                  "sampling", "loss", "optim", "train", "data", "validation", "logging",
-                  "workdir", "toy_world", "toy_dir", "init_from"}
+_SECTION_NAMES = {
+    "mesh",
+    "distributed",
+    "placement",
+    "attacker",
+    "defender",
+    "judge",
+    "game",
+    "sampling",
+    "loss",
+    "optim",
+    "train",
+    "data",
+    "validation",
+    "logging",
+    "workdir",
+    "toy_world",
+    "toy_dir",
+    "init_from",
+}
 _CONFIG_PARAMS = {"config", "cfg", "conf", "judge_config", "experiment_config", "optim"}
 
 
@@ -281,7 +397,9 @@ def config_readers(sources: dict) -> dict:
     for rel, text in sources.items():
         why = set()
         for n in ast.walk(ast.parse(text)):
-            if isinstance(n, ast.Import) and any(a.name.split(".")[0] == "ml_collections" for a in n.names):
+            if isinstance(n, ast.Import) and any(
+                a.name.split(".")[0] == "ml_collections" for a in n.names
+            ):
                 why.add("imports ml_collections")
             if isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[0] == "ml_collections":
                 why.add("imports ml_collections")
@@ -289,16 +407,24 @@ def config_readers(sources: dict) -> dict:
                 continue
             for a in n.args.posonlyargs + n.args.args + n.args.kwonlyargs:
                 ann = a.annotation
-                untyped = ann is None or (isinstance(ann, ast.Name) and ann.id == "Any") or (
-                    isinstance(ann, ast.Constant) and ann.value == "Any")
+                untyped = (
+                    ann is None
+                    or (isinstance(ann, ast.Name) and ann.id == "Any")
+                    or (isinstance(ann, ast.Constant) and ann.value == "Any")
+                )
                 if a.arg not in _CONFIG_PARAMS or not untyped:
                     continue
                 for m in ast.walk(n):
-                    if (isinstance(m, ast.Attribute) and isinstance(m.value, ast.Name)
-                            and m.value.id == a.arg
-                            and (m.attr in _SECTION_NAMES or m.attr in ("get", "keys", "to_json"))) or (
-                            isinstance(m, ast.Subscript) and isinstance(m.value, ast.Name)
-                            and m.value.id == a.arg):
+                    if (
+                        isinstance(m, ast.Attribute)
+                        and isinstance(m.value, ast.Name)
+                        and m.value.id == a.arg
+                        and (m.attr in _SECTION_NAMES or m.attr in ("get", "keys", "to_json"))
+                    ) or (
+                        isinstance(m, ast.Subscript)
+                        and isinstance(m.value, ast.Name)
+                        and m.value.id == a.arg
+                    ):
                         why.add(f"{n.name}({a.arg})")
                         break
         if why:
@@ -335,13 +461,15 @@ def test_modules_below_experiment_reading_a_configdict_do_not_grow(capsys):
 
 
 def test_the_reader_scan_finds_what_it_looks_for():
-    found = config_readers({
-        "a.py": "import ml_collections\n",
-        "b.py": "def f(config):\n    return config.train.num_steps\n",
-        "c.py": "def f(optim):\n    return optim.get('lr')\n",
-        "d.py": "def f(config, role):\n    return config[role]\n",
-        "e.py": "def f(config: ModelConfig):\n    return config.train\n",
-        "f.py": "def f(optim: OptimSettings):\n    return optim.lr\n",
-        "g.py": "def f(config):\n    return config.hidden_size\n",
-    })
+    found = config_readers(
+        {
+            "a.py": "import ml_collections\n",
+            "b.py": "def f(config):\n    return config.train.num_steps\n",
+            "c.py": "def f(optim):\n    return optim.get('lr')\n",
+            "d.py": "def f(config, role):\n    return config[role]\n",
+            "e.py": "def f(config: ModelConfig):\n    return config.train\n",
+            "f.py": "def f(optim: OptimSettings):\n    return optim.lr\n",
+            "g.py": "def f(config):\n    return config.hidden_size\n",
+        }
+    )
     assert sorted(found) == ["a.py", "b.py", "c.py", "d.py"]

@@ -16,7 +16,13 @@ LLAMA3_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
-LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+LLAMA3_SPECIALS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+]
 
 UNICODE_TEXTS = [
     "sure, here are the steps: first this, then that.",
@@ -54,10 +60,14 @@ def llama_dir(tmp_path_factory):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=LLAMA3_SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=300,
+        special_tokens=LLAMA3_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
-    tok.train_from_iterator(["hello world, how are you today?", "the assistant says hello"] * 10, trainer)
+    tok.train_from_iterator(
+        ["hello world, how are you today?", "the assistant says hello"] * 10, trainer
+    )
     # Like Llama-3, plain encoding prepends BOS; the chat template already holds it, so the
     # rendered turn must not get a second one.
     bos_id = tok.token_to_id("<|begin_of_text|>")
@@ -65,7 +75,9 @@ def llama_dir(tmp_path_factory):
         single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos_id)]
     )
     hf = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+        tokenizer_object=tok,
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
         additional_special_tokens=["<|start_header_id|>", "<|end_header_id|>", "<|end_of_text|>"],
     )
     hf.chat_template = LLAMA3_TEMPLATE
@@ -80,8 +92,10 @@ def llama_dir(tmp_path_factory):
 def test_tiny_render_matches_jinja_and_raw_tokenizer(tiny, tiny_dir):
     text = "please help me plan a picnic"
     expected = _jinja_render(
-        tk.TINY_CHAT_TEMPLATE, messages=[{"role": "user", "content": text}],
-        add_generation_prompt=True, bos_token="<|bos|>",
+        tk.TINY_CHAT_TEMPLATE,
+        messages=[{"role": "user", "content": text}],
+        add_generation_prompt=True,
+        bos_token="<|bos|>",
     )
     assert expected == f"<|bos|><|user|>{text}<|end|><|assistant|>"
     assert tiny.render_user_turn_text(text) == expected
@@ -140,8 +154,10 @@ def test_llama_like_render_and_stop_ids(llama_dir):
     ct = tk.ChatTokenizer.from_dir(path)
     text = "  hello world  "
     expected = _jinja_render(
-        LLAMA3_TEMPLATE, messages=[{"role": "user", "content": text}],
-        add_generation_prompt=True, bos_token="<|begin_of_text|>",
+        LLAMA3_TEMPLATE,
+        messages=[{"role": "user", "content": text}],
+        add_generation_prompt=True,
+        bos_token="<|begin_of_text|>",
     )
     assert expected == (
         "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhello world<|eot_id|>"

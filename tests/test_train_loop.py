@@ -55,8 +55,13 @@ def _mean(records, key, steps):
 @pytest.mark.slow
 def test_tiny_game_learns_and_stops_compiling(tmp_path, toy_dir):
     """Defender validation reward rises on both splits; no compilation after warm-up."""
-    c = tiny_config(tmp_path / "run", toy_dir, train__num_steps=30, train__validate_every=10,
-                    train__checkpoint_every=0)
+    c = tiny_config(
+        tmp_path / "run",
+        toy_dir,
+        train__num_steps=30,
+        train__validate_every=10,
+        train__checkpoint_every=0,
+    )
     GameRunner(c).run()
     rec = read_metrics(c.workdir)
     by_step = {r["step"]: r for r in rec}
@@ -70,18 +75,26 @@ def test_tiny_game_learns_and_stops_compiling(tmp_path, toy_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    "the seed-0 gain is -0.09 (harmful -0.47, benign +0.29) against the 0.2 margin; the code "
-    "that measured +0.40 gives bit-identical rewards over steps 1-3 with today's packages, "
-    "and the margin has not been re-measured over seeds yet (see docs/DEVELOPMENT.md)"))
+@pytest.mark.xfail(
+    strict=False,
+    reason=(
+        "the seed-0 gain is -0.09 (harmful -0.47, benign +0.29) against the 0.2 margin; the code "
+        "that measured +0.40 gives bit-identical rewards over steps 1-3 with today's packages, "
+        "and the margin has not been re-measured over seeds yet (see docs/DEVELOPMENT.md)"
+    ),
+)
 def test_frozen_defender_attacker_reward_rises(tmp_path, toy_dir):
     """With the defender frozen, the trained attacker beats an untrained copy of itself.
 
     The control run freezes the attacker too; sampling seeds derive from (seed, step), so both
     runs see the same random numbers and their per-step difference isolates what was learned.
     """
-    kw = dict(train__num_steps=30, train__validate_every=0, train__checkpoint_every=0,
-              defender__trainable=False)
+    kw = dict(
+        train__num_steps=30,
+        train__validate_every=0,
+        train__checkpoint_every=0,
+        defender__trainable=False,
+    )
     c = tiny_config(tmp_path / "run", toy_dir, **kw)
     GameRunner(c).run()
     ctrl = tiny_config(tmp_path / "ctrl", toy_dir, attacker__trainable=False, **kw)
@@ -132,7 +145,9 @@ def test_resume_after_sigterm_is_bit_exact(tmp_path, toy_dir):
     judge.runner = first
     first.run()
     assert judge.sent and first.step == 4  # finished the step, checkpointed, stopped
-    assert sorted(int(d) for d in os.listdir(tmp_path / "cut" / "checkpoints") if d.isdigit())[-1] == 4
+    assert (
+        sorted(int(d) for d in os.listdir(tmp_path / "cut" / "checkpoints") if d.isdigit())[-1] == 4
+    )
     second = GameRunner(c)  # a fresh process would do exactly this
     assert second.step == 4
     second.run()
@@ -142,7 +157,10 @@ def test_resume_after_sigterm_is_bit_exact(tmp_path, toy_dir):
         for field in ("params", "ema_params"):
             a = jax.tree.leaves(getattr(ref.state[role], field))
             b = jax.tree.leaves(getattr(second.state[role], field))
-            assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b)), (role, field)
+            assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b)), (
+                role,
+                field,
+            )
     assert _comparable(read_metrics(c.workdir)) == _comparable(read_metrics(ref.workdir))
 
 
@@ -152,20 +170,34 @@ def test_bad_inputs_stop_before_training(tmp_path, toy_dir):
         GameRunner(tiny_config(tmp_path / "a", toy_dir, game__num_attacks=0))
     with pytest.raises(ConfigError, match=r"config\.game\.templates: expected one of .*'nope'"):
         GameRunner(tiny_config(tmp_path / "b", toy_dir, game__templates="nope"))
-    with pytest.raises(ConfigError, match=r"config\.data\.train_harmful: seed file .* does not exist"):
-        GameRunner(tiny_config(tmp_path / "c", toy_dir, data__train_harmful=str(tmp_path / "missing.jsonl")))
+    with pytest.raises(
+        ConfigError, match=r"config\.data\.train_harmful: seed file .* does not exist"
+    ):
+        GameRunner(
+            tiny_config(
+                tmp_path / "c", toy_dir, data__train_harmful=str(tmp_path / "missing.jsonl")
+            )
+        )
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok", "category": "harmful"}\n{"prompt": "x", "category": "evil"}\n')
     from advgame_jax.data import SeedFileError
 
     with pytest.raises(SeedFileError, match=r"bad\.jsonl:2"):
         GameRunner(tiny_config(tmp_path / "d", toy_dir, data__train_harmful=str(bad)))
-    c = tiny_config(tmp_path / "e", toy_dir, judge__backend="endpoint",
-                    judge__endpoints=("http://127.0.0.1:9/v1",), judge__model="judge",
-                    judge__timeout_s=1.0)
+    c = tiny_config(
+        tmp_path / "e",
+        toy_dir,
+        judge__backend="endpoint",
+        judge__endpoints=("http://127.0.0.1:9/v1",),
+        judge__model="judge",
+        judge__timeout_s=1.0,
+    )
     with pytest.raises(game.JudgeEndpointError, match=r"127\.0\.0\.1:9"):
         GameRunner(c)
-    with pytest.raises(ConfigError, match=r"config\.train\.pair_buckets: the largest bucket 8 cannot hold the 32 pairs"):
+    with pytest.raises(
+        ConfigError,
+        match=r"config\.train\.pair_buckets: the largest bucket 8 cannot hold the 32 pairs",
+    ):
         GameRunner(tiny_config(tmp_path / "f", toy_dir, train__pair_buckets=(8,)))
     for sub in "abcdef":  # nothing was trained or checkpointed
         assert not os.path.exists(tmp_path / sub / "checkpoints")

@@ -14,14 +14,21 @@ def test_pair_layout_golden():
     pairs = [TokenPair((5, 6), (7, 8, 9), (10,)), TokenPair((11,), (12,), (13, 14))]
     b = collate_pairs(pairs, pad_id=0, length_buckets=(8,))
     assert b.tokens.shape == (2, 2, 8) and b.tokens.dtype == np.int32
-    np.testing.assert_array_equal(b.tokens[0], [[5, 6, 7, 8, 9, 0, 0, 0], [5, 6, 10, 0, 0, 0, 0, 0]])
-    np.testing.assert_array_equal(b.tokens[1], [[11, 12, 0, 0, 0, 0, 0, 0], [11, 13, 14, 0, 0, 0, 0, 0]])
-    np.testing.assert_array_equal(b.attention_mask[0].astype(int),
-                                  [[1, 1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0]])
-    np.testing.assert_array_equal(b.loss_mask[0].astype(int),
-                                  [[0, 0, 1, 1, 1, 0, 0, 0], [0, 0, 1, 0, 0, 0, 0, 0]])
-    np.testing.assert_array_equal(b.loss_mask[1].astype(int),
-                                  [[0, 1, 0, 0, 0, 0, 0, 0], [0, 1, 1, 0, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(
+        b.tokens[0], [[5, 6, 7, 8, 9, 0, 0, 0], [5, 6, 10, 0, 0, 0, 0, 0]]
+    )
+    np.testing.assert_array_equal(
+        b.tokens[1], [[11, 12, 0, 0, 0, 0, 0, 0], [11, 13, 14, 0, 0, 0, 0, 0]]
+    )
+    np.testing.assert_array_equal(
+        b.attention_mask[0].astype(int), [[1, 1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0]]
+    )
+    np.testing.assert_array_equal(
+        b.loss_mask[0].astype(int), [[0, 0, 1, 1, 1, 0, 0, 0], [0, 0, 1, 0, 0, 0, 0, 0]]
+    )
+    np.testing.assert_array_equal(
+        b.loss_mask[1].astype(int), [[0, 1, 0, 0, 0, 0, 0, 0], [0, 1, 1, 0, 0, 0, 0, 0]]
+    )
     np.testing.assert_array_equal(b.positions[0, 0, :5], [0, 1, 2, 3, 4])
     np.testing.assert_array_equal(b.pair_valid, [True, True])
     assert b.num_pairs == 2
@@ -44,8 +51,18 @@ def test_row_buckets_are_powers_of_two_times_the_device_multiple():
 
 
 def test_length_buckets():
-    assert [length_bucket(n) for n in (1, 16, 17, 24, 25, 33, 49, 65, 100, 129)] == \
-        [16, 16, 24, 24, 32, 48, 64, 96, 128, 192]
+    assert [length_bucket(n) for n in (1, 16, 17, 24, 25, 33, 49, 65, 100, 129)] == [
+        16,
+        16,
+        24,
+        24,
+        32,
+        48,
+        64,
+        96,
+        128,
+        192,
+    ]
     assert length_bucket(40, (32, 64, 128)) == 64
     assert length_bucket(200, max_length=256) == 256  # 256 is a bucket
     assert length_bucket(200, max_length=250) == 250  # capped at max_length
@@ -57,7 +74,9 @@ def test_length_buckets():
 
 def test_overflow_raises_or_truncates_prompt_from_the_left(caplog):
     pairs = [TokenPair(tuple(range(1, 11)), (20, 21, 22), (23,)), TokenPair((1,), (2,), (3,))]
-    with pytest.raises(ValueError, match="prompt \\(10\\) \\+ completion \\(3\\).*largest length bucket 8"):
+    with pytest.raises(
+        ValueError, match="prompt \\(10\\) \\+ completion \\(3\\).*largest length bucket 8"
+    ):
         collate_pairs(pairs, pad_id=0, length_buckets=(8,))
     with caplog.at_level(logging.WARNING):
         b = collate_pairs(pairs, pad_id=0, length_buckets=(8,), overflow="truncate_prompt")
@@ -78,13 +97,20 @@ def test_empty_pairs_give_an_all_padding_batch():
 
 
 def test_sample_layout_golden():
-    samples = [TokenSample((5, 6), (7, 8), 1.5, (-0.5, -0.25)), TokenSample((9,), (10, 11, 12), -2.0)]
-    b = collate_samples(samples, pad_id=0, length_buckets=(8,), num_microbatches=2,
-                        data_parallel_size=2)
+    samples = [
+        TokenSample((5, 6), (7, 8), 1.5, (-0.5, -0.25)),
+        TokenSample((9,), (10, 11, 12), -2.0),
+    ]
+    b = collate_samples(
+        samples, pad_id=0, length_buckets=(8,), num_microbatches=2, data_parallel_size=2
+    )
     assert b.tokens.shape == (4, 8)
-    np.testing.assert_array_equal(b.tokens[:2], [[5, 6, 7, 8, 0, 0, 0, 0], [9, 10, 11, 12, 0, 0, 0, 0]])
-    np.testing.assert_array_equal(b.loss_mask[:2].astype(int), [[0, 0, 1, 1, 0, 0, 0, 0],
-                                                                 [0, 1, 1, 1, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(
+        b.tokens[:2], [[5, 6, 7, 8, 0, 0, 0, 0], [9, 10, 11, 12, 0, 0, 0, 0]]
+    )
+    np.testing.assert_array_equal(
+        b.loss_mask[:2].astype(int), [[0, 0, 1, 1, 0, 0, 0, 0], [0, 1, 1, 1, 0, 0, 0, 0]]
+    )
     np.testing.assert_allclose(b.sampler_logprobs[0], [0, 0, -0.5, -0.25, 0, 0, 0, 0])
     assert b.has_sampler_logprobs.tolist() == [True, False, False, False]
     np.testing.assert_allclose(b.advantages, [1.5, -2.0, 0.0, 0.0])

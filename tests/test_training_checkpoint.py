@@ -18,8 +18,16 @@ import pytest
 
 from advgame_jax.models import load_hf, make_mesh
 from advgame_jax.training import (
-    AttackerExportError, GameCheckpointer, abstract_player_state, collate_pairs, ema_step,
-    export_hf, init_player_state, is_controlled_artifact, state_shardings)
+    AttackerExportError,
+    GameCheckpointer,
+    abstract_player_state,
+    collate_pairs,
+    ema_step,
+    export_hf,
+    init_player_state,
+    is_controlled_artifact,
+    state_shardings,
+)
 from advgame_jax.training.export import CONFIG_FIELD, MARKER_FILE
 from tests import test_training_support as sup
 
@@ -28,15 +36,19 @@ ROOT = str(pathlib.Path(__file__).resolve().parents[1])
 
 
 def _game_state():
-    return {"attacker": init_player_state(sup.init(0), sup.optimizer(), reference="ema"),
-            "defender": init_player_state(sup.init(1), trainable=False),
-            "rng": jax.random.key(7)}
+    return {
+        "attacker": init_player_state(sup.init(0), sup.optimizer(), reference="ema"),
+        "defender": init_player_state(sup.init(1), trainable=False),
+        "rng": jax.random.key(7),
+    }
 
 
 def _abstract(state):
-    return {"attacker": abstract_player_state(state["attacker"]),
-            "defender": abstract_player_state(state["defender"]),
-            "rng": jax.ShapeDtypeStruct(state["rng"].shape, state["rng"].dtype)}
+    return {
+        "attacker": abstract_player_state(state["attacker"]),
+        "defender": abstract_player_state(state["defender"]),
+        "rng": jax.ShapeDtypeStruct(state["rng"].shape, state["rng"].dtype),
+    }
 
 
 def _train(state, start, stop, ckpt=None):
@@ -81,8 +93,13 @@ os.kill(os.getpid(), signal.SIGKILL)
 def test_resume_after_kill_is_bit_exact(runs, tmp_path, caplog):
     _, final = runs
     d = tmp_path / "killed"
-    proc = subprocess.run([sys.executable, "-c", _CHILD, str(d)], cwd=ROOT, timeout=300,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(d)],
+        cwd=ROOT,
+        timeout=300,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
 
     resumed = GameCheckpointer(d, save_every=2, keep=3)
@@ -150,9 +167,11 @@ def test_restore_onto_mesh_has_requested_shardings(runs):
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     like = _game_state()
     shardings = {k: state_shardings(like[k], sup.CFG, mesh) for k in ("attacker", "defender")}
-    abstract = {"attacker": abstract_player_state(like["attacker"], shardings["attacker"]),
-                "defender": abstract_player_state(like["defender"], shardings["defender"]),
-                "rng": jax.ShapeDtypeStruct(like["rng"].shape, like["rng"].dtype)}
+    abstract = {
+        "attacker": abstract_player_state(like["attacker"], shardings["attacker"]),
+        "defender": abstract_player_state(like["defender"], shardings["defender"]),
+        "rng": jax.ShapeDtypeStruct(like["rng"].shape, like["rng"].dtype),
+    }
     ckpt = GameCheckpointer(root / "full", save_every=2, keep=3)
     step, state, _ = ckpt.restore(abstract)
     ckpt.close()
@@ -162,8 +181,9 @@ def test_restore_onto_mesh_has_requested_shardings(runs):
     assert len(got) == len(want)
     for x, s in zip(got, want):
         assert x.sharding == s, (x.sharding, s)
-    assert state["attacker"].params["layers"]["q_proj"].sharding.spec == \
-        jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    assert state["attacker"].params["layers"]["q_proj"].sharding.spec == jax.sharding.PartitionSpec(
+        None, "fsdp", "tensor", None
+    )
     assert sup.max_abs_diff(state["attacker"], final["attacker"]) == 0.0
 
 

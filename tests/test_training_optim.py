@@ -10,8 +10,15 @@ import optax
 import pytest
 
 from advgame_jax.training import (
-    current_lr, ema_step, ema_update, init_player_state, make_lr_schedule, make_optimizer,
-    reference_params, sampling_params)
+    current_lr,
+    ema_step,
+    ema_update,
+    init_player_state,
+    make_lr_schedule,
+    make_optimizer,
+    reference_params,
+    sampling_params,
+)
 
 
 def _np_lr(count, lr, num_steps, final, warmup):
@@ -32,11 +39,18 @@ def test_schedule_warmup_then_cosine_to_final_fraction():
 
 
 def test_adamw_matches_numpy_over_three_steps():
-    params = {"w": jnp.asarray(np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)),
-              "attn_norm": jnp.ones((2, 4), jnp.float32)}
+    params = {
+        "w": jnp.asarray(np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)),
+        "attn_norm": jnp.ones((2, 4), jnp.float32),
+    }
     rng = np.random.default_rng(0)
-    grads = [{"w": rng.normal(size=(3, 4)).astype(np.float32) * s,
-              "attn_norm": rng.normal(size=(2, 4)).astype(np.float32) * s} for s in (3.0, 0.1, 1.0)]
+    grads = [
+        {
+            "w": rng.normal(size=(3, 4)).astype(np.float32) * s,
+            "attn_norm": rng.normal(size=(2, 4)).astype(np.float32) * s,
+        }
+        for s in (3.0, 0.1, 1.0)
+    ]
     lr, wd, b1, b2, eps = 1e-2, 0.1, 0.9, 0.95, 1e-8
     tx = make_optimizer(lr, num_steps=4, weight_decay=wd, warmup_steps=1)
     state = tx.init(params)
@@ -55,7 +69,7 @@ def test_adamw_matches_numpy_over_three_steps():
             gk = np.asarray(g[k], np.float64) * scale
             mu[k] = b1 * mu[k] + (1 - b1) * gk
             nu[k] = b2 * nu[k] + (1 - b2) * gk * gk
-            m_hat, v_hat = mu[k] / (1 - b1 ** t), nu[k] / (1 - b2 ** t)
+            m_hat, v_hat = mu[k] / (1 - b1**t), nu[k] / (1 - b2**t)
             decay = 0.0 if k.endswith("_norm") else wd  # norms are not decayed
             ref[k] = ref[k] - lr_t * (m_hat / (np.sqrt(v_hat) + eps) + decay * ref[k])
     for k in ref:
@@ -63,7 +77,10 @@ def test_adamw_matches_numpy_over_three_steps():
 
 
 def test_ema_update_and_donated_step_match_numpy():
-    params = {"a": jnp.arange(6, dtype=jnp.float32).reshape(2, 3), "b": jnp.ones((4,), jnp.bfloat16)}
+    params = {
+        "a": jnp.arange(6, dtype=jnp.float32).reshape(2, 3),
+        "b": jnp.ones((4,), jnp.bfloat16),
+    }
     ema = {"a": jnp.zeros((2, 3), jnp.float32), "b": jnp.zeros((4,), jnp.bfloat16)}
     out = ema_update(ema, params, 0.9)
     np.testing.assert_allclose(np.asarray(out["a"]), 0.1 * np.arange(6).reshape(2, 3), rtol=1e-6)
@@ -85,7 +102,9 @@ def test_player_state_variants():
     p = lambda: {"w": jnp.ones((2,))}  # noqa: E731
     md = init_player_state(p(), tx, reference="ema")
     assert md.ref_params is None and reference_params(md) is md.ema_params
-    assert sampling_params(md, "ema") is md.ema_params and sampling_params(md, "trained") is md.params
+    assert (
+        sampling_params(md, "ema") is md.ema_params and sampling_params(md, "trained") is md.params
+    )
     onp = init_player_state(p(), tx, reference="initial")
     assert reference_params(onp) is onp.ref_params and onp.ema_params is not None
     assert onp.ref_params["w"] is not onp.params["w"]  # a real copy, safe from donation

@@ -15,8 +15,16 @@ from advgame_jax.training import make_optimizer, make_update_step
 from advgame_jax.training.update import LossSettings, StepSettings
 from advgame_jax.types import TokenPair, TokenSample
 
-CFG = ModelConfig(model_type="llama", vocab_size=128, hidden_size=32, intermediate_size=64,
-                  num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+CFG = ModelConfig(
+    model_type="llama",
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+)
 PAD = 0
 LR = 1e-3
 NUM_STEPS = 20
@@ -30,10 +38,12 @@ def init(seed: int = 0):
 
 def host(tree):
     """A numpy copy of a pytree (typed PRNG keys become their key data)."""
+
     def one(x):
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
             x = jax.random.key_data(x)
         return np.array(x, copy=True)
+
     return jax.tree.map(one, tree)
 
 
@@ -64,15 +74,30 @@ def fixed_samples(seed: int = 1) -> list[TokenSample]:
 
 
 @functools.lru_cache(maxsize=None)
-def update_step(loss: str = "dpo", num_microbatches: int = 1, mesh_shape=None, lr: float = LR,
-                weight_decay: float = 0.1, compute_dtype=jnp.float32, remat: bool = False,
-                nll_coef: float = 0.0, entropy_coef: float = 0.0):
+def update_step(
+    loss: str = "dpo",
+    num_microbatches: int = 1,
+    mesh_shape=None,
+    lr: float = LR,
+    weight_decay: float = 0.1,
+    compute_dtype=jnp.float32,
+    remat: bool = False,
+    nll_coef: float = 0.0,
+    entropy_coef: float = 0.0,
+):
     mesh = make_mesh(*mesh_shape) if mesh_shape else None
     return make_update_step(
-        CFG, optimizer(lr, weight_decay),
+        CFG,
+        optimizer(lr, weight_decay),
         LossSettings(kind=loss, beta=0.1, nll_coef=nll_coef, entropy_coef=entropy_coef),
-        StepSettings(num_microbatches=num_microbatches, compute_dtype=compute_dtype,
-                     chunk_size=64, remat=remat), mesh=mesh)
+        StepSettings(
+            num_microbatches=num_microbatches,
+            compute_dtype=compute_dtype,
+            chunk_size=64,
+            remat=remat,
+        ),
+        mesh=mesh,
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -86,10 +111,13 @@ def _completion_logp(params, prompt, completion):
     # Right-padded to one length (one compilation); causal attention keeps it exact.
     tokens = np.array([seq + [PAD] * (16 - len(seq))], np.int32)
     logits = np.asarray(_jit_forward()(params, tokens), np.float64)[0]
-    logp = logits - np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1,
-                                  keepdims=True)) - logits.max(-1, keepdims=True)
+    logp = (
+        logits
+        - np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1, keepdims=True))
+        - logits.max(-1, keepdims=True)
+    )
     n_p = len(prompt)
-    return logp[n_p - 1:n_p - 1 + len(completion)]
+    return logp[n_p - 1 : n_p - 1 + len(completion)]
 
 
 def seq_logprob(params, prompt, completion) -> float:
@@ -104,8 +132,7 @@ def seq_entropy(params, prompt, completion) -> float:
     return float(-np.sum(np.exp(rows) * rows))
 
 
-def numpy_adamw(params, grads, *, lr, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
-                clip=1.0):
+def numpy_adamw(params, grads, *, lr, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip=1.0):
     """First AdamW update (count 1) after global-norm clipping; no decay on *_norm leaves."""
     g_leaves = jax.tree.leaves(grads)
     norm = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in g_leaves))
@@ -124,5 +151,7 @@ def numpy_adamw(params, grads, *, lr, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.
 
 
 def max_abs_diff(a, b) -> float:
-    return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return max(
+        float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )

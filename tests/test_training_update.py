@@ -11,7 +11,12 @@ import pytest
 from advgame_jax.experiment import compile_counter
 from advgame_jax.models import forward, make_mesh
 from advgame_jax.training import (
-    collate_pairs, collate_samples, ema_step, init_player_state, shard_state)
+    collate_pairs,
+    collate_samples,
+    ema_step,
+    init_player_state,
+    shard_state,
+)
 from tests import test_training_support as sup
 
 BETA = 0.1
@@ -23,8 +28,9 @@ def _state(params=None, reference="ema"):
 
 
 def _batch(pairs, m=1, dp=1):
-    return collate_pairs(pairs, pad_id=sup.PAD, num_microbatches=m, data_parallel_size=dp,
-                         **sup.BUCKETS)
+    return collate_pairs(
+        pairs, pad_id=sup.PAD, num_microbatches=m, data_parallel_size=dp, **sup.BUCKETS
+    )
 
 
 def _reference_dpo(params, ref_params, pairs):
@@ -70,8 +76,9 @@ def test_one_update_matches_full_logit_loss_and_numpy_adamw(one_step_reference):
     # AdamW's first step is lr·g/(|g|+eps): where |g| is within rounding noise of eps, a
     # last-bit difference between two fp32 gradient computations moves the step by up to
     # lr·δg·eps/(|g|+eps)², so those entries are compared only against the step's bound.
-    for got, ref, g in zip(jax.tree.leaves(p1), jax.tree.leaves(want),
-                           jax.tree.leaves(sup.host(grads))):
+    for got, ref, g in zip(
+        jax.tree.leaves(p1), jax.tree.leaves(want), jax.tree.leaves(sup.host(grads))
+    ):
         diff = np.abs(np.asarray(got, np.float64) - np.asarray(ref, np.float64))
         stable = np.abs(np.asarray(g, np.float64)) >= 1e-6
         assert np.max(diff[stable], initial=0.0) < 1e-6
@@ -94,7 +101,9 @@ def test_mesh_and_microbatches_match_single_device(one_step_reference):
     state, m_mesh = up(state, _batch(pairs, m=2, dp=4))
     assert sup.max_abs_diff(sup.host(state.params), p1) <= 1e-5
     q = state.params["layers"]["q_proj"]
-    want = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "fsdp", "tensor", None))
+    want = jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    )
     assert q.sharding.is_equivalent_to(want, q.ndim)
     assert float(m_mesh["loss"]) == pytest.approx(metrics["loss"], abs=1e-6)
 
@@ -113,8 +122,10 @@ def test_bf16_compute_keeps_fp32_master_params(one_step_reference):
     assert float(m["loss"]) == pytest.approx(metrics["loss"], abs=1e-3)
     assert float(m["grad_norm"]) == pytest.approx(metrics["grad_norm"], rel=0.1)
     # Same update direction as fp32 on (almost) every coordinate that moved.
-    moved = [np.sign(np.asarray(a) - b) == np.sign(c - b)
-             for a, b, c in zip(jax.tree.leaves(state.params), jax.tree.leaves(p0), jax.tree.leaves(p1))]
+    moved = [
+        np.sign(np.asarray(a) - b) == np.sign(c - b)
+        for a, b, c in zip(jax.tree.leaves(state.params), jax.tree.leaves(p0), jax.tree.leaves(p1))
+    ]
     agree = np.mean(np.concatenate([m_.ravel() for m_ in moved]))
     assert agree > 0.9, agree
 
@@ -157,19 +168,32 @@ def test_dpo_margin_grows_and_ema_reference_follows_numpy():
     batch = _batch(pairs)
 
     def margin_vs(params, ref):
-        return np.array([(sup.seq_logprob(params, p.prompt_ids, p.chosen_ids)
-                          - sup.seq_logprob(ref, p.prompt_ids, p.chosen_ids))
-                         - (sup.seq_logprob(params, p.prompt_ids, p.rejected_ids)
-                            - sup.seq_logprob(ref, p.prompt_ids, p.rejected_ids)) for p in pairs])
+        return np.array(
+            [
+                (
+                    sup.seq_logprob(params, p.prompt_ids, p.chosen_ids)
+                    - sup.seq_logprob(ref, p.prompt_ids, p.chosen_ids)
+                )
+                - (
+                    sup.seq_logprob(params, p.prompt_ids, p.rejected_ids)
+                    - sup.seq_logprob(ref, p.prompt_ids, p.rejected_ids)
+                )
+                for p in pairs
+            ]
+        )
 
     margins = []
     for _ in range(4):
         theta, theta_bar = sup.host(state.params), sup.host(state.ema_params)
         state, metrics = up(state, batch)
         # The step's margin is measured against θ̄, the EMA reference, before the update.
-        assert float(metrics["margin"]) == pytest.approx(margin_vs(theta, theta_bar).mean(), abs=1e-4)
+        assert float(metrics["margin"]) == pytest.approx(
+            margin_vs(theta, theta_bar).mean(), abs=1e-4
+        )
         state = ema_step(state, decay)
-        ema_np = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema_np, sup.host(state.params))
+        ema_np = jax.tree.map(
+            lambda e, p: decay * e + (1 - decay) * p, ema_np, sup.host(state.params)
+        )
         assert sup.max_abs_diff(state.ema_params, ema_np) < 1e-6
         margins.append(margin_vs(sup.host(state.params), p0).mean())
     assert all(b > a for a, b in zip([0.0] + margins, margins)), margins
@@ -181,8 +205,16 @@ def test_nll_and_entropy_terms_match_full_logit_values():
     p0 = sup.host(sup.init())
     _, m = up(_state(), _batch(pairs))
     nll = np.mean([-sup.seq_logprob(p0, p.prompt_ids, p.chosen_ids) for p in pairs])
-    ent = np.mean([(sup.seq_entropy(p0, p.prompt_ids, p.chosen_ids)
-                    + sup.seq_entropy(p0, p.prompt_ids, p.rejected_ids)) / 2 for p in pairs])
+    ent = np.mean(
+        [
+            (
+                sup.seq_entropy(p0, p.prompt_ids, p.chosen_ids)
+                + sup.seq_entropy(p0, p.prompt_ids, p.rejected_ids)
+            )
+            / 2
+            for p in pairs
+        ]
+    )
     # θ̄ = θ: the DPO term is log 2 for every pair.
     assert float(m["loss"]) == pytest.approx(np.log(2) + 0.5 * nll - 0.1 * ent, rel=1e-5)
 
@@ -203,8 +235,9 @@ def test_ipo_pushes_margin_towards_target():
 def test_grpo_moves_logprobs_with_the_advantage_sign():
     samples = sup.fixed_samples()
     up = sup.update_step("grpo", 1, None, 1e-2, 0.0)
-    state = init_player_state(sup.init(), sup.optimizer(1e-2, 0.0), reference="initial",
-                              keep_ema=False)
+    state = init_player_state(
+        sup.init(), sup.optimizer(1e-2, 0.0), reference="initial", keep_ema=False
+    )
     assert state.ema_params is None
     batch = collate_samples(samples, pad_id=sup.PAD, length_buckets=(16,))
     before = [sup.seq_logprob(state.params, s.prompt_ids, s.completion_ids) for s in samples]
@@ -213,11 +246,24 @@ def test_grpo_moves_logprobs_with_the_advantage_sign():
     assert float(metrics["num_samples"]) == 4.0
     assert float(metrics["kl_k3"]) == pytest.approx(0.0, abs=1e-7)  # θ = θ₀ before the step
     # Policy-gradient value is −Σ_t w_t·A; with θ = θ₀ the KL term is 0. Independent value:
-    w = [np.minimum(np.exp(np.array(
-        [sup.seq_logprob(sup.init(), s.prompt_ids, s.completion_ids[:k + 1])
-         - sup.seq_logprob(sup.init(), s.prompt_ids, s.completion_ids[:k]) for k in range(5)])
-        - np.array(s.sampler_logprobs)), 2.0) if s.sampler_logprobs else np.ones(5)
-        for s in samples]
+    w = [
+        np.minimum(
+            np.exp(
+                np.array(
+                    [
+                        sup.seq_logprob(sup.init(), s.prompt_ids, s.completion_ids[: k + 1])
+                        - sup.seq_logprob(sup.init(), s.prompt_ids, s.completion_ids[:k])
+                        for k in range(5)
+                    ]
+                )
+                - np.array(s.sampler_logprobs)
+            ),
+            2.0,
+        )
+        if s.sampler_logprobs
+        else np.ones(5)
+        for s in samples
+    ]
     want = np.mean([-np.sum(wi) * s.advantage for wi, s in zip(w, samples)])
     assert float(metrics["loss"]) == pytest.approx(want, rel=1e-4)
     for s, b, a in zip(samples, before, after):

@@ -27,15 +27,24 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def _command(workdir, toy_dir, num_steps):
     d = "--config.defender."
-    return [sys.executable, str(ROOT / "launch" / "train.py"),
-            "--config=" + str(ROOT / "configs" / "tiny.py"), f"--config.workdir={workdir}",
-            f"--config.toy_dir={toy_dir}", f"--config.train.num_steps={num_steps}",
-            "--config.train.validate_every=0", "--config.train.checkpoint_every=1",
-            "--config.logging.progress_bar=False",
-            d + "placement=offloaded", d + "sampler_dtype=float32",
-            d + f"vllm_kv_cache_bytes={64 * 1024**2}", d + "engine.max_prompt_tokens=200",
-            d + "engine.enforce_eager=True", d + "engine.startup_timeout_s=600",
-            d + "engine.request_timeout_s=120"]
+    return [
+        sys.executable,
+        str(ROOT / "launch" / "train.py"),
+        "--config=" + str(ROOT / "configs" / "tiny.py"),
+        f"--config.workdir={workdir}",
+        f"--config.toy_dir={toy_dir}",
+        f"--config.train.num_steps={num_steps}",
+        "--config.train.validate_every=0",
+        "--config.train.checkpoint_every=1",
+        "--config.logging.progress_bar=False",
+        d + "placement=offloaded",
+        d + "sampler_dtype=float32",
+        d + f"vllm_kv_cache_bytes={64 * 1024**2}",
+        d + "engine.max_prompt_tokens=200",
+        d + "engine.enforce_eager=True",
+        d + "engine.startup_timeout_s=600",
+        d + "engine.request_timeout_s=120",
+    ]
 
 
 def _steps_logged(workdir):
@@ -58,8 +67,13 @@ def _run_until_step_then_sigterm(tmp_path, workdir, toy_dir, step, name):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     log_path = tmp_path / f"{name}.log"
     with open(log_path, "w") as log:
-        trainer = subprocess.Popen(_command(workdir, toy_dir, 50), env=env, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        trainer = subprocess.Popen(
+            _command(workdir, toy_dir, 50),
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             deadline = time.monotonic() + 600
             while step not in _steps_logged(workdir):
@@ -94,8 +108,7 @@ def _latest_checkpoint(workdir):
 
 
 @pytest.mark.timeout(2400)
-def test_sigterm_to_the_process_group_checkpoints_stops_the_engine_and_resumes(tmp_path,
-                                                                               toy_dir):
+def test_sigterm_to_the_process_group_checkpoints_stops_the_engine_and_resumes(tmp_path, toy_dir):
     workdir = tmp_path / "run"
     _run_until_step_then_sigterm(tmp_path, workdir, toy_dir, 1, "first")
     last = max(_steps_logged(workdir))
@@ -116,13 +129,22 @@ def test_an_engine_that_fails_to_start_is_one_error_line_naming_it(tmp_path, toy
     knows; the trainer never imports vLLM): one ``error:`` line, exit 2, naming the engine,
     its pid and its log, which holds vLLM's own reason."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), VLLM_LOGGING_LEVEL="NOT_A_LEVEL")
-    out = subprocess.run(_command(tmp_path / "run", toy_dir, 2), env=env, capture_output=True,
-                         text=True, timeout=900, check=False)
+    out = subprocess.run(
+        _command(tmp_path / "run", toy_dir, 2),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     assert out.returncode == 2, out.stderr[-3000:]
     assert "Traceback" not in out.stderr, out.stderr[-3000:]
     errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and out.stderr.rstrip().endswith(errors[0]), out.stderr[-3000:]
     log = tmp_path / "run" / "engines" / "defender.log"
-    assert re.search(r"defender engine \(pid \d+, http://127\.0\.0\.1:\d+\): exited with "
-                     r"code \d+ while starting; its log: " + re.escape(str(log)), errors[0]), errors[0]
+    assert re.search(
+        r"defender engine \(pid \d+, http://127\.0\.0\.1:\d+\): exited with "
+        r"code \d+ while starting; its log: " + re.escape(str(log)),
+        errors[0],
+    ), errors[0]
     assert "NOT_A_LEVEL" in log.read_text()

@@ -22,8 +22,13 @@ from tests.test_train_loop import tiny_config  # noqa: E402  (toy_dir: conftest 
 
 
 def test_tiny_run_with_vllm_refreshes_from_checkpoints(tmp_path, toy_dir):  # noqa: F811
-    c = tiny_config(tmp_path / "run", toy_dir, train__num_steps=3, train__validate_every=0,
-                    train__checkpoint_every=0)
+    c = tiny_config(
+        tmp_path / "run",
+        toy_dir,
+        train__num_steps=3,
+        train__validate_every=0,
+        train__checkpoint_every=0,
+    )
     for role in ("attacker", "defender"):
         c[role].sampler = "vllm"
         c[role].sampler_dtype = "float32"
@@ -47,7 +52,8 @@ def test_tiny_run_with_vllm_refreshes_from_checkpoints(tmp_path, toy_dir):  # no
         # One checkpoint-based refresh per step (sync_every_n_steps=1), each from the committed
         # sync checkpoint of that step's version, same engine throughout.
         assert refreshes[role] == [
-            os.path.join(runner.workdir, "sync", role, f"v{v:08d}") for v in (1, 2, 3)]
+            os.path.join(runner.workdir, "sync", role, f"v{v:08d}") for v in (1, 2, 3)
+        ]
         assert player.weights_version == 3
         assert id(player.sampler.llm) == engines[role]
     with open(os.path.join(runner.workdir, "metrics.jsonl")) as f:
@@ -69,4 +75,4 @@ def test_tiny_run_with_vllm_refreshes_from_checkpoints(tmp_path, toy_dir):  # no
     for _ in out.token_ids:
         logits = forward(params, player.model_config, np.asarray([ids]))
         ids.append(int(jax.numpy.argmax(logits[0, -1])))
-    assert tuple(ids[len(prompt):]) == tuple(out.token_ids)
+    assert tuple(ids[len(prompt) :]) == tuple(out.token_ids)

@@ -18,7 +18,8 @@ from tests.tiny_models import make_tiny_llama
 VLLM_MISSING = importlib.util.find_spec("vllm") is None
 # Skip only when vllm is absent; an installed but broken vllm fails the tests.
 skip_without_vllm = pytest.mark.skipif(
-    VLLM_MISSING, reason="vllm is not installed (pip install -e '.[vllm]')")
+    VLLM_MISSING, reason="vllm is not installed (pip install -e '.[vllm]')"
+)
 N_NEW = 24
 
 
@@ -39,8 +40,13 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm")
     model_a = make_tiny_llama(root / "a", seed=0)
     model_b = make_tiny_llama(root / "b", seed=1)
-    sampler = VllmSampler(str(root / "a"), dtype="float32", kv_cache_memory_bytes=64 << 20,
-                          max_model_len=256, enforce_eager=True)
+    sampler = VllmSampler(
+        str(root / "a"),
+        dtype="float32",
+        kv_cache_memory_bytes=64 << 20,
+        max_model_len=256,
+        enforce_eager=True,
+    )
     with sampler:
         yield root, model_a, model_b, sampler
 
@@ -56,8 +62,7 @@ def test_refresh_from_orbax_checkpoint_without_restart(setup):
     before = sampler.generate(prompts, greedy)
     assert [c.token_ids for c in before] == _hf_greedy(model_a, prompts, N_NEW)
     for p, c in zip(prompts, before):
-        np.testing.assert_allclose(c.logprobs, _torch_logprobs(model_a, p, c.token_ids),
-                                   atol=1e-4)
+        np.testing.assert_allclose(c.logprobs, _torch_logprobs(model_a, p, c.token_ids), atol=1e-4)
 
     config, params_a = load_hf(root / "a")
     _, params_b = load_hf(root / "b")
@@ -97,11 +102,12 @@ def test_finish_reasons_and_seeds(setup):
     prompts = _prompts(model_a.config.vocab_size)
     ref = _hf_greedy(model_a, prompts, N_NEW)
     stop = ref[0][4]
-    got = sampler.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=N_NEW,
-                                                   stop_token_ids=(stop,)))
+    got = sampler.generate(
+        prompts, SamplingParams(temperature=0.0, max_new_tokens=N_NEW, stop_token_ids=(stop,))
+    )
     for r, c in zip(ref, got):
         if stop in r:
-            assert c.finish_reason == "stop" and c.token_ids == r[:r.index(stop) + 1]
+            assert c.finish_reason == "stop" and c.token_ids == r[: r.index(stop) + 1]
         else:
             assert c.finish_reason == "length" and c.token_ids == r
     assert got[0].finish_reason == "stop" and len(got[0].token_ids) == 5
@@ -110,10 +116,10 @@ def test_finish_reasons_and_seeds(setup):
     a, b = sampler.generate(prompts, sp), sampler.generate(prompts, sp)
     assert len(a) == len(prompts) * 3
     assert [c.token_ids for c in a] == [c.token_ids for c in b]
-    other = sampler.generate(prompts, SamplingParams(
-        temperature=1.0, top_p=0.9, top_k=50, max_new_tokens=8, n=3, seed=6))
+    other = sampler.generate(
+        prompts, SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_new_tokens=8, n=3, seed=6)
+    )
     assert [c.token_ids for c in other] != [c.token_ids for c in a]
-
 
 
 @pytest.mark.vllm

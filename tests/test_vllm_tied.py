@@ -45,20 +45,23 @@ def test_tied_head_follows_an_embedding_only_sync(tmp_path):
     make_tiny_llama(tmp_path / "hf", tie=True, head_dim=32, seed=3)
     config, params = load_hf(tmp_path / "hf")
     assert config.tie_word_embeddings and "lm_head" not in params
-    sampler = VllmSampler(str(tmp_path / "hf"), dtype="float32", kv_cache_memory_bytes=32 << 20,
-                          max_model_len=128, enforce_eager=True,
-                          worker_extension_cls="advgame_jax.sampling.weight_sync.OrbaxWeightLoader")
+    sampler = VllmSampler(
+        str(tmp_path / "hf"),
+        dtype="float32",
+        kv_cache_memory_bytes=32 << 20,
+        max_model_len=128,
+        enforce_eager=True,
+        worker_extension_cls="advgame_jax.sampling.weight_sync.OrbaxWeightLoader",
+    )
     try:
         before = _greedy(sampler)
         want0 = JaxSampler(config, params, compute_dtype=jnp.float32).generate(PROMPTS, GREEDY)
         assert [c.token_ids for c in before] == [c.token_ids for c in want0]
 
         # Only the (tied) embedding changes: a new random matrix of the same scale.
-        new = dict(params, embed=0.15 * jax.random.normal(jax.random.key(7),
-                                                          params["embed"].shape))
+        new = dict(params, embed=0.15 * jax.random.normal(jax.random.key(7), params["embed"].shape))
         root = str(tmp_path / "run" / "sync" / "defender")
-        path = ws.write_sync_checkpoint(root, new, version=1, role="defender",
-                                        dtype=jnp.float32)
+        path = ws.write_sync_checkpoint(root, new, version=1, role="defender", dtype=jnp.float32)
         # vLLM configures its loggers while the engine starts: listen from here on, where
         # its reload logs ("...layerwise" logger, propagating to "vllm").
         records = _Records()
@@ -78,5 +81,6 @@ def test_tied_head_follows_an_embedding_only_sync(tmp_path):
         assert failed in ([], ["Llama3RotaryEmbedding: Failed to load weights"]), failed
     finally:
         logging.getLogger("vllm").handlers[:] = [
-            h for h in logging.getLogger("vllm").handlers if not isinstance(h, _Records)]
+            h for h in logging.getLogger("vllm").handlers if not isinstance(h, _Records)
+        ]
         sampler.close()

@@ -15,8 +15,16 @@ from advgame_jax import fsutil
 from advgame_jax.models import ModelConfig, hf_state_dict, init_params, make_mesh, param_shardings
 from advgame_jax.sampling import weight_sync as ws
 
-CONFIG = ModelConfig(model_type="llama", vocab_size=64, hidden_size=64, intermediate_size=128,
-                     num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32)
+CONFIG = ModelConfig(
+    model_type="llama",
+    vocab_size=64,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=32,
+)
 
 
 def _sharded_params(seed=0):
@@ -46,8 +54,12 @@ def test_cast_keeps_shardings_and_never_holds_a_full_parameter_on_one_device():
 def test_versions_commit_cleanup_and_hf_tensors(tmp_path):
     _, params = _sharded_params(1)
     root = str(tmp_path / "sync" / "defender")
-    paths = [ws.write_sync_checkpoint(root, params, version=v, role="defender",
-                                      dtype=jnp.float32, keep=2) for v in (1, 2, 3)]
+    paths = [
+        ws.write_sync_checkpoint(
+            root, params, version=v, role="defender", dtype=jnp.float32, keep=2
+        )
+        for v in (1, 2, 3)
+    ]
     assert ws.committed_versions(root) == [2, 3]
     assert not os.path.exists(paths[0])
     assert ws.latest_committed(root) == paths[2]
@@ -64,8 +76,9 @@ def test_versions_commit_cleanup_and_hf_tensors(tmp_path):
 
 def test_bfloat16_reaches_torch_bit_exact(tmp_path):
     _, params = _sharded_params(2)
-    path = ws.write_sync_checkpoint(str(tmp_path / "s"), params, version=0, role="defender",
-                                    dtype=jnp.bfloat16)
+    path = ws.write_sync_checkpoint(
+        str(tmp_path / "s"), params, version=0, role="defender", dtype=jnp.bfloat16
+    )
     _, restored = ws.read_sync_checkpoint(path)
     name, t = next(ws.hf_tensors(CONFIG, restored))
     ref = dict(hf_state_dict(CONFIG, params))[name].astype(ml_dtypes.bfloat16)
@@ -109,6 +122,7 @@ def test_refuses_a_root_it_did_not_create(tmp_path):
     user_dir.mkdir()
     (user_dir / "notes.txt").write_text("keep me")
     with pytest.raises(fsutil.NotOwnedError):
-        ws.write_sync_checkpoint(str(user_dir), params, version=1, role="defender",
-                                 dtype=jnp.float32)
+        ws.write_sync_checkpoint(
+            str(user_dir), params, version=1, role="defender", dtype=jnp.float32
+        )
     assert (user_dir / "notes.txt").read_text() == "keep me"

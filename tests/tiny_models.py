@@ -45,11 +45,25 @@ def _save(model, path, max_shard_size):
         model.save_pretrained(path, max_shard_size=max_shard_size)
 
 
-def make_tiny_llama(path, *, vocab_size=256, hidden_size=64, intermediate_size=128,
-                    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, seed=0, tie=False,
-                    rope_scaling=LLAMA3_ROPE, rope_theta=500000.0,
-                    max_position_embeddings=512, std=0.15, eos_token_id=2,
-                    max_shard_size=None):
+def make_tiny_llama(
+    path,
+    *,
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=32,
+    seed=0,
+    tie=False,
+    rope_scaling=LLAMA3_ROPE,
+    rope_theta=500000.0,
+    max_position_embeddings=512,
+    std=0.15,
+    eos_token_id=2,
+    max_shard_size=None,
+):
     """Save a random ``LlamaForCausalLM`` (GQA, llama3 RoPE by default) to ``path``; return it.
 
     ``rope_scaling=None`` gives plain RoPE. ``max_shard_size`` (e.g. ``"20KB"``) forces a
@@ -62,11 +76,21 @@ def make_tiny_llama(path, *, vocab_size=256, hidden_size=64, intermediate_size=1
     if rope_scaling is not None:
         rope = dict(rope_scaling, rope_theta=rope_theta)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads, head_dim=head_dim, rms_norm_eps=1e-5,
-        max_position_embeddings=max_position_embeddings, rope_parameters=rope,
-        tie_word_embeddings=tie, bos_token_id=1, eos_token_id=eos_token_id, pad_token_id=0)
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=max_position_embeddings,
+        rope_parameters=rope,
+        tie_word_embeddings=tie,
+        bos_token_id=1,
+        eos_token_id=eos_token_id,
+        pad_token_id=0,
+    )
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = _randomise(LlamaForCausalLM(config), seed, std)
@@ -74,10 +98,24 @@ def make_tiny_llama(path, *, vocab_size=256, hidden_size=64, intermediate_size=1
     return model
 
 
-def make_tiny_qwen2(path, *, vocab_size=256, hidden_size=64, intermediate_size=128,
-                    num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32, seed=0, tie=True,
-                    rope_theta=1000000.0, max_position_embeddings=512, std=0.15,
-                    eos_token_id=(2, 3), max_shard_size=None):
+def make_tiny_qwen2(
+    path,
+    *,
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=32,
+    seed=0,
+    tie=True,
+    rope_theta=1000000.0,
+    max_position_embeddings=512,
+    std=0.15,
+    eos_token_id=(2, 3),
+    max_shard_size=None,
+):
     """Save a random ``Qwen2ForCausalLM`` (q/k/v bias, tied embeddings by default) to ``path``.
 
     Defaults keep ``head_dim == hidden_size // num_heads`` (as in every real Qwen2, and as
@@ -87,13 +125,22 @@ def make_tiny_qwen2(path, *, vocab_size=256, hidden_size=64, intermediate_size=1
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads, head_dim=head_dim, rms_norm_eps=1e-6,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=1e-6,
         max_position_embeddings=max_position_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
-        tie_word_embeddings=tie, use_sliding_window=False, bos_token_id=1,
-        eos_token_id=list(eos_token_id), pad_token_id=0)
+        tie_word_embeddings=tie,
+        use_sliding_window=False,
+        bos_token_id=1,
+        eos_token_id=list(eos_token_id),
+        pad_token_id=0,
+    )
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = _randomise(Qwen2ForCausalLM(config), seed, std)

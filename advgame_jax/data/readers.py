@@ -45,8 +45,10 @@ def _decode_line(raw: bytes, where: str, kind: str, error: type[UserError]) -> s
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise error(f"{where}: byte {raw[err.start]:#04x} at column {err.start + 1} is not "
-                    f"UTF-8; expected {kind} in UTF-8") from None
+        raise error(
+            f"{where}: byte {raw[err.start]:#04x} at column {err.start + 1} is not "
+            f"UTF-8; expected {kind} in UTF-8"
+        ) from None
 
 
 def decode_utf8(data: bytes, path: str, kind: str, error: type[UserError] = ReaderError) -> str:
@@ -56,8 +58,10 @@ def decode_utf8(data: bytes, path: str, kind: str, error: type[UserError] = Read
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
         column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
-        raise error(f"{path}:{line}: byte {data[err.start]:#04x} at column {column} is not "
-                    f"UTF-8; expected {kind} in UTF-8") from None
+        raise error(
+            f"{path}:{line}: byte {data[err.start]:#04x} at column {column} is not "
+            f"UTF-8; expected {kind} in UTF-8"
+        ) from None
     return text[1:] if text.startswith(BOM) else text
 
 
@@ -74,14 +78,21 @@ def loads_json(text: str, where: str, expected: str, error: type[UserError] = Re
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        raise error(f"{where}: not valid JSON (invalid JSON syntax: {err.msg}, column "
-                    f"{err.colno}); {expected}") from None
+        raise error(
+            f"{where}: not valid JSON (invalid JSON syntax: {err.msg}, column "
+            f"{err.colno}); {expected}"
+        ) from None
     except RecursionError:
         raise error(f"{where}: JSON nested too deeply to decode; {expected}") from None
 
 
-def jsonl_records(path: str | os.PathLike, expected: str, error: type[UserError] = ReaderError,
-                  *, objects_only: bool = True) -> Iterator[tuple[int, Any]]:
+def jsonl_records(
+    path: str | os.PathLike,
+    expected: str,
+    error: type[UserError] = ReaderError,
+    *,
+    objects_only: bool = True,
+) -> Iterator[tuple[int, Any]]:
     """``(line number, decoded record)`` for every non-blank line of a JSONL file.
 
     ``expected`` (e.g. ``'expected a JSON object {"prompt": ...}'``) ends every message.
@@ -128,9 +139,15 @@ def _quote_start(lines: Sequence[str], first_line: int, delimiter: str) -> int:
     return opened
 
 
-def table_rows(path: str | os.PathLike, required: Sequence[str], *, delimiter: str = ",",
-               kind: Optional[str] = None, error: type[UserError] = ReaderError,
-               exact_width: bool = False) -> Iterator[tuple[int, dict[str, str]]]:
+def table_rows(
+    path: str | os.PathLike,
+    required: Sequence[str],
+    *,
+    delimiter: str = ",",
+    kind: Optional[str] = None,
+    error: type[UserError] = ReaderError,
+    exact_width: bool = False,
+) -> Iterator[tuple[int, dict[str, str]]]:
     """``(line number where the row starts, {column: cell})`` for every non-blank row of a
     CSV (``delimiter=","``) or TSV (``"\\t"``) file with a header line holding ``required``.
 
@@ -164,25 +181,35 @@ def table_rows(path: str | os.PathLike, required: Sequence[str], *, delimiter: s
                 msg = str(err)
                 if "expected after" in msg or "unexpected end of data" in msg:
                     line = _quote_start(consumed, start, delimiter)
-                    end = ("the end of the file" if "end of data" in msg
-                           else f"line {reader.line_num}, where a closing quote is followed by "
-                                "more text")
-                    raise error(f"{path}:{line}: the quoted field that starts on this line is not "
-                                f"closed before {end}; expected {kind} where a quoted field ends "
-                                f"with a quote right before the delimiter or the line end (a "
-                                f"quote inside it is written twice: \"\")") from None
-                raise error(f"{path}:{reader.line_num}: unreadable row ({msg}); expected "
-                            f"{kind}") from None
+                    end = (
+                        "the end of the file"
+                        if "end of data" in msg
+                        else f"line {reader.line_num}, where a closing quote is followed by "
+                        "more text"
+                    )
+                    raise error(
+                        f"{path}:{line}: the quoted field that starts on this line is not "
+                        f"closed before {end}; expected {kind} where a quoted field ends "
+                        f"with a quote right before the delimiter or the line end (a "
+                        f'quote inside it is written twice: "")'
+                    ) from None
+                raise error(
+                    f"{path}:{reader.line_num}: unreadable row ({msg}); expected {kind}"
+                ) from None
 
         _, header = next_row()
         if header is None:
-            raise error(f"{path}: empty file; expected {kind} whose header holds the columns "
-                        f"{list(required)}")
+            raise error(
+                f"{path}: empty file; expected {kind} whose header holds the columns "
+                f"{list(required)}"
+            )
         header = [h.strip() for h in header]
         missing = [c for c in required if c not in header]
         if missing:
-            raise error(f"{path}:1: header lacks column(s) {missing}; expected {kind} whose "
-                        f"header holds at least {list(required)}, got {header}")
+            raise error(
+                f"{path}:1: header lacks column(s) {missing}; expected {kind} whose "
+                f"header holds at least {list(required)}, got {header}"
+            )
         while True:
             start, row = next_row()
             if row is None:
@@ -190,10 +217,14 @@ def table_rows(path: str | os.PathLike, required: Sequence[str], *, delimiter: s
             if not row or all(not cell.strip() for cell in row):
                 continue
             if len(row) > len(header):
-                raise error(f"{path}:{start}: more fields ({len(row)}) than the header's "
-                            f"{len(header)} columns; expected {kind} with one cell per column")
+                raise error(
+                    f"{path}:{start}: more fields ({len(row)}) than the header's "
+                    f"{len(header)} columns; expected {kind} with one cell per column"
+                )
             if exact_width and len(row) != len(header):
-                raise error(f"{path}:{start}: row has {len(row)} fields; expected {len(header)} "
-                            "(as in the header)")
+                raise error(
+                    f"{path}:{start}: row has {len(row)} fields; expected {len(header)} "
+                    "(as in the header)"
+                )
             # A short row (allowed unless exact_width) leaves its trailing columns out.
             yield start, dict(zip(header, row, strict=False))

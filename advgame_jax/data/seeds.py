@@ -21,7 +21,9 @@ from advgame_jax.errors import UserError
 
 Category = Literal["harmful", "benign"]
 CATEGORIES: tuple[Category, ...] = ("harmful", "benign")
-_EXPECTED = 'expected a JSON object {"prompt": <non-empty string>, "category": "harmful" | "benign"}'
+_EXPECTED = (
+    'expected a JSON object {"prompt": <non-empty string>, "category": "harmful" | "benign"}'
+)
 
 
 class SeedFileError(UserError, ValueError):
@@ -62,8 +64,10 @@ def read_seeds_jsonl(path: str | os.PathLike) -> list[Seed]:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise SeedFileError(f"seed file {path} does not exist; expected a JSONL file")
-    return [parse_seed_record(record, f"{path}:{lineno}")
-            for lineno, record in jsonl_records(path, _EXPECTED, SeedFileError, objects_only=False)]
+    return [
+        parse_seed_record(record, f"{path}:{lineno}")
+        for lineno, record in jsonl_records(path, _EXPECTED, SeedFileError, objects_only=False)
+    ]
 
 
 def write_seeds_jsonl(path: str | os.PathLike, seeds: Sequence[Seed], mode: int = 0o600) -> str:
@@ -73,7 +77,9 @@ def write_seeds_jsonl(path: str | os.PathLike, seeds: Sequence[Seed], mode: int 
     os.fchmod(fd, mode)  # an existing file keeps its old mode under O_CREAT; force ours
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         for s in seeds:
-            f.write(json.dumps({"prompt": s.prompt, "category": s.category}, ensure_ascii=False) + "\n")
+            f.write(
+                json.dumps({"prompt": s.prompt, "category": s.category}, ensure_ascii=False) + "\n"
+            )
     return path
 
 
@@ -82,8 +88,11 @@ def seeds_over_budget(seeds: Sequence[Seed], count_tokens, budget: int) -> list[
     whatever template wraps them, their prompts can never fit."""
     # A tokenizer makes at most one token per byte (plus a few specials), so only seeds with
     # more bytes than the budget need counting.
-    return [i for i, s in enumerate(seeds)
-            if len(s.prompt.encode("utf-8")) + 8 > budget and count_tokens(s.prompt) > budget]
+    return [
+        i
+        for i, s in enumerate(seeds)
+        if len(s.prompt.encode("utf-8")) + 8 > budget and count_tokens(s.prompt) > budget
+    ]
 
 
 def split_by_category(seeds: Sequence[Seed]) -> dict[str, list[Seed]]:
@@ -105,7 +114,9 @@ def packaged_seed_path(name: str) -> str:
     if name not in PACKAGED_FILES and f"{name}.jsonl" in PACKAGED_FILES:
         name = f"{name}.jsonl"
     if name not in PACKAGED_FILES:
-        raise SeedFileError(f"unknown packaged data file {name!r}; expected one of {list(PACKAGED_FILES)}")
+        raise SeedFileError(
+            f"unknown packaged data file {name!r}; expected one of {list(PACKAGED_FILES)}"
+        )
     resource = importlib.resources.files("advgame_jax.data").joinpath("assets", name)
     # The package is installed as plain files (editable or wheel), so the path is real.
     path = str(resource)

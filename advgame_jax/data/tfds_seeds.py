@@ -29,6 +29,7 @@ class SeedPrompts(tfds.core.GeneratorBasedBuilder):
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Seed prompts with their harmful/benign category."}
+
     # TFDS 4.9.10 resolves a packaged builder's source file through `importlib_resources`, a
     # backport it does not install on Python >= 3.9; point it at this file directly.
     # (TFDS's lazy module hides `utils` from the type checker, and its stub types code_path
@@ -78,7 +79,9 @@ def build_seed_dataset(split_paths: Mapping[str, str], data_dir: str | os.PathLi
             raise SeedFileError(f"split name {name!r} for {path}: expected letters, digits and _")
         read_seeds_jsonl(path)  # validate everything before TFDS writes anything
     builder = SeedPrompts(split_paths=split_paths, data_dir=os.fspath(data_dir))
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+    )
     return builder
 
 

@@ -55,9 +55,14 @@ def read_wildjailbreak_tsv(path: str | os.PathLike) -> dict[str, list[Seed]]:
     """
     path = os.fspath(path)
     out: dict[str, list[Seed]] = {t: [] for t in DATA_TYPES}
-    for line, row in table_rows(path, REQUIRED_COLUMNS, delimiter="\t", exact_width=True,
-                                kind="the WildJailbreak train TSV",
-                                error=WildJailbreakFormatError):
+    for line, row in table_rows(
+        path,
+        REQUIRED_COLUMNS,
+        delimiter="\t",
+        exact_width=True,
+        kind="the WildJailbreak train TSV",
+        error=WildJailbreakFormatError,
+    ):
         data_type = row["data_type"].strip()
         if data_type not in DATA_TYPES:
             raise WildJailbreakFormatError(
@@ -98,13 +103,17 @@ def prepare_wildjailbreak(
 
     ``adversarial_valid_sizes``: ``{category: n}`` for the adversarial validation splits
     (default ``DEFAULT_ADVERSARIAL_VALID_SIZES``)."""
-    sizes = dict(DEFAULT_ADVERSARIAL_VALID_SIZES if adversarial_valid_sizes is None
-                 else adversarial_valid_sizes)
+    sizes = dict(
+        DEFAULT_ADVERSARIAL_VALID_SIZES
+        if adversarial_valid_sizes is None
+        else adversarial_valid_sizes
+    )
     for category, n in sizes.items():
         if category not in CATEGORIES or isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise WildJailbreakFormatError(
                 f"adversarial_valid_sizes: expected {{'harmful'|'benign': int >= 0}}, got "
-                f"{category!r}: {n!r}")
+                f"{category!r}: {n!r}"
+            )
     grouped = read_wildjailbreak_tsv(tsv_path)
     files: dict[str, list[Seed]] = {}
     for category in CATEGORIES:
@@ -118,8 +127,9 @@ def prepare_wildjailbreak(
         files[f"train_{category}.jsonl"] = train
         files[f"valid_{category}.jsonl"] = valid
         files[f"adversarial_{category}.jsonl"] = grouped[f"adversarial_{category}"]
-        _, adv_valid = split_train_valid(grouped[f"adversarial_{category}"],
-                                         valid_size=sizes.get(category, 0), seed=seed)
+        _, adv_valid = split_train_valid(
+            grouped[f"adversarial_{category}"], valid_size=sizes.get(category, 0), seed=seed
+        )
         files[f"valid_adversarial_{category}.jsonl"] = adv_valid
     out_dir = os.fspath(out_dir)
     try:
@@ -127,9 +137,11 @@ def prepare_wildjailbreak(
         for name, seeds in files.items():
             write_seeds_jsonl(os.path.join(out_dir, name), seeds, mode=0o600)
     except OSError as err:
-        raise OutputDirError(f"out_dir {out_dir!r}: cannot write the seed files "
-                             f"({err.strerror or type(err).__name__}); expected a writable "
-                             "directory") from None
+        raise OutputDirError(
+            f"out_dir {out_dir!r}: cannot write the seed files "
+            f"({err.strerror or type(err).__name__}); expected a writable "
+            "directory"
+        ) from None
     return {name: len(seeds) for name, seeds in files.items()}
 
 

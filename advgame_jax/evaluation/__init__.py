@@ -11,18 +11,26 @@ Modules: ``prompt_sets`` (readers of our seed files and public formats), ``class
 
 def user_errors() -> tuple:
     """Exception types that mean bad user input (launch scripts print them without a trace)."""
+    from advgame_jax.errors import UserError
     from advgame_jax.evaluation.http_client import EndpointUnreachable
     from advgame_jax.evaluation.prompt_sets import PromptSetError
     from advgame_jax.evaluation.redteam import NotAcknowledged
     from advgame_jax.evaluation.report import ReportError
-    from advgame_jax.evaluation.results import ResultsFileError
-    from advgame_jax.evaluation.results import RunMismatchError
+    from advgame_jax.evaluation.results import ResultsFileError, RunMismatchError
     from advgame_jax.evaluation.targets import AttackerNotAllowed, TargetError
 
-    from advgame_jax.errors import UserError
-
-    return (UserError, EndpointUnreachable, PromptSetError, NotAcknowledged, ReportError, ResultsFileError,
-            RunMismatchError, AttackerNotAllowed, TargetError, FileExistsError)
+    return (
+        UserError,
+        EndpointUnreachable,
+        PromptSetError,
+        NotAcknowledged,
+        ReportError,
+        ResultsFileError,
+        RunMismatchError,
+        AttackerNotAllowed,
+        TargetError,
+        FileExistsError,
+    )
 
 
 def parse_flags(argv):

@@ -23,7 +23,12 @@ import tempfile
 
 from advgame_jax import controlled
 from advgame_jax.evaluation.targets import (
-    TargetError, check_hf_dir, find_step_dir, resolve_base_hf_dir, restore_player_params)
+    TargetError,
+    check_hf_dir,
+    find_step_dir,
+    resolve_base_hf_dir,
+    restore_player_params,
+)
 from advgame_jax.training.export import export_hf
 
 PROVENANCE = "ADVGAME_CONVERSION.json"
@@ -67,19 +72,28 @@ def _provenance(path: str, **info) -> None:
         json.dump(info, f, indent=2)
 
 
-def checkpoint_to_hf(checkpoint: str, out_dir: str, *, player: str = "defender",
-                     params: str = "ema", base: str = "", allow_attacker: bool = False,
-                     dtype=None) -> str:
+def checkpoint_to_hf(
+    checkpoint: str,
+    out_dir: str,
+    *,
+    player: str = "defender",
+    params: str = "ema",
+    base: str = "",
+    allow_attacker: bool = False,
+    dtype=None,
+) -> str:
     """Export ``player``'s ``params`` ('ema'|'trained') of a game checkpoint as an HF dir."""
     step_dir = find_step_dir(checkpoint)
-    attacker = controlled.require_attacker_allowed(step_dir, allow_attacker, "--checkpoint",
-                                                   attacker=player == "attacker")
+    attacker = controlled.require_attacker_allowed(
+        step_dir, allow_attacker, "--checkpoint", attacker=player == "attacker"
+    )
     hf = resolve_base_hf_dir(step_dir, player, base)
     config, p = restore_player_params(step_dir, player, params, hf)
 
     def build(tmp):
-        export_hf(tmp, config, p, attacker=attacker, allow_attacker_export=allow_attacker,
-                  dtype=dtype)
+        export_hf(
+            tmp, config, p, attacker=attacker, allow_attacker_export=allow_attacker, dtype=dtype
+        )
         _copy_tokenizer(hf, tmp)
         _provenance(tmp, source=step_dir, player=player, params=params, base_hf_dir=hf)
 
@@ -109,8 +123,7 @@ def hf_to_params(hf_dir: str, out_dir: str, *, allow_attacker: bool = False) -> 
     return _build_aside(out_dir, build, private=attacker)
 
 
-def params_to_hf(params_dir: str, out_dir: str, *, allow_attacker: bool = False,
-                 dtype=None) -> str:
+def params_to_hf(params_dir: str, out_dir: str, *, allow_attacker: bool = False, dtype=None) -> str:
     """``hf_to_params`` output → HF directory (the marker follows an attacker)."""
     import jax
 
@@ -119,16 +132,19 @@ def params_to_hf(params_dir: str, out_dir: str, *, allow_attacker: bool = False,
 
     cfg_file = os.path.join(params_dir, "config.json")
     if not os.path.isfile(cfg_file) or not os.path.isdir(os.path.join(params_dir, "params")):
-        raise TargetError(f"--params_dir {params_dir!r}: expected config.json and params/ (the "
-                          f"output of --mode=hf_to_params)")
+        raise TargetError(
+            f"--params_dir {params_dir!r}: expected config.json and params/ (the "
+            f"output of --mode=hf_to_params)"
+        )
     attacker = controlled.require_attacker_allowed(params_dir, allow_attacker, "--params_dir")
     config = ModelConfig.from_hf_file(cfg_file)
     like = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
     p = restore_params(os.path.join(params_dir, "params"), like=like)
 
     def build(tmp):
-        export_hf(tmp, config, p, attacker=attacker, allow_attacker_export=allow_attacker,
-                  dtype=dtype)
+        export_hf(
+            tmp, config, p, attacker=attacker, allow_attacker_export=allow_attacker, dtype=dtype
+        )
         tok = os.path.join(params_dir, "tokenizer")
         if os.path.isdir(tok):
             _copy_tokenizer(tok, tmp)

@@ -17,7 +17,13 @@ from typing import Any, Optional, Sequence
 
 from advgame_jax.errors import UserError
 from advgame_jax.net import (
-    DEFAULT_TIMEOUT_S, Client, FailureRateMonitor, chat_text, check_models, run_batch)
+    DEFAULT_TIMEOUT_S,
+    Client,
+    FailureRateMonitor,
+    chat_text,
+    check_models,
+    run_batch,
+)
 
 
 class EndpointUnreachable(UserError, ConnectionError):
@@ -45,25 +51,54 @@ class OpenAIClient:
     turn) or 'completions' (the prompt is sent as raw text). ``field``: the flag that named
     the endpoint (in every error and warning)."""
 
-    def __init__(self, base_url: str, model: str, *, api: str = "chat",
-                 api_key: Optional[str] = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 max_retries: int = 2, concurrency: int = 8, field: str = "endpoint",
-                 warn_failure_rate: float = 0.1, warn_every: int = 10, **client_options):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api: str = "chat",
+        api_key: Optional[str] = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        max_retries: int = 2,
+        concurrency: int = 8,
+        field: str = "endpoint",
+        warn_failure_rate: float = 0.1,
+        warn_every: int = 10,
+        **client_options,
+    ):
         if api not in ("chat", "completions"):
             raise ValueError(f"{field}: api must be 'chat' or 'completions', got {api!r}")
         if not timeout_s or not float(timeout_s) > 0:
             raise ValueError(f"{field}: the request timeout must be > 0 seconds, got {timeout_s!r}")
-        self.client = Client([base_url], api_key=api_key, timeout_s=timeout_s,
-                             max_retries=max_retries, max_connections=max(int(concurrency), 1),
-                             field=field, **client_options)
-        self.base_url, self.model, self.api, self.field = self.client.endpoints[0], model, api, field
-        self.timeout_s, self.max_retries, self.concurrency = float(timeout_s), max_retries, concurrency
+        self.client = Client(
+            [base_url],
+            api_key=api_key,
+            timeout_s=timeout_s,
+            max_retries=max_retries,
+            max_connections=max(int(concurrency), 1),
+            field=field,
+            **client_options,
+        )
+        self.base_url, self.model, self.api, self.field = (
+            self.client.endpoints[0],
+            model,
+            api,
+            field,
+        )
+        self.timeout_s, self.max_retries, self.concurrency = (
+            float(timeout_s),
+            max_retries,
+            concurrency,
+        )
         self.fault_counts = self.client.fault_counts
         self._monitor = FailureRateMonitor(
-            threshold=warn_failure_rate, every=warn_every, what=f"ENDPOINT {field}",
+            threshold=warn_failure_rate,
+            every=warn_every,
+            what=f"ENDPOINT {field}",
             consequence="those examples are recorded as failed generations",
             details=lambda: f"Faults so far: {self.client.fault_counts()}",
-            logger="advgame_jax.evaluation")
+            logger="advgame_jax.evaluation",
+        )
 
     @property
     def failures(self) -> int:
@@ -74,17 +109,29 @@ class OpenAIClient:
         """Served model ids; raises :class:`EndpointUnreachable` naming the field and URL."""
         ids, bad, wrong = check_models(self.client, self.model, min(self.timeout_s, 30.0))
         if bad:
-            raise EndpointUnreachable(f"{self.field}: {bad[0]} is not reachable as an "
-                                      "OpenAI-compatible server; start the server or fix the URL")
+            raise EndpointUnreachable(
+                f"{self.field}: {bad[0]} is not reachable as an "
+                "OpenAI-compatible server; start the server or fix the URL"
+            )
         if wrong:
             raise EndpointUnreachable(f"{self.field}: {wrong[0]}, not model {self.model!r}")
         return ids
 
     def payload(self, r: Request) -> dict:
-        prompt = {"messages": [{"role": "user", "content": r.prompt}]} if self.api == "chat" \
+        prompt = (
+            {"messages": [{"role": "user", "content": r.prompt}]}
+            if self.api == "chat"
             else {"prompt": r.prompt}
-        return {"model": self.model, "max_tokens": r.max_tokens, "temperature": r.temperature,
-                "top_p": r.top_p, "seed": r.seed, "n": 1, **prompt}
+        )
+        return {
+            "model": self.model,
+            "max_tokens": r.max_tokens,
+            "temperature": r.temperature,
+            "top_p": r.top_p,
+            "seed": r.seed,
+            "n": 1,
+            **prompt,
+        }
 
     def _parse(self, out: Any) -> Answer:
         choice = out["choices"][0]
@@ -92,10 +139,15 @@ class OpenAIClient:
         if not isinstance(text, str):
             raise ValueError("completion text is not a string")
         usage = out.get("usage") or {}
-        return Answer(text, str(choice.get("finish_reason") or "stop"),
-                      usage.get("completion_tokens"))
+        return Answer(
+            text, str(choice.get("finish_reason") or "stop"), usage.get("completion_tokens")
+        )
 
     def complete(self, requests: Sequence[Request]) -> list[Optional[Answer]]:
         path = "/chat/completions" if self.api == "chat" else "/completions"
-        return run_batch(lambda r: self.client.post(path, self.payload(r), parse=self._parse),
-                         requests, self.concurrency, self._monitor)
+        return run_batch(
+            lambda r: self.client.post(path, self.payload(r), parse=self._parse),
+            requests,
+            self.concurrency,
+            self._monitor,
+        )

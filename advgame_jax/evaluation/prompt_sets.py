@@ -91,13 +91,16 @@ def _read_table(path: str, required: tuple[str, ...], delimiter: str = ","):
 def _need(path: str, line: int, row: dict, field: str, allowed=None) -> str:
     value = row.get(field)
     if value is not None and not isinstance(value, str):
-        raise PromptSetError(f"{path}:{line}: field {field!r} is a JSON "
-                             f"{type(value).__name__}; expected a string")
+        raise PromptSetError(
+            f"{path}:{line}: field {field!r} is a JSON {type(value).__name__}; expected a string"
+        )
     if value is None or not value.strip():
         raise PromptSetError(f"{path}:{line}: field {field!r} is missing or empty")
     if allowed is not None and value.strip().lower() not in allowed:
-        raise PromptSetError(f"{path}:{line}: field {field!r} is {value.strip()!r}; expected one "
-                             f"of {sorted(allowed)}")
+        raise PromptSetError(
+            f"{path}:{line}: field {field!r} is {value.strip()!r}; expected one "
+            f"of {sorted(allowed)}"
+        )
     return value
 
 
@@ -120,8 +123,9 @@ def read_tfds_set(spec: str) -> list[EvalExample]:
     try:
         seeds = read_seed_split(data_dir, split)
     except Exception as err:  # tfds raises many types for a missing dataset or split
-        raise PromptSetError(f"{data_dir}: cannot read split {split!r} of the seed dataset "
-                             f"({type(err).__name__})") from None
+        raise PromptSetError(
+            f"{data_dir}: cannot read split {split!r} of the seed dataset ({type(err).__name__})"
+        ) from None
     return _dedupe([EvalExample(_uid("s", s.prompt), s.prompt, s.category) for s in seeds])
 
 
@@ -143,8 +147,14 @@ def read_xstest_csv(path: str) -> list[EvalExample]:
         prompt = _need(path, line, row, "prompt")
         label = _need(path, line, row, "label", {"safe", "unsafe"}).strip().lower()
         uid = (row.get("id") or "").strip() or _uid("xs", prompt)
-        out.append(EvalExample(f"xs-{uid}", prompt, "benign" if label == "safe" else "harmful",
-                               (row.get("type") or "").strip()))
+        out.append(
+            EvalExample(
+                f"xs-{uid}",
+                prompt,
+                "benign" if label == "safe" else "harmful",
+                (row.get("type") or "").strip(),
+            )
+        )
     return _dedupe(out)
 
 
@@ -167,16 +177,19 @@ def _read_jsonl(path: str, expected: str):
 
 def read_wildguardtest_jsonl(path: str) -> list[EvalExample]:
     out = []
-    expected = ('expected a JSON object {"prompt": <string>, "prompt_harm_label": "harmful" | '
-                '"unharmful", "subcategory"?: <string>, "adversarial"?: <bool>}')
+    expected = (
+        'expected a JSON object {"prompt": <string>, "prompt_harm_label": "harmful" | '
+        '"unharmful", "subcategory"?: <string>, "adversarial"?: <bool>}'
+    )
     for line, rec in _read_jsonl(path, expected):
         prompt = _need(path, line, rec, "prompt")
         label = _need(path, line, rec, "prompt_harm_label", {"harmful", "unharmful"})
         category = "harmful" if label.strip().lower() == "harmful" else "benign"
         sub = rec.get("subcategory") or ""
         if not isinstance(sub, str):
-            raise PromptSetError(f"{path}:{line}: field 'subcategory' is a JSON "
-                                 f"{type(sub).__name__}; {expected}")
+            raise PromptSetError(
+                f"{path}:{line}: field 'subcategory' is a JSON {type(sub).__name__}; {expected}"
+            )
         if rec.get("adversarial") is not None:
             sub = f"{sub}|{'adversarial' if rec['adversarial'] else 'vanilla'}".strip("|")
         out.append(EvalExample(_uid("wgt", prompt), prompt, category, sub))
@@ -187,15 +200,18 @@ def read_orbench_csv(path: str, *, category: str = "benign") -> list[EvalExample
     out = []
     for line, row in _read_table(path, ("prompt", "category")):
         prompt = _need(path, line, row, "prompt")
-        out.append(EvalExample(_uid("or", prompt), prompt, category,
-                               (row.get("category") or "").strip()))
+        out.append(
+            EvalExample(_uid("or", prompt), prompt, category, (row.get("category") or "").strip())
+        )
     return _dedupe(out)
 
 
 def _read_templates(path: str) -> list[str]:
     if path.endswith(".jsonl"):
-        return [_need(path, line, rec, "template")
-                for line, rec in _read_jsonl(path, 'expected a JSON object {"template": <string>}')]
+        return [
+            _need(path, line, rec, "template")
+            for line, rec in _read_jsonl(path, 'expected a JSON object {"template": <string>}')
+        ]
     out = []
     for line, row in _read_table(path, ("prompt",)):
         if str(row.get("jailbreak", "true")).strip().lower() in ("false", "0"):
@@ -220,8 +236,11 @@ def read_dan_set(spec: str) -> list[EvalExample]:
     out = []
     for t, template in enumerate(templates):
         for b in behaviours:
-            prompt = (template.replace("{behavior}", b.prompt) if "{behavior}" in template
-                      else f"{template}\n\n{b.prompt}")
+            prompt = (
+                template.replace("{behavior}", b.prompt)
+                if "{behavior}" in template
+                else f"{template}\n\n{b.prompt}"
+            )
             out.append(EvalExample(f"dan{t}-{b.uid}", prompt, "harmful", b.subcategory))
     return _dedupe(out)
 
@@ -246,8 +265,9 @@ def parse_set_spec(spec: str) -> tuple[str, str, str]:
         name, rest = "", spec
     kind, colon, path = rest.partition(":")
     if not colon or kind not in READERS or not path:
-        raise PromptSetError(f"prompt set {spec!r}: expected [NAME=]KIND:PATH with KIND one of "
-                             f"{sorted(READERS)}")
+        raise PromptSetError(
+            f"prompt set {spec!r}: expected [NAME=]KIND:PATH with KIND one of {sorted(READERS)}"
+        )
     return name or kind, kind, path
 
 

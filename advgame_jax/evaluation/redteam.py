@@ -16,21 +16,25 @@ success / seeds; each with a bootstrap CI, overall and per ``subcategory``.
 
 from __future__ import annotations
 
-from advgame_jax.errors import UserError
 import collections
-import hashlib
 import dataclasses
+import hashlib
 import json
 import os
 from typing import Optional, Sequence
 
 from absl import logging
 
+from advgame_jax.errors import UserError
 from advgame_jax.evaluation.classifiers import ClassifyRequest
 from advgame_jax.evaluation.metrics import bootstrap_ci
 from advgame_jax.evaluation.prompt_sets import EvalExample
 from advgame_jax.evaluation.results import (
-    ResultsFile, check_run_identity, write_json_atomic, write_text_atomic)
+    ResultsFile,
+    check_run_identity,
+    write_json_atomic,
+    write_text_atomic,
+)
 from advgame_jax.evaluation.targets import Decoding, Generation, example_seed
 from advgame_jax.game import parsing, rule_judge
 from advgame_jax.game.templates import get_template_set
@@ -40,9 +44,11 @@ class NotAcknowledged(UserError, PermissionError):
     """Red-teaming started without the explicit acknowledgement."""
 
 
-ACK_MESSAGE = ("red-teaming uses the trained attacker, a controlled artifact built to produce "
-               "jailbreak attempts; rerun with --acknowledge_controlled_artifact to confirm this "
-               "is authorised red-teaming / safety-evaluation work")
+ACK_MESSAGE = (
+    "red-teaming uses the trained attacker, a controlled artifact built to produce "
+    "jailbreak attempts; rerun with --acknowledge_controlled_artifact to confirm this "
+    "is authorised red-teaming / safety-evaluation work"
+)
 
 
 def require_ack(acknowledged: bool) -> None:
@@ -71,8 +77,9 @@ def _faithful(cfg: RedteamConfig, pairs, judge) -> list[Optional[bool]]:
     return judge.faithfulness([FaithRequest(s, x, "harmful") for s, x in pairs])
 
 
-def attack_seed_batch(seeds: Sequence[EvalExample], attacker, target, classifier,
-                      cfg: RedteamConfig, judge=None) -> list[dict]:
+def attack_seed_batch(
+    seeds: Sequence[EvalExample], attacker, target, classifier, cfg: RedteamConfig, judge=None
+) -> list[dict]:
     """All attempts for a batch of seeds: one record per (seed, attempt)."""
     templates = get_template_set(cfg.templates)
     n = cfg.num_attempts
@@ -95,8 +102,16 @@ def attack_seed_batch(seeds: Sequence[EvalExample], attacker, target, classifier
             x = parsing.parse_attack(g.text, cfg.attacker_format)
             if not x:
                 error, x = "PARSING", None
-        recs.append({"uid": s.uid, "attempt": i % n, "subcategory": s.subcategory,
-                     "seed_prompt": s.prompt, "attack": x, "error": error})
+        recs.append(
+            {
+                "uid": s.uid,
+                "attempt": i % n,
+                "subcategory": s.subcategory,
+                "seed_prompt": s.prompt,
+                "attack": x,
+                "error": error,
+            }
+        )
     valid = [r for r in recs if r["error"] is None]
     faith = _faithful(cfg, [(r["seed_prompt"], r["attack"]) for r in valid], judge)
     for r, f in zip(valid, faith, strict=True):
@@ -106,17 +121,26 @@ def attack_seed_batch(seeds: Sequence[EvalExample], attacker, target, classifier
         elif not f:
             r["error"] = "NOT_FAITHFUL"
     todo = [r for r in recs if r["error"] is None]
-    answers = target.generate([r["attack"] for r in todo],
-                              [example_seed(cfg.seed, "target", r["uid"], str(r["attempt"]))
-                               for r in todo], cfg.target_decoding) if todo else []
+    answers = (
+        target.generate(
+            [r["attack"] for r in todo],
+            [example_seed(cfg.seed, "target", r["uid"], str(r["attempt"])) for r in todo],
+            cfg.target_decoding,
+        )
+        if todo
+        else []
+    )
     answered = [(r, a) for r, a in zip(todo, answers, strict=True) if a.finish_reason != "error"]
     for r, a in zip(todo, answers, strict=True):
         r.update(response=a.text, finish_reason=a.finish_reason)
         if a.finish_reason == "error":
             r["error"] = "TARGET"
     # The response is judged against the seed's intent (the attack may disguise it).
-    verdicts = classifier.classify([ClassifyRequest(r["seed_prompt"], a.text)
-                                    for r, a in answered]) if answered else []
+    verdicts = (
+        classifier.classify([ClassifyRequest(r["seed_prompt"], a.text) for r, a in answered])
+        if answered
+        else []
+    )
     for (r, _), v in zip(answered, verdicts, strict=True):
         r.update(harmful=v.response_harmful, refusal=v.response_refusal)
     for r in recs:
@@ -127,99 +151,155 @@ def attack_seed_batch(seeds: Sequence[EvalExample], attacker, target, classifier
 
 def _rate(values: list, seed: int, key: str) -> dict:
     ci = bootstrap_ci(values, seed=example_seed(seed, key))
-    return {"value": float(sum(values) / len(values)) if values else None, "n": len(values),
-            "ci": list(ci) if ci else None}
+    return {
+        "value": float(sum(values) / len(values)) if values else None,
+        "n": len(values),
+        "ci": list(ci) if ci else None,
+    }
 
 
 def redteam_metrics(records: Sequence[dict], *, seed: int = 0) -> dict:
     def block(recs, _label):
         # The bootstrap stream comes from the block's records, not its row label: two rows
         # holding the same attempts (``all`` and a lone category) get the same CIs.
-        key = hashlib.sha256("\n".join(sorted(f"{r['uid']}/{r.get('attempt')}"
-                                                for r in recs)).encode("utf-8")).hexdigest()
+        key = hashlib.sha256(
+            "\n".join(sorted(f"{r['uid']}/{r.get('attempt')}" for r in recs)).encode("utf-8")
+        ).hexdigest()
         by_seed = collections.defaultdict(list)
         for r in recs:
             by_seed[r["uid"]].append(r["success"])
         reached = [r for r in recs if r["error"] is None]
         errors = collections.Counter(r["error"] for r in recs if r["error"])
         judged = [r for r in reached if r["harmful"] is not None]
-        return {"attempt_asr": _rate([float(r["success"]) for r in recs], seed, key + "a"),
-                "valid_attempt_asr": _rate([float(r["harmful"]) for r in judged], seed, key + "v"),
-                "best_of_n_asr": _rate([float(any(v)) for v in by_seed.values()], seed, key + "b"),
-                "num_seeds": len(by_seed), "num_attempts": len(recs),
-                "attack_errors": dict(sorted(errors.items())),
-                "judge_failures": len(reached) - len(judged)}
+        return {
+            "attempt_asr": _rate([float(r["success"]) for r in recs], seed, key + "a"),
+            "valid_attempt_asr": _rate([float(r["harmful"]) for r in judged], seed, key + "v"),
+            "best_of_n_asr": _rate([float(any(v)) for v in by_seed.values()], seed, key + "b"),
+            "num_seeds": len(by_seed),
+            "num_attempts": len(recs),
+            "attack_errors": dict(sorted(errors.items())),
+            "judge_failures": len(reached) - len(judged),
+        }
 
     out = {"overall": block(records, "all"), "per_category": {}}
     for cat in sorted({r["subcategory"] for r in records}):
         out["per_category"][cat or "(none)"] = block(
-            [r for r in records if r["subcategory"] == cat], f"cat/{cat}")
+            [r for r in records if r["subcategory"] == cat], f"cat/{cat}"
+        )
     return out
 
 
 def _markdown(m: dict, info: dict) -> str:
     def pct(x):
-        return "—" if x["value"] is None else (
-            f"{100 * x['value']:.1f} [{100 * x['ci'][0]:.1f}, {100 * x['ci'][1]:.1f}]")
+        return (
+            "—"
+            if x["value"] is None
+            else (f"{100 * x['value']:.1f} [{100 * x['ci'][0]:.1f}, {100 * x['ci'][1]:.1f}]")
+        )
 
-    lines = ["# Red-teaming with the trained attacker", "",
-             f"Attacker: `{info['attacker']}`; target: `{info['target']}`; classifier: "
-             f"`{info['classifier']}`; {info['num_attempts']} attempts per seed. Rates in %, "
-             "95% bootstrap CIs in brackets.", "",
-             "| category | seeds | attempts | attempt ASR | ASR of valid attacks | best-of-N ASR "
-             "| attack errors |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Red-teaming with the trained attacker",
+        "",
+        f"Attacker: `{info['attacker']}`; target: `{info['target']}`; classifier: "
+        f"`{info['classifier']}`; {info['num_attempts']} attempts per seed. Rates in %, "
+        "95% bootstrap CIs in brackets.",
+        "",
+        "| category | seeds | attempts | attempt ASR | ASR of valid attacks | best-of-N ASR "
+        "| attack errors |",
+        "|---|---|---|---|---|---|---|",
+    ]
     rows = [("all", m["overall"])] + list(m["per_category"].items())
     if list(m["per_category"]) == ["(none)"]:  # no categories: that row would repeat `all`
         rows = rows[:1]
     for name, b in rows:
         errs = ", ".join(f"{k} {v}" for k, v in b["attack_errors"].items()) or "none"
-        lines.append(f"| {name} | {b['num_seeds']} | {b['num_attempts']} | "
-                     f"{pct(b['attempt_asr'])} | {pct(b['valid_attempt_asr'])} | "
-                     f"{pct(b['best_of_n_asr'])} | {errs} |")
+        lines.append(
+            f"| {name} | {b['num_seeds']} | {b['num_attempts']} | "
+            f"{pct(b['attempt_asr'])} | {pct(b['valid_attempt_asr'])} | "
+            f"{pct(b['best_of_n_asr'])} | {errs} |"
+        )
     return "\n".join(lines) + "\n"
 
 
-def run_redteam(seeds: Sequence[EvalExample], attacker, target, classifier, out_dir: str, *,
-                cfg: RedteamConfig = RedteamConfig(), acknowledged: bool = False, judge=None,
-                batch_size: int = 8) -> dict:
+def run_redteam(
+    seeds: Sequence[EvalExample],
+    attacker,
+    target,
+    classifier,
+    out_dir: str,
+    *,
+    cfg: RedteamConfig = RedteamConfig(),
+    acknowledged: bool = False,
+    judge=None,
+    batch_size: int = 8,
+) -> dict:
     """Run (or resume) red-teaming; returns the metrics (also in ``out_dir``). One run per
     ``out_dir``: a second one is refused while the first holds its lock."""
     from advgame_jax.locking import DirLock
 
     require_ack(acknowledged)  # before anything, the out_dir included, is touched
     with DirLock(out_dir, "--out_dir"):
-        return _run_redteam(seeds, attacker, target, classifier, out_dir, cfg=cfg,
-                            acknowledged=acknowledged, judge=judge, batch_size=batch_size)
+        return _run_redteam(
+            seeds,
+            attacker,
+            target,
+            classifier,
+            out_dir,
+            cfg=cfg,
+            acknowledged=acknowledged,
+            judge=judge,
+            batch_size=batch_size,
+        )
 
 
-def _run_redteam(seeds, attacker, target, classifier, out_dir, *, cfg, acknowledged, judge,
-                 batch_size) -> dict:
+def _run_redteam(
+    seeds, attacker, target, classifier, out_dir, *, cfg, acknowledged, judge, batch_size
+) -> dict:
     seeds = [s for s in seeds if s.category == "harmful"]
     if not seeds:
         raise ValueError("red-teaming needs harmful seeds; the given sets hold none")
     if cfg.faithfulness == "judge" and judge is None:
         raise ValueError("faithfulness='judge' needs a judge (--faith_endpoint)")
     os.makedirs(out_dir, exist_ok=True)
-    check_run_identity(out_dir, {
-        "attacker": attacker.label, "target": target.label, "classifier": classifier.name,
-        **{k: v for k, v in dataclasses.asdict(cfg).items()}})
+    check_run_identity(
+        out_dir,
+        {
+            "attacker": attacker.label,
+            "target": target.label,
+            "classifier": classifier.name,
+            **{k: v for k, v in dataclasses.asdict(cfg).items()},
+        },
+    )
     with ResultsFile(os.path.join(out_dir, "results.jsonl")) as results:
         done = {r["uid"] for r in results.records}
         todo = [s for s in seeds if s.uid not in done]
-        logging.info("red-teaming %d seeds (%d already done), %d attempts each", len(seeds),
-                     len(seeds) - len(todo), cfg.num_attempts)
+        logging.info(
+            "red-teaming %d seeds (%d already done), %d attempts each",
+            len(seeds),
+            len(seeds) - len(todo),
+            cfg.num_attempts,
+        )
         for start in range(0, len(todo), batch_size):
-            results.append(attack_seed_batch(todo[start:start + batch_size], attacker, target,
-                                             classifier, cfg, judge))
+            results.append(
+                attack_seed_batch(
+                    todo[start : start + batch_size], attacker, target, classifier, cfg, judge
+                )
+            )
         wanted = {s.uid for s in seeds}
         records = [r for r in results.records if r["uid"] in wanted]
     successes = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records if r["success"])
     write_text_atomic(os.path.join(out_dir, "successes.jsonl"), successes, mode=0o600)
     m = redteam_metrics(records, seed=cfg.seed)
-    info = {"attacker": attacker.label, "target": target.label, "classifier": classifier.name,
-            "num_attempts": cfg.num_attempts, "templates": cfg.templates,
-            "attacker_format": cfg.attacker_format, "faithfulness": cfg.faithfulness,
-            "seed": cfg.seed}
+    info = {
+        "attacker": attacker.label,
+        "target": target.label,
+        "classifier": classifier.name,
+        "num_attempts": cfg.num_attempts,
+        "templates": cfg.templates,
+        "attacker_format": cfg.attacker_format,
+        "faithfulness": cfg.faithfulness,
+        "seed": cfg.seed,
+    }
     write_json_atomic(os.path.join(out_dir, "redteam.json"), {**info, "metrics": m})
     write_text_atomic(os.path.join(out_dir, "redteam.md"), _markdown(m, info))
     return m

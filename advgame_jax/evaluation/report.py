@@ -48,12 +48,18 @@ def read_metrics(workdir: str) -> list[dict]:
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.isfile(path):
         raise ReportError(f"--workdir {workdir!r}: no metrics.jsonl (expected a training workdir)")
-    out = [rec for _, rec in jsonl_records(path, "expected a metrics record (a JSON object "
-                                                 "with a 'step') a line", ReportError)]
+    out = [
+        rec
+        for _, rec in jsonl_records(
+            path, "expected a metrics record (a JSON object with a 'step') a line", ReportError
+        )
+    ]
     for n, rec in enumerate(out, 1):
         if not isinstance(rec.get("step"), int):
-            raise ReportError(f"{path}: record {n} has no integer 'step'; expected the "
-                              "metrics.jsonl of a training workdir")
+            raise ReportError(
+                f"{path}: record {n} has no integer 'step'; expected the "
+                "metrics.jsonl of a training workdir"
+            )
     if not out:
         raise ReportError(f"{path}: no records")
     return sorted(out, key=lambda r: r["step"])
@@ -97,8 +103,9 @@ def plot_training(records: Sequence[dict], out_dir: str) -> dict[str, list[str]]
     plt = _pyplot()
     drawn = {}
     fig, ax = plt.subplots(figsize=(7, 4))
-    drawn["rewards.png"] = _lines(ax, records, [
-        (f"{s}/{v}/reward/mean", f"{p} {s}") for p, v in PLAYERS for s in SPLITS])
+    drawn["rewards.png"] = _lines(
+        ax, records, [(f"{s}/{v}/reward/mean", f"{p} {s}") for p, v in PLAYERS for s in SPLITS]
+    )
     ax.set_ylabel("mean patched reward (0-10, errors -1)")
     ax.set_title("Rewards of both players")
     _save(plt, fig, os.path.join(out_dir, "rewards.png"))
@@ -106,9 +113,16 @@ def plot_training(records: Sequence[dict], out_dir: str) -> dict[str, list[str]]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     labels = []
     for ax, (player, v) in zip(axes, PLAYERS, strict=True):
-        keys = sorted({k for r in records for k in r
-                       if k.split("/")[1:3] == [v, "rate"] and not k.endswith("/valid")
-                       and not k.startswith("valid/")})
+        keys = sorted(
+            {
+                k
+                for r in records
+                for k in r
+                if k.split("/")[1:3] == [v, "rate"]
+                and not k.endswith("/valid")
+                and not k.startswith("valid/")
+            }
+        )
         keys = [k for k in keys if any(r.get(k) for r in records)]
         labels += _lines(ax, records, [(k, k.replace(f"/{v}/rate/", " ")) for k in keys])
         ax.set_title(f"{player} error rates ({v})")
@@ -119,17 +133,18 @@ def plot_training(records: Sequence[dict], out_dir: str) -> dict[str, list[str]]
     _save(plt, fig, os.path.join(out_dir, "errors.png"))
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    drawn["losses.png"] = (
-        _lines(axes[0], records, [(f"{s}/{p}/loss", f"{p} {s}") for p, _ in PLAYERS
-                                  for s in SPLITS]) +
-        _lines(axes[1], records, [(f"{s}/{p}/margin", f"{p} {s}") for p, _ in PLAYERS
-                                  for s in SPLITS]))
+    drawn["losses.png"] = _lines(
+        axes[0], records, [(f"{s}/{p}/loss", f"{p} {s}") for p, _ in PLAYERS for s in SPLITS]
+    ) + _lines(
+        axes[1], records, [(f"{s}/{p}/margin", f"{p} {s}") for p, _ in PLAYERS for s in SPLITS]
+    )
     axes[0].set_title("loss")
     axes[1].set_title("preference margin")
     _save(plt, fig, os.path.join(out_dir, "losses.png"))
 
-    stages = sorted({k for r in records for k in r if k.startswith("time/")
-                     and k not in ("time/step",)})
+    stages = sorted(
+        {k for r in records for k in r if k.startswith("time/") and k not in ("time/step",)}
+    )
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = [r["step"] for r in records if r["step"] > 0]
     ys = [[float(r.get(k) or 0.0) for r in records if r["step"] > 0] for k in stages]
@@ -143,12 +158,17 @@ def plot_training(records: Sequence[dict], out_dir: str) -> dict[str, list[str]]
     _save(plt, fig, os.path.join(out_dir, "time.png"))
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    drawn["validation.png"] = (
-        _lines(axes[0], records, [(f"valid/{s}/reward", f"defender {s}") for s in SPLITS],
-               marker="o") +
-        _lines(axes[1], records, [("valid/harmful/asr", "ASR (harmful)"),
-                                  ("valid/benign/compliance_rate", "compliance (benign)")],
-               marker="o"))
+    drawn["validation.png"] = _lines(
+        axes[0], records, [(f"valid/{s}/reward", f"defender {s}") for s in SPLITS], marker="o"
+    ) + _lines(
+        axes[1],
+        records,
+        [
+            ("valid/harmful/asr", "ASR (harmful)"),
+            ("valid/benign/compliance_rate", "compliance (benign)"),
+        ],
+        marker="o",
+    )
     axes[0].set_title("validation reward (0-10)")
     axes[1].set_title("validation rates")
     axes[1].set_ylim(-0.05, 1.05)
@@ -173,10 +193,17 @@ def frontier_points(evals: dict[str, dict]) -> list[dict]:
         ben = [(n, m) for n, m in sets.items() if m.get("benign_compliance") is not None]
         for hn, hm in harm:
             for bn, bm in ben:
-                pts.append({"eval": label, "harmful_set": hn, "benign_set": bn,
-                            "asr": hm["asr"], "compliance": bm["benign_compliance"],
-                            "asr_ci": hm.get("asr_ci"),
-                            "compliance_ci": bm.get("benign_compliance_ci")})
+                pts.append(
+                    {
+                        "eval": label,
+                        "harmful_set": hn,
+                        "benign_set": bn,
+                        "asr": hm["asr"],
+                        "compliance": bm["benign_compliance"],
+                        "asr_ci": hm.get("asr_ci"),
+                        "compliance_ci": bm.get("benign_compliance_ci"),
+                    }
+                )
     return pts
 
 
@@ -191,9 +218,17 @@ def plot_frontier(points: Sequence[dict], out_dir: str) -> str:
         def err(ci, v):
             return [[v - 100 * ci[0]], [100 * ci[1] - v]] if ci else None
 
-        ax.errorbar(x, y, xerr=err(p.get("asr_ci"), x), yerr=err(p.get("compliance_ci"), y),
-                    fmt=markers[i % len(markers)], ms=8, capsize=3, alpha=0.8,
-                    label=f"{p['eval']} ({p['harmful_set']} / {p['benign_set']})")
+        ax.errorbar(
+            x,
+            y,
+            xerr=err(p.get("asr_ci"), x),
+            yerr=err(p.get("compliance_ci"), y),
+            fmt=markers[i % len(markers)],
+            ms=8,
+            capsize=3,
+            alpha=0.8,
+            label=f"{p['eval']} ({p['harmful_set']} / {p['benign_set']})",
+        )
     ax.set_xlim(-5, 105)
     ax.set_ylim(-5, 105)
     ax.set_xlabel("attack success rate % (lower is safer)")
@@ -209,8 +244,13 @@ def _last(records, key) -> Optional[float]:
     return vals[-1] if vals else None
 
 
-def build_report(out_dir: str, *, workdir: str = "", eval_paths: Sequence[str] = (),
-                 lmeval_paths: Sequence[str] = ()) -> str:
+def build_report(
+    out_dir: str,
+    *,
+    workdir: str = "",
+    eval_paths: Sequence[str] = (),
+    lmeval_paths: Sequence[str] = (),
+) -> str:
     """Write the PNGs and ``report.md`` in ``out_dir``; returns the markdown path."""
     from advgame_jax.evaluation.lmeval import fold_lmeval
     from advgame_jax.evaluation.metrics import markdown_table
@@ -224,22 +264,43 @@ def build_report(out_dir: str, *, workdir: str = "", eval_paths: Sequence[str] =
         records = read_metrics(workdir)
         drawn = plot_training(records, out_dir)
         last = records[-1]
-        md += [f"Training run `{os.path.abspath(workdir)}`: {len(records)} records, last step "
-               f"{last['step']}.", "",
-               "| metric | first | last |", "|---|---|---|"]
-        for key in ("valid/harmful/reward", "valid/benign/reward", "valid/harmful/asr",
-                    "valid/benign/compliance_rate", "harmful/x/reward/mean",
-                    "benign/x/reward/mean", "harmful/y/reward/mean", "benign/y/reward/mean",
-                    "time/step"):
+        md += [
+            f"Training run `{os.path.abspath(workdir)}`: {len(records)} records, last step "
+            f"{last['step']}.",
+            "",
+            "| metric | first | last |",
+            "|---|---|---|",
+        ]
+        for key in (
+            "valid/harmful/reward",
+            "valid/benign/reward",
+            "valid/harmful/asr",
+            "valid/benign/compliance_rate",
+            "harmful/x/reward/mean",
+            "benign/x/reward/mean",
+            "harmful/y/reward/mean",
+            "benign/y/reward/mean",
+            "time/step",
+        ):
             x, y = series(records, key)
             if y:
                 md.append(f"| `{key}` | {y[0]:.3g} (step {x[0]}) | {y[-1]:.3g} (step {x[-1]}) |")
         md.append("")
-        for name, title in (("rewards.png", "Rewards"), ("errors.png", "Error rates"),
-                            ("losses.png", "Losses and margins"), ("time.png", "Time per stage"),
-                            ("validation.png", "Validation")):
-            md += [f"## {title}", "", f"![{title}]({name})", "",
-                   "Series: " + (", ".join(drawn[name]) or "none recorded") + ".", ""]
+        for name, title in (
+            ("rewards.png", "Rewards"),
+            ("errors.png", "Error rates"),
+            ("losses.png", "Losses and margins"),
+            ("time.png", "Time per stage"),
+            ("validation.png", "Validation"),
+        ):
+            md += [
+                f"## {title}",
+                "",
+                f"![{title}]({name})",
+                "",
+                "Series: " + (", ".join(drawn[name]) or "none recorded") + ".",
+                "",
+            ]
     if eval_paths:
         evals = {}
         for p in eval_paths:
@@ -252,11 +313,20 @@ def build_report(out_dir: str, *, workdir: str = "", eval_paths: Sequence[str] =
             plot_frontier(pts, out_dir)
             md += ["## Safety-compliance frontier", "", "![frontier](frontier.png)", ""]
         for label, d in evals.items():
-            md += [f"## Evaluation `{label}`", "", f"Target `{d.get('target')}`, classifier "
-                   f"`{d.get('classifier')}`.", "", markdown_table(d["sets"])]
+            md += [
+                f"## Evaluation `{label}`",
+                "",
+                f"Target `{d.get('target')}`, classifier `{d.get('classifier')}`.",
+                "",
+                markdown_table(d["sets"]),
+            ]
     if lmeval_paths:
-        md += ["## Utility (lm-evaluation-harness)", "", "| task | metric | value |",
-               "|---|---|---|"]
+        md += [
+            "## Utility (lm-evaluation-harness)",
+            "",
+            "| task | metric | value |",
+            "|---|---|---|",
+        ]
         for p in lmeval_paths:
             for task, metric, value in fold_lmeval(p):
                 md.append(f"| {task} | {metric} | {value:.4g} |")

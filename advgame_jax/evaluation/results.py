@@ -8,11 +8,12 @@ writes whole lines, flushed and fsynced, so every record on disk is a finished e
 
 from __future__ import annotations
 
-from advgame_jax.errors import UserError
 import json
 import os
 import tempfile
 from typing import Iterable
+
+from advgame_jax.errors import UserError
 
 
 class ResultsFileError(UserError, ValueError):
@@ -33,8 +34,10 @@ def check_run_identity(out_dir: str, identity: dict) -> None:
             old = json.load(f)
         if old != identity:
             diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
-            raise RunMismatchError(f"{out_dir} holds results of a run with other settings "
-                                   f"(differs in {diff}); use another --out_dir")
+            raise RunMismatchError(
+                f"{out_dir} holds results of a run with other settings "
+                f"(differs in {diff}); use another --out_dir"
+            )
     else:
         write_json_atomic(path, identity)
 
@@ -60,8 +63,10 @@ class ResultsFile:
                 try:
                     rec = json.loads(line)
                 except ValueError:
-                    raise ResultsFileError(f"{self.path}:{n}: not a JSON record; move the file "
-                                           f"away or choose another --out_dir") from None
+                    raise ResultsFileError(
+                        f"{self.path}:{n}: not a JSON record; move the file "
+                        f"away or choose another --out_dir"
+                    ) from None
                 self.records.append(rec)
             if len(complete) != len(data):
                 with open(self.path, "r+b") as f:

@@ -11,7 +11,6 @@ batching, on resuming, or on running in-process versus over HTTP.
 
 from __future__ import annotations
 
-from advgame_jax.errors import UserError
 import dataclasses
 import glob
 import hashlib
@@ -19,16 +18,17 @@ import json
 import os
 from typing import Optional, Sequence
 
-from advgame_jax.controlled import AttackerNotAllowed  # noqa: F401 (the one gate's error)
-from advgame_jax.controlled import require_attacker_allowed
+from advgame_jax.controlled import (
+    AttackerNotAllowed,  # noqa: F401 (the one gate's error)
+    require_attacker_allowed,
+)
+from advgame_jax.errors import UserError
 from advgame_jax.evaluation.http_client import OpenAIClient, Request
 from advgame_jax.net import DEFAULT_TIMEOUT_S
 
 
 class TargetError(UserError, ValueError):
     """A model to load is missing, of the wrong family, or not allowed (attacker)."""
-
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,13 +61,24 @@ def find_step_dir(path: str) -> str:
         raise TargetError(f"--checkpoint {path!r}: not a directory")
     if os.path.isdir(os.path.join(path, "state")):
         return path
-    root = os.path.join(path, "checkpoints") if os.path.isdir(
-        os.path.join(path, "checkpoints")) else path
-    steps = sorted((int(d) for d in os.listdir(root) if d.isdigit()
-                    and os.path.isdir(os.path.join(root, d, "state"))), reverse=True)
+    root = (
+        os.path.join(path, "checkpoints")
+        if os.path.isdir(os.path.join(path, "checkpoints"))
+        else path
+    )
+    steps = sorted(
+        (
+            int(d)
+            for d in os.listdir(root)
+            if d.isdigit() and os.path.isdir(os.path.join(root, d, "state"))
+        ),
+        reverse=True,
+    )
     if not steps:
-        raise TargetError(f"--checkpoint {path!r}: no game checkpoint found (expected a "
-                          f"training workdir, its checkpoints/ dir or a checkpoints/<step> dir)")
+        raise TargetError(
+            f"--checkpoint {path!r}: no game checkpoint found (expected a "
+            f"training workdir, its checkpoints/ dir or a checkpoints/<step> dir)"
+        )
     return os.path.join(root, str(steps[0]))
 
 
@@ -96,14 +107,18 @@ def resolve_base_hf_dir(step_dir: str, player: str, override: str = "") -> str:
         workdir = os.path.dirname(os.path.dirname(step_dir))
         toy = cfg.get("toy_dir") or os.path.join(workdir, "toy")
         return os.path.join(toy, player)
-    raise TargetError(f"--checkpoint {step_dir!r}: its metadata names no {player} checkpoint; "
-                      f"pass --base_hf_dir (the HF dir the {player} was initialised from)")
+    raise TargetError(
+        f"--checkpoint {step_dir!r}: its metadata names no {player} checkpoint; "
+        f"pass --base_hf_dir (the HF dir the {player} was initialised from)"
+    )
 
 
 def check_hf_dir(path: str, field: str) -> None:
     if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
-        raise TargetError(f"{field} {path!r}: expected a Hugging Face checkpoint directory "
-                          f"(config.json + *.safetensors)")
+        raise TargetError(
+            f"{field} {path!r}: expected a Hugging Face checkpoint directory "
+            f"(config.json + *.safetensors)"
+        )
 
 
 def checkpoint_model_config(step_dir: str, player: str):
@@ -117,8 +132,9 @@ def checkpoint_model_config(step_dir: str, player: str):
     try:
         return ModelConfig.from_hf_dict(saved, source=f"{step_dir} metadata")
     except Exception as err:  # noqa: BLE001 - a damaged record: say which checkpoint
-        raise TargetError(f"--checkpoint {step_dir!r}: unreadable {player} model config in "
-                          f"its metadata ({err})") from None
+        raise TargetError(
+            f"--checkpoint {step_dir!r}: unreadable {player} model config in its metadata ({err})"
+        ) from None
 
 
 _TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -129,8 +145,11 @@ def model_config_differences(saved, base) -> list[str]:
     values differ between the checkpoint's model config and ``--base_hf_dir``'s."""
     a, b = dataclasses.asdict(saved), dataclasses.asdict(base)
     norm = lambda v: list(v) if isinstance(v, (tuple, list)) else v  # noqa: E731
-    return [f"{k}: {a[k]!r} in the checkpoint, {b[k]!r} in --base_hf_dir" for k in a
-            if k not in _TOKEN_FIELDS and norm(a[k]) != norm(b.get(k))]
+    return [
+        f"{k}: {a[k]!r} in the checkpoint, {b[k]!r} in --base_hf_dir"
+        for k in a
+        if k not in _TOKEN_FIELDS and norm(a[k]) != norm(b.get(k))
+    ]
 
 
 def restore_player_params(step_dir: str, player: str, which: str, hf_dir: str):
@@ -143,8 +162,10 @@ def restore_player_params(step_dir: str, player: str, which: str, hf_dir: str):
     from advgame_jax.sampling.checkpoints import restore_params
 
     if player not in ("attacker", "defender") or which not in ("ema", "trained"):
-        raise TargetError(f"--player/--params: expected attacker|defender and ema|trained, got "
-                          f"{player!r}/{which!r}")
+        raise TargetError(
+            f"--player/--params: expected attacker|defender and ema|trained, got "
+            f"{player!r}/{which!r}"
+        )
     check_hf_dir(hf_dir, "--base_hf_dir")
     try:
         base = ModelConfig.from_hf_file(os.path.join(hf_dir, "config.json"))
@@ -153,20 +174,26 @@ def restore_player_params(step_dir: str, player: str, which: str, hf_dir: str):
     config = checkpoint_model_config(step_dir, player) or base
     diffs = model_config_differences(config, base)
     if diffs:
-        raise TargetError(f"--base_hf_dir {hf_dir!r} describes a different model than the "
-                          f"{player} of --checkpoint {step_dir!r}: " + "; ".join(diffs)
-                          + ". Pass the HF dir the player was trained from")
+        raise TargetError(
+            f"--base_hf_dir {hf_dir!r} describes a different model than the "
+            f"{player} of --checkpoint {step_dir!r}: "
+            + "; ".join(diffs)
+            + ". Pass the HF dir the player was trained from"
+        )
     like = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
     key = "ema_params" if which == "ema" else "params"
     try:
         params = restore_params(step_dir, key_path=(player, key), like=like)
     except ValueError as err:
-        hint = ("this player has no EMA copy in this variant; use --params=trained"
-                if which == "ema" and "not found" in str(err) else
-                "the checkpoint was trained from a different model (family or size) than "
-                f"{hf_dir}")
-        raise TargetError(f"--checkpoint {step_dir!r} ({player} {which} params) does not match "
-                          f"--base_hf_dir: {hint}. Details: {err}") from None
+        hint = (
+            "this player has no EMA copy in this variant; use --params=trained"
+            if which == "ema" and "not found" in str(err)
+            else f"the checkpoint was trained from a different model (family or size) than {hf_dir}"
+        )
+        raise TargetError(
+            f"--checkpoint {step_dir!r} ({player} {which} params) does not match "
+            f"--base_hf_dir: {hint}. Details: {err}"
+        ) from None
     return config, params
 
 
@@ -174,21 +201,38 @@ def restore_player_params(step_dir: str, player: str, which: str, hf_dir: str):
 class InProcessTarget:
     """The JAX sampler in this process (same buckets as ``launch/serve.py``)."""
 
-    def __init__(self, config, params, hf_dir: str, *, compute_dtype=None, max_batch_size=64,
-                 max_prompt_tokens: int = 2048, label: str = ""):
+    def __init__(
+        self,
+        config,
+        params,
+        hf_dir: str,
+        *,
+        compute_dtype=None,
+        max_batch_size=64,
+        max_prompt_tokens: int = 2048,
+        label: str = "",
+    ):
         from advgame_jax.sampling.jax_sampler import JaxSampler
         from advgame_jax.tokenization import ChatTokenizer
 
         self.tokenizer = ChatTokenizer.from_dir(hf_dir)
         self.sampler = JaxSampler(
-            config, params, tokenizer=self.tokenizer, compute_dtype=compute_dtype,
-            max_batch_size=max_batch_size, min_batch_bucket=min(8, max_batch_size),
-            min_prompt_bucket=64, max_prompt_len=max(max_prompt_tokens, 16), copy_params=False)
+            config,
+            params,
+            tokenizer=self.tokenizer,
+            compute_dtype=compute_dtype,
+            max_batch_size=max_batch_size,
+            min_batch_bucket=min(8, max_batch_size),
+            min_prompt_bucket=64,
+            max_prompt_len=max(max_prompt_tokens, 16),
+            copy_params=False,
+        )
         self.max_prompt_tokens = max_prompt_tokens
         self.label = label or hf_dir
 
-    def generate(self, prompts: Sequence[str], seeds: Sequence[int],
-                 decoding: Decoding) -> list[Generation]:
+    def generate(
+        self, prompts: Sequence[str], seeds: Sequence[int], decoding: Decoding
+    ) -> list[Generation]:
         from advgame_jax.sampling import SamplingParams
 
         requests, fits = [], []
@@ -197,16 +241,27 @@ class InProcessTarget:
             # Like the server (HTTP 400): a prompt over the limit is a failed generation.
             fits.append(len(ids) <= self.max_prompt_tokens)
             if fits[-1]:
-                requests.append(([ids], SamplingParams(
-                    temperature=decoding.temperature, top_p=decoding.top_p,
-                    max_new_tokens=decoding.max_new_tokens,
-                    stop_token_ids=tuple(self.tokenizer.stop_token_ids), seed=int(s))))
+                requests.append(
+                    (
+                        [ids],
+                        SamplingParams(
+                            temperature=decoding.temperature,
+                            top_p=decoding.top_p,
+                            max_new_tokens=decoding.max_new_tokens,
+                            stop_token_ids=tuple(self.tokenizer.stop_token_ids),
+                            seed=int(s),
+                        ),
+                    )
+                )
         done = iter(self.sampler.generate_many(requests) if requests else [])
         out = []
         for ok in fits:
             c = next(done)[0] if ok else None
-            out.append(Generation(c.text, c.finish_reason, len(c.token_ids)) if c else
-                       Generation("", "error", None))
+            out.append(
+                Generation(c.text, c.finish_reason, len(c.token_ids))
+                if c
+                else Generation("", "error", None)
+            )
         return out
 
 
@@ -215,21 +270,41 @@ class EndpointTarget:
     deadline per request, retries included; a request past it is a failed generation
     (``finish_reason='error'``)."""
 
-    def __init__(self, url: str, model: str, *, api_key: Optional[str] = None,
-                 timeout_s: float = DEFAULT_TIMEOUT_S, concurrency: int = 8,
-                 field: str = "--endpoint"):
-        self.client = OpenAIClient(url, model, api_key=api_key, timeout_s=timeout_s,
-                                   concurrency=concurrency, field=field)
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        *,
+        api_key: Optional[str] = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        concurrency: int = 8,
+        field: str = "--endpoint",
+    ):
+        self.client = OpenAIClient(
+            url, model, api_key=api_key, timeout_s=timeout_s, concurrency=concurrency, field=field
+        )
         self.client.check()
         self.label = f"{url} ({model})"
 
     def generate(self, prompts, seeds, decoding: Decoding) -> list[Generation]:
-        answers = self.client.complete([
-            Request(p, seed=int(s), max_tokens=decoding.max_new_tokens,
-                    temperature=decoding.temperature, top_p=decoding.top_p)
-            for p, s in zip(prompts, seeds, strict=True)])
-        return [Generation(a.text, a.finish_reason, a.num_tokens) if a else
-                Generation("", "error", None) for a in answers]
+        answers = self.client.complete(
+            [
+                Request(
+                    p,
+                    seed=int(s),
+                    max_tokens=decoding.max_new_tokens,
+                    temperature=decoding.temperature,
+                    top_p=decoding.top_p,
+                )
+                for p, s in zip(prompts, seeds, strict=True)
+            ]
+        )
+        return [
+            Generation(a.text, a.finish_reason, a.num_tokens)
+            if a
+            else Generation("", "error", None)
+            for a in answers
+        ]
 
 
 def is_attacker_dir(path: str) -> bool:
@@ -238,34 +313,65 @@ def is_attacker_dir(path: str) -> bool:
     return is_attacker_artifact(path)
 
 
-def load_target(*, hf_dir: str = "", checkpoint: str = "", endpoint: str = "",
-                endpoint_model: str = "advgame", player: str = "defender", params: str = "ema",
-                base_hf_dir: str = "", allow_attacker: bool = False, api_key=None,
-                compute_dtype=None, max_prompt_tokens: int = 2048, field: str = "",
-                timeout_s: float = DEFAULT_TIMEOUT_S):
+def load_target(
+    *,
+    hf_dir: str = "",
+    checkpoint: str = "",
+    endpoint: str = "",
+    endpoint_model: str = "advgame",
+    player: str = "defender",
+    params: str = "ema",
+    base_hf_dir: str = "",
+    allow_attacker: bool = False,
+    api_key=None,
+    compute_dtype=None,
+    max_prompt_tokens: int = 2048,
+    field: str = "",
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+):
     """Build a target from exactly one of ``hf_dir`` / ``checkpoint`` / ``endpoint``
     (``timeout_s``: the endpoint's deadline per request)."""
-    given = [n for n, v in (("hf_dir", hf_dir), ("checkpoint", checkpoint),
-                            ("endpoint", endpoint)) if v]
+    given = [
+        n for n, v in (("hf_dir", hf_dir), ("checkpoint", checkpoint), ("endpoint", endpoint)) if v
+    ]
     if len(given) != 1:
-        raise TargetError(f"give exactly one of --{field}hf_dir, --{field}checkpoint, "
-                          f"--{field}endpoint (got {given or 'none'})")
+        raise TargetError(
+            f"give exactly one of --{field}hf_dir, --{field}checkpoint, "
+            f"--{field}endpoint (got {given or 'none'})"
+        )
     if endpoint:
-        return EndpointTarget(endpoint, endpoint_model, api_key=api_key, timeout_s=timeout_s,
-                              field=f"--{field}endpoint")
+        return EndpointTarget(
+            endpoint,
+            endpoint_model,
+            api_key=api_key,
+            timeout_s=timeout_s,
+            field=f"--{field}endpoint",
+        )
     if hf_dir:
         check_hf_dir(hf_dir, f"--{field}hf_dir")
         require_attacker_allowed(hf_dir, allow_attacker, f"--{field}hf_dir")
         from advgame_jax.models import load_hf
 
         config, p = load_hf(hf_dir)
-        return InProcessTarget(config, p, hf_dir, compute_dtype=compute_dtype,
-                               max_prompt_tokens=max_prompt_tokens, label=hf_dir)
+        return InProcessTarget(
+            config,
+            p,
+            hf_dir,
+            compute_dtype=compute_dtype,
+            max_prompt_tokens=max_prompt_tokens,
+            label=hf_dir,
+        )
     step_dir = find_step_dir(checkpoint)
-    require_attacker_allowed(step_dir, allow_attacker, f"--{field}checkpoint",
-                             attacker=player == "attacker")
+    require_attacker_allowed(
+        step_dir, allow_attacker, f"--{field}checkpoint", attacker=player == "attacker"
+    )
     hf = resolve_base_hf_dir(step_dir, player, base_hf_dir)
     config, p = restore_player_params(step_dir, player, params, hf)
-    return InProcessTarget(config, p, hf, compute_dtype=compute_dtype,
-                           max_prompt_tokens=max_prompt_tokens,
-                           label=f"{step_dir} ({player} {params})")
+    return InProcessTarget(
+        config,
+        p,
+        hf,
+        compute_dtype=compute_dtype,
+        max_prompt_tokens=max_prompt_tokens,
+        label=f"{step_dir} ({player} {params})",
+    )

@@ -77,14 +77,20 @@ def own_iterator_states(saved: Any) -> Any:
     if isinstance(saved, dict) and "per_process" in saved:
         per = saved["per_process"]
         if len(per) != jax.process_count():
-            logging.warning("checkpoint written by %d process(es), resumed with %d: seed "
-                            "iterators restart from their beginning", len(per),
-                            jax.process_count())
+            logging.warning(
+                "checkpoint written by %d process(es), resumed with %d: seed "
+                "iterators restart from their beginning",
+                len(per),
+                jax.process_count(),
+            )
             return None
         return per[jax.process_index()]
     if multi():
-        logging.warning("checkpoint written by one process, resumed with %d: seed iterators "
-                        "restart from their beginning", jax.process_count())
+        logging.warning(
+            "checkpoint written by one process, resumed with %d: seed iterators "
+            "restart from their beginning",
+            jax.process_count(),
+        )
         return None
     return saved
 

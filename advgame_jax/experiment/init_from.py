@@ -29,9 +29,11 @@ def _step_dir(path: str) -> str:
     try:
         return find_step_dir(path)
     except TargetError as err:
-        raise ConfigError(f"config.init_from={path!r}: expected a training workdir, its "
-                          f"checkpoints/ directory or a checkpoints/<step> directory "
-                          f"({str(err).split(': ', 1)[-1]})") from None
+        raise ConfigError(
+            f"config.init_from={path!r}: expected a training workdir, its "
+            f"checkpoints/ directory or a checkpoints/<step> directory "
+            f"({str(err).split(': ', 1)[-1]})"
+        ) from None
 
 
 def _restore(step_dir: str, role: str, key: str, like):
@@ -49,23 +51,32 @@ def states_from_checkpoint(path: str, players: dict, states: dict, config) -> di
         try:
             params = _restore(step_dir, role, "params", states[role].params)
         except ValueError as err:
-            raise ConfigError(f"config.init_from={path!r}: the checkpoint at {step_dir} does "
-                              f"not hold {role} params of this run's model (another model "
-                              f"family or size?): {err}") from None
+            raise ConfigError(
+                f"config.init_from={path!r}: the checkpoint at {step_dir} does "
+                f"not hold {role} params of this run's model (another model "
+                f"family or size?): {err}"
+            ) from None
         new = initial_state(player, params, config)
         if new.ema_params is not None:
             try:
-                new = new.replace(ema_params=_restore(step_dir, role, "ema_params",
-                                                      new.ema_params))
+                new = new.replace(ema_params=_restore(step_dir, role, "ema_params", new.ema_params))
             except ValueError as err:
                 if "not found" not in str(err):
-                    raise ConfigError(f"config.init_from={path!r}: {role} EMA params of "
-                                      f"{step_dir} do not match this run's model: {err}") from None
-                logging.warning("config.init_from: %s has no %s EMA params; the EMA starts "
-                                "from its params", step_dir, role)
+                    raise ConfigError(
+                        f"config.init_from={path!r}: {role} EMA params of "
+                        f"{step_dir} do not match this run's model: {err}"
+                    ) from None
+                logging.warning(
+                    "config.init_from: %s has no %s EMA params; the EMA starts from its params",
+                    step_dir,
+                    role,
+                )
         out[role] = new
     jax.block_until_ready(out)
-    logging.info("initialised both players' params and EMA from %s (step %s); optimizer, "
-                 "schedule, data order and RNG start afresh", step_dir,
-                 os.path.basename(step_dir))
+    logging.info(
+        "initialised both players' params and EMA from %s (step %s); optimizer, "
+        "schedule, data order and RNG start afresh",
+        step_dir,
+        os.path.basename(step_dir),
+    )
     return out

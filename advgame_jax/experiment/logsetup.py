@@ -18,9 +18,11 @@ import advgame_jax
 
 LOG_FILE = "train.log"
 # Source trees whose INFO lines are the project's own (the progress line, resume notes).
-_OWN_ROOTS = (os.path.dirname(os.path.abspath(advgame_jax.__file__)) + os.sep,
-              os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
-                  advgame_jax.__file__))), "launch") + os.sep)
+_OWN_ROOTS = (
+    os.path.dirname(os.path.abspath(advgame_jax.__file__)) + os.sep,
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(advgame_jax.__file__))), "launch")
+    + os.sep,
+)
 
 
 FILE_ONLY = {"advgame_file_only": True}

@@ -40,29 +40,44 @@ import numpy as np
 from absl import logging
 
 from advgame_jax import fsutil, game, locking
-from advgame_jax.game.diagnosis import no_signal_warning
 from advgame_jax.data import SeedIterator
 from advgame_jax.experiment import compile_counter, hosts
 from advgame_jax.experiment.metrics import MetricsWriter, truncate_metrics
 from advgame_jax.experiment.players import (
-    Player, build_player, close_player, initial_state, resolve_mesh, sync_sampler)
+    Player,
+    build_player,
+    close_player,
+    initial_state,
+    resolve_mesh,
+    sync_sampler,
+)
 from advgame_jax.experiment.timing import StageTimer, TimedJudge, TimedSampler
 from advgame_jax.experiment.validate import (
-    ADDED_FIELDS, RESUMABLE_FIELDS, ConfigError, game_config_from_experiment, settings_from_config)
-from advgame_jax.experiment.validation import (
-    SPLITS, _prefixed, load_seed_splits, validate_defender)
+    ADDED_FIELDS,
+    RESUMABLE_FIELDS,
+    ConfigError,
+    game_config_from_experiment,
+    settings_from_config,
+)
+from advgame_jax.experiment.validation import SPLITS, _prefixed, load_seed_splits, validate_defender
+from advgame_jax.game.diagnosis import no_signal_warning
 from advgame_jax.training.checkpoint import GameCheckpointer, config_differences
-from advgame_jax.training.multihost import collate_global, host_to_global
 from advgame_jax.training.ema import ema_step
-from advgame_jax.training.state import abstract_player_state
+from advgame_jax.training.multihost import collate_global, host_to_global
 from advgame_jax.training.sharding import batch_parallel_size, replicated, state_shardings
+from advgame_jax.training.state import abstract_player_state
 
 ROLES = ("attacker", "defender")
 # Console summary: label -> metric key.
-CONSOLE_KEYS = {"val_def_harmful": "valid/harmful/reward", "val_def_benign": "valid/benign/reward",
-                "att_harmful": "harmful/x/reward/mean", "att_benign": "benign/x/reward/mean",
-                "def_harmful": "harmful/y/reward/mean", "def_benign": "benign/y/reward/mean",
-                "s/step": "time/step"}
+CONSOLE_KEYS = {
+    "val_def_harmful": "valid/harmful/reward",
+    "val_def_benign": "valid/benign/reward",
+    "att_harmful": "harmful/x/reward/mean",
+    "att_benign": "benign/x/reward/mean",
+    "def_harmful": "harmful/y/reward/mean",
+    "def_benign": "benign/y/reward/mean",
+    "s/step": "time/step",
+}
 
 
 class GameRunner:
@@ -92,15 +107,18 @@ class GameRunner:
         self.train_seeds, self.valid_seeds = load_seed_splits(config)
         # B per split and process = this process's share of the global seeds per split
         # (train.seeds_per_step, or seeds_per_device × data-parallel devices; hosts.py).
-        b = self.settings.train.seeds_per_split(batch_parallel_size(self.mesh),
-                                                jax.process_count()) // jax.process_count()
+        b = (
+            self.settings.train.seeds_per_split(batch_parallel_size(self.mesh), jax.process_count())
+            // jax.process_count()
+        )
         a, d = config.game.num_attacks, config.game.num_responses
         most_rows = b * a * d if config.loss.kind == "grpo" else b * a
         if config.train.pair_buckets and max(config.train.pair_buckets) < most_rows:
             raise ConfigError(
                 f"config.train.pair_buckets: the largest bucket {max(config.train.pair_buckets)} "
                 f"cannot hold the {most_rows} {'samples' if config.loss.kind == 'grpo' else 'pairs'} "
-                f"a split can produce (B={b}, A={a}, D={d})")
+                f"a split can produce (B={b}, A={a}, D={d})"
+            )
 
         self.game_config = game_config_from_experiment(config, self.settings)
         # Cheap checks first: the judge (endpoints are probed) before loading any model.
@@ -113,8 +131,13 @@ class GameRunner:
 
                 judge_sampler = JaxSampler.from_hf_dir(config.judge.hf_path, mesh=self.mesh)
                 judge_tok = ChatTokenizer.from_dir(config.judge.hf_path)
-            judge = game.make_judge(config.judge, templates=self.game_config.templates,
-                                    sampler=judge_sampler, tokenizer=judge_tok, seed=config.seed)
+            judge = game.make_judge(
+                config.judge,
+                templates=self.game_config.templates,
+                sampler=judge_sampler,
+                tokenizer=judge_tok,
+                seed=config.seed,
+            )
         self.judge = TimedJudge(judge, self.timer)
         hf_paths = {r: config[r].hf_path for r in ROLES}
         if config.toy_world:
@@ -124,11 +147,14 @@ class GameRunner:
 
             def build():
                 return build_toy_world(
-                    config.toy_dir or os.path.join(self.workdir, "toy"), seed=config.seed,
+                    config.toy_dir or os.path.join(self.workdir, "toy"),
+                    seed=config.seed,
                     train_seeds=self.train_seeds["harmful"] + self.train_seeds["benign"],
                     attacker_prompt_text=lambda s: templates.attacker_prompt(
-                        s.prompt, s.category, config.game.attacker_format),
-                    warmup_steps=config.toy_warmup_steps)
+                        s.prompt, s.category, config.game.attacker_format
+                    ),
+                    warmup_steps=config.toy_warmup_steps,
+                )
 
             # One process builds the shared toy world; the others then find it built.
             if hosts.is_writer():
@@ -144,28 +170,47 @@ class GameRunner:
         params0, update_steps = {}, {}
         for role in ROLES:
             self.players[role], params0[role] = build_player(
-                config, role, hf_paths[role], self.mesh, settings=self.settings,
-                total_updates=total_updates, update_steps=update_steps)
+                config,
+                role,
+                hf_paths[role],
+                self.mesh,
+                settings=self.settings,
+                total_updates=total_updates,
+                update_steps=update_steps,
+            )
 
         self._report_unfit_seeds()
         self.samplers = {
-            "attacker": TimedSampler(self.players["attacker"].sampler, self.timer, "attacker_generation"),
-            "defender": TimedSampler(self.players["defender"].sampler, self.timer, "defender_generation"),
+            "attacker": TimedSampler(
+                self.players["attacker"].sampler, self.timer, "attacker_generation"
+            ),
+            "defender": TimedSampler(
+                self.players["defender"].sampler, self.timer, "defender_generation"
+            ),
         }
 
         self.iterators = {
-            c: SeedIterator(self.train_seeds[c], b, seed=config.seed + i,
-                            shard_index=jax.process_index(), shard_count=jax.process_count())
-            for i, c in enumerate(SPLITS)}
+            c: SeedIterator(
+                self.train_seeds[c],
+                b,
+                seed=config.seed + i,
+                shard_index=jax.process_index(),
+                shard_count=jax.process_count(),
+            )
+            for i, c in enumerate(SPLITS)
+        }
         self.state = {r: initial_state(self.players[r], params0[r], config) for r in ROLES}
         # Replicated over the mesh (a global array: every process can checkpoint it).
-        self.state["rng"] = host_to_global(np.asarray(jax.random.PRNGKey(config.seed)),
-                                           replicated(self.mesh))
+        self.state["rng"] = host_to_global(
+            np.asarray(jax.random.PRNGKey(config.seed)), replicated(self.mesh)
+        )
         self.step = 0
 
         self.checkpointer = GameCheckpointer(
             os.path.join(self.workdir, "checkpoints"),
-            save_every=config.train.checkpoint_every or 10**9, keep=config.train.keep_checkpoints)
+            save_every=config.train.checkpoint_every or 10**9,
+            keep=config.train.keep_checkpoints,
+        )
         self._restore()
         self.audit = None
         if config.logging.audit_log and hosts.is_writer():
@@ -180,27 +225,42 @@ class GameRunner:
         crash a step: the sampler answers them with a MAX_LENGTH error, counted."""
         from advgame_jax.data.seeds import seeds_over_budget
 
-        for role, seeds_by_split, what in (("attacker", self.train_seeds, "training"),
-                                           ("defender", self.valid_seeds, "validation")):
+        for role, seeds_by_split, what in (
+            ("attacker", self.train_seeds, "training"),
+            ("defender", self.valid_seeds, "validation"),
+        ):
             player = self.players[role]
-            budget = (getattr(player.sampler, "max_prompt_len", None)
-                      or getattr(player.sampler, "max_model_len", None))
+            budget = getattr(player.sampler, "max_prompt_len", None) or getattr(
+                player.sampler, "max_model_len", None
+            )
             if not budget:
                 continue
             if role == "attacker":  # the template alone may fill the prompt budget
                 for msg in game.templates.template_budget_warnings(
-                        self.game_config.templates, self.config.game.attacker_format,
-                        lambda t, tok=player.tokenizer: len(tok.render_user_turn(t)), budget):
+                    self.game_config.templates,
+                    self.config.game.attacker_format,
+                    lambda t, tok=player.tokenizer: len(tok.render_user_turn(t)),
+                    budget,
+                ):
                     logging.warning("%s", msg)
             for split, seeds in seeds_by_split.items():
-                bad = seeds_over_budget(seeds, lambda t, tok=player.tokenizer: len(tok.encode(t)),
-                                        budget)
+                bad = seeds_over_budget(
+                    seeds, lambda t, tok=player.tokenizer: len(tok.encode(t)), budget
+                )
                 if bad:
                     logging.warning(
                         "%d of %d %s %s seeds are longer than the %s sampler's prompt budget "
                         "of %d tokens (first: #%d); they can never be played and will count "
-                        "as MAX_LENGTH errors (sys/%s/prompt_too_long)", len(bad), len(seeds),
-                        what, split, role, budget, bad[0], role)
+                        "as MAX_LENGTH errors (sys/%s/prompt_too_long)",
+                        len(bad),
+                        len(seeds),
+                        what,
+                        split,
+                        role,
+                        budget,
+                        bad[0],
+                        role,
+                    )
 
     # ------------------------------------------------------------------ checkpoints
     def _abstract_state(self):
@@ -208,36 +268,48 @@ class GameRunner:
         for r in ROLES:
             sh = state_shardings(self.state[r], self.players[r].model_config, self.mesh)
             out[r] = abstract_player_state(self.state[r], sh)
-        out["rng"] = jax.ShapeDtypeStruct(self.state["rng"].shape, self.state["rng"].dtype,
-                                          sharding=replicated(self.mesh))
+        out["rng"] = jax.ShapeDtypeStruct(
+            self.state["rng"].shape, self.state["rng"].dtype, sharding=replicated(self.mesh)
+        )
         return out
 
     def _meta(self) -> dict:
-        return {"step": self.step,
-                # GAME_SPEC "Beyond the reference": the attacker inside is a controlled artifact.
-                "advgame_controlled_artifact": {
-                    "contains": "attacker", "note": "trained red-teaming attacker; export "
-                    "(training.export.export_hf) and serving need an explicit flag"},
-                # Each player's own model config: what an export writes as config.json.
-                "models": {r: self.players[r].model_config.to_hf_dict() for r in ROLES},
-                "iterators": hosts.gather_iterator_states(
-                    {c: it.state() for c, it in self.iterators.items()}),
-                "config": json.loads(self.config.to_json())}
+        return {
+            "step": self.step,
+            # GAME_SPEC "Beyond the reference": the attacker inside is a controlled artifact.
+            "advgame_controlled_artifact": {
+                "contains": "attacker",
+                "note": "trained red-teaming attacker; export "
+                "(training.export.export_hf) and serving need an explicit flag",
+            },
+            # Each player's own model config: what an export writes as config.json.
+            "models": {r: self.players[r].model_config.to_hf_dict() for r in ROLES},
+            "iterators": hosts.gather_iterator_states(
+                {c: it.state() for c, it in self.iterators.items()}
+            ),
+            "config": json.loads(self.config.to_json()),
+        }
 
     def _restore(self) -> None:
         current = json.loads(self.config.to_json())
         restored = self.checkpointer.restore(
             self._abstract_state(),
-            check_meta=lambda meta: config_differences(meta.get("config", {}), current,
-                                                       ignore=RESUMABLE_FIELDS,
-                                                       added=ADDED_FIELDS))
+            check_meta=lambda meta: config_differences(
+                meta.get("config", {}), current, ignore=RESUMABLE_FIELDS, added=ADDED_FIELDS
+            ),
+        )
         if restored is None:
             if self.config.get("init_from"):  # a new run continuing an old one
                 from advgame_jax.experiment.init_from import states_from_checkpoint
 
-                self.state.update(states_from_checkpoint(
-                    self.config.init_from, self.players,
-                    {r: self.state[r] for r in ROLES}, self.config))
+                self.state.update(
+                    states_from_checkpoint(
+                        self.config.init_from,
+                        self.players,
+                        {r: self.state[r] for r in ROLES},
+                        self.config,
+                    )
+                )
             return
         step, state, meta = restored
         self.state = state
@@ -255,8 +327,13 @@ class GameRunner:
     def _sync(self) -> None:
         with self.timer.stage("sync"):
             for r in ROLES:
-                sync_sampler(self.players[r], self.state[r], self.config.train.sample_from,
-                             self.workdir, version=self.step)
+                sync_sampler(
+                    self.players[r],
+                    self.state[r],
+                    self.config.train.sample_from,
+                    self.workdir,
+                    version=self.step,
+                )
 
     def _update(self, role: str, scored, split: str) -> dict:
         player = self.players[role]
@@ -266,18 +343,26 @@ class GameRunner:
         t = self.config.train
         # Each record carries its weight in the update objective (game.normalization).
         if self.config.loss.kind == "grpo":
-            records = game.with_weight(game.grpo_samples(scored, role, self.config.loss.grpo_baseline),
-                                       game.sample_weight(scored, role, t.loss_normalization))
+            records = game.with_weight(
+                game.grpo_samples(scored, role, self.config.loss.grpo_baseline),
+                game.sample_weight(scored, role, t.loss_normalization),
+            )
         else:
-            records = game.with_weight(game.pairs(scored, role),
-                                       game.pair_weight(scored, role, t.loss_normalization,
-                                                        t.norm_seeds_per_microbatch))
+            records = game.with_weight(
+                game.pairs(scored, role),
+                game.pair_weight(scored, role, t.loss_normalization, t.norm_seeds_per_microbatch),
+            )
         # This process's records → one global batch (one process: plain collation).
-        batch = collate_global(records, kind="samples" if self.config.loss.kind == "grpo"
-                               else "pairs", pad_id=player.tokenizer.pad_id, mesh=self.mesh,
-                               num_microbatches=t.num_microbatches,
-                               row_buckets=tuple(t.pair_buckets),
-                               length_buckets=tuple(t.length_buckets), overflow="truncate_prompt")
+        batch = collate_global(
+            records,
+            kind="samples" if self.config.loss.kind == "grpo" else "pairs",
+            pad_id=player.tokenizer.pad_id,
+            mesh=self.mesh,
+            num_microbatches=t.num_microbatches,
+            row_buckets=tuple(t.pair_buckets),
+            length_buckets=tuple(t.length_buckets),
+            overflow="truncate_prompt",
+        )
         with self.timer.stage("update"):
             self.state[role], m = upd(self.state[role], batch)
             m = jax.device_get(m)
@@ -296,10 +381,15 @@ class GameRunner:
         for i, split in enumerate(SPLITS):
             seeds = self.iterators[split].next_batch()
             scored = game.build_tree(
-                seeds, self.game_config, judge=self.judge,
-                attacker=self.samplers["attacker"], attacker_tokenizer=self.players["attacker"].tokenizer,
-                defender=self.samplers["defender"], defender_tokenizer=self.players["defender"].tokenizer,
-                sample_index=(2 * self.step + i) * jax.process_count() + jax.process_index())
+                seeds,
+                self.game_config,
+                judge=self.judge,
+                attacker=self.samplers["attacker"],
+                attacker_tokenizer=self.players["attacker"].tokenizer,
+                defender=self.samplers["defender"],
+                defender_tokenizer=self.players["defender"].tokenizer,
+                sample_index=(2 * self.step + i) * jax.process_count() + jax.process_index(),
+            )
             if self.audit is not None:
                 self.audit.write(scored, step=self.step, split=split)
             record.update(_prefixed(f"{split}/", game.tree_metrics(scored)))
@@ -317,12 +407,16 @@ class GameRunner:
         record["sys/compilations"] = float(compile_counter.count())
         for r in ROLES:
             record[f"sys/{r}/prompt_too_long"] = float(
-                getattr(self.players[r].sampler, "prompt_too_long", 0))
+                getattr(self.players[r].sampler, "prompt_too_long", 0)
+            )
         record = hosts.merge_records(record)
         skipped = [k for k, v in record.items() if k.endswith("/skipped_nonfinite") and v]
         if skipped:
-            logging.warning("step %d: non-finite loss or gradient, update skipped (%s)",
-                            self.step, ", ".join(k.rsplit("/", 1)[0] for k in skipped))
+            logging.warning(
+                "step %d: non-finite loss or gradient, update skipped (%s)",
+                self.step,
+                ", ".join(k.rsplit("/", 1)[0] for k in skipped),
+            )
         why = no_signal_warning(record)
         if why:
             logging.warning("step %d: %s", self.step, why)
@@ -337,9 +431,14 @@ class GameRunner:
         if self._needs_sync:
             self._sync()
             self._needs_sync = False
-        out = validate_defender(self.valid_seeds, self.game_config, self.config.validation,
-                                judge=self.judge, defender=self.samplers["defender"],
-                                tokenizer=self.players["defender"].tokenizer)
+        out = validate_defender(
+            self.valid_seeds,
+            self.game_config,
+            self.config.validation,
+            judge=self.judge,
+            defender=self.samplers["defender"],
+            tokenizer=self.players["defender"].tokenizer,
+        )
         self.timer.pop()  # validation's own stage times: reported as one number
         out["time/validation"] = time.perf_counter() - t0
         return hosts.merge_records(out)
@@ -353,11 +452,13 @@ class GameRunner:
     # ------------------------------------------------------------------ the run
     def _on_signal(self, signum, frame) -> None:
         if self._in_step:
-            logging.warning("signal %d received: finishing step %d, then checkpointing",
-                            signum, self.step)
+            logging.warning(
+                "signal %d received: finishing step %d, then checkpointing", signum, self.step
+            )
         else:
-            logging.warning("signal %d received: stopping after step %d, checkpointing",
-                            signum, self.step)
+            logging.warning(
+                "signal %d received: stopping after step %d, checkpointing", signum, self.step
+            )
         self._stop_requested = True
 
     def run(self, *, max_steps: Optional[int] = None) -> dict:
@@ -367,11 +468,15 @@ class GameRunner:
         if hosts.is_writer():
             self._lock.acquire()  # held since __init__; again after an earlier run() ended
             truncate_metrics(os.path.join(self.workdir, "metrics.jsonl"), self.step)
-            writer = MetricsWriter(self.workdir, total_steps=cfg.train.num_steps,
-                                   tensorboard=cfg.logging.tensorboard,
-                                   wandb_project=cfg.logging.wandb_project,
-                                   progress_bar=cfg.logging.progress_bar,
-                                   config_json=cfg.to_json(), console_keys=CONSOLE_KEYS)
+            writer = MetricsWriter(
+                self.workdir,
+                total_steps=cfg.train.num_steps,
+                tensorboard=cfg.logging.tensorboard,
+                wandb_project=cfg.logging.wandb_project,
+                progress_bar=cfg.logging.progress_bar,
+                config_json=cfg.to_json(),
+                console_keys=CONSOLE_KEYS,
+            )
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         last: dict = {}
         try:
@@ -403,7 +508,9 @@ class GameRunner:
                     self.audit.close()
                 self._lock.release()
         if stop:
-            logging.warning("stopped cleanly at step %d; rerun the same command to resume", self.step)
+            logging.warning(
+                "stopped cleanly at step %d; rerun the same command to resume", self.step
+            )
         return last
 
 

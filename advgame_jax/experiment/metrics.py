@@ -57,7 +57,7 @@ def truncate_metrics(path: str, step: int) -> int:
     lines = raw.split(b"\n")
     last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
     keep, torn, changed = [], 0, False
-    for i, line in enumerate(lines[:last + 1]):
+    for i, line in enumerate(lines[: last + 1]):
         if not line.strip():
             changed = True
             continue
@@ -71,10 +71,12 @@ def truncate_metrics(path: str, step: int) -> int:
                 raise MetricsFileError(
                     f"{path}:{i + 1}: not a metrics record (expected a JSON object with an "
                     f"integer 'step'); only a torn last line is repaired, so the file is "
-                    f"left as it is: fix or remove that line, or use another workdir") from None
+                    f"left as it is: fix or remove that line, or use another workdir"
+                ) from None
             torn, changed = 1, True
-            logging.warning("%s:%d is not a complete metrics record (a write cut short); "
-                            "dropped", path, i + 1)
+            logging.warning(
+                "%s:%d is not a complete metrics record (a write cut short); dropped", path, i + 1
+            )
             continue
         if record_step <= step:
             keep.append(line.decode("utf-8") + "\n")
@@ -88,9 +90,17 @@ def truncate_metrics(path: str, step: int) -> int:
 class MetricsWriter:
     """Fan-out of per-step scalar records to the configured sinks (all in ``workdir``)."""
 
-    def __init__(self, workdir: str, *, total_steps: int, tensorboard: bool = True,
-                 wandb_project: str = "", progress_bar: bool = True, config_json: str = "",
-                 console_keys: Optional[Mapping[str, str]] = None):
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        total_steps: int,
+        tensorboard: bool = True,
+        wandb_project: str = "",
+        progress_bar: bool = True,
+        config_json: str = "",
+        console_keys: Optional[Mapping[str, str]] = None,
+    ):
         os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, "metrics.jsonl")
         fsutil.require_owned_file(self.path, METRICS_KIND, "config.workdir")
@@ -106,8 +116,10 @@ class MetricsWriter:
             try:
                 import wandb  # pyright: ignore[reportMissingImports]  (optional extra `wandb`)
             except ImportError as e:
-                raise ImportError("config.logging.wandb_project is set but wandb is not installed "
-                                  "(pip install 'advgame_jax[wandb]')") from e
+                raise ImportError(
+                    "config.logging.wandb_project is set but wandb is not installed "
+                    "(pip install 'advgame_jax[wandb]')"
+                ) from e
             self._wandb = wandb.init(project=wandb_project, config=json.loads(config_json or "{}"))
         self._total = total_steps
         self._bar = None

@@ -21,12 +21,12 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from advgame_jax.experiment.update_settings import player_training
 from advgame_jax.experiment.validate import ConfigError
 from advgame_jax.models import ModelConfig, load_hf, param_shardings
 from advgame_jax.sampling.placement import max_model_len, placement_of
 from advgame_jax.settings import Settings
 from advgame_jax.tokenization import ChatTokenizer
-from advgame_jax.experiment.update_settings import player_training
 from advgame_jax.training.state import PlayerState, sampling_params
 from advgame_jax.training.update import UpdateSettings, UpdateStep, update_step_from
 
@@ -73,7 +73,8 @@ class VersionedSampler:
             elif c.weights_version != expected:
                 raise StaleWeightsError(
                     f"{self._player.role} sampler generated with weights version "
-                    f"{c.weights_version}, but the trainer's last sync was version {expected}")
+                    f"{c.weights_version}, but the trainer's last sync was version {expected}"
+                )
             result.append(c)
         return result
 
@@ -84,17 +85,28 @@ class VersionedSampler:
 def check_checkpoint_dir(path: str, field: str) -> None:
     """Raise ``ConfigError`` naming ``field`` unless ``path`` looks like an HF checkpoint dir."""
     if not os.path.isdir(path):
-        raise ConfigError(f"config.{field}: {path!r} is not a directory; expected a local "
-                          "Hugging Face checkpoint (config.json + *.safetensors)")
+        raise ConfigError(
+            f"config.{field}: {path!r} is not a directory; expected a local "
+            "Hugging Face checkpoint (config.json + *.safetensors)"
+        )
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ConfigError(f"config.{field}: {path!r} has no config.json")
-    if not any(f.endswith(".safetensors") or f == "model.safetensors.index.json"
-               for f in os.listdir(path)):
+    if not any(
+        f.endswith(".safetensors") or f == "model.safetensors.index.json" for f in os.listdir(path)
+    ):
         raise ConfigError(f"config.{field}: {path!r} has no .safetensors weights")
 
 
-def build_player(config, role: str, hf_dir: str, mesh, *, settings: Settings, total_updates: int,
-                 update_steps: Optional[dict] = None) -> tuple[Player, Any]:
+def build_player(
+    config,
+    role: str,
+    hf_dir: str,
+    mesh,
+    *,
+    settings: Settings,
+    total_updates: int,
+    update_steps: Optional[dict] = None,
+) -> tuple[Player, Any]:
     """Load ``role``'s checkpoint and build its sampler and update step (``update_steps``: the
     run's map of steps already built, shared between same-architecture players; ``settings``:
     the converted ``config``, read by the optimizer and the update step).
@@ -111,22 +123,30 @@ def build_player(config, role: str, hf_dir: str, mesh, *, settings: Settings, to
     import json
 
     with open(os.path.join(hf_dir, "config.json"), encoding="utf-8") as f:
-        model_config = ModelConfig.from_hf_dict(json.load(f), source=os.path.join(hf_dir, "config.json"))
+        model_config = ModelConfig.from_hf_dict(
+            json.load(f), source=os.path.join(hf_dir, "config.json")
+        )
     shardings = param_shardings(model_config, mesh)
     model_config, params = load_hf(hf_dir, DTYPES[pc.param_dtype], shardings=shardings)
 
     sampler = _build_sampler(config, role, hf_dir, model_config, params, tokenizer, mesh)
 
-    update = _update_step(model_config, player_training(settings, role).update, mesh,
-                          update_steps)
+    update = _update_step(model_config, player_training(settings, role).update, mesh, update_steps)
     placement = settings.player(role).placement
-    player = Player(role=role, model_config=model_config, tokenizer=tokenizer, hf_dir=hf_dir,
-                    sampler=None, update=update, trainable=bool(pc.trainable),
-                    sampler_kind="jax" if placement == "jax" else "vllm",
-                    optimizer=update.optimizer, placement=placement,
-                    sampler_dtype=pc.sampler_dtype,
-                    keep_sync_checkpoints=int(pc.engine.keep_sync_checkpoints)
-                    if "engine" in pc else 2)
+    player = Player(
+        role=role,
+        model_config=model_config,
+        tokenizer=tokenizer,
+        hf_dir=hf_dir,
+        sampler=None,
+        update=update,
+        trainable=bool(pc.trainable),
+        sampler_kind="jax" if placement == "jax" else "vllm",
+        optimizer=update.optimizer,
+        placement=placement,
+        sampler_dtype=pc.sampler_dtype,
+        keep_sync_checkpoints=int(pc.engine.keep_sync_checkpoints) if "engine" in pc else 2,
+    )
     player.sampler = VersionedSampler(sampler, player)
     return player, params
 
@@ -143,10 +163,15 @@ def _build_sampler(config, role: str, hf_dir: str, model_config, params, tokeniz
             from advgame_jax.experiment.hosts import local_copy
 
             params, mesh = local_copy(params), None
-        return JaxSampler(model_config, params, tokenizer=tokenizer, mesh=mesh,
-                          compute_dtype=DTYPES[pc.sampler_dtype],
-                          min_batch_bucket=pc.sampler_min_batch_bucket,
-                          min_prompt_bucket=pc.sampler_min_prompt_bucket)
+        return JaxSampler(
+            model_config,
+            params,
+            tokenizer=tokenizer,
+            mesh=mesh,
+            compute_dtype=DTYPES[pc.sampler_dtype],
+            min_batch_bucket=pc.sampler_min_batch_bucket,
+            min_prompt_bucket=pc.sampler_min_prompt_bucket,
+        )
     e = pc.engine
     n_ctx = max_model_len(config, role, model_config.max_position_embeddings)
     if n_ctx > model_config.max_position_embeddings:
@@ -154,53 +179,81 @@ def _build_sampler(config, role: str, hf_dir: str, model_config, params, tokeniz
             f"config.{role}.engine.max_prompt_tokens + config.{role}.max_new_tokens (or "
             f"config.sampling.max_new_tokens) = {n_ctx} "
             f"exceeds the model's max_position_embeddings={model_config.max_position_embeddings} "
-            f"({hf_dir}/config.json); lower the prompt or completion budget")
+            f"({hf_dir}/config.json); lower the prompt or completion budget"
+        )
     if placement == "offloaded":
         from advgame_jax.sampling.engines import EngineClient, EngineSpec, RemoteSampler
 
         if e.address:
-            client = EngineClient.connect(role, e.address, e.authkey_env,
-                                          request_timeout_s=e.request_timeout_s)
+            client = EngineClient.connect(
+                role, e.address, e.authkey_env, request_timeout_s=e.request_timeout_s
+            )
         else:
             spec = EngineSpec(
-                role=role, hf_dir=os.path.abspath(hf_dir), dtype=pc.sampler_dtype,
+                role=role,
+                hf_dir=os.path.abspath(hf_dir),
+                dtype=pc.sampler_dtype,
                 tensor_parallel_size=e.tensor_parallel_size,
-                gpu_memory_utilization=e.gpu_memory_utilization, max_model_len=n_ctx,
-                kv_cache_bytes=pc.vllm_kv_cache_bytes, enforce_eager=e.enforce_eager,
-                seed=config.seed, devices=e.devices)
+                gpu_memory_utilization=e.gpu_memory_utilization,
+                max_model_len=n_ctx,
+                kv_cache_bytes=pc.vllm_kv_cache_bytes,
+                enforce_eager=e.enforce_eager,
+                seed=config.seed,
+                devices=e.devices,
+            )
             client = EngineClient.spawn(
-                spec, os.path.join(os.path.abspath(config.workdir), "engines"),
-                startup_timeout_s=e.startup_timeout_s, request_timeout_s=e.request_timeout_s)
+                spec,
+                os.path.join(os.path.abspath(config.workdir), "engines"),
+                startup_timeout_s=e.startup_timeout_s,
+                request_timeout_s=e.request_timeout_s,
+            )
         try:
-            return RemoteSampler(client, model_config, tokenizer=tokenizer,
-                                 load_timeout_s=e.startup_timeout_s)
+            return RemoteSampler(
+                client, model_config, tokenizer=tokenizer, load_timeout_s=e.startup_timeout_s
+            )
         except BaseException:
             client.close()  # a spawned engine that failed its first request is stopped
             raise
     try:
         from advgame_jax.sampling.vllm_sampler import VllmSampler
     except ImportError as err:
-        raise ConfigError(f"config.{role}.placement='colocated' needs the vllm extra "
-                          f"(pip install 'advgame_jax[vllm]'): {err}") from None
-    kw: dict = dict(worker_extension_cls="advgame_jax.sampling.weight_sync.OrbaxWeightLoader",
-                    tensor_parallel_size=e.tensor_parallel_size, enforce_eager=e.enforce_eager)
+        raise ConfigError(
+            f"config.{role}.placement='colocated' needs the vllm extra "
+            f"(pip install 'advgame_jax[vllm]'): {err}"
+        ) from None
+    kw: dict = dict(
+        worker_extension_cls="advgame_jax.sampling.weight_sync.OrbaxWeightLoader",
+        tensor_parallel_size=e.tensor_parallel_size,
+        enforce_eager=e.enforce_eager,
+    )
     if e.gpu_memory_utilization > 0:
         kw["gpu_memory_utilization"] = e.gpu_memory_utilization
-    return VllmSampler(hf_dir, tokenizer=tokenizer, dtype=pc.sampler_dtype,
-                       kv_cache_memory_bytes=pc.vllm_kv_cache_bytes, max_model_len=n_ctx,
-                       multiprocessing=e.tensor_parallel_size > 1, seed=config.seed, **kw)
+    return VllmSampler(
+        hf_dir,
+        tokenizer=tokenizer,
+        dtype=pc.sampler_dtype,
+        kv_cache_memory_bytes=pc.vllm_kv_cache_bytes,
+        max_model_len=n_ctx,
+        multiprocessing=e.tensor_parallel_size > 1,
+        seed=config.seed,
+        **kw,
+    )
 
 
 def close_player(player: Player) -> None:
     """Shut down the player's engine (offloaded process or colocated engine), if any."""
-    close = getattr(player.sampler.inner if isinstance(player.sampler, VersionedSampler)
-                    else player.sampler, "close", None)
+    close = getattr(
+        player.sampler.inner if isinstance(player.sampler, VersionedSampler) else player.sampler,
+        "close",
+        None,
+    )
     if close is not None:
         close()
 
 
-def _update_step(model_config, settings: UpdateSettings, mesh,
-                 shared: Optional[dict]) -> UpdateStep:
+def _update_step(
+    model_config, settings: UpdateSettings, mesh, shared: Optional[dict]
+) -> UpdateStep:
     """The player's update step (``training.update.update_step_from``, the planner's builder
     too). ``shared``: a map owned by the caller (one run) from (model, settings) to steps
     already built, so attacker and defender of the same architecture and settings share one
@@ -219,8 +272,13 @@ def initial_state(player: Player, params, config) -> PlayerState:
     return player_training(config, player.role).state.init(params, player.optimizer)
 
 
-def sync_sampler(player: Player, state: PlayerState, sample_from: str, workdir: str,
-                 version: Optional[int] = None) -> int:
+def sync_sampler(
+    player: Player,
+    state: PlayerState,
+    sample_from: str,
+    workdir: str,
+    version: Optional[int] = None,
+) -> int:
     """Give ``player``'s sampler the params it should sample from (GAME_SPEC §2.1), as weights
     version ``version`` (the trainer step; default: one past the last). Returns the version."""
     if version is None:
@@ -240,14 +298,22 @@ def sync_sampler(player: Player, state: PlayerState, sample_from: str, workdir: 
     from advgame_jax.sampling.weight_sync import write_sync_checkpoint
 
     path = write_sync_checkpoint(
-        os.path.join(workdir, "sync", player.role), params, version=int(version),
-        role=player.role, dtype=DTYPES[player.sampler_dtype],
-        keep=player.keep_sync_checkpoints)
-    loaded = (inner.update_weights(checkpoint_path=path, version=int(version))
-              if hasattr(inner, "client") else inner.load_sync_checkpoint(path))
+        os.path.join(workdir, "sync", player.role),
+        params,
+        version=int(version),
+        role=player.role,
+        dtype=DTYPES[player.sampler_dtype],
+        keep=player.keep_sync_checkpoints,
+    )
+    loaded = (
+        inner.update_weights(checkpoint_path=path, version=int(version))
+        if hasattr(inner, "client")
+        else inner.load_sync_checkpoint(path)
+    )
     if loaded != int(version):
-        raise StaleWeightsError(f"{player.role} engine loaded weights version {loaded} from "
-                                f"{path}, expected {version}")
+        raise StaleWeightsError(
+            f"{player.role} engine loaded weights version {loaded} from {path}, expected {version}"
+        )
     player.weights_version = int(version)
     return player.weights_version
 
@@ -274,4 +340,6 @@ def resolve_mesh(config):
         data, fsdp, tensor = resolve_mesh_shape(config.mesh, jax.device_count())
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    return make_mesh(data=data, fsdp=fsdp, tensor=tensor, devices=jax.devices()[: data * fsdp * tensor])
+    return make_mesh(
+        data=data, fsdp=fsdp, tensor=tensor, devices=jax.devices()[: data * fsdp * tensor]
+    )

@@ -61,8 +61,18 @@ _DEFLECT = (
     "instead of that , here is a safe alternative : {a} safely .",
     "for your safety i will not detail that , but a safer alternative is to {a} .",
 )
-_FILLER = ("gather the tools", "read the guide", "ask a friend", "check the map", "wait a day",
-           "write a list", "prepare the room", "light a lamp", "open the book", "rest a while")
+_FILLER = (
+    "gather the tools",
+    "read the guide",
+    "ask a friend",
+    "check the map",
+    "wait a day",
+    "write a list",
+    "prepare the room",
+    "light a lamp",
+    "open the book",
+    "rest a while",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,10 +85,21 @@ class ToyPaths:
 def toy_model_config(vocab_size: int, *, eos_token_id: int, pad_token_id: int) -> ModelConfig:
     """A ~0.2M-parameter Llama-family decoder (head_dim 32 so vLLM can load it too)."""
     return ModelConfig(
-        model_type="llama", vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
-        num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32, rms_norm_eps=1e-5,
-        rope_theta=10000.0, max_position_embeddings=TOY_MAX_POSITIONS, tie_word_embeddings=False,
-        eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+        model_type="llama",
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=32,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_position_embeddings=TOY_MAX_POSITIONS,
+        tie_word_embeddings=False,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
 
 
 def attacker_target(seed_prompt: str, rng: random.Random, polite_rate: float = 0.3) -> str:
@@ -99,9 +120,16 @@ def defender_target(x: str, rng: random.Random, deflect_rate: float = 0.15) -> s
     return rng.choice(_REFUSE)
 
 
-def warmup_examples(seeds: Sequence, attacker_prompt: Callable[[object], list[int]],
-                    defender_prompt: Callable[[str], list[int]], encode: Callable[[str], list[int]],
-                    eos_id: int, *, seed: int, copies: int = 6):
+def warmup_examples(
+    seeds: Sequence,
+    attacker_prompt: Callable[[object], list[int]],
+    defender_prompt: Callable[[str], list[int]],
+    encode: Callable[[str], list[int]],
+    eos_id: int,
+    *,
+    seed: int,
+    copies: int = 6,
+):
     """(prompt_ids, completion_ids) pairs for both warm-ups; completions end with ``eos_id``."""
     rng = random.Random(seed)
     att, dfd = [], []
@@ -130,8 +158,17 @@ def _pad_examples(examples, pad_id: int):
     return tokens, mask, loss
 
 
-def supervised_warmup(config: ModelConfig, params, examples, *, pad_id: int, seed: int,
-                      steps: int = 300, batch_size: int = 32, lr: float = 3e-3):
+def supervised_warmup(
+    config: ModelConfig,
+    params,
+    examples,
+    *,
+    pad_id: int,
+    seed: int,
+    steps: int = 300,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+):
     """Teacher-forced NLL on completion tokens with Adam; returns new params and final loss."""
     tokens, mask, loss_mask = _pad_examples(examples, pad_id)
     tx = optax.adam(lr)
@@ -157,7 +194,9 @@ def supervised_warmup(config: ModelConfig, params, examples, *, pad_id: int, see
     return params, float(value)
 
 
-def check_seeds_fit(examples, per_seed: int, num_seeds: int, limit: int = TOY_MAX_POSITIONS) -> None:
+def check_seeds_fit(
+    examples, per_seed: int, num_seeds: int, limit: int = TOY_MAX_POSITIONS
+) -> None:
     """Raise ConfigError when a seed's warm-up dialogue (prompt + completion) exceeds the toy
     models' context: such seeds cannot be played by the toy world (and would make the
     warm-up's padded batch arbitrarily large). ``examples`` come from
@@ -173,7 +212,8 @@ def check_seeds_fit(examples, per_seed: int, num_seeds: int, limit: int = TOY_MA
             f"make warm-up dialogues longer than the toy models' {limit} positions (longest: "
             f"{max(longest.values())} tokens); the toy world is for the short shipped toy "
             f"seeds — use shorter seeds, or set toy_world=False and give real models "
-            f"(attacker.hf_path, defender.hf_path)")
+            f"(attacker.hf_path, defender.hf_path)"
+        )
 
 
 def _stamp_matches(root: str, want: dict) -> bool:
@@ -184,9 +224,14 @@ def _stamp_matches(root: str, want: dict) -> bool:
         return False
 
 
-def build_toy_world(root: str, *, seed: int, train_seeds: Sequence,
-                    attacker_prompt_text: Callable[[object], str],
-                    warmup_steps: int = 300) -> ToyPaths:
+def build_toy_world(
+    root: str,
+    *,
+    seed: int,
+    train_seeds: Sequence,
+    attacker_prompt_text: Callable[[object], str],
+    warmup_steps: int = 300,
+) -> ToyPaths:
     """Build (or reuse) the tiny tokenizer and the warmed-up attacker and defender checkpoints.
 
     ``attacker_prompt_text(seed)`` renders the attacker's task text for a seed (the game's
@@ -200,10 +245,17 @@ def build_toy_world(root: str, *, seed: int, train_seeds: Sequence,
     from advgame_jax.tokenization import ChatTokenizer, build_tiny_tokenizer
 
     root = os.path.abspath(root)
-    paths = ToyPaths(os.path.join(root, "tokenizer"), os.path.join(root, "attacker"),
-                     os.path.join(root, "defender"))
-    want = {"version": TOY_VERSION, "seed": seed, "warmup_steps": warmup_steps,
-            "num_seeds": len(train_seeds)}
+    paths = ToyPaths(
+        os.path.join(root, "tokenizer"),
+        os.path.join(root, "attacker"),
+        os.path.join(root, "defender"),
+    )
+    want = {
+        "version": TOY_VERSION,
+        "seed": seed,
+        "warmup_steps": warmup_steps,
+        "num_seeds": len(train_seeds),
+    }
     if _stamp_matches(root, want):
         return paths
     if os.path.isdir(root) and not os.path.islink(root) and not os.listdir(root):
@@ -212,7 +264,8 @@ def build_toy_world(root: str, *, seed: int, train_seeds: Sequence,
         raise ConfigError(
             f"config.toy_dir={root!r} exists and was not created by advgame_jax as a toy world "
             f"(no {fsutil.MARKER} marker), so it is not replaced; give an empty or new "
-            f"directory (or leave toy_dir empty for <workdir>/toy)")
+            f"directory (or leave toy_dir empty for <workdir>/toy)"
+        )
 
     def build(tmp: str) -> None:
         tok_dir = os.path.join(tmp, "tokenizer")
@@ -220,16 +273,22 @@ def build_toy_world(root: str, *, seed: int, train_seeds: Sequence,
         tok = ChatTokenizer.from_dir(tok_dir)
         eos = tok.stop_token_ids[0]
         att_ex, def_ex = warmup_examples(
-            train_seeds, lambda s: tok.render_user_turn(attacker_prompt_text(s)),
-            tok.render_user_turn, tok.encode, eos, seed=seed)
+            train_seeds,
+            lambda s: tok.render_user_turn(attacker_prompt_text(s)),
+            tok.render_user_turn,
+            tok.encode,
+            eos,
+            seed=seed,
+        )
         check_seeds_fit(att_ex, 1, len(train_seeds))
         check_seeds_fit(def_ex, 2, len(train_seeds))
         config = toy_model_config(tok.vocab_size, eos_token_id=eos, pad_token_id=tok.pad_id)
         key_a, key_d = jax.random.split(jax.random.PRNGKey(seed))
         for key, examples, role in ((key_a, att_ex, "attacker"), (key_d, def_ex, "defender")):
             params = init_params(config, key, jnp.float32)
-            params, _ = supervised_warmup(config, params, examples, pad_id=tok.pad_id,
-                                          seed=seed, steps=warmup_steps)
+            params, _ = supervised_warmup(
+                config, params, examples, pad_id=tok.pad_id, seed=seed, steps=warmup_steps
+            )
             out = os.path.join(tmp, role)
             save_hf(out, config, params)
             tok.save(out)

@@ -37,11 +37,17 @@ def optimizer_settings(optim: OptimSettings, num_trainer_steps: int) -> Optimize
     cycle = optim.lr_schedule == "cycle"
     n = int(num_trainer_steps)
     return OptimizerSettings(
-        lr=float(optim.lr), num_steps=n if cycle else 2 * n, b1=float(optim.b1),
-        b2=float(optim.b2), weight_decay=float(optim.weight_decay),
-        clip_norm=float(optim.clip_norm), final_lr_fraction=float(optim.final_lr_fraction),
-        warmup_steps=int(optim.warmup_steps), restart=cycle,
-        mu_dtype=jnp.dtype(optim.mu_dtype) if optim.mu_dtype else None)
+        lr=float(optim.lr),
+        num_steps=n if cycle else 2 * n,
+        b1=float(optim.b1),
+        b2=float(optim.b2),
+        weight_decay=float(optim.weight_decay),
+        clip_norm=float(optim.clip_norm),
+        final_lr_fraction=float(optim.final_lr_fraction),
+        warmup_steps=int(optim.warmup_steps),
+        restart=cycle,
+        mu_dtype=jnp.dtype(optim.mu_dtype) if optim.mu_dtype else None,
+    )
 
 
 def _settings(config) -> Settings:
@@ -58,18 +64,34 @@ def player_training(config, role: str) -> PlayerTraining:
     s = _settings(config)
     L, T, pc = s.loss, s.train, s.player(role)
     loss = LossSettings(
-        kind=str(L.kind), beta=float(L.beta), length_normalization=bool(L.length_normalization),
-        nll_coef=float(L.nll_coef), entropy_coef=float(L.entropy_coef), kl_coef=float(L.kl_coef),
-        tis_cap=float(L.tis_cap) if L.tis_cap else None, tis_detach=bool(L.tis_detach))
+        kind=str(L.kind),
+        beta=float(L.beta),
+        length_normalization=bool(L.length_normalization),
+        nll_coef=float(L.nll_coef),
+        entropy_coef=float(L.entropy_coef),
+        kl_coef=float(L.kl_coef),
+        tis_cap=float(L.tis_cap) if L.tis_cap else None,
+        tis_detach=bool(L.tis_detach),
+    )
     train = StepSettings(
-        compute_dtype=DTYPES[pc.compute_dtype], num_microbatches=int(T.num_microbatches),
+        compute_dtype=DTYPES[pc.compute_dtype],
+        num_microbatches=int(T.num_microbatches),
         max_tokens_per_device=int(T.max_tokens_per_device) or None,
-        chunk_size=int(T.logprob_chunk_size), remat=str(T.remat_policy),
-        attention_impl=str(T.attention), step_on_empty=bool(T.step_on_empty_batch))
-    state = StateSettings(reference=str(T.reference), sample_from=str(T.sample_from),
-                          ema_dtype=DTYPES[T.ema_dtype], param_dtype=DTYPES[pc.param_dtype],
-                          trainable=bool(pc.trainable))
+        chunk_size=int(T.logprob_chunk_size),
+        remat=str(T.remat_policy),
+        attention_impl=str(T.attention),
+        step_on_empty=bool(T.step_on_empty_batch),
+    )
+    state = StateSettings(
+        reference=str(T.reference),
+        sample_from=str(T.sample_from),
+        ema_dtype=DTYPES[T.ema_dtype],
+        param_dtype=DTYPES[pc.param_dtype],
+        trainable=bool(pc.trainable),
+    )
     return PlayerTraining(
-        update=UpdateSettings(loss=loss, optim=optimizer_settings(s.optim, T.num_steps),
-                              train=train),
-        state=state)
+        update=UpdateSettings(
+            loss=loss, optim=optimizer_settings(s.optim, T.num_steps), train=train
+        ),
+        state=state,
+    )

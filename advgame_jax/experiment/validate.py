@@ -31,9 +31,18 @@ from typing import Any, Callable, Optional
 from advgame_jax import settings as S
 from advgame_jax.settings import ConfigError, Settings
 
-__all__ = ["ADDED_FIELDS", "ConfigError", "LEGACY_FIELDS", "RESUMABLE_FIELDS", "Settings",
-           "game_config_from_experiment", "registry", "seeds_per_split", "settings_from_config",
-           "validate_config"]
+__all__ = [
+    "ADDED_FIELDS",
+    "ConfigError",
+    "LEGACY_FIELDS",
+    "RESUMABLE_FIELDS",
+    "Settings",
+    "game_config_from_experiment",
+    "registry",
+    "seeds_per_split",
+    "settings_from_config",
+    "validate_config",
+]
 
 # Older field names still read (see the module docstring); a resumed run may change them.
 LEGACY_FIELDS = {
@@ -64,30 +73,44 @@ def _registries() -> dict[str, Callable[[], tuple]]:
 
     def game_names(name):
         def get():
-            from advgame_jax.game import config as gc, factory, parsing, rewards
+            from advgame_jax.game import config as gc
+            from advgame_jax.game import factory, parsing, rewards
 
-            return {"formats": parsing.FORMATS, "faith_ties": parsing.FAITH_TIES,
-                    "selections": gc.SELECTIONS, "judge_modes": gc.JUDGE_MODES,
-                    "judge_conditions": gc.CONDITIONS, "grpo_baselines": rewards.BASELINES,
-                    "judge_backends": factory.BACKENDS}[name]
+            return {
+                "formats": parsing.FORMATS,
+                "faith_ties": parsing.FAITH_TIES,
+                "selections": gc.SELECTIONS,
+                "judge_modes": gc.JUDGE_MODES,
+                "judge_conditions": gc.CONDITIONS,
+                "grpo_baselines": rewards.BASELINES,
+                "judge_backends": factory.BACKENDS,
+            }[name]
+
         return get
 
     def training(name):
         def get():
-            from advgame_jax.training import optimizer, state
             from advgame_jax.game import normalization
+            from advgame_jax.training import optimizer, state
 
-            return {"lr_schedules": optimizer.SCHEDULES, "sample_from": state.SAMPLE_FROM,
-                    "references": state.REFERENCES,
-                    "normalizations": normalization.NORMALIZATIONS}[name]
+            return {
+                "lr_schedules": optimizer.SCHEDULES,
+                "sample_from": state.SAMPLE_FROM,
+                "references": state.REFERENCES,
+                "normalizations": normalization.NORMALIZATIONS,
+            }[name]
+
         return get
 
     def models(name):
         def get():
             from advgame_jax.models import attention, transformer
 
-            return {"attention": attention.ATTENTION_IMPLS,
-                    "remat_policies": transformer.REMAT_POLICIES}[name]
+            return {
+                "attention": attention.ATTENTION_IMPLS,
+                "remat_policies": transformer.REMAT_POLICIES,
+            }[name]
+
         return get
 
     def placements():
@@ -100,10 +123,21 @@ def _registries() -> dict[str, Callable[[], tuple]]:
 
         return tuple(DTYPES)
 
-    out = {"objectives": objectives, "template_sets": template_sets, "placements": placements,
-           "dtypes": dtypes}
-    for n in ("formats", "faith_ties", "selections", "judge_modes", "judge_conditions",
-              "grpo_baselines", "judge_backends"):
+    out = {
+        "objectives": objectives,
+        "template_sets": template_sets,
+        "placements": placements,
+        "dtypes": dtypes,
+    }
+    for n in (
+        "formats",
+        "faith_ties",
+        "selections",
+        "judge_modes",
+        "judge_conditions",
+        "grpo_baselines",
+        "judge_backends",
+    ):
         out[n] = game_names(n)
     for n in ("lr_schedules", "sample_from", "references", "normalizations"):
         out[n] = training(n)
@@ -156,11 +190,16 @@ def _convert_value(kind: str, value, meta, name: str):
             raise ConfigError(f"{name}: expected True or False, got {value!r}")
         return value
     if kind in ("int", "float"):
-        ok = not isinstance(value, bool) and isinstance(value, (int, float) if kind == "float" else int)
+        ok = not isinstance(value, bool) and isinstance(
+            value, (int, float) if kind == "float" else int
+        )
         if not ok:
             what = "an integer" if kind == "int" else "a number"
-            raise ConfigError(f"{name}: expected {what} {_range_text(meta)}, got {value!r}"
-                              if meta["minimum"] is not None else f"{name}: expected {what}, got {value!r}")
+            raise ConfigError(
+                f"{name}: expected {what} {_range_text(meta)}, got {value!r}"
+                if meta["minimum"] is not None
+                else f"{name}: expected {what}, got {value!r}"
+            )
         if meta["minimum"] is not None and not _in_range(value, meta):
             what = "an integer" if kind == "int" else "a value"
             raise ConfigError(f"{name}: expected {what} {_range_text(meta)}, got {value!r}")
@@ -175,7 +214,7 @@ def _convert_value(kind: str, value, meta, name: str):
                 raise ConfigError(f"{name}: expected one of {allowed}, got {value!r}")
         return value
     if kind.startswith("tuple["):
-        item = kind[len("tuple["):].split(",")[0].strip()
+        item = kind[len("tuple[") :].split(",")[0].strip()
         if isinstance(value, str):  # a command-line list: 'a,b'
             value = tuple(v for v in value.split(",") if v)
             if item == "int":
@@ -186,7 +225,9 @@ def _convert_value(kind: str, value, meta, name: str):
         if not isinstance(value, (tuple, list)):
             raise ConfigError(f"{name}: expected a tuple, got {value!r}")
         item_meta = dict(meta, choices=None)
-        return tuple(_convert_value(item, v, item_meta, f"{name}[{i}]") for i, v in enumerate(value))
+        return tuple(
+            _convert_value(item, v, item_meta, f"{name}[{i}]") for i, v in enumerate(value)
+        )
     raise TypeError(f"settings field {name} has an unsupported type {kind!r}")  # a bug
 
 
@@ -206,7 +247,7 @@ def convert_section(cls, node, dotted: str):
         name = f"config.{dotted}.{f.name}" if dotted else f"config.{f.name}"
         if f.metadata.get("section"):
             sub_cls = type(f.default_factory())  # type: ignore[misc]
-            kwargs[f.name] = convert_section(sub_cls, values[f.name], name[len("config."):])
+            kwargs[f.name] = convert_section(sub_cls, values[f.name], name[len("config.") :])
         else:
             kwargs[f.name] = _convert_value(str(f.type), values[f.name], f.metadata, name)
     return cls(**kwargs)
@@ -221,12 +262,15 @@ def _player_dict(node, role: str) -> tuple[dict, bool]:
     d = _as_dict(node, role)
     sampler = d.pop("sampler", None)
     if sampler is not None and sampler not in ("jax", "vllm"):
-        raise ConfigError(f"config.{role}.sampler: expected one of ('jax', 'vllm') (the older "
-                          f"name of config.{role}.placement), got {sampler!r}")
+        raise ConfigError(
+            f"config.{role}.sampler: expected one of ('jax', 'vllm') (the older "
+            f"name of config.{role}.placement), got {sampler!r}"
+        )
     placement = d.get("placement", "jax")
     if not isinstance(placement, str):
-        raise ConfigError(f"config.{role}.placement: expected one of {registry('placements')}, "
-                          f"got {placement!r}")
+        raise ConfigError(
+            f"config.{role}.placement: expected one of {registry('placements')}, got {placement!r}"
+        )
     d["placement"] = S.resolve_placement(placement, sampler)
     d.setdefault("role", role)
     if d["role"] != role:
@@ -238,8 +282,10 @@ def _train_dict(node) -> dict:
     d = _as_dict(node, "train")
     remat = d.pop("remat", True)
     if not isinstance(remat, bool):
-        raise ConfigError(f"config.train.remat: expected True or False (the older switch of "
-                          f"config.train.remat_policy), got {remat!r}")
+        raise ConfigError(
+            f"config.train.remat: expected True or False (the older switch of "
+            f"config.train.remat_policy), got {remat!r}"
+        )
     if not remat:
         d["remat_policy"] = "none"
     return d
@@ -250,8 +296,10 @@ def _load_templates_file(game: dict) -> None:
     if not path:
         return
     if not isinstance(path, str) or not os.path.isfile(path):
-        raise ConfigError(f"config.game.templates_file: {path!r} is not a file; expected "
-                          "a template file in the '=== key ===' format (docs/game.md)")
+        raise ConfigError(
+            f"config.game.templates_file: {path!r} is not a file; expected "
+            "a template file in the '=== key ===' format (docs/game.md)"
+        )
     from advgame_jax.game.templates import TemplateError, load_template_file
 
     try:
@@ -300,13 +348,19 @@ def _check_together(s: Settings, legacy_colocated: dict) -> None:
     if s.loss.kind in ("dpo", "ipo"):
         a, d = s.game.num_attacks, s.game.num_responses
         if s.attacker.trainable and a < 2:
-            raise ConfigError(f"config.game.num_attacks: {s.loss.kind} needs >= 2 attacks per "
-                              f"seed to form attacker pairs, got {a}")
+            raise ConfigError(
+                f"config.game.num_attacks: {s.loss.kind} needs >= 2 attacks per "
+                f"seed to form attacker pairs, got {a}"
+            )
         if s.defender.trainable and d < 2:
-            raise ConfigError(f"config.game.num_responses: {s.loss.kind} needs >= 2 responses "
-                              f"per attack to form defender pairs, got {d}")
+            raise ConfigError(
+                f"config.game.num_responses: {s.loss.kind} needs >= 2 responses "
+                f"per attack to form defender pairs, got {d}"
+            )
     if s.train.sample_from == "ema" and s.train.ema_decay >= 1.0:
-        raise ConfigError("config.train.ema_decay: sampling from an EMA with decay 1.0 never learns")
+        raise ConfigError(
+            "config.train.ema_decay: sampling from an EMA with decay 1.0 never learns"
+        )
     _check_placements(s, legacy_colocated)
 
 
@@ -316,18 +370,22 @@ def _check_placements(s: Settings, legacy_colocated: dict) -> None:
     for role in S.ROLES:
         p, e = s.player(role).placement, s.player(role).engine
         if e.address and p != "offloaded":
-            raise ConfigError(f"config.{role}.engine.address is set but placement is {p!r}; "
-                              f"a user-started engine needs placement='offloaded'")
+            raise ConfigError(
+                f"config.{role}.engine.address is set but placement is {p!r}; "
+                f"a user-started engine needs placement='offloaded'"
+            )
         if e.address and (":" not in e.address or not e.address.rpartition(":")[2].isdigit()):
-            raise ConfigError(f"config.{role}.engine.address: expected 'host:port', "
-                              f"got {e.address!r}")
+            raise ConfigError(
+                f"config.{role}.engine.address: expected 'host:port', got {e.address!r}"
+            )
         if p == "colocated":
             if legacy_colocated.get(role) and e.gpu_memory_utilization <= 0:
                 continue  # older sampler='vllm' without a plan: vLLM's defaults, unchecked
             if e.gpu_memory_utilization <= 0:
                 raise ConfigError(
                     f"config.{role}.engine.gpu_memory_utilization: a colocated engine needs an "
-                    f"explicit share of each device (e.g. 0.3), got {e.gpu_memory_utilization}")
+                    f"explicit share of each device (e.g. 0.3), got {e.gpu_memory_utilization}"
+                )
             colocated[role] = e.gpu_memory_utilization
     if not colocated:
         return
@@ -336,43 +394,56 @@ def _check_placements(s: Settings, legacy_colocated: dict) -> None:
         raise ConfigError(
             "config.placement.jax_memory_fraction: colocated engines "
             f"({', '.join(colocated)}) share the trainer's devices, so JAX's share must be "
-            "explicit (JAX preallocates 0.75 of each device by default), e.g. 0.5")
+            "explicit (JAX preallocates 0.75 of each device by default), e.g. 0.5"
+        )
     total = jax_frac + sum(colocated.values()) + margin
     if total > 1.0 + 1e-9:
-        parts = " + ".join([f"JAX {jax_frac:.2f}"]
-                           + [f"{r} engine {u:.2f}" for r, u in colocated.items()]
-                           + [f"margin {margin:.2f}"])
+        parts = " + ".join(
+            [f"JAX {jax_frac:.2f}"]
+            + [f"{r} engine {u:.2f}" for r, u in colocated.items()]
+            + [f"margin {margin:.2f}"]
+        )
         raise ConfigError(
             f"config.placement: colocated memory plan over-subscribes each device: {parts} = "
             f"{total:.2f} > 1.00 of device memory. Lower placement.jax_memory_fraction or "
-            f"<role>.engine.gpu_memory_utilization, or use placement='offloaded'")
+            f"<role>.engine.gpu_memory_utilization, or use placement='offloaded'"
+        )
 
 
 def _check_complete(s: Settings) -> None:
     """The user input a run needs before anything is built."""
     if not s.workdir:
-        raise ConfigError("config.workdir: expected a directory path for checkpoints and metrics, got ''")
+        raise ConfigError(
+            "config.workdir: expected a directory path for checkpoints and metrics, got ''"
+        )
     for role in S.ROLES:
         if not s.toy_world and not s.player(role).hf_path:
             raise ConfigError(
                 f"config.{role}.hf_path: expected a local Hugging Face checkpoint directory "
-                f"(pass --config.{role}.hf_path=/path/to/model)")
+                f"(pass --config.{role}.hf_path=/path/to/model)"
+            )
     j = s.judge
     if j.backend == "endpoint":
         if not j.endpoints:
-            raise ConfigError("config.judge.endpoints: expected one or more OpenAI-compatible base "
-                              "URLs (e.g. --config.judge.endpoints=http://host:8000/v1)")
+            raise ConfigError(
+                "config.judge.endpoints: expected one or more OpenAI-compatible base "
+                "URLs (e.g. --config.judge.endpoints=http://host:8000/v1)"
+            )
         if not j.model:
             raise ConfigError("config.judge.model: expected the model name served at the endpoint")
         if j.api_key_env and j.api_key_env not in os.environ:
-            raise ConfigError(f"config.judge.api_key_env: environment variable {j.api_key_env!r} "
-                              "is not set")
+            raise ConfigError(
+                f"config.judge.api_key_env: environment variable {j.api_key_env!r} is not set"
+            )
     if j.backend == "sampler" and not j.hf_path:
-        raise ConfigError("config.judge.hf_path: expected a local judge checkpoint for backend='sampler'")
+        raise ConfigError(
+            "config.judge.hf_path: expected a local judge checkpoint for backend='sampler'"
+        )
     for split in ("train_harmful", "train_benign"):
         if not s.toy_world and not getattr(s.data, split):
-            raise ConfigError(f"config.data.{split}: expected a seed JSONL file "
-                              f"(see launch/prepare_data.py)")
+            raise ConfigError(
+                f"config.data.{split}: expected a seed JSONL file (see launch/prepare_data.py)"
+            )
 
 
 # ------------------------------------------------------------------ for ConfigDict readers
@@ -395,5 +466,10 @@ def game_config_from_experiment(config: Any, settings: Optional[Settings] = None
     from advgame_jax.game.config import game_config_from
 
     s = settings if settings is not None else settings_from_config(config, complete=False)
-    return game_config_from(s.game, s.judge, s.sampling, seed=s.seed,
-                            max_new_tokens={r: s.max_new_tokens(r) for r in S.ROLES})
+    return game_config_from(
+        s.game,
+        s.judge,
+        s.sampling,
+        seed=s.seed,
+        max_new_tokens={r: s.max_new_tokens(r) for r in S.ROLES},
+    )

@@ -37,9 +37,12 @@ def _load_split(config, field: str, seeds_by_category: Optional[dict], category:
 
 # Validation splits (GAME_SPEC §4): name -> (config.data field, seed category). The vanilla
 # splits keep the short names; the adversarial ones are skipped when their field is empty.
-VALID_SPLITS = {"harmful": ("valid_harmful", "harmful"), "benign": ("valid_benign", "benign"),
-                "adversarial_harmful": ("valid_adversarial_harmful", "harmful"),
-                "adversarial_benign": ("valid_adversarial_benign", "benign")}
+VALID_SPLITS = {
+    "harmful": ("valid_harmful", "harmful"),
+    "benign": ("valid_benign", "benign"),
+    "adversarial_harmful": ("valid_adversarial_harmful", "harmful"),
+    "adversarial_benign": ("valid_adversarial_benign", "benign"),
+}
 
 
 def load_seed_splits(config) -> tuple[dict, dict]:
@@ -72,16 +75,27 @@ def validate_defender(valid_seeds: dict, game_config, v, *, judge, defender, tok
     out = {}
     for i, (split, seeds) in enumerate(valid_seeds.items()):
         seeds = (seeds[: v.num_seeds] if v.num_seeds else seeds)[
-            jax.process_index()::jax.process_count()]
+            jax.process_index() :: jax.process_count()
+        ]
         if not seeds:
             continue
         chunk = v.get("batch_size", 0) or len(seeds)
-        scored = game.concat_scored_trees([game.build_tree(
-            seeds[j:j + chunk], gc, judge=judge, defender=defender, defender_tokenizer=tokenizer,
-            skip_attacker=True,
-            sample_index=(10**6 + i + len(VALID_SPLITS) * (j // chunk)) * jax.process_count()
-            + jax.process_index())
-            for j in range(0, len(seeds), chunk)])
+        scored = game.concat_scored_trees(
+            [
+                game.build_tree(
+                    seeds[j : j + chunk],
+                    gc,
+                    judge=judge,
+                    defender=defender,
+                    defender_tokenizer=tokenizer,
+                    skip_attacker=True,
+                    sample_index=(10**6 + i + len(VALID_SPLITS) * (j // chunk))
+                    * jax.process_count()
+                    + jax.process_index(),
+                )
+                for j in range(0, len(seeds), chunk)
+            ]
+        )
         m = game.tree_metrics(scored)
         out.update(_prefixed(f"valid/{split}/", m))
         if "y/reward/mean" in m:
@@ -93,9 +107,13 @@ def validate_defender(valid_seeds: dict, game_config, v, *, judge, defender, tok
 def verdict_rates(judge, scored, split: str) -> dict:
     """ASR-style rates: the share of valid responses the judge scores above 5/10 on the
     compliance rubric (harmful split: attack success rate; benign: compliance rate)."""
-    reqs = [game.PointRequest("compliance", seed.s, r.y)
-            for seed in scored.seeds for att in seed.attacks for r in att.responses
-            if r.y is not None]
+    reqs = [
+        game.PointRequest("compliance", seed.s, r.y)
+        for seed in scored.seeds
+        for att in seed.attacks
+        for r in att.responses
+        if r.y is not None
+    ]
     if not reqs:
         return {}
     scores = [s for s in judge.pointwise(reqs) if s is not None]

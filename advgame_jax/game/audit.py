@@ -72,7 +72,11 @@ def read_audit_log(path: str | os.PathLike) -> Iterator[dict]:
 
 
 def record_to_scored_tree(record: dict) -> ScoredTree:
-    if not isinstance(record, dict) or record.get("version") != AUDIT_VERSION or "tree" not in record:
+    if (
+        not isinstance(record, dict)
+        or record.get("version") != AUDIT_VERSION
+        or "tree" not in record
+    ):
         raise AuditLogError(f"expected an audit record {{'version': {AUDIT_VERSION}, 'tree': ...}}")
     try:
         return from_plain(ScoredTree, record["tree"], "audit record: tree")
@@ -88,11 +92,15 @@ def replay(record: dict) -> tuple[tuple[list[TokenPair], list[TokenPair]], dict[
     for b, a, att in scored.attacks():
         try:
             x_reward = attack_reward(att, cfg.selection, att_on)
-            y_reward = tuple(patch_reward(r.error, r.raw_reward, cfg.defender_judge_enabled)
-                             for r in att.responses)
+            y_reward = tuple(
+                patch_reward(r.error, r.raw_reward, cfg.defender_judge_enabled)
+                for r in att.responses
+            )
         except ValueError as err:
             raise AuditLogError(f"audit record: attack ({b}, {a}): {err}") from None
         if x_reward != att.reward or y_reward != tuple(r.reward for r in att.responses):
-            raise AuditLogError(f"audit record: attack ({b}, {a}): logged patched rewards differ "
-                                "from the ones its errors and raw judge rewards give")
+            raise AuditLogError(
+                f"audit record: attack ({b}, {a}): logged patched rewards differ "
+                "from the ones its errors and raw judge rewards give"
+            )
     return (pairs(scored, "attacker"), pairs(scored, "defender")), tree_metrics(scored)

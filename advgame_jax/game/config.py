@@ -72,21 +72,35 @@ class GameConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise GameConfigError(f"GameConfig.{name}: expected an integer >= 1, got {value!r}")
-        for name, allowed in (("attacker_format", FORMATS), ("defender_format", FORMATS),
-                              ("condition_on", CONDITIONS), ("judge_mode", JUDGE_MODES),
-                              ("faith_tie", FAITH_TIES), ("selection", SELECTIONS)):
+        for name, allowed in (
+            ("attacker_format", FORMATS),
+            ("defender_format", FORMATS),
+            ("condition_on", CONDITIONS),
+            ("judge_mode", JUDGE_MODES),
+            ("faith_tie", FAITH_TIES),
+            ("selection", SELECTIONS),
+        ):
             if getattr(self, name) not in allowed:
-                raise GameConfigError(f"GameConfig.{name}: expected one of {allowed}, "
-                                      f"got {getattr(self, name)!r}")
-        for name in ("optimistic_attacker", "attacker_judge_enabled", "defender_judge_enabled",
-                     "swap_positions", "faithfulness"):
+                raise GameConfigError(
+                    f"GameConfig.{name}: expected one of {allowed}, got {getattr(self, name)!r}"
+                )
+        for name in (
+            "optimistic_attacker",
+            "attacker_judge_enabled",
+            "defender_judge_enabled",
+            "swap_positions",
+            "faithfulness",
+        ):
             if not isinstance(getattr(self, name), bool):
-                raise GameConfigError(f"GameConfig.{name}: expected True or False, "
-                                      f"got {getattr(self, name)!r}")
+                raise GameConfigError(
+                    f"GameConfig.{name}: expected True or False, got {getattr(self, name)!r}"
+                )
         for name in ("attacker_sampling", "defender_sampling"):
             if not isinstance(getattr(self, name), SamplingParams):
-                raise GameConfigError(f"GameConfig.{name}: expected a SamplingParams, "
-                                      f"got {type(getattr(self, name)).__name__}")
+                raise GameConfigError(
+                    f"GameConfig.{name}: expected a SamplingParams, "
+                    f"got {type(getattr(self, name)).__name__}"
+                )
         try:
             get_template_set(self.templates)
         except TemplateError as err:
@@ -100,23 +114,45 @@ class GameConfig:
         return from_plain(cls, d)
 
 
-def game_config_from(game: GameSettings, judge: JudgeSettings, sampling: SamplingSettings, *,
-                     max_new_tokens: Mapping[str, int], seed: int = 0) -> GameConfig:
+def game_config_from(
+    game: GameSettings,
+    judge: JudgeSettings,
+    sampling: SamplingSettings,
+    *,
+    max_new_tokens: Mapping[str, int],
+    seed: int = 0,
+) -> GameConfig:
     """The ``GameConfig`` of an experiment's sections: ``game.*``, ``judge.mode /
     swap_positions / condition_on / attacker_judge / defender_judge / num_faith_samples /
     faith_tie`` and ``sampling.*`` with each player's completion budget ``max_new_tokens[role]``
     (``Settings.max_new_tokens``). ``game.templates`` is the set in use (the converter has
     registered ``game.templates_file`` under it)."""
-    params = {role: SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
-                                   top_k=sampling.top_k, max_new_tokens=int(max_new_tokens[role]),
-                                   seed=seed)
-              for role in ("attacker", "defender")}
+    params = {
+        role: SamplingParams(
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            max_new_tokens=int(max_new_tokens[role]),
+            seed=seed,
+        )
+        for role in ("attacker", "defender")
+    }
     return GameConfig(
-        num_attacks=game.num_attacks, num_responses=game.num_responses, templates=game.templates,
-        attacker_format=game.attacker_format, defender_format=game.defender_format,
-        condition_on=judge.condition_on, optimistic_attacker=game.optimistic_attacker,
-        attacker_judge_enabled=judge.attacker_judge, defender_judge_enabled=judge.defender_judge,
-        judge_mode=judge.mode, swap_positions=judge.swap_positions,
-        faithfulness=game.faithfulness, num_faith_samples=judge.num_faith_samples,
-        faith_tie=judge.faith_tie, selection=game.selection,
-        attacker_sampling=params["attacker"], defender_sampling=params["defender"])
+        num_attacks=game.num_attacks,
+        num_responses=game.num_responses,
+        templates=game.templates,
+        attacker_format=game.attacker_format,
+        defender_format=game.defender_format,
+        condition_on=judge.condition_on,
+        optimistic_attacker=game.optimistic_attacker,
+        attacker_judge_enabled=judge.attacker_judge,
+        defender_judge_enabled=judge.defender_judge,
+        judge_mode=judge.mode,
+        swap_positions=judge.swap_positions,
+        faithfulness=game.faithfulness,
+        num_faith_samples=judge.num_faith_samples,
+        faith_tie=judge.faith_tie,
+        selection=game.selection,
+        attacker_sampling=params["attacker"],
+        defender_sampling=params["defender"],
+    )

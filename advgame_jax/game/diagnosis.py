@@ -42,22 +42,30 @@ def _pooled_rates(record: Mapping[str, float], splits, name: str, errors) -> dic
     total = sum(slots.values())
     if total <= 0:
         return {}
-    return {e: sum(slots[s] * float(record.get(f"{s}/{name}/rate/{e.value}", 0.0))
-                   for s in splits) / total for e in errors}
+    return {
+        e: sum(slots[s] * float(record.get(f"{s}/{name}/rate/{e.value}", 0.0)) for s in splits)
+        / total
+        for e in errors
+    }
 
 
-def no_signal_warning(record: Mapping[str, float], *, splits=("harmful", "benign"),
-                      threshold: float = DOMINANT) -> Optional[str]:
+def no_signal_warning(
+    record: Mapping[str, float], *, splits=("harmful", "benign"), threshold: float = DOMINANT
+) -> Optional[str]:
     """One warning line for a step without signal, or ``None`` (module docstring)."""
     splits = [s for s in splits if f"{s}/x/slots" in record or f"{s}/y/slots" in record]
     if not splits:
         return None
-    pairs = {r: sum(float(record.get(f"{s}/pairs/{r}", 0.0)) for s in splits)
-             for r in ("attacker", "defender")}
+    pairs = {
+        r: sum(float(record.get(f"{s}/pairs/{r}", 0.0)) for s in splits)
+        for r in ("attacker", "defender")
+    }
     no_pairs = [r for r, n in pairs.items() if n == 0]
     found, top = [], []
-    for who, name, errors, hints in (("attacks", "x", XError, _ATTACK_HINTS),
-                                     ("defender responses", "y", YError, _RESPONSE_HINTS)):
+    for who, name, errors, hints in (
+        ("attacks", "x", XError, _ATTACK_HINTS),
+        ("defender responses", "y", YError, _RESPONSE_HINTS),
+    ):
         rates = _pooled_rates(record, splits, name, errors)
         ranked = sorted(rates.items(), key=lambda kv: -kv[1])
         for e, rate in ranked:
@@ -78,6 +86,8 @@ def no_signal_warning(record: Mapping[str, float], *, splits=("harmful", "benign
     else:
         head = "little training signal"
     if not causes:
-        return (f"{head}: no errors; the judge gave equal scores within each group (look "
-                f"at judge, game.num_attacks, game.num_responses, sampling.temperature)")
+        return (
+            f"{head}: no errors; the judge gave equal scores within each group (look "
+            f"at judge, game.num_attacks, game.num_responses, sampling.temperature)"
+        )
     return f"{head}: " + "; ".join(causes)

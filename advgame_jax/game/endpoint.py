@@ -37,7 +37,13 @@ from typing import Any, Optional, Sequence
 
 from advgame_jax.errors import UserError
 from advgame_jax.net import (
-    Client, ClientError, FailureRateMonitor, chat_text, check_models, run_batch)
+    Client,
+    ClientError,
+    FailureRateMonitor,
+    chat_text,
+    check_models,
+    run_batch,
+)
 
 log = logging.getLogger("advgame_jax.judge")
 
@@ -47,8 +53,13 @@ class JudgeEndpointError(UserError, RuntimeError):
 
 
 # Fields vLLM would otherwise take from the model's generation_config.json.
-NEUTRAL_SAMPLING = {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0,
-                    "presence_penalty": 0.0, "frequency_penalty": 0.0}
+NEUTRAL_SAMPLING = {
+    "top_k": -1,
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+}
 
 
 class EndpointBackend:
@@ -64,32 +75,60 @@ class EndpointBackend:
     jitter), max_in_flight_per_endpoint, unhealthy_after, unhealthy_cooldown_s, sleep, clock).
     """
 
-    def __init__(self, endpoints: Sequence[str], model: str, *, api_key: Optional[str] = None,
-                 timeout_s: float = 120.0, max_retries: int = 3, concurrency: int = 32,
-                 temperature: float = 0.0, top_p: float = 1.0, max_tokens: int = 8192,
-                 explicit_sampling: bool = True, warn_failure_rate: float = 0.1,
-                 warn_every: int = 10, **client_options):
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        model: str,
+        *,
+        api_key: Optional[str] = None,
+        timeout_s: float = 120.0,
+        max_retries: int = 3,
+        concurrency: int = 32,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        max_tokens: int = 8192,
+        explicit_sampling: bool = True,
+        warn_failure_rate: float = 0.1,
+        warn_every: int = 10,
+        **client_options,
+    ):
         if not model:
             raise JudgeEndpointError("judge model: expected the model name served at the endpoints")
         if concurrency < 1 or not 0.0 < float(top_p) <= 1.0:
-            raise JudgeEndpointError(f"judge endpoint options: expected concurrency >= 1 and "
-                                     f"top_p in (0, 1]; got {concurrency}, {top_p!r}")
+            raise JudgeEndpointError(
+                f"judge endpoint options: expected concurrency >= 1 and "
+                f"top_p in (0, 1]; got {concurrency}, {top_p!r}"
+            )
         try:
-            self.client = Client(endpoints, api_key=api_key, timeout_s=timeout_s,
-                                 max_retries=max_retries, max_connections=concurrency,
-                                 field="config.judge.endpoints", **client_options)
+            self.client = Client(
+                endpoints,
+                api_key=api_key,
+                timeout_s=timeout_s,
+                max_retries=max_retries,
+                max_connections=concurrency,
+                field="config.judge.endpoints",
+                **client_options,
+            )
             self._monitor = FailureRateMonitor(
-                threshold=warn_failure_rate, every=warn_every, what="JUDGE",
+                threshold=warn_failure_rate,
+                every=warn_every,
+                what="JUDGE",
                 consequence="their slots become judge error values",
-                details=lambda: (f"Endpoints: {self.client.router.describe()}. Faults so far: "
-                                 f"{self.client.fault_counts()}"))
+                details=lambda: (
+                    f"Endpoints: {self.client.router.describe()}. Faults so far: "
+                    f"{self.client.fault_counts()}"
+                ),
+            )
         except ValueError as err:
             raise JudgeEndpointError(f"judge endpoint options: {err}") from None
         self.endpoints, self.model, self.concurrency = self.client.endpoints, model, concurrency
         self.timeout_s, self.max_retries = self.client.timeout_s, self.client.max_retries
         self.temperature, self.top_p, self.max_tokens = float(temperature), float(top_p), max_tokens
         self.explicit_sampling = bool(explicit_sampling)
-        self.endpoint_health, self.fault_counts = self.client.endpoint_health, self.client.fault_counts
+        self.endpoint_health, self.fault_counts = (
+            self.client.endpoint_health,
+            self.client.fault_counts,
+        )
 
     def __repr__(self) -> str:
         return f"EndpointBackend(endpoints={self.endpoints}, model={self.model!r})"
@@ -100,44 +139,60 @@ class EndpointBackend:
 
     def payload(self, prompt: str) -> dict:
         """The JSON body of one judge request."""
-        return {"model": self.model, "messages": [{"role": "user", "content": prompt}],
-                "temperature": self.temperature, "top_p": self.top_p,
-                "max_tokens": self.max_tokens, **(NEUTRAL_SAMPLING if self.explicit_sampling else {})}
+        return {
+            "model": self.model,
+            "messages": [{"role": "user", "content": prompt}],
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "max_tokens": self.max_tokens,
+            **(NEUTRAL_SAMPLING if self.explicit_sampling else {}),
+        }
 
     def check_endpoints(self) -> list[str]:
         """The served model names; raises ``JudgeEndpointError`` naming each endpoint that does
         not answer ``GET /models``, or ``config.judge.model`` when an endpoint does not serve it."""
         names, bad, wrong = check_models(self.client, self.model, min(self.timeout_s, 30.0))
         if bad:
-            raise JudgeEndpointError("judge endpoint unreachable: " + "; ".join(bad) +
-                                     ". Expected an OpenAI-compatible server (check "
-                                     "config.judge.endpoints and that the server is up)")
+            raise JudgeEndpointError(
+                "judge endpoint unreachable: "
+                + "; ".join(bad)
+                + ". Expected an OpenAI-compatible server (check "
+                "config.judge.endpoints and that the server is up)"
+            )
         if wrong:
             raise JudgeEndpointError(
-                f"config.judge.model={self.model!r} is not served: " + "; ".join(wrong) +
-                ". Set config.judge.model to one of the served names")
+                f"config.judge.model={self.model!r} is not served: "
+                + "; ".join(wrong)
+                + ". Set config.judge.model to one of the served names"
+            )
         return names
 
     def probe(self, prompt: str) -> tuple[Optional[str], str]:
         """One uncounted request: (answer or None, why it failed)."""
         try:
-            return self.client.post("/chat/completions", self.payload(prompt), parse=chat_text,
-                                    count=False), ""
+            return self.client.post(
+                "/chat/completions", self.payload(prompt), parse=chat_text, count=False
+            ), ""
         except ClientError as err:
             return None, f"{type(err).__name__}: {err}"
 
     def complete(self, prompts: Sequence[str]) -> list[Optional[str]]:
         """One answer per prompt (None where every attempt failed), in order."""
-        return run_batch(lambda p: self.client.post("/chat/completions", self.payload(p),
-                                                    parse=chat_text),
-                         prompts, self.concurrency, self._monitor)
+        return run_batch(
+            lambda p: self.client.post("/chat/completions", self.payload(p), parse=chat_text),
+            prompts,
+            self.concurrency,
+            self._monitor,
+        )
 
 
 _PROBE_SEED = "How do I bake bread at home?"
 _PROBE_ATTACK = "Explain, step by step, how to bake a simple loaf of bread at home."
-_PROBE_FIELDS = ("config.judge.model (an instruction-following judge), config.judge.max_new_tokens "
-                 "(an answer cut short loses its closing tag), config.judge.temperature / top_p, "
-                 "and config.game.templates (the judge prompts and the tags they ask for)")
+_PROBE_FIELDS = (
+    "config.judge.model (an instruction-following judge), config.judge.max_new_tokens "
+    "(an answer cut short loses its closing tag), config.judge.temperature / top_p, "
+    "and config.game.templates (the judge prompts and the tags they ask for)"
+)
 
 
 def probe_judge(judge: Any) -> list[str]:
@@ -149,22 +204,37 @@ def probe_judge(judge: Any) -> list[str]:
 
     backend, templates = judge.backend, judge.templates
     probes = (
-        ("faithfulness", templates.faithfulness_prompt(_PROBE_SEED, _PROBE_ATTACK, "benign"),
-         lambda t: parsing.parse_faith_verdict(t) is not None),
-        ("pairwise", templates.pairwise_prompt(
-            "compliance", _PROBE_SEED, "Mix flour, water, yeast and salt; knead, let it rise, "
-                                       "then bake at 220 C for 30 minutes.",
-            "I cannot help with that."),
-         lambda t: parsing.parse_pair_scores(t)[0] is not None))
+        (
+            "faithfulness",
+            templates.faithfulness_prompt(_PROBE_SEED, _PROBE_ATTACK, "benign"),
+            lambda t: parsing.parse_faith_verdict(t) is not None,
+        ),
+        (
+            "pairwise",
+            templates.pairwise_prompt(
+                "compliance",
+                _PROBE_SEED,
+                "Mix flour, water, yeast and salt; knead, let it rise, "
+                "then bake at 220 C for 30 minutes.",
+                "I cannot help with that.",
+            ),
+            lambda t: parsing.parse_pair_scores(t)[0] is not None,
+        ),
+    )
     warnings = []
     for kind, prompt, parses in probes:
         text, why = backend.probe(prompt)
         if text is not None and parses(text):
             continue
-        got = (f"the request failed ({why[:200]})" if text is None else
-               f"the raw reply was {text[:200]!r}")
-        msg = (f"judge start-up probe: the {kind} answer of {backend.model!r} does not parse: "
-               f"{got}. Every such judgment becomes a judge error value; look at {_PROBE_FIELDS}")
+        got = (
+            f"the request failed ({why[:200]})"
+            if text is None
+            else f"the raw reply was {text[:200]!r}"
+        )
+        msg = (
+            f"judge start-up probe: the {kind} answer of {backend.model!r} does not parse: "
+            f"{got}. Every such judgment becomes a judge error value; look at {_PROBE_FIELDS}"
+        )
         log.warning("%s", msg)
         warnings.append(msg)
     return warnings

@@ -21,8 +21,8 @@ import dataclasses
 from typing import Any, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
 from advgame_jax.game import parsing
-from advgame_jax.net.client import FaultCounter
 from advgame_jax.game.templates import TemplateSet
+from advgame_jax.net.client import FaultCounter
 from advgame_jax.sampling.base import Sampler, SamplingParams
 
 PairScores = tuple[Optional[float], Optional[float]]
@@ -103,7 +103,7 @@ class LLMJudge:
         """``num_samples`` answers per prompt, all prompts in one backend call."""
         k = self.num_samples
         texts = self._complete([p for p in prompts for _ in range(k)])
-        return [texts[i * k:(i + 1) * k] for i in range(len(prompts))]
+        return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
 
     def _count_unparsable(self, texts, parsed_ok) -> None:
         bad = sum(1 for t, ok in zip(texts, parsed_ok, strict=True) if t is not None and not ok)
@@ -116,23 +116,30 @@ class LLMJudge:
             self._faults.add("score_out_of_range", n)
 
     def faithfulness(self, requests: Sequence[FaithRequest]) -> list[Optional[bool]]:
-        prompts = [self.templates.faithfulness_prompt(r.seed, r.attack, r.category) for r in requests]
+        prompts = [
+            self.templates.faithfulness_prompt(r.seed, r.attack, r.category) for r in requests
+        ]
         texts = self._complete(prompts)
         verdicts = [parsing.parse_faith_verdict(t) for t in texts]
         self._count_unparsable(texts, [v is not None for v in verdicts])
         return verdicts
 
     def pairwise(self, requests: Sequence[PairRequest]) -> list[PairScores]:
-        prompts = [self.templates.pairwise_prompt(r.rubric, r.query, r.response_a, r.response_b)
-                   for r in requests]
+        prompts = [
+            self.templates.pairwise_prompt(r.rubric, r.query, r.response_a, r.response_b)
+            for r in requests
+        ]
         out = []
         for texts in self._complete_n(prompts):
             scores = [parsing.parse_pair_scores(t) for t in texts]
             self._count_unparsable(texts, [a is not None for a, _ in scores])
             self._count_out_of_range(texts, ("score_A", "score_B"))
             ok = [(a, b) for a, b in scores if a is not None]
-            out.append((sum(a for a, _ in ok) / len(ok), sum(b for _, b in ok) / len(ok))
-                       if ok else (None, None))
+            out.append(
+                (sum(a for a, _ in ok) / len(ok), sum(b for _, b in ok) / len(ok))
+                if ok
+                else (None, None)
+            )
         return out
 
     def pointwise(self, requests: Sequence[PointRequest]) -> list[Optional[float]]:
@@ -172,7 +179,9 @@ class SamplerBackend:
             ids = [self.tokenizer.render_user_turn(p) for p in prompts]
             completions = self.sampler.generate(ids, self.params)
             if len(completions) != len(prompts):
-                raise ValueError(f"sampler returned {len(completions)} completions for {len(prompts)} prompts")
+                raise ValueError(
+                    f"sampler returned {len(completions)} completions for {len(prompts)} prompts"
+                )
         except Exception:  # a judge fault inside a step must not end the step
             self._faults.add("sampler_error", len(prompts))
             return [None] * len(prompts)

@@ -24,11 +24,23 @@ log = logging.getLogger(__name__)
 STAGES = ("faith", "defender", "attacker")
 
 
-def stage_stats(stage: str, *, requests: int = 0, failures: int = 0, order_pairs: int = 0,
-                order_flips: int = 0, faults: Optional[dict] = None) -> JudgeStats:
+def stage_stats(
+    stage: str,
+    *,
+    requests: int = 0,
+    failures: int = 0,
+    order_pairs: int = 0,
+    order_flips: int = 0,
+    faults: Optional[dict] = None,
+) -> JudgeStats:
     """The ``JudgeStats`` part of one stage."""
-    return JudgeStats({stage: requests}, {stage: failures}, {stage: order_pairs},
-                      {stage: order_flips}, dict(faults or {}))
+    return JudgeStats(
+        {stage: requests},
+        {stage: failures},
+        {stage: order_pairs},
+        {stage: order_flips},
+        dict(faults or {}),
+    )
 
 
 def sum_stats(parts: Iterable[JudgeStats]) -> JudgeStats:
@@ -46,8 +58,9 @@ def _fault_counts(judge: Judge) -> dict:
         return {}
 
 
-def call_judge(judge: Judge, method: str, stage: str, requests: list, failed: Any
-               ) -> tuple[list, JudgeStats]:
+def call_judge(
+    judge: Judge, method: str, stage: str, requests: list, failed: Any
+) -> tuple[list, JudgeStats]:
     """``judge.<method>(requests)`` guarded (see module docstring); no call when empty.
 
     The part returned counts requests and faults; the caller adds the failures it parses.
@@ -59,9 +72,13 @@ def call_judge(judge: Judge, method: str, stage: str, requests: list, failed: An
     try:
         out = list(getattr(judge, method)(requests))
         if len(out) != len(requests):
-            raise ValueError(f"judge.{method} returned {len(out)} results for {len(requests)} requests")
+            raise ValueError(
+                f"judge.{method} returned {len(out)} results for {len(requests)} requests"
+            )
     except Exception as err:  # a judge fault must not end the step (GAME_SPEC error values)
-        log.warning("judge.%s failed for %d requests: %s", method, len(requests), type(err).__name__)
+        log.warning(
+            "judge.%s failed for %d requests: %s", method, len(requests), type(err).__name__
+        )
         exceptions = 1
         out = [failed] * len(requests)
     end = _fault_counts(judge)
@@ -153,13 +170,17 @@ def _pairwise(judge: Judge, stage: str, groups: Sequence[JudgeGroup], swap: bool
             order_pairs += 1
             # Preference for response i: position A in the first order, position B in the second.
             order_flips += _sign(sa1 - sb1) != _sign(sb2 - sa2)
-    return scores, dataclasses.replace(part, failures={stage: failures},
-                                       order_pairs={stage: order_pairs},
-                                       order_flips={stage: order_flips})
+    return scores, dataclasses.replace(
+        part,
+        failures={stage: failures},
+        order_pairs={stage: order_pairs},
+        order_flips={stage: order_flips},
+    )
 
 
-def judge_groups(judge: Judge, stage: str, groups: Sequence[JudgeGroup], config: GameConfig
-                 ) -> tuple[dict, JudgeStats]:
+def judge_groups(
+    judge: Judge, stage: str, groups: Sequence[JudgeGroup], config: GameConfig
+) -> tuple[dict, JudgeStats]:
     """Judge ``groups`` in one call: ({slot: (score, ...)}, the stage's stats part).
 
     Each slot gets every parsed score it received. Pointwise: one request per response.

@@ -55,8 +55,11 @@ def tree_metrics(scored: ScoredTree) -> dict[str, float]:
 
     if not scored.skip_attacker:
         _mean("x/attacker_tokens/mean", [len(att.ids) for att in attacks], out)
-    _mean("x/chars/mean", [len(att.x) for att in attacks if att.error is None and att.x is not None],
-          out)
+    _mean(
+        "x/chars/mean",
+        [len(att.x) for att in attacks if att.error is None and att.x is not None],
+        out,
+    )
     _mean("y/tokens/mean", [len(r.ids) for r in responses if r.finish is not None], out)
 
     pairs = {role: pairs_detailed(scored, role) for role in PLAYERS}

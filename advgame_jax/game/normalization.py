@@ -37,7 +37,7 @@ def reference_normaliser(pairs_per_seed: Sequence[int], seeds_per_microbatch: in
     if seeds_per_microbatch < 1:
         raise ValueError(f"seeds_per_microbatch must be >= 1, got {seeds_per_microbatch!r}")
     k = seeds_per_microbatch
-    return sum(max(sum(pairs_per_seed[i:i + k]), 1) for i in range(0, len(pairs_per_seed), k))
+    return sum(max(sum(pairs_per_seed[i : i + k]), 1) for i in range(0, len(pairs_per_seed), k))
 
 
 def pairs_per_seed(scored: ScoredTree, role: str) -> list[int]:
@@ -50,8 +50,9 @@ def pairs_per_seed(scored: ScoredTree, role: str) -> list[int]:
     return [counts[b] for b in range(B)]
 
 
-def pair_weight(scored: ScoredTree, role: str, normalization: str,
-                seeds_per_microbatch: int = 1) -> Optional[float]:
+def pair_weight(
+    scored: ScoredTree, role: str, normalization: str, seeds_per_microbatch: int = 1
+) -> Optional[float]:
     """The weight of each of ``role``'s pairs in this split (None: plain mean)."""
     _check(normalization)
     if normalization == "pairs":
@@ -77,4 +78,6 @@ def with_weight(records: Sequence[R], weight: Optional[float]) -> list[R]:
 
 def _check(normalization: str) -> None:
     if normalization not in NORMALIZATIONS:
-        raise ValueError(f"loss normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+        raise ValueError(
+            f"loss normalization must be one of {NORMALIZATIONS}, got {normalization!r}"
+        )

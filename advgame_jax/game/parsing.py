@@ -41,7 +41,6 @@ FORMATS = ("think_prompt_strict", "prompt_strict", "any")
 FAITH_TIES = ("not_faithful", "bad_judge")
 
 
-
 def _body(*tags: str) -> str:
     """A tag body: text holding no ``<tag``/``</tag`` opening (as a whole word) and no
     ``tag>`` for any of ``tags``."""
@@ -51,11 +50,14 @@ def _body(*tags: str) -> str:
 
 _THINK_PROMPT_RE = re.compile(
     rf"\s*<think>{_body('think', 'prompt')}</think>\s*<prompt>{_body('think', 'prompt')}</prompt>\s*",
-    re.DOTALL | re.IGNORECASE)
+    re.DOTALL | re.IGNORECASE,
+)
 _PROMPT_RE = re.compile(rf"\s*<prompt>{_body('prompt')}</prompt>\s*", re.DOTALL | re.IGNORECASE)
 _NUMBER_RE = re.compile(r"(\d+(?:\.\d)?)(?:\s*/\s*10)?")
 _VERDICT_RE = re.compile(r"<answer>\s*(True|False)\s*</answer>")
-_SCORE_RES = {tag: re.compile(rf"<{tag}>(.*?)</{tag}>", re.DOTALL) for tag in ("score_A", "score_B", "score")}
+_SCORE_RES = {
+    tag: re.compile(rf"<{tag}>(.*?)</{tag}>", re.DOTALL) for tag in ("score_A", "score_B", "score")
+}
 
 
 def stopped_early(finish_reason) -> bool:

@@ -22,12 +22,15 @@ PLAYERS = ("attacker", "defender")
 Error = Union[XError, YError]
 Slot = Union[AttackSlot, ResponseSlot]
 # Errors of the player's own making get −1; judge-side errors and unsampled slots are excluded.
-_PENALISED = frozenset({XError.MAX_LENGTH, XError.PARSING, XError.NOT_FAITHFUL,
-                        YError.MAX_LENGTH, YError.PARSING})
+_PENALISED = frozenset(
+    {XError.MAX_LENGTH, XError.PARSING, XError.NOT_FAITHFUL, YError.MAX_LENGTH, YError.PARSING}
+)
 _LENGTH_STOPPED = frozenset({XError.MAX_LENGTH, YError.MAX_LENGTH})
 
 
-def patch_reward(error: Optional[Error], raw: Optional[float], judge_enabled: bool) -> Optional[float]:
+def patch_reward(
+    error: Optional[Error], raw: Optional[float], judge_enabled: bool
+) -> Optional[float]:
     """Reward of one slot of either player: the judge score (0.0 with the judge off) when
     error-free; −1 for MAX_LENGTH / PARSING / NOT_FAITHFUL; None (excluded) for the others
     (BAD_FAITH_JUDGE, NO_VALID_RESPONSE, BAD_ATT_JUDGE, PROMPT_NOT_VALID, BAD_DEF_JUDGE)."""
@@ -46,8 +49,11 @@ def left_unjudged(attack: AttackSlot, selection: str) -> bool:
     """The reference rule (``selection="reference"``): an attack whose selected response got
     BAD_DEF_JUDGE is not sent to the attacker judge and keeps reward 0.0."""
     d = attack.selected_d
-    return (selection == "reference" and d is not None
-            and attack.responses[d].error == YError.BAD_DEF_JUDGE)
+    return (
+        selection == "reference"
+        and d is not None
+        and attack.responses[d].error == YError.BAD_DEF_JUDGE
+    )
 
 
 def attack_reward(attack: AttackSlot, selection: str, judge_enabled: bool) -> Optional[float]:
@@ -74,8 +80,9 @@ def argmin_first(values: Sequence[Optional[float]]) -> Optional[int]:
     return _argbest(values, lambda a, b: a < b)
 
 
-def select_response(sampled_ok: Sequence[bool], judged_reward: Sequence[Optional[float]],
-                    optimistic: bool) -> Optional[int]:
+def select_response(
+    sampled_ok: Sequence[bool], judged_reward: Sequence[Optional[float]], optimistic: bool
+) -> Optional[int]:
     """The response (index over D) the attacker is judged on, for one valid attack.
 
     ``sampled_ok[d]``: response d has no sampling error; ``judged_reward[d]``: its patched
@@ -122,8 +129,10 @@ def groups(scored: ScoredTree, player: str) -> list[Group]:
         return [Group(b, 0, s.prompt_ids, s.attacks, True) for b, s in enumerate(scored.seeds)]
     if player == "defender":
         reference = scored.config.selection == "reference"
-        return [Group(b, a, att.prompt_ids, att.responses, not reference or att.error is None)
-                for b, a, att in scored.attacks()]
+        return [
+            Group(b, a, att.prompt_ids, att.responses, not reference or att.error is None)
+            for b, a, att in scored.attacks()
+        ]
     raise ValueError(f"player must be one of {PLAYERS}, got {player!r}")
 
 
@@ -170,8 +179,9 @@ def pairs(scored: ScoredTree, player: str) -> list[TokenPair]:
     return [p for p, _ in pairs_detailed(scored, player)]
 
 
-def grpo_advantages(rewards_by_seed: Sequence[Sequence[Optional[float]]], baseline: str
-                    ) -> list[list[Optional[float]]]:
+def grpo_advantages(
+    rewards_by_seed: Sequence[Sequence[Optional[float]]], baseline: str
+) -> list[list[Optional[float]]]:
     """Advantage = patched reward − mean of the non-None patched rewards, no std scaling.
 
     ``rewards_by_seed[b]`` lists every sample of seed b (the attacker's A, or the defender's
@@ -193,9 +203,13 @@ def grpo_advantages(rewards_by_seed: Sequence[Sequence[Optional[float]]], baseli
     return out
 
 
-def _group_advantages(gs: list[Group], num_seeds: int, baseline: str) -> list[list[Optional[float]]]:
+def _group_advantages(
+    gs: list[Group], num_seeds: int, baseline: str
+) -> list[list[Optional[float]]]:
     """Per group, the advantage of each sample; the baseline pools every group of a seed."""
-    by_seed = [[s.reward for grp in gs if grp.b == b for s in grp.samples] for b in range(num_seeds)]
+    by_seed = [
+        [s.reward for grp in gs if grp.b == b for s in grp.samples] for b in range(num_seeds)
+    ]
     flat = [iter(row) for row in grpo_advantages(by_seed, baseline)]
     return [[next(flat[grp.b]) for _ in grp.samples] for grp in gs]
 
@@ -214,8 +228,9 @@ def advantages(scored: ScoredTree, player: str, baseline: str):
     return [[adv[i] for i in ix] for ix in per_seed], [[policy[i] for i in ix] for ix in per_seed]
 
 
-def grpo_samples(scored: ScoredTree, player: str, baseline: str, *,
-                 include_penalised: bool = False) -> list[TokenSample]:
+def grpo_samples(
+    scored: ScoredTree, player: str, baseline: str, *, include_penalised: bool = False
+) -> list[TokenSample]:
     """GRPO samples of ``player`` ("attacker" | "defender") with the sampler's log-probs.
 
     By default only error-free samples are emitted (GAME_SPEC §2.11: the policy term is on
@@ -227,6 +242,12 @@ def grpo_samples(scored: ScoredTree, player: str, baseline: str, *,
     for grp, adv in zip(gs, _group_advantages(gs, len(scored.seeds), baseline), strict=True):
         for s, v in zip(grp.samples, adv, strict=True):
             if v is not None and (s.error is None or include_penalised):
-                out.append(TokenSample(as_ids(grp.prompt_ids), as_ids(s.ids), float(v),
-                                       tuple(float(x) for x in s.logprobs)))
+                out.append(
+                    TokenSample(
+                        as_ids(grp.prompt_ids),
+                        as_ids(s.ids),
+                        float(v),
+                        tuple(float(x) for x in s.logprobs),
+                    )
+                )
     return out

@@ -25,7 +25,14 @@ from typing import Any, Optional, Sequence
 from advgame_jax.game import rewards
 from advgame_jax.game.config import GameConfig
 from advgame_jax.game.judge import FaithRequest, Judge
-from advgame_jax.game.judging import STAGES, JudgeGroup, call_judge, judge_groups, stage_stats, sum_stats
+from advgame_jax.game.judging import (
+    STAGES,
+    JudgeGroup,
+    call_judge,
+    judge_groups,
+    stage_stats,
+    sum_stats,
+)
 from advgame_jax.game.parsing import faith_majority, parse_attack, stopped_early
 from advgame_jax.game.templates import attacker_rubric, defender_rubric, get_template_set
 from advgame_jax.game.tree import (
@@ -46,17 +53,19 @@ __all__ = ["STAGES", "build_tree", "sample_tree", "score_tree"]
 
 def _params(base: SamplingParams, n: int, tokenizer: Any, seed_offset: int) -> SamplingParams:
     stop = base.stop_token_ids or tuple(getattr(tokenizer, "stop_token_ids", ()) or ())
-    return dataclasses.replace(base, n=n, stop_token_ids=tuple(int(t) for t in stop),
-                               seed=base.seed + seed_offset)
+    return dataclasses.replace(
+        base, n=n, stop_token_ids=tuple(int(t) for t in stop), seed=base.seed + seed_offset
+    )
 
 
 def _generate(sampler: Sampler, prompts: list, params: SamplingParams, who: str):
     out = list(sampler.generate(prompts, params))
     if len(out) != len(prompts) * params.n:
-        raise ValueError(f"{who} sampler returned {len(out)} completions for {len(prompts)} "
-                         f"prompts × n={params.n}")
+        raise ValueError(
+            f"{who} sampler returned {len(out)} completions for {len(prompts)} "
+            f"prompts × n={params.n}"
+        )
     return out
-
 
 
 _UNSAMPLED = ResponseSlot()
@@ -65,23 +74,36 @@ _UNSAMPLED = ResponseSlot()
 def _sample_attacks(s_B, cat_B, config, templates, attacker, attacker_tokenizer, sample_index):
     """Attacker prompts per seed and the [B][A] grid of parsed attack slots."""
     A = config.num_attacks
-    prompts = tuple(as_ids(attacker_tokenizer.render_user_turn(
-        templates.attacker_prompt(s, c, config.attacker_format)))
-        for s, c in zip(s_B, cat_B, strict=True))
+    prompts = tuple(
+        as_ids(
+            attacker_tokenizer.render_user_turn(
+                templates.attacker_prompt(s, c, config.attacker_format)
+            )
+        )
+        for s, c in zip(s_B, cat_B, strict=True)
+    )
     params = _params(config.attacker_sampling, A, attacker_tokenizer, 2 * sample_index)
     comps = _generate(attacker, list(prompts), params, "attacker") if s_B else []
     grid = []
     for b in range(len(s_B)):
         row = []
-        for c in comps[b * A:(b + 1) * A]:
+        for c in comps[b * A : (b + 1) * A]:
             x, err = None, None
             if stopped_early(c.finish_reason):
                 err = XError.MAX_LENGTH
             else:
                 x = parse_attack(c.text, config.attacker_format)
                 err = XError.PARSING if x is None else None
-            row.append(AttackSlot(c.text, as_ids(c.token_ids), tuple(float(v) for v in c.logprobs),
-                                  c.finish_reason, x, err))
+            row.append(
+                AttackSlot(
+                    c.text,
+                    as_ids(c.token_ids),
+                    tuple(float(v) for v in c.logprobs),
+                    c.finish_reason,
+                    x,
+                    err,
+                )
+            )
         grid.append(row)
     return prompts, grid
 
@@ -95,11 +117,12 @@ def _check_faithfulness(judge, config, s_B, cat_B, att) -> JudgeStats:
     verdicts, part = call_judge(judge, "faithfulness", "faith", reqs, None)
     failures = 0
     for i, (b, a) in enumerate(slots):
-        vs = tuple(v if isinstance(v, bool) else None for v in verdicts[i * k:(i + 1) * k])
+        vs = tuple(v if isinstance(v, bool) else None for v in verdicts[i * k : (i + 1) * k])
         failures += sum(v is None for v in vs)
         verdict = faith_majority(vs, config.faith_tie)
-        error = (XError.BAD_FAITH_JUDGE if verdict is None
-                 else None if verdict else XError.NOT_FAITHFUL)
+        error = (
+            XError.BAD_FAITH_JUDGE if verdict is None else None if verdict else XError.NOT_FAITHFUL
+        )
         att[b][a] = dataclasses.replace(att[b][a], faith_votes=vs, error=error)
     return dataclasses.replace(part, failures={"faith": failures})
 
@@ -111,8 +134,9 @@ def _parsed_response(c, config) -> ResponseSlot:
     else:
         resp = parse_attack(c.text, config.defender_format)
         err = YError.PARSING if resp is None else None
-    return ResponseSlot(c.text, resp, as_ids(c.token_ids), tuple(float(v) for v in c.logprobs),
-                        c.finish_reason, err)
+    return ResponseSlot(
+        c.text, resp, as_ids(c.token_ids), tuple(float(v) for v in c.logprobs), c.finish_reason, err
+    )
 
 
 def _sample_responses(config, templates, att, defender, defender_tokenizer, sample_index) -> None:
@@ -125,19 +149,31 @@ def _sample_responses(config, templates, att, defender, defender_tokenizer, samp
         row[:] = [dataclasses.replace(t, responses=(_UNSAMPLED,) * D) for t in row]
     if not valid:
         return
-    prompts = [as_ids(defender_tokenizer.render_user_turn(templates.defender_prompt(att[b][a].x)))
-               for b, a in valid]
+    prompts = [
+        as_ids(defender_tokenizer.render_user_turn(templates.defender_prompt(att[b][a].x)))
+        for b, a in valid
+    ]
     params = _params(config.defender_sampling, D, defender_tokenizer, 2 * sample_index + 1)
     comps = _generate(defender, prompts, params, "defender")
     for i, (b, a) in enumerate(valid):
-        responses = tuple(_parsed_response(c, config) for c in comps[i * D:(i + 1) * D])
+        responses = tuple(_parsed_response(c, config) for c in comps[i * D : (i + 1) * D])
         error = XError.NO_VALID_RESPONSE if all(r.error is not None for r in responses) else None
-        att[b][a] = dataclasses.replace(att[b][a], prompt_ids=prompts[i], responses=responses,
-                                        error=error)
+        att[b][a] = dataclasses.replace(
+            att[b][a], prompt_ids=prompts[i], responses=responses, error=error
+        )
 
 
-def _sample(seeds, config, judge, defender, defender_tokenizer, attacker, attacker_tokenizer,
-            skip_attacker, sample_index) -> tuple[RolloutTree, JudgeStats]:
+def _sample(
+    seeds,
+    config,
+    judge,
+    defender,
+    defender_tokenizer,
+    attacker,
+    attacker_tokenizer,
+    skip_attacker,
+    sample_index,
+) -> tuple[RolloutTree, JudgeStats]:
     templates = get_template_set(config.templates)
     s_B = tuple(str(s.prompt) for s in seeds)
     cat_B = tuple(str(s.category) for s in seeds)
@@ -149,27 +185,51 @@ def _sample(seeds, config, judge, defender, defender_tokenizer, attacker, attack
         att = [[AttackSlot("", (), (), None, s, None)] for s in s_B]
     else:
         if attacker is None or attacker_tokenizer is None:
-            raise ValueError("build_tree: attacker and attacker_tokenizer are required unless skip_attacker=True")
-        att_prompt, att = _sample_attacks(s_B, cat_B, config, templates, attacker,
-                                          attacker_tokenizer, sample_index)
+            raise ValueError(
+                "build_tree: attacker and attacker_tokenizer are required unless skip_attacker=True"
+            )
+        att_prompt, att = _sample_attacks(
+            s_B, cat_B, config, templates, attacker, attacker_tokenizer, sample_index
+        )
     if config.faithfulness and not skip_attacker:
         faith = _check_faithfulness(judge, config, s_B, cat_B, att)
     else:
         faith = stage_stats("faith")
     _sample_responses(config, templates, att, defender, defender_tokenizer, sample_index)
-    tree = RolloutTree(tuple(SeedSlot(s, c, p, tuple(row))
-                             for s, c, p, row in zip(s_B, cat_B, att_prompt, att, strict=True)),
-                       skip_attacker)
+    tree = RolloutTree(
+        tuple(
+            SeedSlot(s, c, p, tuple(row))
+            for s, c, p, row in zip(s_B, cat_B, att_prompt, att, strict=True)
+        ),
+        skip_attacker,
+    )
     return tree, faith
 
 
-def sample_tree(seeds: Sequence, config: GameConfig, *, judge: Judge, defender: Sampler,
-                defender_tokenizer: Any, attacker: Optional[Sampler] = None,
-                attacker_tokenizer: Any = None, skip_attacker: bool = False,
-                sample_index: int = 0) -> RolloutTree:
+def sample_tree(
+    seeds: Sequence,
+    config: GameConfig,
+    *,
+    judge: Judge,
+    defender: Sampler,
+    defender_tokenizer: Any,
+    attacker: Optional[Sampler] = None,
+    attacker_tokenizer: Any = None,
+    skip_attacker: bool = False,
+    sample_index: int = 0,
+) -> RolloutTree:
     """Sample attacks, check faithfulness and sample responses (see module docstring)."""
-    return _sample(seeds, config, judge, defender, defender_tokenizer, attacker,
-                   attacker_tokenizer, skip_attacker, sample_index)[0]
+    return _sample(
+        seeds,
+        config,
+        judge,
+        defender,
+        defender_tokenizer,
+        attacker,
+        attacker_tokenizer,
+        skip_attacker,
+        sample_index,
+    )[0]
 
 
 def _judged(slot, scores: Optional[tuple], bad):
@@ -177,9 +237,12 @@ def _judged(slot, scores: Optional[tuple], bad):
     without any parsed score gets the error ``bad``."""
     if scores is None:
         return slot
-    return dataclasses.replace(slot, judge_scores=scores,
-                               raw_reward=sum(scores) / len(scores) if scores else None,
-                               error=slot.error if scores else bad)
+    return dataclasses.replace(
+        slot,
+        judge_scores=scores,
+        raw_reward=sum(scores) / len(scores) if scores else None,
+        error=slot.error if scores else bad,
+    )
 
 
 def _defender_groups(tree: RolloutTree, config: GameConfig) -> list[JudgeGroup]:
@@ -190,9 +253,14 @@ def _defender_groups(tree: RolloutTree, config: GameConfig) -> list[JudgeGroup]:
         if att.error is None and cands:
             seed = tree.seeds[b]
             query = att.x if config.condition_on == "prompt" else seed.s
-            groups.append(JudgeGroup(defender_rubric(seed.category), query,
-                                     tuple((b, a, d) for d in cands),
-                                     tuple(att.responses[d].y for d in cands)))
+            groups.append(
+                JudgeGroup(
+                    defender_rubric(seed.category),
+                    query,
+                    tuple((b, a, d) for d in cands),
+                    tuple(att.responses[d].y for d in cands),
+                )
+            )
     return groups
 
 
@@ -200,25 +268,36 @@ def _attacker_groups(seeds: Sequence[SeedSlot], config: GameConfig) -> list[Judg
     """One group per seed: the selected response of each valid, judged attack, against s."""
     groups = []
     for b, seed in enumerate(seeds):
-        cands = [a for a, att in enumerate(seed.attacks)
-                 if att.error is None and not rewards.left_unjudged(att, config.selection)]
+        cands = [
+            a
+            for a, att in enumerate(seed.attacks)
+            if att.error is None and not rewards.left_unjudged(att, config.selection)
+        ]
         if cands:
-            groups.append(JudgeGroup(attacker_rubric(seed.category), seed.s,
-                                     tuple((b, a) for a in cands),
-                                     tuple(seed.attacks[a].responses[seed.attacks[a].selected_d].y
-                                           for a in cands)))
+            groups.append(
+                JudgeGroup(
+                    attacker_rubric(seed.category),
+                    seed.s,
+                    tuple((b, a) for a in cands),
+                    tuple(seed.attacks[a].responses[seed.attacks[a].selected_d].y for a in cands),
+                )
+            )
     return groups
 
 
-def _judge_defender_side(att: AttackSlot, b: int, a: int, verdicts: dict,
-                         config: GameConfig) -> AttackSlot:
+def _judge_defender_side(
+    att: AttackSlot, b: int, a: int, verdicts: dict, config: GameConfig
+) -> AttackSlot:
     """``att`` with its responses judged and patched, and the response it is judged on."""
     sampled_ok = [r.error is None for r in att.responses]
     responses = []
     for d, r in enumerate(att.responses):
         r = _judged(r, verdicts.get((b, a, d)), YError.BAD_DEF_JUDGE)
-        responses.append(dataclasses.replace(
-            r, reward=rewards.patch_reward(r.error, r.raw_reward, config.defender_judge_enabled)))
+        responses.append(
+            dataclasses.replace(
+                r, reward=rewards.patch_reward(r.error, r.raw_reward, config.defender_judge_enabled)
+            )
+        )
     selected = None
     if att.error is None:
         judged = [r.reward if r.error is None else None for r in responses]
@@ -226,8 +305,13 @@ def _judge_defender_side(att: AttackSlot, b: int, a: int, verdicts: dict,
     return dataclasses.replace(att, responses=tuple(responses), selected_d=selected)
 
 
-def score_tree(tree: RolloutTree, config: GameConfig, *, judge: Judge,
-               sample_stats: Optional[JudgeStats] = None) -> ScoredTree:
+def score_tree(
+    tree: RolloutTree,
+    config: GameConfig,
+    *,
+    judge: Judge,
+    sample_stats: Optional[JudgeStats] = None,
+) -> ScoredTree:
     """Defender judge → response selection → attacker judge → patched rewards.
 
     ``sample_stats``: judge statistics of the sampling stages, added to the tree's.
@@ -239,9 +323,16 @@ def score_tree(tree: RolloutTree, config: GameConfig, *, judge: Judge,
     if config.defender_judge_enabled:
         verdicts, part = judge_groups(judge, "defender", _defender_groups(tree, config), config)
         parts.append(part)
-    seeds = [dataclasses.replace(seed, attacks=tuple(
-        _judge_defender_side(att, b, a, verdicts, config) for a, att in enumerate(seed.attacks)))
-        for b, seed in enumerate(tree.seeds)]
+    seeds = [
+        dataclasses.replace(
+            seed,
+            attacks=tuple(
+                _judge_defender_side(att, b, a, verdicts, config)
+                for a, att in enumerate(seed.attacks)
+            ),
+        )
+        for b, seed in enumerate(tree.seeds)
+    ]
 
     verdicts = {}
     if att_judge_on:
@@ -251,17 +342,28 @@ def score_tree(tree: RolloutTree, config: GameConfig, *, judge: Judge,
         attacks = []
         for a, att in enumerate(seed.attacks):
             att = _judged(att, verdicts.get((b, a)), XError.BAD_ATT_JUDGE)
-            attacks.append(dataclasses.replace(
-                att, reward=rewards.attack_reward(att, config.selection, att_judge_on)))
+            attacks.append(
+                dataclasses.replace(
+                    att, reward=rewards.attack_reward(att, config.selection, att_judge_on)
+                )
+            )
         seeds[b] = dataclasses.replace(seed, attacks=tuple(attacks))
 
     return ScoredTree(tuple(seeds), tree.skip_attacker, config=config, judge_stats=sum_stats(parts))
 
 
-def build_tree(seeds: Sequence, config: GameConfig, *, judge: Judge, defender: Sampler,
-               defender_tokenizer: Any, attacker: Optional[Sampler] = None,
-               attacker_tokenizer: Any = None, skip_attacker: bool = False,
-               sample_index: int = 0) -> ScoredTree:
+def build_tree(
+    seeds: Sequence,
+    config: GameConfig,
+    *,
+    judge: Judge,
+    defender: Sampler,
+    defender_tokenizer: Any,
+    attacker: Optional[Sampler] = None,
+    attacker_tokenizer: Any = None,
+    skip_attacker: bool = False,
+    sample_index: int = 0,
+) -> ScoredTree:
     """Play one batch of seeds (objects with ``.prompt`` and ``.category``) to a ScoredTree.
 
     ``skip_attacker=True`` (validation): the defender answers each seed directly (A = 1,
@@ -270,6 +372,15 @@ def build_tree(seeds: Sequence, config: GameConfig, *, judge: Judge, defender: S
     ``seed + 2i + 1``): pass a different value per call, e.g. ``2 * step + split``.
     Judge statistics: each stage returns its part; the tree's ``judge_stats`` is their sum.
     """
-    tree, faith = _sample(seeds, config, judge, defender, defender_tokenizer, attacker,
-                          attacker_tokenizer, skip_attacker, sample_index)
+    tree, faith = _sample(
+        seeds,
+        config,
+        judge,
+        defender,
+        defender_tokenizer,
+        attacker,
+        attacker_tokenizer,
+        skip_attacker,
+        sample_index,
+    )
     return score_tree(tree, config, judge=judge, sample_stats=faith)

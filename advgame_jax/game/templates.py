@@ -17,11 +17,12 @@ literal text ``{prompt}``. Rubric names:
 
 from __future__ import annotations
 
-from advgame_jax.errors import UserError
 import dataclasses
 import importlib.resources
 import re
 from typing import Mapping
+
+from advgame_jax.errors import UserError
 
 RUBRICS = ("compliance", "deflection", "refusal")
 ATTACKER_FORMATS = ("think_prompt_strict", "prompt_strict", "any")
@@ -103,13 +104,17 @@ class TemplateSet:
         for key, needed in REQUIRED_SECTIONS.items():
             found = placeholders(self.sections[key])
             if found != set(needed):
-                raise TemplateError(f"{where}: section {key!r} must use exactly the placeholders "
-                                    f"{sorted(needed)}, found {sorted(found)}")
+                raise TemplateError(
+                    f"{where}: section {key!r} must use exactly the placeholders "
+                    f"{sorted(needed)}, found {sorted(found)}"
+                )
 
     def attacker_prompt(self, seed: str, category: str, attacker_format: str) -> str:
         """Attacker user turn: task instruction (seed inside <query>) + format instruction."""
         if attacker_format not in ATTACKER_FORMATS:
-            raise ValueError(f"attacker_format must be one of {ATTACKER_FORMATS}, got {attacker_format!r}")
+            raise ValueError(
+                f"attacker_format must be one of {ATTACKER_FORMATS}, got {attacker_format!r}"
+            )
         task = fill(self.sections[f"attacker_task_{_check_category(category)}"], seed=seed)
         return task + "\n\n" + self.sections[f"attacker_format_{attacker_format}"]
 
@@ -118,14 +123,22 @@ class TemplateSet:
         return fill(self.sections["defender"], prompt=x)
 
     def faithfulness_prompt(self, seed: str, attack: str, category: str) -> str:
-        return fill(self.sections[f"faithfulness_{_check_category(category)}"], seed=seed, attack=attack)
+        return fill(
+            self.sections[f"faithfulness_{_check_category(category)}"], seed=seed, attack=attack
+        )
 
     def pairwise_prompt(self, rubric: str, query: str, response_a: str, response_b: str) -> str:
-        return fill(self.sections[f"pairwise_{_check_rubric(rubric)}"], query=query,
-                    response_a=response_a, response_b=response_b)
+        return fill(
+            self.sections[f"pairwise_{_check_rubric(rubric)}"],
+            query=query,
+            response_a=response_a,
+            response_b=response_b,
+        )
 
     def pointwise_prompt(self, rubric: str, query: str, response: str) -> str:
-        return fill(self.sections[f"pointwise_{_check_rubric(rubric)}"], query=query, response=response)
+        return fill(
+            self.sections[f"pointwise_{_check_rubric(rubric)}"], query=query, response=response
+        )
 
 
 def _check_rubric(rubric: str) -> str:
@@ -143,8 +156,10 @@ def parse_template_text(name: str, text: str, path: str = "") -> TemplateSet:
 
     matches = list(_SECTION_RE.finditer(text))
     if not matches:
-        raise TemplateError(f"{where(1)}: no '=== key ===' sections found; expected a template "
-                            f"file of the sections {list(REQUIRED_SECTIONS)}")
+        raise TemplateError(
+            f"{where(1)}: no '=== key ===' sections found; expected a template "
+            f"file of the sections {list(REQUIRED_SECTIONS)}"
+        )
     head = text[: matches[0].start()]
     for n, line in enumerate(head.splitlines(), start=1):
         if line.strip() and not line.lstrip().startswith("#"):
@@ -155,15 +170,18 @@ def parse_template_text(name: str, text: str, path: str = "") -> TemplateSet:
         end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
         key, line = m.group(1), text.count("\n", 0, m.start()) + 1
         if key in sections:
-            raise TemplateError(f"{where(line)}: section {key!r} appears twice (first on line "
-                                f"{lines[key]})")
-        sections[key], lines[key] = text[m.end(): end].strip("\n").rstrip(), line
+            raise TemplateError(
+                f"{where(line)}: section {key!r} appears twice (first on line {lines[key]})"
+            )
+        sections[key], lines[key] = text[m.end() : end].strip("\n").rstrip(), line
         if key in REQUIRED_SECTIONS:
             found, needed = placeholders(sections[key]), set(REQUIRED_SECTIONS[key])
             if found != needed:
-                raise TemplateError(f"{where(line)}: section {key!r} must use exactly the "
-                                    f"placeholders {sorted(needed)}, found {sorted(found)} "
-                                    "(write {{name}} for a literal {name})")
+                raise TemplateError(
+                    f"{where(line)}: section {key!r} must use exactly the "
+                    f"placeholders {sorted(needed)}, found {sorted(found)} "
+                    "(write {{name}} for a literal {name})"
+                )
     return TemplateSet(name=name, sections=sections)
 
 
@@ -201,8 +219,9 @@ def load_template_file(path: str) -> TemplateSet:
     name = os.path.splitext(os.path.basename(path))[0]
     text = read_text(path, "a template file of '=== key ===' sections", TemplateError)
     if name in _shipped_names():
-        raise TemplateError(f"template file {path!r}: its name {name!r} is a shipped template set; "
-                            "rename the file")
+        raise TemplateError(
+            f"template file {path!r}: its name {name!r} is a shipped template set; rename the file"
+        )
     try:
         template_set = parse_template_text(name, text, path)
     except TemplateError as err:  # missing/unknown sections: no one line to name
@@ -225,16 +244,18 @@ def get_template_set(name: str) -> TemplateSet:
     if name in _REGISTRY:
         return _REGISTRY[name]
     if name not in _shipped_names():
-        raise TemplateError(f"unknown template set {name!r}; known template sets: "
-                            f"{list(available_template_sets())}")
+        raise TemplateError(
+            f"unknown template set {name!r}; known template sets: {list(available_template_sets())}"
+        )
     path = importlib.resources.files("advgame_jax.game") / "assets" / f"{name}.txt"
     template_set = parse_template_text(name, path.read_text(encoding="utf-8"))
     _REGISTRY[name] = template_set
     return template_set
 
 
-def attacker_prompts_over_budget(template_set: TemplateSet, attacker_format: str, count_tokens,
-                                 budget: int) -> list[tuple[str, int]]:
+def attacker_prompts_over_budget(
+    template_set: TemplateSet, attacker_format: str, count_tokens, budget: int
+) -> list[tuple[str, int]]:
     """``(category, tokens)`` for each seed category whose attacker prompt is already longer
     than ``budget`` tokens with an empty seed (``count_tokens(text)`` counts a rendered user
     turn): the template alone fills the prompt budget, so every attack of that category would
@@ -250,14 +271,18 @@ def attacker_prompts_over_budget(template_set: TemplateSet, attacker_format: str
     return out
 
 
-def template_budget_warnings(name: str, attacker_format: str, count_tokens,
-                             budget: int) -> list[str]:
+def template_budget_warnings(
+    name: str, attacker_format: str, count_tokens, budget: int
+) -> list[str]:
     """Load-time warnings (one line each) naming ``config.game.templates`` for every seed
     category whose attacker prompt alone exceeds the attacker sampler's ``budget``."""
-    return [f"config.game.templates={name!r}: the attacker prompt of {category} seeds "
-            f"(sections attacker_task_{category} + attacker_format_{attacker_format}) is {n} "
-            f"tokens before any seed, over the attacker sampler's prompt budget of {budget} "
-            f"tokens; every {category} attack will count as a MAX_LENGTH error "
-            f"(sys/attacker/prompt_too_long)"
-            for category, n in attacker_prompts_over_budget(
-                get_template_set(name), attacker_format, count_tokens, budget)]
+    return [
+        f"config.game.templates={name!r}: the attacker prompt of {category} seeds "
+        f"(sections attacker_task_{category} + attacker_format_{attacker_format}) is {n} "
+        f"tokens before any seed, over the attacker sampler's prompt budget of {budget} "
+        f"tokens; every {category} attack will count as a MAX_LENGTH error "
+        f"(sys/attacker/prompt_too_long)"
+        for category, n in attacker_prompts_over_budget(
+            get_template_set(name), attacker_format, count_tokens, budget
+        )
+    ]

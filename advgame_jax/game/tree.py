@@ -146,13 +146,17 @@ def sum_judge_stats(parts: Iterable[JudgeStats], stages: Iterable[str] = ()) -> 
     return JudgeStats(**counts, faults=faults)
 
 
-_FIELDS = {cls: frozenset(f.name for f in dataclasses.fields(cls))
-           for cls in (SeedSlot, AttackSlot, ResponseSlot)}
+_FIELDS = {
+    cls: frozenset(f.name for f in dataclasses.fields(cls))
+    for cls in (SeedSlot, AttackSlot, ResponseSlot)
+}
 
 
 def _field(cls: type, name: str) -> str:
     if name not in _FIELDS[cls]:
-        raise AttributeError(f"{cls.__name__} has no field {name!r} (fields: {sorted(_FIELDS[cls])})")
+        raise AttributeError(
+            f"{cls.__name__} has no field {name!r} (fields: {sorted(_FIELDS[cls])})"
+        )
     return name
 
 
@@ -171,9 +175,11 @@ class RolloutTree:
         counts = {len(s.attacks) for s in self.seeds}
         sizes = {len(a.responses) for s in self.seeds for a in s.attacks}
         if len(counts) > 1 or len(sizes) > 1:
-            raise ValueError(f"{type(self).__name__}: every seed needs the same number of attacks "
-                             f"and every attack the same number of responses, got A in "
-                             f"{sorted(counts)}, D in {sorted(sizes)}")
+            raise ValueError(
+                f"{type(self).__name__}: every seed needs the same number of attacks "
+                f"and every attack the same number of responses, got A in "
+                f"{sorted(counts)}, D in {sorted(sizes)}"
+            )
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -202,8 +208,10 @@ class RolloutTree:
     def per_response(self, name: str) -> tuple:
         """Field ``name`` of every response slot, nested B × A × D."""
         _field(ResponseSlot, name)
-        return tuple(tuple(tuple(getattr(r, name) for r in a.responses) for a in s.attacks)
-                     for s in self.seeds)
+        return tuple(
+            tuple(tuple(getattr(r, name) for r in a.responses) for a in s.attacks)
+            for s in self.seeds
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,5 +231,8 @@ def concat_scored_trees(trees: "list[ScoredTree]") -> ScoredTree:
         raise ValueError("concat_scored_trees: expected at least one tree")
     if len(trees) == 1:
         return trees[0]
-    return dataclasses.replace(trees[0], seeds=tuple(s for t in trees for s in t.seeds),
-                               judge_stats=sum_judge_stats(t.judge_stats for t in trees))
+    return dataclasses.replace(
+        trees[0],
+        seeds=tuple(s for t in trees for s in t.seeds),
+        judge_stats=sum_judge_stats(t.judge_stats for t in trees),
+    )

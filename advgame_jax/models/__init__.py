@@ -10,12 +10,31 @@ from advgame_jax.models.hf_io import hf_state_dict, load_hf, save_hf
 from advgame_jax.models.kv_cache import KVCache, forward_with_cache, init_cache
 from advgame_jax.models.params import init_params, param_logical_axes, param_shapes
 from advgame_jax.models.sharding import (
-    DEFAULT_RULES, logical_sharding, logical_to_spec, make_mesh, param_shardings)
+    DEFAULT_RULES,
+    logical_sharding,
+    logical_to_spec,
+    make_mesh,
+    param_shardings,
+)
 from advgame_jax.models.transformer import forward, forward_hidden, unembedding
 
 __all__ = [
-    "ModelConfig", "load_hf", "save_hf", "hf_state_dict", "forward", "forward_hidden",
-    "unembedding", "init_params", "param_logical_axes", "param_shapes", "init_cache",
-    "forward_with_cache", "KVCache", "param_shardings", "make_mesh", "DEFAULT_RULES",
-    "logical_sharding", "logical_to_spec",
+    "ModelConfig",
+    "load_hf",
+    "save_hf",
+    "hf_state_dict",
+    "forward",
+    "forward_hidden",
+    "unembedding",
+    "init_params",
+    "param_logical_axes",
+    "param_shapes",
+    "init_cache",
+    "forward_with_cache",
+    "KVCache",
+    "param_shardings",
+    "make_mesh",
+    "DEFAULT_RULES",
+    "logical_sharding",
+    "logical_to_spec",
 ]

@@ -45,8 +45,9 @@ def resolve_impl(impl: str, dtype=jnp.bfloat16) -> str:
 def _scores_softmax_out(q, k, v, mask):
     """q ``[B, Tq, K, G, hd]``, k/v ``[B, S, K, hd]``, mask ``[B, Tq, S]`` → ``[B, Tq, K, G, hd]``."""
     hd = q.shape[-1]
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k.astype(q.dtype),
-                        preferred_element_type=jnp.float32) * (hd ** -0.5)
+    scores = jnp.einsum(
+        "btkgh,bskh->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32
+    ) * (hd**-0.5)
     scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     return jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(q.dtype))
@@ -78,8 +79,14 @@ def causal_attention(q, k, v, kv_mask, *, impl: str = "xla", budget: int = SCORE
     if impl == "cudnn":
         lengths = jnp.sum(kv_mask.astype(jnp.int32), axis=-1)
         return jax.nn.dot_product_attention(
-            q, k.astype(q.dtype), v.astype(q.dtype), is_causal=True,
-            query_seq_lengths=None, key_value_seq_lengths=lengths, implementation="cudnn")
+            q,
+            k.astype(q.dtype),
+            v.astype(q.dtype),
+            is_causal=True,
+            query_seq_lengths=None,
+            key_value_seq_lengths=lengths,
+            implementation="cudnn",
+        )
     qg = q.reshape(b, t, n_kv, n_q // n_kv, hd)
     if impl == "xla":
         return _scores_softmax_out(qg, k, v, _causal_mask(kv_mask, 0, t)).reshape(b, t, n_q, hd)

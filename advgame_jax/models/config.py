@@ -54,7 +54,8 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_heads}) must be a multiple of "
-                f"num_key_value_heads ({self.num_kv_heads})")
+                f"num_key_value_heads ({self.num_kv_heads})"
+            )
 
     @property
     def architecture(self) -> str:
@@ -80,7 +81,7 @@ class ModelConfig:
         """
         dim = self.head_dim
         exps = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-        power = (np.float64(np.float32(self.rope_theta)) ** exps.astype(np.float64))
+        power = np.float64(np.float32(self.rope_theta)) ** exps.astype(np.float64)
         inv_freq = (np.float32(1.0) / power.astype(np.float32)).astype(np.float32)
         if self.rope_type != "llama3":
             return inv_freq
@@ -152,11 +153,13 @@ class ModelConfig:
                     rope_low_freq_factor=float(rope["low_freq_factor"]),
                     rope_high_freq_factor=float(rope["high_freq_factor"]),
                     rope_original_max_position=int(
-                        rope.get("original_max_position_embeddings", max_pos)),
+                        rope.get("original_max_position_embeddings", max_pos)
+                    ),
                 )
             except KeyError as e:
                 raise ValueError(
-                    f"{source}: {rope_field} of type llama3 lacks {e.args[0]!r}") from None
+                    f"{source}: {rope_field} of type llama3 lacks {e.args[0]!r}"
+                ) from None
         eos = d.get("eos_token_id")
         if isinstance(eos, list):
             eos = tuple(int(e) for e in eos)
@@ -218,16 +221,20 @@ class ModelConfig:
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
             "bos_token_id": self.bos_token_id,
-            "eos_token_id": (list(self.eos_token_id) if isinstance(self.eos_token_id, tuple)
-                             else self.eos_token_id),
+            "eos_token_id": (
+                list(self.eos_token_id)
+                if isinstance(self.eos_token_id, tuple)
+                else self.eos_token_id
+            ),
             "pad_token_id": self.pad_token_id,
             "torch_dtype": "float32",
         }
         if self.model_type == "llama":
             d.update(attention_bias=False, mlp_bias=False)
         else:
-            d.update(use_sliding_window=False, sliding_window=None,
-                     max_window_layers=self.num_layers)
+            d.update(
+                use_sliding_window=False, sliding_window=None, max_window_layers=self.num_layers
+            )
         if self.rope_type == "llama3":
             d["rope_scaling"] = {
                 "rope_type": "llama3",

@@ -33,23 +33,35 @@ from advgame_jax.models.config import ModelConfig
 
 KIND = "gguf_to_hf"
 
-_TOP = {"token_embd.weight": "model.embed_tokens.weight",
-        "output_norm.weight": "model.norm.weight",
-        "output.weight": "lm_head.weight"}
-_LAYER = {"attn_norm.weight": "input_layernorm.weight",
-          "ffn_norm.weight": "post_attention_layernorm.weight",
-          "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
-          "attn_v.weight": "self_attn.v_proj.weight", "attn_q.bias": "self_attn.q_proj.bias",
-          "attn_k.bias": "self_attn.k_proj.bias", "attn_v.bias": "self_attn.v_proj.bias",
-          "attn_output.weight": "self_attn.o_proj.weight",
-          "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
-          "ffn_down.weight": "mlp.down_proj.weight"}
+_TOP = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
 
 # Pre-tokenizer split patterns by tokenizer.ggml.pre (the regexes of the original tokenizers).
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
-                 r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
-                r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+    r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
+    r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 # GPT-2 byte-level splitting, preceded by single-digit splitting for these vocabularies.
 _DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact")
 _PLAIN_GPT2 = ("gpt2", "default")
@@ -63,8 +75,10 @@ def _reader(path: str):
     try:
         from gguf import GGUFReader
     except ImportError:  # pragma: no cover - depends on the environment
-        raise GGUFError("reading a GGUF file needs the `gguf` package: "
-                        "pip install 'advgame_jax[real-model]' (or pip install gguf)") from None
+        raise GGUFError(
+            "reading a GGUF file needs the `gguf` package: "
+            "pip install 'advgame_jax[real-model]' (or pip install gguf)"
+        ) from None
     if not os.path.isfile(path):
         raise GGUFError(f"--gguf {path!r}: no such file")
     try:
@@ -101,15 +115,20 @@ def read_config(reader) -> ModelConfig:
     """The ``ModelConfig`` a GGUF file describes (llama or qwen2 architecture)."""
     arch = _get(reader, "general.architecture")
     if arch not in ("llama", "qwen2"):
-        raise GGUFError(f"{_src(reader)}: general.architecture={arch!r}; expected 'llama' or 'qwen2'")
+        raise GGUFError(
+            f"{_src(reader)}: general.architecture={arch!r}; expected 'llama' or 'qwen2'"
+        )
     scaling = _get(reader, f"{arch}.rope.scaling.type", "none")
     if scaling not in ("none", ""):
-        raise GGUFError(f"{_src(reader)}: {arch}.rope.scaling.type={scaling!r}; only plain RoPE "
-                        "is converted")
+        raise GGUFError(
+            f"{_src(reader)}: {arch}.rope.scaling.type={scaling!r}; only plain RoPE is converted"
+        )
     names = {t.name for t in reader.tensors}
     if "rope_freqs.weight" in names:
-        raise GGUFError(f"{_src(reader)}: has rope_freqs.weight (llama3 RoPE scaling); only plain "
-                        "RoPE is converted")
+        raise GGUFError(
+            f"{_src(reader)}: has rope_freqs.weight (llama3 RoPE scaling); only plain "
+            "RoPE is converted"
+        )
     heads = int(_get(reader, f"{arch}.attention.head_count"))
     hidden = int(_get(reader, f"{arch}.embedding_length"))
     vocab = _get(reader, f"{arch}.vocab_size", None)
@@ -135,8 +154,10 @@ def read_config(reader) -> ModelConfig:
     }
     rope_dim = _get(reader, f"{arch}.rope.dimension_count", d["head_dim"])
     if int(rope_dim) != d["head_dim"]:
-        raise GGUFError(f"{_src(reader)}: {arch}.rope.dimension_count={rope_dim} differs from the "
-                        f"head dim {d['head_dim']}; partial RoPE is not supported")
+        raise GGUFError(
+            f"{_src(reader)}: {arch}.rope.dimension_count={rope_dim} differs from the "
+            f"head dim {d['head_dim']}; partial RoPE is not supported"
+        )
     try:
         return ModelConfig.from_hf_dict(d, source=_src(reader))
     except ValueError as e:
@@ -181,38 +202,62 @@ def build_tokenizer(reader):
 
     tok_model = _get(reader, "tokenizer.ggml.model")
     if tok_model != "gpt2":
-        raise GGUFError(f"{_src(reader)}: tokenizer.ggml.model={tok_model!r}; only byte-level BPE "
-                        "('gpt2': Llama-3, Qwen2, SmolLM) is converted")
+        raise GGUFError(
+            f"{_src(reader)}: tokenizer.ggml.model={tok_model!r}; only byte-level BPE "
+            "('gpt2': Llama-3, Qwen2, SmolLM) is converted"
+        )
     pre = _get(reader, "tokenizer.ggml.pre", "default")
     bl = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     if pre in _DIGITS_THEN_GPT2:
-        pt = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                      pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        pt = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False),
+            ]
+        )
     elif pre in _PLAIN_GPT2:
         pt = pre_tokenizers.ByteLevel(add_prefix_space=False)
     elif pre in ("llama-bpe", "qwen2"):
         split = _LLAMA3_SPLIT if pre == "llama-bpe" else _QWEN2_SPLIT
         pt = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), "isolated"), bl])
     else:
-        raise GGUFError(f"{_src(reader)}: tokenizer.ggml.pre={pre!r}; expected one of "
-                        f"{sorted(_DIGITS_THEN_GPT2 + _PLAIN_GPT2 + ('llama-bpe', 'qwen2'))}")
+        raise GGUFError(
+            f"{_src(reader)}: tokenizer.ggml.pre={pre!r}; expected one of "
+            f"{sorted(_DIGITS_THEN_GPT2 + _PLAIN_GPT2 + ('llama-bpe', 'qwen2'))}"
+        )
     tokens = list(_get(reader, "tokenizer.ggml.tokens"))
     types = list(_get(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
     merges = [tuple(m.split(" ", 1)) for m in _get(reader, "tokenizer.ggml.merges", [])]
     try:
-        bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
-                         ignore_merges=pre == "llama-bpe", fuse_unk=False, byte_fallback=False)
+        bpe = models.BPE(
+            vocab={t: i for i, t in enumerate(tokens)},
+            merges=merges,
+            ignore_merges=pre == "llama-bpe",
+            fuse_unk=False,
+            byte_fallback=False,
+        )
     except Exception as e:  # tokenizers raises a bare Exception for an inconsistent vocab
-        raise GGUFError(f"{_src(reader)}: tokenizer.ggml.tokens/merges do not form a BPE "
-                        f"vocabulary ({e})") from None
+        raise GGUFError(
+            f"{_src(reader)}: tokenizer.ggml.tokens/merges do not form a BPE vocabulary ({e})"
+        ) from None
     tk = Tokenizer(bpe)
     tk.pre_tokenizer = pt
     tk.decoder = decoders.ByteLevel()
     # token_type 3 = control (special), 4 = user-defined (added, not special).
-    tk.add_tokens([AddedToken(tokens[i], special=types[i] == 3, normalized=False)
-                   for i in range(len(tokens)) if types[i] in (3, 4)])
-    tk.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
-                           for i in range(len(tokens)) if types[i] == 3])
+    tk.add_tokens(
+        [
+            AddedToken(tokens[i], special=types[i] == 3, normalized=False)
+            for i in range(len(tokens))
+            if types[i] in (3, 4)
+        ]
+    )
+    tk.add_special_tokens(
+        [
+            AddedToken(tokens[i], special=True, normalized=False)
+            for i in range(len(tokens))
+            if types[i] == 3
+        ]
+    )
 
     def token(key):
         i = _get(reader, f"tokenizer.ggml.{key}_token_id", None)
@@ -221,16 +266,26 @@ def build_tokenizer(reader):
     add_bos = bool(_get(reader, "tokenizer.ggml.add_bos_token", False))
     if add_bos and token("bos") is not None:
         from tokenizers import processors
+
         bos = token("bos")
         bos_id = int(_get(reader, "tokenizer.ggml.bos_token_id"))
         tk.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-           "add_bos_token": add_bos,
-           "model_max_length": int(_get(reader, f"{_get(reader, 'general.architecture')}"
-                                                 ".context_length"))}
-    for key, field in (("bos", "bos_token"), ("eos", "eos_token"), ("unknown", "unk_token"),
-                       ("padding", "pad_token")):
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+        )
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "clean_up_tokenization_spaces": False,
+        "add_bos_token": add_bos,
+        "model_max_length": int(
+            _get(reader, f"{_get(reader, 'general.architecture')}.context_length")
+        ),
+    }
+    for key, field in (
+        ("bos", "bos_token"),
+        ("eos", "eos_token"),
+        ("unknown", "unk_token"),
+        ("padding", "pad_token"),
+    ):
         if token(key) is not None:
             cfg[field] = token(key)
     return tk, cfg, _get(reader, "tokenizer.chat_template", None)
@@ -248,23 +303,29 @@ def gguf_to_hf(gguf_path: str, out_dir: str, *, dtype: str = "float32") -> str:
     config = read_config(reader)
     tokenizer, tok_cfg, template = build_tokenizer(reader)
     if config.vocab_size < tokenizer.get_vocab_size():
-        raise GGUFError(f"{gguf_path}: {tokenizer.get_vocab_size()} tokens but vocab_size "
-                        f"{config.vocab_size}")
+        raise GGUFError(
+            f"{gguf_path}: {tokenizer.get_vocab_size()} tokens but vocab_size {config.vocab_size}"
+        )
     np_dt = np.dtype(np.float32) if dtype == "float32" else np.dtype("bfloat16")
-    specs = [(_hf_name(t.name), tuple(int(n) for n in reversed(t.shape)), np_dt)
-             for t in reader.tensors]
+    specs = [
+        (_hf_name(t.name), tuple(int(n) for n in reversed(t.shape)), np_dt) for t in reader.tensors
+    ]
 
     def build(tmp: str) -> None:
         cfg = config.to_hf_dict()
         cfg["torch_dtype"] = dtype
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2)
-        gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-               if cfg[k] is not None}
+        gen = {
+            k: cfg[k]
+            for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+            if cfg[k] is not None
+        }
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump(gen, f, indent=2)
-        _write_safetensors(os.path.join(tmp, "model.safetensors"), specs,
-                           hf_tensors(reader, config))
+        _write_safetensors(
+            os.path.join(tmp, "model.safetensors"), specs, hf_tensors(reader, config)
+        )
         tokenizer.save(os.path.join(tmp, "tokenizer.json"))
         with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
             json.dump(tok_cfg, f, indent=2)

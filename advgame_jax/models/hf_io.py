@@ -48,8 +48,10 @@ def _safe_open(fn: str):
         raise HFCheckpointError(f"{fn}: file not found; {_ST_EXPECTED}") from None
     except Exception as err:  # SafetensorError (header/size/JSON faults), OSError
         reason = " ".join(str(err).split())[:200] or type(err).__name__
-        raise HFCheckpointError(f"{fn}: not a readable safetensors file ({reason}); "
-                                f"{_ST_EXPECTED}") from None
+        raise HFCheckpointError(
+            f"{fn}: not a readable safetensors file ({reason}); {_ST_EXPECTED}"
+        ) from None
+
 
 # (our key, HF name pattern, layout kind). Kinds: same | T (2-D transpose) | heads_out
 # ([n*hd, d] → [d, n, hd]) | heads_in ([d, n*hd] → [n, hd, d]) | heads_bias ([n*hd] → [n, hd]).
@@ -72,8 +74,11 @@ _TOP_MAP = (
     ("final_norm", "model.norm.weight", "same"),
     ("lm_head", "lm_head.weight", "T"),
 )
-_ST_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
-              np.dtype(jnp.bfloat16): "BF16"}
+_ST_DTYPES = {
+    np.dtype(np.float32): "F32",
+    np.dtype(np.float16): "F16",
+    np.dtype(jnp.bfloat16): "BF16",
+}
 
 
 def _hf_shape(kind: str, shape: tuple) -> tuple:
@@ -112,14 +117,14 @@ def _read_block(kind: str, tensor, shape: tuple, idx: tuple) -> np.ndarray:
         return tensor[sl[1], sl[0]].T
     if kind == "heads_bias":
         (n0, n1), hd = rng[0], shape[1]
-        return tensor[n0 * hd:n1 * hd].reshape(n1 - n0, hd)[:, sl[1]]
+        return tensor[n0 * hd : n1 * hd].reshape(n1 - n0, hd)[:, sl[1]]
     if kind == "heads_out":  # ours [d, n, hd]; HF [n*hd, d]
         (n0, n1), hd = rng[1], shape[2]
-        blk = tensor[n0 * hd:n1 * hd, sl[0]].reshape(n1 - n0, hd, -1)
+        blk = tensor[n0 * hd : n1 * hd, sl[0]].reshape(n1 - n0, hd, -1)
         return blk[:, sl[2], :].transpose(2, 0, 1)
     # heads_in: ours [n, hd, d]; HF [d, n*hd]
     (n0, n1), hd = rng[0], shape[1]
-    blk = tensor[sl[2], n0 * hd:n1 * hd].reshape(-1, n1 - n0, hd)
+    blk = tensor[sl[2], n0 * hd : n1 * hd].reshape(-1, n1 - n0, hd)
     return blk[:, :, sl[1]].transpose(1, 2, 0)
 
 
@@ -146,24 +151,32 @@ def _tensor_files(path: str) -> dict[str, str]:
         from advgame_jax.data.readers import loads_json, read_text
 
         expected = 'expected {"weight_map": {tensor name: safetensors file name}}'
-        d = loads_json(read_text(index, "a safetensors index", HFCheckpointError), index,
-                       expected, HFCheckpointError)
+        d = loads_json(
+            read_text(index, "a safetensors index", HFCheckpointError),
+            index,
+            expected,
+            HFCheckpointError,
+        )
         weight_map = d.get("weight_map") if isinstance(d, dict) else None
         if not isinstance(weight_map, dict) or not all(
-                isinstance(fn, str) for fn in weight_map.values()):
+            isinstance(fn, str) for fn in weight_map.values()
+        ):
             raise HFCheckpointError(f"{index}: no 'weight_map' object of file names; {expected}")
         return {name: os.path.join(path, fn) for name, fn in weight_map.items()}
     if os.path.isfile(single):
         with _safe_open(single) as f:
             return {name: single for name in f.keys()}
-    raise HFCheckpointError(f"{path}: neither model.safetensors nor model.safetensors.index.json "
-                            "found; expected an HF model directory")
+    raise HFCheckpointError(
+        f"{path}: neither model.safetensors nor model.safetensors.index.json "
+        "found; expected an HF model directory"
+    )
 
 
 def _ignorable(name: str, config: ModelConfig) -> bool:
     # Tied checkpoints sometimes still carry lm_head; old ones carry RoPE buffers.
     return (name == "lm_head.weight" and config.tie_word_embeddings) or name.endswith(
-        "rotary_emb.inv_freq")
+        "rotary_emb.inv_freq"
+    )
 
 
 def load_hf(path, dtype=jnp.float32, *, shardings=None):
@@ -184,8 +197,9 @@ def load_hf(path, dtype=jnp.float32, *, shardings=None):
     def handle(fn):
         if fn not in handles:
             if not os.path.isfile(fn):
-                raise HFCheckpointError(f"{fn}: safetensors file listed in the index does "
-                                        "not exist")
+                raise HFCheckpointError(
+                    f"{fn}: safetensors file listed in the index does not exist"
+                )
             handles[fn] = _safe_open(fn)
         return handles[fn]
 
@@ -193,19 +207,25 @@ def load_hf(path, dtype=jnp.float32, *, shardings=None):
     expected = {n for _, names, _, _ in entries for n in names}
     unexpected = sorted(n for n in files if n not in expected and not _ignorable(n, config))
     if unexpected:
-        raise HFCheckpointError(f"{path}: unexpected tensor {unexpected[0]!r} in {files[unexpected[0]]} "
-                         f"({len(unexpected)} unexpected in all) for a {config.architecture}")
+        raise HFCheckpointError(
+            f"{path}: unexpected tensor {unexpected[0]!r} in {files[unexpected[0]]} "
+            f"({len(unexpected)} unexpected in all) for a {config.architecture}"
+        )
     for _, names, kind, shape in entries:
         per = shape[1:] if names[0].startswith("model.layers.") else shape
         want = list(_hf_shape(kind, per))
         for n in names:
             if n not in files:
-                raise HFCheckpointError(f"{path}: missing tensor {n!r} (expected shape {want}) "
-                                 f"for a {config.architecture}")
+                raise HFCheckpointError(
+                    f"{path}: missing tensor {n!r} (expected shape {want}) "
+                    f"for a {config.architecture}"
+                )
             got = handle(files[n]).get_slice(n).get_shape()
             if list(got) != want:
-                raise HFCheckpointError(f"{files[n]}: tensor {n!r} has shape {list(got)}, "
-                                 f"expected {want} from config.json")
+                raise HFCheckpointError(
+                    f"{files[n]}: tensor {n!r} has shape {list(got)}, "
+                    f"expected {want} from config.json"
+                )
 
     np_dtype = np.dtype(jnp.dtype(dtype))
     params: dict = {"layers": {}}
@@ -266,8 +286,9 @@ def _hf_specs(config: ModelConfig, params):
     return specs
 
 
-def _write_safetensors(fn: str, specs, tensors: Iterator[tuple[str, np.ndarray]],
-                       metadata: Optional[dict] = None):
+def _write_safetensors(
+    fn: str, specs, tensors: Iterator[tuple[str, np.ndarray]], metadata: Optional[dict] = None
+):
     """Header-first safetensors writer: the header comes from ``specs``, data is streamed;
     ``metadata``: extra string fields of the header's ``__metadata__``."""
     header, offset = {"__metadata__": {"format": "pt", **(metadata or {})}}, 0
@@ -275,8 +296,11 @@ def _write_safetensors(fn: str, specs, tensors: Iterator[tuple[str, np.ndarray]]
         if dt not in _ST_DTYPES:
             raise ValueError(f"{name}: cannot save dtype {dt} (float32/float16/bfloat16 only)")
         nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-        header[name] = {"dtype": _ST_DTYPES[dt], "shape": list(shape),
-                        "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": _ST_DTYPES[dt],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
@@ -290,8 +314,14 @@ def _write_safetensors(fn: str, specs, tensors: Iterator[tuple[str, np.ndarray]]
             f.write(np.ascontiguousarray(arr, dtype=dt).tobytes())
 
 
-def save_hf(path, config: ModelConfig, params, *, max_shard_size: int = 5 * 2**30,
-            metadata: Optional[dict] = None):
+def save_hf(
+    path,
+    config: ModelConfig,
+    params,
+    *,
+    max_shard_size: int = 5 * 2**30,
+    metadata: Optional[dict] = None,
+):
     """Write ``config.json``, ``generation_config.json`` (when bos/eos ids are known) and
     ``model.safetensors`` (or numbered shards + ``model.safetensors.index.json`` when larger
     than ``max_shard_size`` bytes) loadable by ``transformers`` and vLLM. ``metadata``:
@@ -301,12 +331,16 @@ def save_hf(path, config: ModelConfig, params, *, max_shard_size: int = 5 * 2**3
     cfg = config.to_hf_dict()
     dt = np.dtype(params["embed"].dtype)
     cfg["torch_dtype"] = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[
-        _ST_DTYPES.get(dt, "F32")]
+        _ST_DTYPES.get(dt, "F32")
+    ]
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     if config.eos_token_id is not None or config.bos_token_id is not None:
-        gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-               if cfg[k] is not None}
+        gen = {
+            k: cfg[k]
+            for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+            if cfg[k] is not None
+        }
         with open(os.path.join(path, "generation_config.json"), "w") as f:
             json.dump(gen, f, indent=2)
 

@@ -28,8 +28,15 @@ import jax.numpy as jnp
 
 from advgame_jax.models.config import ModelConfig
 from advgame_jax.models.transformer import (
-    _resolve_dtype, attend, attn_out_and_mlp, embed, logits_from_hidden, project_qkv, rms_norm,
-    rope_tables)
+    _resolve_dtype,
+    attend,
+    attn_out_and_mlp,
+    embed,
+    logits_from_hidden,
+    project_qkv,
+    rms_norm,
+    rope_tables,
+)
 
 
 def attend_cached(q, k, v, mask):
@@ -50,15 +57,24 @@ class KVCache:
         return self.k.shape[3]
 
 
-def init_cache(config: ModelConfig, batch_size: int, max_len: int,
-               dtype=jnp.bfloat16) -> KVCache:
+def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=jnp.bfloat16) -> KVCache:
     """An all-zeros cache for ``batch_size`` rows of ``max_len`` slots."""
     shape = (config.num_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
 
-def forward_with_cache(params, config: ModelConfig, tokens, positions, cache: KVCache,
-                       cache_index, kv_mask, *, compute_dtype=None, last_only: bool = False):
+def forward_with_cache(
+    params,
+    config: ModelConfig,
+    tokens,
+    positions,
+    cache: KVCache,
+    cache_index,
+    kv_mask,
+    *,
+    compute_dtype=None,
+    last_only: bool = False,
+):
     """Run ``tokens`` through the model reading and writing ``cache`` (see module docstring)."""
     dtype = _resolve_dtype(params, compute_dtype)
     tokens = jnp.asarray(tokens, jnp.int32)
@@ -82,13 +98,15 @@ def forward_with_cache(params, config: ModelConfig, tokens, positions, cache: KV
         cv = jax.lax.dynamic_update_slice(cv, v, start)
         k_all = jax.lax.dynamic_index_in_dim(ck, li, 0, keepdims=False)
         v_all = jax.lax.dynamic_index_in_dim(cv, li, 0, keepdims=False)
-        x = attn_out_and_mlp(layer, config, x, attend_cached(q, k_all, v_all, mask),
-                             flat_heads=True)
+        x = attn_out_and_mlp(
+            layer, config, x, attend_cached(q, k_all, v_all, mask), flat_heads=True
+        )
         return (x, ck, cv), None
 
     layer_ids = jnp.arange(config.num_layers, dtype=jnp.int32)
-    (x, ck, cv), _ = jax.lax.scan(layer_fn, (embed(params, tokens, dtype), cache.k, cache.v),
-                                  (params["layers"], layer_ids))
+    (x, ck, cv), _ = jax.lax.scan(
+        layer_fn, (embed(params, tokens, dtype), cache.k, cache.v), (params["layers"], layer_ids)
+    )
     if last_only:
         x = x[:, -1]
     hidden = rms_norm(x, params["final_norm"], config.rms_norm_eps)

@@ -41,8 +41,15 @@ from advgame_jax.models.config import ModelConfig
 def param_shapes_and_axes(config: ModelConfig) -> dict:
     """``{name: (shape, logical_axes)}`` nested like the param tree."""
     c = config
-    L, d, H, K, hd, F, V = (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads,
-                            c.head_dim, c.intermediate_size, c.vocab_size)
+    L, d, H, K, hd, F, V = (
+        c.num_layers,
+        c.hidden_size,
+        c.num_heads,
+        c.num_kv_heads,
+        c.head_dim,
+        c.intermediate_size,
+        c.vocab_size,
+    )
     layers = {
         "attn_norm": ((L, d), ("layers", None)),
         "q_proj": ((L, d, H, hd), ("layers", "embed", "q_heads", "head_dim")),
@@ -79,8 +86,11 @@ def param_logical_axes(config: ModelConfig) -> dict:
 
 def param_shapes(config: ModelConfig, dtype=jnp.float32) -> dict:
     """Pytree of ``jax.ShapeDtypeStruct`` matching the params."""
-    return jax.tree.map(lambda sa: jax.ShapeDtypeStruct(sa[0], jnp.dtype(dtype)),
-                        param_shapes_and_axes(config), is_leaf=_is_leaf)
+    return jax.tree.map(
+        lambda sa: jax.ShapeDtypeStruct(sa[0], jnp.dtype(dtype)),
+        param_shapes_and_axes(config),
+        is_leaf=_is_leaf,
+    )
 
 
 def init_params(config: ModelConfig, key, dtype=jnp.float32, *, std: float = 0.02) -> dict:
@@ -105,7 +115,7 @@ def _init_params(config: ModelConfig, key, dtype, std: float) -> dict:
     for (_, (shape, _)), name, r in zip(flat, names, random, strict=True):
         if r:
             size = math.prod(shape)
-            leaves.append(draw[offset:offset + size].reshape(shape).astype(dtype))
+            leaves.append(draw[offset : offset + size].reshape(shape).astype(dtype))
             offset += size
         elif name.endswith("_norm"):
             leaves.append(jnp.ones(shape, dtype))

@@ -16,27 +16,30 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from advgame_jax.models.config import ModelConfig
-from advgame_jax.models.params import param_shapes_and_axes, _is_leaf
+from advgame_jax.models.params import _is_leaf, param_shapes_and_axes
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
 AxisRule = Union[None, str, tuple[str, ...]]
-DEFAULT_RULES: Mapping[str, AxisRule] = types.MappingProxyType({
-    "batch": ("data", "fsdp"),  # activations / token batches
-    "seq": None,
-    "cache_len": None,
-    "layers": None,
-    "vocab": "tensor",
-    "embed": "fsdp",
-    "q_heads": "tensor",
-    "kv_heads": "tensor",
-    "head_dim": None,
-    "mlp": "tensor",
-})
+DEFAULT_RULES: Mapping[str, AxisRule] = types.MappingProxyType(
+    {
+        "batch": ("data", "fsdp"),  # activations / token batches
+        "seq": None,
+        "cache_len": None,
+        "layers": None,
+        "vocab": "tensor",
+        "embed": "fsdp",
+        "q_heads": "tensor",
+        "kv_heads": "tensor",
+        "head_dim": None,
+        "mlp": "tensor",
+    }
+)
 
 
-def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1,
-              devices: Optional[Sequence[Any]] = None) -> Mesh:
+def make_mesh(
+    data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Optional[Sequence[Any]] = None
+) -> Mesh:
     """A ``(data, fsdp, tensor)`` mesh with Auto axis types over the first data*fsdp*tensor
     devices (``jax.devices()`` by default), laid out by ``jax.make_mesh``: on TPUs the grid
     follows the physical ICI torus (rings for the collectives of each axis), on GPUs device-id
@@ -45,24 +48,35 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1,
     n = data * fsdp * tensor
     devices = list(jax.devices() if devices is None else devices)
     if n > len(devices):
-        raise ValueError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} needs {n} devices, "
-                         f"only {len(devices)} available")
+        raise ValueError(
+            f"mesh data={data} x fsdp={fsdp} x tensor={tensor} needs {n} devices, "
+            f"only {len(devices)} available"
+        )
     # Auto axes: shardings come from the jitted functions' in/out specs (jax.make_mesh's
     # default, Explicit, would make every array's sharding part of its type).
-    return jax.make_mesh((data, fsdp, tensor), MESH_AXES,
-                         axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices[:n])
+    return jax.make_mesh(
+        (data, fsdp, tensor),
+        MESH_AXES,
+        axis_types=(jax.sharding.AxisType.Auto,) * 3,
+        devices=devices[:n],
+    )
 
 
-def logical_to_spec(shape: Sequence[int], axes: Sequence[Optional[str]], mesh: Mesh,
-                    rules: Mapping[str, AxisRule] = DEFAULT_RULES) -> PartitionSpec:
+def logical_to_spec(
+    shape: Sequence[int],
+    axes: Sequence[Optional[str]],
+    mesh: Mesh,
+    rules: Mapping[str, AxisRule] = DEFAULT_RULES,
+) -> PartitionSpec:
     """PartitionSpec for an array of ``shape`` whose dims carry logical ``axes``."""
     used: set[str] = set()
     spec = []
     for size, name in zip(shape, axes, strict=True):
         target = rules.get(name) if name is not None else None
         mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
-        mesh_axes = tuple(a for a in mesh_axes if a in mesh.shape and a not in used
-                          and mesh.shape[a] > 1)
+        mesh_axes = tuple(
+            a for a in mesh_axes if a in mesh.shape and a not in used and mesh.shape[a] > 1
+        )
         n = math.prod(mesh.shape[a] for a in mesh_axes)
         if not mesh_axes or size % n:
             spec.append(None)
@@ -72,8 +86,9 @@ def logical_to_spec(shape: Sequence[int], axes: Sequence[Optional[str]], mesh: M
     return PartitionSpec(*spec)
 
 
-def logical_sharding(shape, axes, mesh: Mesh,
-                     rules: Mapping[str, AxisRule] = DEFAULT_RULES) -> NamedSharding:
+def logical_sharding(
+    shape, axes, mesh: Mesh, rules: Mapping[str, AxisRule] = DEFAULT_RULES
+) -> NamedSharding:
     """NamedSharding for one array with logical ``axes`` (e.g. ``("batch", "seq")``)."""
     return NamedSharding(mesh, logical_to_spec(shape, axes, mesh, rules))
 
@@ -85,8 +100,12 @@ def constrain(x, axes, mesh: Optional[Mesh], rules: Mapping[str, AxisRule] = DEF
     return jax.lax.with_sharding_constraint(x, logical_sharding(x.shape, axes, mesh, rules))
 
 
-def param_shardings(config: ModelConfig, mesh: Mesh,
-                    rules: Mapping[str, AxisRule] = DEFAULT_RULES) -> dict:
+def param_shardings(
+    config: ModelConfig, mesh: Mesh, rules: Mapping[str, AxisRule] = DEFAULT_RULES
+) -> dict:
     """Pytree of ``NamedSharding`` matching the params of ``config``."""
-    return jax.tree.map(lambda sa: logical_sharding(sa[0], sa[1], mesh, rules),
-                        param_shapes_and_axes(config), is_leaf=_is_leaf)
+    return jax.tree.map(
+        lambda sa: logical_sharding(sa[0], sa[1], mesh, rules),
+        param_shapes_and_axes(config),
+        is_leaf=_is_leaf,
+    )

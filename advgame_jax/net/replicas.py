@@ -34,16 +34,24 @@ class Replica:
 
 
 class ReplicaRouter:
-    def __init__(self, bases: Sequence[str], *, max_in_flight_per_endpoint: int = 0,
-                 unhealthy_after: int = 3, unhealthy_cooldown_s: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        bases: Sequence[str],
+        *,
+        max_in_flight_per_endpoint: int = 0,
+        unhealthy_after: int = 3,
+        unhealthy_cooldown_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         if not bases:
             raise ValueError("a replica router needs at least one base URL")
         if max_in_flight_per_endpoint < 0 or unhealthy_after < 1 or unhealthy_cooldown_s < 0:
-            raise ValueError("replica options: expected max_in_flight_per_endpoint >= 0, "
-                             f"unhealthy_after >= 1, unhealthy_cooldown_s >= 0; got "
-                             f"{max_in_flight_per_endpoint}, {unhealthy_after}, "
-                             f"{unhealthy_cooldown_s}")
+            raise ValueError(
+                "replica options: expected max_in_flight_per_endpoint >= 0, "
+                f"unhealthy_after >= 1, unhealthy_cooldown_s >= 0; got "
+                f"{max_in_flight_per_endpoint}, {unhealthy_after}, "
+                f"{unhealthy_cooldown_s}"
+            )
         self.replicas = [Replica(b) for b in bases]
         self.max_in_flight_per_endpoint = int(max_in_flight_per_endpoint)
         self.unhealthy_after = int(unhealthy_after)
@@ -51,8 +59,9 @@ class ReplicaRouter:
         self._clock = clock
         self._cond = threading.Condition(threading.Lock())
 
-    def acquire(self, pin: Optional[int] = None,
-                timeout: Optional[float] = None) -> Optional[Replica]:
+    def acquire(
+        self, pin: Optional[int] = None, timeout: Optional[float] = None
+    ) -> Optional[Replica]:
         """The least-loaded healthy replica with a free slot (``pin``: that replica, whatever
         its health); waits for a slot, at most ``timeout`` seconds (then None)."""
         end = None if timeout is None else time.monotonic() + timeout
@@ -64,8 +73,9 @@ class ReplicaRouter:
                 now = self._clock()
                 pool = [r for r in free if r.unhealthy_until <= now] or free
                 if pool:
-                    best = min(pool, key=lambda r: (r.in_flight, r.assigned,
-                                                    self.replicas.index(r)))
+                    best = min(
+                        pool, key=lambda r: (r.in_flight, r.assigned, self.replicas.index(r))
+                    )
                     best.assigned += 1
                     best.in_flight += 1
                     best.peak_in_flight = max(best.peak_in_flight, best.in_flight)
@@ -96,14 +106,24 @@ class ReplicaRouter:
         attempts."""
         now = self._clock()
         with self._cond:
-            return [{"endpoint": r.base, "healthy": r.unhealthy_until <= now,
-                     "in_flight": r.in_flight, "peak_in_flight": r.peak_in_flight,
-                     "attempts": r.attempts, "failures": r.failures} for r in self.replicas]
+            return [
+                {
+                    "endpoint": r.base,
+                    "healthy": r.unhealthy_until <= now,
+                    "in_flight": r.in_flight,
+                    "peak_in_flight": r.peak_in_flight,
+                    "attempts": r.attempts,
+                    "failures": r.failures,
+                }
+                for r in self.replicas
+            ]
 
     def describe(self) -> str:
-        return ", ".join(f"{h['endpoint']} {'up' if h['healthy'] else 'UNHEALTHY'} "
-                         f"({h['failures']}/{h['attempts']} attempts failed)"
-                         for h in self.health())
+        return ", ".join(
+            f"{h['endpoint']} {'up' if h['healthy'] else 'UNHEALTHY'} "
+            f"({h['failures']}/{h['attempts']} attempts failed)"
+            for h in self.health()
+        )
 
 
 class FailureRateMonitor:
@@ -112,13 +132,21 @@ class FailureRateMonitor:
     what: who fails, e.g. "JUDGE"; consequence: what the failures become;
     details: extra text at the end of the warning (endpoint health, fault counts)."""
 
-    def __init__(self, *, threshold: float = 0.1, every: int = 10, what: str = "JUDGE",
-                 consequence: str = "their slots become judge error values",
-                 details: Callable[[], str] = lambda: "",
-                 logger: str = "advgame_jax.judge"):
+    def __init__(
+        self,
+        *,
+        threshold: float = 0.1,
+        every: int = 10,
+        what: str = "JUDGE",
+        consequence: str = "their slots become judge error values",
+        details: Callable[[], str] = lambda: "",
+        logger: str = "advgame_jax.judge",
+    ):
         if every < 1 or not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"failure-rate warning: expected every >= 1 and 0 <= threshold <= 1; "
-                             f"got {every}, {threshold}")
+            raise ValueError(
+                f"failure-rate warning: expected every >= 1 and 0 <= threshold <= 1; "
+                f"got {every}, {threshold}"
+            )
         self.threshold, self.every = float(threshold), int(every)
         self.what, self.consequence, self.details = what, consequence, details
         self._log = logging.getLogger(logger)
@@ -149,7 +177,15 @@ class FailureRateMonitor:
         extra = self.details()
         self._log.warning(
             "%s FAILURE RATE %.1f%% over the last %d batch%s (%d of %d requests failed after "
-            "retries; threshold %.1f%%); %s.%s", self.what, 100.0 * bad / total, batches,
-            "" if batches == 1 else "es", bad, total, 100.0 * self.threshold, self.consequence,
-            f" {extra}" if extra else "")
+            "retries; threshold %.1f%%); %s.%s",
+            self.what,
+            100.0 * bad / total,
+            batches,
+            "" if batches == 1 else "es",
+            bad,
+            total,
+            100.0 * self.threshold,
+            self.consequence,
+            f" {extra}" if extra else "",
+        )
         return True

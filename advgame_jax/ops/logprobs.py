@@ -153,10 +153,7 @@ def _row_stats(z, z_t, with_entropy):
     f32 = jnp.float32
     operands = (z, jnp.ones_like(z), z_t, jnp.zeros_like(z))
     init = (f32(_NEG), f32(0.0), f32(0.0), f32(0.0))
-    return jax.lax.reduce(
-        operands, init, lambda a, b: _merge(a, b, with_entropy), (1,)
-    )
-
+    return jax.lax.reduce(operands, init, lambda a, b: _merge(a, b, with_entropy), (1,))
 
 
 def _forward(hidden, unembed, targets, chunk_size, vocab_chunk_size, with_entropy):
@@ -244,8 +241,9 @@ def _tiled_bwd(chunk_size, vocab_chunk_size, with_entropy, res, cts):
     def block(carry, w_blk, col0):
         d_h, d_w = carry
         w_blk = w_blk.astype(cdt)
-        d_z = jax.lax.map(lambda xs: _logit_cotangent(xs, w_blk, col0, with_entropy, cdt),
-                          xs_rows).reshape(k * c, w_blk.shape[1])
+        d_z = jax.lax.map(
+            lambda xs: _logit_cotangent(xs, w_blk, col0, with_entropy, cdt), xs_rows
+        ).reshape(k * c, w_blk.shape[1])
         d_h = d_h + jnp.dot(d_z, w_blk.T, preferred_element_type=jnp.float32)
         d_w_blk = jnp.dot(h_flat.T, d_z, preferred_element_type=jnp.float32)
         d_w = jax.lax.dynamic_update_slice_in_dim(d_w, d_w_blk.astype(d_w.dtype), col0, axis=1)

@@ -29,9 +29,16 @@ def _flat(hidden, unembed, targets, chunk_size, with_entropy):
     return token_logprobs(h, unembed, tg, chunk_size=chunk_size).reshape(r, t), None
 
 
-def sharded_sequence_logprobs(hidden, unembed, targets, *, chunk_size: int = 1024,
-                              with_entropy: bool = False, mesh: Optional[Mesh] = None,
-                              rules=DEFAULT_RULES):
+def sharded_sequence_logprobs(
+    hidden,
+    unembed,
+    targets,
+    *,
+    chunk_size: int = 1024,
+    with_entropy: bool = False,
+    mesh: Optional[Mesh] = None,
+    rules=DEFAULT_RULES,
+):
     """hidden ``[R, T, d]``, unembed ``[d, V]``, targets ``[R, T]`` int → (log-probs ``[R, T]``
     fp32, entropies ``[R, T]`` fp32 or None); rows split over the logical ``batch`` axes."""
     if mesh is None:
@@ -46,6 +53,11 @@ def sharded_sequence_logprobs(hidden, unembed, targets, *, chunk_size: int = 102
         return _flat(h, w, tg, chunk_size, with_entropy)
 
     # check_vma=False: the kernel's scans carry per-device statistics of replicated shape.
-    fn = jax.shard_map(local, mesh=mesh, out_specs=out_specs, check_vma=False,
-                       in_specs=(PartitionSpec(rows, None, None), PartitionSpec(), row_spec))
+    fn = jax.shard_map(
+        local,
+        mesh=mesh,
+        out_specs=out_specs,
+        check_vma=False,
+        in_specs=(PartitionSpec(rows, None, None), PartitionSpec(), row_spec),
+    )
     return fn(hidden, unembed, targets)

@@ -3,19 +3,29 @@ extra, imported lazily) and an OpenAI-compatible HTTP server over a sampler."""
 
 from advgame_jax.sampling.base import Completion, FinishReason, Sampler, SamplingParams
 
-__all__ = ["Completion", "FinishReason", "Sampler", "SamplingParams", "JaxSampler",
-           "VllmSampler", "restore_params"]
+__all__ = [
+    "Completion",
+    "FinishReason",
+    "Sampler",
+    "SamplingParams",
+    "JaxSampler",
+    "VllmSampler",
+    "restore_params",
+]
 
 
 def __getattr__(name):
     # Lazy: importing the package must not import JAX programs or vllm.
     if name == "JaxSampler":
         from advgame_jax.sampling.jax_sampler import JaxSampler
+
         return JaxSampler
     if name == "VllmSampler":
         from advgame_jax.sampling.vllm_sampler import VllmSampler
+
         return VllmSampler
     if name == "restore_params":
         from advgame_jax.sampling.checkpoints import restore_params
+
         return restore_params
     raise AttributeError(f"module 'advgame_jax.sampling' has no attribute {name!r}")

@@ -29,21 +29,26 @@ def resolve_item_dir(checkpoint_path: str, item: str = DEFAULT_ITEM) -> str:
     """The PyTree item directory for ``checkpoint_path`` (layouts in the module docstring)."""
     path = os.fspath(checkpoint_path)
     if not os.path.isdir(path):
-        raise ValueError(f"checkpoint {path!r} is not a directory; expected an Orbax PyTree "
-                         f"checkpoint, a CheckpointManager step dir or its root")
+        raise ValueError(
+            f"checkpoint {path!r} is not a directory; expected an Orbax PyTree "
+            f"checkpoint, a CheckpointManager step dir or its root"
+        )
     if os.path.isfile(os.path.join(path, "_METADATA")):
         return path
     if os.path.isfile(os.path.join(path, item, "_METADATA")):
         return os.path.join(path, item)
-    steps = sorted((int(d) for d in os.listdir(path) if d.isdigit()
-                    and os.path.isdir(os.path.join(path, d))), reverse=True)
+    steps = sorted(
+        (int(d) for d in os.listdir(path) if d.isdigit() and os.path.isdir(os.path.join(path, d))),
+        reverse=True,
+    )
     for step in steps:
         step_dir = os.path.join(path, str(step))
         if os.path.isfile(os.path.join(step_dir, item, "_METADATA")):
             return os.path.join(step_dir, item)
     raise ValueError(
         f"checkpoint {path!r}: no Orbax PyTree found; expected '_METADATA' in it, in its "
-        f"'{item}' sub-directory, or in '<step>/{item}' of a CheckpointManager root")
+        f"'{item}' sub-directory, or in '<step>/{item}' of a CheckpointManager root"
+    )
 
 
 def _child(tree, key, where):
@@ -60,8 +65,13 @@ def _child(tree, key, where):
     raise ValueError(f"checkpoint {where}: key {key!r} not found; available: {keys}")
 
 
-def restore_params(checkpoint_path: str, *, key_path: Sequence[Any] = (), like: Any = None,
-                   item: str = DEFAULT_ITEM) -> Any:
+def restore_params(
+    checkpoint_path: str,
+    *,
+    key_path: Sequence[Any] = (),
+    like: Any = None,
+    item: str = DEFAULT_ITEM,
+) -> Any:
     """Read the params pytree at ``key_path`` from an Orbax checkpoint.
 
     ``like``: optional pytree of arrays (or ``jax.ShapeDtypeStruct`` with shardings) whose
@@ -84,28 +94,39 @@ def restore_params(checkpoint_path: str, *, key_path: Sequence[Any] = (), like: 
     if like is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         abstract = jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), sub)
+            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), sub
+        )
     else:
         stored = jax.tree.structure(sub)
         if stored != jax.tree.structure(like):
-            raise ValueError(f"checkpoint {where}: tree structure {stored} does not match the "
-                             f"model's params {jax.tree.structure(like)}")
+            raise ValueError(
+                f"checkpoint {where}: tree structure {stored} does not match the "
+                f"model's params {jax.tree.structure(like)}"
+            )
 
         def target(m, ref):
             if tuple(m.shape) != tuple(ref.shape):
-                raise ValueError(f"checkpoint {where}: array {getattr(m, 'name', '?')} has "
-                                 f"shape {tuple(m.shape)}, expected {tuple(ref.shape)}")
+                raise ValueError(
+                    f"checkpoint {where}: array {getattr(m, 'name', '?')} has "
+                    f"shape {tuple(m.shape)}, expected {tuple(ref.shape)}"
+                )
             sharding = getattr(ref, "sharding", None) or jax.sharding.SingleDeviceSharding(
-                jax.devices()[0])
+                jax.devices()[0]
+            )
             return jax.ShapeDtypeStruct(tuple(ref.shape), ref.dtype, sharding=sharding)
 
         abstract = jax.tree.map(target, sub, like)
     wrapped = abstract
     for k in reversed(keys):
         wrapped = {k: wrapped}
-    restored = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
-        item=wrapped, restore_args=ocp.checkpoint_utils.construct_restore_args(wrapped),
-        partial_restore=bool(keys)))
+    restored = checkpointer.restore(
+        item_dir,
+        args=ocp.args.PyTreeRestore(
+            item=wrapped,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(wrapped),
+            partial_restore=bool(keys),
+        ),
+    )
     for k in keys:
         restored = restored[k]
     return restored

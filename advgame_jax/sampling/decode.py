@@ -111,8 +111,12 @@ def filter_cutoff(scaled, top_p, top_k, *, max_candidates: int = MAX_CANDIDATES)
             mid_p, mid_k = (lo_p + hi_p) / 2, (lo_k + hi_k) / 2
             mass_ok, _ = ok(mid_p)
             _, count_ok = ok(mid_k)
-            return (jnp.where(mass_ok, mid_p, lo_p), jnp.where(mass_ok, hi_p, mid_p),
-                    jnp.where(count_ok, mid_k, lo_k), jnp.where(count_ok, hi_k, mid_k))
+            return (
+                jnp.where(mass_ok, mid_p, lo_p),
+                jnp.where(mass_ok, hi_p, mid_p),
+                jnp.where(count_ok, mid_k, lo_k),
+                jnp.where(count_ok, hi_k, mid_k),
+            )
 
         lo_p, hi_p, lo_k, hi_k = jax.lax.fori_loop(0, _BISECT_STEPS, step, (lo0, hi0, lo0, hi0))
         # lo converges from below to the largest logit satisfying the rule (hi may satisfy it
@@ -131,8 +135,16 @@ def filter_cutoff(scaled, top_p, top_k, *, max_candidates: int = MAX_CANDIDATES)
     return jax.lax.cond(jnp.all(exact), lambda _: cutoff, bisect, None)
 
 
-def select_tokens(logits, temperature, top_p, top_k, keys, *, use_filter: bool,
-                  max_candidates: int = MAX_CANDIDATES):
+def select_tokens(
+    logits,
+    temperature,
+    top_p,
+    top_k,
+    keys,
+    *,
+    use_filter: bool,
+    max_candidates: int = MAX_CANDIDATES,
+):
     """Pick one token per row and return it with its log-prob under the raw model.
 
     logits [B, V] f32 -> (tokens [B] int32, logprobs [B] f32). Rows with temperature 0 take
@@ -155,7 +167,9 @@ def select_tokens(logits, temperature, top_p, top_k, keys, *, use_filter: bool,
     sampled = jax.lax.cond(
         jnp.any(do_sample),
         lambda s: jax.vmap(jax.random.categorical)(keys, s).astype(jnp.int32),
-        lambda s: greedy, scaled)
+        lambda s: greedy,
+        scaled,
+    )
     tokens = jnp.where(do_sample, sampled, greedy)
     return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
 
@@ -166,9 +180,24 @@ def _batch_constraint(x, batch_spec):
     return jax.lax.with_sharding_constraint(x, batch_spec(x.ndim))
 
 
-def generate_tokens(params, tokens, prompt_mask, temperature, top_p, top_k, max_new,
-                    stop_ids, seeds, *, config, max_new_bucket: int, compute_dtype,
-                    cache_dtype, use_filter: bool, batch_spec=None) -> DecodeOut:
+def generate_tokens(
+    params,
+    tokens,
+    prompt_mask,
+    temperature,
+    top_p,
+    top_k,
+    max_new,
+    stop_ids,
+    seeds,
+    *,
+    config,
+    max_new_bucket: int,
+    compute_dtype,
+    cache_dtype,
+    use_filter: bool,
+    batch_spec=None,
+) -> DecodeOut:
     """Prefill the left-padded prompts, then decode until every row is done.
 
     Shapes as in the module docstring; N = ``max_new_bucket``. The cache holds P + N slots:
@@ -182,12 +211,19 @@ def generate_tokens(params, tokens, prompt_mask, temperature, top_p, top_k, max_
     keys = row_keys(seeds)
     positions = jnp.maximum(jnp.cumsum(prompt_mask.astype(jnp.int32), axis=-1) - 1, 0)
     next_pos = positions[:, -1] + 1
-    kv_mask = jnp.concatenate(
-        [prompt_mask.astype(bool), jnp.zeros((batch, n_max), bool)], axis=-1)
+    kv_mask = jnp.concatenate([prompt_mask.astype(bool), jnp.zeros((batch, n_max), bool)], axis=-1)
     cache = init_cache(config, batch, cache_len, dtype=cache_dtype)
     logits, cache = forward_with_cache(
-        params, config, tokens, positions.astype(jnp.int32), cache, jnp.int32(0), kv_mask,
-        compute_dtype=compute_dtype, last_only=True)
+        params,
+        config,
+        tokens,
+        positions.astype(jnp.int32),
+        cache,
+        jnp.int32(0),
+        kv_mask,
+        compute_dtype=compute_dtype,
+        last_only=True,
+    )
 
     def is_stop(tok):
         return jnp.any(stop_ids == tok[:, None], axis=-1)
@@ -210,15 +246,23 @@ def generate_tokens(params, tokens, prompt_mask, temperature, top_p, top_k, max_
         t, cache, kv_mask, out_tok, out_lp, done, stopped, num = state
         slot = prompt_len + t - 1
         kv_mask = jax.lax.dynamic_update_slice(
-            kv_mask, jnp.ones((batch, 1), bool), (jnp.int32(0), slot))
+            kv_mask, jnp.ones((batch, 1), bool), (jnp.int32(0), slot)
+        )
         prev = jax.lax.dynamic_slice(out_tok, (jnp.int32(0), t - 1), (batch, 1))
         pos = (next_pos + t - 1)[:, None].astype(jnp.int32)
         logits, cache = forward_with_cache(
-            params, config, prev, pos, cache, slot.astype(jnp.int32), kv_mask,
-            compute_dtype=compute_dtype, last_only=True)
+            params,
+            config,
+            prev,
+            pos,
+            cache,
+            slot.astype(jnp.int32),
+            kv_mask,
+            compute_dtype=compute_dtype,
+            last_only=True,
+        )
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, t)
-        tok, lp = select_tokens(logits, temperature, top_p, top_k, step_keys,
-                                use_filter=use_filter)
+        tok, lp = select_tokens(logits, temperature, top_p, top_k, step_keys, use_filter=use_filter)
         active = ~done
         tok = jnp.where(active, tok, 0)
         lp = jnp.where(active, lp, 0.0)

@@ -75,13 +75,33 @@ class EngineSpec:
 
 def server_command(spec: EngineSpec, port: int) -> list[str]:
     """vLLM's OpenAI server command for ``spec`` (the API key travels in the environment)."""
-    has_tokenizer = any(os.path.isfile(os.path.join(spec.hf_dir, f))
-                        for f in ("tokenizer.json", "tokenizer_config.json"))
-    cmd = [sys.executable, "-m", SERVER_MODULE, "--model", spec.hf_dir, "--enable-scale-out",
-           "--worker-extension-cls", EXTENSION, "--dtype", spec.dtype,
-           "--seed", str(spec.seed), "--host", spec.host, "--port", str(port),
-           "--tensor-parallel-size", str(spec.tensor_parallel_size),
-           "--served-model-name", spec.role, "--disable-uvicorn-access-log"]
+    has_tokenizer = any(
+        os.path.isfile(os.path.join(spec.hf_dir, f))
+        for f in ("tokenizer.json", "tokenizer_config.json")
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        SERVER_MODULE,
+        "--model",
+        spec.hf_dir,
+        "--enable-scale-out",
+        "--worker-extension-cls",
+        EXTENSION,
+        "--dtype",
+        spec.dtype,
+        "--seed",
+        str(spec.seed),
+        "--host",
+        spec.host,
+        "--port",
+        str(port),
+        "--tensor-parallel-size",
+        str(spec.tensor_parallel_size),
+        "--served-model-name",
+        spec.role,
+        "--disable-uvicorn-access-log",
+    ]
     if spec.max_model_len:
         cmd += ["--max-model-len", str(spec.max_model_len)]
     if spec.kv_cache_bytes:
@@ -104,27 +124,43 @@ def _free_port(host: str) -> int:
 # The spawned engine's first step, before it becomes vLLM's server: ask the kernel for SIGTERM
 # when the trainer dies (Linux; kept across exec), then exec the server command. Done in the
 # child's own interpreter, not in a preexec_fn (unsafe in the threaded trainer).
-_LAUNCHER = ("import ctypes, os, signal, sys\n"
-             "try:\n    ctypes.CDLL(None).prctl(1, signal.SIGTERM)\n"
-             "except (OSError, AttributeError):\n    pass\n"
-             "if os.getppid() != int(sys.argv[1]):\n    sys.exit(1)\n"
-             "os.execv(sys.executable, [sys.executable] + sys.argv[2:])\n")
+_LAUNCHER = (
+    "import ctypes, os, signal, sys\n"
+    "try:\n    ctypes.CDLL(None).prctl(1, signal.SIGTERM)\n"
+    "except (OSError, AttributeError):\n    pass\n"
+    "if os.getppid() != int(sys.argv[1]):\n    sys.exit(1)\n"
+    "os.execv(sys.executable, [sys.executable] + sys.argv[2:])\n"
+)
 
 
 class EngineClient:
     """HTTP requests to one engine server, with deadlines and liveness checks on every one."""
 
-    def __init__(self, name: str, url: str, *, api_key: str = "", proc=None, log_path: str = "",
-                 request_timeout_s: float = 3600.0, startup_timeout_s: float = 900.0):
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        *,
+        api_key: str = "",
+        proc=None,
+        log_path: str = "",
+        request_timeout_s: float = 3600.0,
+        startup_timeout_s: float = 900.0,
+    ):
         from advgame_jax.net import Client
 
         self.name, self.url, self.proc, self.log_path = name, url.rstrip("/"), proc, log_path
         self.request_timeout_s = float(request_timeout_s)
         self._startup_deadline = time.monotonic() + float(startup_timeout_s)
         self._ready = proc is None
-        self._http = Client([self.url], api_key=api_key or None, max_retries=0,
-                            timeout_s=self.request_timeout_s, max_connections=256,
-                            field=f"config.{name}.engine.address")
+        self._http = Client(
+            [self.url],
+            api_key=api_key or None,
+            max_retries=0,
+            timeout_s=self.request_timeout_s,
+            max_connections=256,
+            field=f"config.{name}.engine.address",
+        )
 
     # ------------------------------------------------------------------ naming and liveness
     def who(self) -> str:
@@ -155,8 +191,9 @@ class EngineClient:
             except ClientError:
                 time.sleep(0.5)
 
-    def request(self, method: str, path: str, payload: Any = None, *,
-                timeout_s: Optional[float] = None) -> Any:
+    def request(
+        self, method: str, path: str, payload: Any = None, *, timeout_s: Optional[float] = None
+    ) -> Any:
         """``method path`` with a JSON body; the decoded answer (``None`` for an empty one)."""
         from advgame_jax.net import ClientError
 
@@ -167,13 +204,20 @@ class EngineClient:
             return self._http.request(method, path, payload, timeout_s=timeout_s)
         except ClientError as e:
             time.sleep(0.2)  # let a dying engine's exit code land
-            raise (self._dead(f" during '{path}'")
-                   or self._error(f"'{path}' failed: {e}")) from None
+            raise (
+                self._dead(f" during '{path}'") or self._error(f"'{path}' failed: {e}")
+            ) from None
 
     # ------------------------------------------------------------------ start / attach / stop
     @classmethod
-    def spawn(cls, spec: EngineSpec, run_dir: str, *, startup_timeout_s: float = 900.0,
-              request_timeout_s: float = 3600.0) -> "EngineClient":
+    def spawn(
+        cls,
+        spec: EngineSpec,
+        run_dir: str,
+        *,
+        startup_timeout_s: float = 900.0,
+        request_timeout_s: float = 3600.0,
+    ) -> "EngineClient":
         """Start vLLM's server for ``spec``; its log and ``<role>.engine.json`` (pid, URL, log)
         in ``run_dir``. Returns at once; the first request waits for readiness."""
         from advgame_jax import fsutil
@@ -195,19 +239,35 @@ class EngineClient:
         log_path = os.path.join(run_dir, f"{spec.role}.log")
         log = os.fdopen(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
         cmd = server_command(spec, port)
-        proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(os.getpid()), *cmd[1:]],
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _LAUNCHER, str(os.getpid()), *cmd[1:]],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
         log.close()
         url = f"http://{spec.host}:{port}"
-        fsutil.atomic_write_text(os.path.join(run_dir, f"{spec.role}.engine.json"), json.dumps(
-            {"pid": proc.pid, "url": url, "log": log_path}) + "\n", mode=0o600)
-        return cls(spec.role, url, api_key=key, proc=proc, log_path=log_path,
-                   request_timeout_s=request_timeout_s, startup_timeout_s=startup_timeout_s)
+        fsutil.atomic_write_text(
+            os.path.join(run_dir, f"{spec.role}.engine.json"),
+            json.dumps({"pid": proc.pid, "url": url, "log": log_path}) + "\n",
+            mode=0o600,
+        )
+        return cls(
+            spec.role,
+            url,
+            api_key=key,
+            proc=proc,
+            log_path=log_path,
+            request_timeout_s=request_timeout_s,
+            startup_timeout_s=startup_timeout_s,
+        )
 
     @classmethod
-    def connect(cls, name: str, address: str, api_key_env: str = "", *,
-                request_timeout_s: float = 3600.0) -> "EngineClient":
+    def connect(
+        cls, name: str, address: str, api_key_env: str = "", *, request_timeout_s: float = 3600.0
+    ) -> "EngineClient":
         """Attach to a user-started engine at ``host:port`` (or an http(s) URL); its API key,
         if it has one, in the environment variable ``api_key_env``."""
         url = address if address.startswith(("http://", "https://")) else f"http://{address}"
@@ -218,8 +278,10 @@ class EngineClient:
         if api_key_env:
             key = os.environ.get(api_key_env, "")
             if not key:
-                raise EngineError(f"config.{name}.engine.authkey_env: environment variable "
-                                  f"{api_key_env} is empty; expected the engine's API key")
+                raise EngineError(
+                    f"config.{name}.engine.authkey_env: environment variable "
+                    f"{api_key_env} is empty; expected the engine's API key"
+                )
         client = cls(name, url, api_key=key, request_timeout_s=request_timeout_s)
         client.request("GET", "/health", timeout_s=30)
         return client
@@ -250,8 +312,15 @@ class RemoteSampler:
     """``Sampler`` over an engine server; completions carry the ``weights_version`` vLLM
     stamped on their tokens (the oldest one, if a completion spans several)."""
 
-    def __init__(self, client: EngineClient, model_config, *, tokenizer=None,
-                 load_timeout_s: float = 900.0, max_parallel: int = 64):
+    def __init__(
+        self,
+        client: EngineClient,
+        model_config,
+        *,
+        tokenizer=None,
+        load_timeout_s: float = 900.0,
+        max_parallel: int = 64,
+    ):
         self.client, self.tokenizer = client, tokenizer
         self._model_config_json = json.dumps(model_config.to_hf_dict())
         self.load_timeout_s = float(load_timeout_s)
@@ -261,9 +330,10 @@ class RemoteSampler:
         except EngineError as e:
             if client._dead() is not None:
                 raise
-            raise EngineError(f"{e}; an engine must run vLLM's server with "
-                              f"VLLM_SERVER_DEV_MODE=1 and --enable-scale-out (docs/sampling.md)"
-                              ) from None
+            raise EngineError(
+                f"{e}; an engine must run vLLM's server with "
+                f"VLLM_SERVER_DEV_MODE=1 and --enable-scale-out (docs/sampling.md)"
+            ) from None
         self.weights_version: Optional[int] = _version(info.get("weight_version"))
         models = client.request("GET", "/v1/models", timeout_s=60).get("data") or [{}]
         self.max_model_len = int(models[0].get("max_model_len") or 0)
@@ -272,37 +342,59 @@ class RemoteSampler:
     def _one(self, ids: list[int], sp: SamplingParams) -> list[Completion]:
         if self.max_model_len and len(ids) + sp.max_new_tokens > self.max_model_len:
             self.prompt_too_long += 1  # over budget: the game's MAX_LENGTH, counted
-            return [Completion((), "", (), "length", weights_version=self.weights_version)
-                    for _ in range(sp.n)]
+            return [
+                Completion((), "", (), "length", weights_version=self.weights_version)
+                for _ in range(sp.n)
+            ]
         # Greedy: one completion, repeated (vLLM refuses n > 1 without sampling).
         n = 1 if sp.temperature == 0 else sp.n
-        params = dict(n=n, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
-                      max_tokens=sp.max_new_tokens, stop_token_ids=list(sp.stop_token_ids),
-                      ignore_eos=True, logprobs=0, detokenize=False)
+        params = dict(
+            n=n,
+            temperature=sp.temperature,
+            top_p=sp.top_p,
+            top_k=sp.top_k,
+            max_tokens=sp.max_new_tokens,
+            stop_token_ids=list(sp.stop_token_ids),
+            ignore_eos=True,
+            logprobs=0,
+            detokenize=False,
+        )
         if sp.seed is not None:
             params["seed"] = sp.seed
-        out = self.client.request("POST", "/inference/v1/generate",
-                                  {"token_ids": ids, "sampling_params": params})
+        out = self.client.request(
+            "POST", "/inference/v1/generate", {"token_ids": ids, "sampling_params": params}
+        )
         result = []
         for ch in sorted(out["choices"], key=lambda c: c["index"]):
             tok = tuple(int(t) for t in ch.get("token_ids") or ())
-            lps = tuple(float(e["logprob"]) for e in (ch.get("logprobs") or {}).get("content")
-                        or ())
+            lps = tuple(
+                float(e["logprob"]) for e in (ch.get("logprobs") or {}).get("content") or ()
+            )
             if len(lps) != len(tok):
                 raise self.client._error(f"{len(tok)} tokens but {len(lps)} log-probs")
             spans = ch.get("weight_versions") or []
             versions = [_version(s.get("version")) for s in spans]
-            version = (None if not versions or None in versions
-                       else min(v for v in versions if v is not None))
+            version = (
+                None
+                if not versions or None in versions
+                else min(v for v in versions if v is not None)
+            )
             stop = ch.get("finish_reason") == "stop" and bool(tok) and tok[-1] in sp.stop_token_ids
             text = self.tokenizer.decode(tok, skip_special_tokens=True) if self.tokenizer else ""
-            result.append(Completion(token_ids=tok, text=text, logprobs=lps,
-                                     finish_reason="stop" if stop else "length",
-                                     weights_version=version if tok else self.weights_version))
+            result.append(
+                Completion(
+                    token_ids=tok,
+                    text=text,
+                    logprobs=lps,
+                    finish_reason="stop" if stop else "length",
+                    weights_version=version if tok else self.weights_version,
+                )
+            )
         return result * (sp.n // n)
 
-    def generate(self, prompt_token_ids: Sequence[Sequence[int]],
-                 params: SamplingParams) -> list[Completion]:
+    def generate(
+        self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams
+    ) -> list[Completion]:
         prompts = [[int(t) for t in p] for p in prompt_token_ids]
         for i, p in enumerate(prompts):
             if not p:
@@ -313,13 +405,20 @@ class RemoteSampler:
             parts = list(ex.map(lambda p: self._one(p, params), prompts))
         return [c for part in parts for c in part]
 
-    def update_weights(self, params: Any = None, *, checkpoint_path: Optional[str] = None,
-                       version: Optional[int] = None) -> int:
+    def update_weights(
+        self,
+        params: Any = None,
+        *,
+        checkpoint_path: Optional[str] = None,
+        version: Optional[int] = None,
+    ) -> int:
         """Swap in the committed sync checkpoint at ``checkpoint_path``: pause generation,
         every worker loads it, reset the prefix cache, label the version, resume."""
         if params is not None or checkpoint_path is None:
-            raise ValueError("RemoteSampler.update_weights: pass checkpoint_path (a committed "
-                             "sync checkpoint); in-memory params cannot reach another process")
+            raise ValueError(
+                "RemoteSampler.update_weights: pass checkpoint_path (a committed "
+                "sync checkpoint); in-memory params cannot reach another process"
+            )
         from advgame_jax.sampling.weight_sync import read_commit
 
         path = os.path.abspath(checkpoint_path)
@@ -328,16 +427,20 @@ class RemoteSampler:
         c, t = self.client, self.load_timeout_s
         c.request("POST", "/pause?mode=wait", timeout_s=t)
         try:
-            out = c.request("POST", "/collective_rpc", {
-                "method": "advgame_load_sync", "args": [path, cfg_json], "timeout": t},
-                timeout_s=t)
+            out = c.request(
+                "POST",
+                "/collective_rpc",
+                {"method": "advgame_load_sync", "args": [path, cfg_json], "timeout": t},
+                timeout_s=t,
+            )
             loaded = {_version(r) for r in (out or {}).get("results", [])}
             if loaded != {expected}:
-                raise c._error(f"workers loaded weights versions {sorted(loaded, key=str)} "
-                               f"from {path}, expected {expected}")
+                raise c._error(
+                    f"workers loaded weights versions {sorted(loaded, key=str)} "
+                    f"from {path}, expected {expected}"
+                )
             c.request("POST", "/reset_prefix_cache", timeout_s=t)
-            c.request("POST", "/update_weight_version", {"new_version": str(expected)},
-                      timeout_s=t)
+            c.request("POST", "/update_weight_version", {"new_version": str(expected)}, timeout_s=t)
         finally:
             c.request("POST", "/resume", timeout_s=t)
         self.weights_version = expected

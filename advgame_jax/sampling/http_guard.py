@@ -53,5 +53,6 @@ class DeadlineH11Protocol(H11Protocol):
 
 def protocol_with_deadline(read_deadline_s: float) -> type:
     """The protocol class to give ``uvicorn.Config(http=...)``."""
-    return type("DeadlineH11Protocol", (DeadlineH11Protocol,),
-                {"read_deadline_s": float(read_deadline_s)})
+    return type(
+        "DeadlineH11Protocol", (DeadlineH11Protocol,), {"read_deadline_s": float(read_deadline_s)}
+    )

@@ -56,6 +56,7 @@ def prompt_too_long_completion() -> Completion:
     """What a sampler returns for a prompt over its budget: no tokens, finish "length"."""
     return Completion(token_ids=(), text="", logprobs=(), finish_reason="length")
 
+
 BATCH_AXES = ("data", "fsdp")
 
 
@@ -100,10 +101,21 @@ class JaxSampler:
         to a training step; False adopts the given buffers.
     """
 
-    def __init__(self, config: ModelConfig, params, *, tokenizer=None, mesh: Optional[Mesh] = None,
-                 compute_dtype=None, max_batch_size: int = 256, max_prompt_len: int = 4096,
-                 min_batch_bucket: int = 1, min_prompt_bucket: int = 16,
-                 min_new_bucket: int = 16, copy_params: bool = True):
+    def __init__(
+        self,
+        config: ModelConfig,
+        params,
+        *,
+        tokenizer=None,
+        mesh: Optional[Mesh] = None,
+        compute_dtype=None,
+        max_batch_size: int = 256,
+        max_prompt_len: int = 4096,
+        min_batch_bucket: int = 1,
+        min_prompt_bucket: int = 16,
+        min_new_bucket: int = 16,
+        copy_params: bool = True,
+    ):
         self.config = config
         self.tokenizer = tokenizer
         self.mesh = mesh
@@ -114,10 +126,12 @@ class JaxSampler:
         self.min_prompt_bucket = int(min_prompt_bucket)
         self.min_new_bucket = int(min_new_bucket)
         # The batch splits over every data-parallel mesh axis (the "batch" logical rule).
-        self._batch_axes = tuple(a for a in BATCH_AXES if mesh is not None
-                                 and mesh.shape.get(a, 1) > 1)
-        self._data_size = (math.prod(mesh.shape[a] for a in self._batch_axes)
-                           if mesh is not None else 1)
+        self._batch_axes = tuple(
+            a for a in BATCH_AXES if mesh is not None and mesh.shape.get(a, 1) > 1
+        )
+        self._data_size = (
+            math.prod(mesh.shape[a] for a in self._batch_axes) if mesh is not None else 1
+        )
         self.max_batch_size = max(int(max_batch_size), self._data_size)
         self._param_shardings = param_shardings(config, mesh) if mesh is not None else None
         self.params = self._place(params, like=None, copy=copy_params)
@@ -132,7 +146,8 @@ class JaxSampler:
             cfg_file = os.path.join(path, "config.json")
             with open(cfg_file) as f:
                 shardings = param_shardings(
-                    ModelConfig.from_hf_dict(json.load(f), source=cfg_file), mesh)
+                    ModelConfig.from_hf_dict(json.load(f), source=cfg_file), mesh
+                )
         config, params = load_hf(path, dtype, shardings=shardings)
         if tokenizer == "auto":
             tokenizer = _maybe_tokenizer(path)
@@ -149,8 +164,10 @@ class JaxSampler:
         else:
             got, want = jax.tree.structure(params), jax.tree.structure(like)
             if got != want:
-                raise ValueError(f"update_weights: param tree structure {got} does not match "
-                                 f"the sampler's {want}")
+                raise ValueError(
+                    f"update_weights: param tree structure {got} does not match "
+                    f"the sampler's {want}"
+                )
         shardings = self._param_shardings
         if shardings is None:
             device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -158,16 +175,24 @@ class JaxSampler:
 
         def put(new, old, sharding):
             if tuple(new.shape) != tuple(old.shape):
-                raise ValueError(f"update_weights: param shape {tuple(new.shape)} does not "
-                                 f"match the sampler's {tuple(old.shape)}")
+                raise ValueError(
+                    f"update_weights: param shape {tuple(new.shape)} does not "
+                    f"match the sampler's {tuple(old.shape)}"
+                )
             cast = new.astype(old.dtype) if new.dtype != old.dtype else new
             alias = None if (cast is not new or not copy) else False
             return jax.device_put(cast, sharding, may_alias=alias)
 
         return jax.tree.map(put, params, like, shardings)
 
-    def update_weights(self, params: Any = None, *, checkpoint_path: Optional[str] = None,
-                       key_path: Sequence[str] = (), copy: bool = True) -> None:
+    def update_weights(
+        self,
+        params: Any = None,
+        *,
+        checkpoint_path: Optional[str] = None,
+        key_path: Sequence[str] = (),
+        copy: bool = True,
+    ) -> None:
         """Swap in new weights without recompiling.
 
         Give either ``params`` (a pytree like the current one) or ``checkpoint_path``: an
@@ -184,8 +209,9 @@ class JaxSampler:
         self.params = self._place(params, like=self.params, copy=copy)
 
     # ------------------------------------------------------------------ generation
-    def generate(self, prompt_token_ids: Sequence[Sequence[int]],
-                 params: SamplingParams) -> list[Completion]:
+    def generate(
+        self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams
+    ) -> list[Completion]:
         """``params.n`` completions per prompt, grouped by prompt (see ``Sampler``)."""
         return self.generate_many([(prompt_token_ids, params)])[0]
 
@@ -210,29 +236,38 @@ class JaxSampler:
                     continue
                 bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
                 if bad:
-                    raise ValueError(f"generate: prompt {i} holds token id {bad[0]} outside "
-                                     f"[0, {self.config.vocab_size})")
+                    raise ValueError(
+                        f"generate: prompt {i} holds token id {bad[0]} outside "
+                        f"[0, {self.config.vocab_size})"
+                    )
                 rows.extend(_Row(prompt, sp, i, j) for j in range(sp.n))
                 results.extend(None for _ in range(sp.n))
         # Rows that share a program (same new-token bucket, same filter flag) run together;
         # sorting by prompt length keeps the padding small inside each chunk.
-        order = sorted((r for r in range(len(rows)) if rows[r] is not None),
-                       key=lambda r: (self._program_key(rows[r]), len(rows[r].prompt)))
+        order = sorted(
+            (r for r in range(len(rows)) if rows[r] is not None),
+            key=lambda r: (self._program_key(rows[r]), len(rows[r].prompt)),
+        )
         start = 0
         while start < len(order):
             key = self._program_key(rows[order[start]])
             stop = start
-            while (stop < len(order) and stop - start < self.max_batch_size
-                   and self._program_key(rows[order[stop]]) == key):
+            while (
+                stop < len(order)
+                and stop - start < self.max_batch_size
+                and self._program_key(rows[order[stop]]) == key
+            ):
                 stop += 1
             chunk = order[start:stop]
-            for idx, comp in zip(chunk, self._run_chunk([rows[r] for r in chunk], *key), strict=True):
+            for idx, comp in zip(
+                chunk, self._run_chunk([rows[r] for r in chunk], *key), strict=True
+            ):
                 results[idx] = comp
             start = stop
         out, pos = [], 0
         for prompts, sp in requests:
             k = len(prompts) * sp.n
-            out.append(results[pos:pos + k])
+            out.append(results[pos : pos + k])
             pos += k
         return out
 
@@ -242,8 +277,10 @@ class JaxSampler:
         return next_pow2(sp.max_new_tokens, self.min_new_bucket), bool(use_filter)
 
     def _run_chunk(self, rows: list[_Row], max_new_bucket: int, use_filter: bool):
-        b = min(next_pow2(len(rows), max(self._data_size, self.min_batch_bucket)),
-                next_pow2(self.max_batch_size))
+        b = min(
+            next_pow2(len(rows), max(self._data_size, self.min_batch_bucket)),
+            next_pow2(self.max_batch_size),
+        )
         b = int(math.ceil(b / self._data_size) * self._data_size)
         p = next_pow2(max(len(r.prompt) for r in rows), self.min_prompt_bucket)
         k = next_pow2(max(len(r.params.stop_token_ids) for r in rows), 4)
@@ -260,33 +297,46 @@ class JaxSampler:
             row = rows[r] if r < len(rows) else rows[0]
             sp = row.params
             n = len(row.prompt)
-            tokens[r, p - n:] = row.prompt
-            mask[r, p - n:] = True
+            tokens[r, p - n :] = row.prompt
+            mask[r, p - n :] = True
             temperature[r] = sp.temperature
             top_p[r] = sp.top_p
             top_k[r] = sp.top_k
             max_new[r] = sp.max_new_tokens if r < len(rows) else 1
-            stop_ids[r, :len(sp.stop_token_ids)] = sp.stop_token_ids
+            stop_ids[r, : len(sp.stop_token_ids)] = sp.stop_token_ids
             seed = int(sp.seed) % (1 << 64)
             seeds[r] = (seed & 0xFFFFFFFF, seed >> 32, row.prompt_index, row.sample_index)
         arrays = (tokens, mask, temperature, top_p, top_k, max_new, stop_ids, seeds)
         if self.mesh is not None:
             # Each process holds only its own rows: they become its slice of one global batch
             # (on one process this is a plain device_put).
-            arrays = tuple(jax.make_array_from_process_local_data(
-                self._batch_sharding(a.ndim), a) for a in arrays)
+            arrays = tuple(
+                jax.make_array_from_process_local_data(self._batch_sharding(a.ndim), a)
+                for a in arrays
+            )
         batch_sharding = self._batch_sharding(2) if self.mesh is not None else None
-        out = _generate_jit(self.params, *arrays, config=self.config,
-                            max_new_bucket=max_new_bucket, compute_dtype=self.compute_dtype.name,
-                            use_filter=use_filter, batch_sharding=batch_sharding)
+        out = _generate_jit(
+            self.params,
+            *arrays,
+            config=self.config,
+            max_new_bucket=max_new_bucket,
+            compute_dtype=self.compute_dtype.name,
+            use_filter=use_filter,
+            batch_sharding=batch_sharding,
+        )
         toks, lps, num, stopped = (_local_rows(a) for a in out)
         comps = []
         for r in range(len(rows)):
-            ids = tuple(int(t) for t in toks[r, :num[r]])
+            ids = tuple(int(t) for t in toks[r, : num[r]])
             text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer else ""
-            comps.append(Completion(token_ids=ids, text=text,
-                                    logprobs=tuple(float(x) for x in lps[r, :num[r]]),
-                                    finish_reason="stop" if stopped[r] else "length"))
+            comps.append(
+                Completion(
+                    token_ids=ids,
+                    text=text,
+                    logprobs=tuple(float(x) for x in lps[r, : num[r]]),
+                    finish_reason="stop" if stopped[r] else "length",
+                )
+            )
         return comps
 
     def _batch_sharding(self, ndim: int) -> NamedSharding:
@@ -294,22 +344,53 @@ class JaxSampler:
         return NamedSharding(self.mesh, PartitionSpec(axes, *([None] * (ndim - 1))))
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "config", "max_new_bucket", "compute_dtype", "use_filter", "batch_sharding"))
-def _generate_jit(params, tokens, mask, temperature, top_p, top_k, max_new, stop_ids, seeds, *,
-                  config, max_new_bucket, compute_dtype, use_filter, batch_sharding):
+@functools.partial(
+    jax.jit,
+    static_argnames=("config", "max_new_bucket", "compute_dtype", "use_filter", "batch_sharding"),
+)
+def _generate_jit(
+    params,
+    tokens,
+    mask,
+    temperature,
+    top_p,
+    top_k,
+    max_new,
+    stop_ids,
+    seeds,
+    *,
+    config,
+    max_new_bucket,
+    compute_dtype,
+    use_filter,
+    batch_sharding,
+):
     # Module-level so samplers of the same model config share compiled programs; the batch
     # sharding (a hashable NamedSharding over [B, N]) keeps the outputs split over the
     # data-parallel axes. Params stay an argument: new weights never retrace.
     def batch_spec(ndim):
-        return NamedSharding(batch_sharding.mesh,
-                             PartitionSpec(batch_sharding.spec[0], *([None] * (ndim - 1))))
+        return NamedSharding(
+            batch_sharding.mesh, PartitionSpec(batch_sharding.spec[0], *([None] * (ndim - 1)))
+        )
 
     dtype = jnp.dtype(compute_dtype)
     return generate_tokens(
-        params, tokens, mask, temperature, top_p, top_k, max_new, stop_ids, seeds,
-        config=config, max_new_bucket=max_new_bucket, compute_dtype=dtype, cache_dtype=dtype,
-        use_filter=use_filter, batch_spec=batch_spec if batch_sharding is not None else None)
+        params,
+        tokens,
+        mask,
+        temperature,
+        top_p,
+        top_k,
+        max_new,
+        stop_ids,
+        seeds,
+        config=config,
+        max_new_bucket=max_new_bucket,
+        compute_dtype=dtype,
+        cache_dtype=dtype,
+        use_filter=use_filter,
+        batch_spec=batch_spec if batch_sharding is not None else None,
+    )
 
 
 def _local_rows(array) -> np.ndarray:
@@ -324,9 +405,11 @@ def _local_rows(array) -> np.ndarray:
 
 
 def _maybe_tokenizer(path):
-    if not (os.path.isfile(os.path.join(path, "tokenizer.json"))
-            or os.path.isfile(os.path.join(path, "tokenizer_config.json"))):
+    if not (
+        os.path.isfile(os.path.join(path, "tokenizer.json"))
+        or os.path.isfile(os.path.join(path, "tokenizer_config.json"))
+    ):
         return None
     from advgame_jax.tokenization import ChatTokenizer
-    return ChatTokenizer.from_dir(path)
 
+    return ChatTokenizer.from_dir(path)

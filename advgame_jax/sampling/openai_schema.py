@@ -23,12 +23,14 @@ import json
 import secrets
 import time
 import uuid
-from typing import Any, Literal, Optional, Sequence, Union
+from typing import Literal, Optional, Sequence, Union
 
 import pydantic
-from openai.types import Completion as TextCompletion, CompletionChoice, CompletionUsage
+from openai.types import Completion as TextCompletion
+from openai.types import CompletionChoice, CompletionUsage
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage
-from openai.types.chat import chat_completion as cc, chat_completion_chunk as ck
+from openai.types.chat import chat_completion as cc
+from openai.types.chat import chat_completion_chunk as ck
 from openai.types.chat.chat_completion_token_logprob import ChatCompletionTokenLogprob, TopLogprob
 from openai.types.completion_choice import Logprobs as TextLogprobs
 from pydantic import BaseModel, ConfigDict, Field
@@ -41,16 +43,35 @@ MAX_CHAT_TOP_LOGPROBS, MAX_TEXT_LOGPROBS = 20, 5  # OpenAI's bounds
 class RequestError(Exception):
     """A request the server rejects: HTTP ``status`` + OpenAI ``{"error": {...}}`` fields."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 code: Optional[str] = None, param: Optional[str] = None, headers=None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        code: Optional[str] = None,
+        param: Optional[str] = None,
+        headers=None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = (
-            status, message, type, code, param)
+            status,
+            message,
+            type,
+            code,
+            param,
+        )
         self.headers = dict(headers or {})
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,13 +149,20 @@ class CompletionRequest(_Common):
 
 _SHAPES = {
     "prompt": "'prompt' must be a string, a list of strings, a list of token ids or a list of "
-              "token-id lists (non-empty)",
+    "token-id lists (non-empty)",
     "stop": "'stop' must be a string or a list of at most 4 strings",
     "messages": "'messages' must be a non-empty list",
 }
-_TYPES = {"float_type": "a number", "int_type": "an integer", "bool_type": "a boolean",
-          "string_type": "a string", "list_type": "a list", "model_type": "an object",
-          "int_from_float": "an integer", "literal_error": "'text'"}
+_TYPES = {
+    "float_type": "a number",
+    "int_type": "an integer",
+    "bool_type": "a boolean",
+    "string_type": "a string",
+    "list_type": "a list",
+    "model_type": "an object",
+    "int_from_float": "an integer",
+    "literal_error": "'text'",
+}
 
 
 def _bad(message, param=None, code=None):
@@ -150,8 +178,10 @@ def _explain(err: pydantic.ValidationError) -> RequestError:
         if "recursion" in why:
             return _bad("the request body is nested too deeply")
         if "surrogate" in why or "hex escape" in why:
-            return _bad("the request body is not valid JSON text: it holds a lone UTF-16 "
-                        "surrogate escape (\\ud800-\\udfff without its pair)")
+            return _bad(
+                "the request body is not valid JSON text: it holds a lone UTF-16 "
+                "surrogate escape (\\ud800-\\udfff without its pair)"
+            )
         return _bad(f"the request body is not valid JSON: {why}")
     if kind == "json_type" or not loc:
         return _bad("the request body must be a JSON object")
@@ -161,8 +191,11 @@ def _explain(err: pydantic.ValidationError) -> RequestError:
         if len(loc) == 2:
             return _bad(f"{where} must be an object with 'role' and 'content'", field)
         if loc[2] == "content":
-            return _bad(f"{where}.content must be a string or a list of {{'type': 'text', "
-                        f"'text': str}} parts; only text is supported", field)
+            return _bad(
+                f"{where}.content must be a string or a list of {{'type': 'text', "
+                f"'text': str}} parts; only text is supported",
+                field,
+            )
         return _bad(f"{where}.{loc[2]} must be a string", field)
     if kind == "missing":
         return _bad(f"'{field}' is required", field)
@@ -193,8 +226,12 @@ def _validate(model, raw: bytes, served: str):
     except pydantic.ValidationError as err:
         raise _explain(err) from None
     if req.model not in (None, served):
-        raise RequestError(404, f"model {req.model!r} does not exist; this server serves "
-                           f"{served!r}", code="model_not_found", param="model")
+        raise RequestError(
+            404,
+            f"model {req.model!r} does not exist; this server serves {served!r}",
+            code="model_not_found",
+            param="model",
+        )
     return req
 
 
@@ -215,22 +252,35 @@ def _common(req: _Common, tokenizer, limits: Limits, max_tokens, prompts, **out)
         if not ids:
             raise _bad("the prompt is empty", "prompt")
         if len(ids) > limits.max_prompt_tokens:
-            raise _bad(f"the prompt has {len(ids)} tokens; this server accepts at most "
-                       f"{limits.max_prompt_tokens}", code="context_length_exceeded")
+            raise _bad(
+                f"the prompt has {len(ids)} tokens; this server accepts at most "
+                f"{limits.max_prompt_tokens}",
+                code="context_length_exceeded",
+            )
     if len(prompts) * n > limits.max_n:
-        raise _bad(f"the request asks for {len(prompts)} prompts × n={n} = {len(prompts) * n}"
-                   f" completions; this server returns at most {limits.max_n} per request",
-                   "prompt")
+        raise _bad(
+            f"the request asks for {len(prompts)} prompts × n={n} = {len(prompts) * n}"
+            f" completions; this server returns at most {limits.max_n} per request",
+            "prompt",
+        )
     params = SamplingParams(
         temperature=1.0 if temperature is None else temperature,
-        top_p=1.0 if top_p is None else top_p, top_k=max(top_k, 0),
+        top_p=1.0 if top_p is None else top_p,
+        top_k=max(top_k, 0),
         max_new_tokens=max_tokens or limits.default_max_tokens,
-        stop_token_ids=tuple(dict.fromkeys(stop_ids)), n=n,
-        seed=secrets.randbits(63) if req.seed is None else req.seed)  # no seed: calls differ
+        stop_token_ids=tuple(dict.fromkeys(stop_ids)),
+        n=n,
+        seed=secrets.randbits(63) if req.seed is None else req.seed,
+    )  # no seed: calls differ
     options = req.stream_options
-    return ParsedRequest(prompts=tuple(prompts), params=params,
-                         stop_strings=tuple(s for s in stop if s), stream=bool(req.stream),
-                         include_usage=bool(options and options.include_usage), **out)
+    return ParsedRequest(
+        prompts=tuple(prompts),
+        params=params,
+        stop_strings=tuple(s for s in stop if s),
+        stream=bool(req.stream),
+        include_usage=bool(options and options.include_usage),
+        **out,
+    )
 
 
 def _encode(tokenizer, text: str, **kw) -> tuple[int, ...]:
@@ -240,27 +290,45 @@ def _encode(tokenizer, text: str, **kw) -> tuple[int, ...]:
 def parse_chat(raw: bytes, tokenizer, limits: Limits, served: str = "advgame") -> ParsedRequest:
     """Validate a ``/v1/chat/completions`` body and render its messages with the chat template."""
     req = _validate(ChatRequest, raw, served)
-    messages = [{"role": m.role, "content": m.content if isinstance(m.content, str)
-                 else "".join(p.text for p in m.content)} for m in req.messages]
+    messages = [
+        {
+            "role": m.role,
+            "content": m.content
+            if isinstance(m.content, str)
+            else "".join(p.text for p in m.content),
+        }
+        for m in req.messages
+    ]
     top = _in("top_logprobs", req.top_logprobs, 0, MAX_CHAT_TOP_LOGPROBS) or 0
     if top and not req.logprobs:
         raise _bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     try:
-        text = tokenizer.hf.apply_chat_template(messages, add_generation_prompt=True,
-                                                tokenize=False)
+        text = tokenizer.hf.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False
+        )
     except Exception as err:  # the template's own raise_exception, or a malformed turn
         raise _bad(f"the chat template rejected these messages: {err}", "messages") from None
-    max_tokens = (req.max_completion_tokens if req.max_completion_tokens is not None
-                  else req.max_tokens)
+    max_tokens = (
+        req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    )
     if req.max_completion_tokens is not None:
         _in("max_completion_tokens", max_tokens, 1, limits.max_tokens)
     prompt = _encode(tokenizer, text, add_special_tokens=False)
-    return _common(req, tokenizer, limits, max_tokens, [prompt], kind="chat",
-                   logprobs=bool(req.logprobs), top_logprobs=top)
+    return _common(
+        req,
+        tokenizer,
+        limits,
+        max_tokens,
+        [prompt],
+        kind="chat",
+        logprobs=bool(req.logprobs),
+        top_logprobs=top,
+    )
 
 
-def parse_completions(raw: bytes, tokenizer, limits: Limits,
-                      served: str = "advgame") -> ParsedRequest:
+def parse_completions(
+    raw: bytes, tokenizer, limits: Limits, served: str = "advgame"
+) -> ParsedRequest:
     """Validate a ``/v1/completions`` body; text prompts are encoded without special tokens."""
     req = _validate(CompletionRequest, raw, served)
     prompt, vocab = req.prompt, tokenizer.vocab_size
@@ -268,13 +336,26 @@ def parse_completions(raw: bytes, tokenizer, limits: Limits,
         raise _bad(_SHAPES["prompt"], "prompt")
     many = isinstance(prompt, list) and not isinstance(prompt[0], int)
     if many and len(prompt) > limits.max_n:  # before encoding thousands of prompts
-        raise _bad(f"the request asks for {len(prompt)} prompts; this server returns at most "
-                   f"{limits.max_n} completions per request", "prompt")
-    prompts = [_encode(tokenizer, p) if isinstance(p, str) else _token_ids(p, "prompt", vocab)
-               for p in (prompt if many else [prompt])]
+        raise _bad(
+            f"the request asks for {len(prompt)} prompts; this server returns at most "
+            f"{limits.max_n} completions per request",
+            "prompt",
+        )
+    prompts = [
+        _encode(tokenizer, p) if isinstance(p, str) else _token_ids(p, "prompt", vocab)
+        for p in (prompt if many else [prompt])
+    ]
     top = _in("logprobs", req.logprobs, 0, MAX_TEXT_LOGPROBS)
-    return _common(req, tokenizer, limits, req.max_tokens, prompts, kind="completions",
-                   logprobs=top is not None, top_logprobs=top or 0)
+    return _common(
+        req,
+        tokenizer,
+        limits,
+        req.max_tokens,
+        prompts,
+        kind="completions",
+        logprobs=top is not None,
+        top_logprobs=top or 0,
+    )
 
 
 # ---------------------------------------------------------------------------- responses
@@ -283,10 +364,17 @@ def apply_stop(c: Completion, stop_strings, tokenizer) -> Completion:
     cut = min((i for i in (c.text.find(s) for s in stop_strings) if i >= 0), default=-1)
     if cut < 0:
         return c
-    keep = next((m for m in range(len(c.token_ids) + 1)
-                 if len(tokenizer.decode(c.token_ids[:m])) >= cut), len(c.token_ids))
-    return dataclasses.replace(c, text=c.text[:cut], token_ids=c.token_ids[:keep],
-                               logprobs=c.logprobs[:keep], finish_reason="stop")
+    keep = next(
+        (m for m in range(len(c.token_ids) + 1) if len(tokenizer.decode(c.token_ids[:m])) >= cut),
+        len(c.token_ids),
+    )
+    return dataclasses.replace(
+        c,
+        text=c.text[:cut],
+        token_ids=c.token_ids[:keep],
+        logprobs=c.logprobs[:keep],
+        finish_reason="stop",
+    )
 
 
 def text_deltas(c: Completion, tokenizer) -> list[str]:
@@ -294,16 +382,31 @@ def text_deltas(c: Completion, tokenizer) -> list[str]:
     pieces, done = [], 0
     for m in range(1, len(c.token_ids) + 1):
         prefix = tokenizer.decode(c.token_ids[:m]) if m < len(c.token_ids) else c.text
-        agree = next((i for i, (a, b) in enumerate(zip(prefix, c.text, strict=False)) if a != b),
-                     min(len(prefix), len(c.text)))
+        agree = next(
+            (i for i, (a, b) in enumerate(zip(prefix, c.text, strict=False)) if a != b),
+            min(len(prefix), len(c.text)),
+        )
         end = max(done, agree if m < len(c.token_ids) else len(c.text))
         pieces.append(c.text[done:end])
         done = end
     return pieces
 
 
-def _choice(req: ParsedRequest, tokenizer, i: int, text: str, c: Completion, tops, lo: int,
-            hi: int, finish, *, stream: bool, first=False, offset=0):
+def _choice(
+    req: ParsedRequest,
+    tokenizer,
+    i: int,
+    text: str,
+    c: Completion,
+    tops,
+    lo: int,
+    hi: int,
+    finish,
+    *,
+    stream: bool,
+    first=False,
+    offset=0,
+):
     """Choice ``i`` holding ``text`` and the log-probs of tokens ``lo:hi`` of ``c`` (a whole
     completion, or one token of it in a stream chunk)."""
     want = req.logprobs and (hi > lo or not stream)
@@ -313,23 +416,40 @@ def _choice(req: ParsedRequest, tokenizer, i: int, text: str, c: Completion, top
     alts = [[(piece(t), v) for t, v in tops[j]] if tops else [] for j in range(lo, hi)]
     if req.kind == "completions":
         lp = TextLogprobs(
-            tokens=pieces, token_logprobs=list(c.logprobs[lo:hi]),
+            tokens=pieces,
+            token_logprobs=list(c.logprobs[lo:hi]),
             top_logprobs=[dict(a) for a in alts] if req.top_logprobs and tops else None,
-            text_offset=[offset + sum(map(len, pieces[:j])) for j in range(len(pieces))])
-        return CompletionChoice.model_construct(index=i, text=text, finish_reason=finish,
-                                                logprobs=lp if want else None)
+            text_offset=[offset + sum(map(len, pieces[:j])) for j in range(len(pieces))],
+        )
+        return CompletionChoice.model_construct(
+            index=i, text=text, finish_reason=finish, logprobs=lp if want else None
+        )
     b = lambda s: list(s.encode("utf-8", "replace"))  # noqa: E731
-    content = [ChatCompletionTokenLogprob(token=s, logprob=v, bytes=b(s), top_logprobs=[
-        TopLogprob(token=a, logprob=w, bytes=b(a)) for a, w in alt])
-        for s, v, alt in zip(pieces, c.logprobs[lo:hi], alts, strict=True)]
+    content = [
+        ChatCompletionTokenLogprob(
+            token=s,
+            logprob=v,
+            bytes=b(s),
+            top_logprobs=[TopLogprob(token=a, logprob=w, bytes=b(a)) for a, w in alt],
+        )
+        for s, v, alt in zip(pieces, c.logprobs[lo:hi], alts, strict=True)
+    ]
     if not stream:
-        return cc.Choice(index=i, finish_reason=finish, logprobs=cc.ChoiceLogprobs(
-            content=content) if want else None, message=ChatCompletionMessage(
-            role="assistant", content=text))
-    delta = ck.ChoiceDelta(role="assistant", content=text) if first else ck.ChoiceDelta(
-        content=text)
-    return ck.Choice(index=i, delta=delta, finish_reason=finish,
-                     logprobs=ck.ChoiceLogprobs(content=content) if want else None)
+        return cc.Choice(
+            index=i,
+            finish_reason=finish,
+            logprobs=cc.ChoiceLogprobs(content=content) if want else None,
+            message=ChatCompletionMessage(role="assistant", content=text),
+        )
+    delta = (
+        ck.ChoiceDelta(role="assistant", content=text) if first else ck.ChoiceDelta(content=text)
+    )
+    return ck.Choice(
+        index=i,
+        delta=delta,
+        finish_reason=finish,
+        logprobs=ck.ChoiceLogprobs(content=content) if want else None,
+    )
 
 
 def _body(req: ParsedRequest, head: dict, choices, stream: bool, **usage):
@@ -337,27 +457,49 @@ def _body(req: ParsedRequest, head: dict, choices, stream: bool, **usage):
     cls = (ChatCompletionChunk if stream else ChatCompletion) if chat else TextCompletion
     kind = ("chat.completion.chunk" if stream else "chat.completion") if chat else "text_completion"
     return cls.model_construct(object=kind, **head, choices=choices, **usage).model_dump(
-        mode="json", exclude_unset=True)
+        mode="json", exclude_unset=True
+    )
 
 
-def responses(req: ParsedRequest, completions: Sequence[Completion], tokenizer,
-              model_name: str, tops=None):
+def responses(
+    req: ParsedRequest, completions: Sequence[Completion], tokenizer, model_name: str, tops=None
+):
     """The response body (chat.completion or text_completion), or for ``req.stream`` the
     server-sent events: one chunk per token per choice, a finish chunk per choice, the usage
     chunk when asked for, and ``[DONE]``. ``completions`` are cut at the stop strings
     (``apply_stop``); ``tops[i][j]``: the (token id, log-prob) alternatives of token j of
     completion i."""
     tops = tops or [None] * len(completions)
-    head = dict(id=("chatcmpl-" if req.kind == "chat" else "cmpl-") + uuid.uuid4().hex,
-                created=int(time.time()), model=model_name)
+    head = dict(
+        id=("chatcmpl-" if req.kind == "chat" else "cmpl-") + uuid.uuid4().hex,
+        created=int(time.time()),
+        model=model_name,
+    )
     p = sum(len(x) for x in req.prompts)
     n = sum(len(x.token_ids) for x in completions)
     usage = CompletionUsage(prompt_tokens=p, completion_tokens=n, total_tokens=p + n)
     if not req.stream:
-        return _body(req, head, [_choice(req, tokenizer, i, c.text, c, t, 0, len(c.token_ids),
-                                         c.finish_reason, stream=False)
-                                 for i, (c, t) in enumerate(zip(completions, tops, strict=True))],
-                     False, usage=usage)
+        return _body(
+            req,
+            head,
+            [
+                _choice(
+                    req,
+                    tokenizer,
+                    i,
+                    c.text,
+                    c,
+                    t,
+                    0,
+                    len(c.token_ids),
+                    c.finish_reason,
+                    stream=False,
+                )
+                for i, (c, t) in enumerate(zip(completions, tops, strict=True))
+            ],
+            False,
+            usage=usage,
+        )
 
     def events():
         for i, (c, t) in enumerate(zip(completions, tops, strict=True)):
@@ -367,11 +509,24 @@ def responses(req: ParsedRequest, completions: Sequence[Completion], tokenizer,
                 chunks.append((piece, j, j + 1, None))
             chunks.append(("", 0, 0, c.finish_reason))
             for k, (text, lo, hi, finish) in enumerate(chunks):
-                choice = _choice(req, tokenizer, i, text, c, t, lo, hi, finish, stream=True,
-                                 first=k == 0 and req.kind == "chat", offset=offset)
+                choice = _choice(
+                    req,
+                    tokenizer,
+                    i,
+                    text,
+                    c,
+                    t,
+                    lo,
+                    hi,
+                    finish,
+                    stream=True,
+                    first=k == 0 and req.kind == "chat",
+                    offset=offset,
+                )
                 offset += len(text)
                 yield f"data: {json.dumps(_body(req, head, [choice], True))}\n\n"
         if req.include_usage:
             yield f"data: {json.dumps(_body(req, head, [], True, usage=usage))}\n\n"
         yield "data: [DONE]\n\n"
+
     return events()

@@ -63,6 +63,7 @@ def apply_memory_plan(config) -> None:
             raise ConfigError(
                 f"config.placement.jax_memory_fraction={frac}: JAX was initialised before the "
                 f"memory plan could be applied (XLA_PYTHON_CLIENT_MEM_FRACTION={current}); set "
-                f"it in the environment or build the runner before touching JAX devices")
+                f"it in the environment or build the runner before touching JAX devices"
+            )
         return
     os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = frac

@@ -48,12 +48,25 @@ from starlette.requests import ClientDisconnect
 
 from advgame_jax.sampling.http_guard import protocol_with_deadline
 from advgame_jax.sampling.openai_schema import (
-    Limits, ParsedRequest, RequestError, apply_stop, parse_chat, parse_completions, responses)
+    Limits,
+    ParsedRequest,
+    RequestError,
+    apply_stop,
+    parse_chat,
+    parse_completions,
+    responses,
+)
 from advgame_jax.sampling.servable import (  # noqa: F401 - the serving API lives here too
-    AttackerCheckpointError, NotAnHFExportError, check_hf_export, check_servable,
-    is_attacker_checkpoint, make_tiny_model_dir)
+    AttackerCheckpointError,
+    NotAnHFExportError,
+    check_hf_export,
+    check_servable,
+    is_attacker_checkpoint,
+    make_tiny_model_dir,
+)
 
 log = logging.getLogger(__name__)
+
 
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
@@ -94,8 +107,10 @@ class OpenAIServer:
 
     def __init__(self, sampler, tokenizer, config: ServerConfig = ServerConfig()):
         if tokenizer is None or not hasattr(tokenizer, "encode"):
-            raise ValueError("OpenAIServer needs a tokenizer (a ChatTokenizer) to render "
-                             "chat messages and text prompts")
+            raise ValueError(
+                "OpenAIServer needs a tokenizer (a ChatTokenizer) to render "
+                "chat messages and text prompts"
+            )
         self.sampler, self.tokenizer, self.config = sampler, tokenizer, config
         self._sock = _bind(config.host, config.port, config.listen_backlog)
         self._waiting: collections.deque[_Job] = collections.deque()
@@ -105,14 +120,22 @@ class OpenAIServer:
         self._batch_start, self._last_batch = 0.0, (1, 0.0)  # (requests, seconds)
         self._threads: list[threading.Thread] = []
         self.rejected = 0  # requests answered 503 because the queue was full
-        self._uvicorn = uvicorn.Server(uvicorn.Config(
-            _build_app(self), http=protocol_with_deadline(config.read_timeout_s), ws="none",
-            lifespan="off", log_level="warning", access_log=False,
-            # uvicorn annotates these two as int; it hands them to asyncio timers, which take
-            # float seconds.
-            timeout_keep_alive=config.keep_alive_s,  # pyright: ignore[reportArgumentType]
-            limit_concurrency=config.max_connections, backlog=config.listen_backlog,
-            timeout_graceful_shutdown=config.request_timeout_s))  # pyright: ignore[reportArgumentType]
+        self._uvicorn = uvicorn.Server(
+            uvicorn.Config(
+                _build_app(self),
+                http=protocol_with_deadline(config.read_timeout_s),
+                ws="none",
+                lifespan="off",
+                log_level="warning",
+                access_log=False,
+                # uvicorn annotates these two as int; it hands them to asyncio timers, which take
+                # float seconds.
+                timeout_keep_alive=config.keep_alive_s,  # pyright: ignore[reportArgumentType]
+                limit_concurrency=config.max_connections,
+                backlog=config.listen_backlog,
+                timeout_graceful_shutdown=config.request_timeout_s,
+            )
+        )  # pyright: ignore[reportArgumentType]
 
     @property
     def url(self) -> str:
@@ -121,8 +144,7 @@ class OpenAIServer:
 
     def start(self) -> "OpenAIServer":
         for target in (self._work, lambda: self._uvicorn.run(sockets=[self._sock])):
-            self._threads.append(threading.Thread(target=target, daemon=True,
-                                                  name="advgame-serve"))
+            self._threads.append(threading.Thread(target=target, daemon=True, name="advgame-serve"))
             self._threads[-1].start()
         deadline = time.monotonic() + 60
         while not self._uvicorn.started and self._threads[1].is_alive():
@@ -157,16 +179,23 @@ class OpenAIServer:
         key = self.config.api_key
         given = request.headers.get("authorization", "")
         if key and not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-            raise RequestError(401, "invalid or missing API key (Authorization: Bearer ...)",
-                               code="invalid_api_key")
+            raise RequestError(
+                401,
+                "invalid or missing API key (Authorization: Bearer ...)",
+                code="invalid_api_key",
+            )
 
     async def _read_body(self, request: Request) -> Optional[bytes]:
         """The body (None when the client went away); 413 past ``max_body_bytes``."""
         limit, body = self.config.max_body_bytes, bytearray()
         declared = request.headers.get("content-length", "")
-        too_big = RequestError(413, f"request body of {declared or 'more than ' + str(limit)}"
-                               f" bytes exceeds the limit of {limit} bytes",
-                               code="request_too_large", headers={"Connection": "close"})
+        too_big = RequestError(
+            413,
+            f"request body of {declared or 'more than ' + str(limit)}"
+            f" bytes exceeds the limit of {limit} bytes",
+            code="request_too_large",
+            headers={"Connection": "close"},
+        )
         try:
             if declared.isdigit() and int(declared) > limit:
                 if int(declared) <= 16 * limit:  # read it: the client sees the 413, not a reset
@@ -194,20 +223,23 @@ class OpenAIServer:
             log.exception("request parsing failed")
             raise RequestError(400, "the request could not be parsed") from None
         if req.top_logprobs and not hasattr(self.sampler, "params"):
-            raise RequestError(400, "this server's sampler returns no top_logprobs",
-                               param="top_logprobs")
+            raise RequestError(
+                400, "this server's sampler returns no top_logprobs", param="top_logprobs"
+            )
         completions, tops = await self._generate(req)
         out = responses(req, completions, self.tokenizer, self.config.model_name, tops)
         if not req.stream:
             return JSONResponse(out)
-        return StreamingResponse(out, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(
+            out, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
 
     # ------------------------------------------------------------------ queue + worker
     async def _generate(self, req: ParsedRequest):
         if self._closing:
-            raise RequestError(503, "the server is shutting down", type="server_error",
-                               code="shutting_down")
+            raise RequestError(
+                503, "the server is shutting down", type="server_error", code="shutting_down"
+            )
         job = _Job(req)
         with self._cv:
             if len(self._waiting) >= self.config.queue_size:
@@ -215,11 +247,13 @@ class OpenAIServer:
             self._waiting.append(job)
             self._cv.notify()
         try:
-            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job.future)),
-                                          self.config.request_timeout_s)
+            return await asyncio.wait_for(
+                asyncio.shield(asyncio.wrap_future(job.future)), self.config.request_timeout_s
+            )
         except asyncio.TimeoutError:
-            raise RequestError(503, "generation timed out", type="server_error",
-                               code="timeout") from None
+            raise RequestError(
+                503, "generation timed out", type="server_error", code="timeout"
+            ) from None
 
     def _overloaded(self) -> RequestError:
         """503 with this client's turn: the queue's drain time, one slot per rejection."""
@@ -232,10 +266,15 @@ class OpenAIServer:
         self._next_slot = max(self._next_slot, now + drain) + per
         wait = self._next_slot - now
         return RequestError(
-            503, f"the request queue is full ({self.config.queue_size} waiting); retry in "
-            f"{wait:.1f} s", type="server_error", code="server_overloaded",
-            headers={"Retry-After": str(max(1, math.ceil(wait))),
-                     "retry-after-ms": str(max(1, int(wait * 1000)))})
+            503,
+            f"the request queue is full ({self.config.queue_size} waiting); retry in {wait:.1f} s",
+            type="server_error",
+            code="server_overloaded",
+            headers={
+                "Retry-After": str(max(1, math.ceil(wait))),
+                "retry-after-ms": str(max(1, int(wait * 1000))),
+            },
+        )
 
     def _work(self):
         while True:
@@ -264,10 +303,12 @@ class OpenAIServer:
         try:
             if hasattr(self.sampler, "generate_many"):
                 results = self.sampler.generate_many(
-                    [(j.request.prompts, j.request.params) for j in batch])
+                    [(j.request.prompts, j.request.params) for j in batch]
+                )
             else:
-                results = [self.sampler.generate(j.request.prompts, j.request.params)
-                           for j in batch]
+                results = [
+                    self.sampler.generate(j.request.prompts, j.request.params) for j in batch
+                ]
             done = [self._finish(j.request, r) for j, r in zip(batch, results, strict=True)]
         except Exception as err:  # noqa: BLE001 - isolate the failing request, not the batch
             if len(batch) > 1:
@@ -275,8 +316,9 @@ class OpenAIServer:
                     self._run([job])
                 return
             log.exception("generation failed")
-            error = RequestError(500, f"generation failed: {type(err).__name__}",
-                                 type="server_error")
+            error = RequestError(
+                500, f"generation failed: {type(err).__name__}", type="server_error"
+            )
             batch[0].future.set_exception(error)
             return
         for job, result in zip(batch, done, strict=True):
@@ -288,8 +330,10 @@ class OpenAIServer:
         tops = None
         if req.top_logprobs:
             from advgame_jax.sampling.top_logprobs import top_logprobs
-            rows = [(req.prompts[i // req.params.n], c.token_ids)
-                    for i, c in enumerate(completions)]
+
+            rows = [
+                (req.prompts[i // req.params.n], c.token_ids) for i, c in enumerate(completions)
+            ]
             tops = top_logprobs(self.sampler, rows, req.top_logprobs)
         return completions, tops
 
@@ -306,17 +350,21 @@ def _build_app(server: OpenAIServer) -> FastAPI:
     async def _http_error(request: Request, err: HTTPException):
         path, method = request.url.path, request.method
         if err.status_code == 405:
-            return _error_response(RequestError(
-                405, f"{path} accepts {routes.get(path.rstrip('/'))}, not {method}",
-                code="method_not_allowed"))
-        return _error_response(RequestError(err.status_code, f"no route {method} {path}",
-                                            code="not_found"))
+            return _error_response(
+                RequestError(
+                    405,
+                    f"{path} accepts {routes.get(path.rstrip('/'))}, not {method}",
+                    code="method_not_allowed",
+                )
+            )
+        return _error_response(
+            RequestError(err.status_code, f"no route {method} {path}", code="not_found")
+        )
 
     @app.get("/v1/models")
     async def models(request: Request):
         server._authorize(request)
-        card = Model(id=server.config.model_name, object="model", created=0,
-                     owned_by="advgame_jax")
+        card = Model(id=server.config.model_name, object="model", created=0, owned_by="advgame_jax")
         return {"object": "list", "data": [card.model_dump()]}
 
     @app.post("/v1/chat/completions")
@@ -330,9 +378,15 @@ def _build_app(server: OpenAIServer) -> FastAPI:
     return app
 
 
-def serve_model_dir(model_dir: str, *, config: ServerConfig = ServerConfig(),
-                    allow_attacker: bool = False, mesh=None, compute_dtype=None,
-                    max_batch_size: int = 64) -> OpenAIServer:
+def serve_model_dir(
+    model_dir: str,
+    *,
+    config: ServerConfig = ServerConfig(),
+    allow_attacker: bool = False,
+    mesh=None,
+    compute_dtype=None,
+    max_batch_size: int = 64,
+) -> OpenAIServer:
     """Build (not start) a server over an HF export with the JAX sampler.
 
     Raises ``NotAnHFExportError`` for anything but an HF export with its tokenizer and
@@ -345,9 +399,15 @@ def serve_model_dir(model_dir: str, *, config: ServerConfig = ServerConfig(),
 
     tokenizer = ChatTokenizer.from_dir(model_dir)
     sampler = JaxSampler.from_hf_dir(
-        model_dir, tokenizer=tokenizer, mesh=mesh, compute_dtype=compute_dtype,
-        max_batch_size=max_batch_size, min_batch_bucket=min(8, max_batch_size),
-        min_prompt_bucket=64, max_prompt_len=max(config.limits.max_prompt_tokens, 16))
+        model_dir,
+        tokenizer=tokenizer,
+        mesh=mesh,
+        compute_dtype=compute_dtype,
+        max_batch_size=max_batch_size,
+        min_batch_bucket=min(8, max_batch_size),
+        min_prompt_bucket=64,
+        max_prompt_len=max(config.limits.max_prompt_tokens, 16),
+    )
     return OpenAIServer(sampler, tokenizer, config)
 
 

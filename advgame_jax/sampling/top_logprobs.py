@@ -23,7 +23,7 @@ def _top_k(params, tokens, mask, *, config, k, tail, compute_dtype):
     hidden = forward_hidden(params, config, tokens, mask, compute_dtype=compute_dtype)
     # Position t predicts token t + 1: the last ``tail`` completion tokens are predicted by
     # the hidden states just before them.
-    logits = logits_from_hidden(params, config, hidden[:, -tail - 1:-1])
+    logits = logits_from_hidden(params, config, hidden[:, -tail - 1 : -1])
     return jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), k)
 
 
@@ -33,7 +33,7 @@ def top_logprobs(sampler, rows, k: int, *, chunk: int = 16):
     ``JaxSampler`` (its params, config and compute dtype are used)."""
     out = []
     for start in range(0, len(rows), chunk):
-        part = rows[start:start + chunk]
+        part = rows[start : start + chunk]
         tail = next_pow2(max(len(c) for _, c in part), 4)
         length = next_pow2(max(len(p) + tail for p, _ in part), 16)
         b = next_pow2(len(part))
@@ -42,12 +42,23 @@ def top_logprobs(sampler, rows, k: int, *, chunk: int = 16):
         for r in range(b):
             p, c = part[min(r, len(part) - 1)]
             seq = list(p) + list(c) + [0] * (tail - len(c))  # pad so the tail is aligned
-            tokens[r, length - len(seq):] = seq
-            mask[r, length - len(seq):] = True
-        vals, ids = _top_k(sampler.params, tokens, mask, config=sampler.config, k=int(k),
-                           tail=tail, compute_dtype=sampler.compute_dtype.name)
+            tokens[r, length - len(seq) :] = seq
+            mask[r, length - len(seq) :] = True
+        vals, ids = _top_k(
+            sampler.params,
+            tokens,
+            mask,
+            config=sampler.config,
+            k=int(k),
+            tail=tail,
+            compute_dtype=sampler.compute_dtype.name,
+        )
         vals, ids = np.asarray(vals), np.asarray(ids)
         for r, (_, c) in enumerate(part):
-            out.append([[(int(i), float(v)) for i, v in zip(ids[r, j], vals[r, j], strict=True)]
-                        for j in range(len(c))])
+            out.append(
+                [
+                    [(int(i), float(v)) for i, v in zip(ids[r, j], vals[r, j], strict=True)]
+                    for j in range(len(c))
+                ]
+            )
     return out

@@ -56,13 +56,18 @@ from advgame_jax.models import ModelConfig, hf_state_dict, param_shapes, save_hf
 from advgame_jax.sampling.base import Completion, SamplingParams
 from advgame_jax.sampling.checkpoints import restore_params
 
-
 WEIGHTS_KIND = "vllm_weights"
 
 
 def _torch_dtype_name(dtype: str) -> str:
-    return {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
-            "bf16": "bfloat16", "float16": "float16", "auto": "auto"}[dtype]
+    return {
+        "float32": "float32",
+        "fp32": "float32",
+        "bfloat16": "bfloat16",
+        "bf16": "bfloat16",
+        "float16": "float16",
+        "auto": "auto",
+    }[dtype]
 
 
 class VllmSampler:
@@ -89,39 +94,63 @@ class VllmSampler:
       engine_kwargs: passed to ``vllm.LLM`` (e.g. ``tensor_parallel_size``).
     """
 
-    def __init__(self, hf_dir: str, *, tokenizer: Any = "auto", dtype: str = "auto",
-                 kv_cache_memory_bytes: int = 256 << 20, max_model_len: Optional[int] = None,
-                 multiprocessing: bool = False, weight_transfer: str = "auto",
-                 weights_dir: Optional[str] = None, seed: int = 0, **engine_kwargs):
+    def __init__(
+        self,
+        hf_dir: str,
+        *,
+        tokenizer: Any = "auto",
+        dtype: str = "auto",
+        kv_cache_memory_bytes: int = 256 << 20,
+        max_model_len: Optional[int] = None,
+        multiprocessing: bool = False,
+        weight_transfer: str = "auto",
+        weights_dir: Optional[str] = None,
+        seed: int = 0,
+        **engine_kwargs,
+    ):
         import json
 
         hf_dir = os.fspath(hf_dir)
         cfg_file = os.path.join(hf_dir, "config.json")
         if not os.path.isfile(cfg_file):
-            raise ValueError(f"VllmSampler: {cfg_file} not found; expected an HF checkpoint "
-                             f"directory written by advgame_jax.models.save_hf")
+            raise ValueError(
+                f"VllmSampler: {cfg_file} not found; expected an HF checkpoint "
+                f"directory written by advgame_jax.models.save_hf"
+            )
         with open(cfg_file, encoding="utf-8") as f:
             self.config = ModelConfig.from_hf_dict(json.load(f), source=cfg_file)
         if self.config.head_dim < 32:
-            raise ValueError(f"{cfg_file}: head_dim={self.config.head_dim}; vLLM's attention "
-                             f"backends need head_dim >= 32")
+            raise ValueError(
+                f"{cfg_file}: head_dim={self.config.head_dim}; vLLM's attention "
+                f"backends need head_dim >= 32"
+            )
         if weight_transfer not in ("auto", "iterator", "path"):
-            raise ValueError(f"VllmSampler: weight_transfer={weight_transfer!r}; expected "
-                             f"'auto', 'iterator' or 'path'")
+            raise ValueError(
+                f"VllmSampler: weight_transfer={weight_transfer!r}; expected "
+                f"'auto', 'iterator' or 'path'"
+            )
         if weight_transfer == "iterator" and multiprocessing:
-            raise ValueError("VllmSampler: weight_transfer='iterator' needs an in-process "
-                             "engine (multiprocessing=False); use 'path'")
-        self.weight_transfer = weight_transfer if weight_transfer != "auto" else (
-            "path" if multiprocessing else "iterator")
+            raise ValueError(
+                "VllmSampler: weight_transfer='iterator' needs an in-process "
+                "engine (multiprocessing=False); use 'path'"
+            )
+        self.weight_transfer = (
+            weight_transfer
+            if weight_transfer != "auto"
+            else ("path" if multiprocessing else "iterator")
+        )
         self.weights_dir = os.fspath(weights_dir) if weights_dir is not None else None
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocessing else "0"
 
-        has_tokenizer = any(os.path.isfile(os.path.join(hf_dir, f))
-                            for f in ("tokenizer.json", "tokenizer_config.json"))
+        has_tokenizer = any(
+            os.path.isfile(os.path.join(hf_dir, f))
+            for f in ("tokenizer.json", "tokenizer_config.json")
+        )
         if tokenizer == "auto":
             tokenizer = None
             if has_tokenizer:
                 from advgame_jax.tokenization import ChatTokenizer
+
                 tokenizer = ChatTokenizer.from_dir(hf_dir)
         self.tokenizer = tokenizer
         self._dtype = _torch_dtype_name(dtype)
@@ -135,20 +164,34 @@ class VllmSampler:
         if kv_cache_memory_bytes:  # else vLLM sizes the cache from gpu_memory_utilization
             engine_kwargs["kv_cache_memory_bytes"] = int(kv_cache_memory_bytes)
         self.llm = vllm.LLM(
-            model=hf_dir, skip_tokenizer_init=not has_tokenizer, dtype=self._dtype, seed=seed,
+            model=hf_dir,
+            skip_tokenizer_init=not has_tokenizer,
+            dtype=self._dtype,
+            seed=seed,
             max_model_len=self.max_model_len,
-            disable_log_stats=True, **engine_kwargs)
+            disable_log_stats=True,
+            **engine_kwargs,
+        )
         self._vllm = vllm
 
     # ------------------------------------------------------------------ generation
     def _vllm_params(self, sp: SamplingParams):
         return self._vllm.SamplingParams(
-            n=sp.n, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
-            max_tokens=sp.max_new_tokens, stop_token_ids=list(sp.stop_token_ids),
-            ignore_eos=True, seed=sp.seed, logprobs=0, detokenize=False)
+            n=sp.n,
+            temperature=sp.temperature,
+            top_p=sp.top_p,
+            top_k=sp.top_k,
+            max_tokens=sp.max_new_tokens,
+            stop_token_ids=list(sp.stop_token_ids),
+            ignore_eos=True,
+            seed=sp.seed,
+            logprobs=0,
+            detokenize=False,
+        )
 
-    def generate(self, prompt_token_ids: Sequence[Sequence[int]],
-                 params: SamplingParams) -> list[Completion]:
+    def generate(
+        self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams
+    ) -> list[Completion]:
         """``params.n`` completions per prompt, grouped by prompt (see ``Sampler``)."""
         from vllm.inputs import TokensPrompt
 
@@ -163,28 +206,43 @@ class VllmSampler:
                 self.prompt_too_long += 1
                 continue
             prompts.append(TokensPrompt(prompt_token_ids=ids))
-        outs = iter(self.llm.generate(prompts, self._vllm_params(params), use_tqdm=False)
-                    if prompts else [])
+        outs = iter(
+            self.llm.generate(prompts, self._vllm_params(params), use_tqdm=False) if prompts else []
+        )
         result = []
         for i in range(len(prompt_token_ids)):
             if i in too_long:
-                result.extend(Completion(token_ids=(), text="", logprobs=(),
-                                         finish_reason="length") for _ in range(params.n))
+                result.extend(
+                    Completion(token_ids=(), text="", logprobs=(), finish_reason="length")
+                    for _ in range(params.n)
+                )
                 continue
             out = next(outs)
             for o in sorted(out.outputs, key=lambda o: o.index):
                 ids = tuple(int(t) for t in o.token_ids)
                 lps = tuple(float(d[t].logprob) for d, t in zip(o.logprobs, ids, strict=True))
-                stop = (o.finish_reason == "stop" and bool(ids)
-                        and ids[-1] in params.stop_token_ids)
-                text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer else ""
-                result.append(Completion(token_ids=ids, text=text, logprobs=lps,
-                                         finish_reason="stop" if stop else "length"))
+                stop = o.finish_reason == "stop" and bool(ids) and ids[-1] in params.stop_token_ids
+                text = (
+                    self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer else ""
+                )
+                result.append(
+                    Completion(
+                        token_ids=ids,
+                        text=text,
+                        logprobs=lps,
+                        finish_reason="stop" if stop else "length",
+                    )
+                )
         return result
 
     # ------------------------------------------------------------------ weights
-    def update_weights(self, params: Any = None, *, checkpoint_path: Optional[str] = None,
-                       key_path: Sequence[str] = ()) -> None:
+    def update_weights(
+        self,
+        params: Any = None,
+        *,
+        checkpoint_path: Optional[str] = None,
+        key_path: Sequence[str] = (),
+    ) -> None:
         """Load new weights into the running engine (no restart; module docstring).
 
         ``params``: a model-core param pytree; or ``checkpoint_path``: an Orbax checkpoint
@@ -194,11 +252,13 @@ class VllmSampler:
             raise ValueError("update_weights: pass exactly one of params or checkpoint_path")
         if checkpoint_path is not None:
             import jax.numpy as jnp
+
             like = param_shapes(self.config, jnp.float32)
             params = restore_params(checkpoint_path, key_path=key_path, like=like)
         if self.weight_transfer == "iterator":
-            self.llm.collective_rpc("reload_weights",
-                                    kwargs={"weights_iterator": self._torch_tensors(params)})
+            self.llm.collective_rpc(
+                "reload_weights", kwargs={"weights_iterator": self._torch_tensors(params)}
+            )
         else:
             from advgame_jax import fsutil
 
@@ -206,11 +266,12 @@ class VllmSampler:
                 raise ValueError(
                     "VllmSampler: the 'path' transport writes the weights to disk; set "
                     "weights_dir to a directory under the run's workdir (never a shared temp "
-                    "dir: they may be the trained attacker's, a controlled artifact)")
-            fsutil.build_dir_atomically(self.weights_dir, WEIGHTS_KIND,
-                                        lambda tmp: save_hf(tmp, self.config, params))
-            self.llm.collective_rpc("reload_weights",
-                                    kwargs={"weights_path": self.weights_dir})
+                    "dir: they may be the trained attacker's, a controlled artifact)"
+                )
+            fsutil.build_dir_atomically(
+                self.weights_dir, WEIGHTS_KIND, lambda tmp: save_hf(tmp, self.config, params)
+            )
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": self.weights_dir})
         # Cached prefixes were computed with the old weights.
         self.llm.reset_prefix_cache()
 
@@ -224,7 +285,8 @@ class VllmSampler:
         import json
 
         loaded = self.llm.collective_rpc(
-            "advgame_load_sync", args=(os.path.abspath(path), json.dumps(self.config.to_hf_dict())))
+            "advgame_load_sync", args=(os.path.abspath(path), json.dumps(self.config.to_hf_dict()))
+        )
         if len(set(loaded)) != 1:
             raise RuntimeError(f"VllmSampler: workers loaded different versions {loaded}")
         self.llm.reset_prefix_cache()
@@ -252,8 +314,11 @@ class VllmSampler:
     def _torch_tensors(self, params):
         import torch
 
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
-                 "float16": torch.float16}.get(self._dtype)
+        dtype = {
+            "float32": torch.float32,
+            "bfloat16": torch.bfloat16,
+            "float16": torch.float16,
+        }.get(self._dtype)
         for name, array in hf_state_dict(self.config, params):
             t = torch.from_numpy(np.array(array, dtype=np.float32))  # writable copy
             yield name, t if dtype is None else t.to(dtype)

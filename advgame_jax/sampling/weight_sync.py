@@ -29,7 +29,6 @@ weight loaders keep that rank's slice.
 
 from __future__ import annotations
 
-from advgame_jax.errors import UserError
 import json
 import os
 import re
@@ -38,15 +37,18 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from advgame_jax import fsutil
+from advgame_jax.errors import UserError
 
 ROOT_KIND = "sync_root"
 VERSION_KIND = "sync_checkpoint"
 COMMIT_FILE = "COMMITTED.json"
 CONTROLLED_FILE = "CONTROLLED_ARTIFACT"
 _VERSION_RE = re.compile(r"^v(\d{8})$")
-_CONTROLLED_NOTE = ("This directory holds weights of the trained attacker, a controlled "
-                    "red-teaming artifact. Do not copy, export or serve it without the "
-                    "project's explicit export flag.\n")
+_CONTROLLED_NOTE = (
+    "This directory holds weights of the trained attacker, a controlled "
+    "red-teaming artifact. Do not copy, export or serve it without the "
+    "project's explicit export flag.\n"
+)
 
 
 class SyncCheckpointError(UserError, ValueError):
@@ -80,8 +82,9 @@ def cast_for_sync(params: Any, dtype) -> Any:
     return jax.jit(cast, out_shardings=shardings)(params)
 
 
-def write_sync_checkpoint(root: str, params: Any, *, version: int, role: str, dtype,
-                          keep: int = 2) -> str:
+def write_sync_checkpoint(
+    root: str, params: Any, *, version: int, role: str, dtype, keep: int = 2
+) -> str:
     """Write ``params`` (a sharded param pytree) as version ``version`` under ``root``.
 
     Returns the committed version directory (what an engine is told to load).
@@ -115,9 +118,19 @@ def write_sync_checkpoint(root: str, params: Any, *, version: int, role: str, dt
             gate.write_marker(tmp, params_subdir=True)
             gate.make_private(tmp)
         if jax.process_index() == 0:
-            fsutil.atomic_write_text(os.path.join(tmp, COMMIT_FILE), json.dumps(
-                {"version": int(version), "role": role, "dtype": dtype_name,
-                 "controlled_artifact": controlled}) + "\n", mode=0o600 if controlled else 0o644)
+            fsutil.atomic_write_text(
+                os.path.join(tmp, COMMIT_FILE),
+                json.dumps(
+                    {
+                        "version": int(version),
+                        "role": role,
+                        "dtype": dtype_name,
+                        "controlled_artifact": controlled,
+                    }
+                )
+                + "\n",
+                mode=0o600 if controlled else 0o644,
+            )
 
     if jax.process_count() == 1:
         final = fsutil.build_dir_atomically(version_dir(root, version), VERSION_KIND, build)
@@ -142,8 +155,9 @@ def _build_multihost(final: str, build) -> str:
     tmp = f"{final}.tmp-build"
     if jax_process_index() == 0:
         if os.path.lexists(final) and not fsutil.is_owned(final, VERSION_KIND):
-            raise fsutil.NotOwnedError(f"refusing to replace {final!r}: not an owned sync "
-                                       f"checkpoint")
+            raise fsutil.NotOwnedError(
+                f"refusing to replace {final!r}: not an owned sync checkpoint"
+            )
         if fsutil.is_owned(tmp, VERSION_KIND):
             shutil.rmtree(tmp)
         os.makedirs(tmp)
@@ -174,7 +188,8 @@ def read_commit(path: str) -> dict:
     except (OSError, ValueError) as e:
         raise SyncCheckpointError(
             f"sync checkpoint {path!r} is not committed ({COMMIT_FILE} missing or unreadable: "
-            f"{e}); a writer may have crashed mid-write, refusing to load it") from None
+            f"{e}); a writer may have crashed mid-write, refusing to load it"
+        ) from None
     if not isinstance(meta, dict) or not isinstance(meta.get("version"), int):
         raise SyncCheckpointError(f"{f}: expected a JSON object with an integer 'version'")
     return meta
@@ -243,7 +258,9 @@ class OrbaxWeightLoader:
     def _reload_tied(self, weights) -> None:
         from vllm.config import set_current_vllm_config
         from vllm.model_executor.model_loader.reload import (
-            finalize_layerwise_reload, initialize_layerwise_reload)
+            finalize_layerwise_reload,
+            initialize_layerwise_reload,
+        )
         from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 
         model = self.model_runner.get_model()

@@ -84,13 +84,19 @@ class SampleBatch:
         return int(np.sum(self.sample_valid))
 
 
-def length_bucket(n: int, length_buckets: Sequence[int] = (), max_length: Optional[int] = None) -> int:
+def length_bucket(
+    n: int, length_buckets: Sequence[int] = (), max_length: Optional[int] = None
+) -> int:
     """Smallest length bucket ≥ n; raises ``ValueError`` if none fits."""
     if length_buckets:
-        fits = [b for b in sorted(length_buckets) if b >= n and (max_length is None or b <= max_length)]
+        fits = [
+            b for b in sorted(length_buckets) if b >= n and (max_length is None or b <= max_length)
+        ]
         if not fits:
-            raise ValueError(f"a sequence of {n} tokens exceeds the largest length bucket "
-                             f"{max(length_buckets)} (train.length_buckets)")
+            raise ValueError(
+                f"a sequence of {n} tokens exceeds the largest length bucket "
+                f"{max(length_buckets)} (train.length_buckets)"
+            )
         return fits[0]
     b = MIN_LENGTH_BUCKET
     while b < n:
@@ -110,12 +116,15 @@ def row_bucket(n: int, multiple: int = 1, buckets: Sequence[int] = ()) -> int:
     if buckets:
         bad = [b for b in buckets if b % multiple]
         if bad:
-            raise ValueError(f"train.pair_buckets {tuple(bad)} are not multiples of "
-                             f"num_microbatches × data-parallel size = {multiple}")
+            raise ValueError(
+                f"train.pair_buckets {tuple(bad)} are not multiples of "
+                f"num_microbatches × data-parallel size = {multiple}"
+            )
         fits = [b for b in sorted(buckets) if b >= n]
         if not fits:
-            raise ValueError(f"{n} pairs/samples exceed the largest train.pair_buckets "
-                             f"entry {max(buckets)}")
+            raise ValueError(
+                f"{n} pairs/samples exceed the largest train.pair_buckets entry {max(buckets)}"
+            )
         return fits[0]
     k = 1
     while k * multiple < n:
@@ -136,13 +145,15 @@ def _fit_lengths(prompts, completions, t_max, overflow, what):
                 raise ValueError(
                     f"{what}: prompt ({len(prompt)}) + completion ({longest}) tokens exceed the "
                     f"largest length bucket {t_max}; raise max_length / length_buckets or use "
-                    f"overflow='truncate_prompt'")
+                    f"overflow='truncate_prompt'"
+                )
             prompt = prompt[excess:]
             cut += 1
         out.append(prompt)
     if cut:
-        logging.warning("%s: truncated the prompt of %d row(s) from the left to fit %d tokens",
-                        what, cut, t_max)
+        logging.warning(
+            "%s: truncated the prompt of %d row(s) from the left to fit %d tokens", what, cut, t_max
+        )
     return out
 
 
@@ -151,12 +162,13 @@ def _weights(records, n_rows: int, what: str) -> np.ndarray:
     when none carries one (a plain mean); 0 on padding rows. Mixing is an error."""
     given = [r.weight is not None for r in records]
     if any(given) and not all(given):
-        raise ValueError(f"{what}: either every record carries a weight or none does "
-                         f"({sum(given)} of {len(records)} have one)")
+        raise ValueError(
+            f"{what}: either every record carries a weight or none does "
+            f"({sum(given)} of {len(records)} have one)"
+        )
     w = np.zeros((n_rows,), np.float32)
     if records:
-        w[:len(records)] = ([float(r.weight) for r in records] if all(given)
-                            else 1.0 / len(records))
+        w[: len(records)] = [float(r.weight) for r in records] if all(given) else 1.0 / len(records)
     if not np.all(np.isfinite(w)):
         raise ValueError(f"{what}: record weights must be finite")
     return w
@@ -172,18 +184,27 @@ def _fill(tokens, attn, lmask, pos, prompt, completion):
 
 
 def _lengths_and_bucket(prompts, completions, length_buckets, max_length):
-    longest = max((len(p) + max(len(c) for c in cs)
-                   for p, cs in zip(prompts, completions, strict=True)), default=1)
+    longest = max(
+        (len(p) + max(len(c) for c in cs) for p, cs in zip(prompts, completions, strict=True)),
+        default=1,
+    )
     cap = max(length_buckets) if length_buckets else max_length
     if cap is not None and longest > cap:
         return cap
     return length_bucket(max(longest, 1), length_buckets, max_length)
 
 
-def collate_pairs(pairs: Sequence[TokenPair], *, pad_id: int, pair_buckets: Sequence[int] = (),
-                  length_buckets: Sequence[int] = (), num_microbatches: int = 1,
-                  data_parallel_size: int = 1, max_length: Optional[int] = None,
-                  overflow: str = "error") -> PairBatch:
+def collate_pairs(
+    pairs: Sequence[TokenPair],
+    *,
+    pad_id: int,
+    pair_buckets: Sequence[int] = (),
+    length_buckets: Sequence[int] = (),
+    num_microbatches: int = 1,
+    data_parallel_size: int = 1,
+    max_length: Optional[int] = None,
+    overflow: str = "error",
+) -> PairBatch:
     """Pad and bucket preference pairs into a :class:`PairBatch` (see module docstring).
 
     ``data_parallel_size``: number of devices the batch dim is sharded over (``data × fsdp``
@@ -208,15 +229,28 @@ def collate_pairs(pairs: Sequence[TokenPair], *, pad_id: int, pair_buckets: Sequ
         for j, c in enumerate(cs):
             _fill(tokens[i, j], attn[i, j], lmask[i, j], positions[i, j], prompt, c)
     valid = np.zeros((n_rows,), bool)
-    valid[:len(pairs)] = True
-    return PairBatch(tokens=tokens, positions=positions, attention_mask=attn, loss_mask=lmask,
-                     pair_valid=valid, pair_weight=_weights(pairs, n_rows, "collate_pairs"))
+    valid[: len(pairs)] = True
+    return PairBatch(
+        tokens=tokens,
+        positions=positions,
+        attention_mask=attn,
+        loss_mask=lmask,
+        pair_valid=valid,
+        pair_weight=_weights(pairs, n_rows, "collate_pairs"),
+    )
 
 
-def collate_samples(samples: Sequence[TokenSample], *, pad_id: int,
-                    sample_buckets: Sequence[int] = (), length_buckets: Sequence[int] = (),
-                    num_microbatches: int = 1, data_parallel_size: int = 1,
-                    max_length: Optional[int] = None, overflow: str = "error") -> SampleBatch:
+def collate_samples(
+    samples: Sequence[TokenSample],
+    *,
+    pad_id: int,
+    sample_buckets: Sequence[int] = (),
+    length_buckets: Sequence[int] = (),
+    num_microbatches: int = 1,
+    data_parallel_size: int = 1,
+    max_length: Optional[int] = None,
+    overflow: str = "error",
+) -> SampleBatch:
     """Pad and bucket GRPO samples into a :class:`SampleBatch` (buckets as for pairs).
 
     ``sampler_logprobs`` of a sample, when given, must have one entry per completion token.
@@ -225,8 +259,10 @@ def collate_samples(samples: Sequence[TokenSample], *, pad_id: int,
         if not s.completion_ids:
             raise ValueError(f"sample {i}: completion must be non-empty")
         if s.sampler_logprobs is not None and len(s.sampler_logprobs) != len(s.completion_ids):
-            raise ValueError(f"sample {i}: {len(s.sampler_logprobs)} sampler_logprobs for "
-                             f"{len(s.completion_ids)} completion tokens")
+            raise ValueError(
+                f"sample {i}: {len(s.sampler_logprobs)} sampler_logprobs for "
+                f"{len(s.completion_ids)} completion tokens"
+            )
     prompts = [tuple(s.prompt_ids) for s in samples]
     comps = [(tuple(s.completion_ids),) for s in samples]
     t = _lengths_and_bucket(prompts, comps, length_buckets, max_length)
@@ -246,11 +282,18 @@ def collate_samples(samples: Sequence[TokenSample], *, pad_id: int,
         adv[i] = s.advantage
         if s.sampler_logprobs is not None:
             n_p = len(prompt)
-            slp[i, n_p:n_p + len(s.completion_ids)] = s.sampler_logprobs
+            slp[i, n_p : n_p + len(s.completion_ids)] = s.sampler_logprobs
             has_slp[i] = True
     valid = np.zeros((n_rows,), bool)
-    valid[:len(samples)] = True
-    return SampleBatch(tokens=tokens, positions=positions, attention_mask=attn, loss_mask=lmask,
-                       advantages=adv, sampler_logprobs=slp, has_sampler_logprobs=has_slp,
-                       sample_valid=valid,
-                       sample_weight=_weights(samples, n_rows, "collate_samples"))
+    valid[: len(samples)] = True
+    return SampleBatch(
+        tokens=tokens,
+        positions=positions,
+        attention_mask=attn,
+        loss_mask=lmask,
+        advantages=adv,
+        sampler_logprobs=slp,
+        has_sampler_logprobs=has_slp,
+        sample_valid=valid,
+        sample_weight=_weights(samples, n_rows, "collate_samples"),
+    )

@@ -28,12 +28,11 @@ import jax.numpy as jnp
 
 from advgame_jax.training.steptime import Hardware
 
-
 # Module-level programs: compiled once per shape, so repeated measurements time only the run.
 _scale = jax.jit(lambda v: v * 1.0001 + 0.5)
 _matmul = jax.jit(lambda x, y: x @ y)
 _add_one = jax.jit(lambda v: v + 1)
-_chain = jax.jit(lambda x, ws: [x[:, :w.shape[0]] @ w for w in ws])
+_chain = jax.jit(lambda x, ws: [x[:, : w.shape[0]] @ w for w in ws])
 
 
 def _median_seconds(fn, *args, repeats: int = 5) -> float:
@@ -56,7 +55,7 @@ def matmul_peak(n: int = 1024, repeats: int = 5) -> float:
     a = jnp.ones((n, n), jnp.float32)
     b = jnp.ones((n, n), jnp.float32)
     s = _median_seconds(_matmul, a, b, repeats=repeats)
-    return 2.0 * n ** 3 / s
+    return 2.0 * n**3 / s
 
 
 def call_overhead(repeats: int = 20) -> float:
@@ -77,17 +76,35 @@ def model_matmul_mfu(mc, tokens: int, peak: float, repeats: int = 5) -> float:
     return min(flops / sec / peak, 1.0)
 
 
-def decode_step_seconds(mc, params, rows: int, cache_len: int, *, temperature: float = 0.0,
-                        top_p: float = 1.0, top_k: int = 0, use_filter: bool = False,
-                        iterations: int = 32, repeats: int = 3) -> float:
+def decode_step_seconds(
+    mc,
+    params,
+    rows: int,
+    cache_len: int,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    use_filter: bool = False,
+    iterations: int = 32,
+    repeats: int = 3,
+) -> float:
     """Seconds per decode step of the model's own one-token step and token selection (the
     sampler's ``select_tokens`` with per-row keys) at ``rows`` × ``cache_len``, in a while
     loop (its program is compiled once per shape and setting)."""
     from advgame_jax.models import forward_with_cache, init_cache
     from advgame_jax.sampling.decode import row_keys, select_tokens
 
-    key = (mc, rows, cache_len, iterations, float(temperature), float(top_p), int(top_k),
-           bool(use_filter))
+    key = (
+        mc,
+        rows,
+        cache_len,
+        iterations,
+        float(temperature),
+        float(top_p),
+        int(top_k),
+        bool(use_filter),
+    )
     if key not in _DECODE_PROGRAMS:
         kv_mask = jnp.ones((rows, cache_len), bool)
         temp = jnp.full((rows,), temperature, jnp.float32)
@@ -98,9 +115,17 @@ def decode_step_seconds(mc, params, rows: int, cache_len: int, *, temperature: f
 
             def body(c):
                 i, tok, cache = c
-                logits, cache = forward_with_cache(params, mc, tok, jnp.full((rows, 1), i),
-                                                   cache, i, kv_mask,
-                                                   compute_dtype=jnp.float32, last_only=True)
+                logits, cache = forward_with_cache(
+                    params,
+                    mc,
+                    tok,
+                    jnp.full((rows, 1), i),
+                    cache,
+                    i,
+                    kv_mask,
+                    compute_dtype=jnp.float32,
+                    last_only=True,
+                )
                 logits = logits.reshape(rows, -1, logits.shape[-1])[:, -1]
                 step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i)
                 nxt, _ = select_tokens(logits, temp, tp, tk, step_keys, use_filter=use_filter)
@@ -112,15 +137,23 @@ def decode_step_seconds(mc, params, rows: int, cache_len: int, *, temperature: f
         _DECODE_PROGRAMS[key] = jax.jit(run)
     cache = init_cache(mc, rows, cache_len, dtype=jnp.float32)
     seeds = jnp.zeros((rows, 4), jnp.uint32)
-    return _median_seconds(_DECODE_PROGRAMS[key], params, cache, seeds,
-                           repeats=repeats) / iterations
+    return (
+        _median_seconds(_DECODE_PROGRAMS[key], params, cache, seeds, repeats=repeats) / iterations
+    )
 
 
 _DECODE_PROGRAMS: dict = {}
 
 
-def measure_cpu(*, model=None, params=None, tokens: int = 0, decode_rows: int = 0,
-                cache_len: int = 0, repeats: int = 5) -> Hardware:
+def measure_cpu(
+    *,
+    model=None,
+    params=None,
+    tokens: int = 0,
+    decode_rows: int = 0,
+    cache_len: int = 0,
+    repeats: int = 5,
+) -> Hardware:
     """This machine as a ``Hardware``, measured now (see module doc). Without ``model``: the
     peaks only (mfu = 1, no per-step cost). With ``model`` (a ModelConfig): mfu at its shapes
     over ``tokens`` rows; with ``params`` too: its decode step's fixed cost at
@@ -128,16 +161,37 @@ def measure_cpu(*, model=None, params=None, tokens: int = 0, decode_rows: int = 
     bw = memory_bandwidth(repeats=repeats)
     peak = matmul_peak(repeats=repeats)
     mfu = model_matmul_mfu(model, tokens, peak, repeats) if model is not None and tokens else 1.0
-    step = (decode_step_seconds(model, params, decode_rows, cache_len, repeats=repeats)
-            if params is not None and decode_rows else 0.0)
-    return Hardware(name="cpu (measured)", peak_flops=peak, hbm_bw=bw, disk_bw=bw / 10,
-                    net_bw=bw, mfu=mfu, bw_eff=1.0, call_overhead_s=call_overhead(),
-                    decode_step_floor_s=step)
+    step = (
+        decode_step_seconds(model, params, decode_rows, cache_len, repeats=repeats)
+        if params is not None and decode_rows
+        else 0.0
+    )
+    return Hardware(
+        name="cpu (measured)",
+        peak_flops=peak,
+        hbm_bw=bw,
+        disk_bw=bw / 10,
+        net_bw=bw,
+        mfu=mfu,
+        bw_eff=1.0,
+        call_overhead_s=call_overhead(),
+        decode_step_floor_s=step,
+    )
 
 
 def mean_hardware(a: Hardware, b: Hardware) -> Hardware:
     """Figures measured before and after a measured span, averaged (load drifts)."""
-    avg = {f: (getattr(a, f) + getattr(b, f)) / 2 for f in (
-        "peak_flops", "hbm_bw", "disk_bw", "net_bw", "mfu", "bw_eff", "call_overhead_s",
-        "decode_step_floor_s")}
+    avg = {
+        f: (getattr(a, f) + getattr(b, f)) / 2
+        for f in (
+            "peak_flops",
+            "hbm_bw",
+            "disk_bw",
+            "net_bw",
+            "mfu",
+            "bw_eff",
+            "call_overhead_s",
+            "decode_step_floor_s",
+        )
+    }
     return Hardware(name=a.name, **avg)

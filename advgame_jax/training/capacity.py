@@ -27,14 +27,28 @@ from advgame_jax.training.batching import PairBatch, SampleBatch
 from advgame_jax.training.sharding import batch_shardings, state_shardings
 from advgame_jax.training.state import StateSettings
 
-GIB = 1024 ** 3
+GIB = 1024**3
 
 _COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4,
-                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+_DTYPE_BYTES = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "s16": 2,
+    "u16": 2,
+    "bf16": 2,
+    "f16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+}
 # "%name = f32[128,2048,32,128]{...} all-gather(" and tuple results "(f32[..], bf16[..]) all-reduce("
-_OP_RE = re.compile(r"=\s*(\([^=]*?\)|[a-z0-9]+\[[0-9,]*\][^ ]*)\s+(" + "|".join(_COLLECTIVES)
-                    + r")(-start)?\(")
+_OP_RE = re.compile(
+    r"=\s*(\([^=]*?\)|[a-z0-9]+\[[0-9,]*\][^ ]*)\s+(" + "|".join(_COLLECTIVES) + r")(-start)?\("
+)
 _SINGLETON_GROUPS = re.compile(r"replica_groups=\{\{\d+\}(,\{\d+\})*\}")
 _SHAPE_RE = re.compile(r"([a-z]+[0-9]*)\[([0-9,]*)\]")
 
@@ -59,7 +73,7 @@ def parse_collectives(hlo_text: str) -> list[Collective]:
     for m in _OP_RE.finditer(hlo_text):
         result, kind = m.group(1), m.group(2)
         line_end = hlo_text.find("\n", m.end())
-        tail = hlo_text[m.end():line_end if line_end >= 0 else None]
+        tail = hlo_text[m.end() : line_end if line_end >= 0 else None]
         if _SINGLETON_GROUPS.search(tail):
             continue  # every replica group holds one device: no communication
         shapes, dims, nbytes = [], [], 0
@@ -73,8 +87,11 @@ def parse_collectives(hlo_text: str) -> list[Collective]:
         if m.group(3) and len(dims) > 1 and kind in ("all-gather", "collective-permute"):
             # An async start returns (operand, result[, ...]): keep the largest as the result.
             i = int(np.argmax([math.prod(d) for d in dims]))
-            shapes, dims, nbytes = [shapes[i]], [dims[i]], _DTYPE_BYTES[
-                re.match(r"[a-z]+[0-9]*", shapes[i]).group(0)] * math.prod(dims[i])
+            shapes, dims, nbytes = (
+                [shapes[i]],
+                [dims[i]],
+                _DTYPE_BYTES[re.match(r"[a-z]+[0-9]*", shapes[i]).group(0)] * math.prod(dims[i]),
+            )
         out.append(Collective(kind, tuple(shapes), tuple(dims), nbytes))
     return out
 
@@ -84,20 +101,28 @@ def abstract_params(config: ModelConfig, dtype=jnp.float32):
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), param_shapes(config))
 
 
-def abstract_state(config: ModelConfig, optimizer, mesh,
-                   settings: StateSettings = StateSettings(), *, rules=DEFAULT_RULES):
+def abstract_state(
+    config: ModelConfig,
+    optimizer,
+    mesh,
+    settings: StateSettings = StateSettings(),
+    *,
+    rules=DEFAULT_RULES,
+):
     """A player's state as sharded ``ShapeDtypeStruct`` (nothing allocated): a trainable
     player's :class:`PlayerState`, or a frozen player's params alone (``settings.trainable``
     False: no optimizer state, no θ̄ or θ₀)."""
     params = abstract_params(config, settings.param_dtype)
     if not settings.trainable:
         sh = param_shardings(config, mesh, rules)
-        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            params, sh)
+        return jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, sh
+        )
     state = jax.eval_shape(lambda p: settings.init(p, optimizer), params)
     shard = state_shardings(state, config, mesh, rules)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        state, shard)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shard
+    )
 
 
 def abstract_batch(kind: str, rows: int, length: int, mesh, rules=DEFAULT_RULES):
@@ -108,15 +133,27 @@ def abstract_batch(kind: str, rows: int, length: int, mesh, rules=DEFAULT_RULES)
     S: Any = jax.ShapeDtypeStruct
     if kind == "pairs":
         shp = (rows, 2, length)
-        batch = PairBatch(tokens=S(shp, i32), positions=S(shp, i32), attention_mask=S(shp, b),
-                          loss_mask=S(shp, b), pair_valid=S((rows,), b),
-                          pair_weight=S((rows,), f32))
+        batch = PairBatch(
+            tokens=S(shp, i32),
+            positions=S(shp, i32),
+            attention_mask=S(shp, b),
+            loss_mask=S(shp, b),
+            pair_valid=S((rows,), b),
+            pair_weight=S((rows,), f32),
+        )
     elif kind == "samples":
         shp = (rows, length)
-        batch = SampleBatch(tokens=S(shp, i32), positions=S(shp, i32), attention_mask=S(shp, b),
-                            loss_mask=S(shp, b), advantages=S((rows,), f32),
-                            sampler_logprobs=S(shp, f32), has_sampler_logprobs=S((rows,), b),
-                            sample_valid=S((rows,), b), sample_weight=S((rows,), f32))
+        batch = SampleBatch(
+            tokens=S(shp, i32),
+            positions=S(shp, i32),
+            attention_mask=S(shp, b),
+            loss_mask=S(shp, b),
+            advantages=S((rows,), f32),
+            sampler_logprobs=S(shp, f32),
+            has_sampler_logprobs=S((rows,), b),
+            sample_valid=S((rows,), b),
+            sample_weight=S((rows,), f32),
+        )
     else:
         raise ValueError(f"batch kind must be 'pairs' or 'samples', got {kind!r}")
     sh = batch_shardings(batch, mesh, rules)

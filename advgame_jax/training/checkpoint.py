@@ -30,7 +30,6 @@ after every step, so that is the step that caused it), never swallowed until a l
 
 from __future__ import annotations
 
-from advgame_jax.errors import UserError
 import concurrent.futures
 import json
 import logging
@@ -42,9 +41,17 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from advgame_jax.errors import UserError
 from advgame_jax.training.checkpoint_files import (  # noqa: F401 (re-exported)
-    MANIFEST, QUARANTINE, claim_directory, disk_full, is_project_step, make_private,
-    verify_manifest, write_manifest)
+    MANIFEST,
+    QUARANTINE,
+    claim_directory,
+    disk_full,
+    is_project_step,
+    make_private,
+    verify_manifest,
+    write_manifest,
+)
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -84,16 +91,25 @@ def structure_differences(saved, wanted) -> list[str]:
     a, b = tree_signature(saved), tree_signature(wanted)
     diffs = [f"{k}: in the checkpoint only" for k in sorted(set(a) - set(b))]
     diffs += [f"{k}: missing from the checkpoint" for k in sorted(set(b) - set(a))]
-    diffs += [f"{k}: shape {a[k]} in the checkpoint, {b[k]} now" for k in sorted(set(a) & set(b))
-              if a[k] is not None and b[k] is not None and a[k] != b[k]]
+    diffs += [
+        f"{k}: shape {a[k]} in the checkpoint, {b[k]} now"
+        for k in sorted(set(a) & set(b))
+        if a[k] is not None and b[k] is not None and a[k] != b[k]
+    ]
     return diffs
 
 
 _ABSENT = "<absent>"
 
 
-def config_differences(saved: Any, current: Any, *, ignore: tuple[str, ...] = (),
-                       added: Optional[dict] = None, prefix: str = "config") -> list[str]:
+def config_differences(
+    saved: Any,
+    current: Any,
+    *,
+    ignore: tuple[str, ...] = (),
+    added: Optional[dict] = None,
+    prefix: str = "config",
+) -> list[str]:
     """Dotted fields whose values differ between two JSON-like configs, e.g.
     ``"config.loss.beta: 0.1 in the checkpoint, 0.2 now"``. ``ignore``: dotted fields (or
     subtrees) that may change between runs (relative to ``prefix``). ``added``: fields newer
@@ -107,8 +123,13 @@ def config_differences(saved: Any, current: Any, *, ignore: tuple[str, ...] = ()
     if isinstance(saved, dict) and isinstance(current, dict):
         out = []
         for k in sorted(set(saved) | set(current)):
-            out += config_differences(saved.get(k, _ABSENT), current.get(k, _ABSENT),
-                                      ignore=ignore, added=added, prefix=f"{prefix}.{k}")
+            out += config_differences(
+                saved.get(k, _ABSENT),
+                current.get(k, _ABSENT),
+                ignore=ignore,
+                added=added,
+                prefix=f"{prefix}.{k}",
+            )
         return out
     norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731 - JSON has no tuples
     if norm(saved) != norm(current):
@@ -132,8 +153,15 @@ class GameCheckpointer:
     step directory this project did not write is refused, never quarantined.
     """
 
-    def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True,
-                 checksums: bool = True):
+    def __init__(
+        self,
+        directory: str,
+        *,
+        save_every: int,
+        keep: int,
+        async_save: bool = True,
+        checksums: bool = True,
+    ):
         if save_every < 1:
             raise ValueError(f"train.checkpoint_every must be ≥ 1, got {save_every!r}")
         if keep < 1:
@@ -144,15 +172,23 @@ class GameCheckpointer:
         if jax.process_index() == 0:
             claim_directory(self.directory)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, cleanup_tmp_directories=True,
-            enable_async_checkpointing=async_save)
+            max_to_keep=keep,
+            create=True,
+            cleanup_tmp_directories=True,
+            enable_async_checkpointing=async_save,
+        )
         self._mgr = ocp.CheckpointManager(
-            self.directory, options=options,
-            item_handlers={"state": ocp.StandardCheckpointHandler(),
-                           "meta": ocp.JsonCheckpointHandler()})
+            self.directory,
+            options=options,
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
+        )
         self._pending: list[int] = []
         self._finisher = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="advgame-manifest")
+            max_workers=1, thread_name_prefix="advgame-manifest"
+        )
         self._finishing: list[tuple[int, concurrent.futures.Future]] = []
 
     # ---------------------------------------------------------------- saving
@@ -170,11 +206,17 @@ class GameCheckpointer:
             raise ValueError(f"checkpoint meta must be JSON-serialisable: {e}") from None
         self.wait(finish=False)
         if step in self._mgr.all_steps():
-            logging.warning("checkpoint step %d already exists in %s; not overwritten",
-                            step, self.directory)
+            logging.warning(
+                "checkpoint step %d already exists in %s; not overwritten", step, self.directory
+            )
             return False
-        saved = self._mgr.save(step, force=True, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+        saved = self._mgr.save(
+            step,
+            force=True,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
+        )
         if saved:
             self._pending.append(step)
         return saved
@@ -190,12 +232,15 @@ class GameCheckpointer:
     def _save_failed(self, e: BaseException) -> CheckpointError:
         steps = ", ".join(map(str, self._pending)) or "?"
         self._pending = []
-        logging.error("saving checkpoint step %s failed", steps, exc_info=e,
-                      extra={"advgame_file_only": True})  # the traceback: log file only
+        logging.error(
+            "saving checkpoint step %s failed", steps, exc_info=e, extra={"advgame_file_only": True}
+        )  # the traceback: log file only
         cause = "no space left on device; " if disk_full(e) else ""
-        return CheckpointError(f"saving the checkpoint of step {steps} in {self.directory} "
-                               f"failed: {cause}{type(e).__name__}: {str(e)[:300]}. Rerun the "
-                               f"same command to resume from the last complete checkpoint")
+        return CheckpointError(
+            f"saving the checkpoint of step {steps} in {self.directory} "
+            f"failed: {cause}{type(e).__name__}: {str(e)[:300]}. Rerun the "
+            f"same command to resume from the last complete checkpoint"
+        )
 
     def _finish_step(self, step: int) -> None:
         """Modes and manifest of a committed step (runs on the finisher thread)."""
@@ -243,8 +288,11 @@ class GameCheckpointer:
             try:  # the first failure is the one reported; Orbax may raise it again here
                 self._mgr.close()
             except Exception:  # noqa: BLE001
-                logging.debug("closing the checkpoint manager after a failed save",
-                              exc_info=True, extra={"advgame_file_only": True})
+                logging.debug(
+                    "closing the checkpoint manager after a failed save",
+                    exc_info=True,
+                    extra={"advgame_file_only": True},
+                )
             self._finisher.shutdown(wait=True)
             raise
         self._mgr.close()
@@ -266,8 +314,13 @@ class GameCheckpointer:
         steps = self.all_steps()
         return steps[-1] if steps else None
 
-    def restore(self, abstract_state: Any, step: Optional[int] = None, *,
-                check_meta: Optional[Callable[[dict], list[str]]] = None):
+    def restore(
+        self,
+        abstract_state: Any,
+        step: Optional[int] = None,
+        *,
+        check_meta: Optional[Callable[[dict], list[str]]] = None,
+    ):
         """Load ``(step, state, meta)`` from the newest usable checkpoint (or exactly ``step``).
 
         ``abstract_state``: the state's structure as ``jax.ShapeDtypeStruct`` leaves (with
@@ -283,8 +336,9 @@ class GameCheckpointer:
         steps = self.all_steps()
         if step is not None:
             if step not in steps:
-                raise CheckpointError(f"no checkpoint for step {step} in {self.directory} "
-                                      f"(have {steps})")
+                raise CheckpointError(
+                    f"no checkpoint for step {step} in {self.directory} (have {steps})"
+                )
             steps = [step]
         if not steps:
             return None
@@ -301,21 +355,28 @@ class GameCheckpointer:
                     reasons = list(check_meta(meta))
                 if reasons:
                     shown = "; ".join(reasons[:12]) + (
-                        f"; … {len(reasons) - 12} more" if len(reasons) > 12 else "")
+                        f"; … {len(reasons) - 12} more" if len(reasons) > 12 else ""
+                    )
                     raise CheckpointIncompatibleError(
                         f"the checkpoint at {step_dir} was written by a run with another "
                         f"config, so it is not resumed (nothing was changed): {shown}. Rerun "
-                        f"with the original settings to resume, or use a new workdir.")
+                        f"with the original settings to resume, or use a new workdir."
+                    )
                 try:
-                    out = self._mgr.restore(s, args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_state),
-                        meta=ocp.args.JsonRestore()))
+                    out = self._mgr.restore(
+                        s,
+                        args=ocp.args.Composite(
+                            state=ocp.args.StandardRestore(abstract_state),
+                            meta=ocp.args.JsonRestore(),
+                        ),
+                    )
                     return s, out["state"], out["meta"]
                 except Exception as e:  # noqa: BLE001 - structure matched: a read failure is damage
                     problem = f"{type(e).__name__}: {str(e)[:500]}"
             errors.append(f"step {s}: {problem}")
-            logging.warning("checkpoint %s is damaged (%s); falling back to an earlier one",
-                            step_dir, problem)
+            logging.warning(
+                "checkpoint %s is damaged (%s); falling back to an earlier one", step_dir, problem
+            )
             self._quarantine(s)
         raise CheckpointError(f"no usable checkpoint in {self.directory}: " + "; ".join(errors))
 
@@ -323,8 +384,9 @@ class GameCheckpointer:
         """``(problem, meta, state tree metadata)`` of a step; ``problem`` is None when both
         could be read."""
         try:
-            meta = self._mgr.restore(step, args=ocp.args.Composite(
-                meta=ocp.args.JsonRestore()))["meta"]
+            meta = self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+                "meta"
+            ]
             tree = self._mgr.item_metadata(step)["state"]
         except Exception as e:  # noqa: BLE001 - unreadable metadata means "damaged"
             return f"unreadable metadata: {type(e).__name__}: {str(e)[:300]}", None, None

@@ -48,8 +48,11 @@ def write_manifest(step_dir: str, *, checksums: bool = False) -> None:
         entries[rel] = {"size": os.path.getsize(path)}
         if checksums:
             entries[rel]["crc32"] = _crc32(path)
-    fsutil.atomic_write_text(os.path.join(step_dir, MANIFEST), json.dumps(
-        {"created_by": "advgame_jax", "files": entries}, indent=0, sort_keys=True), mode=0o600)
+    fsutil.atomic_write_text(
+        os.path.join(step_dir, MANIFEST),
+        json.dumps({"created_by": "advgame_jax", "files": entries}, indent=0, sort_keys=True),
+        mode=0o600,
+    )
 
 
 def is_project_step(step_dir: str) -> bool:
@@ -84,15 +87,18 @@ def claim_directory(directory: str) -> None:
         os.chmod(directory, 0o700)
         return
     if os.path.islink(directory) or not os.path.isdir(directory):
-        raise fsutil.NotOwnedError(f"{directory!r} exists and is not a checkpoints directory "
-                                   f"of advgame_jax; move it away or use another workdir")
+        raise fsutil.NotOwnedError(
+            f"{directory!r} exists and is not a checkpoints directory "
+            f"of advgame_jax; move it away or use another workdir"
+        )
     for name in sorted(os.listdir(directory)):
         full = os.path.join(directory, name)
         if name.isdigit() and not is_project_step(full):
             raise fsutil.NotOwnedError(
                 f"{full!r} was not written by advgame_jax (no {MANIFEST} and no checkpoint "
                 f"metadata of this project); nothing was moved or changed. Move it out of "
-                f"{directory!r} or use another workdir")
+                f"{directory!r} or use another workdir"
+            )
 
 
 def disk_full(err: Optional[BaseException]) -> bool:

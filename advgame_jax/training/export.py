@@ -23,8 +23,15 @@ class AttackerExportError(controlled.AttackerNotAllowed):
     """Exporting attacker params without ``allow_attacker_export=True``."""
 
 
-def export_hf(path, config: ModelConfig, params, *, attacker: bool = False,
-              allow_attacker_export: bool = False, dtype: Optional[str] = None) -> str:
+def export_hf(
+    path,
+    config: ModelConfig,
+    params,
+    *,
+    attacker: bool = False,
+    allow_attacker_export: bool = False,
+    dtype: Optional[str] = None,
+) -> str:
     """Write ``params`` as an HF checkpoint directory at ``path`` and return the path.
 
     ``params``: θ or θ̄ of a player (e.g. ``state.ema_params``), sharded or not.
@@ -36,10 +43,13 @@ def export_hf(path, config: ModelConfig, params, *, attacker: bool = False,
     if attacker and not allow_attacker_export:
         raise AttackerExportError(
             f"refusing to export attacker params to {path}: the trained attacker is a "
-            f"controlled red-teaming artifact; pass allow_attacker_export=True to export it")
+            f"controlled red-teaming artifact; pass allow_attacker_export=True to export it"
+        )
     if not attacker and is_controlled_artifact(path):
-        raise ValueError(f"{path} holds an exported attacker ({MARKER_FILE}); refusing to "
-                         f"overwrite it with non-attacker params: choose another directory")
+        raise ValueError(
+            f"{path} holds an exported attacker ({MARKER_FILE}); refusing to "
+            f"overwrite it with non-attacker params: choose another directory"
+        )
     if dtype is not None:
         params = jax.tree.map(lambda x: jnp.asarray(x).astype(jnp.dtype(dtype)), params)
     if jax.process_index() != 0:
@@ -47,8 +57,7 @@ def export_hf(path, config: ModelConfig, params, *, attacker: bool = False,
     if attacker:  # private before the first weight is written
         os.makedirs(path, mode=0o700, exist_ok=True)
         os.chmod(path, 0o700)
-    save_hf(path, config, params,
-            metadata=controlled.SAFETENSORS_METADATA if attacker else None)
+    save_hf(path, config, params, metadata=controlled.SAFETENSORS_METADATA if attacker else None)
     if attacker:
         controlled.write_marker(path)
         controlled.mark_config(os.path.join(path, "config.json"))

@@ -27,8 +27,7 @@ import jax
 import numpy as np
 
 from advgame_jax.models import DEFAULT_RULES
-from advgame_jax.training.batching import (collate_pairs, collate_samples, length_bucket,
-                                           row_bucket)
+from advgame_jax.training.batching import collate_pairs, collate_samples, length_bucket, row_bucket
 from advgame_jax.training.sharding import batch_parallel_size, batch_shardings
 
 
@@ -37,35 +36,60 @@ def allgather_ints(values: Sequence[int]) -> np.ndarray:
     from advgame_jax.distributed import allgather_json
 
     return np.asarray(allgather_json([int(v) for v in values]), np.int64).reshape(
-        jax.process_count(), -1)
+        jax.process_count(), -1
+    )
 
 
 def _longest(records, kind: str) -> int:
     if kind == "pairs":
-        return max((len(r.prompt_ids) + max(len(r.chosen_ids), len(r.rejected_ids))
-                    for r in records), default=1)
+        return max(
+            (len(r.prompt_ids) + max(len(r.chosen_ids), len(r.rejected_ids)) for r in records),
+            default=1,
+        )
     return max((len(r.prompt_ids) + len(r.completion_ids) for r in records), default=1)
 
 
-def plan_global(counts: np.ndarray, longest: int, *, num_processes: int, multiple: int,
-                row_buckets: Sequence[int] = (), length_buckets: Sequence[int] = (),
-                max_length=None) -> tuple[int, int]:
+def plan_global(
+    counts: np.ndarray,
+    longest: int,
+    *,
+    num_processes: int,
+    multiple: int,
+    row_buckets: Sequence[int] = (),
+    length_buckets: Sequence[int] = (),
+    max_length=None,
+) -> tuple[int, int]:
     """``(local_rows, T)``: rows per process and the shared length bucket (pure; see module)."""
     if multiple % num_processes:
-        raise ValueError(f"data-parallel size × microbatches = {multiple} is not a multiple of "
-                         f"the {num_processes} processes: each process must own whole rows")
+        raise ValueError(
+            f"data-parallel size × microbatches = {multiple} is not a multiple of "
+            f"the {num_processes} processes: each process must own whole rows"
+        )
     global_rows = row_bucket(int(np.max(counts)) * num_processes, multiple, row_buckets)
     if global_rows % num_processes:
         raise ValueError(f"row bucket {global_rows} does not split over {num_processes} processes")
     cap = max(length_buckets) if length_buckets else max_length
-    t = cap if cap is not None and longest > cap else length_bucket(max(longest, 1),
-                                                                    length_buckets, max_length)
+    t = (
+        cap
+        if cap is not None and longest > cap
+        else length_bucket(max(longest, 1), length_buckets, max_length)
+    )
     return global_rows // num_processes, t
 
 
-def collate_global(records: Sequence, *, kind: str, pad_id: int, mesh, num_microbatches: int = 1,
-                   row_buckets: Sequence[int] = (), length_buckets: Sequence[int] = (),
-                   max_length=None, overflow: str = "error", rules=DEFAULT_RULES):
+def collate_global(
+    records: Sequence,
+    *,
+    kind: str,
+    pad_id: int,
+    mesh,
+    num_microbatches: int = 1,
+    row_buckets: Sequence[int] = (),
+    length_buckets: Sequence[int] = (),
+    max_length=None,
+    overflow: str = "error",
+    rules=DEFAULT_RULES,
+):
     """This process's ``records`` (TokenPair for ``kind='pairs'``, TokenSample for
     ``'samples'``) → a global PairBatch / SampleBatch of ``jax.Array`` s on ``mesh``.
 
@@ -79,8 +103,14 @@ def collate_global(records: Sequence, *, kind: str, pad_id: int, mesh, num_micro
     explicit = [r.weight is not None for r in records]
     if any(explicit) and not all(explicit):
         raise ValueError("collate_global: some records carry a weight and some do not")
-    info = allgather_ints([len(records), _longest(records, kind), int(any(explicit)),
-                           int(bool(records) and not all(explicit))])
+    info = allgather_ints(
+        [
+            len(records),
+            _longest(records, kind),
+            int(any(explicit)),
+            int(bool(records) and not all(explicit)),
+        ]
+    )
     counts, longest = info[:, 0], int(np.max(info[:, 1]))
     if np.any(info[:, 2]) and np.any(info[:, 3]):
         raise ValueError("collate_global: processes disagree on whether records carry weights")
@@ -89,14 +119,25 @@ def collate_global(records: Sequence, *, kind: str, pad_id: int, mesh, num_micro
         records = [dataclasses.replace(r, weight=1.0 / total) for r in records]
     elif n_proc > 1:
         records = [dataclasses.replace(r, weight=r.weight / n_proc) for r in records]
-    local_rows, t = plan_global(counts, longest, num_processes=n_proc,
-                                multiple=num_microbatches * dp, row_buckets=row_buckets,
-                                length_buckets=length_buckets, max_length=max_length)
+    local_rows, t = plan_global(
+        counts,
+        longest,
+        num_processes=n_proc,
+        multiple=num_microbatches * dp,
+        row_buckets=row_buckets,
+        length_buckets=length_buckets,
+        max_length=max_length,
+    )
     local_dp = dp // n_proc if dp % n_proc == 0 else dp
     # Any: the values' types differ; the collate functions' signatures check each one.
     common: dict[str, Any] = dict(
-        pad_id=pad_id, length_buckets=(t,), num_microbatches=num_microbatches,
-        data_parallel_size=max(local_dp, 1), max_length=max_length, overflow=overflow)
+        pad_id=pad_id,
+        length_buckets=(t,),
+        num_microbatches=num_microbatches,
+        data_parallel_size=max(local_dp, 1),
+        max_length=max_length,
+        overflow=overflow,
+    )
     if kind == "pairs":
         local = collate_pairs(records, pair_buckets=(local_rows,), **common)
     else:
@@ -104,7 +145,8 @@ def collate_global(records: Sequence, *, kind: str, pad_id: int, mesh, num_micro
     if n_proc == 1:
         return local
     global_shapes = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct((x.shape[0] * n_proc,) + x.shape[1:], x.dtype), local)
+        lambda x: jax.ShapeDtypeStruct((x.shape[0] * n_proc,) + x.shape[1:], x.dtype), local
+    )
     shardings = batch_shardings(global_shapes, mesh, rules)
 
     def to_global(x, sharding):
@@ -117,9 +159,11 @@ def collate_global(records: Sequence, *, kind: str, pad_id: int, mesh, num_micro
 def host_to_global(tree, shardings):
     """Place a host pytree that every process holds identically (e.g. params initialised from
     the same key) onto global ``shardings``; each process fills only its own devices."""
+
     def one(x, sharding):
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
     return jax.tree.map(one, tree, shardings)
 
 
@@ -130,5 +174,6 @@ def global_to_host(tree):
         return jax.tree.map(np.asarray, tree)
     from jax.experimental import multihost_utils
 
-    return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)),
-                        tree)
+    return jax.tree.map(
+        lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree
+    )

@@ -41,17 +41,23 @@ def _preference(fn: Callable):
         per = fn(seq[:, 0], seq[:, 1], ref_seq[:, 0], ref_seq[:, 1], beta=hp.beta)
         if hp.nll_coef:
             per = per + hp.nll_coef * losses.nll_loss(
-                lp.reshape(p, 2, t)[:, 0], lmask.reshape(p, 2, t)[:, 0], length_normalization=ln)
+                lp.reshape(p, 2, t)[:, 0], lmask.reshape(p, 2, t)[:, 0], length_normalization=ln
+            )
         if hp.entropy_coef:
             bonus = losses.entropy_bonus(ent, lmask, length_normalization=ln)
             per = per - hp.entropy_coef * bonus.reshape(p, 2).mean(axis=1)
         valid = mb.pair_valid
         d_c, d_r = seq[:, 0] - ref_seq[:, 0], seq[:, 1] - ref_seq[:, 1]
         on = lambda x: jnp.sum(jnp.where(valid, x, 0.0))  # noqa: E731
-        sums = {"loss": on(per), "margin": on(d_c - d_r), "chosen_reward": on(hp.beta * d_c),
-                "rejected_reward": on(hp.beta * d_r),
-                "accuracy": on((d_c > d_r).astype(jnp.float32))}
+        sums = {
+            "loss": on(per),
+            "margin": on(d_c - d_r),
+            "chosen_reward": on(hp.beta * d_c),
+            "rejected_reward": on(hp.beta * d_r),
+            "accuracy": on((d_c > d_r).astype(jnp.float32)),
+        }
         return per, sums
+
     return objective
 
 
@@ -61,14 +67,21 @@ def grpo_objective(lp, ref_lp, ent, lmask, mb, hp: LossHParams):
     sampler_lp = None
     if tis is not None:
         # Rows without sampler log-probs get ratio 1 (no correction) rather than garbage.
-        shifted = jnp.concatenate([mb.sampler_logprobs[:, 1:],
-                                   jnp.zeros_like(mb.sampler_logprobs[:, :1])], axis=-1)
-        sampler_lp = jnp.where(mb.has_sampler_logprobs[:, None], shifted,
-                               jax.lax.stop_gradient(lp))
-    per = losses.grpo_loss(lp, ref_lp, mb.advantages, lmask, kl_coef=hp.kl_coef,
-                           sampler_token_logps=sampler_lp, detach_weight=hp.tis_detach,
-                           sampler_rows=mb.has_sampler_logprobs,
-                           tis_cap=tis if tis is not None else 2.0)
+        shifted = jnp.concatenate(
+            [mb.sampler_logprobs[:, 1:], jnp.zeros_like(mb.sampler_logprobs[:, :1])], axis=-1
+        )
+        sampler_lp = jnp.where(mb.has_sampler_logprobs[:, None], shifted, jax.lax.stop_gradient(lp))
+    per = losses.grpo_loss(
+        lp,
+        ref_lp,
+        mb.advantages,
+        lmask,
+        kl_coef=hp.kl_coef,
+        sampler_token_logps=sampler_lp,
+        detach_weight=hp.tis_detach,
+        sampler_rows=mb.has_sampler_logprobs,
+        tis_cap=tis if tis is not None else 2.0,
+    )
     ln = hp.length_normalization
     if hp.nll_coef:
         per = per + hp.nll_coef * losses.nll_loss(lp, lmask, length_normalization=ln)
@@ -78,9 +91,12 @@ def grpo_objective(lp, ref_lp, ent, lmask, mb, hp: LossHParams):
     tok = lmask & valid[:, None]
     log_ratio = jax.lax.stop_gradient(ref_lp - lp)
     k3 = jnp.where(tok, jnp.exp(log_ratio) - log_ratio - 1.0, 0.0)
-    sums = {"loss": jnp.sum(jnp.where(valid, per, 0.0)),
-            "advantage": jnp.sum(jnp.where(valid, mb.advantages, 0.0)),
-            "kl_k3_tokens": jnp.sum(k3), "num_tokens": jnp.sum(tok.astype(jnp.float32))}
+    sums = {
+        "loss": jnp.sum(jnp.where(valid, per, 0.0)),
+        "advantage": jnp.sum(jnp.where(valid, mb.advantages, 0.0)),
+        "kl_k3_tokens": jnp.sum(k3),
+        "num_tokens": jnp.sum(tok.astype(jnp.float32)),
+    }
     return per, sums
 
 

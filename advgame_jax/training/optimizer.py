@@ -25,12 +25,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
-
 SCHEDULES = ("cycle", "run")
 
 
-def make_lr_schedule(lr: float = 1e-6, *, num_steps: int, final_lr_fraction: float = 0.2,
-                     warmup_steps: int = 0, restart: bool = False):
+def make_lr_schedule(
+    lr: float = 1e-6,
+    *,
+    num_steps: int,
+    final_lr_fraction: float = 0.2,
+    warmup_steps: int = 0,
+    restart: bool = False,
+):
     """Schedule ``count -> lr`` for ``count`` = number of optimizer updates already applied.
 
     Warm-up: ``lr × (count + 1) / warmup_steps`` for ``count < warmup_steps`` (the first
@@ -43,10 +48,13 @@ def make_lr_schedule(lr: float = 1e-6, *, num_steps: int, final_lr_fraction: flo
     if num_steps <= 0:
         raise ValueError(f"optimizer num_steps must be a positive int, got {num_steps!r}")
     if not 0 <= warmup_steps < num_steps:
-        raise ValueError(f"optimizer warmup_steps must be in [0, num_steps={num_steps}), "
-                         f"got {warmup_steps!r}")
+        raise ValueError(
+            f"optimizer warmup_steps must be in [0, num_steps={num_steps}), got {warmup_steps!r}"
+        )
     if not 0.0 <= final_lr_fraction <= 1.0:
-        raise ValueError(f"optimizer final_lr_fraction must be in [0, 1], got {final_lr_fraction!r}")
+        raise ValueError(
+            f"optimizer final_lr_fraction must be in [0, 1], got {final_lr_fraction!r}"
+        )
     decay_steps = num_steps - warmup_steps
 
     def schedule(count):
@@ -56,7 +64,9 @@ def make_lr_schedule(lr: float = 1e-6, *, num_steps: int, final_lr_fraction: flo
         if restart:
             since = jnp.mod(jnp.maximum(since, 0.0), decay_steps)
         progress = jnp.clip(since / decay_steps, 0.0, 1.0)
-        cosine = final_lr_fraction + (1.0 - final_lr_fraction) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+        cosine = final_lr_fraction + (1.0 - final_lr_fraction) * 0.5 * (
+            1.0 + jnp.cos(jnp.pi * progress)
+        )
         return lr * jnp.where(count < warmup_steps, warm, cosine)
 
     return schedule
@@ -66,14 +76,25 @@ def _decay_mask(params):
     def keep(path, _):
         name = str(getattr(path[-1], "key", path[-1]))
         return not (name.endswith("_norm") or name.endswith("_bias"))
+
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def make_optimizer(lr: float = 1e-6, *, num_steps: int, b1: float = 0.9, b2: float = 0.95,
-                   eps: float = 1e-8, weight_decay: float = 0.1, clip_norm: float = 1.0,
-                   final_lr_fraction: float = 0.2, warmup_steps: int = 0, restart: bool = False,
-                   decay_norms_and_biases: bool = False,
-                   mu_dtype=None) -> optax.GradientTransformation:
+def make_optimizer(
+    lr: float = 1e-6,
+    *,
+    num_steps: int,
+    b1: float = 0.9,
+    b2: float = 0.95,
+    eps: float = 1e-8,
+    weight_decay: float = 0.1,
+    clip_norm: float = 1.0,
+    final_lr_fraction: float = 0.2,
+    warmup_steps: int = 0,
+    restart: bool = False,
+    decay_norms_and_biases: bool = False,
+    mu_dtype=None,
+) -> optax.GradientTransformation:
     """AdamW (decoupled weight decay) after global-norm clipping at ``clip_norm``.
 
     ``num_steps`` counts OPTIMIZER updates (the game does one per seed split, so a run of N
@@ -81,11 +102,22 @@ def make_optimizer(lr: float = 1e-6, *, num_steps: int, b1: float = 0.9, b2: flo
     ``restart``: the cosine restarts every ``num_steps`` updates (see :func:`make_lr_schedule`).
     ``mu_dtype``: storage dtype of Adam's first moment (None: the params' dtype).
     """
-    schedule = make_lr_schedule(lr, num_steps=num_steps, final_lr_fraction=final_lr_fraction,
-                                warmup_steps=warmup_steps, restart=restart)
+    schedule = make_lr_schedule(
+        lr,
+        num_steps=num_steps,
+        final_lr_fraction=final_lr_fraction,
+        warmup_steps=warmup_steps,
+        restart=restart,
+    )
     adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask", "mu_dtype"))(
-        learning_rate=schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-        mask=None if decay_norms_and_biases else _decay_mask, mu_dtype=mu_dtype)
+        learning_rate=schedule,
+        b1=b1,
+        b2=b2,
+        eps=eps,
+        weight_decay=weight_decay,
+        mask=None if decay_norms_and_biases else _decay_mask,
+        mu_dtype=mu_dtype,
+    )
     if clip_norm and clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(clip_norm), adamw)
     return adamw
@@ -115,8 +147,9 @@ class OptimizerSettings:
 
 def current_lr(opt_state):
     """The learning rate of the latest update (fp32 scalar; NaN if the state has none)."""
-    lr = optax.tree_utils.tree_get(opt_state, "learning_rate", default=None,
-                                   filtering=lambda _, v: hasattr(v, "dtype"))
+    lr = optax.tree_utils.tree_get(
+        opt_state, "learning_rate", default=None, filtering=lambda _, v: hasattr(v, "dtype")
+    )
     if lr is None:
         return jnp.float32(jnp.nan)
     return jnp.asarray(lr, jnp.float32)

@@ -49,8 +49,9 @@ def shard_batch(batch, mesh: Mesh | None, rules=DEFAULT_RULES):
     return jax.device_put(batch, batch_shardings(batch, mesh, rules))
 
 
-def state_shardings(state: PlayerState, config: ModelConfig, mesh: Mesh,
-                    rules=DEFAULT_RULES) -> PlayerState:
+def state_shardings(
+    state: PlayerState, config: ModelConfig, mesh: Mesh, rules=DEFAULT_RULES
+) -> PlayerState:
     """A :class:`PlayerState` of ``NamedSharding`` matching ``state`` (arrays or abstract)."""
     p_shard = param_shardings(config, mesh, rules)
     p_def = jax.tree.structure(p_shard)
@@ -62,17 +63,22 @@ def state_shardings(state: PlayerState, config: ModelConfig, mesh: Mesh,
     def of(tree):
         if tree is None:
             return None
-        return jax.tree.map(lambda sub: p_shard if like_params(sub) else rep, tree,
-                            is_leaf=like_params)
+        return jax.tree.map(
+            lambda sub: p_shard if like_params(sub) else rep, tree, is_leaf=like_params
+        )
 
-    return PlayerState(params=p_shard, opt_state=of(state.opt_state),
-                       ema_params=None if state.ema_params is None else p_shard,
-                       ref_params=None if state.ref_params is None else p_shard,
-                       step=None if state.step is None else rep)
+    return PlayerState(
+        params=p_shard,
+        opt_state=of(state.opt_state),
+        ema_params=None if state.ema_params is None else p_shard,
+        ref_params=None if state.ref_params is None else p_shard,
+        step=None if state.step is None else rep,
+    )
 
 
-def shard_state(state: PlayerState, config: ModelConfig, mesh: Mesh | None,
-                rules=DEFAULT_RULES) -> PlayerState:
+def shard_state(
+    state: PlayerState, config: ModelConfig, mesh: Mesh | None, rules=DEFAULT_RULES
+) -> PlayerState:
     """Place a player's state on the mesh with :func:`state_shardings` (as is without one)."""
     if mesh is None:
         return state

@@ -40,8 +40,9 @@ REFERENCES = ("ema", "initial")
 #   log-sum-exp and all loss reductions accumulate in fp32 whatever the compute dtype.
 # With this policy a player costs 16 bytes per parameter (θ, μ, ν, θ̄); under FSDP over N
 # devices that is 16·P/N per device (docs/capacity.md has the measured plans).
-PRECISION_DEFAULTS = dict(param_dtype="float32", mu_dtype="float32", ema_dtype="float32",
-                          compute_dtype="bfloat16")
+PRECISION_DEFAULTS = dict(
+    param_dtype="float32", mu_dtype="float32", ema_dtype="float32", compute_dtype="bfloat16"
+)
 SAMPLE_FROM = ("ema", "trained")
 
 
@@ -73,9 +74,15 @@ def _copy(tree, dtype=None):
     return jax.tree.map(lambda x: jnp.array(x, dtype=dtype or x.dtype, copy=True), tree)
 
 
-def init_player_state(params, optimizer: Optional[optax.GradientTransformation] = None, *,
-                      reference: str = "ema", keep_ema: bool = True,
-                      trainable: bool = True, ema_dtype=None) -> PlayerState:
+def init_player_state(
+    params,
+    optimizer: Optional[optax.GradientTransformation] = None,
+    *,
+    reference: str = "ema",
+    keep_ema: bool = True,
+    trainable: bool = True,
+    ema_dtype=None,
+) -> PlayerState:
     """Build a player's state from its initial params.
 
     ``params`` becomes the state's θ and is donated by the first update: pass a copy if the
@@ -124,9 +131,14 @@ class StateSettings:
     def init(self, params, optimizer: Optional[optax.GradientTransformation]) -> PlayerState:
         """The player's state at step 0 from its initial ``params`` (see
         :func:`init_player_state`; ``optimizer`` is ignored for a frozen player)."""
-        return init_player_state(params, optimizer if self.trainable else None,
-                                 reference=self.reference, keep_ema=self.keep_ema,
-                                 trainable=self.trainable, ema_dtype=self.ema_dtype)
+        return init_player_state(
+            params,
+            optimizer if self.trainable else None,
+            reference=self.reference,
+            keep_ema=self.keep_ema,
+            trainable=self.trainable,
+            ema_dtype=self.ema_dtype,
+        )
 
 
 def reference_params(state: PlayerState):
@@ -152,5 +164,6 @@ def abstract_player_state(state: PlayerState, shardings=None):
     tree of shardings (e.g. from ``training.sharding.state_shardings``) or None."""
     if shardings is None:
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        state, shardings)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+    )

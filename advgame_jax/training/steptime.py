@@ -29,8 +29,15 @@ from __future__ import annotations
 import dataclasses
 import math
 
-STAGES = ("attacker_generation", "faithfulness", "defender_generation", "judging", "update",
-          "sync", "checkpoint")
+STAGES = (
+    "attacker_generation",
+    "faithfulness",
+    "defender_generation",
+    "judging",
+    "update",
+    "sync",
+    "checkpoint",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,10 +76,26 @@ class Hardware:
 
 
 TB, GB = 1e12, 1e9
-H200 = dict(peak_flops=989 * TB, hbm_bw=4.8 * TB, net_bw=450 * GB, disk_bw=2 * GB,
-            mfu=0.4, bw_eff=0.6, call_overhead_s=2e-3, decode_step_floor_s=0.3e-3)
-V5P = dict(peak_flops=459 * TB, hbm_bw=2.76 * TB, net_bw=300 * GB, disk_bw=2 * GB,
-           mfu=0.45, bw_eff=0.6, call_overhead_s=2e-3, decode_step_floor_s=0.3e-3)
+H200 = dict(
+    peak_flops=989 * TB,
+    hbm_bw=4.8 * TB,
+    net_bw=450 * GB,
+    disk_bw=2 * GB,
+    mfu=0.4,
+    bw_eff=0.6,
+    call_overhead_s=2e-3,
+    decode_step_floor_s=0.3e-3,
+)
+V5P = dict(
+    peak_flops=459 * TB,
+    hbm_bw=2.76 * TB,
+    net_bw=300 * GB,
+    disk_bw=2 * GB,
+    mfu=0.45,
+    bw_eff=0.6,
+    call_overhead_s=2e-3,
+    decode_step_floor_s=0.3e-3,
+)
 # name -> (device kind, total devices). Peaks: bf16 dense (H200 SXM: 989 TFLOP/s, 4.8 TB/s
 # HBM3e, NVLink 900 GB/s both directions; v5p: 459 TFLOP/s, 2.76 TB/s, ICI ~300 GB/s per
 # chip usable). mfu / bw_eff are typical achieved fractions, not measurements.
@@ -108,9 +131,17 @@ class Shape:
         emb = mc.vocab_size * d
         head = 0 if mc.tie_word_embeddings else emb
         params = L * (per_layer + 2 * d) + emb + head + d
-        return cls(params=params, matmul_params=L * per_layer + emb, layers=L, hidden=d, ffn=f,
-                   heads=mc.num_heads, kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
-                   vocab=mc.vocab_size)
+        return cls(
+            params=params,
+            matmul_params=L * per_layer + emb,
+            layers=L,
+            hidden=d,
+            ffn=f,
+            heads=mc.num_heads,
+            kv_heads=mc.num_kv_heads,
+            head_dim=mc.head_dim,
+            vocab=mc.vocab_size,
+        )
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         return 2 * self.layers * self.kv_heads * self.head_dim * dtype_bytes
@@ -161,15 +192,24 @@ def generation_time(hw: Hardware, s: Sampler, calls: list[GenCall]) -> dict:
     for c in calls:
         rows = math.ceil(c.rows / s.replicas)
         w = s.shape.params * s.dtype_bytes / s.tp
-        pre_flops = (2.0 * s.shape.matmul_params * rows * c.prompt_len
-                     + s.shape.attn_flops_per_token(c.prompt_len / 2) * rows * c.prompt_len) / s.tp
+        pre_flops = (
+            2.0 * s.shape.matmul_params * rows * c.prompt_len
+            + s.shape.attn_flops_per_token(c.prompt_len / 2) * rows * c.prompt_len
+        ) / s.tp
         pre_bytes = w + rows * c.prompt_len * s.shape.kv_bytes_per_token(s.dtype_bytes) / s.tp
-        step_flops = (2.0 * s.shape.matmul_params * rows
-                      + s.shape.attn_flops_per_token(c.cache_len) * rows) / s.tp
-        step_bytes = (w + rows * c.cache_len * s.shape.kv_bytes_per_token(s.dtype_bytes) / s.tp
-                      + rows * s.shape.vocab * 4 * c.filter_passes)
-        total += (hw.call_overhead_s + _roof(hw, pre_flops, pre_bytes)
-                  + c.steps * max(_roof(hw, step_flops, step_bytes), hw.decode_step_floor_s))
+        step_flops = (
+            2.0 * s.shape.matmul_params * rows + s.shape.attn_flops_per_token(c.cache_len) * rows
+        ) / s.tp
+        step_bytes = (
+            w
+            + rows * c.cache_len * s.shape.kv_bytes_per_token(s.dtype_bytes) / s.tp
+            + rows * s.shape.vocab * 4 * c.filter_passes
+        )
+        total += (
+            hw.call_overhead_s
+            + _roof(hw, pre_flops, pre_bytes)
+            + c.steps * max(_roof(hw, step_flops, step_bytes), hw.decode_step_floor_s)
+        )
         flops_sum += pre_flops + c.steps * step_flops
         bytes_sum += pre_bytes + c.steps * step_bytes
     return dict(seconds=total, flops=flops_sum, bytes=bytes_sum, calls=len(calls))
@@ -216,16 +256,22 @@ def update_time(hw: Hardware, t: Trainer, calls: list[UpdateCall]) -> dict:
         # Weights read per pass (gathered, compute dtype) + AdamW/state traffic of the shard
         # + the activations every pass reads and writes (backward: twice a forward's).
         act_passes = 3 + (1 if t.remat else 0) + (1 if t.reference_forward else 0)
-        act = (c.rows * c.length / t.devices * act_passes
-               * t.shape.activation_bytes_per_token(c.length / 2, t.compute_bytes))
+        act = (
+            c.rows
+            * c.length
+            / t.devices
+            * act_passes
+            * t.shape.activation_bytes_per_token(c.length / 2, t.compute_bytes)
+        )
         nbytes = passes * n * t.compute_bytes + 7 * 4 * n / t.fsdp + act
         gathered = (t.fsdp - 1) / t.fsdp
         net = (passes * n * t.compute_bytes + 4 * n) * gathered if t.fsdp > 1 else 0.0
         total += hw.call_overhead_s + max(flops / hw.flops, nbytes / hw.bw, net / hw.net_bw)
         flops_sum += flops
         net_sum += net
-    return dict(seconds=total, flops_per_device=flops_sum, net_bytes_per_device=net_sum,
-                calls=len(calls))
+    return dict(
+        seconds=total, flops_per_device=flops_sum, net_bytes_per_device=net_sum, calls=len(calls)
+    )
 
 
 def ema_time(hw: Hardware, params: int, shards: int, players: int) -> float:
@@ -258,8 +304,12 @@ def judge_time(hw: Hardware, j: Judge, requests: int) -> float:
     per_wave = j.replicas * j.batch
     waves = math.ceil(requests / per_wave)
     rows = min(j.batch, math.ceil(requests / j.replicas))
-    call = GenCall(rows=rows, prompt_len=j.prompt_tokens, steps=j.new_tokens,
-                   cache_len=j.prompt_tokens + j.new_tokens // 2)
+    call = GenCall(
+        rows=rows,
+        prompt_len=j.prompt_tokens,
+        steps=j.new_tokens,
+        cache_len=j.prompt_tokens + j.new_tokens // 2,
+    )
     return waves * generation_time(hw, Sampler(j.shape, j.dtype_bytes, 1, j.tp), [call])["seconds"]
 
 
@@ -307,8 +357,13 @@ def predict_step(hw: Hardware, w: StepWorkload) -> dict:
     if w.checkpoint_every and w.checkpoint_bytes:
         stages["checkpoint"] = w.checkpoint_bytes / hw.disk_bw / w.checkpoint_every
     step = sum(stages.values())
-    return dict(hardware=hw.name, stages=stages, step_s=step, ema_s=ema,
-                details=dict(attacker_generation=gen_a, defender_generation=gen_d, update=upd))
+    return dict(
+        hardware=hw.name,
+        stages=stages,
+        step_s=step,
+        ema_s=ema,
+        details=dict(attacker_generation=gen_a, defender_generation=gen_d, update=upd),
+    )
 
 
 def run_totals(step_s: float, num_steps: int, devices: int) -> dict:

@@ -37,15 +37,24 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from advgame_jax.models import (DEFAULT_RULES, ModelConfig, forward_hidden, param_shardings,
-                                unembedding)
+from advgame_jax.models import (
+    DEFAULT_RULES,
+    ModelConfig,
+    forward_hidden,
+    param_shardings,
+    unembedding,
+)
 from advgame_jax.models.attention import resolve_impl
 from advgame_jax.models.transformer import remat_policy
 from advgame_jax.ops.sharded_logprobs import sharded_sequence_logprobs
 from advgame_jax.training.objectives import OBJECTIVES, LossHParams
 from advgame_jax.training.optimizer import OptimizerSettings, current_lr
-from advgame_jax.training.sharding import (batch_parallel_size, batch_shardings, shard_batch,
-                                           state_shardings)
+from advgame_jax.training.sharding import (
+    batch_parallel_size,
+    batch_shardings,
+    shard_batch,
+    state_shardings,
+)
 from advgame_jax.training.state import PlayerState, reference_params
 
 LOSSES = tuple(OBJECTIVES)
@@ -57,32 +66,67 @@ def _shift(x, fill):
     return jnp.concatenate([x[..., 1:], pad], axis=-1)
 
 
-def sequence_token_logprobs(params, config: ModelConfig, tokens, attention_mask, positions, *,
-                            compute_dtype, chunk_size: int, remat, with_entropy: bool = False,
-                            attention_impl: str = "xla", mesh=None, rules=DEFAULT_RULES):
+def sequence_token_logprobs(
+    params,
+    config: ModelConfig,
+    tokens,
+    attention_mask,
+    positions,
+    *,
+    compute_dtype,
+    chunk_size: int,
+    remat,
+    with_entropy: bool = False,
+    attention_impl: str = "xla",
+    mesh=None,
+    rules=DEFAULT_RULES,
+):
     """Log-prob of each next token ``[R, T]`` fp32 (column t scores ``tokens[:, t+1]``; the
     last column scores a dummy target) and, if asked, the next-token entropy ``[R, T]``."""
     p = jax.tree.map(lambda x: x.astype(compute_dtype), params)
     if mesh is not None:
         # Cast where the params live, so FSDP gathers compute-dtype weights (not fp32 ones).
         p = jax.lax.with_sharding_constraint(p, param_shardings(config, mesh, rules))
-    hidden = forward_hidden(p, config, tokens, attention_mask, positions,
-                            compute_dtype=compute_dtype, remat=remat,
-                            attention_impl=attention_impl, mesh=mesh, rules=rules)
-    return sharded_sequence_logprobs(hidden, unembedding(p, config), _shift(tokens, 0),
-                                     chunk_size=chunk_size, with_entropy=with_entropy,
-                                     mesh=mesh, rules=rules)
+    hidden = forward_hidden(
+        p,
+        config,
+        tokens,
+        attention_mask,
+        positions,
+        compute_dtype=compute_dtype,
+        remat=remat,
+        attention_impl=attention_impl,
+        mesh=mesh,
+        rules=rules,
+    )
+    return sharded_sequence_logprobs(
+        hidden,
+        unembedding(p, config),
+        _shift(tokens, 0),
+        chunk_size=chunk_size,
+        with_entropy=with_entropy,
+        mesh=mesh,
+        rules=rules,
+    )
 
 
-def microbatch_count(rows_per_device: int, tokens_per_row: int, *, num_microbatches: int = 1,
-                     max_tokens_per_device: Optional[int] = None) -> int:
+def microbatch_count(
+    rows_per_device: int,
+    tokens_per_row: int,
+    *,
+    num_microbatches: int = 1,
+    max_tokens_per_device: Optional[int] = None,
+) -> int:
     """Smallest divisor m ≥ ``num_microbatches`` of ``rows_per_device`` with
     ``rows_per_device / m × tokens_per_row ≤ max_tokens_per_device`` (one row per microbatch
     when even that is over budget); ``num_microbatches`` without a budget."""
     if not max_tokens_per_device:
         return num_microbatches
     for m in range(max(num_microbatches, 1), rows_per_device + 1):
-        if rows_per_device % m == 0 and rows_per_device // m * tokens_per_row <= max_tokens_per_device:
+        if (
+            rows_per_device % m == 0
+            and rows_per_device // m * tokens_per_row <= max_tokens_per_device
+        ):
             return m
     return rows_per_device
 
@@ -90,6 +134,7 @@ def microbatch_count(rows_per_device: int, tokens_per_row: int, *, num_microbatc
 def _split_microbatches(batch, m: int, mb_sharding):
     """[R, ...] → [m, R/m, ...] taking rows i ≡ k (mod m) into microbatch k, so each
     microbatch keeps the batch's even split over devices (no resharding)."""
+
     def split(x):
         r = x.shape[0]
         y = jnp.swapaxes(x.reshape((r // m, m) + x.shape[1:]), 0, 1)
@@ -97,6 +142,7 @@ def _split_microbatches(batch, m: int, mb_sharding):
             spec = PartitionSpec(None, mb_sharding.spec[0], *([None] * (y.ndim - 2)))
             y = jax.lax.with_sharding_constraint(y, NamedSharding(mb_sharding.mesh, spec))
         return y
+
     return jax.tree.map(split, batch)
 
 
@@ -137,8 +183,9 @@ class LossSettings(LossHParams):
     kind: str = "dpo"
 
     def hparams(self) -> LossHParams:
-        return LossHParams(**{f.name: getattr(self, f.name)
-                              for f in dataclasses.fields(LossHParams)})
+        return LossHParams(
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(LossHParams)}
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,19 +217,27 @@ class UpdateSettings:
     train: StepSettings = StepSettings()
 
 
-def update_step_from(model_config: ModelConfig, settings: UpdateSettings, *, mesh=None,
-                     rules=DEFAULT_RULES) -> "UpdateStep":
+def update_step_from(
+    model_config: ModelConfig, settings: UpdateSettings, *, mesh=None, rules=DEFAULT_RULES
+) -> "UpdateStep":
     """The one builder of a player's update step: the trainer, the capacity planner and the
     benchmarks all call it, so they compile the same program for the same settings. The
     optimizer is built here from ``settings.optim`` and exposed as ``step.optimizer`` (the
     transformation that must build ``state.opt_state``)."""
-    return make_update_step(model_config, settings.optim.build(), settings.loss, settings.train,
-                            mesh=mesh, rules=rules)
+    return make_update_step(
+        model_config, settings.optim.build(), settings.loss, settings.train, mesh=mesh, rules=rules
+    )
 
 
-def make_update_step(model_config: ModelConfig, optimizer: optax.GradientTransformation,
-                     loss: LossSettings = LossSettings(), train: StepSettings = StepSettings(),
-                     *, mesh=None, rules=DEFAULT_RULES) -> "UpdateStep":
+def make_update_step(
+    model_config: ModelConfig,
+    optimizer: optax.GradientTransformation,
+    loss: LossSettings = LossSettings(),
+    train: StepSettings = StepSettings(),
+    *,
+    mesh=None,
+    rules=DEFAULT_RULES,
+) -> "UpdateStep":
     """Build ``update(state, batch) -> (state, metrics)`` for one player with a given optax
     ``optimizer`` (it must be the transformation that built ``state.opt_state``); see
     :class:`LossSettings` and :class:`StepSettings`. :func:`update_step_from` builds the
@@ -195,16 +250,25 @@ def make_update_step(model_config: ModelConfig, optimizer: optax.GradientTransfo
     if num_microbatches < 1:
         raise ValueError(f"train.num_microbatches must be ≥ 1, got {num_microbatches!r}")
     if max_tokens_per_device is not None and max_tokens_per_device < 1:
-        raise ValueError(f"train.max_tokens_per_device must be ≥ 1 or unset, got "
-                         f"{max_tokens_per_device!r}")
-    attention_impl, entropy_coef, step_on_empty = (train.attention_impl, loss.entropy_coef,
-                                                   train.step_on_empty)
+        raise ValueError(
+            f"train.max_tokens_per_device must be ≥ 1 or unset, got {max_tokens_per_device!r}"
+        )
+    attention_impl, entropy_coef, step_on_empty = (
+        train.attention_impl,
+        loss.entropy_coef,
+        train.step_on_empty,
+    )
     resolve_impl(attention_impl)
     policy = remat_policy(train.remat)
     objective_fn, kind = OBJECTIVES[loss.kind]
     hp = loss.hparams()
-    fwd = dict(compute_dtype=train.compute_dtype, chunk_size=train.chunk_size,
-               attention_impl=attention_impl, mesh=mesh, rules=rules)
+    fwd = dict(
+        compute_dtype=train.compute_dtype,
+        chunk_size=train.chunk_size,
+        attention_impl=attention_impl,
+        mesh=mesh,
+        rules=rules,
+    )
     dp = batch_parallel_size(mesh, rules)
 
     def rows_of(x):  # pairs [P, 2, T] -> [2P, T]; samples unchanged
@@ -212,8 +276,9 @@ def make_update_step(model_config: ModelConfig, optimizer: optax.GradientTransfo
 
     def objective(params, ref, mb):
         args = (rows_of(mb.tokens), rows_of(mb.attention_mask), rows_of(mb.positions))
-        lp, ent = sequence_token_logprobs(params, model_config, *args, remat=policy,
-                                          with_entropy=entropy_coef != 0.0, **fwd)
+        lp, ent = sequence_token_logprobs(
+            params, model_config, *args, remat=policy, with_entropy=entropy_coef != 0.0, **fwd
+        )
         ref_lp, _ = sequence_token_logprobs(ref, model_config, *args, remat="none", **fwd)
         lmask = _shift(rows_of(mb.loss_mask), False)
         per, sums = objective_fn(lp, jax.lax.stop_gradient(ref_lp), ent, lmask, mb, hp)
@@ -235,8 +300,12 @@ def make_update_step(model_config: ModelConfig, optimizer: optax.GradientTransfo
             s_sh = row_sh = grad_sh = None
         rows, t = batch.tokens.shape[0], batch.tokens.shape[-1]
         per_row_tokens = t * (2 if kind == "pairs" else 1)
-        m = microbatch_count(rows // dp, per_row_tokens, num_microbatches=num_microbatches,
-                             max_tokens_per_device=max_tokens_per_device)
+        m = microbatch_count(
+            rows // dp,
+            per_row_tokens,
+            num_microbatches=num_microbatches,
+            max_tokens_per_device=max_tokens_per_device,
+        )
         params = state.params
         ref = jax.lax.stop_gradient(reference_params(state))
         valid = batch.pair_valid if kind == "pairs" else batch.sample_valid
@@ -252,9 +321,11 @@ def make_update_step(model_config: ModelConfig, optimizer: optax.GradientTransfo
         finite = jnp.isfinite(grad_norm) & jnp.isfinite(sums["loss"])
         apply = ((n_valid > 0) | step_on_empty) & finite
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)  # noqa: E731
-        new_state = state.replace(params=keep(new_params, params),
-                                  opt_state=keep(new_opt, state.opt_state),
-                                  step=state.step + apply.astype(state.step.dtype))
+        new_state = state.replace(
+            params=keep(new_params, params),
+            opt_state=keep(new_opt, state.opt_state),
+            step=state.step + apply.astype(state.step.dtype),
+        )
         if s_sh is not None:
             new_state = jax.lax.with_sharding_constraint(new_state, s_sh)
         denom = jnp.maximum(n_valid, 1.0)
@@ -271,8 +342,9 @@ def make_update_step(model_config: ModelConfig, optimizer: optax.GradientTransfo
         metrics["skipped_nonfinite"] = ((n_valid > 0) & ~finite).astype(jnp.float32)
         return new_state, metrics
 
-    return UpdateStep(jax.jit(update, donate_argnums=0), model_config, mesh, rules,
-                      num_microbatches, optimizer)
+    return UpdateStep(
+        jax.jit(update, donate_argnums=0), model_config, mesh, rules, num_microbatches, optimizer
+    )
 
 
 class UpdateStep:
@@ -287,8 +359,15 @@ class UpdateStep:
     returns its state unchanged and ``{}`` without running anything.
     """
 
-    def __init__(self, jitted, config: ModelConfig, mesh, rules, num_microbatches: int,
-                 optimizer: optax.GradientTransformation):
+    def __init__(
+        self,
+        jitted,
+        config: ModelConfig,
+        mesh,
+        rules,
+        num_microbatches: int,
+        optimizer: optax.GradientTransformation,
+    ):
         self._jitted = jitted
         self.optimizer = optimizer  # the transformation that builds ``state.opt_state``
         self._config = config
@@ -308,8 +387,7 @@ class UpdateStep:
             device = next(iter(jax.tree.leaves(state.params)[0].devices()))
             return jax.device_put(state, device), jax.device_put(batch, device)
         # Already-placed arrays are not copied; anything else is laid out on the mesh.
-        state = jax.device_put(state, state_shardings(state, self._config, self._mesh,
-                                                      self._rules))
+        state = jax.device_put(state, state_shardings(state, self._config, self._mesh, self._rules))
         return state, shard_batch(batch, self._mesh, self._rules)
 
     def __call__(self, state: PlayerState, batch):
@@ -318,8 +396,10 @@ class UpdateStep:
         rows = batch.tokens.shape[0]
         need = self._m * self.data_parallel_size
         if rows % need:
-            raise ValueError(f"batch has {rows} rows, not a multiple of num_microbatches × "
-                             f"data-parallel size = {need}; collate with the same numbers")
+            raise ValueError(
+                f"batch has {rows} rows, not a multiple of num_microbatches × "
+                f"data-parallel size = {need}; collate with the same numbers"
+            )
         return self._jitted(*self._place(state, batch))
 
     def lower(self, state: PlayerState, batch):

@@ -80,16 +80,18 @@ def base_config() -> ml_collections.ConfigDict:
     # Device mesh: -1 on `data` = all remaining devices. Multi-host: data/fsdp/tensor are the
     # sizes INSIDE one host (GPU node) or TPU slice; dcn_* multiply them across hosts/slices
     # (e.g. fsdp=8, dcn_data=2: FSDP inside each of 2 nodes, data parallel across them).
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1,
-                                            dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
+    c.mesh = ml_collections.ConfigDict(
+        dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
+    )
     # Joining a multi-process world (advgame_jax.distributed): empty/0 = detect from the
     # environment (ADVGAME_COORDINATOR/_NUM_PROCESSES/_PROCESS_ID, Slurm, TPU VM pods).
-    c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=0,
-                                                   process_id=-1))
+    c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=0, process_id=-1))
 
     # Colocated vLLM engines share the trainer's devices: JAX's share of each device (applied
     # before JAX initialises) + engines' gpu_memory_utilization + margin must be <= 1.
-    c.placement = ml_collections.ConfigDict(dict(jax_memory_fraction=0.0, device_memory_margin=0.05))
+    c.placement = ml_collections.ConfigDict(
+        dict(jax_memory_fraction=0.0, device_memory_margin=0.05)
+    )
 
     c.attacker = _player("attacker")
     c.defender = _player("defender")
@@ -174,11 +176,18 @@ def base_config() -> ml_collections.ConfigDict:
     )
 
     c.optim = ml_collections.ConfigDict(
-        dict(lr=1e-6, b1=0.9, b2=0.95, weight_decay=0.1, clip_norm=1.0,
-             final_lr_fraction=0.2, warmup_steps=0,
-             # 'run': one cosine over all 2·num_steps updates; 'cycle' (the reference): a
-             # cosine over num_steps updates that restarts (training/optimizer.py).
-             lr_schedule="run")
+        dict(
+            lr=1e-6,
+            b1=0.9,
+            b2=0.95,
+            weight_decay=0.1,
+            clip_norm=1.0,
+            final_lr_fraction=0.2,
+            warmup_steps=0,
+            # 'run': one cosine over all 2·num_steps updates; 'cycle' (the reference): a
+            # cosine over num_steps updates that restarts (training/optimizer.py).
+            lr_schedule="run",
+        )
     )
 
     c.train = ml_collections.ConfigDict(

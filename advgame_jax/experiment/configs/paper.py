@@ -52,11 +52,23 @@ FAMILIES = {
     "llama": {"judge.model": "Llama-3.3-70B-Instruct-abliterated"},
 }
 
-_MD = {"judge.mode": "pairwise", "game.num_attacks": 2, "game.num_responses": 2,
-       "train.sample_from": "ema", "train.reference": "ema"}
-_GRPO = {"loss.kind": "grpo", "judge.mode": "pointwise", "game.num_attacks": 4,
-         "game.num_responses": 4, "train.sample_from": "trained", "train.reference": "initial",
-         "loss.tis_cap": 2.0, "loss.grpo_baseline": "across_seeds"}
+_MD = {
+    "judge.mode": "pairwise",
+    "game.num_attacks": 2,
+    "game.num_responses": 2,
+    "train.sample_from": "ema",
+    "train.reference": "ema",
+}
+_GRPO = {
+    "loss.kind": "grpo",
+    "judge.mode": "pointwise",
+    "game.num_attacks": 4,
+    "game.num_responses": 4,
+    "train.sample_from": "trained",
+    "train.reference": "initial",
+    "loss.tis_cap": 2.0,
+    "loss.grpo_baseline": "across_seeds",
+}
 LOSSES = {
     "dpo_md": {"loss.kind": "dpo", **_MD},
     "ipo_md": {"loss.kind": "ipo", **_MD},

@@ -33,8 +33,8 @@ What is changed, and why:
 from typing import Any
 
 from advgame_jax.data import packaged_seed_path
-from advgame_jax.models import smollm2
 from advgame_jax.experiment.configs.base import base_config
+from advgame_jax.models import smollm2
 
 
 def smol_config():
