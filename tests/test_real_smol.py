@@ -101,6 +101,11 @@ def test_smol_llm_judge_step_over_the_openai_api(tmp_path, smol_dir):
         r[f"{s}/judge/{st}/failures"] for s in SPLITS for st in ("faith", "defender", "attacker")
     )
     assert requests > 0 and 0 <= failures <= requests
+    # The 135M judge's parse rate per judge stage (shown with `pytest -s`; README records it).
+    for st in ("faith", "defender", "attacker"):
+        n = sum(r[f"{s}/judge/{st}/requests"] for s in SPLITS)
+        bad = sum(r[f"{s}/judge/{st}/failures"] for s in SPLITS)
+        print(f"LLM judge {st}: {bad:.0f} of {n:.0f} requests failed")
     for key, v in r.items():
         if key.endswith("/loss"):
             assert math.isfinite(v), key
