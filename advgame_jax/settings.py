@@ -73,12 +73,10 @@ def section(cls, *, resumable: bool = False) -> Any:
     return dataclasses.field(default_factory=cls, metadata=dict(resumable=resumable, section=True))
 
 
-_frozen = dataclasses.dataclass(frozen=True)
-
 # ------------------------------------------------------------------ sections
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True)
 class EngineSettings:
     """``<role>.engine``: vLLM engine options of a colocated / offloaded placement."""
 
@@ -94,7 +92,7 @@ class EngineSettings:
     keep_sync_checkpoints: int = setting(2, minimum=1)
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True)
 class PlayerSettings:
     """``attacker`` / ``defender``: the model, its precision and where its sampler runs.
 
@@ -117,7 +115,7 @@ class PlayerSettings:
     engine: EngineSettings = section(EngineSettings, resumable=True)
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True)
 class MeshSettings:
     """``mesh``: device mesh sizes inside one host/slice, and across hosts (``dcn_*``)."""
 
@@ -129,7 +127,7 @@ class MeshSettings:
     dcn_tensor: int = setting(1, minimum=1)
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True)
 class DistributedSettings:
     """``distributed``: joining a multi-process world (empty/0: from the environment)."""
 
@@ -138,7 +136,7 @@ class DistributedSettings:
     process_id: int = setting(-1, minimum=-1)
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True)
 class MemoryPlanSettings:
     """``placement``: the colocated memory plan (JAX's share of each device + a margin)."""
 
@@ -146,7 +144,7 @@ class MemoryPlanSettings:
     device_memory_margin: float = setting(0.05, minimum=0.0, maximum=0.5)
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True)
 class JudgeSettings:
     """``judge``: which judge, how it decodes, and the endpoint transport."""
 
@@ -177,7 +175,7 @@ class JudgeSettings:
     explicit_sampling: bool = setting(True, added=False)
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True)
 class GameSettings:
     """``game``: the tree's shape, templates, output formats and selection rules.
 
@@ -195,7 +193,7 @@ class GameSettings:
     selection: str = setting("fallback", choices="selections")
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True)
 class SamplingSettings:
     """``sampling``: the players' shared decoding parameters."""
 
@@ -205,7 +203,7 @@ class SamplingSettings:
     max_new_tokens: int = setting(2048, minimum=1)
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True)
 class LossSettings:
     """``loss``: the objective and its coefficients."""
 
@@ -220,7 +218,7 @@ class LossSettings:
     grpo_baseline: str = setting("across_seeds", choices="grpo_baselines")
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True)
 class OptimSettings:
     """``optim``: AdamW, clipping and the learning-rate schedule (training/optimizer.py)."""
 
@@ -235,7 +233,7 @@ class OptimSettings:
     mu_dtype: str = setting("float32", choices="dtypes")
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True)
 class TrainSettings:
     """``train``: the run's length, batch, EMA, cadences and the update step's scale.
 
@@ -292,7 +290,7 @@ class TrainSettings:
         return self.sample_from == "ema" or self.reference == "ema"
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True)
 class DataSettings:
     """``data``: seed JSONL files of the training and validation splits."""
 
@@ -306,7 +304,7 @@ class DataSettings:
     adversarial_benign: str = setting("")
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True)
 class ValidationSettings:
     """``validation``: seeds per split (0 = all), responses, seeds per rollout call (0 = all)."""
 
@@ -315,7 +313,7 @@ class ValidationSettings:
     batch_size: int = setting(64, minimum=0)
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True)
 class LoggingSettings:
     """``logging``: audit log, TensorBoard, Weights & Biases, progress bar."""
 
@@ -325,7 +323,7 @@ class LoggingSettings:
     progress_bar: bool = setting(True)
 
 
-@_frozen
+@dataclasses.dataclass(frozen=True)
 class Settings:
     """The whole experiment: top-level fields and one section per block of ``experiment/configs/base.py``."""
 

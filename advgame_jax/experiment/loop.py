@@ -33,7 +33,7 @@ import json
 import os
 import signal
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import numpy as np
@@ -61,6 +61,7 @@ from advgame_jax.experiment.validate import (
 )
 from advgame_jax.experiment.validation import SPLITS, _prefixed, load_seed_splits, validate_defender
 from advgame_jax.game.diagnosis import no_signal_warning
+from advgame_jax.game.templates import template_budget_warnings
 from advgame_jax.training.checkpoint import GameCheckpointer, config_differences
 from advgame_jax.training.ema import ema_step
 from advgame_jax.training.multihost import collate_global, host_to_global
@@ -199,7 +200,10 @@ class GameRunner:
             )
             for i, c in enumerate(SPLITS)
         }
-        self.state = {r: initial_state(self.players[r], params0[r], config) for r in ROLES}
+        # Each role's PlayerState, and under "rng" the game's PRNG key.
+        self.state: dict[str, Any] = {
+            r: initial_state(self.players[r], params0[r], config) for r in ROLES
+        }
         # Replicated over the mesh (a global array: every process can checkpoint it).
         self.state["rng"] = host_to_global(
             np.asarray(jax.random.PRNGKey(config.seed)), replicated(self.mesh)
@@ -236,7 +240,7 @@ class GameRunner:
             if not budget:
                 continue
             if role == "attacker":  # the template alone may fill the prompt budget
-                for msg in game.templates.template_budget_warnings(
+                for msg in template_budget_warnings(
                     self.game_config.templates,
                     self.config.game.attacker_format,
                     lambda t, tok=player.tokenizer: len(tok.render_user_turn(t)),

@@ -38,6 +38,7 @@ import numpy as np
 import optax
 
 from advgame_jax import fsutil
+from advgame_jax.data.seeds import Seed
 from advgame_jax.experiment.validate import ConfigError
 from advgame_jax.models import ModelConfig, forward, init_params, save_hf
 
@@ -121,8 +122,8 @@ def defender_target(x: str, rng: random.Random, deflect_rate: float = 0.15) -> s
 
 
 def warmup_examples(
-    seeds: Sequence,
-    attacker_prompt: Callable[[object], list[int]],
+    seeds: Sequence[Seed],
+    attacker_prompt: Callable[[Seed], list[int]],
     defender_prompt: Callable[[str], list[int]],
     encode: Callable[[str], list[int]],
     eos_id: int,
@@ -228,8 +229,8 @@ def build_toy_world(
     root: str,
     *,
     seed: int,
-    train_seeds: Sequence,
-    attacker_prompt_text: Callable[[object], str],
+    train_seeds: Sequence[Seed],
+    attacker_prompt_text: Callable[[Seed], str],
     warmup_steps: int = 300,
 ) -> ToyPaths:
     """Build (or reuse) the tiny tokenizer and the warmed-up attacker and defender checkpoints.

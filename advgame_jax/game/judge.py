@@ -134,7 +134,8 @@ class LLMJudge:
             scores = [parsing.parse_pair_scores(t) for t in texts]
             self._count_unparsable(texts, [a is not None for a, _ in scores])
             self._count_out_of_range(texts, ("score_A", "score_B"))
-            ok = [(a, b) for a, b in scores if a is not None]
+            # parse_pair_scores gives both scores or neither.
+            ok = [(a, b) for a, b in scores if a is not None and b is not None]
             out.append(
                 (sum(a for a, _ in ok) / len(ok), sum(b for _, b in ok) / len(ok))
                 if ok

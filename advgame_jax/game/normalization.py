@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Optional, Sequence, TypeVar
+from typing import TYPE_CHECKING, Optional, Sequence, TypeVar
 
 from advgame_jax.game import rewards
 from advgame_jax.game.tree import ScoredTree
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 NORMALIZATIONS = ("reference", "pairs")
-R = TypeVar("R")
+R = TypeVar("R", bound="DataclassInstance")
 
 
 def reference_normaliser(pairs_per_seed: Sequence[int], seeds_per_microbatch: int) -> int:

@@ -105,7 +105,7 @@ def select_response(
 def preference(values: Sequence[Optional[float]]) -> Optional[tuple[int, int]]:
     """(chosen, rejected) = (argmax, argmin) of the non-None values, or None when they tie."""
     c, r = argmax_first(values), argmin_first(values)
-    if c is None or values[c] == values[r]:
+    if c is None or r is None or values[c] == values[r]:  # both None or neither
         return None
     return c, r
 

@@ -20,7 +20,7 @@ returns its results with its ``JudgeStats`` part (``game.judging``); the tree's
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, cast
 
 from advgame_jax.game import rewards
 from advgame_jax.game.config import GameConfig
@@ -252,13 +252,14 @@ def _defender_groups(tree: RolloutTree, config: GameConfig) -> list[JudgeGroup]:
         cands = [d for d, r in enumerate(att.responses) if r.error is None]
         if att.error is None and cands:
             seed = tree.seeds[b]
-            query = att.x if config.condition_on == "prompt" else seed.s
+            # An attack or response without an error holds its text (x, y are not None).
+            query = cast(str, att.x) if config.condition_on == "prompt" else seed.s
             groups.append(
                 JudgeGroup(
                     defender_rubric(seed.category),
                     query,
                     tuple((b, a, d) for d in cands),
-                    tuple(att.responses[d].y for d in cands),
+                    tuple(cast(str, att.responses[d].y) for d in cands),
                 )
             )
     return groups
@@ -274,12 +275,16 @@ def _attacker_groups(seeds: Sequence[SeedSlot], config: GameConfig) -> list[Judg
             if att.error is None and not rewards.left_unjudged(att, config.selection)
         ]
         if cands:
+            # A valid attack has a selected response, and that response's text.
             groups.append(
                 JudgeGroup(
                     attacker_rubric(seed.category),
                     seed.s,
                     tuple((b, a) for a in cands),
-                    tuple(seed.attacks[a].responses[seed.attacks[a].selected_d].y for a in cands),
+                    tuple(
+                        cast(str, att.responses[cast(int, att.selected_d)].y)
+                        for att in (seed.attacks[a] for a in cands)
+                    ),
                 )
             )
     return groups

@@ -128,7 +128,9 @@ def _read_block(kind: str, tensor, shape: tuple, idx: tuple) -> np.ndarray:
     return blk[:, :, sl[1]].transpose(1, 2, 0)
 
 
-def _entries(config: ModelConfig):
+def _entries(
+    config: ModelConfig,
+) -> Iterator[tuple[tuple[str, ...], list[str], str, tuple[int, ...]]]:
     """Yield ``(path, hf_names, kind, full_shape)``; hf_names has one name per layer for
     stacked params (the leading axis) and a single name otherwise."""
     tree = param_shapes_and_axes(config)

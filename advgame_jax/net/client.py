@@ -248,6 +248,7 @@ class Client:
         retries = self.max_retries if max_retries is None else int(max_retries)
         body = None if payload is None else json.dumps(payload).encode("utf-8")
         note = self.faults.add if count else (lambda kind: None)
+        err: Optional[ClientError] = None
         for attempt in range(retries + 1):
             if attempt:
                 note("retries")
@@ -280,6 +281,7 @@ class Client:
             if deadline - time.monotonic() <= 0:
                 break
         note("failed_requests")
+        assert err is not None  # retries >= 0: the loop ran and every attempt failed
         raise err
 
     async def _fetch(self, method: str, url: str, body: Optional[bytes]):

@@ -25,6 +25,7 @@ benchmarks, not for training.
 from __future__ import annotations
 
 import functools
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -286,7 +287,7 @@ def tiled_token_logprobs_and_entropy(
     chunk_size=1024,
     vocab_chunk_size=VOCAB_CHUNK_SIZE,
     with_entropy=True,
-):
+) -> tuple[jax.Array, jax.Array]:
     """The tiled kernel with both tile sizes exposed (for tuning and benchmarks).
 
     hidden ``[N, d]``, unembed ``[d, V]``, targets ``[N]`` int -> (``[N]`` log-probs fp32,
@@ -295,9 +296,11 @@ def tiled_token_logprobs_and_entropy(
     """
     _check(hidden, unembed, targets)
     _check_sizes(chunk_size, vocab_chunk_size)
-    return _tiled(
+    out = _tiled(
         hidden, unembed, targets, int(chunk_size), int(vocab_chunk_size), bool(with_entropy)
     )
+    # functools.partial(jax.custom_vjp, ...) hides the wrapped function's return type.
+    return cast(tuple[jax.Array, jax.Array], out)
 
 
 def token_logprobs(hidden, unembed, targets, *, chunk_size=1024):

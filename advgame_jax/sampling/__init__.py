@@ -1,7 +1,14 @@
 """Samplers: the ``Sampler`` protocol, the JAX KV-cache sampler, the vLLM sampler (optional
 extra, imported lazily) and an OpenAI-compatible HTTP server over a sampler."""
 
+from typing import TYPE_CHECKING
+
 from advgame_jax.sampling.base import Completion, FinishReason, Sampler, SamplingParams
+
+if TYPE_CHECKING:  # at run time these load lazily, through __getattr__ below
+    from advgame_jax.sampling.checkpoints import restore_params
+    from advgame_jax.sampling.jax_sampler import JaxSampler
+    from advgame_jax.sampling.vllm_sampler import VllmSampler
 
 __all__ = [
     "Completion",

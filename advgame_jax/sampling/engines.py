@@ -181,9 +181,10 @@ class EngineClient:
         from advgame_jax.net import ClientError
 
         while not self._ready:
-            if self._dead():
-                raise self._dead(" while starting")
+            if (dead := self._dead(" while starting")) is not None:
+                raise dead
             if time.monotonic() > self._startup_deadline:
+                assert self.proc is not None  # only a spawned engine starts unready
                 self.proc.kill()
                 raise self._error("not ready within the startup timeout")
             try:
@@ -198,8 +199,8 @@ class EngineClient:
         from advgame_jax.net import ClientError
 
         self.wait_ready()
-        if self._dead():
-            raise self._dead()
+        if (dead := self._dead()) is not None:
+            raise dead
         try:
             return self._http.request(method, path, payload, timeout_s=timeout_s)
         except ClientError as e:

@@ -221,7 +221,7 @@ class JaxSampler:
         Returns one list of completions per request, each exactly what ``generate`` would
         return for that request alone (same seeds → same tokens).
         """
-        rows: list[_Row] = []
+        rows: list[Optional[_Row]] = []  # None: a prompt over budget, answered already
         results: list[Optional[Completion]] = []
         for prompts, sp in requests:
             for i, prompt in enumerate(prompts):
@@ -244,23 +244,21 @@ class JaxSampler:
                 results.extend(None for _ in range(sp.n))
         # Rows that share a program (same new-token bucket, same filter flag) run together;
         # sorting by prompt length keeps the padding small inside each chunk.
-        order = sorted(
-            (r for r in range(len(rows)) if rows[r] is not None),
-            key=lambda r: (self._program_key(rows[r]), len(rows[r].prompt)),
-        )
+        live = {r: row for r, row in enumerate(rows) if row is not None}
+        order = sorted(live, key=lambda r: (self._program_key(live[r]), len(live[r].prompt)))
         start = 0
         while start < len(order):
-            key = self._program_key(rows[order[start]])
+            key = self._program_key(live[order[start]])
             stop = start
             while (
                 stop < len(order)
                 and stop - start < self.max_batch_size
-                and self._program_key(rows[order[stop]]) == key
+                and self._program_key(live[order[stop]]) == key
             ):
                 stop += 1
             chunk = order[start:stop]
             for idx, comp in zip(
-                chunk, self._run_chunk([rows[r] for r in chunk], *key), strict=True
+                chunk, self._run_chunk([live[r] for r in chunk], *key), strict=True
             ):
                 results[idx] = comp
             start = stop
@@ -340,6 +338,7 @@ class JaxSampler:
         return comps
 
     def _batch_sharding(self, ndim: int) -> NamedSharding:
+        assert self.mesh is not None  # called only for a sampler with a mesh
         axes = self._batch_axes or None
         return NamedSharding(self.mesh, PartitionSpec(axes, *([None] * (ndim - 1))))
 

@@ -35,7 +35,7 @@ from openai.types.chat.chat_completion_token_logprob import ChatCompletionTokenL
 from openai.types.completion_choice import Logprobs as TextLogprobs
 from pydantic import BaseModel, ConfigDict, Field
 
-from advgame_jax.sampling.base import Completion, SamplingParams
+from advgame_jax.sampling.base import Completion, FinishReason, SamplingParams
 
 MAX_CHAT_TOP_LOGPROBS, MAX_TEXT_LOGPROBS = 20, 5  # OpenAI's bounds
 
@@ -503,7 +503,9 @@ def responses(
 
     def events():
         for i, (c, t) in enumerate(zip(completions, tops, strict=True)):
-            chunks = [("", 0, 0, None)] if req.kind == "chat" else []  # the role comes first
+            chunks: list[tuple[str, int, int, Optional[FinishReason]]] = (
+                [("", 0, 0, None)] if req.kind == "chat" else []  # the role comes first
+            )
             offset = 0
             for j, piece in enumerate(text_deltas(c, tokenizer)):
                 chunks.append((piece, j, j + 1, None))

@@ -133,9 +133,9 @@ class OpenAIServer:
                 timeout_keep_alive=config.keep_alive_s,  # pyright: ignore[reportArgumentType]
                 limit_concurrency=config.max_connections,
                 backlog=config.listen_backlog,
-                timeout_graceful_shutdown=config.request_timeout_s,
+                timeout_graceful_shutdown=config.request_timeout_s,  # pyright: ignore[reportArgumentType]
             )
-        )  # pyright: ignore[reportArgumentType]
+        )
 
     @property
     def url(self) -> str:

@@ -48,7 +48,7 @@ graphs (CUDA graphs included) are kept: parameters are updated in place.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Literal, Optional, Sequence, cast
 
 import numpy as np
 
@@ -59,15 +59,19 @@ from advgame_jax.sampling.checkpoints import restore_params
 WEIGHTS_KIND = "vllm_weights"
 
 
-def _torch_dtype_name(dtype: str) -> str:
-    return {
-        "float32": "float32",
-        "fp32": "float32",
-        "bfloat16": "bfloat16",
-        "bf16": "bfloat16",
-        "float16": "float16",
-        "auto": "auto",
-    }[dtype]
+_VllmDType = Literal["float32", "bfloat16", "float16", "auto"]  # values vllm.LLM(dtype=) takes
+_TORCH_DTYPE_NAMES: dict[str, _VllmDType] = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "auto": "auto",
+}
+
+
+def _torch_dtype_name(dtype: str) -> _VllmDType:
+    return _TORCH_DTYPE_NAMES[dtype]
 
 
 class VllmSampler:
@@ -220,7 +224,10 @@ class VllmSampler:
             out = next(outs)
             for o in sorted(out.outputs, key=lambda o: o.index):
                 ids = tuple(int(t) for t in o.token_ids)
-                lps = tuple(float(d[t].logprob) for d, t in zip(o.logprobs, ids, strict=True))
+                # Requested with logprobs=0: one {token id: Logprob} per sampled token (vLLM
+                # types the list Optional, and its FlatLogprobs as a sequence of Optional).
+                positions = cast(Iterable[dict[int, Any]], o.logprobs)
+                lps = tuple(float(d[t].logprob) for d, t in zip(positions, ids, strict=True))
                 stop = o.finish_reason == "stop" and bool(ids) and ids[-1] in params.stop_token_ids
                 text = (
                     self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer else ""

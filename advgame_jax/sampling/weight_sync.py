@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import numpy as np
 
@@ -243,6 +243,12 @@ class OrbaxWeightLoader:
     new embedding through its own weight loader inside the same reload, so it is processed
     like every other layer and follows the embedding.
     """
+
+    if TYPE_CHECKING:  # supplied by the vLLM worker class this extension is mixed into
+        model_runner: Any
+        vllm_config: Any
+
+        def reload_weights(self, *args: Any, **kwargs: Any) -> None: ...
 
     def advgame_load_sync(self, path: str, model_config_json: str) -> int:
         from advgame_jax.models import ModelConfig

@@ -87,10 +87,12 @@ def parse_collectives(hlo_text: str) -> list[Collective]:
         if m.group(3) and len(dims) > 1 and kind in ("all-gather", "collective-permute"):
             # An async start returns (operand, result[, ...]): keep the largest as the result.
             i = int(np.argmax([math.prod(d) for d in dims]))
+            dt_i = re.match(r"[a-z]+[0-9]*", shapes[i])
+            assert dt_i is not None  # shapes[i] starts with its dtype name (built above)
             shapes, dims, nbytes = (
                 [shapes[i]],
                 [dims[i]],
-                _DTYPE_BYTES[re.match(r"[a-z]+[0-9]*", shapes[i]).group(0)] * math.prod(dims[i]),
+                _DTYPE_BYTES[dt_i.group(0)] * math.prod(dims[i]),
             )
         out.append(Collective(kind, tuple(shapes), tuple(dims), nbytes))
     return out

@@ -20,7 +20,7 @@ frozen (fixed attacker)     θ₀         None        None          None
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import flax.struct
 import jax
@@ -63,6 +63,10 @@ class PlayerState:
     ema_params: Any = None
     ref_params: Any = None
     step: Any = None
+
+    if TYPE_CHECKING:  # added by flax.struct.dataclass (``dataclasses.replace`` on self)
+
+        def replace(self, **updates: Any) -> PlayerState: ...
 
     @property
     def trainable(self) -> bool:
