@@ -10,9 +10,11 @@ processes). The same kinds of definitions are excluded on both sides. The replic
 the failure-rate warning count on both sides (old: inside ``game/endpoint.py``; new:
 ``net/replicas.py``).
 
-The old numbers are data: they were measured once from the commit that held the stdlib stack
-with ``python tests/test_http_code_size.py f593e35`` (this file's ``__main__``: ``git show``
-of each OLD file, the same counter).
+Both sides are counted in the same layout: the tree is kept formatted by ``ruff format``
+(``.ci/run`` checks it), and the old files were passed through the same formatter, with this
+project's settings, before counting. The old numbers are data: they were measured once from the
+commit that held the stdlib stack with ``python tests/test_http_code_size.py f593e35`` (this
+file's ``__main__``: ``git show`` of each OLD file, ``ruff format``, the same counter).
 """
 
 from __future__ import annotations
@@ -55,12 +57,12 @@ OLD_FILES = {
 }
 # Measured at f593e35 (see the module docstring).
 OLD_COUNTS = {
-    "advgame_jax/sampling/server.py": 274,
-    "advgame_jax/sampling/openai_protocol.py": 225,
-    "advgame_jax/sampling/bounded_http.py": 35,
-    "advgame_jax/game/endpoint.py": 265,
-    "advgame_jax/evaluation/http_client.py": 91,
-    "advgame_jax/sampling/engine_process.py": 160,
+    "advgame_jax/sampling/server.py": 352,
+    "advgame_jax/sampling/openai_protocol.py": 293,
+    "advgame_jax/sampling/bounded_http.py": 49,
+    "advgame_jax/game/endpoint.py": 312,
+    "advgame_jax/evaluation/http_client.py": 113,
+    "advgame_jax/sampling/engine_process.py": 198,
 }
 
 NEW_FILES = {
@@ -181,7 +183,7 @@ def _new_counts() -> dict:
 
 # Today's total (measured with this counter when the ceiling was last lowered): the code may
 # shrink, not grow, until it meets the target below.
-CEILING = 1234
+CEILING = 1713
 
 
 def test_http_code_does_not_grow():
@@ -192,7 +194,7 @@ def test_http_code_does_not_grow():
 @pytest.mark.xfail(
     strict=True,
     reason=(
-        "not met: 1,234 lines against the stdlib stack's 1,050 (target 525). Beyond what the old "
+        "not met: 1,713 lines against the stdlib stack's 1,317 (target 658). Beyond what the old "
         "stack did, the new one streams, returns top_logprobs, answers 503 with a computed "
         "Retry-After, bounds each request's read time, enforces the client deadline across retries "
         "with Retry-After, and drives vLLM's own server (pause, collective_rpc, reset, version, "
@@ -202,7 +204,7 @@ def test_http_code_does_not_grow():
 def test_http_code_is_at_most_half_of_the_stdlib_stack():
     new = _new_counts()
     old_total, new_total = sum(OLD_COUNTS.values()), sum(new.values())
-    assert old_total == 1050  # the recorded measurement, not a placeholder
+    assert old_total == 1317  # the recorded measurement, not a placeholder
     assert new_total <= 0.5 * old_total, (
         f"hand-written HTTP/RPC code: {new_total} lines now, {old_total} in the stdlib stack "
         f"(limit {0.5 * old_total:.0f}); per file: {new}"
@@ -213,8 +215,15 @@ if __name__ == "__main__":  # python tests/test_http_code_size.py <git revision 
     rev = sys.argv[1] if len(sys.argv) > 1 else "f593e35"
 
     def git_show(path):
-        return subprocess.run(
+        src = subprocess.run(
             ["git", "-C", ROOT, "show", f"{rev}:{path}"], check=True, capture_output=True, text=True
+        ).stdout
+        return subprocess.run(  # the same layout as the tree (ruff from the dev extra)
+            ["ruff", "format", "--stdin-filename", os.path.join(ROOT, path), "-"],
+            input=src,
+            check=True,
+            capture_output=True,
+            text=True,
         ).stdout
 
     def read_here(path):

@@ -69,6 +69,11 @@ def test_same_host_live_holder_without_flock_is_refused(tmp_path):
     d.mkdir()
     other = subprocess.Popen([PY, "-c", "import time; time.sleep(60)", "launch/eval.py"])
     try:
+        # Until the child has exec'd, /proc shows the forking parent's command line.
+        deadline = time.monotonic() + 30
+        while b"time.sleep" not in open(f"/proc/{other.pid}/cmdline", "rb").read():
+            assert time.monotonic() < deadline, "the child process did not start"
+            time.sleep(0.05)
         record = {"pid": other.pid, "host": socket.gethostname(), "since": "then"}
         (d / LOCK_FILE).write_text(json.dumps({**record, "command": "launch/eval.py"}))
         with pytest.raises(DirectoryInUseError, match=f"pid {other.pid}"):

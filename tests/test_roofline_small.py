@@ -23,7 +23,9 @@ def test_roofline_small_matches_peers(tmp_path, capsys):
     assert set(rows) == {"jax", "transformers"}
     assert rows["jax"]["same_tokens"]
     for x in rows.values():
-        assert x["decode_s"] > 0 and x["prefill_s"] > 0
+        # Times are only printed (a tiny decode minus its prefill can come out negative
+        # on a loaded machine); the rows must hold numbers.
+        assert math.isfinite(x["decode_s"]) and math.isfinite(x["prefill_s"])
     u = out["update"]
     assert u["nontrivial"], "the reference must differ from the policy (loss != log 2)"
     assert abs(u["jax_loss"] - math.log(2)) > 1e-4
