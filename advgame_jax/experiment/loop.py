@@ -202,7 +202,7 @@ class GameRunner:
         }
         # Each role's PlayerState, and under "rng" the game's PRNG key.
         self.state: dict[str, Any] = {
-            r: initial_state(self.players[r], params0[r], config) for r in ROLES
+            r: initial_state(self.players[r], params0[r], self.settings) for r in ROLES
         }
         # Replicated over the mesh (a global array: every process can checkpoint it).
         self.state["rng"] = host_to_global(

@@ -19,9 +19,8 @@ import os
 from typing import Any, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 
-from advgame_jax.experiment.update_settings import player_training
+from advgame_jax.experiment.update_settings import DTYPES, player_training
 from advgame_jax.experiment.validate import ConfigError
 from advgame_jax.models import ModelConfig, load_hf, param_shardings
 from advgame_jax.sampling.placement import max_model_len, placement_of
@@ -29,8 +28,6 @@ from advgame_jax.settings import Settings
 from advgame_jax.tokenization import ChatTokenizer
 from advgame_jax.training.state import PlayerState, sampling_params
 from advgame_jax.training.update import UpdateSettings, UpdateStep, update_step_from
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass
@@ -268,7 +265,8 @@ def _update_step(
 
 
 def initial_state(player: Player, params, config) -> PlayerState:
-    """The player's state at step 0 (EMA = θ; θ₀ kept when the reference is 'initial')."""
+    """The player's state at step 0 (EMA = θ; θ₀ kept when the reference is 'initial').
+    ``config``: the run's converted ``Settings`` (a ConfigDict is converted again)."""
     return player_training(config, player.role).state.init(params, player.optimizer)
 
 
