@@ -44,20 +44,24 @@ def calibrated_step(runner, monkeypatch):
     inside = {"attacker": 0.0, "defender": 0.0}
     generate, collate = js._generate_jit, loop.collate_global
 
-    def recording_generate(params, tokens, *args, **kw):
-        rows, prompt, new = tokens.shape[0], tokens.shape[1], kw["max_new_bucket"]
-        temperature, top_p, top_k = (float(np.max(np.asarray(a))) for a in args[1:4])
+    def recording_generate(params, batch, **kw):
+        program = kw["program"]
+        rows, prompt = batch.tokens.shape
+        new = program.max_new_bucket
+        temperature, top_p, top_k = (
+            float(np.max(np.asarray(a))) for a in (batch.temperature, batch.top_p, batch.top_k)
+        )
 
         def floor():
             return cal.decode_step_seconds(
-                kw["config"],
+                program.config,
                 params,
                 rows,
                 prompt + new,
                 temperature=temperature,
                 top_p=top_p,
                 top_k=int(top_k),
-                use_filter=kw["use_filter"],
+                use_filter=program.use_filter,
             )
 
         # Measured before and after the call (load drifts); both run inside the sampler
@@ -65,7 +69,7 @@ def calibrated_step(runner, monkeypatch):
         t0 = time.perf_counter()
         before = floor()
         t1 = time.perf_counter()
-        out = generate(params, tokens, *args, **kw)
+        out = generate(params, batch, **kw)
         steps = int(np.asarray(jax.device_get(out[2])).max())
         t2 = time.perf_counter()
         floor_s = (before + floor()) / 2
@@ -80,9 +84,9 @@ def calibrated_step(runner, monkeypatch):
                     prompt_len=prompt,
                     steps=steps,
                     cache_len=prompt + new,
-                    filter_passes=2 + 2 * 48 if kw["use_filter"] else 1,
+                    filter_passes=2 + 2 * 48 if program.use_filter else 1,
                 ),
-                kw["config"],
+                program.config,
             )
         )
         return out

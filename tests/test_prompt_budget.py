@@ -34,7 +34,7 @@ def test_over_budget_prompt_is_an_empty_length_completion_and_counted():
     sp = SamplingParams(temperature=1.0, max_new_tokens=4, n=2, seed=3)
     got = sampler.generate([short, long, short], sp)
     alone = sampler.generate([short], sp)
-    assert len(got) == 6 and sampler.prompt_too_long == 1
+    assert len(got) == 6 and sampler.stats()["prompt_too_long"] == 1
     assert [c.token_ids for c in got[2:4]] == [(), ()]
     assert all(c.finish_reason == "length" and c.text == "" and c.logprobs == () for c in got[2:4])
     assert [c.token_ids for c in got[:2]] == [c.token_ids for c in alone]

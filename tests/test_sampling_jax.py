@@ -10,8 +10,14 @@ import scipy.stats
 import torch
 
 from advgame_jax.models import load_hf, make_mesh
-from advgame_jax.sampling import Completion, Sampler, SamplingParams
-from advgame_jax.sampling.checkpoints import save_params
+from advgame_jax.sampling import (
+    Completion,
+    InMemoryWeights,
+    Sampler,
+    SamplingParams,
+    SyncCheckpoint,
+)
+from advgame_jax.sampling.checkpoints import restore_params, save_params
 from advgame_jax.sampling.jax_sampler import JaxSampler, next_pow2
 from tests.tiny_models import make_tiny_llama, make_tiny_qwen2
 
@@ -309,7 +315,7 @@ def test_weight_updates_do_not_recompile(tmp_path, llama):
     old_params = sampler.params
     try:
         before = sampler.generate(prompts, sp)  # compiled here (or by an earlier test)
-        sampler.update_weights(new_params)
+        assert sampler.load_weights(InMemoryWeights(new_params, version=1)) == 1
         # The sampler holds its own copy: the caller may donate / delete its arrays.
         jax.tree.map(lambda x: x.delete(), new_params)
         with _CompileCounter() as counter:
@@ -323,15 +329,16 @@ def test_weight_updates_do_not_recompile(tmp_path, llama):
         save_params(
             str(tmp_path / "ck"), {"defender": {"ema_params": old_params, "params": new_params}}
         )
-        sampler.update_weights(
-            checkpoint_path=str(tmp_path / "ck"), key_path=("defender", "ema_params")
+        restored = restore_params(
+            str(tmp_path / "ck"), key_path=("defender", "ema_params"), like=sampler.params
         )
+        sampler.load_weights(InMemoryWeights(restored, version=2, copy=False))
         with _CompileCounter() as counter:
             back = sampler.generate(prompts, sp)
         assert counter.count == 0
         assert [c.token_ids for c in back] == [c.token_ids for c in before]
     finally:
-        sampler.update_weights(old_params)
+        sampler.load_weights(InMemoryWeights(old_params, version=0))
 
 
 def test_bad_inputs_raise_clear_errors(llama):
@@ -341,9 +348,12 @@ def test_bad_inputs_raise_clear_errors(llama):
     with pytest.raises(ValueError, match="outside"):
         sampler.generate([[5, 10**6]], SamplingParams())
     # Over the prompt budget: not an error but the game's MAX_LENGTH (test_prompt_budget.py).
-    over = sampler.generate([[5] * (sampler.max_prompt_len + 1)], SamplingParams())
+    over = sampler.generate([[5] * (sampler.prompt_budget + 1)], SamplingParams())
     assert over[0].token_ids == () and over[0].finish_reason == "length"
-    with pytest.raises(ValueError, match="exactly one"):
-        sampler.update_weights()
+    with pytest.raises(TypeError, match="InMemoryWeights"):
+        sampler.load_weights(SyncCheckpoint("/nonexistent"))
     with pytest.raises(ValueError, match="shape"):
-        sampler.update_weights(jax.tree.map(lambda x: x[..., :1], sampler.params))
+        sampler.load_weights(
+            InMemoryWeights(jax.tree.map(lambda x: x[..., :1], sampler.params), version=9)
+        )
+    assert sampler.stats()["weights_version"] != 9  # a failed load changes nothing

@@ -9,7 +9,7 @@ attacker, an HF export, converted params, a sampler sync version), converting it
 private (0700/0600), so the marker survives any chain of conversions.
 
 Orbax params layout (``hf_to_params`` output): ``<out>/params`` (a plain Orbax PyTree,
-readable by ``sampling.checkpoints.restore_params`` and ``JaxSampler.update_weights``),
+readable by ``sampling.checkpoints.restore_params`` and ``JaxSampler.load_weights``),
 ``<out>/config.json`` (the HF config), ``<out>/tokenizer`` (when the source had one), and the
 attacker marker file when the source was an attacker.
 """

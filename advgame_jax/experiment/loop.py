@@ -234,9 +234,7 @@ class GameRunner:
             ("defender", self.valid_seeds, "validation"),
         ):
             player = self.players[role]
-            budget = getattr(player.sampler, "max_prompt_len", None) or getattr(
-                player.sampler, "max_model_len", None
-            )
+            budget = player.sampler.prompt_budget
             if not budget:
                 continue
             if role == "attacker":  # the template alone may fill the prompt budget
@@ -411,7 +409,7 @@ class GameRunner:
         record["sys/compilations"] = float(compile_counter.count())
         for r in ROLES:
             record[f"sys/{r}/prompt_too_long"] = float(
-                getattr(self.players[r].sampler, "prompt_too_long", 0)
+                self.players[r].sampler.stats()["prompt_too_long"]
             )
         record = hosts.merge_records(record)
         skipped = [k for k, v in record.items() if k.endswith("/skipped_nonfinite") and v]

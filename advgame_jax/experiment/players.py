@@ -5,9 +5,10 @@ Placement (``advgame_jax.sampling.placement``): ``jax`` (in-trainer JAX sampler)
 ``colocated`` (vLLM inside the trainer under an explicit memory plan) or ``offloaded`` (a vLLM
 server on other devices or hosts, spawned here or user-started; ``sampling.engines``).
 
-Sync (GAME_SPEC §2.1): the JAX sampler takes the sampling params in memory (no recompile);
-a vLLM engine is refreshed from a versioned, committed Orbax checkpoint in the engine's dtype
-written shard by shard to ``<workdir>/sync/<role>/v<step>`` (``sampling.weight_sync``). Every
+Sync (GAME_SPEC §2.1), through the one ``Sampler`` contract (``sampling.base``): the JAX
+sampler loads the sampling params in memory (``InMemoryWeights``, no recompile); a vLLM engine
+loads a versioned, committed Orbax checkpoint in the engine's dtype written shard by shard to
+``<workdir>/sync/<role>/v<step>`` (``SyncCheckpoint``, ``sampling.weight_sync``). Every
 completion carries the weights version it came from; a completion from any other version than
 the last sync raises ``StaleWeightsError``.
 """
@@ -23,7 +24,15 @@ import jax
 from advgame_jax.experiment.update_settings import DTYPES, player_training
 from advgame_jax.experiment.validate import ConfigError
 from advgame_jax.models import ModelConfig, load_hf, param_shardings
-from advgame_jax.sampling.placement import max_model_len, placement_of
+from advgame_jax.sampling.base import (
+    Completion,
+    InMemoryWeights,
+    Sampler,
+    SamplingParams,
+    SyncCheckpoint,
+    WeightsRef,
+)
+from advgame_jax.sampling.placement import completion_budget, max_model_len, placement_of
 from advgame_jax.settings import Settings
 from advgame_jax.tokenization import ChatTokenizer
 from advgame_jax.training.state import PlayerState, sampling_params
@@ -38,7 +47,6 @@ class Player:
     model_config: ModelConfig
     tokenizer: ChatTokenizer
     hf_dir: str
-    sampler: Any
     update: UpdateStep
     trainable: bool
     sampler_kind: str
@@ -47,6 +55,8 @@ class Player:
     sampler_dtype: str = "float32"
     keep_sync_checkpoints: int = 2
     weights_version: Optional[int] = None
+    # The player's sampler behind the version check; set by ``build_player``.
+    sampler: "VersionedSampler" = dataclasses.field(init=False, repr=False)
 
 
 class StaleWeightsError(RuntimeError):
@@ -54,13 +64,17 @@ class StaleWeightsError(RuntimeError):
 
 
 class VersionedSampler:
-    """Wraps a player's sampler: stamps or checks every completion's ``weights_version``
-    against the player's last sync, refusing stale weights (other attributes pass through)."""
+    """The trainer's view of a player's sampler: the ``Sampler`` contract, forwarded to the
+    placement's sampler (``inner``), checking every completion's ``weights_version`` against
+    the player's last sync and refusing stale weights (a completion without a version gets
+    the sync's)."""
 
-    def __init__(self, inner, player_ref: "Player"):
+    def __init__(self, inner: Sampler, player_ref: "Player"):
         self.inner, self._player = inner, player_ref
 
-    def generate(self, prompt_token_ids: Sequence[Sequence[int]], params):
+    def generate(
+        self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams
+    ) -> list[Completion]:
         expected = self._player.weights_version
         out = self.inner.generate(prompt_token_ids, params)
         result = []
@@ -75,8 +89,26 @@ class VersionedSampler:
             result.append(c)
         return result
 
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
+    @property
+    def prompt_budget(self) -> int:
+        return self.inner.prompt_budget
+
+    def load_weights(self, ref: WeightsRef) -> int:
+        """Load ``ref`` into the inner sampler; it becomes the player's synced version."""
+        loaded = self.inner.load_weights(ref)
+        want = ref.version
+        if want is not None and loaded != int(want):
+            raise StaleWeightsError(
+                f"{self._player.role} sampler loaded weights version {loaded}, expected {want}"
+            )
+        self._player.weights_version = int(loaded)
+        return self._player.weights_version
+
+    def stats(self) -> dict[str, Any]:
+        return self.inner.stats()
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 def check_checkpoint_dir(path: str, field: str) -> None:
@@ -135,7 +167,6 @@ def build_player(
         model_config=model_config,
         tokenizer=tokenizer,
         hf_dir=hf_dir,
-        sampler=None,
         update=update,
         trainable=bool(pc.trainable),
         sampler_kind="jax" if placement == "jax" else "vllm",
@@ -150,26 +181,9 @@ def build_player(
 
 def _build_sampler(config, role: str, hf_dir: str, model_config, params, tokenizer, mesh):
     """The sampler of ``role`` for its placement (module docstring)."""
-    pc = config[role]
     placement = placement_of(config, role)
     if placement == "jax":
-        from advgame_jax.sampling.jax_sampler import JaxSampler
-
-        if jax.process_count() > 1:
-            # Several processes: each one samples its own seeds on its own devices.
-            from advgame_jax.experiment.hosts import local_copy
-
-            params, mesh = local_copy(params), None
-        return JaxSampler(
-            model_config,
-            params,
-            tokenizer=tokenizer,
-            mesh=mesh,
-            compute_dtype=DTYPES[pc.sampler_dtype],
-            min_batch_bucket=pc.sampler_min_batch_bucket,
-            min_prompt_bucket=pc.sampler_min_prompt_bucket,
-        )
-    e = pc.engine
+        return _jax_sampler(config[role], model_config, params, tokenizer, mesh)
     n_ctx = max_model_len(config, role, model_config.max_position_embeddings)
     if n_ctx > model_config.max_position_embeddings:
         raise ConfigError(
@@ -179,38 +193,85 @@ def _build_sampler(config, role: str, hf_dir: str, model_config, params, tokeniz
             f"({hf_dir}/config.json); lower the prompt or completion budget"
         )
     if placement == "offloaded":
-        from advgame_jax.sampling.engines import EngineClient, EngineSpec, RemoteSampler
+        return _offloaded_sampler(config, role, hf_dir, model_config, tokenizer, n_ctx)
+    return _colocated_sampler(config, role, hf_dir, tokenizer, n_ctx)
 
-        if e.address:
-            client = EngineClient.connect(
-                role, e.address, e.authkey_env, request_timeout_s=e.request_timeout_s
-            )
-        else:
-            spec = EngineSpec(
-                role=role,
-                hf_dir=os.path.abspath(hf_dir),
-                dtype=pc.sampler_dtype,
-                tensor_parallel_size=e.tensor_parallel_size,
-                gpu_memory_utilization=e.gpu_memory_utilization,
-                max_model_len=n_ctx,
-                kv_cache_bytes=pc.vllm_kv_cache_bytes,
-                enforce_eager=e.enforce_eager,
-                seed=config.seed,
-                devices=e.devices,
-            )
-            client = EngineClient.spawn(
-                spec,
-                os.path.join(os.path.abspath(config.workdir), "engines"),
-                startup_timeout_s=e.startup_timeout_s,
-                request_timeout_s=e.request_timeout_s,
-            )
-        try:
-            return RemoteSampler(
-                client, model_config, tokenizer=tokenizer, load_timeout_s=e.startup_timeout_s
-            )
-        except BaseException:
-            client.close()  # a spawned engine that failed its first request is stopped
-            raise
+
+def _prompt_budget(config, role: str, n_ctx: int) -> int:
+    """An engine's prompt budget: its context less the player's completion budget."""
+    return max(n_ctx - completion_budget(config, role), 1)
+
+
+def _jax_sampler(pc, model_config, params, tokenizer, mesh):
+    from advgame_jax.sampling.jax_sampler import JaxSampler
+
+    if jax.process_count() > 1:
+        # Several processes: each one samples its own seeds on its own devices.
+        from advgame_jax.experiment.hosts import local_copy
+
+        params, mesh = local_copy(params), None
+    return JaxSampler(
+        model_config,
+        params,
+        tokenizer=tokenizer,
+        mesh=mesh,
+        compute_dtype=DTYPES[pc.sampler_dtype],
+        min_batch_bucket=pc.sampler_min_batch_bucket,
+        min_prompt_bucket=pc.sampler_min_prompt_bucket,
+    )
+
+
+def _engine_client(config, role: str, hf_dir: str, n_ctx: int):
+    """A client of ``role``'s engine: a user-started one at ``engine.address``, or one
+    spawned here under ``<workdir>/engines``."""
+    from advgame_jax.sampling.engines import EngineClient, EngineSpec
+
+    pc = config[role]
+    e = pc.engine
+    if e.address:
+        return EngineClient.connect(
+            role, e.address, e.authkey_env, request_timeout_s=e.request_timeout_s
+        )
+    spec = EngineSpec(
+        role=role,
+        hf_dir=os.path.abspath(hf_dir),
+        dtype=pc.sampler_dtype,
+        tensor_parallel_size=e.tensor_parallel_size,
+        gpu_memory_utilization=e.gpu_memory_utilization,
+        max_model_len=n_ctx,
+        kv_cache_bytes=pc.vllm_kv_cache_bytes,
+        enforce_eager=e.enforce_eager,
+        seed=config.seed,
+        devices=e.devices,
+    )
+    return EngineClient.spawn(
+        spec,
+        os.path.join(os.path.abspath(config.workdir), "engines"),
+        startup_timeout_s=e.startup_timeout_s,
+        request_timeout_s=e.request_timeout_s,
+    )
+
+
+def _offloaded_sampler(config, role: str, hf_dir: str, model_config, tokenizer, n_ctx: int):
+    from advgame_jax.sampling.engines import RemoteSampler
+
+    client = _engine_client(config, role, hf_dir, n_ctx)
+    try:
+        return RemoteSampler(
+            client,
+            model_config,
+            tokenizer=tokenizer,
+            load_timeout_s=config[role].engine.startup_timeout_s,
+            prompt_budget=_prompt_budget(config, role, n_ctx),
+        )
+    except BaseException:
+        client.close()  # a spawned engine that failed its first request is stopped
+        raise
+
+
+def _colocated_sampler(config, role: str, hf_dir: str, tokenizer, n_ctx: int):
+    pc = config[role]
+    e = pc.engine
     try:
         from advgame_jax.sampling.vllm_sampler import VllmSampler
     except ImportError as err:
@@ -218,11 +279,7 @@ def _build_sampler(config, role: str, hf_dir: str, model_config, params, tokeniz
             f"config.{role}.placement='colocated' needs the vllm extra "
             f"(pip install 'advgame_jax[vllm]'): {err}"
         ) from None
-    kw: dict = dict(
-        worker_extension_cls="advgame_jax.sampling.weight_sync.OrbaxWeightLoader",
-        tensor_parallel_size=e.tensor_parallel_size,
-        enforce_eager=e.enforce_eager,
-    )
+    kw: dict = dict(tensor_parallel_size=e.tensor_parallel_size, enforce_eager=e.enforce_eager)
     if e.gpu_memory_utilization > 0:
         kw["gpu_memory_utilization"] = e.gpu_memory_utilization
     return VllmSampler(
@@ -231,7 +288,7 @@ def _build_sampler(config, role: str, hf_dir: str, model_config, params, tokeniz
         dtype=pc.sampler_dtype,
         kv_cache_memory_bytes=pc.vllm_kv_cache_bytes,
         max_model_len=n_ctx,
-        multiprocessing=e.tensor_parallel_size > 1,
+        prompt_budget=_prompt_budget(config, role, n_ctx),
         seed=config.seed,
         **kw,
     )
@@ -239,13 +296,7 @@ def _build_sampler(config, role: str, hf_dir: str, model_config, params, tokeniz
 
 def close_player(player: Player) -> None:
     """Shut down the player's engine (offloaded process or colocated engine), if any."""
-    close = getattr(
-        player.sampler.inner if isinstance(player.sampler, VersionedSampler) else player.sampler,
-        "close",
-        None,
-    )
-    if close is not None:
-        close()
+    player.sampler.close()
 
 
 def _update_step(
@@ -282,38 +333,31 @@ def sync_sampler(
     if version is None:
         version = 0 if player.weights_version is None else player.weights_version + 1
     params = sampling_params(state, sample_from)
-    inner = player.sampler.inner if isinstance(player.sampler, VersionedSampler) else player.sampler
     if jax.process_count() > 1:
         from advgame_jax.experiment.hosts import local_copy
 
         params = local_copy(params)  # each process's sampler runs on its own devices
+    # Raises StaleWeightsError unless the sampler loaded exactly ``version``.
+    return player.sampler.load_weights(_weights_ref(player, params, int(version), workdir))
+
+
+def _weights_ref(player: Player, params, version: int, workdir: str) -> WeightsRef:
+    """The placement's one weight path: in memory for the JAX sampler (which keeps a private
+    copy cast to its dtype: the trainer donates its state to the next update / EMA step, which
+    must not free the sampler's weights); a committed sync checkpoint for a vLLM engine."""
     if player.placement == "jax":
-        # The sampler keeps a private copy (cast to its dtype): the trainer donates its state
-        # to the next update / EMA step, which must not free the sampler's weights.
-        inner.update_weights(params=params)
-        player.weights_version = int(version)
-        return player.weights_version
+        return InMemoryWeights(params, version)
     from advgame_jax.sampling.weight_sync import write_sync_checkpoint
 
     path = write_sync_checkpoint(
         os.path.join(workdir, "sync", player.role),
         params,
-        version=int(version),
+        version=version,
         role=player.role,
         dtype=DTYPES[player.sampler_dtype],
         keep=player.keep_sync_checkpoints,
     )
-    loaded = (
-        inner.update_weights(checkpoint_path=path, version=int(version))
-        if hasattr(inner, "client")
-        else inner.load_sync_checkpoint(path)
-    )
-    if loaded != int(version):
-        raise StaleWeightsError(
-            f"{player.role} engine loaded weights version {loaded} from {path}, expected {version}"
-        )
-    player.weights_version = int(version)
-    return player.weights_version
+    return SyncCheckpoint(path, version)
 
 
 def resolve_mesh(config):

@@ -33,7 +33,8 @@ class StageTimer:
 
 
 class TimedSampler:
-    """A ``Sampler`` proxy that times ``generate`` under ``stage``."""
+    """A ``Generator`` proxy (what the game calls) that times ``generate`` under ``stage``;
+    weights and counters stay with the player's sampler."""
 
     def __init__(self, sampler, timer: StageTimer, stage: str):
         self._sampler, self._timer, self._stage = sampler, timer, stage
@@ -41,9 +42,6 @@ class TimedSampler:
     def generate(self, prompt_token_ids, params):
         with self._timer.stage(self._stage):
             return self._sampler.generate(prompt_token_ids, params)
-
-    def update_weights(self, *args, **kwargs):
-        return self._sampler.update_weights(*args, **kwargs)
 
 
 class TimedJudge:

@@ -14,7 +14,7 @@ from advgame_jax.game.endpoint import EndpointBackend, JudgeEndpointError, probe
 from advgame_jax.game.judge import Judge, LLMJudge, SamplerBackend
 from advgame_jax.game.rule_judge import RuleJudge
 from advgame_jax.game.templates import get_template_set
-from advgame_jax.sampling.base import Sampler, SamplingParams
+from advgame_jax.sampling.base import Generator, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def make_judge(
     judge_config: Any,
     *,
     templates: str = "advgame_v1",
-    sampler: Optional[Sampler] = None,
+    sampler: Optional[Generator] = None,
     tokenizer: Any = None,
     seed: int = 0,
     check_endpoints: bool = True,

@@ -23,7 +23,7 @@ from typing import Any, Mapping, Optional, Protocol, Sequence, runtime_checkable
 from advgame_jax.game import parsing
 from advgame_jax.game.templates import TemplateSet
 from advgame_jax.net.client import FaultCounter
-from advgame_jax.sampling.base import Sampler, SamplingParams
+from advgame_jax.sampling.base import Generator, SamplingParams
 
 PairScores = tuple[Optional[float], Optional[float]]
 
@@ -168,7 +168,7 @@ class SamplerBackend:
     score may already be there) and counted as fault ``length``.
     """
 
-    def __init__(self, sampler: Sampler, tokenizer: Any, params: SamplingParams):
+    def __init__(self, sampler: Generator, tokenizer: Any, params: SamplingParams):
         self.sampler = sampler
         self.tokenizer = tokenizer
         stop = params.stop_token_ids or tuple(getattr(tokenizer, "stop_token_ids", ()))

@@ -45,7 +45,7 @@ from advgame_jax.game.tree import (
     XError,
     YError,
 )
-from advgame_jax.sampling.base import Sampler, SamplingParams
+from advgame_jax.sampling.base import Generator, SamplingParams
 from advgame_jax.types import as_ids
 
 __all__ = ["STAGES", "build_tree", "sample_tree", "score_tree"]
@@ -58,7 +58,7 @@ def _params(base: SamplingParams, n: int, tokenizer: Any, seed_offset: int) -> S
     )
 
 
-def _generate(sampler: Sampler, prompts: list, params: SamplingParams, who: str):
+def _generate(sampler: Generator, prompts: list, params: SamplingParams, who: str):
     out = list(sampler.generate(prompts, params))
     if len(out) != len(prompts) * params.n:
         raise ValueError(
@@ -211,9 +211,9 @@ def sample_tree(
     config: GameConfig,
     *,
     judge: Judge,
-    defender: Sampler,
+    defender: Generator,
     defender_tokenizer: Any,
-    attacker: Optional[Sampler] = None,
+    attacker: Optional[Generator] = None,
     attacker_tokenizer: Any = None,
     skip_attacker: bool = False,
     sample_index: int = 0,
@@ -362,9 +362,9 @@ def build_tree(
     config: GameConfig,
     *,
     judge: Judge,
-    defender: Sampler,
+    defender: Generator,
     defender_tokenizer: Any,
-    attacker: Optional[Sampler] = None,
+    attacker: Optional[Generator] = None,
     attacker_tokenizer: Any = None,
     skip_attacker: bool = False,
     sample_index: int = 0,

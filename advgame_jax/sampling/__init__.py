@@ -1,9 +1,18 @@
-"""Samplers: the ``Sampler`` protocol, the JAX KV-cache sampler, the vLLM sampler (optional
+"""Samplers: the ``Sampler`` contract (``base``), the JAX KV-cache sampler, the vLLM sampler (optional
 extra, imported lazily) and an OpenAI-compatible HTTP server over a sampler."""
 
 from typing import TYPE_CHECKING
 
-from advgame_jax.sampling.base import Completion, FinishReason, Sampler, SamplingParams
+from advgame_jax.sampling.base import (
+    Completion,
+    FinishReason,
+    Generator,
+    InMemoryWeights,
+    Sampler,
+    SamplingParams,
+    SyncCheckpoint,
+    WeightsRef,
+)
 
 if TYPE_CHECKING:  # at run time these load lazily, through __getattr__ below
     from advgame_jax.sampling.checkpoints import restore_params
@@ -13,8 +22,12 @@ if TYPE_CHECKING:  # at run time these load lazily, through __getattr__ below
 __all__ = [
     "Completion",
     "FinishReason",
+    "Generator",
+    "InMemoryWeights",
     "Sampler",
     "SamplingParams",
+    "SyncCheckpoint",
+    "WeightsRef",
     "JaxSampler",
     "VllmSampler",
     "restore_params",

@@ -1,13 +1,31 @@
-"""The Sampler protocol: the one interface through which the game generates text.
+"""The Sampler contract: the one interface through which the game generates text.
 
-Every backend (the JAX-native KV-cache sampler, the vLLM sampler, test stubs) implements
-``generate`` and ``update_weights``. The game only ever sees this module's types.
+Every placement implements it the same way: the JAX-native KV-cache sampler
+(``jax_sampler.JaxSampler``, in the trainer), the vLLM engine in the trainer process
+(``vllm_sampler.VllmSampler``), the offloaded vLLM server (``engines.RemoteSampler``) and the
+trainer's version check around any of them (``experiment.players.VersionedSampler``):
+
+* ``generate(prompts, params)``: ``params.n`` completions per prompt, grouped by prompt, each
+  stamped with the weights version that produced it (``Completion.weights_version``).
+* ``load_weights(ref) -> version``: swap in new weights without restarting or recompiling.
+  Each placement has exactly one weight path: the JAX sampler takes ``InMemoryWeights`` (a
+  param pytree), the vLLM samplers a committed ``SyncCheckpoint`` (``weight_sync``) that every
+  engine worker reads itself. Any other reference raises ``TypeError``.
+* ``prompt_budget``: the longest prompt, in tokens, the sampler accepts. A longer prompt (or,
+  on a vLLM engine, one whose prompt + ``max_new_tokens`` exceeds the engine's context) is
+  answered with ``params.n`` empty completions with finish reason ``"length"`` (the game's
+  MAX_LENGTH error for its slot, GAME_SPEC §1) and counted in ``stats()["prompt_too_long"]``;
+  it never fails the batch.
+* ``stats()``: counters, at least ``STAT_KEYS``.
+* ``close()``: release the engine (a no-op for in-process JAX programs).
+
+Game code that only generates (rollouts, judges) needs ``generate`` alone (``Generator``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal, Optional, Protocol, Sequence, runtime_checkable
+from typing import Any, Literal, Optional, Protocol, Sequence, Union, runtime_checkable
 
 FinishReason = Literal["stop", "length"]
 
@@ -64,9 +82,91 @@ class Completion:
     weights_version: Optional[int] = None
 
 
+def over_budget_completions(n: int, version: Optional[int]) -> list[Completion]:
+    """What every sampler answers for a prompt over its budget: ``n`` completions with no
+    tokens and finish reason "length" (the game's MAX_LENGTH), stamped with ``version``."""
+    return [
+        Completion(
+            token_ids=(), text="", logprobs=(), finish_reason="length", weights_version=version
+        )
+        for _ in range(n)
+    ]
+
+
+@dataclasses.dataclass(frozen=True)
+class InMemoryWeights:
+    """New weights as a param pytree in this process (the JAX sampler's weight path).
+
+    ``version``: the label the sampler stamps on completions from then on (the trainer
+    step). ``copy``: the sampler keeps its own copy (default), so the caller may donate or
+    delete its arrays afterwards; False hands the buffers over.
+    """
+
+    params: Any
+    version: int
+    copy: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class SyncCheckpoint:
+    """A committed sync checkpoint directory (``weight_sync.write_sync_checkpoint``), the
+    vLLM samplers' weight path. ``version``: the version the caller expects (default: the
+    one the checkpoint commits); a mismatch raises."""
+
+    path: str
+    version: Optional[int] = None
+
+
+WeightsRef = Union[InMemoryWeights, SyncCheckpoint]
+
+STAT_KEYS = ("prompt_too_long", "weights_version", "loads")
+
+
+@dataclasses.dataclass
+class SamplerCounters:
+    """The counters every sampler keeps and reports through ``stats()``.
+
+    ``prompt_too_long``: prompts answered with the over-budget completions;
+    ``weights_version``: the version of the weights loaded last (None: the weights the sampler
+    was built with, never loaded); ``loads``: successful ``load_weights`` calls.
+    """
+
+    prompt_too_long: int = 0
+    weights_version: Optional[int] = None
+    loads: int = 0
+
+    def loaded(self, version: int) -> int:
+        self.weights_version, self.loads = int(version), self.loads + 1
+        return self.weights_version
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "prompt_too_long": self.prompt_too_long,
+            "weights_version": self.weights_version,
+            "loads": self.loads,
+        }
+
+
+def wrong_ref(sampler: object, ref: object, accepted: type) -> TypeError:
+    """The error for a weights reference the placement does not take."""
+    return TypeError(
+        f"{type(sampler).__name__}.load_weights: got {type(ref).__name__}; this placement "
+        f"loads weights only from {accepted.__name__}"
+    )
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """What rollouts and judges need: ``generate`` alone."""
+
+    def generate(
+        self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams
+    ) -> list[Completion]: ...
+
+
 @runtime_checkable
 class Sampler(Protocol):
-    """What the game needs from a generation backend."""
+    """The contract every placement implements (module docstring)."""
 
     def generate(
         self, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams
@@ -78,6 +178,21 @@ class Sampler(Protocol):
         """
         ...
 
-    def update_weights(self, params: Any = None, *, checkpoint_path: Optional[str] = None) -> None:
-        """Swap in new weights: a params pytree in memory, or an Orbax checkpoint path."""
+    @property
+    def prompt_budget(self) -> int:
+        """The longest prompt (in tokens) this sampler accepts (module docstring)."""
+        ...
+
+    def load_weights(self, ref: WeightsRef) -> int:
+        """Swap in the weights ``ref`` names; returns the version now loaded, which every
+        later completion carries. Raises ``TypeError`` for a reference kind the placement
+        does not take, and leaves the old weights in place on any failure."""
+        ...
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: at least ``STAT_KEYS`` (``SamplerCounters``)."""
+        ...
+
+    def close(self) -> None:
+        """Release the engine, if any (idempotent)."""
         ...

@@ -24,12 +24,13 @@ seed words and logits, never on which other rows share the batch or on the batch
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from advgame_jax.models import forward_with_cache, init_cache
+from advgame_jax.models import ModelConfig, forward_with_cache, init_cache
 
 
 class DecodeOut(NamedTuple):
@@ -93,46 +94,50 @@ def filter_cutoff(scaled, top_p, top_k, *, max_candidates: int = MAX_CANDIDATES)
     cutoff = jnp.where(unfiltered, -jnp.inf, cutoff)
     exact = unfiltered | ((top_k > 0) & (top_k <= k)) | (jnp.sum(probs, axis=-1) >= top_p)
 
-    def bisect(_):
-        p_full = jnp.exp(scaled - lse)
-        lo0 = jnp.min(scaled, axis=-1)  # keeps everything: always satisfies both rules
-        hi0 = vals[:, 0]
+    def full(_):
+        return jnp.where(exact, cutoff, _bisect_cutoff(scaled, lse, vals[:, 0], top_p, top_k))
 
-        def ok(t):
-            kept = scaled >= t[:, None]
-            mass_ok = jnp.sum(jnp.where(kept, p_full, 0.0), axis=-1) >= top_p
-            count_ok = (top_k <= 0) | (jnp.sum(kept, axis=-1) >= top_k)
-            # top-p cut: the largest threshold whose kept mass still reaches top_p; top-k cut:
-            # the largest whose kept count still reaches top_k. The higher of the two wins.
-            return mass_ok, count_ok
+    return jax.lax.cond(jnp.all(exact), lambda _: cutoff, full, None)
 
-        def step(_, carry):
-            lo_p, hi_p, lo_k, hi_k = carry
-            mid_p, mid_k = (lo_p + hi_p) / 2, (lo_k + hi_k) / 2
-            mass_ok, _ = ok(mid_p)
-            _, count_ok = ok(mid_k)
-            return (
-                jnp.where(mass_ok, mid_p, lo_p),
-                jnp.where(mass_ok, hi_p, mid_p),
-                jnp.where(count_ok, mid_k, lo_k),
-                jnp.where(count_ok, hi_k, mid_k),
-            )
 
-        lo_p, hi_p, lo_k, hi_k = jax.lax.fori_loop(0, _BISECT_STEPS, step, (lo0, hi0, lo0, hi0))
-        # lo converges from below to the largest logit satisfying the rule (hi may satisfy it
-        # itself, e.g. when the top token alone holds top_p); snap it up to that logit.
-        mass_hi, _ = ok(hi_p)
-        _, count_hi = ok(hi_k)
-        t_p = jnp.where(mass_hi, hi_p, lo_p)
-        t_k = jnp.where(top_k > 0, jnp.where(count_hi, hi_k, lo_k), -jnp.inf)
+def _bisect_cutoff(scaled, lse, top_value, top_p, top_k):
+    """``filter_cutoff`` over the whole vocabulary, by bisection on the threshold: per row,
+    the higher of the top-p cut (the largest threshold whose kept mass still reaches top_p)
+    and the top-k cut (the largest whose kept count still reaches top_k)."""
+    p_full = jnp.exp(scaled - lse)
+    lo0 = jnp.min(scaled, axis=-1)  # keeps everything: always satisfies both rules
+    hi0 = top_value
 
-        def snap(t):
-            return jnp.min(jnp.where(scaled >= t[:, None], scaled, jnp.inf), axis=-1)
+    def ok(t):
+        kept = scaled >= t[:, None]
+        mass_ok = jnp.sum(jnp.where(kept, p_full, 0.0), axis=-1) >= top_p
+        count_ok = (top_k <= 0) | (jnp.sum(kept, axis=-1) >= top_k)
+        return mass_ok, count_ok
 
-        full = jnp.maximum(snap(t_p), snap(t_k))
-        return jnp.where(exact, cutoff, full)
+    def step(_, carry):
+        lo_p, hi_p, lo_k, hi_k = carry
+        mid_p, mid_k = (lo_p + hi_p) / 2, (lo_k + hi_k) / 2
+        mass_ok, _ = ok(mid_p)
+        _, count_ok = ok(mid_k)
+        return (
+            jnp.where(mass_ok, mid_p, lo_p),
+            jnp.where(mass_ok, hi_p, mid_p),
+            jnp.where(count_ok, mid_k, lo_k),
+            jnp.where(count_ok, hi_k, mid_k),
+        )
 
-    return jax.lax.cond(jnp.all(exact), lambda _: cutoff, bisect, None)
+    lo_p, hi_p, lo_k, hi_k = jax.lax.fori_loop(0, _BISECT_STEPS, step, (lo0, hi0, lo0, hi0))
+    # lo converges from below to the largest logit satisfying the rule (hi may satisfy it
+    # itself, e.g. when the top token alone holds top_p); snap it up to that logit.
+    mass_hi, _ = ok(hi_p)
+    _, count_hi = ok(hi_k)
+    t_p = jnp.where(mass_hi, hi_p, lo_p)
+    t_k = jnp.where(top_k > 0, jnp.where(count_hi, hi_k, lo_k), -jnp.inf)
+
+    def snap(t):
+        return jnp.min(jnp.where(scaled >= t[:, None], scaled, jnp.inf), axis=-1)
+
+    return jnp.maximum(snap(t_p), snap(t_k))
 
 
 def select_tokens(
@@ -180,100 +185,158 @@ def _batch_constraint(x, batch_spec):
     return jax.lax.with_sharding_constraint(x, batch_spec(x.ndim))
 
 
+class DecodeBatch(NamedTuple):
+    """The per-row input arrays of one ``generate_tokens`` call (module docstring's table):
+    host numpy arrays when packed, device arrays inside the program."""
+
+    tokens: Any
+    prompt_mask: Any
+    temperature: Any
+    top_p: Any
+    top_k: Any
+    max_new: Any
+    stop_ids: Any
+    seeds: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeProgram:
+    """The static choices that select one compiled decode program (hashable; a jit static
+    argument). ``compute_dtype`` / ``cache_dtype``: dtype names; ``max_new_bucket``: N."""
+
+    config: ModelConfig
+    max_new_bucket: int
+    compute_dtype: str
+    cache_dtype: str
+    use_filter: bool
+
+
+class _Loop(NamedTuple):
+    """The decode loop's carry."""
+
+    t: jax.Array
+    cache: Any
+    kv_mask: jax.Array
+    out_tok: jax.Array
+    out_lp: jax.Array
+    done: jax.Array
+    stopped: jax.Array
+    num: jax.Array
+
+
 def generate_tokens(
-    params,
-    tokens,
-    prompt_mask,
-    temperature,
-    top_p,
-    top_k,
-    max_new,
-    stop_ids,
-    seeds,
-    *,
-    config,
-    max_new_bucket: int,
-    compute_dtype,
-    cache_dtype,
-    use_filter: bool,
-    batch_spec=None,
+    params, batch: DecodeBatch, program: DecodeProgram, batch_spec=None
 ) -> DecodeOut:
     """Prefill the left-padded prompts, then decode until every row is done.
 
-    Shapes as in the module docstring; N = ``max_new_bucket``. The cache holds P + N slots:
-    prompt slot p is slot p, generated token t is written at slot P + t. The decode loop is a
-    ``lax.while_loop`` that exits as soon as all rows have stopped or spent their budget.
-    ``batch_spec(ndim)``, when given, returns the sharding that splits axis 0 over ``data``.
+    Shapes as in the module docstring; N = ``program.max_new_bucket``. The cache holds P + N
+    slots: prompt slot p is slot p, generated token t is written at slot P + t. The decode
+    loop is a ``lax.while_loop`` that exits as soon as all rows have stopped or spent their
+    budget. ``batch_spec(ndim)``, when given, returns the sharding that splits axis 0 over
+    ``data``.
     """
-    batch, prompt_len = tokens.shape
-    n_max = max_new_bucket
-    cache_len = prompt_len + n_max
-    keys = row_keys(seeds)
-    positions = jnp.maximum(jnp.cumsum(prompt_mask.astype(jnp.int32), axis=-1) - 1, 0)
+    n_max = program.max_new_bucket
+    keys = row_keys(batch.seeds)
+    positions = jnp.maximum(jnp.cumsum(batch.prompt_mask.astype(jnp.int32), axis=-1) - 1, 0)
     next_pos = positions[:, -1] + 1
-    kv_mask = jnp.concatenate([prompt_mask.astype(bool), jnp.zeros((batch, n_max), bool)], axis=-1)
-    cache = init_cache(config, batch, cache_len, dtype=cache_dtype)
+    state = _prefill(params, batch, program, positions, keys, batch_spec)
+
+    def cond(state: _Loop):
+        return (state.t < n_max) & ~jnp.all(state.done)
+
+    def body(state: _Loop) -> _Loop:
+        return _decode_step(params, batch, program, state, next_pos, keys)
+
+    out = jax.lax.while_loop(cond, body, state)
+    return DecodeOut(out.out_tok, out.out_lp, out.num, out.stopped)
+
+
+def _is_stop(batch: DecodeBatch, tok):
+    return jnp.any(batch.stop_ids == tok[:, None], axis=-1)
+
+
+def _select(batch: DecodeBatch, program: DecodeProgram, logits, keys, t):
+    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, t)
+    return select_tokens(
+        logits,
+        batch.temperature,
+        batch.top_p,
+        batch.top_k,
+        step_keys,
+        use_filter=program.use_filter,
+    )
+
+
+def _prefill(params, batch: DecodeBatch, program: DecodeProgram, positions, keys, batch_spec):
+    """Run the prompts through the model, pick every row's first token: the loop's start."""
+    n_batch, prompt_len = batch.tokens.shape
+    n_max = program.max_new_bucket
+    kv_mask = jnp.concatenate(
+        [batch.prompt_mask.astype(bool), jnp.zeros((n_batch, n_max), bool)], axis=-1
+    )
+    cache = init_cache(
+        program.config, n_batch, prompt_len + n_max, dtype=jnp.dtype(program.cache_dtype)
+    )
     logits, cache = forward_with_cache(
         params,
-        config,
-        tokens,
+        program.config,
+        batch.tokens,
         positions.astype(jnp.int32),
         cache,
         jnp.int32(0),
         kv_mask,
-        compute_dtype=compute_dtype,
+        compute_dtype=jnp.dtype(program.compute_dtype),
         last_only=True,
     )
+    tok0, lp0 = _select(batch, program, logits, keys, 0)
+    out_tok = _batch_constraint(jnp.zeros((n_batch, n_max), jnp.int32), batch_spec)
+    out_lp = _batch_constraint(jnp.zeros((n_batch, n_max), jnp.float32), batch_spec)
+    stopped = _is_stop(batch, tok0)
+    return _Loop(
+        t=jnp.int32(1),
+        cache=cache,
+        kv_mask=kv_mask,
+        out_tok=out_tok.at[:, 0].set(tok0),
+        out_lp=out_lp.at[:, 0].set(lp0),
+        done=stopped | (batch.max_new <= 1),
+        stopped=stopped,
+        num=jnp.ones((n_batch,), jnp.int32),
+    )
 
-    def is_stop(tok):
-        return jnp.any(stop_ids == tok[:, None], axis=-1)
 
-    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, 0)
-    tok0, lp0 = select_tokens(logits, temperature, top_p, top_k, step_keys, use_filter=use_filter)
-    out_tok = _batch_constraint(jnp.zeros((batch, n_max), jnp.int32), batch_spec)
-    out_lp = _batch_constraint(jnp.zeros((batch, n_max), jnp.float32), batch_spec)
-    out_tok = out_tok.at[:, 0].set(tok0)
-    out_lp = out_lp.at[:, 0].set(lp0)
-    stopped = is_stop(tok0)
-    done = stopped | (max_new <= 1)
-    num = jnp.ones((batch,), jnp.int32)
-
-    def cond(state):
-        t, _, _, _, _, done, _, _ = state
-        return (t < n_max) & ~jnp.all(done)
-
-    def body(state):
-        t, cache, kv_mask, out_tok, out_lp, done, stopped, num = state
-        slot = prompt_len + t - 1
-        kv_mask = jax.lax.dynamic_update_slice(
-            kv_mask, jnp.ones((batch, 1), bool), (jnp.int32(0), slot)
-        )
-        prev = jax.lax.dynamic_slice(out_tok, (jnp.int32(0), t - 1), (batch, 1))
-        pos = (next_pos + t - 1)[:, None].astype(jnp.int32)
-        logits, cache = forward_with_cache(
-            params,
-            config,
-            prev,
-            pos,
-            cache,
-            slot.astype(jnp.int32),
-            kv_mask,
-            compute_dtype=compute_dtype,
-            last_only=True,
-        )
-        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, t)
-        tok, lp = select_tokens(logits, temperature, top_p, top_k, step_keys, use_filter=use_filter)
-        active = ~done
-        tok = jnp.where(active, tok, 0)
-        lp = jnp.where(active, lp, 0.0)
-        out_tok = jax.lax.dynamic_update_slice(out_tok, tok[:, None], (jnp.int32(0), t))
-        out_lp = jax.lax.dynamic_update_slice(out_lp, lp[:, None], (jnp.int32(0), t))
-        hit = active & is_stop(tok)
-        stopped = stopped | hit
-        num = num + active.astype(jnp.int32)
-        done = done | hit | (t + 1 >= max_new)
-        return t + 1, cache, kv_mask, out_tok, out_lp, done, stopped, num
-
-    state = (jnp.int32(1), cache, kv_mask, out_tok, out_lp, done, stopped, num)
-    _, _, _, out_tok, out_lp, _, stopped, num = jax.lax.while_loop(cond, body, state)
-    return DecodeOut(out_tok, out_lp, num, stopped)
+def _decode_step(params, batch: DecodeBatch, program: DecodeProgram, state: _Loop, next_pos, keys):
+    """One token for every row still running (finished rows write filler)."""
+    n_batch, prompt_len = batch.tokens.shape
+    t = state.t
+    slot = prompt_len + t - 1
+    kv_mask = jax.lax.dynamic_update_slice(
+        state.kv_mask, jnp.ones((n_batch, 1), bool), (jnp.int32(0), slot)
+    )
+    prev = jax.lax.dynamic_slice(state.out_tok, (jnp.int32(0), t - 1), (n_batch, 1))
+    pos = (next_pos + t - 1)[:, None].astype(jnp.int32)
+    logits, cache = forward_with_cache(
+        params,
+        program.config,
+        prev,
+        pos,
+        state.cache,
+        slot.astype(jnp.int32),
+        kv_mask,
+        compute_dtype=jnp.dtype(program.compute_dtype),
+        last_only=True,
+    )
+    tok, lp = _select(batch, program, logits, keys, t)
+    active = ~state.done
+    tok = jnp.where(active, tok, 0)
+    lp = jnp.where(active, lp, 0.0)
+    hit = active & _is_stop(batch, tok)
+    return _Loop(
+        t=t + 1,
+        cache=cache,
+        kv_mask=kv_mask,
+        out_tok=jax.lax.dynamic_update_slice(state.out_tok, tok[:, None], (jnp.int32(0), t)),
+        out_lp=jax.lax.dynamic_update_slice(state.out_lp, lp[:, None], (jnp.int32(0), t)),
+        done=state.done | hit | (t + 1 >= batch.max_new),
+        stopped=state.stopped | hit,
+        num=state.num + active.astype(jnp.int32),
+    )

@@ -40,11 +40,20 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, Optional, Sequence
 
 from advgame_jax.errors import UserError
-from advgame_jax.sampling.base import Completion, SamplingParams
+from advgame_jax.sampling.base import (
+    Completion,
+    SamplerCounters,
+    SamplingParams,
+    SyncCheckpoint,
+    WeightsRef,
+    over_budget_completions,
+    wrong_ref,
+)
 
 EXTENSION = "advgame_jax.sampling.weight_sync.OrbaxWeightLoader"
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
@@ -311,7 +320,11 @@ def _version(label: Any) -> Optional[int]:
 
 class RemoteSampler:
     """``Sampler`` over an engine server; completions carry the ``weights_version`` vLLM
-    stamped on their tokens (the oldest one, if a completion spans several)."""
+    stamped on their tokens (the oldest one, if a completion spans several).
+
+    ``prompt_budget``: the longest prompt accepted (default, and at most, the engine's
+    ``max_model_len - 1``; the engine's context also bounds prompt + ``max_new_tokens``).
+    """
 
     def __init__(
         self,
@@ -321,6 +334,7 @@ class RemoteSampler:
         tokenizer=None,
         load_timeout_s: float = 900.0,
         max_parallel: int = 64,
+        prompt_budget: int = 0,
     ):
         self.client, self.tokenizer = client, tokenizer
         self._model_config_json = json.dumps(model_config.to_hf_dict())
@@ -335,18 +349,29 @@ class RemoteSampler:
                 f"{e}; an engine must run vLLM's server with "
                 f"VLLM_SERVER_DEV_MODE=1 and --enable-scale-out (docs/sampling.md)"
             ) from None
-        self.weights_version: Optional[int] = _version(info.get("weight_version"))
+        self.counters = SamplerCounters(weights_version=_version(info.get("weight_version")))
         models = client.request("GET", "/v1/models", timeout_s=60).get("data") or [{}]
         self.max_model_len = int(models[0].get("max_model_len") or 0)
-        self.prompt_too_long = 0
+        limits = [b for b in (int(prompt_budget), self.max_model_len - 1) if b > 0]
+        self._prompt_budget = min(limits) if limits else 0  # 0: the engine reports no limit
+        self._counted = threading.Lock()
+
+    @property
+    def weights_version(self) -> Optional[int]:
+        """The version the engine labels its tokens with (None: never synced)."""
+        return self.counters.weights_version
+
+    def _over_budget(self, ids: list[int], sp: SamplingParams) -> bool:
+        budget, ctx = self._prompt_budget, self.max_model_len
+        return bool(budget and len(ids) > budget) or bool(
+            ctx and len(ids) + sp.max_new_tokens > ctx
+        )
 
     def _one(self, ids: list[int], sp: SamplingParams) -> list[Completion]:
-        if self.max_model_len and len(ids) + sp.max_new_tokens > self.max_model_len:
-            self.prompt_too_long += 1  # over budget: the game's MAX_LENGTH, counted
-            return [
-                Completion((), "", (), "length", weights_version=self.weights_version)
-                for _ in range(sp.n)
-            ]
+        if self._over_budget(ids, sp):
+            with self._counted:  # prompts are sent from a thread pool
+                self.counters.prompt_too_long += 1  # the game's MAX_LENGTH, counted
+            return over_budget_completions(sp.n, self.weights_version)
         # Greedy: one completion, repeated (vLLM refuses n > 1 without sampling).
         n = 1 if sp.temperature == 0 else sp.n
         params = dict(
@@ -406,24 +431,24 @@ class RemoteSampler:
             parts = list(ex.map(lambda p: self._one(p, params), prompts))
         return [c for part in parts for c in part]
 
-    def update_weights(
-        self,
-        params: Any = None,
-        *,
-        checkpoint_path: Optional[str] = None,
-        version: Optional[int] = None,
-    ) -> int:
-        """Swap in the committed sync checkpoint at ``checkpoint_path``: pause generation,
-        every worker loads it, reset the prefix cache, label the version, resume."""
-        if params is not None or checkpoint_path is None:
-            raise ValueError(
-                "RemoteSampler.update_weights: pass checkpoint_path (a committed "
-                "sync checkpoint); in-memory params cannot reach another process"
-            )
+    # ------------------------------------------------------------------ the Sampler contract
+    @property
+    def prompt_budget(self) -> int:
+        return self._prompt_budget
+
+    def stats(self) -> dict[str, Any]:
+        return self.counters.as_dict()
+
+    def load_weights(self, ref: WeightsRef) -> int:
+        """Swap in the committed sync checkpoint ``ref`` (``SyncCheckpoint``; in-memory params
+        cannot reach another process): pause generation, every worker loads it, reset the
+        prefix cache, label the version, resume. Returns the version."""
+        if not isinstance(ref, SyncCheckpoint):
+            raise wrong_ref(self, ref, SyncCheckpoint)
         from advgame_jax.sampling.weight_sync import read_commit
 
-        path = os.path.abspath(checkpoint_path)
-        expected = int(read_commit(path)["version"]) if version is None else int(version)
+        path = os.path.abspath(ref.path)
+        expected = int(read_commit(path)["version"]) if ref.version is None else int(ref.version)
         cfg_json = self._model_config_json
         c, t = self.client, self.load_timeout_s
         c.request("POST", "/pause?mode=wait", timeout_s=t)
@@ -444,8 +469,7 @@ class RemoteSampler:
             c.request("POST", "/update_weight_version", {"new_version": str(expected)}, timeout_s=t)
         finally:
             c.request("POST", "/resume", timeout_s=t)
-        self.weights_version = expected
-        return expected
+        return self.counters.loaded(expected)
 
     def close(self) -> None:
         self.client.close()

@@ -17,8 +17,9 @@ compiles at most 9 (batch) x 8 (prompt) x 7 (new tokens) x 2 (filter) programs w
 stop ids, in practice a handful. Programs are shared by every sampler of the same model
 config in the process.
 
-Weights are jit arguments, never closed over: ``update_weights`` casts the new pytree to
-the dtype and shardings of the current one, so the next call hits the compiled program.
+Weights are jit arguments, never closed over: ``load_weights`` (the ``Sampler`` contract,
+``InMemoryWeights`` only) casts the new pytree to the dtype and shardings of the current one,
+so the next call hits the compiled program; completions carry the loaded version.
 
 Mesh: params take the model's logical shardings (FSDP / tensor axes); rows are split over the
 batch axes (``data`` x ``fsdp``). Every array entering the program is built with
@@ -47,15 +48,16 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from advgame_jax.models import ModelConfig, load_hf, param_shardings
-from advgame_jax.sampling.base import Completion, SamplingParams
-from advgame_jax.sampling.checkpoints import restore_params
-from advgame_jax.sampling.decode import generate_tokens
-
-
-def prompt_too_long_completion() -> Completion:
-    """What a sampler returns for a prompt over its budget: no tokens, finish "length"."""
-    return Completion(token_ids=(), text="", logprobs=(), finish_reason="length")
-
+from advgame_jax.sampling.base import (
+    Completion,
+    InMemoryWeights,
+    SamplerCounters,
+    SamplingParams,
+    WeightsRef,
+    over_budget_completions,
+    wrong_ref,
+)
+from advgame_jax.sampling.decode import DecodeBatch, DecodeProgram, generate_tokens
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -69,6 +71,22 @@ def next_pow2(x: int, minimum: int = 1) -> int:
 def default_compute_dtype():
     """bf16 on accelerators, fp32 on CPU (tests compare fp32 against torch)."""
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+@dataclasses.dataclass(frozen=True)
+class Buckets:
+    """Batch and shape limits of a ``JaxSampler`` (module docstring's bucket scheme).
+
+    ``max_batch_size``: rows per compiled call (larger requests are split; results are the
+    same). ``max_prompt_len``: the prompt budget. The minima: smallest batch / prompt /
+    new-token buckets (a server raises them to compile fewer programs).
+    """
+
+    max_batch_size: int = 256
+    max_prompt_len: int = 4096
+    min_batch_bucket: int = 1
+    min_prompt_bucket: int = 16
+    min_new_bucket: int = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,12 +109,11 @@ class JaxSampler:
         ``param_shardings`` and the batch is split over ``data`` x ``fsdp``.
       compute_dtype: matmul dtype (default: bf16 on accelerators, fp32 on CPU); the KV cache
         is kept in the same dtype.
-      max_batch_size: rows per compiled call (larger requests are split; results are the same).
-      max_prompt_len, min_batch_bucket, min_prompt_bucket, min_new_bucket: bucket limits
-        (module docstring); a server raises the minima to compile fewer programs. A prompt
-        longer than ``max_prompt_len`` gets ``n`` empty completions with finish reason
-        "length" (the game's MAX_LENGTH error for that slot) and is counted in
-        ``prompt_too_long``, instead of failing the whole batch.
+      **buckets: the ``Buckets`` fields (``max_batch_size``, ``max_prompt_len``,
+        ``min_batch_bucket``, ``min_prompt_bucket``, ``min_new_bucket``). A prompt longer
+        than ``max_prompt_len`` (the ``prompt_budget``) gets ``n`` empty completions with
+        finish reason "length" (the game's MAX_LENGTH error for that slot), counted in
+        ``stats()["prompt_too_long"]``, instead of failing the whole batch.
       copy_params: keep a private copy of ``params`` (default), so the caller may donate them
         to a training step; False adopts the given buffers.
     """
@@ -109,22 +126,19 @@ class JaxSampler:
         tokenizer=None,
         mesh: Optional[Mesh] = None,
         compute_dtype=None,
-        max_batch_size: int = 256,
-        max_prompt_len: int = 4096,
-        min_batch_bucket: int = 1,
-        min_prompt_bucket: int = 16,
-        min_new_bucket: int = 16,
         copy_params: bool = True,
+        **buckets: int,
     ):
         self.config = config
         self.tokenizer = tokenizer
         self.mesh = mesh
         self.compute_dtype = jnp.dtype(compute_dtype or default_compute_dtype())
-        self.max_prompt_len = int(max_prompt_len)
-        self.prompt_too_long = 0  # prompts answered with an empty "length" completion
-        self.min_batch_bucket = int(min_batch_bucket)
-        self.min_prompt_bucket = int(min_prompt_bucket)
-        self.min_new_bucket = int(min_new_bucket)
+        limits = Buckets(**buckets)
+        self.max_prompt_len = int(limits.max_prompt_len)
+        self.counters = SamplerCounters()
+        self.min_batch_bucket = int(limits.min_batch_bucket)
+        self.min_prompt_bucket = int(limits.min_prompt_bucket)
+        self.min_new_bucket = int(limits.min_new_bucket)
         # The batch splits over every data-parallel mesh axis (the "batch" logical rule).
         self._batch_axes = tuple(
             a for a in BATCH_AXES if mesh is not None and mesh.shape.get(a, 1) > 1
@@ -132,7 +146,7 @@ class JaxSampler:
         self._data_size = (
             math.prod(mesh.shape[a] for a in self._batch_axes) if mesh is not None else 1
         )
-        self.max_batch_size = max(int(max_batch_size), self._data_size)
+        self.max_batch_size = max(int(limits.max_batch_size), self._data_size)
         self._param_shardings = param_shardings(config, mesh) if mesh is not None else None
         self.params = self._place(params, like=None, copy=copy_params)
 
@@ -165,8 +179,7 @@ class JaxSampler:
             got, want = jax.tree.structure(params), jax.tree.structure(like)
             if got != want:
                 raise ValueError(
-                    f"update_weights: param tree structure {got} does not match "
-                    f"the sampler's {want}"
+                    f"load_weights: param tree structure {got} does not match the sampler's {want}"
                 )
         shardings = self._param_shardings
         if shardings is None:
@@ -176,7 +189,7 @@ class JaxSampler:
         def put(new, old, sharding):
             if tuple(new.shape) != tuple(old.shape):
                 raise ValueError(
-                    f"update_weights: param shape {tuple(new.shape)} does not "
+                    f"load_weights: param shape {tuple(new.shape)} does not "
                     f"match the sampler's {tuple(old.shape)}"
                 )
             cast = new.astype(old.dtype) if new.dtype != old.dtype else new
@@ -185,28 +198,27 @@ class JaxSampler:
 
         return jax.tree.map(put, params, like, shardings)
 
-    def update_weights(
-        self,
-        params: Any = None,
-        *,
-        checkpoint_path: Optional[str] = None,
-        key_path: Sequence[str] = (),
-        copy: bool = True,
-    ) -> None:
-        """Swap in new weights without recompiling.
+    # ------------------------------------------------------------------ the Sampler contract
+    @property
+    def prompt_budget(self) -> int:
+        """The longest prompt accepted (``max_prompt_len``)."""
+        return self.max_prompt_len
 
-        Give either ``params`` (a pytree like the current one) or ``checkpoint_path``: an
-        Orbax checkpoint (see ``advgame_jax.sampling.checkpoints.restore_params`` for the
-        layouts accepted) whose sub-tree at ``key_path`` (e.g. ``("defender", "ema_params")``)
-        holds the params. The sampler keeps its own copy of ``params`` (the caller may donate
-        or delete them afterwards); ``copy=False`` hands the buffers over instead.
-        """
-        if (params is None) == (checkpoint_path is None):
-            raise ValueError("update_weights: pass exactly one of params or checkpoint_path")
-        if checkpoint_path is not None:
-            params = restore_params(checkpoint_path, key_path=key_path, like=self.params)
-            copy = False  # freshly restored: nobody else holds these buffers
-        self.params = self._place(params, like=self.params, copy=copy)
+    def load_weights(self, ref: WeightsRef) -> int:
+        """Swap in ``ref.params`` (``InMemoryWeights``, a pytree like the current one)
+        without recompiling; returns ``ref.version``, stamped on every later completion.
+        The sampler keeps its own copy unless ``ref.copy`` is False. An Orbax checkpoint is
+        read with ``sampling.checkpoints.restore_params(path, like=sampler.params)`` first."""
+        if not isinstance(ref, InMemoryWeights):
+            raise wrong_ref(self, ref, InMemoryWeights)
+        self.params = self._place(ref.params, like=self.params, copy=ref.copy)
+        return self.counters.loaded(ref.version)
+
+    def stats(self) -> dict[str, Any]:
+        return self.counters.as_dict()
+
+    def close(self) -> None:
+        """Nothing to release: the programs and weights are this process's arrays."""
 
     # ------------------------------------------------------------------ generation
     def generate(
@@ -230,8 +242,8 @@ class JaxSampler:
                     raise ValueError(f"generate: prompt {i} is empty; expected >= 1 token id")
                 if len(prompt) > self.max_prompt_len:
                     # Over budget: no tokens, finish "length" (the game's MAX_LENGTH), counted.
-                    self.prompt_too_long += 1
-                    results.extend(prompt_too_long_completion() for _ in range(sp.n))
+                    self.counters.prompt_too_long += 1
+                    results.extend(over_budget_completions(sp.n, self.counters.weights_version))
                     rows.extend(None for _ in range(sp.n))
                     continue
                 bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
@@ -275,6 +287,29 @@ class JaxSampler:
         return next_pow2(sp.max_new_tokens, self.min_new_bucket), bool(use_filter)
 
     def _run_chunk(self, rows: list[_Row], max_new_bucket: int, use_filter: bool):
+        batch = self._pack(rows)
+        if self.mesh is not None:
+            # Each process holds only its own rows: they become its slice of one global batch
+            # (on one process this is a plain device_put).
+            batch = DecodeBatch(
+                *(
+                    jax.make_array_from_process_local_data(self._batch_sharding(a.ndim), a)
+                    for a in batch
+                )
+            )
+        program = DecodeProgram(
+            config=self.config,
+            max_new_bucket=max_new_bucket,
+            compute_dtype=self.compute_dtype.name,
+            cache_dtype=self.compute_dtype.name,
+            use_filter=use_filter,
+        )
+        batch_sharding = self._batch_sharding(2) if self.mesh is not None else None
+        out = _generate_jit(self.params, batch, program=program, batch_sharding=batch_sharding)
+        return self._completions(rows, *(_local_rows(a) for a in out))
+
+    def _pack(self, rows: list[_Row]) -> DecodeBatch:
+        """The chunk's rows as host arrays, padded to its batch / prompt / stop-id buckets."""
         b = min(
             next_pow2(len(rows), max(self._data_size, self.min_batch_bucket)),
             next_pow2(self.max_batch_size),
@@ -304,25 +339,10 @@ class JaxSampler:
             stop_ids[r, : len(sp.stop_token_ids)] = sp.stop_token_ids
             seed = int(sp.seed) % (1 << 64)
             seeds[r] = (seed & 0xFFFFFFFF, seed >> 32, row.prompt_index, row.sample_index)
-        arrays = (tokens, mask, temperature, top_p, top_k, max_new, stop_ids, seeds)
-        if self.mesh is not None:
-            # Each process holds only its own rows: they become its slice of one global batch
-            # (on one process this is a plain device_put).
-            arrays = tuple(
-                jax.make_array_from_process_local_data(self._batch_sharding(a.ndim), a)
-                for a in arrays
-            )
-        batch_sharding = self._batch_sharding(2) if self.mesh is not None else None
-        out = _generate_jit(
-            self.params,
-            *arrays,
-            config=self.config,
-            max_new_bucket=max_new_bucket,
-            compute_dtype=self.compute_dtype.name,
-            use_filter=use_filter,
-            batch_sharding=batch_sharding,
-        )
-        toks, lps, num, stopped = (_local_rows(a) for a in out)
+        return DecodeBatch(tokens, mask, temperature, top_p, top_k, max_new, stop_ids, seeds)
+
+    def _completions(self, rows: list[_Row], toks, lps, num, stopped) -> list[Completion]:
+        """The chunk's host-side outputs as ``Completion`` records, stamped with the version."""
         comps = []
         for r in range(len(rows)):
             ids = tuple(int(t) for t in toks[r, : num[r]])
@@ -333,6 +353,7 @@ class JaxSampler:
                     text=text,
                     logprobs=tuple(float(x) for x in lps[r, : num[r]]),
                     finish_reason="stop" if stopped[r] else "length",
+                    weights_version=self.counters.weights_version,
                 )
             )
         return comps
@@ -343,27 +364,8 @@ class JaxSampler:
         return NamedSharding(self.mesh, PartitionSpec(axes, *([None] * (ndim - 1))))
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("config", "max_new_bucket", "compute_dtype", "use_filter", "batch_sharding"),
-)
-def _generate_jit(
-    params,
-    tokens,
-    mask,
-    temperature,
-    top_p,
-    top_k,
-    max_new,
-    stop_ids,
-    seeds,
-    *,
-    config,
-    max_new_bucket,
-    compute_dtype,
-    use_filter,
-    batch_sharding,
-):
+@functools.partial(jax.jit, static_argnames=("program", "batch_sharding"))
+def _generate_jit(params, batch: DecodeBatch, *, program: DecodeProgram, batch_sharding):
     # Module-level so samplers of the same model config share compiled programs; the batch
     # sharding (a hashable NamedSharding over [B, N]) keeps the outputs split over the
     # data-parallel axes. Params stay an argument: new weights never retrace.
@@ -372,23 +374,8 @@ def _generate_jit(
             batch_sharding.mesh, PartitionSpec(batch_sharding.spec[0], *([None] * (ndim - 1)))
         )
 
-    dtype = jnp.dtype(compute_dtype)
     return generate_tokens(
-        params,
-        tokens,
-        mask,
-        temperature,
-        top_p,
-        top_k,
-        max_new,
-        stop_ids,
-        seeds,
-        config=config,
-        max_new_bucket=max_new_bucket,
-        compute_dtype=dtype,
-        cache_dtype=dtype,
-        use_filter=use_filter,
-        batch_spec=batch_spec if batch_sharding is not None else None,
+        params, batch, program, batch_spec=batch_spec if batch_sharding is not None else None
     )
 
 

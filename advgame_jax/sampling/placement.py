@@ -38,6 +38,11 @@ def placement_of(config, role: str) -> str:
     return resolve_placement(pc.get("placement", "jax"), pc.get("sampler"))
 
 
+def completion_budget(config, role: str) -> int:
+    """``<role>.max_new_tokens``, or the shared ``sampling.max_new_tokens`` when it is 0."""
+    return int(config[role].get("max_new_tokens", 0) or 0) or int(config.sampling.max_new_tokens)
+
+
 def max_model_len(config, role: str, model_max_positions: int) -> int:
     """Prompt budget + completion budget (or the explicit ``vllm_max_model_len``); with no
     prompt budget (``engine.max_prompt_tokens=0``) the model's whole context."""
@@ -46,8 +51,7 @@ def max_model_len(config, role: str, model_max_positions: int) -> int:
         return int(pc.vllm_max_model_len)
     if not pc.engine.max_prompt_tokens:
         return int(model_max_positions)
-    new_tokens = int(pc.get("max_new_tokens", 0) or 0) or int(config.sampling.max_new_tokens)
-    return int(pc.engine.max_prompt_tokens) + new_tokens
+    return int(pc.engine.max_prompt_tokens) + completion_budget(config, role)
 
 
 def apply_memory_plan(config) -> None:

@@ -37,7 +37,7 @@ import math
 import socket
 import threading
 import time
-from typing import Optional
+from typing import Optional, Protocol, Sequence
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -46,6 +46,7 @@ from openai.types import Model
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from advgame_jax.sampling.base import Completion, SamplingParams
 from advgame_jax.sampling.http_guard import protocol_with_deadline
 from advgame_jax.sampling.openai_schema import (
     Limits,
@@ -102,10 +103,22 @@ def _bind(host: str, port: int, backlog: int) -> socket.socket:
     return socket.create_server((host, port), family=family, backlog=backlog)
 
 
-class OpenAIServer:
-    """The server: ``start()`` (background threads), ``url``, ``shutdown()``; a context manager."""
+class BatchSampler(Protocol):
+    """What the server needs from its sampler: several requests served in shared batches
+    (``JaxSampler.generate_many``: one list of completions per request, each what
+    ``generate`` would return for it alone)."""
 
-    def __init__(self, sampler, tokenizer, config: ServerConfig = ServerConfig()):
+    def generate_many(
+        self, requests: Sequence[tuple[Sequence[Sequence[int]], SamplingParams]]
+    ) -> list[list[Completion]]: ...
+
+
+class OpenAIServer:
+    """The server: ``start()`` (background threads), ``url``, ``shutdown()``; a context manager.
+
+    ``sampler``: a ``BatchSampler`` (the JAX sampler; top_logprobs need its weights)."""
+
+    def __init__(self, sampler: BatchSampler, tokenizer, config: ServerConfig = ServerConfig()):
         if tokenizer is None or not hasattr(tokenizer, "encode"):
             raise ValueError(
                 "OpenAIServer needs a tokenizer (a ChatTokenizer) to render "
@@ -222,7 +235,7 @@ class OpenAIServer:
         except Exception:  # noqa: BLE001 - a parser bug must not leak internals to the client
             log.exception("request parsing failed")
             raise RequestError(400, "the request could not be parsed") from None
-        if req.top_logprobs and not hasattr(self.sampler, "params"):
+        if req.top_logprobs and not self._has_weights():
             raise RequestError(
                 400, "this server's sampler returns no top_logprobs", param="top_logprobs"
             )
@@ -233,6 +246,13 @@ class OpenAIServer:
         return StreamingResponse(
             out, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
+
+    def _has_weights(self) -> bool:
+        """Whether this process holds the sampler's weights (a ``JaxSampler``): the top-k
+        alternatives come from a forward pass over them (``top_logprobs``)."""
+        from advgame_jax.sampling.jax_sampler import JaxSampler
+
+        return isinstance(self.sampler, JaxSampler)
 
     # ------------------------------------------------------------------ queue + worker
     async def _generate(self, req: ParsedRequest):
@@ -301,14 +321,9 @@ class OpenAIServer:
 
     def _run(self, batch: list[_Job]):
         try:
-            if hasattr(self.sampler, "generate_many"):
-                results = self.sampler.generate_many(
-                    [(j.request.prompts, j.request.params) for j in batch]
-                )
-            else:
-                results = [
-                    self.sampler.generate(j.request.prompts, j.request.params) for j in batch
-                ]
+            results = self.sampler.generate_many(
+                [(j.request.prompts, j.request.params) for j in batch]
+            )
             done = [self._finish(j.request, r) for j, r in zip(batch, results, strict=True)]
         except Exception as err:  # noqa: BLE001 - isolate the failing request, not the batch
             if len(batch) > 1:

@@ -13,36 +13,30 @@ completion. ``logprobs=0`` makes vLLM return the sampled token's log-prob, which
 default ``raw_logprobs`` mode is the model's log-softmax before temperature / top-p / top-k:
 the same quantity ``JaxSampler`` returns.
 
-Weight refresh (``update_weights``). The new params (a pytree, or restored from an Orbax
-checkpoint, e.g. the sub-tree ``("defender", "ema_params")`` of a game checkpoint) are mapped
-to HF tensor names by the model core's ``hf_state_dict`` and handed to every worker with
-``llm.collective_rpc("reload_weights", kwargs=...)``. vLLM's ``reload_weights`` runs the
-model's own checkpoint loader (``load_weights`` inside a layer-wise reload that re-applies the
-backend's weight processing, e.g. the CPU backend's repacking; calling ``model.load_weights``
-directly skips that and corrupts the CPU model). Two transports:
+Weights (``load_weights``, the ``Sampler`` contract). The one weight path is a committed sync
+checkpoint (``weight_sync.write_sync_checkpoint``, a ``SyncCheckpoint``): the engine is built
+with the project's worker extension (``weight_sync.OrbaxWeightLoader``) and
+``llm.collective_rpc("advgame_load_sync", ...)`` makes every worker read the checkpoint itself
+and hand the tensors to vLLM's ``reload_weights``, which runs the model's own checkpoint loader
+inside a layer-wise reload that re-applies the backend's weight processing (e.g. the CPU
+backend's repacking; calling ``model.load_weights`` directly skips that and corrupts the CPU
+model). The prefix cache is reset (its entries were computed with the old weights) and the
+checkpoint's version is stamped on every later completion.
 
-* ``"iterator"`` (in-process engine, ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, the default here):
-  ``kwargs={"weights_iterator": <(name, torch.Tensor) generator>}``: tensors stream from
-  host memory one at a time, nothing touches disk.
-* ``"path"`` (any engine): the tensors are written as safetensors into ``weights_dir`` (an
-  owned directory under the run's workdir, built aside and renamed into place) and
-  ``kwargs={"weights_path": weights_dir}`` makes each worker read them with the engine's
-  regular loader. This is the transport for multi-process and tensor-parallel engines,
-  because a Python generator cannot cross the process boundary of ``collective_rpc``.
+Multi-process / tensor-parallel engines (e.g. ``VllmSampler(..., tensor_parallel_size=8)`` on a
+GPU box; more than one rank starts vLLM's worker processes). ``collective_rpc`` reaches every
+worker, one per TP (x PP) rank. Each worker reads the full tensors from the checkpoint and its
+parallel layers' ``weight_loader``s slice out that rank's shard: column-parallel q/k/v/gate/up
+by output rows, row-parallel o/down by input columns, vocab-parallel embedding / lm_head by
+vocab rows; replicated norms are copied whole. The checkpoint must lie on a filesystem every
+worker sees (node-local SSD for one host; a shared filesystem when the engine spans hosts), and
+``collective_rpc`` returns only once every rank has loaded, so the next ``generate`` sees one
+consistent set of weights. The engine, its KV cache and its compiled graphs (CUDA graphs
+included) are kept: parameters are updated in place.
 
-Multi-process / tensor-parallel engines (e.g. ``VllmSampler(..., tensor_parallel_size=8,
-multiprocessing=True)`` on a GPU box). ``collective_rpc`` reaches every worker, one per TP
-(x PP) rank. Each worker's ``reload_weights`` reads the full HF tensors from ``weights_path``
-(safetensors are memory-mapped, so a worker pages in only what it touches) and its parallel
-layers' ``weight_loader``s slice out that rank's shard: column-parallel q/k/v/gate/up by output
-rows, row-parallel o/down by input columns, vocab-parallel embedding / lm_head by vocab rows;
-replicated norms are copied whole. What changes for TP is therefore only (1) the transport must
-be ``"path"`` on a filesystem every worker sees (node-local SSD for one host; a shared
-filesystem when the engine spans hosts), (2) the writer is the training process (on a
-multi-host trainer, process 0 after gathering the params, which ``hf_state_dict`` does leaf by
-leaf), and (3) ``reload_weights`` returns only once every rank has loaded, so the next
-``generate`` sees one consistent set of weights. The engine, its KV cache and its compiled
-graphs (CUDA graphs included) are kept: parameters are updated in place.
+Prompt budget: ``prompt_budget`` (default ``max_model_len - 1``); a longer prompt, or one
+whose prompt + ``max_new_tokens`` exceeds ``max_model_len``, is answered with the over-budget
+completions (``base.over_budget_completions``) and counted.
 """
 
 from __future__ import annotations
@@ -50,13 +44,18 @@ from __future__ import annotations
 import os
 from typing import Any, Iterable, Literal, Optional, Sequence, cast
 
-import numpy as np
+from advgame_jax.models import ModelConfig
+from advgame_jax.sampling.base import (
+    Completion,
+    SamplerCounters,
+    SamplingParams,
+    SyncCheckpoint,
+    WeightsRef,
+    over_budget_completions,
+    wrong_ref,
+)
 
-from advgame_jax.models import ModelConfig, hf_state_dict, param_shapes, save_hf
-from advgame_jax.sampling.base import Completion, SamplingParams
-from advgame_jax.sampling.checkpoints import restore_params
-
-WEIGHTS_KIND = "vllm_weights"
+EXTENSION = "advgame_jax.sampling.weight_sync.OrbaxWeightLoader"
 
 
 _VllmDType = Literal["float32", "bfloat16", "float16", "auto"]  # values vllm.LLM(dtype=) takes
@@ -74,8 +73,33 @@ def _torch_dtype_name(dtype: str) -> _VllmDType:
     return _TORCH_DTYPE_NAMES[dtype]
 
 
+def _read_config(hf_dir: str) -> ModelConfig:
+    """The model config of an HF dir vLLM can serve (``head_dim >= 32``)."""
+    import json
+
+    cfg_file = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise ValueError(
+            f"VllmSampler: {cfg_file} not found; expected an HF checkpoint "
+            f"directory written by advgame_jax.models.save_hf"
+        )
+    with open(cfg_file, encoding="utf-8") as f:
+        config = ModelConfig.from_hf_dict(json.load(f), source=cfg_file)
+    if config.head_dim < 32:
+        raise ValueError(
+            f"{cfg_file}: head_dim={config.head_dim}; vLLM's attention backends need head_dim >= 32"
+        )
+    return config
+
+
+def _has_tokenizer(hf_dir: str) -> bool:
+    return any(
+        os.path.isfile(os.path.join(hf_dir, f)) for f in ("tokenizer.json", "tokenizer_config.json")
+    )
+
+
 class VllmSampler:
-    """``Sampler`` over ``vllm.LLM``.
+    """``Sampler`` over ``vllm.LLM`` (module docstring).
 
     Args:
       hf_dir: HF checkpoint directory (``save_hf`` output, ``config.json`` + safetensors).
@@ -87,15 +111,10 @@ class VllmSampler:
         0 / None: vLLM sizes it from ``gpu_memory_utilization``.
       max_model_len: longest prompt + completion; default: the model's
         ``max_position_embeddings`` capped at 4096.
-      multiprocessing: False (default) runs the engine in this process
-        (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set here before the engine starts), which
-        allows the ``"iterator"`` transport.
-      weight_transfer: "auto" ("iterator" in-process, else "path"), "iterator" or "path".
-      weights_dir: where the "path" transport writes safetensors: a directory under the
-        run's workdir, built aside and renamed into place at each update, marked as the
-        project's (required by that transport; the game itself refreshes from committed sync
-        checkpoints, ``load_sync_checkpoint``).
-      engine_kwargs: passed to ``vllm.LLM`` (e.g. ``tensor_parallel_size``).
+      prompt_budget: longest prompt accepted; default ``max_model_len - 1``.
+      engine_kwargs: passed to ``vllm.LLM`` (e.g. ``tensor_parallel_size``; more than one
+        rank runs the engine in worker processes, otherwise it runs in this process with
+        ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set here before the engine starts).
     """
 
     def __init__(
@@ -106,50 +125,13 @@ class VllmSampler:
         dtype: str = "auto",
         kv_cache_memory_bytes: int = 256 << 20,
         max_model_len: Optional[int] = None,
-        multiprocessing: bool = False,
-        weight_transfer: str = "auto",
-        weights_dir: Optional[str] = None,
+        prompt_budget: Optional[int] = None,
         seed: int = 0,
         **engine_kwargs,
     ):
-        import json
-
         hf_dir = os.fspath(hf_dir)
-        cfg_file = os.path.join(hf_dir, "config.json")
-        if not os.path.isfile(cfg_file):
-            raise ValueError(
-                f"VllmSampler: {cfg_file} not found; expected an HF checkpoint "
-                f"directory written by advgame_jax.models.save_hf"
-            )
-        with open(cfg_file, encoding="utf-8") as f:
-            self.config = ModelConfig.from_hf_dict(json.load(f), source=cfg_file)
-        if self.config.head_dim < 32:
-            raise ValueError(
-                f"{cfg_file}: head_dim={self.config.head_dim}; vLLM's attention "
-                f"backends need head_dim >= 32"
-            )
-        if weight_transfer not in ("auto", "iterator", "path"):
-            raise ValueError(
-                f"VllmSampler: weight_transfer={weight_transfer!r}; expected "
-                f"'auto', 'iterator' or 'path'"
-            )
-        if weight_transfer == "iterator" and multiprocessing:
-            raise ValueError(
-                "VllmSampler: weight_transfer='iterator' needs an in-process "
-                "engine (multiprocessing=False); use 'path'"
-            )
-        self.weight_transfer = (
-            weight_transfer
-            if weight_transfer != "auto"
-            else ("path" if multiprocessing else "iterator")
-        )
-        self.weights_dir = os.fspath(weights_dir) if weights_dir is not None else None
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocessing else "0"
-
-        has_tokenizer = any(
-            os.path.isfile(os.path.join(hf_dir, f))
-            for f in ("tokenizer.json", "tokenizer_config.json")
-        )
+        self.config = _read_config(hf_dir)
+        has_tokenizer = _has_tokenizer(hf_dir)
         if tokenizer == "auto":
             tokenizer = None
             if has_tokenizer:
@@ -161,12 +143,16 @@ class VllmSampler:
         if max_model_len is None:
             max_model_len = min(self.config.max_position_embeddings, 4096)
         self.max_model_len = int(max_model_len)
-        self.prompt_too_long = 0  # prompts answered with an empty "length" completion
+        self._prompt_budget = int(prompt_budget or self.max_model_len - 1)
+        self.counters = SamplerCounters()
+        multiprocessing = int(engine_kwargs.get("tensor_parallel_size", 1)) > 1
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocessing else "0"
+        if kv_cache_memory_bytes:  # else vLLM sizes the cache from gpu_memory_utilization
+            engine_kwargs["kv_cache_memory_bytes"] = int(kv_cache_memory_bytes)
+        engine_kwargs.setdefault("worker_extension_cls", EXTENSION)
 
         import vllm
 
-        if kv_cache_memory_bytes:  # else vLLM sizes the cache from gpu_memory_utilization
-            engine_kwargs["kv_cache_memory_bytes"] = int(kv_cache_memory_bytes)
         self.llm = vllm.LLM(
             model=hf_dir,
             skip_tokenizer_init=not has_tokenizer,
@@ -204,22 +190,23 @@ class VllmSampler:
             ids = [int(t) for t in p]
             if not ids:
                 raise ValueError(f"generate: prompt {i} is empty; expected >= 1 token id")
-            if len(ids) + params.max_new_tokens > self.max_model_len:
+            if (
+                len(ids) > self._prompt_budget
+                or len(ids) + params.max_new_tokens > self.max_model_len
+            ):
                 # Over budget: no tokens, finish "length" (the game's MAX_LENGTH), counted.
                 too_long.add(i)
-                self.prompt_too_long += 1
+                self.counters.prompt_too_long += 1
                 continue
             prompts.append(TokensPrompt(prompt_token_ids=ids))
         outs = iter(
             self.llm.generate(prompts, self._vllm_params(params), use_tqdm=False) if prompts else []
         )
+        version = self.counters.weights_version
         result = []
         for i in range(len(prompt_token_ids)):
             if i in too_long:
-                result.extend(
-                    Completion(token_ids=(), text="", logprobs=(), finish_reason="length")
-                    for _ in range(params.n)
-                )
+                result.extend(over_budget_completions(params.n, version))
                 continue
             out = next(outs)
             for o in sorted(out.outputs, key=lambda o: o.index):
@@ -238,94 +225,52 @@ class VllmSampler:
                         text=text,
                         logprobs=lps,
                         finish_reason="stop" if stop else "length",
+                        weights_version=version,
                     )
                 )
         return result
 
-    # ------------------------------------------------------------------ weights
-    def update_weights(
-        self,
-        params: Any = None,
-        *,
-        checkpoint_path: Optional[str] = None,
-        key_path: Sequence[str] = (),
-    ) -> None:
-        """Load new weights into the running engine (no restart; module docstring).
+    # ------------------------------------------------------------------ the Sampler contract
+    @property
+    def prompt_budget(self) -> int:
+        return self._prompt_budget
 
-        ``params``: a model-core param pytree; or ``checkpoint_path``: an Orbax checkpoint
-        (layouts in ``advgame_jax.sampling.checkpoints``) with the params at ``key_path``.
-        """
-        if (params is None) == (checkpoint_path is None):
-            raise ValueError("update_weights: pass exactly one of params or checkpoint_path")
-        if checkpoint_path is not None:
-            import jax.numpy as jnp
-
-            like = param_shapes(self.config, jnp.float32)
-            params = restore_params(checkpoint_path, key_path=key_path, like=like)
-        if self.weight_transfer == "iterator":
-            self.llm.collective_rpc(
-                "reload_weights", kwargs={"weights_iterator": self._torch_tensors(params)}
-            )
-        else:
-            from advgame_jax import fsutil
-
-            if self.weights_dir is None:
-                raise ValueError(
-                    "VllmSampler: the 'path' transport writes the weights to disk; set "
-                    "weights_dir to a directory under the run's workdir (never a shared temp "
-                    "dir: they may be the trained attacker's, a controlled artifact)"
-                )
-            fsutil.build_dir_atomically(
-                self.weights_dir, WEIGHTS_KIND, lambda tmp: save_hf(tmp, self.config, params)
-            )
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": self.weights_dir})
-        # Cached prefixes were computed with the old weights.
-        self.llm.reset_prefix_cache()
-
-    def load_sync_checkpoint(self, path: str) -> int:
-        """Swap in a committed sync checkpoint (``weight_sync``); returns its version.
-
-        Needs the engine built with ``worker_extension_cls=
-        "advgame_jax.sampling.weight_sync.OrbaxWeightLoader"``: every worker reads the
-        checkpoint itself, so this works for multi-process and tensor-parallel engines too.
-        """
+    def load_weights(self, ref: WeightsRef) -> int:
+        """Swap in the committed sync checkpoint ``ref`` (``SyncCheckpoint``): every worker
+        reads it itself (module docstring); returns its version, stamped on every later
+        completion. Raises when the workers disagree or load another version than
+        ``ref.version``."""
         import json
 
+        if not isinstance(ref, SyncCheckpoint):
+            raise wrong_ref(self, ref, SyncCheckpoint)
+        path = os.path.abspath(ref.path)
         loaded = self.llm.collective_rpc(
-            "advgame_load_sync", args=(os.path.abspath(path), json.dumps(self.config.to_hf_dict()))
+            "advgame_load_sync", args=(path, json.dumps(self.config.to_hf_dict()))
         )
         if len(set(loaded)) != 1:
             raise RuntimeError(f"VllmSampler: workers loaded different versions {loaded}")
-        self.llm.reset_prefix_cache()
-        return int(loaded[0])
+        self.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
+        version = int(loaded[0])
+        if ref.version is not None and version != int(ref.version):
+            raise RuntimeError(
+                f"VllmSampler: loaded weights version {version} from {path}, expected {ref.version}"
+            )
+        return self.counters.loaded(version)
+
+    def stats(self) -> dict[str, Any]:
+        return self.counters.as_dict()
 
     def close(self) -> None:
-        """Shut the engine down and remove the ``weights_dir`` this sampler built (only when
-        it carries the project's ownership marker)."""
+        """Shut the engine down (idempotent)."""
         llm = self.__dict__.pop("llm", None)
+        # vLLM's own objects: the engine core's shutdown exists only on the V1 engine.
         core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):
             core.shutdown()
-        if self.weights_dir is not None:
-            from advgame_jax import fsutil
-
-            if fsutil.is_owned(self.weights_dir, WEIGHTS_KIND):
-                fsutil.remove_owned(self.weights_dir, WEIGHTS_KIND)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
-
-    def _torch_tensors(self, params):
-        import torch
-
-        dtype = {
-            "float32": torch.float32,
-            "bfloat16": torch.bfloat16,
-            "float16": torch.float16,
-        }.get(self._dtype)
-        for name, array in hf_state_dict(self.config, params):
-            t = torch.from_numpy(np.array(array, dtype=np.float32))  # writable copy
-            yield name, t if dtype is None else t.to(dtype)
