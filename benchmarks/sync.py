@@ -114,6 +114,7 @@ def main():
         "dir": root_parent,
     }
     if a.vllm:
+        from advgame_jax.sampling.base import SyncCheckpoint
         from advgame_jax.sampling.engines import EngineClient, EngineSpec, RemoteSampler
 
         hf_dir = os.path.join(root_parent, "hf")
@@ -131,9 +132,9 @@ def main():
         )
         try:
             sampler = RemoteSampler(client, config)
-            sampler.update_weights(checkpoint_path=last["path"])  # warm-up
+            sampler.load_weights(SyncCheckpoint(last["path"]))  # warm-up
             t_load, l_times = _median(
-                lambda: sampler.update_weights(checkpoint_path=last["path"]), a.repeats
+                lambda: sampler.load_weights(SyncCheckpoint(last["path"])), a.repeats
             )
         finally:
             client.close()

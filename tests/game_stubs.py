@@ -59,9 +59,6 @@ class ScriptedSampler:
                 out.append(completion(self.tok, text_out, finish))
         return out
 
-    def update_weights(self, params=None, *, checkpoint_path=None):
-        pass
-
 
 def _unit(*parts) -> float:
     h = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()

@@ -15,7 +15,7 @@ import pytest
 
 from advgame_jax.experiment.players import StaleWeightsError, VersionedSampler
 from advgame_jax.models import ModelConfig
-from advgame_jax.sampling.base import Completion, SamplingParams
+from advgame_jax.sampling.base import Completion, SamplingParams, SyncCheckpoint
 from advgame_jax.sampling.engines import EngineClient, EngineError, EngineSpec, RemoteSampler
 from advgame_jax.sampling.weight_sync import COMMIT_FILE
 
@@ -171,7 +171,8 @@ def _commit(tmp_path, version):
 def test_refresh_sequence_versions_and_budget(fake_engine, tmp_path):
     sampler = RemoteSampler(EngineClient("defender", fake_engine), CONFIG)
     assert sampler.weights_version is None and sampler.max_model_len == 20
-    assert sampler.update_weights(checkpoint_path=_commit(tmp_path, 3), version=3) == 3
+    assert sampler.prompt_budget == 19  # the engine's context less one token
+    assert sampler.load_weights(SyncCheckpoint(_commit(tmp_path, 3), version=3)) == 3
     assert _FakeEngine.calls == [
         "/pause",
         "/collective_rpc",
@@ -183,7 +184,7 @@ def test_refresh_sequence_versions_and_budget(fake_engine, tmp_path):
     out = sampler.generate([[1, 2], [5] * 17, [9]], sp)  # the second is over 20 tokens
     assert [c.token_ids for c in out] == [(2, 7), (2, 7), (), (), (9, 7), (9, 7)]
     assert out[0].logprobs == (-0.5, -0.25) and out[0].finish_reason == "stop"
-    assert out[2].finish_reason == "length" and sampler.prompt_too_long == 1
+    assert out[2].finish_reason == "length" and sampler.stats()["prompt_too_long"] == 1
     assert {c.weights_version for c in out} == {3}
 
     _FakeEngine.calls.clear()
@@ -193,9 +194,9 @@ def test_refresh_sequence_versions_and_budget(fake_engine, tmp_path):
         match=r"defender engine .*loaded weights versions \[2\].*"
         r"expected 4",
     ):
-        sampler.update_weights(checkpoint_path=_commit(tmp_path, 4), version=4)
+        sampler.load_weights(SyncCheckpoint(_commit(tmp_path, 4), version=4))
     assert _FakeEngine.calls == ["/pause", "/collective_rpc", "/resume"]  # resumed anyway
-    assert sampler.weights_version == 3
+    assert sampler.weights_version == 3 and sampler.stats()["loads"] == 1
 
 
 class _Inner:

@@ -77,7 +77,7 @@ def test_offloaded_engines_refresh_every_step_fail_clearly_and_resume(
     workdir = tmp_path / "run"
     runner = GameRunner(_offloaded_config(workdir, toy_dir, num_steps=4))
     try:
-        procs = {r: runner.players[r].sampler.client.proc for r in ROLES}
+        procs = {r: runner.players[r].sampler.inner.client.proc for r in ROLES}
         hf_dir = runner.players["defender"].hf_dir
         assert procs["attacker"].pid != procs["defender"].pid != os.getpid()
         for step in (1, 2, 3):
@@ -113,7 +113,7 @@ def test_offloaded_engines_refresh_every_step_fail_clearly_and_resume(
     rerun = GameRunner(c)
     try:
         assert rerun.step == 3
-        assert rerun.players["defender"].sampler.client.proc is None  # connected, not spawned
+        assert rerun.players["defender"].sampler.inner.client.proc is None  # connected, not spawned
         rerun.run()
         assert rerun.step == 4
         _check_engine_matches_jax(rerun, "defender", 4)

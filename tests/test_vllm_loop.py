@@ -36,16 +36,16 @@ def test_tiny_run_with_vllm_refreshes_from_checkpoints(tmp_path, toy_dir):  # no
     runner = GameRunner(c)
     engines, refreshes = {}, {}
     for role, player in runner.players.items():
-        engines[role] = id(player.sampler.llm)
-        refreshes[role] = []
         inner = player.sampler.inner  # the VllmSampler behind the version check
-        orig = inner.load_sync_checkpoint
+        engines[role] = id(inner.llm)
+        refreshes[role] = []
+        orig = inner.load_weights
 
-        def counted(path, _orig=orig, _log=refreshes[role]):
-            _log.append(path)
-            return _orig(path)
+        def counted(ref, _orig=orig, _log=refreshes[role]):
+            _log.append(ref.path)
+            return _orig(ref)
 
-        inner.load_sync_checkpoint = counted
+        inner.load_weights = counted
     runner.run()
     assert runner.step == 3
     for role, player in runner.players.items():
@@ -55,7 +55,7 @@ def test_tiny_run_with_vllm_refreshes_from_checkpoints(tmp_path, toy_dir):  # no
             os.path.join(runner.workdir, "sync", role, f"v{v:08d}") for v in (1, 2, 3)
         ]
         assert player.weights_version == 3
-        assert id(player.sampler.llm) == engines[role]
+        assert id(player.sampler.inner.llm) == engines[role]
     with open(os.path.join(runner.workdir, "metrics.jsonl")) as f:
         last = [json.loads(line) for line in f][-1]
     b, a = c.train.seeds_per_device, c.game.num_attacks

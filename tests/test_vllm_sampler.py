@@ -1,6 +1,6 @@
-"""VllmSampler on a tiny Llama: greedy parity with transformers, live weight refresh from an
-Orbax checkpoint (both transports) without restarting the engine, cross-engine parity with
-JaxSampler, finish reasons and seeds. Needs the ``vllm`` extra."""
+"""VllmSampler on a tiny Llama: greedy parity with transformers, live weight refresh from a
+committed sync checkpoint without restarting the engine, cross-engine parity with JaxSampler,
+finish reasons and seeds. Needs the ``vllm`` extra."""
 
 import importlib.util
 
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from advgame_jax.models import load_hf
-from advgame_jax.sampling import SamplingParams
-from advgame_jax.sampling.checkpoints import save_params
+from advgame_jax.sampling import SamplingParams, SyncCheckpoint
 from advgame_jax.sampling.jax_sampler import JaxSampler
+from advgame_jax.sampling.weight_sync import write_sync_checkpoint
 from tests.test_sampling_jax import _hf_greedy, _prompts, _torch_logprobs
 from tests.tiny_models import make_tiny_llama
 
@@ -66,29 +66,24 @@ def test_refresh_from_orbax_checkpoint_without_restart(setup):
 
     config, params_a = load_hf(root / "a")
     _, params_b = load_hf(root / "b")
-    save_params(str(root / "ck"), {"defender": {"params": params_a, "ema_params": params_b}})
-    sampler.update_weights(checkpoint_path=str(root / "ck"), key_path=("defender", "ema_params"))
+    sync = str(root / "run" / "sync" / "defender")
+    path = write_sync_checkpoint(sync, params_b, version=1, role="defender", dtype=jnp.float32)
+    assert sampler.load_weights(SyncCheckpoint(path, version=1)) == 1
     after = sampler.generate(prompts, greedy)
     assert sampler.llm.llm_engine is engine  # same running engine
     assert [c.token_ids for c in after] != [c.token_ids for c in before]
     assert [c.token_ids for c in after] == _hf_greedy(model_b, prompts, N_NEW)
+    assert {c.weights_version for c in after} == {1}
     jax_out = JaxSampler(config, params_b, compute_dtype=jnp.float32).generate(prompts, greedy)
     assert [c.token_ids for c in after] == [c.token_ids for c in jax_out]
     for v, j in zip(after, jax_out):
         np.testing.assert_allclose(v.logprobs, j.logprobs, atol=1e-4)
 
-    # The file transport (the one multi-process / tensor-parallel engines use).
-    sampler.weight_transfer = "path"
-    try:
-        with pytest.raises(ValueError, match="weights_dir"):  # never a silent temp dir
-            sampler.update_weights(params=params_a)
-        sampler.weights_dir = str(root / "run" / "vllm_weights")
-        sampler.update_weights(params=params_a)
-        from advgame_jax import fsutil
-
-        assert fsutil.is_owned(sampler.weights_dir, "vllm_weights")
-    finally:
-        sampler.weight_transfer = "iterator"
+    # A checkpoint of another version than the caller expects is refused after loading.
+    path = write_sync_checkpoint(sync, params_a, version=2, role="defender", dtype=jnp.float32)
+    with pytest.raises(RuntimeError, match="loaded weights version 2.*expected 5"):
+        sampler.load_weights(SyncCheckpoint(path, version=5))
+    assert sampler.load_weights(SyncCheckpoint(path)) == 2
     again = sampler.generate(prompts, greedy)
     assert [c.token_ids for c in again] == [c.token_ids for c in before]
     assert sampler.llm.llm_engine is engine
@@ -98,7 +93,14 @@ def test_refresh_from_orbax_checkpoint_without_restart(setup):
 @skip_without_vllm
 def test_finish_reasons_and_seeds(setup):
     root, model_a, _, sampler = setup
-    sampler.update_weights(params=load_hf(root / "a")[1])
+    path = write_sync_checkpoint(
+        str(root / "run" / "sync" / "defender"),
+        load_hf(root / "a")[1],
+        version=3,
+        role="defender",
+        dtype=jnp.float32,
+    )
+    sampler.load_weights(SyncCheckpoint(path))
     prompts = _prompts(model_a.config.vocab_size)
     ref = _hf_greedy(model_a, prompts, N_NEW)
     stop = ref[0][4]
@@ -129,9 +131,9 @@ def test_over_budget_prompt_is_an_empty_length_completion(setup):
     prompts = _prompts(model_a.config.vocab_size)
     long = prompts[0] * (sampler.max_model_len // len(prompts[0]) + 1)
     sp = SamplingParams(temperature=0.0, max_new_tokens=8)
-    before = sampler.prompt_too_long
+    before = sampler.stats()["prompt_too_long"]
     got = sampler.generate([prompts[0], long, prompts[1]], sp)
-    assert sampler.prompt_too_long == before + 1
+    assert sampler.stats()["prompt_too_long"] == before + 1
     assert got[1].token_ids == () and got[1].finish_reason == "length"
     alone = sampler.generate([prompts[0], prompts[1]], sp)
     assert [c.token_ids for c in (got[0], got[2])] == [c.token_ids for c in alone]

@@ -17,7 +17,7 @@ if importlib.util.find_spec("vllm") is None:
     pytest.skip("vllm is not installed (pip install -e '.[vllm]')", allow_module_level=True)
 
 from advgame_jax.models import load_hf
-from advgame_jax.sampling import SamplingParams
+from advgame_jax.sampling import SamplingParams, SyncCheckpoint
 from advgame_jax.sampling import weight_sync as ws
 from advgame_jax.sampling.jax_sampler import JaxSampler
 from tests.tiny_models import make_tiny_llama
@@ -68,7 +68,7 @@ def test_tied_head_follows_an_embedding_only_sync(tmp_path):
         logging.getLogger("vllm").addHandler(records)
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").warning("probe")
         assert records.messages == ["probe"]
-        assert sampler.load_sync_checkpoint(path) == 1
+        assert sampler.load_weights(SyncCheckpoint(path)) == 1
         after = _greedy(sampler)
         want = JaxSampler(config, new, compute_dtype=jnp.float32).generate(PROMPTS, GREEDY)
         assert [c.token_ids for c in after] != [c.token_ids for c in before]
