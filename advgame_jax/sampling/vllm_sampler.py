@@ -166,8 +166,9 @@ class VllmSampler:
 
     # ------------------------------------------------------------------ generation
     def _vllm_params(self, sp: SamplingParams):
+        # Greedy: one completion, repeated by ``generate`` (vLLM refuses n > 1 without sampling).
         return self._vllm.SamplingParams(
-            n=sp.n,
+            n=1 if sp.temperature == 0 else sp.n,
             temperature=sp.temperature,
             top_p=sp.top_p,
             top_k=sp.top_k,
@@ -209,7 +210,8 @@ class VllmSampler:
                 result.extend(over_budget_completions(params.n, version))
                 continue
             out = next(outs)
-            for o in sorted(out.outputs, key=lambda o: o.index):
+            repeat = params.n // len(out.outputs)  # a greedy request's one completion
+            for o in sorted(out.outputs, key=lambda o: o.index) * repeat:
                 ids = tuple(int(t) for t in o.token_ids)
                 # Requested with logprobs=0: one {token id: Logprob} per sampled token (vLLM
                 # types the list Optional, and its FlatLogprobs as a sequence of Optional).
