@@ -126,7 +126,9 @@ def build_player(
     shardings = param_shardings(model_config, mesh)
     model_config, params = load_hf(hf_dir, DTYPES[pc.param_dtype], shardings=shardings)
 
-    sampler = _build_sampler(config, role, hf_dir, model_config, params, tokenizer, mesh)
+    sampler = _build_sampler(
+        config, role, hf_dir, model_config, params, tokenizer, mesh, settings=settings
+    )
 
     update = _update_step(model_config, player_training(settings, role).update, mesh, update_steps)
     placement = settings.player(role).placement
@@ -148,10 +150,12 @@ def build_player(
     return player, params
 
 
-def _build_sampler(config, role: str, hf_dir: str, model_config, params, tokenizer, mesh):
+def _build_sampler(
+    config, role: str, hf_dir: str, model_config, params, tokenizer, mesh, *, settings: Settings
+):
     """The sampler of ``role`` for its placement (module docstring)."""
     pc = config[role]
-    placement = placement_of(config, role)
+    placement = placement_of(settings, role)
     if placement == "jax":
         from advgame_jax.sampling.jax_sampler import JaxSampler
 
@@ -170,7 +174,7 @@ def _build_sampler(config, role: str, hf_dir: str, model_config, params, tokeniz
             min_prompt_bucket=pc.sampler_min_prompt_bucket,
         )
     e = pc.engine
-    n_ctx = max_model_len(config, role, model_config.max_position_embeddings)
+    n_ctx = max_model_len(settings, role, model_config.max_position_embeddings)
     if n_ctx > model_config.max_position_embeddings:
         raise ConfigError(
             f"config.{role}.engine.max_prompt_tokens + config.{role}.max_new_tokens (or "
@@ -317,25 +321,29 @@ def sync_sampler(
 
 
 def resolve_mesh(config):
-    """``config.mesh`` → ``Mesh``; one axis may be -1: all devices the others leave.
+    """The ``mesh`` section → ``Mesh``; one axis may be -1: all devices the others leave.
     With ``dcn_*`` sizes: a hybrid mesh (``distributed.build_mesh``), the plain sizes counting
-    devices per host/slice; without, one flat mesh over every device of every process."""
+    devices per host/slice; without, one flat mesh over every device of every process.
+    ``config``: the run's converted ``Settings`` (a ConfigDict is converted first)."""
     from advgame_jax import distributed
+    from advgame_jax.experiment.validate import as_settings
     from advgame_jax.models import make_mesh
     from advgame_jax.sampling.placement import apply_memory_plan
 
-    apply_memory_plan(config)  # JAX's device-memory share, before JAX initialises
-    dcn = {a: int(config.mesh.get(f"dcn_{a}", 1)) for a in distributed.MESH_AXES}
+    settings = as_settings(config)
+    apply_memory_plan(settings)  # JAX's device-memory share, before JAX initialises
+    mesh = settings.mesh
+    dcn = {a: int(getattr(mesh, f"dcn_{a}")) for a in distributed.MESH_AXES}
     if any(v != 1 for v in dcn.values()):
-        ici = {a: int(config.mesh[a]) for a in distributed.MESH_AXES}
+        ici = {a: int(getattr(mesh, a)) for a in distributed.MESH_AXES}
         try:
             return distributed.build_mesh(ici, dcn)
         except distributed.WorldError as e:
             raise ConfigError(str(e)) from None
-    from advgame_jax.training.planning import resolve_mesh_shape
+    from advgame_jax.plan_inputs import resolve_mesh_shape
 
     try:
-        data, fsdp, tensor = resolve_mesh_shape(config.mesh, jax.device_count())
+        data, fsdp, tensor = resolve_mesh_shape(mesh, jax.device_count())
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return make_mesh(
