@@ -1,5 +1,6 @@
-"""The planner's inputs checked before JAX starts: flag values, the output path, the config's
-mesh and where each player's ``config.json`` comes from.
+"""The planner's inputs checked before JAX starts: flag values, the output path, the mesh
+section and where each player's ``config.json`` comes from (plain values and typed sections,
+never the ConfigDict: ``launch/plan.py`` reads those fields).
 
 Nothing here imports JAX, so ``launch/plan.py`` can refuse a bad flag in milliseconds, before
 the device count reaches ``XLA_FLAGS`` (each virtual CPU device costs host memory: a huge count
@@ -14,6 +15,7 @@ import math
 import os
 
 from advgame_jax.errors import UserError
+from advgame_jax.settings import MeshSettings
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILY_MODELS = {"llama": "llama3.1_8b", "qwen": "qwen2.5_7b"}
@@ -99,11 +101,12 @@ def check_flags(*, devices, device_memory_gib, seq_len, reserve_gib, json_path="
     )
 
 
-def resolve_mesh_shape(mesh_cfg, n: int) -> tuple[int, int, int]:
-    """(data, fsdp, tensor) of ``config.mesh`` on ``n`` devices; one axis may be -1 (the rest)."""
+def resolve_mesh_shape(mesh: MeshSettings, n: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) of the ``mesh`` section on ``n`` devices; one axis may be -1 (the
+    rest)."""
     try:
-        sizes = {a: int(mesh_cfg[a]) for a in ("data", "fsdp", "tensor")}
-    except (TypeError, ValueError, KeyError) as err:
+        sizes = {a: int(getattr(mesh, a)) for a in ("data", "fsdp", "tensor")}
+    except (TypeError, ValueError, AttributeError) as err:
         raise PlanInputError(f"config.mesh: expected integer data/fsdp/tensor ({err})") from None
     free = [a for a, v in sizes.items() if v == -1]
     if len(free) > 1:
@@ -123,17 +126,20 @@ def resolve_mesh_shape(mesh_cfg, n: int) -> tuple[int, int, int]:
     return sizes["data"], sizes["fsdp"], sizes["tensor"]
 
 
-def model_path_for(config, role: str, override: str = "") -> str:
+def model_path_for(
+    role: str, *, hf_path: str = "", config_name: str = "", override: str = ""
+) -> str:
     """The ``config.json`` of ``role``'s shape: ``override`` (``--<role>_model``), else
-    ``<role>.hf_path``, else the family's default file under ``configs/models/`` (family = the
-    config name's prefix). The file must exist and hold a JSON object."""
-    path = override or config[role].hf_path
+    ``hf_path`` (``<role>.hf_path``), else the family's default file under ``configs/models/``
+    (family = the prefix of ``config_name``, the config's ``name``). The file must exist and
+    hold a JSON object."""
+    path = override or hf_path
     where = f"--{role}_model" if override else f"config.{role}.hf_path"
     if not path:
-        family = str(config.name).split("_")[0]
+        family = str(config_name).split("_")[0]
         if family not in FAMILY_MODELS:
             raise PlanInputError(
-                f"config.{role}.hf_path is empty and config {config.name!r} names no family with "
+                f"config.{role}.hf_path is empty and config {config_name!r} names no family with "
                 f"a default shape ({', '.join(sorted(FAMILY_MODELS))}); pass --{role}_model=DIR "
                 f"(a directory or config.json of the {role}'s model)"
             )

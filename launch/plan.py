@@ -96,9 +96,30 @@ def _config():
         raise PlanInputError(f"--config: {lines[-1] if lines else err}") from None
 
 
+def _model_paths(config, judge_path: str = "") -> dict:
+    """Role -> the ``config.json`` of its shape (``--<role>_model``, ``<role>.hf_path``, or the
+    family's file; see ``plan_inputs.model_path_for``), checked before JAX starts."""
+    from advgame_jax.plan_inputs import model_path_for
+
+    paths = {
+        role: model_path_for(
+            role,
+            hf_path=str(config[role].hf_path),
+            config_name=str(config.name),
+            override=getattr(FLAGS, f"{role}_model"),
+        )
+        for role in ("attacker", "defender")
+    }
+    if judge_path:
+        paths["judge"] = model_path_for("judge", override=judge_path)
+    return paths
+
+
 def _checked_inputs() -> dict:
     """Every input of the plan, checked without JAX (see plan_inputs)."""
-    from advgame_jax.plan_inputs import check_flags, model_path_for, resolve_mesh_shape
+    from advgame_jax.experiment.validate import convert_section
+    from advgame_jax.plan_inputs import check_flags, resolve_mesh_shape
+    from advgame_jax.settings import MeshSettings
 
     args = check_flags(
         devices=FLAGS.devices,
@@ -108,12 +129,16 @@ def _checked_inputs() -> dict:
         json_path=FLAGS.json,
     )
     config = _config()
-    resolve_mesh_shape(config.mesh, args["devices"])
-    args["models"] = {
-        role: model_path_for(config, role, getattr(FLAGS, f"{role}_model"))
-        for role in ("attacker", "defender")
-    }
+    resolve_mesh_shape(convert_section(MeshSettings, config.mesh, "mesh"), args["devices"])
+    args["models"] = _model_paths(config)
     return args
+
+
+def _settings(config):
+    """The config's typed settings (the one conversion; a tool run needs no workdir)."""
+    from advgame_jax.experiment.validate import settings_from_config
+
+    return settings_from_config(config, complete=False)
 
 
 def _start_jax(devices: int) -> None:
@@ -184,18 +209,10 @@ def _hardware(devices: int):
 def _time_body() -> int:
     import math
 
-    from advgame_jax.plan_inputs import (
-        PlanInputError,
-        check_devices,
-        check_json_path,
-        model_path_for,
-    )
+    from advgame_jax.plan_inputs import PlanInputError, check_devices, check_json_path
 
     json_path = check_json_path(FLAGS.json)
     config = _config()
-    paths = {
-        r: model_path_for(config, r, getattr(FLAGS, f"{r}_model")) for r in ("attacker", "defender")
-    }
     judge_path = FLAGS.judge_model
     if not judge_path and config.judge.backend == "endpoint":
         judge_path = {"llama": "llama3.3_70b", "qwen": "qwen2.5_32b"}.get(
@@ -217,14 +234,14 @@ def _time_body() -> int:
             raise PlanInputError(f"--{name}={getattr(FLAGS, name)}: expected ≥ 1")
     if FLAGS.num_steps < 0:
         raise PlanInputError(f"--num_steps={FLAGS.num_steps}: expected ≥ 0")
+    paths = _model_paths(config, judge_path)
     hw, devices = _hardware(check_devices(FLAGS.devices))
+    settings = _settings(config)
     from advgame_jax.models import ModelConfig
     from advgame_jax.training import timeplan
 
-    shapes = {r: ModelConfig.from_hf_file(p) for r, p in paths.items()}
-    judge_shape = None
-    if judge_path:
-        judge_shape = ModelConfig.from_hf_file(model_path_for(config, "judge", judge_path))
+    shapes = {r: ModelConfig.from_hf_file(paths[r]) for r in ("attacker", "defender")}
+    judge_shape = ModelConfig.from_hf_file(paths["judge"]) if judge_path else None
     tp = FLAGS.judge_tp
     if not tp and judge_shape is not None:  # bf16 weights within 60% of one device's memory
         from advgame_jax.training.steptime import Shape
@@ -233,14 +250,16 @@ def _time_body() -> int:
         while 2 * Shape.of(judge_shape).params > 0.6 * 141e9 * tp:
             tp *= 2
     layout = timeplan.default_layout(
-        config,
+        settings,
         devices,
-        trainer=FLAGS.trainer_devices,
-        engines=FLAGS.engine_devices,
-        judge_replicas=FLAGS.judge_replicas if judge_shape is not None else 0,
-        judge_tp=tp or 1,
-        gen_tp=FLAGS.gen_tp,
-        judge_external=FLAGS.judge_external,
+        timeplan.LayoutRequest(
+            trainer=FLAGS.trainer_devices,
+            engines=FLAGS.engine_devices,
+            judge_replicas=FLAGS.judge_replicas if judge_shape is not None else 0,
+            judge_tp=tp or 1,
+            gen_tp=FLAGS.gen_tp,
+            judge_external=FLAGS.judge_external,
+        ),
     )
     if FLAGS.attack_tokens or FLAGS.response_tokens:
         if FLAGS.from_metrics or not (FLAGS.attack_tokens >= 1 and FLAGS.response_tokens >= 1):
@@ -248,7 +267,7 @@ def _time_body() -> int:
                 "--attack_tokens and --response_tokens: give both (each ≥ 1), "
                 "without --from_metrics"
             )
-        cap = int(config.sampling.max_new_tokens)
+        cap = int(settings.sampling.max_new_tokens)
         lengths = timeplan.Lengths(
             attacker_prompt=FLAGS.attacker_prompt_tokens,
             attacker_new_mean=FLAGS.attack_tokens,
@@ -260,26 +279,28 @@ def _time_body() -> int:
     elif FLAGS.from_metrics:
         lengths = timeplan.lengths_from_metrics(
             FLAGS.from_metrics,
-            config,
+            settings,
             tail=FLAGS.length_tail,
             attacker_prompt=FLAGS.attacker_prompt_tokens,
         )
         source = f"means of {FLAGS.from_metrics}, longest = {FLAGS.length_tail:g} × mean"
     else:
-        lengths = timeplan.lengths_from_config(config, attacker_prompt=FLAGS.attacker_prompt_tokens)
+        lengths = timeplan.lengths_from_config(
+            settings, attacker_prompt=FLAGS.attacker_prompt_tokens
+        )
         source = "every row at sampling.max_new_tokens: the worst case"
+    inputs = timeplan.StepInputs(
+        shapes=shapes,
+        layout=layout,
+        lengths=lengths,
+        judge=timeplan.JudgeLoad(
+            shape=judge_shape,
+            prompt_tokens=FLAGS.judge_prompt_tokens,
+            new_tokens=FLAGS.judge_new_tokens,
+        ),
+    )
     plan = timeplan.time_plan(
-        config,
-        hw,
-        devices,
-        layout,
-        lengths,
-        shapes,
-        lengths_from=source,
-        num_steps=FLAGS.num_steps,
-        judge_shape=judge_shape,
-        judge_prompt=FLAGS.judge_prompt_tokens,
-        judge_new=FLAGS.judge_new_tokens,
+        settings, hw, devices, inputs, lengths_from=source, num_steps=FLAGS.num_steps
     )
     print(timeplan.format_time_plan(plan))
     if json_path:
@@ -295,7 +316,7 @@ def _body() -> int:
     from advgame_jax.training.planning import format_plan, plan_experiment
 
     plan = plan_experiment(
-        _config(),
+        _settings(_config()),
         devices=args["devices"],
         device_memory_gib=args["device_memory_gib"],
         seq_len=args["seq_len"],

@@ -65,7 +65,7 @@ def main(argv):
     from advgame_jax.errors import UserError, one_line
     from advgame_jax.experiment.logsetup import configure_logging
     from advgame_jax.experiment.loop import run_from_config
-    from advgame_jax.experiment.validate import validate_config
+    from advgame_jax.experiment.validate import settings_from_config
     from advgame_jax.fsutil import check_writable_dir
 
     config = _CONFIG.value
@@ -80,11 +80,11 @@ def main(argv):
             ),
             expect_processes=d.get("num_processes", 0),
         )
-        validate_config(config)
-        check_writable_dir(os.path.abspath(config.workdir), "config.workdir")
-        log_path = configure_logging(config.workdir)
+        settings = settings_from_config(config)  # the one conversion; the runner reuses it
+        check_writable_dir(os.path.abspath(settings.workdir), "config.workdir")
+        log_path = configure_logging(settings.workdir)
         logging.info("library logs: %s", log_path)
-        run_from_config(config)
+        run_from_config(config, settings=settings)
     except UserError as err:
         _fail(one_line(err))
     except Exception as err:

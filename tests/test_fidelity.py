@@ -7,7 +7,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -24,7 +23,7 @@ from advgame_jax.game.normalization import (
     with_weight,
 )
 from advgame_jax.game.tree import XError
-from advgame_jax.settings import OptimSettings
+from advgame_jax.settings import JudgeSettings, OptimSettings
 from advgame_jax.training.optimizer import current_lr
 from tests.game_stubs import ByteTokenizer, ScriptedJudge, ScriptedSampler
 from tests.test_game_golden import CFG, SEEDS, TOK, play
@@ -108,8 +107,8 @@ class _CountingSampler(ScriptedSampler):
 def test_judge_samples_with_reference_decoding_and_averages_n_answers():
     from advgame_jax.game import PairRequest, PointRequest
 
-    cfg = ml_collections.ConfigDict(
-        dict(backend="sampler", temperature=0.6, top_p=0.9, num_samples=3, max_new_tokens=8192)
+    cfg = JudgeSettings(
+        backend="sampler", temperature=0.6, top_p=0.9, num_samples=3, max_new_tokens=8192
     )
     sampler = _CountingSampler(
         [

@@ -28,6 +28,13 @@ TOK = ByteTokenizer()
 TEMPLATES = get_template_set("advgame_v1")
 
 
+def _judge_settings(judge_config):
+    """The typed ``judge`` section of a judge ConfigDict: what the runner hands ``make_judge``."""
+    from advgame_jax.experiment.validate import settings_from_config
+
+    return settings_from_config({"judge": judge_config}, complete=False).judge
+
+
 def _judge(urls, sleeps=None, **kw):
     opts = dict(
         timeout_s=0.3,
@@ -223,21 +230,21 @@ def test_make_judge_from_config(monkeypatch):
         )
     )
     with pytest.raises(JudgeEndpointError, match="ADVGAME_TEST_JUDGE_KEY"):
-        make_judge(cfg)
+        make_judge(_judge_settings(cfg))
     monkeypatch.setenv("ADVGAME_TEST_JUDGE_KEY", "k2")
     cfg.endpoints = (_closed_port_url(),)
     with pytest.raises(JudgeEndpointError, match="unreachable"):
-        make_judge(cfg)
+        make_judge(_judge_settings(cfg))
     with FakeJudgeServer(marker_script(), models=("judge-model",)) as server:
         cfg.endpoints = (server.url,)
-        judge = make_judge(cfg)
+        judge = make_judge(_judge_settings(cfg))
         from advgame_jax.game.judge import PointRequest
 
         assert judge.pointwise([PointRequest("compliance", "q", "SCORE=6")]) == [6.0]
         assert server.requests[-1]["auth"] == "Bearer k2"
         assert server.requests[-1]["body"]["max_tokens"] == 64
     cfg.backend = "rule"
-    assert type(make_judge(cfg)).__name__ == "RuleJudge"
+    assert type(make_judge(_judge_settings(cfg))).__name__ == "RuleJudge"
 
 
 def test_wall_clock_timeout_stops_a_trickling_server():
@@ -343,7 +350,7 @@ def test_paper_judge_decoding_reaches_the_endpoint():
     with FakeJudgeServer(marker_script(), models=("judge-model",)) as s:
         jc.endpoints = (s.url,)
         jc.model = "judge-model"
-        judge = make_judge(jc, templates="advgame_v1")
+        judge = make_judge(_judge_settings(jc), templates="advgame_v1")
         judge.pairwise([PairRequest("compliance", "q", "a SCORE=3", "b SCORE=4")])
         body = s.requests[-1]["body"]
     assert body["temperature"] == 0.6 and body["top_p"] == 0.9
@@ -375,7 +382,7 @@ def test_judge_model_must_be_served_one_error_naming_the_field(monkeypatch):
     ):
         cfg.endpoints = (s2.url, s1.url)
         with pytest.raises(JudgeEndpointError) as info:
-            make_judge(cfg)
+            make_judge(_judge_settings(cfg))
         posts = s1.hits + s2.hits
     msg = str(info.value)
     assert isinstance(info.value, UserError) and "\n" not in msg
@@ -414,7 +421,7 @@ def test_startup_probes_warn_with_the_raw_reply(caplog):
         with FakeJudgeServer(script) as s:
             cfg.endpoints = (s.url,)
             with caplog.at_level(logging.WARNING, logger="advgame_jax.judge"):
-                judge = make_judge(cfg)
+                judge = make_judge(_judge_settings(cfg))
             probes = s.hits
         warned = [r.getMessage() for r in caplog.records if "start-up probe" in r.getMessage()]
         assert probes == 2 and len(warned) == len(expected)
@@ -428,7 +435,7 @@ def test_startup_probes_warn_with_the_raw_reply(caplog):
     with FakeJudgeServer(lambda p, h: ("status", 400, b'{"error": "max_tokens too large"}')) as s:
         cfg.endpoints = (s.url,)
         with caplog.at_level(logging.WARNING, logger="advgame_jax.judge"):
-            make_judge(cfg)
+            make_judge(_judge_settings(cfg))
     warned = [r.getMessage() for r in caplog.records if "start-up probe" in r.getMessage()]
     assert len(warned) == 2 and all("HTTP 400" in w and "max_tokens too large" in w for w in warned)
 

@@ -23,6 +23,7 @@ import pytest
 
 from advgame_jax.experiment import players
 from advgame_jax.experiment.update_settings import player_training
+from advgame_jax.experiment.validate import settings_from_config
 from advgame_jax.models import init_params, param_shardings
 from advgame_jax.training import collate_pairs, collate_samples, planning
 from advgame_jax.types import TokenPair, TokenSample
@@ -42,11 +43,12 @@ CONFIGS = ("llama_ipo_md", "qwen_ipo_md", "qwen_dpo_md", "qwen_grpo")
 
 
 def _config(name: str, **overrides):
+    """The typed settings of ``configs/<name>.py`` with ``overrides`` (what both builders read)."""
     config = importlib.import_module(f"configs.{name}").get_config()
     for dotted, value in overrides.items():
         section, field = dotted.split(".")
         config[section][field] = value
-    return config
+    return settings_from_config(config, complete=False)
 
 
 def _tiny(config, role):
@@ -117,7 +119,7 @@ def trainer_hash(config, role) -> str:
 def test_planner_and_trainer_lower_the_same_update_program(name):
     config = _config(name)
     for role in ("attacker", "defender"):
-        assert config[role].trainable
+        assert config.player(role).trainable
         assert planner_hash(config, role) == trainer_hash(config, role), (name, role)
 
 

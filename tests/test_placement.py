@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 
-from advgame_jax.experiment.validate import ConfigError, validate_config
+from advgame_jax.experiment.validate import ConfigError, settings_from_config, validate_config
 from advgame_jax.sampling.placement import max_model_len, placement_of
 
 tiny = importlib.import_module("configs.tiny")
@@ -74,15 +74,16 @@ def test_bad_engine_fields_name_themselves(tmp_path, field, value, match):
 
 def test_placement_defaults_and_lengths(tmp_path):
     c = _config(tmp_path)
-    assert placement_of(c, "attacker") == "jax"
+    assert placement_of(validate_config(c), "attacker") == "jax"
     c.defender.sampler = "vllm"
-    assert placement_of(c, "defender") == "colocated"
-    validate_config(c)  # legacy sampler='vllm' without a plan stays accepted
-    assert max_model_len(c, "defender", 1024) == 1024  # no prompt budget: the model's context
+    s = validate_config(c)  # legacy sampler='vllm' without a plan stays accepted
+    assert placement_of(s, "defender") == "colocated"
+    assert max_model_len(s, "defender", 1024) == 1024  # no prompt budget: the model's context
     c.defender.engine.max_prompt_tokens = 200
-    assert max_model_len(c, "defender", 1024) == 200 + c.sampling.max_new_tokens
+    s = settings_from_config(c)
+    assert max_model_len(s, "defender", 1024) == 200 + c.sampling.max_new_tokens
     c.defender.vllm_max_model_len = 512
-    assert max_model_len(c, "defender", 1024) == 512
+    assert max_model_len(settings_from_config(c), "defender", 1024) == 512
 
 
 def test_memory_plan_sets_jax_fraction_before_jax_initialises(tmp_path):
@@ -91,12 +92,13 @@ def test_memory_plan_sets_jax_fraction_before_jax_initialises(tmp_path):
 
     code = (
         "import importlib, os\n"
+        "from advgame_jax.experiment.validate import settings_from_config\n"
         "from advgame_jax.sampling.placement import apply_memory_plan\n"
         "c = importlib.import_module('configs.tiny').get_config()\n"
         "c.defender.placement = 'colocated'\n"
         "c.defender.engine.gpu_memory_utilization = 0.3\n"
         "c.placement.jax_memory_fraction = 0.4\n"
-        "apply_memory_plan(c)\n"
+        "apply_memory_plan(settings_from_config(c, complete=False))\n"
         "import jax; jax.devices()\n"
         "print(os.environ['XLA_PYTHON_CLIENT_MEM_FRACTION'])\n"
     )

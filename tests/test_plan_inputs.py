@@ -19,6 +19,7 @@ from advgame_jax.plan_inputs import (
     model_path_for,
     resolve_mesh_shape,
 )
+from advgame_jax.settings import MeshSettings
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY_MODEL = {
@@ -173,12 +174,13 @@ def test_checks_as_functions(tmp_path):
         kw = dict(devices=8, device_memory_gib=131, seq_len=4096, reserve_gib=8) | bad
         with pytest.raises(PlanInputError):
             check_flags(**kw)
-    assert resolve_mesh_shape({"data": 1, "fsdp": -1, "tensor": 2}, 16) == (1, 8, 2)
+    assert resolve_mesh_shape(MeshSettings(data=1, fsdp=-1, tensor=2), 16) == (1, 8, 2)
     with pytest.raises(PlanInputError, match="at most one axis"):
-        resolve_mesh_shape({"data": -1, "fsdp": -1, "tensor": 1}, 16)
+        resolve_mesh_shape(MeshSettings(data=-1, fsdp=-1, tensor=1), 16)
     with pytest.raises(PlanInputError, match="≥ 1 or -1"):
-        resolve_mesh_shape({"data": 0, "fsdp": 1, "tensor": 1}, 16)
+        resolve_mesh_shape(MeshSettings(data=0, fsdp=1, tensor=1), 16)
     import importlib
 
     c = importlib.import_module("configs.llama_ipo_md").get_config()
-    assert model_path_for(c, "attacker").endswith("configs/models/llama3.1_8b/config.json")
+    path = model_path_for("attacker", hf_path=c.attacker.hf_path, config_name=c.name)
+    assert path.endswith("configs/models/llama3.1_8b/config.json")

@@ -12,10 +12,13 @@ import sys
 
 import pytest
 
+from advgame_jax.experiment.validate import settings_from_config
 from advgame_jax.training import steptime as st
 from advgame_jax.training.timeplan import (
+    JudgeLoad,
     Layout,
     Lengths,
+    StepInputs,
     build_workload,
     judge_requests,
     length_bucket,
@@ -116,19 +119,22 @@ def test_paper_workload_counts_rows_requests_and_buckets():
     from advgame_jax.models import ModelConfig
 
     mc = ModelConfig.from_hf_file(ROOT / "configs" / "models" / "llama3.1_8b")
+    s = settings_from_config(c, complete=False)
     lay = Layout(trainer=8, engines=2, judge_replicas=2, judge_tp=2)
     w = build_workload(
-        c,
-        {"attacker": mc, "defender": mc},
-        lay,
-        Lengths(
-            attacker_prompt=500,
-            attacker_new_mean=300,
-            attacker_steps=900,
-            defender_new_mean=400,
-            defender_steps=1000,
+        s,
+        StepInputs(
+            shapes={"attacker": mc, "defender": mc},
+            layout=lay,
+            lengths=Lengths(
+                attacker_prompt=500,
+                attacker_new_mean=300,
+                attacker_steps=900,
+                defender_new_mean=400,
+                defender_steps=1000,
+            ),
+            judge=JudgeLoad(shape=mc),
         ),
-        judge_shape=mc,
     )
     b = 4 * 8  # seeds_per_device × trainer devices = the paper's 32 per split
     assert [x.rows for x in w.attacker_calls] == [b * 2] * 2
@@ -138,7 +144,7 @@ def test_paper_workload_counts_rows_requests_and_buckets():
     assert w.updates["defender"][0] == st.UpdateCall(rows=2 * b * 2, length=length_bucket(828))
     assert length_bucket(800) == 1024 and length_bucket(828) == 1024 and length_bucket(17) == 24
     # Pairwise, A = D = 2: one defender comparison per attack, one attacker one per seed.
-    assert judge_requests(c, b) == (b * 2, b * 2 + b)
+    assert judge_requests(s, b) == (b * 2, b * 2 + b)
     assert w.attacker.replicas == 2 and w.ema_players == 2
 
 
@@ -167,10 +173,11 @@ def test_lengths_from_a_runs_metrics(tmp_path):
         )
         + "\n{torn"
     )
-    ln = lengths_from_metrics(str(m), c, tail=1.5)
+    s = settings_from_config(c, complete=False)
+    ln = lengths_from_metrics(str(m), s, tail=1.5)
     assert ln.attacker_new_mean == 15 and ln.defender_new_mean == 20
     assert ln.attacker_steps == math.ceil(22.5) and ln.defender_steps == 30
-    assert lengths_from_metrics(str(m), c, tail=10).defender_steps == 40  # max_new_tokens cap
+    assert lengths_from_metrics(str(m), s, tail=10).defender_steps == 40  # max_new_tokens cap
 
 
 @pytest.mark.slow

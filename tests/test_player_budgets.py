@@ -10,6 +10,7 @@ from advgame_jax.data import Seed
 from advgame_jax.experiment.validate import (
     ConfigError,
     game_config_from_experiment,
+    settings_from_config,
     validate_config,
 )
 from advgame_jax.game.rollout import sample_tree
@@ -50,8 +51,9 @@ def test_each_player_samples_with_its_own_budget():
     assert defender.calls and {p.max_new_tokens for _, p in defender.calls} == {40}
 
     c.attacker.engine.max_prompt_tokens = c.defender.engine.max_prompt_tokens = 100
-    assert max_model_len(c, "attacker", 4096) == 107
-    assert max_model_len(c, "defender", 4096) == 140
+    s = settings_from_config(c, complete=False)
+    assert max_model_len(s, "attacker", 4096) == 107
+    assert max_model_len(s, "defender", 4096) == 140
 
 
 def test_negative_budget_names_the_field():

@@ -48,7 +48,7 @@ def test_placement_jax_alone_moves_a_vllm_config_to_the_jax_sampler():
 
     s = settings_from_config(c, complete=False)  # was: "placement='jax' contradicts sampler='vllm'"
     assert s.attacker.placement == s.defender.placement == "jax"
-    assert placement_of(c, "attacker") == placement_of(c, "defender") == "jax"
+    assert placement_of(s, "attacker") == placement_of(s, "defender") == "jax"
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,8 @@
 ConfigDict's values; base.py's defaults are the sections' defaults; bad fields stop the
 conversion naming ``config.<section>.<field>`` and what was expected, enumerations read from
 the registries that define them; the older field names translate as documented; resumable
-and added-later fields are marked on the fields; and the modules below ``experiment/`` that
-still read a ConfigDict are listed (their number may only shrink)."""
+and added-later fields are marked on the fields; and no module below ``experiment/`` imports
+ml_collections or reads a ConfigDict (they take typed sections or plain arguments)."""
 
 import ast
 import dataclasses
@@ -387,46 +387,76 @@ _SECTION_NAMES = {
     "init_from",
 }
 _CONFIG_PARAMS = {"config", "cfg", "conf", "judge_config", "experiment_config", "optim"}
+# Names read as a ConfigDict wherever they appear (not only as parameters).
+_CONFIG_NAMES = {"config", "judge_config", "experiment_config"}
+
+
+def _imports_ml_collections(n) -> bool:
+    if isinstance(n, ast.Import):
+        return any(a.name.split(".")[0] == "ml_collections" for a in n.names)
+    return isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[0] == "ml_collections"
+
+
+def _reads_as_configdict(node, name: str, sections: bool = True) -> bool:
+    """``name.get`` / ``.keys`` / ``.to_json``, ``name[...]`` or (``sections``) a section
+    attribute ``name.train`` … in ``node``."""
+    attrs = {"get", "keys", "to_json"} | (_SECTION_NAMES if sections else set())
+    for m in ast.walk(node):
+        if (
+            isinstance(m, ast.Attribute)
+            and isinstance(m.value, ast.Name)
+            and m.value.id == name
+            and m.attr in attrs
+        ) or (
+            isinstance(m, ast.Subscript) and isinstance(m.value, ast.Name) and m.value.id == name
+        ):
+            return True
+    return False
+
+
+def _untyped(ann) -> bool:
+    return (
+        ann is None
+        or (isinstance(ann, ast.Name) and ann.id == "Any")
+        or (isinstance(ann, ast.Constant) and ann.value == "Any")
+    )
+
+
+def _function_reasons(n) -> set:
+    """A parameter typed as a ConfigDict, or an un-typed ``config``-like parameter that the
+    function reads as one."""
+    why = set()
+    for a in n.args.posonlyargs + n.args.args + n.args.kwonlyargs:
+        if a.annotation is not None and "ConfigDict" in ast.unparse(a.annotation):
+            why.add(f"{n.name}({a.arg}: ConfigDict)")
+        elif a.arg in _CONFIG_PARAMS and _untyped(a.annotation) and _reads_as_configdict(n, a.arg):
+            why.add(f"{n.name}({a.arg})")
+    if n.returns is not None and "ConfigDict" in ast.unparse(n.returns):
+        why.add(f"{n.name} -> ConfigDict")
+    return why
 
 
 def config_readers(sources: dict) -> dict:
-    """Module -> reasons, for modules that import ml_collections, or have a function taking
-    an un-typed ``config``-like parameter that reads it as a ConfigDict (a section attribute,
-    ``.get`` / ``.keys`` / ``.to_json``, or ``param[...]``)."""
+    """Module -> reasons, for modules that import ml_collections; have a parameter, variable
+    or return value annotated as a ConfigDict; have a function taking an un-typed
+    ``config``-like parameter that reads it as a ConfigDict (a section attribute, ``.get`` /
+    ``.keys`` / ``.to_json``, or ``param[...]``); or read anything named ``config`` that way."""
     out = {}
     for rel, text in sources.items():
         why = set()
         for n in ast.walk(ast.parse(text)):
-            if isinstance(n, ast.Import) and any(
-                a.name.split(".")[0] == "ml_collections" for a in n.names
-            ):
+            if _imports_ml_collections(n):
                 why.add("imports ml_collections")
-            if isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[0] == "ml_collections":
-                why.add("imports ml_collections")
-            if not isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                continue
-            for a in n.args.posonlyargs + n.args.args + n.args.kwonlyargs:
-                ann = a.annotation
-                untyped = (
-                    ann is None
-                    or (isinstance(ann, ast.Name) and ann.id == "Any")
-                    or (isinstance(ann, ast.Constant) and ann.value == "Any")
-                )
-                if a.arg not in _CONFIG_PARAMS or not untyped:
-                    continue
-                for m in ast.walk(n):
-                    if (
-                        isinstance(m, ast.Attribute)
-                        and isinstance(m.value, ast.Name)
-                        and m.value.id == a.arg
-                        and (m.attr in _SECTION_NAMES or m.attr in ("get", "keys", "to_json"))
-                    ) or (
-                        isinstance(m, ast.Subscript)
-                        and isinstance(m.value, ast.Name)
-                        and m.value.id == a.arg
-                    ):
-                        why.add(f"{n.name}({a.arg})")
-                        break
+            elif isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                why |= _function_reasons(n)
+            elif isinstance(n, ast.AnnAssign) and "ConfigDict" in ast.unparse(n.annotation):
+                why.add(f"{ast.unparse(n.target)}: ConfigDict")
+            elif isinstance(n, ast.Module):
+                why |= {
+                    f"reads {c} as a ConfigDict"
+                    for c in _CONFIG_NAMES
+                    if _reads_as_configdict(n, c, sections=False)
+                }
         if why:
             out[rel] = sorted(why)
     return out
@@ -443,21 +473,12 @@ def _library_sources() -> dict:
     return out
 
 
-# Modules below experiment/ reading a ConfigDict: 8 before the typed settings (game/config.py,
-# training/optimizer.py among them), 6 now. The number may only go down.
-CONFIG_READERS_LIMIT = 6
-
-
-def test_modules_below_experiment_reading_a_configdict_do_not_grow(capsys):
+def test_no_module_below_experiment_reads_a_configdict():
+    """Everything below ``experiment/`` takes its typed section (``advgame_jax.settings``) or
+    plain arguments; only ``experiment/`` (the converter and the assembly) sees the ConfigDict.
+    Eight modules read it before the typed settings, none now."""
     readers = config_readers(_library_sources())
-    with capsys.disabled():
-        print(f"\nmodules below experiment/ that read a ConfigDict: {len(readers)}")
-        for rel, why in sorted(readers.items()):
-            print(f"  {rel}: {', '.join(why)}")
-    assert "advgame_jax/settings.py" not in readers  # the sections never touch ml_collections
-    assert "advgame_jax/training/optimizer.py" not in readers
-    assert "advgame_jax/game/config.py" not in readers
-    assert len(readers) <= CONFIG_READERS_LIMIT, sorted(readers)
+    assert readers == {}, readers
 
 
 def test_the_reader_scan_finds_what_it_looks_for():
@@ -470,6 +491,14 @@ def test_the_reader_scan_finds_what_it_looks_for():
             "e.py": "def f(config: ModelConfig):\n    return config.train\n",
             "f.py": "def f(optim: OptimSettings):\n    return optim.lr\n",
             "g.py": "def f(config):\n    return config.hidden_size\n",
+            "h.py": "def f(c: ml_collections.ConfigDict):\n    return c.x\n",
+            "i.py": "def f(c) -> 'ConfigDict':\n    return c\n",
+            "j.py": "def f(s):\n    return g(config.get('a'))\n",
+            "k.py": "from ml_collections.config_dict import ConfigDict\n",
+            "l.py": "c: ConfigDict = make()\n",
+            "m.py": "def f(settings: Settings):\n    return settings.train, settings.mesh\n",
+            "n.py": "def f(path):\n    cfg = load(path)\n    return cfg.get('eos_token_id')\n",
         }
     )
-    assert sorted(found) == ["a.py", "b.py", "c.py", "d.py"]
+    assert sorted(found) == ["a.py", "b.py", "c.py", "d.py", "h.py", "i.py", "j.py", "k.py", "l.py"]
+    assert found["j.py"] == ["reads config as a ConfigDict"]

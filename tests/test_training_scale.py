@@ -30,12 +30,15 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _load(path):
+    """The typed settings of the config file at ``path`` (what the planner reads)."""
     import importlib.util
+
+    from advgame_jax.experiment.validate import settings_from_config
 
     spec = importlib.util.spec_from_file_location("cfg", ROOT / path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.get_config()
+    return settings_from_config(mod.get_config(), complete=False)
 
 
 def _weight_like(model_config, fsdp):

@@ -56,6 +56,7 @@ from advgame_jax.experiment.validate import (
     ADDED_FIELDS,
     RESUMABLE_FIELDS,
     ConfigError,
+    Settings,
     game_config_from_experiment,
     settings_from_config,
 )
@@ -84,8 +85,9 @@ CONSOLE_KEYS = {
 class GameRunner:
     """Builds everything from a validated config and runs trainer steps."""
 
-    def __init__(self, config, *, judge=None):
-        self.settings = settings_from_config(config)  # the one conversion; ConfigError if bad
+    def __init__(self, config, *, judge=None, settings: Optional[Settings] = None):
+        # The one conversion (ConfigError if bad), or the caller's, of this same config.
+        self.settings = settings if settings is not None else settings_from_config(config)
         self.config = config
         self.workdir = os.path.abspath(config.workdir)
         try:  # before anything is loaded: a read-only disk is found now, not at a save
@@ -104,7 +106,7 @@ class GameRunner:
 
     def _build(self, config, judge) -> None:
         compile_counter.install()
-        self.mesh = resolve_mesh(config)
+        self.mesh = resolve_mesh(self.settings)
         self.train_seeds, self.valid_seeds = load_seed_splits(config)
         # B per split and process = this process's share of the global seeds per split
         # (train.seeds_per_step, or seeds_per_device × data-parallel devices; hosts.py).
@@ -133,7 +135,7 @@ class GameRunner:
                 judge_sampler = JaxSampler.from_hf_dir(config.judge.hf_path, mesh=self.mesh)
                 judge_tok = ChatTokenizer.from_dir(config.judge.hf_path)
             judge = game.make_judge(
-                config.judge,
+                self.settings.judge,
                 templates=self.game_config.templates,
                 sampler=judge_sampler,
                 tokenizer=judge_tok,
@@ -526,9 +528,10 @@ class _NullWriter:
         pass
 
 
-def run_from_config(config, *, judge=None) -> dict:
-    """Build a :class:`GameRunner` for ``config`` and run it to the end; returns the last record."""
-    runner = GameRunner(config, judge=judge)
+def run_from_config(config, *, judge=None, settings: Optional[Settings] = None) -> dict:
+    """Build a :class:`GameRunner` for ``config`` (``settings``: its conversion, when the caller
+    already has it) and run it to the end; returns the last record."""
+    runner = GameRunner(config, judge=judge, settings=settings)
     try:
         return runner.run()
     finally:

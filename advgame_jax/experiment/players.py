@@ -158,7 +158,9 @@ def build_player(
     shardings = param_shardings(model_config, mesh)
     model_config, params = load_hf(hf_dir, DTYPES[pc.param_dtype], shardings=shardings)
 
-    sampler = _build_sampler(config, role, hf_dir, model_config, params, tokenizer, mesh)
+    sampler = _build_sampler(
+        config, role, hf_dir, model_config, params, tokenizer, mesh, settings=settings
+    )
 
     update = _update_step(model_config, player_training(settings, role).update, mesh, update_steps)
     placement = settings.player(role).placement
@@ -179,12 +181,14 @@ def build_player(
     return player, params
 
 
-def _build_sampler(config, role: str, hf_dir: str, model_config, params, tokenizer, mesh):
+def _build_sampler(
+    config, role: str, hf_dir: str, model_config, params, tokenizer, mesh, *, settings: Settings
+):
     """The sampler of ``role`` for its placement (module docstring)."""
-    placement = placement_of(config, role)
+    placement = placement_of(settings, role)
     if placement == "jax":
         return _jax_sampler(config[role], model_config, params, tokenizer, mesh)
-    n_ctx = max_model_len(config, role, model_config.max_position_embeddings)
+    n_ctx = max_model_len(settings, role, model_config.max_position_embeddings)
     if n_ctx > model_config.max_position_embeddings:
         raise ConfigError(
             f"config.{role}.engine.max_prompt_tokens + config.{role}.max_new_tokens (or "
@@ -192,14 +196,15 @@ def _build_sampler(config, role: str, hf_dir: str, model_config, params, tokeniz
             f"exceeds the model's max_position_embeddings={model_config.max_position_embeddings} "
             f"({hf_dir}/config.json); lower the prompt or completion budget"
         )
+    budget = _prompt_budget(settings, role, n_ctx)
     if placement == "offloaded":
-        return _offloaded_sampler(config, role, hf_dir, model_config, tokenizer, n_ctx)
-    return _colocated_sampler(config, role, hf_dir, tokenizer, n_ctx)
+        return _offloaded_sampler(config, role, hf_dir, model_config, tokenizer, n_ctx, budget)
+    return _colocated_sampler(config, role, hf_dir, tokenizer, n_ctx, budget)
 
 
-def _prompt_budget(config, role: str, n_ctx: int) -> int:
+def _prompt_budget(settings: Settings, role: str, n_ctx: int) -> int:
     """An engine's prompt budget: its context less the player's completion budget."""
-    return max(n_ctx - completion_budget(config, role), 1)
+    return max(n_ctx - completion_budget(settings, role), 1)
 
 
 def _jax_sampler(pc, model_config, params, tokenizer, mesh):
@@ -252,7 +257,9 @@ def _engine_client(config, role: str, hf_dir: str, n_ctx: int):
     )
 
 
-def _offloaded_sampler(config, role: str, hf_dir: str, model_config, tokenizer, n_ctx: int):
+def _offloaded_sampler(
+    config, role: str, hf_dir: str, model_config, tokenizer, n_ctx: int, prompt_budget: int
+):
     from advgame_jax.sampling.engines import RemoteSampler
 
     client = _engine_client(config, role, hf_dir, n_ctx)
@@ -262,14 +269,14 @@ def _offloaded_sampler(config, role: str, hf_dir: str, model_config, tokenizer, 
             model_config,
             tokenizer=tokenizer,
             load_timeout_s=config[role].engine.startup_timeout_s,
-            prompt_budget=_prompt_budget(config, role, n_ctx),
+            prompt_budget=prompt_budget,
         )
     except BaseException:
         client.close()  # a spawned engine that failed its first request is stopped
         raise
 
 
-def _colocated_sampler(config, role: str, hf_dir: str, tokenizer, n_ctx: int):
+def _colocated_sampler(config, role: str, hf_dir: str, tokenizer, n_ctx: int, prompt_budget: int):
     pc = config[role]
     e = pc.engine
     try:
@@ -288,7 +295,7 @@ def _colocated_sampler(config, role: str, hf_dir: str, tokenizer, n_ctx: int):
         dtype=pc.sampler_dtype,
         kv_cache_memory_bytes=pc.vllm_kv_cache_bytes,
         max_model_len=n_ctx,
-        prompt_budget=_prompt_budget(config, role, n_ctx),
+        prompt_budget=prompt_budget,
         seed=config.seed,
         **kw,
     )
@@ -361,25 +368,29 @@ def _weights_ref(player: Player, params, version: int, workdir: str) -> WeightsR
 
 
 def resolve_mesh(config):
-    """``config.mesh`` → ``Mesh``; one axis may be -1: all devices the others leave.
+    """The ``mesh`` section → ``Mesh``; one axis may be -1: all devices the others leave.
     With ``dcn_*`` sizes: a hybrid mesh (``distributed.build_mesh``), the plain sizes counting
-    devices per host/slice; without, one flat mesh over every device of every process."""
+    devices per host/slice; without, one flat mesh over every device of every process.
+    ``config``: the run's converted ``Settings`` (a ConfigDict is converted first)."""
     from advgame_jax import distributed
+    from advgame_jax.experiment.validate import as_settings
     from advgame_jax.models import make_mesh
     from advgame_jax.sampling.placement import apply_memory_plan
 
-    apply_memory_plan(config)  # JAX's device-memory share, before JAX initialises
-    dcn = {a: int(config.mesh.get(f"dcn_{a}", 1)) for a in distributed.MESH_AXES}
+    settings = as_settings(config)
+    apply_memory_plan(settings)  # JAX's device-memory share, before JAX initialises
+    mesh = settings.mesh
+    dcn = {a: int(getattr(mesh, f"dcn_{a}")) for a in distributed.MESH_AXES}
     if any(v != 1 for v in dcn.values()):
-        ici = {a: int(config.mesh[a]) for a in distributed.MESH_AXES}
+        ici = {a: int(getattr(mesh, a)) for a in distributed.MESH_AXES}
         try:
             return distributed.build_mesh(ici, dcn)
         except distributed.WorldError as e:
             raise ConfigError(str(e)) from None
-    from advgame_jax.training.planning import resolve_mesh_shape
+    from advgame_jax.plan_inputs import resolve_mesh_shape
 
     try:
-        data, fsdp, tensor = resolve_mesh_shape(config.mesh, jax.device_count())
+        data, fsdp, tensor = resolve_mesh_shape(mesh, jax.device_count())
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return make_mesh(

@@ -15,7 +15,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from advgame_jax.settings import OptimSettings, Settings
+from advgame_jax.settings import OptimSettings
 from advgame_jax.training.optimizer import OptimizerSettings
 from advgame_jax.training.state import StateSettings
 from advgame_jax.training.update import LossSettings, StepSettings, UpdateSettings
@@ -50,18 +50,12 @@ def optimizer_settings(optim: OptimSettings, num_trainer_steps: int) -> Optimize
     )
 
 
-def _settings(config) -> Settings:
-    if isinstance(config, Settings):
-        return config
-    from advgame_jax.experiment.validate import settings_from_config
-
-    return settings_from_config(config, complete=False)
-
-
 def player_training(config, role: str) -> PlayerTraining:
     """Every setting of ``role``'s update step and state that the config decides (``config``:
     the converted :class:`Settings`, or a ConfigDict, converted here)."""
-    s = _settings(config)
+    from advgame_jax.experiment.validate import as_settings
+
+    s = as_settings(config)
     L, T, pc = s.loss, s.train, s.player(role)
     loss = LossSettings(
         kind=str(L.kind),

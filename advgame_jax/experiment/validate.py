@@ -14,7 +14,8 @@ this module holds only the checks that involve several fields, the user input a 
   :func:`advgame_jax.settings.resolve_placement` (``'vllm'`` turns the default ``'jax'``
   placement into ``'colocated'``; an explicit ``'colocated'`` / ``'offloaded'`` decides);
 * ``train.remat`` (bool): ``False`` is ``train.remat_policy='none'``; ``True`` keeps the
-  policy. ``experiment/configs/base.py`` still carries it for readers not yet on the train section.
+  policy. ``experiment/configs/base.py`` still carries it so older configs and
+  ``--config.train.remat=False`` overrides keep working; nothing reads it after conversion.
 
 File and endpoint checks that need more than the config (checkpoint directories, seed files,
 reachable judges) live in the builders, which raise the same error type. Which fields a resumed
@@ -25,8 +26,9 @@ run may change is marked on the fields (``resumable`` / ``added``); ``RESUMABLE_
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from advgame_jax import settings as S
 from advgame_jax.settings import ConfigError, Settings
@@ -35,6 +37,8 @@ __all__ = [
     "ADDED_FIELDS",
     "ConfigError",
     "LEGACY_FIELDS",
+    "as_settings",
+    "convert_section",
     "RESUMABLE_FIELDS",
     "Settings",
     "game_config_from_experiment",
@@ -57,101 +61,36 @@ ADDED_FIELDS: dict[str, Any] = S.added_fields()
 # ------------------------------------------------------------------ registries
 
 
-def _registries() -> dict[str, Callable[[], tuple]]:
-    """Registry name (``settings.setting(choices=...)``) -> the names it holds, read from the
-    module that defines them."""
-
-    def objectives():
-        from advgame_jax.training.objectives import OBJECTIVES
-
-        return tuple(OBJECTIVES)
-
-    def template_sets():
-        from advgame_jax.game.templates import available_template_sets
-
-        return tuple(available_template_sets())
-
-    def game_names(name):
-        def get():
-            from advgame_jax.game import config as gc
-            from advgame_jax.game import factory, parsing, rewards
-
-            return {
-                "formats": parsing.FORMATS,
-                "faith_ties": parsing.FAITH_TIES,
-                "selections": gc.SELECTIONS,
-                "judge_modes": gc.JUDGE_MODES,
-                "judge_conditions": gc.CONDITIONS,
-                "grpo_baselines": rewards.BASELINES,
-                "judge_backends": factory.BACKENDS,
-            }[name]
-
-        return get
-
-    def training(name):
-        def get():
-            from advgame_jax.game import normalization
-            from advgame_jax.training import optimizer, state
-
-            return {
-                "lr_schedules": optimizer.SCHEDULES,
-                "sample_from": state.SAMPLE_FROM,
-                "references": state.REFERENCES,
-                "normalizations": normalization.NORMALIZATIONS,
-            }[name]
-
-        return get
-
-    def models(name):
-        def get():
-            from advgame_jax.models import attention, transformer
-
-            return {
-                "attention": attention.ATTENTION_IMPLS,
-                "remat_policies": transformer.REMAT_POLICIES,
-            }[name]
-
-        return get
-
-    def placements():
-        from advgame_jax.sampling.placement import PLACEMENTS
-
-        return PLACEMENTS
-
-    def dtypes():
-        from advgame_jax.experiment.players import DTYPES
-
-        return tuple(DTYPES)
-
-    out = {
-        "objectives": objectives,
-        "template_sets": template_sets,
-        "placements": placements,
-        "dtypes": dtypes,
-    }
-    for n in (
-        "formats",
-        "faith_ties",
-        "selections",
-        "judge_modes",
-        "judge_conditions",
-        "grpo_baselines",
-        "judge_backends",
-    ):
-        out[n] = game_names(n)
-    for n in ("lr_schedules", "sample_from", "references", "normalizations"):
-        out[n] = training(n)
-    for n in ("attention", "remat_policies"):
-        out[n] = models(n)
-    return out
-
-
-_REGISTRIES = _registries()
+# Registry name (``settings.setting(choices=...)``) -> (module, attribute) of the names it
+# holds, read from the module that defines them when first asked (a dict's keys are its names).
+_REGISTRIES: dict[str, tuple[str, str]] = {
+    "objectives": ("advgame_jax.training.objectives", "OBJECTIVES"),
+    "placements": ("advgame_jax.sampling.placement", "PLACEMENTS"),
+    "dtypes": ("advgame_jax.experiment.update_settings", "DTYPES"),
+    "formats": ("advgame_jax.game.parsing", "FORMATS"),
+    "faith_ties": ("advgame_jax.game.parsing", "FAITH_TIES"),
+    "selections": ("advgame_jax.game.config", "SELECTIONS"),
+    "judge_modes": ("advgame_jax.game.config", "JUDGE_MODES"),
+    "judge_conditions": ("advgame_jax.game.config", "CONDITIONS"),
+    "grpo_baselines": ("advgame_jax.game.rewards", "BASELINES"),
+    "judge_backends": ("advgame_jax.game.factory", "BACKENDS"),
+    "lr_schedules": ("advgame_jax.training.optimizer", "SCHEDULES"),
+    "sample_from": ("advgame_jax.training.state", "SAMPLE_FROM"),
+    "references": ("advgame_jax.training.state", "REFERENCES"),
+    "normalizations": ("advgame_jax.game.normalization", "NORMALIZATIONS"),
+    "attention": ("advgame_jax.models.attention", "ATTENTION_IMPLS"),
+    "remat_policies": ("advgame_jax.models.transformer", "REMAT_POLICIES"),
+}
 
 
 def registry(name: str) -> tuple:
     """The names a registry holds now (template sets grow when a file is loaded)."""
-    return tuple(_REGISTRIES[name]())
+    if name == "template_sets":
+        from advgame_jax.game.templates import available_template_sets
+
+        return tuple(available_template_sets())
+    module, attr = _REGISTRIES[name]
+    return tuple(getattr(importlib.import_module(module), attr))
 
 
 # ------------------------------------------------------------------ field conversion
@@ -332,6 +271,14 @@ def settings_from_config(config, *, complete: bool = True) -> Settings:
     if complete:
         _check_complete(s)
     return s
+
+
+def as_settings(config) -> Settings:
+    """``config`` if it is already the converted ``Settings``, else its conversion without the
+    run's user input (for tools and tests that hold a ConfigDict)."""
+    if isinstance(config, Settings):
+        return config
+    return settings_from_config(config, complete=False)
 
 
 def validate_config(config) -> Settings:

@@ -1,10 +1,10 @@
-"""Where each player's sampler runs, as config: validation, the colocated memory plan, and
-the engine settings derived from the config (docs/sampling.md explains how to choose).
+"""Where each player's sampler runs: the colocated memory plan and the engine settings derived
+from the typed settings (docs/sampling.md explains how to choose).
 
-Placements (``config.<role>.placement``; a config that still carries the older ``sampler``
-field is read as :func:`advgame_jax.settings.resolve_placement` says). The fields and the
-colocated memory plan are checked when the config is converted
-(``advgame_jax.experiment.validate``):
+Placements (``<role>.placement`` of the typed :class:`advgame_jax.settings.Settings`; a config
+that still carries the older ``sampler`` field is translated by the converter, as
+:func:`advgame_jax.settings.resolve_placement` says). The fields and the colocated memory plan
+are checked when the config is converted (``advgame_jax.experiment.validate``):
 
 * ``jax``: the JAX-native KV-cache sampler inside the trainer, on the trainer's mesh.
 * ``colocated``: a vLLM engine inside the trainer process, on the trainer's devices. Both
@@ -26,39 +26,39 @@ from __future__ import annotations
 
 import os
 
-from advgame_jax.settings import ConfigError, resolve_placement
+from advgame_jax.settings import ConfigError, Settings
 
 PLACEMENTS = ("jax", "colocated", "offloaded")
 ROLES = ("attacker", "defender")
 
 
-def placement_of(config, role: str) -> str:
-    """The effective placement of ``role``'s sampler."""
-    pc = config[role]
-    return resolve_placement(pc.get("placement", "jax"), pc.get("sampler"))
+def placement_of(settings: Settings, role: str) -> str:
+    """The placement of ``role``'s sampler (the converter already translated an older
+    ``sampler`` field into it)."""
+    return settings.player(role).placement
 
 
-def completion_budget(config, role: str) -> int:
+def completion_budget(settings: Settings, role: str) -> int:
     """``<role>.max_new_tokens``, or the shared ``sampling.max_new_tokens`` when it is 0."""
-    return int(config[role].get("max_new_tokens", 0) or 0) or int(config.sampling.max_new_tokens)
+    return int(settings.max_new_tokens(role))
 
 
-def max_model_len(config, role: str, model_max_positions: int) -> int:
+def max_model_len(settings: Settings, role: str, model_max_positions: int) -> int:
     """Prompt budget + completion budget (or the explicit ``vllm_max_model_len``); with no
     prompt budget (``engine.max_prompt_tokens=0``) the model's whole context."""
-    pc = config[role]
-    if pc.vllm_max_model_len:
-        return int(pc.vllm_max_model_len)
-    if not pc.engine.max_prompt_tokens:
+    player = settings.player(role)
+    if player.vllm_max_model_len:
+        return int(player.vllm_max_model_len)
+    if not player.engine.max_prompt_tokens:
         return int(model_max_positions)
-    return int(pc.engine.max_prompt_tokens) + completion_budget(config, role)
+    return int(player.engine.max_prompt_tokens) + completion_budget(settings, role)
 
 
-def apply_memory_plan(config) -> None:
+def apply_memory_plan(settings: Settings) -> None:
     """Set JAX's device-memory fraction for a colocated plan (before JAX initialises)."""
-    if not any(placement_of(config, r) == "colocated" for r in ROLES if "engine" in config[r]):
+    if not any(settings.player(r).placement == "colocated" for r in ROLES):
         return
-    frac = f"{float(config.placement.jax_memory_fraction):.3f}"
+    frac = f"{float(settings.placement.jax_memory_fraction):.3f}"
     from jax._src import xla_bridge
 
     current = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")

@@ -1,13 +1,13 @@
-"""One game step's workload from an experiment config: the ``steptime.StepWorkload`` that
-``launch/plan.py --time`` predicts, built from the config, both players' shapes, a device
-layout and token lengths (the config's budgets, or a run's ``metrics.jsonl``).
+"""One game step's workload from an experiment's settings: the ``steptime.StepWorkload`` that
+``launch/plan.py --time`` predicts, built from the typed ``Settings``, both players' shapes, a
+device layout and token lengths (the settings' budgets, or a run's ``metrics.jsonl``).
 
 What a step does (GAME_SPEC §2, both seed splits): the attacker samples A attacks for each of
 B seeds (B·A rows), the judge checks faithfulness, the defender samples D responses per attack
 (B·A·D rows), the judge scores them, then each trainable player takes one optimizer update per
 split (attacker: B pairs, defender: B·A pairs; GRPO: B·A and B·A·D samples), and the EMA runs
 once. Lengths: ``decode_steps`` is the longest row of a call (the sampler runs until every row
-has stopped); without metrics it is the config's ``max_new_tokens`` (the worst case).
+has stopped); without metrics it is ``sampling.max_new_tokens`` (the worst case).
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ import dataclasses
 import json
 import math
 import os
+from typing import Any, Mapping, Optional
 
 from advgame_jax.plan_inputs import PlanInputError
-from advgame_jax.sampling.placement import placement_of
+from advgame_jax.settings import ROLES, Settings
 from advgame_jax.training.state import StateSettings
 from advgame_jax.training.steptime import (
     GenCall,
@@ -64,6 +65,55 @@ class Layout:
         return self.trainer + 2 * self.engines + judge
 
 
+@dataclasses.dataclass(frozen=True)
+class LayoutRequest:
+    """What the command line fixes of a :class:`Layout` (:func:`default_layout` derives the
+    rest): ``trainer`` 0, ``engines`` -1 and ``judge_replicas`` -1 mean "derived"."""
+
+    trainer: int = 0
+    engines: int = -1
+    judge_replicas: int = -1
+    judge_tp: int = 1
+    gen_tp: int = 1
+    judge_batch: int = 32
+    judge_external: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeLoad:
+    """The judge's model shape (a ``ModelConfig``; None: its compute is not counted) and the
+    tokens of one request and of one answer."""
+
+    shape: Any = None
+    prompt_tokens: int = 1024
+    new_tokens: int = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateScale:
+    """How the update is spread, when it differs from "every trainer device": ``fsdp``
+    (devices the state is sharded over) and ``batch_devices`` (batch-parallel devices, which
+    set the seeds per split); 0 = ``layout.trainer``. ``flops_per_token``: role -> measured
+    update FLOPs per token (absent: the analytic count)."""
+
+    fsdp: int = 0
+    batch_devices: int = 0
+    flops_per_token: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepInputs:
+    """Everything one step's workload needs besides the settings: both players' shapes
+    (role -> ``ModelConfig``), the device layout, the token lengths, the judge's load and
+    the update's spread."""
+
+    shapes: Mapping[str, Any]
+    layout: Layout
+    lengths: Lengths
+    judge: JudgeLoad = JudgeLoad()
+    scale: UpdateScale = dataclasses.field(default_factory=UpdateScale)
+
+
 def length_bucket(n: int, buckets=()) -> int:
     """The update's padded length: the smallest configured bucket ≥ n, else the default
     ladder 16, 24, 32, 48, 64, 96, … (2^k and 3·2^(k-1)), as ``training.batching``."""
@@ -83,7 +133,7 @@ def pow2(n: int, minimum: int = 1) -> int:
 
 
 def lengths_from_metrics(
-    path: str, config, *, tail: float = 2.0, attacker_prompt: int = 512
+    path: str, settings: Settings, *, tail: float = 2.0, attacker_prompt: int = 512
 ) -> Lengths:
     """Mean generated lengths over a run's ``metrics.jsonl`` (both splits); the longest row
     of a call is taken as ``tail`` × the mean, capped by ``sampling.max_new_tokens``."""
@@ -111,7 +161,7 @@ def lengths_from_metrics(
             f"{path}: no x/attacker_tokens/mean or y/tokens/mean records; "
             f"expected a training run's metrics.jsonl"
         )
-    cap = int(config.sampling.max_new_tokens)
+    cap = int(settings.sampling.max_new_tokens)
     a, d = (sum(v) / len(v) for v in (vals["a"], vals["d"]))
     return Lengths(
         attacker_prompt=attacker_prompt,
@@ -122,8 +172,9 @@ def lengths_from_metrics(
     )
 
 
-def lengths_from_config(config, *, attacker_prompt: int = 512) -> Lengths:
-    n = int(config.sampling.max_new_tokens)
+def lengths_from_config(settings: Settings, *, attacker_prompt: int = 512) -> Lengths:
+    """Every row at ``sampling.max_new_tokens``: the worst case."""
+    n = int(settings.sampling.max_new_tokens)
     return Lengths(
         attacker_prompt=attacker_prompt,
         attacker_new_mean=n,
@@ -137,10 +188,11 @@ def _dtype_bytes(name: str) -> int:
     return 2 if name in ("bfloat16", "float16") else 4
 
 
-def judge_requests(config, b: int) -> tuple[int, int]:
+def judge_requests(settings: Settings, b: int) -> tuple[int, int]:
     """(faithfulness, scoring) judge requests of one split with ``b`` seeds."""
-    a, d, j = int(config.game.num_attacks), int(config.game.num_responses), config.judge
-    faith = b * a * int(j.num_faith_samples) if config.game.faithfulness else 0
+    g, j = settings.game, settings.judge
+    a, d = int(g.num_attacks), int(g.num_responses)
+    faith = b * a * int(j.num_faith_samples) if g.faithfulness else 0
     swap = 2 if j.swap_positions else 1
     if j.mode == "pairwise":
         score = (b * a * math.comb(d, 2) * swap if j.defender_judge else 0) + (
@@ -151,116 +203,137 @@ def judge_requests(config, b: int) -> tuple[int, int]:
     return faith, score * int(j.num_samples)
 
 
-def build_workload(
-    config,
-    shapes: dict,
-    layout: Layout,
-    lengths: Lengths,
-    *,
-    judge_shape=None,
-    judge_prompt: int = 1024,
-    judge_new: int = 512,
-    flops_per_token: dict | None = None,
-    fsdp: int | None = None,
-    batch_devices: int | None = None,
-) -> StepWorkload:
-    """The step of ``config`` (see module doc) on ``layout``; ``shapes``: role → ModelConfig."""
-    t, g = config.train, config.game
-    # Seeds per split: seeds_per_device on each batch-parallel (data × fsdp) trainer device.
-    b = int(t.seeds_per_device) * (batch_devices or layout.trainer)
-    a, d = int(g.num_attacks), int(g.num_responses)
-    ln = lengths
-    top_filter = config.sampling.top_p < 1.0 or config.sampling.top_k > 0
-    s = {r: Shape.of(shapes[r]) for r in ("attacker", "defender")}
+def _samplers(settings: Settings, shapes: dict, layout: Layout) -> dict:
+    """Role -> its generation: the in-process JAX sampler on every trainer device, or
+    ``engines // gen_tp`` engine replicas (bf16)."""
     in_process = layout.engines == 0
     replicas = layout.trainer if in_process else max(layout.engines // layout.gen_tp, 1)
-
-    def sampler(role):
-        p = config[role]
-        return Sampler(
-            s[role],
-            _dtype_bytes(p.sampler_dtype if in_process else "bfloat16"),
+    return {
+        r: Sampler(
+            shapes[r],
+            _dtype_bytes(settings.player(r).sampler_dtype if in_process else "bfloat16"),
             replicas=replicas,
             tp=1 if in_process else layout.gen_tp,
         )
-
-    def calls(rows, prompt, steps, mean):
-        # JAX sampler: padded buckets, the whole cache read each step; engines: live context.
-        if in_process:
-            n_bucket = pow2(int(config.sampling.max_new_tokens), 16)
-            p_bucket = pow2(prompt, 16)
-            c = GenCall(
-                rows=rows,
-                prompt_len=p_bucket,
-                steps=steps,
-                cache_len=p_bucket + n_bucket,
-                filter_passes=2 + 2 * 48 if top_filter else 1,
-            )
-        else:
-            c = GenCall(
-                rows=rows,
-                prompt_len=prompt,
-                steps=steps,
-                cache_len=int(prompt + mean / 2),
-                filter_passes=1,
-            )
-        return [c] * 2  # one call per split
-
-    d_prompt = int(ln.attacker_new_mean + ln.defender_prompt_extra)
-    budget = int(config.defender.get("engine", {}).get("max_prompt_tokens", 0) or 0)
-    if budget:  # longer prompts are refused by the sampler (MAX_LENGTH), never generated
-        d_prompt = min(d_prompt, budget)
-    att_calls = calls(b * a, ln.attacker_prompt, ln.attacker_steps, ln.attacker_new_mean)
-    def_calls = calls(b * a * d, d_prompt, ln.defender_steps, ln.defender_new_mean)
-    grpo = config.loss.kind == "grpo"
-    rows = {"attacker": b * a if grpo else 2 * b, "defender": b * a * d if grpo else 2 * b * a}
-    seq = {
-        "attacker": length_bucket(
-            int(ln.attacker_prompt + ln.attacker_new_mean), tuple(t.length_buckets)
-        ),
-        "defender": length_bucket(int(d_prompt + ln.defender_new_mean), tuple(t.length_buckets)),
+        for r in ROLES
     }
-    fsdp = fsdp or layout.trainer
+
+
+def _gen_calls(
+    settings: Settings, in_process: bool, rows: int, prompt: int, steps: int, mean: float
+) -> list:
+    """One generation call per split. JAX sampler: padded buckets, the whole cache read each
+    step; engines: the live context."""
+    if in_process:
+        sp = settings.sampling
+        top_filter = sp.top_p < 1.0 or sp.top_k > 0
+        n_bucket = pow2(int(sp.max_new_tokens), 16)
+        p_bucket = pow2(prompt, 16)
+        c = GenCall(
+            rows=rows,
+            prompt_len=p_bucket,
+            steps=steps,
+            cache_len=p_bucket + n_bucket,
+            filter_passes=2 + 2 * 48 if top_filter else 1,
+        )
+    else:
+        c = GenCall(
+            rows=rows,
+            prompt_len=prompt,
+            steps=steps,
+            cache_len=int(prompt + mean / 2),
+            filter_passes=1,
+        )
+    return [c] * 2
+
+
+def _defender_prompt(settings: Settings, ln: Lengths) -> int:
+    """The defender's prompt: the attack in its template, cut at the engine's prompt budget
+    (longer prompts are refused by the sampler (MAX_LENGTH), never generated)."""
+    d_prompt = int(ln.attacker_new_mean + ln.defender_prompt_extra)
+    budget = int(settings.defender.engine.max_prompt_tokens or 0)
+    return min(d_prompt, budget) if budget else d_prompt
+
+
+def _updates(settings: Settings, inputs: StepInputs, shapes: dict, b: int, d_prompt: int):
+    """``(trainers, updates)``: role -> ``Trainer`` and role -> one ``UpdateCall`` per split,
+    for the trainable players."""
+    t, g, ln, layout = settings.train, settings.game, inputs.lengths, inputs.layout
+    a, d = int(g.num_attacks), int(g.num_responses)
+    grpo = settings.loss.kind == "grpo"
+    rows = {"attacker": b * a if grpo else 2 * b, "defender": b * a * d if grpo else 2 * b * a}
+    buckets = tuple(t.length_buckets)
+    seq = {
+        "attacker": length_bucket(int(ln.attacker_prompt + ln.attacker_new_mean), buckets),
+        "defender": length_bucket(int(d_prompt + ln.defender_new_mean), buckets),
+    }
     trainers, updates = {}, {}
-    for r in ("attacker", "defender"):
-        if not config[r].trainable:
+    for r in ROLES:
+        if not settings.player(r).trainable:
             continue
         trainers[r] = Trainer(
-            s[r],
+            shapes[r],
             devices=layout.trainer,
-            fsdp=fsdp,
-            compute_bytes=_dtype_bytes(config[r].compute_dtype),
-            remat=bool(t.get("remat", True)) and t.get("remat_policy", "full") != "none",
-            reference_forward=(not grpo or float(config.loss.get("kl_coef", 0.0)) > 0),
-            flops_per_token=(flops_per_token or {}).get(r, 0.0),
+            fsdp=inputs.scale.fsdp or layout.trainer,
+            compute_bytes=_dtype_bytes(settings.player(r).compute_dtype),
+            remat=t.remat_policy != "none",
+            reference_forward=(not grpo or float(settings.loss.kl_coef) > 0),
+            flops_per_token=inputs.scale.flops_per_token.get(r, 0.0),
         )
         updates[r] = [UpdateCall(rows=rows[r], length=seq[r])] * 2
-    keep_ema = StateSettings(reference=t.reference, sample_from=t.sample_from).keep_ema
-    ema_players = len(trainers) if keep_ema else 0
-    faith, score = judge_requests(config, b)
-    judge = Judge(
-        shape=Shape.of(judge_shape) if judge_shape is not None else None,
+    return trainers, updates
+
+
+def _judge(settings: Settings, inputs: StepInputs, b: int) -> Judge:
+    load, layout = inputs.judge, inputs.layout
+    faith, score = judge_requests(settings, b)
+    return Judge(
+        shape=Shape.of(load.shape) if load.shape is not None else None,
         faith=faith,
         pairs=score,
-        prompt_tokens=judge_prompt,
-        new_tokens=judge_new,
+        prompt_tokens=load.prompt_tokens,
+        new_tokens=load.new_tokens,
         replicas=max(layout.judge_replicas, 1),
         tp=layout.judge_tp,
         batch=layout.judge_batch,
     )
+
+
+def build_workload(settings: Settings, inputs: StepInputs) -> StepWorkload:
+    """The step of ``settings`` (see module doc) on ``inputs.layout``."""
+    t, g, ln, layout = settings.train, settings.game, inputs.lengths, inputs.layout
+    # Seeds per split: seeds_per_device on each batch-parallel (data × fsdp) trainer device.
+    b = int(t.seeds_per_device) * (inputs.scale.batch_devices or layout.trainer)
+    a, d = int(g.num_attacks), int(g.num_responses)
+    shapes = {r: Shape.of(inputs.shapes[r]) for r in ROLES}
+    in_process = layout.engines == 0
+    d_prompt = _defender_prompt(settings, ln)
+    trainers, updates = _updates(settings, inputs, shapes, b, d_prompt)
+    keep_ema = StateSettings(reference=t.reference, sample_from=t.sample_from).keep_ema
+    ema_players = len(trainers) if keep_ema else 0
     sync_bytes = sum(
-        s[r].params * (2 if not in_process else _dtype_bytes(config[r].sampler_dtype))
+        shapes[r].params * (2 if not in_process else _dtype_bytes(settings.player(r).sampler_dtype))
         for r in trainers
     )
-    state_bytes = sum(s[r].params * (16 if ema_players else 12) for r in trainers)
+    state_bytes = sum(shapes[r].params * (16 if ema_players else 12) for r in trainers)
+    samplers = _samplers(settings, shapes, layout)
     return StepWorkload(
-        attacker=sampler("attacker"),
-        defender=sampler("defender"),
-        attacker_calls=att_calls,
-        defender_calls=def_calls,
+        attacker=samplers["attacker"],
+        defender=samplers["defender"],
+        attacker_calls=_gen_calls(
+            settings,
+            in_process,
+            b * a,
+            ln.attacker_prompt,
+            ln.attacker_steps,
+            ln.attacker_new_mean,
+        ),
+        defender_calls=_gen_calls(
+            settings, in_process, b * a * d, d_prompt, ln.defender_steps, ln.defender_new_mean
+        ),
         trainers=trainers,
         updates=updates,
-        judge=judge,
+        judge=_judge(settings, inputs, b),
         ema_players=ema_players,
         sync_every=int(t.sync_every_n_steps),
         sync_bytes=sync_bytes,
@@ -271,45 +344,37 @@ def build_workload(
 
 
 def default_layout(
-    config,
-    devices: int,
-    *,
-    trainer: int = 0,
-    engines: int = -1,
-    judge_replicas: int = -1,
-    judge_tp: int = 1,
-    gen_tp: int = 1,
-    judge_batch: int = 32,
-    judge_external: bool = False,
+    settings: Settings, devices: int, request: Optional[LayoutRequest] = None
 ) -> Layout:
-    """A layout of ``devices`` for ``config``: players on offloaded engines (the paper's
-    placement) get ``devices/8`` generation devices each and the judge ``devices/4``; the
-    trainer takes the rest. In-process samplers (placement 'jax') share the trainer's."""
-    offloaded = any(
-        placement_of(config, r) in ("offloaded", "colocated") for r in ("attacker", "defender")
-    )
-    remote_judge = config.judge.backend == "endpoint"
+    """A layout of ``devices`` for ``settings``, with what ``request`` fixes: players on
+    offloaded engines (the paper's placement) get ``devices/8`` generation devices each and the
+    judge ``devices/4``; the trainer takes the rest. In-process samplers (placement 'jax')
+    share the trainer's."""
+    q = request or LayoutRequest()
+    offloaded = any(settings.player(r).placement in ("offloaded", "colocated") for r in ROLES)
+    remote_judge = settings.judge.backend == "endpoint"
+    engines, judge_replicas = q.engines, q.judge_replicas
     if engines < 0:
         engines = max(devices // 8, 1) if offloaded and devices >= 4 else 0
     if judge_replicas < 0:
-        judge_replicas = max(devices // 4 // judge_tp, 1) if remote_judge and devices >= 4 else 0
-    trainer = trainer or devices - 2 * engines - (
-        0 if judge_external else judge_replicas * judge_tp
+        judge_replicas = max(devices // 4 // q.judge_tp, 1) if remote_judge and devices >= 4 else 0
+    trainer = q.trainer or devices - 2 * engines - (
+        0 if q.judge_external else judge_replicas * q.judge_tp
     )
     layout = Layout(
         trainer=trainer,
         engines=engines,
-        gen_tp=gen_tp,
+        gen_tp=q.gen_tp,
         judge_replicas=judge_replicas,
-        judge_tp=judge_tp,
-        judge_batch=judge_batch,
-        judge_external=judge_external,
+        judge_tp=q.judge_tp,
+        judge_batch=q.judge_batch,
+        judge_external=q.judge_external,
     )
     if trainer < 1 or layout.total > devices:
         raise PlanInputError(
-            f"layout: trainer {trainer} + 2 × {engines} engine + {judge_replicas} × {judge_tp} "
-            f"judge devices do not fit in {devices} devices; set --trainer_devices, "
-            f"--engine_devices, --judge_replicas"
+            f"layout: trainer {trainer} + 2 × {engines} engine + {judge_replicas} × "
+            f"{q.judge_tp} judge devices do not fit in {devices} devices; set "
+            f"--trainer_devices, --engine_devices, --judge_replicas"
         )
     return layout
 
@@ -340,39 +405,26 @@ def format_time_plan(p: dict) -> str:
 
 
 def time_plan(
-    config,
+    settings: Settings,
     hw,
     devices: int,
-    layout: Layout,
-    lengths: Lengths,
-    shapes: dict,
+    inputs: StepInputs,
     *,
     lengths_from: str,
     num_steps: int = 0,
-    judge_shape=None,
-    judge_prompt=1536,
-    judge_new=512,
 ) -> dict:
-    """Predict one step of ``config`` (``steptime.predict_step``) and the whole run."""
+    """Predict one step of ``settings`` (``steptime.predict_step``) and the whole run
+    (``num_steps``, 0: ``train.num_steps``)."""
     from advgame_jax.training.steptime import predict_step, run_totals, slowest_stage
 
-    w = build_workload(
-        config,
-        shapes,
-        layout,
-        lengths,
-        judge_shape=judge_shape,
-        judge_prompt=judge_prompt,
-        judge_new=judge_new,
-    )
-    pred = predict_step(hw, w)
-    steps = num_steps or int(config.train.num_steps)
+    pred = predict_step(hw, build_workload(settings, inputs))
+    steps = num_steps or int(settings.train.num_steps)
     return dict(
-        config=str(config.name),
+        config=str(settings.name),
         devices=devices,
         hardware=dataclasses.asdict(hw),
-        layout=dataclasses.asdict(layout),
-        lengths=dataclasses.asdict(lengths),
+        layout=dataclasses.asdict(inputs.layout),
+        lengths=dataclasses.asdict(inputs.lengths),
         lengths_from=lengths_from,
         stages=pred["stages"],
         step_s=pred["step_s"],

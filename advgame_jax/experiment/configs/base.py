@@ -212,8 +212,9 @@ def base_config() -> ml_collections.ConfigDict:
             pair_buckets=(),  # empty = powers of two
             length_buckets=(),  # empty = 16, 24, 32, 48, 64, 96, ... (2^k and 3·2^(k-1))
             logprob_chunk_size=1024,
-            # The older switch of remat_policy below (False = remat_policy 'none'); kept while
-            # training/planning.py and timeplan.py read the ConfigDict. Set remat_policy instead.
+            # The older switch of remat_policy below (False = remat_policy 'none'), kept so
+            # older configs and --config.train.remat overrides still work; the converter
+            # translates it and nothing reads it after. Set remat_policy instead.
             remat=True,
             validate_every=25,
             checkpoint_every=50,
