@@ -14,6 +14,9 @@ gradients can leak from them.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, Optional
+
 import jax
 import jax.numpy as jnp
 
@@ -81,6 +84,34 @@ def entropy_bonus(token_entropy, loss_mask, *, length_normalization=False):
     return _masked_total(token_entropy, loss_mask, length_normalization)
 
 
+@dataclasses.dataclass(frozen=True)
+class ImportanceWeighting:
+    """Truncated importance sampling of GRPO's policy term (see :func:`grpo_loss`):
+    ``sampler_token_logps`` ``[S, T]`` (log-probs of the realised tokens under the sampler),
+    the cap ``tis_cap`` on the weight, ``detach_weight`` (False: the weight keeps its
+    gradient, the reference's behaviour) and ``sampler_rows`` (``[S]`` bool, optional: rows
+    without sampler log-probs, False, get weight 1)."""
+
+    sampler_token_logps: Any
+    tis_cap: float = 2.0
+    detach_weight: bool = True
+    sampler_rows: Any = None
+
+
+def _importance_weights(lp, lp_sg, mask, iw: Optional[ImportanceWeighting]):
+    """Per-token weights ``[S, T]``: ``min(exp(lp − sampler), cap)`` or ones."""
+    if iw is None:
+        return jnp.ones_like(lp)
+    sampler = jax.lax.stop_gradient(_masked(iw.sampler_token_logps, mask))
+    # min(exp(r), cap) computed as exp(min(r, log cap)): the same value, but a stale
+    # sampler can neither overflow exp nor send 0·inf = NaN into the gradient.
+    log_w = (lp_sg if iw.detach_weight else lp) - sampler
+    w = jnp.exp(jnp.minimum(log_w, jnp.log(jnp.float32(iw.tis_cap))))
+    if iw.sampler_rows is not None:
+        w = jnp.where(jnp.asarray(iw.sampler_rows, bool)[:, None], w, 1.0)
+    return w
+
+
 def grpo_loss(
     token_logps,
     ref_token_logps,
@@ -88,15 +119,13 @@ def grpo_loss(
     loss_mask,
     *,
     kl_coef=0.1,
-    sampler_token_logps=None,
-    tis_cap=2.0,
-    detach_weight=True,
-    sampler_rows=None,
+    importance: Optional[ImportanceWeighting] = None,
 ):
     """GRPO per sample (GAME_SPEC §2.11): summed per-token policy gradient + k3 KL penalty.
 
-    Shapes: token_logps, ref_token_logps, loss_mask, sampler_token_logps ``[S, T]``;
-    advantages ``[S]`` (patched reward − baseline, no std scaling) -> ``[S]``.
+    Shapes: token_logps, ref_token_logps, loss_mask ``[S, T]``; advantages ``[S]`` (patched
+    reward − baseline, no std scaling) -> ``[S]``. ``importance``: the sampler's log-probs
+    and how they weight the policy term (:class:`ImportanceWeighting`; None: w_t = 1).
 
     Per completion token t (lp = log π_θ, ref = log π_ref, both of the realised token):
 
@@ -124,16 +153,7 @@ def grpo_loss(
     ref = jax.lax.stop_gradient(_masked(ref_token_logps, mask))
     adv = jax.lax.stop_gradient(jnp.asarray(advantages, jnp.float32))[:, None]
     lp_sg = jax.lax.stop_gradient(lp)
-    if sampler_token_logps is None:
-        w = jnp.ones_like(lp)
-    else:
-        sampler = jax.lax.stop_gradient(_masked(sampler_token_logps, mask))
-        # min(exp(r), cap) computed as exp(min(r, log cap)): the same value, but a stale
-        # sampler can neither overflow exp nor send 0·inf = NaN into the gradient.
-        log_w = (lp_sg if detach_weight else lp) - sampler
-        w = jnp.exp(jnp.minimum(log_w, jnp.log(jnp.float32(tis_cap))))
-        if sampler_rows is not None:
-            w = jnp.where(jnp.asarray(sampler_rows, bool)[:, None], w, 1.0)
+    w = _importance_weights(lp, lp_sg, mask, importance)
     pg = -w * adv * jnp.exp(lp - lp_sg)
     log_ratio = ref - lp
     k3 = jnp.exp(log_ratio) - log_ratio - 1.0

@@ -28,43 +28,51 @@ converter checks values, and it raises :class:`ConfigError` naming ``config.<sec
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, TypedDict, Union, Unpack
 
 from advgame_jax.errors import UserError
 
 ROLES = ("attacker", "defender")
-
-_NOT_ADDED = object()
 
 
 class ConfigError(UserError, ValueError):
     """A config field is missing, malformed or inconsistent with another field."""
 
 
-def setting(
-    default: Any,
-    *,
-    choices: Union[tuple, str, None] = None,
+class SettingRules(TypedDict, total=False):
+    """What the converter accepts for a field (module docstring); every key is optional.
+    ``added``: the value a run that predates the field is taken to have used."""
+
+    choices: Union[tuple, str, None]
+    minimum: Any
+    maximum: Any
+    low_open: bool
+    also: tuple
+    resumable: bool
+    added: Any
+    nonempty: bool
+
+
+_RULE_DEFAULTS = dict(
+    choices=None,
     minimum=None,
     maximum=None,
-    low_open: bool = False,
-    also: tuple = (),
-    resumable: bool = False,
-    added: Any = _NOT_ADDED,
-    nonempty: bool = False,
-) -> Any:
-    """A dataclass field with what the converter accepts for it (module docstring)."""
-    meta = dict(
-        choices=choices,
-        minimum=minimum,
-        maximum=maximum,
-        low_open=low_open,
-        also=tuple(also),
-        resumable=resumable,
-        nonempty=nonempty,
-    )
-    if added is not _NOT_ADDED:
-        meta["added"] = added
+    low_open=False,
+    also=(),
+    resumable=False,
+    nonempty=False,
+)
+
+
+def setting(default: Any, **rules: Unpack[SettingRules]) -> Any:
+    """A dataclass field with what the converter accepts for it (:class:`SettingRules`)."""
+    unknown = sorted(set(rules) - set(SettingRules.__annotations__))
+    if unknown:
+        raise TypeError(f"setting() got unknown rules {unknown}")
+    meta: dict = {k: rules.get(k, v) for k, v in _RULE_DEFAULTS.items()}
+    meta["also"] = tuple(meta["also"])
+    if "added" in rules:
+        meta["added"] = rules["added"]
     return dataclasses.field(default=default, metadata=meta)
 
 

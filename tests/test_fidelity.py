@@ -182,9 +182,9 @@ def _grpo_grad(detach: bool, sampler_p: float):
             jnp.array([3.0]),
             jnp.array([[True]]),
             kl_coef=0.0,
-            sampler_token_logps=jnp.log(jnp.array([[sampler_p]])),
-            tis_cap=2.0,
-            detach_weight=detach,
+            importance=losses.ImportanceWeighting(
+                jnp.log(jnp.array([[sampler_p]])), tis_cap=2.0, detach_weight=detach
+            ),
         )[0]
 
     return jax.value_and_grad(f)(jnp.log(0.5))
@@ -209,10 +209,12 @@ def test_grpo_importance_weight_gradient_when_not_detached():
                 jnp.array([3.0]),
                 jnp.array([[True]]),
                 kl_coef=0.0,
-                sampler_token_logps=jnp.array([[th]]),
-                tis_cap=2.0,
-                detach_weight=detach,
-                sampler_rows=jnp.array([False]),
+                importance=losses.ImportanceWeighting(
+                    jnp.array([[th]]),
+                    tis_cap=2.0,
+                    detach_weight=detach,
+                    sampler_rows=jnp.array([False]),
+                ),
             )[0]
         )(jnp.log(0.5))
         assert float(g) == pytest.approx(-3.0)  # −1·A·∇lp

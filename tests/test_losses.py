@@ -129,8 +129,7 @@ def test_grpo_value_and_gradient_match_numpy(with_sampler, kl_coef):
             f32(adv),
             jnp.asarray(mask),
             kl_coef=kl_coef,
-            sampler_token_logps=f32(sampler),
-            tis_cap=2.0,
+            importance=None if sampler is None else losses.ImportanceWeighting(f32(sampler)),
         )
 
     np.testing.assert_allclose(np.asarray(total(f32(lp))), want_value, rtol=1e-5, atol=1e-5)
@@ -144,7 +143,7 @@ def test_grpo_masked_garbage_does_not_leak():
     ref = jnp.array([[-1.5, jnp.inf, 0.0, -90.0]])
     sampler = jnp.array([[-2.0, -jnp.inf, jnp.nan, 0.0]])
     fn = lambda x: losses.grpo_loss(  # noqa: E731
-        x, ref, jnp.array([2.0]), mask, kl_coef=0.1, sampler_token_logps=sampler
+        x, ref, jnp.array([2.0]), mask, kl_coef=0.1, importance=losses.ImportanceWeighting(sampler)
     ).sum()
     value, grad = jax.value_and_grad(fn)(lp)
     # w = min(e^1, 2) = 2; k3 = e^-0.5 + 0.5 - 1.

@@ -58,10 +58,12 @@ def calibrated_step(runner, monkeypatch):
                 params,
                 rows,
                 prompt + new,
-                temperature=temperature,
-                top_p=top_p,
-                top_k=int(top_k),
-                use_filter=program.use_filter,
+                selection=cal.TokenSelection(
+                    temperature=temperature,
+                    top_p=top_p,
+                    top_k=int(top_k),
+                    use_filter=program.use_filter,
+                ),
             )
 
         # Measured before and after the call (load drifts); both run inside the sampler

@@ -157,61 +157,11 @@ def table_rows(
     path = os.fspath(path)
     kind = kind or ("a TSV file" if delimiter == "\t" else "a CSV file")
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    consumed: list[str] = []  # physical lines of the row being parsed
-
-    def physical(f):
-        for lineno, raw in enumerate(f, start=1):
-            text = _decode_line(raw, f"{path}:{lineno}", kind, error)
-            if lineno == 1 and text.startswith(BOM):
-                text = text[1:]
-            consumed.append(text)
-            yield text
-
     with _open(path, kind, error) as f:
-        reader = csv.reader(physical(f), delimiter=delimiter, strict=True)
-
-        def next_row():
-            start = reader.line_num + 1
-            consumed.clear()
-            try:
-                return start, next(reader)
-            except StopIteration:
-                return start, None
-            except csv.Error as err:
-                msg = str(err)
-                if "expected after" in msg or "unexpected end of data" in msg:
-                    line = _quote_start(consumed, start, delimiter)
-                    end = (
-                        "the end of the file"
-                        if "end of data" in msg
-                        else f"line {reader.line_num}, where a closing quote is followed by "
-                        "more text"
-                    )
-                    raise error(
-                        f"{path}:{line}: the quoted field that starts on this line is not "
-                        f"closed before {end}; expected {kind} where a quoted field ends "
-                        f"with a quote right before the delimiter or the line end (a "
-                        f'quote inside it is written twice: "")'
-                    ) from None
-                raise error(
-                    f"{path}:{reader.line_num}: unreadable row ({msg}); expected {kind}"
-                ) from None
-
-        _, header = next_row()
-        if header is None:
-            raise error(
-                f"{path}: empty file; expected {kind} whose header holds the columns "
-                f"{list(required)}"
-            )
-        header = [h.strip() for h in header]
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise error(
-                f"{path}:1: header lacks column(s) {missing}; expected {kind} whose "
-                f"header holds at least {list(required)}, got {header}"
-            )
+        table = _Table(f, path, kind, error, delimiter)
+        header = table.header(required)
         while True:
-            start, row = next_row()
+            start, row = table.next_row()
             if row is None:
                 return
             if not row or all(not cell.strip() for cell in row):
@@ -228,3 +178,65 @@ def table_rows(
                 )
             # A short row (allowed unless exact_width) leaves its trailing columns out.
             yield start, dict(zip(header, row, strict=False))
+
+
+class _Table:
+    """Strict ``csv.reader`` rows of an open file, each with the line it starts on; a parse
+    error becomes one ``error`` naming the line (for an unclosed quote, where it opened)."""
+
+    def __init__(self, f, path: str, kind: str, error: type[UserError], delimiter: str):
+        self.path, self.kind, self.error, self.delimiter = path, kind, error, delimiter
+        self.consumed: list[str] = []  # physical lines of the row being parsed
+        self.reader = csv.reader(self._physical(f), delimiter=delimiter, strict=True)
+
+    def _physical(self, f):
+        for lineno, raw in enumerate(f, start=1):
+            text = _decode_line(raw, f"{self.path}:{lineno}", self.kind, self.error)
+            if lineno == 1 and text.startswith(BOM):
+                text = text[1:]
+            self.consumed.append(text)
+            yield text
+
+    def next_row(self) -> tuple[int, Optional[list[str]]]:
+        start = self.reader.line_num + 1
+        self.consumed.clear()
+        try:
+            return start, next(self.reader)
+        except StopIteration:
+            return start, None
+        except csv.Error as err:
+            raise self._parse_error(str(err), start) from None
+
+    def _parse_error(self, msg: str, start: int) -> UserError:
+        path, kind, line_num = self.path, self.kind, self.reader.line_num
+        if "expected after" in msg or "unexpected end of data" in msg:
+            line = _quote_start(self.consumed, start, self.delimiter)
+            end = (
+                "the end of the file"
+                if "end of data" in msg
+                else f"line {line_num}, where a closing quote is followed by more text"
+            )
+            return self.error(
+                f"{path}:{line}: the quoted field that starts on this line is not "
+                f"closed before {end}; expected {kind} where a quoted field ends "
+                f"with a quote right before the delimiter or the line end (a "
+                f'quote inside it is written twice: "")'
+            )
+        return self.error(f"{path}:{line_num}: unreadable row ({msg}); expected {kind}")
+
+    def header(self, required: Sequence[str]) -> list[str]:
+        """The stripped header cells, which must hold every ``required`` column."""
+        _, header = self.next_row()
+        if header is None:
+            raise self.error(
+                f"{self.path}: empty file; expected {self.kind} whose header holds the columns "
+                f"{list(required)}"
+            )
+        header = [h.strip() for h in header]
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise self.error(
+                f"{self.path}:1: header lacks column(s) {missing}; expected {self.kind} whose "
+                f"header holds at least {list(required)}, got {header}"
+            )
+        return header

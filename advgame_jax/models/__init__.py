@@ -16,7 +16,7 @@ from advgame_jax.models.sharding import (
     make_mesh,
     param_shardings,
 )
-from advgame_jax.models.transformer import forward, forward_hidden, unembedding
+from advgame_jax.models.transformer import ForwardOptions, forward, forward_hidden, unembedding
 
 __all__ = [
     "ModelConfig",
@@ -25,6 +25,7 @@ __all__ = [
     "hf_state_dict",
     "forward",
     "forward_hidden",
+    "ForwardOptions",
     "unembedding",
     "init_params",
     "param_logical_axes",

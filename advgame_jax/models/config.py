@@ -23,6 +23,68 @@ import numpy as np
 _ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
+def _unsupported(source: str, field: str, value, expected: str) -> ValueError:
+    return ValueError(f"{source}: unsupported {field}={value!r}; expected {expected}")
+
+
+def _check_hf_architecture(d: dict[str, Any], source: str) -> str:
+    """The ``model_type`` of an HF config this model implements (else ValueError naming the
+    field): architecture, activation, biases, attention pattern, rotary fraction."""
+    model_type = d.get("model_type")
+    if model_type not in _ARCHS:
+        raise _unsupported(source, "model_type", model_type, f"one of {sorted(_ARCHS)}")
+    archs = d.get("architectures") or [_ARCHS[model_type]]
+    if list(archs) != [_ARCHS[model_type]]:
+        raise _unsupported(source, "architectures", archs, f"[{_ARCHS[model_type]!r}]")
+    act = d.get("hidden_act", "silu")
+    if act != "silu":
+        raise _unsupported(source, "hidden_act", act, "'silu'")
+    if model_type == "llama":
+        for field in ("attention_bias", "mlp_bias"):
+            if d.get(field, False):
+                expected = "false (biases are supported on qwen2 q/k/v only)"
+                raise _unsupported(source, field, d[field], expected)
+    else:
+        if d.get("use_sliding_window", False):
+            raise _unsupported(source, "use_sliding_window", d["use_sliding_window"], "false")
+        layer_types = d.get("layer_types")
+        if layer_types and any(t != "full_attention" for t in layer_types):
+            raise _unsupported(source, "layer_types", layer_types, "only 'full_attention'")
+    for field in ("partial_rotary_factor",):
+        if d.get(field, 1.0) != 1.0:
+            raise _unsupported(source, field, d[field], "1.0")
+    return model_type
+
+
+def _hf_rope(d: dict[str, Any], source: str) -> tuple[dict, str, float, str]:
+    """``(rope params, their field name, rope_theta, rope_type)`` of an HF config.
+    transformers 5 writes ``rope_parameters``; older files ``rope_theta`` and ``rope_scaling``."""
+    rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+    rope_field = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
+    rope_theta = float(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise _unsupported(source, f"{rope_field}.rope_type", rope_type, "'default' or 'llama3'")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        field = f"{rope_field}.partial_rotary_factor"
+        raise _unsupported(source, field, rope["partial_rotary_factor"], "1.0")
+    return rope, rope_field, rope_theta, rope_type
+
+
+def _llama3_rope(rope: dict, rope_field: str, max_pos: int, source: str) -> dict[str, Any]:
+    """The ``ModelConfig`` fields of Llama-3 RoPE scaling."""
+    try:
+        return dict(
+            rope_type="llama3",
+            rope_factor=float(rope["factor"]),
+            rope_low_freq_factor=float(rope["low_freq_factor"]),
+            rope_high_freq_factor=float(rope["high_freq_factor"]),
+            rope_original_max_position=int(rope.get("original_max_position_embeddings", max_pos)),
+        )
+    except KeyError as e:
+        raise ValueError(f"{source}: {rope_field} of type llama3 lacks {e.args[0]!r}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Static shape and numerics of one decoder-only model (hashable; a jit static arg)."""
@@ -101,43 +163,8 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "<config dict>") -> "ModelConfig":
         """Build from a parsed HF ``config.json``; ``source`` names the file in errors."""
-
-        def bad(field, value, expected):
-            return ValueError(f"{source}: unsupported {field}={value!r}; expected {expected}")
-
-        model_type = d.get("model_type")
-        if model_type not in _ARCHS:
-            raise bad("model_type", model_type, f"one of {sorted(_ARCHS)}")
-        archs = d.get("architectures") or [_ARCHS[model_type]]
-        if list(archs) != [_ARCHS[model_type]]:
-            raise bad("architectures", archs, f"[{_ARCHS[model_type]!r}]")
-        act = d.get("hidden_act", "silu")
-        if act != "silu":
-            raise bad("hidden_act", act, "'silu'")
-        if model_type == "llama":
-            for field in ("attention_bias", "mlp_bias"):
-                if d.get(field, False):
-                    raise bad(field, d[field], "false (biases are supported on qwen2 q/k/v only)")
-        else:
-            if d.get("use_sliding_window", False):
-                raise bad("use_sliding_window", d["use_sliding_window"], "false")
-            layer_types = d.get("layer_types")
-            if layer_types and any(t != "full_attention" for t in layer_types):
-                raise bad("layer_types", layer_types, "only 'full_attention'")
-        for field in ("partial_rotary_factor",):
-            if d.get(field, 1.0) != 1.0:
-                raise bad(field, d[field], "1.0")
-
-        # RoPE: transformers 5 writes ``rope_parameters``; older files write ``rope_theta`` and
-        # ``rope_scaling``.
-        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
-        rope_field = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
-        rope_theta = float(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "llama3"):
-            raise bad(f"{rope_field}.rope_type", rope_type, "'default' or 'llama3'")
-        if rope.get("partial_rotary_factor", 1.0) != 1.0:
-            raise bad(f"{rope_field}.partial_rotary_factor", rope["partial_rotary_factor"], "1.0")
+        model_type = _check_hf_architecture(d, source)
+        rope, rope_field, rope_theta, rope_type = _hf_rope(d, source)
 
         num_heads = int(d["num_attention_heads"])
         hidden = int(d["hidden_size"])
@@ -146,20 +173,7 @@ class ModelConfig:
         max_pos = int(d.get("max_position_embeddings", 2048 if model_type == "llama" else 32768))
         kw: dict[str, Any] = {}
         if rope_type == "llama3":
-            try:
-                kw = dict(
-                    rope_type="llama3",
-                    rope_factor=float(rope["factor"]),
-                    rope_low_freq_factor=float(rope["low_freq_factor"]),
-                    rope_high_freq_factor=float(rope["high_freq_factor"]),
-                    rope_original_max_position=int(
-                        rope.get("original_max_position_embeddings", max_pos)
-                    ),
-                )
-            except KeyError as e:
-                raise ValueError(
-                    f"{source}: {rope_field} of type llama3 lacks {e.args[0]!r}"
-                ) from None
+            kw = _llama3_rope(rope, rope_field, max_pos, source)
         eos = d.get("eos_token_id")
         if isinstance(eos, list):
             eos = tuple(int(e) for e in eos)

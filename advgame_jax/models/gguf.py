@@ -196,9 +196,9 @@ def hf_tensors(reader, config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
         yield name, w
 
 
-def build_tokenizer(reader):
-    """``(tokenizers.Tokenizer, tokenizer_config dict, chat template or None)``."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+def _pre_tokenizer(reader):
+    """``(pre-tokenizer, tokenizer.ggml.pre)`` of a byte-level BPE vocabulary."""
+    from tokenizers import Regex, pre_tokenizers
 
     tok_model = _get(reader, "tokenizer.ggml.model")
     if tok_model != "gpt2":
@@ -225,11 +225,16 @@ def build_tokenizer(reader):
             f"{_src(reader)}: tokenizer.ggml.pre={pre!r}; expected one of "
             f"{sorted(_DIGITS_THEN_GPT2 + _PLAIN_GPT2 + ('llama-bpe', 'qwen2'))}"
         )
-    tokens = list(_get(reader, "tokenizer.ggml.tokens"))
-    types = list(_get(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
+    return pt, pre
+
+
+def _bpe_model(reader, tokens: list, pre: str):
+    """The BPE model of the file's vocabulary and merges."""
+    from tokenizers import models
+
     merges = [tuple(m.split(" ", 1)) for m in _get(reader, "tokenizer.ggml.merges", [])]
     try:
-        bpe = models.BPE(
+        return models.BPE(
             vocab={t: i for i, t in enumerate(tokens)},
             merges=merges,
             ignore_merges=pre == "llama-bpe",
@@ -240,10 +245,12 @@ def build_tokenizer(reader):
         raise GGUFError(
             f"{_src(reader)}: tokenizer.ggml.tokens/merges do not form a BPE vocabulary ({e})"
         ) from None
-    tk = Tokenizer(bpe)
-    tk.pre_tokenizer = pt
-    tk.decoder = decoders.ByteLevel()
-    # token_type 3 = control (special), 4 = user-defined (added, not special).
+
+
+def _add_typed_tokens(tk, tokens: list, types: list) -> None:
+    """Register control (token_type 3, special) and user-defined (4, added) tokens."""
+    from tokenizers import AddedToken
+
     tk.add_tokens(
         [
             AddedToken(tokens[i], special=types[i] == 3, normalized=False)
@@ -259,10 +266,9 @@ def build_tokenizer(reader):
         ]
     )
 
-    def token(key):
-        i = _get(reader, f"tokenizer.ggml.{key}_token_id", None)
-        return None if i is None else tokens[int(i)]
 
+def _add_bos_processor(reader, tk, token) -> bool:
+    """With ``tokenizer.ggml.add_bos_token``, prepend BOS to every encoding; returns the flag."""
     add_bos = bool(_get(reader, "tokenizer.ggml.add_bos_token", False))
     if add_bos and token("bos") is not None:
         from tokenizers import processors
@@ -272,6 +278,11 @@ def build_tokenizer(reader):
         tk.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
         )
+    return add_bos
+
+
+def _tokenizer_config(reader, token, add_bos: bool) -> dict:
+    """The ``tokenizer_config.json`` entries: class, BOS flag, context length, special tokens."""
     cfg = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "clean_up_tokenization_spaces": False,
@@ -288,6 +299,27 @@ def build_tokenizer(reader):
     ):
         if token(key) is not None:
             cfg[field] = token(key)
+    return cfg
+
+
+def build_tokenizer(reader):
+    """``(tokenizers.Tokenizer, tokenizer_config dict, chat template or None)``."""
+    from tokenizers import Tokenizer, decoders
+
+    pt, pre = _pre_tokenizer(reader)
+    tokens = list(_get(reader, "tokenizer.ggml.tokens"))
+    types = list(_get(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
+    tk = Tokenizer(_bpe_model(reader, tokens, pre))
+    tk.pre_tokenizer = pt
+    tk.decoder = decoders.ByteLevel()
+    _add_typed_tokens(tk, tokens, types)
+
+    def token(key):
+        i = _get(reader, f"tokenizer.ggml.{key}_token_id", None)
+        return None if i is None else tokens[int(i)]
+
+    add_bos = _add_bos_processor(reader, tk, token)
+    cfg = _tokenizer_config(reader, token, add_bos)
     return tk, cfg, _get(reader, "tokenizer.chat_template", None)
 
 

@@ -194,18 +194,42 @@ def load_hf(path, dtype=jnp.float32, *, shardings=None):
     path = os.fspath(path)
     config = ModelConfig.from_hf_file(path)
     files = _tensor_files(path)
-    handles = {}
+    handle = _HandleCache()
+    entries = list(_entries(config))
+    _check_tensors(path, config, files, entries, handle)
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    params: dict = {"layers": {}}
+    for entry in entries:
+        p = entry[0]
+        sharding = _lookup(shardings, p) if shardings is not None else None
+        if sharding is None:
+            sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        arr = _read_param(entry, files, handle, np_dtype, sharding)
+        if entry[1][0].startswith("model.layers."):
+            params["layers"][p[1]] = arr
+        else:
+            params[p[0]] = arr
+    return config, params
 
-    def handle(fn):
-        if fn not in handles:
+
+class _HandleCache:
+    """``handle(file name)``: one open safetensors handle per file, opened on first use."""
+
+    def __init__(self):
+        self._handles = {}
+
+    def __call__(self, fn):
+        if fn not in self._handles:
             if not os.path.isfile(fn):
                 raise HFCheckpointError(
                     f"{fn}: safetensors file listed in the index does not exist"
                 )
-            handles[fn] = _safe_open(fn)
-        return handles[fn]
+            self._handles[fn] = _safe_open(fn)
+        return self._handles[fn]
 
-    entries = list(_entries(config))
+
+def _check_tensors(path: str, config: ModelConfig, files: dict, entries: list, handle) -> None:
+    """Every tensor the config needs is present with its HF shape, and no other is."""
     expected = {n for _, names, _, _ in entries for n in names}
     unexpected = sorted(n for n in files if n not in expected and not _ignorable(n, config))
     if unexpected:
@@ -229,32 +253,26 @@ def load_hf(path, dtype=jnp.float32, *, shardings=None):
                     f"expected {want} from config.json"
                 )
 
-    np_dtype = np.dtype(jnp.dtype(dtype))
-    params: dict = {"layers": {}}
-    for p, names, kind, shape in entries:
-        stacked = names[0].startswith("model.layers.")
-        sharding = _lookup(shardings, p) if shardings is not None else None
-        if sharding is None:
-            sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
-        def callback(index, names=names, kind=kind, shape=shape, stacked=stacked):
-            if not stacked:
-                t = handle(files[names[0]]).get_slice(names[0])
-                return _read_block(kind, t, shape, index).astype(np_dtype)
-            lo, hi = index[0].indices(shape[0])[:2]
-            sub = tuple(s.indices(n) for s, n in zip(index[1:], shape[1:], strict=True))
-            out = np.empty((hi - lo,) + tuple(b - a for a, b, _ in sub), np_dtype)
-            for j, i in enumerate(range(lo, hi)):
-                t = handle(files[names[i]]).get_slice(names[i])
-                out[j] = _read_block(kind, t, shape[1:], index[1:])
-            return out
+def _read_param(entry, files: dict, handle, np_dtype, sharding):
+    """One param as a ``jax.Array`` under ``sharding``, each device reading only its slice
+    (a stacked layer param from its per-layer tensors)."""
+    _, names, kind, shape = entry
+    stacked = names[0].startswith("model.layers.")
 
-        arr = jax.make_array_from_callback(shape, sharding, callback)
-        if stacked:
-            params["layers"][p[1]] = arr
-        else:
-            params[p[0]] = arr
-    return config, params
+    def callback(index):
+        if not stacked:
+            t = handle(files[names[0]]).get_slice(names[0])
+            return _read_block(kind, t, shape, index).astype(np_dtype)
+        lo, hi = index[0].indices(shape[0])[:2]
+        sub = tuple(s.indices(n) for s, n in zip(index[1:], shape[1:], strict=True))
+        out = np.empty((hi - lo,) + tuple(b - a for a, b, _ in sub), np_dtype)
+        for j, i in enumerate(range(lo, hi)):
+            t = handle(files[names[i]]).get_slice(names[i])
+            out[j] = _read_block(kind, t, shape[1:], index[1:])
+        return out
+
+    return jax.make_array_from_callback(shape, sharding, callback)
 
 
 def _lookup(tree, p):

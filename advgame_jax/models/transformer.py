@@ -23,6 +23,9 @@ G = H // K, hd head dim, F MLP width, V vocab, L layers. The param tree is docum
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
@@ -156,6 +159,18 @@ def embed(params, tokens, dtype):
     return jnp.take(params["embed"], tokens, axis=0).astype(dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class ForwardOptions:
+    """How the forward pass is built and placed: ``remat`` (bool or a name in
+    :data:`REMAT_POLICIES`), ``attention_impl`` (see the module docstring) and the activation
+    sharding constraints ``mesh`` / ``rules`` (none without a mesh)."""
+
+    remat: Any = False
+    attention_impl: str = "xla"
+    mesh: Any = None
+    rules: Any = dataclasses.field(default_factory=lambda: DEFAULT_RULES)
+
+
 def forward_hidden(
     params,
     config: ModelConfig,
@@ -164,19 +179,18 @@ def forward_hidden(
     positions=None,
     *,
     compute_dtype=None,
-    remat=False,
-    attention_impl: str = "xla",
-    mesh=None,
-    rules=DEFAULT_RULES,
+    options: ForwardOptions = ForwardOptions(),
 ):
     """Final-normed hidden states ``[B, T, d]`` in the compute dtype.
 
     tokens ``[B, T]`` int; attention_mask ``[B, T]`` (1/True = real token, default all ones);
     positions ``[B, T]`` int (default ``cumsum(mask) - 1`` clipped at 0, so left padding works).
-    A query at index i attends to keys j ≤ i with ``attention_mask[b, j]``. remat: bool or a
-    name in :data:`REMAT_POLICIES`; attention_impl: see the module docstring; mesh, rules:
-    activation sharding constraints (none without a mesh).
+    A query at index i attends to keys j ≤ i with ``attention_mask[b, j]``. ``options``:
+    rematerialisation, attention implementation and activation sharding
+    (:class:`ForwardOptions`).
     """
+    remat, attention_impl = options.remat, options.attention_impl
+    mesh, rules = options.mesh, options.rules
     dtype = _resolve_dtype(params, compute_dtype)
     tokens = jnp.asarray(tokens, jnp.int32)
     if attention_mask is None:
@@ -241,7 +255,6 @@ def forward(
         attention_mask,
         positions,
         compute_dtype=compute_dtype,
-        remat=remat,
-        attention_impl=attention_impl,
+        options=ForwardOptions(remat=remat, attention_impl=attention_impl),
     )
     return logits_from_hidden(params, config, hidden)

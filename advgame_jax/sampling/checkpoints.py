@@ -85,37 +85,9 @@ def restore_params(
     meta = checkpointer.metadata(item_dir)
     meta = getattr(meta, "item_metadata", meta)
     meta = getattr(meta, "tree", meta)
-    sub = meta
-    keys = []
-    for key in key_path:
-        k, sub = _child(sub, key, f"{item_dir} at {tuple(keys) + (key,)}")
-        keys.append(k)
+    keys, sub = _select(meta, key_path, item_dir)
     where = f"{item_dir} at key path {tuple(keys)}"
-    if like is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract = jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), sub
-        )
-    else:
-        stored = jax.tree.structure(sub)
-        if stored != jax.tree.structure(like):
-            raise ValueError(
-                f"checkpoint {where}: tree structure {stored} does not match the "
-                f"model's params {jax.tree.structure(like)}"
-            )
-
-        def target(m, ref):
-            if tuple(m.shape) != tuple(ref.shape):
-                raise ValueError(
-                    f"checkpoint {where}: array {getattr(m, 'name', '?')} has "
-                    f"shape {tuple(m.shape)}, expected {tuple(ref.shape)}"
-                )
-            sharding = getattr(ref, "sharding", None) or jax.sharding.SingleDeviceSharding(
-                jax.devices()[0]
-            )
-            return jax.ShapeDtypeStruct(tuple(ref.shape), ref.dtype, sharding=sharding)
-
-        abstract = jax.tree.map(target, sub, like)
+    abstract = _stored_abstract(sub) if like is None else _abstract_like(sub, like, where)
     wrapped = abstract
     for k in reversed(keys):
         wrapped = {k: wrapped}
@@ -130,6 +102,47 @@ def restore_params(
     for k in keys:
         restored = restored[k]
     return restored
+
+
+def _select(meta, key_path: Sequence[Any], item_dir: str):
+    """``(the stored keys along key_path, the metadata sub-tree they reach)``."""
+    sub = meta
+    keys = []
+    for key in key_path:
+        k, sub = _child(sub, key, f"{item_dir} at {tuple(keys) + (key,)}")
+        keys.append(k)
+    return keys, sub
+
+
+def _stored_abstract(sub):
+    """The stored shapes and dtypes, on the default device."""
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), sub
+    )
+
+
+def _abstract_like(sub, like, where: str):
+    """``like``'s shapes, dtypes and shardings, after checking the stored tree matches it."""
+    stored = jax.tree.structure(sub)
+    if stored != jax.tree.structure(like):
+        raise ValueError(
+            f"checkpoint {where}: tree structure {stored} does not match the "
+            f"model's params {jax.tree.structure(like)}"
+        )
+
+    def target(m, ref):
+        if tuple(m.shape) != tuple(ref.shape):
+            raise ValueError(
+                f"checkpoint {where}: array {getattr(m, 'name', '?')} has "
+                f"shape {tuple(m.shape)}, expected {tuple(ref.shape)}"
+            )
+        sharding = getattr(ref, "sharding", None) or jax.sharding.SingleDeviceSharding(
+            jax.devices()[0]
+        )
+        return jax.ShapeDtypeStruct(tuple(ref.shape), ref.dtype, sharding=sharding)
+
+    return jax.tree.map(target, sub, like)
 
 
 def save_params(path: str, params: Any) -> str:

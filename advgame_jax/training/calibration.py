@@ -20,6 +20,7 @@ measured figures are already what programs reach on this machine.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 
@@ -76,70 +77,83 @@ def model_matmul_mfu(mc, tokens: int, peak: float, repeats: int = 5) -> float:
     return min(flops / sec / peak, 1.0)
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenSelection:
+    """How a measured decode step picks its token (the sampler's ``select_tokens`` settings:
+    temperature 0 = greedy, top_p 1 and top_k 0 = no filter, ``use_filter`` = run the
+    top-p / top-k filter at all)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    use_filter: bool = False
+
+
 def decode_step_seconds(
     mc,
     params,
     rows: int,
     cache_len: int,
     *,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    use_filter: bool = False,
+    selection: TokenSelection = TokenSelection(),
     iterations: int = 32,
     repeats: int = 3,
 ) -> float:
     """Seconds per decode step of the model's own one-token step and token selection (the
     sampler's ``select_tokens`` with per-row keys) at ``rows`` × ``cache_len``, in a while
     loop (its program is compiled once per shape and setting)."""
-    from advgame_jax.models import forward_with_cache, init_cache
-    from advgame_jax.sampling.decode import row_keys, select_tokens
+    from advgame_jax.models import init_cache
 
-    key = (
-        mc,
-        rows,
-        cache_len,
-        iterations,
-        float(temperature),
-        float(top_p),
-        int(top_k),
-        bool(use_filter),
-    )
-    if key not in _DECODE_PROGRAMS:
-        kv_mask = jnp.ones((rows, cache_len), bool)
-        temp = jnp.full((rows,), temperature, jnp.float32)
-        tp, tk = jnp.full((rows,), top_p, jnp.float32), jnp.full((rows,), top_k, jnp.int32)
-
-        def run(params, cache, seeds):
-            keys = row_keys(seeds)
-
-            def body(c):
-                i, tok, cache = c
-                logits, cache = forward_with_cache(
-                    params,
-                    mc,
-                    tok,
-                    jnp.full((rows, 1), i),
-                    cache,
-                    i,
-                    kv_mask,
-                    compute_dtype=jnp.float32,
-                    last_only=True,
-                )
-                logits = logits.reshape(rows, -1, logits.shape[-1])[:, -1]
-                step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i)
-                nxt, _ = select_tokens(logits, temp, tp, tk, step_keys, use_filter=use_filter)
-                return i + 1, nxt.astype(jnp.int32)[:, None], cache
-
-            tok0 = jnp.zeros((rows, 1), jnp.int32)
-            return jax.lax.while_loop(lambda c: c[0] < iterations, body, (0, tok0, cache))[1]
-
-        _DECODE_PROGRAMS[key] = jax.jit(run)
+    program = _decode_program(mc, rows, cache_len, iterations, selection)
     cache = init_cache(mc, rows, cache_len, dtype=jnp.float32)
     seeds = jnp.zeros((rows, 4), jnp.uint32)
-    return (
-        _median_seconds(_DECODE_PROGRAMS[key], params, cache, seeds, repeats=repeats) / iterations
+    return _median_seconds(program, params, cache, seeds, repeats=repeats) / iterations
+
+
+def _decode_program(mc, rows: int, cache_len: int, iterations: int, selection: TokenSelection):
+    """The jitted ``run(params, cache, seeds)``: ``iterations`` one-token steps (cached)."""
+    from advgame_jax.models import forward_with_cache
+    from advgame_jax.sampling.decode import row_keys, select_tokens
+
+    sel = TokenSelection(
+        float(selection.temperature),
+        float(selection.top_p),
+        int(selection.top_k),
+        bool(selection.use_filter),
     )
+    key = (mc, rows, cache_len, iterations, sel.temperature, sel.top_p, sel.top_k, sel.use_filter)
+    if key in _DECODE_PROGRAMS:
+        return _DECODE_PROGRAMS[key]
+    kv_mask = jnp.ones((rows, cache_len), bool)
+    temp = jnp.full((rows,), sel.temperature, jnp.float32)
+    tp, tk = jnp.full((rows,), sel.top_p, jnp.float32), jnp.full((rows,), sel.top_k, jnp.int32)
+
+    def run(params, cache, seeds):
+        keys = row_keys(seeds)
+
+        def body(c):
+            i, tok, cache = c
+            logits, cache = forward_with_cache(
+                params,
+                mc,
+                tok,
+                jnp.full((rows, 1), i),
+                cache,
+                i,
+                kv_mask,
+                compute_dtype=jnp.float32,
+                last_only=True,
+            )
+            logits = logits.reshape(rows, -1, logits.shape[-1])[:, -1]
+            step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i)
+            nxt, _ = select_tokens(logits, temp, tp, tk, step_keys, use_filter=sel.use_filter)
+            return i + 1, nxt.astype(jnp.int32)[:, None], cache
+
+        tok0 = jnp.zeros((rows, 1), jnp.int32)
+        return jax.lax.while_loop(lambda c: c[0] < iterations, body, (0, tok0, cache))[1]
+
+    _DECODE_PROGRAMS[key] = jax.jit(run)
+    return _DECODE_PROGRAMS[key]
 
 
 _DECODE_PROGRAMS: dict = {}

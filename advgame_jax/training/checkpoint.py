@@ -333,52 +333,66 @@ class GameCheckpointer:
         be read, raises :class:`CheckpointError`.
         """
         self.wait()
-        steps = self.all_steps()
-        if step is not None:
-            if step not in steps:
-                raise CheckpointError(
-                    f"no checkpoint for step {step} in {self.directory} (have {steps})"
-                )
-            steps = [step]
+        steps = self._candidate_steps(step)
         if not steps:
             return None
         errors = []
         for s in reversed(steps):
+            restored, problem = self._try_restore(s, abstract_state, check_meta)
+            if restored is not None:
+                return restored
             step_dir = os.path.join(self.directory, str(s))
-            problem = verify_manifest(step_dir)
-            meta = saved_tree = None
-            if problem is None:
-                problem, meta, saved_tree = self._read_small(s)
-            if problem is None and meta is not None and saved_tree is not None:
-                reasons = structure_differences(saved_tree, abstract_state)
-                if not reasons and check_meta is not None:
-                    reasons = list(check_meta(meta))
-                if reasons:
-                    shown = "; ".join(reasons[:12]) + (
-                        f"; … {len(reasons) - 12} more" if len(reasons) > 12 else ""
-                    )
-                    raise CheckpointIncompatibleError(
-                        f"the checkpoint at {step_dir} was written by a run with another "
-                        f"config, so it is not resumed (nothing was changed): {shown}. Rerun "
-                        f"with the original settings to resume, or use a new workdir."
-                    )
-                try:
-                    out = self._mgr.restore(
-                        s,
-                        args=ocp.args.Composite(
-                            state=ocp.args.StandardRestore(abstract_state),
-                            meta=ocp.args.JsonRestore(),
-                        ),
-                    )
-                    return s, out["state"], out["meta"]
-                except Exception as e:  # noqa: BLE001 - structure matched: a read failure is damage
-                    problem = f"{type(e).__name__}: {str(e)[:500]}"
             errors.append(f"step {s}: {problem}")
             logging.warning(
                 "checkpoint %s is damaged (%s); falling back to an earlier one", step_dir, problem
             )
             self._quarantine(s)
         raise CheckpointError(f"no usable checkpoint in {self.directory}: " + "; ".join(errors))
+
+    def _candidate_steps(self, step: Optional[int]) -> list[int]:
+        """Committed steps to try, oldest first: all of them, or exactly ``step``."""
+        steps = self.all_steps()
+        if step is None:
+            return steps
+        if step not in steps:
+            raise CheckpointError(
+                f"no checkpoint for step {step} in {self.directory} (have {steps})"
+            )
+        return [step]
+
+    def _try_restore(self, s: int, abstract_state: Any, check_meta):
+        """``((s, state, meta), None)`` when step ``s`` reads back, ``(None, problem)`` when it
+        is damaged; raises :class:`CheckpointIncompatibleError` when it belongs to another run."""
+        step_dir = os.path.join(self.directory, str(s))
+        problem = verify_manifest(step_dir)
+        meta = saved_tree = None
+        if problem is None:
+            problem, meta, saved_tree = self._read_small(s)
+        if problem is not None or meta is None or saved_tree is None:
+            return None, problem
+        reasons = structure_differences(saved_tree, abstract_state)
+        if not reasons and check_meta is not None:
+            reasons = list(check_meta(meta))
+        if reasons:
+            shown = "; ".join(reasons[:12]) + (
+                f"; … {len(reasons) - 12} more" if len(reasons) > 12 else ""
+            )
+            raise CheckpointIncompatibleError(
+                f"the checkpoint at {step_dir} was written by a run with another "
+                f"config, so it is not resumed (nothing was changed): {shown}. Rerun "
+                f"with the original settings to resume, or use a new workdir."
+            )
+        try:
+            out = self._mgr.restore(
+                s,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    meta=ocp.args.JsonRestore(),
+                ),
+            )
+            return (s, out["state"], out["meta"]), None
+        except Exception as e:  # noqa: BLE001 - structure matched: a read failure is damage
+            return None, f"{type(e).__name__}: {str(e)[:500]}"
 
     def _read_small(self, step: int):
         """``(problem, meta, state tree metadata)`` of a step; ``problem`` is None when both

@@ -100,25 +100,7 @@ def collate_global(
         raise ValueError(f"kind must be 'pairs' or 'samples', got {kind!r}")
     n_proc = jax.process_count()
     dp = batch_parallel_size(mesh, rules)
-    explicit = [r.weight is not None for r in records]
-    if any(explicit) and not all(explicit):
-        raise ValueError("collate_global: some records carry a weight and some do not")
-    info = allgather_ints(
-        [
-            len(records),
-            _longest(records, kind),
-            int(any(explicit)),
-            int(bool(records) and not all(explicit)),
-        ]
-    )
-    counts, longest = info[:, 0], int(np.max(info[:, 1]))
-    if np.any(info[:, 2]) and np.any(info[:, 3]):
-        raise ValueError("collate_global: processes disagree on whether records carry weights")
-    if not np.any(info[:, 2]):
-        total = max(int(np.sum(counts)), 1)
-        records = [dataclasses.replace(r, weight=1.0 / total) for r in records]
-    elif n_proc > 1:
-        records = [dataclasses.replace(r, weight=r.weight / n_proc) for r in records]
+    records, counts, longest = _agree_on_weights(records, kind, n_proc)
     local_rows, t = plan_global(
         counts,
         longest,
@@ -144,6 +126,37 @@ def collate_global(
         local = collate_samples(records, sample_buckets=(local_rows,), **common)
     if n_proc == 1:
         return local
+    return _local_to_global(local, mesh, rules, n_proc)
+
+
+def _agree_on_weights(records: Sequence, kind: str, n_proc: int):
+    """``(records with their objective weights, [P] record counts, longest sequence)``: one
+    all-gather of every process's count, longest sequence and whether it has weights."""
+    explicit = [r.weight is not None for r in records]
+    if any(explicit) and not all(explicit):
+        raise ValueError("collate_global: some records carry a weight and some do not")
+    info = allgather_ints(
+        [
+            len(records),
+            _longest(records, kind),
+            int(any(explicit)),
+            int(bool(records) and not all(explicit)),
+        ]
+    )
+    counts, longest = info[:, 0], int(np.max(info[:, 1]))
+    if np.any(info[:, 2]) and np.any(info[:, 3]):
+        raise ValueError("collate_global: processes disagree on whether records carry weights")
+    if not np.any(info[:, 2]):
+        total = max(int(np.sum(counts)), 1)
+        records = [dataclasses.replace(r, weight=1.0 / total) for r in records]
+    elif n_proc > 1:
+        records = [dataclasses.replace(r, weight=r.weight / n_proc) for r in records]
+    return records, counts, longest
+
+
+def _local_to_global(local, mesh, rules, n_proc: int):
+    """Each process's rows of the batch → global ``jax.Array`` s (process p: rows
+    ``[p·G/P, (p+1)·G/P)``), held by its own devices only."""
     global_shapes = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct((x.shape[0] * n_proc,) + x.shape[1:], x.dtype), local
     )

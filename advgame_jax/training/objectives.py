@@ -64,23 +64,21 @@ def _preference(fn: Callable):
 def grpo_objective(lp, ref_lp, ent, lmask, mb, hp: LossHParams):
     """Per-sample GRPO loss (policy gradient + k3 KL, optional truncated IS)."""
     tis = hp.tis_cap if hp.tis_cap is not None and hp.tis_cap > 0 else None
-    sampler_lp = None
+    importance = None
     if tis is not None:
         # Rows without sampler log-probs get ratio 1 (no correction) rather than garbage.
         shifted = jnp.concatenate(
             [mb.sampler_logprobs[:, 1:], jnp.zeros_like(mb.sampler_logprobs[:, :1])], axis=-1
         )
         sampler_lp = jnp.where(mb.has_sampler_logprobs[:, None], shifted, jax.lax.stop_gradient(lp))
+        importance = losses.ImportanceWeighting(
+            sampler_lp,
+            tis_cap=tis,
+            detach_weight=hp.tis_detach,
+            sampler_rows=mb.has_sampler_logprobs,
+        )
     per = losses.grpo_loss(
-        lp,
-        ref_lp,
-        mb.advantages,
-        lmask,
-        kl_coef=hp.kl_coef,
-        sampler_token_logps=sampler_lp,
-        detach_weight=hp.tis_detach,
-        sampler_rows=mb.has_sampler_logprobs,
-        tis_cap=tis if tis is not None else 2.0,
+        lp, ref_lp, mb.advantages, lmask, kl_coef=hp.kl_coef, importance=importance
     )
     ln = hp.length_normalization
     if hp.nll_coef:

@@ -80,53 +80,16 @@ def _decay_mask(params):
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def make_optimizer(
-    lr: float = 1e-6,
-    *,
-    num_steps: int,
-    b1: float = 0.9,
-    b2: float = 0.95,
-    eps: float = 1e-8,
-    weight_decay: float = 0.1,
-    clip_norm: float = 1.0,
-    final_lr_fraction: float = 0.2,
-    warmup_steps: int = 0,
-    restart: bool = False,
-    decay_norms_and_biases: bool = False,
-    mu_dtype=None,
-) -> optax.GradientTransformation:
-    """AdamW (decoupled weight decay) after global-norm clipping at ``clip_norm``.
+@dataclasses.dataclass(frozen=True)
+class OptimizerSettings:
+    """Everything :func:`make_optimizer` takes, as one frozen value (``config.optim`` with the
+    run's update count; ``experiment.update_settings`` maps the config block onto it).
 
     ``num_steps`` counts OPTIMIZER updates (the game does one per seed split, so a run of N
     trainer steps over two splits makes 2N updates). ``clip_norm <= 0`` disables clipping.
     ``restart``: the cosine restarts every ``num_steps`` updates (see :func:`make_lr_schedule`).
     ``mu_dtype``: storage dtype of Adam's first moment (None: the params' dtype).
     """
-    schedule = make_lr_schedule(
-        lr,
-        num_steps=num_steps,
-        final_lr_fraction=final_lr_fraction,
-        warmup_steps=warmup_steps,
-        restart=restart,
-    )
-    adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask", "mu_dtype"))(
-        learning_rate=schedule,
-        b1=b1,
-        b2=b2,
-        eps=eps,
-        weight_decay=weight_decay,
-        mask=None if decay_norms_and_biases else _decay_mask,
-        mu_dtype=mu_dtype,
-    )
-    if clip_norm and clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(clip_norm), adamw)
-    return adamw
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerSettings:
-    """The arguments of :func:`make_optimizer` as one frozen value (``config.optim`` with the
-    run's update count; ``experiment.update_settings`` maps the config block onto it)."""
 
     lr: float = 1e-6
     num_steps: int = 1000
@@ -142,7 +105,34 @@ class OptimizerSettings:
     mu_dtype: Any = None
 
     def build(self) -> optax.GradientTransformation:
-        return make_optimizer(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        """AdamW (decoupled weight decay) after global-norm clipping at ``clip_norm``."""
+        schedule = make_lr_schedule(
+            self.lr,
+            num_steps=self.num_steps,
+            final_lr_fraction=self.final_lr_fraction,
+            warmup_steps=self.warmup_steps,
+            restart=self.restart,
+        )
+        adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask", "mu_dtype"))(
+            learning_rate=schedule,
+            b1=self.b1,
+            b2=self.b2,
+            eps=self.eps,
+            weight_decay=self.weight_decay,
+            mask=None if self.decay_norms_and_biases else _decay_mask,
+            mu_dtype=self.mu_dtype,
+        )
+        if self.clip_norm and self.clip_norm > 0:
+            return optax.chain(optax.clip_by_global_norm(self.clip_norm), adamw)
+        return adamw
+
+
+def make_optimizer(lr: float = 1e-6, *, num_steps: int, **settings) -> optax.GradientTransformation:
+    """AdamW (decoupled weight decay) after global-norm clipping at ``clip_norm``:
+    ``OptimizerSettings(lr=lr, num_steps=num_steps, **settings).build()``; the other settings
+    (b1, b2, eps, weight_decay, clip_norm, final_lr_fraction, warmup_steps, restart,
+    decay_norms_and_biases, mu_dtype) and their defaults are :class:`OptimizerSettings`'s."""
+    return OptimizerSettings(lr=lr, num_steps=num_steps, **settings).build()
 
 
 def current_lr(opt_state):

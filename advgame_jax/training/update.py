@@ -39,6 +39,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from advgame_jax.models import (
     DEFAULT_RULES,
+    ForwardOptions,
     ModelConfig,
     forward_hidden,
     param_shardings,
@@ -69,35 +70,25 @@ def _shift(x, fill):
 def sequence_token_logprobs(
     params,
     config: ModelConfig,
-    tokens,
-    attention_mask,
-    positions,
+    rows,
     *,
     compute_dtype,
     chunk_size: int,
-    remat,
+    options: ForwardOptions,
     with_entropy: bool = False,
-    attention_impl: str = "xla",
-    mesh=None,
-    rules=DEFAULT_RULES,
 ):
     """Log-prob of each next token ``[R, T]`` fp32 (column t scores ``tokens[:, t+1]``; the
-    last column scores a dummy target) and, if asked, the next-token entropy ``[R, T]``."""
+    last column scores a dummy target) and, if asked, the next-token entropy ``[R, T]``.
+    ``rows``: ``(tokens, attention_mask, positions)``, each ``[R, T]``; ``options``: remat,
+    attention implementation and sharding of the forward pass (``models.ForwardOptions``)."""
+    tokens, attention_mask, positions = rows
+    mesh, rules = options.mesh, options.rules
     p = jax.tree.map(lambda x: x.astype(compute_dtype), params)
     if mesh is not None:
         # Cast where the params live, so FSDP gathers compute-dtype weights (not fp32 ones).
         p = jax.lax.with_sharding_constraint(p, param_shardings(config, mesh, rules))
     hidden = forward_hidden(
-        p,
-        config,
-        tokens,
-        attention_mask,
-        positions,
-        compute_dtype=compute_dtype,
-        remat=remat,
-        attention_impl=attention_impl,
-        mesh=mesh,
-        rules=rules,
+        p, config, tokens, attention_mask, positions, compute_dtype=compute_dtype, options=options
     )
     return sharded_sequence_logprobs(
         hidden,
@@ -229,6 +220,106 @@ def update_step_from(
     )
 
 
+def _check_settings(loss: LossSettings, train: StepSettings) -> None:
+    """Reject an unknown objective, a microbatch count below one or a non-positive budget."""
+    if loss.kind not in OBJECTIVES:
+        raise ValueError(f"loss.kind must be one of {LOSSES}, got {loss.kind!r}")
+    if train.num_microbatches < 1:
+        raise ValueError(f"train.num_microbatches must be ≥ 1, got {train.num_microbatches!r}")
+    budget = train.max_tokens_per_device
+    if budget is not None and budget < 1:
+        raise ValueError(f"train.max_tokens_per_device must be ≥ 1 or unset, got {budget!r}")
+    resolve_impl(train.attention_impl)
+
+
+def _rows_of(x):
+    """Pairs ``[P, 2, T]`` → ``[2P, T]``; samples ``[S, T]`` unchanged."""
+    return x.reshape((-1,) + x.shape[-1:])
+
+
+def _objective_grad_fn(
+    model_config: ModelConfig, loss: LossSettings, train: StepSettings, *, mesh, rules
+):
+    """``value_and_grad`` of the weighted objective over one microbatch:
+    ``grad_fn(params, ref, mb) -> ((total, sums), grads)``."""
+    objective_fn, kind = OBJECTIVES[loss.kind]
+    hp = loss.hparams()
+    opts = ForwardOptions(
+        remat=remat_policy(train.remat),
+        attention_impl=train.attention_impl,
+        mesh=mesh,
+        rules=rules,
+    )
+    ref_opts = dataclasses.replace(opts, remat="none")
+    fwd = dict(compute_dtype=train.compute_dtype, chunk_size=train.chunk_size)
+    with_entropy = loss.entropy_coef != 0.0
+
+    def objective(params, ref, mb):
+        rows = (_rows_of(mb.tokens), _rows_of(mb.attention_mask), _rows_of(mb.positions))
+        lp, ent = sequence_token_logprobs(
+            params, model_config, rows, options=opts, with_entropy=with_entropy, **fwd
+        )
+        ref_lp, _ = sequence_token_logprobs(ref, model_config, rows, options=ref_opts, **fwd)
+        lmask = _shift(_rows_of(mb.loss_mask), False)
+        per, sums = objective_fn(lp, jax.lax.stop_gradient(ref_lp), ent, lmask, mb, hp)
+        valid = mb.pair_valid if kind == "pairs" else mb.sample_valid
+        weight = mb.pair_weight if kind == "pairs" else mb.sample_weight
+        total = jnp.sum(jnp.where(valid, weight * per, 0.0))
+        return total, sums
+
+    return jax.value_and_grad(objective, has_aux=True)
+
+
+def _step_metrics(sums, n_valid, kind: str, *, grad_norm, apply, finite, opt_state) -> dict:
+    """Means over valid rows of the objective's sums, plus the update's own scalars."""
+    denom = jnp.maximum(n_valid, 1.0)
+    metrics = {k: v / denom for k, v in sums.items() if k not in ("kl_k3_tokens", "num_tokens")}
+    if kind == "samples":
+        metrics["kl_k3"] = sums["kl_k3_tokens"] / jnp.maximum(sums["num_tokens"], 1.0)
+        metrics["num_samples"] = n_valid
+        metrics["num_tokens"] = sums["num_tokens"]
+    else:
+        metrics["num_pairs"] = n_valid
+    metrics["grad_norm"] = grad_norm
+    metrics["lr"] = current_lr(opt_state)
+    metrics["applied"] = apply.astype(jnp.float32)
+    metrics["skipped_nonfinite"] = ((n_valid > 0) & ~finite).astype(jnp.float32)
+    return metrics
+
+
+def _constrain_inputs(state: PlayerState, batch, model_config: ModelConfig, mesh, rules):
+    """State and batch under their mesh shardings, with the state, row and gradient shardings
+    (all None without a mesh)."""
+    if mesh is None:
+        return state, batch, None, None, None
+    s_sh = state_shardings(state, model_config, mesh, rules)
+    state = jax.lax.with_sharding_constraint(state, s_sh)
+    b_sh = batch_shardings(batch, mesh, rules)
+    batch = jax.lax.with_sharding_constraint(batch, b_sh)
+    return state, batch, s_sh, b_sh.tokens, s_sh.params
+
+
+def _batch_microbatches(batch, kind: str, dp: int, train: StepSettings) -> int:
+    """Microbatches of a batch of this shape (decided at trace time, per length bucket)."""
+    rows, t = batch.tokens.shape[0], batch.tokens.shape[-1]
+    return microbatch_count(
+        rows // dp,
+        t * (2 if kind == "pairs" else 1),
+        num_microbatches=train.num_microbatches,
+        max_tokens_per_device=train.max_tokens_per_device,
+    )
+
+
+def _keep_unless(apply, state: PlayerState, new_params, new_opt) -> PlayerState:
+    """The updated state where ``apply`` holds, else the old params, optimizer state and step."""
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)  # noqa: E731
+    return state.replace(
+        params=keep(new_params, state.params),
+        opt_state=keep(new_opt, state.opt_state),
+        step=state.step + apply.astype(state.step.dtype),
+    )
+
+
 def make_update_step(
     model_config: ModelConfig,
     optimizer: optax.GradientTransformation,
@@ -244,68 +335,16 @@ def make_update_step(
     optimizer too. Batch rows must be a multiple of ``num_microbatches ×
     batch_parallel_size(mesh)`` (``collate_*`` guarantees it when given the same numbers).
     """
-    if loss.kind not in OBJECTIVES:
-        raise ValueError(f"loss.kind must be one of {LOSSES}, got {loss.kind!r}")
-    num_microbatches, max_tokens_per_device = train.num_microbatches, train.max_tokens_per_device
-    if num_microbatches < 1:
-        raise ValueError(f"train.num_microbatches must be ≥ 1, got {num_microbatches!r}")
-    if max_tokens_per_device is not None and max_tokens_per_device < 1:
-        raise ValueError(
-            f"train.max_tokens_per_device must be ≥ 1 or unset, got {max_tokens_per_device!r}"
-        )
-    attention_impl, entropy_coef, step_on_empty = (
-        train.attention_impl,
-        loss.entropy_coef,
-        train.step_on_empty,
-    )
-    resolve_impl(attention_impl)
-    policy = remat_policy(train.remat)
-    objective_fn, kind = OBJECTIVES[loss.kind]
-    hp = loss.hparams()
-    fwd = dict(
-        compute_dtype=train.compute_dtype,
-        chunk_size=train.chunk_size,
-        attention_impl=attention_impl,
-        mesh=mesh,
-        rules=rules,
-    )
+    _check_settings(loss, train)
+    kind = OBJECTIVES[loss.kind][1]
+    grad_fn = _objective_grad_fn(model_config, loss, train, mesh=mesh, rules=rules)
     dp = batch_parallel_size(mesh, rules)
 
-    def rows_of(x):  # pairs [P, 2, T] -> [2P, T]; samples unchanged
-        return x.reshape((-1,) + x.shape[-1:])
-
-    def objective(params, ref, mb):
-        args = (rows_of(mb.tokens), rows_of(mb.attention_mask), rows_of(mb.positions))
-        lp, ent = sequence_token_logprobs(
-            params, model_config, *args, remat=policy, with_entropy=entropy_coef != 0.0, **fwd
-        )
-        ref_lp, _ = sequence_token_logprobs(ref, model_config, *args, remat="none", **fwd)
-        lmask = _shift(rows_of(mb.loss_mask), False)
-        per, sums = objective_fn(lp, jax.lax.stop_gradient(ref_lp), ent, lmask, mb, hp)
-        valid = mb.pair_valid if kind == "pairs" else mb.sample_valid
-        weight = mb.pair_weight if kind == "pairs" else mb.sample_weight
-        total = jnp.sum(jnp.where(valid, weight * per, 0.0))
-        return total, sums
-
-    grad_fn = jax.value_and_grad(objective, has_aux=True)
-
     def update(state: PlayerState, batch):
-        if mesh is not None:
-            s_sh = state_shardings(state, model_config, mesh, rules)
-            state = jax.lax.with_sharding_constraint(state, s_sh)
-            b_sh = batch_shardings(batch, mesh, rules)
-            batch = jax.lax.with_sharding_constraint(batch, b_sh)
-            row_sh, grad_sh = b_sh.tokens, s_sh.params
-        else:
-            s_sh = row_sh = grad_sh = None
-        rows, t = batch.tokens.shape[0], batch.tokens.shape[-1]
-        per_row_tokens = t * (2 if kind == "pairs" else 1)
-        m = microbatch_count(
-            rows // dp,
-            per_row_tokens,
-            num_microbatches=num_microbatches,
-            max_tokens_per_device=max_tokens_per_device,
+        state, batch, s_sh, row_sh, grad_sh = _constrain_inputs(
+            state, batch, model_config, mesh, rules
         )
+        m = _batch_microbatches(batch, kind, dp, train)
         params = state.params
         ref = jax.lax.stop_gradient(reference_params(state))
         valid = batch.pair_valid if kind == "pairs" else batch.sample_valid
@@ -319,32 +358,23 @@ def make_update_step(
         # A non-finite loss or gradient (e.g. from corrupted inputs) skips the update like an
         # empty batch does, so it can never reach the params or a checkpoint.
         finite = jnp.isfinite(grad_norm) & jnp.isfinite(sums["loss"])
-        apply = ((n_valid > 0) | step_on_empty) & finite
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)  # noqa: E731
-        new_state = state.replace(
-            params=keep(new_params, params),
-            opt_state=keep(new_opt, state.opt_state),
-            step=state.step + apply.astype(state.step.dtype),
-        )
+        apply = ((n_valid > 0) | train.step_on_empty) & finite
+        new_state = _keep_unless(apply, state, new_params, new_opt)
         if s_sh is not None:
             new_state = jax.lax.with_sharding_constraint(new_state, s_sh)
-        denom = jnp.maximum(n_valid, 1.0)
-        metrics = {k: v / denom for k, v in sums.items() if k not in ("kl_k3_tokens", "num_tokens")}
-        if kind == "samples":
-            metrics["kl_k3"] = sums["kl_k3_tokens"] / jnp.maximum(sums["num_tokens"], 1.0)
-            metrics["num_samples"] = n_valid
-            metrics["num_tokens"] = sums["num_tokens"]
-        else:
-            metrics["num_pairs"] = n_valid
-        metrics["grad_norm"] = grad_norm
-        metrics["lr"] = current_lr(new_state.opt_state)
-        metrics["applied"] = apply.astype(jnp.float32)
-        metrics["skipped_nonfinite"] = ((n_valid > 0) & ~finite).astype(jnp.float32)
+        metrics = _step_metrics(
+            sums,
+            n_valid,
+            kind,
+            grad_norm=grad_norm,
+            apply=apply,
+            finite=finite,
+            opt_state=new_state.opt_state,
+        )
         return new_state, metrics
 
-    return UpdateStep(
-        jax.jit(update, donate_argnums=0), model_config, mesh, rules, num_microbatches, optimizer
-    )
+    jitted = jax.jit(update, donate_argnums=0)
+    return UpdateStep(jitted, model_config, mesh, rules, train.num_microbatches, optimizer)
 
 
 class UpdateStep:

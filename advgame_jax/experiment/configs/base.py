@@ -62,8 +62,8 @@ def _player(role: str) -> ml_collections.ConfigDict:
     )
 
 
-def base_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
+def _run_fields(c: ml_collections.ConfigDict) -> None:
+    """The run's identity and where it starts from."""
     c.name = "advgame"
     c.workdir = ""  # required: checkpoints, metrics, audit logs go here
     c.seed = 0
@@ -77,26 +77,30 @@ def base_config() -> ml_collections.ConfigDict:
     # (advgame_jax/experiment/init_from.py). Empty = start from the players' hf_path.
     c.init_from = ""
 
+
+def _mesh() -> ml_collections.ConfigDict:
     # Device mesh: -1 on `data` = all remaining devices. Multi-host: data/fsdp/tensor are the
     # sizes INSIDE one host (GPU node) or TPU slice; dcn_* multiply them across hosts/slices
     # (e.g. fsdp=8, dcn_data=2: FSDP inside each of 2 nodes, data parallel across them).
-    c.mesh = ml_collections.ConfigDict(
+    return ml_collections.ConfigDict(
         dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
     )
+
+
+def _distributed() -> ml_collections.ConfigDict:
     # Joining a multi-process world (advgame_jax.distributed): empty/0 = detect from the
     # environment (ADVGAME_COORDINATOR/_NUM_PROCESSES/_PROCESS_ID, Slurm, TPU VM pods).
-    c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=0, process_id=-1))
+    return ml_collections.ConfigDict(dict(coordinator="", num_processes=0, process_id=-1))
 
+
+def _placement() -> ml_collections.ConfigDict:
     # Colocated vLLM engines share the trainer's devices: JAX's share of each device (applied
     # before JAX initialises) + engines' gpu_memory_utilization + margin must be <= 1.
-    c.placement = ml_collections.ConfigDict(
-        dict(jax_memory_fraction=0.0, device_memory_margin=0.05)
-    )
+    return ml_collections.ConfigDict(dict(jax_memory_fraction=0.0, device_memory_margin=0.05))
 
-    c.attacker = _player("attacker")
-    c.defender = _player("defender")
 
-    c.judge = ml_collections.ConfigDict(
+def _judge() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
         dict(
             backend="endpoint",  # 'endpoint' | 'rule' | 'sampler'
             endpoints=(),  # OpenAI-compatible base URLs, e.g. ('http://host:8000/v1',)
@@ -136,7 +140,9 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
 
-    c.game = ml_collections.ConfigDict(
+
+def _game() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
         dict(
             num_attacks=2,  # A
             num_responses=2,  # D
@@ -155,11 +161,13 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
 
-    c.sampling = ml_collections.ConfigDict(
-        dict(temperature=0.6, top_p=0.9, top_k=0, max_new_tokens=2048)
-    )
 
-    c.loss = ml_collections.ConfigDict(
+def _sampling() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(temperature=0.6, top_p=0.9, top_k=0, max_new_tokens=2048))
+
+
+def _loss() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
         dict(
             kind="dpo",  # 'dpo' | 'ipo' | 'grpo'
             beta=0.1,
@@ -175,7 +183,9 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
 
-    c.optim = ml_collections.ConfigDict(
+
+def _optim() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
         dict(
             lr=1e-6,
             b1=0.9,
@@ -187,10 +197,14 @@ def base_config() -> ml_collections.ConfigDict:
             # 'run': one cosine over all 2·num_steps updates; 'cycle' (the reference): a
             # cosine over num_steps updates that restarts (training/optimizer.py).
             lr_schedule="run",
+            # Storage of Adam's first moment (see _update_step_scale below).
+            mu_dtype="float32",
         )
     )
 
-    c.train = ml_collections.ConfigDict(
+
+def _train() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
         dict(
             num_steps=1000,
             seeds_per_device=4,  # B per device per split (when seeds_per_step is 0)
@@ -223,6 +237,8 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
 
+
+def _update_step_scale(train: ml_collections.ConfigDict) -> None:
     # ---- Scale of the update step: attention, remat, token budget, precision ------------
     # attention: 'auto' (cuDNN flash attention on GPU, exact chunked attention elsewhere),
     # 'xla' (full score matrix), 'chunked', 'cudnn'. remat_policy: 'none' (no
@@ -230,14 +246,14 @@ def base_config() -> ml_collections.ConfigDict:
     # microbatch on one device (pairs count both sequences); 0 = train.num_microbatches only.
     # ema_dtype / optim.mu_dtype: storage of θ̄ and of Adam's first moment (see
     # advgame_jax.training.state.PRECISION_DEFAULTS for why the defaults are fp32).
-    c.train.attention = "auto"
-    c.train.remat_policy = "full"
-    c.train.max_tokens_per_device = 8192
-    c.train.ema_dtype = "float32"
-    c.optim.mu_dtype = "float32"
-    # ---- end of the update-step scale block ---------------------------------------------
+    train.attention = "auto"
+    train.remat_policy = "full"
+    train.max_tokens_per_device = 8192
+    train.ema_dtype = "float32"
 
-    c.data = ml_collections.ConfigDict(
+
+def _data() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
         dict(
             train_harmful="",
             train_benign="",
@@ -251,6 +267,23 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
 
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    _run_fields(c)
+    c.mesh = _mesh()
+    c.distributed = _distributed()
+    c.placement = _placement()
+    c.attacker = _player("attacker")
+    c.defender = _player("defender")
+    c.judge = _judge()
+    c.game = _game()
+    c.sampling = _sampling()
+    c.loss = _loss()
+    c.optim = _optim()
+    c.train = _train()
+    _update_step_scale(c.train)
+    c.data = _data()
     # num_seeds: seeds per validation split, 0 = the whole split; batch_size: seeds per
     # rollout call when validating (0 = all at once).
     c.validation = ml_collections.ConfigDict(dict(num_seeds=64, num_responses=2, batch_size=64))
