@@ -32,7 +32,6 @@ pairwise probe and warns (raw reply, fields to look at) when an answer does not 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any, Optional, Sequence
 
@@ -64,31 +63,18 @@ NEUTRAL_SAMPLING = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class JudgeSampling:
-    """The decoding every judge request carries (module docstring)."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    max_tokens: int = 8192
-    explicit_sampling: bool = True
-
-
-_SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(JudgeSampling))
-
-
 class EndpointBackend:
     """Concurrent, retrying client of one or more OpenAI-compatible chat endpoints.
 
     endpoints: base URLs such as ``http://host:8000/v1``; model: the served model name.
     concurrency: requests in flight in total.
-    warn_failure_rate / warn_every: failure-rate warning (module docstring).
-    options: the :class:`JudgeSampling` fields (``temperature``, ``top_p``, ``max_tokens``,
-    ``explicit_sampling``: decoding, module docstring) and the ``net.ClientOptions`` ones:
-    ``api_key`` (sent as ``Authorization: Bearer``, never logged), ``timeout_s`` (wall-clock
-    limit per request, retries included; 120 s unless given), ``max_retries`` (re-sends after
-    the first attempt; 3 unless given), backoff_s, max_backoff_s, seed (the backoff jitter),
-    max_in_flight_per_endpoint, unhealthy_after, unhealthy_cooldown_s, sleep, clock.
+    temperature / top_p / max_tokens / explicit_sampling: decoding (module docstring).
+    options: ``warn_failure_rate`` / ``warn_every`` (failure-rate warning, module docstring)
+    and the ``net.ClientOptions`` fields: ``api_key`` (sent as ``Authorization: Bearer``,
+    never logged), ``timeout_s`` (wall-clock limit per request, retries included; 120 s
+    unless given), ``max_retries`` (re-sends after the first attempt; 3 unless given),
+    backoff_s, max_backoff_s, seed (the backoff jitter), max_in_flight_per_endpoint,
+    unhealthy_after, unhealthy_cooldown_s, sleep, clock.
     """
 
     def __init__(
@@ -97,17 +83,20 @@ class EndpointBackend:
         model: str,
         *,
         concurrency: int = 32,
-        warn_failure_rate: float = 0.1,
-        warn_every: int = 10,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        max_tokens: int = 8192,
+        explicit_sampling: bool = True,
         **options: Any,
     ):
-        sampling = JudgeSampling(**{k: options.pop(k) for k in _SAMPLING_FIELDS if k in options})
+        warn_failure_rate = options.pop("warn_failure_rate", 0.1)
+        warn_every = options.pop("warn_every", 10)
         if not model:
             raise JudgeEndpointError("judge model: expected the model name served at the endpoints")
-        if concurrency < 1 or not 0.0 < float(sampling.top_p) <= 1.0:
+        if concurrency < 1 or not 0.0 < float(top_p) <= 1.0:
             raise JudgeEndpointError(
                 f"judge endpoint options: expected concurrency >= 1 and "
-                f"top_p in (0, 1]; got {concurrency}, {sampling.top_p!r}"
+                f"top_p in (0, 1]; got {concurrency}, {top_p!r}"
             )
         try:
             self.client = Client(
@@ -131,11 +120,8 @@ class EndpointBackend:
             raise JudgeEndpointError(f"judge endpoint options: {err}") from None
         self.endpoints, self.model, self.concurrency = self.client.endpoints, model, concurrency
         self.timeout_s, self.max_retries = self.client.timeout_s, self.client.max_retries
-        self.temperature, self.top_p = float(sampling.temperature), float(sampling.top_p)
-        self.max_tokens, self.explicit_sampling = (
-            sampling.max_tokens,
-            bool(sampling.explicit_sampling),
-        )
+        self.temperature, self.top_p, self.max_tokens = float(temperature), float(top_p), max_tokens
+        self.explicit_sampling = bool(explicit_sampling)
         self.endpoint_health, self.fault_counts = (
             self.client.endpoint_health,
             self.client.fault_counts,
