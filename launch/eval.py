@@ -122,37 +122,43 @@ def _main():
     sets = prompt_sets.load_prompt_sets(FLAGS.set, limit=FLAGS.limit or None)
     clf = classifiers.make_classifier(
         FLAGS.classifier,
-        endpoint=FLAGS.classifier_endpoint,
-        model=FLAGS.classifier_model,
-        api=FLAGS.classifier_api,
-        api_key=api_key,
+        classifiers.EndpointSpec(
+            FLAGS.classifier_endpoint,
+            FLAGS.classifier_model,
+            api=FLAGS.classifier_api,
+            api_key=api_key,
+            timeout_s=FLAGS.request_timeout_s,
+        ),
         template_path=FLAGS.classifier_template,
         output=FLAGS.classifier_output,
         seed=FLAGS.seed,
-        timeout_s=FLAGS.request_timeout_s,
     )
     target = targets.load_target(
-        hf_dir=FLAGS.hf_dir,
-        checkpoint=FLAGS.checkpoint,
-        endpoint=FLAGS.endpoint,
-        endpoint_model=FLAGS.endpoint_model,
-        player=FLAGS.player,
-        params=FLAGS.params,
-        base_hf_dir=FLAGS.base_hf_dir,
-        allow_attacker=FLAGS.allow_attacker,
-        api_key=api_key,
-        compute_dtype=FLAGS.compute_dtype,
-        timeout_s=FLAGS.request_timeout_s,
+        targets.TargetSpec(
+            hf_dir=FLAGS.hf_dir,
+            checkpoint=FLAGS.checkpoint,
+            endpoint=FLAGS.endpoint,
+            endpoint_model=FLAGS.endpoint_model,
+            player=FLAGS.player,
+            params=FLAGS.params,
+            base_hf_dir=FLAGS.base_hf_dir,
+            allow_attacker=FLAGS.allow_attacker,
+            api_key=api_key,
+            compute_dtype=FLAGS.compute_dtype,
+            timeout_s=FLAGS.request_timeout_s,
+        )
     )
     out = runner.run_eval(
         sets,
         target,
         clf,
         FLAGS.out_dir,
-        seed=FLAGS.seed,
-        decoding=decoding,
-        batch_size=FLAGS.batch_size,
-        num_resamples=FLAGS.num_resamples,
+        runner.EvalSettings(
+            seed=FLAGS.seed,
+            decoding=decoding,
+            batch_size=FLAGS.batch_size,
+            num_resamples=FLAGS.num_resamples,
+        ),
     )
     from advgame_jax.evaluation.metrics import markdown_table
 

@@ -69,9 +69,9 @@ FLAGS = flags.FLAGS
 
 
 def _target(who, api_key, **kw):
-    from advgame_jax.evaluation.targets import load_target
+    from advgame_jax.evaluation.targets import TargetSpec, load_target
 
-    return load_target(
+    spec = TargetSpec(
         hf_dir=FLAGS[f"{who}_hf_dir"].value,
         checkpoint=FLAGS[f"{who}_checkpoint"].value,
         endpoint=FLAGS[f"{who}_endpoint"].value,
@@ -83,6 +83,7 @@ def _target(who, api_key, **kw):
         timeout_s=FLAGS.request_timeout_s,
         **kw,
     )
+    return load_target(spec)
 
 
 def _check_flags():
@@ -141,13 +142,15 @@ def _main():
     sets = prompt_sets.load_prompt_sets(FLAGS.set, limit=FLAGS.limit or None)
     clf = classifiers.make_classifier(
         FLAGS.classifier,
-        endpoint=FLAGS.classifier_endpoint,
-        model=FLAGS.classifier_model,
-        api_key=api_key,
+        classifiers.EndpointSpec(
+            FLAGS.classifier_endpoint,
+            FLAGS.classifier_model,
+            api_key=api_key,
+            timeout_s=FLAGS.request_timeout_s,
+        ),
         template_path=FLAGS.classifier_template,
         output=FLAGS.classifier_output,
         seed=FLAGS.seed,
-        timeout_s=FLAGS.request_timeout_s,
     )
     judge = None
     if FLAGS.faithfulness == "judge":
@@ -178,9 +181,8 @@ def _main():
         seed=FLAGS.seed,
     )
     seeds = [e for s in sets for e in s.examples]
-    m = redteam.run_redteam(
-        seeds, attacker, target, clf, FLAGS.out_dir, cfg=cfg, acknowledged=True, judge=judge
-    )
+    players = redteam.RedteamPlayers(attacker, target, clf, judge)
+    m = redteam.run_redteam(seeds, players, FLAGS.out_dir, cfg=cfg, acknowledged=True)
     o = m["overall"]
     print(
         f"attempt ASR {o['attempt_asr']['value']}, best-of-{FLAGS.num_attempts} ASR "

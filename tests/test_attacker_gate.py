@@ -57,7 +57,7 @@ def assert_refused_everywhere(path, *, hf: bool):
         with pytest.raises(AttackerCheckpointError, match="allow_attacker"):
             check_servable(path, allow_attacker=False)
         with pytest.raises(targets.AttackerNotAllowed):
-            targets.load_target(hf_dir=path)
+            targets.load_target(targets.TargetSpec(hf_dir=path))
     else:
         with pytest.raises(targets.AttackerNotAllowed):
             convert.params_to_hf(path, path + ".out")
@@ -161,7 +161,7 @@ def test_game_checkpoint_attacker_needs_the_flag(tmp_path, umask_022, tmp_path_f
     with pytest.raises(targets.AttackerNotAllowed, match="allow_attacker"):
         convert.checkpoint_to_hf(run.workdir, str(tmp_path / "a"), player="attacker")
     with pytest.raises(targets.AttackerNotAllowed, match="allow_attacker"):
-        targets.load_target(checkpoint=run.workdir, player="attacker")
+        targets.load_target(targets.TargetSpec(checkpoint=run.workdir, player="attacker"))
     assert not (tmp_path / "a").exists()
     out = convert.checkpoint_to_hf(
         run.workdir, str(tmp_path / "a"), player="attacker", allow_attacker=True

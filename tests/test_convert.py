@@ -95,4 +95,4 @@ def test_attacker_marker_survives_every_conversion(run, tmp_path):
     with pytest.raises(AttackerCheckpointError):
         check_servable(hf2, allow_attacker=False)
     with pytest.raises(targets.AttackerNotAllowed):
-        targets.load_target(hf_dir=hf2)
+        targets.load_target(targets.TargetSpec(hf_dir=hf2))

@@ -29,10 +29,10 @@ def test_judge_classifier_and_target_give_up_at_their_deadline():
             get_template_set("advgame_v1"),
         )
         clf = classifiers.make_classifier(
-            "rubric", endpoint=server.url, model="judge", timeout_s=DEADLINE
+            "rubric", classifiers.EndpointSpec(server.url, "judge", timeout_s=DEADLINE)
         )
         target = targets.load_target(
-            endpoint=server.url, endpoint_model="advgame", timeout_s=DEADLINE
+            targets.TargetSpec(endpoint=server.url, endpoint_model="advgame", timeout_s=DEADLINE)
         )
         runs = {
             "judge": lambda: judge.pairwise([PairRequest("compliance", "q", "a", "b")]),

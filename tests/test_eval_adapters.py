@@ -369,12 +369,16 @@ def test_fold_lmeval_results_and_command(tmp_path):
     bad.write_text("{}")
     with pytest.raises(lmeval.LmEvalResultsError, match="no 'results'"):
         lmeval.fold_lmeval(str(bad))
-    cmd = lmeval.lmeval_command("http://127.0.0.1:8000/v1/", "advgame", ["ifeval"], "/o", limit=5)
+    cmd = lmeval.lmeval_command(
+        lmeval.LmEvalServer("http://127.0.0.1:8000/v1/", "advgame"), ["ifeval"], "/o", limit=5
+    )
     assert cmd[:3] == ["lm_eval", "--model", "local-chat-completions"]
     assert "base_url=http://127.0.0.1:8000/v1/chat/completions" in cmd[4]
     assert "--apply_chat_template" in cmd and cmd[-2:] == ["--limit", "5"]
     cmd = lmeval.lmeval_command(
-        "http://h/v1", "m", ["mmlu"], "/o", api="completions", tokenizer="/export"
+        lmeval.LmEvalServer("http://h/v1", "m", api="completions", tokenizer="/export"),
+        ["mmlu"],
+        "/o",
     )
     assert cmd[2] == "local-completions" and "tokenizer=/export" in cmd[4]
     assert os.path.basename(cmd[-1]) == "o"

@@ -94,7 +94,7 @@ def set_specs(tmp_path_factory):
 
 
 def checkpoint_target(run):
-    return targets.load_target(checkpoint=run.workdir)
+    return targets.load_target(targets.TargetSpec(checkpoint=run.workdir))
 
 
 def read_results(out_dir):
@@ -135,7 +135,11 @@ def inprocess_eval(run, set_specs, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("eval") / "inproc")
     sets = prompt_sets.load_prompt_sets(list(set_specs.values()))
     m = runner.run_eval(
-        sets, checkpoint_target(run), classifiers.RuleClassifier(), out, decoding=DECODING
+        sets,
+        checkpoint_target(run),
+        classifiers.RuleClassifier(),
+        out,
+        runner.EvalSettings(decoding=DECODING),
     )
     return out, m, sets
 
@@ -180,9 +184,13 @@ def test_eval_over_http_equals_inprocess(run, set_specs, inprocess_eval, tmp_pat
     sets = prompt_sets.load_prompt_sets([set_specs["toy"], set_specs["xstest"]])
     srv = serve_model_dir(run.defender_hf, config=ServerConfig(port=0))
     with srv, FakeJudgeServer(_judge_script) as judge:
-        clf = classifiers.make_classifier("rubric", endpoint=judge.url, model="judge")
-        target = targets.load_target(endpoint=srv.url + "/v1", endpoint_model="advgame")
-        m_http = runner.run_eval(sets, target, clf, str(tmp_path / "http"), decoding=DECODING)
+        clf = classifiers.make_classifier("rubric", classifiers.EndpointSpec(judge.url, "judge"))
+        target = targets.load_target(
+            targets.TargetSpec(endpoint=srv.url + "/v1", endpoint_model="advgame")
+        )
+        m_http = runner.run_eval(
+            sets, target, clf, str(tmp_path / "http"), runner.EvalSettings(decoding=DECODING)
+        )
     assert judge.hits == sum(len(s.examples) for s in sets)
     for name in ("toy", "xstest"):
         assert m_http[name] == m_inproc[name], name
@@ -212,7 +220,11 @@ def test_killed_eval_resumes_without_repeating(run, set_specs, inprocess_eval, t
     first = CountingTarget(inner, crash_after=2)
     with pytest.raises(KeyboardInterrupt):
         runner.run_eval(
-            sets, first, classifiers.RuleClassifier(), out, decoding=DECODING, batch_size=8
+            sets,
+            first,
+            classifiers.RuleClassifier(),
+            out,
+            runner.EvalSettings(decoding=DECODING, batch_size=8),
         )
     done = read_results(out)
     assert len(done) == 16
@@ -220,7 +232,11 @@ def test_killed_eval_resumes_without_repeating(run, set_specs, inprocess_eval, t
         f.write(b'{"set": "toy", "uid": "torn')  # a write cut short by the kill
     second = CountingTarget(inner)
     m = runner.run_eval(
-        sets, second, classifiers.RuleClassifier(), out, decoding=DECODING, batch_size=8
+        sets,
+        second,
+        classifiers.RuleClassifier(),
+        out,
+        runner.EvalSettings(decoding=DECODING, batch_size=8),
     )
     done_uids = {r["uid"] for r in done}
     by_prompt = {e.prompt: e.uid for e in sets[0].examples}
@@ -233,7 +249,7 @@ def test_killed_eval_resumes_without_repeating(run, set_specs, inprocess_eval, t
             second,
             classifiers.RuleClassifier(),
             out,
-            decoding=targets.Decoding(max_new_tokens=8),
+            runner.EvalSettings(decoding=targets.Decoding(max_new_tokens=8)),
         )
 
 
@@ -248,9 +264,9 @@ def _closed_port():
 def test_errors_before_any_generation(run, tmp_path):
     url = f"http://127.0.0.1:{_closed_port()}/v1"
     with pytest.raises(EndpointUnreachable, match="--endpoint"):
-        targets.load_target(endpoint=url)
+        targets.load_target(targets.TargetSpec(endpoint=url))
     with pytest.raises(EndpointUnreachable, match="--classifier_endpoint"):
-        classifiers.make_classifier("rubric", endpoint=url, model="judge")
+        classifiers.make_classifier("rubric", classifiers.EndpointSpec(url, "judge"))
     for name, model_type in (("qwen", "qwen2"), ("llama", "llama")):  # other family / size
         other = str(tmp_path / name)
         cfg = ModelConfig(
@@ -265,9 +281,9 @@ def test_errors_before_any_generation(run, tmp_path):
         )
         save_hf(other, cfg, init_params(cfg, jax.random.key(0)))
         with pytest.raises(targets.TargetError, match="different model"):
-            targets.load_target(checkpoint=run.workdir, base_hf_dir=other)
+            targets.load_target(targets.TargetSpec(checkpoint=run.workdir, base_hf_dir=other))
     with pytest.raises(targets.AttackerNotAllowed):
-        targets.load_target(checkpoint=run.workdir, player="attacker")
+        targets.load_target(targets.TargetSpec(checkpoint=run.workdir, player="attacker"))
     # The command line: a malformed set file stops the run before the model is loaded.
     bad = tmp_path / "bad.csv"
     bad.write_text("id,prompt,type,label\n1,p,t,sometimes\n")

@@ -146,8 +146,7 @@ def test_failed_attempt_with_no_results_does_not_block_the_corrected_rerun(tmp_p
             _Target(fail=1),
             RuleClassifier(),
             str(out),
-            decoding=Decoding(max_new_tokens=10**6),
-            num_resamples=10,
+            runner.EvalSettings(decoding=Decoding(max_new_tokens=10**6), num_resamples=10),
         )
     assert not (out / "run.json").exists()  # written with the first batch, not before
     # Before: run.json of the failed attempt refused this rerun ("other settings").
@@ -156,8 +155,7 @@ def test_failed_attempt_with_no_results_does_not_block_the_corrected_rerun(tmp_p
         _Target(),
         RuleClassifier(),
         str(out),
-        decoding=Decoding(max_new_tokens=16),
-        num_resamples=10,
+        runner.EvalSettings(decoding=Decoding(max_new_tokens=16), num_resamples=10),
     )
     assert res["s"]["num_examples"] == 2
     assert json.loads((out / "run.json").read_text())["decoding"]["max_new_tokens"] == 16
@@ -168,8 +166,7 @@ def test_failed_attempt_with_no_results_does_not_block_the_corrected_rerun(tmp_p
             _Target(),
             RuleClassifier(),
             str(out),
-            decoding=Decoding(max_new_tokens=32),
-            num_resamples=10,
+            runner.EvalSettings(decoding=Decoding(max_new_tokens=32), num_resamples=10),
         )
 
 

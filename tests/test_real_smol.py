@@ -134,11 +134,10 @@ def test_eval_on_real_seeds_and_export_of_the_trained_defender(
     for name, hf_dir in (("original", smol_dir), ("trained", exported)):
         out = runner.run_eval(
             sets,
-            targets.load_target(hf_dir=hf_dir),
+            targets.load_target(targets.TargetSpec(hf_dir=hf_dir)),
             classifiers.make_classifier("rule"),
             str(tmp_path / f"eval_{name}"),
-            decoding=decoding,
-            batch_size=16,
+            runner.EvalSettings(decoding=decoding, batch_size=16),
         )
         assert out["harmful"]["num_examples"] == out["benign"]["num_examples"] == 8
         assert out["harmful"]["asr_n"] + out["harmful"]["judge_failures"] == 8

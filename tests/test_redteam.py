@@ -40,7 +40,7 @@ def test_refuses_without_acknowledgement(tmp_path):
     assert "--acknowledge_controlled_artifact" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
     with pytest.raises(redteam.NotAcknowledged):
-        redteam.run_redteam([], None, None, None, str(tmp_path / "out2"))
+        redteam.run_redteam([], redteam.RedteamPlayers(None, None, None), str(tmp_path / "out2"))
     assert not (tmp_path / "out2").exists()
 
 
@@ -59,7 +59,9 @@ def test_tiny_attacker_against_served_target(tmp_path_factory, tmp_path):
         w.writerow(["Behavior", "SemanticCategory", "BehaviorID"])
         w.writerows([p, f"cat{i % 2}", f"b{i}"] for i, p in enumerate(harm))
     seeds = list(prompt_sets.load_prompt_set(f"harmbench:{hb}").examples)
-    attacker = targets.load_target(checkpoint=run.workdir, player="attacker", allow_attacker=True)
+    attacker = targets.load_target(
+        targets.TargetSpec(checkpoint=run.workdir, player="attacker", allow_attacker=True)
+    )
     cfg = redteam.RedteamConfig(
         num_attempts=3,
         templates="toy_v1",
@@ -71,10 +73,9 @@ def test_tiny_attacker_against_served_target(tmp_path_factory, tmp_path):
     )
     out = str(tmp_path / "rt")
     with serve_model_dir(run.defender_hf, config=ServerConfig(port=0)) as srv:
-        target = targets.load_target(endpoint=srv.url + "/v1")
-        m = redteam.run_redteam(
-            seeds, attacker, target, classifiers.RuleClassifier(), out, cfg=cfg, acknowledged=True
-        )
+        target = targets.load_target(targets.TargetSpec(endpoint=srv.url + "/v1"))
+        players = redteam.RedteamPlayers(attacker, target, classifiers.RuleClassifier())
+        m = redteam.run_redteam(seeds, players, out, cfg=cfg, acknowledged=True)
     for name in ("results.jsonl", "successes.jsonl"):
         assert stat.S_IMODE(os.stat(os.path.join(out, name)).st_mode) == 0o600
     with open(os.path.join(out, "results.jsonl"), encoding="utf-8") as f:

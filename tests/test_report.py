@@ -35,8 +35,13 @@ def report_dir(tmp_path_factory):
     step_dir = targets.find_step_dir(run.workdir)
     evals = []
     for name, target in (
-        ("initial", targets.load_target(hf_dir=targets.resolve_base_hf_dir(step_dir, "defender"))),
-        ("trained", targets.load_target(checkpoint=run.workdir)),
+        (
+            "initial",
+            targets.load_target(
+                targets.TargetSpec(hf_dir=targets.resolve_base_hf_dir(step_dir, "defender"))
+            ),
+        ),
+        ("trained", targets.load_target(targets.TargetSpec(checkpoint=run.workdir))),
     ):
         out = str(tmp / name)
         runner.run_eval(
@@ -44,8 +49,7 @@ def report_dir(tmp_path_factory):
             target,
             classifiers.RuleClassifier(),
             out,
-            decoding=targets.Decoding(max_new_tokens=24),
-            num_resamples=200,
+            runner.EvalSettings(decoding=targets.Decoding(max_new_tokens=24), num_resamples=200),
         )
         evals.append(os.path.join(out, "eval.json"))
     lm = tmp / "lmeval.json"

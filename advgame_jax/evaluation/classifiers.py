@@ -23,9 +23,8 @@ import dataclasses
 import re
 from typing import Optional, Protocol, Sequence
 
-from advgame_jax.evaluation.http_client import OpenAIClient, Request
+from advgame_jax.evaluation.http_client import EndpointSpec, OpenAIClient, Request
 from advgame_jax.game import rule_judge
-from advgame_jax.net import DEFAULT_TIMEOUT_S
 
 LABELS = ("request_harmful", "response_refusal", "response_harmful")
 
@@ -183,31 +182,23 @@ class TemplateClassifier(_EndpointClassifier):
 
 def make_classifier(
     kind: str,
+    endpoint: Optional[EndpointSpec] = None,
     *,
-    endpoint: str = "",
-    model: str = "",
-    api: str = "chat",
-    api_key: Optional[str] = None,
     template_path: str = "",
     output: str = "labels",
     seed: int = 0,
-    timeout_s: float = DEFAULT_TIMEOUT_S,
 ):
-    """``kind``: 'rule' | 'rubric' | 'template'. Endpoint classifiers are probed here, so an
-    unreachable classifier fails before any generation. ``timeout_s``: wall-clock deadline
-    per classifier request, retries included; a request past it gives no verdict (counted)."""
+    """``kind``: 'rule' | 'rubric' | 'template'; ``endpoint``: the classifier's server (its
+    ``field`` is set to ``--classifier_endpoint``). Endpoint classifiers are probed here, so
+    an unreachable classifier fails before any generation. ``endpoint.timeout_s``: wall-clock
+    deadline per classifier request, retries included; a request past it gives no verdict
+    (counted)."""
     if kind == "rule":
         return RuleClassifier()
     if kind not in ("rubric", "template"):
         raise ValueError(f"--classifier must be 'rule', 'rubric' or 'template', got {kind!r}")
-    client = OpenAIClient(
-        endpoint,
-        model,
-        api=api,
-        api_key=api_key,
-        timeout_s=timeout_s,
-        field="--classifier_endpoint",
-    )
+    spec = dataclasses.replace(endpoint or EndpointSpec("", ""), field="--classifier_endpoint")
+    client = OpenAIClient(spec)
     clf = (
         RubricClassifier(client, output=output, seed=seed)
         if kind == "rubric"

@@ -46,50 +46,53 @@ class Request:
     top_p: float = 1.0
 
 
+@dataclasses.dataclass(frozen=True)
+class EndpointSpec:
+    """An OpenAI-compatible endpoint. ``base_url``: e.g. ``http://127.0.0.1:8000/v1``.
+    ``api``: 'chat' (the prompt is one user turn) or 'completions' (the prompt is sent as raw
+    text). ``api_key``: sent as a bearer token (never shown in ``repr``). ``timeout_s``: the
+    deadline per request (module docstring). ``field``: the flag that named the endpoint (in
+    every error and warning)."""
+
+    base_url: str
+    model: str
+    api: str = "chat"
+    api_key: Optional[str] = dataclasses.field(default=None, repr=False)
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    field: str = "endpoint"
+
+
 class OpenAIClient:
-    """``base_url``: e.g. ``http://127.0.0.1:8000/v1``. ``api``: 'chat' (the prompt is one user
-    turn) or 'completions' (the prompt is sent as raw text). ``field``: the flag that named
-    the endpoint (in every error and warning)."""
+    """Requests to the endpoint ``spec`` names; ``concurrency`` requests in flight at most;
+    ``client_options``: the rest of ``net.Client``."""
 
     def __init__(
         self,
-        base_url: str,
-        model: str,
+        spec: EndpointSpec,
         *,
-        api: str = "chat",
-        api_key: Optional[str] = None,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
         max_retries: int = 2,
         concurrency: int = 8,
-        field: str = "endpoint",
         warn_failure_rate: float = 0.1,
         warn_every: int = 10,
         **client_options,
     ):
+        api, field, timeout_s = spec.api, spec.field, spec.timeout_s
         if api not in ("chat", "completions"):
             raise ValueError(f"{field}: api must be 'chat' or 'completions', got {api!r}")
         if not timeout_s or not float(timeout_s) > 0:
             raise ValueError(f"{field}: the request timeout must be > 0 seconds, got {timeout_s!r}")
         self.client = Client(
-            [base_url],
-            api_key=api_key,
+            [spec.base_url],
+            api_key=spec.api_key,
             timeout_s=timeout_s,
             max_retries=max_retries,
             max_connections=max(int(concurrency), 1),
             field=field,
             **client_options,
         )
-        self.base_url, self.model, self.api, self.field = (
-            self.client.endpoints[0],
-            model,
-            api,
-            field,
-        )
-        self.timeout_s, self.max_retries, self.concurrency = (
-            float(timeout_s),
-            max_retries,
-            concurrency,
-        )
+        self.spec, self.base_url, self.model = spec, self.client.endpoints[0], spec.model
+        self.api, self.field, self.timeout_s = api, field, float(timeout_s)
+        self.max_retries, self.concurrency = max_retries, concurrency
         self.fault_counts = self.client.fault_counts
         self._monitor = FailureRateMonitor(
             threshold=warn_failure_rate,

@@ -12,6 +12,7 @@ Two ways to serve the defender (export it first with ``launch/convert.py``):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from typing import Sequence
@@ -23,51 +24,59 @@ class LmEvalResultsError(UserError, ValueError):
     """Not an lm-evaluation-harness results file."""
 
 
-def lmeval_command(
-    base_url: str,
-    model: str,
-    tasks: Sequence[str],
-    output_path: str,
-    *,
-    api: str = "chat",
-    tokenizer: str = "",
-    num_concurrent: int = 4,
-    limit: int = 0,
-    extra_model_args: str = "",
-) -> list[str]:
-    """argv of ``lm_eval`` against ``base_url`` (e.g. ``http://127.0.0.1:8000/v1``).
-
+@dataclasses.dataclass(frozen=True)
+class LmEvalServer:
+    """The server lm-eval talks to. ``base_url``: e.g. ``http://127.0.0.1:8000/v1``.
     ``api``: 'chat' → ``local-chat-completions`` (generative tasks only) or 'completions' →
     ``local-completions`` (``tokenizer``: the exported HF dir, for log-likelihood tasks).
-    """
-    if api not in ("chat", "completions"):
-        raise ValueError(f"api must be 'chat' or 'completions', got {api!r}")
-    base_url = base_url.rstrip("/")
-    endpoint = f"{base_url}/chat/completions" if api == "chat" else f"{base_url}/completions"
+    ``extra_model_args``: appended to lm-eval's ``--model_args`` as given."""
+
+    base_url: str
+    model: str
+    api: str = "chat"
+    tokenizer: str = ""
+    num_concurrent: int = 4
+    extra_model_args: str = ""
+
+
+def _model_args(server: LmEvalServer) -> str:
+    """lm-eval's ``--model_args`` for ``server``."""
+    base_url = server.base_url.rstrip("/")
+    chat = server.api == "chat"
     args = [
-        f"model={model}",
-        f"base_url={endpoint}",
-        f"num_concurrent={num_concurrent}",
+        f"model={server.model}",
+        f"base_url={base_url}/chat/completions" if chat else f"base_url={base_url}/completions",
+        f"num_concurrent={server.num_concurrent}",
         "max_retries=3",
     ]
-    if api == "chat":
+    if chat:
         args.append("tokenized_requests=False")
-    elif tokenizer:
-        args += [f"tokenizer={tokenizer}", "tokenizer_backend=huggingface"]
-    if extra_model_args:
-        args.append(extra_model_args)
+    elif server.tokenizer:
+        args += [f"tokenizer={server.tokenizer}", "tokenizer_backend=huggingface"]
+    if server.extra_model_args:
+        args.append(server.extra_model_args)
+    return ",".join(args)
+
+
+def lmeval_command(
+    server: LmEvalServer, tasks: Sequence[str], output_path: str, *, limit: int = 0
+) -> list[str]:
+    """argv of ``lm_eval`` running ``tasks`` against ``server`` (``limit``: examples per
+    task, 0 = all)."""
+    if server.api not in ("chat", "completions"):
+        raise ValueError(f"api must be 'chat' or 'completions', got {server.api!r}")
     cmd = [
         "lm_eval",
         "--model",
-        "local-chat-completions" if api == "chat" else "local-completions",
+        "local-chat-completions" if server.api == "chat" else "local-completions",
         "--model_args",
-        ",".join(args),
+        _model_args(server),
         "--tasks",
         ",".join(tasks),
         "--output_path",
         output_path,
     ]
-    if api == "chat":
+    if server.api == "chat":
         cmd.append("--apply_chat_template")
     if limit:
         cmd += ["--limit", str(limit)]

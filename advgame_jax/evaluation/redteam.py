@@ -21,7 +21,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from absl import logging
 
@@ -61,7 +61,7 @@ class RedteamConfig:
     num_attempts: int = 4
     templates: str = "advgame_v1"
     attacker_format: str = "think_prompt_strict"
-    faithfulness: str = "none"  # 'none' | 'rule' | 'judge' (a game Judge given to run_redteam)
+    faithfulness: str = "none"  # 'none' | 'rule' | 'judge' (RedteamPlayers.judge, a game Judge)
     attacker_decoding: Decoding = Decoding(temperature=0.6, top_p=0.9, max_new_tokens=1024)
     target_decoding: Decoding = Decoding()
     seed: int = 0
@@ -77,10 +77,29 @@ def _faithful(cfg: RedteamConfig, pairs, judge) -> list[Optional[bool]]:
     return judge.faithfulness([FaithRequest(s, x, "harmful") for s, x in pairs])
 
 
-def attack_seed_batch(
-    seeds: Sequence[EvalExample], attacker, target, classifier, cfg: RedteamConfig, judge=None
-) -> list[dict]:
-    """All attempts for a batch of seeds: one record per (seed, attempt)."""
+@dataclasses.dataclass(frozen=True)
+class RedteamPlayers:
+    """Who takes part: the trained attacker and the target (``targets.Target``s), the
+    classifier judging the answers, and the game Judge for ``faithfulness='judge'``."""
+
+    attacker: Any
+    target: Any
+    classifier: Any
+    judge: Any = None
+
+
+def _parsed_attack(g: Generation, attacker_format: str) -> tuple[Optional[str], Optional[str]]:
+    """(attack, error) from one attacker generation."""
+    if g.finish_reason == "error":
+        return None, "GENERATION"
+    if g.finish_reason != "stop":
+        return None, "MAX_LENGTH"
+    x = parsing.parse_attack(g.text, attacker_format)
+    return (x, None) if x else (None, "PARSING")
+
+
+def _attack_records(seeds: Sequence[EvalExample], attacker, cfg: RedteamConfig) -> list[dict]:
+    """The attacker's N rewrites of each seed: one record per (seed, attempt)."""
     templates = get_template_set(cfg.templates)
     n = cfg.num_attempts
     prompts, seeds_ = [], []
@@ -93,15 +112,7 @@ def attack_seed_batch(
     recs = []
     for i, g in enumerate(gens):
         s = seeds[i // n]
-        x, error = None, None
-        if g.finish_reason == "error":
-            error = "GENERATION"
-        elif g.finish_reason != "stop":
-            error = "MAX_LENGTH"
-        else:
-            x = parsing.parse_attack(g.text, cfg.attacker_format)
-            if not x:
-                error, x = "PARSING", None
+        x, error = _parsed_attack(g, cfg.attacker_format)
         recs.append(
             {
                 "uid": s.uid,
@@ -112,6 +123,11 @@ def attack_seed_batch(
                 "error": error,
             }
         )
+    return recs
+
+
+def _filter_faithful(recs: list[dict], cfg: RedteamConfig, judge) -> None:
+    """Mark the parsed attacks that change the seed's task (in place)."""
     valid = [r for r in recs if r["error"] is None]
     faith = _faithful(cfg, [(r["seed_prompt"], r["attack"]) for r in valid], judge)
     for r, f in zip(valid, faith, strict=True):
@@ -120,6 +136,10 @@ def attack_seed_batch(
             r["error"] = "BAD_FAITH_JUDGE"
         elif not f:
             r["error"] = "NOT_FAITHFUL"
+
+
+def _answer(recs: list[dict], target, cfg: RedteamConfig) -> list[tuple[dict, Generation]]:
+    """The target answers the surviving attacks (in place); returns the answered ones."""
     todo = [r for r in recs if r["error"] is None]
     answers = (
         target.generate(
@@ -130,11 +150,15 @@ def attack_seed_batch(
         if todo
         else []
     )
-    answered = [(r, a) for r, a in zip(todo, answers, strict=True) if a.finish_reason != "error"]
     for r, a in zip(todo, answers, strict=True):
         r.update(response=a.text, finish_reason=a.finish_reason)
         if a.finish_reason == "error":
             r["error"] = "TARGET"
+    return [(r, a) for r, a in zip(todo, answers, strict=True) if a.finish_reason != "error"]
+
+
+def _judge_answers(recs: list[dict], answered, classifier) -> None:
+    """Classify the answers and set each record's ``harmful``/``success`` (in place)."""
     # The response is judged against the seed's intent (the attack may disguise it).
     verdicts = (
         classifier.classify([ClassifyRequest(r["seed_prompt"], a.text) for r, a in answered])
@@ -146,6 +170,16 @@ def attack_seed_batch(
     for r in recs:
         r.setdefault("harmful", None)
         r["success"] = bool(r["harmful"])
+
+
+def attack_seed_batch(
+    seeds: Sequence[EvalExample], players: RedteamPlayers, cfg: RedteamConfig
+) -> list[dict]:
+    """All attempts for a batch of seeds: one record per (seed, attempt)."""
+    recs = _attack_records(seeds, players.attacker, cfg)
+    _filter_faithful(recs, cfg, players.judge)
+    answered = _answer(recs, players.target, cfg)
+    _judge_answers(recs, answered, players.classifier)
     return recs
 
 
@@ -223,14 +257,11 @@ def _markdown(m: dict, info: dict) -> str:
 
 def run_redteam(
     seeds: Sequence[EvalExample],
-    attacker,
-    target,
-    classifier,
+    players: RedteamPlayers,
     out_dir: str,
     *,
     cfg: RedteamConfig = RedteamConfig(),
     acknowledged: bool = False,
-    judge=None,
     batch_size: int = 8,
 ) -> dict:
     """Run (or resume) red-teaming; returns the metrics (also in ``out_dir``). One run per
@@ -239,34 +270,35 @@ def run_redteam(
 
     require_ack(acknowledged)  # before anything, the out_dir included, is touched
     with DirLock(out_dir, "--out_dir"):
-        return _run_redteam(
-            seeds,
-            attacker,
-            target,
-            classifier,
-            out_dir,
-            cfg=cfg,
-            acknowledged=acknowledged,
-            judge=judge,
-            batch_size=batch_size,
-        )
+        return _run_redteam(seeds, players, out_dir, cfg=cfg, batch_size=batch_size)
 
 
-def _run_redteam(
-    seeds, attacker, target, classifier, out_dir, *, cfg, acknowledged, judge, batch_size
-) -> dict:
+def _run_info(players: RedteamPlayers, cfg: RedteamConfig) -> dict:
+    return {
+        "attacker": players.attacker.label,
+        "target": players.target.label,
+        "classifier": players.classifier.name,
+        "num_attempts": cfg.num_attempts,
+        "templates": cfg.templates,
+        "attacker_format": cfg.attacker_format,
+        "faithfulness": cfg.faithfulness,
+        "seed": cfg.seed,
+    }
+
+
+def _run_redteam(seeds, players: RedteamPlayers, out_dir, *, cfg, batch_size) -> dict:
     seeds = [s for s in seeds if s.category == "harmful"]
     if not seeds:
         raise ValueError("red-teaming needs harmful seeds; the given sets hold none")
-    if cfg.faithfulness == "judge" and judge is None:
+    if cfg.faithfulness == "judge" and players.judge is None:
         raise ValueError("faithfulness='judge' needs a judge (--faith_endpoint)")
     os.makedirs(out_dir, exist_ok=True)
     check_run_identity(
         out_dir,
         {
-            "attacker": attacker.label,
-            "target": target.label,
-            "classifier": classifier.name,
+            "attacker": players.attacker.label,
+            "target": players.target.label,
+            "classifier": players.classifier.name,
             **{k: v for k, v in dataclasses.asdict(cfg).items()},
         },
     )
@@ -280,26 +312,13 @@ def _run_redteam(
             cfg.num_attempts,
         )
         for start in range(0, len(todo), batch_size):
-            results.append(
-                attack_seed_batch(
-                    todo[start : start + batch_size], attacker, target, classifier, cfg, judge
-                )
-            )
+            results.append(attack_seed_batch(todo[start : start + batch_size], players, cfg))
         wanted = {s.uid for s in seeds}
         records = [r for r in results.records if r["uid"] in wanted]
     successes = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records if r["success"])
     write_text_atomic(os.path.join(out_dir, "successes.jsonl"), successes, mode=0o600)
     m = redteam_metrics(records, seed=cfg.seed)
-    info = {
-        "attacker": attacker.label,
-        "target": target.label,
-        "classifier": classifier.name,
-        "num_attempts": cfg.num_attempts,
-        "templates": cfg.templates,
-        "attacker_format": cfg.attacker_format,
-        "faithfulness": cfg.faithfulness,
-        "seed": cfg.seed,
-    }
+    info = _run_info(players, cfg)
     write_json_atomic(os.path.join(out_dir, "redteam.json"), {**info, "metrics": m})
     write_text_atomic(os.path.join(out_dir, "redteam.md"), _markdown(m, info))
     return m

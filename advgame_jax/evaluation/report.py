@@ -98,42 +98,49 @@ def _save(plt, fig, path):
     return path
 
 
-def plot_training(records: Sequence[dict], out_dir: str) -> dict[str, list[str]]:
-    """Write the training PNGs; returns {file name: series labels drawn}."""
-    plt = _pyplot()
-    drawn = {}
+def _plot_rewards(plt, records, out_dir) -> list[str]:
     fig, ax = plt.subplots(figsize=(7, 4))
-    drawn["rewards.png"] = _lines(
+    drawn = _lines(
         ax, records, [(f"{s}/{v}/reward/mean", f"{p} {s}") for p, v in PLAYERS for s in SPLITS]
     )
     ax.set_ylabel("mean patched reward (0-10, errors -1)")
     ax.set_title("Rewards of both players")
     _save(plt, fig, os.path.join(out_dir, "rewards.png"))
+    return drawn
 
+
+def _error_keys(records, v) -> list[str]:
+    """The ``*/{v}/rate/*`` training keys that are non-zero somewhere, sorted."""
+    keys = sorted(
+        {
+            k
+            for r in records
+            for k in r
+            if k.split("/")[1:3] == [v, "rate"]
+            and not k.endswith("/valid")
+            and not k.startswith("valid/")
+        }
+    )
+    return [k for k in keys if any(r.get(k) for r in records)]
+
+
+def _plot_errors(plt, records, out_dir) -> list[str]:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     labels = []
     for ax, (player, v) in zip(axes, PLAYERS, strict=True):
-        keys = sorted(
-            {
-                k
-                for r in records
-                for k in r
-                if k.split("/")[1:3] == [v, "rate"]
-                and not k.endswith("/valid")
-                and not k.startswith("valid/")
-            }
-        )
-        keys = [k for k in keys if any(r.get(k) for r in records)]
+        keys = _error_keys(records, v)
         labels += _lines(ax, records, [(k, k.replace(f"/{v}/rate/", " ")) for k in keys])
         ax.set_title(f"{player} error rates ({v})")
         ax.set_ylabel("share of slots")
         if not keys:
             ax.text(0.5, 0.5, "no errors", ha="center", va="center", transform=ax.transAxes)
-    drawn["errors.png"] = labels
     _save(plt, fig, os.path.join(out_dir, "errors.png"))
+    return labels
 
+
+def _plot_losses(plt, records, out_dir) -> list[str]:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    drawn["losses.png"] = _lines(
+    drawn = _lines(
         axes[0], records, [(f"{s}/{p}/loss", f"{p} {s}") for p, _ in PLAYERS for s in SPLITS]
     ) + _lines(
         axes[1], records, [(f"{s}/{p}/margin", f"{p} {s}") for p, _ in PLAYERS for s in SPLITS]
@@ -141,7 +148,10 @@ def plot_training(records: Sequence[dict], out_dir: str) -> dict[str, list[str]]
     axes[0].set_title("loss")
     axes[1].set_title("preference margin")
     _save(plt, fig, os.path.join(out_dir, "losses.png"))
+    return drawn
 
+
+def _plot_time(plt, records, out_dir) -> list[str]:
     stages = sorted(
         {k for r in records for k in r if k.startswith("time/") and k not in ("time/step",)}
     )
@@ -154,11 +164,13 @@ def plot_training(records: Sequence[dict], out_dir: str) -> dict[str, list[str]]
     _steps_axis(ax)
     ax.set_ylabel("seconds")
     ax.set_title("Time per stage")
-    drawn["time.png"] = [k[5:] for k in stages] if steps else []
     _save(plt, fig, os.path.join(out_dir, "time.png"))
+    return [k[5:] for k in stages] if steps else []
 
+
+def _plot_validation(plt, records, out_dir) -> list[str]:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    drawn["validation.png"] = _lines(
+    drawn = _lines(
         axes[0], records, [(f"valid/{s}/reward", f"defender {s}") for s in SPLITS], marker="o"
     ) + _lines(
         axes[1],
@@ -174,6 +186,21 @@ def plot_training(records: Sequence[dict], out_dir: str) -> dict[str, list[str]]
     axes[1].set_ylim(-0.05, 1.05)
     _save(plt, fig, os.path.join(out_dir, "validation.png"))
     return drawn
+
+
+_TRAINING_PLOTS = (
+    ("rewards.png", _plot_rewards),
+    ("errors.png", _plot_errors),
+    ("losses.png", _plot_losses),
+    ("time.png", _plot_time),
+    ("validation.png", _plot_validation),
+)
+
+
+def plot_training(records: Sequence[dict], out_dir: str) -> dict[str, list[str]]:
+    """Write the training PNGs; returns {file name: series labels drawn}."""
+    plt = _pyplot()
+    return {name: plot(plt, records, out_dir) for name, plot in _TRAINING_PLOTS}
 
 
 def read_eval(path: str) -> dict:
@@ -244,6 +271,104 @@ def _last(records, key) -> Optional[float]:
     return vals[-1] if vals else None
 
 
+_TRAINING_KEYS = (
+    "valid/harmful/reward",
+    "valid/benign/reward",
+    "valid/harmful/asr",
+    "valid/benign/compliance_rate",
+    "harmful/x/reward/mean",
+    "benign/x/reward/mean",
+    "harmful/y/reward/mean",
+    "benign/y/reward/mean",
+    "time/step",
+)
+_TRAINING_SECTIONS = (
+    ("rewards.png", "Rewards"),
+    ("errors.png", "Error rates"),
+    ("losses.png", "Losses and margins"),
+    ("time.png", "Time per stage"),
+    ("validation.png", "Validation"),
+)
+
+
+def _training_section(workdir: str, out_dir: str) -> list[str]:
+    """The training run's first/last table and its plots (markdown lines)."""
+    records = read_metrics(workdir)
+    drawn = plot_training(records, out_dir)
+    last = records[-1]
+    md = [
+        f"Training run `{os.path.abspath(workdir)}`: {len(records)} records, last step "
+        f"{last['step']}.",
+        "",
+        "| metric | first | last |",
+        "|---|---|---|",
+    ]
+    for key in _TRAINING_KEYS:
+        x, y = series(records, key)
+        if y:
+            md.append(f"| `{key}` | {y[0]:.3g} (step {x[0]}) | {y[-1]:.3g} (step {x[-1]}) |")
+    md.append("")
+    for name, title in _TRAINING_SECTIONS:
+        md += [
+            f"## {title}",
+            "",
+            f"![{title}]({name})",
+            "",
+            "Series: " + (", ".join(drawn[name]) or "none recorded") + ".",
+            "",
+        ]
+    return md
+
+
+def _read_evals(eval_paths: Sequence[str]) -> dict[str, dict]:
+    """Eval JSONs labelled by their folder's name (primed where two share one)."""
+    evals = {}
+    for p in eval_paths:
+        label = os.path.basename(os.path.dirname(os.path.abspath(p))) or p
+        while label in evals:
+            label += "'"
+        evals[label] = read_eval(p)
+    return evals
+
+
+def _eval_section(eval_paths: Sequence[str], out_dir: str) -> list[str]:
+    """The frontier plot and one table per eval (markdown lines)."""
+    from advgame_jax.evaluation.metrics import markdown_table
+
+    evals = _read_evals(eval_paths)
+    md = []
+    pts = frontier_points(evals)
+    if pts:
+        plot_frontier(pts, out_dir)
+        md += ["## Safety-compliance frontier", "", "![frontier](frontier.png)", ""]
+    for label, d in evals.items():
+        md += [
+            f"## Evaluation `{label}`",
+            "",
+            f"Target `{d.get('target')}`, classifier `{d.get('classifier')}`.",
+            "",
+            markdown_table(d["sets"]),
+        ]
+    return md
+
+
+def _lmeval_section(lmeval_paths: Sequence[str]) -> list[str]:
+    """The lm-evaluation-harness results folded into one table (markdown lines)."""
+    from advgame_jax.evaluation.lmeval import fold_lmeval
+
+    md = [
+        "## Utility (lm-evaluation-harness)",
+        "",
+        "| task | metric | value |",
+        "|---|---|---|",
+    ]
+    for p in lmeval_paths:
+        for task, metric, value in fold_lmeval(p):
+            md.append(f"| {task} | {metric} | {value:.4g} |")
+    md.append("")
+    return md
+
+
 def build_report(
     out_dir: str,
     *,
@@ -252,83 +377,15 @@ def build_report(
     lmeval_paths: Sequence[str] = (),
 ) -> str:
     """Write the PNGs and ``report.md`` in ``out_dir``; returns the markdown path."""
-    from advgame_jax.evaluation.lmeval import fold_lmeval
-    from advgame_jax.evaluation.metrics import markdown_table
-
     if not (workdir or eval_paths or lmeval_paths):
         raise ReportError("give --workdir and/or --eval / --lmeval files")
     _pyplot()  # fail early without matplotlib
     os.makedirs(out_dir, exist_ok=True)
     md = ["# AdvGame report", ""]
     if workdir:
-        records = read_metrics(workdir)
-        drawn = plot_training(records, out_dir)
-        last = records[-1]
-        md += [
-            f"Training run `{os.path.abspath(workdir)}`: {len(records)} records, last step "
-            f"{last['step']}.",
-            "",
-            "| metric | first | last |",
-            "|---|---|---|",
-        ]
-        for key in (
-            "valid/harmful/reward",
-            "valid/benign/reward",
-            "valid/harmful/asr",
-            "valid/benign/compliance_rate",
-            "harmful/x/reward/mean",
-            "benign/x/reward/mean",
-            "harmful/y/reward/mean",
-            "benign/y/reward/mean",
-            "time/step",
-        ):
-            x, y = series(records, key)
-            if y:
-                md.append(f"| `{key}` | {y[0]:.3g} (step {x[0]}) | {y[-1]:.3g} (step {x[-1]}) |")
-        md.append("")
-        for name, title in (
-            ("rewards.png", "Rewards"),
-            ("errors.png", "Error rates"),
-            ("losses.png", "Losses and margins"),
-            ("time.png", "Time per stage"),
-            ("validation.png", "Validation"),
-        ):
-            md += [
-                f"## {title}",
-                "",
-                f"![{title}]({name})",
-                "",
-                "Series: " + (", ".join(drawn[name]) or "none recorded") + ".",
-                "",
-            ]
+        md += _training_section(workdir, out_dir)
     if eval_paths:
-        evals = {}
-        for p in eval_paths:
-            label = os.path.basename(os.path.dirname(os.path.abspath(p))) or p
-            while label in evals:
-                label += "'"
-            evals[label] = read_eval(p)
-        pts = frontier_points(evals)
-        if pts:
-            plot_frontier(pts, out_dir)
-            md += ["## Safety-compliance frontier", "", "![frontier](frontier.png)", ""]
-        for label, d in evals.items():
-            md += [
-                f"## Evaluation `{label}`",
-                "",
-                f"Target `{d.get('target')}`, classifier `{d.get('classifier')}`.",
-                "",
-                markdown_table(d["sets"]),
-            ]
+        md += _eval_section(eval_paths, out_dir)
     if lmeval_paths:
-        md += [
-            "## Utility (lm-evaluation-harness)",
-            "",
-            "| task | metric | value |",
-            "|---|---|---|",
-        ]
-        for p in lmeval_paths:
-            for task, metric, value in fold_lmeval(p):
-                md.append(f"| {task} | {metric} | {value:.4g} |")
-        md.append("")
+        md += _lmeval_section(lmeval_paths)
     return write_text_atomic(os.path.join(out_dir, "report.md"), "\n".join(md) + "\n")

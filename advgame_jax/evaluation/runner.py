@@ -121,16 +121,24 @@ def judge_records(examples, gens, classifier) -> list[dict]:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """What an evaluation run's results depend on (``seed``, ``decoding``) and how it runs:
+    examples per ``generate`` call and bootstrap resamples of the metrics' CIs."""
+
+    seed: int = 0
+    decoding: Decoding = Decoding()
+    batch_size: int = 32
+    num_resamples: int = 1000
+
+
 def run_eval(
     sets: Sequence[PromptSet],
     target,
     classifier,
     out_dir: str,
+    settings: EvalSettings = EvalSettings(),
     *,
-    seed: int = 0,
-    decoding: Decoding = Decoding(),
-    batch_size: int = 32,
-    num_resamples: int = 1000,
     on_batch: Optional[Callable[[str, int], None]] = None,
 ) -> dict:
     """Evaluate; returns ``{set_name: metrics}`` (also written to ``out_dir``).
@@ -138,31 +146,23 @@ def run_eval(
     ``on_batch(set_name, num_done)`` is called after each recorded batch (progress; tests).
     One run per ``out_dir``: a second one is refused while the first holds its lock.
     """
-    check_settings(batch_size=batch_size, num_resamples=num_resamples, decoding=decoding)
+    check_settings(
+        batch_size=settings.batch_size,
+        num_resamples=settings.num_resamples,
+        decoding=settings.decoding,
+    )
     out_dir = os.path.abspath(out_dir)
     with DirLock(out_dir, "--out_dir"):
-        return _run_eval(
-            sets,
-            target,
-            classifier,
-            out_dir,
-            seed=seed,
-            decoding=decoding,
-            batch_size=batch_size,
-            num_resamples=num_resamples,
-            on_batch=on_batch,
-        )
+        return _run_eval(sets, target, classifier, out_dir, settings, on_batch)
 
 
-def _run_eval(
-    sets, target, classifier, out_dir, *, seed, decoding, batch_size, num_resamples, on_batch
-) -> dict:
-    os.makedirs(out_dir, exist_ok=True)
+def _record_results(sets, target, classifier, out_dir, settings: EvalSettings, on_batch):
+    """Answer and judge every example not yet in ``results.jsonl``; returns all records."""
     identity = {
         "target": target.label,
         "classifier": classifier.name,
-        "seed": seed,
-        "decoding": dataclasses.asdict(decoding),
+        "seed": settings.seed,
+        "decoding": dataclasses.asdict(settings.decoding),
     }
     with ResultsFile(os.path.join(out_dir, "results.jsonl")) as results:
         # run.json is checked against results that exist, and written with the first batch:
@@ -174,12 +174,12 @@ def _run_eval(
         for ps in sets:
             todo = [e for e in ps.examples if (ps.name, e.uid) not in done]
             logging.info("set %s: %d examples, %d to run", ps.name, len(ps.examples), len(todo))
-            for start in range(0, len(todo), batch_size):
-                chunk = todo[start : start + batch_size]
+            for start in range(0, len(todo), settings.batch_size):
+                chunk = todo[start : start + settings.batch_size]
                 gens = target.generate(
                     [e.prompt for e in chunk],
-                    [example_seed(seed, ps.name, e.uid) for e in chunk],
-                    decoding,
+                    [example_seed(settings.seed, ps.name, e.uid) for e in chunk],
+                    settings.decoding,
                 )
                 recs = judge_records(chunk, gens, classifier)
                 if not identity_recorded:
@@ -188,12 +188,19 @@ def _run_eval(
                 results.append([{"set": ps.name, **r} for r in recs])
                 if on_batch:
                     on_batch(ps.name, start + len(chunk))
-        records = list(results.records)
+        return list(results.records)
+
+
+def _write_summary(sets, records, target, classifier, out_dir, settings: EvalSettings) -> dict:
+    """Per-set metrics from ``records``, written as ``eval.json`` and ``eval.md``."""
+    seed, decoding = settings.seed, settings.decoding
     out = {}
     for ps in sets:
         uids = {e.uid for e in ps.examples}
         recs = [r for r in records if r["set"] == ps.name and r["uid"] in uids]
-        out[ps.name] = metrics_lib.set_metrics(recs, seed=seed, num_resamples=num_resamples)
+        out[ps.name] = metrics_lib.set_metrics(
+            recs, seed=seed, num_resamples=settings.num_resamples
+        )
         out[ps.name]["kind"] = ps.kind
     write_json_atomic(
         os.path.join(out_dir, "eval.json"),
@@ -213,6 +220,13 @@ def _run_eval(
         f"CIs in brackets, the judged examples each is over as n.\n\n"
         + metrics_lib.markdown_table(out),
     )
+    return out
+
+
+def _run_eval(sets, target, classifier, out_dir, settings: EvalSettings, on_batch) -> dict:
+    os.makedirs(out_dir, exist_ok=True)
+    records = _record_results(sets, target, classifier, out_dir, settings, on_batch)
+    out = _write_summary(sets, records, target, classifier, out_dir, settings)
     for line in metrics_lib.judge_failure_warnings(out):
         logging.warning("%s", line)
     return out

@@ -16,14 +16,14 @@ import glob
 import hashlib
 import json
 import os
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from advgame_jax.controlled import (
     AttackerNotAllowed,  # noqa: F401 (the one gate's error)
     require_attacker_allowed,
 )
 from advgame_jax.errors import UserError
-from advgame_jax.evaluation.http_client import OpenAIClient, Request
+from advgame_jax.evaluation.http_client import EndpointSpec, OpenAIClient, Request
 from advgame_jax.net import DEFAULT_TIMEOUT_S
 
 
@@ -280,9 +280,8 @@ class EndpointTarget:
         concurrency: int = 8,
         field: str = "--endpoint",
     ):
-        self.client = OpenAIClient(
-            url, model, api_key=api_key, timeout_s=timeout_s, concurrency=concurrency, field=field
-        )
+        spec = EndpointSpec(url, model, api_key=api_key, timeout_s=timeout_s, field=field)
+        self.client = OpenAIClient(spec, concurrency=concurrency)
         self.client.check()
         self.label = f"{url} ({model})"
 
@@ -313,65 +312,92 @@ def is_attacker_dir(path: str) -> bool:
     return is_attacker_artifact(path)
 
 
-def load_target(
-    *,
-    hf_dir: str = "",
-    checkpoint: str = "",
-    endpoint: str = "",
-    endpoint_model: str = "advgame",
-    player: str = "defender",
-    params: str = "ema",
-    base_hf_dir: str = "",
-    allow_attacker: bool = False,
-    api_key=None,
-    compute_dtype=None,
-    max_prompt_tokens: int = 2048,
-    field: str = "",
-    timeout_s: float = DEFAULT_TIMEOUT_S,
-):
-    """Build a target from exactly one of ``hf_dir`` / ``checkpoint`` / ``endpoint``
-    (``timeout_s``: the endpoint's deadline per request)."""
-    given = [
-        n for n, v in (("hf_dir", hf_dir), ("checkpoint", checkpoint), ("endpoint", endpoint)) if v
-    ]
-    if len(given) != 1:
-        raise TargetError(
-            f"give exactly one of --{field}hf_dir, --{field}checkpoint, "
-            f"--{field}endpoint (got {given or 'none'})"
-        )
-    if endpoint:
-        return EndpointTarget(
-            endpoint,
-            endpoint_model,
-            api_key=api_key,
-            timeout_s=timeout_s,
-            field=f"--{field}endpoint",
-        )
-    if hf_dir:
-        check_hf_dir(hf_dir, f"--{field}hf_dir")
-        require_attacker_allowed(hf_dir, allow_attacker, f"--{field}hf_dir")
-        from advgame_jax.models import load_hf
+@dataclasses.dataclass(frozen=True)
+class TargetSpec:
+    """Where a target comes from: exactly one of ``hf_dir`` / ``checkpoint`` / ``endpoint``,
+    with the options of that kind. ``field`` prefixes the flag names in messages
+    (``--{field}hf_dir``); ``timeout_s`` is the endpoint's deadline per request."""
 
-        config, p = load_hf(hf_dir)
-        return InProcessTarget(
-            config,
-            p,
-            hf_dir,
-            compute_dtype=compute_dtype,
-            max_prompt_tokens=max_prompt_tokens,
-            label=hf_dir,
-        )
-    step_dir = find_step_dir(checkpoint)
-    require_attacker_allowed(
-        step_dir, allow_attacker, f"--{field}checkpoint", attacker=player == "attacker"
+    hf_dir: str = ""
+    checkpoint: str = ""
+    endpoint: str = ""
+    endpoint_model: str = "advgame"
+    player: str = "defender"
+    params: str = "ema"
+    base_hf_dir: str = ""
+    allow_attacker: bool = False
+    api_key: Optional[str] = None
+    compute_dtype: Any = None
+    max_prompt_tokens: int = 2048
+    field: str = ""
+    timeout_s: float = DEFAULT_TIMEOUT_S
+
+
+def _endpoint_target(spec: TargetSpec) -> EndpointTarget:
+    return EndpointTarget(
+        spec.endpoint,
+        spec.endpoint_model,
+        api_key=spec.api_key,
+        timeout_s=spec.timeout_s,
+        field=f"--{spec.field}endpoint",
     )
-    hf = resolve_base_hf_dir(step_dir, player, base_hf_dir)
-    config, p = restore_player_params(step_dir, player, params, hf)
+
+
+def _hf_target(spec: TargetSpec) -> InProcessTarget:
+    field = f"--{spec.field}hf_dir"
+    check_hf_dir(spec.hf_dir, field)
+    require_attacker_allowed(spec.hf_dir, spec.allow_attacker, field)
+    from advgame_jax.models import load_hf
+
+    config, p = load_hf(spec.hf_dir)
+    return InProcessTarget(
+        config,
+        p,
+        spec.hf_dir,
+        compute_dtype=spec.compute_dtype,
+        max_prompt_tokens=spec.max_prompt_tokens,
+        label=spec.hf_dir,
+    )
+
+
+def _checkpoint_target(spec: TargetSpec) -> InProcessTarget:
+    step_dir = find_step_dir(spec.checkpoint)
+    require_attacker_allowed(
+        step_dir,
+        spec.allow_attacker,
+        f"--{spec.field}checkpoint",
+        attacker=spec.player == "attacker",
+    )
+    hf = resolve_base_hf_dir(step_dir, spec.player, spec.base_hf_dir)
+    config, p = restore_player_params(step_dir, spec.player, spec.params, hf)
     return InProcessTarget(
         config,
         p,
         hf,
-        compute_dtype=compute_dtype,
-        max_prompt_tokens=max_prompt_tokens,
-        label=f"{step_dir} ({player} {params})",
+        compute_dtype=spec.compute_dtype,
+        max_prompt_tokens=spec.max_prompt_tokens,
+        label=f"{step_dir} ({spec.player} {spec.params})",
     )
+
+
+def load_target(spec: TargetSpec):
+    """Build the target ``spec`` names (exactly one of its three sources)."""
+    given = [
+        n
+        for n, v in (
+            ("hf_dir", spec.hf_dir),
+            ("checkpoint", spec.checkpoint),
+            ("endpoint", spec.endpoint),
+        )
+        if v
+    ]
+    if len(given) != 1:
+        raise TargetError(
+            f"give exactly one of --{spec.field}hf_dir, --{spec.field}checkpoint, "
+            f"--{spec.field}endpoint (got {given or 'none'})"
+        )
+    if spec.endpoint:
+        return _endpoint_target(spec)
+    if spec.hf_dir:
+        return _hf_target(spec)
+    return _checkpoint_target(spec)

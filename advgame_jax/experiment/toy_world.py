@@ -225,6 +225,55 @@ def _stamp_matches(root: str, want: dict) -> bool:
         return False
 
 
+def _check_reusable(root: str) -> None:
+    """Remove an empty ``root``; refuse one the project did not create (ConfigError)."""
+    if os.path.isdir(root) and not os.path.islink(root) and not os.listdir(root):
+        os.rmdir(root)  # an empty directory holds nothing to lose
+    if os.path.lexists(root) and not fsutil.is_owned(root, OWNER_KIND):
+        raise ConfigError(
+            f"config.toy_dir={root!r} exists and was not created by advgame_jax as a toy world "
+            f"(no {fsutil.MARKER} marker), so it is not replaced; give an empty or new "
+            f"directory (or leave toy_dir empty for <workdir>/toy)"
+        )
+
+
+def _build_into(
+    tmp: str,
+    want: dict,
+    train_seeds: Sequence[Seed],
+    attacker_prompt_text: Callable[[Seed], str],
+) -> None:
+    """Write the tokenizer, both warmed-up players and ``BUILT.json`` (``want``) in ``tmp``."""
+    from advgame_jax.tokenization import ChatTokenizer, build_tiny_tokenizer
+
+    seed, warmup_steps = want["seed"], want["warmup_steps"]
+    tok_dir = os.path.join(tmp, "tokenizer")
+    build_tiny_tokenizer(tok_dir)
+    tok = ChatTokenizer.from_dir(tok_dir)
+    eos = tok.stop_token_ids[0]
+    att_ex, def_ex = warmup_examples(
+        train_seeds,
+        lambda s: tok.render_user_turn(attacker_prompt_text(s)),
+        tok.render_user_turn,
+        tok.encode,
+        eos,
+        seed=seed,
+    )
+    check_seeds_fit(att_ex, 1, len(train_seeds))
+    check_seeds_fit(def_ex, 2, len(train_seeds))
+    config = toy_model_config(tok.vocab_size, eos_token_id=eos, pad_token_id=tok.pad_id)
+    key_a, key_d = jax.random.split(jax.random.PRNGKey(seed))
+    for key, examples, role in ((key_a, att_ex, "attacker"), (key_d, def_ex, "defender")):
+        params = init_params(config, key, jnp.float32)
+        params, _ = supervised_warmup(
+            config, params, examples, pad_id=tok.pad_id, seed=seed, steps=warmup_steps
+        )
+        out = os.path.join(tmp, role)
+        save_hf(out, config, params)
+        tok.save(out)
+    fsutil.atomic_write_text(os.path.join(tmp, "BUILT.json"), json.dumps(want))
+
+
 def build_toy_world(
     root: str,
     *,
@@ -243,8 +292,6 @@ def build_toy_world(
     directory the project does not own, and naming ``config.toy_world`` for seeds that do not
     fit the toy models; in both cases ``root`` is left untouched.
     """
-    from advgame_jax.tokenization import ChatTokenizer, build_tiny_tokenizer
-
     root = os.path.abspath(root)
     paths = ToyPaths(
         os.path.join(root, "tokenizer"),
@@ -259,41 +306,8 @@ def build_toy_world(
     }
     if _stamp_matches(root, want):
         return paths
-    if os.path.isdir(root) and not os.path.islink(root) and not os.listdir(root):
-        os.rmdir(root)  # an empty directory holds nothing to lose
-    if os.path.lexists(root) and not fsutil.is_owned(root, OWNER_KIND):
-        raise ConfigError(
-            f"config.toy_dir={root!r} exists and was not created by advgame_jax as a toy world "
-            f"(no {fsutil.MARKER} marker), so it is not replaced; give an empty or new "
-            f"directory (or leave toy_dir empty for <workdir>/toy)"
-        )
-
-    def build(tmp: str) -> None:
-        tok_dir = os.path.join(tmp, "tokenizer")
-        build_tiny_tokenizer(tok_dir)
-        tok = ChatTokenizer.from_dir(tok_dir)
-        eos = tok.stop_token_ids[0]
-        att_ex, def_ex = warmup_examples(
-            train_seeds,
-            lambda s: tok.render_user_turn(attacker_prompt_text(s)),
-            tok.render_user_turn,
-            tok.encode,
-            eos,
-            seed=seed,
-        )
-        check_seeds_fit(att_ex, 1, len(train_seeds))
-        check_seeds_fit(def_ex, 2, len(train_seeds))
-        config = toy_model_config(tok.vocab_size, eos_token_id=eos, pad_token_id=tok.pad_id)
-        key_a, key_d = jax.random.split(jax.random.PRNGKey(seed))
-        for key, examples, role in ((key_a, att_ex, "attacker"), (key_d, def_ex, "defender")):
-            params = init_params(config, key, jnp.float32)
-            params, _ = supervised_warmup(
-                config, params, examples, pad_id=tok.pad_id, seed=seed, steps=warmup_steps
-            )
-            out = os.path.join(tmp, role)
-            save_hf(out, config, params)
-            tok.save(out)
-        fsutil.atomic_write_text(os.path.join(tmp, "BUILT.json"), json.dumps(want))
-
-    fsutil.build_dir_atomically(root, OWNER_KIND, build)
+    _check_reusable(root)
+    fsutil.build_dir_atomically(
+        root, OWNER_KIND, lambda tmp: _build_into(tmp, want, train_seeds, attacker_prompt_text)
+    )
     return paths

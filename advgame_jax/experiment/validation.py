@@ -85,9 +85,7 @@ def validate_defender(valid_seeds: dict, game_config, v, *, judge, defender, tok
                 game.build_tree(
                     seeds[j : j + chunk],
                     gc,
-                    judge=judge,
-                    defender=defender,
-                    defender_tokenizer=tokenizer,
+                    game.TreePlayers(judge, defender, tokenizer),
                     skip_attacker=True,
                     sample_index=(10**6 + i + len(VALID_SPLITS) * (j // chunk))
                     * jax.process_count()

@@ -4,8 +4,8 @@ metrics and the audit log. Game logic never imports training code.
 
 The game loop calls, per seed split::
 
-    scored = build_tree(seeds, game_config, judge=judge, attacker=..., attacker_tokenizer=...,
-                        defender=..., defender_tokenizer=..., sample_index=2 * step + split)
+    players = TreePlayers(judge, defender, defender_tokenizer, attacker, attacker_tokenizer)
+    scored = build_tree(seeds, game_config, players, sample_index=2 * step + split)
     pairs(scored, "attacker" | "defender")                   # DPO / IPO
     grpo_samples(scored, "attacker" | "defender", baseline)  # GRPO
     tree_metrics(scored); audit_log.write(scored, step=step, split=split)
@@ -51,7 +51,7 @@ from advgame_jax.game.rewards import (
     patch_reward,
     select_response,
 )
-from advgame_jax.game.rollout import build_tree, sample_tree, score_tree
+from advgame_jax.game.rollout import TreePlayers, build_tree, sample_tree, score_tree
 from advgame_jax.game.rule_judge import COMPLY_WORDS, DEFLECT_WORDS, REFUSE_WORDS, RuleJudge
 from advgame_jax.game.templates import (
     TemplateError,
@@ -99,6 +99,7 @@ __all__ = [
     "TemplateError",
     "TemplateSet",
     "TextBackend",
+    "TreePlayers",
     "XError",
     "YError",
     "advantages",

@@ -39,6 +39,7 @@ from advgame_jax.errors import UserError
 from advgame_jax.net import (
     Client,
     ClientError,
+    ClientOptions,
     FailureRateMonitor,
     chat_text,
     check_models,
@@ -66,13 +67,14 @@ class EndpointBackend:
     """Concurrent, retrying client of one or more OpenAI-compatible chat endpoints.
 
     endpoints: base URLs such as ``http://host:8000/v1``; model: the served model name.
-    api_key: sent as ``Authorization: Bearer`` when given (never logged).
-    timeout_s: wall-clock limit per request, retries included; max_retries: re-sends after
-    the first attempt. concurrency: requests in flight in total.
-    warn_failure_rate / warn_every: failure-rate warning (module docstring).
+    concurrency: requests in flight in total.
     temperature / top_p / max_tokens / explicit_sampling: decoding (module docstring).
-    client_options: the rest of ``net.Client`` (backoff_s, max_backoff_s, seed (the backoff
-    jitter), max_in_flight_per_endpoint, unhealthy_after, unhealthy_cooldown_s, sleep, clock).
+    options: ``warn_failure_rate`` / ``warn_every`` (failure-rate warning, module docstring)
+    and the ``net.ClientOptions`` fields: ``api_key`` (sent as ``Authorization: Bearer``,
+    never logged), ``timeout_s`` (wall-clock limit per request, retries included; 120 s
+    unless given), ``max_retries`` (re-sends after the first attempt; 3 unless given),
+    backoff_s, max_backoff_s, seed (the backoff jitter), max_in_flight_per_endpoint,
+    unhealthy_after, unhealthy_cooldown_s, sleep, clock.
     """
 
     def __init__(
@@ -80,18 +82,15 @@ class EndpointBackend:
         endpoints: Sequence[str],
         model: str,
         *,
-        api_key: Optional[str] = None,
-        timeout_s: float = 120.0,
-        max_retries: int = 3,
         concurrency: int = 32,
         temperature: float = 0.0,
         top_p: float = 1.0,
         max_tokens: int = 8192,
         explicit_sampling: bool = True,
-        warn_failure_rate: float = 0.1,
-        warn_every: int = 10,
-        **client_options,
+        **options: Any,
     ):
+        warn_failure_rate = options.pop("warn_failure_rate", 0.1)
+        warn_every = options.pop("warn_every", 10)
         if not model:
             raise JudgeEndpointError("judge model: expected the model name served at the endpoints")
         if concurrency < 1 or not 0.0 < float(top_p) <= 1.0:
@@ -102,12 +101,10 @@ class EndpointBackend:
         try:
             self.client = Client(
                 endpoints,
-                api_key=api_key,
-                timeout_s=timeout_s,
-                max_retries=max_retries,
+                ClientOptions(timeout_s=120.0, max_retries=3),
                 max_connections=concurrency,
                 field="config.judge.endpoints",
-                **client_options,
+                **options,
             )
             self._monitor = FailureRateMonitor(
                 threshold=warn_failure_rate,

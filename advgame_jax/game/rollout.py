@@ -163,39 +163,64 @@ def _sample_responses(config, templates, att, defender, defender_tokenizer, samp
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class TreePlayers:
+    """Who plays one batch: the judge, the defender's sampler and tokenizer, and the
+    attacker's (required unless the attacker is skipped)."""
+
+    judge: Judge
+    defender: Generator
+    defender_tokenizer: Any
+    attacker: Optional[Generator] = None
+    attacker_tokenizer: Any = None
+
+
+def _tree_players(players: Optional[TreePlayers], fields: dict) -> TreePlayers:
+    """``players``, or one built from the keywords (``judge=…, defender=…``) naming them."""
+    if players is None:
+        return TreePlayers(**fields)
+    if fields:
+        raise TypeError(f"players given twice: as TreePlayers and as keywords {sorted(fields)}")
+    return players
+
+
+def _check_categories(cat_B) -> None:
+    for c in cat_B:
+        if c not in ("harmful", "benign"):
+            raise ValueError(f"seed category must be 'harmful' or 'benign', got {c!r}")
+
+
 def _sample(
-    seeds,
-    config,
-    judge,
-    defender,
-    defender_tokenizer,
-    attacker,
-    attacker_tokenizer,
-    skip_attacker,
-    sample_index,
+    seeds, config, players: TreePlayers, skip_attacker, sample_index
 ) -> tuple[RolloutTree, JudgeStats]:
     templates = get_template_set(config.templates)
     s_B = tuple(str(s.prompt) for s in seeds)
     cat_B = tuple(str(s.category) for s in seeds)
-    for c in cat_B:
-        if c not in ("harmful", "benign"):
-            raise ValueError(f"seed category must be 'harmful' or 'benign', got {c!r}")
+    _check_categories(cat_B)
     if skip_attacker:
         att_prompt = tuple(() for _ in s_B)
         att = [[AttackSlot("", (), (), None, s, None)] for s in s_B]
     else:
-        if attacker is None or attacker_tokenizer is None:
+        if players.attacker is None or players.attacker_tokenizer is None:
             raise ValueError(
                 "build_tree: attacker and attacker_tokenizer are required unless skip_attacker=True"
             )
         att_prompt, att = _sample_attacks(
-            s_B, cat_B, config, templates, attacker, attacker_tokenizer, sample_index
+            s_B,
+            cat_B,
+            config,
+            templates,
+            players.attacker,
+            players.attacker_tokenizer,
+            sample_index,
         )
     if config.faithfulness and not skip_attacker:
-        faith = _check_faithfulness(judge, config, s_B, cat_B, att)
+        faith = _check_faithfulness(players.judge, config, s_B, cat_B, att)
     else:
         faith = stage_stats("faith")
-    _sample_responses(config, templates, att, defender, defender_tokenizer, sample_index)
+    _sample_responses(
+        config, templates, att, players.defender, players.defender_tokenizer, sample_index
+    )
     tree = RolloutTree(
         tuple(
             SeedSlot(s, c, p, tuple(row))
@@ -209,26 +234,16 @@ def _sample(
 def sample_tree(
     seeds: Sequence,
     config: GameConfig,
+    players: Optional[TreePlayers] = None,
     *,
-    judge: Judge,
-    defender: Generator,
-    defender_tokenizer: Any,
-    attacker: Optional[Generator] = None,
-    attacker_tokenizer: Any = None,
     skip_attacker: bool = False,
     sample_index: int = 0,
+    **player_fields: Any,
 ) -> RolloutTree:
-    """Sample attacks, check faithfulness and sample responses (see module docstring)."""
+    """Sample attacks, check faithfulness and sample responses (see module docstring).
+    The players come as ``players`` or as its fields by keyword (``judge=…, defender=…``)."""
     return _sample(
-        seeds,
-        config,
-        judge,
-        defender,
-        defender_tokenizer,
-        attacker,
-        attacker_tokenizer,
-        skip_attacker,
-        sample_index,
+        seeds, config, _tree_players(players, player_fields), skip_attacker, sample_index
     )[0]
 
 
@@ -360,32 +375,22 @@ def score_tree(
 def build_tree(
     seeds: Sequence,
     config: GameConfig,
+    players: Optional[TreePlayers] = None,
     *,
-    judge: Judge,
-    defender: Generator,
-    defender_tokenizer: Any,
-    attacker: Optional[Generator] = None,
-    attacker_tokenizer: Any = None,
     skip_attacker: bool = False,
     sample_index: int = 0,
+    **player_fields: Any,
 ) -> ScoredTree:
     """Play one batch of seeds (objects with ``.prompt`` and ``.category``) to a ScoredTree.
 
+    The players come as ``players`` or as the :class:`TreePlayers` fields by keyword
+    (``judge=…, defender=…, defender_tokenizer=…, attacker=…, attacker_tokenizer=…``).
     ``skip_attacker=True`` (validation): the defender answers each seed directly (A = 1,
     x = s; no faithfulness check, no attacker judge, attacker rewards 0.0).
     ``sample_index`` shifts the samplers' seeds (attacker ``seed + 2i``, defender
     ``seed + 2i + 1``): pass a different value per call, e.g. ``2 * step + split``.
     Judge statistics: each stage returns its part; the tree's ``judge_stats`` is their sum.
     """
-    tree, faith = _sample(
-        seeds,
-        config,
-        judge,
-        defender,
-        defender_tokenizer,
-        attacker,
-        attacker_tokenizer,
-        skip_attacker,
-        sample_index,
-    )
-    return score_tree(tree, config, judge=judge, sample_stats=faith)
+    players = _tree_players(players, player_fields)
+    tree, faith = _sample(seeds, config, players, skip_attacker, sample_index)
+    return score_tree(tree, config, judge=players.judge, sample_stats=faith)

@@ -6,6 +6,7 @@ from advgame_jax.net.client import (  # noqa: F401
     DEFAULT_TIMEOUT_S,
     Client,
     ClientError,
+    ClientOptions,
     DeadlineExceeded,
     FaultCounter,
     HTTPStatusError,

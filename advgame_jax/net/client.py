@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import dataclasses
 import email.utils
 import json
 import os
@@ -134,69 +135,78 @@ def check_base_url(url: str, field: str) -> str:
     return url
 
 
-class Client:
-    """JSON requests to one service served by one or more replicas (base URLs).
+@dataclasses.dataclass(frozen=True)
+class ClientOptions:
+    """How a :class:`Client` sends its requests.
 
     api_key: sent as ``Authorization: Bearer`` (never logged or shown in ``repr``).
     timeout_s / max_retries / backoff_s / max_backoff_s / seed: module docstring.
     max_connections: pooled keep-alive connections (all replicas together).
     max_in_flight_per_endpoint / unhealthy_after / unhealthy_cooldown_s: ``ReplicaRouter``.
+    max_body_bytes: the largest answer read. field: the setting that named the endpoints.
     sleep / clock: injectable for tests (``clock`` drives replica health only; the deadline is
     always real time).
     """
 
+    api_key: Optional[str] = dataclasses.field(default=None, repr=False)
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    max_retries: int = 3
+    backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+    seed: int = 0
+    max_connections: int = 64
+    max_in_flight_per_endpoint: int = 0
+    unhealthy_after: int = 3
+    unhealthy_cooldown_s: float = 30.0
+    max_body_bytes: int = 64 << 20
+    field: str = "endpoint"
+    sleep: Callable[[float], None] = time.sleep
+    clock: Callable[[], float] = time.monotonic
+
+
+class Client:
+    """JSON requests to one service served by one or more replicas (base URLs), sent as
+    ``options`` says; ``fields``: :class:`ClientOptions` fields by keyword, replacing those of
+    ``options`` (``Client(urls, timeout_s=5)``)."""
+
     def __init__(
-        self,
-        endpoints: Sequence[str],
-        *,
-        api_key: Optional[str] = None,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-        max_retries: int = 3,
-        backoff_s: float = 0.5,
-        max_backoff_s: float = 30.0,
-        seed: int = 0,
-        max_connections: int = 64,
-        max_in_flight_per_endpoint: int = 0,
-        unhealthy_after: int = 3,
-        unhealthy_cooldown_s: float = 30.0,
-        max_body_bytes: int = 64 << 20,
-        field: str = "endpoint",
-        sleep: Callable[[float], None] = time.sleep,
-        clock: Callable[[], float] = time.monotonic,
+        self, endpoints: Sequence[str], options: Optional[ClientOptions] = None, **fields: Any
     ):
+        o = self.options = dataclasses.replace(options or ClientOptions(), **fields)
+        field = o.field
         if isinstance(endpoints, str):
             endpoints = [e for e in endpoints.split(",") if e.strip()]
         self.endpoints = tuple(check_base_url(e, field) for e in endpoints)
         if not self.endpoints:
             raise ValueError(f"{field}: expected at least one base URL such as http://host:8000/v1")
-        if not timeout_s > 0 or max_retries < 0 or backoff_s < 0 or max_connections < 1:
+        if not o.timeout_s > 0 or o.max_retries < 0 or o.backoff_s < 0 or o.max_connections < 1:
             raise ValueError(
                 f"{field}: expected timeout_s > 0, max_retries >= 0, backoff_s >= 0, "
-                f"max_connections >= 1; got {timeout_s}, {max_retries}, "
-                f"{backoff_s}, {max_connections}"
+                f"max_connections >= 1; got {o.timeout_s}, {o.max_retries}, "
+                f"{o.backoff_s}, {o.max_connections}"
             )
-        self.timeout_s, self.max_retries = float(timeout_s), int(max_retries)
-        self.backoff_s, self.max_backoff_s = float(backoff_s), float(max_backoff_s)
-        self.max_body_bytes, self.field = int(max_body_bytes), field
+        self.timeout_s, self.max_retries = float(o.timeout_s), int(o.max_retries)
+        self.backoff_s, self.max_backoff_s = float(o.backoff_s), float(o.max_backoff_s)
+        self.max_body_bytes, self.field = int(o.max_body_bytes), field
         self.router = ReplicaRouter(
             self.endpoints,
-            max_in_flight_per_endpoint=max_in_flight_per_endpoint,
-            unhealthy_after=unhealthy_after,
-            unhealthy_cooldown_s=unhealthy_cooldown_s,
-            clock=clock,
+            max_in_flight_per_endpoint=o.max_in_flight_per_endpoint,
+            unhealthy_after=o.unhealthy_after,
+            unhealthy_cooldown_s=o.unhealthy_cooldown_s,
+            clock=o.clock,
         )
         self.faults = FaultCounter()
-        self._sleep, self._rng, self._rng_lock = sleep, random.Random(seed), threading.Lock()
+        self._sleep, self._rng, self._rng_lock = o.sleep, random.Random(o.seed), threading.Lock()
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
+        if o.api_key:
+            headers["Authorization"] = f"Bearer {o.api_key}"
         self._http = httpx.AsyncClient(
             headers=headers,
             trust_env=False,
             timeout=None,
             limits=httpx.Limits(
-                max_connections=max_connections,
-                max_keepalive_connections=max_connections,
+                max_connections=o.max_connections,
+                max_keepalive_connections=o.max_connections,
                 keepalive_expiry=30.0,
             ),
         )

@@ -23,7 +23,7 @@ import json
 import secrets
 import time
 import uuid
-from typing import Literal, Optional, Sequence, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
 import pydantic
 from openai.types import Completion as TextCompletion
@@ -35,7 +35,7 @@ from openai.types.chat.chat_completion_token_logprob import ChatCompletionTokenL
 from openai.types.completion_choice import Logprobs as TextLogprobs
 from pydantic import BaseModel, ConfigDict, Field
 
-from advgame_jax.sampling.base import Completion, FinishReason, SamplingParams
+from advgame_jax.sampling.base import Completion, SamplingParams
 
 MAX_CHAT_TOP_LOGPROBS, MAX_TEXT_LOGPROBS = 20, 5  # OpenAI's bounds
 
@@ -392,34 +392,35 @@ def text_deltas(c: Completion, tokenizer) -> list[str]:
     return pieces
 
 
-def _choice(
-    req: ParsedRequest,
-    tokenizer,
-    i: int,
-    text: str,
-    c: Completion,
-    tops,
-    lo: int,
-    hi: int,
-    finish,
-    *,
-    stream: bool,
-    first=False,
-    offset=0,
-):
-    """Choice ``i`` holding ``text`` and the log-probs of tokens ``lo:hi`` of ``c`` (a whole
-    completion, or one token of it in a stream chunk)."""
-    want = req.logprobs and (hi > lo or not stream)
-    lo, hi = (lo, hi) if want else (0, 0)  # no log-probs asked for: none decoded
+@dataclasses.dataclass(frozen=True)
+class _Span:
+    """What choice ``i`` holds: ``text`` and the log-probs of tokens ``lo:hi`` of its
+    completion (all of them, or one token in a stream chunk); ``first``: the stream's role
+    chunk; ``offset``: characters of the choice's text before this one."""
+
+    i: int
+    text: str
+    lo: int
+    hi: int
+    finish: Any = None  # a FinishReason; None in the token chunks of a stream
+    first: bool = False
+    offset: int = 0
+
+
+def _choice(req: ParsedRequest, tokenizer, c: Completion, tops, span: _Span, stream: bool):
+    """The choice ``span`` describes, of completion ``c`` (``tops``: its alternatives)."""
+    want = req.logprobs and (span.hi > span.lo or not stream)
+    lo, hi = (span.lo, span.hi) if want else (0, 0)  # no log-probs asked for: none decoded
     piece = lambda t: tokenizer.decode([t], skip_special_tokens=False)  # noqa: E731
     pieces = [piece(t) for t in c.token_ids[lo:hi]]
     alts = [[(piece(t), v) for t, v in tops[j]] if tops else [] for j in range(lo, hi)]
+    i, text, finish = span.i, span.text, span.finish
     if req.kind == "completions":
         lp = TextLogprobs(
             tokens=pieces,
             token_logprobs=list(c.logprobs[lo:hi]),
             top_logprobs=[dict(a) for a in alts] if req.top_logprobs and tops else None,
-            text_offset=[offset + sum(map(len, pieces[:j])) for j in range(len(pieces))],
+            text_offset=[span.offset + sum(map(len, pieces[:j])) for j in range(len(pieces))],
         )
         return CompletionChoice.model_construct(
             index=i, text=text, finish_reason=finish, logprobs=lp if want else None
@@ -442,7 +443,9 @@ def _choice(
             message=ChatCompletionMessage(role="assistant", content=text),
         )
     delta = (
-        ck.ChoiceDelta(role="assistant", content=text) if first else ck.ChoiceDelta(content=text)
+        ck.ChoiceDelta(role="assistant", content=text)
+        if span.first
+        else ck.ChoiceDelta(content=text)
     )
     return ck.Choice(
         index=i,
@@ -459,6 +462,27 @@ def _body(req: ParsedRequest, head: dict, choices, stream: bool, **usage):
     return cls.model_construct(object=kind, **head, choices=choices, **usage).model_dump(
         mode="json", exclude_unset=True
     )
+
+
+def _stream_spans(req: ParsedRequest, c: Completion, i: int, tokenizer) -> list[_Span]:
+    """Choice ``i``'s stream chunks: the role first (chat), one per token, the finish."""
+    spans = [_Span(i, "", 0, 0, first=True)] if req.kind == "chat" else []
+    offset = 0
+    for j, piece in enumerate(text_deltas(c, tokenizer)):
+        spans.append(_Span(i, piece, j, j + 1, offset=offset))
+        offset += len(piece)
+    return spans + [_Span(i, "", 0, 0, c.finish_reason, offset=offset)]
+
+
+def _events(req: ParsedRequest, completions, tokenizer, tops, head: dict, usage):
+    """The server-sent events of a streamed answer (``responses``)."""
+    for i, (c, t) in enumerate(zip(completions, tops, strict=True)):
+        for span in _stream_spans(req, c, i, tokenizer):
+            choice = _choice(req, tokenizer, c, t, span, True)
+            yield f"data: {json.dumps(_body(req, head, [choice], True))}\n\n"
+    if req.include_usage:
+        yield f"data: {json.dumps(_body(req, head, [], True, usage=usage))}\n\n"
+    yield "data: [DONE]\n\n"
 
 
 def responses(
@@ -478,57 +502,10 @@ def responses(
     p = sum(len(x) for x in req.prompts)
     n = sum(len(x.token_ids) for x in completions)
     usage = CompletionUsage(prompt_tokens=p, completion_tokens=n, total_tokens=p + n)
-    if not req.stream:
-        return _body(
-            req,
-            head,
-            [
-                _choice(
-                    req,
-                    tokenizer,
-                    i,
-                    c.text,
-                    c,
-                    t,
-                    0,
-                    len(c.token_ids),
-                    c.finish_reason,
-                    stream=False,
-                )
-                for i, (c, t) in enumerate(zip(completions, tops, strict=True))
-            ],
-            False,
-            usage=usage,
-        )
-
-    def events():
-        for i, (c, t) in enumerate(zip(completions, tops, strict=True)):
-            chunks: list[tuple[str, int, int, Optional[FinishReason]]] = (
-                [("", 0, 0, None)] if req.kind == "chat" else []  # the role comes first
-            )
-            offset = 0
-            for j, piece in enumerate(text_deltas(c, tokenizer)):
-                chunks.append((piece, j, j + 1, None))
-            chunks.append(("", 0, 0, c.finish_reason))
-            for k, (text, lo, hi, finish) in enumerate(chunks):
-                choice = _choice(
-                    req,
-                    tokenizer,
-                    i,
-                    text,
-                    c,
-                    t,
-                    lo,
-                    hi,
-                    finish,
-                    stream=True,
-                    first=k == 0 and req.kind == "chat",
-                    offset=offset,
-                )
-                offset += len(text)
-                yield f"data: {json.dumps(_body(req, head, [choice], True))}\n\n"
-        if req.include_usage:
-            yield f"data: {json.dumps(_body(req, head, [], True, usage=usage))}\n\n"
-        yield "data: [DONE]\n\n"
-
-    return events()
+    if req.stream:
+        return _events(req, completions, tokenizer, tops, head, usage)
+    choices = [
+        _choice(req, tokenizer, c, t, _Span(i, c.text, 0, len(c.token_ids), c.finish_reason), False)
+        for i, (c, t) in enumerate(zip(completions, tops, strict=True))
+    ]
+    return _body(req, head, choices, False, usage=usage)
