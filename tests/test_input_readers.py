@@ -284,6 +284,6 @@ def test_template_over_the_attacker_budget_is_reported_naming_the_field():
     # The loop reports these at load, next to the over-long seeds.
     import inspect
 
-    from advgame_jax.experiment.loop import GameRunner
+    from advgame_jax.experiment.assembly import report_unfit_seeds
 
-    assert "template_budget_warnings" in inspect.getsource(GameRunner._report_unfit_seeds)
+    assert "template_budget_warnings" in inspect.getsource(report_unfit_seeds)
