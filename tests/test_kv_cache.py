@@ -7,7 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from advgame_jax.models import KVCache, forward, forward_with_cache, init_cache, load_hf
+from advgame_jax.models import (
+    CacheSlots,
+    KVCache,
+    forward,
+    forward_with_cache,
+    init_cache,
+    load_hf,
+)
 from tests.tiny_models import make_tiny_llama, make_tiny_qwen2
 
 PROMPT_LENS = (5, 8, 3)
@@ -35,7 +42,13 @@ def _left_padded_prompts(seed=0):
 @functools.partial(jax.jit, static_argnums=1, static_argnames="last_only", donate_argnums=4)
 def _step(params, config, tokens, positions, cache, cache_index, kv_mask, last_only=False):
     return forward_with_cache(
-        params, config, tokens, positions, cache, cache_index, kv_mask, last_only=last_only
+        params,
+        config,
+        tokens,
+        positions,
+        cache,
+        CacheSlots(cache_index, kv_mask),
+        last_only=last_only,
     )
 
 

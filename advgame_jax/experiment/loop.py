@@ -61,7 +61,7 @@ from advgame_jax.experiment.players import close_player
 from advgame_jax.experiment.resume import checkpoint_meta
 from advgame_jax.experiment.validation import SPLITS, _prefixed, validate_defender
 from advgame_jax.settings import Settings
-from advgame_jax.training.multihost import collate_global
+from advgame_jax.training.multihost import Bucketing, collate_global
 
 # Console summary: label -> metric key.
 CONSOLE_KEYS = {
@@ -189,10 +189,12 @@ class GameRunner:
             kind="samples" if self.config.loss.kind == "grpo" else "pairs",
             pad_id=player.tokenizer.pad_id,
             mesh=self.mesh,
-            num_microbatches=t.num_microbatches,
-            row_buckets=tuple(t.pair_buckets),
-            length_buckets=tuple(t.length_buckets),
-            overflow="truncate_prompt",
+            bucketing=Bucketing(
+                num_microbatches=t.num_microbatches,
+                row_buckets=tuple(t.pair_buckets),
+                length_buckets=tuple(t.length_buckets),
+                overflow="truncate_prompt",
+            ),
         )
         with self.timer.stage("update"):
             self.state[role], m = upd(self.state[role], batch)

@@ -7,7 +7,7 @@ The param tree is documented in ``advgame_jax.models.params``; the KV-cache cont
 
 from advgame_jax.models.config import ModelConfig
 from advgame_jax.models.hf_io import hf_state_dict, load_hf, save_hf
-from advgame_jax.models.kv_cache import KVCache, forward_with_cache, init_cache
+from advgame_jax.models.kv_cache import CacheSlots, KVCache, forward_with_cache, init_cache
 from advgame_jax.models.params import init_params, param_logical_axes, param_shapes
 from advgame_jax.models.sharding import (
     DEFAULT_RULES,
@@ -32,6 +32,7 @@ __all__ = [
     "param_shapes",
     "init_cache",
     "forward_with_cache",
+    "CacheSlots",
     "KVCache",
     "param_shardings",
     "make_mesh",

@@ -7,8 +7,8 @@ Contract (the sampler is built on it):
   layer's keys of one (row, head) are contiguous, so the attention dots read the cache as
   stored (batch dims leading) instead of transposing a copy of it every layer and step.
 * ``forward_with_cache(params, config, tokens [B, T] int32, positions [B, T] int32, cache,
-  cache_index, kv_mask [B, max_len] bool, *, compute_dtype=None, last_only=False)
-  -> (logits, new_cache)``. ``tokens[:, t]`` is written to cache slot ``cache_index + t`` for
+  CacheSlots(cache_index, kv_mask [B, max_len] bool), *, compute_dtype=None,
+  last_only=False) -> (logits, new_cache)``. ``tokens[:, t]`` is written to cache slot ``cache_index + t`` for
   every row (``cache_index`` is an int32 scalar, may be traced). ``kv_mask[b, j]`` says
   whether slot j holds a real token, INCLUDING the T slots written by this call. A query at
   slot ``cache_index + t`` attends to slots ``j <= cache_index + t`` with ``kv_mask[b, j]``.
@@ -21,6 +21,8 @@ real tokens), keys are stored already rotated, in the cache dtype.
 """
 
 from __future__ import annotations
+
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -63,19 +65,28 @@ def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=jnp.bfl
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
 
+class CacheSlots(NamedTuple):
+    """Where one cached call writes (``index``: the first slot, an int32 scalar, may be
+    traced) and which slots hold real tokens (``kv_mask`` ``[B, max_len]`` bool, including
+    the ones this call writes)."""
+
+    index: Any
+    kv_mask: Any
+
+
 def forward_with_cache(
     params,
     config: ModelConfig,
     tokens,
     positions,
     cache: KVCache,
-    cache_index,
-    kv_mask,
+    where: CacheSlots,
     *,
     compute_dtype=None,
     last_only: bool = False,
 ):
     """Run ``tokens`` through the model reading and writing ``cache`` (see module docstring)."""
+    cache_index, kv_mask = where
     dtype = _resolve_dtype(params, compute_dtype)
     tokens = jnp.asarray(tokens, jnp.int32)
     t = tokens.shape[1]

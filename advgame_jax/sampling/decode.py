@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from advgame_jax.models import ModelConfig, forward_with_cache, init_cache
+from advgame_jax.models import CacheSlots, ModelConfig, forward_with_cache, init_cache
 
 
 class DecodeOut(NamedTuple):
@@ -283,8 +283,7 @@ def _prefill(params, batch: DecodeBatch, program: DecodeProgram, positions, keys
         batch.tokens,
         positions.astype(jnp.int32),
         cache,
-        jnp.int32(0),
-        kv_mask,
+        CacheSlots(jnp.int32(0), kv_mask),
         compute_dtype=jnp.dtype(program.compute_dtype),
         last_only=True,
     )
@@ -320,8 +319,7 @@ def _decode_step(params, batch: DecodeBatch, program: DecodeProgram, state: _Loo
         prev,
         pos,
         state.cache,
-        slot.astype(jnp.int32),
-        kv_mask,
+        CacheSlots(slot.astype(jnp.int32), kv_mask),
         compute_dtype=jnp.dtype(program.compute_dtype),
         last_only=True,
     )

@@ -112,7 +112,7 @@ def decode_step_seconds(
 
 def _decode_program(mc, rows: int, cache_len: int, iterations: int, selection: TokenSelection):
     """The jitted ``run(params, cache, seeds)``: ``iterations`` one-token steps (cached)."""
-    from advgame_jax.models import forward_with_cache
+    from advgame_jax.models import CacheSlots, forward_with_cache
     from advgame_jax.sampling.decode import row_keys, select_tokens
 
     sel = TokenSelection(
@@ -139,8 +139,7 @@ def _decode_program(mc, rows: int, cache_len: int, iterations: int, selection: T
                 tok,
                 jnp.full((rows, 1), i),
                 cache,
-                i,
-                kv_mask,
+                CacheSlots(i, kv_mask),
                 compute_dtype=jnp.float32,
                 last_only=True,
             )

@@ -21,7 +21,7 @@ host ever materialises the global batch). With one process this is ordinary coll
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
@@ -77,25 +77,37 @@ def plan_global(
     return global_rows // num_processes, t
 
 
+@dataclasses.dataclass(frozen=True)
+class Bucketing:
+    """How :func:`collate_global` shapes a batch: ``num_microbatches`` (rows are a multiple of
+    it times the data-parallel size), the allowed global row counts and sequence lengths
+    (empty: powers of two), the longest sequence kept, and what to do with a longer one
+    (``overflow``: ``'error'`` or ``'truncate_prompt'``)."""
+
+    num_microbatches: int = 1
+    row_buckets: Sequence[int] = ()
+    length_buckets: Sequence[int] = ()
+    max_length: Optional[int] = None
+    overflow: str = "error"
+
+
 def collate_global(
     records: Sequence,
     *,
     kind: str,
     pad_id: int,
     mesh,
-    num_microbatches: int = 1,
-    row_buckets: Sequence[int] = (),
-    length_buckets: Sequence[int] = (),
-    max_length=None,
-    overflow: str = "error",
+    bucketing: Bucketing = Bucketing(),
     rules=DEFAULT_RULES,
 ):
     """This process's ``records`` (TokenPair for ``kind='pairs'``, TokenSample for
-    ``'samples'``) → a global PairBatch / SampleBatch of ``jax.Array`` s on ``mesh``.
+    ``'samples'``) → a global PairBatch / SampleBatch of ``jax.Array`` s on ``mesh``, shaped
+    by ``bucketing``.
 
     Every process must call it (collectively), in the same order, with its own records.
     Explicit ``weight`` s must then be set on all records of all processes or on none.
     """
+    num_microbatches, max_length = bucketing.num_microbatches, bucketing.max_length
     if kind not in ("pairs", "samples"):
         raise ValueError(f"kind must be 'pairs' or 'samples', got {kind!r}")
     n_proc = jax.process_count()
@@ -106,8 +118,8 @@ def collate_global(
         longest,
         num_processes=n_proc,
         multiple=num_microbatches * dp,
-        row_buckets=row_buckets,
-        length_buckets=length_buckets,
+        row_buckets=bucketing.row_buckets,
+        length_buckets=bucketing.length_buckets,
         max_length=max_length,
     )
     local_dp = dp // n_proc if dp % n_proc == 0 else dp
@@ -118,7 +130,7 @@ def collate_global(
         num_microbatches=num_microbatches,
         data_parallel_size=max(local_dp, 1),
         max_length=max_length,
-        overflow=overflow,
+        overflow=bucketing.overflow,
     )
     if kind == "pairs":
         local = collate_pairs(records, pair_buckets=(local_rows,), **common)
