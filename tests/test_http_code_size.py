@@ -183,7 +183,7 @@ def _new_counts() -> dict:
 
 # Today's total (measured with this counter when the ceiling was last lowered): the code may
 # shrink, not grow, until it meets the target below.
-CEILING = 1713
+CEILING = 1693
 
 
 def test_http_code_does_not_grow():
@@ -194,7 +194,7 @@ def test_http_code_does_not_grow():
 @pytest.mark.xfail(
     strict=True,
     reason=(
-        "not met: 1,713 lines against the stdlib stack's 1,317 (target 658). Beyond what the old "
+        "not met: 1,693 lines against the stdlib stack's 1,317 (target 658). Beyond what the old "
         "stack did, the new one streams, returns top_logprobs, answers 503 with a computed "
         "Retry-After, bounds each request's read time, enforces the client deadline across retries "
         "with Retry-After, and drives vLLM's own server (pause, collective_rpc, reset, version, "
