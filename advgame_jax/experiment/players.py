@@ -380,9 +380,10 @@ def resolve_mesh(config):
     settings = as_settings(config)
     apply_memory_plan(settings)  # JAX's device-memory share, before JAX initialises
     mesh = settings.mesh
-    dcn = {a: int(getattr(mesh, f"dcn_{a}")) for a in distributed.MESH_AXES}
+    sizes = dataclasses.asdict(mesh)  # axis name -> size, dcn_<axis> -> hosts/slices
+    dcn = {a: int(sizes[f"dcn_{a}"]) for a in distributed.MESH_AXES}
     if any(v != 1 for v in dcn.values()):
-        ici = {a: int(getattr(mesh, a)) for a in distributed.MESH_AXES}
+        ici = {a: int(sizes[a]) for a in distributed.MESH_AXES}
         try:
             return distributed.build_mesh(ici, dcn)
         except distributed.WorldError as e:
