@@ -80,7 +80,6 @@ NEW_FILES = {
     ),
     "advgame_jax/evaluation/http_client.py": (),
     "advgame_jax/sampling/engines.py": (
-        "EXTENSION",
         "SERVER_MODULE",
         "EngineSpec",
         "server_command",

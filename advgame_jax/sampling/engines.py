@@ -55,7 +55,6 @@ from advgame_jax.sampling.base import (
     wrong_ref,
 )
 
-EXTENSION = "advgame_jax.sampling.weight_sync.OrbaxWeightLoader"
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
 
@@ -84,6 +83,8 @@ class EngineSpec:
 
 def server_command(spec: EngineSpec, port: int) -> list[str]:
     """vLLM's OpenAI server command for ``spec`` (the API key travels in the environment)."""
+    from advgame_jax.sampling.weight_sync import EXTENSION
+
     has_tokenizer = any(
         os.path.isfile(os.path.join(spec.hf_dir, f))
         for f in ("tokenizer.json", "tokenizer_config.json")

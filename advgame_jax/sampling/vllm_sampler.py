@@ -54,9 +54,7 @@ from advgame_jax.sampling.base import (
     over_budget_completions,
     wrong_ref,
 )
-
-EXTENSION = "advgame_jax.sampling.weight_sync.OrbaxWeightLoader"
-
+from advgame_jax.sampling.weight_sync import EXTENSION
 
 _VllmDType = Literal["float32", "bfloat16", "float16", "auto"]  # values vllm.LLM(dtype=) takes
 _TORCH_DTYPE_NAMES: dict[str, _VllmDType] = {

@@ -288,6 +288,10 @@ class OrbaxWeightLoader:
             finalize_layerwise_reload(model, self.vllm_config.model_config)
 
 
+# What vLLM is given as its worker extension (in-process and in its own server alike).
+EXTENSION = f"{OrbaxWeightLoader.__module__}.{OrbaxWeightLoader.__qualname__}"
+
+
 def latest_committed(root: str) -> Optional[str]:
     """The newest committed version directory under ``root``, or None."""
     vs = committed_versions(root)
