@@ -96,6 +96,7 @@ class _FakeEngine(http.server.BaseHTTPRequestHandler):
     calls: list = []
     version = "default"
     load_answer = None  # None: the version of the checkpoint; else this value
+    max_model_len = 20  # the context /v1/models reports
 
     def log_message(self, *args):
         pass
@@ -112,7 +113,9 @@ class _FakeEngine(http.server.BaseHTTPRequestHandler):
         if self.path == "/weight_info":
             return self._send({"weight_version": type(self).version})
         if self.path == "/v1/models":
-            return self._send({"data": [{"id": "defender", "max_model_len": 20}]})
+            return self._send(
+                {"data": [{"id": "defender", "max_model_len": type(self).max_model_len}]}
+            )
         return self._send(None)
 
     def do_POST(self):

@@ -27,6 +27,7 @@ from advgame_jax.sampling import InMemoryWeights, SamplingParams, SyncCheckpoint
 from advgame_jax.sampling.base import STAT_KEYS
 from advgame_jax.sampling.jax_sampler import JaxSampler
 from advgame_jax.sampling.weight_sync import read_sync_checkpoint, write_sync_checkpoint
+from tests.test_engine_process import _FakeEngine
 from tests.test_sampling_jax import _hf_greedy, _prompts
 from tests.test_vllm_sampler import skip_without_vllm
 from tests.tiny_models import make_tiny_llama
@@ -214,13 +215,15 @@ def test_stats_report_the_contract_counters(placement):
 
 
 # ---------------------------------------------------------------------------------- stand-in
-class _StandInEngine(http.server.BaseHTTPRequestHandler):
+class _StandInEngine(_FakeEngine):
     """vLLM's server routes as ``RemoteSampler`` uses them (engines.py's docstring), over a
     ``JaxSampler``: ``advgame_load_sync`` reads the committed sync checkpoint, as the worker
-    extension does, and every token is labelled with the version last set."""
+    extension does, and every token is labelled with the version last set. The transport and
+    the GET routes are those of test_engine_process's scripted engine."""
 
     sampler: JaxSampler
     version = "default"
+    max_model_len = CONTEXT
     lock = threading.Lock()
 
     @classmethod
@@ -230,24 +233,6 @@ class _StandInEngine(http.server.BaseHTTPRequestHandler):
         threading.Thread(target=server.serve_forever, daemon=True).start()
         server.url = f"http://127.0.0.1:{server.server_address[1]}"
         return server
-
-    def log_message(self, *args):
-        pass
-
-    def _send(self, body):
-        data = json.dumps(body).encode() if body is not None else b""
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self):
-        if self.path == "/weight_info":
-            return self._send({"weight_version": type(self).version})
-        if self.path == "/v1/models":
-            return self._send({"data": [{"id": "defender", "max_model_len": CONTEXT}]})
-        return self._send(None)
 
     def do_POST(self):
         cls = type(self)
