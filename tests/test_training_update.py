@@ -143,6 +143,64 @@ def test_zero_valid_pairs_changes_nothing():
     assert values["num_pairs"] == 0.0 and values["applied"] == 0.0 and values["loss"] == 0.0
 
 
+def _empty_step(step_on_empty: bool, mesh_shape=None):
+    from advgame_jax.training.update import LossSettings, StepSettings, make_update_step
+
+    return make_update_step(
+        sup.CFG,
+        sup.optimizer(),
+        LossSettings(kind="dpo", beta=0.1),
+        StepSettings(compute_dtype=jnp.float32, chunk_size=64, step_on_empty=step_on_empty),
+        mesh=make_mesh(*mesh_shape) if mesh_shape else None,
+    )
+
+
+@pytest.mark.parametrize("mesh_shape", [None, (2, 2, 2)])
+def test_empty_batch_on_step_on_empty_is_adamw_on_zero_gradients(mesh_shape):
+    """With ``step_on_empty`` an empty batch still moves the optimizer (as the reference does):
+    exactly optax's own update with all-zero gradients, on one device and on a mesh; a real
+    batch then still trains (the compute branch of the same program)."""
+    import optax
+
+    up = _empty_step(True, mesh_shape)
+    state = _state()
+    if mesh_shape:
+        state = shard_state(state, sup.CFG, make_mesh(*mesh_shape))
+    state, _ = up(state, _batch(sup.fixed_pairs(), dp=up.data_parallel_size))
+    before = sup.host(state)
+    zeros = jax.tree.map(np.zeros_like, before.params)
+    updates, want_opt = up.optimizer.update(zeros, before.opt_state, before.params)
+    want_params = optax.apply_updates(before.params, updates)
+    state, metrics = up(state, _batch([], dp=up.data_parallel_size))
+    assert sup.max_abs_diff(sup.host(state.params), want_params) <= 1e-7
+    assert sup.max_abs_diff(sup.host(state.opt_state), want_opt) <= 1e-7
+    assert int(state.step) == 2
+    values = {k: float(v) for k, v in metrics.items()}
+    assert values["applied"] == 1.0 and values["num_pairs"] == 0.0
+    assert values["loss"] == 0.0 and values["grad_norm"] == 0.0
+    state, metrics = up(state, _batch(sup.fixed_pairs(), dp=up.data_parallel_size))
+    assert float(metrics["num_pairs"]) == 6.0 and float(metrics["grad_norm"]) > 0.0
+
+
+def test_empty_batch_branch_holds_no_model_pass():
+    """The step is one program with a two-way branch on "any valid row": the branch an empty
+    batch takes holds no matrix product (the forward and backward passes are skipped), the
+    other holds them all."""
+    up = _empty_step(False)
+    text = up.lower_call(_state(), _batch(sup.fixed_pairs())).as_text()
+    assert text.count("stablehlo.case") + text.count('"stablehlo.if"') >= 1, "no branch"
+    import re
+
+    # Each branch region of the (single) case op, in order: the empty branch is the first
+    # (lax.cond's false branch), the compute branch the second.
+    start = text.index("stablehlo.case")
+    regions = re.split(r"\}, \{", text[start:].split("}) :", 1)[0])
+    assert len(regions) == 2, len(regions)
+    empty, compute = regions
+    assert "dot_general" not in empty and "call @" not in empty
+    assert "dot_general" in compute or "call @" in compute
+
+
 def test_no_recompile_within_a_bucket():
     up = sup.update_step()
     pairs = sup.fixed_pairs(8, seed=3)

@@ -10,9 +10,11 @@ log-probs use ``reference_params(state)`` (θ̄ or θ₀) under ``stop_gradient`
 
 Objective: ``Σ_i weight_i · loss_i`` over valid rows, with the batch's ``pair_weight`` /
 ``sample_weight`` (the game decides the normaliser; collate's default weights make it the
-mean over the batch's rows). Reported metrics are plain means over valid rows. A batch without
-a valid row gives zero gradients; by default it changes nothing (params, optimizer state and
-``step`` are kept), with ``step_on_empty=True`` it still runs the optimizer update (AdamW
+mean over the batch's rows). Reported metrics are plain means over valid rows. A microbatch
+without a valid row skips the forward and backward passes (:func:`skip_empty_microbatches`:
+a ``lax.cond`` in the same program, so no extra compilation) and adds zero sums and zero
+gradients. A batch without a valid row therefore costs no model pass; by default it changes
+nothing (params, optimizer state and ``step`` are kept), with ``step_on_empty=True`` it still runs the optimizer update (AdamW
 momentum decay, weight decay, learning-rate counter), as the reference does.
 The same ``where`` skips an update whose loss or gradient is not finite (metric
 ``skipped_nonfinite``), so such an update never reaches the params or a checkpoint.
@@ -34,6 +36,7 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -123,18 +126,34 @@ def microbatch_count(
 
 
 def _split_microbatches(batch, m: int, mb_sharding):
-    """[R, ...] → [m, R/m, ...] taking rows i ≡ k (mod m) into microbatch k, so each
-    microbatch keeps the batch's even split over devices (no resharding)."""
+    """[R, ...] → [m, R/m, ...]: each device's block of rows is cut into ``m`` consecutive
+    parts, and microbatch k takes part k of every block, so each microbatch keeps the batch's
+    even split over devices (no resharding) and a device's trailing padding rows (collate puts
+    them after the valid ones) fill its last microbatches, which then cost no model pass
+    (:func:`skip_empty_microbatches`)."""
+    dp = _rows_parallel(mb_sharding)
 
     def split(x):
         r = x.shape[0]
-        y = jnp.swapaxes(x.reshape((r // m, m) + x.shape[1:]), 0, 1)
+        y = x.reshape((dp, m, r // (dp * m)) + x.shape[1:])
+        y = jnp.swapaxes(y, 0, 1).reshape((m, r // m) + x.shape[1:])
         if mb_sharding is not None:
             spec = PartitionSpec(None, mb_sharding.spec[0], *([None] * (y.ndim - 2)))
             y = jax.lax.with_sharding_constraint(y, NamedSharding(mb_sharding.mesh, spec))
         return y
 
     return jax.tree.map(split, batch)
+
+
+def _rows_parallel(row_sharding) -> int:
+    """Devices the rows of ``row_sharding`` (a NamedSharding, or None) are split over."""
+    if row_sharding is None:
+        return 1
+    axes = row_sharding.spec[0] if row_sharding.spec else None
+    if axes is None:
+        return 1
+    names = (axes,) if isinstance(axes, str) else tuple(axes)
+    return int(np.prod([row_sharding.mesh.shape[a] for a in names]))
 
 
 def accumulate_microbatches(grad_fn, m: int, *, row_sharding=None, grad_sharding=None):
@@ -310,6 +329,32 @@ def _batch_microbatches(batch, kind: str, dp: int, train: StepSettings) -> int:
     )
 
 
+def skip_empty_microbatches(grad_fn, kind: str, grad_sharding=None):
+    """Wrap ``grad_fn(params, ref, mb) -> ((objective, sums), grads)`` so that a microbatch
+    without a valid row skips the forward and backward passes (``lax.cond`` runs one branch)
+    and gives what they would give: a zero objective, zero sums (they are sums over valid
+    rows) and zero gradients. Padding rows sit after the valid ones, so a batch's trailing
+    microbatches and an empty batch cost no model pass."""
+
+    def wrapped(params, ref, mb):
+        valid = mb.pair_valid if kind == "pairs" else mb.sample_valid
+
+        def compute(_):
+            return grad_fn(params, ref, mb)
+
+        def empty(_):
+            zeros = jax.tree.map(
+                lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(compute, None)
+            )
+            if grad_sharding is None:
+                return zeros
+            return zeros[0], jax.lax.with_sharding_constraint(zeros[1], grad_sharding)
+
+        return jax.lax.cond(jnp.any(valid), compute, empty, None)
+
+    return wrapped
+
+
 def _keep_unless(apply, state: PlayerState, new_params, new_opt) -> PlayerState:
     """The updated state where ``apply`` holds, else the old params, optimizer state and step."""
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)  # noqa: E731
@@ -349,7 +394,12 @@ def make_update_step(
         ref = jax.lax.stop_gradient(reference_params(state))
         valid = batch.pair_valid if kind == "pairs" else batch.sample_valid
         n_valid = jnp.sum(valid.astype(jnp.float32))
-        run = accumulate_microbatches(grad_fn, m, row_sharding=row_sh, grad_sharding=grad_sh)
+        run = accumulate_microbatches(
+            skip_empty_microbatches(grad_fn, kind, grad_sh),
+            m,
+            row_sharding=row_sh,
+            grad_sharding=grad_sh,
+        )
         (_, sums), grads = run(params, ref, batch)
 
         grad_norm = optax.tree.norm(grads)
