@@ -8,7 +8,7 @@ those files but is not HTTP/RPC (the attacker gate and the demo model of the ser
 point, judge probing semantics, the top-k forward pass, starting and stopping engine
 processes). The same kinds of definitions are excluded on both sides. The replica router and
 the failure-rate warning count on both sides (old: inside ``game/endpoint.py``; new:
-``net/replicas.py``).
+``net.py``).
 
 Both sides are counted in the same layout: the tree is kept formatted by ``ruff format``
 (``.ci/run`` checks it), and the old files were passed through the same formatter, with this
@@ -69,9 +69,7 @@ NEW_FILES = {
     "advgame_jax/sampling/server.py": (),
     "advgame_jax/sampling/openai_schema.py": (),
     "advgame_jax/sampling/http_guard.py": (),
-    "advgame_jax/net/__init__.py": (),
-    "advgame_jax/net/client.py": (),
-    "advgame_jax/net/replicas.py": (),  # router + failure-rate warning (old: in endpoint.py)
+    "advgame_jax/net.py": (),  # client, router + failure-rate warning (old: in endpoint.py)
     "advgame_jax/game/endpoint.py": (
         "_PROBE_SEED",
         "_PROBE_ATTACK",
