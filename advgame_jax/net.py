@@ -170,16 +170,11 @@ class Client:
         self, endpoints: Sequence[str], options: Optional[ClientOptions] = None, **fields: Any
     ):
         o = self.options = dataclasses.replace(options or ClientOptions(), **fields)
-        self.endpoints = tuple(str(e or "").strip().rstrip("/") for e in endpoints)
-        for url in self.endpoints:
-            if not url.startswith(("http://", "https://")):
-                raise ValueError(
-                    f"{o.field}: expected an http(s):// base URL such as "
-                    f"http://127.0.0.1:8000/v1, got {url!r}"
-                )
-        if not self.endpoints:
+        urls = self.endpoints = tuple(str(e or "").strip().rstrip("/") for e in endpoints)
+        if not urls or not all(u.startswith(("http://", "https://")) for u in urls):
             raise ValueError(
-                f"{o.field}: expected at least one base URL such as http://host:8000/v1"
+                f"{o.field}: expected an http(s):// base URL (at least one) such as "
+                f"http://127.0.0.1:8000/v1, got {list(endpoints)!r}"
             )
         if not o.timeout_s > 0 or o.max_retries < 0 or o.backoff_s < 0 or o.max_connections < 1:
             raise ValueError(
@@ -190,20 +185,13 @@ class Client:
         self.router = ReplicaRouter(
             self.endpoints, o.max_in_flight_per_endpoint, o.unhealthy_after, o.unhealthy_cooldown_s
         )
-        self.faults, self._rng, self._rng_lock = (
-            FaultCounter(),
-            random.Random(o.seed),
-            threading.Lock(),
-        )
+        self.faults = FaultCounter()
+        self._rng, self._rng_lock, n = random.Random(o.seed), threading.Lock(), o.max_connections
         self._http = httpx.AsyncClient(
             headers={"Authorization": f"Bearer {o.api_key}"} if o.api_key else {},
             trust_env=False,
             timeout=None,
-            limits=httpx.Limits(
-                max_connections=o.max_connections,
-                max_keepalive_connections=o.max_connections,
-                keepalive_expiry=30.0,
-            ),
+            limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
         )
 
     def __repr__(self) -> str:
@@ -341,14 +329,8 @@ def check_models(client: Client, model: str, timeout_s: float):
     names, bad, wrong = [], [], []
     for i, base in enumerate(client.endpoints):
         try:
-            ids = client.get(
-                "/models",
-                parse=served_models,
-                replica=i,
-                timeout_s=timeout_s,
-                max_retries=1,
-                count=False,
-            )
+            probe = dict(replica=i, timeout_s=timeout_s, max_retries=1, count=False)
+            ids = client.get("/models", parse=served_models, **probe)
         except ClientError as err:
             bad.append(f"{base}/models ({type(err).__name__}: {err})")
             continue
@@ -417,9 +399,7 @@ class ReplicaRouter:
                 now = time.monotonic()
                 pool = [r for r in free if r.unhealthy_until <= now] or free
                 if pool:
-                    best = min(
-                        pool, key=lambda r: (r.in_flight, r.assigned, self.replicas.index(r))
-                    )
+                    best = min(pool, key=lambda r: (r.in_flight, r.assigned))  # then: listed first
                     best.assigned, best.in_flight = best.assigned + 1, best.in_flight + 1
                     best.peak_in_flight = max(best.peak_in_flight, best.in_flight)
                     return best
@@ -433,10 +413,8 @@ class ReplicaRouter:
             replica.in_flight -= 1
             self._cond.notify()
             if record:
-                replica.attempts, replica.failures = (
-                    replica.attempts + 1,
-                    replica.failures + (not ok),
-                )
+                replica.attempts += 1
+                replica.failures += not ok
                 replica.consecutive_failures = 0 if ok else replica.consecutive_failures + 1
                 if replica.consecutive_failures >= self.unhealthy_after:
                     replica.unhealthy_until = time.monotonic() + self.cooldown_s
@@ -460,37 +438,29 @@ class ReplicaRouter:
         )
 
 
+@dataclasses.dataclass(eq=False, kw_only=True)
 class FailureRateMonitor:
     """Warns when too many of a caller's requests fail (module docstring).
 
     what: who fails, e.g. "JUDGE"; consequence: what the failures become;
     details: extra text at the end of the warning (endpoint health, fault counts)."""
 
-    def __init__(
-        self,
-        *,
-        threshold: float = 0.1,
-        every: int = 10,
-        what: str = "JUDGE",
-        consequence: str = "their slots become judge error values",
-        details: Callable[[], str] = lambda: "",
-        logger: str = "advgame_jax.judge",
-    ):
-        if every < 1 or not 0.0 <= threshold <= 1.0:
+    threshold: float = 0.1
+    every: int = 10
+    what: str = "JUDGE"
+    consequence: str = "their slots become judge error values"
+    details: Callable[[], str] = lambda: ""
+    logger: str = "advgame_jax.judge"
+    warnings_logged: int = 0
+
+    def __post_init__(self):
+        if self.every < 1 or not 0.0 <= self.threshold <= 1.0:
             raise ValueError(
                 f"failure-rate warning: expected every >= 1 and 0 <= threshold <= 1; "
-                f"got {every}, {threshold}"
+                f"got {self.every}, {self.threshold}"
             )
-        self.threshold, self.every, self.what, self.consequence = (
-            threshold,
-            every,
-            what,
-            consequence,
-        )
-        self.details, self._log, self._lock = details, logging.getLogger(logger), threading.Lock()
-        self._window = [0, 0, 0]  # batches, requests, failed requests since the window began
+        self._lock, self._window = threading.Lock(), [0, 0, 0]  # batches, requests, failed
         self._since_warning: Optional[int] = None  # batches since the last warning
-        self.warnings_logged = 0
 
     def note(self, requests: int, failed: int) -> bool:
         """Record one batch; True when this batch logged a warning."""
@@ -506,18 +476,10 @@ class FailureRateMonitor:
                 return False
             self._window, self._since_warning = [0, 0, 0], 0
             self.warnings_logged += 1
-        extra = self.details()
-        self._log.warning(
-            "%s FAILURE RATE %.1f%% over the last %d batch%s (%d of %d requests failed after "
-            "retries; threshold %.1f%%); %s.%s",
-            self.what,
-            100.0 * bad / total,
-            batches,
-            "" if batches == 1 else "es",
-            bad,
-            total,
-            100.0 * self.threshold,
-            self.consequence,
-            f" {extra}" if extra else "",
+        extra, es = self.details(), "" if batches == 1 else "es"
+        logging.getLogger(self.logger).warning(
+            f"{self.what} FAILURE RATE {100.0 * bad / total:.1f}% over the last {batches} "
+            f"batch{es} ({bad} of {total} requests failed after retries; threshold "
+            f"{100.0 * self.threshold:.1f}%); {self.consequence}.{f' {extra}' if extra else ''}"
         )
         return True

@@ -296,7 +296,6 @@ class OpenAIServer:
 
 def _build_app(server: OpenAIServer) -> FastAPI:
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
-    routes = {"/v1/models": "GET", "/v1/chat/completions": "POST", "/v1/completions": "POST"}
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, err: RequestError):
@@ -304,12 +303,9 @@ def _build_app(server: OpenAIServer) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, err: HTTPException):
-        path, method, status = request.url.path, request.method, err.status_code
-        message = f"no route {method} {path}"
-        if status == 405:
-            message = f"{path} accepts {routes.get(path.rstrip('/'))}, not {method}"
-        code = "method_not_allowed" if status == 405 else "not_found"
-        return await _request_error(request, RequestError(status, message, code=code))
+        code = "method_not_allowed" if err.status_code == 405 else "not_found"
+        message = f"{request.method} {request.url.path}: {err.detail}"
+        return await _request_error(request, RequestError(err.status_code, message, code=code))
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -318,12 +314,10 @@ def _build_app(server: OpenAIServer) -> FastAPI:
         return {"object": "list", "data": [{**card, "owned_by": "advgame_jax"}]}
 
     @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        return await server.complete(request, "chat")
-
     @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await server.complete(request, "completions")
+    async def complete(request: Request):
+        chat = request.url.path.endswith("/chat/completions")
+        return await server.complete(request, "chat" if chat else "completions")
 
     return app
 
