@@ -77,8 +77,6 @@ class EndpointBackend:
         explicit_sampling: bool = True,
         **options: Any,
     ):
-        warn = dict(threshold=options.pop("warn_failure_rate", 0.1))
-        warn.update(every=options.pop("warn_every", 10))
         if not model:
             raise JudgeEndpointError("judge model: expected the model name served at the endpoints")
         if concurrency < 1 or not 0.0 < float(top_p) <= 1.0:
@@ -87,17 +85,18 @@ class EndpointBackend:
                 f"top_p in (0, 1]; got {concurrency}, {top_p!r}"
             )
         try:
+            self._monitor = net.FailureRateMonitor(
+                threshold=options.pop("warn_failure_rate", 0.1),
+                every=options.pop("warn_every", 10),
+                details=lambda: (
+                    f"Endpoints: {c.router.describe()}. Faults so far: {c.fault_counts()}"
+                ),
+            )
             self.client = c = net.Client(
                 endpoints,
                 net.ClientOptions(timeout_s=120.0, max_retries=3, max_connections=concurrency),
                 field="config.judge.endpoints",
                 **options,
-            )
-            self._monitor = net.FailureRateMonitor(
-                **warn,
-                details=lambda: (
-                    f"Endpoints: {c.router.describe()}. Faults so far: {c.fault_counts()}"
-                ),
             )
         except ValueError as err:
             raise JudgeEndpointError(f"judge endpoint options: {err}") from None

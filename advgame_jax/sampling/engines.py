@@ -267,14 +267,12 @@ class EngineClient:
         host, _, port = url.split("://", 1)[1].rstrip("/").rpartition(":")
         if not host or not port.isdigit():
             raise EngineError(f"config.{name}.engine.address={address!r}: expected 'host:port'")
-        key = ""
-        if api_key_env:
-            key = os.environ.get(api_key_env, "")
-            if not key:
-                raise EngineError(
-                    f"config.{name}.engine.authkey_env: environment variable "
-                    f"{api_key_env} is empty; expected the engine's API key"
-                )
+        key = os.environ.get(api_key_env, "") if api_key_env else ""
+        if api_key_env and not key:
+            raise EngineError(
+                f"config.{name}.engine.authkey_env: environment variable "
+                f"{api_key_env} is empty; expected the engine's API key"
+            )
         client = cls(name, url, api_key=key, request_timeout_s=request_timeout_s)
         client.request("GET", "/health", timeout_s=30)
         return client

@@ -17,7 +17,8 @@ client's turn, from the measured seconds per request, staggered so that rejected
 back at the rate the server serves. ONE worker thread takes every waiting request (up to
 ``max_batch_requests``) into one ``sampler.generate_many`` call, so concurrent requests share
 batches. The sampler generates a completion in one compiled call, so a streamed response
-starts once its completion is done and carries it as one chunk per token.
+starts once its completion is done and carries it as one chunk per choice
+(``openai_schema``).
 ``shutdown()`` is graceful: new requests get 503, queued ones are served and answered, then
 the socket closes.
 
