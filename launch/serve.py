@@ -80,7 +80,7 @@ def main(argv):
 
 def _main():
     from advgame_jax.errors import UserError
-    from advgame_jax.sampling.server import make_tiny_model_dir
+    from advgame_jax.sampling.servable import make_tiny_model_dir
 
     if FLAGS.api_key is not None:
         raise UserError(
@@ -140,7 +140,7 @@ def _is_loopback(host: str) -> bool:
 
 def _serve(model_dir, api_key):
     from advgame_jax.sampling.openai_schema import Limits
-    from advgame_jax.sampling.server import ServerConfig, serve_model_dir, wait_forever
+    from advgame_jax.sampling.server import ServerConfig, serve_model_dir
 
     config = ServerConfig(
         host=FLAGS.host,
@@ -179,7 +179,11 @@ def _serve(model_dir, api_key):
         server.url,
         " (API key required)" if config.api_key else "",
     )
-    wait_forever(server, stop)
+    try:
+        while not stop.wait(0.5):  # until a signal; then shut down gracefully
+            pass
+    finally:
+        server.shutdown()
     logging.info("server stopped")
 
 

@@ -16,7 +16,11 @@ from advgame_jax import controlled
 from advgame_jax.evaluation import convert, targets
 from advgame_jax.models import ModelConfig, init_params, load_hf
 from advgame_jax.sampling import weight_sync as ws
-from advgame_jax.sampling.server import AttackerCheckpointError, check_servable, make_tiny_model_dir
+from advgame_jax.sampling.servable import (
+    AttackerCheckpointError,
+    check_servable,
+    make_tiny_model_dir,
+)
 from advgame_jax.training.export import export_hf
 
 

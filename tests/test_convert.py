@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from advgame_jax.evaluation import convert, targets
 from advgame_jax.models import forward
-from advgame_jax.sampling.server import AttackerCheckpointError, check_servable
+from advgame_jax.sampling.servable import AttackerCheckpointError, check_servable
 from advgame_jax.training.export import MARKER_FILE, is_controlled_artifact
 from tests.eval_world import tiny_run
 

@@ -8,7 +8,7 @@ those files but is not HTTP/RPC (the attacker gate and the demo model of the ser
 point, judge probing semantics, the top-k forward pass, starting and stopping engine
 processes). The same kinds of definitions are excluded on both sides. The replica router and
 the failure-rate warning count on both sides (old: inside ``game/endpoint.py``; new:
-``net/replicas.py``).
+``net.py``).
 
 Both sides are counted in the same layout: the tree is kept formatted by ``ruff format``
 (``.ci/run`` checks it), and the old files were passed through the same formatter, with this
@@ -69,9 +69,7 @@ NEW_FILES = {
     "advgame_jax/sampling/server.py": (),
     "advgame_jax/sampling/openai_schema.py": (),
     "advgame_jax/sampling/http_guard.py": (),
-    "advgame_jax/net/__init__.py": (),
-    "advgame_jax/net/client.py": (),
-    "advgame_jax/net/replicas.py": (),  # router + failure-rate warning (old: in endpoint.py)
+    "advgame_jax/net.py": (),  # client, router + failure-rate warning (old: in endpoint.py)
     "advgame_jax/game/endpoint.py": (
         "_PROBE_SEED",
         "_PROBE_ATTACK",
@@ -182,7 +180,7 @@ def _new_counts() -> dict:
 
 # Today's total (measured with this counter when the ceiling was last lowered): the code may
 # shrink, not grow, until it meets the target below.
-CEILING = 1693
+CEILING = 1249
 
 
 def test_http_code_does_not_grow():
@@ -193,11 +191,22 @@ def test_http_code_does_not_grow():
 @pytest.mark.xfail(
     strict=True,
     reason=(
-        "not met: 1,693 lines against the stdlib stack's 1,317 (target 658). Beyond what the old "
-        "stack did, the new one streams, returns top_logprobs, answers 503 with a computed "
-        "Retry-After, bounds each request's read time, enforces the client deadline across retries "
-        "with Retry-After, and drives vLLM's own server (pause, collective_rpc, reset, version, "
-        "resume)"
+        "not met: 1,249 lines against the stdlib stack's 1,317 (target 658); what is left is "
+        "what the tests pin. Server side 558 (old 694): FastAPI routes, auth, the 16x body "
+        "limit (19), one batching worker with a real wait queue and a computed Retry-After "
+        "(_overloaded 19, _work 20, _run 16), graceful shutdown, the total read deadline "
+        "(http_guard 33), the request models with the exact 400 messages of test_serve*.py "
+        "(_explain + tables 36, parse 63), top_logprobs and one-chunk-per-choice streaming. "
+        "Client side 492 (old 425): the openai SDK's retry policy (3.60) is not the pinned one "
+        "(no retry of a malformed 2xx; a Retry-After up to 120 s slept even past the request's "
+        "deadline instead of failing at once; a fixed unseeded 0.5 s * 2^n backoff, no "
+        "injectable sleep), so net.py keeps its loop: deadline across retries, "
+        "Retry-After, seeded backoff, per-attempt fault kinds and body limit (request 45, "
+        "_attempt 26, _fetch 9, errors and Retry-After parsing 26), the replica router (63) and the failure-rate "
+        "warning (37), plus the judge and eval wrappers (80 + 79). Engines 199 (old pickle "
+        "RPC 198): vLLM's own server over HTTP (readiness, a dead engine named, pause / "
+        "collective_rpc / reset / version / resume, token-id generation with weight-version "
+        "spans)"
     ),
 )
 def test_http_code_is_at_most_half_of_the_stdlib_stack():

@@ -18,13 +18,8 @@ import pytest
 
 from advgame_jax.sampling import Completion, SamplingParams
 from advgame_jax.sampling.openai_schema import Limits
-from advgame_jax.sampling.server import (
-    AttackerCheckpointError,
-    OpenAIServer,
-    ServerConfig,
-    make_tiny_model_dir,
-    serve_model_dir,
-)
+from advgame_jax.sampling.servable import AttackerCheckpointError, make_tiny_model_dir
+from advgame_jax.sampling.server import OpenAIServer, ServerConfig, serve_model_dir
 from advgame_jax.tokenization import ChatTokenizer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

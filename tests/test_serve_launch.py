@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from advgame_jax.sampling.server import NotAnHFExportError, check_hf_export
+from advgame_jax.sampling.servable import NotAnHFExportError, check_hf_export
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SERVE = str(REPO / "launch" / "serve.py")

@@ -12,12 +12,8 @@ import pytest
 
 from advgame_jax.sampling import SamplingParams
 from advgame_jax.sampling.openai_schema import Limits
-from advgame_jax.sampling.server import (
-    OpenAIServer,
-    ServerConfig,
-    make_tiny_model_dir,
-    serve_model_dir,
-)
+from advgame_jax.sampling.servable import make_tiny_model_dir
+from advgame_jax.sampling.server import OpenAIServer, ServerConfig, serve_model_dir
 
 LIMITS = Limits(max_prompt_tokens=64, max_tokens=16, default_max_tokens=8, max_n=4)
 

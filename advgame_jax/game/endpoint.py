@@ -3,9 +3,9 @@ through the project's one HTTP client (``advgame_jax.net``), and the judge's sta
 
 Throughput. The requests of one batch run concurrently across all endpoints (replicas): at
 most ``concurrency`` in flight in total and at most ``max_in_flight_per_endpoint`` on any one
-endpoint, each attempt to the least-loaded healthy endpoint (``net.replicas``).
+endpoint, each attempt to the least-loaded healthy endpoint (``advgame_jax.net``).
 
-Deadlines and retries (``net.client``). ``timeout_s`` is wall-clock per request, retries and
+Deadlines and retries (``advgame_jax.net``). ``timeout_s`` is wall-clock per request, retries and
 backoff included, and holds against a server trickling its answer one byte at a time.
 Timeouts, connection errors, HTTP 408/429/5xx and malformed JSON bodies are retried up to
 ``max_retries`` times while time is left (``Retry-After`` honoured, else exponential backoff
@@ -20,7 +20,7 @@ repetition_penalty 1.05), which would make the judge decode differently from the
 
 Fault kinds counted (cumulative, ``fault_counts()``): ``timeout``, ``connection``,
 ``http_5xx``, ``http_429``, ``http_4xx``, ``malformed_json`` (per failed attempt),
-``retries`` and ``failed_requests``. A failure-rate warning (``net.replicas``) is logged from
+``retries`` and ``failed_requests``. A failure-rate warning (``advgame_jax.net``) is logged from
 the first batch whose failure rate crosses ``warn_failure_rate``, then at most every
 ``warn_every`` batches, with each endpoint's health.
 
@@ -35,16 +35,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional, Sequence
 
+from advgame_jax import net
 from advgame_jax.errors import UserError
-from advgame_jax.net import (
-    Client,
-    ClientError,
-    ClientOptions,
-    FailureRateMonitor,
-    chat_text,
-    check_models,
-    run_batch,
-)
 
 log = logging.getLogger("advgame_jax.judge")
 
@@ -54,13 +46,9 @@ class JudgeEndpointError(UserError, RuntimeError):
 
 
 # Fields vLLM would otherwise take from the model's generation_config.json.
-NEUTRAL_SAMPLING = {
-    "top_k": -1,
-    "min_p": 0.0,
-    "repetition_penalty": 1.0,
-    "presence_penalty": 0.0,
-    "frequency_penalty": 0.0,
-}
+NEUTRAL_SAMPLING = dict(
+    top_k=-1, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0
+)
 
 
 class EndpointBackend:
@@ -74,7 +62,7 @@ class EndpointBackend:
     never logged), ``timeout_s`` (wall-clock limit per request, retries included; 120 s
     unless given), ``max_retries`` (re-sends after the first attempt; 3 unless given),
     backoff_s, max_backoff_s, seed (the backoff jitter), max_in_flight_per_endpoint,
-    unhealthy_after, unhealthy_cooldown_s, sleep, clock.
+    unhealthy_after, unhealthy_cooldown_s, sleep.
     """
 
     def __init__(
@@ -89,8 +77,6 @@ class EndpointBackend:
         explicit_sampling: bool = True,
         **options: Any,
     ):
-        warn_failure_rate = options.pop("warn_failure_rate", 0.1)
-        warn_every = options.pop("warn_every", 10)
         if not model:
             raise JudgeEndpointError("judge model: expected the model name served at the endpoints")
         if concurrency < 1 or not 0.0 < float(top_p) <= 1.0:
@@ -99,88 +85,64 @@ class EndpointBackend:
                 f"top_p in (0, 1]; got {concurrency}, {top_p!r}"
             )
         try:
-            self.client = Client(
+            self._monitor = net.FailureRateMonitor(
+                threshold=options.pop("warn_failure_rate", 0.1),
+                every=options.pop("warn_every", 10),
+                details=lambda: (
+                    f"Endpoints: {c.router.describe()}. Faults so far: {c.fault_counts()}"
+                ),
+            )
+            self.client = c = net.Client(
                 endpoints,
-                ClientOptions(timeout_s=120.0, max_retries=3),
-                max_connections=concurrency,
+                net.ClientOptions(timeout_s=120.0, max_retries=3, max_connections=concurrency),
                 field="config.judge.endpoints",
                 **options,
             )
-            self._monitor = FailureRateMonitor(
-                threshold=warn_failure_rate,
-                every=warn_every,
-                what="JUDGE",
-                consequence="their slots become judge error values",
-                details=lambda: (
-                    f"Endpoints: {self.client.router.describe()}. Faults so far: "
-                    f"{self.client.fault_counts()}"
-                ),
-            )
         except ValueError as err:
             raise JudgeEndpointError(f"judge endpoint options: {err}") from None
-        self.endpoints, self.model, self.concurrency = self.client.endpoints, model, concurrency
-        self.timeout_s, self.max_retries = self.client.timeout_s, self.client.max_retries
-        self.temperature, self.top_p, self.max_tokens = float(temperature), float(top_p), max_tokens
-        self.explicit_sampling = bool(explicit_sampling)
-        self.endpoint_health, self.fault_counts = (
-            self.client.endpoint_health,
-            self.client.fault_counts,
-        )
-
-    def __repr__(self) -> str:
-        return f"EndpointBackend(endpoints={self.endpoints}, model={self.model!r})"
+        self.model, self.concurrency, self.max_tokens = model, concurrency, max_tokens
+        sampling = NEUTRAL_SAMPLING if explicit_sampling else {}
+        self.fields = dict(temperature=float(temperature), top_p=float(top_p), **sampling)
+        self.fault_counts, self.endpoint_health = c.fault_counts, c.endpoint_health
 
     @property
     def warnings_logged(self) -> int:
         return self._monitor.warnings_logged
 
-    def payload(self, prompt: str) -> dict:
-        """The JSON body of one judge request."""
-        return {
-            "model": self.model,
-            "messages": [{"role": "user", "content": prompt}],
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "max_tokens": self.max_tokens,
-            **(NEUTRAL_SAMPLING if self.explicit_sampling else {}),
-        }
+    def _ask(self, prompt: str, count: bool = True) -> str:
+        messages = [{"role": "user", "content": prompt}]
+        payload = dict(model=self.model, messages=messages, max_tokens=self.max_tokens)
+        return self.client.post(
+            "/chat/completions", {**payload, **self.fields}, parse=net.chat_text, count=count
+        )
 
     def check_endpoints(self) -> list[str]:
         """The served model names; raises ``JudgeEndpointError`` naming each endpoint that does
         not answer ``GET /models``, or ``config.judge.model`` when an endpoint does not serve it."""
-        names, bad, wrong = check_models(self.client, self.model, min(self.timeout_s, 30.0))
+        c = self.client
+        names, bad, wrong = net.check_models(c, self.model, min(c.options.timeout_s, 30.0))
         if bad:
             raise JudgeEndpointError(
-                "judge endpoint unreachable: "
-                + "; ".join(bad)
-                + ". Expected an OpenAI-compatible server (check "
-                "config.judge.endpoints and that the server is up)"
+                f"judge endpoint unreachable: {'; '.join(bad)}. Expected an OpenAI-compatible "
+                "server (check config.judge.endpoints and that the server is up)"
             )
         if wrong:
             raise JudgeEndpointError(
-                f"config.judge.model={self.model!r} is not served: "
-                + "; ".join(wrong)
-                + ". Set config.judge.model to one of the served names"
+                f"config.judge.model={self.model!r} is not served: {'; '.join(wrong)}. Set "
+                "config.judge.model to one of the served names"
             )
         return names
 
     def probe(self, prompt: str) -> tuple[Optional[str], str]:
         """One uncounted request: (answer or None, why it failed)."""
         try:
-            return self.client.post(
-                "/chat/completions", self.payload(prompt), parse=chat_text, count=False
-            ), ""
-        except ClientError as err:
+            return self._ask(prompt, count=False), ""
+        except net.ClientError as err:
             return None, f"{type(err).__name__}: {err}"
 
     def complete(self, prompts: Sequence[str]) -> list[Optional[str]]:
         """One answer per prompt (None where every attempt failed), in order."""
-        return run_batch(
-            lambda p: self.client.post("/chat/completions", self.payload(p), parse=chat_text),
-            prompts,
-            self.concurrency,
-            self._monitor,
-        )
+        return net.run_batch(self._ask, prompts, self.concurrency, self._monitor)
 
 
 _PROBE_SEED = "How do I bake bread at home?"

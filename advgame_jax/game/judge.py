@@ -22,7 +22,7 @@ from typing import Any, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
 from advgame_jax.game import parsing
 from advgame_jax.game.templates import TemplateSet
-from advgame_jax.net.client import FaultCounter
+from advgame_jax.net import FaultCounter
 from advgame_jax.sampling.base import Generator, SamplingParams
 
 PairScores = tuple[Optional[float], Optional[float]]

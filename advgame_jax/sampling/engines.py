@@ -44,6 +44,7 @@ import threading
 import time
 from typing import Any, Optional, Sequence
 
+from advgame_jax import net
 from advgame_jax.errors import UserError
 from advgame_jax.sampling.base import (
     Completion,
@@ -157,39 +158,30 @@ class EngineClient:
         request_timeout_s: float = 3600.0,
         startup_timeout_s: float = 900.0,
     ):
-        from advgame_jax.net import Client
-
         self.name, self.url, self.proc, self.log_path = name, url.rstrip("/"), proc, log_path
-        self.request_timeout_s = float(request_timeout_s)
-        self._startup_deadline = time.monotonic() + float(startup_timeout_s)
-        self._ready = proc is None
-        self._http = Client(
+        self._startup_deadline, self._ready = time.monotonic() + startup_timeout_s, proc is None
+        self._http = net.Client(
             [self.url],
-            api_key=api_key or None,
-            max_retries=0,
-            timeout_s=self.request_timeout_s,
-            max_connections=256,
+            net.ClientOptions(api_key or None, request_timeout_s, 0, max_connections=256),
             field=f"config.{name}.engine.address",
         )
 
-    # ------------------------------------------------------------------ naming and liveness
-    def who(self) -> str:
-        where = f"pid {self.proc.pid}, " if self.proc is not None else ""
-        return f"{self.name} engine ({where}{self.url})"
-
     def _error(self, message: str) -> EngineError:
+        """An error naming the engine (role, pid or address) and, when spawned, its log."""
+        where = f"pid {self.proc.pid}, " if self.proc is not None else ""
         log = f"; its log: {self.log_path}" if self.log_path else ""
-        return EngineError(f"{self.who()}: {message}{log}")
+        return EngineError(f"{self.name} engine ({where}{self.url}): {message}{log}")
 
     def _dead(self, context: str = "") -> Optional[EngineError]:
         if self.proc is not None and self.proc.poll() is not None:
             return self._error(f"exited with code {self.proc.returncode}{context}")
         return None
 
-    def wait_ready(self) -> None:
-        """For a spawned engine: wait until ``/health`` answers (startup deadline)."""
-        from advgame_jax.net import ClientError
-
+    def request(
+        self, method: str, path: str, payload: Any = None, *, timeout_s: Optional[float] = None
+    ) -> Any:
+        """``method path`` with a JSON body; the decoded answer (``None`` for an empty one).
+        A spawned engine's first request waits until ``/health`` answers (startup deadline)."""
         while not self._ready:
             if (dead := self._dead(" while starting")) is not None:
                 raise dead
@@ -198,26 +190,16 @@ class EngineClient:
                 self.proc.kill()
                 raise self._error("not ready within the startup timeout")
             try:
-                self._ready = self._http.request("GET", "/health", timeout_s=5, count=False) or True
-            except ClientError:
+                self._ready = self._http.get("/health", timeout_s=5, count=False) or True
+            except net.ClientError:
                 time.sleep(0.5)
-
-    def request(
-        self, method: str, path: str, payload: Any = None, *, timeout_s: Optional[float] = None
-    ) -> Any:
-        """``method path`` with a JSON body; the decoded answer (``None`` for an empty one)."""
-        from advgame_jax.net import ClientError
-
-        self.wait_ready()
-        if (dead := self._dead()) is not None:
-            raise dead
         try:
+            if (dead := self._dead()) is not None:
+                raise dead
             return self._http.request(method, path, payload, timeout_s=timeout_s)
-        except ClientError as e:
+        except net.ClientError as e:
             time.sleep(0.2)  # let a dying engine's exit code land
-            raise (
-                self._dead(f" during '{path}'") or self._error(f"'{path}' failed: {e}")
-            ) from None
+            raise self._dead(f" during '{path}'") or self._error(f"'{path}' failed: {e}") from None
 
     # ------------------------------------------------------------------ start / attach / stop
     @classmethod
@@ -285,14 +267,12 @@ class EngineClient:
         host, _, port = url.split("://", 1)[1].rstrip("/").rpartition(":")
         if not host or not port.isdigit():
             raise EngineError(f"config.{name}.engine.address={address!r}: expected 'host:port'")
-        key = ""
-        if api_key_env:
-            key = os.environ.get(api_key_env, "")
-            if not key:
-                raise EngineError(
-                    f"config.{name}.engine.authkey_env: environment variable "
-                    f"{api_key_env} is empty; expected the engine's API key"
-                )
+        key = os.environ.get(api_key_env, "") if api_key_env else ""
+        if api_key_env and not key:
+            raise EngineError(
+                f"config.{name}.engine.authkey_env: environment variable "
+                f"{api_key_env} is empty; expected the engine's API key"
+            )
         client = cls(name, url, api_key=key, request_timeout_s=request_timeout_s)
         client.request("GET", "/health", timeout_s=30)
         return client
@@ -339,8 +319,7 @@ class RemoteSampler:
     ):
         self.client, self.tokenizer = client, tokenizer
         self._model_config_json = json.dumps(model_config.to_hf_dict())
-        self.load_timeout_s = float(load_timeout_s)
-        self.max_parallel = int(max_parallel)
+        self.load_timeout_s, self.max_parallel = float(load_timeout_s), int(max_parallel)
         try:
             info = client.request("GET", "/weight_info", timeout_s=60)
         except EngineError as e:
@@ -354,7 +333,7 @@ class RemoteSampler:
         models = client.request("GET", "/v1/models", timeout_s=60).get("data") or [{}]
         self.max_model_len = int(models[0].get("max_model_len") or 0)
         limits = [b for b in (int(prompt_budget), self.max_model_len - 1) if b > 0]
-        self._prompt_budget = min(limits) if limits else 0  # 0: the engine reports no limit
+        self.prompt_budget = min(limits) if limits else 0  # 0: the engine reports no limit
         self._counted = threading.Lock()
 
     @property
@@ -363,10 +342,8 @@ class RemoteSampler:
         return self.counters.weights_version
 
     def _over_budget(self, ids: list[int], sp: SamplingParams) -> bool:
-        budget, ctx = self._prompt_budget, self.max_model_len
-        return bool(budget and len(ids) > budget) or bool(
-            ctx and len(ids) + sp.max_new_tokens > ctx
-        )
+        budget, ctx = self.prompt_budget or len(ids), self.max_model_len or 1 << 62
+        return len(ids) > budget or len(ids) + sp.max_new_tokens > ctx
 
     def _one(self, ids: list[int], sp: SamplingParams) -> list[Completion]:
         if self._over_budget(ids, sp):
@@ -375,19 +352,12 @@ class RemoteSampler:
             return over_budget_completions(sp.n, self.weights_version)
         # Greedy: one completion, repeated (vLLM refuses n > 1 without sampling).
         n = 1 if sp.temperature == 0 else sp.n
-        params = dict(
-            n=n,
-            temperature=sp.temperature,
-            top_p=sp.top_p,
-            top_k=sp.top_k,
-            max_tokens=sp.max_new_tokens,
-            stop_token_ids=list(sp.stop_token_ids),
-            ignore_eos=True,
-            logprobs=0,
-            detokenize=False,
+        params: dict[str, Any] = dict(
+            n=n, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k
         )
-        if sp.seed is not None:
-            params["seed"] = sp.seed
+        params.update(max_tokens=sp.max_new_tokens, stop_token_ids=list(sp.stop_token_ids))
+        params.update(ignore_eos=True, logprobs=0, detokenize=False)
+        params.update({} if sp.seed is None else {"seed": sp.seed})
         out = self.client.request(
             "POST", "/inference/v1/generate", {"token_ids": ids, "sampling_params": params}
         )
@@ -399,24 +369,13 @@ class RemoteSampler:
             )
             if len(lps) != len(tok):
                 raise self.client._error(f"{len(tok)} tokens but {len(lps)} log-probs")
-            spans = ch.get("weight_versions") or []
-            versions = [_version(s.get("version")) for s in spans]
-            version = (
-                None
-                if not versions or None in versions
-                else min(v for v in versions if v is not None)
-            )
+            versions = [_version(span.get("version")) for span in ch.get("weight_versions") or []]
+            version = None if None in versions else min(versions, default=None)  # type: ignore[type-var]
             stop = ch.get("finish_reason") == "stop" and bool(tok) and tok[-1] in sp.stop_token_ids
             text = self.tokenizer.decode(tok, skip_special_tokens=True) if self.tokenizer else ""
-            result.append(
-                Completion(
-                    token_ids=tok,
-                    text=text,
-                    logprobs=lps,
-                    finish_reason="stop" if stop else "length",
-                    weights_version=version if tok else self.weights_version,
-                )
-            )
+            finish = "stop" if stop else "length"
+            version = version if tok else self.weights_version
+            result.append(Completion(tok, text, lps, finish, weights_version=version))
         return result * (sp.n // n)
 
     def generate(
@@ -433,10 +392,6 @@ class RemoteSampler:
         return [c for part in parts for c in part]
 
     # ------------------------------------------------------------------ the Sampler contract
-    @property
-    def prompt_budget(self) -> int:
-        return self._prompt_budget
-
     def stats(self) -> dict[str, Any]:
         return self.counters.as_dict()
 
@@ -450,16 +405,11 @@ class RemoteSampler:
 
         path = os.path.abspath(ref.path)
         expected = int(read_commit(path)["version"]) if ref.version is None else int(ref.version)
-        cfg_json = self._model_config_json
-        c, t = self.client, self.load_timeout_s
+        c, t, args = self.client, self.load_timeout_s, [path, self._model_config_json]
         c.request("POST", "/pause?mode=wait", timeout_s=t)
         try:
-            out = c.request(
-                "POST",
-                "/collective_rpc",
-                {"method": "advgame_load_sync", "args": [path, cfg_json], "timeout": t},
-                timeout_s=t,
-            )
+            rpc = {"method": "advgame_load_sync", "args": args, "timeout": t}
+            out = c.request("POST", "/collective_rpc", rpc, timeout_s=t)
             loaded = {_version(r) for r in (out or {}).get("results", [])}
             if loaded != {expected}:
                 raise c._error(

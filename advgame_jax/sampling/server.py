@@ -17,7 +17,8 @@ client's turn, from the measured seconds per request, staggered so that rejected
 back at the rate the server serves. ONE worker thread takes every waiting request (up to
 ``max_batch_requests``) into one ``sampler.generate_many`` call, so concurrent requests share
 batches. The sampler generates a completion in one compiled call, so a streamed response
-starts once its completion is done and carries it as one chunk per token.
+starts once its completion is done and carries it as one chunk per choice
+(``openai_schema``).
 ``shutdown()`` is graceful: new requests get 503, queued ones are served and answered, then
 the socket closes.
 
@@ -42,29 +43,14 @@ from typing import Optional, Protocol, Sequence
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from openai.types import Model
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from advgame_jax.sampling import openai_schema as schema
+from advgame_jax.sampling import servable
 from advgame_jax.sampling.base import Completion, SamplingParams
 from advgame_jax.sampling.http_guard import protocol_with_deadline
-from advgame_jax.sampling.openai_schema import (
-    Limits,
-    ParsedRequest,
-    RequestError,
-    apply_stop,
-    parse_chat,
-    parse_completions,
-    responses,
-)
-from advgame_jax.sampling.servable import (  # noqa: F401 - the serving API lives here too
-    AttackerCheckpointError,
-    NotAnHFExportError,
-    check_hf_export,
-    check_servable,
-    is_attacker_checkpoint,
-    make_tiny_model_dir,
-)
+from advgame_jax.sampling.openai_schema import Limits, ParsedRequest, RequestError
 
 log = logging.getLogger(__name__)
 
@@ -88,21 +74,6 @@ class ServerConfig:
     limits: Limits = Limits()
 
 
-@dataclasses.dataclass(eq=False)
-class _Job:
-    request: ParsedRequest
-    future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
-
-
-def _error_response(err: RequestError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
-
-
-def _bind(host: str, port: int, backlog: int) -> socket.socket:
-    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-    return socket.create_server((host, port), family=family, backlog=backlog)
-
-
 class BatchSampler(Protocol):
     """What the server needs from its sampler: several requests served in shared batches
     (``JaxSampler.generate_many``: one list of completions per request, each what
@@ -116,22 +87,21 @@ class BatchSampler(Protocol):
 class OpenAIServer:
     """The server: ``start()`` (background threads), ``url``, ``shutdown()``; a context manager.
 
-    ``sampler``: a ``BatchSampler`` (the JAX sampler; top_logprobs need its weights)."""
+    ``sampler``: a ``BatchSampler`` (the JAX sampler; top_logprobs need its weights);
+    ``tokenizer``: a ``ChatTokenizer`` (renders chat messages and text prompts)."""
 
     def __init__(self, sampler: BatchSampler, tokenizer, config: ServerConfig = ServerConfig()):
-        if tokenizer is None or not hasattr(tokenizer, "encode"):
-            raise ValueError(
-                "OpenAIServer needs a tokenizer (a ChatTokenizer) to render "
-                "chat messages and text prompts"
-            )
         self.sampler, self.tokenizer, self.config = sampler, tokenizer, config
-        self._sock = _bind(config.host, config.port, config.listen_backlog)
-        self._waiting: collections.deque[_Job] = collections.deque()
+        family = socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM)[0][0]
+        self._sock = socket.create_server(
+            (config.host, config.port), family=family, backlog=config.listen_backlog
+        )
+        self._waiting: collections.deque = collections.deque()  # (request, future)
         self._cv = threading.Condition()
         self._closing = self._stop = False
         self._running, self._per_request_s, self._next_slot = 0, 0.05, 0.0
         self._batch_start, self._last_batch = 0.0, (1, 0.0)  # (requests, seconds)
-        self._threads: list[threading.Thread] = []
+        self._threads = [threading.Thread(target=self._work, daemon=True)]
         self.rejected = 0  # requests answered 503 because the queue was full
         self._uvicorn = uvicorn.Server(
             uvicorn.Config(
@@ -149,6 +119,9 @@ class OpenAIServer:
                 timeout_graceful_shutdown=config.request_timeout_s,  # pyright: ignore[reportArgumentType]
             )
         )
+        self._threads.append(
+            threading.Thread(target=lambda: self._uvicorn.run(sockets=[self._sock]), daemon=True)
+        )
 
     @property
     def url(self) -> str:
@@ -156,9 +129,8 @@ class OpenAIServer:
         return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
     def start(self) -> "OpenAIServer":
-        for target in (self._work, lambda: self._uvicorn.run(sockets=[self._sock])):
-            self._threads.append(threading.Thread(target=target, daemon=True, name="advgame-serve"))
-            self._threads[-1].start()
+        for t in self._threads:
+            t.start()
         deadline = time.monotonic() + 60
         while not self._uvicorn.started and self._threads[1].is_alive():
             if time.monotonic() > deadline:
@@ -170,14 +142,13 @@ class OpenAIServer:
         """Refuse new work, finish the queued jobs (their responses are sent), close."""
         if self._closing:
             return
-        self._closing = True
-        if self._threads:
-            self._uvicorn.should_exit = True  # waits for the requests in flight
+        self._closing = self._uvicorn.should_exit = True  # uvicorn waits for requests in flight
+        if self._threads[1].is_alive():
             self._threads[1].join(timeout)
         with self._cv:
             self._stop = True
             self._cv.notify_all()
-        if self._threads:
+        if self._threads[0].is_alive():
             self._threads[0].join(timeout)
         self._sock.close()
 
@@ -188,9 +159,8 @@ class OpenAIServer:
         self.shutdown()
 
     # ------------------------------------------------------------------ requests
-    def _authorize(self, request: Request) -> None:
-        key = self.config.api_key
-        given = request.headers.get("authorization", "")
+    def authorize(self, request: Request) -> None:
+        given, key = request.headers.get("authorization", ""), self.config.api_key
         if key and not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
             raise RequestError(
                 401,
@@ -198,10 +168,11 @@ class OpenAIServer:
                 code="invalid_api_key",
             )
 
-    async def _read_body(self, request: Request) -> Optional[bytes]:
-        """The body (None when the client went away); 413 past ``max_body_bytes``."""
-        limit, body = self.config.max_body_bytes, bytearray()
-        declared = request.headers.get("content-length", "")
+    async def _read_body(self, request: Request) -> bytes:
+        """The body; 413 past ``max_body_bytes`` (read on up to 16x the limit, so the client
+        sees the 413, not a reset); ClientDisconnect when the client went away."""
+        limit, body, declared = self.config.max_body_bytes, bytearray(), request.headers
+        declared = declared.get("content-length", "")
         too_big = RequestError(
             413,
             f"request body of {declared or 'more than ' + str(limit)}"
@@ -209,71 +180,47 @@ class OpenAIServer:
             code="request_too_large",
             headers={"Connection": "close"},
         )
-        try:
-            if declared.isdigit() and int(declared) > limit:
-                if int(declared) <= 16 * limit:  # read it: the client sees the 413, not a reset
-                    async for _ in request.stream():
-                        pass
+        if declared.isdigit() and int(declared) > 16 * limit:
+            raise too_big
+        async for chunk in request.stream():
+            body += chunk if len(body) <= limit else b""
+            if len(body) > limit and not declared.isdigit():
                 raise too_big
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > limit:
-                    raise too_big
-        except ClientDisconnect:  # e.g. closed by the read deadline
-            return None
+        if len(body) > limit:
+            raise too_big
         return bytes(body)
 
-    async def _complete(self, request: Request, parse):
-        self._authorize(request)
-        raw = await self._read_body(request)
-        if raw is None:
-            return JSONResponse({}, status_code=400)
+    async def complete(self, request: Request, kind: str):
+        self.authorize(request)
         try:
-            req = parse(raw, self.tokenizer, self.config.limits, self.config.model_name)
-        except RequestError:
-            raise
-        except Exception:  # noqa: BLE001 - a parser bug must not leak internals to the client
-            log.exception("request parsing failed")
-            raise RequestError(400, "the request could not be parsed") from None
-        if req.top_logprobs and not self._has_weights():
+            raw = await self._read_body(request)
+        except ClientDisconnect:  # e.g. closed by the read deadline
+            return JSONResponse({}, status_code=400)
+        req = schema.parse(kind, raw, self.tokenizer, self.config.limits, self.config.model_name)
+        from advgame_jax.sampling.jax_sampler import JaxSampler
+
+        if req.top_logprobs and not isinstance(self.sampler, JaxSampler):  # a forward pass
             raise RequestError(
                 400, "this server's sampler returns no top_logprobs", param="top_logprobs"
             )
-        completions, tops = await self._generate(req)
-        out = responses(req, completions, self.tokenizer, self.config.model_name, tops)
-        if not req.stream:
-            return JSONResponse(out)
-        return StreamingResponse(
-            out, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-        )
-
-    def _has_weights(self) -> bool:
-        """Whether this process holds the sampler's weights (a ``JaxSampler``): the top-k
-        alternatives come from a forward pass over them (``top_logprobs``)."""
-        from advgame_jax.sampling.jax_sampler import JaxSampler
-
-        return isinstance(self.sampler, JaxSampler)
-
-    # ------------------------------------------------------------------ queue + worker
-    async def _generate(self, req: ParsedRequest):
         if self._closing:
-            raise RequestError(
-                503, "the server is shutting down", type="server_error", code="shutting_down"
-            )
-        job = _Job(req)
+            raise RequestError(503, "the server is shutting down", type="server_error")
+        future = concurrent.futures.Future()
         with self._cv:
             if len(self._waiting) >= self.config.queue_size:
                 raise self._overloaded()
-            self._waiting.append(job)
+            self._waiting.append((req, future))
             self._cv.notify()
         try:
-            return await asyncio.wait_for(
-                asyncio.shield(asyncio.wrap_future(job.future)), self.config.request_timeout_s
+            completions, tops = await asyncio.wait_for(
+                asyncio.shield(asyncio.wrap_future(future)), self.config.request_timeout_s
             )
         except asyncio.TimeoutError:
-            raise RequestError(
-                503, "generation timed out", type="server_error", code="timeout"
-            ) from None
+            raise RequestError(503, "generation timed out", type="server_error") from None
+        out = schema.responses(req, completions, self.tokenizer, self.config.model_name, tops)
+        if not req.stream:
+            return JSONResponse(out)
+        return StreamingResponse(out, media_type="text/event-stream")
 
     def _overloaded(self) -> RequestError:
         """503 with this client's turn: the queue's drain time, one slot per rejection."""
@@ -296,6 +243,7 @@ class OpenAIServer:
             },
         )
 
+    # ------------------------------------------------------------------ worker
     def _work(self):
         while True:
             with self._cv:
@@ -311,84 +259,66 @@ class OpenAIServer:
                     self._cv.wait(max(0.0, until - time.monotonic()))
                 take = min(len(self._waiting), self.config.max_batch_requests)
                 batch = [self._waiting.popleft() for _ in range(take)]
-                self._running, self._batch_start = len(batch), time.monotonic()
-            start = self._batch_start
+                self._running, start = len(batch), time.monotonic()
+                self._batch_start = start
             self._run(batch)
             with self._cv:
                 self._running, self._last_batch = 0, (len(batch), time.monotonic() - start)
                 per = self._last_batch[1] / len(batch)
                 self._per_request_s = 0.7 * self._per_request_s + 0.3 * per
 
-    def _run(self, batch: list[_Job]):
+    def _run(self, batch: list):
         try:
-            results = self.sampler.generate_many(
-                [(j.request.prompts, j.request.params) for j in batch]
-            )
-            done = [self._finish(j.request, r) for j, r in zip(batch, results, strict=True)]
+            results = self.sampler.generate_many([(r.prompts, r.params) for r, _ in batch])
+            done = [self._finish(r, out) for (r, _), out in zip(batch, results, strict=True)]
         except Exception as err:  # noqa: BLE001 - isolate the failing request, not the batch
             if len(batch) > 1:
                 for job in batch:
                     self._run([job])
                 return
             log.exception("generation failed")
-            error = RequestError(
-                500, f"generation failed: {type(err).__name__}", type="server_error"
+            batch[0][1].set_exception(
+                RequestError(500, f"generation failed: {type(err).__name__}", type="server_error")
             )
-            batch[0].future.set_exception(error)
             return
-        for job, result in zip(batch, done, strict=True):
-            job.future.set_result(result)
+        for (_, future), result in zip(batch, done, strict=True):
+            future.set_result(result)
 
     def _finish(self, req: ParsedRequest, completions):
         """Stop strings applied; the top-k alternatives when asked for (worker thread)."""
-        completions = [apply_stop(c, req.stop_strings, self.tokenizer) for c in completions]
-        tops = None
-        if req.top_logprobs:
-            from advgame_jax.sampling.top_logprobs import top_logprobs
+        completions = [schema.apply_stop(c, req.stop_strings, self.tokenizer) for c in completions]
+        if not req.top_logprobs:
+            return completions, None
+        from advgame_jax.sampling.top_logprobs import top_logprobs
 
-            rows = [
-                (req.prompts[i // req.params.n], c.token_ids) for i, c in enumerate(completions)
-            ]
-            tops = top_logprobs(self.sampler, rows, req.top_logprobs)
-        return completions, tops
+        rows = [(req.prompts[i // req.params.n], c.token_ids) for i, c in enumerate(completions)]
+        return completions, top_logprobs(self.sampler, rows, req.top_logprobs)
 
 
 def _build_app(server: OpenAIServer) -> FastAPI:
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
-    routes = {"/v1/models": "GET", "/v1/chat/completions": "POST", "/v1/completions": "POST"}
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, err: RequestError):
-        return _error_response(err)
+        return JSONResponse(err.body, status_code=err.status, headers=err.headers)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, err: HTTPException):
-        path, method = request.url.path, request.method
-        if err.status_code == 405:
-            return _error_response(
-                RequestError(
-                    405,
-                    f"{path} accepts {routes.get(path.rstrip('/'))}, not {method}",
-                    code="method_not_allowed",
-                )
-            )
-        return _error_response(
-            RequestError(err.status_code, f"no route {method} {path}", code="not_found")
-        )
+        code = "method_not_allowed" if err.status_code == 405 else "not_found"
+        message = f"{request.method} {request.url.path}: {err.detail}"
+        return await _request_error(request, RequestError(err.status_code, message, code=code))
 
     @app.get("/v1/models")
     async def models(request: Request):
-        server._authorize(request)
-        card = Model(id=server.config.model_name, object="model", created=0, owned_by="advgame_jax")
-        return {"object": "list", "data": [card.model_dump()]}
+        server.authorize(request)
+        card = {"id": server.config.model_name, "object": "model", "created": 0}
+        return {"object": "list", "data": [{**card, "owned_by": "advgame_jax"}]}
 
     @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        return await server._complete(request, parse_chat)
-
     @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await server._complete(request, parse_completions)
+    async def complete(request: Request):
+        chat = request.url.path.endswith("/chat/completions")
+        return await server.complete(request, "chat" if chat else "completions")
 
     return app
 
@@ -407,8 +337,8 @@ def serve_model_dir(
     Raises ``NotAnHFExportError`` for anything but an HF export with its tokenizer and
     ``AttackerCheckpointError`` for an attacker checkpoint without ``allow_attacker``.
     """
-    check_hf_export(model_dir)
-    check_servable(model_dir, allow_attacker=allow_attacker)  # the attacker gate
+    servable.check_hf_export(model_dir)
+    servable.check_servable(model_dir, allow_attacker=allow_attacker)  # the attacker gate
     from advgame_jax.sampling.jax_sampler import JaxSampler
     from advgame_jax.tokenization import ChatTokenizer
 
@@ -424,12 +354,3 @@ def serve_model_dir(
         max_prompt_len=max(config.limits.max_prompt_tokens, 16),
     )
     return OpenAIServer(sampler, tokenizer, config)
-
-
-def wait_forever(server: OpenAIServer, stop: threading.Event) -> None:
-    """Block until ``stop`` is set (e.g. by a signal handler), then shut down gracefully."""
-    try:
-        while not stop.wait(0.5):
-            pass
-    finally:
-        server.shutdown()
