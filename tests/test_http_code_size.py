@@ -85,6 +85,8 @@ NEW_FILES = {
         "_LAUNCHER",
         "EngineClient.spawn",
         "EngineClient.close",
+        "_kill_group",
+        "_kill_orphans",
     ),
 }
 

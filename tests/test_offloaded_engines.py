@@ -97,6 +97,10 @@ def test_offloaded_engines_refresh_every_step_fail_clearly_and_resume(
     finally:
         runner.close()
     assert procs["attacker"].poll() is not None  # closed, not leaked
+    # Nothing of either engine's session is left: not even the engine-core process of the
+    # defender's server, which was SIGKILLed above and so could not stop it itself.
+    for role in ROLES:
+        assert not _group_alive(procs[role].pid), role
 
     # The run's checkpoints are intact: the last one holds step 3.
     ckpt = GameCheckpointer(os.path.join(str(workdir), "checkpoints"), save_every=1, keep=3)
@@ -119,8 +123,34 @@ def test_offloaded_engines_refresh_every_step_fail_clearly_and_resume(
         _check_engine_matches_jax(rerun, "defender", 4)
     finally:
         rerun.close()
-        user_engine.kill()
-        user_engine.wait()
+        _stop_session(user_engine)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _stop_session(proc) -> None:
+    """Stop a server started in its own session, as a user's Ctrl-C would: SIGTERM to the
+    whole group (the server and its engine core), SIGKILL after a grace period."""
+    import signal
+    import subprocess
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    deadline = time.monotonic() + 30
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if _group_alive(proc.pid):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _start_user_engine(tmp_path, hf_dir):
@@ -163,8 +193,14 @@ def _start_user_engine(tmp_path, hf_dir):
         str(port),
     ]
     with open(tmp_path / "user_engine.log", "wb") as log:
+        # Its own session, so the test can stop the server and its engine-core process.
         proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
         )
     deadline = time.monotonic() + 600
     while True:

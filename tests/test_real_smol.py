@@ -56,8 +56,12 @@ def smol_run(tmp_path_factory, smol_dir):
     """Two steps of configs/smol.py: one, then a resumed second."""
     run = tmp_path_factory.mktemp("smol") / "run"
     validate_config(_config(smol, run, smol_dir, 2))
-    GameRunner(_config(smol, run, smol_dir, 2)).run(max_steps=1)
-    GameRunner(_config(smol, run, smol_dir, 2)).run()  # resumes at step 1
+    # Each runner is closed before the next is built: two real-model runners' states at once
+    # would double the process's memory.
+    with GameRunner(_config(smol, run, smol_dir, 2)) as runner:
+        runner.run(max_steps=1)
+    with GameRunner(_config(smol, run, smol_dir, 2)) as runner:
+        runner.run()  # resumes at step 1
     return run
 
 
@@ -96,7 +100,8 @@ def test_smol_llm_judge_step_over_the_openai_api(tmp_path, smol_dir):
         # which dominate this step on a CPU); the shapes stay those of the rule-judge run
         # (the samplers' and updates' minimum buckets), so its programs are reused.
         c.train.seeds_per_device = 1
-        GameRunner(c).run()
+        with GameRunner(c) as runner:
+            runner.run()
     finally:
         server.shutdown()
     (r,) = [r for r in _records(tmp_path / "llm") if "harmful/x/slots" in r]

@@ -109,6 +109,32 @@ def test_frozen_defender_attacker_reward_rises(tmp_path, toy_dir):
     assert not any(k.startswith(("harmful/defender/", "benign/defender/")) for k in rec[-1])
 
 
+def test_close_frees_the_states_and_sampler_weights_at_once(tmp_path, toy_dir):
+    """The runner is referenced by its own hooks (a cycle), so its arrays would otherwise wait
+    for Python's cycle collector: ``close`` drops them; ``run`` after it is refused."""
+    import gc
+    import weakref
+
+    runner = GameRunner(tiny_config(tmp_path / "run", toy_dir, train__num_steps=1))
+    refs = [
+        weakref.ref(jax.tree.leaves(runner.state[r].params)[0]) for r in ("attacker", "defender")
+    ]
+    refs += [
+        weakref.ref(jax.tree.leaves(runner.players[r].sampler.inner.params)[0])
+        for r in ("attacker", "defender")
+    ]
+    gc.disable()  # what is freed must be freed by close, not by a collection
+    try:
+        with runner:
+            assert all(ref() is not None for ref in refs)
+        assert [ref() for ref in refs] == [None] * 4
+    finally:
+        gc.enable()
+    with pytest.raises(RuntimeError, match=r"after close\(\)"):
+        runner.run()
+    runner.close()  # idempotent
+
+
 class SigtermDuringStep:
     """A rule judge that sends this process a real SIGTERM while step ``at`` is running."""
 

@@ -254,10 +254,21 @@ class GameRunner:
         info.record.update(self.validate())
 
     def close(self) -> None:
-        """Shut down the players' inference engines (offloaded processes, colocated engines)."""
+        """Shut down the players' inference engines (offloaded processes, colocated engines),
+        release the workdir's lock and drop the players' states (idempotent). The runner is
+        referenced by its own hooks, so without ``close`` its states (several GB for a real
+        model) live until Python's cycle collector runs. ``with GameRunner(c) as r: r.run()``
+        closes it."""
         for player in self.players.values():
             close_player(player)
         self.game.lock.release()
+        self.game.progress.state = {}
+
+    def __enter__(self) -> "GameRunner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ the run
     def _on_signal(self, signum, frame) -> None:
@@ -327,6 +338,8 @@ class GameRunner:
 
     def run(self, *, max_steps: Optional[int] = None) -> dict:
         """Train until ``train.num_steps`` (or ``max_steps`` more steps, or a signal)."""
+        if not self.game.progress.state:
+            raise RuntimeError("GameRunner.run() after close(): build a new GameRunner")
         self._writer = self._open_writer()
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:

@@ -278,18 +278,35 @@ class EngineClient:
         return client
 
     def close(self, timeout_s: float = 60.0) -> None:
-        """Stop a spawned engine (SIGTERM to its session, then SIGKILL); disconnect otherwise."""
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout_s)
-            except (subprocess.TimeoutExpired, OSError):
+        """Stop a spawned engine (SIGTERM to its session, then SIGKILL); disconnect otherwise.
+        A server that died first (killed, crashed) leaves the rest of its session behind
+        (vLLM's engine core process): that is killed too, so nothing outlives the run."""
+        if self.proc is not None:
+            if self.proc.poll() is None:
                 try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except OSError:
-                    pass
-                self.proc.wait()
+                    os.killpg(self.proc.pid, signal.SIGTERM)
+                    self.proc.wait(timeout_s)
+                except (subprocess.TimeoutExpired, OSError):
+                    _kill_group(self.proc.pid)
+                    self.proc.wait()
+            _kill_orphans(self.proc.pid)
         self._http.close()
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # nothing left
+
+
+def _kill_orphans(leader_pid: int) -> None:
+    """SIGKILL what is left in the process group of a server already reaped. A live process
+    with the leader's pid is another process that reused it: then the group is not ours."""
+    try:
+        os.kill(leader_pid, 0)
+    except ProcessLookupError:
+        _kill_group(leader_pid)
 
 
 def _version(label: Any) -> Optional[int]:

@@ -218,7 +218,10 @@ class JaxSampler:
         return self.counters.as_dict()
 
     def close(self) -> None:
-        """Nothing to release: the programs and weights are this process's arrays."""
+        """Drop the sampler's weights (idempotent): their memory is freed now, not whenever
+        the last reference goes. The compiled programs stay (they are shared); a later
+        ``generate`` raises."""
+        self.params = None
 
     # ------------------------------------------------------------------ generation
     def generate(
@@ -305,6 +308,8 @@ class JaxSampler:
             use_filter=use_filter,
         )
         batch_sharding = self._batch_sharding(2) if self.mesh is not None else None
+        if self.params is None:
+            raise RuntimeError("JaxSampler.generate after close(): the sampler has no weights")
         out = _generate_jit(self.params, batch, program=program, batch_sharding=batch_sharding)
         return self._completions(rows, *(_local_rows(a) for a in out))
 
