@@ -98,8 +98,14 @@ def _split_rows(x, chunk, n_pad):
 
 
 def _row_layout(n, chunk_size):
+    """(rows per chunk, padding rows): as few chunks of at most ``chunk_size`` rows as fit,
+    balanced, so padding stays under one row per chunk plus a multiple-of-8 round-up (1,152
+    rows at 256 were 5 × 256 = 1,280, 11% of the head's work on zero rows; now 5 × 232)."""
     c = max(1, min(int(chunk_size), n))
     k = -(-n // c)
+    c = -(-n // k)
+    if k > 1 and -(-c // 8) * 8 <= chunk_size:
+        c = -(-c // 8) * 8
     return c, k * c - n
 
 
