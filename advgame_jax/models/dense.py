@@ -17,18 +17,20 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import cast
 
 import jax
 import jax.numpy as jnp
 
 
-def dense(spec: str, x, w, n_contract: int = 1):
+def dense(spec: str, x, w, n_contract: int = 1) -> jax.Array:
     """``jnp.einsum(spec, x, w)`` where ``spec`` contracts the last ``n_contract`` axes of
     ``x`` with the first ``n_contract`` axes of ``w`` and keeps the rest in order (e.g.
     ``"btd,dnh->btnh"``, ``"btnh,nhd->btd"`` with ``n_contract=2``)."""
     if jax.default_backend() != "cpu":
         return jnp.einsum(spec, x, w)
-    return _cpu_dense(spec, n_contract, x, w)
+    # functools.partial(jax.custom_vjp, ...) hides the wrapped function's return type.
+    return cast(jax.Array, _cpu_dense(spec, n_contract, x, w))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
