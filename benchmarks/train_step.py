@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import resource
 import statistics
 import time
 
@@ -152,13 +153,15 @@ def main(argv=None):
     compile_s = time.perf_counter() - t0
     assert abs(first["loss"] - math.log(2)) < 1e-3, f"first DPO loss {first['loss']} != log 2"
     assert math.isfinite(first["grad_norm"]) and first["grad_norm"] > 0, first
-    times = []
+    times, cpu = [], []
     for _ in range(a.steps):
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         state, m = step(state, batch)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t1)
+        cpu.append(time.process_time() - c1)
     med = statistics.median(times)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     assert step.cache_size() == 1, "the update step recompiled between steps"
     tokens = 2 * pairs * seq
     flops = model_flops(cfg, n_params, pairs, seq)
@@ -176,6 +179,8 @@ def main(argv=None):
         seq=seq,
         tokens=tokens,
         step_s=med,
+        step_cpu_s=statistics.median(cpu),
+        peak_rss_bytes=rss,
         tokens_per_s=tokens / med,
         tflops=flops / med / 1e12,
         mfu=flops / med / (a.peak_tflops * 1e12 * n_dev),
@@ -186,10 +191,11 @@ def main(argv=None):
     )
     print(
         f"{out['device']}: {n_params / 1e9:.3f}B params, {pairs} pairs x {seq} tokens: "
-        f"step {med * 1e3:.1f} ms (median of {a.steps}), {out['tokens_per_s']:.0f} tokens/s, "
+        f"step {med * 1e3:.1f} ms (median of {a.steps}; CPU {out['step_cpu_s'] * 1e3:.0f} ms), "
+        f"{out['tokens_per_s']:.0f} tokens/s, "
         f"{out['tflops']:.2f} TFLOP/s, MFU {out['mfu']:.1%} (peak {a.peak_tflops} TFLOP/s); "
         f"peak memory {peak / 2**30 if peak else float('nan'):.2f} GiB, compiled temporaries "
-        f"{temp / 2**30:.2f} GiB; log-prob fwd+bwd / four matmuls "
+        f"{temp / 2**30:.2f} GiB, peak RSS {rss / 2**30:.2f} GiB; log-prob fwd+bwd / four matmuls "
         f"{lp['ratio_to_four_matmuls']:.2f}"
     )
     print("ok: first loss = log 2, finite gradients, log-prob kernel = naive")

@@ -170,3 +170,35 @@ def test_compiled_temp_memory_is_at_most_a_quarter_of_naive():
     assert naive_fwd >= logits_bytes  # the reference really holds the [N, V] logits
     assert tiled_fwd <= naive_fwd / 4, (tiled_fwd, naive_fwd)
     assert tiled_vg <= naive_vg / 4, (tiled_vg, naive_vg)
+
+
+@pytest.mark.parametrize("chunk,vocab_chunk", [(64, 128), (29, 100)])
+def test_vocab_major_table_gives_the_same_values_and_gradients(chunk, vocab_chunk):
+    """A [V, d] table (a tied embedding as stored) with ``vocab_major`` is the kernel on its
+    transpose: same log-probs, entropies and gradients (the table's in its own layout)."""
+    h, w, t, valid = _inputs(seed=3)
+    g = jnp.asarray(valid, jnp.float32)
+
+    def loss(vm):
+        def fn(h, w):
+            lp, ent = tiled_token_logprobs_and_entropy(
+                h,
+                w,
+                jnp.asarray(t),
+                chunk_size=chunk,
+                vocab_chunk_size=vocab_chunk,
+                vocab_major=vm,
+            )
+            return jnp.sum(g * lp) + 0.3 * jnp.sum(g * ent)
+
+        return fn
+
+    want, (gh_want, gw_want) = jax.value_and_grad(loss(False), (0, 1))(
+        jnp.asarray(h), jnp.asarray(w)
+    )
+    got, (gh, gw) = jax.value_and_grad(loss(True), (0, 1))(jnp.asarray(h), jnp.asarray(w.T))
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(gh), np.asarray(gh_want), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(gw), np.asarray(gw_want).T, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError):
+        token_logprobs(jnp.asarray(h), jnp.asarray(w), jnp.asarray(t), vocab_major=True)

@@ -32,6 +32,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from advgame_jax.models.attention import causal_attention
 from advgame_jax.models.config import ModelConfig
+from advgame_jax.models.dense import dense
 from advgame_jax.models.sharding import DEFAULT_RULES, constrain
 
 # Names of jax.checkpoint policies for the layer body: 'none' (no remat), 'full' (save nothing
@@ -94,9 +95,9 @@ def apply_rope(x, cos, sin):
 def project_qkv(layer, config: ModelConfig, h, cos, sin):
     """Normed hidden ``h [B, T, d]`` → rotated q ``[B,T,H,hd]``, rotated k and v ``[B,T,K,hd]``."""
     dt = h.dtype
-    q = jnp.einsum("btd,dnh->btnh", h, layer["q_proj"].astype(dt))
-    k = jnp.einsum("btd,dnh->btnh", h, layer["k_proj"].astype(dt))
-    v = jnp.einsum("btd,dnh->btnh", h, layer["v_proj"].astype(dt))
+    q = dense("btd,dnh->btnh", h, layer["q_proj"].astype(dt))
+    k = dense("btd,dnh->btnh", h, layer["k_proj"].astype(dt))
+    v = dense("btd,dnh->btnh", h, layer["v_proj"].astype(dt))
     if config.qkv_bias:
         q = q + layer["q_bias"].astype(dt)
         k = k + layer["k_bias"].astype(dt)
@@ -136,13 +137,13 @@ def attn_out_and_mlp(layer, config: ModelConfig, x, attn, act=None, flat_heads: 
         o = layer["o_proj"].astype(dt).reshape(n * hd, -1)
         x = x + jnp.einsum("btf,fd->btd", attn.reshape(b, t, n * hd), o)
     else:
-        x = x + jnp.einsum("btnh,nhd->btd", attn, layer["o_proj"].astype(dt))
+        x = x + dense("btnh,nhd->btd", attn, layer["o_proj"].astype(dt), 2)
     h = rms_norm(x, layer["mlp_norm"], config.rms_norm_eps)
-    gate = jnp.einsum("btd,df->btf", h, layer["gate_proj"].astype(dt))
-    up = jnp.einsum("btd,df->btf", h, layer["up_proj"].astype(dt))
+    gate = dense("btd,df->btf", h, layer["gate_proj"].astype(dt))
+    up = dense("btd,df->btf", h, layer["up_proj"].astype(dt))
     if act is not None:
         gate, up = act(gate, "batch", "seq", "mlp"), act(up, "batch", "seq", "mlp")
-    return x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, layer["down_proj"].astype(dt))
+    return x + dense("btf,fd->btd", jax.nn.silu(gate) * up, layer["down_proj"].astype(dt))
 
 
 def default_positions(attention_mask):

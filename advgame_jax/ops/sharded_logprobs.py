@@ -20,13 +20,14 @@ from advgame_jax.models.sharding import DEFAULT_RULES, logical_to_spec
 from advgame_jax.ops.logprobs import token_logprobs, token_logprobs_and_entropy
 
 
-def _flat(hidden, unembed, targets, chunk_size, with_entropy):
+def _flat(hidden, unembed, targets, chunk_size, with_entropy, vocab_major):
     r, t, d = hidden.shape
     h, tg = hidden.reshape(r * t, d), targets.reshape(r * t)
+    kw = dict(chunk_size=chunk_size, vocab_major=vocab_major)
     if with_entropy:
-        lp, ent = token_logprobs_and_entropy(h, unembed, tg, chunk_size=chunk_size)
+        lp, ent = token_logprobs_and_entropy(h, unembed, tg, **kw)
         return lp.reshape(r, t), ent.reshape(r, t)
-    return token_logprobs(h, unembed, tg, chunk_size=chunk_size).reshape(r, t), None
+    return token_logprobs(h, unembed, tg, **kw).reshape(r, t), None
 
 
 def sharded_sequence_logprobs(
@@ -38,19 +39,21 @@ def sharded_sequence_logprobs(
     with_entropy: bool = False,
     mesh: Optional[Mesh] = None,
     rules=DEFAULT_RULES,
+    vocab_major: bool = False,
 ):
-    """hidden ``[R, T, d]``, unembed ``[d, V]``, targets ``[R, T]`` int → (log-probs ``[R, T]``
-    fp32, entropies ``[R, T]`` fp32 or None); rows split over the logical ``batch`` axes."""
+    """hidden ``[R, T, d]``, unembed ``[d, V]`` (``[V, d]`` with ``vocab_major``), targets
+    ``[R, T]`` int → (log-probs ``[R, T]`` fp32, entropies ``[R, T]`` fp32 or None); rows
+    split over the logical ``batch`` axes."""
     if mesh is None:
-        return _flat(hidden, unembed, targets, chunk_size, with_entropy)
+        return _flat(hidden, unembed, targets, chunk_size, with_entropy, vocab_major)
     rows = logical_to_spec(hidden.shape, ("batch", None, None), mesh, rules)[0]
     if rows is None:
-        return _flat(hidden, unembed, targets, chunk_size, with_entropy)
+        return _flat(hidden, unembed, targets, chunk_size, with_entropy, vocab_major)
     row_spec = PartitionSpec(rows, None)
     out_specs = (row_spec, row_spec if with_entropy else None)
 
     def local(h, w, tg):
-        return _flat(h, w, tg, chunk_size, with_entropy)
+        return _flat(h, w, tg, chunk_size, with_entropy, vocab_major)
 
     # check_vma=False: the kernel's scans carry per-device statistics of replicated shape.
     fn = jax.shard_map(

@@ -93,14 +93,18 @@ def sequence_token_logprobs(
     hidden = forward_hidden(
         p, config, tokens, attention_mask, positions, compute_dtype=compute_dtype, options=options
     )
+    # A tied head is the embedding table as stored ([V, d], sliced by rows): its transpose
+    # would be a copy of the table per call on CPU.
+    tied = config.tie_word_embeddings
     return sharded_sequence_logprobs(
         hidden,
-        unembedding(p, config),
+        p["embed"] if tied else unembedding(p, config),
         _shift(tokens, 0),
         chunk_size=chunk_size,
         with_entropy=with_entropy,
         mesh=mesh,
         rules=rules,
+        vocab_major=tied,
     )
 
 
