@@ -217,7 +217,7 @@ def forward_with_cache(
     query_slots = cache_index + jnp.arange(t, dtype=jnp.int32)
     mask = (slots[None, :] <= query_slots[:, None])[None] & jnp.asarray(kv_mask, bool)[:, None, :]
     cos, sin = rope_tables(config, jnp.asarray(positions, jnp.int32))
-    where = (cache_index, mask)
+    write_at = (cache_index, mask)
     layers = params["layers"]
     split = not isinstance(layers, dict)
     x = embed(params, tokens, dtype)
@@ -227,7 +227,7 @@ def forward_with_cache(
             step, layer = _split_layer_step, layers[li]
         else:
             step, layer = _stacked_layer_step, jax.tree.map(lambda w, i=li: w[i], layers)
-        x, ck, cv = step(layer, config, x, (cos, sin), (cache.ks[li], cache.vs[li]), where)
+        x, ck, cv = step(layer, config, x, (cos, sin), (cache.ks[li], cache.vs[li]), write_at)
         ks.append(ck)
         vs.append(cv)
     if last_only:
