@@ -78,8 +78,8 @@ RANDOM = {  # transformers LlamaConfig fields of the random sizes
     ),
 }
 DEFAULTS = {  # batch, prompt_len, new_tokens, pairs, seq, bw MiB, matmul n
-    "smollm2": (16, 64, 256, 2, 128, 256, 2048),
-    "d1024": (16, 64, 128, 1, 128, 256, 2048),
+    "smollm2": (16, 64, 256, 2, 128, 1024, 2048),
+    "d1024": (16, 64, 128, 1, 128, 1024, 2048),
     "small": (4, 8, 8, 2, 16, 16, 256),
 }
 
