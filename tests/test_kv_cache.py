@@ -15,6 +15,7 @@ from advgame_jax.models import (
     init_cache,
     load_hf,
 )
+from advgame_jax.models.kv_cache import split_layers
 from tests.tiny_models import make_tiny_llama, make_tiny_qwen2
 
 PROMPT_LENS = (5, 8, 3)
@@ -113,3 +114,29 @@ def test_multi_token_chunk_and_bf16_cache(model):
         logits, cache = _step(params, config, extra, positions[:, p:], cache, jnp.int32(p), kv_mask)
         assert cache.k.dtype == dtype
         assert np.abs(np.asarray(logits) - ref[:, p:]).max() < tol
+
+
+def test_split_layers_decode_layout_matches_stacked(model):
+    """``split_layers`` (per-layer, transposed and fused weights) gives the stacked path's
+    logits and cache, prefill and one decode step."""
+    config, params = model
+    prompts, prompt_mask = _left_padded_prompts(seed=3)
+    b, p = prompts.shape
+    split = split_layers(params)
+    assert isinstance(split["layers"], tuple) and len(split["layers"]) == config.num_layers
+    kv_mask = np.zeros((b, p + 1), bool)
+    kv_mask[:, :p] = prompt_mask
+    positions = np.maximum(np.cumsum(prompt_mask, -1) - 1, 0).astype(np.int32)
+    outs = []
+    for pr in (params, split):
+        cache = init_cache(config, b, p + 1, dtype=jnp.float32)
+        logits, cache = _step(pr, config, prompts, positions, cache, jnp.int32(0), kv_mask)
+        mask1 = kv_mask.copy()
+        mask1[:, p] = True
+        nxt = np.asarray(logits[:, -1].argmax(-1), np.int32)[:, None]
+        last, cache = _step(
+            pr, config, nxt, positions[:, -1:] + 1, cache, jnp.int32(p), mask1, last_only=True
+        )
+        outs.append((np.asarray(logits), np.asarray(last), np.asarray(cache.k)))
+    for a, c in zip(*outs):
+        np.testing.assert_allclose(a, c, atol=1e-5, rtol=1e-5)

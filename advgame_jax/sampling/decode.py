@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from advgame_jax.models import CacheSlots, ModelConfig, forward_with_cache, init_cache
+from advgame_jax.models.kv_cache import split_layers
 
 
 class DecodeOut(NamedTuple):
@@ -202,13 +203,17 @@ class DecodeBatch(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class DecodeProgram:
     """The static choices that select one compiled decode program (hashable; a jit static
-    argument). ``compute_dtype`` / ``cache_dtype``: dtype names; ``max_new_bucket``: N."""
+    argument). ``compute_dtype`` / ``cache_dtype``: dtype names; ``max_new_bucket``: N;
+    ``split_layers``: slice the stacked layer weights into per-layer buffers once, before the
+    loop (``models.kv_cache.split_layers``; a transient copy of the layer weights), so no
+    decode step copies a layer's weights out of the stack (XLA:CPU does, every step)."""
 
     config: ModelConfig
     max_new_bucket: int
     compute_dtype: str
     cache_dtype: str
     use_filter: bool
+    split_layers: bool = False
 
 
 class _Loop(NamedTuple):
@@ -236,6 +241,8 @@ def generate_tokens(
     ``data``.
     """
     n_max = program.max_new_bucket
+    if program.split_layers:
+        params = split_layers(params)
     keys = row_keys(batch.seeds)
     positions = jnp.maximum(jnp.cumsum(batch.prompt_mask.astype(jnp.int32), axis=-1) - 1, 0)
     next_pos = positions[:, -1] + 1

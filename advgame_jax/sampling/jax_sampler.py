@@ -149,6 +149,9 @@ class JaxSampler:
         self.max_batch_size = max(int(limits.max_batch_size), self._data_size)
         self._param_shardings = param_shardings(config, mesh) if mesh is not None else None
         self.params = self._place(params, like=None, copy=copy_params)
+        # XLA:CPU copies a layer's weights out of the stacked params at every decode step;
+        # one split per call avoids it (a transient copy; accelerators keep the stack).
+        self.split_layers = jax.default_backend() == "cpu"
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -306,6 +309,7 @@ class JaxSampler:
             compute_dtype=self.compute_dtype.name,
             cache_dtype=self.compute_dtype.name,
             use_filter=use_filter,
+            split_layers=self.split_layers,
         )
         batch_sharding = self._batch_sharding(2) if self.mesh is not None else None
         if self.params is None:
