@@ -265,3 +265,41 @@ def test_spawned_engine_gets_sigterm_when_its_trainer_dies(tmp_path):
     else:
         os.kill(engine, signal.SIGKILL)
         raise AssertionError("the engine outlived its trainer")
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("leader_dies_first", [True, False])
+def test_close_leaves_nothing_of_the_engine_session(leader_dies_first):
+    """A vLLM server runs its engine core as a second process of its session. If the server
+    is killed first, that process is left behind, orphaned; if it outlives its server's
+    SIGTERM, likewise. ``close`` kills what is left and returns once nothing of the session
+    remains. Stand-in: a shell leader with a sleeping child in its session (which, in the
+    second case, ignores SIGTERM)."""
+    import signal
+    import subprocess
+
+    child = "sleep 600" if leader_dies_first else "(trap '' TERM; exec sleep 600)"
+    proc = subprocess.Popen(["sh", "-c", f"{child} & wait"], start_new_session=True)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # until the child has started
+        members = subprocess.run(
+            ["ps", "-o", "pid=", "-g", str(proc.pid)], capture_output=True, text=True
+        ).stdout.split()
+        if len(members) >= 2:
+            break
+        time.sleep(0.05)
+    if leader_dies_first:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert _group_alive(proc.pid)  # the orphan is really there
+    t0 = time.monotonic()
+    EngineClient("defender", "http://127.0.0.1:9", proc=proc).close(timeout_s=5)
+    assert not _group_alive(proc.pid)
+    assert time.monotonic() - t0 < 20

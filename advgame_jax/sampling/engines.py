@@ -300,13 +300,23 @@ def _kill_group(pgid: int) -> None:
         pass  # nothing left
 
 
-def _kill_orphans(leader_pid: int) -> None:
-    """SIGKILL what is left in the process group of a server already reaped. A live process
-    with the leader's pid is another process that reused it: then the group is not ours."""
+def _kill_orphans(leader_pid: int, timeout_s: float = 10.0) -> None:
+    """SIGKILL what is left in the process group of a server already reaped, and wait (up to
+    ``timeout_s``) until it is gone. A live process with the leader's pid is another process
+    that reused it: then the group is not ours."""
     try:
         os.kill(leader_pid, 0)
+        return
     except ProcessLookupError:
-        _kill_group(leader_pid)
+        pass
+    _kill_group(leader_pid)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(leader_pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.05)
 
 
 def _version(label: Any) -> Optional[int]:
