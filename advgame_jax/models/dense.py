@@ -10,7 +10,8 @@ fusion that measured slower than the matmul it feeds (SmolLM2-135M, 512 tokens: 
 4 ms per layer). The CPU backward instead materialises ``xᵀ`` (the smaller operand, shared by
 q/k/v and by gate/up) behind an ``optimization_barrier`` so that XLA does not fold the
 transpose back, and runs two plain row-major matmuls; the MLP block's forward+backward went
-from 67 to 52 CPU-ms at that shape. Other backends keep the einsum's own gradient.
+from 67 to 52 CPU-ms at that shape. Other backends, and any program over a mesh, keep the
+einsum's own gradient.
 """
 
 from __future__ import annotations
@@ -23,14 +24,23 @@ import jax
 import jax.numpy as jnp
 
 
-def dense(spec: str, x, w, n_contract: int = 1) -> jax.Array:
+def dense(spec: str, x, w, n_contract: int = 1, *, cpu_grad: bool = False) -> jax.Array:
     """``jnp.einsum(spec, x, w)`` where ``spec`` contracts the last ``n_contract`` axes of
     ``x`` with the first ``n_contract`` axes of ``w`` and keeps the rest in order (e.g.
-    ``"btd,dnh->btnh"``, ``"btnh,nhd->btd"`` with ``n_contract=2``)."""
-    if jax.default_backend() != "cpu":
+    ``"btd,dnh->btnh"``, ``"btnh,nhd->btd"`` with ``n_contract=2``). ``cpu_grad``: use the
+    CPU backward (:func:`cpu_grad_applies` says when: on the CPU backend, without a mesh);
+    otherwise the einsum's own gradient, so a sharded program (e.g. the planner's, lowered
+    on virtual CPU devices for a GPU cluster) is the one every backend runs."""
+    if not cpu_grad:
         return jnp.einsum(spec, x, w)
     # functools.partial(jax.custom_vjp, ...) hides the wrapped function's return type.
     return cast(jax.Array, _cpu_dense(spec, n_contract, x, w))
+
+
+def cpu_grad_applies(mesh) -> bool:
+    """Whether :func:`dense` should take its CPU backward: the CPU backend and no mesh (one
+    device, where it was measured; a mesh's program keeps the portable gradient)."""
+    return mesh is None and jax.default_backend() == "cpu"
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))

@@ -32,7 +32,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from advgame_jax.models.attention import causal_attention
 from advgame_jax.models.config import ModelConfig
-from advgame_jax.models.dense import dense
+from advgame_jax.models.dense import cpu_grad_applies, dense
 from advgame_jax.models.sharding import DEFAULT_RULES, constrain
 
 # Names of jax.checkpoint policies for the layer body: 'none' (no remat), 'full' (save nothing
@@ -92,12 +92,13 @@ def apply_rope(x, cos, sin):
     return out.astype(x.dtype)
 
 
-def project_qkv(layer, config: ModelConfig, h, cos, sin):
-    """Normed hidden ``h [B, T, d]`` → rotated q ``[B,T,H,hd]``, rotated k and v ``[B,T,K,hd]``."""
+def project_qkv(layer, config: ModelConfig, h, cos, sin, cpu_grad: bool = False):
+    """Normed hidden ``h [B, T, d]`` → rotated q ``[B,T,H,hd]``, rotated k and v ``[B,T,K,hd]``
+    (``cpu_grad``: see ``models.dense``)."""
     dt = h.dtype
-    q = dense("btd,dnh->btnh", h, layer["q_proj"].astype(dt))
-    k = dense("btd,dnh->btnh", h, layer["k_proj"].astype(dt))
-    v = dense("btd,dnh->btnh", h, layer["v_proj"].astype(dt))
+    q = dense("btd,dnh->btnh", h, layer["q_proj"].astype(dt), cpu_grad=cpu_grad)
+    k = dense("btd,dnh->btnh", h, layer["k_proj"].astype(dt), cpu_grad=cpu_grad)
+    v = dense("btd,dnh->btnh", h, layer["v_proj"].astype(dt), cpu_grad=cpu_grad)
     if config.qkv_bias:
         q = q + layer["q_bias"].astype(dt)
         k = k + layer["k_bias"].astype(dt)
@@ -125,7 +126,9 @@ def attend(q, k, v, mask, kv_layout: str = "bskh"):
     return out.reshape(b, t, n_q, hd)
 
 
-def attn_out_and_mlp(layer, config: ModelConfig, x, attn, act=None, flat_heads: bool = False):
+def attn_out_and_mlp(
+    layer, config: ModelConfig, x, attn, act=None, flat_heads: bool = False, cpu_grad: bool = False
+):
     """Residual stream after the attention output projection and the SwiGLU MLP; ``act``:
     optional ``(x, *logical_axes) -> x`` sharding constraint for the MLP activations.
     ``flat_heads``: contract one ``H·hd`` axis (a free reshape of ``o_proj``) instead of the
@@ -137,13 +140,14 @@ def attn_out_and_mlp(layer, config: ModelConfig, x, attn, act=None, flat_heads: 
         o = layer["o_proj"].astype(dt).reshape(n * hd, -1)
         x = x + jnp.einsum("btf,fd->btd", attn.reshape(b, t, n * hd), o)
     else:
-        x = x + dense("btnh,nhd->btd", attn, layer["o_proj"].astype(dt), 2)
+        x = x + dense("btnh,nhd->btd", attn, layer["o_proj"].astype(dt), 2, cpu_grad=cpu_grad)
     h = rms_norm(x, layer["mlp_norm"], config.rms_norm_eps)
-    gate = dense("btd,df->btf", h, layer["gate_proj"].astype(dt))
-    up = dense("btd,df->btf", h, layer["up_proj"].astype(dt))
+    gate = dense("btd,df->btf", h, layer["gate_proj"].astype(dt), cpu_grad=cpu_grad)
+    up = dense("btd,df->btf", h, layer["up_proj"].astype(dt), cpu_grad=cpu_grad)
     if act is not None:
         gate, up = act(gate, "batch", "seq", "mlp"), act(up, "batch", "seq", "mlp")
-    return x + dense("btf,fd->btd", jax.nn.silu(gate) * up, layer["down_proj"].astype(dt))
+    down = layer["down_proj"].astype(dt)
+    return x + dense("btf,fd->btd", jax.nn.silu(gate) * up, down, cpu_grad=cpu_grad)
 
 
 def default_positions(attention_mask):
@@ -202,17 +206,18 @@ def forward_hidden(
     cos, sin = rope_tables(config, positions)
     act = lambda x, *axes: constrain(x, axes, mesh, rules)  # noqa: E731
     rows = ("batch", "seq", None)
+    cpu_grad = cpu_grad_applies(mesh)
 
     def layer_fn(x, layer):
         x = act(x, *rows)
         h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
-        q, k, v = project_qkv(layer, config, h, cos, sin)
+        q, k, v = project_qkv(layer, config, h, cos, sin, cpu_grad)
         q = act(q, "batch", "seq", "q_heads", None)
         k = act(k, "batch", "seq", "kv_heads", None)
         v = act(v, "batch", "seq", "kv_heads", None)
         attn = causal_attention(q, k, v, attention_mask, impl=attention_impl)
         attn = checkpoint_name(act(attn, "batch", "seq", "q_heads", None), "attn_out")
-        return act(attn_out_and_mlp(layer, config, x, attn, act), *rows), None
+        return act(attn_out_and_mlp(layer, config, x, attn, act, cpu_grad=cpu_grad), *rows), None
 
     layer_fn = _checkpointed(layer_fn, remat_policy(remat))
     # The lookup reads the table whole (gathered like any FSDP weight): a lookup into a table
