@@ -25,6 +25,7 @@ from advgame_jax.sampling.base import SamplingParams  # noqa: E402
 from advgame_jax.sampling.engines import EngineError, RemoteSampler  # noqa: E402
 from advgame_jax.sampling.jax_sampler import JaxSampler  # noqa: E402
 from advgame_jax.training.checkpoint import GameCheckpointer  # noqa: E402
+from tests.test_engine_process import _group_alive  # noqa: E402
 from tests.test_train_loop import tiny_config  # noqa: E402  (toy_dir: conftest fixture)
 
 ROLES = ("attacker", "defender")
@@ -124,14 +125,6 @@ def test_offloaded_engines_refresh_every_step_fail_clearly_and_resume(
     finally:
         rerun.close()
         _stop_session(user_engine)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _stop_session(proc) -> None:
