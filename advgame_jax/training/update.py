@@ -36,7 +36,6 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -129,13 +128,12 @@ def microbatch_count(
     return rows_per_device
 
 
-def _split_microbatches(batch, m: int, mb_sharding):
+def _split_microbatches(batch, m: int, mb_sharding, dp: int):
     """[R, ...] → [m, R/m, ...]: each device's block of rows is cut into ``m`` consecutive
     parts, and microbatch k takes part k of every block, so each microbatch keeps the batch's
     even split over devices (no resharding) and a device's trailing padding rows (collate puts
     them after the valid ones) fill its last microbatches, which then cost no model pass
-    (:func:`skip_empty_microbatches`)."""
-    dp = _rows_parallel(mb_sharding)
+    (:func:`skip_empty_microbatches`). ``dp``: devices the rows are split over."""
 
     def split(x):
         r = x.shape[0]
@@ -149,26 +147,18 @@ def _split_microbatches(batch, m: int, mb_sharding):
     return jax.tree.map(split, batch)
 
 
-def _rows_parallel(row_sharding) -> int:
-    """Devices the rows of ``row_sharding`` (a NamedSharding, or None) are split over."""
-    if row_sharding is None:
-        return 1
-    axes = row_sharding.spec[0] if row_sharding.spec else None
-    if axes is None:
-        return 1
-    names = (axes,) if isinstance(axes, str) else tuple(axes)
-    return int(np.prod([row_sharding.mesh.shape[a] for a in names]))
-
-
-def accumulate_microbatches(grad_fn, m: int, *, row_sharding=None, grad_sharding=None):
+def accumulate_microbatches(
+    grad_fn, m: int, *, row_sharding=None, grad_sharding=None, data_parallel: int = 1
+):
     """Wrap ``grad_fn(params, ref, batch) -> ((objective, sums), grads)`` to run over ``m``
     microbatches with a ``lax.scan``, summing objective, sums and gradients (which is exact:
-    the objective is a weighted sum over rows)."""
+    the objective is a weighted sum over rows). ``data_parallel``: devices the batch rows are
+    split over (``training.sharding.batch_parallel_size``)."""
     if m == 1:
         return grad_fn
 
     def wrapped(params, ref, batch):
-        mbs = _split_microbatches(batch, m, row_sharding)
+        mbs = _split_microbatches(batch, m, row_sharding, data_parallel)
         first = jax.tree.map(lambda x: x[0], mbs)
         out_shape = jax.eval_shape(grad_fn, params, ref, first)
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
@@ -403,6 +393,7 @@ def make_update_step(
             m,
             row_sharding=row_sh,
             grad_sharding=grad_sh,
+            data_parallel=dp,
         )
         (_, sums), grads = run(params, ref, batch)
 
