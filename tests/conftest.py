@@ -127,7 +127,6 @@ _NEEDS_TOY = (
     "test_faults_loop.py",
     "test_disk_full.py",
     "test_init_from.py",
-    "test_plan_calibration.py",
     "test_convert.py",
     "test_eval_runs.py",
     "test_export_config.py",
@@ -136,7 +135,25 @@ _NEEDS_TOY = (
 )
 
 
+def _under_xdist(config) -> bool:
+    return bool(getattr(config.option, "numprocesses", None)) or bool(
+        os.environ.get("PYTEST_XDIST_WORKER")
+    )
+
+
+_DESELECTED_CALIBRATION: list = []
+
+
 def pytest_collection_modifyitems(session, config, items):
+    # Timing-sensitive tests compare a machine's figures with stage times measured a second
+    # later: under pytest-xdist the other worker loads the cores unevenly between the two.
+    # They run alone (.ci/run runs them after the suite); the summary says they were left out.
+    if _under_xdist(config):
+        calib = [i for i in items if i.get_closest_marker("calibration")]
+        if calib:
+            items[:] = [i for i in items if not i.get_closest_marker("calibration")]
+            config.hook.pytest_deselected(items=calib)
+            _DESELECTED_CALIBRATION[:] = [i.nodeid for i in calib]
     modules: dict[str, list] = {}
     for item in items:
         modules.setdefault(item.path.name, []).append(item)
@@ -153,6 +170,28 @@ def pytest_collection_modifyitems(session, config, items):
             order.remove(free)
             order.insert(1, free)
     items[:] = [item for name in order for item in modules[name]]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    out = getattr(session.config, "workeroutput", None)  # an xdist worker: tell the controller
+    if out is not None and _DESELECTED_CALIBRATION:
+        out["calibration_deselected"] = list(_DESELECTED_CALIBRATION)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    for nodeid in getattr(node, "workeroutput", {}).get("calibration_deselected", []):
+        if nodeid not in _DESELECTED_CALIBRATION:
+            _DESELECTED_CALIBRATION.append(nodeid)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if _DESELECTED_CALIBRATION and not os.environ.get("PYTEST_XDIST_WORKER"):
+        terminalreporter.write_line(
+            f"{len(_DESELECTED_CALIBRATION)} calibration test(s) left out under pytest-xdist "
+            "(timing-sensitive, they run alone): python -m pytest -m calibration -p no:xdist "
+            "(.ci/run runs it after the suite)"
+        )
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -74,8 +74,33 @@ def test_update_is_compute_bound_at_scale_and_counts_fsdp_traffic():
     fwd = 2 * 0.9e9 + 4 * 10 * 8 * 64 * 1024
     flops = 64 * 2048 * 5 * fwd / 8
     net = (4 * 1e9 * 2 + 4 * 1e9) * 7 / 8
-    assert got["seconds"] == pytest.approx(0.01 + max(flops / 50e12, net / 1e11), rel=1e-9)
+    adamw = 7 * 4 * 1e9 / 8 / 0.5e12  # θ, g, m, v read; θ, m, v written (fp32 shard)
+    want = 0.01 + max(flops / 50e12, net / 1e11) + adamw
+    assert got["seconds"] == pytest.approx(want, rel=1e-9)
     assert got["flops_per_device"] == pytest.approx(flops)
+
+
+def test_update_counts_only_the_microbatches_that_run():
+    t = st.Trainer(SHAPE, devices=1, fsdp=1, compute_bytes=4, remat=False)
+    full = st.update_time(HW, t, [st.UpdateCall(rows=8, length=256, microbatches=4)])
+    half = st.update_time(HW, t, [st.UpdateCall(rows=8, length=256, microbatches=4, active=2)])
+    none = st.update_time(HW, t, [st.UpdateCall(rows=8, length=256, microbatches=4, active=0)])
+    assert half["flops_per_device"] == pytest.approx(full["flops_per_device"] / 2)
+    assert none["flops_per_device"] == 0.0
+    # Nothing but the call and the AdamW pass over fp32 θ, g, m, v (7 arrays' traffic).
+    assert none["seconds"] == pytest.approx(0.01 + 7 * 4 * 1e9 / 0.5e12, rel=1e-9)
+
+
+def test_measured_token_selection_adds_per_row_and_step():
+    hw = dataclasses.replace(HW, select_s_per_row=1e-3)
+    s = st.Sampler(SHAPE, dtype_bytes=2)
+    call = st.GenCall(rows=4, prompt_len=16, steps=10, cache_len=32)
+    extra = (
+        st.generation_time(hw, s, [call])["seconds"] - st.generation_time(HW, s, [call])["seconds"]
+    )
+    assert extra == pytest.approx(10 * 4 * 1e-3, rel=1e-9)
+    with pytest.raises(ValueError, match="select_s_per_row"):
+        dataclasses.replace(HW, select_s_per_row=-1.0)
 
 
 def test_step_sums_its_stages_and_amortises_sync_and_checkpoint():

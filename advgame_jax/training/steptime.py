@@ -57,12 +57,20 @@ class Hardware:
     bw_eff: float = 0.6
     call_overhead_s: float = 0.0
     decode_step_floor_s: float = 0.0
+    # Token selection per decode step and row, where it is measured rather than counted as
+    # ``GenCall.filter_passes`` of bytes (a CPU: log-softmax, filter and Gumbel draw over the
+    # vocabulary are compute, not traffic).
+    select_s_per_row: float = 0.0
 
     def __post_init__(self):
         for f in ("peak_flops", "hbm_bw", "disk_bw", "net_bw", "mfu", "bw_eff"):
             v = getattr(self, f)
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"hardware {self.name}: {f} must be a finite number > 0, got {v}")
+        for f in ("call_overhead_s", "decode_step_floor_s", "select_s_per_row"):
+            v = getattr(self, f)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"hardware {self.name}: {f} must be a finite number ≥ 0, got {v}")
         if self.mfu > 1 or self.bw_eff > 1:
             raise ValueError(f"hardware {self.name}: mfu and bw_eff are fractions ≤ 1")
 
@@ -208,7 +216,11 @@ def generation_time(hw: Hardware, s: Sampler, calls: list[GenCall]) -> dict:
         total += (
             hw.call_overhead_s
             + _roof(hw, pre_flops, pre_bytes)
-            + c.steps * max(_roof(hw, step_flops, step_bytes), hw.decode_step_floor_s)
+            + c.steps
+            * (
+                max(_roof(hw, step_flops, step_bytes), hw.decode_step_floor_s)
+                + rows * hw.select_s_per_row
+            )
         )
         flops_sum += pre_flops + c.steps * step_flops
         bytes_sum += pre_bytes + c.steps * step_bytes
@@ -217,10 +229,20 @@ def generation_time(hw: Hardware, s: Sampler, calls: list[GenCall]) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class UpdateCall:
-    """One optimizer update of a player: ``rows`` sequences (a pair is 2) of ``length``."""
+    """One optimizer update of a player: ``rows`` sequences (a pair is 2) of ``length``, in
+    ``microbatches`` equal parts of which ``active`` hold a valid row (an empty microbatch
+    skips its forward and backward: ``training.update``'s skip; ``active`` None: all)."""
 
     rows: int
     length: int
+    microbatches: int = 1
+    active: int | None = None
+
+    @property
+    def computed_rows(self) -> float:
+        m = max(self.microbatches, 1)
+        active = m if self.active is None else min(max(self.active, 0), m)
+        return self.rows * active / m
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,27 +268,27 @@ class Trainer:
 
 
 def update_time(hw: Hardware, t: Trainer, calls: list[UpdateCall]) -> dict:
-    """Seconds of the optimizer updates ``calls`` on the trainer's mesh (compute, memory and
-    the FSDP gathers/reductions on the interconnect overlap: each call takes the largest)."""
+    """Seconds of the optimizer updates ``calls`` on the trainer's mesh: the microbatches'
+    passes (compute, memory and the FSDP gathers/reductions on the interconnect overlap: the
+    largest counts), then the AdamW pass over the state shard (after the last gradient)."""
     n = t.shape.params
     passes = 2 + (1 if t.remat else 0) + (1 if t.reference_forward else 0)  # weight reads
     total = flops_sum = net_sum = 0.0
     for c in calls:
-        flops = c.rows * c.length * t.update_flops_per_token(c.length) / t.devices
+        tokens = c.computed_rows * c.length / t.devices
+        flops = tokens * t.update_flops_per_token(c.length)
         # Weights read per pass (gathered, compute dtype) + AdamW/state traffic of the shard
         # + the activations every pass reads and writes (backward: twice a forward's).
         act_passes = 3 + (1 if t.remat else 0) + (1 if t.reference_forward else 0)
         act = (
-            c.rows
-            * c.length
-            / t.devices
-            * act_passes
-            * t.shape.activation_bytes_per_token(c.length / 2, t.compute_bytes)
+            tokens * act_passes * t.shape.activation_bytes_per_token(c.length / 2, t.compute_bytes)
         )
-        nbytes = passes * n * t.compute_bytes + 7 * 4 * n / t.fsdp + act
+        nbytes = (passes * n * t.compute_bytes if tokens else 0.0) + act
         gathered = (t.fsdp - 1) / t.fsdp
         net = (passes * n * t.compute_bytes + 4 * n) * gathered if t.fsdp > 1 else 0.0
-        total += hw.call_overhead_s + max(flops / hw.flops, nbytes / hw.bw, net / hw.net_bw)
+        optimizer = 7 * 4 * n / t.fsdp / hw.bw  # read θ, g, m, v; write θ, m, v (fp32)
+        passes_s = max(flops / hw.flops, nbytes / hw.bw, net / hw.net_bw)
+        total += hw.call_overhead_s + passes_s + optimizer
         flops_sum += flops
         net_sum += net
     return dict(
