@@ -109,6 +109,18 @@ def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=jnp.bfl
     return KVCache(ks=zeros(shape[:2] + shape[:1:-1]), vs=zeros(shape))
 
 
+def grow_cache(cache: KVCache, kv_mask, max_len: int):
+    """``cache`` and its ``kv_mask`` ``[B, S]`` extended with empty slots to ``max_len`` (the
+    new slots zero and masked out): a decode loop in phases runs each phase on a cache just
+    long enough for it, so its attention reads no slot beyond the phase."""
+    extra = max_len - cache.max_len
+    if extra < 0:
+        raise ValueError(f"grow_cache: {max_len} slots < the cache's {cache.max_len}")
+    pad = lambda a, axis: jnp.pad(a, [(0, extra if i == axis else 0) for i in range(a.ndim)])  # noqa: E731
+    cache = KVCache(ks=tuple(pad(k, 3) for k in cache.ks), vs=tuple(pad(v, 2) for v in cache.vs))
+    return cache, pad(jnp.asarray(kv_mask, bool), 1)
+
+
 def split_layers(params):
     """``params`` with the stacked ``layers`` dict replaced by a tuple of per-layer dicts in
     the decode layout (``forward_with_cache`` takes either form): each product's weights

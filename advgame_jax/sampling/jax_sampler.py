@@ -60,6 +60,7 @@ from advgame_jax.sampling.base import (
 from advgame_jax.sampling.decode import DecodeBatch, DecodeProgram, generate_tokens
 
 BATCH_AXES = ("data", "fsdp")
+DECODE_PHASES = 4  # decode phases of a CPU sampler without a mesh (``DecodeProgram``)
 
 
 def next_pow2(x: int, minimum: int = 1) -> int:
@@ -152,6 +153,9 @@ class JaxSampler:
         # XLA:CPU copies a layer's weights out of the stacked params at every decode step;
         # one split per call avoids it (a transient copy; accelerators keep the stack).
         self.split_layers = jax.default_backend() == "cpu"
+        # On one CPU device the decode runs in phases over a growing cache, so attention reads
+        # about the written slots, not the whole bucket (``decode.decode_windows``).
+        self.decode_phases = DECODE_PHASES if self.split_layers and mesh is None else 1
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -310,6 +314,7 @@ class JaxSampler:
             cache_dtype=self.compute_dtype.name,
             use_filter=use_filter,
             split_layers=self.split_layers,
+            decode_phases=self.decode_phases,
         )
         batch_sharding = self._batch_sharding(2) if self.mesh is not None else None
         if self.params is None:
