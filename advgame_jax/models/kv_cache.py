@@ -20,6 +20,9 @@ Contract (the sampler is built on it):
   Prefill: the (left-padded) prompts at ``cache_index = 0`` with pad slots False in
   ``kv_mask``; decode: ``T = 1`` at ``cache_index = prompt_len + i``.
 
+``grow_cache(cache, kv_mask, max_len)`` pads a cache and its mask with empty slots (a decode
+loop in phases runs each phase on a cache just long enough for it).
+
 The layers run as an unrolled Python loop (the per-layer cache buffers are a tuple).
 ``params["layers"]`` is the usual stacked dict (each layer a static slice of it) or the
 per-layer decode layout of ``split_layers`` (weights transposed to ``[out, in]``, q/k/v and

@@ -257,8 +257,9 @@ def generate_tokens(
 
     Shapes as in the module docstring; N = ``program.max_new_bucket``. The cache holds P + N
     slots: prompt slot p is slot p, generated token t is written at slot P + t. The decode
-    loop is a ``lax.while_loop`` that exits as soon as all rows have stopped or spent their
-    budget. ``batch_spec(ndim)``, when given, returns the sharding that splits axis 0 over
+    loop is one ``lax.while_loop`` per phase (``decode_windows``; the cache grows between
+    phases, to P + N slots in the last), each exiting as soon as all rows have stopped or
+    spent their budget. ``batch_spec(ndim)``, when given, returns the sharding that splits axis 0 over
     ``data``.
     """
     if program.split_layers:
@@ -277,9 +278,7 @@ def generate_tokens(
         if state.kv_mask.shape[1] < slots:
             cache, kv_mask = grow_cache(state.cache, state.kv_mask, slots)
             state = state._replace(cache=cache, kv_mask=kv_mask)
-        state = jax.lax.while_loop(
-            lambda s, end=end: (s.t < end) & ~jnp.all(s.done), body, state
-        )
+        state = jax.lax.while_loop(lambda s, end=end: (s.t < end) & ~jnp.all(s.done), body, state)
     return DecodeOut(state.out_tok, state.out_lp, state.num, state.stopped)
 
 
