@@ -1,14 +1,15 @@
 """The CPU decode specialisations against the plain program: a decode loop in phases over a
 growing cache (``decode_windows``, ``grow_cache``) gives the one-loop program's tokens and
-log-probs, and a sampler that keeps the split decode weights across calls gives the
-per-call split's outputs, before and after ``load_weights``."""
+log-probs, a sampler that keeps the split decode weights across calls gives the per-call
+split's outputs, before and after ``load_weights``, and a one-device mesh takes the same
+one-device program."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from advgame_jax.models import init_cache, load_hf
+from advgame_jax.models import init_cache, load_hf, make_mesh
 from advgame_jax.models.kv_cache import grow_cache
 from advgame_jax.sampling import InMemoryWeights, SamplingParams
 from advgame_jax.sampling.decode import (
@@ -18,7 +19,7 @@ from advgame_jax.sampling.decode import (
     decode_windows,
     generate_tokens,
 )
-from advgame_jax.sampling.jax_sampler import JaxSampler
+from advgame_jax.sampling.jax_sampler import DECODE_PHASES, JaxSampler
 from tests.tiny_models import make_tiny_llama
 
 
@@ -124,3 +125,17 @@ def test_kept_decode_weights_equal_a_per_call_split(tiny):
     assert after == ids(fresh) and after != first
     kept.close()
     assert kept._decode_params is None
+
+
+def test_a_one_device_mesh_takes_the_one_device_program(tiny):
+    (config, params), _ = tiny
+    rng = np.random.default_rng(3)
+    prompts = [[int(t) for t in rng.integers(3, config.vocab_size, n)] for n in (4, 11)]
+    sp = SamplingParams(temperature=0.0, max_new_tokens=40)
+    plain = JaxSampler(config, params, compute_dtype="float32")
+    meshed = JaxSampler(config, params, compute_dtype="float32", mesh=make_mesh())
+    on_cpu = jax.default_backend() == "cpu"
+    assert meshed.decode_phases == plain.decode_phases == (DECODE_PHASES if on_cpu else 1)
+    assert meshed.keep_decode_weights == plain.keep_decode_weights == on_cpu
+    got = [c.token_ids for c in meshed.generate(prompts, sp)]
+    assert got == [c.token_ids for c in plain.generate(prompts, sp)]

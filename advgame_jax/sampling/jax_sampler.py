@@ -118,7 +118,7 @@ class JaxSampler:
         ``stats()["prompt_too_long"]``, instead of failing the whole batch.
       copy_params: keep a private copy of ``params`` (default), so the caller may donate them
         to a training step; False adopts the given buffers.
-      keep_decode_weights: on one CPU device (no mesh), keep the per-layer decode layout of
+      keep_decode_weights: on one CPU device (no mesh or a one-device mesh), keep the per-layer decode layout of
         the weights (``models.kv_cache.split_layers``) between ``generate`` calls, made on the
         first call after construction or ``load_weights``: one more copy of the layer weights
         in memory, instead of a transient copy made by every call (≈ 0.8 s of a SmolLM2-135M
@@ -160,10 +160,12 @@ class JaxSampler:
         # XLA:CPU copies a layer's weights out of the stacked params at every decode step;
         # one split per call avoids it (a transient copy; accelerators keep the stack).
         self.split_layers = jax.default_backend() == "cpu"
-        # On one CPU device the decode runs in phases over a growing cache, so attention reads
-        # about the written slots, not the whole bucket (``decode.decode_windows``).
-        self.decode_phases = DECODE_PHASES if self.split_layers and mesh is None else 1
-        self.keep_decode_weights = bool(keep_decode_weights) and self.split_layers and mesh is None
+        # On one CPU device (no mesh, or a mesh of one device) the decode runs in phases over
+        # a growing cache, so attention reads about the written slots, not the whole bucket
+        # (``decode.decode_windows``); a sharded sampler keeps the one-loop program.
+        one_cpu = self.split_layers and (mesh is None or mesh.devices.size == 1)
+        self.decode_phases = DECODE_PHASES if one_cpu else 1
+        self.keep_decode_weights = bool(keep_decode_weights) and one_cpu
         self._decode_params = None  # the kept split copy (``_program_params``)
 
     # ------------------------------------------------------------------ construction
