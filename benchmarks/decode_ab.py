@@ -8,8 +8,9 @@ reference, on the same SmolLM2 prompts, greedy, rounds interleaved.
     PYTHONPATH=.:/tmp/base python benchmarks/decode_ab.py --base advgame_base
 
 Prints per engine the median (over ``--repeats`` rounds) of decode = t(N) − t(1), by wall
-clock and by process CPU time, ms per step, the ratio to transformers, and whether the greedy
-tokens equal transformers'.
+clock and by process CPU time, ms per step, t(1) (prefill and per-call setup), the ratio to transformers, and whether the greedy
+tokens equal transformers'. ``--no_transformers`` leaves transformers out (its OpenMP threads
+spin on a shared machine) and compares with the first engine (the baseline when given).
 """
 
 from __future__ import annotations
@@ -56,9 +57,12 @@ def main(argv=None):
     p.add_argument("--new_tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--torch_threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--no_transformers", action="store_true")
     a = p.parse_args(argv)
     model_dir = _smollm2_dir()
-    engines = {"transformers": transformers_engine(model_dir, a.torch_threads)}
+    engines = {}
+    if not a.no_transformers:
+        engines["transformers"] = transformers_engine(model_dir, a.torch_threads)
     if a.base:
         engines["before"] = jax_engine(a.base, model_dir)
     engines["after"] = jax_engine("advgame_jax", model_dir)
@@ -72,17 +76,24 @@ def main(argv=None):
         for k, e in engines.items():
             t1 = timer(lambda e=e: e(prompts, 1))
             tn = timer(lambda e=e: e(prompts, a.new_tokens))
-            dec[k].append((tn[0] - t1[0], tn[1] - t1[1]))
+            dec[k].append((tn[0] - t1[0], tn[1] - t1[1], t1[0], t1[1]))
     steps = a.new_tokens - 1
-    med = {k: [statistics.median(x[i] for x in v) for i in (0, 1)] for k, v in dec.items()}
+    med = {k: [statistics.median(x[i] for x in v) for i in range(4)] for k, v in dec.items()}
     print(f"decode, batch {a.batch}, prompt {a.prompt_len}, {a.new_tokens} new, greedy fp32")
-    print("| engine | wall s | CPU s | CPU ms/step | x transformers (CPU) | same tokens |")
-    print("|---|---|---|---|---|---|")
-    for k, (w, c) in med.items():
-        ratio = med["transformers"][1] / c
-        same = tokens[k] == tokens["transformers"]
-        print(f"| {k} | {w:.2f} | {c:.2f} | {c / steps * 1e3:.1f} | {ratio:.2f} | {same} |")
-    print(json.dumps({"rounds": dec, "median": med}))
+    ref = next(iter(engines))
+    print(
+        f"| engine | wall s | CPU s | CPU ms/step | x {ref} (CPU) | t(1) wall / CPU s "
+        f"| same tokens as {ref} |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for k, (w, c, w1, c1) in med.items():
+        ratio = med[ref][1] / c
+        same = tokens[k] == tokens[ref]
+        print(
+            f"| {k} | {w:.2f} | {c:.2f} | {c / steps * 1e3:.1f} | {ratio:.2f} "
+            f"| {w1:.2f} / {c1:.2f} | {same} |"
+        )
+    print(json.dumps({"rounds": dec, "median": med, "load": os.getloadavg()}))
     return med
 
 

@@ -20,6 +20,9 @@ Contract (the sampler is built on it):
   Prefill: the (left-padded) prompts at ``cache_index = 0`` with pad slots False in
   ``kv_mask``; decode: ``T = 1`` at ``cache_index = prompt_len + i``.
 
+``grow_cache(cache, kv_mask, max_len)`` pads a cache and its mask with empty slots (a decode
+loop in phases runs each phase on a cache just long enough for it).
+
 The layers run as an unrolled Python loop (the per-layer cache buffers are a tuple).
 ``params["layers"]`` is the usual stacked dict (each layer a static slice of it) or the
 per-layer decode layout of ``split_layers`` (weights transposed to ``[out, in]``, q/k/v and
@@ -107,6 +110,18 @@ def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=jnp.bfl
     shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
     zeros = lambda s: tuple(jnp.zeros(s, dtype) for _ in range(config.num_layers))  # noqa: E731
     return KVCache(ks=zeros(shape[:2] + shape[:1:-1]), vs=zeros(shape))
+
+
+def grow_cache(cache: KVCache, kv_mask, max_len: int):
+    """``cache`` and its ``kv_mask`` ``[B, S]`` extended with empty slots to ``max_len`` (the
+    new slots zero and masked out): a decode loop in phases runs each phase on a cache just
+    long enough for it, so its attention reads no slot beyond the phase."""
+    extra = max_len - cache.max_len
+    if extra < 0:
+        raise ValueError(f"grow_cache: {max_len} slots < the cache's {cache.max_len}")
+    pad = lambda a, axis: jnp.pad(a, [(0, extra if i == axis else 0) for i in range(a.ndim)])  # noqa: E731
+    cache = KVCache(ks=tuple(pad(k, 3) for k in cache.ks), vs=tuple(pad(v, 2) for v in cache.vs))
+    return cache, pad(jnp.asarray(kv_mask, bool), 1)
 
 
 def split_layers(params):

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from advgame_jax.models import CacheSlots, ModelConfig, forward_with_cache, init_cache
-from advgame_jax.models.kv_cache import split_layers
+from advgame_jax.models.kv_cache import grow_cache, split_layers
 
 
 class DecodeOut(NamedTuple):
@@ -161,23 +161,30 @@ def select_tokens(
     is never sorted (``filter_cutoff``).
     """
     logits = logits.astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    vocab = logits.shape[-1]
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    # argmax as the first index holding the max: one max and one index reduction, cheaper on
+    # XLA:CPU than its (value, index) argmax reduction; the max serves the log-prob too.
+    first = jnp.where(logits == top, jnp.arange(vocab, dtype=jnp.int32), vocab)
+    greedy = jnp.minimum(jnp.min(first, axis=-1), vocab - 1)  # a NaN row: the last id
     do_sample = temperature > 0
-    scaled = logits / jnp.where(do_sample, temperature, 1.0)[:, None]
-    if use_filter:
-        cutoff = filter_cutoff(scaled, top_p, top_k, max_candidates=max_candidates)
-        scaled = jnp.where(scaled >= cutoff[:, None], scaled, -jnp.inf)
-    # Greedy fast path: the Gumbel draw over the whole vocabulary (B x V threefry bits, the
-    # dearest part of a CPU decode step) runs only when some row samples.
-    sampled = jax.lax.cond(
-        jnp.any(do_sample),
-        lambda s: jax.vmap(jax.random.categorical)(keys, s).astype(jnp.int32),
-        lambda s: greedy,
-        scaled,
-    )
+
+    def sample(logits):
+        scaled = logits / jnp.where(do_sample, temperature, 1.0)[:, None]
+        if use_filter:
+            cutoff = filter_cutoff(scaled, top_p, top_k, max_candidates=max_candidates)
+            scaled = jnp.where(scaled >= cutoff[:, None], scaled, -jnp.inf)
+        return jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+
+    # Greedy fast path: the scaling, the filter and the Gumbel draw over the whole vocabulary
+    # (B x V threefry bits, the dearest part of a CPU decode step) run only when some row
+    # samples.
+    sampled = jax.lax.cond(jnp.any(do_sample), sample, lambda _: greedy, logits)
     tokens = jnp.where(do_sample, sampled, greedy)
-    return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+    # log_softmax at the chosen token only (the same arithmetic: (x - max) - log sum exp).
+    shifted = logits - top
+    lse = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
+    return tokens, jnp.take_along_axis(shifted, tokens[:, None], axis=-1)[:, 0] - lse
 
 
 def _batch_constraint(x, batch_spec):
@@ -206,7 +213,10 @@ class DecodeProgram:
     argument). ``compute_dtype`` / ``cache_dtype``: dtype names; ``max_new_bucket``: N;
     ``split_layers``: slice the stacked layer weights into per-layer buffers once, before the
     loop (``models.kv_cache.split_layers``; a transient copy of the layer weights), so no
-    decode step copies a layer's weights out of the stack (XLA:CPU does, every step)."""
+    decode step copies a layer's weights out of the stack (XLA:CPU does, every step).
+    ``decode_phases``: run the decode loop in up to this many phases over a growing cache
+    (``decode_windows``), so a step's attention reads the slots written so far rounded up to
+    its phase's end, not the whole P + N bucket; 1: one loop over the full cache."""
 
     config: ModelConfig
     max_new_bucket: int
@@ -214,6 +224,24 @@ class DecodeProgram:
     cache_dtype: str
     use_filter: bool
     split_layers: bool = False
+    decode_phases: int = 1
+
+
+MIN_PHASE_STEPS = 32  # the shortest decode phase (each phase compiles its own loop body)
+
+
+def decode_windows(prompt_len: int, n_max: int, phases: int) -> list[tuple[int, int]]:
+    """The decode loop's phases as (end, cache slots): phase j runs the steps ``t < end_j``
+    (after the previous phase's) on a cache of ``prompt_len + end_j`` slots, which holds
+    every slot a step of the phase writes (step t writes slot ``prompt_len + t - 1``).
+
+    Up to ``phases`` phases of equal length (a multiple of 16, at least
+    ``MIN_PHASE_STEPS``); the last one ends at ``n_max`` with the full ``prompt_len + n_max``
+    cache, so one phase is the plain loop."""
+    length = -(-n_max // max(int(phases), 1))
+    length = max(MIN_PHASE_STEPS, -(-length // 16) * 16)
+    ends = [e for e in range(length, n_max, length)] + [n_max]
+    return [(e, prompt_len + e) for e in ends]
 
 
 class _Loop(NamedTuple):
@@ -236,26 +264,29 @@ def generate_tokens(
 
     Shapes as in the module docstring; N = ``program.max_new_bucket``. The cache holds P + N
     slots: prompt slot p is slot p, generated token t is written at slot P + t. The decode
-    loop is a ``lax.while_loop`` that exits as soon as all rows have stopped or spent their
-    budget. ``batch_spec(ndim)``, when given, returns the sharding that splits axis 0 over
+    loop is one ``lax.while_loop`` per phase (``decode_windows``; the cache grows between
+    phases, to P + N slots in the last), each exiting as soon as all rows have stopped or
+    spent their budget. ``batch_spec(ndim)``, when given, returns the sharding that splits axis 0 over
     ``data``.
     """
-    n_max = program.max_new_bucket
     if program.split_layers:
         params = split_layers(params)
     keys = row_keys(batch.seeds)
     positions = jnp.maximum(jnp.cumsum(batch.prompt_mask.astype(jnp.int32), axis=-1) - 1, 0)
     next_pos = positions[:, -1] + 1
-    state = _prefill(params, batch, program, positions, keys, batch_spec)
-
-    def cond(state: _Loop):
-        return (state.t < n_max) & ~jnp.all(state.done)
+    windows = decode_windows(batch.tokens.shape[1], program.max_new_bucket, program.decode_phases)
+    state = _prefill(params, batch, program, (positions, keys, windows[0][1]), batch_spec)
 
     def body(state: _Loop) -> _Loop:
         return _decode_step(params, batch, program, state, next_pos, keys)
 
-    out = jax.lax.while_loop(cond, body, state)
-    return DecodeOut(out.out_tok, out.out_lp, out.num, out.stopped)
+    for end, slots in windows:
+        # A phase with no row left running exits at once (its cond is false).
+        if state.kv_mask.shape[1] < slots:
+            cache, kv_mask = grow_cache(state.cache, state.kv_mask, slots)
+            state = state._replace(cache=cache, kv_mask=kv_mask)
+        state = jax.lax.while_loop(lambda s, end=end: (s.t < end) & ~jnp.all(s.done), body, state)
+    return DecodeOut(state.out_tok, state.out_lp, state.num, state.stopped)
 
 
 def _is_stop(batch: DecodeBatch, tok):
@@ -274,16 +305,16 @@ def _select(batch: DecodeBatch, program: DecodeProgram, logits, keys, t):
     )
 
 
-def _prefill(params, batch: DecodeBatch, program: DecodeProgram, positions, keys, batch_spec):
-    """Run the prompts through the model, pick every row's first token: the loop's start."""
+def _prefill(params, batch: DecodeBatch, program: DecodeProgram, start, batch_spec):
+    """Run the prompts through the model, pick every row's first token: the loop's start
+    (``start``: positions, row keys and the first phase's cache slots)."""
+    positions, keys, slots = start
     n_batch, prompt_len = batch.tokens.shape
     n_max = program.max_new_bucket
     kv_mask = jnp.concatenate(
-        [batch.prompt_mask.astype(bool), jnp.zeros((n_batch, n_max), bool)], axis=-1
+        [batch.prompt_mask.astype(bool), jnp.zeros((n_batch, slots - prompt_len), bool)], axis=-1
     )
-    cache = init_cache(
-        program.config, n_batch, prompt_len + n_max, dtype=jnp.dtype(program.cache_dtype)
-    )
+    cache = init_cache(program.config, n_batch, slots, dtype=jnp.dtype(program.cache_dtype))
     logits, cache = forward_with_cache(
         params,
         program.config,
