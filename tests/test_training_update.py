@@ -185,13 +185,13 @@ def test_empty_batch_on_step_on_empty_is_adamw_on_zero_gradients(mesh_shape):
 def test_empty_batch_branch_holds_no_model_pass():
     """The step is one program with a two-way branch on "any valid row": the branch an empty
     batch takes holds no matrix product (the forward and backward passes are skipped), the
-    other holds them all."""
+    other holds them all. (A second branch later in the program is the optimizer update's.)"""
     up = _empty_step(False)
     text = up.lower_call(_state(), _batch(sup.fixed_pairs())).as_text()
     assert text.count("stablehlo.case") + text.count('"stablehlo.if"') >= 1, "no branch"
     import re
 
-    # Each branch region of the (single) case op, in order: the empty branch is the first
+    # Each branch region of the first case op (the microbatch's), in order: the empty branch is the first
     # (lax.cond's false branch), the compute branch the second.
     start = text.index("stablehlo.case")
     regions = re.split(r"\}, \{", text[start:].split("}) :", 1)[0])

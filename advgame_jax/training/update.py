@@ -11,13 +11,14 @@ log-probs use ``reference_params(state)`` (θ̄ or θ₀) under ``stop_gradient`
 Objective: ``Σ_i weight_i · loss_i`` over valid rows, with the batch's ``pair_weight`` /
 ``sample_weight`` (the game decides the normaliser; collate's default weights make it the
 mean over the batch's rows). Reported metrics are plain means over valid rows. A microbatch
-without a valid row skips the forward and backward passes (:func:`skip_empty_microbatches`:
+without a valid row skips the forward and backward passes (:func:`accumulate_microbatches`:
 a ``lax.cond`` in the same program, so no extra compilation) and adds zero sums and zero
 gradients. A batch without a valid row therefore costs no model pass; by default it changes
 nothing (params, optimizer state and ``step`` are kept), with ``step_on_empty=True`` it still runs the optimizer update (AdamW
 momentum decay, weight decay, learning-rate counter), as the reference does.
-The same ``where`` skips an update whose loss or gradient is not finite (metric
-``skipped_nonfinite``), so such an update never reaches the params or a checkpoint.
+The optimizer update itself sits in a ``lax.cond`` (``_update_unless``) that also skips an
+update whose loss or gradient is not finite (metric ``skipped_nonfinite``), so such an update
+never reaches the params or a checkpoint.
 
 Microbatching: :func:`accumulate_microbatches` wraps the gradient function; the number of
 microbatches is ``num_microbatches`` or, with ``max_tokens_per_device``, the smallest split of
@@ -133,7 +134,7 @@ def _split_microbatches(batch, m: int, mb_sharding, dp: int):
     parts, and microbatch k takes part k of every block, so each microbatch keeps the batch's
     even split over devices (no resharding) and a device's trailing padding rows (collate puts
     them after the valid ones) fill its last microbatches, which then cost no model pass
-    (:func:`skip_empty_microbatches`). ``dp``: devices the rows are split over."""
+    (:func:`accumulate_microbatches`). ``dp``: devices the rows are split over."""
 
     def split(x):
         r = x.shape[0]
@@ -148,28 +149,48 @@ def _split_microbatches(batch, m: int, mb_sharding, dp: int):
 
 
 def accumulate_microbatches(
-    grad_fn, m: int, *, row_sharding=None, grad_sharding=None, data_parallel: int = 1
+    grad_fn,
+    m: int,
+    *,
+    valid_of=None,
+    row_sharding=None,
+    grad_sharding=None,
+    data_parallel: int = 1,
 ):
     """Wrap ``grad_fn(params, ref, batch) -> ((objective, sums), grads)`` to run over ``m``
     microbatches with a ``lax.scan``, summing objective, sums and gradients (which is exact:
     the objective is a weighted sum over rows). ``data_parallel``: devices the batch rows are
-    split over (``training.sharding.batch_parallel_size``)."""
-    if m == 1:
-        return grad_fn
+    split over (``training.sharding.batch_parallel_size``).
+
+    ``valid_of(mb)``: the microbatch's row-validity mask. A microbatch without a valid row then
+    skips the forward and backward passes (a ``lax.cond`` in the same program) and adds
+    nothing, which is what they would add: zero objective, zero sums (sums over valid rows)
+    and zero gradients. Padding rows sit after the valid ones, so a batch's trailing
+    microbatches and an empty batch cost no model pass. The running sum is the ``cond``'s
+    operand and each branch returns it (the taken one with the microbatch added), so XLA
+    updates it in place instead of copying a gradient tree out of the ``cond``."""
+
+    def constrain(out):
+        if grad_sharding is None:
+            return out
+        return out[0], jax.lax.with_sharding_constraint(out[1], grad_sharding)
+
+    def add(params, ref, acc, mb):
+        def compute(acc):
+            return constrain(jax.tree.map(jnp.add, acc, grad_fn(params, ref, mb)))
+
+        if valid_of is None:
+            return compute(acc)
+        return jax.lax.cond(jnp.any(valid_of(mb)), compute, lambda acc: acc, acc)
 
     def wrapped(params, ref, batch):
-        mbs = _split_microbatches(batch, m, row_sharding, data_parallel)
-        first = jax.tree.map(lambda x: x[0], mbs)
+        mbs = batch if m == 1 else _split_microbatches(batch, m, row_sharding, data_parallel)
+        first = batch if m == 1 else jax.tree.map(lambda x: x[0], mbs)
         out_shape = jax.eval_shape(grad_fn, params, ref, first)
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
-
-        def body(acc, mb):
-            out = jax.tree.map(jnp.add, acc, grad_fn(params, ref, mb))
-            if grad_sharding is not None:
-                out = (out[0], jax.lax.with_sharding_constraint(out[1], grad_sharding))
-            return out, None
-
-        acc, _ = jax.lax.scan(body, zeros, mbs)
+        zeros = constrain(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape))
+        if m == 1:
+            return add(params, ref, zeros, batch)
+        acc, _ = jax.lax.scan(lambda acc, mb: (add(params, ref, acc, mb), None), zeros, mbs)
         return acc
 
     return wrapped
@@ -323,40 +344,20 @@ def _batch_microbatches(batch, kind: str, dp: int, train: StepSettings) -> int:
     )
 
 
-def skip_empty_microbatches(grad_fn, kind: str, grad_sharding=None):
-    """Wrap ``grad_fn(params, ref, mb) -> ((objective, sums), grads)`` so that a microbatch
-    without a valid row skips the forward and backward passes (``lax.cond`` runs one branch)
-    and gives what they would give: a zero objective, zero sums (they are sums over valid
-    rows) and zero gradients. Padding rows sit after the valid ones, so a batch's trailing
-    microbatches and an empty batch cost no model pass."""
+def _update_unless(apply, state: PlayerState, grads, optimizer) -> PlayerState:
+    """The state after one optimizer update where ``apply`` holds, else ``state`` unchanged
+    (params, optimizer state and step). A ``lax.cond``, not a select of new against old, so
+    the update is one pass over params and moments, written in place (state is donated)."""
 
-    def wrapped(params, ref, mb):
-        valid = mb.pair_valid if kind == "pairs" else mb.sample_valid
+    def update(state):
+        updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+        return state.replace(
+            params=optax.apply_updates(state.params, updates),
+            opt_state=new_opt,
+            step=state.step + 1,
+        )
 
-        def compute(_):
-            return grad_fn(params, ref, mb)
-
-        def empty(_):
-            zeros = jax.tree.map(
-                lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(compute, None)
-            )
-            if grad_sharding is None:
-                return zeros
-            return zeros[0], jax.lax.with_sharding_constraint(zeros[1], grad_sharding)
-
-        return jax.lax.cond(jnp.any(valid), compute, empty, None)
-
-    return wrapped
-
-
-def _keep_unless(apply, state: PlayerState, new_params, new_opt) -> PlayerState:
-    """The updated state where ``apply`` holds, else the old params, optimizer state and step."""
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)  # noqa: E731
-    return state.replace(
-        params=keep(new_params, state.params),
-        opt_state=keep(new_opt, state.opt_state),
-        step=state.step + apply.astype(state.step.dtype),
-    )
+    return jax.lax.cond(apply, update, lambda state: state, state)
 
 
 def make_update_step(
@@ -389,8 +390,9 @@ def make_update_step(
         valid = batch.pair_valid if kind == "pairs" else batch.sample_valid
         n_valid = jnp.sum(valid.astype(jnp.float32))
         run = accumulate_microbatches(
-            skip_empty_microbatches(grad_fn, kind, grad_sh),
+            grad_fn,
             m,
+            valid_of=lambda mb: mb.pair_valid if kind == "pairs" else mb.sample_valid,
             row_sharding=row_sh,
             grad_sharding=grad_sh,
             data_parallel=dp,
@@ -398,13 +400,11 @@ def make_update_step(
         (_, sums), grads = run(params, ref, batch)
 
         grad_norm = optax.tree.norm(grads)
-        updates, new_opt = optimizer.update(grads, state.opt_state, params)
-        new_params = optax.apply_updates(params, updates)
         # A non-finite loss or gradient (e.g. from corrupted inputs) skips the update like an
         # empty batch does, so it can never reach the params or a checkpoint.
         finite = jnp.isfinite(grad_norm) & jnp.isfinite(sums["loss"])
         apply = ((n_valid > 0) | train.step_on_empty) & finite
-        new_state = _keep_unless(apply, state, new_params, new_opt)
+        new_state = _update_unless(apply, state, grads, optimizer)
         if s_sh is not None:
             new_state = jax.lax.with_sharding_constraint(new_state, s_sh)
         metrics = _step_metrics(
